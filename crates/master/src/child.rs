@@ -1,0 +1,178 @@
+//! The child side of the master protocol: the single-server loop.
+//!
+//! Descriptors a child inherits (set up by the master's spawner):
+//!
+//! | fd | what |
+//! |----|------|
+//! | 0  | the service's listening socket (TCP or Unix), shared by all its children |
+//! | 1  | this child's own Unix stream socket to the master |
+//! | 2  | the log (the master's stderr) |
+//!
+//! Idle children wait in `epoll` with `EPOLLEXCLUSIVE` on the shared
+//! listener, so a new connection wakes one child, not the whole pool; the
+//! accept itself is non-blocking, and a child that loses the race simply
+//! waits again. The same epoll set watches the master socket: end of stream
+//! means the master is gone, and an idle child then exits at once, so
+//! `kill -9` of the master leaves nobody serving mail. A busy child notices
+//! after its session.
+
+use mortal_proto::status::{ChildState, MasterCommand, STATUS_LEN, StatusRecord};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+/// A listening socket a child can take connections from.
+pub trait Listener: AsFd {
+    type Stream;
+    fn accept_one(&self) -> io::Result<Self::Stream>;
+    /// The listener a child inherited as its stdin.
+    fn inherited() -> io::Result<Self>
+    where
+        Self: Sized;
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    fn accept_one(&self) -> io::Result<TcpStream> {
+        self.accept().map(|(s, _)| s)
+    }
+    fn inherited() -> io::Result<Self> {
+        Ok(TcpListener::from(io::stdin().as_fd().try_clone_to_owned()?))
+    }
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+    fn accept_one(&self) -> io::Result<UnixStream> {
+        self.accept().map(|(s, _)| s)
+    }
+    fn inherited() -> io::Result<Self> {
+        Ok(UnixListener::from(io::stdin().as_fd().try_clone_to_owned()?))
+    }
+}
+
+/// This child's socket to the master.
+#[derive(Debug)]
+pub struct MasterLink {
+    sock: UnixStream,
+    sessions: u32,
+}
+
+impl MasterLink {
+    /// Adopts the master socket inherited as stdout.
+    pub fn inherited() -> io::Result<Self> {
+        let fd: OwnedFd = io::stdout().as_fd().try_clone_to_owned()?;
+        Ok(Self { sock: UnixStream::from(fd), sessions: 0 })
+    }
+
+    pub fn report(&mut self, state: ChildState) -> io::Result<()> {
+        self.sock.write_all(&StatusRecord { state, sessions: self.sessions }.encode())
+    }
+
+    pub fn sessions(&self) -> u32 {
+        self.sessions
+    }
+
+    /// Reads what the master sent: `Err(())` when the master is gone,
+    /// `Ok(None)` for a spurious wake-up.
+    fn read_command(&mut self) -> Result<Option<MasterCommand>, ()> {
+        let mut b = [0u8; 1];
+        match self.sock.read(&mut b) {
+            Ok(1) => Ok(MasterCommand::decode(b[0])),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Ok(_) | Err(_) => Err(()),
+        }
+    }
+}
+
+/// Why [`serve`] returned: the child should exit after logging it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// Served `max_use` sessions.
+    MaxUse,
+    /// The master asked this child to retire.
+    Retired,
+    /// The master socket closed: the master died or is shutting down.
+    MasterGone,
+}
+
+impl ExitReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitReason::MaxUse => "max_use reached",
+            ExitReason::Retired => "retired by master",
+            ExitReason::MasterGone => "master gone",
+        }
+    }
+}
+
+const LISTENER: u64 = 1;
+const MASTER: u64 = 2;
+/// Pause after an accept error other than "someone else took it", so a
+/// persistent error (EMFILE) cannot spin a core.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// A status-record size check kept next to the loop that relies on it.
+const _: () = assert!(STATUS_LEN == 8);
+
+/// Runs the single-server loop: one connection at a time, `max_use`
+/// sessions at most (0: unlimited), each handed to `handle`.
+pub fn serve<L: Listener>(
+    listener: &L,
+    link: &mut MasterLink,
+    max_use: u32,
+    mut handle: impl FnMut(L::Stream, &mut MasterLink),
+) -> io::Result<ExitReason> {
+    // Non-blocking accept: EPOLLEXCLUSIVE may still wake more than one
+    // waiter, and the losers must go back to waiting, not block in accept.
+    // The flag is on the shared open file description, which every child
+    // sets identically.
+    nix::fcntl::fcntl(listener.as_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+        .map_err(io::Error::from)?;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+    epoll
+        .add(listener.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE, LISTENER))
+        .map_err(io::Error::from)?;
+    epoll.add(link.sock.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, MASTER)).map_err(io::Error::from)?;
+    link.report(ChildState::Ready)?;
+    let mut events = [EpollEvent::empty(); 2];
+    loop {
+        let n = match epoll.wait(&mut events, EpollTimeout::NONE) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        // The master socket first: a retire order beats a new connection.
+        if events[..n].iter().any(|e| e.data() == MASTER) {
+            match link.read_command() {
+                Err(()) => return Ok(ExitReason::MasterGone),
+                Ok(Some(MasterCommand::Retire)) => return Ok(ExitReason::Retired),
+                Ok(None) => {}
+            }
+        }
+        if !events[..n].iter().any(|e| e.data() == LISTENER) {
+            continue;
+        }
+        let stream = match listener.accept_one() {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!("warning: accept: {e}");
+                std::thread::sleep(ACCEPT_ERROR_BACKOFF);
+                continue;
+            }
+        };
+        link.sessions += 1;
+        let last = max_use != 0 && link.sessions >= max_use;
+        // Replace before retire: the master spawns our successor while we
+        // serve the last session, so capacity does not dip.
+        link.report(if last { ChildState::Retiring } else { ChildState::Busy })?;
+        handle(stream, link);
+        if last {
+            return Ok(ExitReason::MaxUse);
+        }
+        link.report(ChildState::Idle)?;
+    }
+}

@@ -1,0 +1,28 @@
+//! mortal-master: the supervisor (binary `mortal-master`) and the library
+//! every daemon links to be supervised, like Postfix's `libmaster`.
+//!
+//! # Summary
+//! The library half is what runs inside a child: [`child`] is the
+//! single-server skeleton (wait for one connection on the inherited
+//! listener, serve it, report to the master, obey the lifetime policy) and
+//! [`log`] installs the log format shared by every process.
+//!
+//! # Security
+//! A child's only channel to the master is its own socket, carrying
+//! fixed-size [`mortal_proto::status`] records. The library holds no
+//! privileges and no unsafe code: inherited descriptors arrive as stdin
+//! (the listener) and stdout (the master socket), which std adopts safely.
+//!
+//! # Standards
+//! None on the wire; the log shapes follow Postfix's syslog conventions.
+//!
+//! # Configuration
+//! `[process.<service>]` (lifetime policy) and `[log]` in `mortal.toml`.
+//!
+//! # Diagnostics
+//! Every exit of a child is logged with its reason (max_use, retired by
+//! the master, master gone).
+#![forbid(unsafe_code)]
+
+pub mod child;
+pub mod log;

@@ -1,0 +1,478 @@
+//! The smtpd → cleanup conversation (protocol `cleanup`, version 1).
+//!
+//! One Unix stream connection carries one message transaction:
+//!
+//! ```text
+//! smtpd                              cleanup
+//!   Hello(cleanup, 1)          ->
+//!   Client(addr, name, helo..) ->
+//!   Sender(path, body, utf8..) ->
+//!                              <-    QueueId(id)
+//!   Recipient(path) x N        ->
+//!   Data(chunk) x M            ->
+//!   End                        ->
+//!                              <-    Answer(code, enhanced, text)
+//! ```
+//!
+//! Records use the framing of [`crate::record`]. The reader on each side is
+//! strict in Postfix's `ATTR_FLAG_STRICT` sense: an unknown record, an
+//! oversized record, a malformed field or a record out of order ends the
+//! conversation. [`RequestSequence`] encodes the order rule once so cleanup
+//! (and the fuzz target) check exactly the same thing.
+
+use crate::address::MAX_PATH;
+use crate::record::{FieldReader, Fields, FrameError, RawRecord, put_record, take_record};
+use thiserror::Error;
+
+/// Protocol name sent in the opening record.
+pub const PROTOCOL_NAME: &str = "cleanup";
+/// Protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest content chunk in one `Data` record.
+pub const MAX_DATA_CHUNK: usize = 64 * 1024;
+/// Largest payload any record of this protocol may declare.
+pub const MAX_RECORD_PAYLOAD: usize = MAX_DATA_CHUNK;
+/// Limit for short text fields (host names, protocol names, reply text).
+pub const MAX_TEXT_FIELD: usize = 1024;
+
+const HELLO: u8 = b'H';
+const CLIENT: u8 = b'C';
+const SENDER: u8 = b'S';
+const RECIPIENT: u8 = b'R';
+const DATA: u8 = b'D';
+const END: u8 = b'E';
+const QUEUE_ID: u8 = b'Q';
+const ANSWER: u8 = b'A';
+
+/// Who connected to smtpd, as smtpd saw it. cleanup writes it into the
+/// `Received:` header, so every field is re-checked there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// Client IP address in text form (the PROXY-protocol source when used).
+    pub addr: String,
+    /// Verified client host name, or `unknown`.
+    pub name: String,
+    /// HELO/EHLO argument.
+    pub helo: String,
+    /// `SMTP`, `ESMTP`, `ESMTPS`, `UTF8SMTP`... (RFC 3848 `with` values).
+    pub protocol: String,
+}
+
+/// Body type declared with MAIL's BODY= parameter (RFC 6152).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyType {
+    SevenBit,
+    EightBitMime,
+}
+
+/// The envelope sender and MAIL parameters that travel with the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderInfo {
+    /// Reverse-path without brackets; empty for the null sender `<>`.
+    pub address: String,
+    pub body: BodyType,
+    /// MAIL carried SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+}
+
+/// smtpd → cleanup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Hello { version: u32 },
+    Client(ClientInfo),
+    Sender(SenderInfo),
+    Recipient { address: String },
+    Data(Vec<u8>),
+    End,
+}
+
+/// cleanup → smtpd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The id the message will be queued under (sent after `Sender`).
+    QueueId(String),
+    /// The outcome after `End` (or earlier, to abort the transaction).
+    Answer { code: u16, enhanced: String, text: String },
+}
+
+/// Why a conversation ends early.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum IpcError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("unknown record type {0:#04x}")]
+    UnknownRecord(u8),
+    #[error("record {got:?} out of order: expected {expected}")]
+    OutOfOrder { got: &'static str, expected: &'static str },
+    #[error("peer speaks {name} version {version}, not {PROTOCOL_NAME} version {PROTOCOL_VERSION}")]
+    WrongProtocol { name: String, version: u32 },
+    #[error("invalid field value in {0} record")]
+    BadValue(&'static str),
+}
+
+impl Request {
+    /// Record name used in diagnostics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "Hello",
+            Request::Client(_) => "Client",
+            Request::Sender(_) => "Sender",
+            Request::Recipient { .. } => "Recipient",
+            Request::Data(_) => "Data",
+            Request::End => "End",
+        }
+    }
+
+    /// Appends the encoded record to `out`.
+    ///
+    /// # Panics
+    /// If a `Data` chunk exceeds [`MAX_DATA_CHUNK`] (use [`encode_data`]).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Request::Hello { version } => {
+                put_record(out, HELLO, &Fields::new().str(PROTOCOL_NAME).u32(*version).finish())
+            }
+            Request::Client(c) => {
+                put_record(out, CLIENT, &Fields::new().str(&c.addr).str(&c.name).str(&c.helo).str(&c.protocol).finish())
+            }
+            Request::Sender(s) => {
+                let body = match s.body {
+                    BodyType::SevenBit => 7,
+                    BodyType::EightBitMime => 8,
+                };
+                put_record(out, SENDER, &Fields::new().str(&s.address).u8(body).u8(u8::from(s.smtputf8)).finish())
+            }
+            Request::Recipient { address } => put_record(out, RECIPIENT, &Fields::new().str(address).finish()),
+            Request::Data(chunk) => {
+                assert!(chunk.len() <= MAX_DATA_CHUNK, "Data chunk over MAX_DATA_CHUNK");
+                put_record(out, DATA, chunk)
+            }
+            Request::End => put_record(out, END, &[]),
+        }
+    }
+
+    /// Decodes one record's payload, checking every field.
+    pub fn decode(rec: RawRecord<'_>) -> Result<Self, IpcError> {
+        let mut f = FieldReader::new(rec.payload);
+        let req = match rec.kind {
+            HELLO => {
+                let name = f.str(MAX_TEXT_FIELD)?.to_owned();
+                let version = f.u32()?;
+                if name != PROTOCOL_NAME || version != PROTOCOL_VERSION {
+                    return Err(IpcError::WrongProtocol { name, version });
+                }
+                Request::Hello { version }
+            }
+            CLIENT => Request::Client(ClientInfo {
+                addr: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
+                name: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
+                helo: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
+                protocol: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
+            }),
+            SENDER => {
+                let address = printable(f.str(MAX_PATH)?, "Sender")?;
+                let body = match f.u8()? {
+                    7 => BodyType::SevenBit,
+                    8 => BodyType::EightBitMime,
+                    _ => return Err(IpcError::BadValue("Sender")),
+                };
+                let smtputf8 = match f.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(IpcError::BadValue("Sender")),
+                };
+                Request::Sender(SenderInfo { address, body, smtputf8 })
+            }
+            RECIPIENT => Request::Recipient { address: printable(f.str(MAX_PATH)?, "Recipient")? },
+            DATA => return Ok(Request::Data(rec.payload.to_vec())),
+            END => Request::End,
+            other => return Err(IpcError::UnknownRecord(other)),
+        };
+        f.finish()?;
+        Ok(req)
+    }
+}
+
+/// Encodes message content as as many `Data` records as it needs.
+pub fn encode_data(content: &[u8], out: &mut Vec<u8>) {
+    for chunk in content.chunks(MAX_DATA_CHUNK) {
+        put_record(out, DATA, chunk);
+    }
+}
+
+/// Text fields end up in headers and logs: no control characters at all,
+/// so nothing a peer sends can start a new header or log line.
+fn printable(s: &str, record: &'static str) -> Result<String, IpcError> {
+    if s.chars().any(char::is_control) {
+        return Err(IpcError::BadValue(record));
+    }
+    Ok(s.to_owned())
+}
+
+impl Reply {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Reply::QueueId(id) => put_record(out, QUEUE_ID, &Fields::new().str(id).finish()),
+            Reply::Answer { code, enhanced, text } => {
+                put_record(out, ANSWER, &Fields::new().u32(u32::from(*code)).str(enhanced).str(text).finish())
+            }
+        }
+    }
+
+    pub fn decode(rec: RawRecord<'_>) -> Result<Self, IpcError> {
+        let mut f = FieldReader::new(rec.payload);
+        let reply = match rec.kind {
+            QUEUE_ID => {
+                let id = f.str(MAX_TEXT_FIELD)?;
+                if !crate::queue_id::is_valid(id) {
+                    return Err(IpcError::BadValue("QueueId"));
+                }
+                Reply::QueueId(id.to_owned())
+            }
+            ANSWER => {
+                let code = f.u32()?;
+                let code = match u16::try_from(code) {
+                    Ok(c @ 200..=599) => c,
+                    _ => return Err(IpcError::BadValue("Answer")),
+                };
+                let enhanced = printable(f.str(MAX_TEXT_FIELD)?, "Answer")?;
+                let text = printable(f.str(MAX_TEXT_FIELD)?, "Answer")?;
+                Reply::Answer { code, enhanced, text }
+            }
+            other => return Err(IpcError::UnknownRecord(other)),
+        };
+        f.finish()?;
+        Ok(reply)
+    }
+}
+
+/// Incremental record decoder: feed it whatever the socket gave, take
+/// complete records out. It never buffers more than one maximal record.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Whether bytes of an incomplete record are waiting.
+    pub fn has_partial(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Takes the next complete record through `decode`, or `None` if more
+    /// bytes are needed.
+    pub fn next_with<T>(
+        &mut self,
+        decode: impl FnOnce(RawRecord<'_>) -> Result<T, IpcError>,
+    ) -> Result<Option<T>, IpcError> {
+        let Some((rec, used)) = take_record(&self.buf, MAX_RECORD_PAYLOAD)? else {
+            return Ok(None);
+        };
+        let value = decode(rec)?;
+        self.buf.drain(..used);
+        Ok(Some(value))
+    }
+
+    pub fn next_request(&mut self) -> Result<Option<Request>, IpcError> {
+        self.next_with(Request::decode)
+    }
+
+    pub fn next_reply(&mut self) -> Result<Option<Reply>, IpcError> {
+        self.next_with(Reply::decode)
+    }
+}
+
+/// The order rule for requests, as a state machine cleanup drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RequestSequence {
+    #[default]
+    AwaitHello,
+    AwaitClient,
+    AwaitSender,
+    AwaitFirstRecipient,
+    RecipientsOrData,
+    Data,
+    Done,
+}
+
+impl RequestSequence {
+    /// Advances over `req`, or says what was expected instead.
+    pub fn advance(&mut self, req: &Request) -> Result<(), IpcError> {
+        use RequestSequence::*;
+        let next = match (*self, req) {
+            (AwaitHello, Request::Hello { .. }) => AwaitClient,
+            (AwaitClient, Request::Client(_)) => AwaitSender,
+            (AwaitSender, Request::Sender(_)) => AwaitFirstRecipient,
+            (AwaitFirstRecipient | RecipientsOrData, Request::Recipient { .. }) => RecipientsOrData,
+            (RecipientsOrData | Data, Request::Data(_)) => Data,
+            (RecipientsOrData | Data, Request::End) => Done,
+            (state, req) => return Err(IpcError::OutOfOrder { got: req.name(), expected: state.expecting() }),
+        };
+        *self = next;
+        Ok(())
+    }
+
+    fn expecting(self) -> &'static str {
+        use RequestSequence::*;
+        match self {
+            AwaitHello => "Hello",
+            AwaitClient => "Client",
+            AwaitSender => "Sender",
+            AwaitFirstRecipient => "Recipient",
+            RecipientsOrData => "Recipient, Data or End",
+            Data => "Data or End",
+            Done => "nothing (conversation is over)",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> ClientInfo {
+        ClientInfo {
+            addr: "127.0.0.1".into(),
+            name: "localhost".into(),
+            helo: "client.test".into(),
+            protocol: "ESMTP".into(),
+        }
+    }
+
+    fn sender() -> SenderInfo {
+        SenderInfo { address: "a@example.test".into(), body: BodyType::EightBitMime, smtputf8: false }
+    }
+
+    fn valid_conversation() -> Vec<Request> {
+        vec![
+            Request::Hello { version: PROTOCOL_VERSION },
+            Request::Client(client()),
+            Request::Sender(sender()),
+            Request::Recipient { address: "b@example.test".into() },
+            Request::Data(b"Subject: x\r\n\r\nhi\r\n".to_vec()),
+            Request::End,
+        ]
+    }
+
+    #[test]
+    fn round_trip_byte_by_byte() {
+        let mut wire = Vec::new();
+        for r in valid_conversation() {
+            r.encode(&mut wire);
+        }
+        let mut dec = Decoder::new();
+        let mut seq = RequestSequence::default();
+        let mut got = Vec::new();
+        for b in wire {
+            dec.feed(&[b]);
+            while let Some(r) = dec.next_request().unwrap() {
+                seq.advance(&r).unwrap();
+                got.push(r);
+            }
+        }
+        assert_eq!(got, valid_conversation());
+        assert_eq!(seq, RequestSequence::Done);
+    }
+
+    /// Malformed, oversized and out-of-order records: each must be refused.
+    #[test]
+    fn decoder_rejects_table() {
+        let rec = |kind: u8, payload: &[u8]| {
+            let mut v = Vec::new();
+            put_record(&mut v, kind, payload);
+            v
+        };
+        let cases: Vec<(&str, Vec<u8>, fn(&IpcError) -> bool)> = vec![
+            ("unknown type", rec(b'Z', b""), |e| matches!(e, IpcError::UnknownRecord(b'Z'))),
+            ("oversized", vec![DATA, 0x00, 0x01, 0x00, 0x01], |e| {
+                matches!(e, IpcError::Frame(FrameError::Oversized { .. }))
+            }),
+            ("wrong protocol", rec(HELLO, &Fields::new().str("smtp").u32(1).finish()), |e| {
+                matches!(e, IpcError::WrongProtocol { .. })
+            }),
+            ("wrong version", rec(HELLO, &Fields::new().str(PROTOCOL_NAME).u32(2).finish()), |e| {
+                matches!(e, IpcError::WrongProtocol { .. })
+            }),
+            ("trailing bytes", rec(END, b"x"), |e| matches!(e, IpcError::Frame(FrameError::TrailingBytes { .. }))),
+            ("field overrun", rec(RECIPIENT, &[0, 200, b'a']), |e| {
+                matches!(e, IpcError::Frame(FrameError::FieldOverrun { .. }))
+            }),
+            ("bad body type", rec(SENDER, &Fields::new().str("a@b.test").u8(9).u8(0).finish()), |e| {
+                matches!(e, IpcError::BadValue("Sender"))
+            }),
+            (
+                "CRLF in helo",
+                rec(CLIENT, &Fields::new().str("1.2.3.4").str("x").str("a\r\nX-Evil: 1").str("SMTP").finish()),
+                |e| matches!(e, IpcError::BadValue("Client")),
+            ),
+            ("address over path limit", rec(RECIPIENT, &Fields::new().str(&"a".repeat(MAX_PATH + 1)).finish()), |e| {
+                matches!(e, IpcError::Frame(FrameError::FieldTooLong { .. }))
+            }),
+        ];
+        for (name, wire, want) in cases {
+            let mut dec = Decoder::new();
+            dec.feed(&wire);
+            let err = dec.next_request().expect_err(name);
+            assert!(want(&err), "{name}: got {err:?}");
+        }
+    }
+
+    #[test]
+    fn sequence_rejects_out_of_order() {
+        let conv = valid_conversation();
+        let orders: &[&[usize]] = &[
+            &[1],                // Client before Hello
+            &[0, 2],             // Sender before Client
+            &[0, 1, 2, 4],       // Data before any Recipient
+            &[0, 1, 2, 5],       // End before any Recipient
+            &[0, 1, 2, 3, 4, 3], // Recipient after Data
+            &[0, 1, 2, 3, 5, 4], // anything after End
+            &[0, 0],             // Hello twice
+        ];
+        for order in orders {
+            let mut seq = RequestSequence::default();
+            let (last, init) = order.split_last().unwrap();
+            for &i in init {
+                seq.advance(&conv[i]).unwrap();
+            }
+            let err = seq.advance(&conv[*last]).expect_err("must be out of order");
+            assert!(matches!(err, IpcError::OutOfOrder { .. }), "{order:?}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn replies_round_trip_and_validate() {
+        let replies = [
+            Reply::QueueId("0000000010000100000A".into()),
+            Reply::Answer { code: 250, enhanced: "2.0.0".into(), text: "Ok".into() },
+        ];
+        let mut wire = Vec::new();
+        for r in &replies {
+            r.encode(&mut wire);
+        }
+        let mut dec = Decoder::new();
+        dec.feed(&wire);
+        assert_eq!(dec.next_reply().unwrap(), Some(replies[0].clone()));
+        assert_eq!(dec.next_reply().unwrap(), Some(replies[1].clone()));
+
+        let mut bad = Vec::new();
+        Reply::QueueId("../../x".into()).encode(&mut bad);
+        let mut dec = Decoder::new();
+        dec.feed(&bad);
+        assert!(dec.next_reply().is_err());
+
+        let mut bad = Vec::new();
+        Reply::Answer { code: 999, enhanced: String::new(), text: String::new() }.encode(&mut bad);
+        let mut dec = Decoder::new();
+        dec.feed(&bad);
+        assert!(dec.next_reply().is_err());
+    }
+}
