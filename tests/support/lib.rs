@@ -1,1 +1,385 @@
+//! Test support: start a real mortal instance from the built binaries on a
+//! free loopback port with a private spool, talk SMTP to it, read its log
+//! and its Maildirs, and always reap every process it started.
+//!
+//! [`Instance`] is a guard: dropping it (also when a test panics) stops the
+//! master by its pid, then kills by pid any child of that master that
+//! outlived it.
+#![forbid(unsafe_code)]
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Longest a test waits for anything (start, delivery, exit).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+static INSTANCES: AtomicU32 = AtomicU32::new(0);
+
+/// Directory holding the built binaries (`target/<profile>/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_owned();
+    for bin in ["mortal", "mortal-master", "mortal-smtpd", "mortal-cleanup", "mortal-queue"] {
+        assert!(
+            dir.join(bin).exists(),
+            "{} is missing: build the binaries first (`cargo build --workspace`, as `cargo xtask ci` does)",
+            dir.join(bin).display()
+        );
+    }
+    dir
+}
+
+/// A free TCP port on 127.0.0.1 (the listener is closed before returning;
+/// the instance binds it again right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
+}
+
+/// Settings a test may change; everything else is the test default.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub smtpd_process_limit: u32,
+    pub smtpd_prefork: u32,
+    pub smtpd_min_spare: u32,
+    pub smtpd_max_spare: u32,
+    pub smtpd_max_use: u32,
+    /// Extra TOML appended to the generated config.
+    pub extra: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            smtpd_process_limit: 10,
+            smtpd_prefork: 2,
+            smtpd_min_spare: 1,
+            smtpd_max_spare: 4,
+            smtpd_max_use: 100,
+            extra: String::new(),
+        }
+    }
+}
+
+/// A running mortal: master and children, a temp spool, a log file.
+#[derive(Debug)]
+pub struct Instance {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+    master: Option<Child>,
+}
+
+impl Instance {
+    pub fn start() -> Self {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(opts: Options) -> Self {
+        let bins = bin_dir();
+        let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mortal-e2e-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("etc")).expect("create test dir");
+        let port = free_port();
+        let config = dir.join("etc/mortal.toml");
+        fs::write(&config, config_text(port, &opts)).expect("write config");
+        let log = dir.join("mortal.log");
+        let log_file = fs::File::create(&log).expect("create log");
+        let master = Command::new(bins.join("mortal-master"))
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn mortal-master");
+        let mut inst = Instance { dir, config, port, log, master: Some(master) };
+        inst.wait_until_serving();
+        inst
+    }
+
+    fn wait_until_serving(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(status))) = self.master.as_mut().map(Child::try_wait) {
+                panic!("mortal-master exited during start-up: {status}\n{}", self.log_text());
+            }
+            if let Ok(mut s) = Smtp::connect(self.port) {
+                let _ = s.cmd("QUIT");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("mortal did not answer on port {} within {WAIT:?}\n{}", self.port, self.log_text());
+    }
+
+    pub fn master_pid(&self) -> u32 {
+        self.master.as_ref().expect("master running").id()
+    }
+
+    pub fn spool(&self) -> PathBuf {
+        self.dir.join("spool")
+    }
+
+    pub fn maildir(&self, recipient: &str) -> PathBuf {
+        self.spool().join("maildir").join(recipient).join("new")
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Pids that logged as `<syslog tag>/<service>[pid]:`.
+    pub fn logged_pids(&self, service: &str) -> BTreeSet<u32> {
+        let tag = format!("/{service}[");
+        self.log_text()
+            .lines()
+            .filter_map(|l| {
+                let start = l.find(&tag)? + tag.len();
+                l[start..].split(']').next()?.parse().ok()
+            })
+            .collect()
+    }
+
+    /// Waits until the log holds `needle`, returning the whole log.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        wait_for(&format!("log line containing {needle:?}"), || {
+            let text = self.log_text();
+            text.contains(needle).then_some(text)
+        })
+        .unwrap_or_else(|| panic!("no {needle:?} in log:\n{}", self.log_text()))
+    }
+
+    /// Messages delivered to a recipient's Maildir, oldest name first.
+    pub fn delivered(&self, recipient: &str) -> Vec<Vec<u8>> {
+        let mut names: Vec<PathBuf> = fs::read_dir(self.maildir(recipient))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names.iter().map(|p| fs::read(p).expect("read maildir file")).collect()
+    }
+
+    /// Waits until `recipient` has `count` messages; returns them.
+    pub fn wait_for_delivery(&self, recipient: &str, count: usize) -> Vec<Vec<u8>> {
+        wait_for(&format!("{count} message(s) for {recipient}"), || {
+            let got = self.delivered(recipient);
+            (got.len() >= count).then_some(got)
+        })
+        .unwrap_or_else(|| panic!("{recipient} did not get {count} message(s)\n{}", self.log_text()))
+    }
+
+    /// Files in a queue directory (`incoming`, `active`, `deferred`...).
+    pub fn queue_files(&self, queue: &str) -> Vec<String> {
+        fs::read_dir(self.spool().join(queue))
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn wait_for_empty_queue(&self) {
+        let empty = wait_for("empty queue", || {
+            ["incoming", "active", "deferred"].iter().all(|q| self.queue_files(q).is_empty()).then_some(())
+        });
+        assert!(empty.is_some(), "queue not empty\n{}", self.log_text());
+    }
+
+    /// Pids of the master's children right now (from /proc).
+    pub fn children(&self) -> BTreeSet<u32> {
+        let Some(master) = self.master.as_ref() else { return BTreeSet::new() };
+        children_of(master.id())
+    }
+
+    /// SIGTERM to the master, then waits for it (bounded); returns whether
+    /// it exited by itself within `limit`.
+    pub fn stop(&mut self, limit: Duration) -> bool {
+        let Some(mut master) = self.master.take() else { return true };
+        let _ = kill(Pid::from_raw(master.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = master.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = master.kill();
+        let _ = master.wait();
+        false
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let children = self.children();
+        self.stop(Duration::from_secs(10));
+        // Children notice the master's end by themselves; any that did not
+        // within the grace time are killed, by pid, here.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for pid in children {
+            while process_exists(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Only a process still running one of our binaries is ours: a
+            // pid reused by something else is left alone.
+            let ours = fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.starts_with(bin_dir()));
+            if process_exists(pid) && ours {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn config_text(port: u16, o: &Options) -> String {
+    format!(
+        r#"[server]
+hostname = "mortal.test"
+spool_dir = "../spool"
+accepted_domains = ["example.test", "localhost"]
+
+[log]
+format = "postfix"
+level = "info"
+
+[smtpd]
+listen = ["127.0.0.1:{port}"]
+timeout = "30s"
+
+[queue]
+scan_interval = "1s"
+minimal_backoff = "1s"
+maximal_backoff = "2s"
+
+[process.smtpd]
+process_limit = {}
+prefork = {}
+min_spare = {}
+max_spare = {}
+max_use = {}
+
+[process.cleanup]
+process_limit = 10
+prefork = 1
+min_spare = 1
+max_spare = 4
+max_use = 100
+{}
+"#,
+        o.smtpd_process_limit, o.smtpd_prefork, o.smtpd_min_spare, o.smtpd_max_spare, o.smtpd_max_use, o.extra
+    )
+}
+
+/// Polls `f` every 20 ms until it yields a value or [`WAIT`] passes.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            eprintln!("gave up waiting for {what}");
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn process_exists(pid: u32) -> bool {
+    // A zombie still has a /proc entry but is no longer running.
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+}
+
+pub fn children_of(parent: u32) -> BTreeSet<u32> {
+    fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|&pid| parent_of(pid) == Some(parent) && process_exists(pid))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A minimal SMTP client for driving the server precisely.
+#[derive(Debug)]
+pub struct Smtp {
+    reader: BufReader<TcpStream>,
+    pub greeting: String,
+}
+
+impl Smtp {
+    pub fn connect(port: u16) -> std::io::Result<Self> {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(WAIT))?;
+        let mut s = Smtp { reader: BufReader::new(stream), greeting: String::new() };
+        s.greeting = s.read_reply()?;
+        Ok(s)
+    }
+
+    /// Reads one (possibly multi-line) reply.
+    pub fn read_reply(&mut self) -> std::io::Result<String> {
+        let mut reply = String::new();
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("EOF after {reply:?}")));
+            }
+            let last = line.as_bytes().get(3) != Some(&b'-');
+            reply.push_str(&line);
+            if last {
+                return Ok(reply);
+            }
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.reader.get_mut().write_all(bytes)
+    }
+
+    pub fn cmd(&mut self, line: &str) -> std::io::Result<String> {
+        self.send_raw(format!("{line}\r\n").as_bytes())?;
+        self.read_reply()
+    }
+
+    /// Whether the server closed the connection (EOF or reset) within `WAIT`.
+    pub fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.reader.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+/// Runs `python3 -c script`, panicking with its output on failure.
+pub fn python(script: &str) -> String {
+    let out = Command::new("python3").arg("-c").arg(script).output().expect("python3 is required for tests");
+    assert!(
+        out.status.success(),
+        "python3 failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The part of a delivered Maildir file after the header section.
+pub fn body_of(message: &[u8]) -> &[u8] {
+    match message.windows(2).position(|w| w == b"\n\n") {
+        Some(i) => &message[i + 2..],
+        None => &[],
+    }
+}

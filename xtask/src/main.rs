@@ -1,1 +1,91 @@
-fn main() {}
+//! cargo xtask: the project's automation.
+//!
+//! - `cargo xtask start`: build (release) and run mortal in the foreground
+//!   on the embedded development config (127.0.0.1:2525, Maildir under
+//!   `spool/maildir`).
+//! - `cargo xtask ci`: everything CI checks: installs the Debian packages
+//!   the tests need (when root), then fmt, clippy `-D warnings`, build and
+//!   every test, interop tests included.
+#![forbid(unsafe_code)]
+
+use anyhow::{Context, Result, bail};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Debian packages the test suite drives: (package, a command it installs).
+const TEST_PACKAGES: &[(&str, &str)] = &[("swaks", "swaks")];
+
+fn main() -> Result<()> {
+    let task = std::env::args().nth(1).unwrap_or_default();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match task.as_str() {
+        "ci" => ci(),
+        "start" => start(&root),
+        _ => {
+            eprintln!("usage: cargo xtask <task>\n\n  start   build and run mortal on etc/mortal.toml (foreground)\n  ci      install test tools, fmt, clippy, build, all tests");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+fn run(what: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("==> {what}");
+    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn ci() -> Result<()> {
+    install_test_packages()?;
+    run("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run("cargo clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run("cargo build", cargo().args(["build", "--workspace", "--bins"]))?;
+    run("cargo test", cargo().args(["test", "--workspace"]))?;
+    eprintln!("==> ci passed");
+    Ok(())
+}
+
+/// Installs missing test tools with apt when running as root (CI); as
+/// another user, says what to install instead of failing later.
+fn install_test_packages() -> Result<()> {
+    let missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .filter(|(_, cmd)| !Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success()))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("tests need these Debian packages: {} (run as root, or: sudo apt-get install -y {})", missing.join(" "), missing.join(" "));
+    }
+    run("apt-get update", Command::new("apt-get").args(["update", "-qq"]))?;
+    run(
+        &format!("apt-get install {}", missing.join(" ")),
+        Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+fn start(root: &Path) -> Result<()> {
+    run("cargo build --release", cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    let config = root.join("etc/mortal.toml");
+    eprintln!("==> mortal start --foreground --config {} (Ctrl-C stops)", config.display());
+    let err = Command::new(root.join("target/release/mortal")).args(["start", "--foreground", "--config"]).arg(&config).exec();
+    bail!("cannot run target/release/mortal: {err}")
+}

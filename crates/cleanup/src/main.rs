@@ -1,1 +1,73 @@
-fn main() {}
+//! mortal-cleanup: the last check before a message is spooled, and the
+//! durable write that makes a 250 mean something.
+//!
+//! # Summary
+//! Pre-forked by the master; each child takes one smtpd connection at a time
+//! on the private `cleanup` socket and runs one message transaction over the
+//! `cleanup` IPC protocol (`mortal_proto::ipc`). It re-validates the
+//! envelope, fixes up the header section (adds `Received:`, and
+//! `Message-ID:`/`Date:` when missing; strips `Bcc:`), writes
+//! `incoming/<id>` through a temporary file, `fsync`s it, renames it,
+//! `fsync`s the directory, and only then answers 250. Then it wakes the
+//! queue manager.
+//!
+//! # Security
+//! cleanup trusts nothing smtpd says: every record's type, size, field and
+//! order is checked by the strict decoder, address syntax is re-parsed,
+//! recipients outside `accepted_domains` are refused (a compromised smtpd
+//! cannot make this host an open relay), and `message_size_limit`,
+//! `recipient_limit`, `header_size_limit` and `hopcount_limit` are enforced
+//! here again. A violation ends the transaction with a logged reason and
+//! leaves no file behind. cleanup never reads the network and never writes
+//! outside `incoming/`.
+//!
+//! # Standards
+//! RFC 5322 (header fields), RFC 5321 section 4.4 (`Received:` trace
+//! fields), RFC 3848 (`with` protocol names).
+//!
+//! # Configuration
+//! `[cleanup]` `ipc_timeout`, `header_size_limit`, `hopcount_limit`;
+//! `[smtpd]` `message_size_limit`, `recipient_limit`; `[server]`
+//! `hostname`, `accepted_domains`, `spool_dir`; `[process.cleanup]` the
+//! lifetime policy.
+//!
+//! # Diagnostics
+//! `<id>: message-id=<...>` for every message spooled; `warning: <id>:
+//! ...` naming the rule for every refused transaction; a 451 4.3.0 to smtpd
+//! (and so to the client) whenever the spool cannot be written.
+#![forbid(unsafe_code)]
+
+mod cleanup_header;
+mod cleanup_session;
+mod cleanup_spool;
+
+use mortal_master::child::{self, Listener, MasterLink};
+use std::os::unix::net::UnixListener;
+
+fn main() {
+    let config = child::startup("cleanup");
+    let spool = match cleanup_spool::Spool::open(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("fatal: open spool {}: {e}", config.queue_dir("incoming").display());
+            std::process::exit(1);
+        }
+    };
+    let (listener, mut link) = match (UnixListener::inherited(), MasterLink::inherited()) {
+        (Ok(l), Ok(m)) => (l, m),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("fatal: inherited descriptors: {e} (mortal-cleanup runs under mortal-master)");
+            std::process::exit(1);
+        }
+    };
+    let ctx = cleanup_session::Context::new(&config, &spool);
+    match child::serve(&listener, &mut link, config.process.cleanup.max_use, |stream, _| {
+        cleanup_session::serve(stream, &ctx)
+    }) {
+        Ok(reason) => tracing::debug!("exit: {}", reason.as_str()),
+        Err(e) => {
+            tracing::error!("fatal: master link: {e}");
+            std::process::exit(1);
+        }
+    }
+}

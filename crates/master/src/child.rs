@@ -88,6 +88,21 @@ impl MasterLink {
     }
 }
 
+impl MasterLink {
+    /// Blocks until the master retires this process or goes away; for
+    /// daemons with their own event loop (the queue manager), run on a
+    /// thread of its own after reporting [`ChildState::Ready`].
+    pub fn wait_for_exit(mut self) -> ExitReason {
+        loop {
+            match self.read_command() {
+                Err(()) => return ExitReason::MasterGone,
+                Ok(Some(MasterCommand::Retire)) => return ExitReason::Retired,
+                Ok(None) => {}
+            }
+        }
+    }
+}
+
 /// Why [`serve`] returned: the child should exit after logging it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitReason {
@@ -174,5 +189,35 @@ pub fn serve<L: Listener>(
             return Ok(ExitReason::MaxUse);
         }
         link.report(ChildState::Idle)?;
+    }
+}
+
+/// The start of every daemon's `main`: reads `--config PATH` from the
+/// command line (the only argument the master passes), loads and validates
+/// the configuration, and installs the log. Exits the process with status 1
+/// and a logged reason when that fails: the master counts such an exit as a
+/// bad start and throttles the service instead of respawning it in a loop.
+pub fn startup(service: &str) -> mortal_proto::config::Config {
+    let mut args = std::env::args_os().skip(1);
+    let path = match (args.next(), args.next(), args.next()) {
+        (Some(flag), Some(path), None) if flag == "--config" => std::path::PathBuf::from(path),
+        _ => {
+            crate::log::init_early(service);
+            tracing::error!("fatal: usage: mortal-{service} --config PATH (started by mortal-master)");
+            std::process::exit(1);
+        }
+    };
+    match mortal_proto::config::Config::load(&path) {
+        Ok(config) => {
+            crate::log::init(service, &config.log, &config.server.hostname);
+            config
+        }
+        Err(errors) => {
+            crate::log::init_early(service);
+            for e in errors {
+                tracing::error!("fatal: {e}");
+            }
+            std::process::exit(1);
+        }
     }
 }

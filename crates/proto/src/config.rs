@@ -158,6 +158,10 @@ pub struct Queue {
     /// Retry delays double up to this.
     #[serde(deserialize_with = "duration")]
     pub maximal_backoff: Duration,
+    /// Deliveries running at once.
+    pub delivery_concurrency: u32,
+    /// Messages in `active/` at once (Postfix qmgr_message_active_limit).
+    pub active_limit: u32,
 }
 
 impl Default for Queue {
@@ -166,6 +170,8 @@ impl Default for Queue {
             scan_interval: Duration::from_secs(60),
             minimal_backoff: Duration::from_secs(300),
             maximal_backoff: Duration::from_secs(4000),
+            delivery_concurrency: 20,
+            active_limit: 20_000,
         }
     }
 }
@@ -308,6 +314,12 @@ impl Config {
         }
         if self.smtpd.timeout.is_zero() {
             bad("smtpd", "timeout", "must be above 0".into());
+        }
+        if self.queue.delivery_concurrency == 0 {
+            bad("queue", "delivery_concurrency", "must be at least 1".into());
+        }
+        if self.queue.active_limit < self.queue.delivery_concurrency {
+            bad("queue", "active_limit", "must be at least delivery_concurrency".into());
         }
         if self.queue.minimal_backoff > self.queue.maximal_backoff {
             bad("queue", "minimal_backoff", "must not exceed maximal_backoff".into());

@@ -382,6 +382,9 @@ mod tests {
         assert_eq!(seq, RequestSequence::Done);
     }
 
+    /// A table row: name, wire bytes, and the error the decoder must give.
+    type RejectCase = (&'static str, Vec<u8>, fn(&IpcError) -> bool);
+
     /// Malformed, oversized and out-of-order records: each must be refused.
     #[test]
     fn decoder_rejects_table() {
@@ -390,7 +393,7 @@ mod tests {
             put_record(&mut v, kind, payload);
             v
         };
-        let cases: Vec<(&str, Vec<u8>, fn(&IpcError) -> bool)> = vec![
+        let cases: Vec<RejectCase> = vec![
             ("unknown type", rec(b'Z', b""), |e| matches!(e, IpcError::UnknownRecord(b'Z'))),
             ("oversized", vec![DATA, 0x00, 0x01, 0x00, 0x01], |e| {
                 matches!(e, IpcError::Frame(FrameError::Oversized { .. }))

@@ -27,6 +27,7 @@
 
 pub mod address;
 pub mod config;
+pub mod date;
 pub mod ipc;
 pub mod queue_file;
 pub mod queue_id;

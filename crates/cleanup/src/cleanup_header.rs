@@ -1,0 +1,219 @@
+//! Header section: where it ends, what it lacks, what must go.
+//!
+//! The section is found line by line (RFC 5322 section 2.2: field lines and
+//! their folded continuations, ended by an empty line). mail-parser then
+//! identifies the fields; their byte ranges let us strip `Bcc:` without
+//! re-encoding anything else, so every other byte reaches the mailbox as the
+//! client sent it.
+
+use mail_parser::{HeaderName, MessageParser};
+use mortal_proto::ipc::ClientInfo;
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+/// Where the header section of a (partial) message ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderEnd {
+    /// More lines are needed to decide.
+    Undecided,
+    /// The section is `len` bytes; an empty line follows it.
+    Separator { len: usize },
+    /// The section is `len` bytes and a non-header line follows without an
+    /// empty line between them.
+    NoSeparator { len: usize },
+}
+
+/// Scans complete lines of `buf` for the end of the header section.
+/// `at_end` says no more bytes will come: the whole input is then header.
+pub fn find_header_end(buf: &[u8], at_end: bool) -> HeaderEnd {
+    let mut offset = 0;
+    while let Some(nl) = buf[offset..].iter().position(|&b| b == b'\n') {
+        let line = &buf[offset..offset + nl + 1];
+        let is_continuation = offset > 0 && matches!(line[0], b' ' | b'\t');
+        if line == b"\r\n" {
+            return HeaderEnd::Separator { len: offset };
+        }
+        if !is_continuation && !is_field_line(line) {
+            return HeaderEnd::NoSeparator { len: offset };
+        }
+        offset += nl + 1;
+    }
+    if at_end { HeaderEnd::NoSeparator { len: offset } } else { HeaderEnd::Undecided }
+}
+
+/// `field-name ":"`, field-name being printable ASCII except colon.
+fn is_field_line(line: &[u8]) -> bool {
+    match line.iter().position(|&b| b == b':') {
+        Some(colon) if colon > 0 => line[..colon].iter().all(|&b| (33..=126).contains(&b)),
+        _ => false,
+    }
+}
+
+/// What the fixed-up header needs to know about the message.
+#[derive(Debug)]
+pub struct Envelope<'a> {
+    pub queue_id: &'a str,
+    pub hostname: &'a str,
+    pub client: &'a ClientInfo,
+    pub recipients: &'a [String],
+    pub arrival: SystemTime,
+}
+
+/// Why the header section is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderReject {
+    /// More `Received:` fields than `hopcount_limit`: a mail loop.
+    TooManyHops(usize),
+}
+
+/// The header section to spool, and the message id for the log.
+#[derive(Debug)]
+pub struct FixedHeader {
+    pub bytes: Vec<u8>,
+    pub message_id: String,
+}
+
+/// Returns the header section to spool: our `Received:` first, the
+/// client's fields minus `Bcc:`, then `Message-ID:` and `Date:` if absent.
+pub fn fix_up(header: &[u8], env: &Envelope<'_>, hopcount_limit: usize) -> Result<FixedHeader, HeaderReject> {
+    let parsed = MessageParser::new().parse_headers(header);
+    let fields = parsed.as_ref().map(|m| m.headers()).unwrap_or_default();
+    let hops = fields.iter().filter(|h| h.name == HeaderName::Received).count();
+    if hops > hopcount_limit {
+        return Err(HeaderReject::TooManyHops(hops));
+    }
+    let has = |name: HeaderName<'_>| fields.iter().any(|h| h.name == name);
+    let has_date = has(HeaderName::Date);
+    let existing_id = parsed.as_ref().and_then(|m| m.message_id()).map(str::to_owned);
+
+    let mut out = Vec::with_capacity(header.len() + 512);
+    out.extend_from_slice(received(env).as_bytes());
+    let mut copied = 0;
+    for bcc in fields.iter().filter(|h| h.name == HeaderName::Bcc) {
+        let (start, end) = (bcc.offset_field as usize, field_end(header, bcc.offset_end as usize));
+        if start >= copied && end <= header.len() {
+            out.extend_from_slice(&header[copied..start]);
+            copied = end;
+        }
+    }
+    out.extend_from_slice(&header[copied..]);
+    let message_id = match existing_id {
+        Some(id) => id,
+        None if has(HeaderName::MessageId) => String::from("(unparsable)"),
+        None => {
+            let id = format!("{}@{}", env.queue_id, env.hostname);
+            out.extend_from_slice(format!("Message-ID: <{id}>\r\n").as_bytes());
+            id
+        }
+    };
+    if !has_date {
+        out.extend_from_slice(format!("Date: {}\r\n", mortal_proto::date::rfc5322(env.arrival)).as_bytes());
+    }
+    Ok(FixedHeader { bytes: out, message_id })
+}
+
+/// mail-parser's field end may stop before the line ending; a stripped
+/// field must take its CRLF with it.
+fn field_end(header: &[u8], end: usize) -> usize {
+    match header.get(end..) {
+        Some([b'\r', b'\n', ..]) => end + 2,
+        Some([b'\n', ..]) => end + 1,
+        _ => end,
+    }
+}
+
+/// The trace field (RFC 5321 4.4), in Postfix's layout.
+fn received(env: &Envelope<'_>) -> String {
+    let c = env.client;
+    let helo = if c.helo.is_empty() { &c.name } else { &c.helo };
+    let addr = match c.addr.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) => format!("IPv6:{v6}"),
+        _ => c.addr.clone(),
+    };
+    let mut field = format!(
+        "Received: from {} ({} [{}])\r\n\tby {} (mortal) with {} id {}",
+        helo, c.name, addr, env.hostname, c.protocol, env.queue_id
+    );
+    // Like Postfix, name the recipient only when there is exactly one, so a
+    // Bcc recipient is never disclosed to the others.
+    if let [only] = env.recipients {
+        field.push_str(&format!("\r\n\tfor <{only}>"));
+    }
+    field.push_str(&format!("; {}\r\n", mortal_proto::date::rfc5322(env.arrival)));
+    field
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn header_end_table() {
+        let cases: &[(&[u8], bool, HeaderEnd)] = &[
+            (b"Subject: a\r\n\r\nbody\r\n", false, HeaderEnd::Separator { len: 12 }),
+            (b"Subject: a\r\n folded\r\n\r\n", false, HeaderEnd::Separator { len: 21 }),
+            (b"Subject: a\r\nno header here\r\n", false, HeaderEnd::NoSeparator { len: 12 }),
+            (b"\r\nbody only\r\n", false, HeaderEnd::Separator { len: 0 }),
+            (b" leading space\r\n", false, HeaderEnd::NoSeparator { len: 0 }),
+            (b"Subject: a\r\nTo: b", false, HeaderEnd::Undecided),
+            (b"Subject: a\r\n", true, HeaderEnd::NoSeparator { len: 12 }),
+            (b"Bad Name: x\r\n\r\n", false, HeaderEnd::NoSeparator { len: 0 }),
+        ];
+        for (input, at_end, want) in cases {
+            assert_eq!(find_header_end(input, *at_end), *want, "{:?}", String::from_utf8_lossy(input));
+        }
+    }
+
+    fn env<'a>(client: &'a ClientInfo, rcpts: &'a [String]) -> Envelope<'a> {
+        Envelope {
+            queue_id: "0000000010000100000A",
+            hostname: "mx.example.test",
+            client,
+            recipients: rcpts,
+            arrival: UNIX_EPOCH + Duration::from_secs(1_795_843_807),
+        }
+    }
+
+    fn client(addr: &str) -> ClientInfo {
+        ClientInfo { addr: addr.into(), name: "unknown".into(), helo: "c.test".into(), protocol: "ESMTP".into() }
+    }
+
+    #[test]
+    fn adds_missing_and_strips_bcc() {
+        let c = client("192.0.2.1");
+        let rcpts = vec!["b@example.test".to_string()];
+        let header = b"From: a@example.test\r\nBcc: secret@example.test,\r\n other@example.test\r\nSubject: hi\r\n";
+        let fixed = fix_up(header, &env(&c, &rcpts), 50).unwrap();
+        assert_eq!(fixed.message_id, "0000000010000100000A@mx.example.test");
+        let out = String::from_utf8(fixed.bytes).unwrap();
+        assert_eq!(
+            out,
+            "Received: from c.test (unknown [192.0.2.1])\r\n\tby mx.example.test (mortal) with ESMTP id \
+             0000000010000100000A\r\n\tfor <b@example.test>; Sat, 28 Nov 2026 05:30:07 +0000\r\n\
+             From: a@example.test\r\nSubject: hi\r\n\
+             Message-ID: <0000000010000100000A@mx.example.test>\r\nDate: Sat, 28 Nov 2026 05:30:07 +0000\r\n"
+        );
+    }
+
+    #[test]
+    fn keeps_present_fields_and_hides_recipients() {
+        let c = client("::1");
+        let rcpts = vec!["b@example.test".to_string(), "c@example.test".to_string()];
+        let header = b"Message-ID: <x@y>\r\nDate: Thu, 1 Jan 1970 00:00:00 +0000\r\n";
+        let fixed = fix_up(header, &env(&c, &rcpts), 50).unwrap();
+        assert_eq!(fixed.message_id, "x@y");
+        let out = String::from_utf8(fixed.bytes).unwrap();
+        assert!(out.starts_with("Received: from c.test (unknown [IPv6:::1])\r\n"), "{out}");
+        assert!(!out.contains("for <"), "{out}");
+        assert!(out.ends_with("\r\nMessage-ID: <x@y>\r\nDate: Thu, 1 Jan 1970 00:00:00 +0000\r\n"), "{out}");
+    }
+
+    #[test]
+    fn hop_limit() {
+        let c = client("192.0.2.1");
+        let header = "Received: from a by b; Thu, 1 Jan 1970 00:00:00 +0000\r\n".repeat(3);
+        assert_eq!(fix_up(header.as_bytes(), &env(&c, &[]), 2).unwrap_err(), HeaderReject::TooManyHops(3));
+        assert!(fix_up(header.as_bytes(), &env(&c, &[]), 3).is_ok());
+    }
+}

@@ -1,0 +1,97 @@
+//! The durable write: temporary file, fsync, rename, directory fsync.
+//!
+//! A message becomes visible under its final name in `incoming/` only when
+//! its bytes are on stable storage, and the rename itself is made durable
+//! by syncing the directory before cleanup answers. A crash at any earlier
+//! point leaves at most a `<id>.tmp` file, which the queue manager removes
+//! once the cleanup process that wrote it is gone; it is never delivered.
+
+use mortal_proto::config::Config;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+/// Suffix of files being written; not a queue id, so never picked up.
+pub const TEMP_SUFFIX: &str = ".tmp";
+/// Write buffer for queue files: one syscall per this many bytes.
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// The `incoming/` directory, held open so syncing it costs no lookup.
+#[derive(Debug)]
+pub struct Spool {
+    incoming: PathBuf,
+    incoming_dir: File,
+    queue_socket: PathBuf,
+}
+
+impl Spool {
+    pub fn open(config: &Config) -> io::Result<Self> {
+        let incoming = config.queue_dir("incoming");
+        let incoming_dir = File::open(&incoming)?;
+        Ok(Self { incoming, incoming_dir, queue_socket: config.queue_socket() })
+    }
+
+    /// Creates `incoming/<id>.tmp`; `O_EXCL` makes a clash an error rather
+    /// than a shared file.
+    pub fn create(&self, id: &str) -> io::Result<SpoolFile<'_>> {
+        let temp = self.incoming.join(format!("{id}{TEMP_SUFFIX}"));
+        let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
+        Ok(SpoolFile {
+            spool: self,
+            temp,
+            final_path: self.incoming.join(id),
+            out: BufWriter::with_capacity(WRITE_BUFFER, file),
+            committed: false,
+        })
+    }
+
+    /// Tells the queue manager new mail is waiting. Best effort: the
+    /// queue's periodic scan picks the file up if this wake-up is lost.
+    pub fn wake_queue(&self) {
+        if let Err(e) = UnixStream::connect(&self.queue_socket).and_then(|mut s| s.write_all(b"W")) {
+            tracing::debug!("queue wake-up via {}: {e}", self.queue_socket.display());
+        }
+    }
+}
+
+/// A queue file being written. Dropping it uncommitted removes it.
+#[derive(Debug)]
+pub struct SpoolFile<'a> {
+    spool: &'a Spool,
+    temp: PathBuf,
+    final_path: PathBuf,
+    out: BufWriter<File>,
+    committed: bool,
+}
+
+impl SpoolFile<'_> {
+    pub fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.out.write_all(bytes)
+    }
+
+    /// Makes the file durable under its final name. Only after this returns
+    /// `Ok` may anyone be told the message is queued.
+    pub fn commit(mut self) -> io::Result<()> {
+        self.out.flush()?;
+        self.out.get_ref().sync_data()?;
+        std::fs::rename(&self.temp, &self.final_path)?;
+        self.committed = true;
+        if let Err(e) = self.spool.incoming_dir.sync_all() {
+            // The client will be told to retry; take the file back so the
+            // retry does not become a second copy.
+            let _ = std::fs::remove_file(&self.final_path);
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SpoolFile<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The Maildir delivery agent: `<root>/<recipient>/{tmp,new,cur}`.
+//!
+//! Each copy is written to `tmp/` under a unique name, `fsync`ed, renamed
+//! into `new/`, and `new/` is `fsync`ed: a mail reader never sees a partial
+//! file, and a delivery reported as done survives a power cut. Line endings
+//! become LF, as every Maildir reader expects, and `Return-Path:` and
+//! `Delivered-To:` are prepended like Postfix's local(8) does.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Makes Maildir file names unique within this process.
+static DELIVERIES: AtomicU64 = AtomicU64::new(0);
+
+/// Delivers one copy of `content` (CRLF lines, as spooled) for `recipient`.
+/// Returns the path of the new file.
+pub fn deliver(root: &Path, hostname: &str, sender: &str, recipient: &str, content: &[u8]) -> io::Result<PathBuf> {
+    let maildir = root.join(mailbox_dir_name(recipient));
+    for sub in ["tmp", "new", "cur"] {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(maildir.join(sub))?;
+    }
+    let name = unique_name(hostname);
+    let tmp = maildir.join("tmp").join(&name);
+    let result = write_synced(&tmp, sender, recipient, content).and_then(|()| {
+        let new = maildir.join("new").join(&name);
+        fs::rename(&tmp, &new)?;
+        File::open(maildir.join("new"))?.sync_all()?;
+        Ok(new)
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn write_synced(path: &Path, sender: &str, recipient: &str, content: &[u8]) -> io::Result<()> {
+    let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut out = Vec::with_capacity(content.len() + 128);
+    out.extend_from_slice(format!("Return-Path: <{sender}>\nDelivered-To: {recipient}\n").as_bytes());
+    crlf_to_lf(content, &mut out);
+    file.write_all(&out)?;
+    file.sync_data()
+}
+
+/// `time.MmicrosPpidQseq.host`, the de-facto Maildir unique name.
+fn unique_name(hostname: &str) -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let seq = DELIVERIES.fetch_add(1, Ordering::Relaxed);
+    let host = hostname.replace(['/', ':'], "_");
+    format!("{}.M{}P{}Q{}.{}", now.as_secs(), now.subsec_micros(), std::process::id(), seq, host)
+}
+
+fn crlf_to_lf(content: &[u8], out: &mut Vec<u8>) {
+    let mut rest = content;
+    while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+        out.extend_from_slice(&rest[..i]);
+        out.push(b'\n');
+        rest = &rest[i + 2..];
+    }
+    out.extend_from_slice(rest);
+}
+
+/// The directory name for a recipient: the address in lower case, with
+/// `/` and `%` percent-encoded and a leading `.` encoded, so no address
+/// can name a path outside its own directory.
+pub fn mailbox_dir_name(recipient: &str) -> String {
+    let mut out = String::with_capacity(recipient.len());
+    for (i, c) in recipient.to_lowercase().chars().enumerate() {
+        match c {
+            '/' => out.push_str("%2F"),
+            '%' => out.push_str("%25"),
+            '.' if i == 0 => out.push_str("%2E"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dir_names_stay_inside() {
+        assert_eq!(mailbox_dir_name("Bob@Example.TEST"), "bob@example.test");
+        assert_eq!(mailbox_dir_name("a/b@x.test"), "a%2Fb@x.test");
+        assert_eq!(mailbox_dir_name(".hidden@x.test"), "%2Ehidden@x.test");
+        assert_eq!(mailbox_dir_name("100%@x.test"), "100%25@x.test");
+    }
+
+    #[test]
+    fn delivers_into_new_with_lf() {
+        let root = std::env::temp_dir().join(format!("mortal-maildir-test-{}", std::process::id()));
+        let path = deliver(&root, "mx.test", "a@x.test", "b@x.test", b"Subject: t\r\n\r\nline\r\nbare\rcr\r\n").unwrap();
+        assert!(path.starts_with(root.join("b@x.test/new")));
+        assert_eq!(fs::read(&path).unwrap(), b"Return-Path: <a@x.test>\nDelivered-To: b@x.test\nSubject: t\n\nline\nbare\rcr\n");
+        assert_eq!(fs::read_dir(root.join("b@x.test/tmp")).unwrap().count(), 0);
+        fs::remove_dir_all(&root).unwrap();
+    }
+}
