@@ -10,10 +10,7 @@ use std::time::Duration;
 /// A body that exercises dot-stuffing, an empty line, 8-bit text and a
 /// line of exactly 998 octets (the RFC 5321 maximum without CRLF).
 fn tricky_body() -> String {
-    format!(
-        ".leading dot\n..two dots\n.\nx.\n\nnon-ASCII: grüße\n{}\nlast line\n",
-        "y".repeat(998)
-    )
+    format!(".leading dot\n..two dots\n.\nx.\n\nnon-ASCII: grüße\n{}\nlast line\n", "y".repeat(998))
 }
 
 #[test]
@@ -164,7 +161,11 @@ with smtplib.SMTP("127.0.0.1", {}) as s:
         let left: Vec<u32> = all.iter().copied().filter(|&p| process_exists(p)).collect();
         left.is_empty().then_some(())
     });
-    assert!(left.is_some(), "processes left after stop: {:?}", all.iter().filter(|&&p| process_exists(p)).collect::<Vec<_>>());
+    assert!(
+        left.is_some(),
+        "processes left after stop: {:?}",
+        all.iter().filter(|&&p| process_exists(p)).collect::<Vec<_>>()
+    );
     assert!(!mortal.dir.join("spool/run/master.pid").exists(), "pid file removed");
 }
 
@@ -173,9 +174,17 @@ fn check_reports_file_line_and_key() {
     let dir = std::env::temp_dir().join(format!("mortal-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("bad.toml");
-    std::fs::write(&config, "[smtpd]\nlisten = [\"127.0.0.1:2525\"]\n\n[process.smtpd]\nprocess_limit = 2\nprefork = 3\n")
+    std::fs::write(
+        &config,
+        "[smtpd]\nlisten = [\"127.0.0.1:2525\"]\n\n[process.smtpd]\nprocess_limit = 2\nprefork = 3\n",
+    )
+    .unwrap();
+    let out = Command::new(mortal_tests::bin_dir().join("mortal"))
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
         .unwrap();
-    let out = Command::new(mortal_tests::bin_dir().join("mortal")).arg("check").arg("--config").arg(&config).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "invalid config must fail: {text}");
     assert!(text.contains("bad.toml:6: process.smtpd.prefork: must not exceed process_limit (2)"), "{text}");

@@ -161,9 +161,8 @@ impl Instance {
 
     /// Messages delivered to a recipient's Maildir, oldest name first.
     pub fn delivered(&self, recipient: &str) -> Vec<Vec<u8>> {
-        let mut names: Vec<PathBuf> = fs::read_dir(self.maildir(recipient))
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
+        let mut names: Vec<PathBuf> =
+            fs::read_dir(self.maildir(recipient)).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
         names.sort();
         names.iter().map(|p| fs::read(p).expect("read maildir file")).collect()
     }

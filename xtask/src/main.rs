@@ -24,7 +24,9 @@ fn main() -> Result<()> {
         "ci" => ci(),
         "start" => start(&root),
         _ => {
-            eprintln!("usage: cargo xtask <task>\n\n  start   build and run mortal on etc/mortal.toml (foreground)\n  ci      install test tools, fmt, clippy, build, all tests");
+            eprintln!(
+                "usage: cargo xtask <task>\n\n  start   build and run mortal on etc/mortal.toml (foreground)\n  ci      install test tools, fmt, clippy, build, all tests"
+            );
             std::process::exit(2);
         }
     }
@@ -62,19 +64,28 @@ fn ci() -> Result<()> {
 fn install_test_packages() -> Result<()> {
     let missing: Vec<&str> = TEST_PACKAGES
         .iter()
-        .filter(|(_, cmd)| !Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success()))
+        .filter(|(_, cmd)| {
+            !Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success())
+        })
         .map(|(pkg, _)| *pkg)
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
-        bail!("tests need these Debian packages: {} (run as root, or: sudo apt-get install -y {})", missing.join(" "), missing.join(" "));
+        bail!(
+            "tests need these Debian packages: {} (run as root, or: sudo apt-get install -y {})",
+            missing.join(" "),
+            missing.join(" ")
+        );
     }
     run("apt-get update", Command::new("apt-get").args(["update", "-qq"]))?;
     run(
         &format!("apt-get install {}", missing.join(" ")),
-        Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
 
@@ -86,6 +97,9 @@ fn start(root: &Path) -> Result<()> {
     run("cargo build --release", cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     let config = root.join("etc/mortal.toml");
     eprintln!("==> mortal start --foreground --config {} (Ctrl-C stops)", config.display());
-    let err = Command::new(root.join("target/release/mortal")).args(["start", "--foreground", "--config"]).arg(&config).exec();
+    let err = Command::new(root.join("target/release/mortal"))
+        .args(["start", "--foreground", "--config"])
+        .arg(&config)
+        .exec();
     bail!("cannot run target/release/mortal: {err}")
 }

@@ -22,9 +22,8 @@ use std::os::unix::net::UnixStream;
 use std::time::SystemTime;
 
 /// RFC 3848 `with` values (and their RFC 6531 UTF8 forms) smtpd may claim.
-const KNOWN_PROTOCOLS: &[&str] = &[
-    "SMTP", "ESMTP", "ESMTPA", "ESMTPS", "ESMTPSA", "UTF8SMTP", "UTF8SMTPA", "UTF8SMTPS", "UTF8SMTPSA",
-];
+const KNOWN_PROTOCOLS: &[&str] =
+    &["SMTP", "ESMTP", "ESMTPA", "ESMTPS", "ESMTPSA", "UTF8SMTP", "UTF8SMTPA", "UTF8SMTPS", "UTF8SMTPSA"];
 /// Bytes read from smtpd per call.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -284,7 +283,10 @@ impl<'a> Transaction<'a> {
             HeaderEnd::NoSeparator { len } => (len, false),
         };
         if len > self.ctx.config.cleanup.header_size_limit {
-            self.refuse(Answer::new(552, "5.3.4", "Error: message header size exceeds limit"), "header_size_limit exceeded");
+            self.refuse(
+                Answer::new(552, "5.3.4", "Error: message header size exceeds limit"),
+                "header_size_limit exceeded",
+            );
             return;
         }
         let (Some(id), Some(client), Some(sender)) = (self.id.clone(), self.client.as_ref(), self.sender.as_ref())
@@ -298,7 +300,8 @@ impl<'a> Transaction<'a> {
             recipients: &self.recipients,
             arrival: self.arrival,
         };
-        let fixed = match cleanup_header::fix_up(&self.header_buf[..len], &env, self.ctx.config.cleanup.hopcount_limit) {
+        let fixed = match cleanup_header::fix_up(&self.header_buf[..len], &env, self.ctx.config.cleanup.hopcount_limit)
+        {
             Ok(f) => f,
             Err(HeaderReject::TooManyHops(n)) => {
                 self.refuse(Answer::new(554, "5.4.6", "Error: too many hops"), &format!("{n} Received: headers"));
@@ -346,8 +349,7 @@ impl<'a> Transaction<'a> {
         if let Some(answer) = self.refusal.take() {
             return answer;
         }
-        let (Some(encoder), Some(mut file), Some(id)) = (self.encoder.take(), self.file.take(), self.id.clone())
-        else {
+        let (Some(encoder), Some(mut file), Some(id)) = (self.encoder.take(), self.file.take(), self.id.clone()) else {
             unreachable!("a transaction without refusal has written its header");
         };
         let commit = file.write_all(&encoder.finish()).and_then(|()| file.commit());

@@ -28,6 +28,7 @@
 pub mod address;
 pub mod config;
 pub mod date;
+pub mod fuzz;
 pub mod ipc;
 pub mod queue_file;
 pub mod queue_id;

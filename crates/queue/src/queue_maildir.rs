@@ -95,9 +95,13 @@ mod tests {
     #[test]
     fn delivers_into_new_with_lf() {
         let root = std::env::temp_dir().join(format!("mortal-maildir-test-{}", std::process::id()));
-        let path = deliver(&root, "mx.test", "a@x.test", "b@x.test", b"Subject: t\r\n\r\nline\r\nbare\rcr\r\n").unwrap();
+        let path =
+            deliver(&root, "mx.test", "a@x.test", "b@x.test", b"Subject: t\r\n\r\nline\r\nbare\rcr\r\n").unwrap();
         assert!(path.starts_with(root.join("b@x.test/new")));
-        assert_eq!(fs::read(&path).unwrap(), b"Return-Path: <a@x.test>\nDelivered-To: b@x.test\nSubject: t\n\nline\nbare\rcr\n");
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            b"Return-Path: <a@x.test>\nDelivered-To: b@x.test\nSubject: t\n\nline\nbare\rcr\n"
+        );
         assert_eq!(fs::read_dir(root.join("b@x.test/tmp")).unwrap().count(), 0);
         fs::remove_dir_all(&root).unwrap();
     }
