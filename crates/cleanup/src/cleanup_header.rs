@@ -7,7 +7,7 @@
 //! client sent it.
 
 use mail_parser::{HeaderName, MessageParser};
-use mortal_proto::ipc::ClientInfo;
+use mortal_proto::ipc::{ClientInfo, RecipientInfo};
 use std::net::IpAddr;
 use std::time::SystemTime;
 
@@ -55,7 +55,7 @@ pub struct Envelope<'a> {
     pub queue_id: &'a str,
     pub hostname: &'a str,
     pub client: &'a ClientInfo,
-    pub recipients: &'a [String],
+    pub recipients: &'a [RecipientInfo],
     pub arrival: SystemTime,
 }
 
@@ -130,14 +130,15 @@ fn received(env: &Envelope<'_>) -> String {
         Ok(IpAddr::V6(v6)) => format!("IPv6:{v6}"),
         _ => c.addr.clone(),
     };
-    let mut field = format!(
-        "Received: from {} ({} [{}])\r\n\tby {} (mortal) with {} id {}",
-        helo, c.name, addr, env.hostname, c.protocol, env.queue_id
-    );
+    let mut field = format!("Received: from {helo} ({} [{addr}])\r\n", c.name);
+    if !c.tls.is_empty() {
+        field.push_str(&format!("\t(using {})\r\n", c.tls));
+    }
+    field.push_str(&format!("\tby {} (mortal) with {} id {}", env.hostname, c.protocol, env.queue_id));
     // Like Postfix, name the recipient only when there is exactly one, so a
     // Bcc recipient is never disclosed to the others.
     if let [only] = env.recipients {
-        field.push_str(&format!("\r\n\tfor <{only}>"));
+        field.push_str(&format!("\r\n\tfor <{}>", only.address));
     }
     field.push_str(&format!("; {}\r\n", mortal_proto::date::rfc5322(env.arrival)));
     field
@@ -165,7 +166,7 @@ mod tests {
         }
     }
 
-    fn env<'a>(client: &'a ClientInfo, rcpts: &'a [String]) -> Envelope<'a> {
+    fn env<'a>(client: &'a ClientInfo, rcpts: &'a [RecipientInfo]) -> Envelope<'a> {
         Envelope {
             queue_id: "0000000010000100000A",
             hostname: "mx.example.test",
@@ -176,13 +177,23 @@ mod tests {
     }
 
     fn client(addr: &str) -> ClientInfo {
-        ClientInfo { addr: addr.into(), name: "unknown".into(), helo: "c.test".into(), protocol: "ESMTP".into() }
+        ClientInfo {
+            addr: addr.into(),
+            name: "unknown".into(),
+            helo: "c.test".into(),
+            protocol: "ESMTP".into(),
+            tls: String::new(),
+        }
+    }
+
+    fn rcpt(address: &str) -> RecipientInfo {
+        RecipientInfo { address: address.into(), notify: Default::default(), orcpt: String::new() }
     }
 
     #[test]
     fn adds_missing_and_strips_bcc() {
         let c = client("192.0.2.1");
-        let rcpts = vec!["b@example.test".to_string()];
+        let rcpts = vec![rcpt("b@example.test")];
         let header = b"From: a@example.test\r\nBcc: secret@example.test,\r\n other@example.test\r\nSubject: hi\r\n";
         let fixed = fix_up(header, &env(&c, &rcpts), 50).unwrap();
         assert_eq!(fixed.message_id, "0000000010000100000A@mx.example.test");
@@ -199,7 +210,7 @@ mod tests {
     #[test]
     fn keeps_present_fields_and_hides_recipients() {
         let c = client("::1");
-        let rcpts = vec!["b@example.test".to_string(), "c@example.test".to_string()];
+        let rcpts = vec![rcpt("b@example.test"), rcpt("c@example.test")];
         let header = b"Message-ID: <x@y>\r\nDate: Thu, 1 Jan 1970 00:00:00 +0000\r\n";
         let fixed = fix_up(header, &env(&c, &rcpts), 50).unwrap();
         assert_eq!(fixed.message_id, "x@y");

@@ -12,8 +12,8 @@ use crate::cleanup_header::{self, Envelope, HeaderEnd, HeaderReject};
 use crate::cleanup_spool::{Spool, SpoolFile};
 use mortal_proto::address;
 use mortal_proto::config::Config;
-use mortal_proto::ipc::{ClientInfo, Decoder, IpcError, Reply, Request, RequestSequence, SenderInfo};
-use mortal_proto::queue_file::{Encoder, QueuedRecipient, RecipientState};
+use mortal_proto::ipc::{ClientInfo, Decoder, IpcError, RecipientInfo, Reply, Request, RequestSequence, SenderInfo};
+use mortal_proto::queue_file::{Encoder, QueuedRecipient};
 use mortal_proto::queue_id;
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
@@ -90,7 +90,7 @@ struct Transaction<'a> {
     id: Option<String>,
     arrival: SystemTime,
     file: Option<SpoolFile<'a>>,
-    recipients: Vec<String>,
+    recipients: Vec<RecipientInfo>,
     seen: HashSet<String>,
     /// Content held until the end of the header section is known.
     header_buf: Vec<u8>,
@@ -177,7 +177,7 @@ impl<'a> Transaction<'a> {
                 self.sender = Some(self.check_sender(s)?);
                 self.open_file(stream)?;
             }
-            Request::Recipient { address } => self.add_recipient(address)?,
+            Request::Recipient(rcpt) => self.add_recipient(rcpt)?,
             Request::Data(chunk) => self.data(&chunk),
             Request::End => return Ok(Step::Finished(self.finish())),
         }
@@ -222,9 +222,10 @@ impl<'a> Transaction<'a> {
         })
     }
 
-    fn add_recipient(&mut self, addr: String) -> Result<(), Answer> {
+    fn add_recipient(&mut self, rcpt: RecipientInfo) -> Result<(), Answer> {
+        let addr = &rcpt.address;
         let utf8 = self.sender.as_ref().is_some_and(|s| s.smtputf8);
-        let mailbox = address::parse_mailbox(&addr, utf8).map_err(|e| {
+        let mailbox = address::parse_mailbox(addr, utf8).map_err(|e| {
             tracing::warn!("warning: {}: smtpd sent invalid recipient <{addr}>: {e}", self.log_id());
             Answer::protocol_error()
         })?;
@@ -234,7 +235,7 @@ impl<'a> Transaction<'a> {
         }
         // Duplicates differ at most in the case of the domain.
         if self.seen.insert(format!("{}@{}", mailbox.local, mailbox.domain_lowercase())) {
-            self.recipients.push(addr);
+            self.recipients.push(rcpt);
         }
         if self.recipients.len() > self.ctx.config.smtpd.recipient_limit as usize {
             tracing::warn!("warning: {}: smtpd sent more than recipient_limit recipients", self.log_id());
@@ -308,11 +309,7 @@ impl<'a> Transaction<'a> {
                 return;
             }
         };
-        let queued: Vec<QueuedRecipient> = self
-            .recipients
-            .iter()
-            .map(|r| QueuedRecipient { address: r.clone(), state: RecipientState::Pending })
-            .collect();
+        let queued: Vec<QueuedRecipient> = self.recipients.iter().map(QueuedRecipient::pending).collect();
         let (encoder, start) = Encoder::start(&id, self.arrival, client, sender, &queued);
         self.encoder = Some(encoder);
         self.message_id = fixed.message_id;

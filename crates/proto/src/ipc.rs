@@ -56,6 +56,9 @@ pub struct ClientInfo {
     pub helo: String,
     /// `SMTP`, `ESMTP`, `ESMTPS`, `UTF8SMTP`... (RFC 3848 `with` values).
     pub protocol: String,
+    /// TLS in use, as it appears in `Received:` (`TLSv1.3 with cipher
+    /// TLS13_AES_256_GCM_SHA384 (256/256 bits)`); empty for plaintext.
+    pub tls: String,
 }
 
 /// Body type declared with MAIL's BODY= parameter (RFC 6152).
@@ -63,6 +66,85 @@ pub struct ClientInfo {
 pub enum BodyType {
     SevenBit,
     EightBitMime,
+    /// RFC 3030: only with BDAT.
+    BinaryMime,
+}
+
+impl BodyType {
+    pub fn to_wire(self) -> u8 {
+        match self {
+            BodyType::SevenBit => 7,
+            BodyType::EightBitMime => 8,
+            BodyType::BinaryMime => 9,
+        }
+    }
+
+    pub fn from_wire(b: u8) -> Option<Self> {
+        match b {
+            7 => Some(BodyType::SevenBit),
+            8 => Some(BodyType::EightBitMime),
+            9 => Some(BodyType::BinaryMime),
+            _ => None,
+        }
+    }
+}
+
+/// MAIL's RET= (RFC 3461 4.3): how much of the message a DSN returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DsnRet {
+    Full,
+    Headers,
+}
+
+/// RCPT's NOTIFY= (RFC 3461 4.1). All false means the parameter was
+/// absent, which RFC 3461 treats as `FAILURE,DELAY`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Notify {
+    pub never: bool,
+    pub success: bool,
+    pub failure: bool,
+    pub delay: bool,
+}
+
+impl Notify {
+    pub fn to_wire(self) -> u8 {
+        u8::from(self.never) | u8::from(self.success) << 1 | u8::from(self.failure) << 2 | u8::from(self.delay) << 3
+    }
+
+    /// `None` for unknown bits, or NEVER combined with anything else.
+    pub fn from_wire(b: u8) -> Option<Self> {
+        let n = Notify { never: b & 1 != 0, success: b & 2 != 0, failure: b & 4 != 0, delay: b & 8 != 0 };
+        let valid = b < 16 && !(n.never && (n.success || n.failure || n.delay));
+        valid.then_some(n)
+    }
+
+    pub fn is_default(self) -> bool {
+        self == Notify::default()
+    }
+
+    /// Whether a failure report is wanted (explicitly, or by default).
+    pub fn wants_failure(self) -> bool {
+        self.failure || self.is_default()
+    }
+
+    /// Whether a delay report is wanted (explicitly, or by default).
+    pub fn wants_delay(self) -> bool {
+        self.delay || self.is_default()
+    }
+}
+
+/// Largest ENVID (RFC 3461 4.4: 100 characters).
+pub const MAX_ENVID: usize = 100;
+
+/// One envelope recipient with its DSN parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientInfo {
+    /// Forward-path without brackets.
+    pub address: String,
+    pub notify: Notify,
+    /// ORCPT (RFC 3461 4.2) as `addr-type;address`, xtext-decoded; empty
+    /// when absent.
+    pub orcpt: String,
 }
 
 /// The envelope sender and MAIL parameters that travel with the message.
@@ -73,6 +155,10 @@ pub struct SenderInfo {
     pub body: BodyType,
     /// MAIL carried SMTPUTF8 (RFC 6531).
     pub smtputf8: bool,
+    /// RET= (RFC 3461), if given.
+    pub ret: Option<DsnRet>,
+    /// ENVID= (RFC 3461), xtext-decoded; empty when absent.
+    pub envid: String,
 }
 
 /// smtpd → cleanup.
@@ -81,7 +167,7 @@ pub enum Request {
     Hello { version: u32 },
     Client(ClientInfo),
     Sender(SenderInfo),
-    Recipient { address: String },
+    Recipient(RecipientInfo),
     Data(Vec<u8>),
     End,
 }
@@ -117,7 +203,7 @@ impl Request {
             Request::Hello { .. } => "Hello",
             Request::Client(_) => "Client",
             Request::Sender(_) => "Sender",
-            Request::Recipient { .. } => "Recipient",
+            Request::Recipient(_) => "Recipient",
             Request::Data(_) => "Data",
             Request::End => "End",
         }
@@ -132,17 +218,9 @@ impl Request {
             Request::Hello { version } => {
                 put_record(out, HELLO, &Fields::new().str(PROTOCOL_NAME).u32(*version).finish())
             }
-            Request::Client(c) => {
-                put_record(out, CLIENT, &Fields::new().str(&c.addr).str(&c.name).str(&c.helo).str(&c.protocol).finish())
-            }
-            Request::Sender(s) => {
-                let body = match s.body {
-                    BodyType::SevenBit => 7,
-                    BodyType::EightBitMime => 8,
-                };
-                put_record(out, SENDER, &Fields::new().str(&s.address).u8(body).u8(u8::from(s.smtputf8)).finish())
-            }
-            Request::Recipient { address } => put_record(out, RECIPIENT, &Fields::new().str(address).finish()),
+            Request::Client(c) => put_record(out, CLIENT, &encode_client(c)),
+            Request::Sender(s) => put_record(out, SENDER, &encode_sender(s)),
+            Request::Recipient(r) => put_record(out, RECIPIENT, &encode_recipient(r)),
             Request::Data(chunk) => {
                 assert!(chunk.len() <= MAX_DATA_CHUNK, "Data chunk over MAX_DATA_CHUNK");
                 put_record(out, DATA, chunk)
@@ -163,27 +241,9 @@ impl Request {
                 }
                 Request::Hello { version }
             }
-            CLIENT => Request::Client(ClientInfo {
-                addr: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
-                name: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
-                helo: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
-                protocol: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
-            }),
-            SENDER => {
-                let address = printable(f.str(MAX_PATH)?, "Sender")?;
-                let body = match f.u8()? {
-                    7 => BodyType::SevenBit,
-                    8 => BodyType::EightBitMime,
-                    _ => return Err(IpcError::BadValue("Sender")),
-                };
-                let smtputf8 = match f.u8()? {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(IpcError::BadValue("Sender")),
-                };
-                Request::Sender(SenderInfo { address, body, smtputf8 })
-            }
-            RECIPIENT => Request::Recipient { address: printable(f.str(MAX_PATH)?, "Recipient")? },
+            CLIENT => Request::Client(decode_client(&mut f)?),
+            SENDER => Request::Sender(decode_sender(&mut f)?),
+            RECIPIENT => Request::Recipient(decode_recipient(&mut f)?),
             DATA => return Ok(Request::Data(rec.payload.to_vec())),
             END => Request::End,
             other => return Err(IpcError::UnknownRecord(other)),
@@ -191,6 +251,61 @@ impl Request {
         f.finish()?;
         Ok(req)
     }
+}
+
+// Field codecs shared with the queue file, which stores the same values.
+
+pub(crate) fn encode_client(c: &ClientInfo) -> Vec<u8> {
+    Fields::new().str(&c.addr).str(&c.name).str(&c.helo).str(&c.protocol).str(&c.tls).finish()
+}
+
+pub(crate) fn decode_client(f: &mut FieldReader<'_>) -> Result<ClientInfo, IpcError> {
+    Ok(ClientInfo {
+        addr: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
+        name: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
+        helo: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
+        protocol: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
+        tls: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
+    })
+}
+
+pub(crate) fn encode_sender(s: &SenderInfo) -> Vec<u8> {
+    let ret = match s.ret {
+        None => 0,
+        Some(DsnRet::Full) => 1,
+        Some(DsnRet::Headers) => 2,
+    };
+    Fields::new().str(&s.address).u8(s.body.to_wire()).u8(u8::from(s.smtputf8)).u8(ret).str(&s.envid).finish()
+}
+
+pub(crate) fn decode_sender(f: &mut FieldReader<'_>) -> Result<SenderInfo, IpcError> {
+    let address = printable(f.str(MAX_PATH)?, "Sender")?;
+    let body = BodyType::from_wire(f.u8()?).ok_or(IpcError::BadValue("Sender"))?;
+    let smtputf8 = match f.u8()? {
+        0 => false,
+        1 => true,
+        _ => return Err(IpcError::BadValue("Sender")),
+    };
+    let ret = match f.u8()? {
+        0 => None,
+        1 => Some(DsnRet::Full),
+        2 => Some(DsnRet::Headers),
+        _ => return Err(IpcError::BadValue("Sender")),
+    };
+    let envid = printable(f.str(MAX_ENVID)?, "Sender")?;
+    Ok(SenderInfo { address, body, smtputf8, ret, envid })
+}
+
+pub(crate) fn encode_recipient(r: &RecipientInfo) -> Vec<u8> {
+    Fields::new().str(&r.address).u8(r.notify.to_wire()).str(&r.orcpt).finish()
+}
+
+pub(crate) fn decode_recipient(f: &mut FieldReader<'_>) -> Result<RecipientInfo, IpcError> {
+    let address = printable(f.str(MAX_PATH)?, "Recipient")?;
+    let notify = Notify::from_wire(f.u8()?).ok_or(IpcError::BadValue("Recipient"))?;
+    // ORCPT is "addr-type;" plus at most a path's worth of address.
+    let orcpt = printable(f.str(MAX_PATH + 32)?, "Recipient")?;
+    Ok(RecipientInfo { address, notify, orcpt })
 }
 
 /// Encodes message content as as many `Data` records as it needs.
@@ -344,11 +459,26 @@ mod tests {
             name: "localhost".into(),
             helo: "client.test".into(),
             protocol: "ESMTP".into(),
+            tls: String::new(),
         }
     }
 
     fn sender() -> SenderInfo {
-        SenderInfo { address: "a@example.test".into(), body: BodyType::EightBitMime, smtputf8: false }
+        SenderInfo {
+            address: "a@example.test".into(),
+            body: BodyType::EightBitMime,
+            smtputf8: false,
+            ret: Some(DsnRet::Headers),
+            envid: "QQ314159".into(),
+        }
+    }
+
+    fn recipient(address: &str) -> RecipientInfo {
+        RecipientInfo {
+            address: address.into(),
+            notify: Notify { failure: true, delay: true, ..Notify::default() },
+            orcpt: format!("rfc822;{address}"),
+        }
     }
 
     fn valid_conversation() -> Vec<Request> {
@@ -356,7 +486,7 @@ mod tests {
             Request::Hello { version: PROTOCOL_VERSION },
             Request::Client(client()),
             Request::Sender(sender()),
-            Request::Recipient { address: "b@example.test".into() },
+            Request::Recipient(recipient("b@example.test")),
             Request::Data(b"Subject: x\r\n\r\nhi\r\n".to_vec()),
             Request::End,
         ]
@@ -408,13 +538,23 @@ mod tests {
             ("field overrun", rec(RECIPIENT, &[0, 200, b'a']), |e| {
                 matches!(e, IpcError::Frame(FrameError::FieldOverrun { .. }))
             }),
-            ("bad body type", rec(SENDER, &Fields::new().str("a@b.test").u8(9).u8(0).finish()), |e| {
+            ("bad body type", rec(SENDER, &Fields::new().str("a@b.test").u8(6).u8(0).u8(0).str("").finish()), |e| {
                 matches!(e, IpcError::BadValue("Sender"))
             }),
             (
                 "CRLF in helo",
-                rec(CLIENT, &Fields::new().str("1.2.3.4").str("x").str("a\r\nX-Evil: 1").str("SMTP").finish()),
+                rec(CLIENT, &Fields::new().str("1.2.3.4").str("x").str("a\r\nX-Evil: 1").str("SMTP").str("").finish()),
                 |e| matches!(e, IpcError::BadValue("Client")),
+            ),
+            (
+                "NOTIFY=NEVER with SUCCESS",
+                rec(RECIPIENT, &Fields::new().str("a@b.test").u8(0b0011).str("").finish()),
+                |e| matches!(e, IpcError::BadValue("Recipient")),
+            ),
+            (
+                "ENVID over 100",
+                rec(SENDER, &Fields::new().str("a@b.test").u8(7).u8(0).u8(0).str(&"e".repeat(101)).finish()),
+                |e| matches!(e, IpcError::Frame(FrameError::FieldTooLong { .. })),
             ),
             ("address over path limit", rec(RECIPIENT, &Fields::new().str(&"a".repeat(MAX_PATH + 1)).finish()), |e| {
                 matches!(e, IpcError::Frame(FrameError::FieldTooLong { .. }))

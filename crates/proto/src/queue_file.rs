@@ -6,9 +6,12 @@
 //! V  version            u32
 //! I  queue id           str
 //! T  arrival            u64 microseconds since the Unix epoch
-//! C  client             str addr, str name, str helo, str protocol
-//! S  sender             str address, u8 body (7|8), u8 smtputf8 (0|1)
-//! R  recipient  x N>=1  u8 state (0 pending, 1 delivered, 2 failed), str address
+//! C  client             str addr, str name, str helo, str protocol, str tls
+//! S  sender             str address, u8 body (7|8|9), u8 smtputf8 (0|1),
+//!                       u8 ret (0 none, 1 FULL, 2 HDRS), str envid
+//! R  recipient  x N>=1  u8 state (0 pending, 1 delivered, 2 failed),
+//!                       str address, u8 notify (bits: 1 NEVER, 2 SUCCESS,
+//!                       4 FAILURE, 8 DELAY), str orcpt, str last status
 //! M  content    x N>=0  raw message bytes, at most 64 KiB a record
 //! Z  end                u32 CRC-32 of every byte before this record
 //! ```
@@ -19,7 +22,10 @@
 //! half. The reader is strict about order and accepts nothing after `Z`.
 
 use crate::address::MAX_PATH;
-use crate::ipc::{BodyType, ClientInfo, MAX_TEXT_FIELD, SenderInfo};
+use crate::ipc::{
+    ClientInfo, IpcError, MAX_TEXT_FIELD, Notify, RecipientInfo, SenderInfo, decode_client, decode_sender,
+    encode_client, encode_sender,
+};
 use crate::queue_id;
 use crate::record::{FieldReader, Fields, FrameError, put_record, take_record};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -45,6 +51,26 @@ pub enum RecipientState {
 pub struct QueuedRecipient {
     pub address: String,
     pub state: RecipientState,
+    pub notify: Notify,
+    /// ORCPT as `addr-type;address`, or empty.
+    pub orcpt: String,
+    /// The last delivery status for this recipient (`4.4.1 connect to
+    /// ... refused`), shown by queue listings and used in DSNs; empty
+    /// before the first attempt.
+    pub status: String,
+}
+
+impl QueuedRecipient {
+    /// A recipient as received, not yet attempted.
+    pub fn pending(r: &RecipientInfo) -> Self {
+        Self {
+            address: r.address.clone(),
+            state: RecipientState::Pending,
+            notify: r.notify,
+            orcpt: r.orcpt.clone(),
+            status: String::new(),
+        }
+    }
 }
 
 /// Everything a queue file says, decoded.
@@ -78,6 +104,14 @@ pub enum QueueFileError {
     TrailingData(usize),
 }
 
+/// Field errors inside a record become errors of that record.
+fn in_record(kind: char) -> impl Fn(IpcError) -> QueueFileError {
+    move |e| match e {
+        IpcError::Frame(f) => QueueFileError::Frame(f),
+        _ => QueueFileError::BadValue(kind),
+    }
+}
+
 /// Streaming encoder: returns the bytes to append for each part, keeping the
 /// running checksum. `cleanup` writes them to its temporary file as they come.
 #[derive(Debug)]
@@ -99,16 +133,8 @@ impl Encoder {
         put_record(&mut out, b'I', &Fields::new().str(id).finish());
         let micros = arrival.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_micros();
         put_record(&mut out, b'T', &Fields::new().u64(u64::try_from(micros).unwrap_or(u64::MAX)).finish());
-        put_record(
-            &mut out,
-            b'C',
-            &Fields::new().str(&client.addr).str(&client.name).str(&client.helo).str(&client.protocol).finish(),
-        );
-        let body = match sender.body {
-            BodyType::SevenBit => 7,
-            BodyType::EightBitMime => 8,
-        };
-        put_record(&mut out, b'S', &Fields::new().str(&sender.address).u8(body).u8(u8::from(sender.smtputf8)).finish());
+        put_record(&mut out, b'C', &encode_client(client));
+        put_record(&mut out, b'S', &encode_sender(sender));
         for r in recipients {
             put_record(&mut out, b'R', &recipient_payload(r));
         }
@@ -141,7 +167,7 @@ fn recipient_payload(r: &QueuedRecipient) -> Vec<u8> {
         RecipientState::Delivered => 1,
         RecipientState::Failed => 2,
     };
-    Fields::new().u8(state).str(&r.address).finish()
+    Fields::new().u8(state).str(&r.address).u8(r.notify.to_wire()).str(&r.orcpt).str(&r.status).finish()
 }
 
 impl QueueFile {
@@ -197,30 +223,14 @@ impl QueueFile {
         let (k, p, _) = next()?;
         expect(k, b'C', "C (client)")?;
         let mut f = FieldReader::new(p);
-        let client = ClientInfo {
-            addr: f.str(MAX_TEXT_FIELD)?.to_owned(),
-            name: f.str(MAX_TEXT_FIELD)?.to_owned(),
-            helo: f.str(MAX_TEXT_FIELD)?.to_owned(),
-            protocol: f.str(MAX_TEXT_FIELD)?.to_owned(),
-        };
+        let client = decode_client(&mut f).map_err(in_record('C'))?;
         f.finish()?;
 
         let (k, p, _) = next()?;
         expect(k, b'S', "S (sender)")?;
         let mut f = FieldReader::new(p);
-        let address = f.str(MAX_PATH)?.to_owned();
-        let body = match f.u8()? {
-            7 => BodyType::SevenBit,
-            8 => BodyType::EightBitMime,
-            _ => return Err(QueueFileError::BadValue('S')),
-        };
-        let smtputf8 = match f.u8()? {
-            0 => false,
-            1 => true,
-            _ => return Err(QueueFileError::BadValue('S')),
-        };
+        let sender = decode_sender(&mut f).map_err(in_record('S'))?;
         f.finish()?;
-        let sender = SenderInfo { address, body, smtputf8 };
 
         let mut recipients = Vec::new();
         let mut content = Vec::new();
@@ -236,8 +246,11 @@ impl QueueFile {
                         _ => return Err(QueueFileError::BadValue('R')),
                     };
                     let address = f.str(MAX_PATH)?.to_owned();
+                    let notify = Notify::from_wire(f.u8()?).ok_or(QueueFileError::BadValue('R'))?;
+                    let orcpt = f.str(MAX_PATH + 32)?.to_owned();
+                    let status = f.str(MAX_TEXT_FIELD)?.to_owned();
                     f.finish()?;
-                    recipients.push(QueuedRecipient { address, state });
+                    recipients.push(QueuedRecipient { address, state, notify, orcpt, status });
                 }
                 b'M' if !recipients.is_empty() => content.extend_from_slice(p),
                 b'Z' if !recipients.is_empty() => {
@@ -266,6 +279,7 @@ impl QueueFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipc::{BodyType, DsnRet};
 
     fn sample() -> QueueFile {
         QueueFile {
@@ -275,12 +289,31 @@ mod tests {
                 addr: "127.0.0.1".into(),
                 name: "localhost".into(),
                 helo: "client.test".into(),
-                protocol: "ESMTP".into(),
+                protocol: "ESMTPS".into(),
+                tls: "TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256 (128/128 bits)".into(),
             },
-            sender: SenderInfo { address: "a@example.test".into(), body: BodyType::SevenBit, smtputf8: false },
+            sender: SenderInfo {
+                address: "a@example.test".into(),
+                body: BodyType::SevenBit,
+                smtputf8: false,
+                ret: Some(DsnRet::Full),
+                envid: "ENV1".into(),
+            },
             recipients: vec![
-                QueuedRecipient { address: "b@example.test".into(), state: RecipientState::Pending },
-                QueuedRecipient { address: "c@example.test".into(), state: RecipientState::Delivered },
+                QueuedRecipient {
+                    address: "b@example.test".into(),
+                    state: RecipientState::Pending,
+                    notify: Notify { success: true, failure: true, ..Notify::default() },
+                    orcpt: "rfc822;B@example.test".into(),
+                    status: "4.4.1 connect to 127.0.0.1:24: Connection refused".into(),
+                },
+                QueuedRecipient {
+                    address: "c@example.test".into(),
+                    state: RecipientState::Delivered,
+                    notify: Notify::default(),
+                    orcpt: String::new(),
+                    status: String::new(),
+                },
             ],
             content: (0..200_000u32).map(|i| (i % 251) as u8).collect(),
         }

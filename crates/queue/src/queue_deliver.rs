@@ -46,14 +46,12 @@ pub fn deliver(config: &Config, id: &str) -> Outcome {
         Ok(qf) => return quarantine(config, id, &format!("file names queue id {}", qf.id)),
         Err(e) => return quarantine(config, id, &e.to_string()),
     };
-    let pending = qf.recipients.iter().filter(|r| r.state == RecipientState::Pending).count();
     tracing::info!(
         "{id}: from=<{}>, size={}, nrcpt={} (queue active)",
         qf.sender.address,
         qf.content.len(),
         qf.recipients.len()
     );
-    let mut progressed = false;
     for i in 0..qf.recipients.len() {
         if qf.recipients[i].state != RecipientState::Pending {
             continue;
@@ -77,9 +75,9 @@ pub fn deliver(config: &Config, id: &str) -> Outcome {
             started.duration_since(qf.arrival).unwrap_or_default().as_secs_f64(),
             secs_since(attempt),
         );
-        if result.is_ok() {
-            qf.recipients[i].state = RecipientState::Delivered;
-            progressed = true;
+        match result {
+            Ok(_) => qf.recipients[i].state = RecipientState::Delivered,
+            Err(_) => qf.recipients[i].status = format!("{dsn} {text}"),
         }
     }
     if qf.recipients.iter().all(|r| r.state != RecipientState::Pending) {
@@ -90,7 +88,7 @@ pub fn deliver(config: &Config, id: &str) -> Outcome {
         tracing::info!("{id}: removed");
         return Outcome::Removed;
     }
-    defer(config, &qf, &active, progressed && pending > 0)
+    defer(config, &qf, &active)
 }
 
 /// Moves a file that failed to decode out of the delivery path.
@@ -103,11 +101,11 @@ fn quarantine(config: &Config, id: &str, why: &str) -> Outcome {
     Outcome::Corrupt
 }
 
-/// Writes back recipient states when they changed, sets the retry time and
+/// Writes back recipient states and statuses, sets the retry time and
 /// moves the file to `deferred/`.
-fn defer(config: &Config, qf: &QueueFile, active: &Path, rewrite: bool) -> Outcome {
+fn defer(config: &Config, qf: &QueueFile, active: &Path) -> Outcome {
     let id = &qf.id;
-    if rewrite && let Err(e) = rewrite_durably(active, &qf.encode()) {
+    if let Err(e) = rewrite_durably(active, &qf.encode()) {
         // The old states stay on disk: delivered recipients may get a
         // second copy on retry (at-least-once), but none is lost.
         tracing::warn!("warning: {id}: update recipient states: {e}");

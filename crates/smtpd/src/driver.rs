@@ -17,7 +17,9 @@
 
 use crate::engine::{Action, Answer, Session};
 use mortal_proto::config::Config;
-use mortal_proto::ipc::{self, ClientInfo, Decoder, IpcError, PROTOCOL_VERSION, Reply, Request, SenderInfo};
+use mortal_proto::ipc::{
+    self, ClientInfo, Decoder, IpcError, PROTOCOL_VERSION, RecipientInfo, Reply, Request, SenderInfo,
+};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -156,7 +158,7 @@ impl Connection {
             return self.missing(session);
         };
         let result = match step {
-            Step::Recipient(address) => cleanup.send(&Request::Recipient { address }).await,
+            Step::Recipient(rcpt) => cleanup.send(&Request::Recipient(rcpt)).await,
             Step::Data(chunk) => cleanup.send_data(&chunk).await,
         };
         if let Err(e) = result {
@@ -230,7 +232,7 @@ impl Connection {
 
 /// A transaction step that is only a write.
 enum Step {
-    Recipient(String),
+    Recipient(RecipientInfo),
     Data(Vec<u8>),
 }
 

@@ -5,7 +5,9 @@
 //! 451, never a 250.
 
 use mortal_proto::config::Config;
-use mortal_proto::ipc::{BodyType, ClientInfo, Decoder, PROTOCOL_VERSION, Reply, Request, SenderInfo};
+use mortal_proto::ipc::{
+    BodyType, ClientInfo, Decoder, Notify, PROTOCOL_VERSION, RecipientInfo, Reply, Request, SenderInfo,
+};
 use mortal_smtpd::driver;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -225,13 +227,20 @@ async fn two_fifty_comes_only_after_cleanups_answer() {
         name: "unknown".into(),
         helo: "client.test".into(),
         protocol: "ESMTP".into(),
+        tls: String::new(),
     };
-    let sender = SenderInfo { address: "alice@example.test".into(), body: BodyType::EightBitMime, smtputf8: false };
+    let sender = SenderInfo {
+        address: "alice@example.test".into(),
+        body: BodyType::EightBitMime,
+        smtputf8: false,
+        ret: None,
+        envid: String::new(),
+    };
     assert_eq!(
         head,
         [Request::Hello { version: PROTOCOL_VERSION }, Request::Client(client_info), Request::Sender(sender)]
     );
-    assert_eq!(rest.first(), Some(&Request::Recipient { address: "bob@example.test".into() }));
+    assert_eq!(rest.first(), Some(&Request::Recipient(bob())));
     assert_eq!(rest.last(), Some(&Request::End));
     assert_eq!(content(&rest), b"Subject: t\r\n\r\n.dot\r\nbody\r\n");
 }
@@ -314,7 +323,7 @@ async fn rset_drops_the_cleanup_connection() {
         let mut conv = Conversation::accept(&listener).await;
         conv.open().await;
         // After the recipient, the next thing cleanup sees is end of input.
-        assert_eq!(conv.request().await, Some(Request::Recipient { address: "bob@example.test".into() }));
+        assert_eq!(conv.request().await, Some(Request::Recipient(bob())));
         assert_eq!(conv.request().await, None, "RSET must drop the connection without End");
     };
     let smtp = async {
@@ -355,4 +364,9 @@ async fn client_talking_before_the_greeting_is_refused() {
         assert!(client.closed().await);
     };
     tokio::join!(smtp, driver::session(&config, server));
+}
+
+/// The recipient the tests' clients give, as smtpd forwards it.
+fn bob() -> RecipientInfo {
+    RecipientInfo { address: "bob@example.test".into(), notify: Notify::default(), orcpt: String::new() }
 }

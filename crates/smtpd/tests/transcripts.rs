@@ -188,8 +188,8 @@ impl Runner {
                     );
                     self.answer_mail();
                 }
-                Action::Recipient(address) => {
-                    let _ = writeln!(self.out, "E: rcpt <{address}>");
+                Action::Recipient(rcpt) => {
+                    let _ = writeln!(self.out, "E: rcpt <{}>", rcpt.address);
                 }
                 Action::Data(chunk) => {
                     let _ = writeln!(self.out, "E: data \"{}\"", escape(&chunk));

@@ -48,7 +48,7 @@ use data::{ContentError, DataReceiver};
 use line::{Line, LineReader};
 use mortal_proto::address::{self, AddressError};
 use mortal_proto::config::Config;
-use mortal_proto::ipc::{BodyType, ClientInfo, SenderInfo};
+use mortal_proto::ipc::{BodyType, ClientInfo, Notify, RecipientInfo, SenderInfo};
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -75,7 +75,7 @@ pub enum Action {
     /// or [`Session::cleanup_answer`] / [`Session::cleanup_failed`].
     StartTransaction { client: ClientInfo, sender: SenderInfo },
     /// Send this accepted recipient to cleanup.
-    Recipient(String),
+    Recipient(RecipientInfo),
     /// Send this dot-unstuffed content (`<CR><LF>` lines) to cleanup.
     Data(Vec<u8>),
     /// The message is complete: send `End`, then call
@@ -420,8 +420,9 @@ impl Session {
             name: UNKNOWN_NAME.into(),
             helo,
             protocol: self.protocol().into(),
+            tls: String::new(),
         };
-        let info = SenderInfo { address: sender.clone(), body, smtputf8: false };
+        let info = SenderInfo { address: sender.clone(), body, smtputf8: false, ret: None, envid: String::new() };
         self.actions.push_back(Action::StartTransaction { client, sender: info });
         self.phase = Phase::Opening { sender };
     }
@@ -466,7 +467,11 @@ impl Session {
         if let Some(txn) = &mut self.txn {
             txn.recipients += 1;
         }
-        self.actions.push_back(Action::Recipient(address));
+        self.actions.push_back(Action::Recipient(RecipientInfo {
+            address,
+            notify: Notify::default(),
+            orcpt: String::new(),
+        }));
         self.succeed(Verb::Rcpt, reply::RCPT_OK);
     }
 
