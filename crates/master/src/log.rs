@@ -60,7 +60,15 @@ where
     fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         let mut message = MessageOnly(String::new());
         event.record(&mut message);
-        writeln!(w, "{} {} {}[{}]: {}", mortal_proto::date::syslog(SystemTime::now()), self.hostname, self.tag, self.pid, message.0)
+        writeln!(
+            w,
+            "{} {} {}[{}]: {}",
+            mortal_proto::date::syslog(SystemTime::now()),
+            self.hostname,
+            self.tag,
+            self.pid,
+            message.0
+        )
     }
 }
 

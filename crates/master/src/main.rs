@@ -1,1 +1,248 @@
-fn main() {}
+//! mortal-master: the supervisor of the mortal mail system.
+//!
+//! # Summary
+//! `mortal-master [--config PATH]` creates the spool and run directories,
+//! takes the pid file, binds every listening socket (the `[smtpd] listen`
+//! addresses, and the private Unix sockets of cleanup and queue) and then
+//! runs the services on them: pools of `mortal-smtpd` and `mortal-cleanup`
+//! children sized by the Apache-prefork-style lifetime policy of
+//! `[process.<service>]`, and exactly one `mortal-queue`. It keeps a
+//! scoreboard of every child (pid, service, state, sessions served, spawn
+//! time, last state change) from the fixed-size status records each child
+//! sends on its own socket, replaces children before they retire, retires
+//! idle extras, throttles services whose children die at start, and logs
+//! abnormal exits. Children find their binaries next to this one's.
+//!
+//! # Security
+//! The master never parses mail or client bytes: it binds sockets, forks and
+//! execs, and reads eight-octet status records, each from the one child at
+//! the other end of that socket, so a child can only speak for itself, and
+//! a child that breaks the status protocol is killed. Each child is a fresh
+//! fork+exec (new address-space layout), never a fork of the master. A
+//! child's only descriptors are its listener, its status socket and the
+//! log; every other descriptor is close-on-exec. When the master dies, for
+//! whatever reason, every status socket closes and the children exit: none
+//! is left serving mail unsupervised. No unsafe code (`forbid`).
+//!
+//! # Standards
+//! None on the wire. Log lines follow Postfix's master (`daemon started --
+//! version ...`, `warning: process ... pid ... exit status ...`, `has
+//! reached its process limit`, `bad command startup -- throttling`).
+//!
+//! # Configuration
+//! `mortal.toml`: `[server]` (spool_dir, run_dir), `[smtpd] listen`,
+//! `[process.smtpd]` and `[process.cleanup]` (process_limit, prefork,
+//! min_spare, max_spare; max_use is the children's own business), `[log]`.
+//! SIGHUP re-reads it: a new generation of children reads the new file,
+//! while busy children of the old one finish their session first. Listen
+//! addresses and directories change only on restart.
+//!
+//! # Diagnostics
+//! Everything goes to stderr in the `[log]` format, shared with the
+//! children. Exit status 0 after a stop on SIGTERM or SIGINT (`terminating
+//! on signal 15`); 1 when the configuration is invalid, another master is
+//! running, or a socket cannot be bound (`fatal: ...`); 2 for bad
+//! arguments.
+#![forbid(unsafe_code)]
+
+mod master_board;
+mod master_listen;
+mod master_loop;
+mod master_pid;
+mod master_pool;
+mod master_sig;
+mod master_spawn;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use master_loop::{Master, Service, ServiceKind};
+use master_pid::PidFile;
+use mortal_master::log;
+use mortal_proto::config::{Config, QUEUE_DIRS};
+use std::fs::{self, DirBuilder};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Logged at start and reload.
+pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Highest descriptor number closed at start when `/proc` is unavailable.
+const FALLBACK_FD_LIMIT: i32 = 1024;
+/// Descriptors 0 to 2 are kept: stdin, stdout, and stderr (the log).
+const STDERR_FD: i32 = 2;
+/// Where an installed system keeps its configuration.
+const DEFAULT_CONFIG: &str = "/etc/mortal/mortal.toml";
+/// The spool root: others may see that it exists, not what it holds.
+const SPOOL_DIR_MODE: u32 = 0o755;
+/// Queue directories hold mail: owner only.
+const QUEUE_DIR_MODE: u32 = 0o700;
+/// The run directory holds the pid file, which operators' tools read.
+const RUN_DIR_MODE: u32 = 0o755;
+/// The private directory holds the daemons' sockets: owner only, enforced
+/// even when it already exists.
+const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// The supervisor of the mortal mail system: binds the sockets and keeps
+/// the smtpd, cleanup and queue processes running. Normally started by
+/// `mortal start`.
+#[derive(Debug, Parser)]
+#[command(name = "mortal-master", version)]
+struct Args {
+    /// The configuration file.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    close_inherited_descriptors();
+    let args = Args::parse();
+    let path = match std::path::absolute(&args.config) {
+        Ok(path) => path,
+        Err(e) => {
+            log::init_early("master");
+            tracing::error!("fatal: {}: {e}", args.config.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(errors) => {
+            // The configured format is unknown; log the reasons plainly.
+            log::init_early("master");
+            for e in errors {
+                tracing::error!("fatal: {e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    log::init("master", &config.log, &config.server.hostname);
+    match master_main(config, path) {
+        Ok(signal) => {
+            tracing::info!("terminating on signal {signal}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("fatal: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Closes every descriptor above stderr that the master's launcher left
+/// open (a shell's pipes, a terminal's extra descriptors): nothing in the
+/// master needs them, and each would otherwise reach every child, which
+/// must hold nothing but its listener, status socket and log. Called first
+/// in `main`, before anything in this process owns a descriptor, so no
+/// owner is left holding a closed number.
+fn close_inherited_descriptors() {
+    let open: Vec<i32> = match fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect(),
+        // Without /proc, try the usual range.
+        Err(_) => (0..FALLBACK_FD_LIMIT).collect(),
+    };
+    for fd in open.into_iter().filter(|&fd| fd > STDERR_FD) {
+        // EBADF for the directory's own descriptor (already closed) and
+        // for unused numbers in the fallback range: both harmless.
+        let _ = nix::unistd::close(fd);
+    }
+}
+
+/// Starts the mail system and runs it until a stop signal, which it
+/// returns.
+fn master_main(config: Config, config_path: PathBuf) -> anyhow::Result<i32> {
+    make_dirs(&config)?;
+    if config.server.user.is_some() {
+        tracing::warn!("warning: server.user is not supported yet: every process runs as the master's user");
+    }
+    let pid_path = config.pid_file();
+    let mut pid_file = PidFile::lock(&pid_path).map_err(|e| anyhow::anyhow!("{}: {e}", pid_path.display()))?;
+    let services = match bind_services(&config) {
+        Ok(services) => services,
+        Err(e) => {
+            let _ = pid_file.remove();
+            return Err(e);
+        }
+    };
+    let socket_files: Vec<PathBuf> = services.iter().filter_map(|s| s.socket_file.clone()).collect();
+    let result = run(config, config_path, services, &mut pid_file);
+    // The children are gone (or were killed); what is left is ours.
+    for file in socket_files {
+        if let Err(e) = fs::remove_file(&file) {
+            tracing::warn!("warning: remove {}: {e}", file.display());
+        }
+    }
+    if let Err(e) = pid_file.remove() {
+        tracing::warn!("warning: remove {}: {e}", pid_path.display());
+    }
+    result
+}
+
+/// The event loop, on a current-thread runtime: the master's work is
+/// bookkeeping, so one thread is plenty and keeps it simple.
+fn run(config: Config, config_path: PathBuf, services: Vec<Service>, pid_file: &mut PidFile) -> anyhow::Result<i32> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    runtime.block_on(async {
+        // Before the pid file says we are up: a `mortal stop` that follows
+        // at once must find the handler in place.
+        let mut signals = master_sig::Signals::install().context("signal handlers")?;
+        pid_file.write_pid().context("write pid file")?;
+        tracing::info!("daemon started -- version {VERSION}, configuration {}", config_path.display());
+        let mut master = Master::new(config, config_path, services);
+        master.prefork();
+        Ok(master.run(&mut signals).await)
+    })
+}
+
+/// Creates the spool, queue, run and private directories.
+fn make_dirs(config: &Config) -> anyhow::Result<()> {
+    make_dir(&config.server.spool_dir, SPOOL_DIR_MODE)?;
+    for name in QUEUE_DIRS {
+        make_dir(&config.queue_dir(name), QUEUE_DIR_MODE)?;
+    }
+    make_dir(config.run_dir(), RUN_DIR_MODE)?;
+    let private = config.private_dir();
+    make_dir(&private, PRIVATE_DIR_MODE)?;
+    fs::set_permissions(&private, fs::Permissions::from_mode(PRIVATE_DIR_MODE))
+        .with_context(|| format!("chmod {}", private.display()))
+}
+
+fn make_dir(path: &Path, mode: u32) -> anyhow::Result<()> {
+    DirBuilder::new().recursive(true).mode(mode).create(path).with_context(|| format!("mkdir {}", path.display()))
+}
+
+/// Binds every listener, TCP first: binding a port another master holds
+/// fails before any socket file is touched.
+fn bind_services(config: &Config) -> anyhow::Result<Vec<Service>> {
+    let exe = std::env::current_exe().context("locating the master's own executable")?;
+    let bin_dir = exe.parent().context("the master's executable has no directory")?;
+    let program = |kind: ServiceKind| -> anyhow::Result<PathBuf> {
+        let path = bin_dir.join(kind.program());
+        if !path.is_file() {
+            bail!("{}: no such program (daemons are installed next to mortal-master)", path.display());
+        }
+        Ok(path)
+    };
+    let mut services = Vec::new();
+    // One pool per listen address: a child waits on one inherited listener.
+    for addr in &config.smtpd.listen {
+        let socket = master_listen::master_listen_tcp(*addr).with_context(|| format!("bind {addr}"))?;
+        services.push(Service::new(ServiceKind::Smtpd, addr.to_string(), program(ServiceKind::Smtpd)?, socket, None));
+    }
+    for (kind, path) in [(ServiceKind::Cleanup, config.cleanup_socket()), (ServiceKind::Queue, config.queue_socket())] {
+        let bound = program(kind).and_then(|program| {
+            let socket =
+                master_listen::master_listen_unix(&path).with_context(|| format!("bind {}", path.display()))?;
+            Ok(Service::new(kind, path.display().to_string(), program, socket, Some(path.clone())))
+        });
+        match bound {
+            Ok(service) => services.push(service),
+            Err(e) => {
+                for file in services.iter().filter_map(|s| s.socket_file.as_ref()) {
+                    let _ = fs::remove_file(file);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(services)
+}

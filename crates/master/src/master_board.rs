@@ -23,6 +23,10 @@ use tokio::sync::mpsc::UnboundedSender;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ChildId(pub u64);
 
+/// How long a READY child must stay up, unbroken, to count as a good start
+/// when it has not served a session yet.
+pub const GOOD_START_PROOF: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Index of a service in the master's service table.
 pub type ServiceId = usize;
 
@@ -80,8 +84,12 @@ pub struct Entry {
     pub changed: Instant,
     /// Configuration generation it was spawned under (bumped by SIGHUP).
     pub generation: u64,
-    /// It reported READY at least once: a later exit is not a bad start.
-    pub ready: bool,
+    /// When it reported READY.
+    pub ready_at: Option<Instant>,
+    /// Already counted as a good start.
+    pub proven: bool,
+    /// Killed for breaking the status protocol.
+    pub broken: bool,
     /// The master told it to retire.
     pub retire_sent: bool,
     /// The master killed it (protocol violation, deadline).
@@ -99,11 +107,30 @@ impl Entry {
             spawned: now,
             changed: now,
             generation,
-            ready: false,
+            ready_at: None,
+            proven: false,
+            broken: false,
             retire_sent: false,
             killed: false,
             orders,
         }
+    }
+
+    /// Whether this child now proves its service healthy, for the crash
+    /// throttle: it reported READY and then either a session (`session`)
+    /// or stayed up, unbroken, for [`GOOD_START_PROOF`]. READY alone is not
+    /// enough: a child that says READY and then breaks the protocol at once
+    /// would otherwise reset the throttle every time and never be paused.
+    pub fn proves_good_start(&self, now: Instant, session: bool) -> bool {
+        let Some(ready_at) = self.ready_at else { return false };
+        !self.proven && !self.broken && (session || now.saturating_duration_since(ready_at) >= GOOD_START_PROOF)
+    }
+
+    /// Whether its exit counts as a bad start: it never reported READY
+    /// (crash, failed exec, killed at the start deadline), or it was
+    /// killed for breaking the protocol.
+    pub fn exit_is_bad_start(&self) -> bool {
+        self.ready_at.is_none() || self.broken
     }
 
     /// Alive but no longer capacity: it will exit without taking more
@@ -159,10 +186,6 @@ impl Scoreboard {
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&ChildId, &mut Entry)> {
         self.entries.iter_mut()
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&ChildId, &Entry)> {
-        self.entries.iter()
     }
 
     /// Counts per state for one service: the input of the pool policy.
@@ -275,6 +298,26 @@ mod tests {
         board.get_mut(ChildId(1)).map(Entry::retire);
         assert_eq!(board.view(0), PoolView { live: 5, starting: 1, idle: 1, busy: 1, leaving: 2 });
         assert_eq!(board.view(1).starting, 1);
+    }
+
+    #[test]
+    fn a_good_start_needs_more_than_ready() {
+        let (tx, _rx) = unbounded_channel();
+        let t0 = Instant::now();
+        let mut e = Entry::new(1, 0, 0, t0, tx);
+        assert!(!e.proves_good_start(t0 + GOOD_START_PROOF, true), "not READY yet");
+        assert!(e.exit_is_bad_start());
+        e.ready_at = Some(t0);
+        assert!(!e.exit_is_bad_start());
+        assert!(!e.proves_good_start(t0, false), "READY alone");
+        assert!(e.proves_good_start(t0, true), "READY, then a session");
+        assert!(e.proves_good_start(t0 + GOOD_START_PROOF, false), "READY, then a second up");
+        e.broken = true;
+        assert!(!e.proves_good_start(t0 + GOOD_START_PROOF, true));
+        assert!(e.exit_is_bad_start(), "READY, then garbage");
+        e.broken = false;
+        e.proven = true;
+        assert!(!e.proves_good_start(t0 + GOOD_START_PROOF, true), "counted once");
     }
 
     #[test]

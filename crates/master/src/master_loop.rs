@@ -9,7 +9,8 @@
 //!   does not wait for it);
 //! - the one-second tick: advance the spawn rate, retire idle children
 //!   above `max_spare` (once a second, like Apache, so a burst that ends
-//!   does not thrash), kill children that never became ready, end throttles;
+//!   does not thrash), kill children that never became ready, count
+//!   children that stayed up as good starts, end throttles;
 //! - a signal: stop gracefully (SIGTERM, SIGINT) or reload (SIGHUP);
 //! - while stopping, the stop deadline.
 //!
@@ -99,7 +100,8 @@ pub struct Service {
     pub socket_file: Option<PathBuf>,
     rate: master_pool::SpawnRate,
     throttle: Throttle,
-    /// The process-limit warning was logged in the current episode.
+    /// The process-limit warning was logged in the current episode (it is
+    /// logged once per episode).
     limit_warned: bool,
 }
 
@@ -188,10 +190,10 @@ impl Master {
         // After a stall (a suspended VM), one catch-up tick is enough.
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            if let Some(stop) = &self.stop {
-                if self.board.is_empty() || stop.gave_up {
-                    return stop.signal;
-                }
+            if let Some(stop) = &self.stop
+                && (self.board.is_empty() || stop.gave_up)
+            {
+                return stop.signal;
             }
             let deadline = self.stop.as_ref().map(|s| s.deadline);
             tokio::select! {
@@ -209,19 +211,15 @@ impl Master {
         }
     }
 
-    /// Socket files of the Unix services, to remove at exit. Taken from
-    /// the services, not the configuration, which a reload may change.
-    pub fn socket_files(&self) -> Vec<PathBuf> {
-        self.services.iter().filter_map(|s| s.socket_file.clone()).collect()
-    }
-
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Status(id, record) => self.on_status(id, record.state, record.sessions),
             Event::Broken(id) => {
                 if let Some(entry) = self.board.get_mut(id) {
-                    // The watcher already sent SIGKILL; just stop counting it.
+                    // The watcher already sent SIGKILL; stop counting it as
+                    // capacity, and count its exit as a bad start.
                     entry.killed = true;
+                    entry.broken = true;
                     let svc = entry.service;
                     self.maintain(svc, false);
                 }
@@ -232,6 +230,7 @@ impl Master {
 
     fn on_status(&mut self, id: ChildId, state: ChildState, sessions: u32) {
         let Some(entry) = self.board.get_mut(id) else { return };
+        tracing::trace!("pid {}: {state:?} after {sessions} sessions", entry.pid);
         let now = Instant::now();
         let was_leaving = entry.leaving();
         let phase = Phase::of(state);
@@ -242,12 +241,20 @@ impl Master {
         entry.sessions = sessions;
         let svc = entry.service;
         let service = &mut self.services[svc];
+        if entry.proves_good_start(now, state != ChildState::Ready) {
+            entry.proven = true;
+            service.throttle.good_start();
+        }
         match state {
             ChildState::Ready => {
-                entry.ready = true;
+                entry.ready_at = Some(now);
                 let elapsed = now.saturating_duration_since(entry.spawned);
-                tracing::debug!("{}: pid {} ready {} us after spawn", service.kind.name(), entry.pid, elapsed.as_micros());
-                service.throttle.good_start();
+                tracing::debug!(
+                    "{}: pid {} ready {} us after spawn",
+                    service.kind.name(),
+                    entry.pid,
+                    elapsed.as_micros()
+                );
             }
             // Replace before retire: the successor starts while the last
             // session runs, outside the spawn rate.
@@ -270,7 +277,7 @@ impl Master {
             entry.phase.as_str(),
             entry.changed.elapsed().as_secs()
         );
-        if !entry.ready && self.stop.is_none() {
+        if entry.exit_is_bad_start() && self.stop.is_none() {
             bad_start(service, Instant::now());
         }
         self.maintain(entry.service, false);
@@ -282,6 +289,10 @@ impl Master {
         }
         let now = Instant::now();
         for (_, entry) in self.board.iter_mut() {
+            if entry.proves_good_start(now, false) {
+                entry.proven = true;
+                self.services[entry.service].throttle.good_start();
+            }
             let stuck = entry.phase == Phase::Starting && now >= entry.spawned + START_DEADLINE;
             if stuck && !entry.killed {
                 let program = &self.services[entry.service].program;
@@ -334,8 +345,21 @@ impl Master {
                 policy.process_limit
             );
         }
-        service.limit_warned = at_limit;
-        if !throttled {
+        if at_limit {
+            service.limit_warned = true;
+        } else if tick {
+            // An episode ends only when a whole tick finds the pool below
+            // its limit: a child that goes idle and at once takes a queued
+            // client does not end it.
+            service.limit_warned = false;
+        }
+        if !throttled && plan.spawn > 0 {
+            tracing::debug!(
+                "{}: {view:?} short of spares: spawning {} (rate {}/s)",
+                service.kind.name(),
+                plan.spawn,
+                service.rate.rate()
+            );
             for _ in 0..plan.spawn {
                 self.services[svc].rate.spend(1);
                 if !self.spawn_one(svc) {
@@ -346,7 +370,11 @@ impl Master {
         if tick && plan.retire > 0 {
             for id in self.board.oldest_idle(svc, plan.retire as usize) {
                 if let Some(entry) = self.board.get_mut(id) {
-                    tracing::debug!("{}: retiring idle pid {}: above max_spare", self.services[svc].kind.name(), entry.pid);
+                    tracing::debug!(
+                        "{}: retiring idle pid {}: above max_spare",
+                        self.services[svc].kind.name(),
+                        entry.pid
+                    );
                     entry.retire();
                 }
             }
@@ -360,8 +388,7 @@ impl Master {
         let generation = self.generation;
         let mut retired = 0;
         for (_, entry) in self.board.iter_mut() {
-            if entry.service == svc && entry.generation < generation && entry.phase == Phase::Idle && !entry.leaving()
-            {
+            if entry.service == svc && entry.generation < generation && entry.phase == Phase::Idle && !entry.leaving() {
                 entry.retire();
                 retired += 1;
             }
@@ -376,9 +403,11 @@ impl Master {
         let Some(listener) = &service.listener else { return false };
         let id = ChildId(self.next_id);
         self.next_id += 1;
+        // Before the fork, so READY latency includes fork and exec.
+        let started = Instant::now();
         match master_spawn(id, &service.program, &self.config_path, listener, self.events_tx.clone()) {
             Ok(spawned) => {
-                let entry = Entry::new(spawned.pid, svc, self.generation, Instant::now(), spawned.orders);
+                let entry = Entry::new(spawned.pid, svc, self.generation, started, spawned.orders);
                 self.board.insert(id, entry);
                 true
             }
@@ -452,7 +481,9 @@ impl Master {
             || new.server.spool_dir != old.server.spool_dir
             || new.run_dir() != old.run_dir()
         {
-            tracing::warn!("warning: reload: smtpd.listen, server.spool_dir and server.run_dir take effect only on restart");
+            tracing::warn!(
+                "warning: reload: smtpd.listen, server.spool_dir and server.run_dir take effect only on restart"
+            );
         }
         if new.log.format != old.log.format || new.log.level != old.log.level {
             tracing::warn!("warning: reload: the master's own [log] settings take effect only on restart");

@@ -54,16 +54,18 @@ impl PidFile {
     /// or when the file names a live process that is a mortal master (one
     /// whose pid file was deleted and replaced under it).
     pub fn lock(path: &Path) -> Result<PidFile, PidError> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(PID_FILE_MODE).open(path)?;
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(PID_FILE_MODE).open(path)?;
         let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(locked) => locked,
             Err((mut file, Errno::EWOULDBLOCK)) => return Err(PidError::Running(read_pid(&mut file))),
             Err((_, e)) => return Err(PidError::Io(e.into())),
         };
-        if let Some(pid) = read_pid(&mut file) {
-            if pid != std::process::id() && is_live_master(pid) {
-                return Err(PidError::Running(Some(pid)));
-            }
+        if let Some(pid) = read_pid(&mut file)
+            && pid != std::process::id()
+            && is_live_master(pid)
+        {
+            return Err(PidError::Running(Some(pid)));
         }
         Ok(PidFile { path: path.to_owned(), file })
     }

@@ -45,6 +45,9 @@ pub const EOF_EXIT_GRACE: Duration = Duration::from_secs(5);
 /// holds far more than the master ever sends, so this only bounds a
 /// pathological case; a child that cannot take an order is killed.
 const ORDER_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest wait, after a child was reaped, for the rest of what it wrote
+/// to its status socket (normally there at once, with the end of stream).
+const EXIT_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What a watcher tells the event loop.
 #[derive(Debug)]
@@ -96,7 +99,19 @@ pub fn master_spawn(
     };
     let pid = child.id().ok_or_else(|| io::Error::other("child exited before its pid was read"))?;
     let (orders, order_rx) = mpsc::unbounded_channel();
-    let watcher = Watch { id, pid, program: program.to_owned(), child, sock: ours, orders: order_rx, events };
+    let watcher = Watch {
+        id,
+        pid,
+        program: program.to_owned(),
+        child,
+        sock: ours,
+        orders: order_rx,
+        events,
+        buf: [0; STATUS_LEN],
+        filled: 0,
+        prev: None,
+        reading: true,
+    };
     tokio::spawn(watcher.run());
     Ok(Spawned { pid, orders })
 }
@@ -110,24 +125,34 @@ struct Watch {
     sock: UnixStream,
     orders: UnboundedReceiver<Order>,
     events: mpsc::Sender<Event>,
+    /// A record being assembled: `read` may return part of one.
+    buf: [u8; STATUS_LEN],
+    filled: usize,
+    /// The last valid record, for [`check_record`].
+    prev: Option<StatusRecord>,
+    /// Still reading records: false after end of stream or a violation.
+    reading: bool,
+}
+
+/// What one read from the status socket amounted to.
+enum Read {
+    More,
+    /// End of stream, or a reset (the child exited with an order unread).
+    Closed,
+    Broken(&'static str),
 }
 
 impl Watch {
     async fn run(mut self) {
-        let mut buf = [0u8; STATUS_LEN];
-        let mut filled = 0;
-        let mut prev: Option<StatusRecord> = None;
-        let mut reading = true;
         let mut orders_open = true;
         let mut eof_deadline: Option<Instant> = None;
         loop {
-            // `read` and `recv` are cancel safe: a record half read when
-            // another branch wins stays in `buf`, an order stays queued.
+            // Biased: orders first, so a child flooding its socket cannot
+            // delay its own kill; records before the exit, so every record
+            // a child sent is seen before its exit is. `read` and `recv`
+            // are cancel safe: a partial record stays in `buf`.
             tokio::select! {
-                status = self.child.wait() => {
-                    let _ = self.events.send(Event::Exited(self.id, status)).await;
-                    return;
-                }
+                biased;
                 order = self.orders.recv(), if orders_open => match order {
                     Some(Order::Retire) => self.send_retire().await,
                     Some(Order::Kill) => self.kill(),
@@ -138,35 +163,20 @@ impl Watch {
                         self.kill();
                     }
                 },
-                read = self.sock.read(&mut buf[filled..]), if reading => match read {
-                    Ok(0) | Err(_) if filled > 0 => {
-                        reading = false;
-                        self.broken("truncated status record").await;
+                read = self.sock.read(&mut self.buf[self.filled..]), if self.reading => {
+                    match self.on_read(read).await {
+                        Read::More => {}
+                        // Normally the child is exiting; it is broken only
+                        // if it does not.
+                        Read::Closed => eof_deadline = Some(Instant::now() + EOF_EXIT_GRACE),
+                        Read::Broken(why) => self.broken(why).await,
                     }
-                    // End of stream (or a reset, when the child exited with
-                    // an order unread): the child is normally exiting; it is
-                    // broken only if it does not.
-                    Ok(0) | Err(_) => {
-                        reading = false;
-                        eof_deadline = Some(Instant::now() + EOF_EXIT_GRACE);
-                    }
-                    Ok(n) => {
-                        filled += n;
-                        if filled == STATUS_LEN {
-                            filled = 0;
-                            match self.accept(prev, &buf) {
-                                Ok(record) => {
-                                    prev = Some(record);
-                                    let _ = self.events.send(Event::Status(self.id, record)).await;
-                                }
-                                Err(why) => {
-                                    reading = false;
-                                    self.broken(why).await;
-                                }
-                            }
-                        }
-                    }
-                },
+                }
+                status = self.child.wait() => {
+                    self.drain().await;
+                    let _ = self.events.send(Event::Exited(self.id, status)).await;
+                    return;
+                }
                 _ = tokio::time::sleep_until(eof_deadline.unwrap_or_else(Instant::now)), if eof_deadline.is_some() => {
                     eof_deadline = None;
                     self.broken("closed its status channel but did not exit").await;
@@ -175,11 +185,55 @@ impl Watch {
         }
     }
 
-    /// Decodes and checks one record against the previous one.
-    fn accept(&self, prev: Option<StatusRecord>, buf: &[u8; STATUS_LEN]) -> Result<StatusRecord, &'static str> {
-        let record = StatusRecord::decode(buf).ok_or("malformed status record")?;
-        check_record(prev, record)?;
-        Ok(record)
+    /// Takes the result of one read: forwards a completed, valid record.
+    async fn on_read(&mut self, read: io::Result<usize>) -> Read {
+        let n = match read {
+            Ok(0) | Err(_) if self.filled > 0 => {
+                self.reading = false;
+                return Read::Broken("truncated status record");
+            }
+            Ok(0) | Err(_) => {
+                self.reading = false;
+                return Read::Closed;
+            }
+            Ok(n) => n,
+        };
+        self.filled += n;
+        if self.filled < STATUS_LEN {
+            return Read::More;
+        }
+        self.filled = 0;
+        let record = match StatusRecord::decode(&self.buf) {
+            Some(record) => record,
+            None => {
+                self.reading = false;
+                return Read::Broken("malformed status record");
+            }
+        };
+        if let Err(why) = check_record(self.prev, record) {
+            self.reading = false;
+            return Read::Broken(why);
+        }
+        self.prev = Some(record);
+        let _ = self.events.send(Event::Status(self.id, record)).await;
+        Read::More
+    }
+
+    /// After the reap: the records the child wrote before it exited are
+    /// still in the socket; read them up to the end of stream. Bounded,
+    /// because a descendant of the child could hold its end open.
+    async fn drain(&mut self) {
+        let drained = tokio::time::timeout(EXIT_DRAIN_TIMEOUT, async {
+            while self.reading {
+                let read = self.sock.read(&mut self.buf[self.filled..]).await;
+                if let Read::Broken(why) = self.on_read(read).await {
+                    tracing::warn!("warning: process {} pid {}: {why}", self.program.display(), self.pid);
+                }
+            }
+        });
+        if drained.await.is_err() {
+            tracing::debug!("pid {}: status socket still open after exit", self.pid);
+        }
     }
 
     async fn send_retire(&mut self) {
