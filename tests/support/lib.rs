@@ -7,6 +7,9 @@
 //! outlived it.
 #![forbid(unsafe_code)]
 
+pub mod delivery;
+pub mod netpeer;
+
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::collections::BTreeSet;
@@ -53,6 +56,11 @@ pub struct Options {
     pub smtpd_max_use: u32,
     /// Extra TOML appended to the generated config.
     pub extra: String,
+    /// Extra keys for the generated `[server]` section (TOML forbids a
+    /// second `[server]` table in `extra`).
+    pub server_extra: String,
+    /// Extra keys for the generated `[smtpd]` section.
+    pub smtpd_extra: String,
 }
 
 impl Default for Options {
@@ -64,6 +72,8 @@ impl Default for Options {
             smtpd_max_spare: 4,
             smtpd_max_use: 100,
             extra: String::new(),
+            server_extra: String::new(),
+            smtpd_extra: String::new(),
         }
     }
 }
@@ -244,6 +254,8 @@ fn config_text(port: u16, o: &Options) -> String {
 hostname = "mortal.test"
 spool_dir = "../spool"
 accepted_domains = ["example.test", "localhost"]
+{}
+{}
 
 [log]
 format = "postfix"
@@ -252,6 +264,7 @@ level = "info"
 [smtpd]
 listen = ["127.0.0.1:{port}"]
 timeout = "30s"
+{}
 
 [queue]
 scan_interval = "1s"
@@ -273,8 +286,24 @@ max_spare = 4
 max_use = 100
 {}
 "#,
-        o.smtpd_process_limit, o.smtpd_prefork, o.smtpd_min_spare, o.smtpd_max_spare, o.smtpd_max_use, o.extra
+        o.server_extra,
+        mail_user_line(&o.server_extra),
+        o.smtpd_extra,
+        o.smtpd_process_limit,
+        o.smtpd_prefork,
+        o.smtpd_min_spare,
+        o.smtpd_max_spare,
+        o.smtpd_max_use,
+        o.extra
     )
+}
+
+/// Tests run as root in CI, where the daemons drop to `[server] user`;
+/// its default (`mortal`) does not exist there, `nobody` always does.
+/// Unprivileged runs change no identity and need no line.
+pub fn mail_user_line(server_extra: &str) -> &'static str {
+    let set = server_extra.lines().any(|l| l.split('=').next().is_some_and(|k| k.trim() == "user"));
+    if nix::unistd::geteuid().is_root() && !set { "user = \"nobody\"" } else { "" }
 }
 
 /// Polls `f` every 20 ms until it yields a value or [`WAIT`] passes.

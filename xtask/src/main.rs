@@ -13,19 +13,25 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod chaos;
+mod fuzz;
+
 /// Debian packages the test suite drives: (package, a command it installs).
-const TEST_PACKAGES: &[(&str, &str)] = &[("swaks", "swaks")];
+const TEST_PACKAGES: &[(&str, &str)] = &[("swaks", "swaks"), ("haproxy", "haproxy"), ("fail2ban", "fail2ban-regex")];
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();
+    let rest: Vec<String> = std::env::args().skip(2).collect();
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
     match task.as_str() {
         "ci" => ci(),
         "start" => start(&root),
+        "fuzz" => fuzz::main(&root, &rest),
+        "chaos" => chaos::main(&root, &rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  start   build and run mortal on etc/mortal.toml (foreground)\n  ci      install test tools, fmt, clippy, build, all tests"
+                "usage: cargo xtask <task>\n\n  start   build and run mortal on etc/mortal.toml (foreground)\n  ci      install test tools, fmt, clippy, build, all tests\n  chaos   [--quick] [--messages N] [--clients N]: kill -9 under load, count losses (release build)\n  fuzz    [--time N] [--target T]: run every fuzz target N s (cargo-fuzz); `fuzz seed` rewrites the seed corpora"
             );
             std::process::exit(2);
         }

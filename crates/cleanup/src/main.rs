@@ -42,9 +42,11 @@ mod cleanup_session;
 mod cleanup_spool;
 
 use mortal_master::child::{self, Listener, MasterLink};
+use mortal_master::sandbox::{self, Service};
 use std::os::unix::net::UnixListener;
 
 fn main() {
+    sandbox::selftest::run_if_asked(Service::Cleanup);
     let config = child::startup("cleanup");
     let spool = match cleanup_spool::Spool::open(&config) {
         Ok(s) => s,
@@ -60,6 +62,8 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // From here on: the mail user, and write access to incoming/ only.
+    sandbox::enter_or_exit(Service::Cleanup, &config);
     let ctx = cleanup_session::Context::new(&config, &spool);
     match child::serve(&listener, &mut link, config.process.cleanup.max_use, |stream, _| {
         cleanup_session::serve(stream, &ctx)

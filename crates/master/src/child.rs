@@ -59,13 +59,16 @@ impl Listener for UnixListener {
 pub struct MasterLink {
     sock: UnixStream,
     sessions: u32,
+    /// Wake-ups for the listener that found no connection to accept (the
+    /// thundering-herd measure: with `EPOLLEXCLUSIVE` it stays near zero).
+    spurious_wakeups: u64,
 }
 
 impl MasterLink {
     /// Adopts the master socket inherited as stdout.
     pub fn inherited() -> io::Result<Self> {
         let fd: OwnedFd = io::stdout().as_fd().try_clone_to_owned()?;
-        Ok(Self { sock: UnixStream::from(fd), sessions: 0 })
+        Ok(Self { sock: UnixStream::from(fd), sessions: 0, spurious_wakeups: 0 })
     }
 
     pub fn report(&mut self, state: ChildState) -> io::Result<()> {
@@ -74,6 +77,11 @@ impl MasterLink {
 
     pub fn sessions(&self) -> u32 {
         self.sessions
+    }
+
+    /// Listener wake-ups that found nothing to accept.
+    pub fn spurious_wakeups(&self) -> u64 {
+        self.spurious_wakeups
     }
 
     /// Reads what the master sent: `Err(())` when the master is gone,
@@ -133,8 +141,26 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 const _: () = assert!(STATUS_LEN == 8);
 
 /// Runs the single-server loop: one connection at a time, `max_use`
-/// sessions at most (0: unlimited), each handed to `handle`.
+/// sessions at most (0: unlimited), each handed to `handle`. Logs, at
+/// debug level, `exit: <reason>; sessions=N spurious_wakeups=W` when it
+/// returns a reason.
 pub fn serve<L: Listener>(
+    listener: &L,
+    link: &mut MasterLink,
+    max_use: u32,
+    handle: impl FnMut(L::Stream, &mut MasterLink),
+) -> io::Result<ExitReason> {
+    let reason = serve_loop(listener, link, max_use, handle)?;
+    tracing::debug!(
+        "exit: {}; sessions={} spurious_wakeups={}",
+        reason.as_str(),
+        link.sessions,
+        link.spurious_wakeups
+    );
+    Ok(reason)
+}
+
+fn serve_loop<L: Listener>(
     listener: &L,
     link: &mut MasterLink,
     max_use: u32,
@@ -172,7 +198,12 @@ pub fn serve<L: Listener>(
         }
         let stream = match listener.accept_one() {
             Ok(s) => s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Another child took it: the wake-up was for nothing.
+                link.spurious_wakeups += 1;
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::warn!("warning: accept: {e}");
                 std::thread::sleep(ACCEPT_ERROR_BACKOFF);

@@ -3,11 +3,11 @@
 //! # Summary
 //! `mortal-master [--config PATH]` creates the spool and run directories,
 //! takes the pid file, binds every listening socket (the `[smtpd] listen`
-//! addresses, and the private Unix sockets of cleanup and queue) and then
-//! runs the services on them: pools of `mortal-smtpd` and `mortal-cleanup`
-//! children sized by the Apache-prefork-style lifetime policy of
-//! `[process.<service>]`, and exactly one `mortal-queue`. It keeps a
-//! scoreboard of every child (pid, service, state, sessions served, spawn
+//! and `proxy_listen` addresses, and the private Unix sockets of cleanup,
+//! queue and anvil) and then runs the services on them: pools of
+//! `mortal-smtpd` and `mortal-cleanup` children sized by the
+//! Apache-prefork-style lifetime policy of `[process.<service>]`, and
+//! exactly one `mortal-queue` and one `mortal-anvil`. It keeps a scoreboard of every child (pid, service, state, sessions served, spawn
 //! time, last state change) from the fixed-size status records each child
 //! sends on its own socket, replaces children before they retire, retires
 //! idle extras, throttles services whose children die at start, and logs
@@ -46,19 +46,24 @@
 #![forbid(unsafe_code)]
 
 mod master_board;
+mod master_ctl;
+mod master_life;
 mod master_listen;
 mod master_loop;
+mod master_overload;
 mod master_pid;
 mod master_pool;
 mod master_sig;
 mod master_spawn;
+mod master_stat;
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use master_loop::{Master, Service, ServiceKind};
 use master_pid::PidFile;
-use mortal_master::log;
+use mortal_master::{log, sandbox};
 use mortal_proto::config::{Config, QUEUE_DIRS};
+use mortal_proto::status::CONTROL_SOCKET;
 use std::fs::{self, DirBuilder};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -150,9 +155,11 @@ fn close_inherited_descriptors() {
 /// Starts the mail system and runs it until a stop signal, which it
 /// returns.
 fn master_main(config: Config, config_path: PathBuf) -> anyhow::Result<i32> {
+    // Started as root: the children drop to this user, which must exist.
+    let mail_user = sandbox::mail_user(&config)?;
     make_dirs(&config)?;
-    if config.server.user.is_some() {
-        tracing::warn!("warning: server.user is not supported yet: every process runs as the master's user");
+    if let Some(user) = &mail_user {
+        sandbox::own_dirs(&config, user)?;
     }
     let pid_path = config.pid_file();
     let mut pid_file = PidFile::lock(&pid_path).map_err(|e| anyhow::anyhow!("{}: {e}", pid_path.display()))?;
@@ -163,8 +170,29 @@ fn master_main(config: Config, config_path: PathBuf) -> anyhow::Result<i32> {
             return Err(e);
         }
     };
-    let socket_files: Vec<PathBuf> = services.iter().filter_map(|s| s.socket_file.clone()).collect();
-    let result = run(config, config_path, services, &mut pid_file);
+    if let Some(user) = &mail_user
+        && let Err(e) = sandbox::own_sockets(&config, user)
+    {
+        for file in services.iter().filter_map(|s| s.socket_file.as_ref()) {
+            let _ = fs::remove_file(file);
+        }
+        let _ = pid_file.remove();
+        return Err(e.into());
+    }
+    let mut socket_files: Vec<PathBuf> = services.iter().filter_map(|s| s.socket_file.clone()).collect();
+    let control_path = config.run_dir().join(CONTROL_SOCKET);
+    let control = match master_ctl::bind(&control_path) {
+        Ok(control) => control,
+        Err(e) => {
+            for file in &socket_files {
+                let _ = fs::remove_file(file);
+            }
+            let _ = pid_file.remove();
+            return Err(anyhow::anyhow!("bind {}: {e}", control_path.display()));
+        }
+    };
+    socket_files.push(control_path);
+    let result = run(config, config_path, services, control, &mut pid_file);
     // The children are gone (or were killed); what is left is ours.
     for file in socket_files {
         if let Err(e) = fs::remove_file(&file) {
@@ -179,7 +207,13 @@ fn master_main(config: Config, config_path: PathBuf) -> anyhow::Result<i32> {
 
 /// The event loop, on a current-thread runtime: the master's work is
 /// bookkeeping, so one thread is plenty and keeps it simple.
-fn run(config: Config, config_path: PathBuf, services: Vec<Service>, pid_file: &mut PidFile) -> anyhow::Result<i32> {
+fn run(
+    config: Config,
+    config_path: PathBuf,
+    services: Vec<Service>,
+    control: std::os::unix::net::UnixListener,
+    pid_file: &mut PidFile,
+) -> anyhow::Result<i32> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     runtime.block_on(async {
         // Before the pid file says we are up: a `mortal stop` that follows
@@ -188,6 +222,7 @@ fn run(config: Config, config_path: PathBuf, services: Vec<Service>, pid_file: &
         pid_file.write_pid().context("write pid file")?;
         tracing::info!("daemon started -- version {VERSION}, configuration {}", config_path.display());
         let mut master = Master::new(config, config_path, services);
+        master.serve_control(master_ctl::Control::new(control).context("control socket")?);
         master.prefork();
         Ok(master.run(&mut signals).await)
     })
@@ -203,7 +238,10 @@ fn make_dirs(config: &Config) -> anyhow::Result<()> {
     let private = config.private_dir();
     make_dir(&private, PRIVATE_DIR_MODE)?;
     fs::set_permissions(&private, fs::Permissions::from_mode(PRIVATE_DIR_MODE))
-        .with_context(|| format!("chmod {}", private.display()))
+        .with_context(|| format!("chmod {}", private.display()))?;
+    // The queue delivers into it from inside its sandbox, which cannot
+    // create it.
+    make_dir(config.maildir_root(), QUEUE_DIR_MODE)
 }
 
 fn make_dir(path: &Path, mode: u32) -> anyhow::Result<()> {
@@ -223,12 +261,18 @@ fn bind_services(config: &Config) -> anyhow::Result<Vec<Service>> {
         Ok(path)
     };
     let mut services = Vec::new();
-    // One pool per listen address: a child waits on one inherited listener.
-    for addr in &config.smtpd.listen {
+    // One pool per listen address: a child waits on one inherited listener
+    // (a proxy_listen child tells from its listener's address that each
+    // connection opens with a PROXY header).
+    for addr in config.smtpd.listen.iter().chain(&config.smtpd.proxy_listen) {
         let socket = master_listen::master_listen_tcp(*addr).with_context(|| format!("bind {addr}"))?;
         services.push(Service::new(ServiceKind::Smtpd, addr.to_string(), program(ServiceKind::Smtpd)?, socket, None));
     }
-    for (kind, path) in [(ServiceKind::Cleanup, config.cleanup_socket()), (ServiceKind::Queue, config.queue_socket())] {
+    for (kind, path) in [
+        (ServiceKind::Cleanup, config.cleanup_socket()),
+        (ServiceKind::Queue, config.queue_socket()),
+        (ServiceKind::Anvil, config.anvil_socket()),
+    ] {
         let bound = program(kind).and_then(|program| {
             let socket =
                 master_listen::master_listen_unix(&path).with_context(|| format!("bind {}", path.display()))?;

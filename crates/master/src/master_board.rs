@@ -13,6 +13,7 @@
 //! child that breaks a rule is killed, like a Postfix peer that sends an
 //! unexpected attribute.
 
+use crate::master_life::{Life, Reason};
 use crate::master_pool::PoolView;
 use mortal_proto::status::{ChildState, StatusRecord};
 use std::collections::BTreeMap;
@@ -67,6 +68,9 @@ impl Phase {
 pub enum Order {
     /// Send `MasterCommand::Retire`: finish the session (if any) and exit.
     Retire,
+    /// SIGTERM, for a child past a deadline: smtpd then tells its client
+    /// `421` and exits.
+    Terminate,
     /// SIGKILL, for a child that broke the protocol or outstayed a deadline.
     Kill,
 }
@@ -94,6 +98,15 @@ pub struct Entry {
     pub retire_sent: bool,
     /// The master killed it (protocol violation, deadline).
     pub killed: bool,
+    /// When its drawn lifetime ends (`None`: unlimited).
+    pub life_end: Option<Instant>,
+    /// When its current session began, by its own BUSY (or last-session
+    /// RETIRING) record; `None` between sessions.
+    pub session_since: Option<Instant>,
+    /// SIGTERM sent by the lifetime policy at this instant.
+    pub term_sent: Option<Instant>,
+    /// Why the master made it leave, for the retirement counters.
+    pub reason: Option<Reason>,
     orders: UnboundedSender<Order>,
 }
 
@@ -112,7 +125,62 @@ impl Entry {
             broken: false,
             retire_sent: false,
             killed: false,
+            life_end: None,
+            session_since: None,
+            term_sent: None,
+            reason: None,
             orders,
+        }
+    }
+
+    /// Its clocks, for `master_life`.
+    pub fn life(&self) -> Life {
+        Life {
+            life_end: self.life_end,
+            session_since: self.session_since,
+            leaving: self.leaving(),
+            term_sent: self.term_sent,
+            killed: self.killed,
+        }
+    }
+
+    /// The state shown by `mortal status`: a busy child past its lifetime
+    /// is `overdue`; any other child on its way out is `retiring`.
+    pub fn state(&self, now: Instant) -> &'static str {
+        let past_life = self.life_end.is_some_and(|end| now >= end);
+        match self.phase {
+            Phase::Starting if !self.leaving() => "starting",
+            _ if self.session_since.is_some() && past_life => "overdue",
+            _ if self.leaving() => "retiring",
+            phase => phase.as_str(),
+        }
+    }
+
+    /// Why it left, judged at its exit: the master's reason if it gave
+    /// one, else `max_use` for a child that announced its last session and
+    /// exited cleanly, else a crash.
+    pub fn exit_reason(&self, clean: bool) -> Reason {
+        match self.reason {
+            Some(reason) => reason,
+            None if clean && self.phase == Phase::Retiring && !self.broken => Reason::MaxUse,
+            None => Reason::Crash,
+        }
+    }
+
+    /// Sends `MasterCommand::Retire` once, recording why.
+    pub fn retire_for(&mut self, reason: Reason) {
+        if !self.leaving() {
+            self.reason.get_or_insert(reason);
+        }
+        self.retire();
+    }
+
+    /// SIGTERM now, SIGKILL after `master_life::TERM_GRACE`.
+    pub fn terminate(&mut self, reason: Reason, now: Instant) {
+        if self.term_sent.is_none() && !self.killed {
+            self.reason = Some(reason);
+            self.term_sent = Some(now);
+            let _ = self.orders.send(Order::Terminate);
         }
     }
 
@@ -136,7 +204,7 @@ impl Entry {
     /// Alive but no longer capacity: it will exit without taking more
     /// clients, so the pool policy must not count it as a spare.
     pub fn leaving(&self) -> bool {
-        self.retire_sent || self.killed || self.phase == Phase::Retiring
+        self.retire_sent || self.killed || self.term_sent.is_some() || self.phase == Phase::Retiring
     }
 
     /// Sends `MasterCommand::Retire` once.
@@ -182,6 +250,10 @@ impl Scoreboard {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&ChildId, &Entry)> {
+        self.entries.iter()
     }
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&ChildId, &mut Entry)> {

@@ -12,6 +12,12 @@
 //!   does not thrash), kill children that never became ready, count
 //!   children that stayed up as good starts, end throttles;
 //! - a signal: stop gracefully (SIGTERM, SIGINT) or reload (SIGHUP);
+//! - a request from the control socket (`master_ctl`): status, reload,
+//!   stop;
+//! - the next policy deadline (`master_life`): a child's drawn lifetime,
+//!   its session deadline, its overdue grace, the SIGKILL after a SIGTERM,
+//!   an idle child's `max_idle`; a saturated pool's backlog check
+//!   (`master_overload`); the metrics file;
 //! - while stopping, the stop deadline.
 //!
 //! Nothing a child does can make this loop fail: every error from a child
@@ -19,11 +25,15 @@
 //! worst, that child's SIGKILL.
 
 use crate::master_board::{ChildId, Entry, Phase, Scoreboard, ServiceId};
+use crate::master_ctl;
+use crate::master_life::{self, Jitter, Limits, Reason, Verdict};
+use crate::master_overload::{self, Check, Overload};
 use crate::master_pool::{self, Throttle};
 use crate::master_sig::{Request, Signals};
 use crate::master_spawn::{Event, master_spawn};
-use mortal_proto::config::{Config, ProcessPolicy};
-use mortal_proto::status::ChildState;
+use crate::master_stat::{self, ChildStat, ServiceStat, Snapshot};
+use mortal_proto::config::{Config, DEFAULT_OVERLOAD_WAIT, ProcessPolicy};
+use mortal_proto::status::{CONTROL_ERROR, CONTROL_OK, ChildState, ControlRequest};
 use socket2::Socket;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
@@ -48,6 +58,10 @@ pub const KILL_REAP_DEADLINE: Duration = Duration::from_secs(5);
 /// status socket fills this and then waits, instead of growing the
 /// master's memory.
 pub const EVENT_QUEUE: usize = 1024;
+/// Control requests queued to this loop (each from an operator's command).
+pub const CONTROL_QUEUE: usize = 8;
+/// How often `[server] metrics_file` is rewritten.
+pub const METRICS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Which daemon a service runs, which decides its policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +70,8 @@ pub enum ServiceKind {
     Cleanup,
     /// Exactly one process, restarted when it exits.
     Queue,
+    /// The per-client counter smtpd asks (one process, like the queue).
+    Anvil,
 }
 
 impl ServiceKind {
@@ -64,6 +80,7 @@ impl ServiceKind {
             ServiceKind::Smtpd => "smtpd",
             ServiceKind::Cleanup => "cleanup",
             ServiceKind::Queue => "queue",
+            ServiceKind::Anvil => "anvil",
         }
     }
 
@@ -73,6 +90,7 @@ impl ServiceKind {
             ServiceKind::Smtpd => "mortal-smtpd",
             ServiceKind::Cleanup => "mortal-cleanup",
             ServiceKind::Queue => "mortal-queue",
+            ServiceKind::Anvil => "mortal-anvil",
         }
     }
 
@@ -81,7 +99,7 @@ impl ServiceKind {
         match self {
             ServiceKind::Smtpd => Some(master_pool::effective(&config.process.smtpd)),
             ServiceKind::Cleanup => Some(master_pool::effective(&config.process.cleanup)),
-            ServiceKind::Queue => None,
+            ServiceKind::Queue | ServiceKind::Anvil => None,
         }
     }
 }
@@ -103,6 +121,11 @@ pub struct Service {
     /// The process-limit warning was logged in the current episode (it is
     /// logged once per episode).
     limit_warned: bool,
+    /// Children spawned.
+    spawns: u64,
+    /// Children gone, per reason, in `Reason::ALL` order.
+    retired: [u64; Reason::ALL.len()],
+    overload: Overload,
 }
 
 impl Service {
@@ -122,6 +145,15 @@ impl Service {
             rate: Default::default(),
             throttle: Default::default(),
             limit_warned: false,
+            spawns: 0,
+            retired: [0; Reason::ALL.len()],
+            overload: Overload::default(),
+        }
+    }
+
+    fn count_exit(&mut self, reason: Reason) {
+        if let Some(i) = Reason::ALL.iter().position(|r| *r == reason) {
+            self.retired[i] += 1;
         }
     }
 }
@@ -152,11 +184,23 @@ pub struct Master {
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     stop: Option<Stopping>,
+    /// Draws each child's lifetime.
+    jitter: Jitter,
+    started: Instant,
+    control_tx: mpsc::Sender<master_ctl::Request>,
+    control_rx: mpsc::Receiver<master_ctl::Request>,
+    /// When the metrics file is next written (`None`: not configured).
+    next_metrics: Option<Instant>,
+    /// The last metrics write failed (logged once until one succeeds).
+    metrics_failed: bool,
 }
 
 impl Master {
     pub fn new(config: Config, config_path: PathBuf, services: Vec<Service>) -> Master {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let now = Instant::now();
+        let next_metrics = config.server.metrics_file.as_ref().map(|_| now);
         Master {
             config,
             config_path,
@@ -167,7 +211,32 @@ impl Master {
             events_tx,
             events_rx,
             stop: None,
+            jitter: Jitter::from_entropy(),
+            started: now,
+            control_tx,
+            control_rx,
+            next_metrics,
+            metrics_failed: false,
         }
+    }
+
+    /// Serves the control socket on a task of its own: it accepts, checks
+    /// the peer, reads the request line, and hands the parsed request to
+    /// this loop.
+    pub fn serve_control(&self, control: master_ctl::Control) {
+        let requests = self.control_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match control.accept().await {
+                    Ok(stream) => control.serve(stream, requests.clone()),
+                    Err(e) => {
+                        // EMFILE and friends: do not spin.
+                        tracing::warn!("warning: control socket: accept: {e}");
+                        tokio::time::sleep(master_ctl::IO_TIMEOUT / 10).await;
+                    }
+                }
+            }
+        });
     }
 
     /// Spawns the `prefork` children of every pool (all at once, like
@@ -196,16 +265,23 @@ impl Master {
                 return stop.signal;
             }
             let deadline = self.stop.as_ref().map(|s| s.deadline);
+            let due = self.next_due(Instant::now()).map(tokio::time::Instant::from_std);
             tokio::select! {
                 // The loop keeps a sender, so the channel never closes.
                 Some(event) = self.events_rx.recv() => self.on_event(event),
                 _ = ticker.tick() => self.on_tick(),
                 request = signals.next() => match request {
                     Request::Stop(signal) => self.begin_stop(signal),
-                    Request::Reload => self.reload(),
+                    Request::Reload => {
+                        let _ = self.reload();
+                    }
                 },
+                Some(request) = self.control_rx.recv() => self.on_control(request),
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                     self.stop_deadline_passed();
+                }
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                    self.on_due(Instant::now());
                 }
             }
         }
@@ -237,6 +313,14 @@ impl Master {
         if phase != entry.phase {
             entry.changed = now;
         }
+        // A session starts with BUSY, or with RETIRING when it is the last
+        // one (the count moves on); it ends with IDLE.
+        match state {
+            ChildState::Busy => entry.session_since = Some(now),
+            ChildState::Retiring if sessions > entry.sessions => entry.session_since = Some(now),
+            ChildState::Idle => entry.session_since = None,
+            ChildState::Ready | ChildState::Retiring => {}
+        }
         entry.phase = phase;
         entry.sessions = sessions;
         let svc = entry.service;
@@ -267,15 +351,22 @@ impl Master {
     fn on_exit(&mut self, id: ChildId, status: io::Result<ExitStatus>) {
         let Some(entry) = self.board.remove(id) else { return };
         let service = &mut self.services[entry.service];
-        log_exit(&service.program, entry.pid, &status);
+        // A child the master terminated was expected to die of it.
+        if entry.term_sent.is_none() && !entry.killed {
+            log_exit(&service.program, entry.pid, &status);
+        }
+        let clean = status.as_ref().is_ok_and(ExitStatus::success);
+        let reason = entry.exit_reason(clean);
+        service.count_exit(reason);
         tracing::debug!(
-            "{}: pid {} gone after {} sessions, {}s alive, {} for {}s",
+            "{}: pid {} gone ({}) after {} sessions, {} ms alive, {} for {} ms",
             service.kind.name(),
             entry.pid,
+            reason.as_str(),
             entry.sessions,
-            entry.spawned.elapsed().as_secs(),
+            entry.spawned.elapsed().as_millis(),
             entry.phase.as_str(),
-            entry.changed.elapsed().as_secs()
+            entry.changed.elapsed().as_millis()
         );
         if entry.exit_is_bad_start() && self.stop.is_none() {
             bad_start(service, Instant::now());
@@ -314,6 +405,257 @@ impl Master {
             let growing = short && !service.throttle.is_throttled(now);
             self.services[svc].rate.second_elapsed(growing);
             self.maintain(svc, true);
+        }
+        self.enforce(now);
+    }
+
+    /// A policy deadline (or the overload poll, or the metrics period) has
+    /// come.
+    fn on_due(&mut self, now: Instant) {
+        self.enforce(now);
+        self.check_overload(now);
+        if self.next_metrics.is_some_and(|at| now >= at) {
+            self.write_metrics();
+            self.next_metrics = Some(now + METRICS_INTERVAL);
+        }
+    }
+
+    /// The earliest instant after `now` at which something is due.
+    fn next_due(&self, now: Instant) -> Option<Instant> {
+        let mut due: Option<Instant> = self.next_metrics;
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at.filter(|at| *at > now) {
+                due = Some(due.map_or(at, |d| d.min(at)));
+            }
+        };
+        if self.stop.is_some() {
+            return None;
+        }
+        for (_, entry) in self.board.iter() {
+            let Some(policy) = self.services[entry.service].kind.policy(&self.config) else { continue };
+            consider(master_life::next_due(&Limits::of(&policy), &entry.life()));
+            if entry.phase == Phase::Idle && !entry.leaving() {
+                consider(master_life::idle_due(&policy, entry.changed));
+            }
+        }
+        if (0..self.services.len()).any(|svc| self.saturated(svc).is_some()) {
+            consider(Some(now + master_overload::POLL));
+        }
+        due
+    }
+
+    /// Applies the lifetime policy (`master_life`) to every child of a
+    /// pool: retires children at their lifetime and idle extras, sends
+    /// SIGTERM past a session deadline or the overdue grace, and SIGKILL
+    /// after it. The replacement of a busy child leaving for its lifetime
+    /// is spawned now, before it goes.
+    fn enforce(&mut self, now: Instant) {
+        if self.stop.is_some() {
+            return;
+        }
+        let mut touched = vec![false; self.services.len()];
+        let mut replace = vec![0u32; self.services.len()];
+        for (_, entry) in self.board.iter_mut() {
+            let service = &self.services[entry.service];
+            let Some(policy) = service.kind.policy(&self.config) else { continue };
+            let limits = Limits::of(&policy);
+            match master_life::verdict(&limits, &entry.life(), now) {
+                Verdict::Keep => continue,
+                Verdict::Retire(reason) => {
+                    if entry.session_since.is_some() {
+                        replace[entry.service] += 1;
+                        tracing::debug!(
+                            "{}: pid {} reached its lifetime in a session: overdue, replacing it",
+                            service.kind.name(),
+                            entry.pid
+                        );
+                    }
+                    entry.retire_for(reason);
+                }
+                Verdict::Terminate(reason) => {
+                    let why = match reason {
+                        Reason::Deadline => "session deadline exceeded".to_owned(),
+                        _ => format!("still running {}s after its lifetime", limits.overdue_grace.as_secs_f64()),
+                    };
+                    tracing::warn!("warning: process {} pid {}: {why}, killing", service.program.display(), entry.pid);
+                    entry.terminate(reason, now);
+                }
+                Verdict::Kill => {
+                    tracing::warn!(
+                        "warning: process {} pid {}: still running {}s after SIGTERM -- killed",
+                        service.program.display(),
+                        entry.pid,
+                        master_life::TERM_GRACE.as_secs()
+                    );
+                    entry.kill();
+                }
+            }
+            touched[entry.service] = true;
+        }
+        for svc in 0..self.services.len() {
+            touched[svc] |= self.retire_idle(svc, now);
+        }
+        for svc in 0..self.services.len() {
+            if replace[svc] > 0 {
+                self.replace(svc, replace[svc]);
+            }
+            if touched[svc] {
+                self.maintain(svc, false);
+            }
+        }
+    }
+
+    /// Retires children idle for `max_idle`, longest idle first, as long
+    /// as the pool keeps `min_spare` idle children. Returns whether any was.
+    fn retire_idle(&mut self, svc: ServiceId, now: Instant) -> bool {
+        let Some(policy) = self.services[svc].kind.policy(&self.config) else { return false };
+        let view = self.board.view(svc);
+        let allowed = view.idle.saturating_sub(policy.min_spare) as usize;
+        let mut expired: Vec<(Instant, ChildId)> = self
+            .board
+            .iter()
+            .filter(|(_, e)| e.service == svc && e.phase == Phase::Idle && !e.leaving())
+            .filter(|(_, e)| master_life::idle_expired(&policy, e.changed, now))
+            .map(|(id, e)| (e.changed, *id))
+            .collect();
+        expired.sort();
+        expired.truncate(allowed);
+        for (_, id) in &expired {
+            if let Some(entry) = self.board.get_mut(*id) {
+                tracing::debug!("{}: retiring pid {}: idle for max_idle", self.services[svc].kind.name(), entry.pid);
+                entry.retire_for(Reason::Idle);
+            }
+        }
+        !expired.is_empty()
+    }
+
+    /// Spawns up to `n` successors for busy children that will leave after
+    /// their session, within `process_limit`, and only while the pool is
+    /// below `max_spare` (a spare that would be retired at once helps
+    /// nobody). Outside the spawn rate: replacing is not growth.
+    fn replace(&mut self, svc: ServiceId, n: u32) {
+        let Some(policy) = self.services[svc].kind.policy(&self.config) else { return };
+        for _ in 0..n {
+            let view = self.board.view(svc);
+            if master_pool::room(&policy, &view) == 0 || view.spare() >= policy.max_spare {
+                return;
+            }
+            if !self.spawn_one(svc) {
+                return;
+            }
+        }
+    }
+
+    /// For a TCP pool at `process_limit` with no idle or starting child:
+    /// its `overload_wait`.
+    fn saturated(&self, svc: ServiceId) -> Option<Duration> {
+        let service = &self.services[svc];
+        if service.kind != ServiceKind::Smtpd || service.listener.is_none() || self.stop.is_some() {
+            return None;
+        }
+        let policy = service.kind.policy(&self.config)?;
+        let wait = policy.overload_wait.unwrap_or(DEFAULT_OVERLOAD_WAIT);
+        let view = self.board.view(svc);
+        let full = view.spare() == 0 && master_pool::room(&policy, &view) == 0;
+        (full && !wait.is_zero()).then_some(wait)
+    }
+
+    /// Answers clients that waited `overload_wait` in a saturated pool's
+    /// backlog with `421 4.3.2 ... Service busy` (`master_overload`).
+    fn check_overload(&mut self, now: Instant) {
+        for svc in 0..self.services.len() {
+            let wait = self.saturated(svc);
+            let service = &mut self.services[svc];
+            let Some(listener) = &service.listener else { continue };
+            let waiting = wait.is_some() && master_overload::has_waiting(listener);
+            if service.overload.check(wait.is_some(), waiting, wait.unwrap_or_default(), now) != Check::Reject {
+                continue;
+            }
+            let reply = master_overload::busy_reply(&self.config.server.hostname);
+            let n = master_overload::reject_waiting(listener, &reply);
+            if service.overload.first_of_episode() {
+                tracing::warn!(
+                    "warning: service \"{}\" ({}): every process busy for {}s: answering waiting clients 421 4.3.2 Service busy",
+                    service.kind.name(),
+                    service.endpoint,
+                    wait.unwrap_or_default().as_secs_f64()
+                );
+            }
+            tracing::debug!("{}: {n} waiting clients answered 421", service.kind.name());
+            service.overload.rejected(n);
+        }
+    }
+
+    fn on_control(&mut self, request: master_ctl::Request) {
+        let answer = match request.command {
+            ControlRequest::Status => format!("{}\n", self.snapshot().to_json()),
+            ControlRequest::Reload => {
+                tracing::info!("reload requested on the control socket by uid {}", request.uid);
+                match self.reload() {
+                    Ok(()) => format!("{CONTROL_OK}\n"),
+                    Err(errors) => errors.iter().map(|e| format!("{CONTROL_ERROR} {e}\n")).collect(),
+                }
+            }
+            ControlRequest::Stop => {
+                tracing::info!("stop requested on the control socket by uid {}", request.uid);
+                self.begin_stop(nix::sys::signal::Signal::SIGTERM as i32);
+                format!("{CONTROL_OK}\n")
+            }
+        };
+        // The operator may have given up waiting: nothing to do then.
+        let _ = request.reply.send(answer);
+    }
+
+    /// A copy of the scoreboard for `mortal status` and the metrics file.
+    pub fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let services = self
+            .services
+            .iter()
+            .map(|s| ServiceStat {
+                name: s.kind.name(),
+                endpoint: s.endpoint.clone(),
+                process_limit: Some(s.kind.policy(&self.config).map_or(1, |p| p.process_limit)),
+                throttled: s.throttle.is_throttled(now),
+                at_limit: s.limit_warned,
+                spawns: s.spawns,
+                retired: s.retired,
+                overload_rejects: s.overload.rejected,
+            })
+            .collect();
+        let children = self
+            .board
+            .iter()
+            .map(|(_, e)| ChildStat {
+                pid: e.pid,
+                service: e.service,
+                generation: e.generation,
+                state: e.state(now),
+                sessions: e.sessions,
+                age: now.saturating_duration_since(e.spawned),
+                since: now.saturating_duration_since(e.changed),
+                life: e.life_end.map(|end| end.saturating_duration_since(e.spawned)),
+            })
+            .collect();
+        Snapshot {
+            master_pid: std::process::id(),
+            generation: self.generation,
+            uptime: now.saturating_duration_since(self.started),
+            stopping: self.stop.is_some(),
+            services,
+            children,
+        }
+    }
+
+    fn write_metrics(&mut self) {
+        let Some(path) = self.config.server.metrics_file.clone() else { return };
+        match master_stat::write_atomically(&path, &self.snapshot().to_prometheus()) {
+            Ok(()) => self.metrics_failed = false,
+            Err(e) if !self.metrics_failed => {
+                self.metrics_failed = true;
+                tracing::warn!("warning: metrics_file {}: {e}", path.display());
+            }
+            Err(_) => {}
         }
     }
 
@@ -375,7 +717,7 @@ impl Master {
                         self.services[svc].kind.name(),
                         entry.pid
                     );
-                    entry.retire();
+                    entry.retire_for(Reason::Idle);
                 }
             }
         }
@@ -389,7 +731,7 @@ impl Master {
         let mut retired = 0;
         for (_, entry) in self.board.iter_mut() {
             if entry.service == svc && entry.generation < generation && entry.phase == Phase::Idle && !entry.leaving() {
-                entry.retire();
+                entry.retire_for(Reason::Reload);
                 retired += 1;
             }
         }
@@ -407,7 +749,11 @@ impl Master {
         let started = Instant::now();
         match master_spawn(id, &service.program, &self.config_path, listener, self.events_tx.clone()) {
             Ok(spawned) => {
-                let entry = Entry::new(spawned.pid, svc, self.generation, started, spawned.orders);
+                let mut entry = Entry::new(spawned.pid, svc, self.generation, started, spawned.orders);
+                if let Some(policy) = service.kind.policy(&self.config) {
+                    entry.life_end = master_life::draw_life(&policy, self.jitter.unit()).map(|life| started + life);
+                }
+                service.spawns += 1;
                 self.board.insert(id, entry);
                 true
             }
@@ -440,7 +786,7 @@ impl Master {
             service.listener = None;
         }
         for (_, entry) in self.board.iter_mut() {
-            entry.retire();
+            entry.retire_for(Reason::Stop);
         }
         self.stop = Some(Stopping { signal, deadline: now + STOP_DEADLINE, killed: false, gave_up: false });
     }
@@ -462,38 +808,44 @@ impl Master {
         stop.deadline = tokio::time::Instant::now() + KILL_REAP_DEADLINE;
     }
 
-    fn reload(&mut self) {
+    /// Re-reads the configuration; on errors keeps the current one and
+    /// returns them.
+    fn reload(&mut self) -> Result<(), Vec<String>> {
         if self.stop.is_some() {
-            return;
+            return Err(vec!["the mail system is stopping".into()]);
         }
         let new = match Config::load(&self.config_path) {
             Ok(new) => new,
             Err(errors) => {
-                for e in errors {
+                for e in &errors {
                     tracing::warn!("warning: reload: {e}");
                 }
                 tracing::warn!("warning: reload failed: keeping the current configuration");
-                return;
+                return Err(errors.iter().map(ToString::to_string).collect());
             }
         };
         let old = &self.config;
         if new.smtpd.listen != old.smtpd.listen
+            || new.smtpd.proxy_listen != old.smtpd.proxy_listen
             || new.server.spool_dir != old.server.spool_dir
             || new.run_dir() != old.run_dir()
         {
             tracing::warn!(
-                "warning: reload: smtpd.listen, server.spool_dir and server.run_dir take effect only on restart"
+                "warning: reload: smtpd.listen, smtpd.proxy_listen, server.spool_dir and server.run_dir take effect only on restart"
             );
         }
         if new.log.format != old.log.format || new.log.level != old.log.level {
             tracing::warn!("warning: reload: the master's own [log] settings take effect only on restart");
         }
+        let now = Instant::now();
+        self.next_metrics = new.server.metrics_file.as_ref().map(|_| now);
         self.config = new;
         self.generation += 1;
         tracing::info!("reload -- version {}, configuration {}", crate::VERSION, self.config_path.display());
         for svc in 0..self.services.len() {
             self.maintain(svc, false);
         }
+        Ok(())
     }
 }
 

@@ -200,7 +200,7 @@ mod tests {
     use super::*;
 
     fn policy(process_limit: u32, min_spare: u32, max_spare: u32) -> ProcessPolicy {
-        ProcessPolicy { process_limit, prefork: 2, min_spare, max_spare, max_use: 100 }
+        ProcessPolicy { process_limit, prefork: 2, min_spare, max_spare, max_use: 100, ..ProcessPolicy::default() }
     }
 
     fn view(starting: u32, idle: u32, busy: u32, leaving: u32) -> PoolView {

@@ -155,6 +155,7 @@ impl Watch {
                 biased;
                 order = self.orders.recv(), if orders_open => match order {
                     Some(Order::Retire) => self.send_retire().await,
+                    Some(Order::Terminate) => self.terminate(),
                     Some(Order::Kill) => self.kill(),
                     // The event loop forgot this child: never leave it
                     // running unsupervised.
@@ -251,6 +252,17 @@ impl Watch {
         // hit a recycled pid.
         if let Err(e) = self.child.start_kill() {
             tracing::debug!("pid {}: kill: {e}", self.pid);
+        }
+    }
+
+    fn terminate(&mut self) {
+        // Not reaped yet (this task reaps, and ends right after), so the
+        // pid is still this child's, at worst a zombie.
+        if let Some(pid) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+                tracing::debug!("pid {pid}: kill -TERM: {e}");
+            }
         }
     }
 

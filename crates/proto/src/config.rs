@@ -7,6 +7,7 @@
 //! the checkout's `etc/mortal.toml` works from any working directory.
 
 use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,8 @@ pub struct Config {
     pub delivery: Delivery,
     #[serde(default)]
     pub process: Processes,
+    #[serde(default)]
+    pub anvil: Anvil,
     /// The file this was loaded from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -51,6 +54,18 @@ pub struct Server {
     pub accepted_domains: Vec<String>,
     /// Unprivileged user the daemons run as when the master starts as root.
     pub user: Option<String>,
+    /// Client networks (CIDR) that may relay to any domain (Postfix
+    /// mynetworks); they are also exempt from the per-client limits. They
+    /// are not exempt from any protocol rule (bare LF, pipelining).
+    pub trusted_networks: Vec<crate::cidr::Cidr>,
+    /// File of accepted recipient addresses, one per line (Postfix
+    /// local_recipient_maps); unset: every address of an accepted domain.
+    /// smtpd reads it at process start, so `mortal reload` reloads it.
+    pub recipient_map: Option<PathBuf>,
+    /// Prometheus text file (node_exporter textfile collector) the master
+    /// rewrites atomically every few seconds: children per state, spawns,
+    /// retirements by reason, throttles. Unset: none.
+    pub metrics_file: Option<PathBuf>,
 }
 
 impl Default for Server {
@@ -61,6 +76,9 @@ impl Default for Server {
             run_dir: None,
             accepted_domains: Vec::new(),
             user: None,
+            trusted_networks: Vec::new(),
+            recipient_map: None,
+            metrics_file: None,
         }
     }
 }
@@ -111,6 +129,86 @@ pub struct Smtpd {
     pub timeout: Duration,
     /// Errors in one session before it is closed with 421.
     pub hard_error_limit: u32,
+    /// Errors after which every reply is delayed by `error_sleep`
+    /// (Postfix smtpd_soft_error_limit); 0 disables the delay.
+    pub soft_error_limit: u32,
+    /// Delay before each reply once `soft_error_limit` is reached.
+    #[serde(deserialize_with = "duration")]
+    pub error_sleep: Duration,
+    /// Slowest content a client may send during DATA/BDAT, in octets per
+    /// second averaged over `data_rate_window`; slower gets 421 and the
+    /// session ends, so a slowloris cannot hold a child. 0 disables it.
+    pub min_data_rate: u64,
+    /// Time spent waiting for content over which `min_data_rate` is measured.
+    #[serde(deserialize_with = "duration")]
+    pub data_rate_window: Duration,
+    /// What a bare `<LF>` in DATA content gets: `reject` (550 after the
+    /// terminator) or `normalize` (taken as `<CR><LF>`; it still never ends
+    /// the message).
+    pub bare_newline: BareNewline,
+    /// Offer SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+    /// Offer CHUNKING and BINARYMIME (RFC 3030).
+    pub chunking: bool,
+    /// Offer DSN (RFC 3461).
+    pub dsn: bool,
+    /// Certificate chain for STARTTLS (PEM), leaf first. Read at process
+    /// start; STARTTLS is offered only when it and `tls_key_file` are set.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Private key for `tls_cert_file` (PEM).
+    pub tls_key_file: Option<PathBuf>,
+    /// `may`: offer STARTTLS when a certificate is configured; `none`: never.
+    pub tls_security: TlsSecurity,
+    /// Longest a TLS handshake may take after `220 Ready to start TLS`.
+    #[serde(deserialize_with = "duration")]
+    pub tls_handshake_timeout: Duration,
+    /// Addresses to listen on behind a load balancer: every connection must
+    /// open with a PROXY protocol v1 or v2 header (haproxy) naming the real
+    /// client, which is then what is logged, limited and put in `Received:`.
+    pub proxy_listen: Vec<SocketAddr>,
+    /// Peers (CIDR) allowed to send the PROXY header; a connection to a
+    /// `proxy_listen` address from anyone else is dropped.
+    pub proxy_trusted: Vec<crate::cidr::Cidr>,
+    /// Longest wait for the whole PROXY header.
+    #[serde(deserialize_with = "duration")]
+    pub proxy_timeout: Duration,
+    /// Connections one client address may have open at once across all
+    /// smtpd processes (Postfix smtpd_client_connection_count_limit); 0: no limit.
+    pub client_connection_count_limit: u32,
+    /// Connections one client may open per `[anvil] rate_time_unit`
+    /// (Postfix smtpd_client_connection_rate_limit); 0 (the default, as in
+    /// Postfix): no limit.
+    pub client_connection_rate_limit: u32,
+    /// MAIL commands one client may send per `[anvil] rate_time_unit`
+    /// (Postfix smtpd_client_message_rate_limit); 0 (the default): no limit.
+    pub client_message_rate_limit: u32,
+    /// Clients (CIDR) exempt from the three limits above, besides
+    /// `trusted_networks` (Postfix smtpd_client_event_limit_exceptions,
+    /// whose default, $mynetworks, includes the loopback networks).
+    pub client_limit_exceptions: Vec<crate::cidr::Cidr>,
+}
+
+/// `[smtpd] tls_security` (Postfix smtpd_tls_security_level).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsSecurity {
+    None,
+    May,
+}
+
+/// `[smtpd] bare_newline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareNewline {
+    Reject,
+    Normalize,
+}
+
+impl Smtpd {
+    /// Whether STARTTLS is offered: enabled, with a certificate and key.
+    pub fn tls_offered(&self) -> bool {
+        self.tls_security == TlsSecurity::May && self.tls_cert_file.is_some() && self.tls_key_file.is_some()
+    }
 }
 
 impl Default for Smtpd {
@@ -122,6 +220,28 @@ impl Default for Smtpd {
             recipient_limit: 1000,
             timeout: Duration::from_secs(300),
             hard_error_limit: 20,
+            soft_error_limit: 10,
+            error_sleep: Duration::from_secs(1),
+            min_data_rate: 500,
+            data_rate_window: Duration::from_secs(10),
+            bare_newline: BareNewline::Reject,
+            smtputf8: true,
+            chunking: true,
+            dsn: true,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_security: TlsSecurity::May,
+            tls_handshake_timeout: Duration::from_secs(60),
+            proxy_listen: Vec::new(),
+            proxy_trusted: vec!["127.0.0.1/32".parse().expect("literal CIDR"), "::1/128".parse().expect("literal CIDR")],
+            proxy_timeout: Duration::from_secs(5),
+            client_connection_count_limit: 50,
+            client_connection_rate_limit: 0,
+            client_message_rate_limit: 0,
+            client_limit_exceptions: vec![
+                "127.0.0.0/8".parse().expect("literal CIDR"),
+                "::1/128".parse().expect("literal CIDR"),
+            ],
         }
     }
 }
@@ -162,6 +282,21 @@ pub struct Queue {
     pub delivery_concurrency: u32,
     /// Messages in `active/` at once (Postfix qmgr_message_active_limit).
     pub active_limit: u32,
+    /// Deliveries to one destination (a next hop, or a local route and
+    /// recipient domain) at once, within `delivery_concurrency`.
+    pub destination_concurrency_limit: u32,
+    /// A message still undeliverable after this long is returned to its
+    /// sender (Postfix maximal_queue_lifetime).
+    #[serde(deserialize_with = "duration")]
+    pub queue_lifetime: Duration,
+    /// The same for mail from `<>` (bounces), which is dropped with a log
+    /// line instead: a bounce is never bounced.
+    #[serde(deserialize_with = "duration")]
+    pub bounce_queue_lifetime: Duration,
+    /// Send one "delayed" DSN once a message has waited this long; `0s`
+    /// (the default) sends none.
+    #[serde(deserialize_with = "duration")]
+    pub delay_warning_time: Duration,
 }
 
 impl Default for Queue {
@@ -172,6 +307,10 @@ impl Default for Queue {
             maximal_backoff: Duration::from_secs(4000),
             delivery_concurrency: 20,
             active_limit: 20_000,
+            destination_concurrency_limit: 20,
+            queue_lifetime: Duration::from_secs(5 * 86_400),
+            bounce_queue_lifetime: Duration::from_secs(5 * 86_400),
+            delay_warning_time: Duration::ZERO,
         }
     }
 }
@@ -180,22 +319,197 @@ impl Default for Queue {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Delivery {
-    pub transport: Transport,
+    /// The default route, for every recipient domain not in `routes`.
+    pub transport: Route,
+    /// `[delivery.routes]`: recipient domain (lower case) to route.
+    pub routes: BTreeMap<String, Route>,
     /// Root of the per-recipient Maildirs (`<root>/<recipient>/{tmp,new,cur}`).
     /// Default: `<spool_dir>/maildir`.
     pub maildir_root: Option<PathBuf>,
+    /// `[delivery.pipe]`: the command behind the `pipe` route.
+    pub pipe: Pipe,
+    /// STARTTLS policy of the `smtp` relay client.
+    pub smtp_tls_security: SmtpTlsSecurity,
+    /// PEM file of CA certificates for `encrypt`; default: the Mozilla
+    /// roots built in (webpki-roots).
+    pub smtp_tls_ca_file: Option<PathBuf>,
+    /// Longest wait for a TCP or Unix connection to an LMTP or SMTP next hop.
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Longest wait for any one reply (or for sending the content) in an
+    /// LMTP or SMTP session.
+    #[serde(deserialize_with = "duration")]
+    pub command_timeout: Duration,
+    /// An idle LMTP/SMTP connection is kept this long for the next message
+    /// to the same next hop, then closed (Postfix
+    /// smtp_connection_cache_time_limit); `0s` disables reuse.
+    #[serde(deserialize_with = "duration")]
+    pub connection_reuse_time: Duration,
 }
 
 impl Default for Delivery {
     fn default() -> Self {
-        Self { transport: Transport::Maildir, maildir_root: None }
+        Self {
+            transport: Route::Maildir,
+            routes: BTreeMap::new(),
+            maildir_root: None,
+            pipe: Pipe::default(),
+            smtp_tls_security: SmtpTlsSecurity::May,
+            smtp_tls_ca_file: None,
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(300),
+            connection_reuse_time: Duration::from_secs(2),
+        }
     }
 }
 
+/// `[delivery.pipe]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pipe {
+    /// argv template, never run through a shell: an absolute program path,
+    /// then arguments where `${sender}`, `${recipient}`, `${queue_id}` and
+    /// `${original_recipient}` are expanded.
+    pub command: Vec<String>,
+    /// The user the command runs as when mortal runs as root (required then:
+    /// the command never runs as root).
+    pub user: Option<String>,
+    /// The command is killed after this long and the delivery deferred.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for Pipe {
+    fn default() -> Self {
+        Self { command: Vec::new(), user: None, timeout: Duration::from_secs(1000) }
+    }
+}
+
+impl Pipe {
+    /// What is wrong with `command`, for a config that routes mail to it.
+    fn problems(&self) -> Vec<String> {
+        let Some(program) = self.command.first() else {
+            return vec!["must name the program to run (a route uses pipe)".into()];
+        };
+        let mut out = Vec::new();
+        if !Path::new(program).is_absolute() {
+            out.push(format!("{program:?} must be an absolute path (the command never runs through a shell or PATH)"));
+        }
+        for arg in &self.command {
+            let mut rest = arg.as_str();
+            while let Some(i) = rest.find("${") {
+                let name = rest[i + 2..].split('}').next().unwrap_or_default();
+                if !rest[i + 2..].contains('}') || !PIPE_MACROS.contains(&name) {
+                    out.push(format!("{arg:?}: unknown expansion; use ${{{}}}", PIPE_MACROS.join("}, ${")));
+                    break;
+                }
+                rest = &rest[i + 3 + name.len()..];
+            }
+        }
+        out
+    }
+}
+
+/// The expansions a `[delivery.pipe] command` may use.
+pub const PIPE_MACROS: [&str; 4] = ["sender", "recipient", "queue_id", "original_recipient"];
+
+/// STARTTLS policy for relaying (Postfix smtp_tls_security_level).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Transport {
+pub enum SmtpTlsSecurity {
+    /// Never use TLS.
+    None,
+    /// Opportunistic: STARTTLS when offered, any certificate accepted.
+    May,
+    /// Mandatory: STARTTLS required and the certificate verified.
+    Encrypt,
+}
+
+/// Where a recipient's mail goes: `maildir`, `discard`, `pipe`,
+/// `lmtp:unix:/path`, `lmtp:inet:127.0.0.1:24`, `smtp:inet:[::1]:25`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Route {
     Maildir,
+    /// Accept and drop (a sinkhole; what benchmarks use).
+    Discard,
+    /// The `[delivery.pipe]` command.
+    Pipe,
+    Lmtp(NextHop),
+    /// Relay to a literal next hop (no MX lookups).
+    Smtp(SocketAddr),
+}
+
+/// An LMTP server's address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NextHop {
+    Unix(PathBuf),
+    Inet(SocketAddr),
+}
+
+impl std::str::FromStr for Route {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        const SYNTAX: &str = "expected maildir, discard, pipe, lmtp:unix:/path, lmtp:inet:IP:PORT or smtp:inet:IP:PORT";
+        let inet = |a: &str| {
+            a.parse::<SocketAddr>().map_err(|_| format!("route {s:?}: {a:?} is not a literal IP:PORT (IPv6 as [::1]:24)"))
+        };
+        match s {
+            "maildir" => return Ok(Route::Maildir),
+            "discard" => return Ok(Route::Discard),
+            "pipe" => return Ok(Route::Pipe),
+            _ => {}
+        }
+        if let Some(path) = s.strip_prefix("lmtp:unix:") {
+            if path.is_empty() {
+                return Err(format!("{s:?} names no socket path: {SYNTAX}"));
+            }
+            return Ok(Route::Lmtp(NextHop::Unix(PathBuf::from(path))));
+        }
+        if let Some(addr) = s.strip_prefix("lmtp:inet:") {
+            return Ok(Route::Lmtp(NextHop::Inet(inet(addr)?)));
+        }
+        if let Some(addr) = s.strip_prefix("smtp:inet:") {
+            return Ok(Route::Smtp(inet(addr)?));
+        }
+        Err(format!("unknown route {s:?}: {SYNTAX}"))
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Route::Maildir => f.write_str("maildir"),
+            Route::Discard => f.write_str("discard"),
+            Route::Pipe => f.write_str("pipe"),
+            Route::Lmtp(NextHop::Unix(p)) => write!(f, "lmtp:unix:{}", p.display()),
+            Route::Lmtp(NextHop::Inet(a)) => write!(f, "lmtp:inet:{a}"),
+            Route::Smtp(a) => write!(f, "smtp:inet:{a}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Route {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // A custom error keeps TOML's span, so a bad route names its line.
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `[anvil]`: the per-client counting service (Postfix anvil).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Anvil {
+    /// The window in which connection and message rates are counted
+    /// (Postfix anvil_rate_time_unit).
+    #[serde(deserialize_with = "duration")]
+    pub rate_time_unit: Duration,
+}
+
+impl Default for Anvil {
+    fn default() -> Self {
+        Self { rate_time_unit: Duration::from_secs(60) }
+    }
 }
 
 /// `[process.<service>]`: the lifetime policy of each pre-forked service.
@@ -206,7 +520,7 @@ pub struct Processes {
     pub cleanup: ProcessPolicy,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProcessPolicy {
     /// Hard cap on children of this service.
@@ -219,11 +533,54 @@ pub struct ProcessPolicy {
     pub max_spare: u32,
     /// Sessions a child serves before it exits; 0 means unlimited.
     pub max_use: u32,
+    /// An idle child above `min_spare` is retired after waiting this long
+    /// for a client (Postfix max_idle); "0s": never.
+    #[serde(deserialize_with = "duration")]
+    pub max_idle: Duration,
+    /// Wall-clock life of a child, from its spawn; "0s": unlimited.
+    #[serde(deserialize_with = "duration")]
+    pub max_lifetime: Duration,
+    /// Each child's life is drawn uniformly from
+    /// `[max_lifetime * (1 - lifetime_jitter), max_lifetime]`, so children
+    /// spawned together never die together. At least 0, below 1.
+    pub lifetime_jitter: f64,
+    /// A session running longer is stuck (deadlock or compromise): the
+    /// child gets SIGTERM, then SIGKILL; "0s": no deadline.
+    #[serde(deserialize_with = "duration")]
+    pub session_deadline: Duration,
+    /// How long a child past its lifetime may still finish its session
+    /// before it is killed anyway: load never makes a child immortal.
+    #[serde(deserialize_with = "duration")]
+    pub overdue_grace: Duration,
+    /// smtpd only: how long clients may wait in the listen backlog while
+    /// every child is busy at `process_limit`, before the master answers
+    /// them `421 4.3.2` itself (without reading a byte); "0s": never.
+    /// Default [`DEFAULT_OVERLOAD_WAIT`].
+    #[serde(deserialize_with = "optional_duration")]
+    pub overload_wait: Option<Duration>,
 }
+
+/// `overload_wait` of an smtpd service that does not set it.
+pub const DEFAULT_OVERLOAD_WAIT: Duration = Duration::from_secs(10);
+/// Shortest `max_lifetime` other than unlimited: a shorter life would spend
+/// the pool's time spawning instead of serving.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
 
 impl Default for ProcessPolicy {
     fn default() -> Self {
-        Self { process_limit: 100, prefork: 2, min_spare: 1, max_spare: 10, max_use: 100 }
+        Self {
+            process_limit: 100,
+            prefork: 2,
+            min_spare: 1,
+            max_spare: 10,
+            max_use: 100,
+            max_idle: Duration::from_secs(100),
+            max_lifetime: Duration::from_secs(3600),
+            lifetime_jitter: 0.25,
+            session_deadline: Duration::from_secs(3600),
+            overdue_grace: Duration::from_secs(300),
+            overload_wait: None,
+        }
     }
 }
 
@@ -265,9 +622,25 @@ impl Config {
         config.server.spool_dir = base.join(&config.server.spool_dir);
         config.server.run_dir =
             Some(base.join(config.server.run_dir.clone().unwrap_or_else(|| config.server.spool_dir.join("run"))));
+        config.smtpd.tls_cert_file = config.smtpd.tls_cert_file.take().map(|p| base.join(p));
+        config.smtpd.tls_key_file = config.smtpd.tls_key_file.take().map(|p| base.join(p));
+        config.server.recipient_map = config.server.recipient_map.take().map(|p| base.join(p));
+        config.server.metrics_file = config.server.metrics_file.take().map(|p| base.join(p));
         config.delivery.maildir_root = Some(
             base.join(config.delivery.maildir_root.clone().unwrap_or_else(|| config.server.spool_dir.join("maildir"))),
         );
+        config.delivery.smtp_tls_ca_file = config.delivery.smtp_tls_ca_file.as_ref().map(|p| base.join(p));
+        let resolve = |r: &mut Route| {
+            if let Route::Lmtp(NextHop::Unix(p)) = r {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut config.delivery.transport);
+        config.delivery.routes.values_mut().for_each(resolve);
+        config.delivery.routes = std::mem::take(&mut config.delivery.routes)
+            .into_iter()
+            .map(|(domain, route)| (domain.to_lowercase(), route))
+            .collect();
         let problems: Vec<ConfigError> = config
             .problems()
             .into_iter()
@@ -315,6 +688,27 @@ impl Config {
         if self.smtpd.timeout.is_zero() {
             bad("smtpd", "timeout", "must be above 0".into());
         }
+        if self.smtpd.tls_cert_file.is_some() != self.smtpd.tls_key_file.is_some() {
+            bad("smtpd", "tls_cert_file", "needs tls_key_file, and the other way round".into());
+        }
+        if self.smtpd.tls_handshake_timeout.is_zero() {
+            bad("smtpd", "tls_handshake_timeout", "must be above 0".into());
+        }
+        if self.smtpd.min_data_rate > 0 && self.smtpd.data_rate_window.is_zero() {
+            bad("smtpd", "data_rate_window", "must be above 0 when min_data_rate is set".into());
+        }
+        if let Some(addr) = self.smtpd.proxy_listen.iter().find(|a| self.smtpd.listen.contains(a)) {
+            bad("smtpd", "proxy_listen", format!("{addr} is also in listen"));
+        }
+        if !self.smtpd.proxy_listen.is_empty() && self.smtpd.proxy_trusted.is_empty() {
+            bad("smtpd", "proxy_trusted", "must name the load balancers when proxy_listen is set".into());
+        }
+        if self.smtpd.proxy_timeout.is_zero() {
+            bad("smtpd", "proxy_timeout", "must be above 0".into());
+        }
+        if self.anvil.rate_time_unit.is_zero() {
+            bad("anvil", "rate_time_unit", "must be above 0".into());
+        }
         if self.queue.delivery_concurrency == 0 {
             bad("queue", "delivery_concurrency", "must be at least 1".into());
         }
@@ -323,6 +717,32 @@ impl Config {
         }
         if self.queue.minimal_backoff > self.queue.maximal_backoff {
             bad("queue", "minimal_backoff", "must not exceed maximal_backoff".into());
+        }
+        if self.queue.destination_concurrency_limit == 0 {
+            bad("queue", "destination_concurrency_limit", "must be at least 1".into());
+        }
+        for domain in self.delivery.routes.keys() {
+            if crate::address::parse_mailbox(&format!("x@{domain}"), true).is_err() {
+                bad("delivery.routes", domain, format!("{domain:?} is not a domain name"));
+            }
+        }
+        let routes = || std::iter::once(&self.delivery.transport).chain(self.delivery.routes.values());
+        if routes().any(|r| *r == Route::Pipe) {
+            for problem in self.delivery.pipe.problems() {
+                bad("delivery.pipe", "command", problem);
+            }
+        }
+        if self.delivery.pipe.timeout.is_zero() {
+            bad("delivery.pipe", "timeout", "must be above 0".into());
+        }
+        if self.delivery.pipe.user.as_deref() == Some("root") {
+            bad("delivery.pipe", "user", "must not be root".into());
+        }
+        if self.delivery.connect_timeout.is_zero() {
+            bad("delivery", "connect_timeout", "must be above 0".into());
+        }
+        if self.delivery.command_timeout.is_zero() {
+            bad("delivery", "command_timeout", "must be above 0".into());
         }
         for (name, p) in [("smtpd", &self.process.smtpd), ("cleanup", &self.process.cleanup)] {
             let table = format!("process.{name}");
@@ -338,8 +758,26 @@ impl Config {
             if p.min_spare > p.process_limit {
                 bad(&table, "min_spare", format!("must not exceed process_limit ({})", p.process_limit));
             }
+            if !(0.0..1.0).contains(&p.lifetime_jitter) {
+                bad(&table, "lifetime_jitter", "must be at least 0 and below 1".into());
+            }
+            if !p.max_lifetime.is_zero() && p.max_lifetime < MIN_LIFETIME {
+                bad(&table, "max_lifetime", format!("must be 0s (unlimited) or at least {MIN_LIFETIME:?}"));
+            }
+            if !p.max_lifetime.is_zero() && p.overdue_grace.is_zero() {
+                bad(&table, "overdue_grace", "must be above 0: a busy child past its life needs time to finish".into());
+            }
+        }
+        if self.process.cleanup.overload_wait.is_some() {
+            bad("process.cleanup", "overload_wait", "applies to smtpd only: cleanup's clients are smtpd, which waits".into());
         }
         out
+    }
+
+    /// The route for mail to `domain`: its `[delivery.routes]` entry, or
+    /// the default `transport`.
+    pub fn route_for(&self, domain: &str) -> &Route {
+        self.delivery.routes.get(&domain.to_lowercase()).unwrap_or(&self.delivery.transport)
     }
 
     pub fn run_dir(&self) -> &Path {
@@ -359,6 +797,11 @@ impl Config {
     /// cleanup's listening socket (smtpd connects here).
     pub fn cleanup_socket(&self) -> PathBuf {
         self.private_dir().join("cleanup")
+    }
+
+    /// anvil's socket (smtpd connects here for per-client counts).
+    pub fn anvil_socket(&self) -> PathBuf {
+        self.private_dir().join("anvil")
     }
 
     /// queue's wake-up socket (cleanup and the CLI connect here).
@@ -391,6 +834,10 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"300s\" or \"5m\": {e}")))
 }
 
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 fn line_of_offset(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
@@ -409,7 +856,7 @@ fn line_of_key(text: &str, table: &str, key: &str) -> Option<usize> {
             }
             continue;
         }
-        if current == table && line.split('=').next().is_some_and(|k| k.trim() == key) && line.contains('=') {
+        if current == table && line.split('=').next().is_some_and(|k| k.trim().trim_matches('"') == key) && line.contains('=') {
             return Some(i + 1);
         }
     }
@@ -446,6 +893,41 @@ mod tests {
         let err = Config::parse(text, Path::new("m.toml")).unwrap_err();
         assert_eq!(err.len(), 1);
         assert_eq!(err[0].to_string(), "m.toml:3: process.smtpd.prefork: must not exceed process_limit (2)");
+    }
+
+    #[test]
+    fn routes_parse_and_resolve() {
+        let text = "[delivery]\ntransport = \"lmtp:unix:run/lmtp\"\n[delivery.routes]\n\"Relay.TEST\" = \"smtp:inet:[::1]:25\"\n\"x.test\" = \"lmtp:inet:127.0.0.1:24\"\n\"d.test\" = \"discard\"\n";
+        let c = Config::parse(text, Path::new("/etc/m/m.toml")).unwrap();
+        assert_eq!(c.delivery.transport, Route::Lmtp(NextHop::Unix("/etc/m/run/lmtp".into())));
+        assert_eq!(c.route_for("relay.test"), &Route::Smtp("[::1]:25".parse().unwrap()));
+        assert_eq!(c.route_for("X.TEST").to_string(), "lmtp:inet:127.0.0.1:24");
+        assert_eq!(c.route_for("d.test"), &Route::Discard);
+        assert_eq!(c.route_for("other.test").to_string(), "lmtp:unix:/etc/m/run/lmtp");
+        assert_eq!(c.queue.destination_concurrency_limit, 20);
+        assert_eq!(c.queue.queue_lifetime, Duration::from_secs(432_000));
+    }
+
+    #[test]
+    fn bad_route_names_line() {
+        for bad in ["lmtp:inet:localhost:24", "smtp:unix:/x", "lmtp:unix:", "mbox", "smtp:inet:127.0.0.1"] {
+            let text = format!("[delivery]\nmaildir_root = \"m\"\n[delivery.routes]\n\"a.test\" = \"{bad}\"\n");
+            let err = Config::parse(&text, Path::new("m.toml")).unwrap_err();
+            let msg = err[0].to_string();
+            assert!(msg.starts_with("m.toml:4") && msg.contains(bad), "{bad}: {msg}");
+        }
+    }
+
+    #[test]
+    fn pipe_command_is_checked_when_routed() {
+        let ok = "[delivery]\ntransport = \"pipe\"\n[delivery.pipe]\ncommand = [\"/bin/p\", \"${recipient}\"]\n";
+        assert!(Config::parse(ok, Path::new("m.toml")).is_ok());
+        let text = "[delivery]\ntransport = \"pipe\"\n[delivery.pipe]\ncommand = [\"p\", \"${rcpt}\"]\n";
+        let err = Config::parse(text, Path::new("m.toml")).unwrap_err();
+        assert_eq!(err.len(), 2, "{err:?}");
+        assert!(err.iter().all(|e| e.to_string().starts_with("m.toml:4: delivery.pipe.command")), "{err:?}");
+        let err = Config::parse("[delivery]\ntransport = \"pipe\"\n", Path::new("m.toml")).unwrap_err();
+        assert!(err[0].message.contains("must name the program"), "{err:?}");
     }
 
     #[test]

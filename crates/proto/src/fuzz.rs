@@ -43,3 +43,27 @@ pub fn address(data: &[u8]) {
         }
     }
 }
+
+/// Parses the input as `mortal.toml`. Every error must point into the
+/// file (a line within it, when one is given), and an accepted config
+/// must parse to the same thing again (parsing is deterministic).
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let file = std::path::Path::new("/fuzz/etc/mortal.toml");
+    match crate::config::Config::parse(text, file) {
+        Ok(config) => {
+            let again = crate::config::Config::parse(text, file).expect("an accepted config parses again");
+            assert_eq!(format!("{again:?}"), format!("{config:?}"), "parsing is deterministic");
+        }
+        Err(errors) => {
+            assert!(!errors.is_empty(), "a refusal names at least one problem");
+            let lines = text.lines().count().max(1);
+            for e in errors {
+                assert_eq!(e.file, file);
+                if let Some(line) = e.line {
+                    assert!((1..=lines + 1).contains(&line), "line {line} outside a {lines}-line file");
+                }
+            }
+        }
+    }
+}

@@ -26,6 +26,8 @@
 #![forbid(unsafe_code)]
 
 pub mod address;
+pub mod anvil;
+pub mod cidr;
 pub mod config;
 pub mod date;
 pub mod fuzz;

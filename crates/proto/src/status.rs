@@ -1,4 +1,5 @@
-//! Child → master status records and master → child commands.
+//! Child → master status records and master → child commands; and the
+//! operator's control socket requests.
 //!
 //! Each child owns one Unix stream socket to the master (its stdout; the
 //! same socket is its stdin, see `mortal_master::child`). Records are a fixed
@@ -85,6 +86,49 @@ impl MasterCommand {
     }
 }
 
+/// The operator's control socket, in the run directory: `mortal status`,
+/// `reload` and `stop` talk to the master over it. The master accepts
+/// connections only from root and from its own user (checked with
+/// `SO_PEERCRED`), and the socket file is mode 0600.
+pub const CONTROL_SOCKET: &str = "master.sock";
+/// Longest request line, newline included.
+pub const CONTROL_REQUEST_MAX: usize = 64;
+/// First word of a reply that reports failure; each line of the reason
+/// follows it (`error: <file>:<line>: <key>: <message>`).
+pub const CONTROL_ERROR: &str = "error:";
+/// The reply to a request that was carried out.
+pub const CONTROL_OK: &str = "ok";
+
+/// One request on the control socket: a single line, then the master
+/// replies and closes. `status` is answered with one JSON document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlRequest {
+    Status,
+    Reload,
+    Stop,
+}
+
+impl ControlRequest {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlRequest::Status => "status",
+            ControlRequest::Reload => "reload",
+            ControlRequest::Stop => "stop",
+        }
+    }
+
+    /// Parses a request line (without its newline); anything else is
+    /// refused whole.
+    pub fn parse(line: &[u8]) -> Option<Self> {
+        match line {
+            b"status" => Some(ControlRequest::Status),
+            b"reload" => Some(ControlRequest::Reload),
+            b"stop" => Some(ControlRequest::Stop),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +147,16 @@ mod tests {
         assert_eq!(StatusRecord::decode(&[STATUS_MAGIC, 9, 0, 0, 0, 0, 0, 0]), None);
         assert_eq!(StatusRecord::decode(&[STATUS_MAGIC, 1, 1, 0, 0, 0, 0, 0]), None);
         assert_eq!(MasterCommand::decode(b'x'), None);
+    }
+
+    #[test]
+    fn control_requests_round_trip_and_nothing_else_parses() {
+        for r in [ControlRequest::Status, ControlRequest::Reload, ControlRequest::Stop] {
+            assert_eq!(ControlRequest::parse(r.as_str().as_bytes()), Some(r));
+            assert!(r.as_str().len() < CONTROL_REQUEST_MAX);
+        }
+        for bad in [&b"STATUS"[..], b"status ", b"", b"stop\r", b"reload now"] {
+            assert_eq!(ControlRequest::parse(bad), None);
+        }
     }
 }

@@ -31,11 +31,20 @@
 //! corrupt files and spool errors.
 #![forbid(unsafe_code)]
 
+mod queue_bounce;
+mod queue_client;
 mod queue_deliver;
+mod queue_discard;
+mod queue_lmtp;
 mod queue_maildir;
+mod queue_pipe;
+mod queue_route;
 mod queue_scan;
+mod queue_smtp;
+mod queue_spool;
 
 use mortal_master::child::{self, Listener, MasterLink};
+use mortal_master::sandbox::{self, Service};
 use mortal_proto::status::ChildState;
 use std::io::Read;
 use std::os::unix::net::UnixListener;
@@ -53,6 +62,7 @@ pub enum Event {
 }
 
 fn main() {
+    sandbox::selftest::run_if_asked(Service::Queue);
     let config = child::startup("queue");
     let (listener, mut link) = match (UnixListener::inherited(), MasterLink::inherited()) {
         (Ok(l), Ok(m)) => (l, m),
@@ -61,6 +71,8 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // Before the first queue file is read and before any thread starts.
+    sandbox::enter_or_exit(Service::Queue, &config);
     let mut scheduler = match queue_scan::Scheduler::start(&config) {
         Ok(s) => s,
         Err(e) => {

@@ -6,6 +6,9 @@
 //! become LF, as every Maildir reader expects, and `Return-Path:` and
 //! `Delivered-To:` are prepended like Postfix's local(8) does.
 
+use crate::queue_route::{RcptResult, Report, Status};
+use mortal_proto::config::Config;
+use mortal_proto::queue_file::QueueFile;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -15,6 +18,21 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Makes Maildir file names unique within this process.
 static DELIVERIES: AtomicU64 = AtomicU64::new(0);
+
+/// The agent: one Maildir copy per recipient of the batch.
+pub fn deliver_batch(config: &Config, qf: &QueueFile, rcpts: &[usize]) -> Report {
+    let results = rcpts
+        .iter()
+        .map(|&i| {
+            let rcpt = &qf.recipients[i].address;
+            match deliver(config.maildir_root(), &config.server.hostname, &qf.sender.address, rcpt, &qf.content) {
+                Ok(_) => RcptResult::delivered("delivered to maildir"),
+                Err(e) => RcptResult::new(Status::Deferred, "4.2.0", format!("maildir delivery failed: {e}")),
+            }
+        })
+        .collect();
+    Report { relay: "local".into(), results }
+}
 
 /// Delivers one copy of `content` (CRLF lines, as spooled) for `recipient`.
 /// Returns the path of the new file.

@@ -7,6 +7,7 @@
 
 use crate::Event;
 use crate::queue_deliver;
+use crate::queue_route::Agents;
 use mortal_master::child::ExitReason;
 use mortal_proto::config::Config;
 use mortal_proto::queue_id;
@@ -27,6 +28,8 @@ pub struct Scheduler {
     in_flight: HashSet<String>,
     jobs: Option<Sender<String>>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    /// Routing, destination slots and idle sessions, shared with the workers.
+    agents: Arc<Agents>,
     /// A scan found more work than `active_limit` allowed: scan again as
     /// soon as a slot frees up.
     backlog: bool,
@@ -40,7 +43,13 @@ impl Scheduler {
         }
         fs::create_dir_all(config.maildir_root())?;
         recover(config)?;
-        Ok(Self { in_flight: HashSet::new(), jobs: None, workers: Vec::new(), backlog: false })
+        Ok(Self {
+            in_flight: HashSet::new(),
+            jobs: None,
+            workers: Vec::new(),
+            backlog: false,
+            agents: Arc::new(Agents::new(config.clone())),
+        })
     }
 
     /// Runs until the master stops us, then lets running deliveries finish.
@@ -61,6 +70,7 @@ impl Scheduler {
                 }
                 Ok(Event::Stop(reason)) => return self.shut_down(reason),
                 Err(RecvTimeoutError::Timeout) => {
+                    self.agents.cache.expire();
                     self.scan(config);
                     next_scan = SystemTime::now() + config.queue.scan_interval;
                 }
@@ -73,12 +83,16 @@ impl Scheduler {
         let (jobs, queue) = mpsc::channel::<String>();
         let queue = Arc::new(Mutex::new(queue));
         for _ in 0..config.queue.delivery_concurrency {
-            let (queue, events, config) = (Arc::clone(&queue), events.clone(), config.clone());
+            let (queue, events, agents) = (Arc::clone(&queue), events.clone(), Arc::clone(&self.agents));
             self.workers.push(std::thread::spawn(move || {
                 loop {
                     let next = queue.lock().map(|q| q.recv());
                     let Ok(Ok(id)) = next else { return };
-                    let outcome = queue_deliver::deliver(&config, &id);
+                    let (outcome, queued_mail) = queue_deliver::deliver(&agents, &id);
+                    // A DSN just written to incoming/ is scanned for at once.
+                    if queued_mail && events.send(Event::Wake).is_err() {
+                        return;
+                    }
                     if events.send(Event::Done(id, outcome)).is_err() {
                         return;
                     }
@@ -118,9 +132,18 @@ impl Scheduler {
         let room = (config.queue.active_limit as usize).saturating_sub(self.in_flight.len());
         self.backlog = due.len() > room;
         for (id, dir) in due.into_iter().take(room) {
-            if let Err(e) = fs::rename(config.queue_dir(dir).join(&id), config.queue_dir("active").join(&id)) {
-                tracing::warn!("warning: {id}: move {dir}/ to active/: {e}");
-                continue;
+            match fs::rename(config.queue_dir(dir).join(&id), config.queue_dir("active").join(&id)) {
+                Ok(()) => {}
+                // An operator command (hold, delete) renamed it first: the
+                // file is theirs now, which is normal.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    tracing::debug!("{id}: gone from {dir}/ before the move to active/");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("warning: {id}: move {dir}/ to active/: {e}");
+                    continue;
+                }
             }
             self.dispatch(id);
         }
@@ -144,6 +167,7 @@ impl Scheduler {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+        self.agents.cache.expire_all();
     }
 }
 

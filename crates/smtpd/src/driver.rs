@@ -14,8 +14,18 @@
 //! into `451 4.3.0`: a client only ever hears 250 after cleanup said 250.
 //! RSET, QUIT and lost clients simply drop the cleanup connection, and
 //! cleanup discards the unfinished message.
+//!
+//! On [`Action::StartTls`] the driver writes the pending `220`, runs the
+//! TLS handshake on the same socket (bounded by `tls_handshake_timeout`)
+//! and from then on reads and writes through TLS. On [`Action::Sleep`] it
+//! waits (the error tarpit). While the session reads message content it
+//! also enforces `min_data_rate`: over each `data_rate_window` of time
+//! spent waiting for the client, at least that many octets per second must
+//! arrive, or the session ends with `421 4.4.2`; a slowloris can hold a
+//! child no longer than one window.
 
 use crate::engine::{Action, Answer, Session};
+use crate::tls::{self, TlsServer};
 use mortal_proto::config::Config;
 use mortal_proto::ipc::{
     self, ClientInfo, Decoder, IpcError, PROTOCOL_VERSION, RecipientInfo, Reply, Request, SenderInfo,
@@ -23,11 +33,12 @@ use mortal_proto::ipc::{
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::timeout;
+use tokio_rustls::server::TlsStream;
 
 /// Octets read from the client at a time. This also bounds what one read
 /// adds to the session's buffer, since the session handles each read
@@ -41,14 +52,19 @@ const CLEANUP_READ_BUFFER: usize = 1024;
 /// mid-transaction. It has either written one already or never will.
 const ANSWER_AFTER_HANGUP_WAIT: Duration = Duration::from_secs(1);
 
-/// Serves one SMTP session on `stream` and logs its end. Never fails:
-/// every problem ends up in the log and, where possible, in a reply.
+/// Serves one SMTP session on `stream` without TLS; see [`session_with_tls`].
 pub async fn session(config: &Arc<Config>, stream: std::net::TcpStream) {
-    let addr = match stream.peer_addr() {
-        Ok(addr) => addr.ip(),
-        Err(e) => return tracing::warn!("warning: getpeername: {e}"),
-    };
-    let mut session = Session::new(Arc::clone(config), addr);
+    session_with_tls(config, None, stream).await
+}
+
+/// Serves one SMTP session on `stream` and logs its end; `tls` is what
+/// STARTTLS uses (the session offers it when `[smtpd]` says so). Never
+/// fails: every problem ends up in the log and, where possible, in a reply.
+pub async fn session_with_tls(config: &Arc<Config>, tls: Option<&TlsServer>, stream: std::net::TcpStream) {
+    // The real client (behind a PROXY header) and its per-client limits.
+    let Some(peer) = crate::peer::establish(config, &stream).await else { return };
+    let mut session = Session::new(Arc::clone(config), peer.addr);
+    session.early_input(&peer.early);
     let mut buf = vec![0; READ_BUFFER];
     if let Err(e) = stream.set_nonblocking(true) {
         return tracing::warn!("warning: set non-blocking: {e}");
@@ -59,16 +75,71 @@ pub async fn session(config: &Arc<Config>, stream: std::net::TcpStream) {
         Err(e) => return tracing::warn!("warning: register connection: {e}"),
     };
     let mut conn = Connection {
-        tcp,
+        stream: Stream::Plain(tcp),
+        tls: tls.cloned(),
+        start_tls: false,
+        handshake_timeout: config.smtpd.tls_handshake_timeout,
+        rate: None,
+        min_data_rate: config.smtpd.min_data_rate,
+        data_rate_window: config.smtpd.data_rate_window,
         out: Vec::new(),
         writable: true,
         timeout: config.smtpd.timeout,
-        cleanup_socket: config.cleanup_socket(),
+        // Inside smtpd's chroot the socket has a shorter name.
+        cleanup_socket: mortal_master::sandbox::visible_path(&config.cleanup_socket()),
         cleanup: CleanupState::Idle,
+        limits: peer.limits,
     };
-    conn.run(&mut session, &mut buf).await;
-    let _ = conn.tcp.shutdown().await;
+    // SIGTERM (the master's session deadline or overdue grace) ends the
+    // session with a 421 where the client can still take one, and then
+    // the process: see `install_term_handler`.
+    let terminated = tokio::select! {
+        () = conn.run(&mut session, &mut buf) => false,
+        () = terminated() => true,
+    };
+    if terminated {
+        conn.shutting_down(&config.server.hostname).await;
+    }
+    conn.stream.shutdown().await;
     tracing::info!("{}", session.finish());
+    if terminated {
+        tracing::info!("exit: terminated by signal 15 during a session");
+        std::process::exit(0);
+    }
+}
+
+/// Longest wait to hand the client its `421` after SIGTERM: less than the
+/// master's grace before SIGKILL.
+const TERM_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Whether [`install_term_handler`] ran: only then may a session subscribe
+/// to SIGTERM, because installing the handler later is a system call
+/// (`rt_sigaction`) that smtpd's seccomp filter kills the process for.
+static TERM_HANDLER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Installs the SIGTERM handler that lets a session end with `421 4.3.2
+/// <host> Service shutting down`. Call once, in `runtime`, before the
+/// sandbox. From then on SIGTERM never kills smtpd by itself: during a
+/// session it ends the session and the process; between sessions the
+/// master never sends it without SIGKILL following.
+pub fn install_term_handler(runtime: &tokio::runtime::Runtime) -> io::Result<()> {
+    let _in_runtime = runtime.enter();
+    // The handler stays installed when this first listener is dropped.
+    drop(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?);
+    TERM_HANDLER.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// Completes when SIGTERM arrives during this session.
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    if TERM_HANDLER.load(std::sync::atomic::Ordering::Relaxed)
+        && let Ok(mut term) = signal(SignalKind::terminate())
+    {
+        term.recv().await;
+        return;
+    }
+    std::future::pending().await
 }
 
 /// Anything already readable before the greeting was sent was sent by a
@@ -94,8 +165,83 @@ enum CleanupState {
     Broken,
 }
 
+/// The client connection, before and after STARTTLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// A handshake failed and took the socket with it.
+    Gone,
+}
+
+impl Stream {
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.read(buf).await,
+            Stream::Tls(tls) => tls.read(buf).await,
+            Stream::Gone => Ok(0),
+        }
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Plain(tcp) => tcp.write_all(bytes).await,
+            Stream::Tls(tls) => {
+                tls.write_all(bytes).await?;
+                tls.flush().await
+            }
+            Stream::Gone => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// Ends the connection politely (TLS close_notify, then FIN). Bounded:
+    /// a client that stops reading cannot hold the child here.
+    async fn shutdown(&mut self) {
+        let _ = match self {
+            Stream::Plain(tcp) => timeout(SHUTDOWN_WAIT, tcp.shutdown()).await,
+            Stream::Tls(tls) => timeout(SHUTDOWN_WAIT, tls.shutdown()).await,
+            Stream::Gone => return,
+        };
+    }
+}
+
+/// Longest wait for the final close of a connection.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// The client's content rate over the current window (`min_data_rate`).
+/// Only time spent waiting for the client counts, not time spent waiting
+/// for cleanup.
+#[derive(Debug, Default)]
+struct DataRate {
+    waited: Duration,
+    octets: u64,
+}
+
+impl DataRate {
+    /// Adds one read; at the end of a window, returns the octets per second
+    /// the client managed over it and starts the next window.
+    fn record(&mut self, waited: Duration, octets: usize, window: Duration) -> Option<u64> {
+        self.waited += waited;
+        self.octets += octets as u64;
+        if self.waited < window {
+            return None;
+        }
+        let rate = u128::from(self.octets) * 1000 / self.waited.as_millis().max(1);
+        *self = DataRate::default();
+        Some(u64::try_from(rate).unwrap_or(u64::MAX))
+    }
+}
+
 struct Connection {
-    tcp: TcpStream,
+    stream: Stream,
+    /// What STARTTLS uses; `None` refuses the handshake.
+    tls: Option<TlsServer>,
+    /// The session asked for TLS; the handshake runs after the 220 is out.
+    start_tls: bool,
+    handshake_timeout: Duration,
+    /// Set while the session reads content and `min_data_rate` is on.
+    rate: Option<DataRate>,
+    min_data_rate: u64,
+    data_rate_window: Duration,
     /// Replies not yet written.
     out: Vec<u8>,
     /// False once a write failed or timed out: later replies are dropped.
@@ -103,6 +249,8 @@ struct Connection {
     timeout: Duration,
     cleanup_socket: PathBuf,
     cleanup: CleanupState,
+    /// Per-client limits, and the anvil lease held for the session.
+    limits: crate::peer::ClientLimits,
 }
 
 impl Connection {
@@ -114,12 +262,60 @@ impl Connection {
                 // A failed final write may have queued log lines.
                 return self.perform(session).await;
             }
-            debug_assert!(session.wants_input(), "every cleanup step was answered");
-            match timeout(self.timeout, self.tcp.read(buf)).await {
-                Err(_) => session.timed_out(),
-                Ok(Ok(0) | Err(_)) => session.connection_lost(),
-                Ok(Ok(n)) => session.feed(&buf[..n]),
+            if std::mem::take(&mut self.start_tls) {
+                self.handshake(session).await;
+                continue;
             }
+            debug_assert!(session.wants_input(), "every cleanup step was answered");
+            self.read(session, buf).await;
+        }
+    }
+
+    /// One read from the client, bounded by `timeout` and, during content,
+    /// by the end of the current data-rate window.
+    async fn read(&mut self, session: &mut Session, buf: &mut [u8]) {
+        let window = self.data_rate_window;
+        if !session.in_content() || self.min_data_rate == 0 {
+            self.rate = None;
+        } else if self.rate.is_none() {
+            self.rate = Some(DataRate::default());
+        }
+        let window_left = self.rate.as_ref().map(|r| window.saturating_sub(r.waited));
+        let limit = window_left.map_or(self.timeout, |left| left.min(self.timeout));
+        let started = Instant::now();
+        let result = timeout(limit, self.stream.read(buf)).await;
+        let octets = match &result {
+            Ok(Ok(n)) => *n,
+            _ => 0,
+        };
+        if let Some(rate) = self.rate.as_mut().and_then(|r| r.record(started.elapsed(), octets, window))
+            && rate < self.min_data_rate
+        {
+            return session.too_slow(rate, self.min_data_rate);
+        }
+        match result {
+            Err(_) if window_left.is_some_and(|left| left < self.timeout) => {}
+            Err(_) => session.timed_out(),
+            Ok(Ok(0) | Err(_)) => session.connection_lost(),
+            Ok(Ok(n)) => session.feed(&buf[..n]),
+        }
+    }
+
+    /// Runs the TLS handshake the session asked for and tells it how it went.
+    async fn handshake(&mut self, session: &mut Session) {
+        let (Some(tls), Stream::Plain(_)) = (&self.tls, &self.stream) else {
+            return session.tls_failed("TLS is not available");
+        };
+        let acceptor = tls.acceptor().clone();
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else { unreachable!() };
+        match timeout(self.handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => {
+                let info = tls::describe(stream.get_ref().1);
+                self.stream = Stream::Tls(Box::new(stream));
+                session.tls_established(info);
+            }
+            Ok(Err(e)) => session.tls_failed(&e.to_string()),
+            Err(_) => session.tls_failed("handshake timeout exceeded"),
         }
     }
 
@@ -131,11 +327,17 @@ impl Connection {
                 Action::Reply(text) if self.writable => self.out.extend_from_slice(text.as_bytes()),
                 Action::Reply(_) | Action::Close => {}
                 Action::Log(line) => tracing::info!("{line}"),
-                Action::StartTransaction { client, sender } => self.open(session, client, sender).await,
+                Action::StartTransaction { client, sender } => match self.limits.check_message().await {
+                    Some(refusal) => session.cleanup_answer(refusal),
+                    None => self.open(session, client, sender).await,
+                },
                 Action::Recipient(address) => self.send(session, Step::Recipient(address)).await,
                 Action::Data(chunk) => self.send(session, Step::Data(chunk)).await,
                 Action::EndOfData => self.end(session).await,
                 Action::AbortTransaction => self.cleanup = CleanupState::Idle,
+                Action::StartTls => self.start_tls = true,
+                Action::Sleep(pause) if self.writable => tokio::time::sleep(pause).await,
+                Action::Sleep(_) => {}
             }
         }
     }
@@ -210,11 +412,22 @@ impl Connection {
         }
     }
 
+    /// SIGTERM mid-session: the one reply left, if the client can still
+    /// take it. Whatever was queued before is dropped: it may be half
+    /// written already.
+    async fn shutting_down(&mut self, hostname: &str) {
+        self.out.clear();
+        if self.writable {
+            let reply = format!("421 4.3.2 {hostname} Service shutting down\r\n");
+            let _ = timeout(TERM_REPLY_TIMEOUT, self.stream.write_all(reply.as_bytes())).await;
+        }
+    }
+
     async fn flush(&mut self, session: &mut Session) {
         if self.out.is_empty() || !self.writable {
             return self.out.clear();
         }
-        let result = timeout(self.timeout, self.tcp.write_all(&self.out)).await;
+        let result = timeout(self.timeout, self.stream.write_all(&self.out)).await;
         self.out.clear();
         match result {
             Ok(Ok(())) => {}

@@ -52,5 +52,11 @@
 //! client gets `451 4.3.0 Error: queue file write error`, never a 250.
 #![forbid(unsafe_code)]
 
+pub mod anvil;
+pub mod anvil_client;
 pub mod driver;
 pub mod engine;
+pub mod tls;
+pub mod peer;
+pub mod proxy;
+pub mod relay;

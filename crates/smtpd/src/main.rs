@@ -4,11 +4,31 @@
 //! documentation (`mortal_smtpd`).
 
 use mortal_master::child::{self, Listener, MasterLink};
+use mortal_master::sandbox::{self, Service};
 use std::net::TcpListener;
 use std::sync::Arc;
 
 fn main() {
+    sandbox::selftest::run_if_asked(Service::Smtpd);
     let config = Arc::new(child::startup("smtpd"));
+    // Read the certificate and key now, before the first session and before
+    // any privilege drop or sandbox takes the file system away. A child that
+    // cannot is a bad start, which the master throttles.
+    let tls = match mortal_smtpd::tls::TlsServer::from_config(&config.smtpd) {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::error!("fatal: STARTTLS: {e}");
+            std::process::exit(1);
+        }
+    };
+    // The recipient map too: read once per process, so `mortal reload`,
+    // which replaces every process, reloads it. Serving without it would
+    // accept mail for users who do not exist.
+    if let Err(e) = mortal_smtpd::relay::install(&config) {
+        let path = config.server.recipient_map.as_deref().unwrap_or(std::path::Path::new(""));
+        tracing::error!("fatal: recipient_map {}: {e}", path.display());
+        std::process::exit(1);
+    }
     let (listener, mut link) = match (<TcpListener as Listener>::inherited(), MasterLink::inherited()) {
         (Ok(listener), Ok(link)) => (listener, link),
         (Err(e), _) | (_, Err(e)) => {
@@ -26,8 +46,17 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // SIGTERM in a session ends it with 421; the handler must be in place
+    // before seccomp forbids installing it.
+    if let Err(e) = mortal_smtpd::driver::install_term_handler(&runtime) {
+        tracing::error!("fatal: SIGTERM handler: {e}");
+        std::process::exit(1);
+    }
+    // Everything smtpd reads from disk is loaded above; from here on it has
+    // no file system, no identity but the mail user's and few syscalls.
+    sandbox::enter_or_exit(Service::Smtpd, &config);
     let served = child::serve(&listener, &mut link, config.process.smtpd.max_use, |stream, _link| {
-        runtime.block_on(mortal_smtpd::driver::session(&config, stream))
+        runtime.block_on(mortal_smtpd::driver::session_with_tls(&config, tls.as_ref(), stream))
     });
     match served {
         Ok(reason) => tracing::info!("exit: {}", reason.as_str()),

@@ -11,10 +11,11 @@
 //! | line | meaning |
 //! |---|---|
 //! | `# ...` | comment |
-//! | `%set KEY VALUE` | config before the session starts: `message_size_limit`, `recipient_limit`, `hard_error_limit`, `accepted_domains` (comma list), `banner` |
+//! | `%set KEY VALUE` | config before the session starts: `message_size_limit`, `recipient_limit`, `hard_error_limit`, `accepted_domains` (comma list), `banner`, `soft_error_limit`, `error_sleep`, `bare_newline`, `smtputf8`, `chunking`, `dsn`, `tls` (`on`: a certificate is configured) |
 //! | `%peer ADDR` | client address (default 127.0.0.1) |
 //! | `%cleanup mail\|data ANSWER` | cleanup's next answer to MAIL (instead of a queue id) or to End; `fail` for a broken conversation |
 //! | `%cleanup now fail` | the cleanup conversation breaks right now |
+//! | `%tls ok INFO`, `%tls fail REASON` | the TLS handshake after `E: starttls` succeeded (negotiating INFO) or failed |
 //! | `%early BYTES` | input that arrived before the greeting |
 //! | `%timeout`, `%lost` | the driver's read timed out, the client went away |
 //! | `%new` | finish this session; the next input starts another |
@@ -23,16 +24,19 @@
 //!
 //! BYTES and TEXT take the escapes `\r`, `\n`, `\t`, `\\`, `\xHH` and
 //! `\{c*N}` (the character c, N times). Output lines are `S:` (reply
-//! lines), `L:` (log lines) and `E:` (cleanup events: `start`, `rcpt`,
-//! `data`, `end`, `abort`, `close`).
+//! lines), `L:` (log lines) and `E:` (driver events: `start`, `rcpt`,
+//! `data`, `end`, `abort` for cleanup, `starttls`, `sleep`, `close`).
+//! DSN parameters, SMTPUTF8 and TLS show on `start` and `rcpt` only when
+//! set.
 
-use mortal_proto::config::Config;
+use mortal_proto::config::{BareNewline, Config};
 use mortal_smtpd::engine::{Action, Answer, Session};
 use std::collections::VecDeque;
 use std::fmt::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 const BASE_CONFIG: &str = r#"
 [server]
@@ -76,7 +80,7 @@ impl Runner {
     fn line(&mut self, line: &str) {
         // Input needs a session; starting it first puts the greeting above
         // the first input line, where a reader expects it.
-        let acts = ["C: ", "C| ", "%early", "%timeout", "%lost", "%cleanup now"];
+        let acts = ["C: ", "C| ", "%early", "%timeout", "%lost", "%cleanup now", "%tls"];
         if acts.iter().any(|p| line.starts_with(p)) {
             self.session();
         }
@@ -131,6 +135,15 @@ impl Runner {
                 self.render();
             }
             "new" => self.finish(),
+            "tls" => {
+                let (outcome, text) = arg.split_once(' ').expect("%tls ok|fail TEXT");
+                match outcome {
+                    "ok" => self.session().tls_established(text.to_owned()),
+                    "fail" => self.session().tls_failed(text),
+                    other => panic!("unknown %tls outcome {other}"),
+                }
+                self.render();
+            }
             other => panic!("unknown directive %{other}"),
         }
     }
@@ -144,6 +157,25 @@ impl Runner {
             "recipient_limit" => smtpd.recipient_limit = value.parse().expect("number"),
             "hard_error_limit" => smtpd.hard_error_limit = value.parse().expect("number"),
             "banner" => smtpd.banner = value.to_owned(),
+            "soft_error_limit" => smtpd.soft_error_limit = value.parse().expect("number"),
+            "error_sleep" => smtpd.error_sleep = Duration::from_millis(value.parse().expect("milliseconds")),
+            "bare_newline" => {
+                smtpd.bare_newline = match value {
+                    "reject" => BareNewline::Reject,
+                    "normalize" => BareNewline::Normalize,
+                    other => panic!("bare_newline {other}"),
+                }
+            }
+            "smtputf8" => smtpd.smtputf8 = value == "on",
+            "chunking" => smtpd.chunking = value == "on",
+            "dsn" => smtpd.dsn = value == "on",
+            "tls" => {
+                // The engine only needs to know that STARTTLS is offered;
+                // the files are the driver's, and are never read here.
+                let on = value == "on";
+                smtpd.tls_cert_file = on.then(|| PathBuf::from("/transcripts/cert.pem"));
+                smtpd.tls_key_file = on.then(|| PathBuf::from("/transcripts/key.pem"));
+            }
             "accepted_domains" => {
                 self.config.server.accepted_domains =
                     value.split(',').filter(|d| !d.is_empty()).map(str::to_owned).collect();
@@ -175,7 +207,7 @@ impl Runner {
                     let _ = writeln!(self.out, "L: {l}");
                 }
                 Action::StartTransaction { client, sender } => {
-                    let _ = writeln!(
+                    let _ = write!(
                         self.out,
                         "E: start client={}[{}] helo=<{}> proto={} from=<{}> body={:?} smtputf8={}",
                         client.name,
@@ -186,10 +218,36 @@ impl Runner {
                         sender.body,
                         sender.smtputf8
                     );
+                    if let Some(ret) = sender.ret {
+                        let _ = write!(self.out, " ret={ret:?}");
+                    }
+                    if !sender.envid.is_empty() {
+                        let _ = write!(self.out, " envid=<{}>", sender.envid);
+                    }
+                    if !client.tls.is_empty() {
+                        let _ = write!(self.out, " tls=<{}>", client.tls);
+                    }
+                    let _ = writeln!(self.out);
                     self.answer_mail();
                 }
                 Action::Recipient(rcpt) => {
-                    let _ = writeln!(self.out, "E: rcpt <{}>", rcpt.address);
+                    let _ = write!(self.out, "E: rcpt <{}>", rcpt.address);
+                    if !rcpt.notify.is_default() {
+                        let n = rcpt.notify;
+                        let flags = [(n.never, "NEVER"), (n.success, "SUCCESS"), (n.failure, "FAILURE"), (n.delay, "DELAY")];
+                        let names: Vec<&str> = flags.iter().filter(|(on, _)| *on).map(|(_, name)| *name).collect();
+                        let _ = write!(self.out, " notify={}", names.join(","));
+                    }
+                    if !rcpt.orcpt.is_empty() {
+                        let _ = write!(self.out, " orcpt=<{}>", rcpt.orcpt);
+                    }
+                    let _ = writeln!(self.out);
+                }
+                Action::StartTls => {
+                    let _ = writeln!(self.out, "E: starttls");
+                }
+                Action::Sleep(pause) => {
+                    let _ = writeln!(self.out, "E: sleep {}ms", pause.as_millis());
                 }
                 Action::Data(chunk) => {
                     let _ = writeln!(self.out, "E: data \"{}\"", escape(&chunk));
@@ -379,4 +437,10 @@ transcripts!(
     cleanup_failures,
     timeouts_and_lost_connections,
     reset,
+    starttls,
+    bdat,
+    smtputf8,
+    dsn,
+    bare_newline_normalize,
+    error_tarpit,
 );

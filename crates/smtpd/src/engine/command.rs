@@ -15,9 +15,11 @@ pub const MAX_HELO_NAME: usize = 255;
 pub enum Verb {
     Helo,
     Ehlo,
+    Starttls,
     Mail,
     Rcpt,
     Data,
+    Bdat,
     Rset,
     Noop,
     Vrfy,
@@ -28,12 +30,14 @@ pub enum Verb {
 
 impl Verb {
     /// Every verb, in report order.
-    pub const ALL: [Verb; 11] = [
+    pub const ALL: [Verb; 13] = [
         Verb::Helo,
         Verb::Ehlo,
+        Verb::Starttls,
         Verb::Mail,
         Verb::Rcpt,
         Verb::Data,
+        Verb::Bdat,
         Verb::Rset,
         Verb::Noop,
         Verb::Vrfy,
@@ -47,9 +51,11 @@ impl Verb {
         match self {
             Verb::Helo => "HELO",
             Verb::Ehlo => "EHLO",
+            Verb::Starttls => "STARTTLS",
             Verb::Mail => "MAIL",
             Verb::Rcpt => "RCPT",
             Verb::Data => "DATA",
+            Verb::Bdat => "BDAT",
             Verb::Rset => "RSET",
             Verb::Noop => "NOOP",
             Verb::Vrfy => "VRFY",
@@ -64,9 +70,11 @@ impl Verb {
         match self {
             Verb::Helo => "HELO hostname",
             Verb::Ehlo => "EHLO hostname",
+            Verb::Starttls => "STARTTLS",
             Verb::Mail => "MAIL FROM:<address>",
             Verb::Rcpt => "RCPT TO:<address>",
             Verb::Data => "DATA",
+            Verb::Bdat => "BDAT count [LAST]",
             Verb::Rset => "RSET",
             Verb::Noop => "NOOP [text]",
             Verb::Vrfy => "VRFY address",
@@ -80,9 +88,13 @@ impl Verb {
     /// ... can only appear as the last command in a group". HELO changes
     /// state exactly like EHLO, so it ends a group too (Postfix agrees).
     /// RSET is deliberately absent: the RFC does not list it, and clients
-    /// pipeline `RSET` + `MAIL` in practice.
+    /// pipeline `RSET` + `MAIL` in practice. STARTTLS ends a group because
+    /// RFC 3207 5 requires it: input pipelined after it was sent in the
+    /// clear, and acting on it is the CVE-2011-0411 class of injection.
+    /// BDAT does not: its chunk follows it, and RFC 3030 4.2 lets clients
+    /// pipeline BDAT commands.
     pub fn ends_group(self) -> bool {
-        matches!(self, Verb::Helo | Verb::Ehlo | Verb::Data | Verb::Vrfy | Verb::Noop | Verb::Quit)
+        matches!(self, Verb::Helo | Verb::Ehlo | Verb::Starttls | Verb::Data | Verb::Vrfy | Verb::Noop | Verb::Quit)
     }
 }
 
@@ -108,6 +120,12 @@ pub enum Command<'a> {
         params: Vec<Param<'a>>,
     },
     Data,
+    StartTls,
+    /// `BDAT count [LAST]` (RFC 3030 2): the chunk of `size` octets follows.
+    Bdat {
+        size: u64,
+        last: bool,
+    },
     Rset,
     Noop,
     Vrfy(&'a str),
@@ -130,16 +148,12 @@ pub enum ParseError {
 
 /// Standard commands smtpd knows but does not offer, with whether RFC 2920
 /// makes them end a pipelining group.
-const NOT_IMPLEMENTED: [(&str, bool); 8] = [
-    ("EXPN", true),
-    ("TURN", true),
-    ("ETRN", false),
-    ("ATRN", false),
-    ("STARTTLS", true),
-    ("AUTH", false),
-    ("BDAT", false),
-    ("SEND", false),
-];
+const NOT_IMPLEMENTED: [(&str, bool); 6] =
+    [("EXPN", true), ("TURN", true), ("ETRN", false), ("ATRN", false), ("AUTH", false), ("SEND", false)];
+
+/// Most digits accepted in a BDAT chunk size; more would not fit a u64
+/// and is certainly over any size limit.
+pub const MAX_BDAT_DIGITS: usize = 19;
 
 impl Command<'_> {
     pub fn verb(&self) -> Verb {
@@ -149,6 +163,8 @@ impl Command<'_> {
             Command::Mail { .. } => Verb::Mail,
             Command::Rcpt { .. } => Verb::Rcpt,
             Command::Data => Verb::Data,
+            Command::StartTls => Verb::Starttls,
+            Command::Bdat { .. } => Verb::Bdat,
             Command::Rset => Verb::Rset,
             Command::Noop => Verb::Noop,
             Command::Vrfy(_) => Verb::Vrfy,
@@ -202,6 +218,8 @@ pub fn parse(line: &str) -> Result<Command<'_>, ParseError> {
         Verb::Noop => Ok(Command::Noop),
         Verb::Help => Ok(Command::Help),
         Verb::Data if rest.is_empty() => Ok(Command::Data),
+        Verb::Starttls if rest.is_empty() => Ok(Command::StartTls),
+        Verb::Bdat => bdat(rest).ok_or(syntax),
         Verb::Rset if rest.is_empty() => Ok(Command::Rset),
         Verb::Quit if rest.is_empty() => Ok(Command::Quit),
         _ => Err(syntax),
@@ -210,6 +228,23 @@ pub fn parse(line: &str) -> Result<Command<'_>, ParseError> {
 
 fn lookup(word: &str) -> Option<Verb> {
     Verb::ALL.into_iter().filter(|v| *v != Verb::Unknown).find(|v| word.eq_ignore_ascii_case(v.name()))
+}
+
+/// `chunk-size [SP end-marker]` (RFC 3030 2): digits, then optionally
+/// `LAST`.
+fn bdat(arg: &str) -> Option<Command<'_>> {
+    let mut words = arg.split(' ').filter(|w| !w.is_empty());
+    let size = words.next()?;
+    let last = match words.next() {
+        None => false,
+        Some(w) if w.eq_ignore_ascii_case("LAST") => true,
+        Some(_) => return None,
+    };
+    let digits = !size.is_empty() && size.len() <= MAX_BDAT_DIGITS && size.bytes().all(|b| b.is_ascii_digit());
+    if !digits || words.next().is_some() {
+        return None;
+    }
+    Some(Command::Bdat { size: size.parse().ok()?, last })
 }
 
 /// `Domain / address-literal` (RFC 5321 4.1.1.1): one word of visible
@@ -354,9 +389,22 @@ mod tests {
             ("VRFY", Err(Syntax(Verb::Vrfy))),
             ("HELP", Ok(Help)),
             ("HELP MAIL", Ok(Help)),
-            ("STARTTLS", Ok(NotImplemented("STARTTLS"))),
+            ("STARTTLS", Ok(StartTls)),
+            ("starttls ", Ok(StartTls)),
+            ("STARTTLS now", Err(Syntax(Verb::Starttls))),
             ("expn staff", Ok(NotImplemented("EXPN"))),
-            ("BDAT 10 LAST", Ok(NotImplemented("BDAT"))),
+            ("BDAT 10 LAST", Ok(Bdat { size: 10, last: true })),
+            ("bdat 0 last", Ok(Bdat { size: 0, last: true })),
+            ("BDAT 4096", Ok(Bdat { size: 4096, last: false })),
+            ("BDAT  12  LAST ", Ok(Bdat { size: 12, last: true })),
+            ("BDAT 9999999999999999999", Ok(Bdat { size: 9_999_999_999_999_999_999, last: false })),
+            ("BDAT 99999999999999999999", Err(Syntax(Verb::Bdat))),
+            ("BDAT", Err(Syntax(Verb::Bdat))),
+            ("BDAT LAST", Err(Syntax(Verb::Bdat))),
+            ("BDAT -1", Err(Syntax(Verb::Bdat))),
+            ("BDAT +1", Err(Syntax(Verb::Bdat))),
+            ("BDAT 10 FIRST", Err(Syntax(Verb::Bdat))),
+            ("BDAT 10 LAST x", Err(Syntax(Verb::Bdat))),
             ("GET / HTTP/1.1", Ok(Unknown)),
             ("MAILFROM:<a@example.test>", Ok(Unknown)),
             ("\u{fffd}\u{fffd}", Ok(Unknown)),
@@ -382,6 +430,8 @@ mod tests {
             "STARTTLS",
             "MAIL FROM:<>",
             "RSET",
+            "BDAT 10",
+            "BDAT 10 LAST",
         ]
         .into_iter()
         .filter(|l| parse(l).is_ok_and(|c| c.ends_group()))

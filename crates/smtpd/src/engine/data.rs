@@ -11,6 +11,13 @@
 //! line can only *start* after a real `<CR><LF>`, so a dot after a bare
 //! line ending is plain content.
 //!
+//! With `bare_newline = normalize` a bare `<LF>` is taken as a line end
+//! and passed on as `<CR><LF>` instead of failing the message, but the line
+//! it starts is not a line start in the sense of the terminator: a dot
+//! there is plain content, so `<LF>.<CR><LF>` and `<CR><LF>.<LF>` still
+//! end nothing. A bare `<CR>` is refused in both modes: no client sends it
+//! by mistake, and it has no safe reading.
+//!
 //! Incremental: input can be split anywhere, state carries across calls.
 
 /// RFC 5321 4.5.3.1.6: a text line is at most 1000 octets including the
@@ -39,6 +46,9 @@ enum At {
     Dot,
     /// After `.<CR>` at the start of a line: `<LF>` ends the message.
     DotCr,
+    /// Just after a bare `<LF>` taken as a line end (normalize mode):
+    /// a new line, but a dot here is content and ends nothing.
+    LfStart,
     /// Inside a line.
     Middle,
     /// After a `<CR>` inside a line: `<LF>` ends the line.
@@ -62,12 +72,15 @@ pub struct DataReceiver {
     size: u64,
     limit: u64,
     error: Option<ContentError>,
+    /// Take a bare `<LF>` as `<CR><LF>` instead of failing.
+    normalize: bool,
 }
 
 impl DataReceiver {
-    /// A decoder refusing content of more than `limit` octets.
-    pub fn new(limit: u64) -> Self {
-        Self { at: At::LineStart, line_len: 0, size: 0, limit, error: None }
+    /// A decoder refusing content of more than `limit` octets, and any
+    /// bare `<LF>` unless `normalize`.
+    pub fn new(limit: u64, normalize: bool) -> Self {
+        Self { at: At::LineStart, line_len: 0, size: 0, limit, error: None, normalize }
     }
 
     /// The first problem found so far.
@@ -90,12 +103,23 @@ impl DataReceiver {
                 At::LineStart => match b {
                     b'.' => (self.at, i) = (At::Dot, i + 1),
                     b'\r' => (self.at, i) = (At::Cr, i + 1),
-                    b'\n' => (self.at, i) = (self.fail(ContentError::BareLf), i + 1),
+                    b'\n' => (self.at, i) = (self.bare_lf(out), i + 1),
+                    _ => self.at = At::Middle,
+                },
+                At::LfStart => match b {
+                    b'\r' => (self.at, i) = (At::Cr, i + 1),
+                    b'\n' => (self.at, i) = (self.bare_lf(out), i + 1),
                     _ => self.at = At::Middle,
                 },
                 // RFC 5321 4.5.2: a leading dot is dropped; `..` gives `.`.
                 At::Dot => match b {
                     b'\r' => (self.at, i) = (At::DotCr, i + 1),
+                    // `<CR><LF>.<LF>` is not a terminator; normalized, the
+                    // dot stays, so the line reads as what was sent.
+                    b'\n' if self.normalize => {
+                        self.text(b".", out);
+                        (self.at, i) = (self.bare_lf(out), i + 1);
+                    }
                     b'\n' => (self.at, i) = (self.fail(ContentError::BareLf), i + 1),
                     _ => self.at = At::Middle,
                 },
@@ -125,8 +149,19 @@ impl DataReceiver {
             self.text(&input[..run], out);
             return run;
         }
-        self.at = if input[0] == b'\r' { At::Cr } else { self.fail(ContentError::BareLf) };
+        self.at = if input[0] == b'\r' { At::Cr } else { self.bare_lf(out) };
         1
+    }
+
+    /// A bare `<LF>`: a line end passed on as `<CR><LF>` when normalizing
+    /// (the next line cannot hold a terminator), an error otherwise.
+    fn bare_lf(&mut self, out: &mut Vec<u8>) -> At {
+        if !self.normalize {
+            return self.fail(ContentError::BareLf);
+        }
+        self.append(b"\r\n", out);
+        self.line_len = 0;
+        At::LfStart
     }
 
     /// Accepts `run` octets of line content, up to the line limit.
@@ -183,13 +218,17 @@ impl DataReceiver {
 mod tests {
     use super::*;
 
-    /// Feeds `input` whole and byte by byte; both must agree.
     fn decode(input: &[u8], limit: u64) -> (Vec<u8>, Progress, Option<ContentError>) {
-        let mut whole = DataReceiver::new(limit);
+        decode_mode(input, limit, false)
+    }
+
+    /// Feeds `input` whole and byte by byte; both must agree.
+    fn decode_mode(input: &[u8], limit: u64, normalize: bool) -> (Vec<u8>, Progress, Option<ContentError>) {
+        let mut whole = DataReceiver::new(limit, normalize);
         let mut out = Vec::new();
         let progress = whole.receive(input, &mut out);
 
-        let mut split = DataReceiver::new(limit);
+        let mut split = DataReceiver::new(limit, normalize);
         let (mut out2, mut consumed, mut finished) = (Vec::new(), 0, false);
         for b in input {
             if finished {
@@ -238,6 +277,37 @@ mod tests {
         ];
         for (input, content, progress, error) in cases {
             assert_eq!(decode(input, 1000), (content.to_vec(), progress, error), "input {input:?}");
+        }
+    }
+
+    /// `bare_newline = normalize`: bare `<LF>` becomes `<CR><LF>`, and no
+    /// smuggling variant ends the message early or starts a second one.
+    #[test]
+    fn normalize_table() {
+        use ContentError::*;
+        let fin = |consumed| Progress { consumed, finished: true };
+        let more = |consumed| Progress { consumed, finished: false };
+        type Case = (&'static [u8], &'static [u8], Progress, Option<ContentError>);
+        let cases: Vec<Case> = vec![
+            (b"a\nb\n\r\n.\r\n", b"a\r\nb\r\n\r\n", fin(9), None),
+            (b"hi\r\n.\r\n", b"hi\r\n", fin(7), None),
+            (b"\n.\r\n", b"\r\n.\r\n", more(4), None),
+            // <LF>.<LF>
+            (b"a\n.\nb\r\n.\r\n", b"a\r\n.\r\nb\r\n", fin(10), None),
+            // <LF>.<CR><LF>
+            (b"a\n.\r\nb\r\n.\r\n", b"a\r\n.\r\nb\r\n", fin(11), None),
+            // <CR><LF>.<LF>
+            (b"a\r\n.\nb\r\n.\r\n", b"a\r\n.\r\nb\r\n", fin(11), None),
+            (b"a\r\n..\nb\r\n.\r\n", b"a\r\n.\r\nb\r\n", fin(12), None),
+            // <CR>.<CR> and <CR>.<LF>: bare <CR> is refused in both modes.
+            (b"a\r.\rb\r\n.\r\n", b"a", fin(10), Some(BareCr)),
+            (b"a\r.\nb\r\n.\r\n", b"a", fin(10), Some(BareCr)),
+            (b"a\r\n.\r\r\nb\r\n.\r\n", b"a\r\n", fin(13), Some(BareCr)),
+            // A real <CR><LF>.<CR><LF> after a normalized line still ends it.
+            (b"a\n\r\n.\r\nQUIT\r\n", b"a\r\n\r\n", fin(7), None),
+        ];
+        for (input, content, progress, error) in cases {
+            assert_eq!(decode_mode(input, 1000, true), (content.to_vec(), progress, error), "input {input:?}");
         }
     }
 

@@ -6,10 +6,12 @@
 pub const RFC_COMMAND_LINE: usize = 512;
 
 /// Room for the ESMTP parameters we offer, which RFC 5321 4.5.3.1.4 lets
-/// extensions add to the line: `SIZE=` (26 octets, RFC 1870 section 3)
-/// and `BODY=8BITMIME` (14), with margin. Grow it when an extension with
-/// long parameters is offered (DSN's ORCPT alone may add 500, RFC 3461).
-pub const COMMAND_LINE_ALLOWANCE: usize = 128;
+/// extensions add to the line. The longest is RCPT with DSN: `ORCPT=`
+/// may add 500 octets (RFC 3461 4.2) and `NOTIFY=` 29; MAIL adds at most
+/// `SIZE=` (26, RFC 1870 3), `BODY=BINARYMIME` (16), `RET=HDRS` (9),
+/// `SMTPUTF8` (9) and `ENVID=` (RFC 3461 4.4: 100 characters, up to 300
+/// xtext-encoded). With margin for separators.
+pub const COMMAND_LINE_ALLOWANCE: usize = 640;
 
 /// Longest command line accepted, `<CR><LF>` included. Longer lines are
 /// discarded as they arrive, never buffered.

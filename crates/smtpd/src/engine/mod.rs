@@ -33,9 +33,30 @@
 //! answered `554 5.5.0 Error: SMTP protocol synchronization` and the
 //! session ends, as with Postfix's `smtpd_forbid_unauth_pipelining`. Input
 //! sent before the greeting ([`Session::early_input`]) is the same offence.
+//!
+//! STARTTLS (RFC 3207): TLS is the driver's business. The session answers
+//! `220 2.0.0 Ready to start TLS`, emits [`Action::StartTls`] and waits;
+//! the driver swaps the stream and reports [`Session::tls_established`]
+//! (or [`Session::tls_failed`]). Everything learned before is forgotten
+//! then: EHLO must come again. STARTTLS ends a pipelining group, so
+//! plaintext sent after it in the same packet (the CVE-2011-0411 class of
+//! command injection) is refused with the synchronization error above and
+//! never reaches the TLS session.
+//!
+//! BDAT (RFC 3030): a chunk is read exactly as long as announced and
+//! always read, even when the command is refused (no recipients, too big,
+//! a failed transaction), because the client sends it regardless; see
+//! [`bdat`] for the content rules. The reply to `BDAT ... LAST` is
+//! cleanup's answer, as for DATA.
+//!
+//! Once `soft_error_limit` errors were made, every reply is preceded by
+//! [`Action::Sleep`] (`error_sleep`), Postfix's tarpit for clients that
+//! probe.
 
+pub mod bdat;
 pub mod command;
 pub mod data;
+pub mod dsn;
 pub mod line;
 pub mod reply;
 mod stats;
@@ -43,15 +64,17 @@ mod stats;
 pub use data::MAX_TEXT_LINE;
 pub use line::MAX_COMMAND_LINE;
 
+use bdat::{ChunkDecoder, ChunkPolicy};
 use command::{Command, Param, ParseError, Verb};
 use data::{ContentError, DataReceiver};
 use line::{Line, LineReader};
 use mortal_proto::address::{self, AddressError};
-use mortal_proto::config::Config;
-use mortal_proto::ipc::{BodyType, ClientInfo, Notify, RecipientInfo, SenderInfo};
+use mortal_proto::config::{BareNewline, Config};
+use mortal_proto::ipc::{BodyType, ClientInfo, DsnRet, Notify, RecipientInfo, SenderInfo};
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Octets of unexpected client input quoted in a log line.
 pub const LOG_EXCERPT: usize = 100;
@@ -84,6 +107,13 @@ pub enum Action {
     EndOfData,
     /// Drop the cleanup connection: cleanup discards what it has.
     AbortTransaction,
+    /// Write what is pending (the 220 to STARTTLS), then run the TLS
+    /// handshake on the connection and report [`Session::tls_established`]
+    /// or [`Session::tls_failed`].
+    StartTls,
+    /// Wait this long before carrying on with the actions after it (the
+    /// error tarpit, `error_sleep`).
+    Sleep(Duration),
     /// Write what is pending and close the connection.
     Close,
 }
@@ -104,12 +134,49 @@ enum Phase {
     /// MAIL was accepted by us; waiting for cleanup's queue id.
     Opening {
         sender: String,
+        body: BodyType,
+        smtputf8: bool,
     },
     /// Reading message content.
     Data(DataReceiver),
-    /// The terminator arrived; waiting for cleanup's answer.
-    AwaitingAnswer,
+    /// Reading a BDAT chunk.
+    Chunk(Chunk),
+    /// `220 Ready to start TLS` was sent; waiting for the handshake.
+    Handshake,
+    /// The message is complete; waiting for cleanup's answer to DATA or
+    /// to `BDAT ... LAST`.
+    AwaitingAnswer {
+        verb: Verb,
+    },
     Closed,
+}
+
+/// A BDAT chunk being read.
+#[derive(Debug)]
+struct Chunk {
+    /// Octets still to read.
+    remaining: u64,
+    size: u64,
+    last: bool,
+    /// The reply refusing this chunk, decided before reading it: the chunk
+    /// is read and dropped.
+    refusal: Option<String>,
+}
+
+/// What the BDAT chunks of a transaction have added up to.
+#[derive(Debug)]
+struct BdatState {
+    size: u64,
+    decoder: ChunkDecoder,
+}
+
+/// MAIL's parameters.
+#[derive(Debug)]
+struct MailParams {
+    body: BodyType,
+    smtputf8: bool,
+    ret: Option<DsnRet>,
+    envid: String,
 }
 
 #[derive(Debug)]
@@ -126,9 +193,15 @@ struct Transaction {
     sender: String,
     queue_id: String,
     recipients: u32,
-    /// Set when cleanup failed or refused mid-transaction: every further
-    /// RCPT and the DATA get this reply, and no 250 can follow.
+    /// Set when cleanup failed or refused mid-transaction (or a BDAT chunk
+    /// was refused): every further RCPT, BDAT and the DATA get this reply,
+    /// and no 250 can follow.
     failure: Option<String>,
+    body: BodyType,
+    /// MAIL carried SMTPUTF8: UTF-8 addresses are allowed.
+    smtputf8: bool,
+    /// Set by the first BDAT: DATA is refused from then on.
+    bdat: Option<BdatState>,
 }
 
 /// One SMTP session.
@@ -153,6 +226,8 @@ pub struct Session {
     last: &'static str,
     /// The client talked before the greeting.
     spoke_early: bool,
+    /// The TLS in use (`TLSv1.3 with cipher ...`), once STARTTLS completed.
+    tls: Option<String>,
 }
 
 impl Session {
@@ -178,6 +253,7 @@ impl Session {
             stats: stats::Stats::default(),
             last: "CONNECT",
             spoke_early: false,
+            tls: None,
         };
         session.log(format!("connect from {}", session.client));
         session.reply(&greeting);
@@ -215,7 +291,43 @@ impl Session {
     /// Whether the session can use more client input now (false while it
     /// waits for cleanup, and once closed).
     pub fn wants_input(&self) -> bool {
-        matches!(self.phase, Phase::Command | Phase::Data(_))
+        matches!(self.phase, Phase::Command | Phase::Data(_) | Phase::Chunk(_))
+    }
+
+    /// Whether the session is reading message content (DATA or a BDAT
+    /// chunk), where the driver enforces `min_data_rate`.
+    pub fn in_content(&self) -> bool {
+        matches!(self.phase, Phase::Data(_) | Phase::Chunk(_))
+    }
+
+    /// The TLS handshake after [`Action::StartTls`] completed; `info` says
+    /// what was negotiated, as `Received:` shows it. RFC 3207 4.2: the
+    /// session starts over, so EHLO is needed again.
+    ///
+    /// # Panics
+    /// If no [`Action::StartTls`] is outstanding (a driver bug).
+    pub fn tls_established(&mut self, info: String) {
+        assert!(matches!(self.phase, Phase::Handshake), "tls_established without an outstanding StartTls");
+        self.stats.count(Verb::Starttls, true);
+        self.log(format!("Anonymous TLS connection established from {}: {info}", self.client));
+        self.tls = Some(info);
+        self.helo = None;
+        self.abort_transaction();
+        self.lines = LineReader::default();
+        self.input.clear();
+        self.pos = 0;
+        self.phase = Phase::Command;
+    }
+
+    /// The TLS handshake failed (or timed out): the connection is in an
+    /// unknown state, so the session ends.
+    pub fn tls_failed(&mut self, reason: &str) {
+        if self.is_closed() {
+            return;
+        }
+        self.log(format!("SSL_accept error from {}: {reason}", self.client));
+        self.log(format!("lost connection after STARTTLS from {}", self.client));
+        self.close();
     }
 
     pub fn is_closed(&self) -> bool {
@@ -228,11 +340,11 @@ impl Session {
     /// If no [`Action::StartTransaction`] is outstanding: that is a driver
     /// bug, and carrying on could attach a message to the wrong envelope.
     pub fn transaction_opened(&mut self, queue_id: String) {
-        let Phase::Opening { sender } = std::mem::replace(&mut self.phase, Phase::Command) else {
+        let Phase::Opening { sender, body, smtputf8 } = std::mem::replace(&mut self.phase, Phase::Command) else {
             panic!("transaction_opened without an outstanding StartTransaction");
         };
         self.log(format!("{queue_id}: client={}", self.client));
-        self.txn = Some(Transaction { sender, queue_id, recipients: 0, failure: None });
+        self.txn = Some(Transaction { sender, queue_id, recipients: 0, failure: None, body, smtputf8, bdat: None });
         self.succeed(Verb::Mail, reply::MAIL_OK);
         self.process();
     }
@@ -259,6 +371,20 @@ impl Session {
         self.close();
     }
 
+    /// The client sent message content slower than `min_data_rate`
+    /// (`rate` octets/s over the last window): treated as a timeout, so a
+    /// slowloris cannot hold the process.
+    pub fn too_slow(&mut self, rate: u64, min_rate: u64) {
+        if self.is_closed() {
+            return;
+        }
+        self.log(format!(
+            "data rate {rate} octets/s below min_data_rate {min_rate} after {} from {}",
+            self.last, self.client
+        ));
+        self.timed_out();
+    }
+
     /// The client went away without QUIT.
     pub fn connection_lost(&mut self) {
         if self.is_closed() {
@@ -281,7 +407,8 @@ impl Session {
             let progressed = match self.phase {
                 Phase::Command => self.next_command(),
                 Phase::Data(_) => self.next_content(),
-                Phase::Opening { .. } | Phase::AwaitingAnswer | Phase::Closed => false,
+                Phase::Chunk(_) => self.next_chunk(),
+                Phase::Opening { .. } | Phase::Handshake | Phase::AwaitingAnswer { .. } | Phase::Closed => false,
             };
             if !progressed {
                 break;
@@ -356,6 +483,8 @@ impl Session {
             Command::Mail { path, params } => self.mail(path, &params),
             Command::Rcpt { path, params } => self.rcpt(path, &params),
             Command::Data => self.data(),
+            Command::StartTls => self.starttls(),
+            Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
                 self.abort_transaction();
                 self.succeed(Verb::Rset, reply::OK);
@@ -376,8 +505,36 @@ impl Session {
         let text = reply::syntax(verb.syntax());
         match verb {
             Verb::Rcpt | Verb::Data => self.reject(verb, &text, None),
+            // The chunk length is unknown, so where the next command starts
+            // is too: the session cannot go on.
+            Verb::Bdat if self.config.smtpd.chunking => {
+                self.reject(verb, &text, None);
+                self.close();
+            }
             _ => self.fail(verb, &text),
         }
+    }
+
+    /// STARTTLS (RFC 3207): only when offered, once, and outside a mail
+    /// transaction.
+    fn starttls(&mut self) {
+        if !self.config.smtpd.tls_offered() {
+            return self.fail(Verb::Starttls, reply::NOT_IMPLEMENTED);
+        }
+        if self.tls.is_some() {
+            return self.fail(Verb::Starttls, reply::TLS_ACTIVE);
+        }
+        if self.txn.is_some() {
+            return self.fail(Verb::Starttls, reply::TRANSACTION_IN_PROGRESS);
+        }
+        // Counted when the handshake ends, which decides success.
+        self.reply(reply::STARTTLS_READY);
+        self.actions.push_back(Action::StartTls);
+        self.phase = Phase::Handshake;
+        // Nothing sent in the clear may reach the TLS session. Input after
+        // STARTTLS already ended the session as out of sync; this holds
+        // whatever the reason.
+        self.input.truncate(self.pos);
     }
 
     /// EHLO/HELO; a repeated one resets the transaction (RFC 5321 4.1.4).
@@ -389,13 +546,21 @@ impl Session {
             let text = format!("250 {hostname}");
             return self.succeed(Verb::Helo, &text);
         }
-        let lines = [
-            hostname.clone(),
-            "PIPELINING".into(),
-            format!("SIZE {}", self.config.smtpd.message_size_limit),
-            "ENHANCEDSTATUSCODES".into(),
-            "8BITMIME".into(),
-        ];
+        let smtpd = &self.config.smtpd;
+        let mut lines = vec![hostname.clone(), "PIPELINING".into(), format!("SIZE {}", smtpd.message_size_limit)];
+        if smtpd.tls_offered() && self.tls.is_none() {
+            lines.push("STARTTLS".into());
+        }
+        lines.extend(["ENHANCEDSTATUSCODES".into(), "8BITMIME".into()]);
+        if smtpd.dsn {
+            lines.push("DSN".into());
+        }
+        if smtpd.smtputf8 {
+            lines.push("SMTPUTF8".into());
+        }
+        if smtpd.chunking {
+            lines.extend(["BINARYMIME".into(), "CHUNKING".into()]);
+        }
         self.stats.count(Verb::Ehlo, true);
         self.reply_multiline(250, &lines);
     }
@@ -406,46 +571,87 @@ impl Session {
         if self.txn.is_some() {
             return self.fail(Verb::Mail, reply::NESTED_MAIL);
         }
-        let sender = match address::parse_reverse_path(path, false) {
+        let params = match self.mail_params(params) {
+            Ok(params) => params,
+            Err(text) => return self.fail(Verb::Mail, &text),
+        };
+        if params.smtputf8 && path.contains(char::REPLACEMENT_CHARACTER) {
+            return self.fail(Verb::Mail, reply::MALFORMED_UTF8_ADDRESS);
+        }
+        let sender = match address::parse_reverse_path(path, params.smtputf8) {
             Ok(mailbox) => mailbox.map(|m| m.to_string()).unwrap_or_default(),
             Err(AddressError::Utf8NotAllowed) => return self.fail(Verb::Mail, reply::UTF8_ADDRESS),
             Err(_) => return self.fail(Verb::Mail, reply::BAD_SENDER),
-        };
-        let body = match self.mail_params(params) {
-            Ok(body) => body,
-            Err(text) => return self.fail(Verb::Mail, &text),
         };
         let client = ClientInfo {
             addr: self.addr.to_string(),
             name: UNKNOWN_NAME.into(),
             helo,
-            protocol: self.protocol().into(),
-            tls: String::new(),
+            protocol: self.protocol_for(params.smtputf8).into(),
+            tls: self.tls.clone().unwrap_or_default(),
         };
-        let info = SenderInfo { address: sender.clone(), body, smtputf8: false, ret: None, envid: String::new() };
+        let MailParams { body, smtputf8, ret, envid } = params;
+        let info = SenderInfo { address: sender.clone(), body, smtputf8, ret, envid };
         self.actions.push_back(Action::StartTransaction { client, sender: info });
-        self.phase = Phase::Opening { sender };
+        self.phase = Phase::Opening { sender, body, smtputf8 };
     }
 
-    /// SIZE (RFC 1870) and BODY (RFC 6152), only after EHLO: a HELO client
-    /// was offered no extensions, so it may use none (RFC 5321 4.1.1.11).
-    fn mail_params(&self, params: &[Param<'_>]) -> Result<BodyType, String> {
+    /// SIZE (RFC 1870), BODY (RFC 6152, RFC 3030 BINARYMIME), SMTPUTF8
+    /// (RFC 6531), RET and ENVID (RFC 3461), each at most once and only
+    /// when offered: a HELO client was offered no extensions, so it may
+    /// use none (RFC 5321 4.1.1.11).
+    fn mail_params(&self, params: &[Param<'_>]) -> Result<MailParams, String> {
         let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
-        let mut body = BodyType::SevenBit;
+        let smtpd = &self.config.smtpd;
+        let mut out = MailParams { body: BodyType::SevenBit, smtputf8: false, ret: None, envid: String::new() };
+        let mut seen: Vec<String> = Vec::new();
         for p in params {
-            match (esmtp, p.keyword.to_ascii_uppercase().as_str(), p.value) {
+            let keyword = p.keyword.to_ascii_uppercase();
+            if seen.contains(&keyword) {
+                return Err(reply::duplicate_option(&keyword));
+            }
+            match (esmtp, keyword.as_str(), p.value) {
                 (true, "SIZE", value) => {
-                    if parse_size(value).ok_or(reply::BAD_SIZE)? > self.config.smtpd.message_size_limit {
+                    if parse_size(value).ok_or(reply::BAD_SIZE)? > smtpd.message_size_limit {
                         return Err(reply::TOO_BIG.into());
                     }
                 }
-                (true, "BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => body = BodyType::SevenBit,
-                (true, "BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => body = BodyType::EightBitMime,
+                (true, "BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => out.body = BodyType::SevenBit,
+                (true, "BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => out.body = BodyType::EightBitMime,
+                (true, "BODY", Some(v)) if smtpd.chunking && v.eq_ignore_ascii_case("BINARYMIME") => {
+                    out.body = BodyType::BinaryMime;
+                }
                 (true, "BODY", _) => return Err(reply::BAD_BODY.into()),
+                (true, "SMTPUTF8", None) if smtpd.smtputf8 => out.smtputf8 = true,
+                (true, "SMTPUTF8", Some(_)) if smtpd.smtputf8 => return Err(reply::BAD_SMTPUTF8.into()),
+                (true, "RET", v) if smtpd.dsn => out.ret = Some(dsn::parse_ret(v).map_err(|e| e.reply())?),
+                (true, "ENVID", v) if smtpd.dsn => out.envid = dsn::parse_envid(v).map_err(|e| e.reply())?,
                 _ => return Err(reply::unsupported_option(p.keyword)),
             }
+            seen.push(keyword);
         }
-        Ok(body)
+        Ok(out)
+    }
+
+    /// NOTIFY and ORCPT (RFC 3461), each at most once and only when DSN
+    /// was offered.
+    fn rcpt_params(&self, params: &[Param<'_>]) -> Result<(Notify, String), String> {
+        let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
+        let (mut notify, mut orcpt) = (Notify::default(), String::new());
+        let mut seen: Vec<String> = Vec::new();
+        for p in params {
+            let keyword = p.keyword.to_ascii_uppercase();
+            if seen.contains(&keyword) {
+                return Err(reply::duplicate_option(&keyword));
+            }
+            match (esmtp && self.config.smtpd.dsn, keyword.as_str()) {
+                (true, "NOTIFY") => notify = dsn::parse_notify(p.value).map_err(|e| e.reply())?,
+                (true, "ORCPT") => orcpt = dsn::parse_orcpt(p.value).map_err(|e| e.reply())?,
+                _ => return Err(reply::unsupported_option(p.keyword)),
+            }
+            seen.push(keyword);
+        }
+        Ok((notify, orcpt))
     }
 
     fn rcpt(&mut self, path: &str, params: &[Param<'_>]) {
@@ -457,9 +663,10 @@ impl Session {
         if txn.recipients >= self.config.smtpd.recipient_limit {
             return self.reject(Verb::Rcpt, reply::TOO_MANY_RECIPIENTS, Some(path));
         }
-        if let Some(p) = params.first() {
-            return self.reject(Verb::Rcpt, &reply::unsupported_option(p.keyword), Some(path));
-        }
+        let (notify, orcpt) = match self.rcpt_params(params) {
+            Ok(p) => p,
+            Err(text) => return self.reject(Verb::Rcpt, &text, Some(path)),
+        };
         let address = match self.recipient(path) {
             Ok(address) => address,
             Err(text) => return self.reject(Verb::Rcpt, &text, Some(path)),
@@ -467,16 +674,13 @@ impl Session {
         if let Some(txn) = &mut self.txn {
             txn.recipients += 1;
         }
-        self.actions.push_back(Action::Recipient(RecipientInfo {
-            address,
-            notify: Notify::default(),
-            orcpt: String::new(),
-        }));
+        self.actions.push_back(Action::Recipient(RecipientInfo { address, notify, orcpt }));
         self.succeed(Verb::Rcpt, reply::RCPT_OK);
     }
 
     /// The address to deliver to, or the reply refusing it. Only domains in
-    /// `accepted_domains` are accepted: mortal is never an open relay.
+    /// `accepted_domains` are accepted, except from `trusted_networks`
+    /// ([`crate::relay`]): mortal is never an open relay.
     fn recipient(&self, path: &str) -> Result<String, String> {
         // RFC 5321 4.5.1: `<Postmaster>` without a domain must be accepted;
         // it means the postmaster of the first (primary) accepted domain.
@@ -486,19 +690,24 @@ impl Session {
                 None => Err(reply::relay_denied("postmaster")),
             };
         }
-        let mailbox = address::parse_path(path, false).map_err(|e| match e {
+        let smtputf8 = self.txn.as_ref().is_some_and(|t| t.smtputf8);
+        if smtputf8 && path.contains(char::REPLACEMENT_CHARACTER) {
+            return Err(reply::MALFORMED_UTF8_ADDRESS.to_owned());
+        }
+        let mailbox = address::parse_path(path, smtputf8).map_err(|e| match e {
             AddressError::Utf8NotAllowed => reply::UTF8_ADDRESS.to_owned(),
             _ => reply::BAD_RECIPIENT.to_owned(),
         })?;
-        if !self.config.accepts_domain(&mailbox.domain) {
-            return Err(reply::relay_denied(&mailbox.to_string()));
-        }
+        // Accepted domains, the recipient map and trusted_networks.
+        crate::relay::check_recipient(&self.config, self.addr, &mailbox)?;
         Ok(mailbox.to_string())
     }
 
     fn data(&mut self) {
         let failure = match &self.txn {
             None => Some(reply::NEED_RCPT.to_owned()),
+            Some(txn) if txn.bdat.is_some() => Some(reply::DATA_AFTER_BDAT.to_owned()),
+            Some(txn) if txn.body == BodyType::BinaryMime => Some(reply::BINARYMIME_NEEDS_BDAT.to_owned()),
             Some(txn) if txn.failure.is_some() => txn.failure.clone(),
             Some(txn) if txn.recipients == 0 => Some(reply::NO_VALID_RECIPIENTS.to_owned()),
             Some(_) => None,
@@ -508,7 +717,108 @@ impl Session {
         }
         // The DATA count is settled by the reply after the terminator.
         self.reply(reply::START_DATA);
-        self.phase = Phase::Data(DataReceiver::new(self.config.smtpd.message_size_limit));
+        let normalize = self.config.smtpd.bare_newline == BareNewline::Normalize;
+        self.phase = Phase::Data(DataReceiver::new(self.config.smtpd.message_size_limit, normalize));
+    }
+
+    /// `BDAT size [LAST]` (RFC 3030). Whatever the answer, the chunk is
+    /// read first: the client sends it without waiting.
+    fn bdat(&mut self, size: u64, last: bool) {
+        if !self.config.smtpd.chunking {
+            return self.fail(Verb::Bdat, reply::NOT_IMPLEMENTED);
+        }
+        let limit = self.config.smtpd.message_size_limit;
+        let refusal = match &self.txn {
+            _ if !self.helo.as_ref().is_some_and(|h| h.esmtp) => Some(reply::BDAT_NEEDS_EHLO.to_owned()),
+            None => Some(reply::NEED_RCPT.to_owned()),
+            Some(txn) if txn.failure.is_some() => txn.failure.clone(),
+            Some(txn) if txn.recipients == 0 => Some(reply::NO_VALID_RECIPIENTS.to_owned()),
+            Some(txn) if txn.bdat.as_ref().map_or(0, |b| b.size).saturating_add(size) > limit => {
+                Some(reply::TOO_BIG.to_owned())
+            }
+            Some(_) => None,
+        };
+        if let (None, Some(txn)) = (&refusal, &mut self.txn) {
+            let policy = match txn.body {
+                BodyType::BinaryMime => ChunkPolicy::Binary,
+                _ => ChunkPolicy::Text { normalize: self.config.smtpd.bare_newline == BareNewline::Normalize },
+            };
+            let state = txn.bdat.get_or_insert_with(|| BdatState { size: 0, decoder: ChunkDecoder::new(policy) });
+            state.size += size;
+        }
+        self.phase = Phase::Chunk(Chunk { remaining: size, size, last, refusal });
+    }
+
+    /// Passes chunk content on; true when the chunk is complete.
+    fn next_chunk(&mut self) -> bool {
+        let Phase::Chunk(chunk) = &mut self.phase else { return false };
+        let available = (self.input.len() - self.pos) as u64;
+        let take = usize::try_from(chunk.remaining.min(available)).expect("at most the buffered length");
+        if chunk.remaining > 0 && take == 0 {
+            return false;
+        }
+        let bytes = &self.input[self.pos..self.pos + take];
+        self.pos += take;
+        chunk.remaining -= take as u64;
+        let keep = chunk.refusal.is_none();
+        if let Some(txn) = self.txn.as_mut().filter(|t| keep && t.failure.is_none())
+            && let Some(state) = &mut txn.bdat
+        {
+            let mut out = Vec::new();
+            state.decoder.decode(bytes, &mut out);
+            if !out.is_empty() {
+                self.actions.push_back(Action::Data(out));
+            }
+        }
+        if chunk.remaining > 0 {
+            return true;
+        }
+        let Phase::Chunk(chunk) = std::mem::replace(&mut self.phase, Phase::Command) else { unreachable!() };
+        self.chunk_done(chunk);
+        true
+    }
+
+    /// A chunk was read completely: answer it, or end the message.
+    fn chunk_done(&mut self, chunk: Chunk) {
+        if let Some(text) = chunk.refusal {
+            if let Some(txn) = &mut self.txn {
+                txn.failure.get_or_insert(text.clone());
+            }
+            self.reject(Verb::Bdat, &text, None);
+            if chunk.last {
+                self.abort_transaction();
+            }
+            return;
+        }
+        let error = self.txn.as_mut().and_then(|t| t.bdat.as_mut()).and_then(|state| match chunk.last {
+            true => state.decoder.finish(),
+            false => state.decoder.error(),
+        });
+        if let Some(e) = error {
+            let text = content_reply(e);
+            self.last = "END-OF-MESSAGE";
+            self.log_reject("END-OF-MESSAGE", text, None);
+            if let Some(txn) = &mut self.txn {
+                txn.failure.get_or_insert(text.to_owned());
+            }
+            if chunk.last {
+                self.abort_transaction();
+            }
+            return self.fail(Verb::Bdat, text);
+        }
+        if let Some(failure) = self.txn.as_ref().and_then(|t| t.failure.clone()) {
+            self.reject(Verb::Bdat, &failure, None);
+            if chunk.last {
+                self.abort_transaction();
+            }
+            return;
+        }
+        if !chunk.last {
+            return self.succeed(Verb::Bdat, &reply::chunk_ok(chunk.size));
+        }
+        self.last = "END-OF-MESSAGE";
+        self.actions.push_back(Action::EndOfData);
+        self.phase = Phase::AwaitingAnswer { verb: Verb::Bdat };
     }
 
     /// Passes content on; true when the terminator was reached.
@@ -531,13 +841,7 @@ impl Session {
     fn end_of_data(&mut self, error: Option<ContentError>) {
         self.last = "END-OF-MESSAGE";
         self.phase = Phase::Command;
-        let content_error = error.map(|e| match e {
-            ContentError::BareLf => reply::DATA_BARE_LF,
-            ContentError::BareCr => reply::DATA_BARE_CR,
-            ContentError::LineTooLong => reply::DATA_LINE_TOO_LONG,
-            ContentError::TooBig => reply::TOO_BIG,
-        });
-        if let Some(text) = content_error {
+        if let Some(text) = error.map(content_reply) {
             self.log_reject("END-OF-MESSAGE", text, None);
             self.abort_transaction();
             return self.fail(Verb::Data, text);
@@ -547,7 +851,7 @@ impl Session {
             return self.fail(Verb::Data, &failure);
         }
         self.actions.push_back(Action::EndOfData);
-        self.phase = Phase::AwaitingAnswer;
+        self.phase = Phase::AwaitingAnswer { verb: Verb::Data };
     }
 
     /// Applies cleanup's verdict (`text` is the reply it maps to) to
@@ -562,17 +866,18 @@ impl Session {
                 self.fail(Verb::Mail, &failure);
                 self.process();
             }
-            Phase::AwaitingAnswer => {
+            Phase::AwaitingAnswer { verb } => {
+                let verb = *verb;
                 self.phase = Phase::Command;
                 self.txn = None;
                 if reply::code(&text) == 250 {
-                    self.succeed(Verb::Data, &text);
+                    self.succeed(verb, &text);
                 } else {
-                    self.fail(Verb::Data, &text);
+                    self.fail(verb, &text);
                 }
                 self.process();
             }
-            Phase::Command | Phase::Data(_) => {
+            Phase::Command | Phase::Data(_) | Phase::Chunk(_) | Phase::Handshake => {
                 if let Some(txn) = &mut self.txn {
                     txn.failure.get_or_insert(failure);
                 }
@@ -591,7 +896,10 @@ impl Session {
         // A command cut short by the end of the session failed.
         match self.phase {
             Phase::Opening { .. } => self.stats.count(Verb::Mail, false),
-            Phase::Data(_) | Phase::AwaitingAnswer => self.stats.count(Verb::Data, false),
+            Phase::Data(_) => self.stats.count(Verb::Data, false),
+            Phase::Chunk(_) => self.stats.count(Verb::Bdat, false),
+            Phase::AwaitingAnswer { verb } => self.stats.count(verb, false),
+            Phase::Handshake => self.stats.count(Verb::Starttls, false),
             Phase::Command | Phase::Closed => {}
         }
         self.abort_transaction();
@@ -641,19 +949,39 @@ impl Session {
             let bare = path.strip_prefix('<').and_then(|p| p.strip_suffix('>')).unwrap_or(path);
             line.push_str(&format!(" to=<{}>", excerpt(bare.as_bytes())));
         }
-        line.push_str(&format!(" proto={}", self.protocol()));
+        let utf8 = self.txn.as_ref().is_some_and(|t| t.smtputf8);
+        line.push_str(&format!(" proto={}", self.protocol_for(utf8)));
         if let Some(h) = &self.helo {
             line.push_str(&format!(" helo=<{}>", h.name));
         }
         self.log(line);
     }
 
-    fn protocol(&self) -> &'static str {
-        if self.helo.as_ref().is_some_and(|h| h.esmtp) { "ESMTP" } else { "SMTP" }
+    /// The RFC 3848 / RFC 6531 `with` value: `SMTP` after HELO, else
+    /// `ESMTP`, `UTF8SMTP` for a transaction with SMTPUTF8, plus `S` under
+    /// TLS.
+    fn protocol_for(&self, smtputf8: bool) -> &'static str {
+        let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
+        match (esmtp, smtputf8, self.tls.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, false, true) => "ESMTPS",
+            (true, true, false) => "UTF8SMTP",
+            (true, true, true) => "UTF8SMTPS",
+        }
     }
 
     fn reply(&mut self, text: &str) {
+        self.tarpit();
         self.actions.push_back(Action::Reply(format!("{}\r\n", reply::clean_line(text))));
+    }
+
+    /// Past `soft_error_limit` errors, every reply waits `error_sleep`.
+    fn tarpit(&mut self) {
+        let soft = self.config.smtpd.soft_error_limit;
+        if soft > 0 && self.errors >= soft && !self.config.smtpd.error_sleep.is_zero() {
+            self.actions.push_back(Action::Sleep(self.config.smtpd.error_sleep));
+        }
     }
 
     /// `250-first`, ..., `250 last`, as one write.
@@ -664,11 +992,22 @@ impl Session {
             out.push_str(&reply::clean_line(&format!("{code}{sep}{line}")));
             out.push_str("\r\n");
         }
+        self.tarpit();
         self.actions.push_back(Action::Reply(out));
     }
 
     fn log(&mut self, line: String) {
         self.actions.push_back(Action::Log(line));
+    }
+}
+
+/// The reply refusing a message for its content.
+fn content_reply(e: ContentError) -> &'static str {
+    match e {
+        ContentError::BareLf => reply::DATA_BARE_LF,
+        ContentError::BareCr => reply::DATA_BARE_CR,
+        ContentError::LineTooLong => reply::DATA_LINE_TOO_LONG,
+        ContentError::TooBig => reply::TOO_BIG,
     }
 }
 

@@ -39,6 +39,28 @@ pub const TOO_BIG: &str = "552 5.3.4 Message size exceeds fixed limit";
 pub const TOO_MANY_RECIPIENTS: &str = "452 4.5.3 Error: too many recipients";
 pub const QUEUE_WRITE_ERROR: &str = "451 4.3.0 Error: queue file write error";
 
+pub const STARTTLS_READY: &str = "220 2.0.0 Ready to start TLS";
+pub const TLS_ACTIVE: &str = "554 5.5.1 Error: TLS already active";
+pub const TRANSACTION_IN_PROGRESS: &str = "503 5.5.1 Error: MAIL transaction in progress";
+pub const BAD_SMTPUTF8: &str = "501 5.5.4 Bad SMTPUTF8 parameter syntax";
+/// A UTF-8 address whose octets were not valid UTF-8 (the command line
+/// was decoded lossily): it cannot be the address the client meant.
+pub const MALFORMED_UTF8_ADDRESS: &str = "553 5.6.7 Error: malformed UTF-8 in address";
+/// RFC 3030 3: DATA and BDAT never mix in one transaction.
+pub const DATA_AFTER_BDAT: &str = "503 5.5.1 Error: DATA after BDAT; send RSET";
+/// RFC 3030 3: a BINARYMIME body can only be sent with BDAT.
+pub const BINARYMIME_NEEDS_BDAT: &str = "503 5.5.1 Error: BODY=BINARYMIME requires BDAT";
+pub const BDAT_NEEDS_EHLO: &str = "503 5.5.1 Error: send EHLO first";
+
+/// The reply to a BDAT chunk that is not the last.
+pub fn chunk_ok(size: u64) -> String {
+    format!("250 2.0.0 Ok: {size} octets")
+}
+
+pub fn duplicate_option(keyword: &str) -> String {
+    format!("501 5.5.4 Error: duplicate {keyword} parameter")
+}
+
 /// Content errors are answered after the terminator. RFC 5321 4.3.2 lists
 /// 550 among the replies to the end of data (500 is for command lines).
 pub const DATA_BARE_LF: &str = "550 5.5.2 Error: bare <LF> received";

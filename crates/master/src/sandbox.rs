@@ -1,0 +1,425 @@
+//! sandbox: privilege separation and a kernel sandbox for each daemon.
+//!
+//! # Summary
+//! Every child calls [`enter`] once, after exec and after loading what it
+//! needs (configuration, TLS key, recipient map) and before it touches any
+//! input. In this order it:
+//!
+//! 1. when started as root: looks up `[server] user` (default
+//!    [`DEFAULT_USER`]), chroots smtpd into the private socket directory,
+//!    then `setgroups([gid])`, `setgid`, `setuid`, and checks that the drop
+//!    cannot be undone (`setuid(0)` must fail); as any other user
+//!    (development mode) the identity stays, and says so once at debug;
+//! 2. sets `PR_SET_NO_NEW_PRIVS`, turns core dumps off (`RLIMIT_CORE` 0,
+//!    and `PR_SET_DUMPABLE` 0 after a drop from root) and bounds
+//!    `RLIMIT_NOFILE` per service;
+//! 3. restricts itself with Landlock (file system, TCP, signals and
+//!    abstract Unix sockets): smtpd may open no file at all, cleanup may
+//!    write `spool/incoming` only, queue the spool and its delivery
+//!    targets only;
+//! 4. installs a seccomp filter: an allow-list for smtpd, whose every
+//!    other system call kills the process, and a deny-list of the
+//!    system calls no mail daemon needs (ptrace, mount, namespaces, module
+//!    and key management...) for cleanup and queue.
+//!
+//! | service | identity (root start) | file system | network | seccomp |
+//! |---|---|---|---|---|
+//! | smtpd | mail user, chroot `<run_dir>/private` | nothing | no TCP bind/connect; `socket()` only `AF_UNIX` | allow-list, kill |
+//! | cleanup | mail user | `spool/incoming` | no TCP | deny-list, kill |
+//! | queue | mail user | spool, maildir root, pipe program (+ system libraries) | TCP connect to configured next-hop ports | deny-list, kill |
+//!
+//! # Security
+//! The layers are independent: a kernel without Landlock still has the
+//! chroot, the uid and seccomp; one without seccomp still has the others.
+//! What the kernel lacks is logged as a `warning:` at every child start,
+//! never skipped silently. A violation of smtpd's allow-list kills the
+//! whole process (`SECCOMP_RET_KILL_PROCESS`) rather than returning an
+//! error: smtpd is the process that faces hostile input, an unexpected
+//! system call there is an exploit in progress or a bug that must be
+//! seen, and death is cheap under the Mortal Daemon pattern (the master
+//! logs the signal and spawns a fresh child). The one exception is
+//! `clone3` in cleanup and queue, which answers `ENOSYS` so the C library
+//! falls back to `clone`, whose flags seccomp can inspect (no new
+//! namespaces).
+//!
+//! A daemon binary started as `mortal-<service> --sandbox-selftest
+//! --config PATH` proves each restriction from inside a real sandboxed
+//! process ([`selftest`]); the master never passes those arguments, so
+//! the self-test cannot be reached from the network.
+//!
+//! # Configuration
+//! `[server] user` (the unprivileged user when the master starts as
+//! root), `run_dir`, `spool_dir`; `[delivery]` routes, `maildir_root`,
+//! `pipe.command`, `smtp_tls_ca_file` shape the queue's rules.
+//!
+//! # Diagnostics
+//! `fatal: sandbox: ...` and exit status 1 when a step fails (the master
+//! counts that as a bad start); `warning: sandbox: ...` when the kernel
+//! lacks a layer; one debug line with what was applied.
+
+pub mod seccomp;
+pub mod selftest;
+
+use landlock::{
+    ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope,
+};
+use mortal_proto::config::{Config, NextHop, QUEUE_DIRS, Route};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::unistd::{Gid, Uid, User};
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use thiserror::Error;
+
+/// The unprivileged user the daemons run as when `[server] user` is unset
+/// and the master starts as root.
+pub const DEFAULT_USER: &str = "mortal";
+/// The Landlock ABI whose rights mortal asks for: the newest one it was
+/// tested on (Linux 6.15). Newer kernels enforce exactly these rights;
+/// older ones enforce what they know, and a warning says what is missing.
+pub const LANDLOCK_ABI: ABI = ABI::V7;
+/// Descriptors an smtpd may hold: stdio, its listener and master link,
+/// two epoll sets, the client, cleanup and anvil, with room to spare.
+pub const SMTPD_NOFILE: u64 = 64;
+/// Descriptors a cleanup may hold: as smtpd, plus the spool directory,
+/// the queue file and the queue wake-up.
+pub const CLEANUP_NOFILE: u64 = 64;
+/// Descriptors the queue manager holds besides its deliveries.
+pub const QUEUE_NOFILE_BASE: u64 = 256;
+/// Descriptors one concurrent delivery may hold (queue file, Maildir file
+/// or next-hop socket, a pipe command's three pipes, its cached connection).
+pub const QUEUE_NOFILE_PER_DELIVERY: u64 = 8;
+/// Directories where a pipe command's dynamic loader finds its libraries:
+/// read and execute only, so the command can start inside the queue's
+/// sandbox.
+pub const SYSTEM_LIBRARY_DIRS: [&str; 5] = ["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/etc/ld.so.cache"];
+/// Mode of the private socket directory when the master runs as root:
+/// root may change it, the mail group may only pass through it to the
+/// sockets it knows the names of.
+pub const PRIVATE_DIR_ROOT_MODE: u32 = 0o710;
+/// Queue directories, the Maildir root and the private sockets belong to
+/// the mail user, owner only.
+pub const MAIL_USER_MODE: u32 = 0o700;
+
+/// The daemons that sandbox themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Smtpd,
+    Cleanup,
+    Queue,
+}
+
+impl Service {
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Smtpd => "smtpd",
+            Service::Cleanup => "cleanup",
+            Service::Queue => "queue",
+        }
+    }
+
+    fn nofile(self, config: &Config) -> u64 {
+        match self {
+            Service::Smtpd => SMTPD_NOFILE,
+            Service::Cleanup => CLEANUP_NOFILE,
+            Service::Queue => {
+                QUEUE_NOFILE_BASE + u64::from(config.queue.delivery_concurrency) * QUEUE_NOFILE_PER_DELIVERY
+            }
+        }
+    }
+}
+
+/// Why a sandbox could not be entered; every variant ends the process.
+#[derive(Debug, Error)]
+pub enum SandboxError {
+    #[error("user {0:?} (server.user) does not exist: create it (useradd --system {0}) or set [server] user")]
+    NoSuchUser(String),
+    #[error("user {0:?} (server.user) is root: the daemons must run unprivileged")]
+    RootUser(String),
+    #[error("look up user {0:?}: {1}")]
+    Lookup(String, nix::Error),
+    #[error("{step}: {source}")]
+    Step { step: &'static str, source: nix::Error },
+    #[error("privilege drop is reversible: {0} succeeded after the drop")]
+    Reversible(&'static str),
+    #[error("sandbox entered with {0} threads: it must be entered while the process is single-threaded")]
+    Threads(usize),
+    #[error("landlock: {0}")]
+    Landlock(#[from] landlock::RulesetError),
+    #[error("landlock rule for {path}: {source}")]
+    LandlockPath { path: PathBuf, source: landlock::PathFdError },
+    #[error("seccomp: {0}")]
+    Seccomp(#[from] seccompiler::Error),
+    #[error("seccomp filter: {0}")]
+    SeccompBackend(#[from] seccompiler::BackendError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn step(step: &'static str) -> impl FnOnce(nix::Error) -> SandboxError {
+    move |source| SandboxError::Step { step, source }
+}
+
+/// The user the daemons run as, resolved.
+#[derive(Debug, Clone)]
+pub struct MailUser {
+    pub name: String,
+    pub uid: Uid,
+    pub gid: Gid,
+}
+
+/// The configured mail user when this process runs as root (the only case
+/// where identities change); `None` in development mode. Fails when the
+/// user does not exist or is root, so the master refuses to start.
+pub fn mail_user(config: &Config) -> Result<Option<MailUser>, SandboxError> {
+    if !Uid::effective().is_root() {
+        return Ok(None);
+    }
+    let name = config.server.user.as_deref().unwrap_or(DEFAULT_USER);
+    let user = User::from_name(name)
+        .map_err(|e| SandboxError::Lookup(name.into(), e))?
+        .ok_or_else(|| SandboxError::NoSuchUser(name.into()))?;
+    if user.uid.is_root() {
+        return Err(SandboxError::RootUser(name.into()));
+    }
+    Ok(Some(MailUser { name: name.into(), uid: user.uid, gid: user.gid }))
+}
+
+/// The root smtpd chrooted to, once it has.
+static CHROOT: OnceLock<PathBuf> = OnceLock::new();
+
+/// How `path` is reached from inside this process's sandbox: below the
+/// chroot directory it loses that prefix (`<run_dir>/private/cleanup`
+/// becomes `/cleanup` in smtpd); anything else is unchanged. Every path a
+/// daemon uses after [`enter`] goes through here.
+pub fn visible_path(path: &Path) -> PathBuf {
+    match CHROOT.get().and_then(|root| path.strip_prefix(root).ok()) {
+        Some(rest) => Path::new("/").join(rest),
+        None => path.to_owned(),
+    }
+}
+
+/// What [`enter`] applied, for the log and the self-test.
+#[derive(Debug)]
+pub struct Applied {
+    pub user: Option<String>,
+    pub chroot: Option<PathBuf>,
+    pub landlock: RulesetStatus,
+    /// System calls in the allow-list (smtpd) or deny-list (others).
+    pub seccomp_rules: usize,
+}
+
+/// Drops privileges and applies `service`'s sandbox to this process, as
+/// described in the module documentation. Call it once, single-threaded,
+/// after loading every file the service needs and before any input.
+pub fn enter(service: Service, config: &Config) -> Result<Applied, SandboxError> {
+    let threads = thread_count();
+    if threads > 1 {
+        return Err(SandboxError::Threads(threads));
+    }
+    // Landlock rules hold descriptors opened now, before a chroot could
+    // hide their paths.
+    let ruleset = landlock_rules(service, config)?;
+    let user = mail_user(config)?;
+    let mut chroot = None;
+    match &user {
+        Some(user) => {
+            if service == Service::Smtpd {
+                let root = config.private_dir();
+                nix::unistd::chroot(&root).map_err(step("chroot"))?;
+                nix::unistd::chdir("/").map_err(step("chdir /"))?;
+                let _ = CHROOT.set(root.clone());
+                chroot = Some(root);
+            }
+            drop_privileges(user)?;
+        }
+        None => tracing::debug!(
+            "sandbox: running as uid {} (not root): no user change, no chroot",
+            Uid::effective()
+        ),
+    }
+    limit_process(service, config)?;
+    let landlock = restrict(ruleset)?;
+    let seccomp_rules = seccomp::install(service)?;
+    let applied = Applied { user: user.map(|u| u.name), chroot, landlock, seccomp_rules };
+    tracing::debug!(
+        "sandbox: {}: user={} chroot={} landlock={:?} seccomp={} rules",
+        service.name(),
+        applied.user.as_deref().unwrap_or("(unchanged)"),
+        applied.chroot.as_deref().map_or_else(|| "(none)".into(), |p| p.display().to_string()),
+        applied.landlock,
+        applied.seccomp_rules
+    );
+    Ok(applied)
+}
+
+/// [`enter`], or a logged `fatal:` line and exit status 1: what every
+/// daemon's `main` calls.
+pub fn enter_or_exit(service: Service, config: &Config) {
+    if let Err(e) = enter(service, config) {
+        tracing::error!("fatal: sandbox: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn thread_count() -> usize {
+    // Without /proc we cannot tell; the daemons call enter() before they
+    // start any thread, and this check only guards that order.
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok()))
+        .unwrap_or(1)
+}
+
+fn drop_privileges(user: &MailUser) -> Result<(), SandboxError> {
+    nix::unistd::setgroups(&[user.gid]).map_err(step("setgroups"))?;
+    nix::unistd::setgid(user.gid).map_err(step("setgid"))?;
+    nix::unistd::setuid(user.uid).map_err(step("setuid"))?;
+    // setuid as root sets all three uids; prove it, as Postfix does.
+    if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+        return Err(SandboxError::Reversible("setuid(0)"));
+    }
+    if nix::unistd::setgid(Gid::from_raw(0)).is_ok() {
+        return Err(SandboxError::Reversible("setgid(0)"));
+    }
+    if Uid::current() != user.uid || Uid::effective() != user.uid {
+        return Err(SandboxError::Reversible("a uid other than the mail user's"));
+    }
+    // The kernel already clears it on a credential change; say it anyway,
+    // so nothing of this process (memory, descriptors) is open to another
+    // process of the mail user.
+    nix::sys::prctl::set_dumpable(false).map_err(step("PR_SET_DUMPABLE"))
+}
+
+fn limit_process(service: Service, config: &Config) -> Result<(), SandboxError> {
+    nix::sys::prctl::set_no_new_privs().map_err(step("PR_SET_NO_NEW_PRIVS"))?;
+    // A core file would hold mail and TLS keys.
+    setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("RLIMIT_CORE"))?;
+    // Both limits: the hard one so a compromised daemon cannot raise its
+    // soft limit back.
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(step("getrlimit RLIMIT_NOFILE"))?;
+    let limit = service.nofile(config).min(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, limit, limit).map_err(step("RLIMIT_NOFILE"))
+}
+
+/// The Landlock ruleset of `service`, with its rule descriptors open.
+fn landlock_rules(service: Service, config: &Config) -> Result<landlock::RulesetCreated, SandboxError> {
+    let fs_all = AccessFs::from_all(LANDLOCK_ABI);
+    // Everything but running programs: what a daemon needs in the
+    // directories it owns.
+    let fs_rw = fs_all & !AccessFs::Execute;
+    let ruleset = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(fs_all)?
+        .handle_access(AccessNet::from_all(LANDLOCK_ABI))?
+        .scope(Scope::from_all(LANDLOCK_ABI))?
+        .create()?;
+    let rule = |ruleset: landlock::RulesetCreated, path: &Path, access| -> Result<_, SandboxError> {
+        let fd = PathFd::new(path).map_err(|source| SandboxError::LandlockPath { path: path.to_owned(), source })?;
+        Ok(ruleset.add_rule(PathBeneath::new(fd, access))?)
+    };
+    match service {
+        // No rule: no file, no directory, no TCP port.
+        Service::Smtpd => Ok(ruleset),
+        Service::Cleanup => rule(ruleset, &config.queue_dir("incoming"), fs_rw),
+        Service::Queue => {
+            let mut ruleset = rule(ruleset, &config.server.spool_dir, fs_rw)?;
+            if !config.maildir_root().starts_with(&config.server.spool_dir) {
+                ruleset = rule(ruleset, config.maildir_root(), fs_rw)?;
+            }
+            if let Some(ca) = &config.delivery.smtp_tls_ca_file {
+                ruleset = rule(ruleset, ca, AccessFs::ReadFile.into())?;
+            }
+            let routes: Vec<&Route> =
+                std::iter::once(&config.delivery.transport).chain(config.delivery.routes.values()).collect();
+            if routes.iter().any(|r| **r == Route::Pipe)
+                && let Some(program) = config.delivery.pipe.command.first()
+            {
+                let exec = AccessFs::Execute | AccessFs::ReadFile;
+                ruleset = rule(ruleset, Path::new(program), exec)?;
+                for dir in SYSTEM_LIBRARY_DIRS.iter().map(Path::new).filter(|d| d.exists()) {
+                    let access = if dir.is_dir() { exec | AccessFs::ReadDir } else { AccessFs::ReadFile.into() };
+                    ruleset = rule(ruleset, dir, access)?;
+                }
+            }
+            let mut ports: Vec<u16> = routes
+                .iter()
+                .filter_map(|r| match r {
+                    Route::Lmtp(NextHop::Inet(addr)) | Route::Smtp(addr) => Some(addr.port()),
+                    _ => None,
+                })
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
+            for port in ports {
+                ruleset = ruleset.add_rule(NetPort::new(port, AccessNet::ConnectTcp))?;
+            }
+            Ok(ruleset)
+        }
+    }
+}
+
+fn restrict(ruleset: landlock::RulesetCreated) -> Result<RulesetStatus, SandboxError> {
+    let status = ruleset.restrict_self()?;
+    match status.ruleset {
+        RulesetStatus::FullyEnforced => {}
+        RulesetStatus::PartiallyEnforced => tracing::warn!(
+            "warning: sandbox: this kernel enforces Landlock only in part (ABI {:?} wanted): some file, network or signal restrictions are missing",
+            LANDLOCK_ABI
+        ),
+        RulesetStatus::NotEnforced => tracing::warn!(
+            "warning: sandbox: this kernel does not enforce Landlock ({:?}): no file system, network or signal restriction beyond uid, chroot and seccomp",
+            status.landlock
+        ),
+    }
+    Ok(status.ruleset)
+}
+
+/// Gives the mail user the directories the daemons write and the private
+/// sockets they connect to; keeps the spool root, the run directory and
+/// the private directory root's (the private directory is `0710` with the
+/// mail user's group, so no daemon can replace a socket in it), and hands
+/// over the queue files a root-run or older install left behind.
+pub fn own_dirs(config: &Config, user: &MailUser) -> Result<(), SandboxError> {
+    let chown = |path: &Path, uid: Uid, gid: Gid, mode: u32| -> Result<(), SandboxError> {
+        let io = |source| SandboxError::Io { path: path.to_owned(), source };
+        nix::unistd::chown(path, Some(uid), Some(gid)).map_err(|e| io(e.into()))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io)
+    };
+    let root = (Uid::from_raw(0), Gid::from_raw(0));
+    for name in QUEUE_DIRS {
+        let dir = config.queue_dir(name);
+        chown(&dir, user.uid, user.gid, MAIL_USER_MODE)?;
+        let entries = fs::read_dir(&dir).map_err(|source| SandboxError::Io { path: dir.clone(), source })?;
+        for entry in entries.flatten() {
+            let owned = entry.metadata().is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == user.uid.as_raw());
+            if !owned && entry.file_type().is_ok_and(|t| t.is_file()) {
+                nix::unistd::chown(&entry.path(), Some(user.uid), Some(user.gid))
+                    .map_err(|e| SandboxError::Io { path: entry.path(), source: e.into() })?;
+            }
+        }
+    }
+    let maildir = config.maildir_root();
+    if maildir.starts_with(&config.server.spool_dir) {
+        chown(maildir, user.uid, user.gid, MAIL_USER_MODE)?;
+    }
+    chown(&config.private_dir(), root.0, user.gid, PRIVATE_DIR_ROOT_MODE)
+}
+
+/// Hands every socket in the private directory to the mail user (mode
+/// `0600`): the master binds them as root, the daemons connect as the
+/// mail user. Call after binding, before spawning.
+pub fn own_sockets(config: &Config, user: &MailUser) -> Result<(), SandboxError> {
+    let dir = config.private_dir();
+    let entries = fs::read_dir(&dir).map_err(|source| SandboxError::Io { path: dir.clone(), source })?;
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_socket()) {
+            nix::unistd::chown(&entry.path(), Some(user.uid), Some(user.gid))
+                .map_err(|e| SandboxError::Io { path: entry.path(), source: e.into() })?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! The seccomp filters: smtpd's allow-list and the other daemons'
+//! deny-list.
+//!
+//! smtpd's list was collected by running the end-to-end tests under
+//! `strace -f -c` and reading tokio's, rustls' and the allocator's code
+//! paths; each entry says who needs it. Arguments are filtered where a
+//! call could otherwise reach beyond smtpd's job: `socket` only for
+//! `AF_UNIX` (cleanup, anvil), `mmap`/`mprotect` never executable, no
+//! `clone` at all (smtpd is one thread), `ioctl` and `fcntl` only for the
+//! descriptor flags std and tokio set, signals only to this process.
+
+use super::{SandboxError, Service};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+use std::collections::BTreeMap;
+
+type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+
+/// The system calls smtpd may make without conditions.
+const SMTPD_PLAIN: &[(i64, &str)] = &[
+    // Client and cleanup sockets; the log (stderr).
+    (libc::SYS_read, "read"),
+    (libc::SYS_write, "write"),
+    (libc::SYS_readv, "readv"),
+    (libc::SYS_writev, "writev"),
+    (libc::SYS_recvfrom, "recvfrom"),
+    (libc::SYS_sendto, "sendto"),
+    (libc::SYS_recvmsg, "recvmsg"),
+    (libc::SYS_sendmsg, "sendmsg"),
+    (libc::SYS_shutdown, "shutdown"),
+    (libc::SYS_close, "close"),
+    (libc::SYS_connect, "connect"),
+    (libc::SYS_accept4, "accept4"),
+    (libc::SYS_getpeername, "getpeername"),
+    (libc::SYS_getsockname, "getsockname"),
+    (libc::SYS_getsockopt, "getsockopt"),
+    (libc::SYS_setsockopt, "setsockopt"),
+    // The child loop and tokio's reactor.
+    (libc::SYS_epoll_create1, "epoll_create1"),
+    (libc::SYS_epoll_ctl, "epoll_ctl"),
+    (libc::SYS_epoll_pwait, "epoll_pwait"),
+    (libc::SYS_epoll_pwait2, "epoll_pwait2"),
+    (libc::SYS_eventfd2, "eventfd2"),
+    (libc::SYS_ppoll, "ppoll"),
+    // Locks, time, randomness (rustls, HashMap keys).
+    (libc::SYS_futex, "futex"),
+    (libc::SYS_sched_yield, "sched_yield"),
+    (libc::SYS_clock_gettime, "clock_gettime"),
+    (libc::SYS_clock_nanosleep, "clock_nanosleep"),
+    (libc::SYS_nanosleep, "nanosleep"),
+    (libc::SYS_gettimeofday, "gettimeofday"),
+    (libc::SYS_getrandom, "getrandom"),
+    // The allocator.
+    (libc::SYS_brk, "brk"),
+    (libc::SYS_munmap, "munmap"),
+    (libc::SYS_mremap, "mremap"),
+    (libc::SYS_madvise, "madvise"),
+    // Signals delivered to us, abort, exit. smtpd runs one thread:
+    // neither clone nor clone3 is allowed, so it can neither fork nor
+    // start a thread.
+    (libc::SYS_rt_sigreturn, "rt_sigreturn"),
+    (libc::SYS_rt_sigprocmask, "rt_sigprocmask"),
+    (libc::SYS_sigaltstack, "sigaltstack"),
+    (libc::SYS_getpid, "getpid"),
+    (libc::SYS_gettid, "gettid"),
+    (libc::SYS_restart_syscall, "restart_syscall"),
+    (libc::SYS_exit, "exit"),
+    (libc::SYS_exit_group, "exit_group"),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_epoll_wait, "epoll_wait"),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_poll, "poll"),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_accept, "accept"),
+];
+
+/// System calls no mortal daemon makes: debugging other processes,
+/// mounts and namespaces, kernel modules and keys, clocks and swap.
+/// Installed in cleanup and queue, where an allow-list would have to
+/// follow every delivery agent; smtpd's allow-list excludes them anyway.
+const DENIED: &[(i64, &str)] = &[
+    (libc::SYS_ptrace, "ptrace"),
+    (libc::SYS_process_vm_readv, "process_vm_readv"),
+    (libc::SYS_process_vm_writev, "process_vm_writev"),
+    (libc::SYS_pidfd_getfd, "pidfd_getfd"),
+    (libc::SYS_mount, "mount"),
+    (libc::SYS_umount2, "umount2"),
+    (libc::SYS_pivot_root, "pivot_root"),
+    (libc::SYS_chroot, "chroot"),
+    (libc::SYS_unshare, "unshare"),
+    (libc::SYS_setns, "setns"),
+    (libc::SYS_fsopen, "fsopen"),
+    (libc::SYS_fsmount, "fsmount"),
+    (libc::SYS_fspick, "fspick"),
+    (libc::SYS_move_mount, "move_mount"),
+    (libc::SYS_open_tree, "open_tree"),
+    (libc::SYS_mount_setattr, "mount_setattr"),
+    (libc::SYS_open_by_handle_at, "open_by_handle_at"),
+    (libc::SYS_name_to_handle_at, "name_to_handle_at"),
+    (libc::SYS_reboot, "reboot"),
+    (libc::SYS_kexec_load, "kexec_load"),
+    (libc::SYS_kexec_file_load, "kexec_file_load"),
+    (libc::SYS_init_module, "init_module"),
+    (libc::SYS_finit_module, "finit_module"),
+    (libc::SYS_delete_module, "delete_module"),
+    (libc::SYS_bpf, "bpf"),
+    (libc::SYS_perf_event_open, "perf_event_open"),
+    (libc::SYS_userfaultfd, "userfaultfd"),
+    (libc::SYS_keyctl, "keyctl"),
+    (libc::SYS_add_key, "add_key"),
+    (libc::SYS_request_key, "request_key"),
+    (libc::SYS_swapon, "swapon"),
+    (libc::SYS_swapoff, "swapoff"),
+    (libc::SYS_acct, "acct"),
+    (libc::SYS_syslog, "syslog"),
+    (libc::SYS_settimeofday, "settimeofday"),
+    (libc::SYS_clock_settime, "clock_settime"),
+    (libc::SYS_clock_adjtime, "clock_adjtime"),
+    (libc::SYS_adjtimex, "adjtimex"),
+    (libc::SYS_quotactl, "quotactl"),
+    (libc::SYS_fanotify_init, "fanotify_init"),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_iopl, "iopl"),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_ioperm, "ioperm"),
+];
+
+/// cleanup never starts a program.
+const CLEANUP_DENIED: &[(i64, &str)] = &[(libc::SYS_execve, "execve"), (libc::SYS_execveat, "execveat")];
+
+/// The namespace flags `clone` may never carry.
+const CLONE_NAMESPACES: [u64; 7] = [
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+];
+
+fn cond(arg: u8, len: Len, op: Op, value: u64) -> Result<Cond, SandboxError> {
+    Ok(Cond::new(arg, len, op, value)?)
+}
+
+fn rule(conditions: Vec<Cond>) -> Result<SeccompRule, SandboxError> {
+    Ok(SeccompRule::new(conditions)?)
+}
+
+/// smtpd's allow-list, conditional entries included.
+pub fn smtpd_rules() -> Result<Rules, SandboxError> {
+    let mut rules: Rules = SMTPD_PLAIN.iter().map(|&(nr, _)| (nr, Vec::new())).collect();
+    let not_exec = |arg| cond(arg, Len::Dword, Op::MaskedEq(libc::PROT_EXEC as u64), 0);
+    rules.insert(libc::SYS_mmap, vec![rule(vec![not_exec(2)?])?]);
+    rules.insert(libc::SYS_mprotect, vec![rule(vec![not_exec(2)?])?]);
+    rules.insert(libc::SYS_socket, vec![rule(vec![cond(0, Len::Dword, Op::Eq, libc::AF_UNIX as u64)?])?]);
+    let request = |value: u64| -> Result<SeccompRule, SandboxError> { rule(vec![cond(1, Len::Qword, Op::Eq, value)?]) };
+    rules.insert(libc::SYS_ioctl, vec![request(libc::FIONBIO)?, request(libc::FIOCLEX)?]);
+    let fcntl = [libc::F_GETFD, libc::F_SETFD, libc::F_GETFL, libc::F_SETFL, libc::F_DUPFD_CLOEXEC]
+        .into_iter()
+        .map(|cmd| rule(vec![cond(1, Len::Dword, Op::Eq, cmd as u64)?]))
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_fcntl, fcntl);
+    // Only this process: std's abort raises SIGABRT on itself this way.
+    let me = u64::from(std::process::id());
+    rules.insert(libc::SYS_tgkill, vec![rule(vec![cond(0, Len::Dword, Op::Eq, me)?])?]);
+    Ok(rules)
+}
+
+fn deny_rules(service: Service) -> Result<Rules, SandboxError> {
+    let extra = if service == Service::Cleanup { CLEANUP_DENIED } else { &[] };
+    let mut rules: Rules = DENIED.iter().chain(extra).map(|&(nr, _)| (nr, Vec::new())).collect();
+    let namespaces = CLONE_NAMESPACES
+        .iter()
+        .map(|&flag| rule(vec![cond(0, Len::Qword, Op::MaskedEq(flag), flag)?]))
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_clone, namespaces);
+    Ok(rules)
+}
+
+fn arch() -> Result<TargetArch, SandboxError> {
+    Ok(TargetArch::try_from(std::env::consts::ARCH).map_err(seccompiler::Error::Backend)?)
+}
+
+fn compile(rules: Rules, mismatch: SeccompAction, matched: SeccompAction) -> Result<BpfProgram, SandboxError> {
+    Ok(SeccompFilter::new(rules, mismatch, matched, arch()?)?.try_into()?)
+}
+
+/// Installs `service`'s filters; returns how many system calls its list
+/// names. Filters stack: the kernel applies the strictest answer of all.
+pub fn install(service: Service) -> Result<usize, SandboxError> {
+    // clone3 passes its flags in memory, where seccomp cannot look: make
+    // every daemon use clone instead, whose flags the filters check.
+    let no_clone3: Rules = [(libc::SYS_clone3, Vec::new())].into();
+    let no_clone3 = compile(no_clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))?;
+    let (main, count) = match service {
+        Service::Smtpd => {
+            let rules = smtpd_rules()?;
+            let count = rules.len();
+            (compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)?, count)
+        }
+        Service::Cleanup | Service::Queue => {
+            let rules = deny_rules(service)?;
+            let count = rules.len();
+            (compile(rules, SeccompAction::Allow, SeccompAction::KillProcess)?, count)
+        }
+    };
+    // The main filter goes last: installing a filter takes prctl and
+    // seccomp calls that smtpd's allow-list would kill.
+    match seccompiler::apply_filter_all_threads(&no_clone3) {
+        Ok(()) => {}
+        // A kernel without seccomp filters: say so and carry on with the
+        // other layers.
+        Err(seccompiler::Error::Seccomp(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::warn!("warning: sandbox: this kernel has no seccomp filters ({e}): system calls are not restricted");
+            return Ok(0);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    seccompiler::apply_filter_all_threads(&main)?;
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_compile_for_this_architecture() {
+        for service in [Service::Smtpd, Service::Cleanup, Service::Queue] {
+            let rules = if service == Service::Smtpd { smtpd_rules() } else { deny_rules(service) }.unwrap();
+            assert!(compile(rules, SeccompAction::KillProcess, SeccompAction::Allow).is_ok(), "{service:?}");
+        }
+    }
+
+    #[test]
+    fn smtpd_list_has_no_process_or_file_creation() {
+        let rules = smtpd_rules().unwrap();
+        for forbidden in [
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_ptrace,
+            libc::SYS_kill,
+            libc::SYS_openat,
+            libc::SYS_open,
+            libc::SYS_chroot,
+            libc::SYS_unshare,
+            libc::SYS_mount,
+            libc::SYS_bind,
+            libc::SYS_listen,
+        ] {
+            assert!(!rules.contains_key(&forbidden), "syscall {forbidden} must not be allowed in smtpd");
+        }
+        // The entries are unique: a duplicate would hide a mistake.
+        assert_eq!(SMTPD_PLAIN.len(), SMTPD_PLAIN.iter().map(|e| e.0).collect::<std::collections::BTreeSet<_>>().len());
+    }
+}

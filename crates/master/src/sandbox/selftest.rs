@@ -1,0 +1,465 @@
+//! The sandbox self-test: each restriction proved from inside a real
+//! sandboxed process.
+//!
+//! `mortal-<service> --sandbox-selftest --config PATH` (the orchestrator)
+//! runs one fresh process per attempt, `mortal-<service> --sandbox-probe
+//! <attempt> <port> --config PATH`, which loads the configuration, enters
+//! exactly the production sandbox ([`super::enter`]) and then makes one
+//! forbidden (or, as a control, one permitted) attempt, printing its
+//! verdict. One process per attempt because a seccomp violation kills the
+//! process: death by `SIGSYS` is a verdict too. The orchestrator prints a
+//! table of attempt, expected and actual result, and exits 1 if anything
+//! forbidden succeeded, anything permitted failed, or a probe could not
+//! run. Both modes are reached only through these command-line flags,
+//! which the master never passes: nothing a client sends can start them.
+
+use super::{Service, enter, mail_user, own_dirs, visible_path};
+use mortal_proto::config::{Config, QUEUE_DIRS};
+use nix::sys::signal::Signal;
+use nix::unistd::Uid;
+use std::ffi::{CString, OsString};
+use std::fs::{self, DirBuilder};
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs the self-test table.
+pub const SELFTEST_FLAG: &str = "--sandbox-selftest";
+/// Runs one attempt; used by the self-test only.
+const PROBE_FLAG: &str = "--sandbox-probe";
+/// Longest one probe may take; each is a handful of system calls.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the orchestrator looks whether a probe has finished.
+const PROBE_POLL: Duration = Duration::from_millis(5);
+/// Exit status of the self-test when an attempt went the wrong way.
+const FAILED: i32 = 1;
+/// Exit status for bad arguments.
+const USAGE: i32 = 2;
+/// Mode of directories the self-test creates, as the master does.
+const DIR_MODE: u32 = 0o700;
+/// Mode of the spool root and the run directory, as the master's.
+const OPEN_DIR_MODE: u32 = 0o755;
+/// Mode of the stand-in sockets, as the master's.
+const SOCKET_MODE: u32 = 0o600;
+/// Name of the file the write attempts create (and remove at once).
+const PROBE_FILE: &str = ".sandbox-probe";
+
+/// The attempts, each made in its own sandboxed process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    Applied,
+    ReadPasswd,
+    ListRoot,
+    WriteIncoming,
+    WriteDeferred,
+    WriteTmp,
+    ConnectCleanup,
+    ConnectQueue,
+    TcpConnect,
+    SignalParent,
+    PtraceParent,
+    Exec,
+    Setuid0,
+    Chroot,
+    Unshare,
+}
+
+const ATTEMPTS: [Attempt; 15] = [
+    Attempt::Applied,
+    Attempt::ReadPasswd,
+    Attempt::ListRoot,
+    Attempt::WriteIncoming,
+    Attempt::WriteDeferred,
+    Attempt::WriteTmp,
+    Attempt::ConnectCleanup,
+    Attempt::ConnectQueue,
+    Attempt::TcpConnect,
+    Attempt::SignalParent,
+    Attempt::PtraceParent,
+    Attempt::Exec,
+    Attempt::Setuid0,
+    Attempt::Chroot,
+    Attempt::Unshare,
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Allowed,
+    Denied,
+}
+
+impl Attempt {
+    fn name(self) -> &'static str {
+        match self {
+            Attempt::Applied => "applied",
+            Attempt::ReadPasswd => "read-passwd",
+            Attempt::ListRoot => "list-root",
+            Attempt::WriteIncoming => "write-incoming",
+            Attempt::WriteDeferred => "write-deferred",
+            Attempt::WriteTmp => "write-tmp",
+            Attempt::ConnectCleanup => "connect-cleanup",
+            Attempt::ConnectQueue => "connect-queue",
+            Attempt::TcpConnect => "tcp-connect",
+            Attempt::SignalParent => "signal-parent",
+            Attempt::PtraceParent => "ptrace-parent",
+            Attempt::Exec => "exec",
+            Attempt::Setuid0 => "setuid-0",
+            Attempt::Chroot => "chroot",
+            Attempt::Unshare => "unshare",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Attempt::Applied => "enter the sandbox",
+            Attempt::ReadPasswd => "open /etc/passwd for reading",
+            Attempt::ListRoot => "list the root directory",
+            Attempt::WriteIncoming => "create a file in spool/incoming",
+            Attempt::WriteDeferred => "create a file in spool/deferred",
+            Attempt::WriteTmp => "create a file in /tmp",
+            Attempt::ConnectCleanup => "connect to the cleanup socket",
+            Attempt::ConnectQueue => "connect to the queue socket",
+            Attempt::TcpConnect => "TCP connect to 127.0.0.1",
+            Attempt::SignalParent => "signal another process (the parent)",
+            Attempt::PtraceParent => "ptrace another process (the parent)",
+            Attempt::Exec => "execve /bin/true",
+            Attempt::Setuid0 => "regain root (setuid 0)",
+            Attempt::Chroot => "chroot (escape attempt)",
+            Attempt::Unshare => "forbidden syscall: unshare(CLONE_NEWUSER)",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Attempt> {
+        ATTEMPTS.into_iter().find(|a| a.name() == name)
+    }
+
+    /// What `service`'s sandbox must answer; `None`: not meaningful there.
+    fn expect(self, service: Service) -> Option<Expect> {
+        use Expect::*;
+        match (self, service) {
+            (Attempt::Applied, _) => Some(Allowed),
+            (Attempt::WriteIncoming, Service::Cleanup | Service::Queue) => Some(Allowed),
+            (Attempt::WriteDeferred, Service::Queue) => Some(Allowed),
+            (Attempt::ConnectCleanup, Service::Smtpd) => Some(Allowed),
+            (Attempt::ConnectQueue, Service::Cleanup) => Some(Allowed),
+            (Attempt::ConnectCleanup | Attempt::ConnectQueue, _) => None,
+            (Attempt::Chroot, Service::Smtpd) => Some(Denied),
+            (Attempt::Chroot, _) => None,
+            _ => Some(Denied),
+        }
+    }
+}
+
+/// Runs the self-test or one probe when the command line asks for it, and
+/// exits; returns at once otherwise. Call first thing in `main`.
+pub fn run_if_asked(service: Service) {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let Some(first) = args.first() else { return };
+    if first == SELFTEST_FLAG {
+        crate::log::init_early(service.name());
+        match &args[1..] {
+            [flag, path] if flag == "--config" => std::process::exit(orchestrate(service, Path::new(path))),
+            _ => usage(service),
+        }
+    } else if first == PROBE_FLAG {
+        crate::log::init_early(service.name());
+        match &args[1..] {
+            [attempt, port, flag, path] if flag == "--config" => {
+                let attempt = attempt.to_str().and_then(Attempt::from_name);
+                let port = port.to_str().and_then(|p| p.parse().ok());
+                match (attempt, port) {
+                    (Some(attempt), Some(port)) => probe(service, attempt, port, Path::new(path)),
+                    _ => usage(service),
+                }
+            }
+            _ => usage(service),
+        }
+    }
+}
+
+fn usage(service: Service) -> ! {
+    eprintln!("usage: mortal-{} {SELFTEST_FLAG} --config PATH", service.name());
+    std::process::exit(USAGE);
+}
+
+fn load(path: &Path) -> Config {
+    match Config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("fatal: {e}");
+            }
+            std::process::exit(USAGE);
+        }
+    }
+}
+
+/// One attempt, inside the sandbox: prints `allowed`, `denied <errno>` or
+/// `error <text>` and exits 0 (unless the kernel kills it first).
+fn probe(service: Service, attempt: Attempt, port: u16, config_path: &Path) -> ! {
+    let config = load(config_path);
+    let applied = match enter(service, &config) {
+        Ok(applied) => applied,
+        Err(e) => {
+            println!("error sandbox: {e}");
+            std::process::exit(0);
+        }
+    };
+    let verdict = match attempt {
+        Attempt::Applied => {
+            println!(
+                "allowed user={} chroot={} landlock={:?} seccomp={}",
+                applied.user.as_deref().unwrap_or("-"),
+                applied.chroot.as_deref().map_or_else(|| "-".into(), |p| p.display().to_string()),
+                applied.landlock,
+                applied.seccomp_rules
+            );
+            std::process::exit(0);
+        }
+        Attempt::ReadPasswd => io(fs::File::open("/etc/passwd").map(drop)),
+        Attempt::ListRoot => io(fs::read_dir("/").map(drop)),
+        Attempt::WriteIncoming => write_in(&config.queue_dir("incoming")),
+        Attempt::WriteDeferred => write_in(&config.queue_dir("deferred")),
+        Attempt::WriteTmp => write_in(Path::new("/tmp")),
+        Attempt::ConnectCleanup => io(UnixStream::connect(visible_path(&config.cleanup_socket())).map(drop)),
+        Attempt::ConnectQueue => io(UnixStream::connect(visible_path(&config.queue_socket())).map(drop)),
+        Attempt::TcpConnect => io(TcpStream::connect(("127.0.0.1", port)).map(drop)),
+        Attempt::SignalParent => nix(nix::sys::signal::kill(nix::unistd::getppid(), None::<Signal>)),
+        Attempt::PtraceParent => {
+            let parent = nix::unistd::getppid();
+            let result = nix::sys::ptrace::seize(parent, nix::sys::ptrace::Options::empty());
+            if result.is_ok() {
+                let _ = nix::sys::ptrace::detach(parent, None);
+            }
+            nix(result)
+        }
+        Attempt::Exec => {
+            let program = CString::from(c"/bin/true");
+            nix(nix::unistd::execv(&program, std::slice::from_ref(&program)).map(drop))
+        }
+        Attempt::Setuid0 => nix(nix::unistd::setuid(Uid::from_raw(0))),
+        Attempt::Chroot => nix(nix::unistd::chroot(".")),
+        Attempt::Unshare => nix(nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)),
+    };
+    println!("{verdict}");
+    std::process::exit(0);
+}
+
+fn io(result: std::io::Result<()>) -> String {
+    match result {
+        Ok(()) => "allowed".into(),
+        Err(e) => match e.raw_os_error() {
+            Some(n) => format!("denied {}", nix::errno::Errno::from_raw(n)),
+            None => format!("error {e}"),
+        },
+    }
+}
+
+fn nix(result: nix::Result<()>) -> String {
+    match result {
+        Ok(()) => "allowed".into(),
+        Err(e) => format!("denied {e}"),
+    }
+}
+
+/// Creates and removes a file in `dir`.
+fn write_in(dir: &Path) -> String {
+    let path = dir.join(format!("{PROBE_FILE}.{}", std::process::id()));
+    let result = fs::OpenOptions::new().write(true).create_new(true).open(&path);
+    let verdict = io(result.map(drop));
+    if verdict == "allowed" {
+        let _ = fs::remove_file(&path);
+    }
+    verdict
+}
+
+/// One row of the table.
+#[derive(Debug)]
+struct Row {
+    attempt: Attempt,
+    expect: Expect,
+    result: String,
+    ok: bool,
+}
+
+/// The errors that mean "refused by a restriction"; anything else is a
+/// malfunction of the probe, not a proof.
+const DENIALS: [&str; 4] = ["EACCES", "EPERM", "ENOENT", "EAFNOSUPPORT"];
+
+fn judge(expect: Expect, status: ExitStatus, stdout: &str) -> (String, bool) {
+    if status.signal() == Some(Signal::SIGSYS as i32) {
+        return ("denied: killed by seccomp (SIGSYS)".into(), expect == Expect::Denied);
+    }
+    let line = stdout.lines().next().unwrap_or_default().trim();
+    if let Some(errno) = line.strip_prefix("denied ") {
+        let name = errno.split(':').next().unwrap_or(errno);
+        let refused = DENIALS.contains(&name);
+        let text = if refused { format!("denied: {errno}") } else { format!("error: {errno}") };
+        return (text, refused && expect == Expect::Denied);
+    }
+    if line.starts_with("allowed") {
+        let detail = line.strip_prefix("allowed").unwrap_or_default().trim();
+        let text = if detail.is_empty() { "allowed".into() } else { format!("allowed: {detail}") };
+        return (text, expect == Expect::Allowed);
+    }
+    if line.is_empty() && status.success() {
+        // The probe was replaced by the program it tried to run.
+        return ("allowed: the probe was replaced (exec succeeded)".into(), expect == Expect::Allowed);
+    }
+    (format!("error: {line} ({status})"), false)
+}
+
+/// Runs every attempt meaningful for `service`; returns the exit status.
+fn orchestrate(service: Service, config_path: &Path) -> i32 {
+    let config_path = match std::path::absolute(config_path) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("fatal: {}: {e}", config_path.display());
+            return USAGE;
+        }
+    };
+    let config = load(&config_path);
+    let fixtures = match Fixtures::set_up(&config) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("fatal: sandbox self-test set-up: {e}");
+            return FAILED;
+        }
+    };
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("fatal: own executable: {e}");
+            return FAILED;
+        }
+    };
+    let root = Uid::effective().is_root();
+    println!("mortal-{} sandbox self-test ({})", service.name(), if root { "as root" } else { "not root" });
+    if !root {
+        println!("note: not started as root: the privilege drop and smtpd's chroot need root and are not exercised");
+    }
+    println!("{:<44} {:<9} result", "attempt", "expected");
+    let mut rows = Vec::new();
+    for attempt in ATTEMPTS {
+        let Some(expect) = attempt.expect(service) else { continue };
+        let (result, ok, stderr) = match run_probe(&exe, attempt, fixtures.port, &config_path) {
+            Ok((status, stdout, stderr)) => {
+                let (result, ok) = judge(expect, status, &stdout);
+                (result, ok, stderr)
+            }
+            Err(e) => (format!("error: {e}"), false, String::new()),
+        };
+        let expected = if expect == Expect::Allowed { "allowed" } else { "denied" };
+        println!("{:<44} {:<9} {result}{}", attempt.describe(), expected, if ok { "" } else { "   <-- WRONG" });
+        if !ok && !stderr.trim().is_empty() {
+            for line in stderr.lines() {
+                println!("    | {line}");
+            }
+        }
+        rows.push(Row { attempt, expect, result, ok });
+    }
+    drop(fixtures);
+    let wrong: Vec<&Row> = rows.iter().filter(|r| !r.ok).collect();
+    println!("{}: {} attempts, {} as expected, {} wrong", service.name(), rows.len(), rows.len() - wrong.len(), wrong.len());
+    for row in &wrong {
+        tracing::debug!("{:?} expected {:?}, got {}", row.attempt, row.expect, row.result);
+    }
+    if wrong.is_empty() { 0 } else { FAILED }
+}
+
+fn run_probe(exe: &Path, attempt: Attempt, port: u16, config: &Path) -> std::io::Result<(ExitStatus, String, String)> {
+    let mut child = Command::new(exe)
+        .arg(PROBE_FLAG)
+        .arg(attempt.name())
+        .arg(port.to_string())
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + PROBE_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "probe timed out and was killed"));
+        }
+        std::thread::sleep(PROBE_POLL);
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        out.read_to_string(&mut stdout)?;
+    }
+    if let Some(mut err) = child.stderr.take() {
+        err.read_to_string(&mut stderr)?;
+    }
+    Ok((status, stdout, stderr))
+}
+
+/// What the probes need around them: the directories the master would
+/// create, listeners at the private sockets (unless a running master has
+/// them), and a TCP listener for the connect attempt. Removed on drop.
+struct Fixtures {
+    port: u16,
+    _tcp: TcpListener,
+    sockets: Vec<(PathBuf, UnixListener)>,
+}
+
+impl Fixtures {
+    fn set_up(config: &Config) -> Result<Self, String> {
+        // The spool root and the run directory are open to search, as the
+        // master makes them; what is below them is not.
+        let mut dirs: Vec<(PathBuf, u32)> =
+            vec![(config.server.spool_dir.clone(), OPEN_DIR_MODE), (config.run_dir().to_owned(), OPEN_DIR_MODE)];
+        dirs.extend(QUEUE_DIRS.iter().map(|q| (config.queue_dir(q), DIR_MODE)));
+        dirs.push((config.private_dir(), DIR_MODE));
+        if config.maildir_root().starts_with(&config.server.spool_dir) {
+            dirs.push((config.maildir_root().to_owned(), DIR_MODE));
+        }
+        for (dir, mode) in &dirs {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(*mode)
+                .create(dir)
+                .map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        }
+        let user = mail_user(config).map_err(|e| e.to_string())?;
+        if let Some(user) = &user {
+            own_dirs(config, user).map_err(|e| e.to_string())?;
+        }
+        let mut sockets = Vec::new();
+        for path in [config.cleanup_socket(), config.queue_socket()] {
+            if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) && UnixStream::connect(&path).is_ok() {
+                continue;
+            }
+            let _ = fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).map_err(|e| format!("bind {}: {e}", path.display()))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(SOCKET_MODE)).map_err(|e| e.to_string())?;
+            if let Some(user) = &user {
+                nix::unistd::chown(&path, Some(user.uid), Some(user.gid)).map_err(|e| e.to_string())?;
+            }
+            sockets.push((path, listener));
+        }
+        let tcp = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
+        let port = tcp.local_addr().map_err(|e| e.to_string())?.port();
+        Ok(Fixtures { port, _tcp: tcp, sockets })
+    }
+}
+
+impl Drop for Fixtures {
+    fn drop(&mut self) {
+        for (path, _) in &self.sockets {
+            let _ = fs::remove_file(path);
+        }
+    }
+}

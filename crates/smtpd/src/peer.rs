@@ -1,0 +1,261 @@
+//! Who the session is with: the PROXY header on proxy listeners, and the
+//! per-client limits (anvil) at connect and at each MAIL.
+//!
+//! [`establish`] runs before the session starts. On a `proxy_listen`
+//! listener it drops peers outside `proxy_trusted` unread, then reads the
+//! PROXY header within `proxy_timeout` ([`crate::proxy`]) and takes the
+//! client address from it; client bytes that came with the header are
+//! handed on as early input (the client talked before the greeting). Then,
+//! unless the client is in `trusted_networks` or `client_limit_exceptions`
+//! (loopback by default) or every limit is 0, it
+//! takes a lease from anvil and refuses the client, Postfix's way, when it
+//! has too many connections open or opened too many in the current
+//! `rate_time_unit`:
+//!
+//! ```text
+//! connect from unknown[192.0.2.1]
+//! warning: Connection concurrency limit exceeded: 51 from unknown[192.0.2.1] for service smtp
+//! disconnect from unknown[192.0.2.1] commands=0
+//! ```
+//!
+//! with `421 4.7.0 <hostname> Error: too many connections from 192.0.2.1`.
+//! [`ClientLimits::check_message`] does the same for the message rate at
+//! MAIL (`450 4.7.1 Error: too much mail from 192.0.2.1`). When anvil
+//! cannot be asked, the session goes on without limits and a warning is
+//! logged: a limiter must never be the reason mail stops.
+
+use crate::anvil_client::AnvilLease;
+use crate::engine::{Answer, UNKNOWN_NAME};
+use crate::proxy::{self, ProxyError, ProxyHeader};
+use mortal_proto::anvil::{AnvilReply, Status};
+use mortal_proto::cidr;
+use mortal_proto::config::Config;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::Instant;
+
+/// Octets read at a time while waiting for the PROXY header. Reading
+/// past the header is harmless: the rest is early client input.
+const PROXY_READ_CHUNK: usize = 512;
+/// The Postfix service name in the limit warnings.
+const SERVICE: &str = "smtp";
+
+/// The client of a session about to start.
+#[derive(Debug)]
+pub struct Peer {
+    /// The client's address: the socket's peer, or the one a trusted
+    /// balancer named in its PROXY header.
+    pub addr: IpAddr,
+    /// Client bytes that arrived together with the PROXY header.
+    pub early: Vec<u8>,
+    pub limits: ClientLimits,
+}
+
+/// Whether a connection accepted at `local` came through one of the
+/// `[smtpd] proxy_listen` listeners, whose connections must start with a
+/// PROXY header. A listener bound to a wildcard address (`0.0.0.0:2526`)
+/// hands out connections at a concrete address with its port; the
+/// kernel lets no other listener hold that address and port, so the
+/// match is unambiguous.
+pub fn is_proxied(config: &Config, local: SocketAddr) -> bool {
+    let local_ip = local.ip().to_canonical();
+    config.smtpd.proxy_listen.iter().any(|p| {
+        p.port() == local.port()
+            && (p.ip() == local_ip || p.ip() == local.ip() || (p.ip().is_unspecified() && p.is_ipv4() == local.is_ipv4()))
+    })
+}
+
+/// Identifies the client and applies the connect-time limits; `None` when
+/// the connection was dropped or refused (already logged and answered).
+/// `stream` must still be in blocking mode.
+pub async fn establish(config: &Config, stream: &TcpStream) -> Option<Peer> {
+    let socket_peer = match stream.peer_addr() {
+        Ok(addr) => addr.ip().to_canonical(),
+        Err(e) => {
+            tracing::warn!("warning: getpeername: {e}");
+            return None;
+        }
+    };
+    let proxied = stream.local_addr().is_ok_and(|local| is_proxied(config, local));
+    let (addr, early) = if proxied { proxied_client(config, stream, socket_peer)? } else { (socket_peer, Vec::new()) };
+    let limits = ClientLimits::connect(config, addr).await;
+    let refusal = limits.connect_refusal(config);
+    if let Some(warning) = refusal {
+        let client = format!("{UNKNOWN_NAME}[{addr}]");
+        tracing::info!("connect from {client}");
+        tracing::warn!("warning: {warning} from {client} for service {SERVICE}");
+        let reply = format!("421 4.7.0 {} Error: too many connections from {addr}\r\n", config.server.hostname);
+        let _ = stream.set_write_timeout(Some(config.smtpd.timeout));
+        let _ = (&*stream).write_all(reply.as_bytes());
+        tracing::info!("disconnect from {client} commands=0");
+        return None;
+    }
+    Some(Peer { addr, early, limits })
+}
+
+/// The PROXY step: the client named by a trusted balancer, and whatever
+/// followed the header.
+fn proxied_client(config: &Config, stream: &TcpStream, socket_peer: IpAddr) -> Option<(IpAddr, Vec<u8>)> {
+    let balancer = format!("{UNKNOWN_NAME}[{socket_peer}]");
+    if !cidr::contains_any(&config.smtpd.proxy_trusted, socket_peer) {
+        tracing::warn!("warning: haproxy: connection from {balancer} refused: not in smtpd.proxy_trusted");
+        return None;
+    }
+    match read_proxy_header(stream, config.smtpd.proxy_timeout) {
+        Ok((header, early)) => {
+            let addr = header.addresses.map_or(socket_peer, |a| a.source.ip().to_canonical());
+            tracing::debug!("haproxy: v{} header from {balancer}: client {addr}", header.version);
+            Some((addr, early))
+        }
+        Err(e) => {
+            tracing::warn!("warning: haproxy read from {balancer}: {e}");
+            None
+        }
+    }
+}
+
+/// Why no PROXY header could be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HaproxyError {
+    #[error("timeout error")]
+    Timeout,
+    #[error("lost connection")]
+    Eof,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Header(#[from] ProxyError),
+}
+
+/// Reads until [`proxy::parse`] has a whole header, within `limit` in all.
+fn read_proxy_header(stream: &TcpStream, limit: std::time::Duration) -> Result<(ProxyHeader, Vec<u8>), HaproxyError> {
+    let deadline = Instant::now() + limit;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; PROXY_READ_CHUNK];
+    // Every pass adds at least one octet, and parse refuses input longer
+    // than any header, so the loop is bounded in size as well as time.
+    loop {
+        if let Some((header, used)) = proxy::parse(&buf)? {
+            let _ = stream.set_read_timeout(None);
+            return Ok((header, buf.split_off(used)));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HaproxyError::Timeout);
+        }
+        stream.set_read_timeout(Some(left))?;
+        match (&*stream).read(&mut chunk) {
+            Ok(0) => return Err(HaproxyError::Eof),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(HaproxyError::Timeout);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The per-client limits of one session, and its anvil lease.
+#[derive(Debug)]
+pub struct ClientLimits {
+    /// Held for the whole session: anvil counts it as an open connection.
+    lease: Option<AnvilLease>,
+    /// anvil's answer to the connect.
+    connected: Option<AnvilReply>,
+    addr: IpAddr,
+    message_rate_limit: u32,
+}
+
+impl ClientLimits {
+    /// No limits (trusted networks, tests of the engine).
+    pub fn none(addr: IpAddr) -> Self {
+        Self { lease: None, connected: None, addr, message_rate_limit: 0 }
+    }
+
+    async fn connect(config: &Config, addr: IpAddr) -> Self {
+        let s = &config.smtpd;
+        let limited = s.client_connection_count_limit > 0
+            || s.client_connection_rate_limit > 0
+            || s.client_message_rate_limit > 0;
+        // As Postfix exempts smtpd_client_event_limit_exceptions ($mynetworks).
+        let exempt = cidr::contains_any(&config.server.trusted_networks, addr)
+            || cidr::contains_any(&s.client_limit_exceptions, addr);
+        if !limited || exempt {
+            return Self::none(addr);
+        }
+        match AnvilLease::connect(&mortal_master::sandbox::visible_path(&config.anvil_socket()), addr).await {
+            Ok((lease, reply)) => Self {
+                lease: Some(lease),
+                connected: Some(reply),
+                addr,
+                message_rate_limit: s.client_message_rate_limit,
+            },
+            Err(e) => {
+                tracing::warn!("warning: anvil {}: {e}: no client limits for {addr}", config.anvil_socket().display());
+                Self::none(addr)
+            }
+        }
+    }
+
+    /// The limit warning, when the client must be refused at connect.
+    fn connect_refusal(&self, config: &Config) -> Option<String> {
+        let reply = self.connected.filter(|r| r.status == Status::Counted)?;
+        let (count_limit, rate_limit) =
+            (config.smtpd.client_connection_count_limit, config.smtpd.client_connection_rate_limit);
+        if count_limit > 0 && reply.count > count_limit {
+            return Some(format!("Connection concurrency limit exceeded: {}", reply.count));
+        }
+        if rate_limit > 0 && reply.rate > rate_limit {
+            return Some(format!("Connection rate limit exceeded: {}", reply.rate));
+        }
+        None
+    }
+
+    /// At MAIL: counts the message and returns the refusal when the client
+    /// is over `client_message_rate_limit`.
+    pub async fn check_message(&mut self) -> Option<Answer> {
+        if self.message_rate_limit == 0 {
+            return None;
+        }
+        let lease = self.lease.as_mut()?;
+        match lease.message().await {
+            Ok(r) if r.status == Status::Counted && r.rate > self.message_rate_limit => {
+                tracing::warn!(
+                    "warning: Message delivery request rate limit exceeded: {} from {UNKNOWN_NAME}[{}] for service {SERVICE}",
+                    r.rate,
+                    self.addr
+                );
+                Some(Answer { code: 450, enhanced: "4.7.1".into(), text: format!("Error: too much mail from {}", self.addr) })
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!("warning: anvil: {e}: no client limits for the rest of this session");
+                self.lease = None;
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_listeners_are_recognised_by_local_address() {
+        let text = "[smtpd]\nlisten = [\"127.0.0.1:25\"]\nproxy_listen = [\"127.0.0.1:2526\", \"0.0.0.0:2600\", \"[::1]:2527\"]\n";
+        let config = Config::parse(text, std::path::Path::new("mortal.toml")).expect("valid config");
+        for (local, proxied) in [
+            ("127.0.0.1:2526", true),
+            ("127.0.0.1:25", false),
+            ("127.0.0.2:2526", false),
+            ("192.0.2.7:2600", true),
+            ("[2001:db8::1]:2600", false),
+            ("[::1]:2527", true),
+            ("[::1]:2526", false),
+        ] {
+            assert_eq!(is_proxied(&config, local.parse().unwrap()), proxied, "{local}");
+        }
+    }
+}

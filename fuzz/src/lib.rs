@@ -1,0 +1,161 @@
+//! Entry points of the fuzz targets that exercise smtpd's engine.
+//!
+//! The proto decoders keep their entry points in `mortal_proto::fuzz`; the
+//! engine's live here because the smtpd crate exposes its engine but no
+//! fuzz module. The corpus replay test (`tests/fuzz_corpus.rs`) includes
+//! this file by path, so a committed corpus file runs through exactly the
+//! code the fuzzer ran.
+//!
+//! Each function takes arbitrary bytes, must never panic, and asserts the
+//! invariants a hostile client must not be able to break.
+#![forbid(unsafe_code)]
+
+use mortal_proto::config::Config;
+use mortal_smtpd::engine::command;
+use mortal_smtpd::engine::data::{DataReceiver, MAX_TEXT_LINE};
+use mortal_smtpd::engine::line::{Line, LineReader, MAX_COMMAND_LINE};
+use mortal_smtpd::engine::{Action, Answer, Session};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Size limit for the DATA decoder target: small, so the fuzzer reaches
+/// the `TooBig` path with short inputs.
+const DATA_LIMIT: u64 = 4096;
+
+/// Most actions one fuzz input may cause before the session target calls
+/// it a livelock (each input octet yields at most a few).
+const MAX_ACTIONS_PER_OCTET: usize = 8;
+
+/// The text of the fake cleanup's final answer; only cleanup can make
+/// smtpd say it.
+const QUEUED: &str = "Ok: queued as 0000000000000000A001";
+
+/// Splits the input into command lines and parses each one, as smtpd's
+/// command phase does. No line may exceed [`MAX_COMMAND_LINE`], and the
+/// reader must consume everything it is given once a line is complete.
+pub fn smtp_command(data: &[u8]) {
+    let mut reader = LineReader::default();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let (line, used) = reader.next(rest);
+        assert!(used <= rest.len(), "line reader used more than it was given");
+        if let Some(Line::Text(text)) = &line {
+            assert!(text.len() + 2 <= MAX_COMMAND_LINE, "overlong line passed as text");
+            assert!(!text.contains(&b'\n') && !text.contains(&b'\r'), "line ending inside a command line");
+            if let Ok(s) = std::str::from_utf8(text) {
+                if let Ok(cmd) = command::parse(s) {
+                    // The name and the group rule must be defined for every command.
+                    let _ = (cmd.name(), cmd.ends_group());
+                }
+            }
+        }
+        if used == 0 {
+            break;
+        }
+        rest = &rest[used..];
+    }
+}
+
+/// Decodes the input as DATA content twice, whole and split at an input-
+/// derived point; both must agree (the decoder's result never depends on
+/// packet boundaries), output never exceeds the limit, and no content
+/// line is longer than RFC 5321 allows unless an error was recorded.
+pub fn smtp_data(data: &[u8]) {
+    let mut whole = DataReceiver::new(DATA_LIMIT);
+    let mut out = Vec::new();
+    let progress = whole.receive(data, &mut out);
+    assert!(progress.consumed <= data.len());
+    assert!(out.len() as u64 <= DATA_LIMIT, "content beyond the size limit");
+    if progress.finished {
+        assert!(data[..progress.consumed].ends_with(b"\r\n.\r\n") || data[..progress.consumed] == *b".\r\n");
+    }
+    if whole.error().is_none() {
+        // Clean content is CRLF lines of at most 998 octets.
+        for line in out.split(|&b| b == b'\n') {
+            assert!(line.len() < MAX_TEXT_LINE, "line too long without an error");
+        }
+        assert!(!out.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'), "bare LF in clean content");
+    }
+
+    let cut = data.first().map_or(0, |&b| usize::from(b) % (data.len() + 1));
+    let mut split = DataReceiver::new(DATA_LIMIT);
+    let mut out2 = Vec::new();
+    let first = split.receive(&data[..cut], &mut out2);
+    let (consumed, finished) = if first.finished {
+        (first.consumed, true)
+    } else {
+        let second = split.receive(&data[cut..], &mut out2);
+        (cut + second.consumed, second.finished)
+    };
+    assert_eq!((consumed, finished), (progress.consumed, progress.finished), "split changes where DATA ends");
+    assert_eq!(out2, out, "split changes the content");
+    assert_eq!(split.error(), whole.error(), "split changes the verdict");
+}
+
+/// Runs a whole SMTP session on the input, as the driver would with a
+/// cleanup that accepts everything: every reply is complete CRLF lines
+/// with a 3-digit code, a 250 after DATA only follows cleanup's answer,
+/// and the session ends in bounded work.
+pub fn smtp_session(data: &[u8]) {
+    let config = session_config();
+    let mut session = Session::new(config, "127.0.0.1".parse().expect("literal address"));
+    let budget = MAX_ACTIONS_PER_OCTET * (data.len() + 16);
+    let mut actions = 0usize;
+    let mut answers = 0u32;
+    let mut queued_replies = 0u32;
+    // The first octet picks the packet size, so the fuzzer explores splits.
+    let chunk = data.first().map_or(1, |&b| usize::from(b % 64) + 1);
+    let mut pieces = data.chunks(chunk);
+    loop {
+        while let Some(action) = session.next_action() {
+            actions += 1;
+            assert!(actions <= budget, "session does unbounded work");
+            match action {
+                Action::Reply(text) => {
+                    assert!(text.ends_with("\r\n"), "reply not CRLF-terminated: {text:?}");
+                    for line in text.split_terminator("\r\n") {
+                        queued_replies += u32::from(line.strip_prefix("250 2.0.0 ") == Some(QUEUED));
+                        assert!(
+                            line.len() >= 3 && line.as_bytes()[..3].iter().all(u8::is_ascii_digit),
+                            "reply line without a code: {line:?}"
+                        );
+                    }
+                }
+                Action::StartTransaction { .. } => session.transaction_opened("0000000000000000A001".into()),
+                Action::EndOfData => {
+                    answers += 1;
+                    session.cleanup_answer(Answer { code: 250, enhanced: "2.0.0".into(), text: QUEUED.into() });
+                }
+                Action::Close => return,
+                Action::Log(_) | Action::Recipient(_) | Action::Data(_) | Action::AbortTransaction => {}
+            }
+        }
+        assert!(queued_replies <= answers, "a queued reply without cleanup's answer");
+        if session.is_closed() {
+            return;
+        }
+        match pieces.next() {
+            Some(piece) => session.feed(piece),
+            None => {
+                session.connection_lost();
+                // Drain what losing the connection produced, then stop.
+                while session.next_action().is_some() {}
+                return;
+            }
+        }
+    }
+}
+
+fn session_config() -> Arc<Config> {
+    const TEXT: &str = r#"
+[server]
+hostname = "mortal.test"
+accepted_domains = ["example.test"]
+[smtpd]
+listen = ["127.0.0.1:2525"]
+message_size_limit = 4096
+recipient_limit = 10
+hard_error_limit = 20
+"#;
+    Arc::new(Config::parse(TEXT, Path::new("/fuzz/mortal.toml")).expect("fuzz session config is valid"))
+}

@@ -1,0 +1,404 @@
+//! `mortal queue ...` end to end (issue 6): a real instance whose mail
+//! cannot be delivered (its transport is an LMTP port nobody listens on),
+//! so messages stay queued with real delay reasons while the queue manager
+//! keeps retrying them; the CLI lists them (text, and JSON checked with a
+//! JSON parser), shows, holds, releases, requeues, flushes and deletes
+//! them, and each change is seen to take effect in the spool and in the
+//! queue manager's log. Messages that must stay put for a test are placed
+//! straight into `deferred/` with a retry time an hour away.
+
+use mortal_proto::ipc::{BodyType, ClientInfo, SenderInfo};
+use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
+use mortal_proto::queue_id;
+use mortal_tests::{Instance, Options, Smtp, bin_dir, free_port, wait_for};
+use serde_json::Value;
+use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// sysexits statuses documented in `mortal queue --help`.
+const EXIT_NOT_FOUND: i32 = 66;
+const EXIT_BUSY: i32 = 75;
+const EXIT_DENIED: i32 = 77;
+/// The unprivileged account permission tests run the CLI as.
+const NOBODY: u32 = 65534;
+/// Longer than the test config's maximal_backoff (2s) plus its scan
+/// interval (1s): a message not held would have been retried by then.
+const RETRY_WINDOW: Duration = Duration::from_millis(3500);
+
+/// One run of the `mortal` binary.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn mortal(inst: &Instance, args: &[&str]) -> Run {
+    run(Command::new(bin_dir().join("mortal")).arg("--config").arg(&inst.config).args(args))
+}
+
+fn mortal_as(inst: &Instance, uid: u32, args: &[&str]) -> Run {
+    run(Command::new(bin_dir().join("mortal")).arg("--config").arg(&inst.config).args(args).uid(uid).gid(uid))
+}
+
+fn run(cmd: &mut Command) -> Run {
+    let out = cmd.output().expect("run mortal");
+    Run {
+        code: out.status.code().expect("mortal exits, it is not killed"),
+        stdout: String::from_utf8(out.stdout).expect("utf-8 stdout"),
+        stderr: String::from_utf8(out.stderr).expect("utf-8 stderr"),
+    }
+}
+
+/// An instance whose every delivery attempt fails with a refused connection.
+fn stuck_instance() -> Instance {
+    let closed = free_port();
+    Instance::start_with(Options {
+        extra: format!("\n[delivery]\ntransport = \"lmtp:inet:127.0.0.1:{closed}\"\n"),
+        ..Options::default()
+    })
+}
+
+/// Sends one message over SMTP; returns its queue id.
+fn send(inst: &Instance, from: &str, to: &[&str], subject: &str) -> String {
+    let mut s = Smtp::connect(inst.port).expect("connect");
+    assert!(s.cmd("EHLO client.test").unwrap().starts_with("250"));
+    assert!(s.cmd(&format!("MAIL FROM:<{from}>")).unwrap().starts_with("250"));
+    for rcpt in to {
+        let reply = s.cmd(&format!("RCPT TO:<{rcpt}>")).unwrap();
+        assert!(reply.starts_with("250"), "{reply}");
+    }
+    assert!(s.cmd("DATA").unwrap().starts_with("354"));
+    let message = format!("From: <{from}>\r\nSubject: {subject}\r\n\r\nbody of {subject}\r\n.\r\n");
+    s.send_raw(message.as_bytes()).unwrap();
+    let reply = s.read_reply().unwrap();
+    let _ = s.cmd("QUIT");
+    let id = reply.trim_end().rsplit(' ').next().unwrap_or_default().to_owned();
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as ") && queue_id::is_valid(&id), "{reply}");
+    id
+}
+
+static PLACED: AtomicU32 = AtomicU32::new(0);
+
+/// Writes a valid queue file into `queue/` as the queue manager would
+/// (temporary name, then rename), with its mtime (for `deferred/`, the
+/// retry time) `retry_in` from now.
+fn place(inst: &Instance, queue: &str, sender: &str, rcpt: &str, status: &str, retry_in: Duration) -> String {
+    let n = PLACED.fetch_add(1, Ordering::Relaxed);
+    let arrival = SystemTime::now() + Duration::from_micros(u64::from(n));
+    let id = queue_id::make(arrival, 0xC11_000 + n);
+    let qf = QueueFile {
+        id: id.clone(),
+        arrival,
+        client: ClientInfo {
+            addr: "127.0.0.1".into(),
+            name: "unknown".into(),
+            helo: "placed.test".into(),
+            protocol: "ESMTP".into(),
+            tls: String::new(),
+        },
+        sender: SenderInfo {
+            address: sender.into(),
+            body: BodyType::SevenBit,
+            smtputf8: false,
+            ret: None,
+            envid: String::new(),
+        },
+        recipients: vec![QueuedRecipient {
+            address: rcpt.into(),
+            state: RecipientState::Pending,
+            notify: Default::default(),
+            orcpt: String::new(),
+            status: status.into(),
+        }],
+        content: format!("Subject: placed {n}\r\n\r\nplaced body {n}\r\n").into_bytes(),
+    };
+    let dir = inst.spool().join(queue);
+    let temp = dir.join(format!("{id}.tmp"));
+    fs::write(&temp, qf.encode()).unwrap();
+    File::options().write(true).open(&temp).unwrap().set_modified(SystemTime::now() + retry_in).unwrap();
+    fs::rename(&temp, dir.join(&id)).unwrap();
+    id
+}
+
+/// The `list --json` records, each line parsed on its own.
+fn list_json(inst: &Instance, extra: &[&str]) -> Vec<Value> {
+    let args: Vec<&str> = ["queue", "list", "--json"].iter().chain(extra).copied().collect();
+    let r = mortal(inst, &args);
+    assert_eq!(r.code, 0, "{r:?}");
+    r.stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}"))).collect()
+}
+
+fn record<'a>(records: &'a [Value], id: &str) -> Option<&'a Value> {
+    records.iter().find(|r| r["queue_id"] == id)
+}
+
+/// Where the message is now, from the directories.
+fn queue_of(inst: &Instance, id: &str) -> Option<&'static str> {
+    ["incoming", "active", "deferred", "hold", "corrupt"]
+        .into_iter()
+        .find(|q| inst.queue_files(q).iter().any(|f| f == id))
+}
+
+/// Delivery attempts the queue manager logged for `id`.
+fn attempts(inst: &Instance, id: &str) -> usize {
+    inst.log_text().matches(&format!("{id}: to=<")).count()
+}
+
+/// Runs a changing command until the message is not busy being delivered;
+/// every busy answer must say so.
+fn until_not_busy(inst: &Instance, args: &[&str]) -> Run {
+    wait_for(&format!("{args:?} to find the message idle"), || {
+        let r = mortal(inst, args);
+        if r.code == EXIT_BUSY {
+            assert!(r.stderr.contains("being delivered, try again"), "{r:?}");
+            std::thread::sleep(Duration::from_millis(30));
+            return None;
+        }
+        Some(r)
+    })
+    .expect("the message was idle at some point")
+}
+
+#[test]
+fn list_show_and_stats_describe_the_queue() {
+    let inst = stuck_instance();
+    let sent = send(&inst, "a@example.test", &["b@example.test", "c@example.test"], "cli one");
+    let placed = place(&inst, "deferred", "", "d@example.test", "4.4.1 placed reason", Duration::from_secs(3600));
+
+    // The first attempt records each recipient's delay reason.
+    let records = wait_for("a delay reason for the sent message", || {
+        let records = list_json(&inst, &[]);
+        let ok =
+            record(&records, &sent)?["recipients"][0]["delay_reason"].as_str().is_some_and(|r| r.starts_with("4."));
+        ok.then_some(records)
+    })
+    .unwrap_or_else(|| panic!("no delay reason\n{}", inst.log_text()));
+    assert_eq!(records.len(), 2, "{records:?}");
+    let m = record(&records, &sent).unwrap();
+    assert!(["deferred", "active", "incoming"].contains(&m["queue_name"].as_str().unwrap()), "{m}");
+    assert_eq!(m["sender"], "a@example.test");
+    assert!(m["message_size"].as_u64().unwrap() > 20, "{m}");
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    assert!(now - m["arrival_time"].as_u64().unwrap() < 60, "{m}");
+    let rcpts: Vec<&str> = m["recipients"].as_array().unwrap().iter().map(|r| r["address"].as_str().unwrap()).collect();
+    assert_eq!(rcpts, ["b@example.test", "c@example.test"]);
+    let p = record(&records, &placed).unwrap();
+    assert_eq!((p["queue_name"].as_str(), p["sender"].as_str()), (Some("deferred"), Some("")));
+    assert_eq!(
+        p["recipients"],
+        serde_json::json!([{"address": "d@example.test", "delay_reason": "4.4.1 placed reason"}])
+    );
+
+    // Text, as in a pipe: exact figures, Postfix's shape.
+    let r = mortal(&inst, &["queue", "list"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(lines[0].starts_with("-Queue ID-") && lines[0].contains("----Arrival Time----"), "{}", r.stdout);
+    let placed_line = lines.iter().position(|l| l.starts_with(&placed)).expect("placed message listed");
+    assert!(lines[placed_line].ends_with("  MAILER-DAEMON"), "{}", r.stdout);
+    assert_eq!(lines[placed_line + 1], "(4.4.1 placed reason)");
+    assert_eq!(lines[placed_line + 2].trim_start(), "d@example.test");
+    assert!(lines.iter().any(|l| l.starts_with(&sent) && l.ends_with("  a@example.test")), "{}", r.stdout);
+    assert!(
+        lines.last().unwrap().starts_with("-- ") && lines.last().unwrap().ends_with(" in 2 Requests."),
+        "{}",
+        r.stdout
+    );
+
+    // Filters.
+    let ids = |extra: &[&str]| -> Vec<String> {
+        list_json(&inst, extra).iter().map(|r| r["queue_id"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(ids(&["--sender", "<>"]), [placed.as_str()]);
+    assert_eq!(ids(&["--sender", "A@EXAMPLE.TEST"]), [sent.as_str()]);
+    assert_eq!(ids(&["--recipient", "@example.test"]).len(), 2);
+    assert_eq!(ids(&["--recipient", "c@example.test"]), [sent.as_str()]);
+    assert!(ids(&["--older-than", "1h"]).is_empty());
+    assert_eq!(ids(&["--queue", "deferred", "--sender", ""]), [placed.as_str()]);
+    let r = mortal(&inst, &["queue", "list", "--queue", "hold"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "Mail queue is empty\n"));
+
+    // show: envelope, header, body, and each part alone.
+    let r = mortal(&inst, &["queue", "show", &sent]);
+    assert_eq!(r.code, 0, "{r:?}");
+    for want in
+        ["*** ENVELOPE ", "sender: <a@example.test>", "recipient: <b@example.test> pending", "Subject: cli one\n"]
+    {
+        assert!(r.stdout.contains(want), "{want:?} in\n{}", r.stdout);
+    }
+    assert!(r.stdout.contains("body of cli one\n*** END "), "{}", r.stdout);
+    let header = mortal(&inst, &["queue", "show", &sent.to_lowercase(), "--header-only"]);
+    assert!(header.stdout.contains("Subject: cli one\n") && !header.stdout.contains("body of"), "{header:?}");
+    assert!(header.stdout.starts_with("Received: from client.test"), "{header:?}");
+    let body = mortal(&inst, &["queue", "show", &sent, "--body-only"]);
+    assert_eq!(body.stdout, "body of cli one\n");
+    let json = mortal(&inst, &["queue", "show", &placed, "--json"]);
+    let v: Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["queue_name"], "deferred", "{v}");
+    assert!(v["body"].as_str().unwrap().starts_with("placed body "), "{v}");
+    assert!(v["header"].as_str().unwrap().starts_with("Subject: placed "), "{v}");
+    assert_eq!(v["recipients"][0]["state"], "pending");
+
+    // stats from the directories.
+    let r = mortal(&inst, &["queue", "stats", "--json"]);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+    assert_eq!(v["total"]["messages"], 2, "{v}");
+    assert_eq!(v["queues"]["hold"]["messages"], 0, "{v}");
+    assert!(v["queues"]["deferred"]["messages"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["total"]["oldest_arrival"].as_u64().unwrap() <= now, "{v}");
+    let r = mortal(&inst, &["queue", "stats"]);
+    assert!(
+        r.stdout.starts_with("queue") && r.stdout.lines().any(|l| l.starts_with("total") && l.contains(" 2 ")),
+        "{r:?}"
+    );
+
+    // Unknown and malformed ids.
+    let missing = queue_id::make(SystemTime::now(), 1);
+    let r = mortal(&inst, &["queue", "show", &missing]);
+    assert_eq!(r.code, EXIT_NOT_FOUND, "{r:?}");
+    assert!(r.stderr.contains("not in the queue"), "{r:?}");
+    assert_eq!(mortal(&inst, &["queue", "show", "../../etc/passwd"]).code, 2);
+}
+
+#[test]
+fn hold_release_requeue_flush_and_delete_take_effect() {
+    let inst = stuck_instance();
+    let id = send(&inst, "a@example.test", &["b@example.test"], "held");
+    inst.wait_for_log(&format!("{id}: to=<b@example.test>"));
+
+    // hold: the queue manager may be delivering it right now; the CLI
+    // says so and leaves it alone until it is back in deferred/.
+    let r = until_not_busy(&inst, &["queue", "hold", &id]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, &*format!("{id}: placed on hold\n")), "{r:?}");
+    assert!(r.stderr.contains("Placed on hold: 1 message"), "{r:?}");
+    assert_eq!(queue_of(&inst, &id), Some("hold"));
+    let held = mortal(&inst, &["queue", "list"]);
+    assert!(held.stdout.lines().any(|l| l.starts_with(&format!("{id}!"))), "{held:?}");
+    let before = attempts(&inst, &id);
+    std::thread::sleep(RETRY_WINDOW);
+    assert_eq!(attempts(&inst, &id), before, "a held message is not retried\n{}", inst.log_text());
+    assert_eq!(queue_of(&inst, &id), Some("hold"));
+
+    let r = mortal(&inst, &["queue", "hold", &id]);
+    assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{id}: already on hold")), "{r:?}");
+    let r = mortal(&inst, &["queue", "requeue", &id]);
+    assert_eq!(r.code, EXIT_NOT_FOUND, "{r:?}");
+    assert!(r.stderr.contains("on hold: release it first"), "{r:?}");
+
+    // release: back to incoming/, and the queue manager, woken, tries it at once.
+    let r = mortal(&inst, &["queue", "release", &id]);
+    assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{id}: released from hold")), "{r:?}");
+    wait_for("a new attempt after release", || (attempts(&inst, &id) > before).then_some(()))
+        .unwrap_or_else(|| panic!("not retried after release\n{}", inst.log_text()));
+    let r = mortal(&inst, &["queue", "release", &id]);
+    assert_eq!(r.code, EXIT_NOT_FOUND, "{r:?}");
+
+    // requeue and flush: due in an hour, tried now.
+    let later = Duration::from_secs(3600);
+    let requeued = place(&inst, "deferred", "x@example.test", "b@example.test", "4.4.1 old", later);
+    let flushed = place(&inst, "deferred", "y@example.test", "b@example.test", "4.4.1 old", later);
+    std::thread::sleep(RETRY_WINDOW);
+    assert_eq!((attempts(&inst, &requeued), attempts(&inst, &flushed)), (0, 0), "not due yet");
+    let r = mortal(&inst, &["queue", "requeue", &requeued]);
+    assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{requeued}: requeued")), "{r:?}");
+    let r = mortal(&inst, &["queue", "flush", &flushed]);
+    assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{flushed}: scheduled for delivery now")), "{r:?}");
+    for moved in [&requeued, &flushed] {
+        wait_for("an attempt", || (attempts(&inst, moved) > 0).then_some(()))
+            .unwrap_or_else(|| panic!("{moved} not tried\n{}", inst.log_text()));
+    }
+
+    // delete: one placed message, then everything (retrying what is busy).
+    let doomed = place(&inst, "deferred", "z@example.test", "b@example.test", "4.4.1 old", later);
+    let r = mortal(&inst, &["queue", "delete", &doomed]);
+    assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{doomed}: removed")), "{r:?}");
+    assert_eq!(queue_of(&inst, &doomed), None);
+    assert_eq!(mortal(&inst, &["queue", "delete", &doomed]).code, EXIT_NOT_FOUND);
+    let r = until_not_busy(&inst, &["queue", "delete", "--sender", "@example.test"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    for gone in [&id, &requeued, &flushed] {
+        assert_eq!(queue_of(&inst, gone), None, "{gone} deleted\n{r:?}");
+    }
+    let r = mortal(&inst, &["queue", "list"]);
+    assert_eq!(r.stdout, "Mail queue is empty\n", "{r:?}");
+}
+
+#[test]
+fn a_message_being_delivered_is_reported_and_never_touched() {
+    let inst = stuck_instance();
+    // A file in active/ is the queue manager's: nothing the CLI does may
+    // move or remove it. (The running queue manager takes files into
+    // active/ itself and only recovers stray ones at start.)
+    let id = place(&inst, "active", "a@example.test", "b@example.test", "", Duration::ZERO);
+    for command in ["delete", "hold", "requeue", "flush"] {
+        let args = ["queue", command, id.as_str()];
+        let r = mortal(&inst, &args);
+        assert_eq!(r.code, EXIT_BUSY, "{args:?}: {r:?}");
+        assert!(r.stderr.contains(&format!("{id}: being delivered, try again")), "{r:?}");
+        assert_eq!(queue_of(&inst, &id), Some("active"), "{args:?} left it in active/");
+    }
+    let r = mortal(&inst, &["queue", "delete", "--all"]);
+    assert_eq!(r.code, EXIT_BUSY, "{r:?}");
+    let r = mortal(&inst, &["queue", "list"]);
+    assert!(r.stdout.lines().any(|l| l.starts_with(&format!("{id}*"))), "{r:?}");
+    fs::remove_file(inst.spool().join("active").join(&id)).unwrap();
+}
+
+#[test]
+fn permissions_are_checked_and_explained() {
+    let inst = stuck_instance();
+    let id = place(&inst, "deferred", "a@example.test", "b@example.test", "", Duration::from_secs(3600));
+    if !nix::unistd::geteuid().is_root() {
+        // The owner of a directory it cannot read is refused like anyone.
+        let incoming = inst.spool().join("incoming");
+        set_mode(&incoming, 0o000);
+        let r = mortal(&inst, &["queue", "list"]);
+        set_mode(&incoming, 0o700);
+        assert_eq!(r.code, EXIT_DENIED, "{r:?}");
+        assert!(r.stderr.contains("reading the queue needs read access to"), "{r:?}");
+        return;
+    }
+    // The queue directories are the master's user's, mode 0700.
+    let r = mortal_as(&inst, NOBODY, &["queue", "list"]);
+    assert_eq!(r.code, EXIT_DENIED, "{r:?}");
+    assert!(r.stderr.contains("reading the queue needs read access to"), "{r:?}");
+    assert!(r.stderr.contains("you are nobody (uid 65534): run as root"), "{r:?}");
+    // Readable by all, still not theirs to change.
+    let dirs = ["incoming", "active", "deferred", "hold", "corrupt"].map(|q| inst.spool().join(q));
+    for dir in &dirs {
+        set_mode(dir, 0o755);
+    }
+    let stats = mortal_as(&inst, NOBODY, &["queue", "stats"]);
+    let hold = mortal_as(&inst, NOBODY, &["queue", "hold", &id]);
+    for dir in &dirs {
+        set_mode(dir, 0o700);
+    }
+    assert_eq!(stats.code, 0, "{stats:?}");
+    assert_eq!(hold.code, EXIT_DENIED, "{hold:?}");
+    assert!(hold.stderr.contains("changing the queue needs root or the spool owner"), "{hold:?}");
+    assert!(hold.stderr.contains("belongs to root (uid 0) and you are nobody (uid 65534): run as root"), "{hold:?}");
+    assert_eq!(queue_of(&inst, &id), Some("deferred"), "nothing changed");
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn version_and_completions() {
+    let r = run(Command::new(bin_dir().join("mortal")).arg("version"));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.starts_with("mortal ") && r.stdout.contains("queue file format version 1"), "{r:?}");
+    for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef mortal"), ("fish", "complete -c mortal")] {
+        let r = run(Command::new(bin_dir().join("mortal")).args(["completions", shell]));
+        assert_eq!(r.code, 0, "{r:?}");
+        assert!(r.stdout.contains(marker) && r.stdout.contains("requeue"), "{shell}: {}", r.stdout);
+    }
+    let r = run(Command::new(bin_dir().join("mortal")).args(["queue", "--help"]));
+    assert!(r.stdout.contains("Exit status:") && r.stdout.contains("75  a message was being delivered"), "{r:?}");
+}

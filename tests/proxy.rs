@@ -1,0 +1,155 @@
+//! PROXY protocol (haproxy v1 and v2) on `[smtpd] proxy_listen`: the real
+//! client address is what smtpd logs and what cleanup writes into
+//! `Received:`; only `proxy_trusted` peers may send the header; HAProxy
+//! itself, with `send-proxy` and `send-proxy-v2`, interoperates (issue 4).
+
+use mortal_tests::netpeer::{Client, Haproxy, connect_from, proxy_v1, proxy_v2};
+use mortal_tests::{Instance, Options, Smtp, free_port, wait_for};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+const BALANCER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+const HEALTH_CHECKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+const STRANGER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+/// An instance with a plain listener and a proxy listener; the proxy
+/// port is returned too.
+fn start(proxy_timeout: &str) -> (Instance, u16) {
+    let proxy_port = free_port();
+    let mortal = Instance::start_with(Options {
+        smtpd_extra: format!(
+            "proxy_listen = [\"127.0.0.1:{proxy_port}\"]\nproxy_trusted = [\"127.0.0.1/32\", \"127.0.0.3\"]\n\
+             proxy_timeout = \"{proxy_timeout}\"\n"
+        ),
+        ..Options::default()
+    });
+    (mortal, proxy_port)
+}
+
+fn sa(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap()
+}
+
+fn count(log: &str, needle: &str) -> usize {
+    log.matches(needle).count()
+}
+
+#[test]
+fn proxy_headers_name_the_client_in_log_and_received() {
+    let (mortal, proxy_port) = start("5s");
+    let dst = SocketAddrV4::new(BALANCER, proxy_port);
+
+    // v1 from the balancer.
+    let mut c = Client::new(connect_from(BALANCER, proxy_port).unwrap());
+    c.send(&proxy_v1(sa("192.0.2.10:40001"), dst)).unwrap();
+    assert!(c.reply().unwrap().starts_with("220 "));
+    assert!(c.mail("a@example.test", "v1@example.test", "via v1").starts_with("250 "));
+    c.cmd("QUIT").unwrap();
+    mortal.wait_for_log("connect from unknown[192.0.2.10]");
+    let got = mortal.wait_for_delivery("v1@example.test", 1);
+    let text = String::from_utf8_lossy(&got[0]);
+    assert!(text.contains("Received: from client.test (unknown [192.0.2.10])"), "{text}");
+
+    // v2 PROXY from the balancer.
+    let mut c = Client::new(connect_from(BALANCER, proxy_port).unwrap());
+    c.send(&proxy_v2(1, sa("198.51.100.7:40002"), dst)).unwrap();
+    assert!(c.reply().unwrap().starts_with("220 "));
+    assert!(c.mail("a@example.test", "v2@example.test", "via v2").starts_with("250 "));
+    c.cmd("QUIT").unwrap();
+    let got = mortal.wait_for_delivery("v2@example.test", 1);
+    let text = String::from_utf8_lossy(&got[0]);
+    assert!(text.contains("Received: from client.test (unknown [198.51.100.7])"), "{text}");
+    let log = mortal.wait_for_log("disconnect from unknown[198.51.100.7]");
+    assert!(log.contains(": client=unknown[198.51.100.7]"), "{log}");
+
+    // v2 LOCAL (a health check): the socket's own peer stands.
+    let mut c = Client::new(connect_from(HEALTH_CHECKER, proxy_port).unwrap());
+    c.send(&proxy_v2(0, sa("203.0.113.1:1"), dst)).unwrap();
+    assert!(c.reply().unwrap().starts_with("220 "));
+    c.cmd("QUIT").unwrap();
+    let log = mortal.wait_for_log("connect from unknown[127.0.0.3]");
+    assert!(!log.contains("203.0.113.1"), "LOCAL addresses must be ignored\n{log}");
+
+    // The plain listener takes no header.
+    let mut plain = Smtp::connect(mortal.port).unwrap();
+    assert!(plain.greeting.starts_with("220 "));
+    assert!(plain.cmd("QUIT").unwrap().starts_with("221 "));
+}
+
+#[test]
+fn untrusted_garbled_slow_and_early_peers_are_handled() {
+    let (mortal, proxy_port) = start("1s");
+    let dst = SocketAddrV4::new(BALANCER, proxy_port);
+
+    // A valid header, but from a peer outside proxy_trusted: dropped unread.
+    let mut c = Client::new(connect_from(STRANGER, proxy_port).unwrap());
+    let _ = c.send(&proxy_v1(sa("192.0.2.66:1234"), dst));
+    assert!(c.closed(), "an untrusted peer must get no greeting");
+    let log = mortal
+        .wait_for_log("warning: haproxy: connection from unknown[127.0.0.2] refused: not in smtpd.proxy_trusted");
+    assert!(!log.contains("connect from unknown[192.0.2.66]"), "{log}");
+
+    // A trusted peer that sends SMTP instead of a header.
+    let mut c = Client::new(connect_from(BALANCER, proxy_port).unwrap());
+    c.send(b"EHLO client.test\r\n").unwrap();
+    assert!(c.closed());
+    mortal.wait_for_log("warning: haproxy read from unknown[127.0.0.1]: not a PROXY protocol header");
+
+    // Half a header, then silence: dropped after proxy_timeout.
+    let started = Instant::now();
+    let mut c = Client::new(connect_from(BALANCER, proxy_port).unwrap());
+    c.send(b"PROXY TCP4 192.0.2.").unwrap();
+    assert!(c.closed());
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "waited {waited:?}");
+    mortal.wait_for_log("warning: haproxy read from unknown[127.0.0.1]: timeout error");
+
+    // The client behind the balancer talked before the greeting: the
+    // bytes after the header are early input, handled as such.
+    let mut c = Client::new(connect_from(BALANCER, proxy_port).unwrap());
+    let mut bytes = proxy_v1(sa("192.0.2.11:40003"), dst);
+    bytes.extend_from_slice(b"EHLO early.test\r\n");
+    c.send(&bytes).unwrap();
+    let greeting = c.reply().unwrap();
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    assert!(c.reply().unwrap().starts_with("554 5.5.0"));
+    mortal.wait_for_log("improper command pipelining after CONNECT from unknown[192.0.2.11]");
+
+    // None of this disturbed the pool.
+    let mut c = Client::new(connect_from(BALANCER, proxy_port).unwrap());
+    c.send(&proxy_v2(1, sa("192.0.2.12:40004"), dst)).unwrap();
+    assert!(c.reply().unwrap().starts_with("220 "));
+    c.cmd("QUIT").unwrap();
+    mortal.wait_for_log("disconnect from unknown[192.0.2.12]");
+}
+
+/// HAProxy in TCP mode in front of mortal, with both header versions; the
+/// client connects from 127.0.0.2, which is what must be logged.
+#[test]
+fn haproxy_send_proxy_v1_and_v2_pass_the_real_client() {
+    let (mortal, proxy_port) = start("5s");
+    for (n, send_proxy) in ["send-proxy", "send-proxy-v2"].into_iter().enumerate() {
+        let haproxy = Haproxy::start(&mortal.dir, proxy_port, send_proxy);
+        let rcpt = format!("haproxy{n}@example.test");
+        let mut c = Client::new(connect_from(STRANGER, haproxy.port).unwrap());
+        let greeting = c.reply().unwrap();
+        assert!(greeting.starts_with("220 mortal.test"), "{send_proxy}: {greeting}");
+        let reply = c.mail("a@example.test", &rcpt, send_proxy);
+        assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{send_proxy}: {reply}");
+        assert!(c.cmd("QUIT").unwrap().starts_with("221 "));
+        let got = mortal.wait_for_delivery(&rcpt, 1);
+        let text = String::from_utf8_lossy(&got[0]);
+        assert!(text.contains("(unknown [127.0.0.2])"), "{send_proxy}: {text}");
+        drop(haproxy);
+    }
+    let log = mortal.log_text();
+    assert_eq!(count(&log, ": connect from unknown[127.0.0.2]"), 2, "{log}");
+    assert_eq!(count(&log, ": disconnect from unknown[127.0.0.2]"), 2, "{log}");
+    assert!(!log.contains("haproxy read"), "no header errors expected\n{log}");
+    // The balancer's own address is never taken for the client.
+    let proxied_sessions = wait_for("client= lines", || {
+        let n = count(&mortal.log_text(), ": client=unknown[127.0.0.2]");
+        (n == 2).then_some(n)
+    });
+    assert_eq!(proxied_sessions, Some(2), "{}", mortal.log_text());
+}
