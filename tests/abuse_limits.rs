@@ -46,9 +46,8 @@ fn limits_apply_across_the_pool() {
     let (mut third, g3) = greet(src, mortal.port);
     assert_eq!(g3, "421 4.7.0 mortal.test Error: too many connections from 127.0.0.5\r\n");
     assert!(third.closed());
-    let log = mortal.wait_for_log(
-        "warning: Connection concurrency limit exceeded: 3 from unknown[127.0.0.5] for service smtp",
-    );
+    let log = mortal
+        .wait_for_log("warning: Connection concurrency limit exceeded: 3 from unknown[127.0.0.5] for service smtp");
     assert!(log.contains("disconnect from unknown[127.0.0.5] commands=0"), "{log}");
     // Served by different processes, counted together; a closed session
     // frees its slot.
@@ -98,9 +97,9 @@ fn limits_apply_across_the_pool() {
 /// Pids of the instance's anvil process.
 fn anvil_pid(mortal: &Instance) -> u32 {
     let found = wait_for("the anvil process", || {
-        children_of(mortal.master_pid()).into_iter().find(|pid| {
-            fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.ends_with("mortal-anvil"))
-        })
+        children_of(mortal.master_pid())
+            .into_iter()
+            .find(|pid| fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.ends_with("mortal-anvil")))
     });
     found.unwrap_or_else(|| panic!("no mortal-anvil child\n{}", mortal.log_text()))
 }
@@ -150,8 +149,13 @@ fn a_hung_anvil_fails_open() {
 fn relay_control_recipient_map_and_fail2ban() {
     let map = std::env::temp_dir().join(format!("mortal-recipient-map-{}", std::process::id()));
     fs::write(&map, "# local users\nalice@example.test\nBob@Example.test\n").unwrap();
-    let mut mortal = Instance::start_with(Options {
-        server_extra: format!("trusted_networks = [\"127.0.0.20/32\"]\nrecipient_map = {:?}\n", map.display().to_string()),
+    // Declared first, so it is dropped after the instance.
+    let _map_file = RemoveOnDrop(map.clone());
+    let mortal = Instance::start_with(Options {
+        server_extra: format!(
+            "trusted_networks = [\"127.0.0.20/32\"]\nrecipient_map = {:?}\n",
+            map.display().to_string()
+        ),
         ..Options::default()
     });
     let untrusted = Ipv4Addr::new(127, 0, 0, 21);
@@ -179,6 +183,7 @@ fn relay_control_recipient_map_and_fail2ban() {
     assert!(t.cmd("RSET").unwrap().starts_with("250"));
     assert!(t.mail("app@example.test", "friend@elsewhere.test", "relayed").starts_with("250 2.0.0"));
     mortal.wait_for_delivery("friend@elsewhere.test", 1);
+    assert!(t.cmd("QUIT").unwrap().starts_with("221"));
 
     let log = mortal.wait_for_log("NOQUEUE: reject: RCPT from unknown[127.0.0.20]: 550 5.1.1");
     assert!(
@@ -210,6 +215,13 @@ fn relay_control_recipient_map_and_fail2ban() {
         reply.starts_with("250").then_some(())
     });
     assert!(reloaded.is_some(), "{}", mortal.log_text());
-    mortal.stop(Duration::from_secs(10));
-    let _ = fs::remove_file(&map);
+}
+
+/// Removes a file when dropped, even if the test failed.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
 }

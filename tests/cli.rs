@@ -13,6 +13,7 @@ use mortal_proto::queue_id;
 use mortal_tests::{Instance, Options, Smtp, bin_dir, free_port, wait_for};
 use serde_json::Value;
 use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -22,8 +23,10 @@ use std::time::{Duration, SystemTime};
 const EXIT_NOT_FOUND: i32 = 66;
 const EXIT_BUSY: i32 = 75;
 const EXIT_DENIED: i32 = 77;
-/// The unprivileged account permission tests run the CLI as.
+/// Unprivileged accounts the permission tests run the CLI as (one of them
+/// may be the mail user the test instance runs as).
 const NOBODY: u32 = 65534;
+const DAEMON: u32 = 1;
 /// Longer than the test config's maximal_backoff (2s) plus its scan
 /// interval (1s): a message not held would have been retried by then.
 const RETRY_WINDOW: Duration = Duration::from_millis(3500);
@@ -294,8 +297,9 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{id}: released from hold")), "{r:?}");
     wait_for("a new attempt after release", || (attempts(&inst, &id) > before).then_some(()))
         .unwrap_or_else(|| panic!("not retried after release\n{}", inst.log_text()));
-    let r = mortal(&inst, &["queue", "release", &id]);
+    let r = until_not_busy(&inst, &["queue", "release", &id]);
     assert_eq!(r.code, EXIT_NOT_FOUND, "{r:?}");
+    assert!(r.stderr.contains(&format!("{id}: not on hold (in ")), "{r:?}");
 
     // requeue and flush: due in an hour, tried now.
     let later = Duration::from_secs(3600);
@@ -332,7 +336,10 @@ fn a_message_being_delivered_is_reported_and_never_touched() {
     let inst = stuck_instance();
     // A file in active/ is the queue manager's: nothing the CLI does may
     // move or remove it. (The running queue manager takes files into
-    // active/ itself and only recovers stray ones at start.)
+    // active/ itself and recovers stray ones only when it starts; a first
+    // delivery attempt shows it has.)
+    let first = send(&inst, "a@example.test", &["b@example.test"], "queue manager is up");
+    inst.wait_for_log(&format!("{first}: to=<b@example.test>"));
     let id = place(&inst, "active", "a@example.test", "b@example.test", "", Duration::ZERO);
     for command in ["delete", "hold", "requeue", "flush"] {
         let args = ["queue", command, id.as_str()];
@@ -352,36 +359,54 @@ fn a_message_being_delivered_is_reported_and_never_touched() {
 fn permissions_are_checked_and_explained() {
     let inst = stuck_instance();
     let id = place(&inst, "deferred", "a@example.test", "b@example.test", "", Duration::from_secs(3600));
+    let deferred = inst.spool().join("deferred");
     if !nix::unistd::geteuid().is_root() {
-        // The owner of a directory it cannot read is refused like anyone.
-        let incoming = inst.spool().join("incoming");
-        set_mode(&incoming, 0o000);
+        // Unprivileged run: the spool is ours, so only a directory we
+        // cannot read shows the refusal.
+        set_mode(&deferred, 0o000);
         let r = mortal(&inst, &["queue", "list"]);
-        set_mode(&incoming, 0o700);
+        set_mode(&deferred, 0o700);
         assert_eq!(r.code, EXIT_DENIED, "{r:?}");
         assert!(r.stderr.contains("reading the queue needs read access to"), "{r:?}");
         return;
     }
-    // The queue directories are the master's user's, mode 0700.
-    let r = mortal_as(&inst, NOBODY, &["queue", "list"]);
+    // Started as root, the master gave the queue directories (mode 0700)
+    // to the mail user; a third user may neither read nor change them.
+    let owner = fs::metadata(&deferred).unwrap().uid();
+    assert_ne!(owner, 0, "the master hands the spool to the mail user");
+    let stranger = if owner == NOBODY { DAEMON } else { NOBODY };
+    let (owner_name, stranger_name) = (user_name(owner), user_name(stranger));
+    let r = mortal_as(&inst, stranger, &["queue", "list"]);
     assert_eq!(r.code, EXIT_DENIED, "{r:?}");
     assert!(r.stderr.contains("reading the queue needs read access to"), "{r:?}");
-    assert!(r.stderr.contains("you are nobody (uid 65534): run as root"), "{r:?}");
+    let who = format!("you are {stranger_name} (uid {stranger}): run as root or {owner_name}");
+    assert!(r.stderr.contains(&who), "{who:?} in {r:?}");
+
     // Readable by all, still not theirs to change.
     let dirs = ["incoming", "active", "deferred", "hold", "corrupt"].map(|q| inst.spool().join(q));
     for dir in &dirs {
         set_mode(dir, 0o755);
     }
-    let stats = mortal_as(&inst, NOBODY, &["queue", "stats"]);
-    let hold = mortal_as(&inst, NOBODY, &["queue", "hold", &id]);
+    let stats = mortal_as(&inst, stranger, &["queue", "stats"]);
+    let hold = mortal_as(&inst, stranger, &["queue", "hold", &id]);
     for dir in &dirs {
         set_mode(dir, 0o700);
     }
     assert_eq!(stats.code, 0, "{stats:?}");
     assert_eq!(hold.code, EXIT_DENIED, "{hold:?}");
     assert!(hold.stderr.contains("changing the queue needs root or the spool owner"), "{hold:?}");
-    assert!(hold.stderr.contains("belongs to root (uid 0) and you are nobody (uid 65534): run as root"), "{hold:?}");
+    let belongs = format!("belongs to {owner_name} (uid {owner}) and {who}");
+    assert!(hold.stderr.contains(&belongs), "{belongs:?} in {hold:?}");
     assert_eq!(queue_of(&inst, &id), Some("deferred"), "nothing changed");
+
+    // The spool owner may change it.
+    let r = mortal_as(&inst, owner, &["queue", "hold", &id]);
+    assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{id}: placed on hold")), "{r:?}");
+    assert_eq!(queue_of(&inst, &id), Some("hold"));
+}
+
+fn user_name(uid: u32) -> String {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).unwrap().expect("user exists").name
 }
 
 fn set_mode(path: &std::path::Path, mode: u32) {

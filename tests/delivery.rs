@@ -110,6 +110,18 @@ fn smtp_relay_uses_starttls_may_and_encrypt() {
     assert!(got.starts_with("FROM a@example.test TO t@relay.test tls"), "{got}");
     mortal.wait_for_log(&format!("Verified TLS connection established to 127.0.0.1[127.0.0.1]:{}: TLSv1.3", sink.port));
 
+    // `may` takes any certificate: opportunistic encryption.
+    let may = start_mortal(
+        options(&format!("[delivery]\n[delivery.routes]\n\"relay.test\" = \"smtp:inet:127.0.0.1:{}\"\n", sink.port)),
+        &["example.test", "relay.test"],
+        "",
+    );
+    send(may.port, "a@example.test", &["m@relay.test"], &message("tls-may", "secret"));
+    may.wait_for_log(&format!("Untrusted TLS connection established to 127.0.0.1[127.0.0.1]:{}: TLSv1.3", sink.port));
+    may.wait_for_log("to=<m@relay.test>, relay=127.0.0.1[127.0.0.1]");
+    let got = wait_for("m@ relayed", || sink.received_text().contains("TO m@relay.test tls").then_some(()));
+    assert!(got.is_some(), "{}", sink.received_text());
+
     // `encrypt` without the CA: the certificate cannot be verified, so the
     // mail is deferred, never sent in clear.
     let strict = start_mortal(
@@ -327,17 +339,20 @@ fn delay_warning_is_sent_once() {
     let warning = dsn_for(&mortal, "s@sender.test", 1);
     assert!(warning.contains("Action: delayed") && warning.contains("Will-Retry-Until: "), "{warning}");
     assert!(warning.contains("Subject: Delayed Mail (still being retried)"), "{warning}");
-    let retried = wait_for("two more attempts", || {
-        (mortal.log_text().matches("to=<x@example.test>").count() >= 3).then_some(())
-    });
+    let retried =
+        wait_for("two more attempts", || (mortal.log_text().matches("to=<x@example.test>").count() >= 3).then_some(()));
     assert!(retried.is_some(), "{}", mortal.log_text());
     assert_eq!(mortal.delivered("s@sender.test").len(), 1, "one delay notice per message");
 }
 
 #[test]
 fn kill_9_of_queue_during_lmtp_delivery_loses_nothing() {
-    let lmtp = FakeLmtp::start(Arc::new(|_: &str, seen: usize| {
-        if seen == 0 { "STALL" } else { "250 2.0.0 Ok" }.to_owned()
+    // The first delivery attempt stalls after the content, as a slow
+    // mailbox server would; later ones succeed.
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let lmtp = FakeLmtp::start(Arc::new(move |_: &str, _| {
+        let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        if first { "STALL" } else { "250 2.0.0 Ok" }.to_owned()
     }));
     let mortal = start_mortal(
         options(&format!("[delivery]\ntransport = \"lmtp:inet:{}\"\ncommand_timeout = \"60s\"\n", lmtp.addr)),
@@ -404,7 +419,7 @@ fn records(bytes: &[u8]) -> Vec<(u8, usize, usize)> {
 #[test]
 fn corrupt_file_of_every_record_type_goes_to_corrupt() {
     let mortal = start_mortal(Options::default(), &["example.test"], "");
-    let base = (SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() & 0xF_FFFF_FFFF) as u64;
+    let base = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() & 0xF_FFFF_FFFF;
     let good = sample_queue_file("00000000000000000000").encode();
     let kinds: Vec<u8> = records(&good).iter().map(|r| r.0).collect();
     assert_eq!(kinds, b"VITCSRMZ", "every record type is exercised");
@@ -470,7 +485,8 @@ fn fsync_ordering_under_strace() {
     drop(strace);
     let trace = fs::read_to_string(&out).unwrap();
     let lines: Vec<&str> = trace.lines().collect();
-    let find = |from: usize, pred: &dyn Fn(&str) -> bool| lines.iter().skip(from).position(|l| pred(l)).map(|i| i + from);
+    let find =
+        |from: usize, pred: &dyn Fn(&str) -> bool| lines.iter().skip(from).position(|l| pred(l)).map(|i| i + from);
     // cleanup: fdatasync(file) < rename(incoming/<id>.tmp -> <id>) < fsync(dir) < answer write
     let rename = find(0, &|l| l.contains("rename") && l.contains("/incoming/") && l.contains(".tmp\""))
         .unwrap_or_else(|| panic!("no incoming rename in trace:\n{trace}"));

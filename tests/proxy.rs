@@ -85,8 +85,8 @@ fn untrusted_garbled_slow_and_early_peers_are_handled() {
     let mut c = Client::new(connect_from(STRANGER, proxy_port).unwrap());
     let _ = c.send(&proxy_v1(sa("192.0.2.66:1234"), dst));
     assert!(c.closed(), "an untrusted peer must get no greeting");
-    let log = mortal
-        .wait_for_log("warning: haproxy: connection from unknown[127.0.0.2] refused: not in smtpd.proxy_trusted");
+    let log =
+        mortal.wait_for_log("warning: haproxy: connection from unknown[127.0.0.2] refused: not in smtpd.proxy_trusted");
     assert!(!log.contains("connect from unknown[192.0.2.66]"), "{log}");
 
     // A trusted peer that sends SMTP instead of a header.

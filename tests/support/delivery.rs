@@ -155,9 +155,12 @@ service anvil {{
         .expect("write dovecot.conf");
         let mut guard = Guard::spawn(
             "dovecot",
-            Command::new("dovecot").arg("-F").arg("-c").arg(&conf).stdin(Stdio::null()).stderr(
-                fs::File::create(d.join("stderr")).expect("dovecot stderr file"),
-            ),
+            Command::new("dovecot")
+                .arg("-F")
+                .arg("-c")
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stderr(fs::File::create(d.join("stderr")).expect("dovecot stderr file")),
         );
         let up = wait_for("dovecot LMTP socket", || socket.exists().then_some(()));
         let out = fs::read_to_string(d.join("stderr")).unwrap_or_default();
@@ -241,7 +244,13 @@ finally:
         );
         let mut guard = Guard::spawn(
             "aiosmtpd",
-            Command::new("python3").arg("-c").arg(script).stdin(Stdio::piped()).stdout(Stdio::piped()),
+            // Debian's python3-aiosmtpd is installed for the system interpreter.
+            Command::new("/usr/bin/python3")
+                .arg("-c")
+                .arg(script)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(fs::File::create(dir.0.join("stderr")).expect("aiosmtpd stderr file")),
         );
         let up = wait_for("aiosmtpd listening", || TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ()));
         guard.assert_running("");
@@ -317,7 +326,11 @@ impl FakeLmtp {
 
     /// How many 2xx end-of-data replies `rcpt` got.
     pub fn deliveries(&self, rcpt: &str) -> usize {
-        self.transactions().iter().flat_map(|t| t.replies.clone()).filter(|(r, a)| r == rcpt && a.starts_with('2')).count()
+        self.transactions()
+            .iter()
+            .flat_map(|t| t.replies.clone())
+            .filter(|(r, a)| r == rcpt && a.starts_with('2'))
+            .count()
     }
 }
 
@@ -418,7 +431,11 @@ pub fn start_mortal(opts: crate::Options, domains: &[&str], queue_extra: &str) -
     let config = dir.join("etc/mortal.toml");
     let list: Vec<String> = domains.iter().map(|d| format!("{d:?}")).collect();
     let text = crate::config_text(port, &opts)
-        .replacen(r#"accepted_domains = ["example.test", "localhost"]"#, &format!("accepted_domains = [{}]", list.join(", ")), 1)
+        .replacen(
+            r#"accepted_domains = ["example.test", "localhost"]"#,
+            &format!("accepted_domains = [{}]", list.join(", ")),
+            1,
+        )
         .replacen("[queue]\n", &format!("[queue]\n{queue_extra}\n"), 1);
     fs::write(&config, text).expect("write config");
     let log = dir.join("mortal.log");

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod delivery;
+pub mod lifetime;
 pub mod netpeer;
 
 use nix::sys::signal::{Signal, kill};

@@ -132,6 +132,12 @@ pub fn dot_stuff(content: &[u8]) -> Vec<u8> {
 }
 
 /// A free TCP port on 127.0.0.1.
+/// `[server] user` for a run as root: the daemons must drop to an
+/// unprivileged user, and `nobody` exists everywhere.
+pub fn user_line() -> &'static str {
+    if super::is_root() { "user = \"nobody\"" } else { "" }
+}
+
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -150,7 +156,9 @@ pub fn first_valid_config(path: &Path, candidates: &[(String, &'static str)]) ->
     for (text, what) in candidates {
         match mortal_proto::config::Config::parse(text, path) {
             Ok(_) => return Ok((text.clone(), what)),
-            Err(e) => errors.push(format!("{what}: {}", e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))),
+            Err(e) => {
+                errors.push(format!("{what}: {}", e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")))
+            }
         }
     }
     bail!("no candidate config is valid:\n{}", errors.join("\n"))
@@ -174,8 +182,7 @@ impl Mortal {
         fs::create_dir_all(dir.join("etc"))?;
         let config = std::path::absolute(dir.join("etc/mortal.toml"))?;
         fs::write(&config, config_text)?;
-        let mut m =
-            Mortal { bins: bins.to_owned(), config, port, log: dir.join("mortal.log"), master: None };
+        let mut m = Mortal { bins: bins.to_owned(), config, port, log: dir.join("mortal.log"), master: None };
         m.spawn_master()?;
         Ok(m)
     }
@@ -507,7 +514,7 @@ fn client(port: u16, next: &AtomicU64, total: u64, run: &str, deadline: Instant,
                 }
             };
             match conn.send(n, run) {
-                Ok(code) if code == 250 => stats.acked.push(n),
+                Ok(250) => stats.acked.push(n),
                 Ok(code) if code >= 500 => stats.rejected += 1,
                 Ok(_) => {
                     stats.tempfailed += 1;
@@ -754,7 +761,11 @@ fn run(root: &Path, bins: &Path, total: u64, clients: usize) -> Result<String> {
     let kill_list: Vec<String> = kills.0.iter().map(|(k, v)| format!("{k} {v}")).collect();
     let _ = writeln!(out, "  SIGKILLs              {} ({})", kills.0.values().sum::<u64>(), kill_list.join(", "));
     let _ = writeln!(out, "  master restarts       {restarts}");
-    let _ = writeln!(out, "  drain time            {:.1} s, {left_in_queue} file(s) left in the queue", drain_time.as_secs_f64());
+    let _ = writeln!(
+        out,
+        "  drain time            {:.1} s, {left_in_queue} file(s) left in the queue",
+        drain_time.as_secs_f64()
+    );
     fs::write(dir.join("summary.txt"), &out)?;
     if !lost.is_empty() || mismatched > 0 {
         eprintln!("{out}");
@@ -772,12 +783,14 @@ fn run(root: &Path, bins: &Path, total: u64, clients: usize) -> Result<String> {
 /// Configs to try, best first: LMTP delivery with lifetimes, LMTP with
 /// `max_use` only, then the Maildir fallback.
 fn chaos_configs(port: u16, sink_port: u16) -> Vec<(String, &'static str)> {
+    let user = user_line();
     let base = |transport: &str, lifetimes: &str| {
         format!(
             r#"[server]
 hostname = "mortal.test"
 spool_dir = "../spool"
 accepted_domains = ["{DOMAIN}"]
+{user}
 
 [log]
 format = "postfix"

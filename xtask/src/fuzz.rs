@@ -166,9 +166,7 @@ fn executions_in(log: &str) -> Option<u64> {
         .filter_map(|v| v.trim().parse().ok())
         .next_back();
     stat.or_else(|| {
-        log.lines()
-            .filter_map(|l| l.strip_prefix('#')?.split_whitespace().next()?.parse().ok())
-            .next_back()
+        log.lines().filter_map(|l| l.strip_prefix('#')?.split_whitespace().next()?.parse().ok()).next_back()
     })
 }
 
@@ -255,7 +253,9 @@ fn unescape(s: &str) -> Vec<u8> {
             Some(b'n') => (vec![b'\n'], 1),
             Some(b't') => (vec![b'\t'], 1),
             Some(b'\\') => (vec![b'\\'], 1),
-            Some(b'x') => esc.get(1..3).and_then(|h| u8::from_str_radix(h, 16).ok()).map_or((vec![b'\\'], 0), |b| (vec![b], 3)),
+            Some(b'x') => {
+                esc.get(1..3).and_then(|h| u8::from_str_radix(h, 16).ok()).map_or((vec![b'\\'], 0), |b| (vec![b], 3))
+            }
             Some(b'{') => esc
                 .find('}')
                 .and_then(|end| {
@@ -308,7 +308,13 @@ fn sample_client() -> ClientInfo {
 }
 
 fn sample_sender(body: BodyType) -> SenderInfo {
-    SenderInfo { address: "a@example.test".into(), body, smtputf8: false, ret: Some(DsnRet::Headers), envid: "E1".into() }
+    SenderInfo {
+        address: "a@example.test".into(),
+        body,
+        smtputf8: false,
+        ret: Some(DsnRet::Headers),
+        envid: "E1".into(),
+    }
 }
 
 fn ipc_conversation() -> Vec<u8> {

@@ -13,11 +13,21 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod bench;
 mod chaos;
 mod fuzz;
+mod sandbox;
 
 /// Debian packages the test suite drives: (package, a command it installs).
-const TEST_PACKAGES: &[(&str, &str)] = &[("swaks", "swaks"), ("haproxy", "haproxy"), ("fail2ban", "fail2ban-regex")];
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("swaks", "swaks"),
+    ("haproxy", "haproxy"),
+    ("fail2ban", "fail2ban-regex"),
+    // tests/interop.rs: STARTTLS and plain clients.
+    ("openssl", "openssl"),
+    ("curl", "curl"),
+    ("msmtp", "msmtp"),
+];
 
 fn main() -> Result<()> {
     let task = std::env::args().nth(1).unwrap_or_default();
@@ -29,9 +39,11 @@ fn main() -> Result<()> {
         "start" => start(&root),
         "fuzz" => fuzz::main(&root, &rest),
         "chaos" => chaos::main(&root, &rest),
+        "bench" => bench::main(&root, &rest),
+        "sandbox-check" => sandbox::main(&root, &rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  start   build and run mortal on etc/mortal.toml (foreground)\n  ci      install test tools, fmt, clippy, build, all tests\n  chaos   [--quick] [--messages N] [--clients N]: kill -9 under load, count losses (release build)\n  fuzz    [--time N] [--target T]: run every fuzz target N s (cargo-fuzz); `fuzz seed` rewrites the seed corpora"
+                "usage: cargo xtask <task>\n\n  start   build and run mortal on etc/mortal.toml (foreground)\n  ci      install test tools, fmt, clippy, build, all tests\n  bench   [--quick]: mortal vs a private Postfix, side by side (release build; installs postfix)\n  chaos   [--quick] [--messages N] [--clients N]: kill -9 under load, count losses (release build)\n  fuzz    [--time N] [--target T]: run every fuzz target N s (cargo-fuzz); `fuzz seed` rewrites the seed corpora\n  sandbox-check   prove each daemon's sandbox from inside (drops to nobody when root)"
             );
             std::process::exit(2);
         }

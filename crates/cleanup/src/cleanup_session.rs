@@ -231,9 +231,11 @@ impl<'a> Transaction<'a> {
         })?;
         // Relaying is for trusted_networks only; the client address is the
         // one checked by check_client (the real one behind a PROXY header).
-        let trusted = self.client.as_ref().and_then(|c| c.addr.parse::<IpAddr>().ok()).is_some_and(|ip| {
-            mortal_proto::cidr::contains_any(&self.ctx.config.server.trusted_networks, ip)
-        });
+        let trusted = self
+            .client
+            .as_ref()
+            .and_then(|c| c.addr.parse::<IpAddr>().ok())
+            .is_some_and(|ip| mortal_proto::cidr::contains_any(&self.ctx.config.server.trusted_networks, ip));
         if !trusted && !self.ctx.config.accepts_domain(&mailbox.domain) {
             tracing::warn!("warning: {}: smtpd sent recipient <{addr}> outside accepted_domains", self.log_id());
             return Err(Answer::protocol_error());

@@ -203,7 +203,8 @@ mod tests {
     fn production_sample_is_valid_and_safe() {
         let text = include_str!("../../../etc/mortal.production.toml");
         let got = check(text);
-        let key_absent = |w: &String| w.contains("smtpd.tls_key_file: warning: cannot read /etc/mortal/tls/privkey.pem");
+        let key_absent =
+            |w: &String| w.contains("smtpd.tls_key_file: warning: cannot read /etc/mortal/tls/privkey.pem");
         assert!(got.iter().all(key_absent), "{got:#?}");
         let config = Config::parse(text, Path::new("/etc/mortal/mortal.toml")).unwrap();
         assert_eq!(config.server.spool_dir, Path::new("/var/spool/mortal"));

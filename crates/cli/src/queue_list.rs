@@ -160,21 +160,24 @@ pub fn collect(config: &Config, filter: &Filter, default_queues: &[QueueName]) -
         if !filter.matches_entry(&entry, now) {
             continue;
         }
-        if let Some(listed) = read_one(&entry, filter)? {
+        if let Some(listed) = read_one(config, &entry, filter)? {
             out.push(listed);
         }
     }
     Ok(out)
 }
 
-fn read_one(entry: &Entry, filter: &Filter) -> anyhow::Result<Option<Listed>> {
-    let decoded = match queue_spool::load(entry)? {
-        None => return Ok(None),
-        Some(decoded) => decoded,
+fn read_one(config: &Config, entry: &Entry, filter: &Filter) -> anyhow::Result<Option<Listed>> {
+    let Some((queue, decoded)) = queue_spool::load_following(config, entry)? else {
+        return Ok(None);
     };
+    // A message that moved into a queue the filter excludes is not listed.
+    if !filter.queues.is_empty() && !filter.queues.contains(&queue) {
+        return Ok(None);
+    }
     let listed = match decoded {
         Ok(qf) if filter.matches_envelope(&qf) => Listed {
-            queue: entry.queue,
+            queue,
             id: entry.id.clone(),
             arrival: qf.arrival,
             size: qf.content.len() as u64,
@@ -191,7 +194,7 @@ fn read_one(entry: &Entry, filter: &Filter) -> anyhow::Result<Option<Listed>> {
         // An envelope filter cannot match what cannot be decoded.
         Err(_) if filter.needs_envelope() => return Ok(None),
         Err(e) => Listed {
-            queue: entry.queue,
+            queue,
             id: entry.id.clone(),
             arrival: entry.arrival(),
             size: entry.file_size,

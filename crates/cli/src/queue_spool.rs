@@ -78,11 +78,22 @@ impl Entry {
     }
 }
 
-/// The queue files in `queues`, oldest first. An id seen twice (it moved
-/// from one directory to the next while we read them) is listed once.
+/// The queue files in `queues`, oldest first.
+///
+/// Directories are read one after the other while messages move between
+/// them, so `active/` (where every move starts or ends) is read both first
+/// and last: a message that made one move during the scan is then seen
+/// before or after it, never missed. An id seen twice is listed once, in
+/// the queue it was seen in last.
 pub fn entries(config: &Config, queues: &[QueueName]) -> anyhow::Result<Vec<Entry>> {
+    let mut order = queues.to_vec();
+    if queues.contains(&QueueName::Active) && queues.len() > 1 {
+        order.retain(|&q| q != QueueName::Active);
+        order.insert(0, QueueName::Active);
+        order.push(QueueName::Active);
+    }
     let mut out = Vec::new();
-    for &queue in queues {
+    for queue in order {
         let dir = queue.dir(config);
         let listing = match fs::read_dir(&dir) {
             Ok(listing) => listing,
@@ -102,6 +113,9 @@ pub fn entries(config: &Config, queues: &[QueueName]) -> anyhow::Result<Vec<Entr
             out.push(Entry { queue, id, path: item.path(), file_size });
         }
     }
+    // Latest sighting first among equal ids (the sort is stable), then
+    // keep the first of each id.
+    out.reverse();
     out.sort_by(|a, b| a.id.cmp(&b.id));
     let mut seen = HashSet::new();
     out.retain(|e| seen.insert(e.id.clone()));
@@ -120,6 +134,20 @@ pub fn load(entry: &Entry) -> anyhow::Result<Option<Result<QueueFile, QueueFileE
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
         Err(e) => Err(queue_perm::io_error(&entry.path, e)),
     }
+}
+
+/// Like [`load`], but a message that moved since the directory was read is
+/// followed once to where it is now. Returns the queue it was read from.
+pub fn load_following(
+    config: &Config,
+    entry: &Entry,
+) -> anyhow::Result<Option<(QueueName, Result<QueueFile, QueueFileError>)>> {
+    if let Some(decoded) = load(entry)? {
+        return Ok(Some((entry.queue, decoded)));
+    }
+    let Some(queue) = locate(config, &entry.id)? else { return Ok(None) };
+    let moved = Entry { queue, path: queue.dir(config).join(&entry.id), ..entry.clone() };
+    Ok(load(&moved)?.map(|decoded| (queue, decoded)))
 }
 
 /// Where the message `id` is now, looking in every queue directory.
@@ -207,6 +235,34 @@ mod tests {
         for &(pattern, address, want) in table {
             assert_eq!(address_matches(pattern, address), want, "{pattern:?} vs {address:?}");
         }
+    }
+
+    #[test]
+    fn entries_are_sorted_deduplicated_and_checked() {
+        let dir = std::env::temp_dir().join(format!("mortal-cli-spool-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let config = Config::parse("[server]\nspool_dir = \"spool\"\n", &dir.join("mortal.toml")).unwrap();
+        for q in QueueName::ALL {
+            fs::create_dir_all(q.dir(&config)).unwrap();
+        }
+        let (old, new) = ("0000000010000100000A", "0000000020000100000A");
+        let files = [
+            (QueueName::Deferred, new),
+            (QueueName::Hold, old),
+            // Caught mid-move: in two directories at once.
+            (QueueName::Active, new),
+            (QueueName::Incoming, "0000000030000100000A.tmp"),
+            (QueueName::Incoming, "not-a-queue-id"),
+        ];
+        for (q, name) in files {
+            fs::write(q.dir(&config).join(name), b"x").unwrap();
+        }
+        let got: Vec<(QueueName, String)> =
+            entries(&config, &QueueName::ALL).unwrap().into_iter().map(|e| (e.queue, e.id)).collect();
+        assert_eq!(got, [(QueueName::Hold, old.to_owned()), (QueueName::Active, new.to_owned())]);
+        let only_deferred = entries(&config, &[QueueName::Deferred]).unwrap();
+        assert_eq!(only_deferred.len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

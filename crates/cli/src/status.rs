@@ -71,8 +71,8 @@ fn table(doc: &Value) -> String {
     let _ = writeln!(
         out,
         "master pid {}, configuration generation {}, up {}{}",
-        m["pid"],
-        m["generation"],
+        num(&m["pid"]),
+        num(&m["generation"]),
         age(&m["uptime_ms"]),
         if m["stopping"].as_bool() == Some(true) { ", stopping" } else { "" }
     );
@@ -106,13 +106,13 @@ fn table(doc: &Value) -> String {
             "{:<8} {:<28} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>7}  {}{flags}",
             text(&s["service"]),
             text(&s["endpoint"]),
-            s["process_limit"],
-            c["starting"],
-            c["idle"],
-            c["busy"],
-            c["retiring"],
-            c["overdue"],
-            s["spawns"],
+            num(&s["process_limit"]),
+            num(&c["starting"]),
+            num(&c["idle"]),
+            num(&c["busy"]),
+            num(&c["retiring"]),
+            num(&c["overdue"]),
+            num(&s["spawns"]),
             if retired.is_empty() { "-".to_owned() } else { retired.join(" ") }
         );
     }
@@ -126,11 +126,11 @@ fn table(doc: &Value) -> String {
         let _ = writeln!(
             out,
             "{:>8} {:<8} {:>4} {:<9} {:>8} {:>9} {:>9} {:>9}",
-            c["pid"],
+            num(&c["pid"]),
             text(&c["service"]),
-            c["generation"],
+            num(&c["generation"]),
             text(&c["state"]),
-            c["sessions"],
+            num(&c["sessions"]),
             age(&c["age_ms"]),
             age(&c["since_ms"]),
             if c["lifetime_ms"].is_null() { "-".to_owned() } else { age(&c["lifetime_ms"]) }
@@ -141,6 +141,11 @@ fn table(doc: &Value) -> String {
 
 fn text(v: &Value) -> &str {
     v.as_str().unwrap_or("?")
+}
+
+/// A number as text, so that the table's widths apply to it.
+fn num(v: &Value) -> String {
+    v.as_u64().map_or_else(|| "?".into(), |n| n.to_string())
 }
 
 /// A duration in milliseconds, short: `850ms`, `42.3s`, `5m07s`, `3h02m`.
@@ -184,6 +189,9 @@ mod tests {
         assert!(t.contains("max_use=3 AT-LIMIT busy-421=2"), "{t}");
         assert!(!t.contains("idle=0"), "{t}");
         let row = t.lines().find(|l| l.contains("4242")).unwrap();
-        assert_eq!(row.split_whitespace().collect::<Vec<_>>(), ["4242", "smtpd", "1", "overdue", "12", "1m01s", "2.0s", "1m00s"]);
+        assert_eq!(
+            row.split_whitespace().collect::<Vec<_>>(),
+            ["4242", "smtpd", "1", "overdue", "12", "1m01s", "2.0s", "1m00s"]
+        );
     }
 }

@@ -16,7 +16,9 @@
 //! 3. restricts itself with Landlock (file system, TCP, signals and
 //!    abstract Unix sockets): smtpd may open no file at all, cleanup may
 //!    write `spool/incoming` only, queue the spool and its delivery
-//!    targets only;
+//!    targets only (when a route uses the pipe command, whose needs are
+//!    the operator's, the queue keeps only Landlock's signal and socket
+//!    scopes, and says so in a warning);
 //! 4. installs a seccomp filter: an allow-list for smtpd, whose every
 //!    other system call kills the process, and a deny-list of the
 //!    system calls no mail daemon needs (ptrace, mount, namespaces, module
@@ -26,7 +28,7 @@
 //! |---|---|---|---|---|
 //! | smtpd | mail user, chroot `<run_dir>/private` | nothing | no TCP bind/connect; `socket()` only `AF_UNIX` | allow-list, kill |
 //! | cleanup | mail user | `spool/incoming` | no TCP | deny-list, kill |
-//! | queue | mail user | spool, maildir root, pipe program (+ system libraries) | TCP connect to configured next-hop ports | deny-list, kill |
+//! | queue | mail user | spool, maildir root, CA file | TCP connect to configured next-hop ports | deny-list, kill |
 //!
 //! # Security
 //! The layers are independent: a kernel without Landlock still has the
@@ -92,10 +94,6 @@ pub const QUEUE_NOFILE_BASE: u64 = 256;
 /// Descriptors one concurrent delivery may hold (queue file, Maildir file
 /// or next-hop socket, a pipe command's three pipes, its cached connection).
 pub const QUEUE_NOFILE_PER_DELIVERY: u64 = 8;
-/// Directories where a pipe command's dynamic loader finds its libraries:
-/// read and execute only, so the command can start inside the queue's
-/// sandbox.
-pub const SYSTEM_LIBRARY_DIRS: [&str; 5] = ["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/etc/ld.so.cache"];
 /// Mode of the private socket directory when the master runs as root:
 /// root may change it, the mail group may only pass through it to the
 /// sockets it knows the names of.
@@ -216,6 +214,12 @@ pub struct Applied {
 /// described in the module documentation. Call it once, single-threaded,
 /// after loading every file the service needs and before any input.
 pub fn enter(service: Service, config: &Config) -> Result<Applied, SandboxError> {
+    enter_layers(service, config, true)
+}
+
+/// [`enter`], optionally without the seccomp filter: only the self-test
+/// leaves it out, to show what the other layers hold on their own.
+pub(crate) fn enter_layers(service: Service, config: &Config, with_seccomp: bool) -> Result<Applied, SandboxError> {
     let threads = thread_count();
     if threads > 1 {
         return Err(SandboxError::Threads(threads));
@@ -243,7 +247,7 @@ pub fn enter(service: Service, config: &Config) -> Result<Applied, SandboxError>
     }
     limit_process(service, config)?;
     let landlock = restrict(ruleset)?;
-    let seccomp_rules = seccomp::install(service)?;
+    let seccomp_rules = if with_seccomp { seccomp::install(service)? } else { 0 };
     let applied = Applied { user: user.map(|u| u.name), chroot, landlock, seccomp_rules };
     tracing::debug!(
         "sandbox: {}: user={} chroot={} landlock={:?} seccomp={} rules",
@@ -325,6 +329,15 @@ fn landlock_rules(service: Service, config: &Config) -> Result<landlock::Ruleset
         // No rule: no file, no directory, no TCP port.
         Service::Smtpd => Ok(ruleset),
         Service::Cleanup => rule(ruleset, &config.queue_dir("incoming"), fs_rw),
+        Service::Queue if pipe_routed(config) => {
+            tracing::warn!(
+                "warning: sandbox: queue: a route uses [delivery.pipe]: the command needs files and ports mortal cannot know, so the queue runs without Landlock file and network rules (user, signal scope and seccomp still apply)"
+            );
+            Ok(Ruleset::default()
+                .set_compatibility(CompatLevel::BestEffort)
+                .scope(Scope::from_all(LANDLOCK_ABI))?
+                .create()?)
+        }
         Service::Queue => {
             let mut ruleset = rule(ruleset, &config.server.spool_dir, fs_rw)?;
             if !config.maildir_root().starts_with(&config.server.spool_dir) {
@@ -333,20 +346,7 @@ fn landlock_rules(service: Service, config: &Config) -> Result<landlock::Ruleset
             if let Some(ca) = &config.delivery.smtp_tls_ca_file {
                 ruleset = rule(ruleset, ca, AccessFs::ReadFile.into())?;
             }
-            let routes: Vec<&Route> =
-                std::iter::once(&config.delivery.transport).chain(config.delivery.routes.values()).collect();
-            if routes.iter().any(|r| **r == Route::Pipe)
-                && let Some(program) = config.delivery.pipe.command.first()
-            {
-                let exec = AccessFs::Execute | AccessFs::ReadFile;
-                ruleset = rule(ruleset, Path::new(program), exec)?;
-                for dir in SYSTEM_LIBRARY_DIRS.iter().map(Path::new).filter(|d| d.exists()) {
-                    let access = if dir.is_dir() { exec | AccessFs::ReadDir } else { AccessFs::ReadFile.into() };
-                    ruleset = rule(ruleset, dir, access)?;
-                }
-            }
-            let mut ports: Vec<u16> = routes
-                .iter()
+            let mut ports: Vec<u16> = routes(config)
                 .filter_map(|r| match r {
                     Route::Lmtp(NextHop::Inet(addr)) | Route::Smtp(addr) => Some(addr.port()),
                     _ => None,
@@ -360,6 +360,16 @@ fn landlock_rules(service: Service, config: &Config) -> Result<landlock::Ruleset
             Ok(ruleset)
         }
     }
+}
+
+/// Every route mail may take: the default and the per-domain ones.
+fn routes(config: &Config) -> impl Iterator<Item = &Route> {
+    std::iter::once(&config.delivery.transport).chain(config.delivery.routes.values())
+}
+
+/// Whether some mail goes to the `[delivery.pipe]` command.
+fn pipe_routed(config: &Config) -> bool {
+    routes(config).any(|r| *r == Route::Pipe)
 }
 
 fn restrict(ruleset: landlock::RulesetCreated) -> Result<RulesetStatus, SandboxError> {

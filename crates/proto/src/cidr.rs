@@ -51,6 +51,14 @@ impl Cidr {
         Ok(cidr)
     }
 
+    /// The block of `prefix` bits (capped at the family's length) that
+    /// holds `addr`: `2001:db8::1` with 84 is `2001:db8::/84`.
+    pub fn containing(addr: IpAddr, prefix: u8) -> Cidr {
+        let addr = addr.to_canonical();
+        let prefix = prefix.min(max_prefix(addr));
+        Cidr { network: mask(addr, prefix), prefix }
+    }
+
     /// Whether `addr` lies inside this block.
     pub fn contains(&self, addr: IpAddr) -> bool {
         // Compare in the block's own family, mapping across it where an
@@ -190,6 +198,20 @@ mod tests {
         ] {
             let c: Cidr = cidr.parse().unwrap();
             assert_eq!(c.contains(ip(addr)), inside, "{cidr} contains {addr}");
+        }
+    }
+
+    #[test]
+    fn containing_blocks() {
+        for (addr, prefix, block) in [
+            ("2001:db8:1:2:3:4:5:6", 84, "2001:db8:1:2:3::/84"),
+            ("2001:db8::1", 128, "2001:db8::1/128"),
+            ("192.0.2.77", 24, "192.0.2.0/24"),
+            ("192.0.2.77", 84, "192.0.2.77/32"),
+            ("::ffff:192.0.2.77", 32, "192.0.2.77/32"),
+            ("192.0.2.77", 0, "0.0.0.0/0"),
+        ] {
+            assert_eq!(Cidr::containing(ip(addr), prefix).to_string(), block, "{addr}/{prefix}");
         }
     }
 

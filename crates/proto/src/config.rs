@@ -186,6 +186,13 @@ pub struct Smtpd {
     /// `trusted_networks` (Postfix smtpd_client_event_limit_exceptions,
     /// whose default, $mynetworks, includes the loopback networks).
     pub client_limit_exceptions: Vec<crate::cidr::Cidr>,
+    /// IPv4 clients are counted per network of this many bits (Postfix
+    /// smtpd_client_ipv4_prefix_length).
+    pub client_ipv4_prefix_length: u8,
+    /// IPv6 clients are counted per network of this many bits (Postfix
+    /// smtpd_client_ipv6_prefix_length): one host commonly holds a whole
+    /// /64 or more, so counting single addresses would limit nothing.
+    pub client_ipv6_prefix_length: u8,
 }
 
 /// `[smtpd] tls_security` (Postfix smtpd_tls_security_level).
@@ -233,7 +240,10 @@ impl Default for Smtpd {
             tls_security: TlsSecurity::May,
             tls_handshake_timeout: Duration::from_secs(60),
             proxy_listen: Vec::new(),
-            proxy_trusted: vec!["127.0.0.1/32".parse().expect("literal CIDR"), "::1/128".parse().expect("literal CIDR")],
+            proxy_trusted: vec![
+                "127.0.0.1/32".parse().expect("literal CIDR"),
+                "::1/128".parse().expect("literal CIDR"),
+            ],
             proxy_timeout: Duration::from_secs(5),
             client_connection_count_limit: 50,
             client_connection_rate_limit: 0,
@@ -242,6 +252,8 @@ impl Default for Smtpd {
                 "127.0.0.0/8".parse().expect("literal CIDR"),
                 "::1/128".parse().expect("literal CIDR"),
             ],
+            client_ipv4_prefix_length: 32,
+            client_ipv6_prefix_length: 84,
         }
     }
 }
@@ -452,7 +464,8 @@ impl std::str::FromStr for Route {
     fn from_str(s: &str) -> Result<Self, String> {
         const SYNTAX: &str = "expected maildir, discard, pipe, lmtp:unix:/path, lmtp:inet:IP:PORT or smtp:inet:IP:PORT";
         let inet = |a: &str| {
-            a.parse::<SocketAddr>().map_err(|_| format!("route {s:?}: {a:?} is not a literal IP:PORT (IPv6 as [::1]:24)"))
+            a.parse::<SocketAddr>()
+                .map_err(|_| format!("route {s:?}: {a:?} is not a literal IP:PORT (IPv6 as [::1]:24)"))
         };
         match s {
             "maildir" => return Ok(Route::Maildir),
@@ -706,6 +719,12 @@ impl Config {
         if self.smtpd.proxy_timeout.is_zero() {
             bad("smtpd", "proxy_timeout", "must be above 0".into());
         }
+        if self.smtpd.client_ipv4_prefix_length > 32 {
+            bad("smtpd", "client_ipv4_prefix_length", "must be at most 32".into());
+        }
+        if self.smtpd.client_ipv6_prefix_length > 128 {
+            bad("smtpd", "client_ipv6_prefix_length", "must be at most 128".into());
+        }
         if self.anvil.rate_time_unit.is_zero() {
             bad("anvil", "rate_time_unit", "must be above 0".into());
         }
@@ -856,7 +875,10 @@ fn line_of_key(text: &str, table: &str, key: &str) -> Option<usize> {
             }
             continue;
         }
-        if current == table && line.split('=').next().is_some_and(|k| k.trim().trim_matches('"') == key) && line.contains('=') {
+        if current == table
+            && line.split('=').next().is_some_and(|k| k.trim().trim_matches('"') == key)
+            && line.contains('=')
+        {
             return Some(i + 1);
         }
     }
@@ -935,5 +957,22 @@ mod tests {
         let err = Config::parse("[smtpd]\ntimeout = \"soon\"\n", Path::new("m.toml")).unwrap_err();
         let msg = err[0].to_string();
         assert!(msg.starts_with("m.toml:2") && msg.contains("duration"), "{msg}");
+    }
+
+    #[test]
+    fn smtpd_extensions_and_tls() {
+        let c = Config::parse("", Path::new("/etc/mortal/m.toml")).unwrap();
+        assert!(c.smtpd.smtputf8 && c.smtpd.chunking && c.smtpd.dsn && !c.smtpd.tls_offered());
+        assert_eq!(c.smtpd.bare_newline, BareNewline::Reject);
+        let text = "[smtpd]\ntls_cert_file = \"tls/cert.pem\"\ntls_key_file = \"/k.pem\"\nbare_newline = \"normalize\"\n";
+        let c = Config::parse(text, Path::new("/etc/mortal/m.toml")).unwrap();
+        assert_eq!(c.smtpd.tls_cert_file.as_deref(), Some(Path::new("/etc/mortal/tls/cert.pem")));
+        assert_eq!(c.smtpd.tls_key_file.as_deref(), Some(Path::new("/k.pem")));
+        assert!(c.smtpd.tls_offered());
+        assert_eq!(c.smtpd.bare_newline, BareNewline::Normalize);
+        let c = Config::parse(&format!("{text}tls_security = \"none\"\n"), Path::new("m.toml")).unwrap();
+        assert!(!c.smtpd.tls_offered());
+        let err = Config::parse("[smtpd]\ntls_cert_file = \"c.pem\"\n", Path::new("m.toml")).unwrap_err();
+        assert_eq!(err[0].to_string(), "m.toml:2: smtpd.tls_cert_file: needs tls_key_file, and the other way round");
     }
 }

@@ -261,7 +261,11 @@ impl Session {
                         s.set_write_timeout(Some(t.command))?;
                         Ok(s)
                     })
-                    .map_err(|e| Failure { dsn: "4.4.1".into(), text: format!("connect to {peer}: {e}"), reply: None })?;
+                    .map_err(|e| Failure {
+                        dsn: "4.4.1".into(),
+                        text: format!("connect to {peer}: {e}"),
+                        reply: None,
+                    })?;
                 (Stream::Unix(s), peer)
             }
         };
@@ -375,8 +379,10 @@ impl Session {
             self.abort(data_reply.as_ref())?;
             return Ok(vec![RcptReply { reply: mail_reply, stage: "MAIL FROM" }; n]);
         }
-        let mut answers: Vec<Option<RcptReply>> =
-            rcpt_replies.into_iter().map(|r| (!r.is_ok()).then_some(RcptReply { reply: r, stage: "RCPT TO" })).collect();
+        let mut answers: Vec<Option<RcptReply>> = rcpt_replies
+            .into_iter()
+            .map(|r| (!r.is_ok()).then_some(RcptReply { reply: r, stage: "RCPT TO" }))
+            .collect();
         let accepted = answers.iter().filter(|a| a.is_none()).count();
         match data_reply {
             Some(d) if d.code == 354 && accepted > 0 => {}

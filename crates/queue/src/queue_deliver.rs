@@ -133,7 +133,8 @@ fn expire(config: &Config, qf: &mut QueueFile, started: SystemTime, notices: &mu
             continue;
         }
         let (dsn, text) = split_status(&qf.recipients[i].status);
-        let what = if bounce { "expired, dropped (mail from <> is never returned)" } else { "expired, returned to sender" };
+        let what =
+            if bounce { "expired, dropped (mail from <> is never returned)" } else { "expired, returned to sender" };
         log_line(qf, &qf.recipients[i], "none", started, started, &dsn, &format!("{what} ({text})"));
         qf.recipients[i].state = RecipientState::Failed;
         notices.failed.push(Entry { rcpt: i, action: "failed", status: dsn, text, diagnostic: None, remote_mta: None });

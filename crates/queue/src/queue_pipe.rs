@@ -153,7 +153,10 @@ fn run(config: &Config, qf: &QueueFile, rcpt: &QueuedRecipient) -> RcptResult {
         }
         Some(s) => match s.code() {
             Some(code) => RcptResult {
-                diagnostic: Some(format!("x-unix; {}", if out.is_empty() { format!("exit status {code}") } else { out.clone() })),
+                diagnostic: Some(format!(
+                    "x-unix; {}",
+                    if out.is_empty() { format!("exit status {code}") } else { out.clone() }
+                )),
                 ..RcptResult::new(
                     Status::Bounced,
                     sysexits_dsn(code),

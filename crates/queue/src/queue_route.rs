@@ -207,7 +207,10 @@ impl Agents {
     }
 
     pub fn timeouts(&self) -> queue_client::Timeouts {
-        queue_client::Timeouts { connect: self.config.delivery.connect_timeout, command: self.config.delivery.command_timeout }
+        queue_client::Timeouts {
+            connect: self.config.delivery.connect_timeout,
+            command: self.config.delivery.command_timeout,
+        }
     }
 
     /// Delivers one batch, holding a slot of its destination meanwhile.
@@ -268,7 +271,8 @@ mod tests {
             content: Vec::new(),
         };
         let batches = plan(&config, &qf);
-        let summary: Vec<(String, Vec<usize>)> = batches.iter().map(|b| (b.destination.clone(), b.rcpts.clone())).collect();
+        let summary: Vec<(String, Vec<usize>)> =
+            batches.iter().map(|b| (b.destination.clone(), b.rcpts.clone())).collect();
         assert_eq!(
             summary,
             vec![

@@ -15,30 +15,53 @@
 //! The client is hostile. smtpd never opens a file under the spool, never
 //! looks a name up in the DNS (every client is `unknown[addr]`), and is
 //! never an open relay: a recipient whose domain is not in
-//! `accepted_domains` gets `554 5.7.1 Relay access denied` (cleanup checks
-//! again). Every buffer has a named bound: command lines
+//! `accepted_domains` gets `554 5.7.1 Relay access denied` unless the
+//! client is in `trusted_networks` (cleanup checks again). A PROXY header
+//! is believed only from `proxy_trusted` peers, and only on
+//! `proxy_listen` listeners. Every buffer has a named bound: command lines
 //! ([`engine::MAX_COMMAND_LINE`]), text lines ([`engine::MAX_TEXT_LINE`]),
 //! message size (`message_size_limit`, enforced while reading), recipients,
 //! errors and idle time. DATA ends only at `<CR><LF>.<CR><LF>`; a bare
 //! `<CR>` or `<LF>` anywhere in the content makes the whole message
 //! rejected after the real terminator, so no variant of SMTP smuggling
 //! (CVE-2023-51764 class) can end a message early or start a second one.
-//! Command lines with a bare `<CR>` or `<LF>` are refused, not executed.
-//! Clients that talk before the greeting or pipeline without permission
-//! are disconnected (`smtpd_forbid_unauth_pipelining`).
+//! With `bare_newline = normalize` a bare `<LF>` in DATA is taken as a
+//! line end, and still never ends the message. Trusted networks are not
+//! exempt. Command lines with a bare `<CR>` or `<LF>` are refused, not
+//! executed. Clients that talk before the greeting or pipeline without
+//! permission are disconnected (`smtpd_forbid_unauth_pipelining`), which
+//! is also what happens to plaintext pipelined behind STARTTLS
+//! (CVE-2011-0411 class): it never reaches the TLS session. A client past
+//! `soft_error_limit` errors waits `error_sleep` before each reply, and
+//! content slower than `min_data_rate` ends the session with 421, so a
+//! slowloris cannot hold a child. The TLS certificate and key are read
+//! once at process start ([`tls`]).
 //!
 //! # Standards
 //! RFC 5321 (SMTP), RFC 1870 (SIZE), RFC 2920 (PIPELINING), RFC 6152
-//! (8BITMIME), RFC 2034 and RFC 3463 (enhanced status codes), RFC 6531
-//! (SMTPUTF8: not offered yet; UTF-8 addresses are refused with
-//! `553 5.6.7`, as the RFC requires of a server that did not offer it).
+//! (8BITMIME), RFC 2034 and RFC 3463 (enhanced status codes), RFC 3207
+//! (STARTTLS; TLS 1.2 and 1.3 with rustls), RFC 6531 (SMTPUTF8: UTF-8
+//! addresses only with MAIL's SMTPUTF8 parameter, `553 5.6.7` otherwise),
+//! RFC 3030 (CHUNKING/BDAT and BINARYMIME), RFC 3461 (DSN parameters RET,
+//! ENVID, NOTIFY, ORCPT, carried to cleanup), RFC 3848 (`with` protocol
+//! names `ESMTPS`, `UTF8SMTP`, `UTF8SMTPS`).
 //!
 //! # Configuration
 //! `[server]` `hostname`, `accepted_domains`, `run_dir` (the cleanup
 //! socket lives in `<run_dir>/private/cleanup`); `[smtpd]` `banner`,
 //! `message_size_limit`, `recipient_limit`, `timeout` (per read, per write
-//! and per wait for cleanup), `hard_error_limit`; `[process.smtpd]` the
+//! and per wait for cleanup), `hard_error_limit`, `soft_error_limit`,
+//! `error_sleep`, `min_data_rate`, `data_rate_window`, `bare_newline`,
+//! `smtputf8`, `chunking`, `dsn`, `tls_cert_file`, `tls_key_file`,
+//! `tls_security`, `tls_handshake_timeout`; `[process.smtpd]` the
 //! lifetime policy (`max_use` is applied here); `[log]`.
+//! Relay control ([`relay`]): `[server] trusted_networks`, `recipient_map`.
+//! PROXY protocol ([`peer`], [`proxy`]): `[smtpd] proxy_listen`,
+//! `proxy_trusted`, `proxy_timeout`. Per-client limits, counted by the
+//! `mortal-anvil` service over `<run_dir>/private/anvil` ([`anvil`],
+//! [`anvil_client`]): `[smtpd] client_connection_count_limit`,
+//! `client_connection_rate_limit`, `client_message_rate_limit`,
+//! `client_limit_exceptions`; `[anvil] rate_time_unit`.
 //!
 //! # Diagnostics
 //! Postfix's log shapes, so fail2ban and pflogsumm work unchanged:
@@ -46,17 +69,26 @@
 //! `NOQUEUE: reject: RCPT from unknown[addr]: 554 5.7.1 <x@y>: Relay access
 //! denied; from=<a@b> to=<x@y> proto=ESMTP helo=<h>`, `improper command
 //! pipelining after <CMD> from ...`, `too many errors after <CMD> from ...`,
-//! `timeout after <CMD> from ...`, `lost connection after <CMD> from ...`
+//! `timeout after <CMD> from ...`, `lost connection after <CMD> from ...`,
+//! `Anonymous TLS connection established from unknown[addr]: TLSv1.3 with
+//! cipher TLS13_AES_256_GCM_SHA384 (256/256 bits)`, `SSL_accept error from
+//! unknown[addr]: <reason>`, `data rate <n> octets/s below min_data_rate
+//! <m> after DATA from ...`
 //! and `disconnect from unknown[addr] ehlo=1 mail=1 rcpt=0/1 ...
 //! commands=2/3`. Trouble with cleanup is logged as a `warning:` and the
 //! client gets `451 4.3.0 Error: queue file write error`, never a 250.
+//! Limits: `warning: Connection concurrency limit exceeded: <n> from
+//! unknown[addr] for service smtp` (also `Connection rate limit` and
+//! `Message delivery request rate limit`); PROXY trouble:
+//! `warning: haproxy read from unknown[addr]: <reason>`; an unreachable
+//! anvil: `warning: anvil <socket>: <reason>: no client limits for <addr>`.
 #![forbid(unsafe_code)]
 
 pub mod anvil;
 pub mod anvil_client;
 pub mod driver;
 pub mod engine;
-pub mod tls;
 pub mod peer;
 pub mod proxy;
 pub mod relay;
+pub mod tls;

@@ -61,7 +61,9 @@ pub fn is_proxied(config: &Config, local: SocketAddr) -> bool {
     let local_ip = local.ip().to_canonical();
     config.smtpd.proxy_listen.iter().any(|p| {
         p.port() == local.port()
-            && (p.ip() == local_ip || p.ip() == local.ip() || (p.ip().is_unspecified() && p.is_ipv4() == local.is_ipv4()))
+            && (p.ip() == local_ip
+                || p.ip() == local.ip()
+                || (p.ip().is_unspecified() && p.is_ipv4() == local.is_ipv4()))
     })
 }
 
@@ -184,7 +186,8 @@ impl ClientLimits {
         if !limited || exempt {
             return Self::none(addr);
         }
-        match AnvilLease::connect(&mortal_master::sandbox::visible_path(&config.anvil_socket()), addr).await {
+        let socket = mortal_master::sandbox::visible_path(&config.anvil_socket());
+        match AnvilLease::connect(&socket, anvil_key(config, addr)).await {
             Ok((lease, reply)) => Self {
                 lease: Some(lease),
                 connected: Some(reply),
@@ -226,7 +229,11 @@ impl ClientLimits {
                     r.rate,
                     self.addr
                 );
-                Some(Answer { code: 450, enhanced: "4.7.1".into(), text: format!("Error: too much mail from {}", self.addr) })
+                Some(Answer {
+                    code: 450,
+                    enhanced: "4.7.1".into(),
+                    text: format!("Error: too much mail from {}", self.addr),
+                })
             }
             Ok(_) => None,
             Err(e) => {
@@ -236,6 +243,17 @@ impl ClientLimits {
             }
         }
     }
+}
+
+/// What anvil counts a client as: its network of
+/// `client_ipv4_prefix_length` or `client_ipv6_prefix_length` bits.
+pub fn anvil_key(config: &Config, addr: IpAddr) -> IpAddr {
+    let addr = addr.to_canonical();
+    let bits = match addr {
+        IpAddr::V4(_) => config.smtpd.client_ipv4_prefix_length,
+        IpAddr::V6(_) => config.smtpd.client_ipv6_prefix_length,
+    };
+    cidr::Cidr::containing(addr, bits).network()
 }
 
 #[cfg(test)]
@@ -257,5 +275,17 @@ mod tests {
         ] {
             assert_eq!(is_proxied(&config, local.parse().unwrap()), proxied, "{local}");
         }
+    }
+
+    #[test]
+    fn clients_are_counted_per_network() {
+        let config = Config::parse("", std::path::Path::new("mortal.toml")).expect("defaults");
+        let key = |a: &str| anvil_key(&config, a.parse().unwrap()).to_string();
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2:3::");
+        assert_eq!(key("2001:db8:1:2:3:fff:ffff:1"), "2001:db8:1:2:3::");
+        assert_eq!(key("2001:db8:1:2:3:ffff::1"), "2001:db8:1:2:3:f000::");
+        assert_ne!(key("2001:db8:1:2:4::1"), "2001:db8:1:2:3::");
     }
 }

@@ -254,14 +254,26 @@ mod tests {
             (b"PROXYTCP4", Err(ProxyError::NotProxy)),
             // Malformed.
             (b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 25\n", syntax("line does not end in CRLF")),
-            (b"PROXY TCP4 2001:db8::1 198.51.100.2 1 25\r\n", syntax("address is not a literal of the announced family")),
+            (
+                b"PROXY TCP4 2001:db8::1 198.51.100.2 1 25\r\n",
+                syntax("address is not a literal of the announced family"),
+            ),
             (b"PROXY TCP6 192.0.2.1 2001:db8::2 1 25\r\n", syntax("address is not a literal of the announced family")),
-            (b"PROXY TCP4 192.0.2.01 198.51.100.2 1 25\r\n", syntax("address is not a literal of the announced family")),
+            (
+                b"PROXY TCP4 192.0.2.01 198.51.100.2 1 25\r\n",
+                syntax("address is not a literal of the announced family"),
+            ),
             (b"PROXY TCP4 192.0.2.1 198.51.100.2 65536 25\r\n", syntax("port is not a decimal number from 0 to 65535")),
             (b"PROXY TCP4 192.0.2.1 198.51.100.2 +1 25\r\n", syntax("port is not a decimal number from 0 to 65535")),
             (b"PROXY TCP4 192.0.2.1 198.51.100.2 025 25\r\n", syntax("port is not a decimal number from 0 to 65535")),
-            (b"PROXY TCP4 192.0.2.1  198.51.100.2 1 25\r\n", syntax("expected PROXY TCP4|TCP6 <src> <dst> <sport> <dport>")),
-            (b"PROXY TCP4 192.0.2.1 198.51.100.2 1\r\n", syntax("expected PROXY TCP4|TCP6 <src> <dst> <sport> <dport>")),
+            (
+                b"PROXY TCP4 192.0.2.1  198.51.100.2 1 25\r\n",
+                syntax("expected PROXY TCP4|TCP6 <src> <dst> <sport> <dport>"),
+            ),
+            (
+                b"PROXY TCP4 192.0.2.1 198.51.100.2 1\r\n",
+                syntax("expected PROXY TCP4|TCP6 <src> <dst> <sport> <dport>"),
+            ),
             (b"PROXY UDP4 192.0.2.1 198.51.100.2 1 2\r\n", syntax("protocol is not TCP4, TCP6 or UNKNOWN")),
             (b"PROXY TCP4 192.0.2.1\t198.51.100.2 1 2\r\n", syntax("control or non-ASCII octet")),
             (b"PROXY UNKNOWN\xff\r\n", syntax("control or non-ASCII octet")),

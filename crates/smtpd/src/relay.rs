@@ -160,7 +160,8 @@ mod tests {
         let inside: IpAddr = "10.1.2.3".parse().unwrap();
         let outside: IpAddr = "192.0.2.1".parse().unwrap();
         let relay = "554 5.7.1 <x@elsewhere.test>: Relay access denied";
-        let unknown = "550 5.1.1 <carol@example.test>: Recipient address rejected: User unknown in local recipient table";
+        let unknown =
+            "550 5.1.1 <carol@example.test>: Recipient address rejected: User unknown in local recipient table";
         for (cfg, map, client, rcpt, expected) in [
             (&plain, None, outside, "anyone@example.test", Ok(())),
             (&plain, None, outside, "x@elsewhere.test", Err(relay)),

@@ -234,7 +234,8 @@ impl Runner {
                     let _ = write!(self.out, "E: rcpt <{}>", rcpt.address);
                     if !rcpt.notify.is_default() {
                         let n = rcpt.notify;
-                        let flags = [(n.never, "NEVER"), (n.success, "SUCCESS"), (n.failure, "FAILURE"), (n.delay, "DELAY")];
+                        let flags =
+                            [(n.never, "NEVER"), (n.success, "SUCCESS"), (n.failure, "FAILURE"), (n.delay, "DELAY")];
                         let names: Vec<&str> = flags.iter().filter(|(on, _)| *on).map(|(_, name)| *name).collect();
                         let _ = write!(self.out, " notify={}", names.join(","));
                     }

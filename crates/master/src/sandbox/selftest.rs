@@ -13,7 +13,7 @@
 //! run. Both modes are reached only through these command-line flags,
 //! which the master never passes: nothing a client sends can start them.
 
-use super::{Service, enter, mail_user, own_dirs, visible_path};
+use super::{Service, enter_layers, mail_user, own_dirs, visible_path};
 use mortal_proto::config::{Config, QUEUE_DIRS};
 use nix::sys::signal::Signal;
 use nix::unistd::Uid;
@@ -32,6 +32,11 @@ use std::time::{Duration, Instant};
 pub const SELFTEST_FLAG: &str = "--sandbox-selftest";
 /// Runs one attempt; used by the self-test only.
 const PROBE_FLAG: &str = "--sandbox-probe";
+/// A probe with the whole production sandbox.
+const ALL_LAYERS: &str = "all";
+/// A probe without seccomp, to show what smtpd's other layers (user,
+/// chroot, Landlock) hold by themselves; information only.
+const NO_SECCOMP: &str = "no-seccomp";
 /// Longest one probe may take; each is a handful of system calls.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the orchestrator looks whether a probe has finished.
@@ -169,11 +174,18 @@ pub fn run_if_asked(service: Service) {
     } else if first == PROBE_FLAG {
         crate::log::init_early(service.name());
         match &args[1..] {
-            [attempt, port, flag, path] if flag == "--config" => {
+            [attempt, port, layers, flag, path] if flag == "--config" => {
                 let attempt = attempt.to_str().and_then(Attempt::from_name);
                 let port = port.to_str().and_then(|p| p.parse().ok());
-                match (attempt, port) {
-                    (Some(attempt), Some(port)) => probe(service, attempt, port, Path::new(path)),
+                let seccomp = match layers.to_str() {
+                    Some(ALL_LAYERS) => Some(true),
+                    Some(NO_SECCOMP) => Some(false),
+                    _ => None,
+                };
+                match (attempt, port, seccomp) {
+                    (Some(attempt), Some(port), Some(seccomp)) => {
+                        probe(service, attempt, port, seccomp, Path::new(path))
+                    }
                     _ => usage(service),
                 }
             }
@@ -201,9 +213,9 @@ fn load(path: &Path) -> Config {
 
 /// One attempt, inside the sandbox: prints `allowed`, `denied <errno>` or
 /// `error <text>` and exits 0 (unless the kernel kills it first).
-fn probe(service: Service, attempt: Attempt, port: u16, config_path: &Path) -> ! {
+fn probe(service: Service, attempt: Attempt, port: u16, seccomp: bool, config_path: &Path) -> ! {
     let config = load(config_path);
-    let applied = match enter(service, &config) {
+    let applied = match enter_layers(service, &config, seccomp) {
         Ok(applied) => applied,
         Err(e) => {
             println!("error sandbox: {e}");
@@ -343,19 +355,35 @@ fn orchestrate(service: Service, config_path: &Path) -> i32 {
     if !root {
         println!("note: not started as root: the privilege drop and smtpd's chroot need root and are not exercised");
     }
-    println!("{:<44} {:<9} result", "attempt", "expected");
+    // smtpd's seccomp allow-list stops nearly every attempt first; a
+    // second run without it shows that the chroot, the user and Landlock
+    // would stop them too. Information only: seccomp is part of smtpd's
+    // sandbox, and the verdict is the first column's.
+    let layered = service == Service::Smtpd;
+    if layered {
+        println!("{:<44} {:<9} {:<40} without seccomp (other layers alone)", "attempt", "expected", "result");
+    } else {
+        println!("{:<44} {:<9} result", "attempt", "expected");
+    }
     let mut rows = Vec::new();
     for attempt in ATTEMPTS {
         let Some(expect) = attempt.expect(service) else { continue };
-        let (result, ok, stderr) = match run_probe(&exe, attempt, fixtures.port, &config_path) {
+        let outcome = |layers| match run_probe(&exe, attempt, fixtures.port, layers, &config_path) {
             Ok((status, stdout, stderr)) => {
                 let (result, ok) = judge(expect, status, &stdout);
                 (result, ok, stderr)
             }
             Err(e) => (format!("error: {e}"), false, String::new()),
         };
+        let (result, ok, stderr) = outcome(ALL_LAYERS);
         let expected = if expect == Expect::Allowed { "allowed" } else { "denied" };
-        println!("{:<44} {:<9} {result}{}", attempt.describe(), expected, if ok { "" } else { "   <-- WRONG" });
+        let mark = if ok { "" } else { "   <-- WRONG" };
+        if layered && attempt != Attempt::Applied {
+            let (alone, _, _) = outcome(NO_SECCOMP);
+            println!("{:<44} {:<9} {result:<40} {alone}{mark}", attempt.describe(), expected);
+        } else {
+            println!("{:<44} {:<9} {result}{mark}", attempt.describe(), expected);
+        }
         if !ok && !stderr.trim().is_empty() {
             for line in stderr.lines() {
                 println!("    | {line}");
@@ -372,11 +400,18 @@ fn orchestrate(service: Service, config_path: &Path) -> i32 {
     if wrong.is_empty() { 0 } else { FAILED }
 }
 
-fn run_probe(exe: &Path, attempt: Attempt, port: u16, config: &Path) -> std::io::Result<(ExitStatus, String, String)> {
+fn run_probe(
+    exe: &Path,
+    attempt: Attempt,
+    port: u16,
+    layers: &str,
+    config: &Path,
+) -> std::io::Result<(ExitStatus, String, String)> {
     let mut child = Command::new(exe)
         .arg(PROBE_FLAG)
         .arg(attempt.name())
         .arg(port.to_string())
+        .arg(layers)
         .arg("--config")
         .arg(config)
         .stdin(Stdio::null())

@@ -78,8 +78,14 @@ pub struct DataReceiver {
 
 impl DataReceiver {
     /// A decoder refusing content of more than `limit` octets, and any
-    /// bare `<LF>` unless `normalize`.
-    pub fn new(limit: u64, normalize: bool) -> Self {
+    /// bare line ending.
+    pub fn new(limit: u64) -> Self {
+        Self::with_bare_newline(limit, false)
+    }
+
+    /// As [`DataReceiver::new`], but with `normalize` a bare `<LF>` is
+    /// taken as `<CR><LF>` (`bare_newline = normalize`).
+    pub fn with_bare_newline(limit: u64, normalize: bool) -> Self {
         Self { at: At::LineStart, line_len: 0, size: 0, limit, error: None, normalize }
     }
 
@@ -224,11 +230,11 @@ mod tests {
 
     /// Feeds `input` whole and byte by byte; both must agree.
     fn decode_mode(input: &[u8], limit: u64, normalize: bool) -> (Vec<u8>, Progress, Option<ContentError>) {
-        let mut whole = DataReceiver::new(limit, normalize);
+        let mut whole = DataReceiver::with_bare_newline(limit, normalize);
         let mut out = Vec::new();
         let progress = whole.receive(input, &mut out);
 
-        let mut split = DataReceiver::new(limit, normalize);
+        let mut split = DataReceiver::with_bare_newline(limit, normalize);
         let (mut out2, mut consumed, mut finished) = (Vec::new(), 0, false);
         for b in input {
             if finished {

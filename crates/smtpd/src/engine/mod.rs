@@ -718,7 +718,7 @@ impl Session {
         // The DATA count is settled by the reply after the terminator.
         self.reply(reply::START_DATA);
         let normalize = self.config.smtpd.bare_newline == BareNewline::Normalize;
-        self.phase = Phase::Data(DataReceiver::new(self.config.smtpd.message_size_limit, normalize));
+        self.phase = Phase::Data(DataReceiver::with_bare_newline(self.config.smtpd.message_size_limit, normalize));
     }
 
     /// `BDAT size [LAST]` (RFC 3030). Whatever the answer, the chunk is

@@ -1,0 +1,429 @@
+//! The protocol extensions on a real loopback connection, driver included:
+//! STARTTLS (RFC 3207) with a rustls client, BDAT (RFC 3030), the error
+//! tarpit and the minimum data rate, against a fake cleanup speaking
+//! `mortal_proto::ipc` on a Unix socket. Certificates are made with rcgen
+//! for each test run.
+
+use mortal_proto::config::Config;
+use mortal_proto::ipc::{Decoder, Reply, Request};
+use mortal_smtpd::driver;
+use mortal_smtpd::tls::TlsServer;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
+
+/// Longest any single step of a test may take before it counts as hung.
+const STEP: Duration = Duration::from_secs(5);
+const QUEUE_ID: &str = "00000000A0000100000C";
+
+/// A temporary directory with the run/private layout and a test CA and
+/// server certificate for `localhost`; removed on drop.
+struct Dir {
+    path: PathBuf,
+    ca: CertificateDer<'static>,
+}
+
+impl Dir {
+    fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("mortal-smtpd-ext-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(path.join("run/private")).expect("create test dir");
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::new()).expect("CA params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "mortal test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let key = rcgen::KeyPair::generate().expect("server key");
+        let params = rcgen::CertificateParams::new(vec!["localhost".into()]).expect("server params");
+        let cert = params.signed_by(&key, &ca, &ca_key).expect("server certificate");
+        std::fs::write(path.join("cert.pem"), cert.pem() + &ca.pem()).expect("write cert");
+        std::fs::write(path.join("key.pem"), key.serialize_pem()).expect("write key");
+        Dir { path, ca: ca.der().clone() }
+    }
+
+    /// A config with `[smtpd]` `extra` lines; STARTTLS is offered with the
+    /// test certificate.
+    fn config(&self, extra: &str) -> Arc<Config> {
+        let text = format!(
+            "[server]\nhostname = \"mortal.test\"\nspool_dir = \"{0}/spool\"\nrun_dir = \"{0}/run\"\n\
+             accepted_domains = [\"example.test\"]\n\n[smtpd]\ntimeout = \"5s\"\n\
+             tls_cert_file = \"{0}/cert.pem\"\ntls_key_file = \"{0}/key.pem\"\n{extra}\n",
+            self.path.display()
+        );
+        Arc::new(Config::parse(&text, &self.path.join("mortal.toml")).expect("test config"))
+    }
+
+    fn connector(&self, versions: &[&'static rustls::SupportedProtocolVersion]) -> TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone()).expect("trust the test CA");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        TlsConnector::from(Arc::new(config))
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The SMTP client side, over TCP or TLS.
+struct Client<S> {
+    stream: S,
+    buf: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("client write");
+        self.stream.flush().await.expect("client flush");
+    }
+
+    async fn reply(&mut self) -> String {
+        timeout(STEP, self.read_reply()).await.expect("reply within STEP")
+    }
+
+    async fn read_reply(&mut self) -> String {
+        loop {
+            if let Some(end) = reply_end(&self.buf) {
+                let reply: Vec<u8> = self.buf.drain(..end).collect();
+                return String::from_utf8(reply).expect("ASCII reply");
+            }
+            let mut chunk = [0; 4096];
+            let n = self.stream.read(&mut chunk).await.expect("client read");
+            assert!(n > 0, "server closed while a reply was due; have {:?}", String::from_utf8_lossy(&self.buf));
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+
+    /// Whether the server closed the connection (after any pending reply).
+    async fn closed(&mut self) -> bool {
+        let mut chunk = [0; 64];
+        matches!(timeout(STEP, self.stream.read(&mut chunk)).await, Ok(Ok(0) | Err(_)))
+    }
+}
+
+fn reply_end(buf: &[u8]) -> Option<usize> {
+    let mut start = 0;
+    while let Some(lf) = buf[start..].iter().position(|&b| b == b'\n') {
+        let line = &buf[start..start + lf + 1];
+        start += lf + 1;
+        if line.get(3) == Some(&b' ') {
+            return Some(start);
+        }
+    }
+    None
+}
+
+async fn connect() -> (Client<TcpStream>, std::net::TcpStream) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let stream = TcpStream::connect(listener.local_addr().expect("local addr")).await.expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    (Client { stream, buf: Vec::new() }, server)
+}
+
+/// A fake cleanup that accepts every transaction and returns what it got.
+async fn cleanup_accepting(listener: &UnixListener, transactions: usize) -> Vec<Vec<Request>> {
+    let mut all = Vec::new();
+    for _ in 0..transactions {
+        let (mut sock, _) = timeout(STEP, listener.accept()).await.expect("smtpd connects").expect("accept");
+        let mut decoder = Decoder::new();
+        let mut got = Vec::new();
+        loop {
+            let request = match decoder.next_request().expect("valid records") {
+                Some(r) => r,
+                None => {
+                    let mut buf = [0; 4096];
+                    let n = timeout(STEP, sock.read(&mut buf)).await.expect("smtpd talks").expect("read");
+                    if n == 0 {
+                        break;
+                    }
+                    decoder.feed(&buf[..n]);
+                    continue;
+                }
+            };
+            let reply = match &request {
+                Request::Sender(_) => Some(Reply::QueueId(QUEUE_ID.into())),
+                Request::End => Some(Reply::Answer {
+                    code: 250,
+                    enhanced: "2.0.0".into(),
+                    text: format!("Ok: queued as {QUEUE_ID}"),
+                }),
+                _ => None,
+            };
+            let end = request == Request::End;
+            got.push(request);
+            if let Some(reply) = reply {
+                write_reply(&mut sock, reply).await;
+            }
+            if end {
+                break;
+            }
+        }
+        all.push(got);
+    }
+    all
+}
+
+async fn write_reply(sock: &mut UnixStream, reply: Reply) {
+    let mut out = Vec::new();
+    reply.encode(&mut out);
+    sock.write_all(&out).await.expect("write to smtpd");
+}
+
+fn content(requests: &[Request]) -> Vec<u8> {
+    requests.iter().filter_map(|r| if let Request::Data(d) = r { Some(d.clone()) } else { None }).flatten().collect()
+}
+
+/// STARTTLS, then a message through TLS: EHLO again (without STARTTLS
+/// offered), and cleanup gets ESMTPS with the negotiated TLS.
+async fn message_over_tls(versions: &[&'static rustls::SupportedProtocolVersion]) -> Vec<Request> {
+    let dir = Dir::new();
+    let config = dir.config("");
+    let tls = TlsServer::from_config(&config.smtpd).expect("load TLS").expect("TLS offered");
+    let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
+    let (mut client, server) = connect().await;
+    let connector = dir.connector(versions);
+    let smtp = async {
+        assert_eq!(client.reply().await, "220 mortal.test ESMTP mortal\r\n");
+        assert!(client.cmd("EHLO client.test").await.contains("250-STARTTLS\r\n"));
+        assert_eq!(client.cmd("STARTTLS").await, "220 2.0.0 Ready to start TLS\r\n");
+        let name = ServerName::try_from("localhost").expect("name");
+        let stream = timeout(STEP, connector.connect(name, client.stream)).await.expect("handshake in time");
+        let mut tls_client = Client { stream: stream.expect("handshake"), buf: Vec::new() };
+        let ehlo = tls_client.cmd("EHLO client.test").await;
+        assert!(ehlo.ends_with("250 CHUNKING\r\n") && !ehlo.contains("STARTTLS"), "{ehlo}");
+        assert_eq!(tls_client.cmd("MAIL FROM:<alice@example.test>").await, "250 2.1.0 Ok\r\n");
+        assert_eq!(tls_client.cmd("RCPT TO:<bob@example.test>").await, "250 2.1.5 Ok\r\n");
+        assert!(tls_client.cmd("DATA").await.starts_with("354 "));
+        tls_client.send(b"Subject: tls\r\n\r\nsecret\r\n.\r\n").await;
+        assert_eq!(tls_client.reply().await, format!("250 2.0.0 Ok: queued as {QUEUE_ID}\r\n"));
+        assert_eq!(tls_client.cmd("QUIT").await, "221 2.0.0 Bye\r\n");
+        assert!(tls_client.closed().await);
+    };
+    let (mut got, (), ()) =
+        tokio::join!(cleanup_accepting(&listener, 1), smtp, driver::session_with_tls(&config, Some(&tls), server));
+    let got = got.remove(0);
+    assert_eq!(content(&got), b"Subject: tls\r\n\r\nsecret\r\n");
+    got
+}
+
+fn client_of(requests: &[Request]) -> mortal_proto::ipc::ClientInfo {
+    match &requests[1] {
+        Request::Client(c) => c.clone(),
+        other => panic!("expected Client, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn starttls_tls13_message_is_esmtps() {
+    let got = message_over_tls(&[&rustls::version::TLS13]).await;
+    let client = client_of(&got);
+    assert_eq!(client.protocol, "ESMTPS");
+    assert!(client.tls.starts_with("TLSv1.3 with cipher TLS13_"), "{}", client.tls);
+    assert!(client.tls.ends_with(" bits)"), "{}", client.tls);
+}
+
+#[tokio::test]
+async fn starttls_tls12_is_accepted() {
+    let got = message_over_tls(&[&rustls::version::TLS12]).await;
+    let client = client_of(&got);
+    assert_eq!(client.protocol, "ESMTPS");
+    assert!(client.tls.starts_with("TLSv1.2 with cipher TLS_ECDHE_"), "{}", client.tls);
+}
+
+/// CVE-2011-0411 class: a command sent in the clear right behind STARTTLS
+/// must never be executed, before or after the handshake.
+#[tokio::test]
+async fn plaintext_pipelined_after_starttls_is_refused() {
+    let dir = Dir::new();
+    let config = dir.config("");
+    let tls = TlsServer::from_config(&config.smtpd).expect("load TLS");
+    let (mut client, server) = connect().await;
+    let smtp = async {
+        client.reply().await;
+        client.cmd("EHLO client.test").await;
+        client.send(b"STARTTLS\r\nMAIL FROM:<injected@example.test>\r\n").await;
+        assert_eq!(client.reply().await, "554 5.5.0 Error: SMTP protocol synchronization\r\n");
+        assert!(client.closed().await);
+    };
+    tokio::join!(smtp, driver::session_with_tls(&config, tls.as_ref(), server));
+}
+
+/// Plaintext arriving after the 220 (in its own packet) is fed to the TLS
+/// handshake, which fails: it is never read as a command.
+#[tokio::test]
+async fn plaintext_instead_of_a_handshake_ends_the_session() {
+    let dir = Dir::new();
+    let config = dir.config("");
+    let tls = TlsServer::from_config(&config.smtpd).expect("load TLS");
+    let (mut client, server) = connect().await;
+    let smtp = async {
+        client.reply().await;
+        client.cmd("EHLO client.test").await;
+        assert_eq!(client.cmd("STARTTLS").await, "220 2.0.0 Ready to start TLS\r\n");
+        client.send(b"MAIL FROM:<injected@example.test>\r\n").await;
+        let mut rest = Vec::new();
+        let _ = timeout(STEP, client.stream.read_to_end(&mut rest)).await.expect("server closes");
+        assert!(!String::from_utf8_lossy(&rest).contains("250"), "{rest:?}");
+    };
+    tokio::join!(smtp, driver::session_with_tls(&config, tls.as_ref(), server));
+}
+
+#[tokio::test]
+async fn silent_handshake_times_out() {
+    let dir = Dir::new();
+    let config = dir.config("tls_handshake_timeout = \"500ms\"");
+    let tls = TlsServer::from_config(&config.smtpd).expect("load TLS");
+    let (mut client, server) = connect().await;
+    let smtp = async {
+        client.reply().await;
+        client.cmd("EHLO client.test").await;
+        assert_eq!(client.cmd("STARTTLS").await, "220 2.0.0 Ready to start TLS\r\n");
+        let started = Instant::now();
+        assert!(client.closed().await);
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(3), "{waited:?}");
+    };
+    tokio::join!(smtp, driver::session_with_tls(&config, tls.as_ref(), server));
+}
+
+/// BDAT on the wire: chunks pipelined with their commands arrive at
+/// cleanup exactly, not unstuffed; LAST is answered with cleanup's 250.
+#[tokio::test]
+async fn bdat_chunks_reach_cleanup_exactly() {
+    let dir = Dir::new();
+    let config = dir.config("");
+    let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
+    let (mut client, server) = connect().await;
+    let smtp = async {
+        client.reply().await;
+        client.cmd("EHLO client.test").await;
+        client
+            .send(
+                b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nBDAT 18\r\nSubject: b\r\n\r\n..\r\n",
+            )
+            .await;
+        client.send(b"BDAT 8 LAST\r\n.\r\nend\r\n").await;
+        assert_eq!(client.reply().await, "250 2.1.0 Ok\r\n");
+        assert_eq!(client.reply().await, "250 2.1.5 Ok\r\n");
+        assert_eq!(client.reply().await, "250 2.0.0 Ok: 18 octets\r\n");
+        assert_eq!(client.reply().await, format!("250 2.0.0 Ok: queued as {QUEUE_ID}\r\n"));
+        assert_eq!(client.cmd("QUIT").await, "221 2.0.0 Bye\r\n");
+    };
+    let (got, (), ()) = tokio::join!(cleanup_accepting(&listener, 1), smtp, driver::session(&config, server));
+    assert_eq!(content(&got[0]), b"Subject: b\r\n\r\n..\r\n.\r\nend\r\n");
+}
+
+/// Past soft_error_limit every reply waits error_sleep.
+#[tokio::test]
+async fn error_sleep_delays_replies_past_the_soft_limit() {
+    let dir = Dir::new();
+    let config = dir.config("soft_error_limit = 1\nerror_sleep = \"400ms\"");
+    let (mut client, server) = connect().await;
+    let smtp = async {
+        client.reply().await;
+        let started = Instant::now();
+        assert!(client.cmd("BOGUS").await.starts_with("500 "));
+        assert!(started.elapsed() < Duration::from_millis(300), "first error is not delayed");
+        let started = Instant::now();
+        assert_eq!(client.cmd("NOOP").await, "250 2.0.0 Ok\r\n");
+        assert!(started.elapsed() >= Duration::from_millis(400), "delayed past the soft limit");
+        client.cmd("QUIT").await;
+    };
+    tokio::join!(smtp, driver::session(&config, server));
+}
+
+/// A client trickling content slower than min_data_rate is cut off after
+/// one window with 421, long before the ordinary timeout (5 s here).
+#[tokio::test]
+async fn slowloris_data_is_cut_off() {
+    let dir = Dir::new();
+    let config = dir.config("min_data_rate = 100\ndata_rate_window = \"1s\"");
+    let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
+    let (mut client, server) = connect().await;
+    let smtp = async {
+        client.reply().await;
+        client.cmd("EHLO client.test").await;
+        client.cmd("MAIL FROM:<alice@example.test>").await;
+        client.cmd("RCPT TO:<bob@example.test>").await;
+        assert!(client.cmd("DATA").await.starts_with("354 "));
+        let started = Instant::now();
+        let mut reply = String::new();
+        // 10 octets every 200 ms is 50 octets/s: half the minimum.
+        for _ in 0..20 {
+            client.send(b"xxxxxxxx\r\n").await;
+            let mut chunk = [0; 256];
+            if let Ok(Ok(n)) = timeout(Duration::from_millis(200), client.stream.read(&mut chunk)).await {
+                reply = String::from_utf8_lossy(&chunk[..n]).into_owned();
+                break;
+            }
+        }
+        assert_eq!(reply, "421 4.4.2 mortal.test Error: timeout exceeded\r\n");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(3), "{waited:?}");
+        assert!(client.closed().await);
+    };
+    let cleanup = async {
+        // The fake must answer the envelope head for the session to reach DATA.
+        let (mut sock, _) = timeout(STEP, listener.accept()).await.expect("smtpd connects").expect("accept");
+        let mut decoder = Decoder::new();
+        let mut buf = [0; 4096];
+        let deadline = Instant::now() + STEP;
+        while Instant::now() < deadline {
+            match decoder.next_request().expect("valid records") {
+                Some(Request::Sender(_)) => write_reply(&mut sock, Reply::QueueId(QUEUE_ID.into())).await,
+                Some(_) => {}
+                None => match timeout(STEP, sock.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => decoder.feed(&buf[..n]),
+                    _ => break,
+                },
+            }
+        }
+    };
+    tokio::join!(cleanup, smtp, driver::session(&config, server));
+}
+
+/// The same rate limit lets an honest client through.
+#[tokio::test]
+async fn steady_data_passes_the_rate_check() {
+    let dir = Dir::new();
+    let config = dir.config("min_data_rate = 100\ndata_rate_window = \"300ms\"");
+    let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
+    let (mut client, server) = connect().await;
+    let smtp = async {
+        client.reply().await;
+        client.cmd("EHLO client.test").await;
+        client.cmd("MAIL FROM:<alice@example.test>").await;
+        client.cmd("RCPT TO:<bob@example.test>").await;
+        assert!(client.cmd("DATA").await.starts_with("354 "));
+        // 100 octets every 100 ms: 1000 octets/s, for a second.
+        for _ in 0..10 {
+            client.send(&[b"x".repeat(98), b"\r\n".to_vec()].concat()).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        client.send(b".\r\n").await;
+        assert_eq!(client.reply().await, format!("250 2.0.0 Ok: queued as {QUEUE_ID}\r\n"));
+        client.cmd("QUIT").await;
+    };
+    let (got, (), ()) = tokio::join!(cleanup_accepting(&listener, 1), smtp, driver::session(&config, server));
+    assert_eq!(content(&got[0]).len(), 1000);
+}

@@ -1,0 +1,83 @@
+//! Helpers for the lifetime-policy tests (`tests/lifetime.rs`): an
+//! instance with extra `[process.smtpd]` keys and its own log level, and
+//! the master's scoreboard as `mortal status --json` prints it.
+
+use super::{INSTANCES, Instance, Options, bin_dir, config_text, free_port};
+use serde_json::Value;
+use std::fs;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::Ordering;
+
+/// Starts an instance like [`Instance::start_with`], with `policy` (TOML
+/// lines) added to its `[process.smtpd]` table and `[log] level` set to
+/// `level`.
+pub fn start_with_policy(opts: Options, policy: &str, level: &str) -> Instance {
+    let bins = bin_dir();
+    let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("mortal-e2e-{}-{n}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("etc")).expect("create test dir");
+    let port = free_port();
+    let config = dir.join("etc/mortal.toml");
+    let text = config_text(port, &opts);
+    assert!(text.contains("[process.smtpd]\n") && text.contains("level = \"info\"\n"), "{text}");
+    let text = text
+        .replacen("[process.smtpd]\n", &format!("[process.smtpd]\n{policy}\n"), 1)
+        .replacen("level = \"info\"\n", &format!("level = {level:?}\n"), 1);
+    fs::write(&config, text).expect("write config");
+    let log = dir.join("mortal.log");
+    let log_file = fs::File::create(&log).expect("create log");
+    let master = Command::new(bins.join("mortal-master"))
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().expect("dup log"))
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn mortal-master");
+    let mut inst = Instance { dir, config, port, log, master: Some(master) };
+    inst.wait_until_serving();
+    inst
+}
+
+impl Instance {
+    /// Runs the `mortal` CLI against this instance's configuration.
+    pub fn mortal(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin_dir().join("mortal"));
+        cmd.arg("--config").arg(&self.config).args(args);
+        let out = cmd.output().expect("run mortal");
+        assert!(
+            out.status.code().is_some(),
+            "mortal {args:?} died: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// `mortal status --json`, parsed.
+    pub fn status(&self) -> Value {
+        let out = self.mortal(&["status", "--json"]);
+        assert!(out.status.success(), "mortal status: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("mortal status --json prints JSON")
+    }
+}
+
+/// The children of `service` in a status document.
+pub fn children_of_service<'a>(status: &'a Value, service: &str) -> Vec<&'a Value> {
+    status["children"].as_array().into_iter().flatten().filter(|c| c["service"] == service).collect()
+}
+
+/// A service's entry in a status document.
+pub fn service<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["service"] == name)
+        .unwrap_or_else(|| panic!("no service {name} in {status}"))
+}
+
+/// Retirements of `service` for `reason` so far.
+pub fn retired(status: &Value, name: &str, reason: &str) -> u64 {
+    service(status, name)["retired"][reason].as_u64().unwrap_or_else(|| panic!("no {reason} counter in {status}"))
+}

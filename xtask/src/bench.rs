@@ -1,0 +1,793 @@
+//! `cargo xtask bench`: mortal and Postfix side by side, ratios in one run.
+//!
+//! Installs Debian's `postfix` package when missing (as root, no system
+//! configuration), then runs a private Postfix instance (own config, queue
+//! and data directories under `target/bench/postfix`, listening on a free
+//! loopback port, never port 25, never the system instance) and mortal's
+//! release build with an equivalent config: same accepted domain, same
+//! delivery target, default `process_limit` (100), queue on the same disk,
+//! both `fsync` before 250. Postfix's `smtp-source` drives the load.
+//!
+//! Workloads (`burst`, `churn`, `big`, `rcpts`) run against mortal and
+//! Postfix alternately (A B A B ...) so drift cancels; each figure is the
+//! median of the rounds. Two delivery modes: receive-and-queue (both
+//! discard delivered mail: the rate is the rate of 250s) and end-to-end
+//! (both deliver to one `smtp-sink` in LMTP mode and the run ends when
+//! the queue is empty). Also measured for mortal: CPU seconds per 1000
+//! messages (and Postfix's, the same way), fsyncs per message (a short
+//! run under `strace -f -c`), private memory (USS) of an idle and of a
+//! busy smtpd child, and the lifetime-policy overhead on `churn`
+//! (`max_use = 100` against unlimited).
+//!
+//! Results: `target/bench/results.md` and `results.json`. `--quick` runs
+//! one round of each at a fifth of the size. Every run is bounded in
+//! messages and time; only loopback is used.
+
+use crate::chaos::{self, Mortal};
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use std::fmt::Write as _;
+use std::fs;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Rounds per workload and server (medians of these).
+const ROUNDS: usize = 3;
+
+/// Longest one smtp-source run may take.
+const RUN_BOUND: Duration = Duration::from_secs(180);
+
+/// Longest wait for a queue to empty after a run.
+const DRAIN_BOUND: Duration = Duration::from_secs(180);
+
+/// Messages in the strace'd fsync run.
+const FSYNC_MESSAGES: u32 = 200;
+
+/// The accepted domain of both servers.
+const DOMAIN: &str = chaos::DOMAIN;
+
+/// Clock ticks per second of /proc's CPU times (USER_HZ on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    sessions: u32,
+    messages: u32,
+    size: u32,
+    rcpts: u32,
+    /// Many messages per connection (`smtp-source -d`).
+    reuse: bool,
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload { name: "burst", sessions: 20, messages: 2000, size: 1024, rcpts: 1, reuse: true },
+    Workload { name: "churn", sessions: 20, messages: 2000, size: 1024, rcpts: 1, reuse: false },
+    Workload { name: "big", sessions: 10, messages: 500, size: 102_400, rcpts: 1, reuse: true },
+    Workload { name: "rcpts", sessions: 20, messages: 400, size: 1024, rcpts: 50, reuse: true },
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Queue,
+    EndToEnd,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Queue => "receive-and-queue",
+            Mode::EndToEnd => "end-to-end (LMTP)",
+        }
+    }
+}
+
+/// One measured run.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    secs: f64,
+    cpu: f64,
+}
+
+pub fn main(root: &Path, args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    if let Some(other) = args.iter().find(|a| *a != "--quick") {
+        bail!("unknown bench option {other:?} (--quick)");
+    }
+    install_postfix()?;
+    let bins = chaos::build_release(root)?;
+    let dir = root.join("target/bench");
+    fs::create_dir_all(&dir)?;
+    let scale = if quick { 5 } else { 1 };
+    let rounds = if quick { 1 } else { ROUNDS };
+    let started = Instant::now();
+    let mut report = Report::default();
+
+    for mode in [Mode::Queue, Mode::EndToEnd] {
+        let sink = match mode {
+            Mode::EndToEnd => Some(SmtpSink::start()?),
+            Mode::Queue => None,
+        };
+        let target = sink.as_ref().map(|s| s.port);
+        let mut postfix = Postfix::start(&dir.join("postfix"), target)?;
+        let (mortal_cfg, mortal_variant) = mortal_config(&dir.join("mortal"), target, 100)?;
+        let mut mortal = Mortal::start(&bins, &dir.join("mortal"), &mortal_cfg, port_of(&mortal_cfg))?;
+        report.notes.push(format!("{}: mortal delivers via {mortal_variant}", mode.name()));
+        for w in WORKLOADS {
+            let w = Workload { messages: w.messages / scale, ..*w };
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for round in 0..rounds {
+                eprintln!("==> {} {} round {}/{rounds}", mode.name(), w.name, round + 1);
+                let busy = (mode == Mode::Queue && w.name == "burst" && round == 0)
+                    .then(|| UssSampler::start(smtpd_pids(&mortal)));
+                a.push(measure(&w, mode, Server::Mortal(&mortal))?);
+                if let Some(s) = busy {
+                    report.busy_uss_kib = s.stop();
+                }
+                b.push(measure(&w, mode, Server::Postfix(&postfix))?);
+            }
+            report.rows.push(Row { mode, workload: w, mortal: a, postfix: b });
+        }
+        if mode == Mode::Queue {
+            report.idle_uss_kib = idle_uss(&mortal);
+        }
+        mortal.stop();
+        postfix.stop();
+    }
+
+    // Lifetime policy overhead: churn with max_use 100 against unlimited.
+    let churn = Workload { messages: WORKLOADS[1].messages / scale, ..WORKLOADS[1] };
+    for (max_use, label) in [(100, "max_use=100"), (0, "max_use=0 (unlimited)")] {
+        let (cfg, _) = mortal_config(&dir.join("mortal"), None, max_use)?;
+        let mortal = Mortal::start(&bins, &dir.join("mortal"), &cfg, port_of(&cfg))?;
+        let mut samples = Vec::new();
+        for _ in 0..rounds {
+            samples.push(measure(&churn, Mode::Queue, Server::Mortal(&mortal))?);
+        }
+        report.lifetime.push((label, median(samples.iter().map(|s| churn.messages as f64 / s.secs))));
+    }
+
+    report.fsyncs = fsyncs_per_message(&bins, &dir).unwrap_or_else(|e| {
+        report.notes.push(format!("fsync count unavailable: {e:#}"));
+        None
+    });
+    report.elapsed = started.elapsed();
+    report.machine = machine();
+    let md = report.markdown();
+    fs::write(dir.join("results.md"), &md)?;
+    fs::write(dir.join("results.json"), serde_json::to_string_pretty(&report.json())?)?;
+    println!("{md}");
+    eprintln!("==> results in {}", dir.join("results.md").display());
+    Ok(())
+}
+
+enum Server<'a> {
+    Mortal(&'a Mortal),
+    Postfix(&'a Postfix),
+}
+
+impl Server<'_> {
+    fn port(&self) -> u16 {
+        match self {
+            Server::Mortal(m) => m.port,
+            Server::Postfix(p) => p.port,
+        }
+    }
+
+    /// CPU seconds used so far by the whole instance.
+    fn cpu(&self) -> f64 {
+        match self {
+            Server::Mortal(m) => m.master_pid().map_or(0.0, tree_cpu),
+            Server::Postfix(p) => p.master_pid().map_or(0.0, tree_cpu),
+        }
+    }
+
+    fn queue_len(&self) -> usize {
+        match self {
+            Server::Mortal(m) => {
+                let spool = m.config.parent().and_then(Path::parent).expect("instance dir").join("spool");
+                m.queue_len(&spool)
+            }
+            Server::Postfix(p) => {
+                ["incoming", "active", "deferred", "maildrop"].iter().map(|q| count_files(&p.queue.join(q))).sum()
+            }
+        }
+    }
+}
+
+/// Runs smtp-source for one workload and, end to end, waits until the
+/// queue is empty. Returns wall time and CPU used by the server.
+fn measure(w: &Workload, mode: Mode, server: Server<'_>) -> Result<Sample> {
+    wait_empty(&server)?;
+    let cpu0 = server.cpu();
+    let start = Instant::now();
+    let mut cmd = Command::new("smtp-source");
+    cmd.args(["-s", &w.sessions.to_string(), "-m", &w.messages.to_string(), "-l", &w.size.to_string()]);
+    cmd.args(["-r", &w.rcpts.to_string(), "-f", &format!("load@{DOMAIN}"), "-t", &format!("rcpt@{DOMAIN}")]);
+    if w.reuse {
+        cmd.arg("-d");
+    }
+    cmd.arg(format!("127.0.0.1:{}", server.port())).stdin(Stdio::null()).stdout(Stdio::null());
+    let mut child = cmd.stderr(Stdio::piped()).spawn().context("smtp-source (apt-get install postfix)")?;
+    let status = wait_bounded(&mut child, RUN_BOUND)?;
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        bail!("smtp-source failed ({status}) for {}: {err}", w.name);
+    }
+    if mode == Mode::EndToEnd {
+        wait_empty(&server)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(Sample { secs, cpu: server.cpu() - cpu0 })
+}
+
+fn wait_empty(server: &Server<'_>) -> Result<()> {
+    let deadline = Instant::now() + DRAIN_BOUND;
+    while server.queue_len() > 0 {
+        if Instant::now() > deadline {
+            bail!("queue did not empty within {DRAIN_BOUND:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn wait_bounded(child: &mut Child, bound: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + bound;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("run exceeded {bound:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn count_files(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    entries.flatten().map(|e| if e.file_type().is_ok_and(|t| t.is_dir()) { count_files(&e.path()) } else { 1 }).sum()
+}
+
+/// CPU seconds of `pid` and all its descendants: its own and its reaped
+/// children's times (`utime stime cutime cstime`), plus the live
+/// descendants' own times. A child that exits between two readings moves
+/// from the second term to the first, so differences stay exact.
+fn tree_cpu(pid: u32) -> f64 {
+    let stat = |pid: u32| -> Option<(u32, [u64; 4])> {
+        let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+        // After the command: state ppid ... utime(12) stime(13) cutime(14) cstime(15).
+        let ppid = rest.get(1)?.parse().ok()?;
+        let t = |i: usize| rest.get(i).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Some((ppid, [t(11), t(12), t(13), t(14)]))
+    };
+    let all: Vec<(u32, u32, [u64; 4])> = fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(|p| stat(p).map(|(pp, t)| (p, pp, t)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut total = 0u64;
+    let mut frontier = vec![pid];
+    if let Some((_, _, t)) = all.iter().find(|(p, _, _)| *p == pid) {
+        total += t.iter().sum::<u64>();
+    }
+    let mut guard = 0;
+    while let Some(parent) = frontier.pop() {
+        guard += 1;
+        if guard > 100_000 {
+            break;
+        }
+        for (p, pp, t) in &all {
+            if *pp == parent {
+                total += t[0] + t[1] + t[2] + t[3];
+                frontier.push(*p);
+            }
+        }
+    }
+    total as f64 / TICKS_PER_SECOND
+}
+
+/// Private memory of a process in KiB (smaps_rollup).
+fn uss_kib(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| -> u64 {
+        text.lines().find_map(|l| l.strip_prefix(name)?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
+    };
+    Some(field("Private_Clean:") + field("Private_Dirty:"))
+}
+
+fn smtpd_pids(m: &Mortal) -> Vec<u32> {
+    m.processes().into_iter().filter(|(_, n)| n == "mortal-smtpd").map(|(p, _)| p).collect()
+}
+
+fn idle_uss(m: &Mortal) -> Option<u64> {
+    std::thread::sleep(Duration::from_millis(500));
+    let mut v: Vec<u64> = smtpd_pids(m).into_iter().filter_map(uss_kib).collect();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied()
+}
+
+/// Samples the largest smtpd USS while a workload runs.
+struct UssSampler {
+    stop: Arc<AtomicBool>,
+    max: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl UssSampler {
+    fn start(pids: Vec<u32>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let max = Arc::new(AtomicU64::new(0));
+        let (s, m) = (stop.clone(), max.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                for pid in &pids {
+                    if let Some(k) = uss_kib(*pid) {
+                        m.fetch_max(k, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        UssSampler { stop, max, thread }
+    }
+
+    fn stop(self) -> Option<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        let v = self.max.load(Ordering::Relaxed);
+        (v > 0).then_some(v)
+    }
+}
+
+/// mortal's config: same domain and target as Postfix's, default limits.
+fn mortal_config(dir: &Path, lmtp: Option<u16>, max_use: u32) -> Result<(String, &'static str)> {
+    let port = chaos::free_port()?;
+    let user = chaos::user_line();
+    let text = |transport: &str| {
+        format!(
+            r#"[server]
+hostname = "mortal.bench.test"
+spool_dir = "../spool"
+accepted_domains = ["{DOMAIN}"]
+{user}
+
+[log]
+format = "postfix"
+level = "warn"
+
+[smtpd]
+listen = ["127.0.0.1:{port}"]
+recipient_limit = 1000
+
+[queue]
+scan_interval = "1s"
+
+[delivery]
+transport = "{transport}"
+
+[process.smtpd]
+process_limit = 100
+prefork = 20
+min_spare = 5
+max_spare = 25
+max_use = {max_use}
+
+[process.cleanup]
+process_limit = 100
+prefork = 4
+min_spare = 2
+max_spare = 20
+max_use = {max_use}
+"#
+        )
+    };
+    let candidates = match lmtp {
+        Some(p) => vec![(text(&format!("lmtp:inet:127.0.0.1:{p}")), "LMTP to smtp-sink")],
+        None => vec![(text("discard"), "discard"), (text("maildir"), "Maildir (discard route not available)")],
+    };
+    chaos::first_valid_config(&std::path::absolute(dir.join("etc/mortal.toml"))?, &candidates)
+}
+
+fn port_of(config: &str) -> u16 {
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = [\"127.0.0.1:")?.split('"').next()?.parse().ok())
+        .expect("generated config has a listen port")
+}
+
+/// `apt-get install postfix` with "No configuration", when missing.
+fn install_postfix() -> Result<()> {
+    if Path::new("/usr/sbin/smtp-source").exists() && Path::new("/usr/sbin/postfix").exists() {
+        return Ok(());
+    }
+    if !super::is_root() {
+        bail!("the bench needs Debian's postfix package: run as root, or apt-get install postfix");
+    }
+    let mut preseed = Command::new("debconf-set-selections").stdin(Stdio::piped()).spawn()?;
+    std::io::Write::write_all(
+        preseed.stdin.as_mut().expect("piped"),
+        b"postfix postfix/main_mailer_type select No configuration\n",
+    )?;
+    drop(preseed.stdin.take());
+    preseed.wait()?;
+    super::run(
+        "apt-get install postfix",
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", "postfix"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// A private Postfix instance; stopped on drop.
+struct Postfix {
+    etc: PathBuf,
+    queue: PathBuf,
+    port: u16,
+    running: bool,
+}
+
+impl Postfix {
+    /// Delivery: `discard:` or, given a port, LMTP to that sink.
+    fn start(dir: &Path, lmtp: Option<u16>) -> Result<Self> {
+        let dir = std::path::absolute(dir)?;
+        let _ = Command::new("postfix").arg("-c").arg(dir.join("etc")).arg("stop").output();
+        let _ = fs::remove_dir_all(&dir);
+        let (etc, queue, data) = (dir.join("etc"), dir.join("queue"), dir.join("data"));
+        for d in [&etc, &queue, &data] {
+            fs::create_dir_all(d)?;
+        }
+        let chown = Command::new("chown").arg("postfix").arg(&data).status()?;
+        if !chown.success() {
+            bail!("chown postfix {}: is the postfix package installed?", data.display());
+        }
+        let port = chaos::free_port()?;
+        let transport = lmtp.map_or("discard:".to_owned(), |p| format!("lmtp:inet:127.0.0.1:{p}"));
+        let main_cf = format!(
+            "compatibility_level = 3.6\nqueue_directory = {q}\ndata_directory = {d}\nmail_owner = postfix\n\
+             setgid_group = postdrop\ninet_interfaces = 127.0.0.1\ninet_protocols = ipv4\n\
+             myhostname = postfix.bench.test\nmydestination = {DOMAIN}\nmynetworks = 127.0.0.0/8\n\
+             local_recipient_maps =\nalias_maps =\nalias_database =\nlocal_transport = {transport}\n\
+             default_process_limit = 100\nsmtpd_recipient_limit = 1000\nmaillog_file = {log}\n\
+             maillog_file_prefixes = {dir}\nbiff = no\nappend_dot_mydomain = no\n\
+             lmtp_destination_concurrency_limit = 20\nsmtpd_client_connection_count_limit = 0\n\
+             smtpd_client_message_rate_limit = 0\nsmtpd_client_connection_rate_limit = 0\n",
+            q = queue.display(),
+            d = data.display(),
+            log = dir.join("postfix.log").display(),
+            dir = dir.display(),
+        );
+        fs::write(etc.join("main.cf"), main_cf)?;
+        let mut master_cf = format!("127.0.0.1:{port} inet n - n - - smtpd\n");
+        for line in POSTFIX_SERVICES {
+            master_cf.push_str(line);
+            master_cf.push('\n');
+        }
+        fs::write(etc.join("master.cf"), master_cf)?;
+        let mut pf = Postfix { etc, queue, port, running: false };
+        pf.postfix("check")?;
+        pf.postfix("start")?;
+        pf.running = true;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("private Postfix did not listen on {port}; see {}", dir.join("postfix.log").display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(pf)
+    }
+
+    fn postfix(&self, what: &str) -> Result<()> {
+        let out = Command::new("postfix").arg("-c").arg(&self.etc).arg(what).output()?;
+        if !out.status.success() {
+            bail!("postfix -c {} {what}: {}", self.etc.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    fn master_pid(&self) -> Option<u32> {
+        fs::read_to_string(self.queue.join("pid/master.pid")).ok()?.trim().parse().ok()
+    }
+
+    fn stop(&mut self) {
+        if std::mem::take(&mut self.running) {
+            let _ = self.postfix("stop");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.master_pid().is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// master.cf services besides smtpd: Debian's defaults, chroot off (the
+/// private instance has no chroot tree).
+const POSTFIX_SERVICES: &[&str] = &[
+    "pickup unix n - n 60 1 pickup",
+    "cleanup unix n - n - 0 cleanup",
+    "qmgr unix n - n 300 1 qmgr",
+    "rewrite unix - - n - - trivial-rewrite",
+    "bounce unix - - n - 0 bounce",
+    "defer unix - - n - 0 bounce",
+    "trace unix - - n - 0 bounce",
+    "verify unix - - n - 1 verify",
+    "flush unix n - n 1000? 0 flush",
+    "proxymap unix - - n - - proxymap",
+    "proxywrite unix - - n - 1 proxymap",
+    "smtp unix - - n - - smtp",
+    "relay unix - - n - - smtp",
+    "showq unix n - n - - showq",
+    "error unix - - n - - error",
+    "retry unix - - n - - error",
+    "discard unix - - n - - discard",
+    "local unix - n n - - local",
+    "lmtp unix - - n - - lmtp",
+    "anvil unix - - n - 1 anvil",
+    "scache unix - - n - 1 scache",
+    "postlog unix-dgram n - n - 1 postlogd",
+];
+
+/// `smtp-sink` in LMTP mode: the shared end-to-end target.
+struct SmtpSink {
+    port: u16,
+    child: Child,
+}
+
+impl SmtpSink {
+    fn start() -> Result<Self> {
+        let port = chaos::free_port()?;
+        let child = Command::new("smtp-sink")
+            .args(["-L", "-u", "nobody", "-m", "1000", &format!("127.0.0.1:{port}"), "1000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("smtp-sink")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("smtp-sink did not listen on {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(SmtpSink { port, child })
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// fsync-family calls per message: a separate short mortal run under
+/// `strace -f -c` (strace slows it; only the counts matter).
+fn fsyncs_per_message(bins: &Path, dir: &Path) -> Result<Option<f64>> {
+    if Command::new("strace").arg("-V").output().is_err() {
+        return Ok(None);
+    }
+    let (cfg, _) = mortal_config(&dir.join("mortal-strace"), None, 100)?;
+    let port = port_of(&cfg);
+    let inst = dir.join("mortal-strace");
+    let _ = fs::remove_dir_all(&inst);
+    fs::create_dir_all(inst.join("etc"))?;
+    let config = std::path::absolute(inst.join("etc/mortal.toml"))?;
+    fs::write(&config, &cfg)?;
+    let out = inst.join("strace.txt");
+    let mut strace = Command::new("strace")
+        .args(["-f", "-c", "-e", "trace=fsync,fdatasync,sync_file_range,syncfs", "-o"])
+        .arg(&out)
+        .arg(bins.join("mortal-master"))
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let result = (|| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("traced mortal did not listen");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let status = Command::new("smtp-source")
+            .args(["-s", "5", "-m", &FSYNC_MESSAGES.to_string(), "-l", "1024", "-d"])
+            .args(["-f", &format!("load@{DOMAIN}"), "-t", &format!("rcpt@{DOMAIN}")])
+            .arg(format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("smtp-source under strace failed");
+        }
+        let spool = inst.join("spool");
+        let deadline = Instant::now() + DRAIN_BOUND;
+        while ["incoming", "active", "deferred"].iter().map(|q| count_files(&spool.join(q))).sum::<usize>() > 0
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    })();
+    // strace's own pid is the master's: SIGTERM reaches mortal-master
+    // through strace, which then writes its summary.
+    let master =
+        fs::read_dir("/proc")?.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()).find(|p| {
+            fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(strace.id())
+        });
+    if let Some(m) = master {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(m as i32), nix::sys::signal::Signal::SIGTERM);
+    }
+    if wait_bounded(&mut strace, Duration::from_secs(20)).is_err() {
+        bail!("strace'd mortal did not stop");
+    }
+    result?;
+    let text = fs::read_to_string(&out)?;
+    let calls: u64 = text
+        .lines()
+        .filter(|l| ["fsync", "fdatasync", "sync_file_range", "syncfs"].iter().any(|s| l.trim_end().ends_with(s)))
+        .filter_map(|l| l.split_whitespace().nth(3)?.parse::<u64>().ok())
+        .sum();
+    Ok(Some(calls as f64 / f64::from(FSYNC_MESSAGES)))
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn machine() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| l.strip_prefix("model name")?.split(':').nth(1).map(|s| s.trim().to_owned()))
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let postfix = Command::new("postconf")
+        .args(["-d", "-h", "mail_version"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}, Postfix {postfix}", kernel.trim())
+}
+
+struct Row {
+    mode: Mode,
+    workload: Workload,
+    mortal: Vec<Sample>,
+    postfix: Vec<Sample>,
+}
+
+impl Row {
+    fn rate(&self, s: &[Sample]) -> f64 {
+        median(s.iter().map(|x| f64::from(self.workload.messages) / x.secs))
+    }
+
+    fn cpu_per_1000(&self, s: &[Sample]) -> f64 {
+        median(s.iter().map(|x| x.cpu * 1000.0 / f64::from(self.workload.messages)))
+    }
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    lifetime: Vec<(&'static str, f64)>,
+    fsyncs: Option<f64>,
+    idle_uss_kib: Option<u64>,
+    busy_uss_kib: Option<u64>,
+    notes: Vec<String>,
+    elapsed: Duration,
+    machine: String,
+}
+
+impl Report {
+    fn markdown(&self) -> String {
+        let mut s = String::new();
+        let _ =
+            writeln!(s, "# mortal vs Postfix\n\nMachine: {}. Medians of the rounds, A/B alternating.\n", self.machine);
+        let _ = writeln!(
+            s,
+            "| mode | workload | mortal msgs/s | Postfix msgs/s | ratio | mortal CPU s/1000 | Postfix CPU s/1000 |"
+        );
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
+        for r in &self.rows {
+            let (a, b) = (r.rate(&r.mortal), r.rate(&r.postfix));
+            let w = &r.workload;
+            let _ = writeln!(
+                s,
+                "| {} | {} ({} msgs × {} B, {} rcpt, {} sessions{}) | {a:.0} | {b:.0} | {:.2}× | {:.2} | {:.2} |",
+                r.mode.name(),
+                w.name,
+                w.messages,
+                w.size,
+                w.rcpts,
+                w.sessions,
+                if w.reuse { "" } else { ", 1 msg/conn" },
+                a / b,
+                r.cpu_per_1000(&r.mortal),
+                r.cpu_per_1000(&r.postfix)
+            );
+        }
+        let _ = writeln!(s, "\nmortal only:\n");
+        let fmt_kib = |v: Option<u64>| v.map_or("n/a".to_owned(), |k| format!("{k} KiB"));
+        let _ = writeln!(s, "- fsyncs per message: {}", self.fsyncs.map_or("n/a".into(), |f| format!("{f:.2}")));
+        let _ = writeln!(
+            s,
+            "- smtpd child USS: idle {}, busy (max during burst) {}",
+            fmt_kib(self.idle_uss_kib),
+            fmt_kib(self.busy_uss_kib)
+        );
+        for (label, rate) in &self.lifetime {
+            let _ = writeln!(s, "- churn with {label}: {rate:.0} msgs/s");
+        }
+        if let [(_, limited), (_, unlimited)] = self.lifetime.as_slice() {
+            let _ = writeln!(s, "- lifetime-policy overhead on churn: {:.1}%", (1.0 - limited / unlimited) * 100.0);
+        }
+        let _ = writeln!(s, "- fork+exec-to-READY latency: not measured (the master does not log it)");
+        for n in &self.notes {
+            let _ = writeln!(s, "- note: {n}");
+        }
+        let _ = writeln!(s, "\nBench time: {:.0} s.", self.elapsed.as_secs_f64());
+        s
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let rows: Vec<_> = self
+            .rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "mode": r.mode.name(), "workload": r.workload.name, "messages": r.workload.messages,
+                    "size": r.workload.size, "rcpts": r.workload.rcpts, "sessions": r.workload.sessions,
+                    "mortal_msgs_per_s": r.rate(&r.mortal), "postfix_msgs_per_s": r.rate(&r.postfix),
+                    "ratio": r.rate(&r.mortal) / r.rate(&r.postfix),
+                    "mortal_cpu_s_per_1000": r.cpu_per_1000(&r.mortal),
+                    "postfix_cpu_s_per_1000": r.cpu_per_1000(&r.postfix),
+                    "mortal_secs": r.mortal.iter().map(|x| x.secs).collect::<Vec<_>>(),
+                    "postfix_secs": r.postfix.iter().map(|x| x.secs).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({
+            "machine": self.machine, "rows": rows, "fsyncs_per_message": self.fsyncs,
+            "smtpd_uss_kib": {"idle": self.idle_uss_kib, "busy": self.busy_uss_kib},
+            "churn_lifetime": self.lifetime.iter().map(|(l, r)| json!({"policy": l, "msgs_per_s": r})).collect::<Vec<_>>(),
+            "notes": self.notes, "elapsed_s": self.elapsed.as_secs_f64(),
+        })
+    }
+}
