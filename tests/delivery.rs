@@ -512,3 +512,48 @@ fn fsync_ordering_under_strace() {
     eprintln!("fsync+fdatasync calls for one message, one Maildir recipient: {syncs}");
     assert_eq!(syncs, 4, "cleanup: file + dir, queue: maildir file + dir\n{trace}");
 }
+
+/// Throughput of receive → queue → LMTP delivery into Dovecot: `cargo
+/// test --release -p mortal-tests --test delivery -- --ignored --nocapture`
+/// (after `cargo build --release --workspace --bins`).
+#[test]
+#[ignore = "benchmark: run by hand"]
+fn bench_dovecot_lmtp_throughput() {
+    const MESSAGES: usize = 1000;
+    const CLIENTS: usize = 4;
+    let dovecot = Dovecot::start();
+    let mortal = start_mortal(
+        options(&format!("[delivery]\ntransport = \"lmtp:unix:{}\"\n", dovecot.socket.display())),
+        &["example.test"],
+        "",
+    );
+    let started = Instant::now();
+    mortal_tests::python(&format!(
+        r#"
+import smtplib, threading
+def client(n):
+    with smtplib.SMTP("127.0.0.1", {port}) as s:
+        for i in range(n):
+            s.sendmail("a@example.test", ["bench@example.test"], b"Subject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * 26)
+threads = [threading.Thread(target=client, args=({per},)) for _ in range({CLIENTS})]
+[t.start() for t in threads]
+[t.join() for t in threads]
+"#,
+        port = mortal.port,
+        per = MESSAGES / CLIENTS,
+    ));
+    let received = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while dovecot.delivered("bench@example.test").len() < MESSAGES && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let total = started.elapsed();
+    let delivered = dovecot.delivered("bench@example.test").len();
+    assert_eq!(delivered, MESSAGES, "{}", mortal.log_text());
+    eprintln!(
+        "{MESSAGES} messages, {CLIENTS} clients: accepted in {:.2}s, delivered by Dovecot in {:.2}s: {:.0} msg/s end to end",
+        received.as_secs_f64(),
+        total.as_secs_f64(),
+        MESSAGES as f64 / total.as_secs_f64()
+    );
+}

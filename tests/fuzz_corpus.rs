@@ -9,8 +9,11 @@ mod mortal_fuzz;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+/// A fuzz entry point: arbitrary bytes in, a panic on a broken invariant.
+type Entry = fn(&[u8]);
+
 /// Each target of `fuzz/Cargo.toml` and the function it calls.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[(&str, Entry)] = &[
     ("smtp_command", mortal_fuzz::smtp_command),
     ("smtp_data", mortal_fuzz::smtp_data),
     ("smtp_session", mortal_fuzz::smtp_session),

@@ -29,47 +29,78 @@ fn ms(v: &Value) -> Duration {
     Duration::from_millis(v.as_u64().unwrap_or_else(|| panic!("not a number of ms: {v}")))
 }
 
-/// Polls `mortal status` until every pid of `watched` is gone (or `WAIT`
-/// passes); returns when each was first seen gone.
-fn watch_exits(mortal: &Instance, watched: &BTreeSet<u64>, want: usize) -> BTreeMap<u64, Instant> {
-    let mut gone = BTreeMap::new();
+/// `mortal status` with the instants just before and just after it ran:
+/// the master took its snapshot somewhere in between.
+fn timed_status(mortal: &Instance) -> (Instant, Value, Instant) {
+    let before = Instant::now();
+    let status = mortal.status();
+    (before, status, Instant::now())
+}
+
+/// When a child left the scoreboard: after `alive` (a snapshot taken no
+/// earlier still had it) and before `gone` (a snapshot taken no later did
+/// not).
+#[derive(Debug, Clone, Copy)]
+struct Exit {
+    alive: Instant,
+    gone: Instant,
+}
+
+/// Polls `mortal status` until `want` pids of `watched` are gone (or
+/// `WAIT` passes).
+fn watch_exits(mortal: &Instance, watched: &BTreeSet<u64>, want: usize) -> BTreeMap<u64, Exit> {
+    let mut last_alive: BTreeMap<u64, Instant> = BTreeMap::new();
+    let mut exits = BTreeMap::new();
     let deadline = Instant::now() + WAIT;
-    while gone.len() < want && Instant::now() < deadline {
-        let alive = pids(&mortal.status(), "smtpd");
-        let now = Instant::now();
-        for pid in watched.iter().filter(|p| !alive.contains(p)) {
-            gone.entry(*pid).or_insert(now);
+    while exits.len() < want && Instant::now() < deadline {
+        let (before, status, after) = timed_status(mortal);
+        let alive = pids(&status, "smtpd");
+        for pid in watched {
+            if alive.contains(pid) {
+                last_alive.insert(*pid, before);
+            } else if !exits.contains_key(pid) {
+                let alive = last_alive.get(pid).copied().expect("watched pids were alive at first");
+                exits.insert(*pid, Exit { alive, gone: after });
+            }
         }
         std::thread::sleep(POLL);
     }
-    gone
+    exits
 }
 
 #[test]
 fn max_idle_retires_idle_children_down_to_min_spare() {
     let max_idle = Duration::from_secs(1);
     let mortal = start_with_policy(
-        Options { smtpd_process_limit: 6, smtpd_prefork: 4, smtpd_min_spare: 1, smtpd_max_spare: 4, ..Options::default() },
+        Options {
+            smtpd_process_limit: 6,
+            smtpd_prefork: 4,
+            smtpd_min_spare: 1,
+            smtpd_max_spare: 4,
+            ..Options::default()
+        },
         "max_idle = \"1s\"\nmax_lifetime = \"0s\"",
         "info",
     );
-    let first = mortal.status();
-    let t0 = Instant::now();
-    // When each child became idle, by the master's clock (the estimate is
-    // late by the CLI's run time, which only shortens measured idle times).
-    let idle_since: BTreeMap<u64, Instant> = children_of_service(&first, "smtpd")
+    // The scoreboard lags the children by the records in flight.
+    let (before, first, after) = wait_for("4 idle smtpd", || {
+        let (before, status, after) = timed_status(&mortal);
+        (service(&status, "smtpd")["children"]["idle"] == 4).then_some((before, status, after))
+    })
+    .expect("prefork 4");
+    // When each child became idle, by the master's clock: between these.
+    let idle_since: BTreeMap<u64, (Instant, Instant)> = children_of_service(&first, "smtpd")
         .iter()
-        .filter(|c| c["state"] == "idle")
-        .map(|c| (c["pid"].as_u64().unwrap(), t0 - ms(&c["since_ms"])))
+        .map(|c| (c["pid"].as_u64().unwrap(), (before - ms(&c["since_ms"]), after - ms(&c["since_ms"]))))
         .collect();
-    assert_eq!(idle_since.len(), 4, "{first}");
     let watched = idle_since.keys().copied().collect();
     let gone = watch_exits(&mortal, &watched, 3);
     assert_eq!(gone.len(), 3, "3 of 4 idle children retire, min_spare keeps one: {gone:?}\n{}", mortal.log_text());
-    for (pid, at) in &gone {
-        let idle_for = at.duration_since(idle_since[pid]);
-        assert!(idle_for >= max_idle - Duration::from_millis(100), "pid {pid} retired after {idle_for:?} idle");
-        assert!(idle_for <= max_idle + Duration::from_secs(1), "pid {pid} retired only after {idle_for:?} idle");
+    for (pid, exit) in &gone {
+        let (earliest, latest) = idle_since[pid];
+        let (shortest, longest) = (exit.alive.saturating_duration_since(latest), exit.gone.duration_since(earliest));
+        assert!(longest >= max_idle, "pid {pid} retired after at most {longest:?} idle");
+        assert!(shortest <= max_idle + Duration::from_secs(1), "pid {pid} retired only after {shortest:?} idle");
     }
     // The survivor is min_spare: it stays, however long it idles.
     let survivor = *watched.iter().find(|p| !gone.contains_key(p)).unwrap();
@@ -85,36 +116,45 @@ fn lifetimes_are_jittered_so_a_batch_never_dies_together() {
     // draws its life from [2 s, 4 s].
     let (max, min) = (Duration::from_secs(4), Duration::from_secs(2));
     let mortal = start_with_policy(
-        Options { smtpd_process_limit: 20, smtpd_prefork: 8, smtpd_min_spare: 1, smtpd_max_spare: 8, ..Options::default() },
+        Options {
+            smtpd_process_limit: 20,
+            smtpd_prefork: 8,
+            smtpd_min_spare: 1,
+            smtpd_max_spare: 8,
+            ..Options::default()
+        },
         "max_lifetime = \"4s\"\nlifetime_jitter = 0.5\nmax_idle = \"0s\"",
         "info",
     );
-    let first = mortal.status();
-    let t0 = Instant::now();
-    let batch: BTreeMap<u64, (Instant, Duration)> = children_of_service(&first, "smtpd")
+    let (before, first, after) = timed_status(&mortal);
+    // Spawned between these instants, with this drawn life.
+    let batch: BTreeMap<u64, (Instant, Instant, Duration)> = children_of_service(&first, "smtpd")
         .iter()
-        .map(|c| (c["pid"].as_u64().unwrap(), (t0 - ms(&c["age_ms"]), ms(&c["lifetime_ms"]))))
+        .map(|c| {
+            let age = ms(&c["age_ms"]);
+            (c["pid"].as_u64().unwrap(), (before - age, after - age, ms(&c["lifetime_ms"])))
+        })
         .collect();
     assert_eq!(batch.len(), 8, "{first}");
-    for (pid, (_, life)) in &batch {
+    for (pid, (_, _, life)) in &batch {
         assert!(*life >= min && *life <= max, "pid {pid} drew {life:?}");
     }
     let watched = batch.keys().copied().collect();
     let gone = watch_exits(&mortal, &watched, batch.len());
     assert_eq!(gone.len(), batch.len(), "{gone:?}\n{}", mortal.log_text());
-    for (pid, at) in &gone {
-        let (spawned, life) = batch[pid];
-        let age = at.duration_since(spawned);
-        // Exits at its own drawn life: not before (minus the estimate's
-        // error), and promptly after (polling, reaping, a loaded machine).
-        assert!(age + Duration::from_millis(100) >= life, "pid {pid} gone at {age:?}, life {life:?}");
-        assert!(age <= life + Duration::from_millis(700), "pid {pid} gone only at {age:?}, life {life:?}");
+    for (pid, exit) in &gone {
+        let (earliest, latest, life) = batch[pid];
+        let (youngest, oldest) = (exit.alive.saturating_duration_since(latest), exit.gone.duration_since(earliest));
+        // Exits at its own drawn life: not before, and promptly after
+        // (polling, reaping, a loaded machine).
+        assert!(oldest >= life, "pid {pid} gone at {oldest:?} at most, life {life:?}");
+        assert!(youngest <= life + Duration::from_millis(700), "pid {pid} gone only at {youngest:?}, life {life:?}");
     }
     // Spread over the window: eight uniform draws over 2 s all within
     // 0.5 s of each other has a probability of about 1e-3.
-    let first_exit = gone.values().min().unwrap();
-    let last_exit = gone.values().max().unwrap();
-    assert!(last_exit.duration_since(*first_exit) >= Duration::from_millis(500), "exits bunched: {gone:?}");
+    let first_exit = gone.values().map(|e| e.gone).min().unwrap();
+    let last_exit = gone.values().map(|e| e.alive).max().unwrap();
+    assert!(last_exit.saturating_duration_since(first_exit) >= Duration::from_millis(500), "exits bunched: {gone:?}");
     assert!(retired(&mortal.status(), "smtpd", "lifetime") >= 8);
 }
 
@@ -138,9 +178,13 @@ fn a_stalled_session_is_killed_at_its_deadline_and_the_child_replaced() {
     assert!(s.closed());
     assert!(wait_for("stalled child gone", || (!process_exists(pid as u32)).then_some(())).is_some());
     mortal.wait_for_log(&format!("pid {pid}: session deadline exceeded, killing"));
-    let status = mortal.status();
+    // The scoreboard follows once the master has reaped it.
+    let status = wait_for("stalled child off the scoreboard", || {
+        let status = mortal.status();
+        (!pids(&status, "smtpd").contains(&pid)).then_some(status)
+    })
+    .expect("reaped");
     assert_eq!(retired(&status, "smtpd", "deadline"), 1, "{status}");
-    assert!(!pids(&status, "smtpd").contains(&pid));
     let mut next = Smtp::connect(mortal.port).expect("a replacement serves the next client");
     assert!(next.greeting.starts_with("220 "));
     assert!(next.cmd("QUIT").unwrap().starts_with("221"));
@@ -157,7 +201,13 @@ fn under_sustained_full_load_no_child_outlives_lifetime_plus_overdue_grace() {
     let slack = Duration::from_millis(500);
     let run_for = Duration::from_secs(7);
     let mortal = start_with_policy(
-        Options { smtpd_process_limit: 2, smtpd_prefork: 2, smtpd_min_spare: 1, smtpd_max_spare: 2, ..Options::default() },
+        Options {
+            smtpd_process_limit: 2,
+            smtpd_prefork: 2,
+            smtpd_min_spare: 1,
+            smtpd_max_spare: 2,
+            ..Options::default()
+        },
         "max_lifetime = \"2s\"\nlifetime_jitter = 0.0\noverdue_grace = \"1s\"\nsession_deadline = \"0s\"",
         "info",
     );
@@ -326,15 +376,20 @@ fn an_invalid_configuration_is_refused_on_reload_and_the_old_one_stays() {
 fn clients_waiting_beyond_overload_wait_get_421_busy() {
     let overload_wait = Duration::from_secs(1);
     let mortal = start_with_policy(
-        Options { smtpd_process_limit: 1, smtpd_prefork: 1, smtpd_min_spare: 1, smtpd_max_spare: 1, ..Options::default() },
+        Options {
+            smtpd_process_limit: 1,
+            smtpd_prefork: 1,
+            smtpd_min_spare: 1,
+            smtpd_max_spare: 1,
+            ..Options::default()
+        },
         "overload_wait = \"1s\"\nmax_lifetime = \"0s\"",
         "info",
     );
     let mut holder = Smtp::connect(mortal.port).unwrap();
     assert!(holder.cmd("EHLO holder.test").unwrap().starts_with("250"));
-    let busy = wait_for("the only child busy", || {
-        (service(&mortal.status(), "smtpd")["children"]["busy"] == 1).then_some(())
-    });
+    let busy =
+        wait_for("the only child busy", || (service(&mortal.status(), "smtpd")["children"]["busy"] == 1).then_some(()));
     assert!(busy.is_some());
     let started = Instant::now();
     let mut waiting = TcpStream::connect(("127.0.0.1", mortal.port)).unwrap();
@@ -412,8 +467,16 @@ fn one_connection_wakes_one_idle_child() {
     //   nothing to accept (logged at exit, `spurious_wakeups=`). Same bound.
     const CONNECTIONS: u64 = 200;
     let mut mortal = start_with_policy(
-        // min_spare 1, max_spare 8: the pool stays exactly these eight.
-        Options { smtpd_process_limit: 12, smtpd_prefork: 8, smtpd_min_spare: 1, smtpd_max_spare: 8, ..Options::default() },
+        // min_spare 1, max_spare 8, no max_use: the pool stays exactly
+        // these eight.
+        Options {
+            smtpd_process_limit: 12,
+            smtpd_prefork: 8,
+            smtpd_min_spare: 1,
+            smtpd_max_spare: 8,
+            smtpd_max_use: 0,
+            ..Options::default()
+        },
         "max_lifetime = \"0s\"\nmax_idle = \"0s\"",
         "info,mortal_master::child=debug",
     );

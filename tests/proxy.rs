@@ -15,11 +15,15 @@ const STRANGER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 /// An instance with a plain listener and a proxy listener; the proxy
 /// port is returned too.
 fn start(proxy_timeout: &str) -> (Instance, u16) {
+    start_with(proxy_timeout, "")
+}
+
+fn start_with(proxy_timeout: &str, smtpd_extra: &str) -> (Instance, u16) {
     let proxy_port = free_port();
     let mortal = Instance::start_with(Options {
         smtpd_extra: format!(
             "proxy_listen = [\"127.0.0.1:{proxy_port}\"]\nproxy_trusted = [\"127.0.0.1/32\", \"127.0.0.3\"]\n\
-             proxy_timeout = \"{proxy_timeout}\"\n"
+             proxy_timeout = \"{proxy_timeout}\"\n{smtpd_extra}"
         ),
         ..Options::default()
     });
@@ -36,7 +40,9 @@ fn count(log: &str, needle: &str) -> usize {
 
 #[test]
 fn proxy_headers_name_the_client_in_log_and_received() {
-    let (mortal, proxy_port) = start("5s");
+    // Two connections a minute per client, loopback included: the limits
+    // must apply to the client named in the header, never to the balancer.
+    let (mortal, proxy_port) = start_with("5s", "client_connection_rate_limit = 2\nclient_limit_exceptions = []\n");
     let dst = SocketAddrV4::new(BALANCER, proxy_port);
 
     // v1 from the balancer.
@@ -62,13 +68,31 @@ fn proxy_headers_name_the_client_in_log_and_received() {
     let log = mortal.wait_for_log("disconnect from unknown[198.51.100.7]");
     assert!(log.contains(": client=unknown[198.51.100.7]"), "{log}");
 
-    // v2 LOCAL (a health check): the socket's own peer stands.
-    let mut c = Client::new(connect_from(HEALTH_CHECKER, proxy_port).unwrap());
-    c.send(&proxy_v2(0, sa("203.0.113.1:1"), dst)).unwrap();
-    assert!(c.reply().unwrap().starts_with("220 "));
-    c.cmd("QUIT").unwrap();
+    // v2 LOCAL (a health check): the socket's own peer stands, and the
+    // balancer's own connections are never limited.
+    for _ in 0..3 {
+        let mut c = Client::new(connect_from(HEALTH_CHECKER, proxy_port).unwrap());
+        c.send(&proxy_v2(0, sa("203.0.113.1:1"), dst)).unwrap();
+        assert!(c.reply().unwrap().starts_with("220 "));
+        c.cmd("QUIT").unwrap();
+    }
     let log = mortal.wait_for_log("connect from unknown[127.0.0.3]");
     assert!(!log.contains("203.0.113.1"), "LOCAL addresses must be ignored\n{log}");
+
+    // The client behind the balancer is what is limited: its third
+    // connection is refused, by its own address.
+    for n in 1..=3 {
+        let mut c = Client::new(connect_from(BALANCER, proxy_port).unwrap());
+        c.send(&proxy_v1(sa("192.0.2.99:40100"), dst)).unwrap();
+        let reply = c.reply().unwrap();
+        if n < 3 {
+            assert!(reply.starts_with("220 "), "connection {n}: {reply}");
+            c.cmd("QUIT").unwrap();
+        } else {
+            assert_eq!(reply, "421 4.7.0 mortal.test Error: too many connections from 192.0.2.99\r\n");
+        }
+    }
+    mortal.wait_for_log("warning: Connection rate limit exceeded: 3 from unknown[192.0.2.99] for service smtp");
 
     // The plain listener takes no header.
     let mut plain = Smtp::connect(mortal.port).unwrap();

@@ -42,11 +42,9 @@ pub fn smtp_command(data: &[u8]) {
         if let Some(Line::Text(text)) = &line {
             assert!(text.len() + 2 <= MAX_COMMAND_LINE, "overlong line passed as text");
             assert!(!text.contains(&b'\n') && !text.contains(&b'\r'), "line ending inside a command line");
-            if let Ok(s) = std::str::from_utf8(text) {
-                if let Ok(cmd) = command::parse(s) {
-                    // The name and the group rule must be defined for every command.
-                    let _ = (cmd.name(), cmd.ends_group());
-                }
+            if let Some(cmd) = std::str::from_utf8(text).ok().and_then(|s| command::parse(s).ok()) {
+                // The name and the group rule must be defined for every command.
+                let _ = (cmd.name(), cmd.ends_group());
             }
         }
         if used == 0 {

@@ -21,9 +21,11 @@ pub fn start_with_policy(opts: Options, policy: &str, level: &str) -> Instance {
     let config = dir.join("etc/mortal.toml");
     let text = config_text(port, &opts);
     assert!(text.contains("[process.smtpd]\n") && text.contains("level = \"info\"\n"), "{text}");
-    let text = text
-        .replacen("[process.smtpd]\n", &format!("[process.smtpd]\n{policy}\n"), 1)
-        .replacen("level = \"info\"\n", &format!("level = {level:?}\n"), 1);
+    let text = text.replacen("[process.smtpd]\n", &format!("[process.smtpd]\n{policy}\n"), 1).replacen(
+        "level = \"info\"\n",
+        &format!("level = {level:?}\n"),
+        1,
+    );
     fs::write(&config, text).expect("write config");
     let log = dir.join("mortal.log");
     let log_file = fs::File::create(&log).expect("create log");
@@ -46,11 +48,7 @@ impl Instance {
         let mut cmd = Command::new(bin_dir().join("mortal"));
         cmd.arg("--config").arg(&self.config).args(args);
         let out = cmd.output().expect("run mortal");
-        assert!(
-            out.status.code().is_some(),
-            "mortal {args:?} died: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.code().is_some(), "mortal {args:?} died: {}", String::from_utf8_lossy(&out.stderr));
         out
     }
 

@@ -149,19 +149,29 @@ impl Drop for Haproxy {
     }
 }
 
-/// Runs `fail2ban-regex <log> <filter>` and returns (failures matched, its output).
-pub fn fail2ban_regex(log: &Path, filter: &str) -> (u32, String) {
+/// Runs `fail2ban-regex --print-all-matched <log> <filter>`; returns the
+/// log lines the filter matched, and its whole report.
+pub fn fail2ban_regex(log: &Path, filter: &str) -> (Vec<String>, String) {
     let out = Command::new("fail2ban-regex")
+        .arg("--print-all-matched")
         .arg(log)
         .arg(filter)
         .output()
         .expect("fail2ban-regex is required for this test (Debian package fail2ban)");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "fail2ban-regex failed:\n{text}");
-    // "Failregex: 3 total" is the number of lines the filter matched.
-    let total = text
+    // "Failregex: 3 total" counts the matches; the listing must agree.
+    let total: usize = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("Failregex: ")?.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no Failregex total in fail2ban-regex output:\n{text}"));
-    (total, text)
+    let matched: Vec<String> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("|- Matched line(s):"))
+        .skip(1)
+        .take_while(|l| !l.starts_with('`'))
+        .map(|l| l.trim_start_matches('|').trim().to_owned())
+        .collect();
+    assert_eq!(matched.len(), total, "matched lines vs Failregex total:\n{text}");
+    (matched, text)
 }

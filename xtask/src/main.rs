@@ -6,6 +6,8 @@
 //! - `cargo xtask ci`: everything CI checks: installs the Debian packages
 //!   the tests need (when root), then fmt, clippy `-D warnings`, build and
 //!   every test, interop tests included.
+//! - `cargo xtask sandbox-check`: each daemon's sandbox self-test, a table
+//!   of forbidden attempts and their results (`xtask/src/sandbox.rs`).
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, Result, bail};
@@ -27,6 +29,11 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     ("curl", "curl"),
     ("msmtp", "msmtp"),
+    // tests/delivery.rs: Dovecot LMTP, an aiosmtpd relay sink, the fsync trace.
+    ("dovecot-core", "dovecot"),
+    ("dovecot-lmtpd", "/usr/lib/dovecot/lmtp"),
+    ("python3-aiosmtpd", "aiosmtpd"),
+    ("strace", "strace"),
 ];
 
 fn main() -> Result<()> {

@@ -19,7 +19,12 @@
 //! `recipient_limit`, `header_size_limit` and `hopcount_limit` are enforced
 //! here again. A violation ends the transaction with a logged reason and
 //! leaves no file behind. cleanup never reads the network and never writes
-//! outside `incoming/`.
+//! outside `incoming/`: after opening the spool and before its first
+//! connection it enters its sandbox (`mortal_master::sandbox`), so the
+//! kernel enforces that too: as root it drops to `[server] user`; always
+//! no_new_privs, no core dumps, bounded descriptors, Landlock access to
+//! `incoming/` and nothing else, no TCP, no signals beyond itself, and a
+//! seccomp deny-list that also forbids execve.
 //!
 //! # Standards
 //! RFC 5322 (header fields), RFC 5321 section 4.4 (`Received:` trace

@@ -15,8 +15,6 @@ use std::path::Path;
 const WIDE_V4_PREFIX: u8 = 8;
 /// The same for IPv6 (a /32 is a whole provider's allocation).
 const WIDE_V6_PREFIX: u8 = 32;
-/// Ports below this need root (or CAP_NET_BIND_SERVICE) to bind.
-const PRIVILEGED_PORT_LIMIT: u16 = 1024;
 /// Permission bit: readable by every user.
 const WORLD_READABLE: u32 = 0o004;
 
@@ -60,7 +58,7 @@ pub fn warnings(config: &Config, text: &str) -> Vec<Warning> {
                 "smtpd",
                 "tls_key_file",
                 format!(
-                    "{} is readable by every user (mode {:04o}): chmod 600 it (or 640, group of the smtpd user)",
+                    "{} is readable by every user (mode {:04o}): chmod 600 it (smtpd reads it before it drops root)",
                     key.display(),
                     meta.mode() & 0o7777
                 ),
@@ -68,17 +66,6 @@ pub fn warnings(config: &Config, text: &str) -> Vec<Warning> {
             Ok(_) => {}
             Err(e) => warn("smtpd", "tls_key_file", format!("cannot read {}: {e} (STARTTLS will fail)", key.display())),
         }
-    }
-    let privileged =
-        config.smtpd.listen.iter().chain(&config.smtpd.proxy_listen).any(|a| a.port() < PRIVILEGED_PORT_LIMIT);
-    if privileged && config.server.user.is_none() {
-        warn(
-            "server",
-            "user",
-            "is not set, but a listen port below 1024 needs the master to start as root: \
-             set user = \"mortal\" so no daemon keeps root"
-                .into(),
-        );
     }
     out
 }
@@ -188,7 +175,6 @@ mod tests {
             "/etc/mortal/mortal.toml:2: server.trusted_networks: warning: 0.0.0.0/0 lets a large part of the Internet relay",
             "/etc/mortal/mortal.toml:6: process.smtpd.max_use: warning: is 0 (unlimited)",
             "/etc/mortal/mortal.toml:8: process.cleanup.max_use: warning: is 0 and max_lifetime is 0s: children never die",
-            "/etc/mortal/mortal.toml:1: server.user: warning: is not set, but a listen port below 1024",
         ];
         assert_eq!(got.len(), want.len(), "{got:#?}");
         for (got, want) in got.iter().zip(want) {

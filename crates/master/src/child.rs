@@ -151,12 +151,7 @@ pub fn serve<L: Listener>(
     handle: impl FnMut(L::Stream, &mut MasterLink),
 ) -> io::Result<ExitReason> {
     let reason = serve_loop(listener, link, max_use, handle)?;
-    tracing::debug!(
-        "exit: {}; sessions={} spurious_wakeups={}",
-        reason.as_str(),
-        link.sessions,
-        link.spurious_wakeups
-    );
+    tracing::debug!("exit: {}; sessions={} spurious_wakeups={}", reason.as_str(), link.sessions, link.spurious_wakeups);
     Ok(reason)
 }
 

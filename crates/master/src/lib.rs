@@ -4,14 +4,17 @@
 //! # Summary
 //! The library half is what runs inside a child: [`child`] is the
 //! single-server skeleton (wait for one connection on the inherited
-//! listener, serve it, report to the master, obey the lifetime policy) and
-//! [`log`] installs the log format shared by every process.
+//! listener, serve it, report to the master, obey the lifetime policy),
+//! [`log`] installs the log format shared by every process, and
+//! [`sandbox`] drops privileges and applies each daemon's kernel sandbox.
 //!
 //! # Security
 //! A child's only channel to the master is its own socket, carrying
 //! fixed-size [`mortal_proto::status`] records. The library holds no
-//! privileges and no unsafe code: inherited descriptors arrive as stdin
-//! (the listener) and stdout (the master socket), which std adopts safely.
+//! unsafe code: inherited descriptors arrive as stdin (the listener) and
+//! stdout (the master socket), which std adopts safely, and privileges are
+//! dropped and sandboxes entered through the safe wrappers of `nix`,
+//! `landlock` and `seccompiler` ([`sandbox`]).
 //!
 //! # Standards
 //! None on the wire; the log shapes follow Postfix's syslog conventions.

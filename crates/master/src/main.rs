@@ -24,13 +24,22 @@
 //! whatever reason, every status socket closes and the children exit: none
 //! is left serving mail unsupervised. No unsafe code (`forbid`).
 //!
+//! Started as root, the master checks that `[server] user` exists before
+//! anything else (and refuses to start if not), then gives that user the
+//! queue directories (0700), the Maildir root under the spool and the
+//! private sockets (0600), while the spool root, the run directory, the
+//! pid file and the control socket stay root's, and the private directory
+//! is root's with mode 0710 and the mail user's group: a daemon can reach
+//! the sockets whose names it knows but cannot replace one. Each child
+//! then drops to that user itself, after exec (`mortal_master::sandbox`).
+//!
 //! # Standards
 //! None on the wire. Log lines follow Postfix's master (`daemon started --
 //! version ...`, `warning: process ... pid ... exit status ...`, `has
 //! reached its process limit`, `bad command startup -- throttling`).
 //!
 //! # Configuration
-//! `mortal.toml`: `[server]` (spool_dir, run_dir), `[smtpd] listen`,
+//! `mortal.toml`: `[server]` (spool_dir, run_dir, user), `[smtpd] listen`,
 //! `[process.smtpd]` and `[process.cleanup]` (process_limit, prefork,
 //! min_spare, max_spare; max_use is the children's own business), `[log]`.
 //! SIGHUP re-reads it: a new generation of children reads the new file,

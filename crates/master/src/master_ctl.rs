@@ -98,7 +98,10 @@ impl Control {
         };
         if uid != 0 && uid != self.own_uid {
             let pid = stream.peer_cred().ok().and_then(|c| c.pid()).unwrap_or(0);
-            return tracing::warn!("warning: control socket: refused uid {uid} (pid {pid}): not root or uid {}", self.own_uid);
+            return tracing::warn!(
+                "warning: control socket: refused uid {uid} (pid {pid}): not root or uid {}",
+                self.own_uid
+            );
         }
         let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
             return tracing::warn!("warning: control socket: {MAX_CONNECTIONS} requests in progress, dropping one");

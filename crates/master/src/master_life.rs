@@ -198,9 +198,8 @@ impl Jitter {
 
     /// Seeded from the wall clock and the master's pid.
     pub fn from_entropy() -> Jitter {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         Jitter::new(nanos ^ (u64::from(std::process::id()) << 32))
     }
 
@@ -302,7 +301,8 @@ mod tests {
         let t0 = Instant::now();
         let limits = Limits::of(&policy(10, 0.0));
         for session_since in [None, Some(t0)] {
-            let life = Life { life_end: Some(t0 + Duration::from_secs(10)), session_since, leaving: true, ..Life::default() };
+            let life =
+                Life { life_end: Some(t0 + Duration::from_secs(10)), session_since, leaving: true, ..Life::default() };
             assert_eq!(verdict(&limits, &life, t0 + Duration::from_secs(15)), Verdict::Terminate(Reason::Overdue));
         }
     }
@@ -319,6 +319,29 @@ mod tests {
         assert_eq!(next_due(&limits, &Life::default()), None);
         let off = Limits { session_deadline: None, ..limits };
         assert_eq!(verdict(&off, &life, t0 + Duration::from_secs(999)), Verdict::Keep);
+    }
+
+    #[test]
+    fn the_policy_keys_are_validated_with_their_line() {
+        use mortal_proto::config::Config;
+        let text = "[process.smtpd]\nlifetime_jitter = 1.0\nmax_lifetime = \"10ms\"\n\n[process.cleanup]\n\
+                    max_lifetime = \"1h\"\noverdue_grace = \"0s\"\noverload_wait = \"5s\"\n";
+        let errors: Vec<String> =
+            Config::parse(text, std::path::Path::new("m.toml")).unwrap_err().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "m.toml:2: process.smtpd.lifetime_jitter: must be at least 0 and below 1",
+                "m.toml:3: process.smtpd.max_lifetime: must be 0s (unlimited) or at least 1s",
+                "m.toml:7: process.cleanup.overdue_grace: must be above 0: a busy child past its life needs time to finish",
+                "m.toml:8: process.cleanup.overload_wait: applies to smtpd only (cleanup's clients wait)",
+            ]
+        );
+        let ok = "[process.smtpd]\nmax_lifetime = \"0s\"\noverdue_grace = \"0s\"\noverload_wait = \"0s\"\n";
+        let config = Config::parse(ok, std::path::Path::new("m.toml")).unwrap();
+        assert_eq!(draw_life(&config.process.smtpd, 0.5), None);
+        assert_eq!(config.process.smtpd.overload_wait, Some(Duration::ZERO));
+        assert_eq!(config.process.cleanup.overload_wait, None);
     }
 
     #[test]

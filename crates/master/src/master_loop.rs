@@ -492,8 +492,8 @@ impl Master {
             }
             touched[entry.service] = true;
         }
-        for svc in 0..self.services.len() {
-            touched[svc] |= self.retire_idle(svc, now);
+        for (svc, touched) in touched.iter_mut().enumerate() {
+            *touched |= self.retire_idle(svc, now);
         }
         for svc in 0..self.services.len() {
             if replace[svc] > 0 {

@@ -256,7 +256,9 @@ mod tests {
         s.services[0].endpoint = "/run/\"x\"\\y".into();
         let text = s.to_prometheus();
         assert!(text.contains("# TYPE mortal_children gauge\n"), "{text}");
-        assert!(text.contains("mortal_children{service=\"smtpd\",endpoint=\"/run/\\\"x\\\"\\\\y\",state=\"busy\"} 1\n"));
+        assert!(
+            text.contains("mortal_children{service=\"smtpd\",endpoint=\"/run/\\\"x\\\"\\\\y\",state=\"busy\"} 1\n")
+        );
         assert!(text.contains("reason=\"max_use\"} 3\n"), "{text}");
         assert!(text.contains("mortal_spawns_total{service=\"smtpd\""), "{text}");
         assert!(text.contains("mortal_at_process_limit{service=\"smtpd\",endpoint=\"/run/\\\"x\\\"\\\\y\"} 1\n"));

@@ -240,10 +240,7 @@ pub(crate) fn enter_layers(service: Service, config: &Config, with_seccomp: bool
             }
             drop_privileges(user)?;
         }
-        None => tracing::debug!(
-            "sandbox: running as uid {} (not root): no user change, no chroot",
-            Uid::effective()
-        ),
+        None => tracing::debug!("sandbox: running as uid {} (not root): no user change, no chroot", Uid::effective()),
     }
     limit_process(service, config)?;
     let landlock = restrict(ruleset)?;

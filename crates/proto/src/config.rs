@@ -52,7 +52,9 @@ pub struct Server {
     /// Domains we accept mail for (Postfix mydestination / relay_domains).
     /// Anything else is refused with 554 5.7.1: mortal is never an open relay.
     pub accepted_domains: Vec<String>,
-    /// Unprivileged user the daemons run as when the master starts as root.
+    /// Unprivileged user the daemons run as when the master starts as root
+    /// (default `mortal`; it must exist then). Ignored in development mode,
+    /// where every process keeps the invoking user.
     pub user: Option<String>,
     /// Client networks (CIDR) that may relay to any domain (Postfix
     /// mynetworks); they are also exempt from the per-client limits. They
@@ -689,6 +691,11 @@ impl Config {
                 bad("server", "accepted_domains", format!("{d:?} is not a domain name"));
             }
         }
+        if let Some(user) = &self.server.user
+            && (user.is_empty() || user == "root")
+        {
+            bad("server", "user", "must name an unprivileged user: the daemons never run as root".into());
+        }
         if self.smtpd.listen.is_empty() {
             bad("smtpd", "listen", "needs at least one address".into());
         }
@@ -788,7 +795,7 @@ impl Config {
             }
         }
         if self.process.cleanup.overload_wait.is_some() {
-            bad("process.cleanup", "overload_wait", "applies to smtpd only: cleanup's clients are smtpd, which waits".into());
+            bad("process.cleanup", "overload_wait", "applies to smtpd only (cleanup's clients wait)".into());
         }
         out
     }
@@ -950,6 +957,14 @@ mod tests {
         assert!(err.iter().all(|e| e.to_string().starts_with("m.toml:4: delivery.pipe.command")), "{err:?}");
         let err = Config::parse("[delivery]\ntransport = \"pipe\"\n", Path::new("m.toml")).unwrap_err();
         assert!(err[0].message.contains("must name the program"), "{err:?}");
+    }
+
+    #[test]
+    fn server_user_must_not_be_root() {
+        let err = Config::parse("[server]\nuser = \"root\"\n", Path::new("m.toml")).unwrap_err();
+        let expected = "m.toml:2: server.user: must name an unprivileged user: the daemons never run as root";
+        assert_eq!(err[0].to_string(), expected);
+        assert!(Config::parse("[server]\nuser = \"nobody\"\n", Path::new("m.toml")).is_ok());
     }
 
     #[test]

@@ -2,33 +2,57 @@
 //!
 //! # Summary
 //! One process per host, started and restarted by the master. It owns the
-//! spool: it moves each new message from `incoming/` to `active/`, hands it
-//! to the delivery agent (Maildir), removes it once every recipient is
-//! done, and otherwise keeps it in `deferred/` with back-off. It is woken
-//! through its private socket by cleanup whenever a message is spooled, and
-//! scans the queue every `scan_interval` as a backstop. On start it
-//! recovers: whatever a crash left in `active/` is delivered again.
+//! spool: it moves each new message from `incoming/` to `active/`, routes
+//! each recipient (`[delivery] transport` and `[delivery.routes]`) to an
+//! agent — `maildir`, `discard`, `lmtp`, `smtp` relay or `pipe` — removes
+//! the file once every recipient is done, and otherwise keeps it in
+//! `deferred/` with back-off until `queue_lifetime`, when the rest is
+//! returned to the sender. Permanent failures, expiry, and optionally
+//! delays and successes produce RFC 3464 DSNs, queued as new mail. It is
+//! woken through its private socket by cleanup whenever a message is
+//! spooled, and scans the queue every `scan_interval` as a backstop. On
+//! start it recovers: whatever a crash left in `active/` is delivered
+//! again. The configuration (routes included) is read once at start; the
+//! master replaces the process on `mortal reload`.
 //!
 //! # Security
 //! The queue manager trusts no queue file: each is decoded strictly and
 //! checksum-verified, and one that fails is moved to `corrupt/` and never
 //! delivered in part. Queue ids are validated before any path is built from
-//! them. It never talks to the network and never reads smtpd's bytes.
+//! them. It never reads smtpd's bytes. Network peers (LMTP, SMTP) are
+//! read with bounded lines, reply sizes and timeouts; their text is stripped
+//! of control characters before it reaches a log or a DSN. The pipe command
+//! runs without a shell, with an empty environment, never as root.
+//!
+//! Before reading the first queue file it enters its sandbox
+//! (`mortal_master::sandbox`): as root it drops to `[server] user`; always
+//! no_new_privs, no core dumps, bounded descriptors, Landlock access to the
+//! spool and the Maildir root only and TCP connect only to the ports of
+//! configured next hops, no signals or traces beyond its own children,
+//! and a seccomp deny-list (ptrace, mount, namespaces, modules, keys...).
+//! A pipe route lifts the Landlock file and port rules (the command's
+//! needs are the operator's) and says so in a warning at start.
 //!
 //! # Standards
-//! Maildir (the de-facto `tmp`/`new`/`cur` protocol); RFC 3463 codes in
-//! the delivery log.
+//! Maildir (the de-facto `tmp`/`new`/`cur` protocol); RFC 5321, RFC 2033
+//! (LMTP), RFC 2920, RFC 3207, RFC 3461/3464 (DSN), RFC 3463 codes;
+//! sysexits(3) for the pipe agent.
 //!
 //! # Configuration
 //! `[queue]` `scan_interval`, `minimal_backoff`, `maximal_backoff`,
-//! `delivery_concurrency`, `active_limit`; `[delivery]` `transport`,
-//! `maildir_root`; `[server]` `spool_dir`, `hostname`.
+//! `delivery_concurrency`, `active_limit`, `destination_concurrency_limit`,
+//! `queue_lifetime`, `bounce_queue_lifetime`, `delay_warning_time`;
+//! `[delivery]` `transport`, `routes`, `maildir_root`, `pipe`,
+//! `smtp_tls_security`, `smtp_tls_ca_file`, `connect_timeout`,
+//! `command_timeout`, `connection_reuse_time`; `[server]` `spool_dir`,
+//! `hostname`. See `docs/delivery.md`.
 //!
 //! # Diagnostics
 //! Postfix-shaped lines per message: `<id>: from=<...>, size=..., nrcpt=...
-//! (queue active)`, `<id>: to=<...>, relay=local, delay=..., dsn=...,
-//! status=sent|deferred (...)`, `<id>: removed`; `warning:` lines for
-//! corrupt files and spool errors.
+//! (queue active)`, `<id>: to=<...>, relay=..., delay=..., delays=...,
+//! dsn=..., status=sent|deferred|bounced (...)`, `status=expired, returned
+//! to sender`, `<id>: sender non-delivery notification: <newid>`,
+//! `<id>: removed`; `warning:` lines for corrupt files and spool errors.
 #![forbid(unsafe_code)]
 
 mod queue_bounce;

@@ -181,11 +181,17 @@ fn recover(config: &Config) -> io::Result<()> {
     for entry in fs::read_dir(&active)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if queue_id::is_valid(&name) {
-            fs::rename(entry.path(), config.queue_dir("incoming").join(&name))?;
-            recovered += 1;
+        let result = if queue_id::is_valid(&name) {
+            fs::rename(entry.path(), config.queue_dir("incoming").join(&name)).map(|()| recovered += 1)
         } else if name.ends_with(TEMP_SUFFIX) {
-            fs::remove_file(entry.path())?;
+            fs::remove_file(entry.path())
+        } else {
+            Ok(())
+        };
+        match result {
+            // Renamed away by an operator command meanwhile: theirs now.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => tracing::debug!("{name}: gone from active/ during recovery"),
+            other => other?,
         }
     }
     if recovered > 0 {

@@ -37,6 +37,16 @@
 //! slowloris cannot hold a child. The TLS certificate and key are read
 //! once at process start ([`tls`]).
 //!
+//! Then, before the first connection, `mortal_master::sandbox::enter`
+//! takes everything else away: as root it chroots into the private socket
+//! directory and drops to `[server] user` for good; always it sets
+//! no_new_privs, turns core dumps off, bounds its descriptors, holds no
+//! Landlock right to any file or TCP port and cannot signal or trace
+//! anything outside itself, and runs under a seccomp allow-list that kills
+//! it on any other system call (no open, execve, fork, ptrace, or socket
+//! other than `AF_UNIX`). Its only ways out are the client's socket and
+//! the cleanup and anvil sockets. `mortal-smtpd --sandbox-selftest` proves it.
+//!
 //! # Standards
 //! RFC 5321 (SMTP), RFC 1870 (SIZE), RFC 2920 (PIPELINING), RFC 6152
 //! (8BITMIME), RFC 2034 and RFC 3463 (enhanced status codes), RFC 3207

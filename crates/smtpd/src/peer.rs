@@ -79,8 +79,13 @@ pub async fn establish(config: &Config, stream: &TcpStream) -> Option<Peer> {
         }
     };
     let proxied = stream.local_addr().is_ok_and(|local| is_proxied(config, local));
-    let (addr, early) = if proxied { proxied_client(config, stream, socket_peer)? } else { (socket_peer, Vec::new()) };
-    let limits = ClientLimits::connect(config, addr).await;
+    let (addr, early, balancers_own) = match proxied {
+        true => proxied_client(config, stream, socket_peer)?,
+        false => (socket_peer, Vec::new(), false),
+    };
+    // A balancer's own connection (its health checks) is no client's: it
+    // must never be refused for a client's limits and mark us down.
+    let limits = if balancers_own { ClientLimits::none(addr) } else { ClientLimits::connect(config, addr).await };
     let refusal = limits.connect_refusal(config);
     if let Some(warning) = refusal {
         let client = format!("{UNKNOWN_NAME}[{addr}]");
@@ -95,9 +100,10 @@ pub async fn establish(config: &Config, stream: &TcpStream) -> Option<Peer> {
     Some(Peer { addr, early, limits })
 }
 
-/// The PROXY step: the client named by a trusted balancer, and whatever
-/// followed the header.
-fn proxied_client(config: &Config, stream: &TcpStream, socket_peer: IpAddr) -> Option<(IpAddr, Vec<u8>)> {
+/// The PROXY step: the client named by a trusted balancer, whatever
+/// followed the header, and whether the connection is the balancer's own
+/// (a header without addresses: v1 `UNKNOWN`, v2 `LOCAL`).
+fn proxied_client(config: &Config, stream: &TcpStream, socket_peer: IpAddr) -> Option<(IpAddr, Vec<u8>, bool)> {
     let balancer = format!("{UNKNOWN_NAME}[{socket_peer}]");
     if !cidr::contains_any(&config.smtpd.proxy_trusted, socket_peer) {
         tracing::warn!("warning: haproxy: connection from {balancer} refused: not in smtpd.proxy_trusted");
@@ -107,7 +113,7 @@ fn proxied_client(config: &Config, stream: &TcpStream, socket_peer: IpAddr) -> O
         Ok((header, early)) => {
             let addr = header.addresses.map_or(socket_peer, |a| a.source.ip().to_canonical());
             tracing::debug!("haproxy: v{} header from {balancer}: client {addr}", header.version);
-            Some((addr, early))
+            Some((addr, early, header.addresses.is_none()))
         }
         Err(e) => {
             tracing::warn!("warning: haproxy read from {balancer}: {e}");

@@ -427,3 +427,49 @@ async fn steady_data_passes_the_rate_check() {
     let (got, (), ()) = tokio::join!(cleanup_accepting(&listener, 1), smtp, driver::session(&config, server));
     assert_eq!(content(&got[0]).len(), 1000);
 }
+
+/// Tiny BDAT chunks trickled between commands count against the rate
+/// too: the whole BDAT transaction is content.
+#[tokio::test]
+async fn slowloris_bdat_chunks_are_cut_off() {
+    let dir = Dir::new();
+    let config = dir.config("min_data_rate = 100\ndata_rate_window = \"1s\"");
+    let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
+    let (mut client, server) = connect().await;
+    let smtp = async {
+        client.reply().await;
+        client.cmd("EHLO client.test").await;
+        client.cmd("MAIL FROM:<alice@example.test>").await;
+        client.cmd("RCPT TO:<bob@example.test>").await;
+        let started = Instant::now();
+        let mut last = String::new();
+        // 9 octets every 250 ms: 36 octets/s.
+        for _ in 0..20 {
+            client.send(b"BDAT 1\r\nx").await;
+            last = client.reply().await;
+            if !last.starts_with("250 ") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_eq!(last, "421 4.4.2 mortal.test Error: timeout exceeded\r\n");
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert!(client.closed().await);
+    };
+    let cleanup = async {
+        let (mut sock, _) = timeout(STEP, listener.accept()).await.expect("smtpd connects").expect("accept");
+        let mut decoder = Decoder::new();
+        let mut buf = [0; 4096];
+        loop {
+            match decoder.next_request().expect("valid records") {
+                Some(Request::Sender(_)) => write_reply(&mut sock, Reply::QueueId(QUEUE_ID.into())).await,
+                Some(_) => {}
+                None => match timeout(STEP, sock.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => decoder.feed(&buf[..n]),
+                    _ => break,
+                },
+            }
+        }
+    };
+    tokio::join!(cleanup, smtp, driver::session(&config, server));
+}

@@ -393,7 +393,13 @@ fn orchestrate(service: Service, config_path: &Path) -> i32 {
     }
     drop(fixtures);
     let wrong: Vec<&Row> = rows.iter().filter(|r| !r.ok).collect();
-    println!("{}: {} attempts, {} as expected, {} wrong", service.name(), rows.len(), rows.len() - wrong.len(), wrong.len());
+    println!(
+        "{}: {} attempts, {} as expected, {} wrong",
+        service.name(),
+        rows.len(),
+        rows.len() - wrong.len(),
+        wrong.len()
+    );
     for row in &wrong {
         tracing::debug!("{:?} expected {:?}, got {}", row.attempt, row.expect, row.result);
     }
@@ -474,7 +480,9 @@ impl Fixtures {
         }
         let mut sockets = Vec::new();
         for path in [config.cleanup_socket(), config.queue_socket()] {
-            if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) && UnixStream::connect(&path).is_ok() {
+            if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket())
+                && UnixStream::connect(&path).is_ok()
+            {
                 continue;
             }
             let _ = fs::remove_file(&path);

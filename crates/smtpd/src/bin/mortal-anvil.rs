@@ -12,9 +12,11 @@
 //! table). anvil only counts: smtpd compares with its limits and decides.
 //!
 //! # Security
-//! anvil never sees a byte from an SMTP client, only fixed 20-octet
-//! requests from smtpd processes on a socket in the 0700 private
-//! directory; a record that breaks the protocol ends that connection.
+//! Started as root, anvil chroots into the private directory and becomes
+//! `[server] user` before its first request. It never sees a byte from an
+//! SMTP client, only fixed 20-octet requests from smtpd processes on a
+//! socket in the private directory; a record that breaks the protocol
+//! ends that connection.
 //! Memory is bounded: [`MAX_CONNECTIONS`] smtpd connections at once (more
 //! are closed at once, and smtpd then serves without limits) and
 //! `mortal_smtpd::anvil::MAX_CLIENTS` client entries. If anvil dies, its
@@ -90,6 +92,11 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // Started by a root master: give up root before the first request.
+    if let Err(e) = drop_root(&config) {
+        tracing::error!("fatal: {e}");
+        std::process::exit(1);
+    }
     if let Err(e) = link.report(ChildState::Ready) {
         tracing::error!("fatal: master link: {e}");
         std::process::exit(1);
@@ -236,6 +243,30 @@ fn log_statistics(shared: &Shared, unit: Duration, size: usize) {
         tracing::info!("statistics: max cache size {}", peaks.clients);
     }
     *peaks = Peaks { clients: size, ..Peaks::default() };
+}
+
+/// As root (a production master), chroots into the private directory and
+/// becomes `[server] user`, irreversibly: anvil needs no file after start
+/// (its listener is inherited) and no privilege at all. Must run before
+/// any thread is started. A no-op for an unprivileged (development) run.
+fn drop_root(config: &mortal_proto::config::Config) -> Result<(), String> {
+    use nix::unistd::{Gid, Uid, chdir, chroot, setgid, setgroups, setuid};
+    let user = match mortal_master::sandbox::mail_user(config) {
+        Ok(Some(user)) => user,
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(format!("sandbox: {e}")),
+    };
+    let private = config.private_dir();
+    chroot(&private).map_err(|e| format!("chroot {}: {e}", private.display()))?;
+    chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    setgroups(&[user.gid]).map_err(|e| format!("setgroups: {e}"))?;
+    setgid(user.gid).map_err(|e| format!("setgid: {e}"))?;
+    setuid(user.uid).map_err(|e| format!("setuid {}: {e}", user.name))?;
+    // setuid as root changes every uid; prove there is no way back.
+    if setuid(Uid::from_raw(0)).is_ok() || setgid(Gid::from_raw(0)).is_ok() {
+        return Err("privileges could be regained after dropping them".into());
+    }
+    Ok(())
 }
 
 /// A panic in one task must not take every later request down with it:

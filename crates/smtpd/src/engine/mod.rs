@@ -294,10 +294,15 @@ impl Session {
         matches!(self.phase, Phase::Command | Phase::Data(_) | Phase::Chunk(_))
     }
 
-    /// Whether the session is reading message content (DATA or a BDAT
-    /// chunk), where the driver enforces `min_data_rate`.
+    /// Whether the session is reading message content, where the driver
+    /// enforces `min_data_rate`: DATA, a BDAT chunk, and the BDAT commands
+    /// between chunks (else a client could trickle one-octet chunks).
     pub fn in_content(&self) -> bool {
-        matches!(self.phase, Phase::Data(_) | Phase::Chunk(_))
+        match self.phase {
+            Phase::Data(_) | Phase::Chunk(_) => true,
+            Phase::Command => self.txn.as_ref().is_some_and(|t| t.bdat.is_some()),
+            _ => false,
+        }
     }
 
     /// The TLS handshake after [`Action::StartTls`] completed; `info` says
