@@ -361,3 +361,41 @@ fn failed_handshake_then_next_client_is_served() {
     let out = swaks(&mortal, "after@example.test", &["--tls"]);
     assert!(out.contains("<~  250 2.0.0 Ok: queued as "), "{out}");
 }
+
+/// `bare_newline = normalize` on the wire: every smuggling variant stays
+/// inside the message it was sent in (or gets that message refused), and
+/// the recipient hidden behind a fake terminator never gets anything.
+#[test]
+fn normalize_mode_never_smuggles_a_second_message() {
+    let smtpd_extra = "bare_newline = \"normalize\"\n".to_owned();
+    let mortal = Instance::start_with(Options { smtpd_extra, ..Options::default() });
+    let forged = "MAIL FROM:<admin@example.test>\r\nRCPT TO:<smuggled@example.test>\r\nDATA\r\nSubject: forged\r\n\r\n";
+    let variants: [(&str, bool); 7] = [
+        ("\n.\n", true),
+        ("\n.\r\n", true),
+        ("\r\n.\n", true),
+        ("\r.\r", false),
+        ("\r.\n", false),
+        ("\r\n.\r\r\n", false),
+        ("\n..\n", true),
+    ];
+    let mut s = mortal_tests::Smtp::connect(mortal.port).expect("connect");
+    assert!(s.cmd("EHLO smuggler.test").expect("ehlo").starts_with("250"));
+    for (i, (fake_end, accepted)) in variants.iter().enumerate() {
+        assert!(s.cmd("MAIL FROM:<a@example.test>").expect("mail").starts_with("250"));
+        assert!(s.cmd("RCPT TO:<target@example.test>").expect("rcpt").starts_with("250"));
+        assert!(s.cmd("DATA").expect("data").starts_with("354"));
+        s.send_raw(format!("Subject: variant {i}\r\n\r\nbody{fake_end}{forged}.\r\n").as_bytes()).expect("send");
+        let reply = s.read_reply().expect("reply to the message");
+        let want = if *accepted { "250 2.0.0 Ok: queued as " } else { "550 5.5.2 Error: bare <CR> received" };
+        assert!(reply.starts_with(want), "variant {i} {fake_end:?}: {reply}");
+    }
+    assert!(s.cmd("QUIT").expect("quit").starts_with("221"));
+    let accepted = variants.iter().filter(|(_, ok)| *ok).count();
+    mortal.wait_for_delivery("target@example.test", accepted);
+    mortal.wait_for_empty_queue();
+    assert_eq!(mortal.delivered("target@example.test").len(), accepted, "one message per DATA, no more");
+    assert!(mortal.delivered("smuggled@example.test").is_empty(), "a smuggled message was delivered");
+    // The forged envelope was content, never a command.
+    assert!(!mortal.log_text().contains("<admin@example.test>"), "{}", mortal.log_text());
+}

@@ -381,6 +381,7 @@ fn clients_waiting_beyond_overload_wait_get_421_busy() {
             smtpd_prefork: 1,
             smtpd_min_spare: 1,
             smtpd_max_spare: 1,
+            server_extra: "metrics_file = \"../mortal.prom\"".into(),
             ..Options::default()
         },
         "overload_wait = \"1s\"\nmax_lifetime = \"0s\"",
@@ -402,6 +403,16 @@ fn clients_waiting_beyond_overload_wait_get_421_busy() {
     assert!(waited <= overload_wait + Duration::from_millis(1500), "answered only after {waited:?}");
     mortal.wait_for_log(": every process busy for 1s: answering waiting clients 421 4.3.2 Service busy");
     assert_eq!(service(&mortal.status(), "smtpd")["overload_rejects"], 1);
+    // The Prometheus text file says so too, within its rewrite period.
+    let endpoint = format!("service=\"smtpd\",endpoint=\"127.0.0.1:{}\"", mortal.port);
+    let metrics = wait_for("metrics file with the 421", || {
+        let text = std::fs::read_to_string(mortal.dir.join("mortal.prom")).ok()?;
+        text.contains(&format!("mortal_overload_rejects_total{{{endpoint}}} 1\n")).then_some(text)
+    })
+    .expect("metrics_file rewritten");
+    assert!(metrics.contains(&format!("mortal_children{{{endpoint},state=\"busy\"}} 1\n")), "{metrics}");
+    assert!(metrics.contains(&format!("mortal_spawns_total{{{endpoint}}} 1\n")), "{metrics}");
+    assert!(metrics.contains("# TYPE mortal_retirements_total counter\n"), "{metrics}");
     // The busy child was never disturbed, and once free it serves again.
     assert!(holder.cmd("NOOP").unwrap().starts_with("250"));
     assert!(holder.cmd("QUIT").unwrap().starts_with("221"));

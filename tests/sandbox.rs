@@ -152,3 +152,24 @@ fn selftest_flags_are_strict() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage"), "{out:?}");
 }
+
+/// Started as root, the master refuses to run without its mail user
+/// rather than run the daemons as root.
+#[test]
+fn root_master_refuses_a_missing_mail_user() {
+    if !is_root() {
+        println!("skipped: needs root (an unprivileged master changes no user)");
+        return;
+    }
+    let site = Site::new("nouser", "");
+    let text = fs::read_to_string(&site.config).unwrap().replace("user = \"nobody\"", "user = \"no-such-mortal-user\"");
+    fs::write(&site.config, text).unwrap();
+    let started = Instant::now();
+    let out = Command::new(bin_dir().join("mortal-master")).arg("--config").arg(&site.config).output().unwrap();
+    assert!(started.elapsed() < WAIT);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("fatal: user \"no-such-mortal-user\" does not exist"), "{log}");
+    // It stopped before making anything.
+    assert!(!site.dir.join("spool").exists(), "{log}");
+}

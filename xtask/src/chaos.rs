@@ -616,16 +616,25 @@ impl Kills {
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let mut total = FULL_MESSAGES;
     let mut clients = CLIENTS;
+    let mut debug = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => total = QUICK_MESSAGES,
             "--messages" => total = it.next().context("--messages N")?.parse()?,
             "--clients" => clients = it.next().context("--clients N")?.parse()?,
-            other => bail!("unknown chaos option {other:?} (--quick, --messages N, --clients N)"),
+            "--debug" => debug = true,
+            other => bail!("unknown chaos option {other:?} (--quick, --messages N, --clients N, --debug)"),
         }
     }
-    let bins = build_release(root)?;
+    // `--debug` uses the debug build `cargo xtask ci` has just made,
+    // instead of a release build of its own.
+    let bins = if debug {
+        super::run("cargo build", super::cargo().args(["build", "--workspace", "--bins"]))?;
+        root.join("target/debug")
+    } else {
+        build_release(root)?
+    };
     let summary = run(root, &bins, total, clients)?;
     println!("{summary}");
     Ok(())

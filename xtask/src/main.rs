@@ -20,9 +20,11 @@ mod chaos;
 mod fuzz;
 mod sandbox;
 
-/// Debian packages the test suite drives: (package, a command it installs).
+/// Debian packages the test suite needs: (package, what uses it).
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("swaks", "swaks"),
+    // swaks --tls (a Recommends of swaks, which --no-install-recommends skips).
+    ("libnet-ssleay-perl", "swaks --tls"),
     ("haproxy", "haproxy"),
     ("fail2ban", "fail2ban-regex"),
     // tests/interop.rs: STARTTLS and plain clients.
@@ -50,7 +52,7 @@ fn main() -> Result<()> {
         "sandbox-check" => sandbox::main(&root, &rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  start   build and run mortal on etc/mortal.toml (foreground)\n  ci      install test tools, fmt, clippy, build, all tests\n  bench   [--quick]: mortal vs a private Postfix, side by side (release build; installs postfix)\n  chaos   [--quick] [--messages N] [--clients N]: kill -9 under load, count losses (release build)\n  fuzz    [--time N] [--target T]: run every fuzz target N s (cargo-fuzz); `fuzz seed` rewrites the seed corpora\n  sandbox-check   prove each daemon's sandbox from inside (drops to nobody when root)"
+                "usage: cargo xtask <task>\n\n  start   build and run mortal on etc/mortal.toml (foreground)\n  ci      install test tools, fmt, clippy, build, all tests\n  bench   [--quick]: mortal vs a private Postfix, side by side (release build; installs postfix)\n  chaos   [--quick] [--messages N] [--clients N] [--debug]: kill -9 under load, count losses (release build)\n  fuzz    [--time N] [--target T]: run every fuzz target N s (cargo-fuzz); `fuzz seed` rewrites the seed corpora\n  sandbox-check   prove each daemon's sandbox from inside (drops to nobody when root)"
             );
             std::process::exit(2);
         }
@@ -80,6 +82,9 @@ fn ci() -> Result<()> {
     run("cargo clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run("cargo build", cargo().args(["build", "--workspace", "--bins"]))?;
     run("cargo test", cargo().args(["test", "--workspace"]))?;
+    // A short kill -9 run on the debug build just made: seconds of load,
+    // and any acknowledged message lost fails CI.
+    chaos::main(&workspace_root(), &["--quick".into(), "--debug".into()])?;
     eprintln!("==> ci passed");
     Ok(())
 }
@@ -89,9 +94,7 @@ fn ci() -> Result<()> {
 fn install_test_packages() -> Result<()> {
     let missing: Vec<&str> = TEST_PACKAGES
         .iter()
-        .filter(|(_, cmd)| {
-            !Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success())
-        })
+        .filter(|(pkg, _)| !debian_package_installed(pkg))
         .map(|(pkg, _)| *pkg)
         .collect();
     if missing.is_empty() {
@@ -112,6 +115,15 @@ fn install_test_packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// Asks dpkg rather than looking for a command: some test packages are
+/// libraries (libnet-ssleay-perl) and some install no command on PATH.
+fn debian_package_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Status}", pkg])
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout == b"installed")
 }
 
 fn is_root() -> bool {

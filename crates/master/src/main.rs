@@ -11,7 +11,15 @@
 //! time, last state change) from the fixed-size status records each child
 //! sends on its own socket, replaces children before they retire, retires
 //! idle extras, throttles services whose children die at start, and logs
-//! abnormal exits. Children find their binaries next to this one's.
+//! abnormal exits. It enforces the lifetime policy (`master_life`): each
+//! child's own jittered lifetime, `max_idle`, the session deadline and the
+//! overdue grace, after which a child is terminated whatever its load.
+//! When every smtpd is busy at `process_limit`, clients that waited
+//! `overload_wait` in the backlog get `421 4.3.2 ... Service busy` from the
+//! master, which writes that line and closes without reading. It serves
+//! the operator's control socket `<run_dir>/master.sock` (`mortal status`,
+//! `reload`, `stop`) and, if configured, rewrites a Prometheus text file.
+//! Children find their binaries next to this one's.
 //!
 //! # Security
 //! The master never parses mail or client bytes: it binds sockets, forks and
@@ -36,15 +44,21 @@
 //! # Standards
 //! None on the wire. Log lines follow Postfix's master (`daemon started --
 //! version ...`, `warning: process ... pid ... exit status ...`, `has
-//! reached its process limit`, `bad command startup -- throttling`).
+//! reached its process limit`, `bad command startup -- throttling`), plus
+//! `warning: process ... pid N: session deadline exceeded, killing` and
+//! `... still running Ns after its lifetime, killing`.
 //!
 //! # Configuration
 //! `mortal.toml`: `[server]` (spool_dir, run_dir, user), `[smtpd] listen`,
-//! `[process.smtpd]` and `[process.cleanup]` (process_limit, prefork,
-//! min_spare, max_spare; max_use is the children's own business), `[log]`.
-//! SIGHUP re-reads it: a new generation of children reads the new file,
-//! while busy children of the old one finish their session first. Listen
-//! addresses and directories change only on restart.
+//! `[server] metrics_file`, `[process.smtpd]` and `[process.cleanup]`
+//! (process_limit, prefork, min_spare, max_spare, max_idle, max_lifetime,
+//! lifetime_jitter, session_deadline, overdue_grace, and for smtpd
+//! overload_wait; max_use is the children's own business), `[log]`.
+//! SIGHUP or `reload` on the control socket re-reads it: a new generation
+//! of children reads the new file, while busy children of the old one
+//! finish their session first; an invalid file is refused, with its
+//! errors, and the old configuration stays. Listen addresses and
+//! directories change only on restart.
 //!
 //! # Diagnostics
 //! Everything goes to stderr in the `[log]` format, shared with the

@@ -33,6 +33,11 @@ pub fn master_listen_tcp(addr: SocketAddr) -> io::Result<Socket> {
     }
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
+    // The master itself accepts only to answer overload (`master_overload`)
+    // and must never block in accept when a child took the client first.
+    // (The flag is on the file description the children share; they set it
+    // too.)
+    socket.set_nonblocking(true)?;
     Ok(socket)
 }
 

@@ -71,7 +71,7 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::unistd::{Gid, Uid, User};
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use thiserror::Error;
@@ -133,7 +133,9 @@ impl Service {
 /// Why a sandbox could not be entered; every variant ends the process.
 #[derive(Debug, Error)]
 pub enum SandboxError {
-    #[error("user {0:?} (server.user) does not exist: create it (useradd --system {0}) or set [server] user")]
+    #[error(
+        "user {0:?} does not exist: started as root, the daemons drop to [server] user (default \"mortal\"): create it (useradd --system {0}) or set [server] user"
+    )]
     NoSuchUser(String),
     #[error("user {0:?} (server.user) is root: the daemons must run unprivileged")]
     RootUser(String),
@@ -402,16 +404,28 @@ pub fn own_dirs(config: &Config, user: &MailUser) -> Result<(), SandboxError> {
         chown(&dir, user.uid, user.gid, MAIL_USER_MODE)?;
         let entries = fs::read_dir(&dir).map_err(|source| SandboxError::Io { path: dir.clone(), source })?;
         for entry in entries.flatten() {
-            let owned = entry.metadata().is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == user.uid.as_raw());
+            let owned = entry.metadata().is_ok_and(|m| m.uid() == user.uid.as_raw());
             if !owned && entry.file_type().is_ok_and(|t| t.is_file()) {
                 nix::unistd::chown(&entry.path(), Some(user.uid), Some(user.gid))
                     .map_err(|e| SandboxError::Io { path: entry.path(), source: e.into() })?;
             }
         }
     }
+    // The Maildir root is ours under the spool, or when the master just
+    // made it (empty and root's); an operator's existing one elsewhere is
+    // left as it is, with a warning if the queue cannot write it.
     let maildir = config.maildir_root();
-    if maildir.starts_with(&config.server.spool_dir) {
+    let meta = fs::metadata(maildir).map_err(|source| SandboxError::Io { path: maildir.to_owned(), source })?;
+    let fresh = meta.uid() == 0 && fs::read_dir(maildir).is_ok_and(|mut d| d.next().is_none());
+    if maildir.starts_with(&config.server.spool_dir) || fresh {
         chown(maildir, user.uid, user.gid, MAIL_USER_MODE)?;
+    } else if meta.uid() != user.uid.as_raw() {
+        tracing::warn!(
+            "warning: {}: delivery.maildir_root belongs to uid {}, not to {}: Maildir delivery may fail",
+            maildir.display(),
+            meta.uid(),
+            user.name
+        );
     }
     chown(&config.private_dir(), root.0, user.gid, PRIVATE_DIR_ROOT_MODE)
 }

@@ -787,8 +787,12 @@ impl Config {
             if !(0.0..1.0).contains(&p.lifetime_jitter) {
                 bad(&table, "lifetime_jitter", "must be at least 0 and below 1".into());
             }
-            if !p.max_lifetime.is_zero() && p.max_lifetime < MIN_LIFETIME {
-                bad(&table, "max_lifetime", format!("must be 0s (unlimited) or at least {MIN_LIFETIME:?}"));
+            // The shortest life a child can draw, not just the longest.
+            let shortest = p.max_lifetime.mul_f64(1.0 - p.lifetime_jitter.clamp(0.0, 1.0));
+            if !p.max_lifetime.is_zero() && shortest < MIN_LIFETIME {
+                let msg =
+                    format!("must be 0s (unlimited), or with lifetime_jitter give lives of at least {MIN_LIFETIME:?}");
+                bad(&table, "max_lifetime", msg);
             }
             if !p.max_lifetime.is_zero() && p.overdue_grace.is_zero() {
                 bad(&table, "overdue_grace", "must be above 0: a busy child past its life needs time to finish".into());
@@ -979,7 +983,8 @@ mod tests {
         let c = Config::parse("", Path::new("/etc/mortal/m.toml")).unwrap();
         assert!(c.smtpd.smtputf8 && c.smtpd.chunking && c.smtpd.dsn && !c.smtpd.tls_offered());
         assert_eq!(c.smtpd.bare_newline, BareNewline::Reject);
-        let text = "[smtpd]\ntls_cert_file = \"tls/cert.pem\"\ntls_key_file = \"/k.pem\"\nbare_newline = \"normalize\"\n";
+        let text =
+            "[smtpd]\ntls_cert_file = \"tls/cert.pem\"\ntls_key_file = \"/k.pem\"\nbare_newline = \"normalize\"\n";
         let c = Config::parse(text, Path::new("/etc/mortal/m.toml")).unwrap();
         assert_eq!(c.smtpd.tls_cert_file.as_deref(), Some(Path::new("/etc/mortal/tls/cert.pem")));
         assert_eq!(c.smtpd.tls_key_file.as_deref(), Some(Path::new("/k.pem")));

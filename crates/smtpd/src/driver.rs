@@ -307,7 +307,9 @@ impl Connection {
             return session.tls_failed("TLS is not available");
         };
         let acceptor = tls.acceptor().clone();
-        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else { unreachable!() };
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else {
+            unreachable!("matched Stream::Plain above")
+        };
         match timeout(self.handshake_timeout, acceptor.accept(tcp)).await {
             Ok(Ok(stream)) => {
                 let info = tls::describe(stream.get_ref().1);

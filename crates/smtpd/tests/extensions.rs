@@ -473,3 +473,36 @@ async fn slowloris_bdat_chunks_are_cut_off() {
     };
     tokio::join!(cleanup, smtp, driver::session(&config, server));
 }
+
+/// DSN parameters and SMTPUTF8 travel to cleanup decoded, in the IPC
+/// records that end up in the queue file.
+#[tokio::test]
+async fn dsn_and_smtputf8_reach_cleanup() {
+    let dir = Dir::new();
+    let config = dir.config("");
+    let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
+    let (mut client, server) = connect().await;
+    let smtp = async {
+        client.reply().await;
+        client.cmd("EHLO client.test").await;
+        let mail = "MAIL FROM:<jürgen@example.test> SMTPUTF8 RET=HDRS ENVID=id+2B1";
+        assert_eq!(client.cmd(mail).await, "250 2.1.0 Ok\r\n");
+        let rcpt = "RCPT TO:<bob@example.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;b+2Bob@example.test";
+        assert_eq!(client.cmd(rcpt).await, "250 2.1.5 Ok\r\n");
+        assert!(client.cmd("DATA").await.starts_with("354 "));
+        client.send(b"Subject: dsn\r\n\r\n.\r\n").await;
+        assert_eq!(client.reply().await, format!("250 2.0.0 Ok: queued as {QUEUE_ID}\r\n"));
+        client.cmd("QUIT").await;
+    };
+    let (got, (), ()) = tokio::join!(cleanup_accepting(&listener, 1), smtp, driver::session(&config, server));
+    let got = &got[0];
+    assert_eq!(client_of(got).protocol, "UTF8SMTP");
+    let Request::Sender(sender) = &got[2] else { panic!("expected Sender, got {:?}", got[2]) };
+    assert_eq!(
+        (sender.address.as_str(), sender.smtputf8, sender.ret, sender.envid.as_str()),
+        ("jürgen@example.test", true, Some(mortal_proto::ipc::DsnRet::Headers), "id+1")
+    );
+    let Request::Recipient(rcpt) = &got[3] else { panic!("expected Recipient, got {:?}", got[3]) };
+    let notify = mortal_proto::ipc::Notify { never: false, success: true, failure: false, delay: true };
+    assert_eq!((rcpt.notify, rcpt.orcpt.as_str()), (notify, "rfc822;b+ob@example.test"));
+}

@@ -252,6 +252,13 @@ mod tests {
             libc::SYS_mount,
             libc::SYS_bind,
             libc::SYS_listen,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_fork,
+            libc::SYS_mprotect,
+            libc::SYS_sendmsg,
+            libc::SYS_recvmsg,
+            libc::SYS_kill,
         ] {
             assert!(!rules.contains_key(&forbidden), "syscall {forbidden} must not be allowed in smtpd");
         }

@@ -778,7 +778,9 @@ impl Session {
         if chunk.remaining > 0 {
             return true;
         }
-        let Phase::Chunk(chunk) = std::mem::replace(&mut self.phase, Phase::Command) else { unreachable!() };
+        let Phase::Chunk(chunk) = std::mem::replace(&mut self.phase, Phase::Command) else {
+            unreachable!("matched Phase::Chunk above")
+        };
         self.chunk_done(chunk);
         true
     }
