@@ -635,14 +635,20 @@ impl Config {
         config.source = file.to_owned();
         let base = file.parent().unwrap_or(Path::new("."));
         config.server.spool_dir = base.join(&config.server.spool_dir);
+        // Defaults derive from the already-resolved spool_dir: joining the
+        // base again would double a relative base (`etc/etc/../spool`).
         config.server.run_dir =
-            Some(base.join(config.server.run_dir.clone().unwrap_or_else(|| config.server.spool_dir.join("run"))));
+            Some(config.server.run_dir.take().map_or_else(|| config.server.spool_dir.join("run"), |p| base.join(p)));
         config.smtpd.tls_cert_file = config.smtpd.tls_cert_file.take().map(|p| base.join(p));
         config.smtpd.tls_key_file = config.smtpd.tls_key_file.take().map(|p| base.join(p));
         config.server.recipient_map = config.server.recipient_map.take().map(|p| base.join(p));
         config.server.metrics_file = config.server.metrics_file.take().map(|p| base.join(p));
         config.delivery.maildir_root = Some(
-            base.join(config.delivery.maildir_root.clone().unwrap_or_else(|| config.server.spool_dir.join("maildir"))),
+            config
+                .delivery
+                .maildir_root
+                .take()
+                .map_or_else(|| config.server.spool_dir.join("maildir"), |p| base.join(p)),
         );
         config.delivery.smtp_tls_ca_file = config.delivery.smtp_tls_ca_file.as_ref().map(|p| base.join(p));
         let resolve = |r: &mut Route| {
@@ -909,6 +915,14 @@ mod tests {
         assert_eq!(c.server.spool_dir, Path::new("/checkout/etc/../spool"));
         assert!(c.accepts_domain("EXAMPLE.test"));
         assert!(!c.accepts_domain("elsewhere.test"));
+    }
+
+    /// A config named by a relative path resolves every path once.
+    #[test]
+    fn relative_config_path_resolves_defaults_once() {
+        let c = Config::parse("[server]\nspool_dir = \"../spool\"\n", Path::new("etc/mortal.toml")).unwrap();
+        assert_eq!(c.run_dir(), Path::new("etc/../spool/run"));
+        assert_eq!(c.maildir_root(), Path::new("etc/../spool/maildir"));
     }
 
     #[test]
