@@ -10,7 +10,9 @@ use mortal_tests::{Instance, Options, children_of, wait_for};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::fs;
+use std::io::{Read, Write};
 use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 /// The limits of the shared instance: two connections at once, ten per
@@ -114,7 +116,7 @@ impl Drop for Resume {
 }
 
 #[test]
-fn a_hung_anvil_fails_open() {
+fn a_hung_or_killed_anvil_fails_open_and_is_replaced() {
     let mortal = Instance::start_with(Options {
         smtpd_extra: "client_connection_count_limit = 1\nclient_limit_exceptions = []\n".into(),
         ..Options::default()
@@ -143,6 +145,31 @@ fn a_hung_anvil_fails_open() {
     assert!(log.contains("warning: anvil "), "{log}");
     assert!(b.cmd("QUIT").unwrap().starts_with("221"));
     drop(resume);
+
+    // A broken request ends that anvil connection and nothing else.
+    let socket = mortal.spool().join("run/private/anvil");
+    let mut raw = UnixStream::connect(&socket).expect("connect to anvil");
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw.write_all(&[0xA7, 1, 2, 4, 192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+    assert!(matches!(raw.read(&mut [0u8; 12]), Ok(0) | Err(_)), "Message before Connect must end the connection");
+    mortal.wait_for_log("warning: protocol violation from smtpd: first request is not Connect");
+
+    // Killed: the master starts a new anvil, which counts from zero.
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("SIGKILL anvil");
+    let successor = wait_for("a new anvil", || {
+        let new = anvil_pid(&mortal);
+        (new != pid).then_some(new)
+    });
+    assert!(successor.is_some(), "{}", mortal.log_text());
+    let src = Ipv4Addr::new(127, 0, 0, 11);
+    let limited = wait_for("limits enforced again", || {
+        let (held, g) = greet(src, mortal.port);
+        assert!(g.starts_with("220 "), "{g}");
+        let (_, second) = greet(src, mortal.port);
+        drop(held);
+        second.starts_with("421 4.7.0").then_some(())
+    });
+    assert!(limited.is_some(), "{}", mortal.log_text());
 }
 
 #[test]

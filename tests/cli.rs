@@ -259,6 +259,18 @@ fn list_show_and_stats_describe_the_queue() {
         "{r:?}"
     );
 
+    // A file that fails to decode is listed (when asked for) with the
+    // reason, and can be deleted.
+    let bad = queue_id::make(SystemTime::now(), 0xBAD);
+    fs::write(inst.spool().join("corrupt").join(&bad), b"MORTALQ\0 torn").unwrap();
+    let corrupt = list_json(&inst, &["--queue", "corrupt"]);
+    assert_eq!(corrupt.len(), 1, "{corrupt:?}");
+    assert_eq!((corrupt[0]["queue_id"].as_str(), corrupt[0]["queue_name"].as_str()), (Some(&*bad), Some("corrupt")));
+    assert!(corrupt[0]["error"].as_str().is_some_and(|e| !e.is_empty()), "{corrupt:?}");
+    assert!(record(&list_json(&inst, &[]), &bad).is_none(), "corrupt files only when asked for");
+    let r = mortal(&inst, &["queue", "delete", &bad]);
+    assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{bad}: removed")), "{r:?}");
+
     // Unknown and malformed ids.
     let missing = queue_id::make(SystemTime::now(), 1);
     let r = mortal(&inst, &["queue", "show", &missing]);
@@ -311,7 +323,13 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{requeued}: requeued")), "{r:?}");
     let r = mortal(&inst, &["queue", "flush", &flushed]);
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{flushed}: scheduled for delivery now")), "{r:?}");
-    for moved in [&requeued, &flushed] {
+    // flush without ids: every deferred message is due now.
+    let all = place(&inst, "deferred", "w@example.test", "b@example.test", "4.4.1 old", later);
+    // Messages that keep failing cycle through active/: retry while busy.
+    let r = until_not_busy(&inst, &["queue", "flush"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains(&format!("{all}: scheduled for delivery now")), "{r:?}");
+    for moved in [&requeued, &flushed, &all] {
         wait_for("an attempt", || (attempts(&inst, moved) > 0).then_some(()))
             .unwrap_or_else(|| panic!("{moved} not tried\n{}", inst.log_text()));
     }
@@ -324,7 +342,7 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
     assert_eq!(mortal(&inst, &["queue", "delete", &doomed]).code, EXIT_NOT_FOUND);
     let r = until_not_busy(&inst, &["queue", "delete", "--sender", "@example.test"]);
     assert_eq!(r.code, 0, "{r:?}");
-    for gone in [&id, &requeued, &flushed] {
+    for gone in [&id, &requeued, &flushed, &all] {
         assert_eq!(queue_of(&inst, gone), None, "{gone} deleted\n{r:?}");
     }
     let r = mortal(&inst, &["queue", "list"]);

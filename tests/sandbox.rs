@@ -84,7 +84,7 @@ fn every_daemon_proves_its_sandbox() {
     if !is_root() {
         println!("not root: the privilege drop and smtpd's chroot are not exercised (they need root)");
     }
-    for service in ["smtpd", "cleanup", "queue"] {
+    for service in ["smtpd", "cleanup", "queue", "anvil"] {
         let (out, table) = site.selftest(service);
         assert!(out.status.success(), "{service}: an attempt went the wrong way\n{table}");
         assert!(table.contains(&format!("{service}: ")) && table.contains(" 0 wrong"), "{table}");

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// The daemons that sandbox themselves.
-const SERVICES: [&str; 3] = ["smtpd", "cleanup", "queue"];
+const SERVICES: [&str; 4] = ["smtpd", "cleanup", "queue", "anvil"];
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
     if !args.is_empty() {

@@ -5,7 +5,13 @@
 //! (detached, logging to `<spool_dir>/log/mortal.log`, or in the
 //! foreground); `mortal stop` drains and stops it; `mortal reload` makes it
 //! re-read the configuration; `mortal check` validates the configuration
-//! with line-precise errors. Like `postfix start|stop|reload|check`.
+//! with line-precise errors, and warns about risky settings
+//! (`mortal_check`). Like `postfix start|stop|reload|check`. `mortal queue
+//! list|show|stats|hold|release|requeue|flush|delete` inspect and change
+//! the queue while it runs, by the operator lock protocol of
+//! docs/queue-format.md (`queue_cmd` and the `queue_*` modules; Postfix's
+//! mailq, postqueue, postcat and postsuper). `mortal version` and
+//! `mortal completions bash|zsh|fish`.
 //!
 //! # Security
 //! Runs with the operator's privileges and trusts the operator. It signals
@@ -26,7 +32,8 @@
 //! `file:line: key: message`. Exit status: 0 success; 1 failure (invalid
 //! configuration, not running, already running, the master failed to
 //! start); 2 bad command line; 3 `stop` timed out with the master still
-//! running.
+//! running. `mortal queue` adds 66 (no such message), 75 (being
+//! delivered, try again) and 77 (permission denied), as in its `--help`.
 #![forbid(unsafe_code)]
 
 mod mortal_check;
@@ -62,12 +69,14 @@ Examples:
   mortal start --foreground             run the master in this terminal; Ctrl-C stops it
   mortal reload                         re-read the configuration without dropping sessions
   mortal stop --timeout 60              drain: busy sessions finish, then the master exits
+  mortal queue list                     what mailq shows; `mortal queue --help` for the queue commands
 
 Exit status:
   0  success
   1  failure: invalid configuration, not running, already running, or the master failed to start
   2  bad command line
-  3  stop timed out: the master is still running";
+  3  stop timed out: the master is still running
+  66, 75, 77  queue commands: no such message, being delivered (try again), permission denied";
 
 /// Operator commands for the mortal mail system.
 #[derive(Debug, Parser)]

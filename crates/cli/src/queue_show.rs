@@ -113,7 +113,7 @@ fn envelope_fields(queue: QueueName, qf: &QueueFile) -> Vec<(&'static str, Strin
         ("body", body_name(s.body).into()),
         ("smtputf8", if s.smtputf8 { "yes" } else { "no" }.into()),
         ("ret", ret_name(s.ret).into()),
-        ("envid", s.envid.clone()),
+        ("envid", if s.envid.is_empty() { "none".into() } else { s.envid.clone() }),
     ]
 }
 

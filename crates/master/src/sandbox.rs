@@ -91,6 +91,8 @@ pub const SMTPD_NOFILE: u64 = 64;
 pub const CLEANUP_NOFILE: u64 = 64;
 /// Descriptors the queue manager holds besides its deliveries.
 pub const QUEUE_NOFILE_BASE: u64 = 256;
+/// anvil's descriptors besides one per smtpd child it may serve.
+pub const ANVIL_NOFILE_BASE: u64 = 64;
 /// Descriptors one concurrent delivery may hold (queue file, Maildir file
 /// or next-hop socket, a pipe command's three pipes, its cached connection).
 pub const QUEUE_NOFILE_PER_DELIVERY: u64 = 8;
@@ -108,6 +110,8 @@ pub enum Service {
     Smtpd,
     Cleanup,
     Queue,
+    /// The per-client counter smtpd consults; needs no file after start.
+    Anvil,
 }
 
 impl Service {
@@ -116,6 +120,7 @@ impl Service {
             Service::Smtpd => "smtpd",
             Service::Cleanup => "cleanup",
             Service::Queue => "queue",
+            Service::Anvil => "anvil",
         }
     }
 
@@ -125,6 +130,11 @@ impl Service {
             Service::Cleanup => CLEANUP_NOFILE,
             Service::Queue => {
                 QUEUE_NOFILE_BASE + u64::from(config.queue.delivery_concurrency) * QUEUE_NOFILE_PER_DELIVERY
+            }
+            // One connection per smtpd session, for every smtpd pool.
+            Service::Anvil => {
+                let pools = (config.smtpd.listen.len() + config.smtpd.proxy_listen.len()) as u64;
+                ANVIL_NOFILE_BASE + pools * u64::from(config.process.smtpd.process_limit)
             }
         }
     }
@@ -233,7 +243,8 @@ pub(crate) fn enter_layers(service: Service, config: &Config, with_seccomp: bool
     let mut chroot = None;
     match &user {
         Some(user) => {
-            if service == Service::Smtpd {
+            // smtpd and anvil need nothing but sockets in private/.
+            if matches!(service, Service::Smtpd | Service::Anvil) {
                 let root = config.private_dir();
                 nix::unistd::chroot(&root).map_err(step("chroot"))?;
                 nix::unistd::chdir("/").map_err(step("chdir /"))?;
@@ -326,7 +337,7 @@ fn landlock_rules(service: Service, config: &Config) -> Result<landlock::Ruleset
     };
     match service {
         // No rule: no file, no directory, no TCP port.
-        Service::Smtpd => Ok(ruleset),
+        Service::Smtpd | Service::Anvil => Ok(ruleset),
         Service::Cleanup => rule(ruleset, &config.queue_dir("incoming"), fs_rw),
         Service::Queue if pipe_routed(config) => {
             tracing::warn!(

@@ -170,7 +170,8 @@ pub fn smtpd_rules() -> Result<Rules, SandboxError> {
 }
 
 fn deny_rules(service: Service) -> Result<Rules, SandboxError> {
-    let extra = if service == Service::Cleanup { CLEANUP_DENIED } else { &[] };
+    // Neither cleanup nor anvil ever runs a program.
+    let extra = if matches!(service, Service::Cleanup | Service::Anvil) { CLEANUP_DENIED } else { &[] };
     let mut rules: Rules = DENIED.iter().chain(extra).map(|&(nr, _)| (nr, Vec::new())).collect();
     let namespaces = CLONE_NAMESPACES
         .iter()
@@ -201,7 +202,7 @@ pub fn install(service: Service) -> Result<usize, SandboxError> {
             let count = rules.len();
             (compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)?, count)
         }
-        Service::Cleanup | Service::Queue => {
+        Service::Cleanup | Service::Queue | Service::Anvil => {
             let rules = deny_rules(service)?;
             let count = rules.len();
             (compile(rules, SeccompAction::Allow, SeccompAction::KillProcess)?, count)

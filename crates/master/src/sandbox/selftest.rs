@@ -153,7 +153,7 @@ impl Attempt {
             (Attempt::ConnectCleanup, Service::Smtpd) => Some(Allowed),
             (Attempt::ConnectQueue, Service::Cleanup) => Some(Allowed),
             (Attempt::ConnectCleanup | Attempt::ConnectQueue, _) => None,
-            (Attempt::Chroot, Service::Smtpd) => Some(Denied),
+            (Attempt::Chroot, Service::Smtpd | Service::Anvil) => Some(Denied),
             (Attempt::Chroot, _) => None,
             _ => Some(Denied),
         }

@@ -77,6 +77,7 @@ struct Peaks {
 }
 
 fn main() {
+    mortal_master::sandbox::selftest::run_if_asked(mortal_master::sandbox::Service::Anvil);
     let config = child::startup("anvil");
     let (listener, mut link) = match (UnixListener::inherited(), MasterLink::inherited()) {
         (Ok(l), Ok(m)) => (l, m),
@@ -92,11 +93,10 @@ fn main() {
             std::process::exit(1);
         }
     };
-    // Started by a root master: give up root before the first request.
-    if let Err(e) = drop_root(&config) {
-        tracing::error!("fatal: {e}");
-        std::process::exit(1);
-    }
+    // Started by a root master: give up root, and enter the same kind of
+    // sandbox as smtpd (chroot, no files, no program execution) before the
+    // first request. The runtime is current-thread: no thread exists yet.
+    mortal_master::sandbox::enter_or_exit(mortal_master::sandbox::Service::Anvil, &config);
     if let Err(e) = link.report(ChildState::Ready) {
         tracing::error!("fatal: master link: {e}");
         std::process::exit(1);
@@ -243,30 +243,6 @@ fn log_statistics(shared: &Shared, unit: Duration, size: usize) {
         tracing::info!("statistics: max cache size {}", peaks.clients);
     }
     *peaks = Peaks { clients: size, ..Peaks::default() };
-}
-
-/// As root (a production master), chroots into the private directory and
-/// becomes `[server] user`, irreversibly: anvil needs no file after start
-/// (its listener is inherited) and no privilege at all. Must run before
-/// any thread is started. A no-op for an unprivileged (development) run.
-fn drop_root(config: &mortal_proto::config::Config) -> Result<(), String> {
-    use nix::unistd::{Gid, Uid, chdir, chroot, setgid, setgroups, setuid};
-    let user = match mortal_master::sandbox::mail_user(config) {
-        Ok(Some(user)) => user,
-        Ok(None) => return Ok(()),
-        Err(e) => return Err(format!("sandbox: {e}")),
-    };
-    let private = config.private_dir();
-    chroot(&private).map_err(|e| format!("chroot {}: {e}", private.display()))?;
-    chdir("/").map_err(|e| format!("chdir /: {e}"))?;
-    setgroups(&[user.gid]).map_err(|e| format!("setgroups: {e}"))?;
-    setgid(user.gid).map_err(|e| format!("setgid: {e}"))?;
-    setuid(user.uid).map_err(|e| format!("setuid {}: {e}", user.name))?;
-    // setuid as root changes every uid; prove there is no way back.
-    if setuid(Uid::from_raw(0)).is_ok() || setgid(Gid::from_raw(0)).is_ok() {
-        return Err("privileges could be regained after dropping them".into());
-    }
-    Ok(())
 }
 
 /// A panic in one task must not take every later request down with it:
