@@ -15,6 +15,8 @@ use std::path::PathBuf;
 
 /// Suffix of files being written; not a queue id, so never picked up.
 pub const TEMP_SUFFIX: &str = ".tmp";
+/// Queue files: the mail user writes, its group (queue operators) reads.
+pub const QUEUE_FILE_MODE: u32 = 0o640;
 /// Write buffer for queue files: one syscall per this many bytes.
 const WRITE_BUFFER: usize = 64 * 1024;
 
@@ -37,7 +39,7 @@ impl Spool {
     /// than a shared file.
     pub fn create(&self, id: &str) -> io::Result<SpoolFile<'_>> {
         let temp = self.incoming.join(format!("{id}{TEMP_SUFFIX}"));
-        let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
+        let file = OpenOptions::new().write(true).create_new(true).mode(QUEUE_FILE_MODE).open(&temp)?;
         Ok(SpoolFile {
             spool: self,
             temp,

@@ -102,8 +102,11 @@ const STDERR_FD: i32 = 2;
 const DEFAULT_CONFIG: &str = "/etc/mortal/mortal.toml";
 /// The spool root: others may see that it exists, not what it holds.
 const SPOOL_DIR_MODE: u32 = 0o755;
-/// Queue directories hold mail: owner only.
-const QUEUE_DIR_MODE: u32 = 0o700;
+/// Queue directories hold mail: the owner writes, the mail group (queue
+/// operators) reads.
+const QUEUE_DIR_MODE: u32 = mortal_master::sandbox::QUEUE_DIR_MODE;
+/// Delivered mail in the default Maildir root: owner only.
+const MAILDIR_ROOT_MODE: u32 = mortal_master::sandbox::MAIL_USER_MODE;
 /// The run directory holds the pid file, which operators' tools read.
 const RUN_DIR_MODE: u32 = 0o755;
 /// The private directory holds the daemons' sockets: owner only, enforced
@@ -264,7 +267,7 @@ fn make_dirs(config: &Config) -> anyhow::Result<()> {
         .with_context(|| format!("chmod {}", private.display()))?;
     // The queue delivers into it from inside its sandbox, which cannot
     // create it.
-    make_dir(config.maildir_root(), QUEUE_DIR_MODE)
+    make_dir(config.maildir_root(), MAILDIR_ROOT_MODE)
 }
 
 fn make_dir(path: &Path, mode: u32) -> anyhow::Result<()> {

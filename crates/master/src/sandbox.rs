@@ -103,6 +103,9 @@ pub const PRIVATE_DIR_ROOT_MODE: u32 = 0o710;
 /// Queue directories, the Maildir root and the private sockets belong to
 /// the mail user, owner only.
 pub const MAIL_USER_MODE: u32 = 0o700;
+/// Queue directories: the mail user writes; its group (the operators who
+/// may read the queue with `mortal queue list/show`) reads.
+pub const QUEUE_DIR_MODE: u32 = 0o750;
 
 /// The daemons that sandbox themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -412,7 +415,7 @@ pub fn own_dirs(config: &Config, user: &MailUser) -> Result<(), SandboxError> {
     let root = (Uid::from_raw(0), Gid::from_raw(0));
     for name in QUEUE_DIRS {
         let dir = config.queue_dir(name);
-        chown(&dir, user.uid, user.gid, MAIL_USER_MODE)?;
+        chown(&dir, user.uid, user.gid, QUEUE_DIR_MODE)?;
         let entries = fs::read_dir(&dir).map_err(|source| SandboxError::Io { path: dir.clone(), source })?;
         for entry in entries.flatten() {
             let owned = entry.metadata().is_ok_and(|m| m.uid() == user.uid.as_raw());

@@ -56,7 +56,8 @@ fn write_durably(path: &Path, bytes: &[u8], exclusive: bool) -> io::Result<()> {
     let name = path.file_name().ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
     let temp = path.with_file_name(format!("{}.tmp", name.to_string_lossy()));
     let mut options = OpenOptions::new();
-    options.write(true).mode(0o600);
+    // Like cleanup's: the mail group (queue operators) may read.
+    options.write(true).mode(0o640);
     if exclusive {
         options.create_new(true);
     } else {
