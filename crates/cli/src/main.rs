@@ -4,7 +4,9 @@
 //! `mortal start` validates the configuration and starts `mortal-master`
 //! (detached, logging to `<spool_dir>/log/mortal.log`, or in the
 //! foreground); `mortal stop` drains and stops it; `mortal reload` makes it
-//! re-read the configuration; `mortal check` validates the configuration
+//! re-read the configuration; `mortal status [--json]` shows its
+//! scoreboard (`status`; these three talk to the master's control socket,
+//! falling back to signals for stop and reload); `mortal check` validates the configuration
 //! with line-precise errors, and warns about risky settings
 //! (`mortal_check`). Like `postfix start|stop|reload|check`. `mortal queue
 //! list|show|stats|hold|release|requeue|flush|delete` inspect and change
@@ -68,6 +70,7 @@ Examples:
   mortal start                          start in the background, log to <spool_dir>/log/mortal.log
   mortal start --foreground             run the master in this terminal; Ctrl-C stops it
   mortal reload                         re-read the configuration without dropping sessions
+  mortal status --json                  every child: pid, service, generation, state, sessions, age
   mortal stop --timeout 60              drain: busy sessions finish, then the master exits
   mortal queue list                     what mailq shows; `mortal queue --help` for the queue commands
 

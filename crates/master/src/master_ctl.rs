@@ -36,6 +36,9 @@ pub const MAX_CONNECTIONS: usize = 8;
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for the event loop to answer (it is never busy for long).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (out of descriptors, say), so the control
+/// task cannot spin.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(500);
 
 /// A request for the event loop, with where to send its reply.
 #[derive(Debug)]

@@ -232,7 +232,7 @@ impl Master {
                     Err(e) => {
                         // EMFILE and friends: do not spin.
                         tracing::warn!("warning: control socket: accept: {e}");
-                        tokio::time::sleep(master_ctl::IO_TIMEOUT / 10).await;
+                        tokio::time::sleep(master_ctl::ACCEPT_ERROR_BACKOFF).await;
                     }
                 }
             }
