@@ -190,7 +190,9 @@ fn recover(config: &Config) -> io::Result<()> {
         };
         match result {
             // Renamed away by an operator command meanwhile: theirs now.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => tracing::debug!("{name}: gone from active/ during recovery"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::debug!("{name}: gone from active/ during recovery")
+            }
             other => other?,
         }
     }
