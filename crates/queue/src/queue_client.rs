@@ -111,6 +111,8 @@ pub struct Extensions {
     pub eightbitmime: bool,
     pub smtputf8: bool,
     pub dsn: bool,
+    pub chunking: bool,
+    pub binarymime: bool,
     /// SIZE limit, when announced (0: announced without a limit).
     pub size: Option<u64>,
 }
@@ -127,6 +129,8 @@ impl Extensions {
                 "8BITMIME" => ext.eightbitmime = true,
                 "SMTPUTF8" => ext.smtputf8 = true,
                 "DSN" => ext.dsn = true,
+                "CHUNKING" => ext.chunking = true,
+                "BINARYMIME" => ext.binarymime = true,
                 "SIZE" => ext.size = Some(words.next().and_then(|w| w.parse().ok()).unwrap_or(0)),
                 _ => {}
             }
@@ -348,20 +352,24 @@ impl Session {
     pub fn send(&mut self, env: &Envelope<'_>) -> Result<Vec<RcptReply>, Failure> {
         let mail = self.mail_command(env);
         let rcpts: Vec<String> = env.recipients.iter().map(|r| self.rcpt_command(r, env.pass_dsn)).collect();
+        let bdat = self.uses_bdat(env);
         let (mail_reply, rcpt_replies, data_reply) = if self.ext.pipelining {
             let mut batch = String::new();
             for line in std::iter::once(&mail).chain(&rcpts) {
                 batch.push_str(line);
                 batch.push_str("\r\n");
             }
-            batch.push_str("DATA\r\n");
+            if !bdat {
+                batch.push_str("DATA\r\n");
+            }
             self.write(batch.as_bytes(), "sending MAIL FROM")?;
             let mail_reply = self.read_reply("receiving the MAIL FROM reply")?;
             let mut rcpt_replies = Vec::with_capacity(rcpts.len());
             for _ in &rcpts {
                 rcpt_replies.push(self.read_reply("receiving the RCPT TO reply")?);
             }
-            (mail_reply, rcpt_replies, Some(self.read_reply("receiving the DATA reply")?))
+            let data = if bdat { None } else { Some(self.read_reply("receiving the DATA reply")?) };
+            (mail_reply, rcpt_replies, data)
         } else {
             let mail_reply = self.command(&mail, "MAIL FROM")?;
             let mut rcpt_replies = Vec::with_capacity(rcpts.len());
@@ -371,7 +379,7 @@ impl Session {
                 }
             }
             let any = rcpt_replies.iter().any(Reply::is_ok);
-            let data = if any { Some(self.command("DATA", "DATA")?) } else { None };
+            let data = if any && !bdat { Some(self.command("DATA", "DATA")?) } else { None };
             (mail_reply, rcpt_replies, data)
         };
         let n = env.recipients.len();
@@ -379,11 +387,17 @@ impl Session {
             self.abort(data_reply.as_ref())?;
             return Ok(vec![RcptReply { reply: mail_reply, stage: "MAIL FROM" }; n]);
         }
-        let mut answers: Vec<Option<RcptReply>> = rcpt_replies
+        let answers: Vec<Option<RcptReply>> = rcpt_replies
             .into_iter()
             .map(|r| (!r.is_ok()).then_some(RcptReply { reply: r, stage: "RCPT TO" }))
             .collect();
         let accepted = answers.iter().filter(|a| a.is_none()).count();
+        if bdat && accepted > 0 {
+            // RFC 3030: binary content goes as one last chunk, unstuffed.
+            self.write(format!("BDAT {} LAST\r\n", env.content.len()).as_bytes(), "sending BDAT")?;
+            self.write(env.content, "sending message body -- message may be sent more than once")?;
+            return self.final_replies(answers, "BDAT");
+        }
         match data_reply {
             Some(d) if d.code == 354 && accepted > 0 => {}
             Some(d) if d.code == 354 => {
@@ -403,17 +417,33 @@ impl Session {
             }
         }
         self.write_content(env.content)?;
+        self.final_replies(answers, "end of DATA")
+    }
+
+    /// The replies after the content: LMTP gives one per accepted
+    /// recipient, in order (RFC 2033 4.2), SMTP one for all.
+    fn final_replies(
+        &mut self,
+        mut answers: Vec<Option<RcptReply>>,
+        stage: &'static str,
+    ) -> Result<Vec<RcptReply>, Failure> {
+        let during = format!("receiving the {stage} reply");
         if self.dialect == Dialect::Lmtp {
-            // RFC 2033 4.2: one reply per accepted recipient, in order.
             for slot in answers.iter_mut().filter(|a| a.is_none()) {
-                let reply = self.read_reply("receiving the end of DATA reply")?;
-                *slot = Some(RcptReply { reply, stage: "end of DATA" });
+                let reply = self.read_reply(&during)?;
+                *slot = Some(RcptReply { reply, stage });
             }
             Ok(answers.into_iter().map(|a| a.expect("filled above")).collect())
         } else {
-            let reply = self.read_reply("receiving the end of DATA reply")?;
-            Ok(fill(answers, &RcptReply { reply, stage: "end of DATA" }))
+            let reply = self.read_reply(&during)?;
+            Ok(fill(answers, &RcptReply { reply, stage }))
         }
+    }
+
+    /// BINARYMIME content goes with BDAT when the server takes it; else it
+    /// is sent with DATA only if it is 8-bit clean (see `refuses`).
+    fn uses_bdat(&self, env: &Envelope<'_>) -> bool {
+        env.body == BodyType::BinaryMime && self.ext.chunking && self.ext.binarymime
     }
 
     /// RSET: ends a failed transaction, and probes a cached session.
@@ -453,7 +483,9 @@ impl Session {
         if self.ext.size.is_some() {
             cmd.push_str(&format!(" SIZE={}", env.content.len()));
         }
-        if env.body != BodyType::SevenBit && self.ext.eightbitmime {
+        if self.uses_bdat(env) {
+            cmd.push_str(" BODY=BINARYMIME");
+        } else if env.body != BodyType::SevenBit && self.ext.eightbitmime {
             cmd.push_str(" BODY=8BITMIME");
         }
         if env.smtputf8 && self.ext.smtputf8 {
@@ -676,6 +708,13 @@ impl Session {
                 format!("message size {} exceeds size limit {limit} of server {}", env.content.len(), self.peer),
             ));
         }
+        if env.body == BodyType::BinaryMime && !self.uses_bdat(env) && !is_8bit_clean(env.content) {
+            return Some(RcptResult::new(
+                Status::Bounced,
+                "5.6.3",
+                format!("binary message content (BINARYMIME) cannot be sent: host {} does not offer it", self.peer),
+            ));
+        }
         let utf8 = !env.sender.is_ascii() || env.recipients.iter().any(|r| !r.address.is_ascii());
         if utf8 && !self.ext.smtputf8 {
             return Some(RcptResult::new(
@@ -694,6 +733,30 @@ impl Session {
             None => format!("x-unix; {}", self.peer),
         }
     }
+}
+
+/// Whether content received as BINARYMIME is valid 8BITMIME after all
+/// (RFC 6152: CRLF lines of at most 998 octets, no NUL), so DATA carries
+/// it unchanged.
+fn is_8bit_clean(content: &[u8]) -> bool {
+    const MAX_LINE: usize = 998;
+    let mut len = 0;
+    for (i, &b) in content.iter().enumerate() {
+        match b {
+            0 => return false,
+            b'\r' if content.get(i + 1) != Some(&b'\n') => return false,
+            b'\n' if i == 0 || content[i - 1] != b'\r' => return false,
+            b'\n' => len = 0,
+            b'\r' => {}
+            _ => {
+                len += 1;
+                if len > MAX_LINE {
+                    return false;
+                }
+            }
+        }
+    }
+    true
 }
 
 /// Every recipient without an answer yet gets `reply`.
@@ -824,6 +887,126 @@ mod tests {
         assert!(e.pipelining && e.eightbitmime && e.dsn && e.starttls && e.smtputf8);
         assert_eq!(e.size, Some(1000));
         assert_eq!(Extensions::parse(&reply(250, &["mx.test"])), Extensions::default());
+    }
+
+    /// A scripted SMTP server on a Unix socket: answers each command with
+    /// the next canned reply, records what it got.
+    fn scripted(replies: &'static [&'static str]) -> (std::path::PathBuf, std::thread::JoinHandle<String>) {
+        use std::io::BufRead;
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mortal-client-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut out = conn.try_clone().unwrap();
+            let mut reader = io::BufReader::new(conn);
+            let mut seen = String::new();
+            out.write_all(b"220 test ESMTP\r\n").unwrap();
+            let mut in_data = false;
+            for reply in replies {
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap() == 0 {
+                        return seen;
+                    }
+                    seen.push_str(&line);
+                    if !in_data || line == ".\r\n" {
+                        break;
+                    }
+                }
+                in_data = reply.starts_with("354");
+                out.write_all(format!("{reply}\r\n").as_bytes()).unwrap();
+            }
+            seen
+        });
+        (path, server)
+    }
+
+    #[test]
+    fn helo_fallback_and_unpipelined_transaction() {
+        let (path, server) = scripted(&[
+            "502 5.5.1 EHLO not implemented",
+            "250 test",
+            "250 2.1.0 Ok",
+            "550 5.1.1 no such user",
+            "250 2.1.5 Ok",
+            "354 go ahead",
+            "250 2.0.0 queued",
+            "221 bye",
+        ]);
+        let t = Timeouts { connect: Duration::from_secs(5), command: Duration::from_secs(5) };
+        let mut s = Session::connect(&NextHop::Unix(path.clone()), Dialect::Smtp, "me.test", t).unwrap();
+        assert_eq!(s.ext, Extensions::default());
+        let rcpt = |a| EnvelopeRecipient { address: a, notify: Notify::default(), orcpt: "" };
+        let env = Envelope {
+            sender: "a@x.test",
+            recipients: vec![rcpt("bad@y.test"), rcpt("good@y.test")],
+            content: b"Subject: s\r\n\r\n.dot\r\nbare\nend",
+            body: BodyType::SevenBit,
+            smtputf8: false,
+            ret: None,
+            envid: "",
+            pass_dsn: false,
+        };
+        let answers = s.send(&env).unwrap();
+        assert_eq!((answers[0].reply.code, answers[0].stage), (550, "RCPT TO"));
+        assert_eq!((answers[1].reply.code, answers[1].stage), (250, "end of DATA"));
+        s.quit();
+        let seen = server.join().unwrap();
+        assert!(seen.starts_with("EHLO me.test\r\nHELO me.test\r\nMAIL FROM:<a@x.test>\r\n"), "{seen}");
+        assert!(seen.contains("\r\n\r\n..dot\r\nbare\r\nend\r\n.\r\nQUIT\r\n"), "dot-stuffed, CRLF: {seen:?}");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn binarymime_goes_by_bdat_with_lmtp_replies_per_recipient() {
+        let (path, server) = scripted(&[
+            "250-test\r\n250-CHUNKING\r\n250 BINARYMIME",
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+            "250 2.1.5 Ok",
+            "250 2.0.0 <a@y.test> saved",
+            "452 4.2.2 <b@y.test> mailbox full",
+            "221 bye",
+        ]);
+        let t = Timeouts { connect: Duration::from_secs(5), command: Duration::from_secs(5) };
+        let mut s = Session::connect(&NextHop::Unix(path.clone()), Dialect::Lmtp, "me.test", t).unwrap();
+        assert!(s.ext.chunking && s.ext.binarymime && !s.ext.pipelining);
+        let rcpt = |a| EnvelopeRecipient { address: a, notify: Notify::default(), orcpt: "" };
+        let env = Envelope {
+            sender: "a@x.test",
+            recipients: vec![rcpt("a@y.test"), rcpt("b@y.test")],
+            content: b"x\0y\n",
+            body: BodyType::BinaryMime,
+            smtputf8: false,
+            ret: None,
+            envid: "",
+            pass_dsn: false,
+        };
+        assert_eq!(s.refuses(&env), None);
+        let answers = s.send(&env).unwrap();
+        assert_eq!((answers[0].reply.code, answers[0].stage), (250, "BDAT"));
+        assert_eq!((answers[1].reply.code, answers[1].stage), (452, "BDAT"));
+        s.quit();
+        let seen = server.join().unwrap();
+        assert!(seen.contains("MAIL FROM:<a@x.test> BODY=BINARYMIME\r\n"), "{seen:?}");
+        assert!(seen.contains("BDAT 4 LAST\r\nx\0y\nQUIT\r\n"), "sent raw, unstuffed: {seen:?}");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn binary_content_is_checked_for_8bit_cleanliness() {
+        assert!(is_8bit_clean(b"a\r\n\xc3\xbc\r\n"));
+        assert!(!is_8bit_clean(b"a\nb"));
+        assert!(!is_8bit_clean(b"a\rb"));
+        assert!(!is_8bit_clean(b"a\0b"));
+        assert!(!is_8bit_clean(&[b'x'; 999]));
+        assert!(is_8bit_clean(&[b'x'; 998]));
     }
 
     #[test]
