@@ -92,11 +92,8 @@ fn ci() -> Result<()> {
 /// Installs missing test tools with apt when running as root (CI); as
 /// another user, says what to install instead of failing later.
 fn install_test_packages() -> Result<()> {
-    let missing: Vec<&str> = TEST_PACKAGES
-        .iter()
-        .filter(|(pkg, _)| !debian_package_installed(pkg))
-        .map(|(pkg, _)| *pkg)
-        .collect();
+    let missing: Vec<&str> =
+        TEST_PACKAGES.iter().filter(|(pkg, _)| !debian_package_installed(pkg)).map(|(pkg, _)| *pkg).collect();
     if missing.is_empty() {
         return Ok(());
     }
