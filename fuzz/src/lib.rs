@@ -16,7 +16,7 @@ use mortal_smtpd::engine::data::{DataReceiver, MAX_TEXT_LINE};
 use mortal_smtpd::engine::line::{Line, LineReader, MAX_COMMAND_LINE};
 use mortal_smtpd::engine::{Action, Answer, Session};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Size limit for the DATA decoder target: small, so the fuzzer reaches
 /// the `TooBig` path with short inputs.
@@ -151,7 +151,13 @@ pub fn smtp_session(data: &[u8]) {
     }
 }
 
+/// Parsed once: parsing TOML on every input would dominate the run.
 fn session_config() -> Arc<Config> {
+    static CONFIG: OnceLock<Arc<Config>> = OnceLock::new();
+    CONFIG.get_or_init(parse_session_config).clone()
+}
+
+fn parse_session_config() -> Arc<Config> {
     const TEXT: &str = r#"
 [server]
 hostname = "mortal.test"

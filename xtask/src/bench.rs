@@ -47,6 +47,9 @@ const DRAIN_BOUND: Duration = Duration::from_secs(180);
 /// Messages in the strace'd fsync run.
 const FSYNC_MESSAGES: u32 = 200;
 
+/// The lifetime policy of the "limited" side of the overhead measurement.
+const LIMITED_LIFE: &str = "max_lifetime = \"5s\"\nlifetime_jitter = 0.5";
+
 /// The accepted domain of both servers.
 const DOMAIN: &str = chaos::DOMAIN;
 
@@ -114,7 +117,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         };
         let target = sink.as_ref().map(|s| s.port);
         let mut postfix = Postfix::start(&dir.join("postfix"), target)?;
-        let (mortal_cfg, mortal_variant) = mortal_config(&dir.join("mortal"), target, 100)?;
+        let (mortal_cfg, mortal_variant) = mortal_config(&dir.join("mortal"), target, 100, "")?;
         let mut mortal = Mortal::start(&bins, &dir.join("mortal"), &mortal_cfg, port_of(&mortal_cfg))?;
         report.notes.push(format!("{}: mortal delivers via {mortal_variant}", mode.name()));
         for w in WORKLOADS {
@@ -139,10 +142,15 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         postfix.stop();
     }
 
-    // Lifetime policy overhead: churn with max_use 100 against unlimited.
+    // Lifetime policy overhead: churn with max_use 100 and a short life
+    // (so it bites within the run) against no limit at all.
     let churn = Workload { messages: WORKLOADS[1].messages / scale, ..WORKLOADS[1] };
-    for (max_use, label) in [(100, "max_use=100"), (0, "max_use=0 (unlimited)")] {
-        let (cfg, _) = mortal_config(&dir.join("mortal"), None, max_use)?;
+    let policies = [
+        (100, LIMITED_LIFE, "max_use=100, max_lifetime=5s, jitter 0.5"),
+        (0, "max_lifetime = \"0s\"", "unlimited (max_use=0, max_lifetime=0s)"),
+    ];
+    for (max_use, policy, label) in policies {
+        let (cfg, _) = mortal_config(&dir.join("mortal"), None, max_use, policy)?;
         let mortal = Mortal::start(&bins, &dir.join("mortal"), &cfg, port_of(&cfg))?;
         let mut samples = Vec::new();
         for _ in 0..rounds {
@@ -355,7 +363,8 @@ impl UssSampler {
 }
 
 /// mortal's config: same domain and target as Postfix's, default limits.
-fn mortal_config(dir: &Path, lmtp: Option<u16>, max_use: u32) -> Result<(String, &'static str)> {
+/// `policy` is appended to both `[process.*]` tables (lifetime keys).
+fn mortal_config(dir: &Path, lmtp: Option<u16>, max_use: u32, policy: &str) -> Result<(String, &'static str)> {
     let port = chaos::free_port()?;
     let user = chaos::user_line();
     let text = |transport: &str| {
@@ -386,6 +395,7 @@ prefork = 20
 min_spare = 5
 max_spare = 25
 max_use = {max_use}
+{policy}
 
 [process.cleanup]
 process_limit = 100
@@ -393,6 +403,7 @@ prefork = 4
 min_spare = 2
 max_spare = 20
 max_use = {max_use}
+{policy}
 "#
         )
     };
@@ -590,7 +601,7 @@ fn fsyncs_per_message(bins: &Path, dir: &Path) -> Result<Option<f64>> {
     if Command::new("strace").arg("-V").output().is_err() {
         return Ok(None);
     }
-    let (cfg, _) = mortal_config(&dir.join("mortal-strace"), None, 100)?;
+    let (cfg, _) = mortal_config(&dir.join("mortal-strace"), None, 100, "")?;
     let port = port_of(&cfg);
     let inst = dir.join("mortal-strace");
     let _ = fs::remove_dir_all(&inst);

@@ -834,11 +834,11 @@ max_use = 5
         )
     };
     let lmtp = format!("lmtp:inet:127.0.0.1:{sink_port}");
-    let lifetimes = "max_lifetime = \"4s\"\nlifetime_jitter = \"2s\"\n";
+    let lifetimes = "max_lifetime = \"4s\"\nlifetime_jitter = 0.5\n";
     vec![
-        (base(&lmtp, lifetimes), "LMTP sink, max_use 5, lifetime 4 s + jitter"),
+        (base(&lmtp, lifetimes), "LMTP sink, max_use 5, lifetime 2-4 s"),
         (base(&lmtp, ""), "LMTP sink, max_use 5"),
-        (base("maildir", lifetimes), "Maildir (no LMTP route yet), max_use 5, lifetime 4 s + jitter"),
+        (base("maildir", lifetimes), "Maildir (no LMTP route yet), max_use 5, lifetime 2-4 s"),
         (base("maildir", ""), "Maildir (no LMTP route yet), max_use 5"),
     ]
 }
