@@ -195,3 +195,43 @@ fn check_reports_file_line_and_key() {
     assert!(text.contains("bad.toml:6: process.smtpd.prefork: must not exceed process_limit (2)"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Issue 5: kill -9 of cleanup in the middle of DATA: the client gets a
+/// 4xx, nothing is queued or delivered, and the half-written file goes.
+#[test]
+fn killed_cleanup_mid_data_gives_4xx_and_leaves_no_file() {
+    let mortal = Instance::start();
+    let mut s = Smtp::connect(mortal.port).unwrap();
+    assert!(s.cmd("EHLO client.test").unwrap().starts_with("250"));
+    assert!(s.cmd("MAIL FROM:<a@example.test>").unwrap().starts_with("250"));
+    assert!(s.cmd("RCPT TO:<victim@example.test>").unwrap().starts_with("250"));
+    assert!(s.cmd("DATA").unwrap().starts_with("354"));
+    s.send_raw(b"Subject: half\r\n\r\nfirst line\r\n").unwrap();
+    // smtpd logs "<id>: client=..." once cleanup named the queue file; the
+    // id's last six hex digits are the pid of that cleanup process.
+    let log = mortal.wait_for_log(": client=unknown[127.0.0.1]");
+    let id = log
+        .lines()
+        .filter(|l| l.contains("/smtpd[") && l.contains(": client=unknown[127.0.0.1]"))
+        .find_map(|l| l.split("]: ").nth(1)?.split(':').next().map(str::to_owned))
+        .expect("queue id in the log");
+    assert!(mortal_proto::queue_id::is_valid(&id), "{id}");
+    let pid = u32::from_str_radix(&id[14..], 16).unwrap();
+    assert!(mortal.queue_files("incoming").contains(&format!("{id}.tmp")), "cleanup is writing {id}.tmp");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let gone = wait_for("cleanup reaped", || (!process_exists(pid)).then_some(()));
+    assert!(gone.is_some(), "cleanup {pid} still running");
+    s.send_raw(b"last line\r\n.\r\n").unwrap();
+    let reply = s.read_reply().unwrap();
+    assert!(reply.starts_with("451 4.3.0"), "a killed cleanup must give a temporary failure, got {reply}");
+    assert!(s.cmd("QUIT").unwrap().starts_with("221"));
+    // The queue manager removes the orphan once its writer is gone.
+    let cleaned = wait_for("orphaned temp file removed", || {
+        mortal.queue_files("incoming").iter().all(|f| !f.starts_with(&id)).then_some(())
+    });
+    assert!(cleaned.is_some(), "left in incoming/: {:?}\n{}", mortal.queue_files("incoming"), mortal.log_text());
+    for q in ["incoming", "active", "deferred", "corrupt"] {
+        assert!(mortal.queue_files(q).is_empty(), "{q}/ must be empty: {:?}", mortal.queue_files(q));
+    }
+    assert!(mortal.delivered("victim@example.test").is_empty(), "nothing may be delivered");
+}
