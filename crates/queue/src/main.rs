@@ -97,6 +97,7 @@ fn main() {
     };
     // Before the first queue file is read and before any thread starts.
     sandbox::enter_or_exit(Service::Queue, &config);
+    queue_pipe::warn_if_user_ignored(&config);
     let mut scheduler = match queue_scan::Scheduler::start(&config) {
         Ok(s) => s,
         Err(e) => {

@@ -54,6 +54,25 @@ pub fn expand(template: &[String], qf: &QueueFile, rcpt: &QueuedRecipient) -> Ve
         .collect()
 }
 
+/// Says once, at start, when `[delivery.pipe] user` cannot take effect: a
+/// queue manager that already dropped root (the production case) can only
+/// run the command as itself. A setting that silently does nothing would
+/// mislead the operator about who runs the command.
+pub fn warn_if_user_ignored(config: &Config) {
+    let Some(wanted) = config.delivery.pipe.user.as_deref() else { return };
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
+        return;
+    }
+    let me = nix::unistd::User::from_uid(uid).ok().flatten().map_or_else(|| uid.to_string(), |u| u.name);
+    if me != wanted {
+        tracing::warn!(
+            "warning: [delivery.pipe] user \"{wanted}\" does not take effect: the queue manager runs as \"{me}\" \
+             (it gives up root at start), so pipe commands run as \"{me}\"; set [delivery.pipe] user = [server] user"
+        );
+    }
+}
+
 fn run(config: &Config, qf: &QueueFile, rcpt: &QueuedRecipient) -> RcptResult {
     let pipe = &config.delivery.pipe;
     let argv = expand(&pipe.command, qf, rcpt);
