@@ -359,7 +359,8 @@ fn kill_9_of_queue_during_lmtp_delivery_loses_nothing() {
         &["example.test"],
         "",
     );
-    let before = queue_pid(&mortal).expect("a queue process");
+    // The port answers as soon as an smtpd is up; the queue may still be starting.
+    let before = wait_for("a queue process", || queue_pid(&mortal)).expect("a queue process");
     send(mortal.port, "a@example.test", &["crash@example.test"], &message("crash", "must survive"));
     let stalled = wait_for("delivery in progress", || (!mortal.queue_files("active").is_empty()).then_some(()));
     assert!(stalled.is_some(), "{}", mortal.log_text());

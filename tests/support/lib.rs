@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod delivery;
+pub mod dns;
 pub mod lifetime;
 pub mod netpeer;
 
@@ -124,13 +125,25 @@ impl Instance {
             if let Some(Ok(Some(status))) = self.master.as_mut().map(Child::try_wait) {
                 panic!("mortal-master exited during start-up: {status}\n{}", self.log_text());
             }
-            if let Ok(mut s) = Smtp::connect(self.port) {
-                let _ = s.cmd("QUIT");
+            // Serving means every service is up, not only the first smtpd:
+            // tests that look for a queue or cleanup pid must find one.
+            if self.services_running() && Smtp::connect(self.port).and_then(|mut s| s.cmd("QUIT")).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("mortal did not answer on port {} within {WAIT:?}\n{}", self.port, self.log_text());
+    }
+
+    /// Whether the master has a cleanup, a queue and an anvil child.
+    fn services_running(&self) -> bool {
+        let running: BTreeSet<String> = self
+            .children()
+            .into_iter()
+            .filter_map(|pid| fs::read_link(format!("/proc/{pid}/exe")).ok())
+            .filter_map(|exe| Some(exe.file_name()?.to_string_lossy().into_owned()))
+            .collect();
+        ["mortal-cleanup", "mortal-queue", "mortal-anvil"].iter().all(|s| running.contains(*s))
     }
 
     pub fn master_pid(&self) -> u32 {
