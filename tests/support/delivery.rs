@@ -421,36 +421,15 @@ fn serve(conn: TcpStream, log: &Mutex<Vec<Transaction>>, stop: &AtomicBool, poli
 /// (TOML allows neither a second `[queue]` table nor a repeated key in
 /// `Options::extra`).
 pub fn start_mortal(opts: crate::Options, domains: &[&str], queue_extra: &str) -> crate::Instance {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let bins = crate::bin_dir();
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("mortal-delivery-{}-{n}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(dir.join("etc")).expect("create test dir");
-    let port = crate::free_port();
-    let config = dir.join("etc/mortal.toml");
     let list: Vec<String> = domains.iter().map(|d| format!("{d:?}")).collect();
-    let text = crate::config_text(port, &opts)
-        .replacen(
+    crate::Instance::start_edited(opts, |text| {
+        text.replacen(
             r#"accepted_domains = ["example.test", "localhost"]"#,
             &format!("accepted_domains = [{}]", list.join(", ")),
             1,
         )
-        .replacen("[queue]\n", &format!("[queue]\n{queue_extra}\n"), 1);
-    fs::write(&config, text).expect("write config");
-    let log = dir.join("mortal.log");
-    let log_file = fs::File::create(&log).expect("create log");
-    let master = Command::new(bins.join("mortal-master"))
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().expect("dup log"))
-        .stderr(log_file)
-        .spawn()
-        .expect("spawn mortal-master");
-    let mut inst = crate::Instance { dir, config, port, log, master: Some(master) };
-    inst.wait_until_serving();
-    inst
+        .replacen("[queue]\n", &format!("[queue]\n{queue_extra}\n"), 1)
+    })
 }
 
 /// Pid of the running queue manager (the master's `mortal-queue` child).

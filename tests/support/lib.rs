@@ -96,6 +96,13 @@ impl Instance {
     }
 
     pub fn start_with(opts: Options) -> Self {
+        Self::start_edited(opts, |text| text)
+    }
+
+    /// Starts an instance whose generated config text is first passed
+    /// through `edit`: for keys inside tables that `Options` already
+    /// writes, which TOML forbids adding again through `Options::extra`.
+    pub fn start_edited(opts: Options, edit: impl FnOnce(String) -> String) -> Self {
         let bins = bin_dir();
         let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("mortal-e2e-{}-{n}", std::process::id()));
@@ -103,7 +110,7 @@ impl Instance {
         fs::create_dir_all(dir.join("etc")).expect("create test dir");
         let port = free_port();
         let config = dir.join("etc/mortal.toml");
-        fs::write(&config, config_text(port, &opts)).expect("write config");
+        fs::write(&config, edit(config_text(port, &opts))).expect("write config");
         let log = dir.join("mortal.log");
         let log_file = fs::File::create(&log).expect("create log");
         let master = Command::new(bins.join("mortal-master"))

@@ -2,44 +2,22 @@
 //! instance with extra `[process.smtpd]` keys and its own log level, and
 //! the master's scoreboard as `mortal status --json` prints it.
 
-use super::{INSTANCES, Instance, Options, bin_dir, config_text, free_port};
+use super::{Instance, Options, bin_dir};
 use serde_json::Value;
-use std::fs;
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::Ordering;
+use std::process::{Command, Output};
 
 /// Starts an instance like [`Instance::start_with`], with `policy` (TOML
 /// lines) added to its `[process.smtpd]` table and `[log] level` set to
 /// `level`.
 pub fn start_with_policy(opts: Options, policy: &str, level: &str) -> Instance {
-    let bins = bin_dir();
-    let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("mortal-e2e-{}-{n}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(dir.join("etc")).expect("create test dir");
-    let port = free_port();
-    let config = dir.join("etc/mortal.toml");
-    let text = config_text(port, &opts);
-    assert!(text.contains("[process.smtpd]\n") && text.contains("level = \"info\"\n"), "{text}");
-    let text = text.replacen("[process.smtpd]\n", &format!("[process.smtpd]\n{policy}\n"), 1).replacen(
-        "level = \"info\"\n",
-        &format!("level = {level:?}\n"),
-        1,
-    );
-    fs::write(&config, text).expect("write config");
-    let log = dir.join("mortal.log");
-    let log_file = fs::File::create(&log).expect("create log");
-    let master = Command::new(bins.join("mortal-master"))
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone().expect("dup log"))
-        .stderr(log_file)
-        .spawn()
-        .expect("spawn mortal-master");
-    let mut inst = Instance { dir, config, port, log, master: Some(master) };
-    inst.wait_until_serving();
-    inst
+    Instance::start_edited(opts, |text| {
+        assert!(text.contains("[process.smtpd]\n") && text.contains("level = \"info\"\n"), "{text}");
+        text.replacen("[process.smtpd]\n", &format!("[process.smtpd]\n{policy}\n"), 1).replacen(
+            "level = \"info\"\n",
+            &format!("level = {level:?}\n"),
+            1,
+        )
+    })
 }
 
 impl Instance {
