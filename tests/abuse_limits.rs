@@ -5,7 +5,8 @@
 //! Each test talks from its own loopback source address, so the harness's
 //! start-up probe (from 127.0.0.1) never counts against the limits tested.
 
-use mortal_tests::netpeer::{Client, connect_from, fail2ban_regex};
+use mortal_tests::Smtp;
+use mortal_tests::netpeer::{connect_from, fail2ban_regex};
 use mortal_tests::{Instance, Options, children_of, wait_for};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -30,9 +31,9 @@ fn limited() -> Instance {
     })
 }
 
-fn greet(src: Ipv4Addr, port: u16) -> (Client, String) {
-    let mut c = Client::new(connect_from(src, port).expect("connect"));
-    let greeting = c.reply().unwrap_or_else(|e| format!("no greeting: {e}"));
+fn greet(src: Ipv4Addr, port: u16) -> (Smtp, String) {
+    let mut c = Smtp::over(connect_from(src, port).expect("connect"));
+    let greeting = c.read_reply().unwrap_or_else(|e| format!("no greeting: {e}"));
     (c, greeting)
 }
 

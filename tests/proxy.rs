@@ -3,7 +3,7 @@
 //! `Received:`; only `proxy_trusted` peers may send the header; HAProxy
 //! itself, with `send-proxy` and `send-proxy-v2`, interoperates (issue 4).
 
-use mortal_tests::netpeer::{Client, Haproxy, connect_from, proxy_v1, proxy_v2};
+use mortal_tests::netpeer::{Haproxy, connect_from, proxy_v1, proxy_v2};
 use mortal_tests::{Instance, Options, Smtp, free_port, wait_for};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
@@ -46,9 +46,9 @@ fn proxy_headers_name_the_client_in_log_and_received() {
     let dst = SocketAddrV4::new(BALANCER, proxy_port);
 
     // v1 from the balancer.
-    let mut c = Client::new(connect_from(BALANCER, proxy_port).unwrap());
-    c.send(&proxy_v1(sa("192.0.2.10:40001"), dst)).unwrap();
-    assert!(c.reply().unwrap().starts_with("220 "));
+    let mut c = Smtp::over(connect_from(BALANCER, proxy_port).unwrap());
+    c.send_raw(&proxy_v1(sa("192.0.2.10:40001"), dst)).unwrap();
+    assert!(c.read_reply().unwrap().starts_with("220 "));
     assert!(c.mail("a@example.test", "v1@example.test", "via v1").starts_with("250 "));
     c.cmd("QUIT").unwrap();
     mortal.wait_for_log("connect from unknown[192.0.2.10]");
@@ -57,9 +57,9 @@ fn proxy_headers_name_the_client_in_log_and_received() {
     assert!(text.contains("Received: from client.test (unknown [192.0.2.10])"), "{text}");
 
     // v2 PROXY from the balancer.
-    let mut c = Client::new(connect_from(BALANCER, proxy_port).unwrap());
-    c.send(&proxy_v2(1, sa("198.51.100.7:40002"), dst)).unwrap();
-    assert!(c.reply().unwrap().starts_with("220 "));
+    let mut c = Smtp::over(connect_from(BALANCER, proxy_port).unwrap());
+    c.send_raw(&proxy_v2(1, sa("198.51.100.7:40002"), dst)).unwrap();
+    assert!(c.read_reply().unwrap().starts_with("220 "));
     assert!(c.mail("a@example.test", "v2@example.test", "via v2").starts_with("250 "));
     c.cmd("QUIT").unwrap();
     let got = mortal.wait_for_delivery("v2@example.test", 1);
@@ -71,9 +71,9 @@ fn proxy_headers_name_the_client_in_log_and_received() {
     // v2 LOCAL (a health check): the socket's own peer stands, and the
     // balancer's own connections are never limited.
     for _ in 0..3 {
-        let mut c = Client::new(connect_from(HEALTH_CHECKER, proxy_port).unwrap());
-        c.send(&proxy_v2(0, sa("203.0.113.1:1"), dst)).unwrap();
-        assert!(c.reply().unwrap().starts_with("220 "));
+        let mut c = Smtp::over(connect_from(HEALTH_CHECKER, proxy_port).unwrap());
+        c.send_raw(&proxy_v2(0, sa("203.0.113.1:1"), dst)).unwrap();
+        assert!(c.read_reply().unwrap().starts_with("220 "));
         c.cmd("QUIT").unwrap();
     }
     let log = mortal.wait_for_log("connect from unknown[127.0.0.3]");
@@ -82,9 +82,9 @@ fn proxy_headers_name_the_client_in_log_and_received() {
     // The client behind the balancer is what is limited: its third
     // connection is refused, by its own address.
     for n in 1..=3 {
-        let mut c = Client::new(connect_from(BALANCER, proxy_port).unwrap());
-        c.send(&proxy_v1(sa("192.0.2.99:40100"), dst)).unwrap();
-        let reply = c.reply().unwrap();
+        let mut c = Smtp::over(connect_from(BALANCER, proxy_port).unwrap());
+        c.send_raw(&proxy_v1(sa("192.0.2.99:40100"), dst)).unwrap();
+        let reply = c.read_reply().unwrap();
         if n < 3 {
             assert!(reply.starts_with("220 "), "connection {n}: {reply}");
             c.cmd("QUIT").unwrap();
@@ -106,23 +106,23 @@ fn untrusted_garbled_slow_and_early_peers_are_handled() {
     let dst = SocketAddrV4::new(BALANCER, proxy_port);
 
     // A valid header, but from a peer outside proxy_trusted: dropped unread.
-    let mut c = Client::new(connect_from(STRANGER, proxy_port).unwrap());
-    let _ = c.send(&proxy_v1(sa("192.0.2.66:1234"), dst));
+    let mut c = Smtp::over(connect_from(STRANGER, proxy_port).unwrap());
+    let _ = c.send_raw(&proxy_v1(sa("192.0.2.66:1234"), dst));
     assert!(c.closed(), "an untrusted peer must get no greeting");
     let log =
         mortal.wait_for_log("warning: haproxy: connection from unknown[127.0.0.2] refused: not in smtpd.proxy_trusted");
     assert!(!log.contains("connect from unknown[192.0.2.66]"), "{log}");
 
     // A trusted peer that sends SMTP instead of a header.
-    let mut c = Client::new(connect_from(BALANCER, proxy_port).unwrap());
-    c.send(b"EHLO client.test\r\n").unwrap();
+    let mut c = Smtp::over(connect_from(BALANCER, proxy_port).unwrap());
+    c.send_raw(b"EHLO client.test\r\n").unwrap();
     assert!(c.closed());
     mortal.wait_for_log("warning: haproxy read from unknown[127.0.0.1]: not a PROXY protocol header");
 
     // Half a header, then silence: dropped after proxy_timeout.
     let started = Instant::now();
-    let mut c = Client::new(connect_from(BALANCER, proxy_port).unwrap());
-    c.send(b"PROXY TCP4 192.0.2.").unwrap();
+    let mut c = Smtp::over(connect_from(BALANCER, proxy_port).unwrap());
+    c.send_raw(b"PROXY TCP4 192.0.2.").unwrap();
     assert!(c.closed());
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "waited {waited:?}");
@@ -130,19 +130,19 @@ fn untrusted_garbled_slow_and_early_peers_are_handled() {
 
     // The client behind the balancer talked before the greeting: the
     // bytes after the header are early input, handled as such.
-    let mut c = Client::new(connect_from(BALANCER, proxy_port).unwrap());
+    let mut c = Smtp::over(connect_from(BALANCER, proxy_port).unwrap());
     let mut bytes = proxy_v1(sa("192.0.2.11:40003"), dst);
     bytes.extend_from_slice(b"EHLO early.test\r\n");
-    c.send(&bytes).unwrap();
-    let greeting = c.reply().unwrap();
+    c.send_raw(&bytes).unwrap();
+    let greeting = c.read_reply().unwrap();
     assert!(greeting.starts_with("220 "), "{greeting}");
-    assert!(c.reply().unwrap().starts_with("554 5.5.0"));
+    assert!(c.read_reply().unwrap().starts_with("554 5.5.0"));
     mortal.wait_for_log("improper command pipelining after CONNECT from unknown[192.0.2.11]");
 
     // None of this disturbed the pool.
-    let mut c = Client::new(connect_from(BALANCER, proxy_port).unwrap());
-    c.send(&proxy_v2(1, sa("192.0.2.12:40004"), dst)).unwrap();
-    assert!(c.reply().unwrap().starts_with("220 "));
+    let mut c = Smtp::over(connect_from(BALANCER, proxy_port).unwrap());
+    c.send_raw(&proxy_v2(1, sa("192.0.2.12:40004"), dst)).unwrap();
+    assert!(c.read_reply().unwrap().starts_with("220 "));
     c.cmd("QUIT").unwrap();
     mortal.wait_for_log("disconnect from unknown[192.0.2.12]");
 }
@@ -155,8 +155,8 @@ fn haproxy_send_proxy_v1_and_v2_pass_the_real_client() {
     for (n, send_proxy) in ["send-proxy", "send-proxy-v2"].into_iter().enumerate() {
         let haproxy = Haproxy::start(&mortal.dir, proxy_port, send_proxy);
         let rcpt = format!("haproxy{n}@example.test");
-        let mut c = Client::new(connect_from(STRANGER, haproxy.port).unwrap());
-        let greeting = c.reply().unwrap();
+        let mut c = Smtp::over(connect_from(STRANGER, haproxy.port).unwrap());
+        let greeting = c.read_reply().unwrap();
         assert!(greeting.starts_with("220 mortal.test"), "{send_proxy}: {greeting}");
         let reply = c.mail("a@example.test", &rcpt, send_proxy);
         assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{send_proxy}: {reply}");

@@ -376,9 +376,27 @@ impl Smtp {
     pub fn connect(port: u16) -> std::io::Result<Self> {
         let stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_read_timeout(Some(WAIT))?;
-        let mut s = Smtp { reader: BufReader::new(stream), greeting: String::new() };
+        let mut s = Smtp::over(stream);
         s.greeting = s.read_reply()?;
         Ok(s)
+    }
+
+    /// A client on an already connected stream, greeting not yet read
+    /// (PROXY tests send a header first).
+    pub fn over(stream: TcpStream) -> Self {
+        Smtp { reader: BufReader::new(stream), greeting: String::new() }
+    }
+
+    /// Sends one message (EHLO, MAIL, RCPT, DATA); returns the final reply.
+    pub fn mail(&mut self, from: &str, to: &str, body: &str) -> String {
+        let steps = ["EHLO client.test".to_owned(), format!("MAIL FROM:<{from}>"), format!("RCPT TO:<{to}>")];
+        for step in steps {
+            let reply = self.cmd(&step).expect("reply");
+            assert!(reply.starts_with('2'), "{step} -> {reply}");
+        }
+        let reply = self.cmd("DATA").expect("reply to DATA");
+        assert!(reply.starts_with("354"), "DATA -> {reply}");
+        self.cmd(&format!("Subject: test\r\n\r\n{body}\r\n.")).expect("reply after content")
     }
 
     /// Reads one (possibly multi-line) reply.

@@ -5,7 +5,7 @@
 use crate::WAIT;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use std::io::{BufRead, BufReader, Read, Write};
+
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,61 +20,6 @@ pub fn connect_from(src: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
     let stream = TcpStream::from(socket);
     stream.set_read_timeout(Some(WAIT))?;
     Ok(stream)
-}
-
-/// A line-level SMTP client over any TCP stream.
-#[derive(Debug)]
-pub struct Client {
-    reader: BufReader<TcpStream>,
-}
-
-impl Client {
-    pub fn new(stream: TcpStream) -> Self {
-        Client { reader: BufReader::new(stream) }
-    }
-
-    /// Reads one (possibly multi-line) reply.
-    pub fn reply(&mut self) -> std::io::Result<String> {
-        let mut reply = String::new();
-        loop {
-            let mut line = String::new();
-            if self.reader.read_line(&mut line)? == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("EOF after {reply:?}")));
-            }
-            let last = line.as_bytes().get(3) != Some(&b'-');
-            reply.push_str(&line);
-            if last {
-                return Ok(reply);
-            }
-        }
-    }
-
-    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.reader.get_mut().write_all(bytes)
-    }
-
-    pub fn cmd(&mut self, line: &str) -> std::io::Result<String> {
-        self.send(format!("{line}\r\n").as_bytes())?;
-        self.reply()
-    }
-
-    /// Sends one message (EHLO, MAIL, RCPT, DATA); returns the final reply.
-    pub fn mail(&mut self, from: &str, to: &str, body: &str) -> String {
-        let steps = ["EHLO client.test".to_owned(), format!("MAIL FROM:<{from}>"), format!("RCPT TO:<{to}>")];
-        for step in steps {
-            let reply = self.cmd(&step).expect("reply");
-            assert!(reply.starts_with('2'), "{step} -> {reply}");
-        }
-        let reply = self.cmd("DATA").expect("reply to DATA");
-        assert!(reply.starts_with("354"), "DATA -> {reply}");
-        self.cmd(&format!("Subject: test\r\n\r\n{body}\r\n.")).expect("reply after content")
-    }
-
-    /// Whether the server closed the connection (EOF or reset) within `WAIT`.
-    pub fn closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.reader.read(&mut b), Ok(0) | Err(_))
-    }
 }
 
 /// A PROXY v1 header for a TCP4 client.
