@@ -453,9 +453,9 @@ fn corrupt_file_of_every_record_type_goes_to_corrupt() {
 }
 
 /// strace the cleanup and queue processes over one message: cleanup must
-/// fdatasync the file, rename it, fsync the directory and only then answer
-/// (the answer becomes smtpd's 250); queue must make the Maildir copy
-/// durable before it removes the queue file.
+/// rename the complete file into place, fsync the file and the directory,
+/// and only then answer (the answer becomes smtpd's 250); queue must make
+/// the Maildir copy durable before it removes the queue file.
 #[test]
 fn fsync_ordering_under_strace() {
     let mortal = start_mortal(Options::default(), &["example.test"], "");
@@ -464,10 +464,18 @@ fn fsync_ordering_under_strace() {
     pids.extend(queue_pid(&mortal));
     let out = dir.0.join("trace");
     let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-tt", "-e", "trace=fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat,write,sendto", "-o"])
-        .arg(&out)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null());
+    // -y names each descriptor's file, so the file and directory syncs can be told apart.
+    cmd.args([
+        "-f",
+        "-y",
+        "-tt",
+        "-e",
+        "trace=fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat,write,sendto",
+        "-o",
+    ])
+    .arg(&out)
+    .stdin(Stdio::null())
+    .stderr(Stdio::null());
     for p in &pids {
         cmd.arg("-p").arg(p.to_string());
     }
@@ -488,18 +496,20 @@ fn fsync_ordering_under_strace() {
     let lines: Vec<&str> = trace.lines().collect();
     let find =
         |from: usize, pred: &dyn Fn(&str) -> bool| lines.iter().skip(from).position(|l| pred(l)).map(|i| i + from);
-    // cleanup: fdatasync(file) < rename(incoming/<id>.tmp -> <id>) < fsync(dir) < answer write
-    let rename = find(0, &|l| l.contains("rename") && l.contains("/incoming/") && l.contains(".tmp\""))
+    // cleanup: rename(incoming/<id>.tmp -> <id>) < fsync(file) < fsync(incoming/) < answer write
+    let rename = find(0, &|l| l.contains("rename") && l.contains("/incoming/") && l.contains(".tmp"))
         .unwrap_or_else(|| panic!("no incoming rename in trace:\n{trace}"));
     let pid_of = |l: &str| l.split_whitespace().next().unwrap_or_default().to_owned();
     let cleanup = pid_of(lines[rename]);
-    let synced_before = lines[..rename].iter().any(|l| pid_of(l) == cleanup && l.contains("fdatasync("));
-    assert!(synced_before, "file fdatasync before rename:\n{trace}");
-    let dir_sync = find(rename, &|l| pid_of(l) == cleanup && l.contains("fsync("))
-        .unwrap_or_else(|| panic!("no directory fsync after rename:\n{trace}"));
-    let answer = find(dir_sync, &|l| pid_of(l) == cleanup && (l.contains("write(") || l.contains("sendto(")))
-        .unwrap_or_else(|| panic!("no answer after the directory fsync:\n{trace}"));
-    assert!(answer > dir_sync);
+    let is_sync = |l: &str| l.contains("fsync(") || l.contains("fdatasync(");
+    let file_sync = find(rename, &|l| pid_of(l) == cleanup && is_sync(l) && !l.contains("/incoming>"))
+        .unwrap_or_else(|| panic!("no fsync of the queue file after the rename:\n{trace}"));
+    assert!(lines[file_sync].contains("/incoming/"), "the file synced is the queue file:\n{trace}");
+    let dir_sync = find(rename, &|l| pid_of(l) == cleanup && is_sync(l) && l.contains("/incoming>"))
+        .unwrap_or_else(|| panic!("no fsync of incoming/ after the rename:\n{trace}"));
+    let answer = find(rename, &|l| pid_of(l) == cleanup && (l.contains("write(") || l.contains("sendto(")))
+        .unwrap_or_else(|| panic!("no answer after the rename:\n{trace}"));
+    assert!(answer > file_sync && answer > dir_sync, "cleanup answered before both syncs:\n{trace}");
     // queue: maildir fdatasync < rename tmp->new < fsync(new/) < unlink(active/<id>)
     let new = find(0, &|l| l.contains("rename") && l.contains("/maildir/traced@example.test/new/"))
         .unwrap_or_else(|| panic!("no maildir rename:\n{trace}"));
