@@ -260,7 +260,11 @@ pub(crate) fn enter_layers(service: Service, config: &Config, with_seccomp: bool
     }
     limit_process(service, config)?;
     let landlock = restrict(ruleset)?;
-    let seccomp_rules = if with_seccomp { seccomp::install(service)? } else { 0 };
+    let seccomp_rules = if with_seccomp {
+        seccomp::install(service, service == Service::Smtpd && config.smtpd.reverse_lookup)?
+    } else {
+        0
+    };
     let applied = Applied { user: user.map(|u| u.name), chroot, landlock, seccomp_rules };
     tracing::debug!(
         "sandbox: {}: user={} chroot={} landlock={:?} seccomp={} rules",
@@ -322,6 +326,10 @@ fn limit_process(service: Service, config: &Config) -> Result<(), SandboxError> 
     setrlimit(Resource::RLIMIT_NOFILE, limit, limit).map_err(step("RLIMIT_NOFILE"))
 }
 
+/// The nameserver port of /etc/resolv.conf entries, which smtpd's
+/// reverse lookups use when `[smtpd] resolvers` is empty.
+const RESOLV_CONF_PORT: u16 = 53;
+
 /// The Landlock ruleset of `service`, with its rule descriptors open.
 fn landlock_rules(service: Service, config: &Config) -> Result<landlock::RulesetCreated, SandboxError> {
     let fs_all = AccessFs::from_all(LANDLOCK_ABI);
@@ -339,6 +347,22 @@ fn landlock_rules(service: Service, config: &Config) -> Result<landlock::Ruleset
         Ok(ruleset.add_rule(PathBeneath::new(fd, access))?)
     };
     match service {
+        // With `reverse_lookup`, TCP to the nameservers' ports only (the
+        // resolver's fallback for truncated answers; UDP is not Landlock's
+        // to restrict): the configured `resolvers`, or resolv.conf's 53.
+        Service::Smtpd if config.smtpd.reverse_lookup => {
+            let mut ports: Vec<u16> = config.smtpd.resolvers.iter().map(|r| r.port()).collect();
+            if ports.is_empty() {
+                ports.push(RESOLV_CONF_PORT);
+            }
+            ports.sort_unstable();
+            ports.dedup();
+            let mut ruleset = ruleset;
+            for port in ports {
+                ruleset = ruleset.add_rule(NetPort::new(port, AccessNet::ConnectTcp))?;
+            }
+            Ok(ruleset)
+        }
         // No rule: no file, no directory, no TCP port.
         Service::Smtpd | Service::Anvil => Ok(ruleset),
         Service::Cleanup => rule(ruleset, &config.queue_dir("incoming"), fs_rw),

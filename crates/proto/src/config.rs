@@ -195,6 +195,17 @@ pub struct Smtpd {
     /// smtpd_client_ipv6_prefix_length): one host commonly holds a whole
     /// /64 or more, so counting single addresses would limit nothing.
     pub client_ipv6_prefix_length: u8,
+    /// Look the client's name up in the DNS (PTR, then forward-confirmed
+    /// with A/AAAA) for `name[addr]` in logs and `Received:`; off: every
+    /// client is `unknown[addr]`.
+    pub reverse_lookup: bool,
+    /// Longest wait for the whole reverse lookup; the greeting is never
+    /// later than this.
+    #[serde(deserialize_with = "duration")]
+    pub reverse_lookup_timeout: Duration,
+    /// Nameservers (literal `IP:port`) for `reverse_lookup`; empty: those
+    /// of /etc/resolv.conf, read when smtpd starts.
+    pub resolvers: Vec<SocketAddr>,
 }
 
 /// `[smtpd] tls_security` (Postfix smtpd_tls_security_level).
@@ -256,6 +267,9 @@ impl Default for Smtpd {
             ],
             client_ipv4_prefix_length: 32,
             client_ipv6_prefix_length: 84,
+            reverse_lookup: false,
+            reverse_lookup_timeout: Duration::from_secs(2),
+            resolvers: Vec::new(),
         }
     }
 }
@@ -731,6 +745,12 @@ impl Config {
         }
         if self.smtpd.proxy_timeout.is_zero() {
             bad("smtpd", "proxy_timeout", "must be above 0".into());
+        }
+        if self.smtpd.reverse_lookup_timeout.is_zero() {
+            bad("smtpd", "reverse_lookup_timeout", "must be above 0".into());
+        }
+        if let Some(addr) = self.smtpd.resolvers.iter().find(|a| a.port() == 0 || a.ip().is_unspecified()) {
+            bad("smtpd", "resolvers", format!("{addr} is not a nameserver address"));
         }
         if self.smtpd.client_ipv4_prefix_length > 32 {
             bad("smtpd", "client_ipv4_prefix_length", "must be at most 32".into());

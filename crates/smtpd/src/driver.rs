@@ -24,6 +24,7 @@
 //! arrive, or the session ends with `421 4.4.2`; a slowloris can hold a
 //! child no longer than one window.
 
+use crate::dns::ReverseResolver;
 use crate::engine::{Action, Answer, Session};
 use crate::tls::{self, TlsServer};
 use mortal_proto::config::Config;
@@ -61,9 +62,27 @@ pub async fn session(config: &Arc<Config>, stream: std::net::TcpStream) {
 /// STARTTLS uses (the session offers it when `[smtpd]` says so). Never
 /// fails: every problem ends up in the log and, where possible, in a reply.
 pub async fn session_with_tls(config: &Arc<Config>, tls: Option<&TlsServer>, stream: std::net::TcpStream) {
+    session_with_resolver(config, tls, None, stream).await
+}
+
+/// [`session_with_tls`], with the client's name looked up through
+/// `resolver` (when `[smtpd] reverse_lookup` made one) before the
+/// greeting, bounded by `reverse_lookup_timeout`. Clients refused at
+/// connect for their limits cost no lookup and stay `unknown`.
+pub async fn session_with_resolver(
+    config: &Arc<Config>,
+    tls: Option<&TlsServer>,
+    resolver: Option<&ReverseResolver>,
+    stream: std::net::TcpStream,
+) {
     // The real client (behind a PROXY header) and its per-client limits.
-    let Some(peer) = crate::peer::establish(config, &stream).await else { return };
-    let mut session = Session::new(Arc::clone(config), peer.addr);
+    let Some(mut peer) = crate::peer::establish(config, &stream).await else { return };
+    let name = match resolver {
+        Some(resolver) => resolver.client_name(peer.addr).await,
+        None => crate::engine::UNKNOWN_NAME.to_owned(),
+    };
+    peer.limits.set_name(&name);
+    let mut session = Session::with_name(Arc::clone(config), peer.addr, &name);
     session.early_input(&peer.early);
     let mut buf = vec![0; READ_BUFFER];
     if let Err(e) = stream.set_nonblocking(true) {

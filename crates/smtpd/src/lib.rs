@@ -12,9 +12,11 @@
 //! 250, which it does only once the queue file is on stable storage.
 //!
 //! # Security
-//! The client is hostile. smtpd never opens a file under the spool, never
-//! looks a name up in the DNS (every client is `unknown[addr]`), and is
-//! never an open relay: a recipient whose domain is not in
+//! The client is hostile. smtpd never opens a file under the spool, looks
+//! client names up in the DNS only with `reverse_lookup` ([`dns`]; off by
+//! default, when every client is `unknown[addr]`), and then believes a
+//! name only when forward-confirmed and a valid host name, and waits no
+//! longer than `reverse_lookup_timeout`. It is never an open relay: a recipient whose domain is not in
 //! `accepted_domains` gets `554 5.7.1 Relay access denied` unless the
 //! client is in `trusted_networks` (cleanup checks again). A PROXY header
 //! is believed only from `proxy_trusted` peers, and only on
@@ -46,6 +48,10 @@
 //! it on any other system call (no open, execve, fork, ptrace, or socket
 //! other than `AF_UNIX`). Its only ways out are the client's socket and
 //! the cleanup and anvil sockets. `mortal-smtpd --sandbox-selftest` proves it.
+//! Only with `reverse_lookup` is it widened for the lookups: `socket` for
+//! `AF_INET`/`AF_INET6` and `bind` (the resolver's random UDP source port)
+//! join the seccomp list, and Landlock allows TCP connects to the
+//! nameservers' ports (the fallback for truncated answers) and no other.
 //!
 //! # Standards
 //! RFC 5321 (SMTP), RFC 1870 (SIZE), RFC 2920 (PIPELINING), RFC 6152
@@ -71,11 +77,16 @@
 //! `mortal-anvil` service over `<run_dir>/private/anvil` ([`anvil`],
 //! [`anvil_client`]): `[smtpd] client_connection_count_limit`,
 //! `client_connection_rate_limit`, `client_message_rate_limit`,
-//! `client_limit_exceptions`; `[anvil] rate_time_unit`.
+//! `client_limit_exceptions`; `[anvil] rate_time_unit`. Client names
+//! ([`dns`]): `[smtpd] reverse_lookup` (default off), `reverse_lookup_timeout`
+//! (default 2s), `resolvers` (literal `IP:port` nameservers; empty: those
+//! of /etc/resolv.conf, read at process start, before the sandbox).
 //!
 //! # Diagnostics
-//! Postfix's log shapes, so fail2ban and pflogsumm work unchanged:
-//! `connect from unknown[addr]`, `<id>: client=unknown[addr]`,
+//! Postfix's log shapes, so fail2ban and pflogsumm work unchanged (with
+//! `reverse_lookup`, a confirmed name replaces `unknown` in all of them,
+//! except the connect-time limit refusals, which are decided before any
+//! lookup): `connect from unknown[addr]`, `<id>: client=unknown[addr]`,
 //! `NOQUEUE: reject: RCPT from unknown[addr]: 554 5.7.1 <x@y>: Relay access
 //! denied; from=<a@b> to=<x@y> proto=ESMTP helo=<h>`, `improper command
 //! pipelining after <CMD> from ...`, `too many errors after <CMD> from ...`,
@@ -91,11 +102,15 @@
 //! unknown[addr] for service smtp` (also `Connection rate limit` and
 //! `Message delivery request rate limit`); PROXY trouble:
 //! `warning: haproxy read from unknown[addr]: <reason>`; an unreachable
-//! anvil: `warning: anvil <socket>: <reason>: no client limits for <addr>`.
+//! anvil: `warning: anvil <socket>: <reason>: no client limits for <addr>`;
+//! a PTR name that does not confirm: `warning: hostname <name> does not
+//! resolve to address <addr>`; a resolver that cannot be set up at start:
+//! `fatal: reverse_lookup: <reason>`.
 #![forbid(unsafe_code)]
 
 pub mod anvil;
 pub mod anvil_client;
+pub mod dns;
 pub mod driver;
 pub mod engine;
 pub mod peer;

@@ -2,6 +2,7 @@
 //! started by `mortal-master` with the listening socket as stdin and its
 //! master socket as stdout. The manual is the library's crate
 //! documentation (`mortal_smtpd`).
+#![forbid(unsafe_code)]
 
 use mortal_master::child::{self, Listener, MasterLink};
 use mortal_master::sandbox::{self, Service};
@@ -52,11 +53,24 @@ fn main() {
         tracing::error!("fatal: SIGTERM handler: {e}");
         std::process::exit(1);
     }
+    // The reverse-lookup resolver reads /etc/resolv.conf (when no
+    // `resolvers` are configured) now, before the sandbox takes it away;
+    // built in the runtime whose tasks will carry its queries.
+    let resolver = {
+        let _in_runtime = runtime.enter();
+        match mortal_smtpd::dns::ReverseResolver::from_config(&config.smtpd) {
+            Ok(resolver) => resolver,
+            Err(e) => {
+                tracing::error!("fatal: reverse_lookup: {e}");
+                std::process::exit(1);
+            }
+        }
+    };
     // Everything smtpd reads from disk is loaded above; from here on it has
     // no file system, no identity but the mail user's and few syscalls.
     sandbox::enter_or_exit(Service::Smtpd, &config);
     let served = child::serve(&listener, &mut link, config.process.smtpd.max_use, |stream, _link| {
-        runtime.block_on(mortal_smtpd::driver::session_with_tls(&config, tls.as_ref(), stream))
+        runtime.block_on(mortal_smtpd::driver::session_with_resolver(&config, tls.as_ref(), resolver.as_ref(), stream))
     });
     match served {
         Ok(reason) => tracing::info!("exit: {}", reason.as_str()),

@@ -170,13 +170,16 @@ pub struct ClientLimits {
     /// anvil's answer to the connect.
     connected: Option<AnvilReply>,
     addr: IpAddr,
+    /// The client's host name for the rate-limit warning (see
+    /// [`ClientLimits::set_name`]).
+    name: String,
     message_rate_limit: u32,
 }
 
 impl ClientLimits {
     /// No limits (trusted networks, tests of the engine).
     pub fn none(addr: IpAddr) -> Self {
-        Self { lease: None, connected: None, addr, message_rate_limit: 0 }
+        Self { lease: None, connected: None, addr, name: UNKNOWN_NAME.into(), message_rate_limit: 0 }
     }
 
     async fn connect(config: &Config, addr: IpAddr) -> Self {
@@ -196,6 +199,7 @@ impl ClientLimits {
                 lease: Some(lease),
                 connected: Some(reply),
                 addr,
+                name: UNKNOWN_NAME.into(),
                 message_rate_limit: s.client_message_rate_limit,
             },
             Err(e) => {
@@ -203,6 +207,12 @@ impl ClientLimits {
                 Self::none(addr)
             }
         }
+    }
+
+    /// The client's host name, once the driver's reverse lookup (which
+    /// runs only for clients not refused at connect) found one.
+    pub fn set_name(&mut self, name: &str) {
+        name.clone_into(&mut self.name);
     }
 
     /// The limit warning, when the client must be refused at connect.
@@ -229,8 +239,9 @@ impl ClientLimits {
         match lease.message().await {
             Ok(r) if r.status == Status::Counted && r.rate > self.message_rate_limit => {
                 tracing::warn!(
-                    "warning: Message delivery request rate limit exceeded: {} from {UNKNOWN_NAME}[{}] for service {SERVICE}",
+                    "warning: Message delivery request rate limit exceeded: {} from {}[{}] for service {SERVICE}",
                     r.rate,
+                    self.name,
                     self.addr
                 );
                 Some(Answer {

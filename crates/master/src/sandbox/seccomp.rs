@@ -169,6 +169,26 @@ pub fn smtpd_rules() -> Result<Rules, SandboxError> {
     Ok(rules)
 }
 
+/// What smtpd additionally needs for `[smtpd] reverse_lookup`, found with
+/// `strace -f` while lookups ran: UDP and TCP sockets to the nameservers
+/// (`socket` for `AF_INET`/`AF_INET6` only, never raw or netlink; the
+/// resolver binds its UDP socket to a random source port). connect,
+/// sendto, recvfrom, getsockname and setsockopt are on the plain list.
+const SMTPD_DNS_PLAIN: &[(i64, &str)] = &[(libc::SYS_bind, "bind")];
+
+/// smtpd's allow-list with [`SMTPD_DNS_PLAIN`] and the inet sockets added,
+/// for `[smtpd] reverse_lookup = true`.
+pub fn smtpd_dns_rules() -> Result<Rules, SandboxError> {
+    let mut rules = smtpd_rules()?;
+    rules.extend(SMTPD_DNS_PLAIN.iter().map(|&(nr, _)| (nr, Vec::new())));
+    let domains = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
+        .into_iter()
+        .map(|domain| rule(vec![cond(0, Len::Dword, Op::Eq, domain as u64)?]))
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_socket, domains);
+    Ok(rules)
+}
+
 fn deny_rules(service: Service) -> Result<Rules, SandboxError> {
     // Neither cleanup nor anvil ever runs a program.
     let extra = if matches!(service, Service::Cleanup | Service::Anvil) { CLEANUP_DENIED } else { &[] };
@@ -191,14 +211,16 @@ fn compile(rules: Rules, mismatch: SeccompAction, matched: SeccompAction) -> Res
 
 /// Installs `service`'s filters; returns how many system calls its list
 /// names. Filters stack: the kernel applies the strictest answer of all.
-pub fn install(service: Service) -> Result<usize, SandboxError> {
+/// `dns` (smtpd's `reverse_lookup`) widens smtpd's list by what the
+/// lookups need; it changes nothing for the other services.
+pub fn install(service: Service, dns: bool) -> Result<usize, SandboxError> {
     // clone3 passes its flags in memory, where seccomp cannot look: make
     // every daemon use clone instead, whose flags the filters check.
     let no_clone3: Rules = [(libc::SYS_clone3, Vec::new())].into();
     let no_clone3 = compile(no_clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))?;
     let (main, count) = match service {
         Service::Smtpd => {
-            let rules = smtpd_rules()?;
+            let rules = if dns { smtpd_dns_rules()? } else { smtpd_rules()? };
             let count = rules.len();
             (compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)?, count)
         }
@@ -265,5 +287,20 @@ mod tests {
         }
         // The entries are unique: a duplicate would hide a mistake.
         assert_eq!(SMTPD_PLAIN.len(), SMTPD_PLAIN.iter().map(|e| e.0).collect::<std::collections::BTreeSet<_>>().len());
+    }
+
+    #[test]
+    fn reverse_lookup_adds_only_inet_sockets_and_bind() {
+        let plain = smtpd_rules().unwrap();
+        let dns = smtpd_dns_rules().unwrap();
+        assert!(compile(dns.clone(), SeccompAction::KillProcess, SeccompAction::Allow).is_ok());
+        let added: Vec<i64> = dns.keys().filter(|nr| !plain.contains_key(nr)).copied().collect();
+        assert_eq!(added, vec![libc::SYS_bind]);
+        // socket stays argument-filtered: one rule per allowed domain.
+        assert_eq!(plain[&libc::SYS_socket].len(), 1);
+        assert_eq!(dns[&libc::SYS_socket].len(), 3);
+        for forbidden in [libc::SYS_execve, libc::SYS_openat, libc::SYS_listen, libc::SYS_clone, libc::SYS_clone3] {
+            assert!(!dns.contains_key(&forbidden), "syscall {forbidden} must not be allowed in smtpd");
+        }
     }
 }

@@ -79,8 +79,9 @@ use std::time::Duration;
 /// Octets of unexpected client input quoted in a log line.
 pub const LOG_EXCERPT: usize = 100;
 
-/// The client host name: smtpd never looks names up (no DNS in the child,
-/// no time spent on hostile resolvers), so it is always Postfix's `unknown`.
+/// The client host name when it is not known: always, unless `[smtpd]
+/// reverse_lookup` found a forward-confirmed one (the driver looks it up,
+/// see `crate::dns`), as in Postfix.
 pub const UNKNOWN_NAME: &str = "unknown";
 
 /// What the driver must do next, in order.
@@ -209,7 +210,9 @@ struct Transaction {
 pub struct Session {
     config: Arc<Config>,
     addr: IpAddr,
-    /// `unknown[addr]`, as in every log line.
+    /// The client's host name: [`UNKNOWN_NAME`] or a forward-confirmed one.
+    name: String,
+    /// `name[addr]`, as in every log line.
     client: String,
     /// Received, unprocessed input; `pos` is where processing stands.
     input: Vec<u8>,
@@ -234,6 +237,14 @@ impl Session {
     /// Starts a session with a client at `addr`: queues the `connect from`
     /// log line and the greeting.
     pub fn new(config: Arc<Config>, addr: IpAddr) -> Self {
+        Self::with_name(config, addr, UNKNOWN_NAME)
+    }
+
+    /// [`Session::new`] for a client whose host name is `name` (the
+    /// driver's forward-confirmed reverse lookup, already a valid host
+    /// name, or [`UNKNOWN_NAME`]), which then appears in every log line
+    /// and in `Received:`.
+    pub fn with_name(config: Arc<Config>, addr: IpAddr, name: &str) -> Self {
         // A v4 client on a dual-stack socket appears as ::ffff:a.b.c.d;
         // log and pass on the address it really has, as Postfix does.
         let addr = addr.to_canonical();
@@ -241,7 +252,8 @@ impl Session {
         let mut session = Session {
             config,
             addr,
-            client: format!("{UNKNOWN_NAME}[{addr}]"),
+            name: name.to_owned(),
+            client: format!("{name}[{addr}]"),
             input: Vec::new(),
             pos: 0,
             lines: LineReader::default(),
@@ -590,7 +602,7 @@ impl Session {
         };
         let client = ClientInfo {
             addr: self.addr.to_string(),
-            name: UNKNOWN_NAME.into(),
+            name: self.name.clone(),
             helo,
             protocol: self.protocol_for(params.smtputf8).into(),
             tls: self.tls.clone().unwrap_or_default(),
@@ -1067,6 +1079,23 @@ mod tests {
             assert_eq!(session.next_action(), Some(Action::Log(format!("connect from {logged}"))));
             assert_eq!(session.next_action(), Some(Action::Reply("220 localhost ESMTP mortal\r\n".into())));
         }
+    }
+
+    #[test]
+    fn a_looked_up_name_reaches_logs_and_the_transaction() {
+        let toml = "[server]\naccepted_domains = [\"example.test\"]\n";
+        let config = Arc::new(Config::parse(toml, std::path::Path::new("mortal.toml")).expect("config"));
+        let mut session = Session::with_name(config, "192.0.2.9".parse().expect("address"), "mx.example.net");
+        assert_eq!(session.next_action(), Some(Action::Log("connect from mx.example.net[192.0.2.9]".into())));
+        session.feed(b"EHLO client.test\r\n");
+        session.feed(b"MAIL FROM:<a@example.test>\r\n");
+        let actions: Vec<Action> = std::iter::from_fn(|| session.next_action()).collect();
+        let Some(Action::StartTransaction { client, .. }) = actions.last() else { panic!("{actions:?}") };
+        assert_eq!((client.name.as_str(), client.addr.as_str()), ("mx.example.net", "192.0.2.9"));
+        session.transaction_opened("0000000010000100000A".into());
+        let logged = Action::Log("0000000010000100000A: client=mx.example.net[192.0.2.9]".into());
+        assert_eq!(session.next_action(), Some(logged));
+        assert!(session.finish().starts_with("disconnect from mx.example.net[192.0.2.9] "));
     }
 
     #[test]
