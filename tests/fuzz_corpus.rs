@@ -16,6 +16,8 @@ type Entry = fn(&[u8]);
 const TARGETS: &[(&str, Entry)] = &[
     ("smtp_command", mortal_fuzz::smtp_command),
     ("smtp_data", mortal_fuzz::smtp_data),
+    ("smtp_bdat", mortal_fuzz::smtp_bdat),
+    ("proxy_header", mortal_fuzz::proxy_header),
     ("smtp_session", mortal_fuzz::smtp_session),
     ("ipc_decoder", mortal_proto::fuzz::ipc_stream),
     ("queue_file", mortal_proto::fuzz::queue_file),

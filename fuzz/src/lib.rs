@@ -170,3 +170,44 @@ hard_error_limit = 20
 "#;
     Arc::new(Config::parse(TEXT, Path::new("/fuzz/mortal.toml")).expect("fuzz session config is valid"))
 }
+
+/// Decodes the input as the chunks of one BDAT transaction, whole and
+/// split at an input-derived point, in text mode (with `normalize` taken
+/// from the first octet): both splits must agree, since a chunk boundary
+/// may fall anywhere, even inside a `<CR><LF>`; clean output is CRLF lines
+/// of at most 998 octets with no bare line ending.
+pub fn smtp_bdat(data: &[u8]) {
+    use mortal_smtpd::engine::bdat::{ChunkDecoder, ChunkPolicy};
+    let policy = ChunkPolicy::Text { normalize: data.first().is_some_and(|b| b & 1 == 1) };
+    let mut whole = ChunkDecoder::new(policy);
+    let mut out = Vec::new();
+    whole.decode(data, &mut out);
+    let error = whole.finish();
+
+    let cut = data.get(1).map_or(0, |&b| usize::from(b) % (data.len() + 1));
+    let mut split = ChunkDecoder::new(policy);
+    let mut out2 = Vec::new();
+    split.decode(&data[..cut], &mut out2);
+    split.decode(&data[cut..], &mut out2);
+    assert_eq!(split.finish(), error, "chunk boundary changed the verdict");
+    if error.is_none() {
+        assert_eq!(out, out2, "chunk boundary changed the content");
+        for line in out.split(|&b| b == b'\n') {
+            assert!(line.len() < MAX_TEXT_LINE, "line too long without an error");
+        }
+        assert!(!out.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'), "bare LF in clean content");
+        assert!(!out.windows(2).any(|w| w[0] == b'\r' && w[1] != b'\n'), "bare CR in clean content");
+    }
+}
+
+/// Parses the input as a PROXY header. A header found must say how many
+/// octets it used (at least one, no more than given), and parsing exactly
+/// those octets must give the same header: the parser never depends on
+/// bytes after the header, which belong to the SMTP session.
+pub fn proxy_header(data: &[u8]) {
+    use mortal_smtpd::proxy;
+    if let Ok(Some((header, used))) = proxy::parse(data) {
+        assert!(used > 0 && used <= data.len(), "header length {used} of {} octets", data.len());
+        assert_eq!(proxy::parse(&data[..used]), Ok(Some((header, used))), "header depends on what follows it");
+    }
+}

@@ -26,8 +26,17 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 /// Every target in `fuzz/Cargo.toml`.
-pub const TARGETS: &[&str] =
-    &["smtp_command", "smtp_data", "smtp_session", "ipc_decoder", "queue_file", "address", "config"];
+pub const TARGETS: &[&str] = &[
+    "smtp_command",
+    "smtp_data",
+    "smtp_bdat",
+    "smtp_session",
+    "proxy_header",
+    "ipc_decoder",
+    "queue_file",
+    "address",
+    "config",
+];
 
 /// Seconds per target when `--time` is not given.
 const DEFAULT_SECONDS: u64 = 30;
@@ -184,11 +193,25 @@ pub fn write_seeds(root: &Path) -> Result<usize> {
 
 type Seed = (&'static str, String, Vec<u8>);
 
+/// PROXY headers as HAProxy sends them: v1 TCP4/TCP6/UNKNOWN, v2 PROXY
+/// over IPv4 and LOCAL, each followed by the start of an SMTP session.
+const PROXY_SEEDS: &[(&str, &[u8])] = &[
+    ("v1-tcp4", b"PROXY TCP4 192.0.2.1 192.0.2.2 40000 25\r\nEHLO a\r\n"),
+    ("v1-tcp6", b"PROXY TCP6 2001:db8::1 2001:db8::2 40000 25\r\n"),
+    ("v1-unknown", b"PROXY UNKNOWN\r\n"),
+    ("v2-tcp4", b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xc0\x00\x02\x01\xc0\x00\x02\x02\x9c\x40\x00\x19EHLO a\r\n"),
+    ("v2-local", b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00"),
+];
+
 fn seeds(root: &Path) -> Result<Vec<Seed>> {
     let mut out = Vec::new();
     transcript_seeds(root, &mut out)?;
     for (name, body) in DATA_SEEDS {
         out.push(("smtp_data", format!("seed-{name}"), body.to_vec()));
+        out.push(("smtp_bdat", format!("seed-{name}"), body.to_vec()));
+    }
+    for (name, header) in PROXY_SEEDS {
+        out.push(("proxy_header", format!("seed-{name}"), header.to_vec()));
     }
     out.push(("ipc_decoder", "seed-conversation".into(), ipc_conversation()));
     for (name, qf) in queue_files() {
