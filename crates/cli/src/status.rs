@@ -77,12 +77,15 @@ fn table(doc: &Value) -> String {
         if m["stopping"].as_bool() == Some(true) { ", stopping" } else { "" }
     );
     let _ = writeln!(out);
+    let services = doc["services"].as_array().map(Vec::as_slice).unwrap_or_default();
+    // Socket paths can be long: the column is as wide as its widest entry.
+    let width = services.iter().map(|s| text(&s["endpoint"]).len()).max().unwrap_or(0).max("ENDPOINT".len());
     let _ = writeln!(
         out,
-        "{:<8} {:<28} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>7}  retired",
+        "{:<8} {:<width$} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>7}  retired",
         "SERVICE", "ENDPOINT", "LIMIT", "START", "IDLE", "BUSY", "RETIR", "OVERD", "SPAWNS"
     );
-    for s in doc["services"].as_array().into_iter().flatten() {
+    for s in services {
         let c = &s["children"];
         let retired: Vec<String> = s["retired"]
             .as_object()
@@ -103,7 +106,7 @@ fn table(doc: &Value) -> String {
         }
         let _ = writeln!(
             out,
-            "{:<8} {:<28} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>7}  {}{flags}",
+            "{:<8} {:<width$} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>7}  {}{flags}",
             text(&s["service"]),
             text(&s["endpoint"]),
             num(&s["process_limit"]),
