@@ -46,7 +46,7 @@ mod cleanup_header;
 mod cleanup_session;
 mod cleanup_spool;
 
-use mortal_master::child::{self, Listener, MasterLink};
+use mortal_master::child;
 use mortal_master::sandbox::{self, Service};
 use std::os::unix::net::UnixListener;
 
@@ -60,13 +60,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let (listener, mut link) = match (UnixListener::inherited(), MasterLink::inherited()) {
-        (Ok(l), Ok(m)) => (l, m),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!("fatal: inherited descriptors: {e} (mortal-cleanup runs under mortal-master)");
-            std::process::exit(1);
-        }
-    };
+    let (listener, mut link) = child::adopt::<UnixListener>("cleanup");
     // From here on: the mail user, and write access to incoming/ only.
     sandbox::enter_or_exit(Service::Cleanup, &config);
     let ctx = cleanup_session::Context::new(&config, &spool);

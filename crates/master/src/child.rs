@@ -247,3 +247,16 @@ pub fn startup(service: &str) -> mortal_proto::config::Config {
         }
     }
 }
+
+/// Adopts the listener (stdin) and the master socket (stdout) a daemon
+/// inherits, or logs why not and exits with status 1: started by hand
+/// instead of by the master, a daemon has nothing to serve.
+pub fn adopt<L: Listener>(service: &str) -> (L, MasterLink) {
+    match (L::inherited(), MasterLink::inherited()) {
+        (Ok(listener), Ok(link)) => (listener, link),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("fatal: inherited descriptors: {e} (mortal-{service} runs under mortal-master)");
+            std::process::exit(1);
+        }
+    }
+}

@@ -362,10 +362,15 @@ impl Reply {
 }
 
 /// Incremental record decoder: feed it whatever the socket gave, take
-/// complete records out. It never buffers more than one maximal record.
+/// complete records out. Records are taken by advancing an offset; the
+/// consumed prefix is dropped once per [`Decoder::feed`], not once per
+/// record, so a read holding many small records costs one move, not one
+/// per record.
 #[derive(Debug, Default)]
 pub struct Decoder {
     buf: Vec<u8>,
+    /// Start of the first record not yet taken.
+    start: usize,
 }
 
 impl Decoder {
@@ -374,12 +379,14 @@ impl Decoder {
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.drain(..self.start);
+        self.start = 0;
         self.buf.extend_from_slice(bytes);
     }
 
     /// Whether bytes of an incomplete record are waiting.
     pub fn has_partial(&self) -> bool {
-        !self.buf.is_empty()
+        self.start < self.buf.len()
     }
 
     /// Takes the next complete record through `decode`, or `None` if more
@@ -388,11 +395,11 @@ impl Decoder {
         &mut self,
         decode: impl FnOnce(RawRecord<'_>) -> Result<T, IpcError>,
     ) -> Result<Option<T>, IpcError> {
-        let Some((rec, used)) = take_record(&self.buf, MAX_RECORD_PAYLOAD)? else {
+        let Some((rec, used)) = take_record(&self.buf[self.start..], MAX_RECORD_PAYLOAD)? else {
             return Ok(None);
         };
         let value = decode(rec)?;
-        self.buf.drain(..used);
+        self.start += used;
         Ok(Some(value))
     }
 
@@ -566,6 +573,29 @@ mod tests {
             let err = dec.next_request().expect_err(name);
             assert!(want(&err), "{name}: got {err:?}");
         }
+    }
+
+    /// Several records and the start of another in one read: all complete
+    /// ones come out, the partial one waits, and the next feed completes it.
+    #[test]
+    fn many_records_in_one_feed() {
+        let mut wire = Vec::new();
+        for _ in 0..100 {
+            Request::Data(b"x".to_vec()).encode(&mut wire);
+        }
+        let mut end = Vec::new();
+        Request::End.encode(&mut end);
+        wire.extend_from_slice(&end[..2]);
+        let mut dec = Decoder::new();
+        dec.feed(&wire);
+        for _ in 0..100 {
+            assert_eq!(dec.next_request().unwrap(), Some(Request::Data(b"x".to_vec())));
+        }
+        assert_eq!(dec.next_request().unwrap(), None);
+        assert!(dec.has_partial());
+        dec.feed(&end[2..]);
+        assert_eq!(dec.next_request().unwrap(), Some(Request::End));
+        assert!(!dec.has_partial());
     }
 
     #[test]

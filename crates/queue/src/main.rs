@@ -67,7 +67,7 @@ mod queue_scan;
 mod queue_smtp;
 mod queue_spool;
 
-use mortal_master::child::{self, Listener, MasterLink};
+use mortal_master::child;
 use mortal_master::sandbox::{self, Service};
 use mortal_proto::status::ChildState;
 use std::io::Read;
@@ -88,13 +88,7 @@ pub enum Event {
 fn main() {
     sandbox::selftest::run_if_asked(Service::Queue);
     let config = child::startup("queue");
-    let (listener, mut link) = match (UnixListener::inherited(), MasterLink::inherited()) {
-        (Ok(l), Ok(m)) => (l, m),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!("fatal: inherited descriptors: {e} (mortal-queue runs under mortal-master)");
-            std::process::exit(1);
-        }
-    };
+    let (listener, mut link) = child::adopt::<UnixListener>("queue");
     // Before the first queue file is read and before any thread starts.
     sandbox::enter_or_exit(Service::Queue, &config);
     queue_pipe::warn_if_user_ignored(&config);

@@ -4,7 +4,7 @@
 //! documentation (`mortal_smtpd`).
 #![forbid(unsafe_code)]
 
-use mortal_master::child::{self, Listener, MasterLink};
+use mortal_master::child;
 use mortal_master::sandbox::{self, Service};
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -30,13 +30,7 @@ fn main() {
         tracing::error!("fatal: recipient_map {}: {e}", path.display());
         std::process::exit(1);
     }
-    let (listener, mut link) = match (<TcpListener as Listener>::inherited(), MasterLink::inherited()) {
-        (Ok(listener), Ok(link)) => (listener, link),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!("fatal: inherited descriptors: {e} (mortal-smtpd runs under mortal-master)");
-            std::process::exit(1);
-        }
-    };
+    let (listener, mut link) = child::adopt::<TcpListener>("smtpd");
     // One current-thread runtime for the life of the process, reused by
     // every session: a session is a single task, and an idle child should
     // cost as little memory as possible.

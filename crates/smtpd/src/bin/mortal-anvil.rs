@@ -37,7 +37,7 @@
 //! `rate_time_unit` in which something was counted.
 #![forbid(unsafe_code)]
 
-use mortal_master::child::{self, Listener, MasterLink};
+use mortal_master::child;
 use mortal_proto::anvil::{AnvilRequest, Conversation, REQUEST_LEN, Status};
 use mortal_proto::status::ChildState;
 use mortal_smtpd::anvil::{AnvilTable, MAX_CLIENTS};
@@ -79,13 +79,7 @@ struct Peaks {
 fn main() {
     mortal_master::sandbox::selftest::run_if_asked(mortal_master::sandbox::Service::Anvil);
     let config = child::startup("anvil");
-    let (listener, mut link) = match (UnixListener::inherited(), MasterLink::inherited()) {
-        (Ok(l), Ok(m)) => (l, m),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!("fatal: inherited descriptors: {e} (mortal-anvil runs under mortal-master)");
-            std::process::exit(1);
-        }
-    };
+    let (listener, mut link) = child::adopt::<UnixListener>("anvil");
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
         Ok(runtime) => runtime,
         Err(e) => {
