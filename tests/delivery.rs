@@ -162,8 +162,9 @@ fn pipe_delivers_defers_on_75_and_bounces_with_stderr() {
     let script = pipe_script(&dir.0);
     let mortal = start_mortal(
         options(&format!(
-            "[delivery]\n[delivery.routes]\n\"pipe.test\" = \"pipe\"\n[delivery.pipe]\ncommand = [{:?}, \"${{recipient}}\", \"${{sender}}\", \"${{queue_id}}\"]\nuser = \"nobody\"\ntimeout = \"10s\"\n",
-            script.display().to_string()
+            "[delivery]\n[delivery.routes]\n\"pipe.test\" = \"pipe\"\n[delivery.pipe]\ncommand = [{:?}, \"${{recipient}}\", \"${{sender}}\", \"${{queue_id}}\"]\nuser = \"{}\"\ntimeout = \"10s\"\n",
+            script.display().to_string(),
+            mortal_tests::pipe::PIPE_USER
         )),
         &["example.test", "pipe.test"],
         "",
@@ -175,7 +176,8 @@ fn pipe_delivers_defers_on_75_and_bounces_with_stderr() {
     let args = fs::read_to_string(dir.0.join("ok@pipe.test.args")).unwrap();
     assert!(args.starts_with("a@example.test ") && args.trim_end().len() == "a@example.test ".len() + 20, "{args}");
     if nix::unistd::geteuid().is_root() {
-        assert_eq!(fs::read_to_string(dir.0.join("uid")).unwrap().trim(), "65534", "runs as the configured user");
+        let uid = mortal_tests::pipe::pipe_uid().to_string();
+        assert_eq!(fs::read_to_string(dir.0.join("uid")).unwrap().trim(), uid, "runs as the configured user");
     }
     let bounce = dsn_for(&mortal, "a@example.test", 1);
     for needle in [

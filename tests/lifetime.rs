@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 /// How often the tests look at `mortal status`.
 const POLL: Duration = Duration::from_millis(25);
-/// The master's SIGTERM-to-SIGKILL grace (`master_life::TERM_GRACE`).
-const TERM_GRACE: Duration = Duration::from_secs(2);
+/// The master's SIGTERM-to-SIGKILL grace (`term_grace`, left at its default).
+const TERM_GRACE: Duration = mortal_proto::config::DEFAULT_TERM_GRACE;
 
 fn pids(status: &Value, name: &str) -> BTreeSet<u64> {
     children_of_service(status, name).iter().filter_map(|c| c["pid"].as_u64()).collect()

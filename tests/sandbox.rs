@@ -6,7 +6,12 @@
 //! incoming/ for cleanup, the spool for queue) still works. As root the
 //! probes also drop to `nobody` and smtpd chroots; unprivileged, those
 //! two steps are skipped (the self-test says so) and the rest still runs.
+//! Issue 5: the pipe service proves its own sandbox (its user as root,
+//! no_new_privs, no ptrace, no core dumps), and the queue, which no longer
+//! runs the command, keeps Landlock with a pipe route and can neither
+//! exec nor fork.
 
+use mortal_tests::pipe::PIPE_USER;
 use mortal_tests::{WAIT, bin_dir, mail_user_line};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -96,6 +101,8 @@ fn every_daemon_proves_its_sandbox() {
             "ptrace another process (the parent)",
             "execve /bin/true",
             "forbidden syscall: unshare(CLONE_NEWUSER)",
+            "gain privileges on exec (no_new_privs)",
+            "raise the core-dump size limit",
         ] {
             assert!(row(&table, denied).starts_with("denied"), "{service}: {denied}\n{table}");
         }
@@ -119,6 +126,14 @@ fn every_daemon_proves_its_sandbox() {
     assert!(row(&cleanup, "create a file in spool/deferred").starts_with("denied"), "{cleanup}");
     let (_, queue) = site.selftest("queue");
     assert!(row(&queue, "create a file in spool/deferred").starts_with("allowed"), "{queue}");
+    assert!(row(&queue, "connect to the pipe socket").starts_with("allowed"), "{queue}");
+    // Seccomp, not only Landlock: the queue dies trying.
+    assert_eq!(row(&queue, "execve /bin/true"), "denied: killed by seccomp (SIGSYS)", "{queue}");
+    assert_eq!(
+        row(&queue, "start a process (fork and exec /bin/true)"),
+        "denied: killed by seccomp (SIGSYS)",
+        "{queue}"
+    );
     // Nothing a probe created is left behind.
     for q in ["incoming", "deferred"] {
         let left: Vec<_> = fs::read_dir(site.dir.join("spool").join(q)).unwrap().flatten().collect();
@@ -126,12 +141,62 @@ fn every_daemon_proves_its_sandbox() {
     }
 }
 
-/// The self-test must be able to fail: with a pipe route the queue keeps
-/// no Landlock file rules (the command's needs are the operator's), so
-/// reading /etc/passwd succeeds, and the self-test must say so and exit 1.
+/// The pipe service's configuration: a pipe route and, as root, the
+/// user the command runs as.
+const PIPE_ROUTE: &str = "\n[delivery]\ntransport = \"pipe\"\n[delivery.pipe]\ncommand = [\"/bin/true\"]\n";
+
+/// Issue 5: the pipe service runs the operator's command, so it may exec
+/// and fork and has no Landlock file rules; everything else holds, and as
+/// root it is `[delivery.pipe] user`, shut out of the spool.
+#[test]
+fn pipe_service_proves_its_sandbox() {
+    let site = Site::new("pipesvc", &format!("{PIPE_ROUTE}user = \"{PIPE_USER}\"\n"));
+    let (out, table) = site.selftest("pipe");
+    assert!(out.status.success(), "an attempt went the wrong way\n{table}");
+    assert!(table.contains("pipe: ") && table.contains(" 0 wrong") && !table.contains("WRONG"), "{table}");
+    for denied in [
+        "signal another process (the parent)",
+        "ptrace another process (the parent)",
+        "regain root (setuid 0)",
+        "forbidden syscall: unshare(CLONE_NEWUSER)",
+        "gain privileges on exec (no_new_privs)",
+        "raise the core-dump size limit",
+    ] {
+        assert!(row(&table, denied).starts_with("denied"), "{denied}\n{table}");
+    }
+    assert_eq!(row(&table, "ptrace another process (the parent)"), "denied: killed by seccomp (SIGSYS)", "{table}");
+    assert!(row(&table, "start a process (fork and exec /bin/true)").starts_with("allowed"), "{table}");
+    assert!(row(&table, "execve /bin/true").starts_with("allowed"), "{table}");
+    let applied = row(&table, "enter the sandbox");
+    assert!(applied.contains("landlock=FullyEnforced"), "the signal scope: {applied}");
+    if is_root() {
+        assert!(applied.contains(&format!("user={PIPE_USER}")), "{applied}");
+        for spool in ["create a file in spool/incoming", "create a file in spool/deferred"] {
+            assert!(row(&table, spool).starts_with("denied"), "{spool}\n{table}");
+        }
+    } else {
+        println!("not root: the drop to [delivery.pipe] user is not exercised (it needs root)");
+    }
+}
+
+/// Issue 5: with a pipe route the queue keeps its Landlock rules, since
+/// it no longer runs the command.
+#[test]
+fn queue_keeps_landlock_with_a_pipe_route() {
+    let site = Site::new("pipeq", &format!("{PIPE_ROUTE}user = \"{PIPE_USER}\"\n"));
+    let (out, table) = site.selftest("queue");
+    assert!(out.status.success(), "{table}");
+    assert!(row(&table, "open /etc/passwd for reading").starts_with("denied"), "{table}");
+    assert!(row(&table, "TCP connect to 127.0.0.1").starts_with("denied"), "{table}");
+    assert!(row(&table, "connect to the pipe socket").starts_with("allowed"), "{table}");
+}
+
+/// The self-test must be able to fail: a Maildir root of /etc gives the
+/// queue Landlock rights there, so reading /etc/passwd succeeds, and the
+/// self-test must say so and exit 1.
 #[test]
 fn selftest_reports_a_restriction_that_does_not_hold() {
-    let site = Site::new("pipe", "\n[delivery]\ntransport = \"pipe\"\n[delivery.pipe]\ncommand = [\"/bin/true\"]\n");
+    let site = Site::new("etc", "\n[delivery]\nmaildir_root = \"/etc\"\n");
     let (out, table) = site.selftest("queue");
     assert_eq!(out.status.code(), Some(1), "{table}");
     assert!(row(&table, "open /etc/passwd for reading").starts_with("allowed"), "{table}");

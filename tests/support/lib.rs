@@ -11,6 +11,7 @@ pub mod delivery;
 pub mod dns;
 pub mod lifetime;
 pub mod netpeer;
+pub mod pipe;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

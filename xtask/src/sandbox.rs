@@ -4,9 +4,11 @@
 //! result. Fails if any forbidden attempt succeeded, any permitted one
 //! failed, or a probe could not run.
 //!
-//! As root the probes drop to `nobody` and smtpd chroots, exactly as
-//! under a root master; as another user those two steps are skipped (the
-//! tables say so) and every other layer is still proved.
+//! As root the probes drop to `nobody` (the pipe service's to `daemon`,
+//! its `[delivery.pipe] user`) and smtpd chroots, exactly as under a root
+//! master; as another user those two steps are skipped (the tables say
+//! so) and every other layer is still proved. The config routes one
+//! domain to pipe, so the queue is proved with a pipe route too.
 
 use anyhow::{Result, bail};
 use std::fs;
@@ -15,7 +17,10 @@ use std::path::Path;
 use std::process::Command;
 
 /// The daemons that sandbox themselves.
-const SERVICES: [&str; 4] = ["smtpd", "cleanup", "queue", "anvil"];
+const SERVICES: [&str; 5] = ["smtpd", "cleanup", "queue", "anvil", "pipe"];
+/// The pipe command's user as root: unprivileged, not the mail user, and
+/// present on every Debian system (base-passwd).
+const PIPE_USER: &str = "daemon";
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
     if !args.is_empty() {
@@ -34,7 +39,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     fs::write(
         &config,
         format!(
-            "[server]\nhostname = \"mortal.test\"\nspool_dir = \"../spool\"\naccepted_domains = [\"example.test\"]\n{user}\n[smtpd]\nlisten = [\"127.0.0.1:2\"]\n"
+            "[server]\nhostname = \"mortal.test\"\nspool_dir = \"../spool\"\naccepted_domains = [\"example.test\"]\n{user}\n[smtpd]\nlisten = [\"127.0.0.1:2\"]\n\n[delivery.routes]\n\"pipe.test\" = \"pipe\"\n\n[delivery.pipe]\ncommand = [\"/bin/true\"]\nuser = \"{PIPE_USER}\"\n"
         ),
     )?;
     let mut failed = Vec::new();

@@ -4,10 +4,11 @@
 //! `mortal-master [--config PATH]` creates the spool and run directories,
 //! takes the pid file, binds every listening socket (the `[smtpd] listen`
 //! and `proxy_listen` addresses, and the private Unix sockets of cleanup,
-//! queue and anvil) and then runs the services on them: pools of
-//! `mortal-smtpd` and `mortal-cleanup` children sized by the
-//! Apache-prefork-style lifetime policy of `[process.<service>]`, and
-//! exactly one `mortal-queue` and one `mortal-anvil`. It keeps a scoreboard of every child (pid, service, state, sessions served, spawn
+//! queue, anvil and, when a route uses pipe, the pipe service) and then
+//! runs the services on them: pools of `mortal-smtpd`, `mortal-cleanup`
+//! and `mortal-pipe` children sized by the Apache-prefork-style lifetime
+//! policy of `[process.<service>]`, and exactly one `mortal-queue` and one
+//! `mortal-anvil`. It keeps a scoreboard of every child (pid, service, state, sessions served, spawn
 //! time, last state change) from the fixed-size status records each child
 //! sends on its own socket, replaces children before they retire, retires
 //! idle extras, throttles services whose children die at start, and logs
@@ -39,7 +40,9 @@
 //! pid file and the control socket stay root's, and the private directory
 //! is root's with mode 0710 and the mail user's group: a daemon can reach
 //! the sockets whose names it knows but cannot replace one. Each child
-//! then drops to that user itself, after exec (`mortal_master::sandbox`).
+//! then drops to that user itself, after exec (`mortal_master::sandbox`);
+//! the pipe service drops to `[delivery.pipe] user` instead, which must
+//! exist too, so no pipe command ever runs as root or as the mail user.
 //!
 //! # Standards
 //! None on the wire. Log lines follow Postfix's master (`daemon started --
@@ -50,7 +53,7 @@
 //!
 //! # Configuration
 //! `mortal.toml`: `[server]` (spool_dir, run_dir, user), `[smtpd] listen`,
-//! `[server] metrics_file`, `[process.smtpd]` and `[process.cleanup]`
+//! `[server] metrics_file`, `[process.smtpd]`, `[process.cleanup]` and `[process.pipe]`
 //! (process_limit, prefork, min_spare, max_spare, max_idle, max_lifetime,
 //! lifetime_jitter, session_deadline, overdue_grace, and for smtpd
 //! overload_wait; max_use is the children's own business), `[log]`.
@@ -181,8 +184,13 @@ fn close_inherited_descriptors() {
 /// Starts the mail system and runs it until a stop signal, which it
 /// returns.
 fn master_main(config: Config, config_path: PathBuf) -> anyhow::Result<i32> {
-    // Started as root: the children drop to this user, which must exist.
+    // Started as root: the children drop to this user, which must exist,
+    // and so must the pipe service's.
     let mail_user = sandbox::mail_user(&config)?;
+    if config.pipe_routed() {
+        sandbox::pipe_user(&config)?;
+        warn_about_pipe(&config, mail_user.is_some());
+    }
     make_dirs(&config)?;
     if let Some(user) = &mail_user {
         sandbox::own_dirs(&config, user)?;
@@ -274,6 +282,23 @@ fn make_dir(path: &Path, mode: u32) -> anyhow::Result<()> {
     DirBuilder::new().recursive(true).mode(mode).create(path).with_context(|| format!("mkdir {}", path.display()))
 }
 
+/// Says once at start what the pipe service's sandbox cannot hold, and,
+/// unprivileged, that `[delivery.pipe] user` has no effect.
+fn warn_about_pipe(config: &Config, as_root: bool) {
+    tracing::warn!("{}", sandbox::PIPE_LANDLOCK_WARNING);
+    let Some(wanted) = config.delivery.pipe.user.as_deref() else { return };
+    if as_root {
+        return;
+    }
+    let uid = nix::unistd::geteuid();
+    let me = nix::unistd::User::from_uid(uid).ok().flatten().map_or_else(|| uid.to_string(), |u| u.name);
+    if me != wanted {
+        tracing::warn!(
+            "warning: [delivery.pipe] user \"{wanted}\" does not take effect: mortal was not started as root, so every process, the pipe command included, runs as \"{me}\""
+        );
+    }
+}
+
 /// Binds every listener, TCP first: binding a port another master holds
 /// fails before any socket file is touched.
 fn bind_services(config: &Config) -> anyhow::Result<Vec<Service>> {
@@ -294,11 +319,17 @@ fn bind_services(config: &Config) -> anyhow::Result<Vec<Service>> {
         let socket = master_listen::master_listen_tcp(*addr).with_context(|| format!("bind {addr}"))?;
         services.push(Service::new(ServiceKind::Smtpd, addr.to_string(), program(ServiceKind::Smtpd)?, socket, None));
     }
-    for (kind, path) in [
+    let mut unix = vec![
         (ServiceKind::Cleanup, config.cleanup_socket()),
         (ServiceKind::Queue, config.queue_socket()),
         (ServiceKind::Anvil, config.anvil_socket()),
-    ] {
+    ];
+    // The pipe service exists only for mail routed to it: without a pipe
+    // route no process can run the command at all.
+    if config.pipe_routed() {
+        unix.push((ServiceKind::Pipe, config.pipe_socket()));
+    }
+    for (kind, path) in unix {
         let bound = program(kind).and_then(|program| {
             let socket =
                 master_listen::master_listen_unix(&path).with_context(|| format!("bind {}", path.display()))?;

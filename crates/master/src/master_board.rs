@@ -175,7 +175,7 @@ impl Entry {
         self.retire();
     }
 
-    /// SIGTERM now, SIGKILL after `master_life::TERM_GRACE`.
+    /// SIGTERM now, SIGKILL after the service's `term_grace`.
     pub fn terminate(&mut self, reason: Reason, now: Instant) {
         if self.term_sent.is_none() && !self.killed {
             self.reason = Some(reason);

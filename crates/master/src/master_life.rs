@@ -12,23 +12,18 @@
 //!   (it is *overdue*).
 //! - **overdue**: a child still alive `overdue_grace` after its life ended
 //!   is terminated whatever it is doing, so no load can keep a child alive
-//!   longer than `max_lifetime + overdue_grace` (plus [`TERM_GRACE`] if it
+//!   longer than `max_lifetime + overdue_grace` (plus `term_grace` if it
 //!   ignores SIGTERM): the paper's availability/security trade-off, decided
 //!   for security.
 //! - **session deadline**: a session longer than `session_deadline` is
 //!   stuck (a deadlock, or a compromised child stalling): SIGTERM, which
-//!   lets smtpd say `421` to its client, then SIGKILL after [`TERM_GRACE`].
+//!   lets smtpd say `421` to its client, then SIGKILL after `term_grace`.
 //! - **idle**: a child idle for `max_idle` is retired, but only while its
 //!   pool has more than `min_spare` idle children (decided by the caller,
 //!   which sees the whole pool).
 
 use mortal_proto::config::ProcessPolicy;
 use std::time::{Duration, Instant};
-
-/// Time between SIGTERM and SIGKILL for a child terminated by the policy:
-/// enough for smtpd to write its `421` and exit, short enough that a child
-/// ignoring SIGTERM does not linger.
-pub const TERM_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a child left the pool, for the retirement counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -88,7 +83,7 @@ pub struct Life {
     /// Already told to retire (or leaving by itself): a retire is not
     /// repeated.
     pub leaving: bool,
-    /// SIGTERM sent at this instant; SIGKILL follows after [`TERM_GRACE`].
+    /// SIGTERM sent at this instant; SIGKILL follows after `term_grace`.
     pub term_sent: Option<Instant>,
     /// SIGKILL already sent: nothing more to do.
     pub killed: bool,
@@ -101,7 +96,7 @@ pub enum Verdict {
     Keep,
     /// Send the retire order: finish the session, if any, then exit.
     Retire(Reason),
-    /// SIGTERM now (SIGKILL [`TERM_GRACE`] later, if still there).
+    /// SIGTERM now (SIGKILL `term_grace` later, if still there).
     Terminate(Reason),
     /// SIGKILL now: the SIGTERM grace is over.
     Kill,
@@ -112,12 +107,18 @@ pub enum Verdict {
 pub struct Limits {
     pub session_deadline: Option<Duration>,
     pub overdue_grace: Duration,
+    /// SIGTERM to SIGKILL.
+    pub term_grace: Duration,
 }
 
 impl Limits {
     pub fn of(policy: &ProcessPolicy) -> Limits {
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
-        Limits { session_deadline: nonzero(policy.session_deadline), overdue_grace: policy.overdue_grace }
+        Limits {
+            session_deadline: nonzero(policy.session_deadline),
+            overdue_grace: policy.overdue_grace,
+            term_grace: policy.term_grace,
+        }
     }
 }
 
@@ -140,7 +141,7 @@ pub fn verdict(limits: &Limits, life: &Life, now: Instant) -> Verdict {
         return Verdict::Keep;
     }
     if let Some(sent) = life.term_sent {
-        return if now >= sent + TERM_GRACE { Verdict::Kill } else { Verdict::Keep };
+        return if now >= sent + limits.term_grace { Verdict::Kill } else { Verdict::Keep };
     }
     // The hard cap first: past it, nothing the child does buys more time.
     if let Some(end) = life.life_end
@@ -166,7 +167,7 @@ pub fn next_due(limits: &Limits, life: &Life) -> Option<Instant> {
         return None;
     }
     if let Some(sent) = life.term_sent {
-        return Some(sent + TERM_GRACE);
+        return Some(sent + limits.term_grace);
     }
     let hard_cap = life.life_end.map(|end| end + limits.overdue_grace);
     let retire = life.life_end.filter(|_| !life.leaving);
@@ -225,6 +226,7 @@ mod tests {
             lifetime_jitter: jitter,
             overdue_grace: Duration::from_secs(5),
             session_deadline: Duration::from_secs(20),
+            term_grace: Duration::from_secs(3),
             ..ProcessPolicy::default()
         }
     }
@@ -287,8 +289,13 @@ mod tests {
         assert_eq!(verdict(&limits, &overdue, t0 + Duration::from_secs(15)), Verdict::Terminate(Reason::Overdue));
         let termed = Life { term_sent: Some(t0 + Duration::from_secs(15)), ..overdue };
         assert_eq!(verdict(&limits, &termed, t0 + Duration::from_secs(16)), Verdict::Keep);
-        assert_eq!(next_due(&limits, &termed), Some(t0 + Duration::from_secs(15) + TERM_GRACE));
-        assert_eq!(verdict(&limits, &termed, t0 + Duration::from_secs(15) + TERM_GRACE), Verdict::Kill);
+        let grace = limits.term_grace;
+        assert_eq!(next_due(&limits, &termed), Some(t0 + Duration::from_secs(15) + grace));
+        assert_eq!(
+            verdict(&limits, &termed, t0 + Duration::from_secs(15) + grace - Duration::from_millis(1)),
+            Verdict::Keep
+        );
+        assert_eq!(verdict(&limits, &termed, t0 + Duration::from_secs(15) + grace), Verdict::Kill);
         let killed = Life { killed: true, ..termed };
         assert_eq!(verdict(&limits, &killed, t0 + Duration::from_secs(99)), Verdict::Keep);
         assert_eq!(next_due(&limits, &killed), None);

@@ -72,6 +72,10 @@ pub enum ServiceKind {
     Queue,
     /// The per-client counter smtpd asks (one process, like the queue).
     Anvil,
+    /// The pipe delivery service the queue hands pipe-routed mail to: a
+    /// pool, one delivery request per connection. Present only when a
+    /// route uses pipe.
+    Pipe,
 }
 
 impl ServiceKind {
@@ -81,6 +85,7 @@ impl ServiceKind {
             ServiceKind::Cleanup => "cleanup",
             ServiceKind::Queue => "queue",
             ServiceKind::Anvil => "anvil",
+            ServiceKind::Pipe => "pipe",
         }
     }
 
@@ -91,6 +96,7 @@ impl ServiceKind {
             ServiceKind::Cleanup => "mortal-cleanup",
             ServiceKind::Queue => "mortal-queue",
             ServiceKind::Anvil => "mortal-anvil",
+            ServiceKind::Pipe => "mortal-pipe",
         }
     }
 
@@ -99,6 +105,7 @@ impl ServiceKind {
         match self {
             ServiceKind::Smtpd => Some(master_pool::effective(&config.process.smtpd)),
             ServiceKind::Cleanup => Some(master_pool::effective(&config.process.cleanup)),
+            ServiceKind::Pipe => Some(master_pool::effective(&config.process.pipe)),
             ServiceKind::Queue | ServiceKind::Anvil => None,
         }
     }
@@ -126,6 +133,8 @@ pub struct Service {
     /// Children gone, per reason, in `Reason::ALL` order.
     retired: [u64; Reason::ALL.len()],
     overload: Overload,
+    /// fork+exec-to-READY times of its children.
+    ready: master_stat::ReadyLatency,
 }
 
 impl Service {
@@ -148,6 +157,7 @@ impl Service {
             spawns: 0,
             retired: [0; Reason::ALL.len()],
             overload: Overload::default(),
+            ready: Default::default(),
         }
     }
 
@@ -333,6 +343,7 @@ impl Master {
             ChildState::Ready => {
                 entry.ready_at = Some(now);
                 let elapsed = now.saturating_duration_since(entry.spawned);
+                service.ready.observe(elapsed);
                 tracing::debug!(
                     "{}: pid {} ready {} us after spawn",
                     service.kind.name(),
@@ -485,7 +496,7 @@ impl Master {
                         "warning: process {} pid {}: still running {}s after SIGTERM -- killed",
                         service.program.display(),
                         entry.pid,
-                        master_life::TERM_GRACE.as_secs()
+                        limits.term_grace.as_secs_f64()
                     );
                     entry.kill();
                 }
@@ -621,6 +632,7 @@ impl Master {
                 spawns: s.spawns,
                 retired: s.retired,
                 overload_rejects: s.overload.rejected,
+                ready: s.ready.clone(),
             })
             .collect();
         let children = self
@@ -832,6 +844,11 @@ impl Master {
         {
             tracing::warn!(
                 "warning: reload: smtpd.listen, smtpd.proxy_listen, server.spool_dir and server.run_dir take effect only on restart"
+            );
+        }
+        if new.pipe_routed() && !self.services.iter().any(|s| s.kind == ServiceKind::Pipe) {
+            tracing::warn!(
+                "warning: reload: the pipe service starts only on restart: until then, mail routed to pipe is deferred"
             );
         }
         if new.log.format != old.log.format || new.log.level != old.log.level {

@@ -5,6 +5,14 @@
 //!
 //! Both are rendered from a [`Snapshot`], a plain copy taken by the event
 //! loop, so formatting never touches live state and is easy to test.
+//!
+//! Besides counts, each service carries [`ReadyLatency`]: how long its
+//! children took from just before fork+exec to their READY record (exec,
+//! dynamic start-up, reading the configuration, entering the sandbox). It
+//! is the price of the pattern's fresh address space per child, so it is
+//! exposed as a Prometheus histogram (`mortal_child_ready_seconds`) and,
+//! exactly, as quantiles of the latest children
+//! (`mortal_child_ready_recent_seconds`, a summary).
 
 use crate::master_life::Reason;
 use serde_json::{Value, json};
@@ -43,6 +51,134 @@ pub struct ServiceStat {
     pub retired: [u64; Reason::ALL.len()],
     /// Clients answered `421 Service busy` by the master.
     pub overload_rejects: u64,
+    /// fork+exec-to-READY times of its children.
+    pub ready: ReadyLatency,
+}
+
+/// Upper bounds of the fork+exec-to-READY histogram buckets (`+Inf`
+/// follows). Doubling from 0.5 ms, about an exec of a small binary on an
+/// idle machine, to 1.024 s, a pool starting dozens of children at once on
+/// a loaded machine; a slower start lands in `+Inf`, and one past
+/// `master_loop::START_DEADLINE` is killed.
+pub const READY_BUCKETS: [Duration; 12] = [
+    Duration::from_micros(500),
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+    Duration::from_millis(16),
+    Duration::from_millis(32),
+    Duration::from_millis(64),
+    Duration::from_millis(128),
+    Duration::from_millis(256),
+    Duration::from_millis(512),
+    Duration::from_millis(1024),
+];
+
+/// READY latencies kept per service for exact quantiles: the latest this
+/// many children (16 KiB per service), so memory stays bounded however
+/// long the master runs.
+pub const READY_SAMPLES: usize = 1024;
+
+/// Quantiles of the latest READY latencies that are reported.
+pub const READY_QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
+
+/// fork+exec-to-READY times of one service's children: a cumulative
+/// histogram over the master's life, and the latest [`READY_SAMPLES`]
+/// values for exact quantiles.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ReadyLatency {
+    /// Observations per bucket, not cumulative: one per [`READY_BUCKETS`]
+    /// bound, then `+Inf`.
+    buckets: [u64; READY_BUCKETS.len() + 1],
+    count: u64,
+    sum: Duration,
+    /// Ring of the latest samples; `next` is where the next one goes once
+    /// it is full.
+    recent: Vec<Duration>,
+    next: usize,
+}
+
+impl ReadyLatency {
+    /// Records one child's time from spawn to READY.
+    pub fn observe(&mut self, elapsed: Duration) {
+        let bucket = READY_BUCKETS.iter().position(|le| elapsed <= *le).unwrap_or(READY_BUCKETS.len());
+        self.buckets[bucket] += 1;
+        self.count += 1;
+        self.sum = self.sum.saturating_add(elapsed);
+        if self.recent.len() < READY_SAMPLES {
+            self.recent.push(elapsed);
+        } else {
+            self.recent[self.next] = elapsed;
+        }
+        self.next = (self.next + 1) % READY_SAMPLES;
+    }
+
+    /// Children that reported READY.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Their total time from spawn to READY.
+    pub fn sum(&self) -> Duration {
+        self.sum
+    }
+
+    /// `(upper bound, observations at or below it)` for every bucket,
+    /// `None` (`+Inf`) last, as Prometheus counts them.
+    pub fn cumulative(&self) -> Vec<(Option<Duration>, u64)> {
+        let bounds = READY_BUCKETS.iter().copied().map(Some).chain([None]);
+        let mut total = 0;
+        bounds
+            .zip(self.buckets)
+            .map(|(le, n)| {
+                total += n;
+                (le, total)
+            })
+            .collect()
+    }
+
+    /// How many latest samples the quantiles are computed from.
+    pub fn window(&self) -> usize {
+        self.recent.len()
+    }
+
+    /// Exact quantiles (nearest rank) of the latest samples, one sort for
+    /// all of `qs`; empty before the first READY.
+    fn quantiles(&self, qs: &[f64]) -> Vec<Duration> {
+        if self.recent.is_empty() {
+            return Vec::new();
+        }
+        let mut sorted = self.recent.clone();
+        sorted.sort_unstable();
+        let n = sorted.len();
+        qs.iter()
+            .map(|q| {
+                let rank = (q.clamp(0.0, 1.0) * n as f64).ceil() as usize;
+                sorted[rank.clamp(1, n) - 1]
+            })
+            .collect()
+    }
+
+    /// The `ready` object of a service in the `status` document
+    /// (milliseconds, like the document's ages). Buckets are a list, in
+    /// order, with `le_ms: null` for `+Inf`.
+    fn to_json(&self) -> Value {
+        let buckets: Vec<Value> =
+            self.cumulative().into_iter().map(|(le, n)| json!({"le_ms": le.map(millis), "count": n})).collect();
+        let quantiles: serde_json::Map<String, Value> = READY_QUANTILES
+            .iter()
+            .zip(self.quantiles(&READY_QUANTILES).into_iter().map(Some).chain(std::iter::repeat(None)))
+            .map(|(q, v)| (format!("p{}", (q * 100.0).round()), json!(v.map(millis))))
+            .collect();
+        json!({
+            "count": self.count,
+            "sum_ms": millis(self.sum),
+            "buckets": buckets,
+            "window": self.window(),
+            "latest": quantiles,
+        })
+    }
 }
 
 /// One child.
@@ -87,6 +223,7 @@ impl Snapshot {
                     "spawns": s.spawns,
                     "retired": retired,
                     "overload_rejects": s.overload_rejects,
+                    "ready": s.ready.to_json(),
                     "children": states,
                 })
             })
@@ -153,12 +290,55 @@ impl Snapshot {
         for s in &self.services {
             let _ = writeln!(out, "mortal_overload_rejects_total{{{}}} {}", label(s), s.overload_rejects);
         }
+        metric(
+            &mut out,
+            "mortal_child_ready_seconds",
+            "histogram",
+            "Time from just before fork+exec to the child's READY record.",
+        );
+        for s in &self.services {
+            for (le, n) in s.ready.cumulative() {
+                let le = le_label(le);
+                let _ = writeln!(out, "mortal_child_ready_seconds_bucket{{{},le=\"{le}\"}} {n}", label(s));
+            }
+            let _ = writeln!(out, "mortal_child_ready_seconds_sum{{{}}} {:.6}", label(s), s.ready.sum().as_secs_f64());
+            let _ = writeln!(out, "mortal_child_ready_seconds_count{{{}}} {}", label(s), s.ready.count());
+        }
+        metric(
+            &mut out,
+            "mortal_child_ready_recent_seconds",
+            "summary",
+            &format!("fork+exec-to-READY time of the latest {READY_SAMPLES} children: exact quantiles."),
+        );
+        for s in &self.services {
+            let values = s.ready.quantiles(&READY_QUANTILES);
+            for (i, q) in READY_QUANTILES.iter().enumerate() {
+                // NaN before the first READY, as Prometheus clients write
+                // an empty summary.
+                let v = values.get(i).map_or("NaN".to_owned(), |d| format!("{:.6}", d.as_secs_f64()));
+                let _ = writeln!(out, "mortal_child_ready_recent_seconds{{{},quantile=\"{q}\"}} {v}", label(s));
+            }
+            let window: Duration = s.ready.recent.iter().sum();
+            let _ = writeln!(out, "mortal_child_ready_recent_seconds_sum{{{}}} {:.6}", label(s), window.as_secs_f64());
+            let _ = writeln!(out, "mortal_child_ready_recent_seconds_count{{{}}} {}", label(s), s.ready.window());
+        }
         metric(&mut out, "mortal_config_generation", "gauge", "Configuration generation (reloads).");
         let _ = writeln!(out, "mortal_config_generation {}", self.generation);
         metric(&mut out, "mortal_master_uptime_seconds", "gauge", "Seconds since the master started.");
         let _ = writeln!(out, "mortal_master_uptime_seconds {:.3}", self.uptime.as_secs_f64());
         out
     }
+}
+
+/// Milliseconds with the nanoseconds as a fraction: whole bounds like
+/// 0.5 ms print exactly.
+fn millis(d: Duration) -> f64 {
+    d.as_nanos() as f64 / 1e6
+}
+
+/// A bucket bound as Prometheus writes `le`: seconds, shortest form.
+fn le_label(le: Option<Duration>) -> String {
+    le.map_or("+Inf".into(), |d| format!("{}", d.as_nanos() as f64 / 1e9))
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -207,6 +387,7 @@ mod tests {
                 spawns: 7,
                 retired,
                 overload_rejects: 5,
+                ready: ReadyLatency::default(),
             }],
             children: vec![
                 ChildStat {
@@ -267,6 +448,95 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    fn quantile(h: &ReadyLatency, q: f64) -> Option<Duration> {
+        h.quantiles(&[q]).pop()
+    }
+
+    fn ms(n: f64) -> Duration {
+        Duration::from_micros((n * 1000.0).round() as u64)
+    }
+
+    #[test]
+    fn ready_histogram_counts_each_sample_in_its_bucket() {
+        let mut h = ReadyLatency::default();
+        assert_eq!(quantile(&h, 0.5), None);
+        // On a bound counts in that bucket (Prometheus `le`), just above in the next.
+        for v in [0.2, 0.5, 0.6, 3.0, 3.0, 100.0, 5000.0] {
+            h.observe(ms(v));
+        }
+        let c = h.cumulative();
+        assert_eq!(c.len(), READY_BUCKETS.len() + 1);
+        assert_eq!(c[0], (Some(ms(0.5)), 2), "0.2 ms and 0.5 ms are <= 0.5 ms");
+        assert_eq!(c[1], (Some(ms(1.0)), 3));
+        assert_eq!(c[2], (Some(ms(2.0)), 3));
+        assert_eq!(c[3], (Some(ms(4.0)), 5));
+        assert_eq!(c[8], (Some(ms(128.0)), 6));
+        assert_eq!(c[11], (Some(ms(1024.0)), 6), "5 s is past the last bound");
+        assert_eq!(c[12], (None, 7));
+        assert!(c.windows(2).all(|w| w[0].1 <= w[1].1), "cumulative counts never decrease");
+        assert_eq!(h.count(), 7);
+        assert_eq!(h.sum(), ms(5107.3));
+    }
+
+    #[test]
+    fn ready_quantiles_are_exact_over_the_latest_samples() {
+        let mut h = ReadyLatency::default();
+        for v in 1..=100 {
+            h.observe(ms(f64::from(v)));
+        }
+        assert_eq!(quantile(&h, 0.5), Some(ms(50.0)));
+        assert_eq!(quantile(&h, 0.9), Some(ms(90.0)));
+        assert_eq!(quantile(&h, 0.99), Some(ms(99.0)));
+        assert_eq!(quantile(&h, 1.0), Some(ms(100.0)));
+        assert_eq!(quantile(&h, 0.0), Some(ms(1.0)));
+        // The window is bounded: after READY_SAMPLES slow starts, the fast
+        // ones have left it, while the histogram still counts them all.
+        for _ in 0..READY_SAMPLES {
+            h.observe(ms(700.0));
+        }
+        assert_eq!(h.window(), READY_SAMPLES);
+        assert_eq!(quantile(&h, 0.0), Some(ms(700.0)));
+        assert_eq!(h.count(), 100 + READY_SAMPLES as u64);
+        h.observe(ms(2.0));
+        assert_eq!(h.window(), READY_SAMPLES);
+        assert_eq!(quantile(&h, 0.0), Some(ms(2.0)), "the newest sample replaced the oldest");
+    }
+
+    #[test]
+    fn ready_latency_is_exposed_as_histogram_summary_and_json() {
+        let mut s = snapshot();
+        let empty = s.to_prometheus();
+        assert!(empty.contains("mortal_child_ready_seconds_count{service=\"smtpd\",endpoint=\"127.0.0.1:25\"} 0\n"));
+        assert!(empty.contains("quantile=\"0.5\"} NaN\n"), "{empty}");
+        for v in [1.5, 3.0, 300.0] {
+            s.services[0].ready.observe(ms(v));
+        }
+        let text = s.to_prometheus();
+        assert!(text.contains("# TYPE mortal_child_ready_seconds histogram\n"), "{text}");
+        let labels = "service=\"smtpd\",endpoint=\"127.0.0.1:25\"";
+        for (le, n) in [("0.0005", 0), ("0.002", 1), ("0.004", 2), ("0.256", 2), ("0.512", 3), ("+Inf", 3)] {
+            let line = format!("mortal_child_ready_seconds_bucket{{{labels},le=\"{le}\"}} {n}\n");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(text.contains(&format!("mortal_child_ready_seconds_sum{{{labels}}} 0.304500\n")), "{text}");
+        assert!(text.contains(&format!("mortal_child_ready_seconds_count{{{labels}}} 3\n")), "{text}");
+        assert!(text.contains(&format!("mortal_child_ready_recent_seconds{{{labels},quantile=\"0.5\"}} 0.003000\n")));
+        assert!(text.contains(&format!("mortal_child_ready_recent_seconds{{{labels},quantile=\"0.99\"}} 0.300000\n")));
+        assert!(text.contains(&format!("mortal_child_ready_recent_seconds_count{{{labels}}} 3\n")), "{text}");
+        let v = s.to_json();
+        let ready = &v["services"][0]["ready"];
+        assert_eq!(ready["count"], 3);
+        assert_eq!(ready["window"], 3);
+        let buckets = ready["buckets"].as_array().unwrap();
+        assert_eq!(buckets.len(), READY_BUCKETS.len() + 1);
+        assert_eq!(buckets[0], json!({"le_ms": 0.5, "count": 0}));
+        assert_eq!(buckets[3], json!({"le_ms": 4.0, "count": 2}));
+        assert_eq!(buckets[11], json!({"le_ms": 1024.0, "count": 3}));
+        assert_eq!(buckets[12], json!({"le_ms": null, "count": 3}));
+        assert_eq!(ready["latest"]["p50"], 3.0);
+        assert_eq!(ready["latest"]["p99"], 300.0);
     }
 
     #[test]

@@ -6,29 +6,34 @@
 //! input. In this order it:
 //!
 //! 1. when started as root: looks up `[server] user` (default
-//!    [`DEFAULT_USER`]), chroots smtpd into the private socket directory,
-//!    then `setgroups([gid])`, `setgid`, `setuid`, and checks that the drop
-//!    cannot be undone (`setuid(0)` must fail); as any other user
-//!    (development mode) the identity stays, and says so once at debug;
+//!    [`DEFAULT_USER`]; for the pipe service `[delivery.pipe] user`, which
+//!    must be neither root nor the mail user), chroots smtpd and anvil into
+//!    the private socket directory, then `setgroups([gid])`, `setgid`,
+//!    `setuid`, and checks that the drop cannot be undone (`setuid(0)`
+//!    must fail); as any other user (development mode) the identity
+//!    stays, and says so once at debug;
 //! 2. sets `PR_SET_NO_NEW_PRIVS`, turns core dumps off (`RLIMIT_CORE` 0,
 //!    and `PR_SET_DUMPABLE` 0 after a drop from root) and bounds
 //!    `RLIMIT_NOFILE` per service;
 //! 3. restricts itself with Landlock (file system, TCP, signals and
 //!    abstract Unix sockets): smtpd may open no file at all, cleanup may
 //!    write `spool/incoming` only, queue the spool and its delivery
-//!    targets only (when a route uses the pipe command, whose needs are
-//!    the operator's, the queue keeps only Landlock's signal and socket
-//!    scopes, and says so in a warning);
+//!    targets only; the pipe service, which runs the operator's command
+//!    and whose needs are the operator's, keeps only Landlock's signal and
+//!    socket scopes (the master says so in a warning at start);
 //! 4. installs a seccomp filter: an allow-list for smtpd, whose every
 //!    other system call kills the process, and a deny-list of the
 //!    system calls no mail daemon needs (ptrace, mount, namespaces, module
-//!    and key management...) for cleanup and queue.
+//!    and key management...) for the others; cleanup, anvil and queue
+//!    also may not run a program, and queue may not even create a process.
 //!
 //! | service | identity (root start) | file system | network | seccomp |
 //! |---|---|---|---|---|
 //! | smtpd | mail user, chroot `<run_dir>/private` | nothing | no TCP bind/connect; `socket()` only `AF_UNIX` | allow-list, kill |
 //! | cleanup | mail user | `spool/incoming` | no TCP | deny-list, kill |
-//! | queue | mail user | spool, maildir root, CA file | TCP connect to configured next-hop ports | deny-list, kill |
+//! | queue | mail user | spool, maildir root, CA file | TCP connect to configured next-hop ports | deny-list (also execve, fork), kill |
+//! | anvil | mail user, chroot `<run_dir>/private` | nothing | no TCP | deny-list (also execve), kill |
+//! | pipe | `[delivery.pipe] user` | not restricted (the command's) | not restricted | deny-list, kill |
 //!
 //! # Security
 //! The layers are independent: a kernel without Landlock still has the
@@ -52,7 +57,8 @@
 //! # Configuration
 //! `[server] user` (the unprivileged user when the master starts as
 //! root), `run_dir`, `spool_dir`; `[delivery]` routes, `maildir_root`,
-//! `pipe.command`, `smtp_tls_ca_file` shape the queue's rules.
+//! `smtp_tls_ca_file` shape the queue's rules; `[delivery.pipe] user` is
+//! who the pipe service runs as.
 //!
 //! # Diagnostics
 //! `fatal: sandbox: ...` and exit status 1 when a step fails (the master
@@ -66,7 +72,7 @@ use landlock::{
     ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
     RulesetCreatedAttr, RulesetStatus, Scope,
 };
-use mortal_proto::config::{Config, NextHop, QUEUE_DIRS, Route};
+use mortal_proto::config::{Config, DEFAULT_SERVER_USER, NextHop, QUEUE_DIRS, Route};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::unistd::{Gid, Uid, User};
 use std::fs;
@@ -78,7 +84,7 @@ use thiserror::Error;
 
 /// The unprivileged user the daemons run as when `[server] user` is unset
 /// and the master starts as root.
-pub const DEFAULT_USER: &str = "mortal";
+pub const DEFAULT_USER: &str = DEFAULT_SERVER_USER;
 /// The Landlock ABI whose rights mortal asks for: the newest one it was
 /// tested on (Linux 6.15). Newer kernels enforce exactly these rights;
 /// older ones enforce what they know, and a warning says what is missing.
@@ -93,9 +99,14 @@ pub const CLEANUP_NOFILE: u64 = 64;
 pub const QUEUE_NOFILE_BASE: u64 = 256;
 /// anvil's descriptors besides one per smtpd child it may serve.
 pub const ANVIL_NOFILE_BASE: u64 = 64;
-/// Descriptors one concurrent delivery may hold (queue file, Maildir file
-/// or next-hop socket, a pipe command's three pipes, its cached connection).
+/// Descriptors one concurrent delivery may hold (queue file, Maildir file,
+/// next-hop or pipe service socket, its cached connection).
 pub const QUEUE_NOFILE_PER_DELIVERY: u64 = 8;
+/// Descriptors of a pipe service process. It holds a dozen (stdio, its
+/// listener and master link, the queue's connection, the command's pipes);
+/// the limit is inherited by the operator's command, which gets what a
+/// login session commonly gets (Linux's default soft limit).
+pub const PIPE_NOFILE: u64 = 1024;
 /// Mode of the private socket directory when the master runs as root:
 /// root may change it, the mail group may only pass through it to the
 /// sockets it knows the names of.
@@ -115,6 +126,8 @@ pub enum Service {
     Queue,
     /// The per-client counter smtpd consults; needs no file after start.
     Anvil,
+    /// The pipe delivery service: runs the `[delivery.pipe]` command.
+    Pipe,
 }
 
 impl Service {
@@ -124,6 +137,7 @@ impl Service {
             Service::Cleanup => "cleanup",
             Service::Queue => "queue",
             Service::Anvil => "anvil",
+            Service::Pipe => "pipe",
         }
     }
 
@@ -139,6 +153,7 @@ impl Service {
                 let pools = (config.smtpd.listen.len() + config.smtpd.proxy_listen.len()) as u64;
                 ANVIL_NOFILE_BASE + pools * u64::from(config.process.smtpd.process_limit)
             }
+            Service::Pipe => PIPE_NOFILE,
         }
     }
 }
@@ -152,6 +167,16 @@ pub enum SandboxError {
     NoSuchUser(String),
     #[error("user {0:?} (server.user) is root: the daemons must run unprivileged")]
     RootUser(String),
+    #[error(
+        "[delivery.pipe] user is not set: started as root with a pipe route, the pipe service needs the unprivileged user the command runs as"
+    )]
+    NoPipeUser,
+    #[error("user {0:?} ([delivery.pipe] user) does not exist: create it or name an existing unprivileged user")]
+    NoSuchPipeUser(String),
+    #[error(
+        "user {0:?} ([delivery.pipe] user) is root or the mail user: the pipe command must run with neither's rights"
+    )]
+    PipeUserPrivileged(String),
     #[error("look up user {0:?}: {1}")]
     Lookup(String, nix::Error),
     #[error("{step}: {source}")]
@@ -201,6 +226,22 @@ pub fn mail_user(config: &Config) -> Result<Option<MailUser>, SandboxError> {
     Ok(Some(MailUser { name: name.into(), uid: user.uid, gid: user.gid }))
 }
 
+/// The user the pipe service runs as when this process runs as root:
+/// `[delivery.pipe] user`, which must exist and be neither root nor the
+/// mail user (whose rights over the spool the operator's command must not
+/// get, as Postfix's pipe(8) refuses both). `None` in development mode.
+pub fn pipe_user(config: &Config) -> Result<Option<MailUser>, SandboxError> {
+    let Some(mail) = mail_user(config)? else { return Ok(None) };
+    let name = config.delivery.pipe.user.as_deref().ok_or(SandboxError::NoPipeUser)?;
+    let user = User::from_name(name)
+        .map_err(|e| SandboxError::Lookup(name.into(), e))?
+        .ok_or_else(|| SandboxError::NoSuchPipeUser(name.into()))?;
+    if user.uid.is_root() || user.uid == mail.uid {
+        return Err(SandboxError::PipeUserPrivileged(name.into()));
+    }
+    Ok(Some(MailUser { name: name.into(), uid: user.uid, gid: user.gid }))
+}
+
 /// The root smtpd chrooted to, once it has.
 static CHROOT: OnceLock<PathBuf> = OnceLock::new();
 
@@ -242,7 +283,10 @@ pub(crate) fn enter_layers(service: Service, config: &Config, with_seccomp: bool
     // Landlock rules hold descriptors opened now, before a chroot could
     // hide their paths.
     let ruleset = landlock_rules(service, config)?;
-    let user = mail_user(config)?;
+    let user = match service {
+        Service::Pipe => pipe_user(config)?,
+        _ => mail_user(config)?,
+    };
     let mut chroot = None;
     match &user {
         Some(user) => {
@@ -366,15 +410,14 @@ fn landlock_rules(service: Service, config: &Config) -> Result<landlock::Ruleset
         // No rule: no file, no directory, no TCP port.
         Service::Smtpd | Service::Anvil => Ok(ruleset),
         Service::Cleanup => rule(ruleset, &config.queue_dir("incoming"), fs_rw),
-        Service::Queue if pipe_routed(config) => {
-            tracing::warn!(
-                "warning: sandbox: queue: a route uses [delivery.pipe]: the command needs files and ports mortal cannot know, so the queue runs without Landlock file and network rules (user, signal scope and seccomp still apply)"
-            );
-            Ok(Ruleset::default()
-                .set_compatibility(CompatLevel::BestEffort)
-                .scope(Scope::from_all(LANDLOCK_ABI))?
-                .create()?)
-        }
+        // The command's files and ports are the operator's business, which
+        // mortal cannot know: only the scopes (no signal to, no abstract
+        // socket of, a process outside this one's domain) are kept. The
+        // master warns about it once at start (`PIPE_LANDLOCK_WARNING`).
+        Service::Pipe => Ok(Ruleset::default()
+            .set_compatibility(CompatLevel::BestEffort)
+            .scope(Scope::from_all(LANDLOCK_ABI))?
+            .create()?),
         Service::Queue => {
             let mut ruleset = rule(ruleset, &config.server.spool_dir, fs_rw)?;
             if !config.maildir_root().starts_with(&config.server.spool_dir) {
@@ -404,10 +447,8 @@ fn routes(config: &Config) -> impl Iterator<Item = &Route> {
     std::iter::once(&config.delivery.transport).chain(config.delivery.routes.values())
 }
 
-/// Whether some mail goes to the `[delivery.pipe]` command.
-fn pipe_routed(config: &Config) -> bool {
-    routes(config).any(|r| *r == Route::Pipe)
-}
+/// What the master logs once at start when the pipe service exists.
+pub const PIPE_LANDLOCK_WARNING: &str = "warning: sandbox: pipe: the [delivery.pipe] command needs files and ports mortal cannot know, so the pipe service runs without Landlock file and network rules (its own user, signal scope, no_new_privs and seccomp still apply)";
 
 fn restrict(ruleset: landlock::RulesetCreated) -> Result<RulesetStatus, SandboxError> {
     let status = ruleset.restrict_self()?;

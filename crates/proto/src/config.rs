@@ -399,8 +399,11 @@ pub struct Pipe {
     /// then arguments where `${sender}`, `${recipient}`, `${queue_id}` and
     /// `${original_recipient}` are expanded.
     pub command: Vec<String>,
-    /// The user the command runs as when mortal runs as root (required then:
-    /// the command never runs as root).
+    /// The user the pipe service, and so the command, runs as when mortal
+    /// runs as root: required then, and neither root nor `[server] user`
+    /// (the command never runs as root, nor with the mail user's rights
+    /// over the spool). Ignored, with a warning, when mortal runs
+    /// unprivileged.
     pub user: Option<String>,
     /// The command is killed after this long and the delivery deferred.
     #[serde(deserialize_with = "duration")]
@@ -542,11 +545,37 @@ impl Default for Anvil {
 }
 
 /// `[process.<service>]`: the lifetime policy of each pre-forked service.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Processes {
     pub smtpd: ProcessPolicy,
     pub cleanup: ProcessPolicy,
+    /// The `pipe` delivery service, which exists only while a route uses
+    /// pipe. Keys it does not set take [`ProcessPolicy::pipe_default`]'s
+    /// values, not the general defaults.
+    #[serde(deserialize_with = "pipe_policy")]
+    pub pipe: ProcessPolicy,
+}
+
+impl Default for Processes {
+    fn default() -> Self {
+        Self { smtpd: ProcessPolicy::default(), cleanup: ProcessPolicy::default(), pipe: ProcessPolicy::pipe_default() }
+    }
+}
+
+/// `[process.pipe]` keys whose default differs from the general one: a
+/// small pool, since each child runs one command at a time and delivery
+/// concurrency is the queue's to limit.
+const PIPE_POLICY_DEFAULTS: [(&str, u32); 5] =
+    [("process_limit", 20), ("prefork", 1), ("min_spare", 1), ("max_spare", 4), ("max_use", 100)];
+
+/// `[process.pipe]` with [`PIPE_POLICY_DEFAULTS`] filled in first.
+fn pipe_policy<'de, D: Deserializer<'de>>(d: D) -> Result<ProcessPolicy, D::Error> {
+    let mut table = toml::Table::deserialize(d)?;
+    for (key, value) in PIPE_POLICY_DEFAULTS {
+        table.entry(key).or_insert(toml::Value::Integer(i64::from(value)));
+    }
+    ProcessPolicy::deserialize(toml::Value::Table(table)).map_err(serde::de::Error::custom)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -581,6 +610,11 @@ pub struct ProcessPolicy {
     /// before it is killed anyway: load never makes a child immortal.
     #[serde(deserialize_with = "duration")]
     pub overdue_grace: Duration,
+    /// How long a child told to stop with SIGTERM (past a session deadline
+    /// or its overdue grace) has to finish its last words, e.g. smtpd's
+    /// `421` to its client, before SIGKILL.
+    #[serde(deserialize_with = "duration")]
+    pub term_grace: Duration,
     /// smtpd only: how long clients may wait in the listen backlog while
     /// every child is busy at `process_limit`, before the master answers
     /// them `421 4.3.2` itself (without reading a byte); "0s": never.
@@ -589,11 +623,34 @@ pub struct ProcessPolicy {
     pub overload_wait: Option<Duration>,
 }
 
+/// `[server] user` when unset: the unprivileged user the daemons run as
+/// when the master starts as root.
+pub const DEFAULT_SERVER_USER: &str = "mortal";
 /// `overload_wait` of an smtpd service that does not set it.
 pub const DEFAULT_OVERLOAD_WAIT: Duration = Duration::from_secs(10);
+/// `term_grace` of a service that does not set it.
+pub const DEFAULT_TERM_GRACE: Duration = Duration::from_secs(2);
+/// Longest `term_grace`: a child that ignores SIGTERM keeps its slot (and
+/// whatever it was doing) for at most this long.
+pub const MAX_TERM_GRACE: Duration = Duration::from_secs(60);
 /// Shortest `max_lifetime` other than unlimited: a shorter life would spend
 /// the pool's time spawning instead of serving.
 pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
+
+impl ProcessPolicy {
+    /// The policy of `[process.pipe]` when the table sets nothing.
+    pub fn pipe_default() -> Self {
+        let get = |key: &str| PIPE_POLICY_DEFAULTS.iter().find(|(k, _)| *k == key).map_or(0, |(_, v)| *v);
+        Self {
+            process_limit: get("process_limit"),
+            prefork: get("prefork"),
+            min_spare: get("min_spare"),
+            max_spare: get("max_spare"),
+            max_use: get("max_use"),
+            ..Self::default()
+        }
+    }
+}
 
 impl Default for ProcessPolicy {
     fn default() -> Self {
@@ -608,6 +665,7 @@ impl Default for ProcessPolicy {
             lifetime_jitter: 0.25,
             session_deadline: Duration::from_secs(3600),
             overdue_grace: Duration::from_secs(300),
+            term_grace: DEFAULT_TERM_GRACE,
             overload_wait: None,
         }
     }
@@ -641,7 +699,17 @@ impl Config {
     /// Parses `text` as the contents of `file`, resolves paths against the
     /// file's directory and validates. Returns every semantic problem found,
     /// not just the first; a syntax or type error stops at that error.
+    /// The rules for a system started as root apply when this process
+    /// runs as root (see [`Config::parse_for`]).
     pub fn parse(text: &str, file: &Path) -> Result<Config, Vec<ConfigError>> {
+        Config::parse_for(text, file, nix::unistd::geteuid().is_root())
+    }
+
+    /// [`Config::parse`] for a mail system started as root (`as_root`),
+    /// where the daemons change identity and `[delivery.pipe] user` must
+    /// name who runs the pipe command, or started by another user, where
+    /// every process keeps that user and the key is ignored.
+    pub fn parse_for(text: &str, file: &Path, as_root: bool) -> Result<Config, Vec<ConfigError>> {
         let mut config: Config = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| line_of_offset(text, s.start));
             vec![ConfigError { file: file.to_owned(), line, key: None, message: e.message().trim().to_owned() }]
@@ -677,7 +745,7 @@ impl Config {
             .map(|(domain, route)| (domain.to_lowercase(), route))
             .collect();
         let problems: Vec<ConfigError> = config
-            .problems()
+            .problems(as_root)
             .into_iter()
             .map(|(table, key, message)| ConfigError {
                 file: file.to_owned(),
@@ -698,7 +766,7 @@ impl Config {
     }
 
     /// Semantic rules, as (table, key, message).
-    fn problems(&self) -> Vec<(String, String, String)> {
+    fn problems(&self, as_root: bool) -> Vec<(String, String, String)> {
         let mut out = Vec::new();
         let mut bad = |table: &str, key: &str, msg: String| out.push((table.to_owned(), key.to_owned(), msg));
         if self.server.hostname.is_empty()
@@ -778,10 +846,38 @@ impl Config {
                 bad("delivery.routes", domain, format!("{domain:?} is not a domain name"));
             }
         }
-        let routes = || std::iter::once(&self.delivery.transport).chain(self.delivery.routes.values());
-        if routes().any(|r| *r == Route::Pipe) {
+        if self.pipe_routed() {
             for problem in self.delivery.pipe.problems() {
                 bad("delivery.pipe", "command", problem);
+            }
+            // As root the pipe service drops to this user, never to root
+            // and never to the mail user (whose rights over the spool an
+            // operator's command must not have), as Postfix's pipe(8).
+            let server_user = self.server.user.as_deref().unwrap_or(DEFAULT_SERVER_USER);
+            match self.delivery.pipe.user.as_deref() {
+                None if as_root => bad(
+                    "delivery.pipe",
+                    "user",
+                    "must name the unprivileged user the pipe command runs as (mortal runs as root and a route uses pipe)"
+                        .into(),
+                ),
+                Some(user) if as_root && user == server_user => bad(
+                    "delivery.pipe",
+                    "user",
+                    format!("must differ from [server] user ({server_user:?}): the command must not get the mail user's rights over the spool"),
+                ),
+                _ => {}
+            }
+            let policy = &self.process.pipe;
+            if !policy.session_deadline.is_zero() && policy.session_deadline < self.delivery.pipe.timeout {
+                bad(
+                    "process.pipe",
+                    "session_deadline",
+                    format!(
+                        "must be 0s or at least [delivery.pipe] timeout ({:?}): a command within its time would be killed",
+                        self.delivery.pipe.timeout
+                    ),
+                );
             }
         }
         if self.delivery.pipe.timeout.is_zero() {
@@ -796,7 +892,9 @@ impl Config {
         if self.delivery.command_timeout.is_zero() {
             bad("delivery", "command_timeout", "must be above 0".into());
         }
-        for (name, p) in [("smtpd", &self.process.smtpd), ("cleanup", &self.process.cleanup)] {
+        for (name, p) in
+            [("smtpd", &self.process.smtpd), ("cleanup", &self.process.cleanup), ("pipe", &self.process.pipe)]
+        {
             let table = format!("process.{name}");
             if p.process_limit == 0 {
                 bad(&table, "process_limit", "must be at least 1".into());
@@ -823,11 +921,24 @@ impl Config {
             if !p.max_lifetime.is_zero() && p.overdue_grace.is_zero() {
                 bad(&table, "overdue_grace", "must be above 0: a busy child past its life needs time to finish".into());
             }
+            if p.term_grace.is_zero() || p.term_grace > MAX_TERM_GRACE {
+                bad(&table, "term_grace", format!("must be above 0s and at most {MAX_TERM_GRACE:?}"));
+            }
         }
         if self.process.cleanup.overload_wait.is_some() {
             bad("process.cleanup", "overload_wait", "applies to smtpd only (cleanup's clients wait)".into());
         }
+        if self.process.pipe.overload_wait.is_some() {
+            bad("process.pipe", "overload_wait", "applies to smtpd only (the queue's requests wait)".into());
+        }
         out
+    }
+
+    /// Whether some route (the default `transport` or a
+    /// `[delivery.routes]` entry) hands mail to the `[delivery.pipe]`
+    /// command: only then does the pipe service exist.
+    pub fn pipe_routed(&self) -> bool {
+        std::iter::once(&self.delivery.transport).chain(self.delivery.routes.values()).any(|r| *r == Route::Pipe)
     }
 
     /// The route for mail to `domain`: its `[delivery.routes]` entry, or
@@ -863,6 +974,11 @@ impl Config {
     /// queue's wake-up socket (cleanup and the CLI connect here).
     pub fn queue_socket(&self) -> PathBuf {
         self.private_dir().join("queue")
+    }
+
+    /// The pipe delivery service's socket (the queue connects here).
+    pub fn pipe_socket(&self) -> PathBuf {
+        self.private_dir().join("pipe")
     }
 
     pub fn pid_file(&self) -> PathBuf {
@@ -963,6 +1079,20 @@ mod tests {
     }
 
     #[test]
+    fn term_grace_is_bounded() {
+        let with = |v: &str| Config::parse(&format!("[process.cleanup]\nterm_grace = \"{v}\"\n"), Path::new("m.toml"));
+        assert_eq!(with("5s").unwrap().process.cleanup.term_grace, Duration::from_secs(5));
+        assert_eq!(Config::parse("", Path::new("m.toml")).unwrap().process.smtpd.term_grace, DEFAULT_TERM_GRACE);
+        for bad in ["0s", "61s"] {
+            let err = with(bad).unwrap_err();
+            assert!(
+                err[0].to_string().starts_with("m.toml:2: process.cleanup.term_grace: must be above 0s"),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[test]
     fn routes_parse_and_resolve() {
         let text = "[delivery]\ntransport = \"lmtp:unix:run/lmtp\"\n[delivery.routes]\n\"Relay.TEST\" = \"smtp:inet:[::1]:25\"\n\"x.test\" = \"lmtp:inet:127.0.0.1:24\"\n\"d.test\" = \"discard\"\n";
         let c = Config::parse(text, Path::new("/etc/m/m.toml")).unwrap();
@@ -988,13 +1118,62 @@ mod tests {
     #[test]
     fn pipe_command_is_checked_when_routed() {
         let ok = "[delivery]\ntransport = \"pipe\"\n[delivery.pipe]\ncommand = [\"/bin/p\", \"${recipient}\"]\n";
-        assert!(Config::parse(ok, Path::new("m.toml")).is_ok());
+        assert!(Config::parse_for(ok, Path::new("m.toml"), false).is_ok());
         let text = "[delivery]\ntransport = \"pipe\"\n[delivery.pipe]\ncommand = [\"p\", \"${rcpt}\"]\n";
-        let err = Config::parse(text, Path::new("m.toml")).unwrap_err();
+        let err = Config::parse_for(text, Path::new("m.toml"), false).unwrap_err();
         assert_eq!(err.len(), 2, "{err:?}");
         assert!(err.iter().all(|e| e.to_string().starts_with("m.toml:4: delivery.pipe.command")), "{err:?}");
-        let err = Config::parse("[delivery]\ntransport = \"pipe\"\n", Path::new("m.toml")).unwrap_err();
+        let err = Config::parse_for("[delivery]\ntransport = \"pipe\"\n", Path::new("m.toml"), false).unwrap_err();
         assert!(err[0].message.contains("must name the program"), "{err:?}");
+    }
+
+    /// Issue 5: started as root, a pipe route needs `[delivery.pipe] user`,
+    /// neither root nor the mail user; unprivileged, the key is optional.
+    #[test]
+    fn pipe_user_is_required_as_root() {
+        let base = "[delivery]\n[delivery.routes]\n\"p.test\" = \"pipe\"\n[delivery.pipe]\ncommand = [\"/bin/p\"]\n";
+        let err = Config::parse_for(base, Path::new("m.toml"), true).unwrap_err();
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert!(
+            err[0].to_string().starts_with("m.toml:4: delivery.pipe.user: must name the unprivileged user"),
+            "{err:?}"
+        );
+        assert!(Config::parse_for(base, Path::new("m.toml"), false).is_ok());
+        let with = |user: &str| format!("{base}user = \"{user}\"\n");
+        assert!(Config::parse_for(&with("pipeuser"), Path::new("m.toml"), true).is_ok());
+        let err = Config::parse_for(&with("mortal"), Path::new("m.toml"), true).unwrap_err();
+        assert!(
+            err[0].to_string().starts_with("m.toml:6: delivery.pipe.user: must differ from [server] user"),
+            "{err:?}"
+        );
+        let text = format!("[server]\nuser = \"nobody\"\n{}", with("nobody"));
+        assert!(Config::parse_for(&text, Path::new("m.toml"), true).is_err());
+        // Unprivileged, every process is the invoking user anyway.
+        assert!(Config::parse_for(&text, Path::new("m.toml"), false).is_ok());
+        let err = Config::parse_for(&with("root"), Path::new("m.toml"), false).unwrap_err();
+        assert!(err[0].to_string().contains("delivery.pipe.user: must not be root"), "{err:?}");
+        // Without a pipe route nothing is asked of the key.
+        assert!(Config::parse_for("[delivery.pipe]\ncommand = [\"/bin/p\"]\n", Path::new("m.toml"), true).is_ok());
+    }
+
+    #[test]
+    fn pipe_pool_has_its_own_defaults_and_rules() {
+        let c = Config::parse_for("", Path::new("m.toml"), false).unwrap();
+        assert_eq!(c.process.pipe, ProcessPolicy::pipe_default());
+        assert_eq!((c.process.pipe.process_limit, c.process.pipe.prefork, c.process.pipe.max_spare), (20, 1, 4));
+        // A partial table keeps the pipe defaults for the keys it omits.
+        let c = Config::parse_for("[process.pipe]\nmax_use = 5\n", Path::new("m.toml"), false).unwrap();
+        assert_eq!(c.process.pipe, ProcessPolicy { max_use: 5, ..ProcessPolicy::pipe_default() });
+        let err = Config::parse_for("[process.pipe]\nprocess_limit = 1\nprefork = 2\n", Path::new("m.toml"), false)
+            .unwrap_err();
+        assert_eq!(err[0].to_string(), "m.toml:3: process.pipe.prefork: must not exceed process_limit (1)");
+        let text = "[delivery]\ntransport = \"pipe\"\n[delivery.pipe]\ncommand = [\"/bin/p\"]\ntimeout = \"100s\"\n[process.pipe]\nsession_deadline = \"50s\"\n";
+        let err = Config::parse_for(text, Path::new("m.toml"), false).unwrap_err();
+        assert!(
+            err[0].to_string().starts_with("m.toml:7: process.pipe.session_deadline: must be 0s or at least"),
+            "{err:?}"
+        );
+        assert!(Config::parse_for("[process.pipe]\nbogus = 1\n", Path::new("m.toml"), false).is_err());
     }
 
     #[test]

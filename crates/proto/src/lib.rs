@@ -32,6 +32,7 @@ pub mod config;
 pub mod date;
 pub mod fuzz;
 pub mod ipc;
+pub mod pipe;
 pub mod queue_file;
 pub mod queue_id;
 pub mod record;

@@ -21,22 +21,23 @@
 //! delivered in part. Queue ids are validated before any path is built from
 //! them. It never reads smtpd's bytes. Network peers (LMTP, SMTP) are
 //! read with bounded lines, reply sizes and timeouts; their text is stripped
-//! of control characters before it reaches a log or a DSN. The pipe command
-//! runs without a shell, with an empty environment, never as root.
+//! of control characters before it reaches a log or a DSN. It never runs a
+//! program: mail routed to `pipe` goes to the pipe delivery service
+//! (`mortal-pipe`, over `<run_dir>/private/pipe`), which runs the command
+//! as `[delivery.pipe] user`.
 //!
 //! Before reading the first queue file it enters its sandbox
 //! (`mortal_master::sandbox`): as root it drops to `[server] user`; always
 //! no_new_privs, no core dumps, bounded descriptors, Landlock access to the
 //! spool and the Maildir root only and TCP connect only to the ports of
-//! configured next hops, no signals or traces beyond its own children,
-//! and a seccomp deny-list (ptrace, mount, namespaces, modules, keys...).
-//! A pipe route lifts the Landlock file and port rules (the command's
-//! needs are the operator's) and says so in a warning at start.
+//! configured next hops, whatever the routes, no signals or traces beyond
+//! its own process, and a seccomp deny-list (ptrace, mount, namespaces,
+//! modules, keys..., and execve and process creation: threads only).
 //!
 //! # Standards
 //! Maildir (the de-facto `tmp`/`new`/`cur` protocol); RFC 5321, RFC 2033
 //! (LMTP), RFC 2920, RFC 3207, RFC 3461/3464 (DSN), RFC 3463 codes;
-//! sysexits(3) for the pipe agent.
+//! `mortal_proto::pipe` towards the pipe service.
 //!
 //! # Configuration
 //! `[queue]` `scan_interval`, `minimal_backoff`, `maximal_backoff`,
@@ -91,7 +92,6 @@ fn main() {
     let (listener, mut link) = child::adopt::<UnixListener>("queue");
     // Before the first queue file is read and before any thread starts.
     sandbox::enter_or_exit(Service::Queue, &config);
-    queue_pipe::warn_if_user_ignored(&config);
     let mut scheduler = match queue_scan::Scheduler::start(&config) {
         Ok(s) => s,
         Err(e) => {

@@ -4,10 +4,15 @@
 //! into `new/`, and `new/` is `fsync`ed: a mail reader never sees a partial
 //! file, and a delivery reported as done survives a power cut. Line endings
 //! become LF, as every Maildir reader expects, and `Return-Path:` and
-//! `Delivered-To:` are prepended like Postfix's local(8) does.
+//! `Delivered-To:` are prepended like Postfix's local(8) does. A
+//! `BODY=BINARYMIME` message is the exception: its octets are not lines,
+//! so a `<CR><LF>` in it may be data; it is stored exactly as received,
+//! with the two prepended lines ending in `<CR><LF>` like the rest of its
+//! header (Maildir readers such as Dovecot accept either line end).
 
 use crate::queue_route::{RcptResult, Report, Status};
 use mortal_proto::config::Config;
+use mortal_proto::ipc::BodyType;
 use mortal_proto::queue_file::QueueFile;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -25,7 +30,13 @@ pub fn deliver_batch(config: &Config, qf: &QueueFile, rcpts: &[usize]) -> Report
         .iter()
         .map(|&i| {
             let rcpt = &qf.recipients[i].address;
-            match deliver(config.maildir_root(), &config.server.hostname, &qf.sender.address, rcpt, &qf.content) {
+            let copy = Copy {
+                sender: &qf.sender.address,
+                recipient: rcpt,
+                content: &qf.content,
+                binary: qf.sender.body == BodyType::BinaryMime,
+            };
+            match deliver(config.maildir_root(), &config.server.hostname, &copy) {
                 Ok(_) => RcptResult::delivered("delivered to maildir"),
                 Err(e) => RcptResult::new(Status::Deferred, "4.2.0", format!("maildir delivery failed: {e}")),
             }
@@ -34,16 +45,24 @@ pub fn deliver_batch(config: &Config, qf: &QueueFile, rcpts: &[usize]) -> Report
     Report { relay: "local".into(), results }
 }
 
-/// Delivers one copy of `content` (CRLF lines, as spooled) for `recipient`.
-/// Returns the path of the new file.
-pub fn deliver(root: &Path, hostname: &str, sender: &str, recipient: &str, content: &[u8]) -> io::Result<PathBuf> {
-    let maildir = root.join(mailbox_dir_name(recipient));
+/// One message for one recipient, as spooled (CRLF lines).
+pub struct Copy<'a> {
+    pub sender: &'a str,
+    pub recipient: &'a str,
+    pub content: &'a [u8],
+    /// `BODY=BINARYMIME`: stored byte for byte.
+    pub binary: bool,
+}
+
+/// Delivers one copy. Returns the path of the new file.
+pub fn deliver(root: &Path, hostname: &str, copy: &Copy<'_>) -> io::Result<PathBuf> {
+    let maildir = root.join(mailbox_dir_name(copy.recipient));
     for sub in ["tmp", "new", "cur"] {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(maildir.join(sub))?;
     }
     let name = unique_name(hostname);
     let tmp = maildir.join("tmp").join(&name);
-    let result = write_synced(&tmp, sender, recipient, content).and_then(|()| {
+    let result = write_synced(&tmp, copy).and_then(|()| {
         let new = maildir.join("new").join(&name);
         fs::rename(&tmp, &new)?;
         File::open(maildir.join("new"))?.sync_all()?;
@@ -55,11 +74,18 @@ pub fn deliver(root: &Path, hostname: &str, sender: &str, recipient: &str, conte
     result
 }
 
-fn write_synced(path: &Path, sender: &str, recipient: &str, content: &[u8]) -> io::Result<()> {
+fn write_synced(path: &Path, copy: &Copy<'_>) -> io::Result<()> {
     let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    let mut out = Vec::with_capacity(content.len() + 128);
-    out.extend_from_slice(format!("Return-Path: <{sender}>\nDelivered-To: {recipient}\n").as_bytes());
-    crlf_to_lf(content, &mut out);
+    let mut out = Vec::with_capacity(copy.content.len() + 128);
+    let eol = if copy.binary { "\r\n" } else { "\n" };
+    out.extend_from_slice(
+        format!("Return-Path: <{}>{eol}Delivered-To: {}{eol}", copy.sender, copy.recipient).as_bytes(),
+    );
+    if copy.binary {
+        out.extend_from_slice(copy.content);
+    } else {
+        crlf_to_lf(copy.content, &mut out);
+    }
     file.write_all(&out)?;
     file.sync_data()
 }
@@ -113,14 +139,29 @@ mod tests {
     #[test]
     fn delivers_into_new_with_lf() {
         let root = std::env::temp_dir().join(format!("mortal-maildir-test-{}", std::process::id()));
-        let path =
-            deliver(&root, "mx.test", "a@x.test", "b@x.test", b"Subject: t\r\n\r\nline\r\nbare\rcr\r\n").unwrap();
+        let content = b"Subject: t\r\n\r\nline\r\nbare\rcr\r\n";
+        let copy = Copy { sender: "a@x.test", recipient: "b@x.test", content, binary: false };
+        let path = deliver(&root, "mx.test", &copy).unwrap();
         assert!(path.starts_with(root.join("b@x.test/new")));
         assert_eq!(
             fs::read(&path).unwrap(),
             b"Return-Path: <a@x.test>\nDelivered-To: b@x.test\nSubject: t\n\nline\nbare\rcr\n"
         );
         assert_eq!(fs::read_dir(root.join("b@x.test/tmp")).unwrap().count(), 0);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A BINARYMIME body is data: no octet of it changes.
+    #[test]
+    fn binary_body_is_stored_byte_for_byte() {
+        let root = std::env::temp_dir().join(format!("mortal-maildir-binary-{}", std::process::id()));
+        let content = b"Content-Type: application/octet-stream\r\n\r\n\x00\r\n\xff\r\r\n\n";
+        let copy = Copy { sender: "a@x.test", recipient: "b@x.test", content, binary: true };
+        let path = deliver(&root, "mx.test", &copy).unwrap();
+        let stored = fs::read(&path).unwrap();
+        let head = b"Return-Path: <a@x.test>\r\nDelivered-To: b@x.test\r\n";
+        assert_eq!(&stored[..head.len()], head);
+        assert_eq!(&stored[head.len()..], content);
         fs::remove_dir_all(&root).unwrap();
     }
 }

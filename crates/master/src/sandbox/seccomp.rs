@@ -76,8 +76,10 @@ const SMTPD_PLAIN: &[(i64, &str)] = &[
 
 /// System calls no mortal daemon makes: debugging other processes,
 /// mounts and namespaces, kernel modules and keys, clocks and swap.
-/// Installed in cleanup and queue, where an allow-list would have to
-/// follow every delivery agent; smtpd's allow-list excludes them anyway.
+/// Installed in cleanup, queue, anvil and pipe, where an allow-list would
+/// have to follow every delivery agent (and, in pipe, the operator's
+/// command, which inherits the filter); smtpd's allow-list excludes them
+/// anyway.
 const DENIED: &[(i64, &str)] = &[
     (libc::SYS_ptrace, "ptrace"),
     (libc::SYS_process_vm_readv, "process_vm_readv"),
@@ -127,6 +129,22 @@ const DENIED: &[(i64, &str)] = &[
 
 /// cleanup never starts a program.
 const CLEANUP_DENIED: &[(i64, &str)] = &[(libc::SYS_execve, "execve"), (libc::SYS_execveat, "execveat")];
+
+/// The queue manager starts no program and no process at all: the pipe
+/// command runs in the pipe service. Threads are made with `clone` and
+/// `CLONE_THREAD`, which stays allowed (see [`NO_FORK`]).
+const QUEUE_DENIED: &[(i64, &str)] = &[
+    (libc::SYS_execve, "execve"),
+    (libc::SYS_execveat, "execveat"),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_fork, "fork"),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_vfork, "vfork"),
+];
+
+/// `clone` without `CLONE_THREAD` makes a process, not a thread: what
+/// fork(3), posix_spawn(3) and std's `Command` use.
+const NO_FORK: u64 = libc::CLONE_THREAD as u64;
 
 /// The namespace flags `clone` may never carry.
 const CLONE_NAMESPACES: [u64; 7] = [
@@ -190,14 +208,22 @@ pub fn smtpd_dns_rules() -> Result<Rules, SandboxError> {
 }
 
 fn deny_rules(service: Service) -> Result<Rules, SandboxError> {
-    // Neither cleanup nor anvil ever runs a program.
-    let extra = if matches!(service, Service::Cleanup | Service::Anvil) { CLEANUP_DENIED } else { &[] };
+    // Neither cleanup nor anvil ever runs a program; the queue neither
+    // runs one nor forks. The pipe service must do both.
+    let extra = match service {
+        Service::Cleanup | Service::Anvil => CLEANUP_DENIED,
+        Service::Queue => QUEUE_DENIED,
+        Service::Smtpd | Service::Pipe => &[],
+    };
     let mut rules: Rules = DENIED.iter().chain(extra).map(|&(nr, _)| (nr, Vec::new())).collect();
-    let namespaces = CLONE_NAMESPACES
+    let mut clone = CLONE_NAMESPACES
         .iter()
         .map(|&flag| rule(vec![cond(0, Len::Qword, Op::MaskedEq(flag), flag)?]))
         .collect::<Result<Vec<_>, _>>()?;
-    rules.insert(libc::SYS_clone, namespaces);
+    if service == Service::Queue {
+        clone.push(rule(vec![cond(0, Len::Qword, Op::MaskedEq(NO_FORK), 0)?])?);
+    }
+    rules.insert(libc::SYS_clone, clone);
     Ok(rules)
 }
 
@@ -224,7 +250,7 @@ pub fn install(service: Service, dns: bool) -> Result<usize, SandboxError> {
             let count = rules.len();
             (compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)?, count)
         }
-        Service::Cleanup | Service::Queue | Service::Anvil => {
+        Service::Cleanup | Service::Queue | Service::Anvil | Service::Pipe => {
             let rules = deny_rules(service)?;
             let count = rules.len();
             (compile(rules, SeccompAction::Allow, SeccompAction::KillProcess)?, count)
@@ -254,7 +280,7 @@ mod tests {
 
     #[test]
     fn filters_compile_for_this_architecture() {
-        for service in [Service::Smtpd, Service::Cleanup, Service::Queue] {
+        for service in [Service::Smtpd, Service::Cleanup, Service::Queue, Service::Anvil, Service::Pipe] {
             let rules = if service == Service::Smtpd { smtpd_rules() } else { deny_rules(service) }.unwrap();
             assert!(compile(rules, SeccompAction::KillProcess, SeccompAction::Allow).is_ok(), "{service:?}");
         }
@@ -287,6 +313,23 @@ mod tests {
         }
         // The entries are unique: a duplicate would hide a mistake.
         assert_eq!(SMTPD_PLAIN.len(), SMTPD_PLAIN.iter().map(|e| e.0).collect::<std::collections::BTreeSet<_>>().len());
+    }
+
+    /// Issue 5: the queue never runs a program or makes a process; the
+    /// pipe service must do both, and is denied the rest of the list.
+    #[test]
+    fn queue_may_not_exec_or_fork_and_pipe_may() {
+        let queue = deny_rules(Service::Queue).unwrap();
+        for nr in [libc::SYS_execve, libc::SYS_execveat, libc::SYS_ptrace] {
+            assert!(queue.contains_key(&nr), "queue must deny syscall {nr}");
+        }
+        assert_eq!(queue[&libc::SYS_clone].len(), CLONE_NAMESPACES.len() + 1);
+        let pipe = deny_rules(Service::Pipe).unwrap();
+        for nr in [libc::SYS_execve, libc::SYS_execveat] {
+            assert!(!pipe.contains_key(&nr), "pipe must be able to run its command ({nr})");
+        }
+        assert!(pipe.contains_key(&libc::SYS_ptrace) && pipe.contains_key(&libc::SYS_unshare));
+        assert_eq!(pipe[&libc::SYS_clone].len(), CLONE_NAMESPACES.len());
     }
 
     #[test]

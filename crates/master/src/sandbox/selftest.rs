@@ -15,6 +15,7 @@
 
 use super::{Service, enter_layers, mail_user, own_dirs, visible_path};
 use mortal_proto::config::{Config, QUEUE_DIRS};
+use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::Signal;
 use nix::unistd::Uid;
 use std::ffi::{CString, OsString};
@@ -65,16 +66,20 @@ enum Attempt {
     WriteTmp,
     ConnectCleanup,
     ConnectQueue,
+    ConnectPipe,
     TcpConnect,
     SignalParent,
     PtraceParent,
     Exec,
+    Spawn,
+    NewPrivs,
+    CoreDump,
     Setuid0,
     Chroot,
     Unshare,
 }
 
-const ATTEMPTS: [Attempt; 15] = [
+const ATTEMPTS: [Attempt; 19] = [
     Attempt::Applied,
     Attempt::ReadPasswd,
     Attempt::ListRoot,
@@ -83,10 +88,14 @@ const ATTEMPTS: [Attempt; 15] = [
     Attempt::WriteTmp,
     Attempt::ConnectCleanup,
     Attempt::ConnectQueue,
+    Attempt::ConnectPipe,
     Attempt::TcpConnect,
     Attempt::SignalParent,
     Attempt::PtraceParent,
     Attempt::Exec,
+    Attempt::Spawn,
+    Attempt::NewPrivs,
+    Attempt::CoreDump,
     Attempt::Setuid0,
     Attempt::Chroot,
     Attempt::Unshare,
@@ -109,10 +118,14 @@ impl Attempt {
             Attempt::WriteTmp => "write-tmp",
             Attempt::ConnectCleanup => "connect-cleanup",
             Attempt::ConnectQueue => "connect-queue",
+            Attempt::ConnectPipe => "connect-pipe",
             Attempt::TcpConnect => "tcp-connect",
             Attempt::SignalParent => "signal-parent",
             Attempt::PtraceParent => "ptrace-parent",
             Attempt::Exec => "exec",
+            Attempt::Spawn => "spawn",
+            Attempt::NewPrivs => "new-privs",
+            Attempt::CoreDump => "core-dump",
             Attempt::Setuid0 => "setuid-0",
             Attempt::Chroot => "chroot",
             Attempt::Unshare => "unshare",
@@ -129,10 +142,14 @@ impl Attempt {
             Attempt::WriteTmp => "create a file in /tmp",
             Attempt::ConnectCleanup => "connect to the cleanup socket",
             Attempt::ConnectQueue => "connect to the queue socket",
+            Attempt::ConnectPipe => "connect to the pipe socket",
             Attempt::TcpConnect => "TCP connect to 127.0.0.1",
             Attempt::SignalParent => "signal another process (the parent)",
             Attempt::PtraceParent => "ptrace another process (the parent)",
             Attempt::Exec => "execve /bin/true",
+            Attempt::Spawn => "start a process (fork and exec /bin/true)",
+            Attempt::NewPrivs => "gain privileges on exec (no_new_privs)",
+            Attempt::CoreDump => "raise the core-dump size limit",
             Attempt::Setuid0 => "regain root (setuid 0)",
             Attempt::Chroot => "chroot (escape attempt)",
             Attempt::Unshare => "forbidden syscall: unshare(CLONE_NEWUSER)",
@@ -143,11 +160,34 @@ impl Attempt {
         ATTEMPTS.into_iter().find(|a| a.name() == name)
     }
 
-    /// What `service`'s sandbox must answer; `None`: not meaningful there.
-    fn expect(self, service: Service) -> Option<Expect> {
+    /// What `service`'s sandbox must answer, for a self-test started as
+    /// root (`root`) or not; `None`: not meaningful there.
+    fn expect(self, service: Service, root: bool) -> Option<Expect> {
         use Expect::*;
         match (self, service) {
             (Attempt::Applied, _) => Some(Allowed),
+            // The pipe service runs the operator's command: running
+            // programs is its job, and the files and ports it may use are
+            // the operator's (no Landlock rules). As root it is another
+            // user than the mail user, so the spool is closed to it.
+            (Attempt::Exec | Attempt::Spawn, Service::Pipe) => Some(Allowed),
+            (Attempt::WriteIncoming | Attempt::WriteDeferred, Service::Pipe) => root.then_some(Denied),
+            (
+                Attempt::ReadPasswd
+                | Attempt::ListRoot
+                | Attempt::WriteTmp
+                | Attempt::TcpConnect
+                | Attempt::ConnectCleanup
+                | Attempt::ConnectQueue
+                | Attempt::ConnectPipe
+                | Attempt::Chroot,
+                Service::Pipe,
+            ) => None,
+            (Attempt::ConnectPipe, Service::Queue) => Some(Allowed),
+            (Attempt::ConnectPipe, _) => None,
+            // cleanup and anvil may not exec (a forked child of theirs
+            // would die at once); whether they can fork proves nothing.
+            (Attempt::Spawn, Service::Cleanup | Service::Anvil) => None,
             (Attempt::WriteIncoming, Service::Cleanup | Service::Queue) => Some(Allowed),
             (Attempt::WriteDeferred, Service::Queue) => Some(Allowed),
             (Attempt::ConnectCleanup, Service::Smtpd) => Some(Allowed),
@@ -240,6 +280,7 @@ fn probe(service: Service, attempt: Attempt, port: u16, seccomp: bool, config_pa
         Attempt::WriteTmp => write_in(Path::new("/tmp")),
         Attempt::ConnectCleanup => io(UnixStream::connect(visible_path(&config.cleanup_socket())).map(drop)),
         Attempt::ConnectQueue => io(UnixStream::connect(visible_path(&config.queue_socket())).map(drop)),
+        Attempt::ConnectPipe => io(UnixStream::connect(visible_path(&config.pipe_socket())).map(drop)),
         Attempt::TcpConnect => io(TcpStream::connect(("127.0.0.1", port)).map(drop)),
         Attempt::SignalParent => nix(nix::sys::signal::kill(nix::unistd::getppid(), None::<Signal>)),
         Attempt::PtraceParent => {
@@ -254,6 +295,24 @@ fn probe(service: Service, attempt: Attempt, port: u16, seccomp: bool, config_pa
             let program = CString::from(c"/bin/true");
             nix(nix::unistd::execv(&program, std::slice::from_ref(&program)).map(drop))
         }
+        Attempt::Spawn => {
+            // Inherited stdio: opening /dev/null could itself be refused
+            // (Landlock), which would prove nothing about process creation.
+            let status = Command::new("/bin/true").status();
+            match status {
+                Ok(s) if s.success() => "allowed".into(),
+                Ok(s) => format!("error /bin/true: {s}"),
+                Err(e) => io(Err(e)),
+            }
+        }
+        // A set-user-id program must not raise the privileges of anything
+        // this process (or a command it runs) executes.
+        Attempt::NewPrivs => match nix::sys::prctl::get_no_new_privs() {
+            Ok(true) => "denied EPERM: no_new_privs is set".into(),
+            Ok(false) => "allowed".into(),
+            Err(e) => format!("error PR_GET_NO_NEW_PRIVS: {e}"),
+        },
+        Attempt::CoreDump => nix(setrlimit(Resource::RLIMIT_CORE, 1 << 20, 1 << 20)),
         Attempt::Setuid0 => nix(nix::unistd::setuid(Uid::from_raw(0))),
         Attempt::Chroot => nix(nix::unistd::chroot(".")),
         Attempt::Unshare => nix(nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)),
@@ -367,7 +426,7 @@ fn orchestrate(service: Service, config_path: &Path) -> i32 {
     }
     let mut rows = Vec::new();
     for attempt in ATTEMPTS {
-        let Some(expect) = attempt.expect(service) else { continue };
+        let Some(expect) = attempt.expect(service, root) else { continue };
         let outcome = |layers| match run_probe(&exe, attempt, fixtures.port, layers, &config_path) {
             Ok((status, stdout, stderr)) => {
                 let (result, ok) = judge(expect, status, &stdout);
@@ -479,7 +538,7 @@ impl Fixtures {
             own_dirs(config, user).map_err(|e| e.to_string())?;
         }
         let mut sockets = Vec::new();
-        for path in [config.cleanup_socket(), config.queue_socket()] {
+        for path in [config.cleanup_socket(), config.queue_socket(), config.pipe_socket()] {
             if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket())
                 && UnixStream::connect(&path).is_ok()
             {
