@@ -174,8 +174,10 @@ print("ok")
     let text = delivered(&mortal, "chunks@example.test");
     assert!(text.contains("first line\n.second line, a dot and no stuffing\n"), "{text}");
     let binary = mortal.wait_for_delivery("binary@example.test", 1).remove(0);
-    // The Maildir agent stores <CR><LF> as <LF>; every other octet is kept.
-    assert!(binary.ends_with(b"\n\n\x00\x01\n\r.\n\xff"), "{binary:?}");
+    // A BINARYMIME body is stored exactly as sent, line ends included.
+    assert!(binary.starts_with(b"Return-Path: <a@example.test>\r\n"), "{binary:?}");
+    assert!(binary.windows(17).any(|w| w == b"Subject: binary\r\n"), "{binary:?}");
+    assert!(binary.ends_with(b"\r\n\r\n\x00\x01\n\r.\r\n\xff"), "{binary:?}");
 }
 
 #[test]

@@ -12,11 +12,13 @@ use crate::cleanup_header::{self, Envelope, HeaderEnd, HeaderReject};
 use crate::cleanup_spool::{Spool, SpoolFile};
 use mortal_proto::address;
 use mortal_proto::config::Config;
-use mortal_proto::ipc::{ClientInfo, Decoder, IpcError, RecipientInfo, Reply, Request, RequestSequence, SenderInfo};
+use mortal_proto::ipc::{
+    ClientInfo, Decoder, IpcError, RecipientInfo, Reply, Request, RequestInPlace, RequestSequence, SenderInfo,
+};
 use mortal_proto::queue_file::{Encoder, QueuedRecipient};
 use mortal_proto::queue_id;
 use std::collections::HashSet;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::time::SystemTime;
@@ -130,11 +132,19 @@ impl<'a> Transaction<'a> {
     /// connection (RSET, QUIT or a lost client): nothing to answer.
     fn run(&mut self, stream: &mut UnixStream) -> Option<Answer> {
         let mut decoder = Decoder::new();
-        let mut buf = vec![0u8; READ_CHUNK];
         loop {
             loop {
-                let req = match decoder.next_request() {
-                    Ok(Some(req)) => req,
+                // Content is copied once, from the decoder's buffer to the
+                // queue file's.
+                let req = match decoder.next_request_in_place() {
+                    Ok(Some(RequestInPlace::Data(chunk))) => {
+                        if let Err(e) = self.seq.advance_in_place(&RequestInPlace::Data(chunk)) {
+                            return Some(self.violation(&e));
+                        }
+                        self.data(chunk);
+                        continue;
+                    }
+                    Ok(Some(RequestInPlace::Other(req))) => req,
                     Ok(None) => break,
                     Err(e) => return Some(self.violation(&e)),
                 };
@@ -147,14 +157,14 @@ impl<'a> Transaction<'a> {
                     Err(answer) => return Some(answer),
                 }
             }
-            match stream.read(&mut buf) {
+            match decoder.read_from(stream, READ_CHUNK) {
                 Ok(0) => {
                     if self.id.is_some() {
                         tracing::debug!("{}: smtpd ended the transaction", self.log_id());
                     }
                     return None;
                 }
-                Ok(n) => decoder.feed(&buf[..n]),
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     tracing::warn!("warning: {}: read from smtpd: {e}", self.log_id());
@@ -331,15 +341,19 @@ impl<'a> Transaction<'a> {
     }
 
     fn write_content(&mut self, bytes: &[u8]) {
-        if let Some(enc) = self.encoder.as_mut() {
-            let records = enc.content(bytes);
-            self.write_raw(&records);
-        }
+        let (Some(enc), Some(file)) = (self.encoder.as_mut(), self.file.as_mut()) else { return };
+        let written = enc.content_to(bytes, file);
+        self.check_write(written);
     }
 
     fn write_raw(&mut self, bytes: &[u8]) {
         let Some(file) = self.file.as_mut() else { return };
-        if let Err(e) = file.write_all(bytes) {
+        let written = file.write_all(bytes);
+        self.check_write(written);
+    }
+
+    fn check_write(&mut self, written: io::Result<()>) {
+        if let Err(e) = written {
             tracing::warn!("warning: {}: write queue file: {e}", self.log_id());
             self.refusal = Some(Answer::write_error());
             self.file = None;

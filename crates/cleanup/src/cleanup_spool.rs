@@ -69,11 +69,23 @@ pub struct SpoolFile<'a> {
     committed: bool,
 }
 
-impl SpoolFile<'_> {
-    pub fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+/// Writes go through a buffer of [`WRITE_BUFFER`] octets; writes as large
+/// as that go straight to the file.
+impl Write for SpoolFile<'_> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.out.write(bytes)
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.out.write_all(bytes)
     }
 
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+impl SpoolFile<'_> {
     /// Makes the file durable under its final name. Only after this returns
     /// `Ok` may anyone be told the message is queued.
     ///

@@ -21,7 +21,7 @@
 //! (and the fuzz target) check exactly the same thing.
 
 use crate::address::MAX_PATH;
-use crate::record::{FieldReader, Fields, FrameError, RawRecord, put_record, take_record};
+use crate::record::{FieldReader, Fields, FrameError, RECORD_HEADER_LEN, RawRecord, put_record, take_record};
 use thiserror::Error;
 
 /// Protocol name sent in the opening record.
@@ -361,16 +361,29 @@ impl Reply {
     }
 }
 
-/// Incremental record decoder: feed it whatever the socket gave, take
-/// complete records out. Records are taken by advancing an offset; the
-/// consumed prefix is dropped once per [`Decoder::feed`], not once per
-/// record, so a read holding many small records costs one move, not one
-/// per record.
+/// A request as [`Decoder::next_request_in_place`] returns it: message
+/// content is borrowed from the decoder's buffer instead of copied.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RequestInPlace<'a> {
+    Data(&'a [u8]),
+    /// Any other request (never `Request::Data`).
+    Other(Request),
+}
+
+/// Incremental record decoder: feed it whatever the socket gave (or let it
+/// read from the socket itself), take complete records out. Records are
+/// taken by advancing an offset; the consumed prefix is dropped once per
+/// feed or read, not once per record, so a read holding many small
+/// records costs one move, not one per record. The buffer holds at most
+/// one incomplete record plus one read, and never shrinks, so a long
+/// conversation allocates once.
 #[derive(Debug, Default)]
 pub struct Decoder {
+    /// `buf[start..end]` is undecoded input; the rest is room to read into.
     buf: Vec<u8>,
     /// Start of the first record not yet taken.
     start: usize,
+    end: usize,
 }
 
 impl Decoder {
@@ -379,14 +392,36 @@ impl Decoder {
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
-        self.buf.drain(..self.start);
-        self.start = 0;
-        self.buf.extend_from_slice(bytes);
+        self.room_for(bytes.len()).copy_from_slice(bytes);
+        self.end += bytes.len();
+    }
+
+    /// One `read` of at most `max` octets from `source` straight into the
+    /// buffer (no copy through a buffer of the caller's); returns what
+    /// `read` returned.
+    pub fn read_from(&mut self, source: &mut impl std::io::Read, max: usize) -> std::io::Result<usize> {
+        let n = source.read(self.room_for(max))?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Drops the consumed prefix and returns `len` octets of room after
+    /// the undecoded input.
+    fn room_for(&mut self, len: usize) -> &mut [u8] {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() < self.end + len {
+            self.buf.resize(self.end + len, 0);
+        }
+        &mut self.buf[self.end..self.end + len]
     }
 
     /// Whether bytes of an incomplete record are waiting.
     pub fn has_partial(&self) -> bool {
-        self.start < self.buf.len()
+        self.start < self.end
     }
 
     /// Takes the next complete record through `decode`, or `None` if more
@@ -395,7 +430,7 @@ impl Decoder {
         &mut self,
         decode: impl FnOnce(RawRecord<'_>) -> Result<T, IpcError>,
     ) -> Result<Option<T>, IpcError> {
-        let Some((rec, used)) = take_record(&self.buf[self.start..], MAX_RECORD_PAYLOAD)? else {
+        let Some((rec, used)) = take_record(&self.buf[self.start..self.end], MAX_RECORD_PAYLOAD)? else {
             return Ok(None);
         };
         let value = decode(rec)?;
@@ -405,6 +440,22 @@ impl Decoder {
 
     pub fn next_request(&mut self) -> Result<Option<Request>, IpcError> {
         self.next_with(Request::decode)
+    }
+
+    /// As [`Decoder::next_request`], but content stays where it is: the
+    /// caller copies it once, to where it goes.
+    pub fn next_request_in_place(&mut self) -> Result<Option<RequestInPlace<'_>>, IpcError> {
+        let Some((rec, used)) = take_record(&self.buf[self.start..self.end], MAX_RECORD_PAYLOAD)? else {
+            return Ok(None);
+        };
+        let range = self.start + RECORD_HEADER_LEN..self.start + used;
+        let kind = rec.kind;
+        let other = if kind == DATA { None } else { Some(Request::decode(rec)?) };
+        self.start += used;
+        Ok(Some(match other {
+            None => RequestInPlace::Data(&self.buf[range]),
+            Some(req) => RequestInPlace::Other(req),
+        }))
     }
 
     pub fn next_reply(&mut self) -> Result<Option<Reply>, IpcError> {
@@ -428,15 +479,28 @@ pub enum RequestSequence {
 impl RequestSequence {
     /// Advances over `req`, or says what was expected instead.
     pub fn advance(&mut self, req: &Request) -> Result<(), IpcError> {
+        self.advance_over(req.name())
+    }
+
+    /// As [`RequestSequence::advance`], for a request decoded in place.
+    pub fn advance_in_place(&mut self, req: &RequestInPlace<'_>) -> Result<(), IpcError> {
+        match req {
+            RequestInPlace::Data(_) => self.advance_over("Data"),
+            RequestInPlace::Other(r) => self.advance(r),
+        }
+    }
+
+    /// `name` is a [`Request::name`].
+    fn advance_over(&mut self, name: &'static str) -> Result<(), IpcError> {
         use RequestSequence::*;
-        let next = match (*self, req) {
-            (AwaitHello, Request::Hello { .. }) => AwaitClient,
-            (AwaitClient, Request::Client(_)) => AwaitSender,
-            (AwaitSender, Request::Sender(_)) => AwaitFirstRecipient,
-            (AwaitFirstRecipient | RecipientsOrData, Request::Recipient { .. }) => RecipientsOrData,
-            (RecipientsOrData | Data, Request::Data(_)) => Data,
-            (RecipientsOrData | Data, Request::End) => Done,
-            (state, req) => return Err(IpcError::OutOfOrder { got: req.name(), expected: state.expecting() }),
+        let next = match (*self, name) {
+            (AwaitHello, "Hello") => AwaitClient,
+            (AwaitClient, "Client") => AwaitSender,
+            (AwaitSender, "Sender") => AwaitFirstRecipient,
+            (AwaitFirstRecipient | RecipientsOrData, "Recipient") => RecipientsOrData,
+            (RecipientsOrData | Data, "Data") => Data,
+            (RecipientsOrData | Data, "End") => Done,
+            (state, got) => return Err(IpcError::OutOfOrder { got, expected: state.expecting() }),
         };
         *self = next;
         Ok(())
@@ -596,6 +660,40 @@ mod tests {
         dec.feed(&end[2..]);
         assert_eq!(dec.next_request().unwrap(), Some(Request::End));
         assert!(!dec.has_partial());
+    }
+
+    /// Reading straight into the decoder, in pieces that split records
+    /// anywhere, gives the same requests as decoding the whole wire, and
+    /// content comes out in place.
+    #[test]
+    fn in_place_reads_agree_with_whole_decoding() {
+        let mut wire = Vec::new();
+        let conv = valid_conversation();
+        for req in &conv {
+            req.encode(&mut wire);
+        }
+        for piece in [1, 2, 7, 64, 4096] {
+            let mut source = std::io::Cursor::new(wire.clone());
+            let (mut dec, mut seq, mut got) = (Decoder::new(), RequestSequence::default(), Vec::new());
+            while dec.read_from(&mut source, piece).unwrap() > 0 {
+                while let Some(req) = dec.next_request_in_place().unwrap() {
+                    seq.advance_in_place(&req).unwrap();
+                    got.push(match req {
+                        RequestInPlace::Data(chunk) => Request::Data(chunk.to_vec()),
+                        RequestInPlace::Other(r) => r,
+                    });
+                }
+            }
+            assert_eq!(got, conv, "pieces of {piece}");
+            assert!(!dec.has_partial());
+        }
+        let mut dec = Decoder::new();
+        Request::Data(vec![1; 3]).encode(&mut wire);
+        dec.feed(&wire[wire.len() - 8..]);
+        let mut seq = RequestSequence::default();
+        let data = dec.next_request_in_place().unwrap().unwrap();
+        assert_eq!(data, RequestInPlace::Data(&[1, 1, 1]));
+        assert!(matches!(seq.advance_in_place(&data), Err(IpcError::OutOfOrder { got: "Data", .. })));
     }
 
     #[test]

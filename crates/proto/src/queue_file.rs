@@ -27,7 +27,7 @@ use crate::ipc::{
     encode_client, encode_sender,
 };
 use crate::queue_id;
-use crate::record::{FieldReader, Fields, FrameError, put_record, take_record};
+use crate::record::{FieldReader, Fields, FrameError, put_record, record_header, take_record};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 
@@ -146,11 +146,21 @@ impl Encoder {
     /// Encodes content, split into records of at most [`MAX_CONTENT_CHUNK`].
     pub fn content(&mut self, bytes: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(bytes.len() + bytes.len() / MAX_CONTENT_CHUNK * 5 + 5);
-        for chunk in bytes.chunks(MAX_CONTENT_CHUNK) {
-            put_record(&mut out, b'M', chunk);
-        }
-        self.crc.update(&out);
+        self.content_to(bytes, &mut out).expect("writing to a Vec cannot fail");
         out
+    }
+
+    /// As [`Encoder::content`], written straight to `out`: the content is
+    /// copied once, by `out`, instead of into records first.
+    pub fn content_to(&mut self, bytes: &[u8], out: &mut impl std::io::Write) -> std::io::Result<()> {
+        for chunk in bytes.chunks(MAX_CONTENT_CHUNK) {
+            let header = record_header(b'M', chunk.len());
+            self.crc.update(&header);
+            self.crc.update(chunk);
+            out.write_all(&header)?;
+            out.write_all(chunk)?;
+        }
+        Ok(())
     }
 
     /// The end record, sealing everything before it.

@@ -40,10 +40,16 @@ pub enum FrameError {
 /// If the payload is longer than `u32::MAX`: callers bound their payloads far
 /// below that, so reaching it is a programming error.
 pub fn put_record(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
-    let len = u32::try_from(payload.len()).expect("record payload exceeds u32::MAX");
-    out.push(kind);
-    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&record_header(kind, payload.len()));
     out.extend_from_slice(payload);
+}
+
+/// The header of a record of `kind` with `len` octets of payload, for
+/// writers that send the payload from where it is.
+pub fn record_header(kind: u8, len: usize) -> [u8; RECORD_HEADER_LEN] {
+    let len = u32::try_from(len).expect("record payload exceeds u32::MAX");
+    let [a, b, c, d] = len.to_be_bytes();
+    [kind, a, b, c, d]
 }
 
 /// Parses the record at the start of `input`.

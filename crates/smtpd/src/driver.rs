@@ -8,7 +8,8 @@
 //! `smtpd.timeout` per read, and turns each transaction step into IPC
 //! records: `Hello`, `Client`, `Sender` and a wait for `QueueId` when MAIL
 //! is accepted; one `Recipient` per accepted RCPT; `Data` records as
-//! content arrives (never the whole message in memory); `End` and a wait
+//! content arrives, written in batches of at most `CLEANUP_WRITE_BATCH`
+//! octets (never the whole message in memory); `End` and a wait
 //! for `Answer`. Whatever goes wrong with cleanup (unreachable, timeout,
 //! garbage, hang-up) is reported to the session as a failure, which turns
 //! into `451 4.3.0`: a client only ever hears 250 after cleanup said 250.
@@ -48,6 +49,13 @@ pub const READ_BUFFER: usize = 16 * 1024;
 
 /// Octets read from cleanup at a time; its replies are small records.
 const CLEANUP_READ_BUFFER: usize = 1024;
+
+/// Message content collected before it is written to cleanup. Content
+/// arrives in pieces of one client read; writing each piece would cost a
+/// system call and a wake-up of cleanup per piece. Records other than
+/// content go out at once (after the content before them), and `End`
+/// flushes the rest, so this bounds only the memory a session holds.
+const CLEANUP_WRITE_BATCH: usize = 64 * 1024;
 
 /// How long to wait for cleanup's parting answer after it hung up on us
 /// mid-transaction. It has either written one already or never will.
@@ -509,7 +517,11 @@ impl Cleanup {
     ) -> Result<(Cleanup, String), CleanupError> {
         let sock = timeout(limit, UnixStream::connect(path)).await.map_err(|_| CleanupError::Timeout)?;
         let sock = sock.map_err(CleanupError::Connect)?;
-        let mut cleanup = Cleanup { sock, decoder: Decoder::new(), out: Vec::new(), timeout: limit };
+        // Room for a batch and the read that overflows it (doubled by
+        // `bare_newline = normalize` at worst), so content does not make
+        // this buffer grow: one allocation per transaction.
+        let out = Vec::with_capacity(CLEANUP_WRITE_BATCH + 2 * READ_BUFFER + 64);
+        let mut cleanup = Cleanup { sock, decoder: Decoder::new(), out, timeout: limit };
         Request::Hello { version: PROTOCOL_VERSION }.encode(&mut cleanup.out);
         Request::Client(client).encode(&mut cleanup.out);
         Request::Sender(sender).encode(&mut cleanup.out);
@@ -527,6 +539,9 @@ impl Cleanup {
 
     async fn send_data(&mut self, chunk: &[u8]) -> Result<(), CleanupError> {
         ipc::encode_data(chunk, &mut self.out);
+        if self.out.len() < CLEANUP_WRITE_BATCH {
+            return Ok(());
+        }
         self.write_out().await
     }
 
