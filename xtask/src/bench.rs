@@ -16,8 +16,10 @@
 //! the queue is empty). Also measured for mortal: CPU seconds per 1000
 //! messages (and Postfix's, the same way), fsyncs per message (a short
 //! run under `strace -f -c`), private memory (USS) of an idle and of a
-//! busy smtpd child, and the lifetime-policy overhead on `churn`
-//! (`max_use = 100` against unlimited).
+//! busy smtpd child, the lifetime-policy overhead on `churn`
+//! (`max_use = 100` against unlimited), and the fork+exec-to-READY latency
+//! of the children spawned in the `max_use = 100` churn run, as the master
+//! measured it (`mortal_child_ready_*` in its metrics file).
 //!
 //! Results: `target/bench/results.md` and `results.json`. `--quick` runs
 //! one round of each at a fifth of the size. Every run is bounded in
@@ -55,6 +57,21 @@ const DOMAIN: &str = chaos::DOMAIN;
 
 /// Clock ticks per second of /proc's CPU times (USER_HZ on Linux).
 const TICKS_PER_SECOND: f64 = 100.0;
+
+/// Where each mortal instance's master writes its metrics, relative to
+/// the instance directory (the config says `../`, relative to `etc/`).
+const METRICS_FILE: &str = "metrics.prom";
+
+/// Longest wait for the master to rewrite its metrics file after a run:
+/// it does every 5 s (`master_loop::METRICS_INTERVAL`), so two periods
+/// and a margin.
+const METRICS_WAIT: Duration = Duration::from_secs(12);
+
+/// Services whose READY latency is reported, in report order.
+const READY_SERVICES: &[&str] = &["smtpd", "cleanup"];
+
+/// READY latency quantiles reported (those the master's summary has).
+const READY_QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
 
 #[derive(Debug, Clone, Copy)]
 struct Workload {
@@ -152,11 +169,29 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     for (max_use, policy, label) in policies {
         let (cfg, _) = mortal_config(&dir.join("mortal"), None, max_use, policy)?;
         let mortal = Mortal::start(&bins, &dir.join("mortal"), &cfg, port_of(&cfg))?;
+        // The READY latencies before the load (the preforked pool), so
+        // that those of the children spawned under load can be told apart.
+        let metrics = dir.join("mortal").join(METRICS_FILE);
+        let ready_start = if max_use > 0 {
+            read_metrics(&metrics, std::time::SystemTime::now())
+                .inspect_err(|e| report.notes.push(format!("READY latency before the load unavailable: {e:#}")))
+                .ok()
+        } else {
+            None
+        };
         let mut samples = Vec::new();
         for _ in 0..rounds {
             samples.push(measure(&churn, Mode::Queue, Server::Mortal(&mortal))?);
         }
         report.lifetime.push((label, median(samples.iter().map(|s| churn.messages as f64 / s.secs))));
+        // The limited run spawns a child per 100 sessions and per 5 s of
+        // life: many READY records, read from the master's own figures.
+        if let (Some(start), true) = (&ready_start, max_use > 0) {
+            match read_metrics(&metrics, std::time::SystemTime::now()) {
+                Ok(end) => report.ready = ready_stats(start, &end),
+                Err(e) => report.notes.push(format!("READY latency unavailable: {e:#}")),
+            }
+        }
     }
 
     report.fsyncs = fsyncs_per_message(&bins, &dir).unwrap_or_else(|e| {
@@ -372,6 +407,7 @@ fn mortal_config(dir: &Path, lmtp: Option<u16>, max_use: u32, policy: &str) -> R
             r#"[server]
 hostname = "mortal.bench.test"
 spool_dir = "../spool"
+metrics_file = "../{METRICS_FILE}"
 accepted_domains = ["{DOMAIN}"]
 {user}
 
@@ -721,6 +757,8 @@ struct Report {
     fsyncs: Option<f64>,
     idle_uss_kib: Option<u64>,
     busy_uss_kib: Option<u64>,
+    /// fork+exec-to-READY latency per service, from the churn run.
+    ready: Vec<ReadyStat>,
     notes: Vec<String>,
     elapsed: Duration,
     machine: String,
@@ -769,7 +807,23 @@ impl Report {
         if let [(_, limited), (_, unlimited)] = self.lifetime.as_slice() {
             let _ = writeln!(s, "- lifetime-policy overhead on churn: {:.1}%", (1.0 - limited / unlimited) * 100.0);
         }
-        let _ = writeln!(s, "- fork+exec-to-READY latency: not measured (the master does not log it)");
+        if self.ready.is_empty() {
+            let _ = writeln!(s, "- fork+exec-to-READY latency: not measured (no metrics from the master)");
+        }
+        for r in &self.ready {
+            let ms = |v: f64| format!("{:.2} ms", v * 1000.0);
+            let q: Vec<String> = r.quantiles.iter().map(|(q, v)| format!("p{:.0} {}", q * 100.0, ms(*v))).collect();
+            let _ = writeln!(
+                s,
+                "- fork+exec-to-READY latency, {} on churn with max_use=100, {} ({}): {}, mean {} ({})",
+                r.service,
+                r.what,
+                r.count,
+                q.join(", "),
+                ms(r.mean),
+                r.method
+            );
+        }
         for n in &self.notes {
             let _ = writeln!(s, "- note: {n}");
         }
@@ -798,7 +852,288 @@ impl Report {
             "machine": self.machine, "rows": rows, "fsyncs_per_message": self.fsyncs,
             "smtpd_uss_kib": {"idle": self.idle_uss_kib, "busy": self.busy_uss_kib},
             "churn_lifetime": self.lifetime.iter().map(|(l, r)| json!({"policy": l, "msgs_per_s": r})).collect::<Vec<_>>(),
+            "ready_latency": self.ready.iter().map(|r| json!({
+                "service": r.service, "children": r.what, "count": r.count, "mean_s": r.mean, "method": r.method,
+                "quantiles_s": r.quantiles.iter().map(|(q, v)| (format!("p{:.0}", q * 100.0), json!(v)))
+                    .collect::<serde_json::Map<_, _>>(),
+            })).collect::<Vec<_>>(),
             "notes": self.notes, "elapsed_s": self.elapsed.as_secs_f64(),
         })
+    }
+}
+
+/// One service's fork+exec-to-READY latency, in seconds.
+#[derive(Debug, Clone, PartialEq)]
+struct ReadyStat {
+    service: &'static str,
+    /// Which children: all, or those spawned under load.
+    what: &'static str,
+    /// Children that reported READY.
+    count: u64,
+    mean: f64,
+    /// `(q, seconds)` for each of [`READY_QUANTILES`].
+    quantiles: Vec<(f64, f64)>,
+    /// How the quantiles were obtained.
+    method: String,
+}
+
+/// What the master's metrics file says about one service's READY
+/// latency, summed over its endpoints.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct ReadyHist {
+    /// Cumulative `(upper bound in seconds, count)`, `+Inf` last.
+    buckets: Vec<(f64, f64)>,
+    count: f64,
+    sum: f64,
+    /// The master's exact quantiles of its latest children, and how many
+    /// children they cover (one endpoint only: they cannot be summed).
+    exact: Vec<(f64, f64)>,
+    window: f64,
+    endpoints: u32,
+}
+
+/// Waits until the master has rewritten its metrics file after `after`
+/// (so every READY before `after` is in it), then reads it.
+fn read_metrics(path: &Path, after: std::time::SystemTime) -> Result<String> {
+    let deadline = Instant::now() + METRICS_WAIT;
+    loop {
+        let modified = fs::metadata(path).and_then(|m| m.modified());
+        if modified.as_ref().is_ok_and(|m| *m > after) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{} not rewritten within {METRICS_WAIT:?} ({modified:?})", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    fs::read_to_string(path).with_context(|| format!("read {}", path.display()))
+}
+
+/// The READY latency of every [`READY_SERVICES`] entry: of all children
+/// (`end`, exact when the master's window holds them all), and of those
+/// spawned between the two readings (`end` minus `start`, from the
+/// buckets), which leaves out the preforked pool started all at once.
+fn ready_stats(start: &str, end: &str) -> Vec<ReadyStat> {
+    let mut out = Vec::new();
+    for service in READY_SERVICES {
+        let (base, last) = (ready_hist(start, service), ready_hist(end, service));
+        if let Some(all) = last.stat(service, "all children") {
+            out.push(all);
+        }
+        if let Some(load) = last.minus(&base).stat(service, "spawned under load") {
+            out.push(load);
+        }
+    }
+    out
+}
+
+/// One sample line of the exposition format: name, labels, value.
+type PromSample<'a> = (&'a str, Vec<(&'a str, &'a str)>, f64);
+
+/// Splits one sample line; `None` for comments and other lines.
+fn sample(line: &str) -> Option<PromSample<'_>> {
+    if line.starts_with('#') {
+        return None;
+    }
+    let (head, value) = line.rsplit_once(' ')?;
+    let value = value.parse().ok()?;
+    let (name, labels) = match head.split_once('{') {
+        Some((name, rest)) => {
+            // Label values here never hold `",` (endpoints are addresses
+            // and paths), so splitting on it is exact.
+            let body = rest.strip_suffix('}')?;
+            let labels = body
+                .split("\",")
+                .filter(|kv| !kv.is_empty())
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once("=\"")?;
+                    Some((k, v.strip_suffix('"').unwrap_or(v)))
+                })
+                .collect();
+            (name, labels)
+        }
+        None => (head, Vec::new()),
+    };
+    Some((name, labels, value))
+}
+
+/// `service`'s `mortal_child_ready_*` samples from the metrics text.
+fn ready_hist(text: &str, service: &str) -> ReadyHist {
+    let mut h = ReadyHist::default();
+    for (name, labels, value) in text.lines().filter_map(sample) {
+        let label = |k: &str| labels.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
+        if label("service") != Some(service) {
+            continue;
+        }
+        match name {
+            "mortal_child_ready_seconds_bucket" => {
+                let Some(le) =
+                    label("le").and_then(|le| if le == "+Inf" { Some(f64::INFINITY) } else { le.parse().ok() })
+                else {
+                    continue;
+                };
+                match h.buckets.iter_mut().find(|(b, _)| *b == le) {
+                    Some((_, n)) => *n += value,
+                    None => h.buckets.push((le, value)),
+                }
+            }
+            "mortal_child_ready_seconds_count" => {
+                h.count += value;
+                h.endpoints += 1;
+            }
+            "mortal_child_ready_seconds_sum" => h.sum += value,
+            "mortal_child_ready_recent_seconds" => {
+                if let Some(q) = label("quantile").and_then(|q| q.parse().ok()) {
+                    h.exact.push((q, value));
+                }
+            }
+            "mortal_child_ready_recent_seconds_count" => h.window += value,
+            _ => {}
+        }
+    }
+    h.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    h
+}
+
+impl ReadyHist {
+    /// The children counted here but not in `base` (an earlier reading):
+    /// buckets, count and sum subtract; exact quantiles do not.
+    fn minus(&self, base: &ReadyHist) -> ReadyHist {
+        let before = |le: f64| base.buckets.iter().find(|(b, _)| *b == le).map_or(0.0, |(_, n)| *n);
+        ReadyHist {
+            buckets: self.buckets.iter().map(|&(le, n)| (le, n - before(le))).collect(),
+            count: self.count - base.count,
+            sum: self.sum - base.sum,
+            exact: Vec::new(),
+            window: 0.0,
+            endpoints: self.endpoints,
+        }
+    }
+
+    /// Quantiles, exact when one endpoint's window holds every child
+    /// counted, else estimated from the buckets; `None` without children.
+    fn stat(&self, service: &'static str, what: &'static str) -> Option<ReadyStat> {
+        if self.count < 1.0 {
+            return None;
+        }
+        let exact = self.endpoints == 1 && self.window == self.count && self.exact.len() == READY_QUANTILES.len();
+        let (quantiles, method) = if exact {
+            (self.exact.clone(), "exact".to_owned())
+        } else {
+            let q = READY_QUANTILES.iter().map(|q| (*q, bucket_quantile(*q, &self.buckets))).collect();
+            (q, "estimated from the histogram buckets".to_owned())
+        };
+        Some(ReadyStat { service, what, count: self.count as u64, mean: self.sum / self.count, quantiles, method })
+    }
+}
+
+/// The `q` quantile from cumulative `(upper bound, count)` buckets,
+/// interpolated linearly inside its bucket as Prometheus'
+/// `histogram_quantile` does; in the `+Inf` bucket, the highest finite
+/// bound (a lower bound of the truth).
+fn bucket_quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
+    let Some(&(_, total)) = buckets.last() else { return f64::NAN };
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, n) in buckets {
+        if n >= rank {
+            if le.is_infinite() {
+                return lower.0;
+            }
+            let inside = n - lower.1;
+            return if inside > 0.0 { lower.0 + (le - lower.0) * (rank - lower.1) / inside } else { le };
+        }
+        lower = (le, n);
+    }
+    lower.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const METRICS: &str = "\
+# TYPE mortal_child_ready_seconds histogram
+mortal_child_ready_seconds_bucket{service=\"smtpd\",endpoint=\"127.0.0.1:2525\",le=\"0.001\"} 0
+mortal_child_ready_seconds_bucket{service=\"smtpd\",endpoint=\"127.0.0.1:2525\",le=\"0.002\"} 40
+mortal_child_ready_seconds_bucket{service=\"smtpd\",endpoint=\"127.0.0.1:2525\",le=\"0.004\"} 90
+mortal_child_ready_seconds_bucket{service=\"smtpd\",endpoint=\"127.0.0.1:2525\",le=\"+Inf\"} 100
+mortal_child_ready_seconds_sum{service=\"smtpd\",endpoint=\"127.0.0.1:2525\"} 0.300000
+mortal_child_ready_seconds_count{service=\"smtpd\",endpoint=\"127.0.0.1:2525\"} 100
+mortal_child_ready_seconds_bucket{service=\"cleanup\",endpoint=\"/x/cleanup\",le=\"0.001\"} 1
+mortal_child_ready_seconds_bucket{service=\"cleanup\",endpoint=\"/x/cleanup\",le=\"+Inf\"} 2
+mortal_child_ready_seconds_sum{service=\"cleanup\",endpoint=\"/x/cleanup\"} 0.004
+mortal_child_ready_seconds_count{service=\"cleanup\",endpoint=\"/x/cleanup\"} 2
+# TYPE mortal_child_ready_recent_seconds summary
+mortal_child_ready_recent_seconds{service=\"smtpd\",endpoint=\"127.0.0.1:2525\",quantile=\"0.5\"} 0.002100
+mortal_child_ready_recent_seconds{service=\"smtpd\",endpoint=\"127.0.0.1:2525\",quantile=\"0.9\"} 0.003900
+mortal_child_ready_recent_seconds{service=\"smtpd\",endpoint=\"127.0.0.1:2525\",quantile=\"0.99\"} 0.031000
+mortal_child_ready_recent_seconds_count{service=\"smtpd\",endpoint=\"127.0.0.1:2525\"} 100
+mortal_child_ready_recent_seconds{service=\"cleanup\",endpoint=\"/x/cleanup\",quantile=\"0.5\"} 0.000500
+mortal_child_ready_recent_seconds{service=\"cleanup\",endpoint=\"/x/cleanup\",quantile=\"0.9\"} 0.003500
+mortal_child_ready_recent_seconds{service=\"cleanup\",endpoint=\"/x/cleanup\",quantile=\"0.99\"} 0.003500
+mortal_child_ready_recent_seconds_count{service=\"cleanup\",endpoint=\"/x/cleanup\"} 1
+mortal_config_generation 0
+";
+
+    #[test]
+    fn ready_quantiles_are_exact_when_the_window_holds_every_child() {
+        let smtpd = ready_hist(METRICS, "smtpd").stat("smtpd", "all").unwrap();
+        assert_eq!(smtpd.count, 100);
+        assert!((smtpd.mean - 0.003).abs() < 1e-12);
+        assert_eq!(smtpd.quantiles, vec![(0.5, 0.0021), (0.9, 0.0039), (0.99, 0.031)]);
+        assert_eq!(smtpd.method, "exact");
+        assert_eq!(ready_hist(METRICS, "queue").stat("queue", "all"), None);
+    }
+
+    #[test]
+    fn ready_quantiles_fall_back_to_the_buckets() {
+        // cleanup's window (1) lost a sample the histogram (2) has.
+        let cleanup = ready_hist(METRICS, "cleanup").stat("cleanup", "all").unwrap();
+        assert_eq!(cleanup.count, 2);
+        assert!(cleanup.method.starts_with("estimated"), "{}", cleanup.method);
+        assert_eq!(cleanup.quantiles[0], (0.5, 0.001));
+        assert_eq!(cleanup.quantiles[1], (0.9, 0.001), "in +Inf: the last finite bound");
+    }
+
+    #[test]
+    fn children_spawned_under_load_are_the_difference_of_two_readings() {
+        let before =
+            METRICS.replace("le=\"0.002\"} 40", "le=\"0.002\"} 20").replace("le=\"0.004\"} 90", "le=\"0.004\"} 20");
+        let before = before.replace("le=\"+Inf\"} 100", "le=\"+Inf\"} 20").replace("0.300000", "0.040000");
+        let before = before.replace(
+            "_count{service=\"smtpd\",endpoint=\"127.0.0.1:2525\"} 100",
+            "_count{service=\"smtpd\",endpoint=\"127.0.0.1:2525\"} 20",
+        );
+        let stats = ready_stats(&before, METRICS);
+        let load = stats.iter().find(|s| s.service == "smtpd" && s.what == "spawned under load").unwrap();
+        assert_eq!(load.count, 80);
+        assert!((load.mean - 0.26 / 80.0).abs() < 1e-12, "{}", load.mean);
+        assert!(load.method.starts_with("estimated"));
+        // 20 in (1, 2] ms, 50 in (2, 4] ms, 10 above: the median is in (2, 4].
+        assert!((load.quantiles[0].1 - 0.0028).abs() < 1e-12, "{:?}", load.quantiles);
+        let all = stats.iter().find(|s| s.service == "smtpd" && s.what == "all children").unwrap();
+        assert_eq!(all.count, 100);
+        // cleanup: nothing new under load, so no line for it.
+        assert!(!stats.iter().any(|s| s.service == "cleanup" && s.what == "spawned under load"));
+    }
+
+    #[test]
+    fn bucket_quantile_interpolates_like_histogram_quantile() {
+        let b = [(0.001, 0.0), (0.002, 40.0), (0.004, 90.0), (f64::INFINITY, 100.0)];
+        assert!((bucket_quantile(0.5, &b) - 0.0024).abs() < 1e-12, "{}", bucket_quantile(0.5, &b));
+        assert!((bucket_quantile(0.2, &b) - 0.0015).abs() < 1e-12);
+        assert!((bucket_quantile(0.9, &b) - 0.004).abs() < 1e-12);
+        assert_eq!(bucket_quantile(0.99, &b), 0.004);
+        assert!(bucket_quantile(0.5, &[]).is_nan());
+    }
+
+    #[test]
+    fn sample_lines_split_into_name_labels_value() {
+        let (name, labels, v) = sample("a_b{x=\"1\",le=\"+Inf\"} 7").unwrap();
+        assert_eq!((name, v), ("a_b", 7.0));
+        assert_eq!(labels, vec![("x", "1"), ("le", "+Inf")]);
+        assert_eq!(sample("up 1").unwrap().0, "up");
+        assert_eq!(sample("# HELP up x"), None);
     }
 }

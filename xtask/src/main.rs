@@ -36,6 +36,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("dovecot-lmtpd", "/usr/lib/dovecot/lmtp"),
     ("python3-aiosmtpd", "aiosmtpd"),
     ("strace", "strace"),
+    // xtask/src/fuzz.rs: libFuzzer is C++, compiled by the fuzz build.
+    ("g++", "cargo xtask fuzz"),
 ];
 
 fn main() -> Result<()> {
@@ -52,7 +54,7 @@ fn main() -> Result<()> {
         "sandbox-check" => sandbox::main(&root, &rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  start   build and run mortal on etc/mortal.toml (foreground)\n  ci      install test tools, fmt, clippy, build, all tests\n  bench   [--quick]: mortal vs a private Postfix, side by side (release build; installs postfix)\n  chaos   [--quick] [--messages N] [--clients N] [--debug]: kill -9 under load, count losses (release build)\n  fuzz    [--time N] [--target T]: run every fuzz target N s (cargo-fuzz); `fuzz seed` rewrites the seed corpora\n  sandbox-check   prove each daemon's sandbox from inside (drops to nobody when root)"
+                "usage: cargo xtask <task>\n\n  start   build and run mortal on etc/mortal.toml (foreground)\n  ci      install test tools, fmt, clippy, build, all tests, a short chaos run, every fuzz target briefly\n  bench   [--quick]: mortal vs a private Postfix, side by side (release build; installs postfix)\n  chaos   [--quick] [--messages N] [--clients N] [--debug]: kill -9 under load, count losses (release build)\n  fuzz    [--time N] [--target T] [--asan] [--ci]: build the libFuzzer targets (no sanitizer unless --asan) and run each N s; --ci: 10 s each on a copy of the corpora, as `ci` does; `fuzz seed` rewrites the seed corpora\n  sandbox-check   prove each daemon's sandbox from inside (drops to nobody when root)"
             );
             std::process::exit(2);
         }
@@ -85,6 +87,10 @@ fn ci() -> Result<()> {
     // A short kill -9 run on the debug build just made: seconds of load,
     // and any acknowledged message lost fails CI.
     chaos::main(&workspace_root(), &["--quick".into(), "--debug".into()])?;
+    // `cargo test` replayed the committed fuzz corpora; now every target
+    // fuzzes for a few seconds on a copy of them, and a crash fails CI
+    // with its reproducer.
+    fuzz::ci(&workspace_root())?;
     eprintln!("==> ci passed");
     Ok(())
 }

@@ -1,21 +1,86 @@
 //! Entry points for the fuzz targets in `fuzz/` (one line each there) and
 //! for the corpus replay test, so both exercise exactly the same code.
 
-use crate::ipc::{Decoder, RequestSequence};
+use crate::ipc::{Decoder, Request, RequestInPlace, RequestSequence};
+use crate::pipe::{RequestDecoder, ResultDecoder};
 use crate::queue_file::QueueFile;
 
-/// Feeds `data` to cleanup's decoder in uneven pieces, checking order.
+/// Feeds `data` to cleanup's decoder in uneven pieces, checking order,
+/// both ways cleanup can read: fed pieces with owned requests, and reads
+/// straight into the decoder with content in place. Both must see the
+/// same requests and stop at the same error.
 pub fn ipc_stream(data: &[u8]) {
-    let mut decoder = Decoder::new();
-    let mut seq = RequestSequence::default();
-    for piece in data.chunks(7) {
+    let mut owned = Vec::new();
+    let (mut decoder, mut seq) = (Decoder::new(), RequestSequence::default());
+    'fed: for piece in data.chunks(7) {
         decoder.feed(piece);
         loop {
-            match decoder.next_request() {
+            match decoder.next_request().map(|r| r.map(|req| (seq.advance(&req), req))) {
+                Ok(Some((Ok(()), req))) => owned.push(Ok(req)),
+                Ok(Some((Err(e), _))) | Err(e) => {
+                    owned.push(Err(e));
+                    break 'fed;
+                }
+                Ok(None) => break,
+            }
+        }
+    }
+    let mut in_place = Vec::new();
+    let (mut decoder, mut seq) = (Decoder::new(), RequestSequence::default());
+    let mut source = std::io::Cursor::new(data);
+    'read: while decoder.read_from(&mut source, 11).expect("reading a slice cannot fail") > 0 {
+        loop {
+            let outcome = match decoder.next_request_in_place() {
+                Ok(Some(req)) => seq.advance_in_place(&req).map(|()| match req {
+                    RequestInPlace::Data(chunk) => Request::Data(chunk.to_vec()),
+                    RequestInPlace::Other(r) => r,
+                }),
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            let stop = outcome.is_err();
+            in_place.push(outcome);
+            if stop {
+                break 'read;
+            }
+        }
+    }
+    assert_eq!(in_place, owned, "in-place and owned decoding agree");
+}
+
+/// The pipe protocol, both directions. The first octet chooses: even, the
+/// rest is a request for the pipe service's decoder; odd, the rest is the
+/// results the queue reads, `(first >> 1) % 4` of them expected. Fed in
+/// uneven pieces; whatever decodes must encode back to the same thing.
+pub fn pipe_stream(data: &[u8]) {
+    const MAX_CONTENT: u64 = 1 << 20;
+    let Some((&mode, rest)) = data.split_first() else { return };
+    if mode % 2 == 0 {
+        let mut requests = RequestDecoder::new(MAX_CONTENT);
+        for piece in rest.chunks(5) {
+            match requests.feed(piece) {
+                Ok(None) => {}
                 Ok(Some(req)) => {
-                    if seq.advance(&req).is_err() {
-                        return;
-                    }
+                    let again = RequestDecoder::new(MAX_CONTENT).feed(&req.encode());
+                    assert_eq!(again, Ok(Some(req)), "request encode/decode round trip");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+        return;
+    }
+    let mut results = ResultDecoder::new(usize::from(mode >> 1) % 4);
+    for piece in rest.chunks(9) {
+        results.feed(piece);
+        loop {
+            match results.next_result() {
+                Ok(Some(result)) => {
+                    let mut wire = Vec::new();
+                    result.encode(&mut wire);
+                    let mut again = ResultDecoder::new(1);
+                    again.feed(&wire);
+                    assert_eq!(again.next_result(), Ok(Some(result)), "result encode/decode round trip");
                 }
                 Ok(None) => break,
                 Err(_) => return,
