@@ -18,6 +18,7 @@ use mortal_proto::pipe::{PipeRecipient, PipeResult, PipeStatus, ResultDecoder, e
 use mortal_proto::queue_file::QueueFile;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Time allowed beyond the commands' own limits: waiting for a free pipe
@@ -51,7 +52,7 @@ fn exchange(
     let wait = config.delivery.pipe.timeout.saturating_mul(rounds).saturating_add(REPLY_MARGIN);
     let deadline = Instant::now() + wait;
     let socket = config.pipe_socket();
-    let mut stream = UnixStream::connect(&socket)
+    let mut stream = connect(&socket, config.delivery.connect_timeout)
         .map_err(|e| io::Error::new(e.kind(), format!("connect to {}: {e}", socket.display())))?;
     stream.set_write_timeout(Some(wait))?;
     stream.write_all(&encode_request(
@@ -89,6 +90,16 @@ fn exchange(
     Ok(())
 }
 
+/// Connects to the pipe service, waiting at most `limit`: a Unix stream
+/// connect blocks while the listener's backlog is full (every pipe process
+/// busy), for as long as the socket's send timeout allows.
+fn connect(path: &Path, limit: Duration) -> io::Result<UnixStream> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.set_write_timeout(Some(limit))?;
+    socket.connect(&socket2::SockAddr::unix(path)?)?;
+    Ok(socket.into())
+}
+
 fn to_rcpt_result(r: PipeResult) -> RcptResult {
     let base = match r.status {
         PipeStatus::Delivered => RcptResult::delivered(r.text),
@@ -104,7 +115,6 @@ mod tests {
     use mortal_proto::ipc::{ClientInfo, SenderInfo};
     use mortal_proto::queue_file::{QueuedRecipient, RecipientState};
     use std::os::unix::net::UnixListener;
-    use std::path::Path;
 
     fn queue_file() -> QueueFile {
         let rcpt = |a: &str| QueuedRecipient {
@@ -162,6 +172,32 @@ mod tests {
             assert_eq!((r.status, r.dsn.as_str()), (Status::Deferred, "4.3.0"));
             assert!(r.text.starts_with("pipe service unavailable: connect to "), "{}", r.text);
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Every pipe process busy (the listener's backlog full): the connect
+    /// gives up after its limit instead of blocking the delivery thread.
+    #[test]
+    fn connect_to_a_full_backlog_is_bounded() {
+        let dir = temp_dir("full");
+        let path = dir.join("private/full");
+        let listener = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        listener.bind(&socket2::SockAddr::unix(&path).unwrap()).unwrap();
+        // Backlog 0: one connection waits, the next finds the queue full.
+        listener.listen(0).unwrap();
+        let limit = Duration::from_millis(300);
+        let mut queued = Vec::new();
+        let started = Instant::now();
+        let err = loop {
+            match connect(&path, limit) {
+                Ok(s) => queued.push(s),
+                Err(e) => break e,
+            }
+            assert!(queued.len() < 8, "connections kept being accepted with a backlog of 0");
+        };
+        let waited = started.elapsed();
+        assert!(matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut), "{err:?}");
+        assert!(waited >= limit && waited < limit * 10, "waited {waited:?} for a limit of {limit:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
