@@ -432,6 +432,27 @@ fn set_mode(path: &std::path::Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// An operator half-way through editing the file must still see and stop
+/// the running master: `status` and `stop` print the file's errors, warn,
+/// and reach the master through the run dir; `reload` refuses.
+#[test]
+fn status_and_stop_reach_the_master_while_the_file_is_broken() {
+    let inst = Instance::start();
+    let good = fs::read_to_string(&inst.config).unwrap();
+    fs::write(&inst.config, format!("{good}\n[no_such_table]\nkey = 1\n")).unwrap();
+    let status = mortal(&inst, &["status"]);
+    assert_eq!(status.code, 0, "{status:?}");
+    assert!(status.stderr.contains("no_such_table"), "the file's error is shown: {status:?}");
+    assert!(status.stderr.contains("has errors (above); reaching the running master through"), "{status:?}");
+    assert!(status.stdout.contains("smtpd"), "the scoreboard is shown: {status:?}");
+    let reload = mortal(&inst, &["reload"]);
+    assert_eq!(reload.code, 1, "a broken file is never loaded: {reload:?}");
+    let stop = mortal(&inst, &["stop"]);
+    assert_eq!(stop.code, 0, "{stop:?}");
+    let after = mortal(&inst, &["status"]);
+    assert_ne!(after.code, 0, "the master is gone: {after:?}");
+}
+
 #[test]
 fn version_and_completions() {
     let r = run(Command::new(bin_dir().join("mortal")).arg("version"));

@@ -140,9 +140,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check => check(&path),
         Command::Start { foreground } => load(&path).and_then(|c| mortal_ctl::start(&c, &path, foreground)),
-        Command::Stop { timeout } => load(&path).and_then(|c| mortal_ctl::stop(&c, timeout)),
+        Command::Stop { timeout } => load_for_control(&path).and_then(|c| mortal_ctl::stop(&c, timeout)),
         Command::Reload => load(&path).and_then(|c| mortal_ctl::reload(&c)),
-        Command::Status { json } => load(&path).and_then(|c| status::status(&c, json)),
+        Command::Status { json } => load_for_control(&path).and_then(|c| status::status(&c, json)),
         Command::Queue { command } => load(&path).map(|c| queue_cmd::run(&c, command)),
         Command::Version => mortal_info::version(&mut std::io::stdout()),
         Command::Completions { shell } => mortal_info::completions::<Cli>(shell, &mut std::io::stdout()),
@@ -191,6 +191,31 @@ fn load(path: &Path) -> anyhow::Result<Config> {
         }
         anyhow::Error::new(ConfigInvalid)
     })
+}
+
+/// For `status` and `stop`, which need nothing but the run dir: a running
+/// master must stay reachable while its file is being edited. The file's
+/// errors are printed, and the master is found through the run dir alone
+/// (`Config::locate_run_dir`).
+fn load_for_control(path: &Path) -> anyhow::Result<Config> {
+    let errors = match Config::load(path) {
+        Ok(config) => return Ok(config),
+        Err(errors) => errors,
+    };
+    for e in &errors {
+        eprintln!("{e}");
+    }
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let Some(run_dir) = Config::locate_run_dir(&text, path) else {
+        return Err(anyhow::Error::new(ConfigInvalid));
+    };
+    eprintln!(
+        "mortal: warning: {} has errors (above); reaching the running master through {}",
+        path.display(),
+        run_dir.display()
+    );
+    let minimal = format!("[server]\nrun_dir = {}\n", toml::Value::String(run_dir.display().to_string()));
+    Config::parse(&minimal, path).map_err(|_| anyhow::Error::new(ConfigInvalid))
 }
 
 fn check(path: &Path) -> anyhow::Result<ExitCode> {

@@ -52,6 +52,10 @@ pub fn warnings(config: &Config, text: &str) -> Vec<Warning> {
     for (name, policy) in [("smtpd", &config.process.smtpd), ("cleanup", &config.process.cleanup)] {
         lifetime_warnings(&format!("process.{name}"), policy, &mut warn);
     }
+    // The pipe pool matters only where it exists.
+    if config.pipe_routed() {
+        lifetime_warnings("process.pipe", &config.process.pipe, &mut warn);
+    }
     if let Some(key) = &config.smtpd.tls_key_file {
         match std::fs::metadata(key) {
             Ok(meta) if meta.mode() & WORLD_READABLE != 0 => warn(
@@ -180,6 +184,23 @@ mod tests {
         for (got, want) in got.iter().zip(want) {
             assert!(got.starts_with(want), "{got}\n  does not start with\n{want}");
         }
+    }
+
+    /// The pipe pool is checked like the others, but only with a pipe route.
+    #[test]
+    fn pipe_pool_lifetime_is_checked_when_routed() {
+        let unlimited = "[process.pipe]\nmax_use = 0\nmax_lifetime = \"0s\"\n";
+        assert_eq!(check(&format!("{SAFE}{unlimited}")), Vec::<String>::new());
+        let routed = format!(
+            "{SAFE}[delivery]\ntransport = \"pipe\"\n[delivery.pipe]\ncommand = [\"/bin/true\"]\nuser = \"pipeuser\"\n{unlimited}"
+        );
+        let got = check(&routed);
+        assert_eq!(got.len(), 1, "{got:#?}");
+        assert!(
+            got[0]
+                .starts_with("/etc/mortal/mortal.toml:11: process.pipe.max_use: warning: is 0 and max_lifetime is 0s"),
+            "{got:#?}"
+        );
     }
 
     /// The deployment sample must stay valid as the configuration grows,

@@ -705,6 +705,29 @@ impl Config {
         Config::parse_for(text, file, nix::unistd::geteuid().is_root())
     }
 
+    /// Where a master started from `file` keeps its control socket and pid
+    /// file, read from `text` even when the rest of it is invalid (an
+    /// operator editing the file must still reach the running master):
+    /// `[server] run_dir`, else `spool_dir/run`, resolved as
+    /// [`Config::parse`] does. `None` when even those two keys cannot be
+    /// read (not TOML, or not strings).
+    pub fn locate_run_dir(text: &str, file: &Path) -> Option<PathBuf> {
+        let value: toml::Table = text.parse().ok()?;
+        let server = match value.get("server") {
+            Some(toml::Value::Table(t)) => Some(t),
+            Some(_) => return None,
+            None => None,
+        };
+        let key = |name: &str| match server.and_then(|t| t.get(name)) {
+            Some(toml::Value::String(s)) => Ok(Some(PathBuf::from(s))),
+            Some(_) => Err(()),
+            None => Ok(None),
+        };
+        let base = file.parent().unwrap_or(Path::new("."));
+        let spool = base.join(key("spool_dir").ok()?.unwrap_or_else(|| Server::default().spool_dir));
+        Some(key("run_dir").ok()?.map_or_else(|| spool.join("run"), |p| base.join(p)))
+    }
+
     /// [`Config::parse`] for a mail system started as root (`as_root`),
     /// where the daemons change identity and `[delivery.pipe] user` must
     /// name who runs the pipe command, or started by another user, where
@@ -1076,6 +1099,27 @@ mod tests {
         let err = Config::parse(text, Path::new("m.toml")).unwrap_err();
         assert_eq!(err.len(), 1);
         assert_eq!(err[0].to_string(), "m.toml:3: process.smtpd.prefork: must not exceed process_limit (2)");
+    }
+
+    /// The run dir is found as `parse` would resolve it, even in a file
+    /// `parse` refuses.
+    #[test]
+    fn run_dir_is_located_in_an_invalid_file() {
+        let file = Path::new("/etc/mortal/mortal.toml");
+        for text in [
+            "",
+            "[server]\nspool_dir = \"../spool\"\n",
+            "[server]\nrun_dir = \"/run/m\"\n",
+            "[server]\nuser = \"nobody\"\n",
+        ] {
+            let parsed = Config::parse(text, file).unwrap();
+            assert_eq!(Config::locate_run_dir(text, file).as_deref(), Some(parsed.run_dir()), "{text:?}");
+        }
+        let broken = "[server]\nspool_dir = \"/var/spool/x\"\n[process.smtpd]\nprefork = 500\nbogus = 1\n";
+        assert!(Config::parse(broken, file).is_err());
+        assert_eq!(Config::locate_run_dir(broken, file), Some(PathBuf::from("/var/spool/x/run")));
+        assert_eq!(Config::locate_run_dir("[server\n", file), None);
+        assert_eq!(Config::locate_run_dir("[server]\nrun_dir = 5\n", file), None);
     }
 
     #[test]
