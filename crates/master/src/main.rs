@@ -333,7 +333,10 @@ fn bind_services(config: &Config) -> anyhow::Result<Vec<Service>> {
         let bound = program(kind).and_then(|program| {
             let socket =
                 master_listen::master_listen_unix(&path).with_context(|| format!("bind {}", path.display()))?;
-            Ok(Service::new(kind, path.display().to_string(), program, socket, Some(path.clone())))
+            // Shown by `mortal status` and in log lines: `/srv/mail/spool/run/...`
+            // rather than the configured `/srv/mail/etc/../spool/run/...`.
+            let shown = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+            Ok(Service::new(kind, shown.display().to_string(), program, socket, Some(path.clone())))
         });
         match bound {
             Ok(service) => services.push(service),
