@@ -75,7 +75,19 @@ fn run(what: &str, cmd: &mut Command) -> Result<()> {
 }
 
 fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // `cargo run` described xtask's own package in these; passed on, they
+    // make build scripts that watch them (ring's) rerun, so a plain `cargo
+    // build` and a build from here would keep rebuilding each other's
+    // dependencies. The user's own CARGO_* settings stay.
+    const SET_BY_CARGO_RUN: &[&str] =
+        &["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE"];
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(|k| SET_BY_CARGO_RUN.iter().any(|p| k.starts_with(p))) {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
 }
 
 fn ci() -> Result<()> {
