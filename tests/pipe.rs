@@ -152,9 +152,10 @@ fn pipe_process_of(mortal: &Instance, script_pid: u32) -> u32 {
 
 /// A pipe process ended under a running command, by SIGTERM (what the
 /// master sends at a session deadline or after the overdue grace) and by
-/// SIGKILL: the queue defers the recipient (`pipe service unavailable`)
-/// each time, retries it with a fresh pipe process, and it is delivered
-/// once. Nothing is lost, and SIGTERM takes the command's process group
+/// SIGKILL: the queue defers the recipient each time (`pipe service
+/// unavailable`, or the command's death by signal when the pipe process
+/// reports it before it ends), retries it with a fresh pipe process, and
+/// it is delivered once. Nothing is lost, and SIGTERM takes the command's process group
 /// with it. The command starts with no signal blocked.
 #[test]
 fn killed_pipe_process_defers_then_delivers() {
@@ -189,8 +190,16 @@ fn killed_pipe_process_defers_then_delivers() {
         (!mortal_tests::process_exists(first)).then_some(())
     });
     assert!(gone.is_some(), "SIGTERM left the command running\n{}", mortal.log_text());
-    let log = mortal.wait_for_log("status=deferred (pipe service unavailable: ");
-    assert!(log.contains("to=<k@pipe.test>, relay=pipe"), "{log}");
+    // Killing the command's group races with the pipe process's own end:
+    // either it still reports the command's death, or the queue sees the
+    // connection close first. Both defer, which is what matters.
+    let log = mortal.wait_for_log("status=deferred (");
+    let deferral = log.lines().find(|l| l.contains("to=<k@pipe.test>, relay=pipe")).unwrap_or_default();
+    assert!(
+        deferral.contains("status=deferred (pipe service unavailable: ")
+            || deferral.contains("status=deferred (Command died with signal 9"),
+        "{log}"
+    );
     assert!(log.contains("warning: terminated while a command ran: killed its process group"), "{log}");
 
     let second = attempt_pid(&mortal, &marker, 2);
@@ -204,7 +213,9 @@ fn killed_pipe_process_defers_then_delivers() {
     assert!(got.contains("survives\n"), "{got:?}");
     assert!(log.contains(&format!("mortal-pipe pid {pipe_pid} killed by signal 9")), "{log}");
     assert_eq!(log.matches("to=<k@pipe.test>, relay=pipe").count(), 3, "{log}");
-    assert_eq!(log.matches("status=deferred (pipe service unavailable: ").count(), 2, "{log}");
+    assert_eq!(log.matches("status=deferred (").count(), 2, "{log}");
+    // The SIGKILLed pipe process answered nothing: that one is always this.
+    assert!(log.contains("status=deferred (pipe service unavailable: "), "{log}");
 }
 
 /// Processes whose process group is `group`, from /proc.
