@@ -60,15 +60,7 @@ pub fn split(content: &[u8]) -> (&[u8], &[u8]) {
 /// CRLF line ends as LF.
 pub fn unix_lines(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\r' && bytes.get(i + 1) == Some(&b'\n') {
-            i += 1;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
+    mortal_proto::queue_file::crlf_to_lf(bytes, &mut out);
     out
 }
 

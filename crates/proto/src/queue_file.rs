@@ -286,6 +286,18 @@ impl QueueFile {
     }
 }
 
+/// Appends `content` (spooled with CRLF line ends) to `out` with LF line
+/// ends, as Unix tools and Maildir readers expect; a lone CR stays.
+pub fn crlf_to_lf(content: &[u8], out: &mut Vec<u8>) {
+    let mut rest = content;
+    while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+        out.extend_from_slice(&rest[..i]);
+        out.push(b'\n');
+        rest = &rest[i + 2..];
+    }
+    out.extend_from_slice(rest);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@
 use crate::queue_route::{RcptResult, Report, Status};
 use mortal_proto::config::Config;
 use mortal_proto::ipc::BodyType;
-use mortal_proto::queue_file::QueueFile;
+use mortal_proto::queue_file::{QueueFile, crlf_to_lf};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -96,16 +96,6 @@ fn unique_name(hostname: &str) -> String {
     let seq = DELIVERIES.fetch_add(1, Ordering::Relaxed);
     let host = hostname.replace(['/', ':'], "_");
     format!("{}.M{}P{}Q{}.{}", now.as_secs(), now.subsec_micros(), std::process::id(), seq, host)
-}
-
-fn crlf_to_lf(content: &[u8], out: &mut Vec<u8>) {
-    let mut rest = content;
-    while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
-        out.extend_from_slice(&rest[..i]);
-        out.push(b'\n');
-        rest = &rest[i + 2..];
-    }
-    out.extend_from_slice(rest);
 }
 
 /// The directory name for a recipient: the address in lower case, with

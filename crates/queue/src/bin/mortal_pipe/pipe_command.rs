@@ -216,15 +216,7 @@ fn printable(out: &[u8]) -> String {
 
 fn to_lf(content: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(content.len());
-    let mut i = 0;
-    while i < content.len() {
-        if content[i] == b'\r' && content.get(i + 1) == Some(&b'\n') {
-            i += 1;
-            continue;
-        }
-        out.push(content[i]);
-        i += 1;
-    }
+    mortal_proto::queue_file::crlf_to_lf(content, &mut out);
     out
 }
 
