@@ -489,7 +489,7 @@ fn one_connection_wakes_one_idle_child() {
             ..Options::default()
         },
         "max_lifetime = \"0s\"\nmax_idle = \"0s\"",
-        "info,mortal_master::child=debug",
+        "info,mortal_libmaster::child=debug",
     );
     let ready = wait_for("8 idle smtpd", || {
         (service(&mortal.status(), "smtpd")["children"]["idle"].as_u64() >= Some(8)).then_some(())

@@ -20,7 +20,7 @@
 //! here again. A violation ends the transaction with a logged reason and
 //! leaves no file behind. cleanup never reads the network and never writes
 //! outside `incoming/`: after opening the spool and before its first
-//! connection it enters its sandbox (`mortal_master::sandbox`), so the
+//! connection it enters its sandbox (`mortal_libmaster::sandbox`), so the
 //! kernel enforces that too: as root it drops to `[server] user`; always
 //! no_new_privs, no core dumps, bounded descriptors, Landlock access to
 //! `incoming/` and nothing else, no TCP, no signals beyond itself, and a
@@ -42,18 +42,18 @@
 //! (and so to the client) whenever the spool cannot be written.
 #![forbid(unsafe_code)]
 
-mod cleanup_header;
-mod cleanup_session;
-mod cleanup_spool;
+mod header;
+mod session;
+mod spool;
 
-use mortal_master::child;
-use mortal_master::sandbox::{self, Service};
+use mortal_libmaster::child;
+use mortal_libmaster::sandbox::{self, Service};
 use std::os::unix::net::UnixListener;
 
 fn main() {
     sandbox::selftest::run_if_asked(Service::Cleanup);
     let config = child::startup("cleanup");
-    let spool = match cleanup_spool::Spool::open(&config) {
+    let spool = match spool::Spool::open(&config) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("fatal: open spool {}: {e}", config.queue_dir("incoming").display());
@@ -63,10 +63,8 @@ fn main() {
     let (listener, mut link) = child::adopt::<UnixListener>("cleanup");
     // From here on: the mail user, and write access to incoming/ only.
     sandbox::enter_or_exit(Service::Cleanup, &config);
-    let ctx = cleanup_session::Context::new(&config, &spool);
-    match child::serve(&listener, &mut link, config.process.cleanup.max_use, |stream, _| {
-        cleanup_session::serve(stream, &ctx)
-    }) {
+    let ctx = session::Context::new(&config, &spool);
+    match child::serve(&listener, &mut link, config.process.cleanup.max_use, |stream, _| session::serve(stream, &ctx)) {
         Ok(reason) => tracing::debug!("exit: {}", reason.as_str()),
         Err(e) => {
             tracing::error!("fatal: master link: {e}");

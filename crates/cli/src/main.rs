@@ -8,10 +8,10 @@
 //! scoreboard (`status`; these three talk to the master's control socket,
 //! falling back to signals for stop and reload); `mortal check` validates the configuration
 //! with line-precise errors, and warns about risky settings
-//! (`mortal_check`). Like `postfix start|stop|reload|check`. `mortal queue
+//! (`check`). Like `postfix start|stop|reload|check`. `mortal queue
 //! list|show|stats|hold|release|requeue|flush|delete` inspect and change
 //! the queue while it runs, by the operator lock protocol of
-//! docs/queue-format.md (`queue_cmd` and the `queue_*` modules; Postfix's
+//! docs/queue-format.md (`queue::cmd` and the `queue_*` modules; Postfix's
 //! mailq, postqueue, postcat and postsuper). `mortal version` and
 //! `mortal completions bash|zsh|fish`.
 //!
@@ -38,16 +38,10 @@
 //! delivered, try again) and 77 (permission denied), as in its `--help`.
 #![forbid(unsafe_code)]
 
-mod mortal_check;
-mod mortal_ctl;
-mod mortal_info;
-mod queue_cmd;
-mod queue_fmt;
-mod queue_list;
-mod queue_move;
-mod queue_perm;
-mod queue_show;
-mod queue_spool;
+mod check;
+mod ctl;
+mod info;
+mod queue;
 mod status;
 
 use clap::{Parser, Subcommand};
@@ -103,7 +97,7 @@ enum Command {
     /// Stop the mail system: idle processes exit at once, busy ones after their session.
     Stop {
         /// Seconds to wait for the master to exit.
-        #[arg(long, value_name = "SECS", default_value_t = mortal_ctl::DEFAULT_STOP_TIMEOUT_SECS)]
+        #[arg(long, value_name = "SECS", default_value_t = ctl::DEFAULT_STOP_TIMEOUT_SECS)]
         timeout: u64,
     },
     /// Make the running master re-read its configuration (after checking it).
@@ -117,10 +111,10 @@ enum Command {
         json: bool,
     },
     /// Inspect and control the mail queue: list, show, delete, hold, release, requeue, flush, stats.
-    #[command(after_help = queue_cmd::AFTER_HELP)]
+    #[command(after_help = queue::cmd::AFTER_HELP)]
     Queue {
         #[command(subcommand)]
-        command: queue_cmd::QueueCommand,
+        command: queue::cmd::QueueCommand,
     },
     /// Print the version of mortal and of its queue file format.
     Version,
@@ -139,13 +133,13 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Check => check(&path),
-        Command::Start { foreground } => load(&path).and_then(|c| mortal_ctl::start(&c, &path, foreground)),
-        Command::Stop { timeout } => load_for_control(&path).and_then(|c| mortal_ctl::stop(&c, timeout)),
-        Command::Reload => load(&path).and_then(|c| mortal_ctl::reload(&c)),
+        Command::Start { foreground } => load(&path).and_then(|c| ctl::start(&c, &path, foreground)),
+        Command::Stop { timeout } => load_for_control(&path).and_then(|c| ctl::stop(&c, timeout)),
+        Command::Reload => load(&path).and_then(|c| ctl::reload(&c)),
         Command::Status { json } => load_for_control(&path).and_then(|c| status::status(&c, json)),
-        Command::Queue { command } => load(&path).map(|c| queue_cmd::run(&c, command)),
-        Command::Version => mortal_info::version(&mut std::io::stdout()),
-        Command::Completions { shell } => mortal_info::completions::<Cli>(shell, &mut std::io::stdout()),
+        Command::Queue { command } => load(&path).map(|c| queue::cmd::run(&c, command)),
+        Command::Version => info::version(&mut std::io::stdout()),
+        Command::Completions { shell } => info::completions::<Cli>(shell, &mut std::io::stdout()),
     };
     match result {
         Ok(code) => code,
@@ -222,8 +216,8 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
     let config = load(path)?;
     // Risky but valid settings: reported, not fatal (the file was just read).
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    for warning in mortal_check::warnings(&config, &text) {
-        eprintln!("{}", mortal_check::Located(path, &warning));
+    for warning in check::warnings(&config, &text) {
+        eprintln!("{}", check::Located(path, &warning));
     }
     println!("{}: ok", path.display());
     Ok(ExitCode::SUCCESS)
@@ -246,7 +240,7 @@ mod tests {
             assert_eq!(cli.config.as_deref(), Some(Path::new("x.toml")));
         }
         let cli = Cli::try_parse_from(["mortal", "stop"]).unwrap();
-        assert!(matches!(cli.command, Command::Stop { timeout } if timeout == mortal_ctl::DEFAULT_STOP_TIMEOUT_SECS));
+        assert!(matches!(cli.command, Command::Stop { timeout } if timeout == ctl::DEFAULT_STOP_TIMEOUT_SECS));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! time, last state change) from the fixed-size status records each child
 //! sends on its own socket, replaces children before they retire, retires
 //! idle extras, throttles services whose children die at start, and logs
-//! abnormal exits. It enforces the lifetime policy (`master_life`): each
+//! abnormal exits. It enforces the lifetime policy (`life`): each
 //! child's own jittered lifetime, `max_idle`, the session deadline and the
 //! overdue grace, after which a child is terminated whatever its load.
 //! When every smtpd is busy at `process_limit`, clients that waited
@@ -40,7 +40,7 @@
 //! pid file and the control socket stay root's, and the private directory
 //! is root's with mode 0710 and the mail user's group: a daemon can reach
 //! the sockets whose names it knows but cannot replace one. Each child
-//! then drops to that user itself, after exec (`mortal_master::sandbox`);
+//! then drops to that user itself, after exec (`mortal_libmaster::sandbox`);
 //! the pipe service drops to `[delivery.pipe] user` instead, which must
 //! exist too, so no pipe command ever runs as root or as the mail user.
 //!
@@ -71,25 +71,25 @@
 //! arguments.
 #![forbid(unsafe_code)]
 
-mod master_board;
-mod master_ctl;
-mod master_life;
-mod master_listen;
-mod master_loop;
-mod master_overload;
-mod master_pid;
-mod master_pool;
-mod master_sig;
-mod master_spawn;
-mod master_stat;
+mod board;
+mod ctl;
+mod event_loop;
+mod life;
+mod listen;
+mod overload;
+mod pid;
+mod pool;
+mod sig;
+mod spawn;
+mod stat;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use master_loop::{Master, Service, ServiceKind};
-use master_pid::PidFile;
-use mortal_master::{log, sandbox};
+use event_loop::{Master, Service, ServiceKind};
+use mortal_libmaster::{log, sandbox};
 use mortal_proto::config::{Config, QUEUE_DIRS};
 use mortal_proto::status::CONTROL_SOCKET;
+use pid::PidFile;
 use std::fs::{self, DirBuilder};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -107,9 +107,9 @@ const DEFAULT_CONFIG: &str = "/etc/mortal/mortal.toml";
 const SPOOL_DIR_MODE: u32 = 0o755;
 /// Queue directories hold mail: the owner writes, the mail group (queue
 /// operators) reads.
-const QUEUE_DIR_MODE: u32 = mortal_master::sandbox::QUEUE_DIR_MODE;
+const QUEUE_DIR_MODE: u32 = mortal_libmaster::sandbox::QUEUE_DIR_MODE;
 /// Delivered mail in the default Maildir root: owner only.
-const MAILDIR_ROOT_MODE: u32 = mortal_master::sandbox::MAIL_USER_MODE;
+const MAILDIR_ROOT_MODE: u32 = mortal_libmaster::sandbox::MAIL_USER_MODE;
 /// The run directory holds the pid file, which operators' tools read.
 const RUN_DIR_MODE: u32 = 0o755;
 /// The private directory holds the daemons' sockets: owner only, enforced
@@ -215,7 +215,7 @@ fn master_main(config: Config, config_path: PathBuf) -> anyhow::Result<i32> {
     }
     let mut socket_files: Vec<PathBuf> = services.iter().filter_map(|s| s.socket_file.clone()).collect();
     let control_path = config.run_dir().join(CONTROL_SOCKET);
-    let control = match master_ctl::bind(&control_path) {
+    let control = match ctl::bind(&control_path) {
         Ok(control) => control,
         Err(e) => {
             for file in &socket_files {
@@ -252,11 +252,11 @@ fn run(
     runtime.block_on(async {
         // Before the pid file says we are up: a `mortal stop` that follows
         // at once must find the handler in place.
-        let mut signals = master_sig::Signals::install().context("signal handlers")?;
+        let mut signals = sig::Signals::install().context("signal handlers")?;
         pid_file.write_pid().context("write pid file")?;
         tracing::info!("daemon started -- version {VERSION}, configuration {}", config_path.display());
         let mut master = Master::new(config, config_path, services);
-        master.serve_control(master_ctl::Control::new(control).context("control socket")?);
+        master.serve_control(ctl::Control::new(control).context("control socket")?);
         master.prefork();
         Ok(master.run(&mut signals).await)
     })
@@ -316,7 +316,7 @@ fn bind_services(config: &Config) -> anyhow::Result<Vec<Service>> {
     // (a proxy_listen child tells from its listener's address that each
     // connection opens with a PROXY header).
     for addr in config.smtpd.listen.iter().chain(&config.smtpd.proxy_listen) {
-        let socket = master_listen::master_listen_tcp(*addr).with_context(|| format!("bind {addr}"))?;
+        let socket = listen::master_listen_tcp(*addr).with_context(|| format!("bind {addr}"))?;
         services.push(Service::new(ServiceKind::Smtpd, addr.to_string(), program(ServiceKind::Smtpd)?, socket, None));
     }
     let mut unix = vec![
@@ -331,8 +331,7 @@ fn bind_services(config: &Config) -> anyhow::Result<Vec<Service>> {
     }
     for (kind, path) in unix {
         let bound = program(kind).and_then(|program| {
-            let socket =
-                master_listen::master_listen_unix(&path).with_context(|| format!("bind {}", path.display()))?;
+            let socket = listen::master_listen_unix(&path).with_context(|| format!("bind {}", path.display()))?;
             // Shown by `mortal status` and in log lines: `/srv/mail/spool/run/...`
             // rather than the configured `/srv/mail/etc/../spool/run/...`.
             let shown = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());

@@ -2,7 +2,7 @@
 //! operator's control socket requests.
 //!
 //! Each child owns one Unix stream socket to the master (its stdout; the
-//! same socket is its stdin, see `mortal_master::child`). Records are a fixed
+//! same socket is its stdin, see `mortal_libmaster::child`). Records are a fixed
 //! eight octets, so the master never parses anything variable from a child
 //! that may be compromised, and a child can only ever speak for itself: the
 //! master knows which pid sits at the other end of each socket.

@@ -27,7 +27,7 @@
 //! as `[delivery.pipe] user`.
 //!
 //! Before reading the first queue file it enters its sandbox
-//! (`mortal_master::sandbox`): as root it drops to `[server] user`; always
+//! (`mortal_libmaster::sandbox`): as root it drops to `[server] user`; always
 //! no_new_privs, no core dumps, bounded descriptors, Landlock access to the
 //! spool and the Maildir root only and TCP connect only to the ports of
 //! configured next hops, whatever the routes, no signals or traces beyond
@@ -56,20 +56,15 @@
 //! `<id>: removed`; `warning:` lines for corrupt files and spool errors.
 #![forbid(unsafe_code)]
 
-mod queue_bounce;
-mod queue_client;
-mod queue_deliver;
-mod queue_discard;
-mod queue_lmtp;
-mod queue_maildir;
-mod queue_pipe;
-mod queue_route;
-mod queue_scan;
-mod queue_smtp;
-mod queue_spool;
+mod agent;
+mod bounce;
+mod deliver;
+mod route;
+mod scan;
+mod spool;
 
-use mortal_master::child;
-use mortal_master::sandbox::{self, Service};
+use mortal_libmaster::child;
+use mortal_libmaster::sandbox::{self, Service};
 use mortal_proto::status::ChildState;
 use std::io::Read;
 use std::os::unix::net::UnixListener;
@@ -81,7 +76,7 @@ pub enum Event {
     /// cleanup (or an operator) says new mail is waiting.
     Wake,
     /// A delivery finished.
-    Done(String, queue_deliver::Outcome),
+    Done(String, deliver::Outcome),
     /// The master retired us or went away: finish what runs, then exit.
     Stop(child::ExitReason),
 }
@@ -92,7 +87,7 @@ fn main() {
     let (listener, mut link) = child::adopt::<UnixListener>("queue");
     // Before the first queue file is read and before any thread starts.
     sandbox::enter_or_exit(Service::Queue, &config);
-    let mut scheduler = match queue_scan::Scheduler::start(&config) {
+    let mut scheduler = match scan::Scheduler::start(&config) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("fatal: open spool {}: {e}", config.server.spool_dir.display());

@@ -113,7 +113,7 @@ pub async fn session_with_resolver(
         writable: true,
         timeout: config.smtpd.timeout,
         // Inside smtpd's chroot the socket has a shorter name.
-        cleanup_socket: mortal_master::sandbox::visible_path(&config.cleanup_socket()),
+        cleanup_socket: mortal_libmaster::sandbox::visible_path(&config.cleanup_socket()),
         cleanup: CleanupState::Idle,
         limits: peer.limits,
     };

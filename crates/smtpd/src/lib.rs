@@ -39,7 +39,7 @@
 //! slowloris cannot hold a child. The TLS certificate and key are read
 //! once at process start ([`tls`]).
 //!
-//! Then, before the first connection, `mortal_master::sandbox::enter`
+//! Then, before the first connection, `mortal_libmaster::sandbox::enter`
 //! takes everything else away: as root it chroots into the private socket
 //! directory and drops to `[server] user` for good; always it sets
 //! no_new_privs, turns core dumps off, bounds its descriptors, holds no
@@ -74,8 +74,8 @@
 //! Relay control ([`relay`]): `[server] trusted_networks`, `recipient_map`.
 //! PROXY protocol ([`peer`], [`proxy`]): `[smtpd] proxy_listen`,
 //! `proxy_trusted`, `proxy_timeout`. Per-client limits, counted by the
-//! `mortal-anvil` service over `<run_dir>/private/anvil` ([`anvil`],
-//! [`anvil_client`]): `[smtpd] client_connection_count_limit`,
+//! `mortal-anvil` service over `<run_dir>/private/anvil`
+//! ([`anvil_client`]): `[smtpd] client_connection_count_limit`,
 //! `client_connection_rate_limit`, `client_message_rate_limit`,
 //! `client_limit_exceptions`; `[anvil] rate_time_unit`. Client names
 //! ([`dns`]): `[smtpd] reverse_lookup` (default off), `reverse_lookup_timeout`
@@ -108,7 +108,6 @@
 //! `fatal: reverse_lookup: <reason>`.
 #![forbid(unsafe_code)]
 
-pub mod anvil;
 pub mod anvil_client;
 pub mod dns;
 pub mod driver;

@@ -4,8 +4,8 @@
 //! documentation (`mortal_smtpd`).
 #![forbid(unsafe_code)]
 
-use mortal_master::child;
-use mortal_master::sandbox::{self, Service};
+use mortal_libmaster::child;
+use mortal_libmaster::sandbox::{self, Service};
 use std::net::TcpListener;
 use std::sync::Arc;
 

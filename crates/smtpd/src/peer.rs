@@ -193,7 +193,7 @@ impl ClientLimits {
         if !limited || exempt {
             return Self::none(addr);
         }
-        let socket = mortal_master::sandbox::visible_path(&config.anvil_socket());
+        let socket = mortal_libmaster::sandbox::visible_path(&config.anvil_socket());
         match AnvilLease::connect(&socket, anvil_key(config, addr)).await {
             Ok((lease, reply)) => Self {
                 lease: Some(lease),

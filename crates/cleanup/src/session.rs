@@ -1,0 +1,403 @@
+//! One message transaction from smtpd, checked record by record.
+//!
+//! The conversation order is `mortal_proto::ipc::RequestSequence`; this
+//! module adds the content rules: address syntax, accepted domains,
+//! duplicate recipients, the size limits, and the header fix-ups. A refusal
+//! that smtpd could not have known about (size, hops) is remembered and
+//! answered at `End`, so smtpd, which streams the data, is never cut off
+//! mid-write; a protocol violation is answered at once and ends the
+//! conversation.
+
+use crate::header::{self, Envelope, HeaderEnd, HeaderReject};
+use crate::spool::{Spool, SpoolFile};
+use mortal_proto::address;
+use mortal_proto::config::Config;
+use mortal_proto::ipc::{
+    ClientInfo, Decoder, IpcError, RecipientInfo, Reply, Request, RequestInPlace, RequestSequence, SenderInfo,
+};
+use mortal_proto::queue_file::{Encoder, QueuedRecipient};
+use mortal_proto::queue_id;
+use std::collections::HashSet;
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::os::unix::net::UnixStream;
+use std::time::SystemTime;
+
+/// RFC 3848 `with` values (and their RFC 6531 UTF8 forms) smtpd may claim.
+const KNOWN_PROTOCOLS: &[&str] =
+    &["SMTP", "ESMTP", "ESMTPA", "ESMTPS", "ESMTPSA", "UTF8SMTP", "UTF8SMTPA", "UTF8SMTPS", "UTF8SMTPSA"];
+/// Bytes read from smtpd per call.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What every transaction in this process shares.
+#[derive(Debug)]
+pub struct Context<'a> {
+    config: &'a Config,
+    spool: &'a Spool,
+    pid: u32,
+}
+
+impl<'a> Context<'a> {
+    pub fn new(config: &'a Config, spool: &'a Spool) -> Self {
+        Self { config, spool, pid: std::process::id() }
+    }
+}
+
+/// The answer to smtpd, plus the reason to log when it is a refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Answer {
+    code: u16,
+    enhanced: &'static str,
+    text: String,
+}
+
+impl Answer {
+    fn new(code: u16, enhanced: &'static str, text: impl Into<String>) -> Self {
+        Self { code, enhanced, text: text.into() }
+    }
+    fn write_error() -> Self {
+        Answer::new(451, "4.3.0", "Error: queue file write error")
+    }
+    fn protocol_error() -> Self {
+        Answer::new(451, "4.3.0", "Error: internal protocol error")
+    }
+}
+
+/// Runs one conversation on `stream` and answers it.
+pub fn serve(mut stream: UnixStream, ctx: &Context<'_>) {
+    if let Err(e) = stream.set_read_timeout(Some(ctx.config.cleanup.ipc_timeout)) {
+        tracing::warn!("warning: set ipc timeout: {e}");
+        return;
+    }
+    let mut tx = Transaction::new(ctx);
+    let answer = match tx.run(&mut stream) {
+        Some(answer) => answer,
+        None => return,
+    };
+    let mut out = Vec::new();
+    Reply::Answer { code: answer.code, enhanced: answer.enhanced.to_owned(), text: answer.text }.encode(&mut out);
+    if let Err(e) = stream.write_all(&out) {
+        // smtpd went away after the file was committed: the message is
+        // queued and will be delivered; the client will retry and may
+        // cause a duplicate, which at-least-once delivery allows.
+        tracing::warn!("warning: {}: lost connection to smtpd before answering: {e}", tx.log_id());
+    }
+}
+
+struct Transaction<'a> {
+    ctx: &'a Context<'a>,
+    seq: RequestSequence,
+    client: Option<ClientInfo>,
+    sender: Option<SenderInfo>,
+    id: Option<String>,
+    arrival: SystemTime,
+    file: Option<SpoolFile<'a>>,
+    recipients: Vec<RecipientInfo>,
+    seen: HashSet<String>,
+    /// Content held until the end of the header section is known.
+    header_buf: Vec<u8>,
+    /// Present once the header is fixed up and content streams to disk.
+    encoder: Option<Encoder>,
+    message_id: String,
+    size: u64,
+    /// A refusal decided mid-data, answered at `End`.
+    refusal: Option<Answer>,
+}
+
+impl<'a> Transaction<'a> {
+    fn new(ctx: &'a Context<'a>) -> Self {
+        Self {
+            ctx,
+            seq: RequestSequence::default(),
+            client: None,
+            sender: None,
+            id: None,
+            arrival: SystemTime::now(),
+            file: None,
+            recipients: Vec::new(),
+            seen: HashSet::new(),
+            header_buf: Vec::new(),
+            encoder: None,
+            message_id: String::new(),
+            size: 0,
+            refusal: None,
+        }
+    }
+
+    fn log_id(&self) -> &str {
+        self.id.as_deref().unwrap_or("NOQUEUE")
+    }
+
+    /// Reads records until `End` or a violation. `None`: smtpd closed the
+    /// connection (RSET, QUIT or a lost client): nothing to answer.
+    fn run(&mut self, stream: &mut UnixStream) -> Option<Answer> {
+        let mut decoder = Decoder::new();
+        loop {
+            loop {
+                // Content is copied once, from the decoder's buffer to the
+                // queue file's.
+                let req = match decoder.next_request_in_place() {
+                    Ok(Some(RequestInPlace::Data(chunk))) => {
+                        if let Err(e) = self.seq.advance_in_place(&RequestInPlace::Data(chunk)) {
+                            return Some(self.violation(&e));
+                        }
+                        self.data(chunk);
+                        continue;
+                    }
+                    Ok(Some(RequestInPlace::Other(req))) => req,
+                    Ok(None) => break,
+                    Err(e) => return Some(self.violation(&e)),
+                };
+                if let Err(e) = self.seq.advance(&req) {
+                    return Some(self.violation(&e));
+                }
+                match self.handle(req, stream) {
+                    Ok(Step::Continue) => {}
+                    Ok(Step::Finished(answer)) => return Some(answer),
+                    Err(answer) => return Some(answer),
+                }
+            }
+            match decoder.read_from(stream, READ_CHUNK) {
+                Ok(0) => {
+                    if self.id.is_some() {
+                        tracing::debug!("{}: smtpd ended the transaction", self.log_id());
+                    }
+                    return None;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!("warning: {}: read from smtpd: {e}", self.log_id());
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn violation(&self, e: &IpcError) -> Answer {
+        tracing::warn!("warning: {}: protocol violation from smtpd: {e}", self.log_id());
+        Answer::protocol_error()
+    }
+
+    fn handle(&mut self, req: Request, stream: &mut UnixStream) -> Result<Step, Answer> {
+        match req {
+            Request::Hello { .. } => {}
+            Request::Client(c) => self.client = Some(check_client(c)?),
+            Request::Sender(s) => {
+                self.sender = Some(self.check_sender(s)?);
+                self.open_file(stream)?;
+            }
+            Request::Recipient(rcpt) => self.add_recipient(rcpt)?,
+            Request::Data(chunk) => self.data(&chunk),
+            Request::End => return Ok(Step::Finished(self.finish())),
+        }
+        Ok(Step::Continue)
+    }
+
+    fn check_sender(&self, s: SenderInfo) -> Result<SenderInfo, Answer> {
+        if !s.address.is_empty()
+            && let Err(e) = address::parse_mailbox(&s.address, s.smtputf8)
+        {
+            tracing::warn!("warning: NOQUEUE: smtpd sent invalid sender <{}>: {e}", s.address);
+            return Err(Answer::protocol_error());
+        }
+        Ok(s)
+    }
+
+    /// Chooses the queue id and creates its file, then tells smtpd the id.
+    fn open_file(&mut self, stream: &mut UnixStream) -> Result<(), Answer> {
+        let (id, file) = loop {
+            let now = SystemTime::now();
+            let id = queue_id::make(now, self.ctx.pid);
+            match self.ctx.spool.create(&id) {
+                Ok(file) => {
+                    self.arrival = now;
+                    break (id, file);
+                }
+                // Two ids from one process within a microsecond: take the next.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    tracing::warn!("warning: NOQUEUE: create queue file in incoming/: {e}");
+                    return Err(Answer::write_error());
+                }
+            }
+        };
+        let mut out = Vec::new();
+        Reply::QueueId(id.clone()).encode(&mut out);
+        self.id = Some(id);
+        self.file = Some(file);
+        stream.write_all(&out).map_err(|e| {
+            tracing::warn!("warning: {}: write to smtpd: {e}", self.log_id());
+            Answer::protocol_error()
+        })
+    }
+
+    fn add_recipient(&mut self, rcpt: RecipientInfo) -> Result<(), Answer> {
+        let addr = &rcpt.address;
+        let utf8 = self.sender.as_ref().is_some_and(|s| s.smtputf8);
+        let mailbox = address::parse_mailbox(addr, utf8).map_err(|e| {
+            tracing::warn!("warning: {}: smtpd sent invalid recipient <{addr}>: {e}", self.log_id());
+            Answer::protocol_error()
+        })?;
+        // Relaying is for trusted_networks only; the client address is the
+        // one checked by check_client (the real one behind a PROXY header).
+        let trusted = self
+            .client
+            .as_ref()
+            .and_then(|c| c.addr.parse::<IpAddr>().ok())
+            .is_some_and(|ip| mortal_proto::cidr::contains_any(&self.ctx.config.server.trusted_networks, ip));
+        if !trusted && !self.ctx.config.accepts_domain(&mailbox.domain) {
+            tracing::warn!("warning: {}: smtpd sent recipient <{addr}> outside accepted_domains", self.log_id());
+            return Err(Answer::protocol_error());
+        }
+        // Duplicates differ at most in the case of the domain.
+        if self.seen.insert(format!("{}@{}", mailbox.local, mailbox.domain_lowercase())) {
+            self.recipients.push(rcpt);
+        }
+        if self.recipients.len() > self.ctx.config.smtpd.recipient_limit as usize {
+            tracing::warn!("warning: {}: smtpd sent more than recipient_limit recipients", self.log_id());
+            return Err(Answer::protocol_error());
+        }
+        Ok(())
+    }
+
+    fn data(&mut self, chunk: &[u8]) {
+        if self.refusal.is_some() {
+            return;
+        }
+        self.size += chunk.len() as u64;
+        if self.size > self.ctx.config.smtpd.message_size_limit {
+            self.refuse(Answer::new(552, "5.3.4", "Error: message file too big"), "message_size_limit exceeded");
+            return;
+        }
+        if self.encoder.is_some() {
+            self.write_content(chunk);
+            return;
+        }
+        self.header_buf.extend_from_slice(chunk);
+        self.try_header(false);
+    }
+
+    fn refuse(&mut self, answer: Answer, why: &str) {
+        tracing::info!("{}: reject: {why}: {} {} {}", self.log_id(), answer.code, answer.enhanced, answer.text);
+        self.refusal = Some(answer);
+        self.file = None;
+    }
+
+    /// Once the header section is complete: fix it up, write the envelope
+    /// and everything buffered, and stream the rest.
+    fn try_header(&mut self, at_end: bool) {
+        let (len, separator) = match header::find_header_end(&self.header_buf, at_end) {
+            HeaderEnd::Undecided => {
+                if self.header_buf.len() > self.ctx.config.cleanup.header_size_limit {
+                    self.refuse(
+                        Answer::new(552, "5.3.4", "Error: message header size exceeds limit"),
+                        "header_size_limit exceeded",
+                    );
+                }
+                return;
+            }
+            HeaderEnd::Separator { len } => (len, true),
+            HeaderEnd::NoSeparator { len } => (len, false),
+        };
+        if len > self.ctx.config.cleanup.header_size_limit {
+            self.refuse(
+                Answer::new(552, "5.3.4", "Error: message header size exceeds limit"),
+                "header_size_limit exceeded",
+            );
+            return;
+        }
+        let (Some(id), Some(client), Some(sender)) = (self.id.clone(), self.client.as_ref(), self.sender.as_ref())
+        else {
+            unreachable!("RequestSequence puts Client and Sender before Data");
+        };
+        let env = Envelope {
+            queue_id: &id,
+            hostname: &self.ctx.config.server.hostname,
+            client,
+            recipients: &self.recipients,
+            arrival: self.arrival,
+        };
+        let fixed = match header::fix_up(&self.header_buf[..len], &env, self.ctx.config.cleanup.hopcount_limit) {
+            Ok(f) => f,
+            Err(HeaderReject::TooManyHops(n)) => {
+                self.refuse(Answer::new(554, "5.4.6", "Error: too many hops"), &format!("{n} Received: headers"));
+                return;
+            }
+        };
+        let queued: Vec<QueuedRecipient> = self.recipients.iter().map(QueuedRecipient::pending).collect();
+        let (encoder, start) = Encoder::start(&id, self.arrival, client, sender, &queued);
+        self.encoder = Some(encoder);
+        self.message_id = fixed.message_id;
+        let rest = std::mem::take(&mut self.header_buf).split_off(len);
+        self.write_raw(&start);
+        self.write_content(&fixed.bytes);
+        if !separator && !rest.is_empty() {
+            // A body line right after the header: keep the structure valid.
+            self.write_content(b"\r\n");
+        }
+        self.write_content(&rest);
+    }
+
+    fn write_content(&mut self, bytes: &[u8]) {
+        let (Some(enc), Some(file)) = (self.encoder.as_mut(), self.file.as_mut()) else { return };
+        let written = enc.content_to(bytes, file);
+        self.check_write(written);
+    }
+
+    fn write_raw(&mut self, bytes: &[u8]) {
+        let Some(file) = self.file.as_mut() else { return };
+        let written = file.write_all(bytes);
+        self.check_write(written);
+    }
+
+    fn check_write(&mut self, written: io::Result<()>) {
+        if let Err(e) = written {
+            tracing::warn!("warning: {}: write queue file: {e}", self.log_id());
+            self.refusal = Some(Answer::write_error());
+            self.file = None;
+        }
+    }
+
+    fn finish(&mut self) -> Answer {
+        if self.refusal.is_none() && self.encoder.is_none() {
+            self.try_header(true);
+        }
+        if let Some(answer) = self.refusal.take() {
+            return answer;
+        }
+        let (Some(encoder), Some(mut file), Some(id)) = (self.encoder.take(), self.file.take(), self.id.clone()) else {
+            unreachable!("a transaction without refusal has written its header");
+        };
+        let commit = file.write_all(&encoder.finish()).and_then(|()| file.commit());
+        if let Err(e) = commit {
+            tracing::warn!("warning: {id}: commit queue file: {e}");
+            return Answer::write_error();
+        }
+        tracing::info!("{id}: message-id=<{}>", self.message_id);
+        self.ctx.spool.wake_queue();
+        Answer::new(250, "2.0.0", format!("Ok: queued as {id}"))
+    }
+}
+
+enum Step {
+    Continue,
+    Finished(Answer),
+}
+
+/// The client record ends up in `Received:`; smtpd is not believed about it.
+fn check_client(c: ClientInfo) -> Result<ClientInfo, Answer> {
+    let name_ok = c.name == "unknown" || address::parse_mailbox(&format!("x@{}", c.name), false).is_ok();
+    let helo_ok = c.helo.len() <= 255;
+    if c.addr.parse::<IpAddr>().is_err() || !name_ok || !helo_ok || !KNOWN_PROTOCOLS.contains(&c.protocol.as_str()) {
+        tracing::warn!(
+            "warning: NOQUEUE: smtpd sent an invalid client record: addr={:?} name={:?} helo={:?} proto={:?}",
+            c.addr,
+            c.name,
+            c.helo,
+            c.protocol
+        );
+        return Err(Answer::protocol_error());
+    }
+    Ok(c)
+}

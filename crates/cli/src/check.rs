@@ -1,0 +1,245 @@
+//! check: the risky-but-valid settings `mortal check` warns about.
+//!
+//! Errors (what `Config::parse` refuses) stop the mail system from
+//! starting; these do not, but each one gives away part of what mortal is
+//! for: an open relay, children that never die, a private key others can
+//! read. Each warning names the file, the line and the key, like an error.
+
+use mortal_proto::cidr::Cidr;
+use mortal_proto::config::{Config, ProcessPolicy};
+use std::fmt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// A relay network wider than this (IPv4 prefix) is mostly other people.
+const WIDE_V4_PREFIX: u8 = 8;
+/// The same for IPv6 (a /32 is a whole provider's allocation).
+const WIDE_V6_PREFIX: u8 = 32;
+/// Permission bit: readable by every user.
+const WORLD_READABLE: u32 = 0o004;
+
+/// One risky setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warning {
+    /// `table.key`.
+    pub key: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+/// Formats as `file:line: key: warning: message`, given the file.
+#[derive(Debug)]
+pub struct Located<'a>(pub &'a Path, pub &'a Warning);
+
+impl fmt::Display for Located<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Located(file, w) = self;
+        write!(f, "{}", file.display())?;
+        if let Some(line) = w.line {
+            write!(f, ":{line}")?;
+        }
+        write!(f, ": {}: warning: {}", w.key, w.message)
+    }
+}
+
+/// Every warning for `config`, whose text is `text` (for line numbers).
+pub fn warnings(config: &Config, text: &str) -> Vec<Warning> {
+    let mut out = Vec::new();
+    let mut warn = |table: &str, key: &str, message: String| {
+        out.push(Warning { key: format!("{table}.{key}"), line: line_of_key(text, table, key), message });
+    };
+    relay_warnings(config, &mut warn);
+    for (name, policy) in [("smtpd", &config.process.smtpd), ("cleanup", &config.process.cleanup)] {
+        lifetime_warnings(&format!("process.{name}"), policy, &mut warn);
+    }
+    // The pipe pool matters only where it exists.
+    if config.pipe_routed() {
+        lifetime_warnings("process.pipe", &config.process.pipe, &mut warn);
+    }
+    if let Some(key) = &config.smtpd.tls_key_file {
+        match std::fs::metadata(key) {
+            Ok(meta) if meta.mode() & WORLD_READABLE != 0 => warn(
+                "smtpd",
+                "tls_key_file",
+                format!(
+                    "{} is readable by every user (mode {:04o}): chmod 600 it (smtpd reads it before it drops root)",
+                    key.display(),
+                    meta.mode() & 0o7777
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) => warn("smtpd", "tls_key_file", format!("cannot read {}: {e} (STARTTLS will fail)", key.display())),
+        }
+    }
+    out
+}
+
+fn relay_warnings(config: &Config, warn: &mut impl FnMut(&str, &str, String)) {
+    if config.server.accepted_domains.is_empty() && config.server.trusted_networks.is_empty() {
+        warn(
+            "server",
+            "accepted_domains",
+            "is empty: every recipient is refused with 554 5.7.1, so this host accepts no mail".into(),
+        );
+    }
+    for net in config.server.trusted_networks.iter().filter(|n| is_wide(n)) {
+        warn(
+            "server",
+            "trusted_networks",
+            format!("{net} lets a large part of the Internet relay through this host to any domain: an open relay"),
+        );
+    }
+    for net in config.smtpd.proxy_trusted.iter().filter(|n| is_wide(n)) {
+        warn(
+            "smtpd",
+            "proxy_trusted",
+            format!("{net} lets nearly anyone claim any client address with a PROXY header"),
+        );
+    }
+}
+
+fn lifetime_warnings(table: &str, p: &ProcessPolicy, warn: &mut impl FnMut(&str, &str, String)) {
+    if p.max_use == 0 && p.max_lifetime.is_zero() {
+        warn(
+            table,
+            "max_use",
+            "is 0 and max_lifetime is 0s: children never die, so a compromised one stays compromised \
+             (the Secure Pre-forking pattern is off)"
+                .into(),
+        );
+        return;
+    }
+    if p.max_use == 0 {
+        warn(
+            table,
+            "max_use",
+            "is 0 (unlimited): a child serves every session until max_lifetime, so one compromise reaches all of them"
+                .into(),
+        );
+    }
+    if p.max_lifetime.is_zero() {
+        warn(table, "max_lifetime", "is 0s (unlimited): a quiet child may live for ever".into());
+    }
+    if p.session_deadline.is_zero() {
+        warn(table, "session_deadline", "is 0s: a stuck or hijacked session holds its child for ever".into());
+    }
+}
+
+fn is_wide(net: &Cidr) -> bool {
+    match net.network() {
+        std::net::IpAddr::V4(_) => net.prefix() < WIDE_V4_PREFIX,
+        std::net::IpAddr::V6(_) => net.prefix() < WIDE_V6_PREFIX,
+    }
+}
+
+/// The line setting `key` in `[table]` (dotted tables as written in the
+/// file), else the table's header line, else nothing.
+fn line_of_key(text: &str, table: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    let mut header = None;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            current = name.trim().to_owned();
+            header = header.or((current == table).then_some(i + 1));
+            continue;
+        }
+        if current == table && line.split_once('=').is_some_and(|(k, _)| k.trim() == key) {
+            return Some(i + 1);
+        }
+    }
+    header
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Vec<String> {
+        let file = Path::new("/etc/mortal/mortal.toml");
+        let config = Config::parse(text, file).expect("valid config");
+        warnings(&config, text).iter().map(|w| Located(file, w).to_string()).collect()
+    }
+
+    const SAFE: &str = "[server]\naccepted_domains = [\"example.test\"]\n[smtpd]\nlisten = [\"127.0.0.1:2525\"]\n";
+
+    #[test]
+    fn safe_config_has_no_warnings() {
+        assert_eq!(check(SAFE), Vec::<String>::new());
+    }
+
+    #[test]
+    fn risky_settings_are_named_with_their_line() {
+        let text = "[server]\ntrusted_networks = [\"0.0.0.0/0\", \"10.0.0.0/8\"]\n\
+                    [smtpd]\nlisten = [\"0.0.0.0:25\"]\n\
+                    [process.smtpd]\nmax_use = 0\n\
+                    [process.cleanup]\nmax_use = 0\nmax_lifetime = \"0s\"\n";
+        let got = check(text);
+        let want = [
+            "/etc/mortal/mortal.toml:2: server.trusted_networks: warning: 0.0.0.0/0 lets a large part of the Internet relay",
+            "/etc/mortal/mortal.toml:6: process.smtpd.max_use: warning: is 0 (unlimited)",
+            "/etc/mortal/mortal.toml:8: process.cleanup.max_use: warning: is 0 and max_lifetime is 0s: children never die",
+        ];
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+        for (got, want) in got.iter().zip(want) {
+            assert!(got.starts_with(want), "{got}\n  does not start with\n{want}");
+        }
+    }
+
+    /// The pipe pool is checked like the others, but only with a pipe route.
+    #[test]
+    fn pipe_pool_lifetime_is_checked_when_routed() {
+        let unlimited = "[process.pipe]\nmax_use = 0\nmax_lifetime = \"0s\"\n";
+        assert_eq!(check(&format!("{SAFE}{unlimited}")), Vec::<String>::new());
+        let routed = format!(
+            "{SAFE}[delivery]\ntransport = \"pipe\"\n[delivery.pipe]\ncommand = [\"/bin/true\"]\nuser = \"pipeuser\"\n{unlimited}"
+        );
+        let got = check(&routed);
+        assert_eq!(got.len(), 1, "{got:#?}");
+        assert!(
+            got[0]
+                .starts_with("/etc/mortal/mortal.toml:11: process.pipe.max_use: warning: is 0 and max_lifetime is 0s"),
+            "{got:#?}"
+        );
+    }
+
+    /// The deployment sample must stay valid as the configuration grows,
+    /// and must not trip any warning but the one about its TLS key, which
+    /// exists only on the mail host.
+    #[test]
+    fn production_sample_is_valid_and_safe() {
+        let text = include_str!("../../../etc/mortal.production.toml");
+        let got = check(text);
+        let key_absent =
+            |w: &String| w.contains("smtpd.tls_key_file: warning: cannot read /etc/mortal/tls/privkey.pem");
+        assert!(got.iter().all(key_absent), "{got:#?}");
+        let config = Config::parse(text, Path::new("/etc/mortal/mortal.toml")).unwrap();
+        assert_eq!(config.server.spool_dir, Path::new("/var/spool/mortal"));
+        assert_eq!(config.delivery.transport.to_string(), "lmtp:unix:/run/dovecot/lmtp");
+        assert_eq!(config.server.user.as_deref(), Some("mortal"));
+    }
+
+    #[test]
+    fn no_domains_and_no_networks_accepts_nothing() {
+        let got = check("[smtpd]\nlisten = [\"127.0.0.1:2525\"]\n");
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].contains("server.accepted_domains: warning: is empty"), "{got:?}");
+    }
+
+    #[test]
+    fn world_readable_tls_key() {
+        let dir = std::env::temp_dir().join(format!("mortal-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key.pem");
+        std::fs::write(&key, "not really a key").unwrap();
+        let text = format!("{SAFE}tls_key_file = \"{}\"\ntls_cert_file = \"{}\"\n", key.display(), key.display());
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        let got = check(&text);
+        assert!(
+            got.len() == 1 && got[0].contains(":5: smtpd.tls_key_file: warning: ") && got[0].contains("(mode 0644)")
+        );
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        assert_eq!(check(&text), Vec::<String>::new());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

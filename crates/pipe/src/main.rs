@@ -1,0 +1,193 @@
+//! mortal-pipe: the `pipe` delivery service, Postfix's pipe(8) in shape.
+//!
+//! # Summary
+//! A pool of processes, started, replaced and retired by `mortal-master`
+//! under `[process.pipe]` like smtpd and cleanup, and present only when a
+//! route (`[delivery] transport` or a `[delivery.routes]` entry) uses
+//! `pipe`. Each child waits on `<run_dir>/private/pipe` (inherited as
+//! stdin) and serves one delivery request per connection from the queue
+//! manager (`mortal_proto::pipe`): it reads the whole request, runs the
+//! `[delivery.pipe] command` once per recipient, and answers one result
+//! per recipient as each command ends. The queue logs the delivery lines
+//! (`relay=pipe`) and writes the DSNs; this service only runs commands.
+//!
+//! # Security
+//! This is the one mortal process that runs a program, and it is the
+//! operator's: so it runs as neither root nor the mail user. Started by a
+//! root master, each child drops to `[delivery.pipe] user` before its
+//! first request (`mortal_libmaster::sandbox`), which the configuration check
+//! requires then and which must differ from `[server] user`: the command
+//! never runs as root, and never with the mail user's rights over the
+//! spool. Unprivileged, every process runs as the invoking user and the
+//! master says at start that the key has no effect. The sandbox also sets
+//! no_new_privs (a set-user-id program gains nothing), turns core dumps
+//! off, bounds descriptors, keeps Landlock's signal and abstract-socket
+//! scopes, and installs the seccomp deny-list the other daemons have
+//! (ptrace, mount, namespaces, modules, keys...); all of it is inherited by
+//! the command. There are no Landlock file or network rules: which files
+//! and ports a command needs is the operator's business, which mortal
+//! cannot know; the master says so in a warning at start.
+//!
+//! The request chooses nothing but values: the argv template is this
+//! service's own configuration, never given to a shell, and the expanded
+//! addresses stay inside single arguments. The peer is not trusted: the
+//! decoder insists on the record order, a protocol version, a queue id of
+//! the right shape, RFC 5321 mailboxes, at most
+//! `mortal_proto::pipe::MAX_RECIPIENTS` recipients and content no larger
+//! than `message_size_limit` plus headers and margin; a request that
+//! breaks a rule, or does not arrive whole within [`REQUEST_TIMEOUT`],
+//! runs nothing. A recipient whose domain does not route to pipe under
+//! this service's configuration is deferred, not run.
+//!
+//! # Standards
+//! sysexits(3) exit statuses; RFC 3463 enhanced status codes; RFC 3464
+//! `x-unix` diagnostics.
+//!
+//! # Configuration
+//! `[delivery.pipe]` `command`, `user`, `timeout`; `[delivery]`
+//! `transport` and `routes`; `[process.pipe]` (the lifetime policy:
+//! process_limit, prefork, min/max_spare, max_use, max_idle,
+//! max_lifetime, session_deadline, overdue_grace); `[smtpd]
+//! message_size_limit` and `[cleanup] header_size_limit` bound a request.
+//! See `docs/delivery.md`.
+//!
+//! # Diagnostics
+//! `warning:` lines (tag `postfix/mortal/pipe`) for a request that breaks
+//! the protocol, a recipient not routed to pipe, a queue that went away
+//! before its results, and a SIGTERM that killed a running command; `fatal:` for a failed start (sandbox, master
+//! link), after which the master throttles the service.
+#![forbid(unsafe_code)]
+
+mod command;
+
+use mortal_libmaster::child;
+use mortal_libmaster::sandbox::{self, Service};
+use mortal_proto::config::{Config, Route};
+use mortal_proto::pipe::{PipeRequest, PipeResult, PipeStatus, RequestDecoder, max_content};
+use nix::sys::signal::{self, SigSet, Signal};
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+/// Longest wait for a whole request once the connection is accepted. The
+/// queue writes it at once; only a stuck or hostile peer takes longer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Octets read from the queue at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+fn main() {
+    sandbox::selftest::run_if_asked(Service::Pipe);
+    let config = child::startup("pipe");
+    let (listener, mut link) = child::adopt::<UnixListener>("pipe");
+    // From here on: the pipe user, no_new_privs, seccomp.
+    sandbox::enter_or_exit(Service::Pipe, &config);
+    take_sigterm();
+    match child::serve(&listener, &mut link, config.process.pipe.max_use, |stream, _| serve(&config, stream)) {
+        Ok(reason) => tracing::debug!("exit: {}", reason.as_str()),
+        Err(e) => {
+            tracing::error!("fatal: master link: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// SIGTERM (the master's session deadline or overdue grace) ends this
+/// process as before, but first kills the running command's process
+/// group, so no command outlives the pipe process that ran it. SIGTERM is
+/// blocked in every thread (threads and the commands' fork inherit the
+/// mask; std's `Command` clears it in the command) and taken by one thread.
+fn take_sigterm() {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    if let Err(e) = set.thread_block() {
+        tracing::warn!("warning: block SIGTERM: {e}: a command may outlive this process");
+        return;
+    }
+    std::thread::spawn(move || {
+        if set.wait().is_err() {
+            return;
+        }
+        if let Some(group) = command::kill_running() {
+            tracing::warn!("warning: terminated while a command ran: killed its process group {group}");
+        }
+        // Die of the signal, as a process without this thread would.
+        let _ = set.thread_unblock();
+        let _ = signal::raise(Signal::SIGTERM);
+        std::process::exit(1);
+    });
+}
+
+/// One connection: one request, one result per recipient.
+fn serve(config: &Config, mut stream: UnixStream) {
+    let request = match read_request(config, &mut stream) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("warning: pipe request from the queue refused: {e}");
+            return;
+        }
+    };
+    let input = command::stdin_of(&request);
+    for rcpt in &request.recipients {
+        let result = if routed_to_pipe(config, &rcpt.address) {
+            command::run(config, &request, rcpt, &input)
+        } else {
+            tracing::warn!(
+                "warning: {}: to=<{}>: not routed to pipe in this configuration: not run",
+                request.queue_id,
+                rcpt.address
+            );
+            PipeResult::new(PipeStatus::Deferred, "4.3.5", "pipe: recipient domain is not routed to the pipe service")
+        };
+        tracing::debug!(
+            "{}: to=<{}>: {:?} {} {}",
+            request.queue_id,
+            rcpt.address,
+            result.status,
+            result.dsn,
+            result.text
+        );
+        let mut out = Vec::new();
+        result.encode(&mut out);
+        // The queue gave up waiting (or died): it defers what it has no
+        // result for, so running the next command would only duplicate.
+        if let Err(e) = stream.write_all(&out) {
+            tracing::warn!(
+                "warning: {}: send result to the queue: {e}: remaining recipients not run",
+                request.queue_id
+            );
+            return;
+        }
+    }
+}
+
+/// Reads one complete request, strictly and within [`REQUEST_TIMEOUT`].
+fn read_request(config: &Config, stream: &mut UnixStream) -> io::Result<PipeRequest> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut decoder = RequestDecoder::new(max_content(config));
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "request incomplete after the time limit"));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = match stream.read(&mut buf) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside the request")),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        match decoder.feed(&buf[..n]) {
+            Ok(Some(request)) => return Ok(request),
+            Ok(None) => {}
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+}
+
+/// Whether mail to `address` goes to pipe under this configuration: a
+/// peer cannot make the command run for mail routed elsewhere.
+fn routed_to_pipe(config: &Config, address: &str) -> bool {
+    let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
+    *config.route_for(domain) == Route::Pipe
+}

@@ -1,0 +1,20 @@
+//! The `lmtp` agent (RFC 2033): hand-off to a mailbox server such as
+//! Dovecot over a Unix socket or TCP.
+//!
+//! LHLO, pipelined MAIL/RCPT/DATA, and one reply per accepted recipient
+//! after the content, so each recipient is delivered, deferred or bounced
+//! on its own. Sessions are reused across messages for
+//! `[delivery] connection_reuse_time`. LMTP is final delivery: DSN
+//! parameters are not passed on, and a NOTIFY=SUCCESS recipient gets a
+//! `delivered` DSN from us.
+
+use crate::agent::client::{self, Dialect, Hop, Session};
+use crate::route::{Agents, Report};
+use mortal_proto::config::NextHop;
+use mortal_proto::queue_file::QueueFile;
+
+pub fn deliver(agents: &Agents, hop: &NextHop, key: &str, qf: &QueueFile, rcpts: &[usize]) -> Report {
+    client::deliver(&agents.cache, key, qf, rcpts, Hop::Final, || {
+        Session::connect(hop, Dialect::Lmtp, &agents.config.server.hostname, agents.timeouts())
+    })
+}

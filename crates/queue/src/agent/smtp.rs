@@ -1,0 +1,141 @@
+//! The `smtp` agent: relay to a literal next hop (no MX lookups).
+//!
+//! EHLO (HELO for an old server), PIPELINING when offered, and STARTTLS by
+//! `[delivery] smtp_tls_security`, as Postfix's smtp_tls_security_level:
+//!
+//! - `none`: plaintext always.
+//! - `may`: STARTTLS when offered, any certificate accepted (opportunistic
+//!   encryption defeats passive listeners; verifying would only push
+//!   senders back to plaintext). A failed handshake defers the mail.
+//! - `encrypt`: STARTTLS required and the certificate verified against
+//!   `smtp_tls_ca_file` or the built-in Mozilla roots, for the next hop's
+//!   IP address; otherwise the mail is deferred, never sent in clear.
+//!
+//! TLS is rustls with the ring provider. DSN parameters travel on when the
+//! next hop offers DSN; otherwise NOTIFY=SUCCESS recipients get a
+//! `relayed` DSN from us (RFC 3461 5.2.2).
+
+use crate::agent::client::{self, Dialect, Failure, Hop, Session};
+use crate::route::{Agents, Report};
+use mortal_proto::config::{NextHop, SmtpTlsSecurity};
+use mortal_proto::queue_file::QueueFile;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+pub fn deliver(agents: &Agents, addr: SocketAddr, key: &str, qf: &QueueFile, rcpts: &[usize]) -> Report {
+    client::deliver(&agents.cache, key, qf, rcpts, Hop::Relay, || connect(agents, addr))
+}
+
+fn connect(agents: &Agents, addr: SocketAddr) -> Result<Session, Failure> {
+    let d = &agents.config.delivery;
+    let mut session =
+        Session::connect(&NextHop::Inet(addr), Dialect::Smtp, &agents.config.server.hostname, agents.timeouts())?;
+    let policy = d.smtp_tls_security;
+    if policy == SmtpTlsSecurity::None {
+        return Ok(session);
+    }
+    if !session.ext.starttls {
+        if policy == SmtpTlsSecurity::Encrypt {
+            let text = format!("TLS is required, but was not offered by host {}", session.peer);
+            session.quit();
+            return Err(Failure { dsn: "4.7.4".into(), text, reply: None });
+        }
+        return Ok(session);
+    }
+    let config = agents.tls.get(policy, d.smtp_tls_ca_file.as_deref()).map_err(|e| Failure {
+        dsn: "4.7.5".into(),
+        text: format!("TLS client set-up: {e}"),
+        reply: None,
+    })?;
+    session.starttls(config, ServerName::from(addr.ip()))?;
+    let trust = if policy == SmtpTlsSecurity::Encrypt { "Verified" } else { "Untrusted" };
+    tracing::info!(
+        "{trust} TLS connection established to {}: {}",
+        session.peer,
+        session.tls.as_deref().unwrap_or_default()
+    );
+    Ok(session)
+}
+
+/// TLS client settings, built once per process on first use.
+#[derive(Debug, Default)]
+pub struct TlsClients {
+    may: OnceLock<Result<Arc<ClientConfig>, String>>,
+    encrypt: OnceLock<Result<Arc<ClientConfig>, String>>,
+}
+
+impl TlsClients {
+    fn get(&self, policy: SmtpTlsSecurity, ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+        let cell = if policy == SmtpTlsSecurity::Encrypt { &self.encrypt } else { &self.may };
+        cell.get_or_init(|| build(policy, ca_file)).clone()
+    }
+}
+
+fn build(policy: SmtpTlsSecurity, ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let config = if policy == SmtpTlsSecurity::Encrypt {
+        let mut roots = RootCertStore::empty();
+        match ca_file {
+            Some(path) => {
+                for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))? {
+                    let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+                    roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyCertificate(provider))).with_no_client_auth()
+    };
+    Ok(Arc::new(config))
+}
+
+/// `may`: any certificate is accepted, but the handshake signatures are
+/// still checked, so the session key is bound to the certificate shown.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
