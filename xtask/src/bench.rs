@@ -22,7 +22,11 @@
 //! measured it (`mortal_child_ready_*` in its metrics file).
 //!
 //! Results: `target/bench/results.md` and `results.json`. `--quick` runs
-//! one round of each at a fifth of the size. Every run is bounded in
+//! one round of each at a fifth of the size. `--baseline REV` also builds
+//! git revision REV (release, in a worktree under `target/bench/`) and runs
+//! it as a third server in the same rounds (A C B A C B ...), so a change
+//! is measured against what it replaced on the same machine at the same
+//! time. Every run is bounded in
 //! messages and time; only loopback is used.
 
 use crate::chaos::{self, Mortal};
@@ -114,12 +118,19 @@ struct Sample {
 }
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
-    let quick = args.iter().any(|a| a == "--quick");
-    if let Some(other) = args.iter().find(|a| *a != "--quick") {
-        bail!("unknown bench option {other:?} (--quick)");
+    let mut quick = false;
+    let mut baseline_rev = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--baseline" => baseline_rev = Some(args.next().context("--baseline needs a git revision")?.clone()),
+            other => bail!("unknown bench option {other:?} (--quick, --baseline REV)"),
+        }
     }
     install_postfix()?;
     let bins = chaos::build_release(root)?;
+    let baseline = baseline_rev.as_deref().map(|rev| build_baseline(root, rev)).transpose()?;
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir)?;
     let scale = if quick { 5 } else { 1 };
@@ -137,9 +148,19 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         let (mortal_cfg, mortal_variant) = mortal_config(&dir.join("mortal"), target, 100, "")?;
         let mut mortal = Mortal::start(&bins, &dir.join("mortal"), &mortal_cfg, port_of(&mortal_cfg))?;
         report.notes.push(format!("{}: mortal delivers via {mortal_variant}", mode.name()));
+        // The baseline build gets the same config, on a port of its own.
+        let mut old = match &baseline {
+            Some((old_bins, rev)) => {
+                let (cfg, _) = mortal_config(&dir.join("mortal-baseline"), target, 100, "")?;
+                let old = Mortal::start(old_bins, &dir.join("mortal-baseline"), &cfg, port_of(&cfg))?;
+                report.baseline = Some(rev.clone());
+                Some(old)
+            }
+            None => None,
+        };
         for w in WORKLOADS {
             let w = Workload { messages: w.messages / scale, ..*w };
-            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
             for round in 0..rounds {
                 eprintln!("==> {} {} round {}/{rounds}", mode.name(), w.name, round + 1);
                 let busy = (mode == Mode::Queue && w.name == "burst" && round == 0)
@@ -148,14 +169,20 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
                 if let Some(s) = busy {
                     report.busy_uss_kib = s.stop();
                 }
+                if let Some(old) = &old {
+                    c.push(measure(&w, mode, Server::Mortal(old))?);
+                }
                 b.push(measure(&w, mode, Server::Postfix(&postfix))?);
             }
-            report.rows.push(Row { mode, workload: w, mortal: a, postfix: b });
+            report.rows.push(Row { mode, workload: w, mortal: a, postfix: b, baseline: c });
         }
         if mode == Mode::Queue {
             report.idle_uss_kib = idle_uss(&mortal);
         }
         mortal.stop();
+        if let Some(old) = &mut old {
+            old.stop();
+        }
         postfix.stop();
     }
 
@@ -206,6 +233,34 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     println!("{md}");
     eprintln!("==> results in {}", dir.join("results.md").display());
     Ok(())
+}
+
+/// Release binaries of `rev`, built in a worktree of their own under
+/// `target/bench/` so that the run compares before and after a change
+/// side by side (`--baseline REV`).
+fn build_baseline(root: &Path, rev: &str) -> Result<(PathBuf, String)> {
+    let out = Command::new("git").args(["rev-parse", "--verify", &format!("{rev}^{{commit}}")]).output()?;
+    if !out.status.success() {
+        bail!("--baseline {rev}: not a commit");
+    }
+    let commit = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let src = root.join("target/bench/baseline-src");
+    let _ = Command::new("git").args(["worktree", "remove", "--force"]).arg(&src).output();
+    let _ = fs::remove_dir_all(&src);
+    super::run(
+        &format!("git worktree add {} {commit}", src.display()),
+        Command::new("git").args(["worktree", "add", "--detach"]).arg(&src).arg(&commit),
+    )?;
+    let target = root.join("target/bench/baseline-target");
+    super::run(
+        &format!("cargo build --release (baseline {rev})"),
+        super::cargo()
+            .args(["build", "--release", "--workspace", "--bins"])
+            .current_dir(&src)
+            .env("CARGO_TARGET_DIR", &target),
+    )?;
+    let short = commit.get(..10).unwrap_or(&commit).to_owned();
+    Ok((target.join("release"), format!("{rev} ({short})")))
 }
 
 enum Server<'a> {
@@ -738,6 +793,8 @@ struct Row {
     workload: Workload,
     mortal: Vec<Sample>,
     postfix: Vec<Sample>,
+    /// The `--baseline` build's samples (empty without one).
+    baseline: Vec<Sample>,
 }
 
 impl Row {
@@ -762,6 +819,8 @@ struct Report {
     notes: Vec<String>,
     elapsed: Duration,
     machine: String,
+    /// The revision the `baseline` samples were built from.
+    baseline: Option<String>,
 }
 
 impl Report {
@@ -824,6 +883,26 @@ impl Report {
                 r.method
             );
         }
+        if let Some(rev) = &self.baseline {
+            let _ = writeln!(s, "\nThis build against the baseline {rev}, in the same rounds:\n");
+            let _ = writeln!(
+                s,
+                "| mode | workload | this msgs/s | baseline msgs/s | change | this CPU s/1000 | baseline CPU s/1000 |"
+            );
+            let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
+            for r in self.rows.iter().filter(|r| !r.baseline.is_empty()) {
+                let (a, c) = (r.rate(&r.mortal), r.rate(&r.baseline));
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {a:.0} | {c:.0} | {:+.1}% | {:.2} | {:.2} |",
+                    r.mode.name(),
+                    r.workload.name,
+                    (a / c - 1.0) * 100.0,
+                    r.cpu_per_1000(&r.mortal),
+                    r.cpu_per_1000(&r.baseline)
+                );
+            }
+        }
         for n in &self.notes {
             let _ = writeln!(s, "- note: {n}");
         }
@@ -845,6 +924,8 @@ impl Report {
                     "postfix_cpu_s_per_1000": r.cpu_per_1000(&r.postfix),
                     "mortal_secs": r.mortal.iter().map(|x| x.secs).collect::<Vec<_>>(),
                     "postfix_secs": r.postfix.iter().map(|x| x.secs).collect::<Vec<_>>(),
+                    "baseline_msgs_per_s": (!r.baseline.is_empty()).then(|| r.rate(&r.baseline)),
+                    "baseline_secs": r.baseline.iter().map(|x| x.secs).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -857,7 +938,7 @@ impl Report {
                 "quantiles_s": r.quantiles.iter().map(|(q, v)| (format!("p{:.0}", q * 100.0), json!(v)))
                     .collect::<serde_json::Map<_, _>>(),
             })).collect::<Vec<_>>(),
-            "notes": self.notes, "elapsed_s": self.elapsed.as_secs_f64(),
+            "notes": self.notes, "elapsed_s": self.elapsed.as_secs_f64(), "baseline": self.baseline,
         })
     }
 }
