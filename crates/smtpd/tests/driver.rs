@@ -99,10 +99,7 @@ async fn cleanup_hanging_up_mid_message_is_a_451_after_the_terminator() {
         // Hang up without an answer.
     };
     let smtp = async {
-        client.reply().await;
-        client.cmd("EHLO client.test").await;
-        client.cmd("MAIL FROM:<alice@example.test>").await;
-        client.cmd("RCPT TO:<bob@example.test>").await;
+        client.begin_transaction().await;
         client.cmd("DATA").await;
         let line = format!("{}\r\n", "x".repeat(900));
         for _ in 0..200 {
@@ -128,10 +125,7 @@ async fn cleanups_refusal_is_relayed() {
         conv.reply(answer(554, "5.4.6", "Error: too many hops")).await;
     };
     let smtp = async {
-        client.reply().await;
-        client.cmd("EHLO client.test").await;
-        client.cmd("MAIL FROM:<alice@example.test>").await;
-        client.cmd("RCPT TO:<bob@example.test>").await;
+        client.begin_transaction().await;
         client.cmd("DATA").await;
         assert_eq!(client.cmd("hi\r\n.").await, "554 5.4.6 Error: too many hops\r\n");
         assert_eq!(client.cmd("QUIT").await, "221 2.0.0 Bye\r\n");
@@ -153,10 +147,7 @@ async fn rset_drops_the_cleanup_connection() {
         assert_eq!(conv.request().await, None, "RSET must drop the connection without End");
     };
     let smtp = async {
-        client.reply().await;
-        client.cmd("EHLO client.test").await;
-        client.cmd("MAIL FROM:<alice@example.test>").await;
-        client.cmd("RCPT TO:<bob@example.test>").await;
+        client.begin_transaction().await;
         assert_eq!(client.cmd("RSET").await, "250 2.0.0 Ok\r\n");
         assert_eq!(client.cmd("QUIT").await, "221 2.0.0 Bye\r\n");
     };

@@ -230,10 +230,7 @@ async fn slowloris_data_is_cut_off() {
     let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
     let (mut client, server) = connect().await;
     let smtp = async {
-        client.reply().await;
-        client.cmd("EHLO client.test").await;
-        client.cmd("MAIL FROM:<alice@example.test>").await;
-        client.cmd("RCPT TO:<bob@example.test>").await;
+        client.begin_transaction().await;
         assert!(client.cmd("DATA").await.starts_with("354 "));
         let started = Instant::now();
         let mut reply = String::new();
@@ -263,10 +260,7 @@ async fn steady_data_passes_the_rate_check() {
     let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
     let (mut client, server) = connect().await;
     let smtp = async {
-        client.reply().await;
-        client.cmd("EHLO client.test").await;
-        client.cmd("MAIL FROM:<alice@example.test>").await;
-        client.cmd("RCPT TO:<bob@example.test>").await;
+        client.begin_transaction().await;
         assert!(client.cmd("DATA").await.starts_with("354 "));
         // 100 octets every 100 ms: 1000 octets/s, for a second.
         for _ in 0..10 {
@@ -290,10 +284,7 @@ async fn slowloris_bdat_chunks_are_cut_off() {
     let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
     let (mut client, server) = connect().await;
     let smtp = async {
-        client.reply().await;
-        client.cmd("EHLO client.test").await;
-        client.cmd("MAIL FROM:<alice@example.test>").await;
-        client.cmd("RCPT TO:<bob@example.test>").await;
+        client.begin_transaction().await;
         let started = Instant::now();
         let mut last = String::new();
         // 9 octets every 250 ms: 36 octets/s.

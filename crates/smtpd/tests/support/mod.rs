@@ -107,6 +107,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.reply().await
     }
 
+    /// The greeting, EHLO, `MAIL FROM:<alice@example.test>` and `RCPT
+    /// TO:<bob@example.test>`, each answered as the test config and a
+    /// cleanup that takes the transaction make certain.
+    pub async fn begin_transaction(&mut self) {
+        assert_eq!(self.reply().await, "220 mortal.test ESMTP mortal\r\n");
+        let ehlo = self.cmd("EHLO client.test").await;
+        assert!(ehlo.starts_with("250-mortal.test\r\n") && ehlo.ends_with("250 CHUNKING\r\n"), "{ehlo}");
+        assert_eq!(self.cmd("MAIL FROM:<alice@example.test>").await, "250 2.1.0 Ok\r\n");
+        assert_eq!(self.cmd("RCPT TO:<bob@example.test>").await, "250 2.1.5 Ok\r\n");
+    }
+
     /// Whether the server stays silent for `wait`.
     pub async fn silent_for(&mut self, wait: Duration) -> bool {
         let mut chunk = [0; 64];
