@@ -5,6 +5,9 @@
 //! Each test talks from its own loopback source address, so the harness's
 //! start-up probe (from 127.0.0.1) never counts against the limits tested.
 
+use mortal_proto::ipc::{
+    BodyType, ClientInfo, Decoder, Notify, PROTOCOL_VERSION, RecipientInfo, Reply, Request, SenderInfo, encode_data,
+};
 use mortal_tests::Smtp;
 use mortal_tests::netpeer::{connect_from, fail2ban_regex};
 use mortal_tests::{Instance, Options, children_of, wait_for};
@@ -242,6 +245,82 @@ fn relay_control_recipient_map_and_fail2ban() {
         reply.starts_with("250").then_some(())
     });
     assert!(reloaded.is_some(), "{}", mortal.log_text());
+}
+
+/// Checking twice is the defence: a compromised smtpd that skips the relay
+/// rule still cannot spool mail for a foreign domain, because cleanup
+/// applies the same rule (`mortal_proto::relay`) to what it is sent, and a
+/// trusted client's relaying is accepted by both.
+#[test]
+fn cleanup_applies_the_relay_rule_again() {
+    let mortal = Instance::start_with(Options {
+        server_extra: "trusted_networks = [\"192.0.2.128/25\", \"2001:db8::/32\"]\n".into(),
+        ..Options::default()
+    });
+    let socket = mortal.spool().join("run/private/cleanup");
+    for (client, rcpt, refused) in [
+        ("192.0.2.1", "victim@elsewhere.test", true),
+        ("192.0.2.1", "victim@sub.example.test", true),
+        ("192.0.2.1", "root@[127.0.0.1]", true),
+        ("2001:db9::1", "victim@elsewhere.test", true),
+        ("192.0.2.200", "friend@elsewhere.test", false),
+        ("2001:db8::25", "friend@elsewhere.test", false),
+        ("192.0.2.1", "alice@EXAMPLE.test", false),
+    ] {
+        let mut sock = UnixStream::connect(&socket).expect("connect to cleanup");
+        sock.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+        let mut out = Vec::new();
+        Request::Hello { version: PROTOCOL_VERSION }.encode(&mut out);
+        let info = ClientInfo {
+            addr: client.into(),
+            name: "unknown".into(),
+            helo: "client.test".into(),
+            protocol: "ESMTP".into(),
+            tls: String::new(),
+        };
+        Request::Client(info).encode(&mut out);
+        let sender = SenderInfo {
+            address: "a@example.test".into(),
+            body: BodyType::SevenBit,
+            smtputf8: false,
+            ret: None,
+            envid: String::new(),
+        };
+        Request::Sender(sender).encode(&mut out);
+        sock.write_all(&out).expect("write envelope head");
+        let mut decoder = Decoder::new();
+        let Reply::QueueId(id) = read_reply(&mut sock, &mut decoder) else { panic!("no queue id for {client}") };
+        let mut out = Vec::new();
+        Request::Recipient(RecipientInfo { address: rcpt.into(), notify: Notify::default(), orcpt: String::new() })
+            .encode(&mut out);
+        encode_data(b"Subject: relay\r\n\r\nbody\r\n", &mut out);
+        Request::End.encode(&mut out);
+        // A refusal may come before cleanup has read all of it.
+        let _ = sock.write_all(&out);
+        let Reply::Answer { code, enhanced, text } = read_reply(&mut sock, &mut decoder) else {
+            panic!("no answer for {rcpt} from {client}")
+        };
+        if refused {
+            let answer = (code, enhanced.as_str(), text.as_str());
+            assert_eq!(answer, (451, "4.3.0", "Error: internal protocol error"), "{rcpt} from {client}");
+            mortal.wait_for_log(&format!("warning: {id}: smtpd sent recipient <{rcpt}> outside accepted_domains"));
+            assert!(!mortal.queue_files("incoming").contains(&id), "{id} left in incoming/");
+        } else {
+            assert_eq!((code, text), (250, format!("Ok: queued as {id}")), "{rcpt} from {client}");
+        }
+    }
+}
+
+fn read_reply(sock: &mut UnixStream, decoder: &mut Decoder) -> Reply {
+    loop {
+        if let Some(reply) = decoder.next_reply().expect("cleanup sends valid records") {
+            return reply;
+        }
+        let mut buf = [0; 1024];
+        let n = sock.read(&mut buf).expect("cleanup answers");
+        assert!(n > 0, "cleanup hung up without an answer");
+        decoder.feed(&buf[..n]);
+    }
 }
 
 /// Removes a file when dropped, even if the test failed.

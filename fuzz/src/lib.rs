@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 use mortal_proto::config::Config;
+use mortal_proto::tls::TlsSummary;
 use mortal_smtpd::engine::command;
 use mortal_smtpd::engine::data::{DataReceiver, MAX_TEXT_LINE};
 use mortal_smtpd::engine::line::{Line, LineReader, MAX_COMMAND_LINE};
@@ -96,7 +97,7 @@ pub fn smtp_data(data: &[u8]) {
 /// and the session ends in bounded work.
 pub fn smtp_session(data: &[u8]) {
     let config = session_config();
-    let mut session = Session::new(config, "127.0.0.1".parse().expect("literal address"));
+    let mut session = Session::new(config, Default::default(), "127.0.0.1".parse().expect("literal address"));
     let budget = MAX_ACTIONS_PER_OCTET * (data.len() + 16);
     let mut actions = 0usize;
     let mut answers = 0u32;
@@ -126,7 +127,7 @@ pub fn smtp_session(data: &[u8]) {
                 }
                 // The handshake is the driver's; the engine only needs to
                 // hear that it succeeded, so the session starts over.
-                Action::StartTls => session.tls_established("TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256".into()),
+                Action::StartTls => session.tls_established(TlsSummary::new(0x0304, "TLS13_AES_128_GCM_SHA256")),
                 Action::Close => return,
                 Action::Log(_)
                 | Action::Recipient(_)

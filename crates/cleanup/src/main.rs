@@ -14,11 +14,13 @@
 //! # Security
 //! cleanup trusts nothing smtpd says: every record's type, size, field and
 //! order is checked by the strict decoder, address syntax is re-parsed,
-//! recipients outside `accepted_domains` are refused (a compromised smtpd
-//! cannot make this host an open relay), and `message_size_limit`,
-//! `recipient_limit`, `header_size_limit` and `hopcount_limit` are enforced
-//! here again. A violation ends the transaction with a logged reason and
-//! leaves no file behind. cleanup never reads the network and never writes
+//! recipients outside `accepted_domains` are refused unless the client is
+//! in `trusted_networks` (smtpd's relay rule, `mortal_proto::relay`,
+//! applied again: a compromised smtpd cannot make this host an open
+//! relay), and `message_size_limit`, `recipient_limit`,
+//! `header_size_limit` and `hopcount_limit` are enforced here again. A
+//! violation ends the transaction with a logged reason and leaves no file
+//! behind. cleanup never reads the network and never writes
 //! outside `incoming/`: after opening the spool and before its first
 //! connection it enters its sandbox (`mortal_libmaster::sandbox`), so the
 //! kernel enforces that too: as root it drops to `[server] user`; always

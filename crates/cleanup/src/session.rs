@@ -17,6 +17,7 @@ use mortal_proto::ipc::{
 };
 use mortal_proto::queue_file::{Encoder, QueuedRecipient};
 use mortal_proto::queue_id;
+use mortal_proto::relay;
 use std::collections::HashSet;
 use std::io::{self, Write};
 use std::net::IpAddr;
@@ -239,14 +240,14 @@ impl<'a> Transaction<'a> {
             tracing::warn!("warning: {}: smtpd sent invalid recipient <{addr}>: {e}", self.log_id());
             Answer::protocol_error()
         })?;
-        // Relaying is for trusted_networks only; the client address is the
-        // one checked by check_client (the real one behind a PROXY header).
-        let trusted = self
-            .client
-            .as_ref()
-            .and_then(|c| c.addr.parse::<IpAddr>().ok())
-            .is_some_and(|ip| mortal_proto::cidr::contains_any(&self.ctx.config.server.trusted_networks, ip));
-        if !trusted && !self.ctx.config.accepts_domain(&mailbox.domain) {
+        // smtpd's relay rule, applied again. The client address is the one
+        // check_client accepted (the real one behind a PROXY header); the
+        // conversation order puts it before any recipient.
+        let Some(client) = self.client.as_ref().and_then(|c| c.addr.parse::<IpAddr>().ok()) else {
+            tracing::warn!("warning: {}: smtpd sent recipient <{addr}> before the client", self.log_id());
+            return Err(Answer::protocol_error());
+        };
+        if !relay::decide(self.ctx.config, client, &mailbox.domain).is_allowed() {
             tracing::warn!("warning: {}: smtpd sent recipient <{addr}> outside accepted_domains", self.log_id());
             return Err(Answer::protocol_error());
         }

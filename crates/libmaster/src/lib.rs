@@ -8,6 +8,12 @@
 //! [`log`] installs the log format shared by every process, and
 //! [`sandbox`] drops privileges and applies each daemon's kernel sandbox.
 //!
+//! Only its start-up entries end the process ([`child::startup`],
+//! [`child::adopt`], [`sandbox::enter_or_exit`] and the self-test mode
+//! [`sandbox::selftest::run_if_asked`]): a bad start exits with status 1
+//! before READY, which the master counts as a bad start and throttles.
+//! Everything else returns its outcome to the daemon's `main`.
+//!
 //! # Security
 //! A child's only channel to the master is its own socket, carrying
 //! fixed-size [`mortal_proto::status`] records. The library holds no

@@ -3,7 +3,9 @@
 //! # Summary
 //! Typed configuration (`etc/mortal.toml`), the framed records that cross
 //! process boundaries (smtpd → cleanup, child → master), the on-disk queue
-//! file format, queue ids and RFC 5321 address syntax. Like Postfix's
+//! file format, queue ids, RFC 5321 address syntax, and the rules both
+//! sides of a check must agree on: relaying ([`relay`]), xtext ([`xtext`])
+//! and how a TLS session is described ([`tls`]). Like Postfix's
 //! `global/mail_proto.h`, it is the one place both sides of every
 //! conversation agree on.
 //!
@@ -15,7 +17,8 @@
 //! Every decoder is a fuzz target (`fuzz/`).
 //!
 //! # Standards
-//! RFC 5321 section 4.1.2 (address syntax), RFC 6531 (UTF-8 addresses).
+//! RFC 5321 section 4.1.2 (address syntax), RFC 6531 (UTF-8 addresses),
+//! RFC 3461 section 4 (xtext).
 //!
 //! # Configuration
 //! See [`config`]: one typed struct per section, unknown keys rejected,
@@ -36,4 +39,7 @@ pub mod pipe;
 pub mod queue_file;
 pub mod queue_id;
 pub mod record;
+pub mod relay;
 pub mod status;
+pub mod tls;
+pub mod xtext;

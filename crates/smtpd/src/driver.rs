@@ -27,7 +27,8 @@
 
 use crate::dns::ReverseResolver;
 use crate::engine::{Action, Answer, Session};
-use crate::tls::{self, TlsServer};
+use crate::relay::RelayPolicy;
+use crate::tls::TlsServer;
 use mortal_proto::config::Config;
 use mortal_proto::ipc::{
     self, ClientInfo, Decoder, IpcError, PROTOCOL_VERSION, RecipientInfo, Reply, Request, SenderInfo,
@@ -61,49 +62,72 @@ const CLEANUP_WRITE_BATCH: usize = 64 * 1024;
 /// mid-transaction. It has either written one already or never will.
 const ANSWER_AFTER_HANGUP_WAIT: Duration = Duration::from_secs(1);
 
-/// Serves one SMTP session on `stream` without TLS; see [`session_with_tls`].
-pub async fn session(config: &Arc<Config>, stream: std::net::TcpStream) {
-    session_with_tls(config, None, stream).await
+/// What every session of this process shares, set up once at process
+/// start (before the sandbox) and handed to [`session`].
+pub struct Server {
+    pub config: Arc<Config>,
+    /// The RCPT rule, with the recipient map loaded at start.
+    pub relay: Arc<RelayPolicy>,
+    /// What STARTTLS uses (the session offers it when `[smtpd]` says so).
+    pub tls: Option<TlsServer>,
+    /// Looks the client's name up (when `[smtpd] reverse_lookup` made one).
+    pub resolver: Option<ReverseResolver>,
+    /// Present once [`install_term_handler`] ran: only then does a session
+    /// listen for SIGTERM.
+    pub term: Option<TermHandler>,
 }
 
-/// Serves one SMTP session on `stream` and logs its end; `tls` is what
-/// STARTTLS uses (the session offers it when `[smtpd]` says so). Never
-/// fails: every problem ends up in the log and, where possible, in a reply.
-pub async fn session_with_tls(config: &Arc<Config>, tls: Option<&TlsServer>, stream: std::net::TcpStream) {
-    session_with_resolver(config, tls, None, stream).await
+impl Server {
+    /// A server with `relay` and nothing else: no STARTTLS, no reverse
+    /// lookups, and SIGTERM left alone.
+    pub fn new(config: Arc<Config>, relay: RelayPolicy) -> Server {
+        Server { config, relay: Arc::new(relay), tls: None, resolver: None, term: None }
+    }
 }
 
-/// [`session_with_tls`], with the client's name looked up through
-/// `resolver` (when `[smtpd] reverse_lookup` made one) before the
-/// greeting, bounded by `reverse_lookup_timeout`. Clients refused at
-/// connect for their limits cost no lookup and stay `unknown`.
-pub async fn session_with_resolver(
-    config: &Arc<Config>,
-    tls: Option<&TlsServer>,
-    resolver: Option<&ReverseResolver>,
-    stream: std::net::TcpStream,
-) {
+/// How a session ended, for the process to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "after SessionEnd::Terminated the process must exit"]
+pub enum SessionEnd {
+    /// The session is over (QUIT, an error, a lost client); serve the next.
+    Finished,
+    /// SIGTERM arrived during the session (the master's session deadline or
+    /// overdue grace), which ended it with 421: the process must exit now.
+    Terminated,
+}
+
+/// Serves one SMTP session on `stream` and logs its end. The client's name
+/// is looked up through `server.resolver`, if any, before the greeting,
+/// bounded by `reverse_lookup_timeout`; clients refused at connect for
+/// their limits cost no lookup and stay `unknown`. Never fails: every
+/// problem ends up in the log and, where possible, in a reply.
+pub async fn session(server: &Server, stream: std::net::TcpStream) -> SessionEnd {
+    let config = &server.config;
     // The real client (behind a PROXY header) and its per-client limits.
-    let Some(mut peer) = crate::peer::establish(config, &stream).await else { return };
-    let name = match resolver {
+    let Some(mut peer) = crate::peer::establish(config, &stream).await else { return SessionEnd::Finished };
+    let name = match &server.resolver {
         Some(resolver) => resolver.client_name(peer.addr).await,
         None => crate::engine::UNKNOWN_NAME.to_owned(),
     };
     peer.limits.set_name(&name);
-    let mut session = Session::with_name(Arc::clone(config), peer.addr, &name);
+    let mut session = Session::with_name(Arc::clone(config), Arc::clone(&server.relay), peer.addr, &name);
     session.early_input(&peer.early);
     let mut buf = vec![0; READ_BUFFER];
     if let Err(e) = stream.set_nonblocking(true) {
-        return tracing::warn!("warning: set non-blocking: {e}");
+        tracing::warn!("warning: set non-blocking: {e}");
+        return SessionEnd::Finished;
     }
     look_before_greeting(&stream, &mut session, &mut buf);
     let tcp = match TcpStream::from_std(stream) {
         Ok(tcp) => tcp,
-        Err(e) => return tracing::warn!("warning: register connection: {e}"),
+        Err(e) => {
+            tracing::warn!("warning: register connection: {e}");
+            return SessionEnd::Finished;
+        }
     };
     let mut conn = Connection {
         stream: Stream::Plain(tcp),
-        tls: tls.cloned(),
+        tls: server.tls.clone(),
         start_tls: false,
         handshake_timeout: config.smtpd.tls_handshake_timeout,
         rate: None,
@@ -122,45 +146,43 @@ pub async fn session_with_resolver(
     // the process: see `install_term_handler`.
     let terminated = tokio::select! {
         () = conn.run(&mut session, &mut buf) => false,
-        () = terminated() => true,
+        () = terminated(server.term.as_ref()) => true,
     };
     if terminated {
         conn.shutting_down(&config.server.hostname).await;
     }
     conn.stream.shutdown().await;
     tracing::info!("{}", session.finish());
-    if terminated {
-        tracing::info!("exit: terminated by signal 15 during a session");
-        std::process::exit(0);
-    }
+    if terminated { SessionEnd::Terminated } else { SessionEnd::Finished }
 }
 
 /// Longest wait to hand the client its `421` after SIGTERM: less than the
 /// master's grace before SIGKILL.
 const TERM_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Whether [`install_term_handler`] ran: only then may a session subscribe
-/// to SIGTERM, because installing the handler later is a system call
-/// (`rt_sigaction`) that smtpd's seccomp filter kills the process for.
-static TERM_HANDLER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Proof that [`install_term_handler`] ran. A session may subscribe to
+/// SIGTERM only then, because installing the handler later is a system
+/// call (`rt_sigaction`) that smtpd's seccomp filter kills the process for.
+#[derive(Debug)]
+pub struct TermHandler(());
 
 /// Installs the SIGTERM handler that lets a session end with `421 4.3.2
 /// <host> Service shutting down`. Call once, in `runtime`, before the
-/// sandbox. From then on SIGTERM never kills smtpd by itself: during a
-/// session it ends the session and the process; between sessions the
-/// master never sends it without SIGKILL following.
-pub fn install_term_handler(runtime: &tokio::runtime::Runtime) -> io::Result<()> {
+/// sandbox, and put the result in [`Server::term`]. From then on SIGTERM
+/// never kills smtpd by itself: during a session it ends the session,
+/// which returns [`SessionEnd::Terminated`] for the process to exit;
+/// between sessions the master never sends it without SIGKILL following.
+pub fn install_term_handler(runtime: &tokio::runtime::Runtime) -> io::Result<TermHandler> {
     let _in_runtime = runtime.enter();
     // The handler stays installed when this first listener is dropped.
     drop(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?);
-    TERM_HANDLER.store(true, std::sync::atomic::Ordering::Relaxed);
-    Ok(())
+    Ok(TermHandler(()))
 }
 
 /// Completes when SIGTERM arrives during this session.
-async fn terminated() {
+async fn terminated(handler: Option<&TermHandler>) {
     use tokio::signal::unix::{SignalKind, signal};
-    if TERM_HANDLER.load(std::sync::atomic::Ordering::Relaxed)
+    if handler.is_some()
         && let Ok(mut term) = signal(SignalKind::terminate())
     {
         term.recv().await;
@@ -339,7 +361,7 @@ impl Connection {
         };
         match timeout(self.handshake_timeout, acceptor.accept(tcp)).await {
             Ok(Ok(stream)) => {
-                let info = tls::describe(stream.get_ref().1);
+                let info = mortal_proto::tls::TlsSummary::of(stream.get_ref().1);
                 self.stream = Stream::Tls(Box::new(stream));
                 session.tls_established(info);
             }

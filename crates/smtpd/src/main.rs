@@ -6,6 +6,8 @@
 
 use mortal_libmaster::child;
 use mortal_libmaster::sandbox::{self, Service};
+use mortal_smtpd::driver::{self, Server, SessionEnd};
+use mortal_smtpd::relay::RelayPolicy;
 use std::net::TcpListener;
 use std::sync::Arc;
 
@@ -25,11 +27,14 @@ fn main() {
     // The recipient map too: read once per process, so `mortal reload`,
     // which replaces every process, reloads it. Serving without it would
     // accept mail for users who do not exist.
-    if let Err(e) = mortal_smtpd::relay::install(&config) {
-        let path = config.server.recipient_map.as_deref().unwrap_or(std::path::Path::new(""));
-        tracing::error!("fatal: recipient_map {}: {e}", path.display());
-        std::process::exit(1);
-    }
+    let relay = match RelayPolicy::load(&config) {
+        Ok(relay) => relay,
+        Err(e) => {
+            let path = config.server.recipient_map.as_deref().unwrap_or(std::path::Path::new(""));
+            tracing::error!("fatal: recipient_map {}: {e}", path.display());
+            std::process::exit(1);
+        }
+    };
     let (listener, mut link) = child::adopt::<TcpListener>("smtpd");
     // One current-thread runtime for the life of the process, reused by
     // every session: a session is a single task, and an idle child should
@@ -43,10 +48,13 @@ fn main() {
     };
     // SIGTERM in a session ends it with 421; the handler must be in place
     // before seccomp forbids installing it.
-    if let Err(e) = mortal_smtpd::driver::install_term_handler(&runtime) {
-        tracing::error!("fatal: SIGTERM handler: {e}");
-        std::process::exit(1);
-    }
+    let term = match driver::install_term_handler(&runtime) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!("fatal: SIGTERM handler: {e}");
+            std::process::exit(1);
+        }
+    };
     // The reverse-lookup resolver reads /etc/resolv.conf (when no
     // `resolvers` are configured) now, before the sandbox takes it away;
     // built in the runtime whose tasks will carry its queries.
@@ -63,8 +71,15 @@ fn main() {
     // Everything smtpd reads from disk is loaded above; from here on it has
     // no file system, no identity but the mail user's and few syscalls.
     sandbox::enter_or_exit(Service::Smtpd, &config);
-    let served = child::serve(&listener, &mut link, config.process.smtpd.max_use, |stream, _link| {
-        runtime.block_on(mortal_smtpd::driver::session_with_resolver(&config, tls.as_ref(), resolver.as_ref(), stream))
+    let max_use = config.process.smtpd.max_use;
+    let server = Server { config, relay: Arc::new(relay), tls, resolver, term: Some(term) };
+    let served = child::serve(&listener, &mut link, max_use, |stream, _link| {
+        if runtime.block_on(driver::session(&server, stream)) == SessionEnd::Terminated {
+            // The session already told the client 421; the master wanted
+            // this process gone, and it goes now, not after the next one.
+            tracing::info!("exit: terminated by signal 15 during a session");
+            std::process::exit(0);
+        }
     });
     match served {
         Ok(reason) => tracing::info!("exit: {}", reason.as_str()),

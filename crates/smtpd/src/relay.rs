@@ -9,29 +9,26 @@
 //! - Any other recipient is relaying: allowed only to clients in
 //!   `trusted_networks`, otherwise `554 5.7.1 <addr>: Relay access denied`.
 //!
-//! The recipient map is read once, when the smtpd process starts
-//! ([`install`]); `mortal reload` replaces every smtpd process, so it
-//! reloads the map. Its format: one address per line, compared without
-//! regard to case; blank lines and lines starting with `#` are ignored.
-//! cleanup checks the domain rule again (with the same trusted networks),
-//! without trusting smtpd.
+//! The domain rule is [`mortal_proto::relay`], which cleanup applies again
+//! (with the same trusted networks), without trusting smtpd; the recipient
+//! map is smtpd's own. It is read once, when the smtpd process starts
+//! ([`RelayPolicy::load`]), and handed to every session; `mortal reload`
+//! replaces every smtpd process, so it reloads the map. Its format: one
+//! address per line, compared without regard to case; blank lines and
+//! lines starting with `#` are ignored.
 
 use crate::engine::reply;
 use mortal_proto::address::{self, Mailbox};
-use mortal_proto::cidr;
 use mortal_proto::config::Config;
+use mortal_proto::relay::{self, Relay};
 use std::collections::HashSet;
 use std::io::Read;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::OnceLock;
 use thiserror::Error;
 
 /// Largest recipient map read, in octets (about a million addresses).
 pub const MAX_RECIPIENT_MAP: u64 = 64 * 1024 * 1024;
-
-/// The map this process loaded at start; unset means none is configured.
-static RECIPIENT_MAP: OnceLock<RecipientMap> = OnceLock::new();
 
 /// The addresses listed in a recipient map, lower-cased.
 #[derive(Debug, Clone, Default)]
@@ -95,42 +92,45 @@ fn key(mailbox: &Mailbox) -> String {
     format!("{}@{}", mailbox.local, mailbox.domain).to_lowercase()
 }
 
-/// Loads `[server] recipient_map`, if set, for [`check_recipient`] in this
-/// process; the daemon calls it once at start and stops when it fails, as
-/// serving without the map would accept mail for unknown users.
-pub fn install(config: &Config) -> Result<(), RecipientMapError> {
-    let Some(path) = &config.server.recipient_map else { return Ok(()) };
-    let map = RecipientMap::load(path)?;
-    tracing::debug!("{}: {} recipients", path.display(), map.len());
-    // A second call keeps the first map: one per process lifetime.
-    let _ = RECIPIENT_MAP.set(map);
-    Ok(())
+/// The RCPT rule of one smtpd process: the relay rule and, when `[server]
+/// recipient_map` is set, the map loaded from it. Built once at process
+/// start and shared by every session.
+#[derive(Debug, Clone, Default)]
+pub struct RelayPolicy {
+    /// `None`: every address of an accepted domain is taken.
+    map: Option<RecipientMap>,
 }
 
-/// The RCPT decision for `mailbox` from a client at `client`: `Err` holds
-/// the reply refusing it.
-pub fn check_recipient(config: &Config, client: IpAddr, mailbox: &Mailbox) -> Result<(), String> {
-    check_with(config, RECIPIENT_MAP.get(), client, mailbox)
-}
+impl RelayPolicy {
+    /// Loads `[server] recipient_map`, if set. A daemon that cannot stops:
+    /// serving without the map would accept mail for unknown users.
+    pub fn load(config: &Config) -> Result<RelayPolicy, RecipientMapError> {
+        let Some(path) = &config.server.recipient_map else { return Ok(RelayPolicy::default()) };
+        let map = RecipientMap::load(path)?;
+        tracing::debug!("{}: {} recipients", path.display(), map.len());
+        Ok(RelayPolicy::with_map(map))
+    }
 
-/// [`check_recipient`] with an explicit map.
-pub fn check_with(
-    config: &Config,
-    map: Option<&RecipientMap>,
-    client: IpAddr,
-    mailbox: &Mailbox,
-) -> Result<(), String> {
-    if config.accepts_domain(&mailbox.domain) {
-        let postmaster = mailbox.local.eq_ignore_ascii_case("postmaster");
-        return match map {
-            Some(map) if !postmaster && !map.contains(mailbox) => Err(user_unknown(mailbox)),
-            _ => Ok(()),
-        };
+    /// A policy with this recipient map (instead of the configured one).
+    pub fn with_map(map: RecipientMap) -> RelayPolicy {
+        RelayPolicy { map: Some(map) }
     }
-    if cidr::contains_any(&config.server.trusted_networks, client) {
-        return Ok(());
+
+    /// The RCPT decision for `mailbox` from a client at `client`: `Err`
+    /// holds the reply refusing it.
+    pub fn check(&self, config: &Config, client: IpAddr, mailbox: &Mailbox) -> Result<(), String> {
+        match relay::decide(config, client, &mailbox.domain) {
+            Relay::Local => {
+                let postmaster = mailbox.local.eq_ignore_ascii_case("postmaster");
+                match &self.map {
+                    Some(map) if !postmaster && !map.contains(mailbox) => Err(user_unknown(mailbox)),
+                    _ => Ok(()),
+                }
+            }
+            Relay::Trusted => Ok(()),
+            Relay::Denied => Err(reply::relay_denied(&mailbox.to_string())),
+        }
     }
-    Err(reply::relay_denied(&mailbox.to_string()))
 }
 
 /// Postfix's reply for a recipient missing from local_recipient_maps.
@@ -178,7 +178,8 @@ mod tests {
             (&trusted, Some(&map), inside, "carol@example.test", Err(unknown)),
             (&trusted, Some(&map), inside, "carol@elsewhere.test", Ok(())),
         ] {
-            let got = check_with(cfg, map, client, &mb(rcpt));
+            let policy = map.cloned().map(RelayPolicy::with_map).unwrap_or_default();
+            let got = policy.check(cfg, client, &mb(rcpt));
             assert_eq!(got, expected.map_err(str::to_owned), "{rcpt} from {client}");
         }
     }

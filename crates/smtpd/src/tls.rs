@@ -9,13 +9,14 @@
 //! certificates.
 //!
 //! The engine never sees TLS: the driver runs the handshake on
-//! [`crate::engine::Action::StartTls`] and reports [`describe`]'s text,
-//! which is what `Received:` and the log show.
+//! [`crate::engine::Action::StartTls`] and reports what was negotiated
+//! ([`mortal_proto::tls::TlsSummary`]), which is what `Received:` and the
+//! log show.
 
 use mortal_proto::config::Smtpd;
+use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ProtocolVersion, ServerConfig, ServerConnection};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
@@ -79,38 +80,9 @@ impl TlsServer {
     }
 }
 
-/// What was negotiated, in the shape Postfix logs and puts in `Received:`:
-/// `TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384 (256/256 bits)`. Cipher
-/// names are the IANA ones rustls uses.
-pub fn describe(conn: &ServerConnection) -> String {
-    let version = match conn.protocol_version() {
-        Some(ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
-        Some(ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
-        Some(other) => format!("{other:?}"),
-        None => "TLS".to_owned(),
-    };
-    let Some(suite) = conn.negotiated_cipher_suite() else { return version };
-    let name = suite.suite().as_str().map_or_else(|| format!("{:?}", suite.suite()), str::to_owned);
-    let bits = cipher_bits(&name);
-    format!("{version} with cipher {name} ({bits}/{bits} bits)")
-}
-
-/// Symmetric key bits of a cipher suite, from its name.
-fn cipher_bits(name: &str) -> u32 {
-    if name.contains("AES_128") { 128 } else { 256 }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bits_from_suite_names() {
-        assert_eq!(cipher_bits("TLS13_AES_256_GCM_SHA384"), 256);
-        assert_eq!(cipher_bits("TLS13_AES_128_GCM_SHA256"), 128);
-        assert_eq!(cipher_bits("TLS13_CHACHA20_POLY1305_SHA256"), 256);
-        assert_eq!(cipher_bits("TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"), 128);
-    }
 
     #[test]
     fn missing_files_are_reported_with_their_path() {

@@ -4,38 +4,30 @@
 //! `mortal_proto::ipc` on a Unix socket. Certificates are made with rcgen
 //! for each test run.
 
+mod support;
+
 use mortal_proto::config::Config;
-use mortal_proto::ipc::{Decoder, Reply, Request};
-use mortal_smtpd::driver;
+use mortal_proto::ipc::Request;
 use mortal_smtpd::tls::TlsServer;
 use rustls::pki_types::{CertificateDer, ServerName};
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixListener, UnixStream};
+use support::{Client, Dir, QUEUE_ID, STEP, cleanup_accepting, cleanup_reading, connect, content, serve};
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixListener;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
-/// Longest any single step of a test may take before it counts as hung.
-const STEP: Duration = Duration::from_secs(5);
-const QUEUE_ID: &str = "00000000A0000100000C";
-
-/// A temporary directory with the run/private layout and a test CA and
-/// server certificate for `localhost`; removed on drop.
-struct Dir {
-    path: PathBuf,
+/// A test directory with a test CA and a server certificate for
+/// `localhost` made with rcgen.
+struct TlsDir {
+    dir: Dir,
     ca: CertificateDer<'static>,
 }
 
-impl Dir {
+impl TlsDir {
     fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("mortal-smtpd-ext-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(path.join("run/private")).expect("create test dir");
+        let dir = Dir::new();
         let ca_key = rcgen::KeyPair::generate().expect("CA key");
         let mut ca_params = rcgen::CertificateParams::new(Vec::new()).expect("CA params");
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -44,21 +36,18 @@ impl Dir {
         let key = rcgen::KeyPair::generate().expect("server key");
         let params = rcgen::CertificateParams::new(vec!["localhost".into()]).expect("server params");
         let cert = params.signed_by(&key, &ca, &ca_key).expect("server certificate");
-        std::fs::write(path.join("cert.pem"), cert.pem() + &ca.pem()).expect("write cert");
-        std::fs::write(path.join("key.pem"), key.serialize_pem()).expect("write key");
-        Dir { path, ca: ca.der().clone() }
+        std::fs::write(dir.path().join("cert.pem"), cert.pem() + &ca.pem()).expect("write cert");
+        std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).expect("write key");
+        TlsDir { dir, ca: ca.der().clone() }
     }
 
     /// A config with `[smtpd]` `extra` lines; STARTTLS is offered with the
     /// test certificate.
     fn config(&self, extra: &str) -> Arc<Config> {
-        let text = format!(
-            "[server]\nhostname = \"mortal.test\"\nspool_dir = \"{0}/spool\"\nrun_dir = \"{0}/run\"\n\
-             accepted_domains = [\"example.test\"]\n\n[smtpd]\ntimeout = \"5s\"\n\
-             tls_cert_file = \"{0}/cert.pem\"\ntls_key_file = \"{0}/key.pem\"\n{extra}\n",
-            self.path.display()
-        );
-        Arc::new(Config::parse(&text, &self.path.join("mortal.toml")).expect("test config"))
+        let path = self.dir.path().display();
+        self.dir.config(&format!(
+            "timeout = \"5s\"\ntls_cert_file = \"{path}/cert.pem\"\ntls_key_file = \"{path}/key.pem\"\n{extra}"
+        ))
     }
 
     fn connector(&self, versions: &[&'static rustls::SupportedProtocolVersion]) -> TlsConnector {
@@ -74,129 +63,10 @@ impl Dir {
     }
 }
 
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-/// The SMTP client side, over TCP or TLS.
-struct Client<S> {
-    stream: S,
-    buf: Vec<u8>,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.expect("client write");
-        self.stream.flush().await.expect("client flush");
-    }
-
-    async fn reply(&mut self) -> String {
-        timeout(STEP, self.read_reply()).await.expect("reply within STEP")
-    }
-
-    async fn read_reply(&mut self) -> String {
-        loop {
-            if let Some(end) = reply_end(&self.buf) {
-                let reply: Vec<u8> = self.buf.drain(..end).collect();
-                return String::from_utf8(reply).expect("ASCII reply");
-            }
-            let mut chunk = [0; 4096];
-            let n = self.stream.read(&mut chunk).await.expect("client read");
-            assert!(n > 0, "server closed while a reply was due; have {:?}", String::from_utf8_lossy(&self.buf));
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    async fn cmd(&mut self, line: &str) -> String {
-        self.send(format!("{line}\r\n").as_bytes()).await;
-        self.reply().await
-    }
-
-    /// Whether the server closed the connection (after any pending reply).
-    async fn closed(&mut self) -> bool {
-        let mut chunk = [0; 64];
-        matches!(timeout(STEP, self.stream.read(&mut chunk)).await, Ok(Ok(0) | Err(_)))
-    }
-}
-
-fn reply_end(buf: &[u8]) -> Option<usize> {
-    let mut start = 0;
-    while let Some(lf) = buf[start..].iter().position(|&b| b == b'\n') {
-        let line = &buf[start..start + lf + 1];
-        start += lf + 1;
-        if line.get(3) == Some(&b' ') {
-            return Some(start);
-        }
-    }
-    None
-}
-
-async fn connect() -> (Client<TcpStream>, std::net::TcpStream) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-    let stream = TcpStream::connect(listener.local_addr().expect("local addr")).await.expect("connect");
-    let (server, _) = listener.accept().expect("accept");
-    (Client { stream, buf: Vec::new() }, server)
-}
-
-/// A fake cleanup that accepts every transaction and returns what it got.
-async fn cleanup_accepting(listener: &UnixListener, transactions: usize) -> Vec<Vec<Request>> {
-    let mut all = Vec::new();
-    for _ in 0..transactions {
-        let (mut sock, _) = timeout(STEP, listener.accept()).await.expect("smtpd connects").expect("accept");
-        let mut decoder = Decoder::new();
-        let mut got = Vec::new();
-        loop {
-            let request = match decoder.next_request().expect("valid records") {
-                Some(r) => r,
-                None => {
-                    let mut buf = [0; 4096];
-                    let n = timeout(STEP, sock.read(&mut buf)).await.expect("smtpd talks").expect("read");
-                    if n == 0 {
-                        break;
-                    }
-                    decoder.feed(&buf[..n]);
-                    continue;
-                }
-            };
-            let reply = match &request {
-                Request::Sender(_) => Some(Reply::QueueId(QUEUE_ID.into())),
-                Request::End => Some(Reply::Answer {
-                    code: 250,
-                    enhanced: "2.0.0".into(),
-                    text: format!("Ok: queued as {QUEUE_ID}"),
-                }),
-                _ => None,
-            };
-            let end = request == Request::End;
-            got.push(request);
-            if let Some(reply) = reply {
-                write_reply(&mut sock, reply).await;
-            }
-            if end {
-                break;
-            }
-        }
-        all.push(got);
-    }
-    all
-}
-
-async fn write_reply(sock: &mut UnixStream, reply: Reply) {
-    let mut out = Vec::new();
-    reply.encode(&mut out);
-    sock.write_all(&out).await.expect("write to smtpd");
-}
-
-fn content(requests: &[Request]) -> Vec<u8> {
-    requests.iter().filter_map(|r| if let Request::Data(d) = r { Some(d.clone()) } else { None }).flatten().collect()
-}
-
 /// STARTTLS, then a message through TLS: EHLO again (without STARTTLS
 /// offered), and cleanup gets ESMTPS with the negotiated TLS.
 async fn message_over_tls(versions: &[&'static rustls::SupportedProtocolVersion]) -> Vec<Request> {
-    let dir = Dir::new();
+    let dir = TlsDir::new();
     let config = dir.config("");
     let tls = TlsServer::from_config(&config.smtpd).expect("load TLS").expect("TLS offered");
     let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
@@ -208,7 +78,7 @@ async fn message_over_tls(versions: &[&'static rustls::SupportedProtocolVersion]
         assert_eq!(client.cmd("STARTTLS").await, "220 2.0.0 Ready to start TLS\r\n");
         let name = ServerName::try_from("localhost").expect("name");
         let stream = timeout(STEP, connector.connect(name, client.stream)).await.expect("handshake in time");
-        let mut tls_client = Client { stream: stream.expect("handshake"), buf: Vec::new() };
+        let mut tls_client = Client::new(stream.expect("handshake"));
         let ehlo = tls_client.cmd("EHLO client.test").await;
         assert!(ehlo.ends_with("250 CHUNKING\r\n") && !ehlo.contains("STARTTLS"), "{ehlo}");
         assert_eq!(tls_client.cmd("MAIL FROM:<alice@example.test>").await, "250 2.1.0 Ok\r\n");
@@ -219,8 +89,7 @@ async fn message_over_tls(versions: &[&'static rustls::SupportedProtocolVersion]
         assert_eq!(tls_client.cmd("QUIT").await, "221 2.0.0 Bye\r\n");
         assert!(tls_client.closed().await);
     };
-    let (mut got, (), ()) =
-        tokio::join!(cleanup_accepting(&listener, 1), smtp, driver::session_with_tls(&config, Some(&tls), server));
+    let (mut got, (), ()) = tokio::join!(cleanup_accepting(&listener, 1), smtp, serve(&config, Some(&tls), server));
     let got = got.remove(0);
     assert_eq!(content(&got), b"Subject: tls\r\n\r\nsecret\r\n");
     got
@@ -254,7 +123,7 @@ async fn starttls_tls12_is_accepted() {
 /// must never be executed, before or after the handshake.
 #[tokio::test]
 async fn plaintext_pipelined_after_starttls_is_refused() {
-    let dir = Dir::new();
+    let dir = TlsDir::new();
     let config = dir.config("");
     let tls = TlsServer::from_config(&config.smtpd).expect("load TLS");
     let (mut client, server) = connect().await;
@@ -265,14 +134,14 @@ async fn plaintext_pipelined_after_starttls_is_refused() {
         assert_eq!(client.reply().await, "554 5.5.0 Error: SMTP protocol synchronization\r\n");
         assert!(client.closed().await);
     };
-    tokio::join!(smtp, driver::session_with_tls(&config, tls.as_ref(), server));
+    tokio::join!(smtp, serve(&config, tls.as_ref(), server));
 }
 
 /// Plaintext arriving after the 220 (in its own packet) is fed to the TLS
 /// handshake, which fails: it is never read as a command.
 #[tokio::test]
 async fn plaintext_instead_of_a_handshake_ends_the_session() {
-    let dir = Dir::new();
+    let dir = TlsDir::new();
     let config = dir.config("");
     let tls = TlsServer::from_config(&config.smtpd).expect("load TLS");
     let (mut client, server) = connect().await;
@@ -285,12 +154,12 @@ async fn plaintext_instead_of_a_handshake_ends_the_session() {
         let _ = timeout(STEP, client.stream.read_to_end(&mut rest)).await.expect("server closes");
         assert!(!String::from_utf8_lossy(&rest).contains("250"), "{rest:?}");
     };
-    tokio::join!(smtp, driver::session_with_tls(&config, tls.as_ref(), server));
+    tokio::join!(smtp, serve(&config, tls.as_ref(), server));
 }
 
 #[tokio::test]
 async fn silent_handshake_times_out() {
-    let dir = Dir::new();
+    let dir = TlsDir::new();
     let config = dir.config("tls_handshake_timeout = \"500ms\"");
     let tls = TlsServer::from_config(&config.smtpd).expect("load TLS");
     let (mut client, server) = connect().await;
@@ -303,14 +172,14 @@ async fn silent_handshake_times_out() {
         let waited = started.elapsed();
         assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(3), "{waited:?}");
     };
-    tokio::join!(smtp, driver::session_with_tls(&config, tls.as_ref(), server));
+    tokio::join!(smtp, serve(&config, tls.as_ref(), server));
 }
 
 /// BDAT on the wire: chunks pipelined with their commands arrive at
 /// cleanup exactly, not unstuffed; LAST is answered with cleanup's 250.
 #[tokio::test]
 async fn bdat_chunks_reach_cleanup_exactly() {
-    let dir = Dir::new();
+    let dir = TlsDir::new();
     let config = dir.config("");
     let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
     let (mut client, server) = connect().await;
@@ -329,14 +198,14 @@ async fn bdat_chunks_reach_cleanup_exactly() {
         assert_eq!(client.reply().await, format!("250 2.0.0 Ok: queued as {QUEUE_ID}\r\n"));
         assert_eq!(client.cmd("QUIT").await, "221 2.0.0 Bye\r\n");
     };
-    let (got, (), ()) = tokio::join!(cleanup_accepting(&listener, 1), smtp, driver::session(&config, server));
+    let (got, (), ()) = tokio::join!(cleanup_accepting(&listener, 1), smtp, serve(&config, None, server));
     assert_eq!(content(&got[0]), b"Subject: b\r\n\r\n..\r\n.\r\nend\r\n");
 }
 
 /// Past soft_error_limit every reply waits error_sleep.
 #[tokio::test]
 async fn error_sleep_delays_replies_past_the_soft_limit() {
-    let dir = Dir::new();
+    let dir = TlsDir::new();
     let config = dir.config("soft_error_limit = 1\nerror_sleep = \"400ms\"");
     let (mut client, server) = connect().await;
     let smtp = async {
@@ -349,22 +218,19 @@ async fn error_sleep_delays_replies_past_the_soft_limit() {
         assert!(started.elapsed() >= Duration::from_millis(400), "delayed past the soft limit");
         client.cmd("QUIT").await;
     };
-    tokio::join!(smtp, driver::session(&config, server));
+    tokio::join!(smtp, serve(&config, None, server));
 }
 
 /// A client trickling content slower than min_data_rate is cut off after
 /// one window with 421, long before the ordinary timeout (5 s here).
 #[tokio::test]
 async fn slowloris_data_is_cut_off() {
-    let dir = Dir::new();
+    let dir = TlsDir::new();
     let config = dir.config("min_data_rate = 100\ndata_rate_window = \"1s\"");
     let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
     let (mut client, server) = connect().await;
     let smtp = async {
-        client.reply().await;
-        client.cmd("EHLO client.test").await;
-        client.cmd("MAIL FROM:<alice@example.test>").await;
-        client.cmd("RCPT TO:<bob@example.test>").await;
+        client.begin_transaction().await;
         assert!(client.cmd("DATA").await.starts_with("354 "));
         let started = Instant::now();
         let mut reply = String::new();
@@ -382,38 +248,19 @@ async fn slowloris_data_is_cut_off() {
         assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(3), "{waited:?}");
         assert!(client.closed().await);
     };
-    let cleanup = async {
-        // The fake must answer the envelope head for the session to reach DATA.
-        let (mut sock, _) = timeout(STEP, listener.accept()).await.expect("smtpd connects").expect("accept");
-        let mut decoder = Decoder::new();
-        let mut buf = [0; 4096];
-        let deadline = Instant::now() + STEP;
-        while Instant::now() < deadline {
-            match decoder.next_request().expect("valid records") {
-                Some(Request::Sender(_)) => write_reply(&mut sock, Reply::QueueId(QUEUE_ID.into())).await,
-                Some(_) => {}
-                None => match timeout(STEP, sock.read(&mut buf)).await {
-                    Ok(Ok(n)) if n > 0 => decoder.feed(&buf[..n]),
-                    _ => break,
-                },
-            }
-        }
-    };
-    tokio::join!(cleanup, smtp, driver::session(&config, server));
+    let cleanup = cleanup_reading(&listener);
+    tokio::join!(cleanup, smtp, serve(&config, None, server));
 }
 
 /// The same rate limit lets an honest client through.
 #[tokio::test]
 async fn steady_data_passes_the_rate_check() {
-    let dir = Dir::new();
+    let dir = TlsDir::new();
     let config = dir.config("min_data_rate = 100\ndata_rate_window = \"300ms\"");
     let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
     let (mut client, server) = connect().await;
     let smtp = async {
-        client.reply().await;
-        client.cmd("EHLO client.test").await;
-        client.cmd("MAIL FROM:<alice@example.test>").await;
-        client.cmd("RCPT TO:<bob@example.test>").await;
+        client.begin_transaction().await;
         assert!(client.cmd("DATA").await.starts_with("354 "));
         // 100 octets every 100 ms: 1000 octets/s, for a second.
         for _ in 0..10 {
@@ -424,7 +271,7 @@ async fn steady_data_passes_the_rate_check() {
         assert_eq!(client.reply().await, format!("250 2.0.0 Ok: queued as {QUEUE_ID}\r\n"));
         client.cmd("QUIT").await;
     };
-    let (got, (), ()) = tokio::join!(cleanup_accepting(&listener, 1), smtp, driver::session(&config, server));
+    let (got, (), ()) = tokio::join!(cleanup_accepting(&listener, 1), smtp, serve(&config, None, server));
     assert_eq!(content(&got[0]).len(), 1000);
 }
 
@@ -432,15 +279,12 @@ async fn steady_data_passes_the_rate_check() {
 /// too: the whole BDAT transaction is content.
 #[tokio::test]
 async fn slowloris_bdat_chunks_are_cut_off() {
-    let dir = Dir::new();
+    let dir = TlsDir::new();
     let config = dir.config("min_data_rate = 100\ndata_rate_window = \"1s\"");
     let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
     let (mut client, server) = connect().await;
     let smtp = async {
-        client.reply().await;
-        client.cmd("EHLO client.test").await;
-        client.cmd("MAIL FROM:<alice@example.test>").await;
-        client.cmd("RCPT TO:<bob@example.test>").await;
+        client.begin_transaction().await;
         let started = Instant::now();
         let mut last = String::new();
         // 9 octets every 250 ms: 36 octets/s.
@@ -456,29 +300,15 @@ async fn slowloris_bdat_chunks_are_cut_off() {
         assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
         assert!(client.closed().await);
     };
-    let cleanup = async {
-        let (mut sock, _) = timeout(STEP, listener.accept()).await.expect("smtpd connects").expect("accept");
-        let mut decoder = Decoder::new();
-        let mut buf = [0; 4096];
-        loop {
-            match decoder.next_request().expect("valid records") {
-                Some(Request::Sender(_)) => write_reply(&mut sock, Reply::QueueId(QUEUE_ID.into())).await,
-                Some(_) => {}
-                None => match timeout(STEP, sock.read(&mut buf)).await {
-                    Ok(Ok(n)) if n > 0 => decoder.feed(&buf[..n]),
-                    _ => break,
-                },
-            }
-        }
-    };
-    tokio::join!(cleanup, smtp, driver::session(&config, server));
+    let cleanup = cleanup_reading(&listener);
+    tokio::join!(cleanup, smtp, serve(&config, None, server));
 }
 
 /// DSN parameters and SMTPUTF8 travel to cleanup decoded, in the IPC
 /// records that end up in the queue file.
 #[tokio::test]
 async fn dsn_and_smtputf8_reach_cleanup() {
-    let dir = Dir::new();
+    let dir = TlsDir::new();
     let config = dir.config("");
     let listener = UnixListener::bind(config.cleanup_socket()).expect("bind fake cleanup");
     let (mut client, server) = connect().await;
@@ -494,7 +324,7 @@ async fn dsn_and_smtputf8_reach_cleanup() {
         assert_eq!(client.reply().await, format!("250 2.0.0 Ok: queued as {QUEUE_ID}\r\n"));
         client.cmd("QUIT").await;
     };
-    let (got, (), ()) = tokio::join!(cleanup_accepting(&listener, 1), smtp, driver::session(&config, server));
+    let (got, (), ()) = tokio::join!(cleanup_accepting(&listener, 1), smtp, serve(&config, None, server));
     let got = &got[0];
     assert_eq!(client_of(got).protocol, "UTF8SMTP");
     let Request::Sender(sender) = &got[2] else { panic!("expected Sender, got {:?}", got[2]) };

@@ -138,7 +138,7 @@ impl Runner {
             "tls" => {
                 let (outcome, text) = arg.split_once(' ').expect("%tls ok|fail TEXT");
                 match outcome {
-                    "ok" => self.session().tls_established(text.to_owned()),
+                    "ok" => self.session().tls_established(text.parse().expect("%tls ok TLSvX with cipher ...")),
                     "fail" => self.session().tls_failed(text),
                     other => panic!("unknown %tls outcome {other}"),
                 }
@@ -187,7 +187,7 @@ impl Runner {
     /// The running session; starting one renders its greeting.
     fn session(&mut self) -> &mut Session {
         if self.session.is_none() {
-            self.session = Some(Session::new(Arc::new(self.config.clone()), self.peer));
+            self.session = Some(Session::new(Arc::new(self.config.clone()), Arc::default(), self.peer));
             self.render();
         }
         self.session.as_mut().expect("just started")

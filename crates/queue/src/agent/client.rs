@@ -19,6 +19,8 @@ use crate::route::{RcptResult, Report, Status};
 use mortal_proto::config::NextHop;
 use mortal_proto::ipc::{BodyType, DsnRet, Notify};
 use mortal_proto::queue_file::QueueFile;
+use mortal_proto::tls::TlsSummary;
+use mortal_proto::xtext;
 use rustls::{ClientConnection, StreamOwned};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -224,8 +226,8 @@ pub struct Session {
     /// `host[addr]:port` or the socket path, as logged (`relay=`).
     pub peer: String,
     pub ext: Extensions,
-    /// `TLSv1.3 with cipher ...` once STARTTLS succeeded.
-    pub tls: Option<String>,
+    /// What STARTTLS negotiated, once it succeeded.
+    pub tls: Option<TlsSummary>,
     hostname: String,
 }
 
@@ -342,7 +344,7 @@ impl Session {
                 });
             }
         }
-        self.tls = Some(describe_tls(&tls.conn));
+        self.tls = Some(TlsSummary::of(&tls.conn));
         self.stream = Stream::Tls(Box::new(tls));
         self.hello()
     }
@@ -498,7 +500,7 @@ impl Session {
                 None => {}
             }
             if !env.envid.is_empty() {
-                cmd.push_str(&format!(" ENVID={}", xtext(env.envid)));
+                cmd.push_str(&format!(" ENVID={}", xtext::encode(env.envid)));
             }
         }
         cmd
@@ -518,7 +520,7 @@ impl Session {
                 cmd.push_str(&format!(" NOTIFY={}", words.join(",")));
             }
             if let Some((kind, addr)) = r.orcpt.split_once(';') {
-                cmd.push_str(&format!(" ORCPT={kind};{}", xtext(addr)));
+                cmd.push_str(&format!(" ORCPT={kind};{}", xtext::encode(addr)));
             }
         }
         cmd
@@ -764,34 +766,6 @@ fn fill(answers: Vec<Option<RcptReply>>, reply: &RcptReply) -> Vec<RcptReply> {
     answers.into_iter().map(|a| a.unwrap_or_else(|| reply.clone())).collect()
 }
 
-/// `TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384 (256/256 bits)`, the
-/// shape Postfix logs and writes in `Received:`.
-fn describe_tls(conn: &ClientConnection) -> String {
-    let version = match conn.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
-        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
-        Some(v) => format!("{v:?}"),
-        None => "TLS".to_owned(),
-    };
-    let suite = conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
-    let bits = if suite.contains("128") { 128 } else { 256 };
-    format!("{version} with cipher {suite} ({bits}/{bits} bits)")
-}
-
-/// RFC 3461 4 xtext: `+` followed by two hex digits for `+`, `=`, and
-/// anything outside printable ASCII.
-pub fn xtext(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("+{b:02X}"));
-        }
-    }
-    out
-}
-
 /// Idle sessions per next hop, kept for `keep` after their last use.
 #[derive(Debug)]
 pub struct Cache {
@@ -1007,11 +981,5 @@ mod tests {
         assert!(!is_8bit_clean(b"a\0b"));
         assert!(!is_8bit_clean(&[b'x'; 999]));
         assert!(is_8bit_clean(&[b'x'; 998]));
-    }
-
-    #[test]
-    fn xtext_encodes_specials() {
-        assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
-        assert_eq!(xtext("ü"), "+C3+BC");
     }
 }

@@ -58,7 +58,7 @@ fn connect(agents: &Agents, addr: SocketAddr) -> Result<Session, Failure> {
     tracing::info!(
         "{trust} TLS connection established to {}: {}",
         session.peer,
-        session.tls.as_deref().unwrap_or_default()
+        session.tls.as_ref().map(ToString::to_string).unwrap_or_default()
     );
     Ok(session)
 }

@@ -1,7 +1,7 @@
 //! Delivery status notification parameters (RFC 3461): MAIL's `RET=` and
-//! `ENVID=`, RCPT's `NOTIFY=` and `ORCPT=`, and the xtext encoding they
-//! use. Pure and total, like the command parser: every input gives a value
-//! or a [`DsnError`], never a panic.
+//! `ENVID=`, RCPT's `NOTIFY=` and `ORCPT=`, decoded from xtext
+//! ([`mortal_proto::xtext`]). Pure and total, like the command parser:
+//! every input gives a value or a [`DsnError`], never a panic.
 //!
 //! Decoded values travel to cleanup and into the queue file and, later,
 //! into DSN messages, so they are held to printable ASCII (RFC 3461 4.4
@@ -10,6 +10,7 @@
 
 use mortal_proto::address::MAX_PATH;
 use mortal_proto::ipc::{DsnRet, MAX_ENVID, Notify};
+use mortal_proto::xtext;
 
 /// Longest decoded ORCPT value, `addr-type;` included: what the IPC
 /// recipient record carries (an address type plus a path).
@@ -51,7 +52,7 @@ pub fn parse_ret(value: Option<&str>) -> Result<DsnRet, DsnError> {
 /// `ENVID=xtext` (RFC 3461 4.4): at most [`MAX_ENVID`] printable ASCII
 /// characters once decoded.
 pub fn parse_envid(value: Option<&str>) -> Result<String, DsnError> {
-    let decoded = value.and_then(xtext_decode).ok_or(DsnError::BadEnvid)?;
+    let decoded = value.and_then(|v| xtext::decode(v).ok()).ok_or(DsnError::BadEnvid)?;
     if decoded.is_empty() || decoded.len() > MAX_ENVID {
         return Err(DsnError::BadEnvid);
     }
@@ -91,7 +92,7 @@ pub fn parse_orcpt(value: Option<&str>) -> Result<String, DsnError> {
     if kind.is_empty() || !kind.bytes().all(atom) {
         return Err(DsnError::BadOrcpt);
     }
-    let address = xtext_decode(address).filter(|a| !a.is_empty()).ok_or(DsnError::BadOrcpt)?;
+    let address = xtext::decode(address).ok().filter(|a| !a.is_empty()).ok_or(DsnError::BadOrcpt)?;
     let decoded = format!("{kind};{address}");
     if decoded.len() > MAX_ORCPT {
         return Err(DsnError::BadOrcpt);
@@ -99,65 +100,9 @@ pub fn parse_orcpt(value: Option<&str>) -> Result<String, DsnError> {
     Ok(decoded)
 }
 
-/// Decodes xtext (RFC 3461 4): `xchar`s are `!` to `~` except `+` and
-/// `=`; `+HH` (two upper-case hex digits) stands for any octet. Returns
-/// `None` for bad syntax or a decoded octet outside printable ASCII.
-pub fn xtext_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = String::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        let c = match b {
-            b'+' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                if !hex.iter().all(|h| h.is_ascii_digit() || (b'A'..=b'F').contains(h)) {
-                    return None;
-                }
-                i += 3;
-                u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?
-            }
-            b'!'..=b'~' if b != b'=' => {
-                i += 1;
-                b
-            }
-            _ => return None,
-        };
-        if !(b' '..=b'~').contains(&c) {
-            return None;
-        }
-        out.push(char::from(c));
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn xtext_table() {
-        let cases: &[(&str, Option<&str>)] = &[
-            ("abc", Some("abc")),
-            ("", Some("")),
-            ("a+2Bb", Some("a+b")),
-            ("a+3Db", Some("a=b")),
-            ("+20", Some(" ")),
-            ("user+40example.test", Some("user@example.test")),
-            ("a+2bb", None),
-            ("a+2", None),
-            ("a+", None),
-            ("a+ZZ", None),
-            ("a=b", None),
-            ("a b", None),
-            ("+0D+0A", None),
-            ("+00", None),
-            ("+FF", None),
-            ("j\u{fc}rgen", None),
-        ];
-        for (input, want) in cases {
-            assert_eq!(xtext_decode(input).as_deref(), *want, "input {input:?}");
-        }
-    }
 
     #[test]
     fn notify_table() {

@@ -8,15 +8,19 @@
 //! [`Session::cleanup_failed`]); client input received meanwhile waits in
 //! the session's buffer. Time and the socket are the driver's business: it
 //! calls [`Session::timed_out`] or [`Session::connection_lost`] and
-//! finally [`Session::finish`] for the `disconnect` log line.
+//! finally [`Session::finish`] for the `disconnect` log line. Everything a
+//! session knows comes in when it is built: the configuration and the
+//! process's [`RelayPolicy`] (with the recipient map loaded at start).
 //!
 //! ```
 //! use mortal_smtpd::engine::{Action, Answer, Session};
+//! use mortal_smtpd::relay::RelayPolicy;
 //! use std::sync::Arc;
 //!
 //! let toml = "[server]\nhostname = \"mx.example.test\"\naccepted_domains = [\"example.test\"]\n";
 //! let config = mortal_proto::config::Config::parse(toml, "mortal.toml".as_ref()).unwrap();
-//! let mut session = Session::new(Arc::new(config), "192.0.2.1".parse().unwrap());
+//! let relay = Arc::new(RelayPolicy::default());
+//! let mut session = Session::new(Arc::new(config), relay, "192.0.2.1".parse().unwrap());
 //! session.feed(b"EHLO client.test\r\n");
 //! session.feed(b"MAIL FROM:<a@example.test>\r\n");
 //! let actions: Vec<Action> = std::iter::from_fn(|| session.next_action()).collect();
@@ -82,6 +86,7 @@ pub(crate) fn steering_inputs(count: usize) -> impl Iterator<Item = (Vec<u8>, u6
 pub use data::MAX_TEXT_LINE;
 pub use line::MAX_COMMAND_LINE;
 
+use crate::relay::RelayPolicy;
 use bdat::{ChunkDecoder, ChunkPolicy};
 use command::{Command, Param, ParseError, Verb};
 use data::{ContentError, DataReceiver};
@@ -89,6 +94,7 @@ use line::{Line, LineReader};
 use mortal_proto::address::{self, AddressError};
 use mortal_proto::config::{BareNewline, Config};
 use mortal_proto::ipc::{BodyType, ClientInfo, DsnRet, Notify, RecipientInfo, SenderInfo};
+use mortal_proto::tls::TlsSummary;
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -227,6 +233,9 @@ struct Transaction {
 #[derive(Debug)]
 pub struct Session {
     config: Arc<Config>,
+    /// Who may receive mail here (accepted domains, trusted networks, the
+    /// recipient map), shared by the sessions of this process.
+    relay: Arc<RelayPolicy>,
     addr: IpAddr,
     /// The client's host name: [`UNKNOWN_NAME`] or a forward-confirmed one.
     name: String,
@@ -247,28 +256,29 @@ pub struct Session {
     last: &'static str,
     /// The client talked before the greeting.
     spoke_early: bool,
-    /// The TLS in use (`TLSv1.3 with cipher ...`), once STARTTLS completed.
-    tls: Option<String>,
+    /// The TLS in use, once STARTTLS completed.
+    tls: Option<TlsSummary>,
 }
 
 impl Session {
     /// Starts a session with a client at `addr`: queues the `connect from`
     /// log line and the greeting.
-    pub fn new(config: Arc<Config>, addr: IpAddr) -> Self {
-        Self::with_name(config, addr, UNKNOWN_NAME)
+    pub fn new(config: Arc<Config>, relay: Arc<RelayPolicy>, addr: IpAddr) -> Self {
+        Self::with_name(config, relay, addr, UNKNOWN_NAME)
     }
 
     /// [`Session::new`] for a client whose host name is `name` (the
     /// driver's forward-confirmed reverse lookup, already a valid host
     /// name, or [`UNKNOWN_NAME`]), which then appears in every log line
     /// and in `Received:`.
-    pub fn with_name(config: Arc<Config>, addr: IpAddr, name: &str) -> Self {
+    pub fn with_name(config: Arc<Config>, relay: Arc<RelayPolicy>, addr: IpAddr, name: &str) -> Self {
         // A v4 client on a dual-stack socket appears as ::ffff:a.b.c.d;
         // log and pass on the address it really has, as Postfix does.
         let addr = addr.to_canonical();
         let greeting = reply::greeting(&config.server.hostname, &config.smtpd.banner);
         let mut session = Session {
             config,
+            relay,
             addr,
             name: name.to_owned(),
             client: format!("{name}[{addr}]"),
@@ -341,7 +351,7 @@ impl Session {
     ///
     /// # Panics
     /// If no [`Action::StartTls`] is outstanding (a driver bug).
-    pub fn tls_established(&mut self, info: String) {
+    pub fn tls_established(&mut self, info: TlsSummary) {
         assert!(matches!(self.phase, Phase::Handshake), "tls_established without an outstanding StartTls");
         self.stats.count(Verb::Starttls, true);
         self.log(format!("Anonymous TLS connection established from {}: {info}", self.client));
@@ -623,7 +633,7 @@ impl Session {
             name: self.name.clone(),
             helo,
             protocol: self.protocol_for(params.smtputf8).into(),
-            tls: self.tls.clone().unwrap_or_default(),
+            tls: self.tls.as_ref().map(TlsSummary::to_string).unwrap_or_default(),
         };
         let MailParams { body, smtputf8, ret, envid } = params;
         let info = SenderInfo { address: sender.clone(), body, smtputf8, ret, envid };
@@ -734,7 +744,7 @@ impl Session {
             _ => reply::BAD_RECIPIENT.to_owned(),
         })?;
         // Accepted domains, the recipient map and trusted_networks.
-        crate::relay::check_recipient(&self.config, self.addr, &mailbox)?;
+        self.relay.check(&self.config, self.addr, &mailbox)?;
         Ok(mailbox.to_string())
     }
 
@@ -1093,7 +1103,7 @@ mod tests {
             ("2001:db8::1", "unknown[2001:db8::1]"),
             ("::1", "unknown[::1]"),
         ] {
-            let mut session = Session::new(Arc::clone(&config), addr.parse().expect("address"));
+            let mut session = Session::new(Arc::clone(&config), Arc::default(), addr.parse().expect("address"));
             assert_eq!(session.next_action(), Some(Action::Log(format!("connect from {logged}"))));
             assert_eq!(session.next_action(), Some(Action::Reply("220 localhost ESMTP mortal\r\n".into())));
         }
@@ -1103,7 +1113,8 @@ mod tests {
     fn a_looked_up_name_reaches_logs_and_the_transaction() {
         let toml = "[server]\naccepted_domains = [\"example.test\"]\n";
         let config = Arc::new(Config::parse(toml, std::path::Path::new("mortal.toml")).expect("config"));
-        let mut session = Session::with_name(config, "192.0.2.9".parse().expect("address"), "mx.example.net");
+        let addr = "192.0.2.9".parse().expect("address");
+        let mut session = Session::with_name(config, Arc::default(), addr, "mx.example.net");
         assert_eq!(session.next_action(), Some(Action::Log("connect from mx.example.net[192.0.2.9]".into())));
         session.feed(b"EHLO client.test\r\n");
         session.feed(b"MAIL FROM:<a@example.test>\r\n");
@@ -1114,6 +1125,29 @@ mod tests {
         let logged = Action::Log("0000000010000100000A: client=mx.example.net[192.0.2.9]".into());
         assert_eq!(session.next_action(), Some(logged));
         assert!(session.finish().starts_with("disconnect from mx.example.net[192.0.2.9] "));
+    }
+
+    /// The recipient map is the session's, given when it is built: two
+    /// sessions in one process can hold different ones.
+    #[test]
+    fn the_recipient_map_is_the_one_the_session_was_given() {
+        let toml = "[server]\naccepted_domains = [\"example.test\"]\n";
+        let config = Arc::new(Config::parse(toml, std::path::Path::new("mortal.toml")).expect("config"));
+        let map = crate::relay::RecipientMap::parse("alice@example.test\n").expect("map");
+        let listed = Arc::new(RelayPolicy::with_map(map));
+        let unknown = "550 5.1.1 <carol@example.test>: Recipient address rejected: \
+                       User unknown in local recipient table\r\n";
+        for (relay, carol) in [(listed, unknown), (Arc::default(), "250 2.1.5 Ok\r\n")] {
+            let mut session = Session::new(Arc::clone(&config), relay, "192.0.2.9".parse().expect("address"));
+            session.feed(b"EHLO client.test\r\n");
+            session.feed(b"MAIL FROM:<a@example.test>\r\n");
+            std::iter::from_fn(|| session.next_action()).for_each(drop);
+            session.transaction_opened("0000000010000100000A".into());
+            session.feed(b"RCPT TO:<alice@example.test>\r\nRCPT TO:<carol@example.test>\r\n");
+            let replies: Vec<Action> =
+                std::iter::from_fn(|| session.next_action()).filter(|a| matches!(a, Action::Reply(_))).collect();
+            assert_eq!(replies[1..], [Action::Reply("250 2.1.5 Ok\r\n".into()), Action::Reply(carol.into())]);
+        }
     }
 
     #[test]
