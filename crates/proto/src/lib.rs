@@ -3,16 +3,22 @@
 //! # Summary
 //! Typed configuration (`etc/mortal.toml`), the framed records that cross
 //! process boundaries (smtpd → cleanup, child → master), the on-disk queue
-//! file format, queue ids and RFC 5321 address syntax. Like Postfix's
-//! `global/mail_proto.h`, it is the one place both sides of every
-//! conversation agree on.
+//! file format, queue ids, the spool layout and RFC 5321 address syntax.
+//! Like Postfix's `global/mail_proto.h`, it is the one place both sides of
+//! every conversation agree on.
 //!
 //! # Security
-//! This crate performs no I/O. Every decoder is strict and bounded: it
-//! rejects unknown record types, oversized records and records out of
-//! order, so a compromised peer can only make a conversation fail, never
-//! make its reader allocate without bound or act on a half-valid stream.
-//! Every decoder is a fuzz target (`fuzz/`).
+//! Two modules perform I/O, and only these: [`spool`] creates the queue
+//! directories and makes the durable write (temporary file, rename,
+//! `fsync`), because that procedure is part of the spool's contract between
+//! cleanup, the queue manager and the operator's commands and must have one
+//! definition; [`config`]'s `Config::load` reads the configuration file
+//! (and asks the effective uid, which decides which rules apply).
+//! Everything else parses and encodes in memory. Every decoder is strict
+//! and bounded: it rejects unknown record types, oversized records and
+//! records out of order, so a compromised peer can only make a
+//! conversation fail, never make its reader allocate without bound or act
+//! on a half-valid stream. Every decoder is a fuzz target (`fuzz/`).
 //!
 //! # Standards
 //! RFC 5321 section 4.1.2 (address syntax), RFC 6531 (UTF-8 addresses).
@@ -36,4 +42,5 @@ pub mod pipe;
 pub mod queue_file;
 pub mod queue_id;
 pub mod record;
+pub mod spool;
 pub mod status;

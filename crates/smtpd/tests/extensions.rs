@@ -161,7 +161,7 @@ async fn cleanup_accepting(listener: &UnixListener, transactions: usize) -> Vec<
                 }
             };
             let reply = match &request {
-                Request::Sender(_) => Some(Reply::QueueId(QUEUE_ID.into())),
+                Request::Sender(_) => Some(Reply::QueueId(QUEUE_ID.parse().unwrap())),
                 Request::End => Some(Reply::Answer {
                     code: 250,
                     enhanced: "2.0.0".into(),
@@ -390,7 +390,7 @@ async fn slowloris_data_is_cut_off() {
         let deadline = Instant::now() + STEP;
         while Instant::now() < deadline {
             match decoder.next_request().expect("valid records") {
-                Some(Request::Sender(_)) => write_reply(&mut sock, Reply::QueueId(QUEUE_ID.into())).await,
+                Some(Request::Sender(_)) => write_reply(&mut sock, Reply::QueueId(QUEUE_ID.parse().unwrap())).await,
                 Some(_) => {}
                 None => match timeout(STEP, sock.read(&mut buf)).await {
                     Ok(Ok(n)) if n > 0 => decoder.feed(&buf[..n]),
@@ -462,7 +462,7 @@ async fn slowloris_bdat_chunks_are_cut_off() {
         let mut buf = [0; 4096];
         loop {
             match decoder.next_request().expect("valid records") {
-                Some(Request::Sender(_)) => write_reply(&mut sock, Reply::QueueId(QUEUE_ID.into())).await,
+                Some(Request::Sender(_)) => write_reply(&mut sock, Reply::QueueId(QUEUE_ID.parse().unwrap())).await,
                 Some(_) => {}
                 None => match timeout(STEP, sock.read(&mut buf)).await {
                     Ok(Ok(n)) if n > 0 => decoder.feed(&buf[..n]),

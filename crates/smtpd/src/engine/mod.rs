@@ -21,7 +21,7 @@
 //! session.feed(b"MAIL FROM:<a@example.test>\r\n");
 //! let actions: Vec<Action> = std::iter::from_fn(|| session.next_action()).collect();
 //! assert!(matches!(actions.last(), Some(Action::StartTransaction { .. })));
-//! session.transaction_opened("0000000010000100000A".into());
+//! session.transaction_opened("0000000010000100000A".parse().unwrap());
 //! assert_eq!(session.next_action(), Some(Action::Log("0000000010000100000A: client=unknown[192.0.2.1]".into())));
 //! assert_eq!(session.next_action(), Some(Action::Reply("250 2.1.0 Ok\r\n".into())));
 //! ```
@@ -89,6 +89,7 @@ use line::{Line, LineReader};
 use mortal_proto::address::{self, AddressError};
 use mortal_proto::config::{BareNewline, Config};
 use mortal_proto::ipc::{BodyType, ClientInfo, DsnRet, Notify, RecipientInfo, SenderInfo};
+use mortal_proto::queue_id::QueueId;
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -210,7 +211,7 @@ struct Helo {
 struct Transaction {
     /// Reverse-path without brackets; empty for `<>`.
     sender: String,
-    queue_id: String,
+    queue_id: QueueId,
     recipients: u32,
     /// Set when cleanup failed or refused mid-transaction (or a BDAT chunk
     /// was refused): every further RCPT, BDAT and the DATA get this reply,
@@ -374,7 +375,7 @@ impl Session {
     /// # Panics
     /// If no [`Action::StartTransaction`] is outstanding: that is a driver
     /// bug, and carrying on could attach a message to the wrong envelope.
-    pub fn transaction_opened(&mut self, queue_id: String) {
+    pub fn transaction_opened(&mut self, queue_id: QueueId) {
         let Phase::Opening { sender, body, smtputf8 } = std::mem::replace(&mut self.phase, Phase::Command) else {
             panic!("transaction_opened without an outstanding StartTransaction");
         };
@@ -1110,7 +1111,7 @@ mod tests {
         let actions: Vec<Action> = std::iter::from_fn(|| session.next_action()).collect();
         let Some(Action::StartTransaction { client, .. }) = actions.last() else { panic!("{actions:?}") };
         assert_eq!((client.name.as_str(), client.addr.as_str()), ("mx.example.net", "192.0.2.9"));
-        session.transaction_opened("0000000010000100000A".into());
+        session.transaction_opened("0000000010000100000A".parse().unwrap());
         let logged = Action::Log("0000000010000100000A: client=mx.example.net[192.0.2.9]".into());
         assert_eq!(session.next_action(), Some(logged));
         assert!(session.finish().starts_with("disconnect from mx.example.net[192.0.2.9] "));
