@@ -9,7 +9,8 @@
 
 use mortal_proto::ipc::{BodyType, ClientInfo, SenderInfo};
 use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
-use mortal_proto::queue_id;
+use mortal_proto::queue_id::QueueId;
+use mortal_proto::spool::QueueDir;
 use mortal_tests::{Instance, Options, Smtp, bin_dir, free_port, wait_for};
 use serde_json::Value;
 use std::fs::{self, File};
@@ -66,7 +67,7 @@ fn stuck_instance() -> Instance {
 }
 
 /// Sends one message over SMTP; returns its queue id.
-fn send(inst: &Instance, from: &str, to: &[&str], subject: &str) -> String {
+fn send(inst: &Instance, from: &str, to: &[&str], subject: &str) -> QueueId {
     let mut s = Smtp::connect(inst.port).expect("connect");
     assert!(s.cmd("EHLO client.test").unwrap().starts_with("250"));
     assert!(s.cmd(&format!("MAIL FROM:<{from}>")).unwrap().starts_with("250"));
@@ -79,9 +80,9 @@ fn send(inst: &Instance, from: &str, to: &[&str], subject: &str) -> String {
     s.send_raw(message.as_bytes()).unwrap();
     let reply = s.read_reply().unwrap();
     let _ = s.cmd("QUIT");
-    let id = reply.trim_end().rsplit(' ').next().unwrap_or_default().to_owned();
-    assert!(reply.starts_with("250 2.0.0 Ok: queued as ") && queue_id::is_valid(&id), "{reply}");
-    id
+    let id = reply.trim_end().rsplit(' ').next().unwrap_or_default().parse();
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+    id.unwrap_or_else(|e| panic!("{e}: {reply}"))
 }
 
 static PLACED: AtomicU32 = AtomicU32::new(0);
@@ -89,12 +90,12 @@ static PLACED: AtomicU32 = AtomicU32::new(0);
 /// Writes a valid queue file into `queue/` as the queue manager would
 /// (temporary name, then rename), with its mtime (for `deferred/`, the
 /// retry time) `retry_in` from now.
-fn place(inst: &Instance, queue: &str, sender: &str, rcpt: &str, status: &str, retry_in: Duration) -> String {
+fn place(inst: &Instance, queue: QueueDir, sender: &str, rcpt: &str, status: &str, retry_in: Duration) -> QueueId {
     let n = PLACED.fetch_add(1, Ordering::Relaxed);
     let arrival = SystemTime::now() + Duration::from_micros(u64::from(n));
-    let id = queue_id::make(arrival, 0xC11_000 + n);
+    let id = QueueId::new(arrival, 0xC11_000 + n);
     let qf = QueueFile {
-        id: id.clone(),
+        id,
         arrival,
         client: ClientInfo {
             addr: "127.0.0.1".into(),
@@ -119,11 +120,10 @@ fn place(inst: &Instance, queue: &str, sender: &str, rcpt: &str, status: &str, r
         }],
         content: format!("Subject: placed {n}\r\n\r\nplaced body {n}\r\n").into_bytes(),
     };
-    let dir = inst.spool().join(queue);
-    let temp = dir.join(format!("{id}.tmp"));
+    let temp = inst.spool_layout().temp_path(queue, &id);
     fs::write(&temp, qf.encode()).unwrap();
     File::options().write(true).open(&temp).unwrap().set_modified(SystemTime::now() + retry_in).unwrap();
-    fs::rename(&temp, dir.join(&id)).unwrap();
+    fs::rename(&temp, inst.spool_layout().path(queue, &id)).unwrap();
     id
 }
 
@@ -135,19 +135,17 @@ fn list_json(inst: &Instance, extra: &[&str]) -> Vec<Value> {
     r.stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}"))).collect()
 }
 
-fn record<'a>(records: &'a [Value], id: &str) -> Option<&'a Value> {
-    records.iter().find(|r| r["queue_id"] == id)
+fn record<'a>(records: &'a [Value], id: &QueueId) -> Option<&'a Value> {
+    records.iter().find(|r| r["queue_id"] == id.as_str())
 }
 
 /// Where the message is now, from the directories.
-fn queue_of(inst: &Instance, id: &str) -> Option<&'static str> {
-    ["incoming", "active", "deferred", "hold", "corrupt"]
-        .into_iter()
-        .find(|q| inst.queue_files(q).iter().any(|f| f == id))
+fn queue_of(inst: &Instance, id: &QueueId) -> Option<QueueDir> {
+    QueueDir::ALL.into_iter().find(|&q| inst.queue_files(q).iter().any(|f| f == id.as_str()))
 }
 
 /// Delivery attempts the queue manager logged for `id`.
-fn attempts(inst: &Instance, id: &str) -> usize {
+fn attempts(inst: &Instance, id: &QueueId) -> usize {
     inst.log_text().matches(&format!("{id}: to=<")).count()
 }
 
@@ -170,7 +168,8 @@ fn until_not_busy(inst: &Instance, args: &[&str]) -> Run {
 fn list_show_and_stats_describe_the_queue() {
     let inst = stuck_instance();
     let sent = send(&inst, "a@example.test", &["b@example.test", "c@example.test"], "cli one");
-    let placed = place(&inst, "deferred", "", "d@example.test", "4.4.1 placed reason", Duration::from_secs(3600));
+    let placed =
+        place(&inst, QueueDir::Deferred, "", "d@example.test", "4.4.1 placed reason", Duration::from_secs(3600));
 
     // The first attempt records each recipient's delay reason.
     let records = wait_for("a delay reason for the sent message", || {
@@ -201,11 +200,11 @@ fn list_show_and_stats_describe_the_queue() {
     assert_eq!(r.code, 0, "{r:?}");
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert!(lines[0].starts_with("-Queue ID-") && lines[0].contains("----Arrival Time----"), "{}", r.stdout);
-    let placed_line = lines.iter().position(|l| l.starts_with(&placed)).expect("placed message listed");
+    let placed_line = lines.iter().position(|l| l.starts_with(placed.as_str())).expect("placed message listed");
     assert!(lines[placed_line].ends_with("  MAILER-DAEMON"), "{}", r.stdout);
     assert_eq!(lines[placed_line + 1], "(4.4.1 placed reason)");
     assert_eq!(lines[placed_line + 2].trim_start(), "d@example.test");
-    assert!(lines.iter().any(|l| l.starts_with(&sent) && l.ends_with("  a@example.test")), "{}", r.stdout);
+    assert!(lines.iter().any(|l| l.starts_with(sent.as_str()) && l.ends_with("  a@example.test")), "{}", r.stdout);
     assert!(
         lines.last().unwrap().starts_with("-- ") && lines.last().unwrap().ends_with(" in 2 Requests."),
         "{}",
@@ -226,7 +225,7 @@ fn list_show_and_stats_describe_the_queue() {
     assert_eq!((r.code, r.stdout.as_str()), (0, "Mail queue is empty\n"));
 
     // show: envelope, header, body, and each part alone.
-    let r = mortal(&inst, &["queue", "show", &sent]);
+    let r = mortal(&inst, &["queue", "show", sent.as_str()]);
     assert_eq!(r.code, 0, "{r:?}");
     for want in
         ["*** ENVELOPE ", "sender: <a@example.test>", "recipient: <b@example.test> pending", "Subject: cli one\n"]
@@ -234,12 +233,12 @@ fn list_show_and_stats_describe_the_queue() {
         assert!(r.stdout.contains(want), "{want:?} in\n{}", r.stdout);
     }
     assert!(r.stdout.contains("body of cli one\n*** END "), "{}", r.stdout);
-    let header = mortal(&inst, &["queue", "show", &sent.to_lowercase(), "--header-only"]);
+    let header = mortal(&inst, &["queue", "show", &sent.as_str().to_lowercase(), "--header-only"]);
     assert!(header.stdout.contains("Subject: cli one\n") && !header.stdout.contains("body of"), "{header:?}");
     assert!(header.stdout.starts_with("Received: from client.test"), "{header:?}");
-    let body = mortal(&inst, &["queue", "show", &sent, "--body-only"]);
+    let body = mortal(&inst, &["queue", "show", sent.as_str(), "--body-only"]);
     assert_eq!(body.stdout, "body of cli one\n");
-    let json = mortal(&inst, &["queue", "show", &placed, "--json"]);
+    let json = mortal(&inst, &["queue", "show", placed.as_str(), "--json"]);
     let v: Value = serde_json::from_str(&json.stdout).unwrap();
     assert_eq!(v["queue_name"], "deferred", "{v}");
     assert!(v["body"].as_str().unwrap().starts_with("placed body "), "{v}");
@@ -261,19 +260,22 @@ fn list_show_and_stats_describe_the_queue() {
 
     // A file that fails to decode is listed (when asked for) with the
     // reason, and can be deleted.
-    let bad = queue_id::make(SystemTime::now(), 0xBAD);
-    fs::write(inst.spool().join("corrupt").join(&bad), b"MORTALQ\0 torn").unwrap();
+    let bad = QueueId::new(SystemTime::now(), 0xBAD);
+    fs::write(inst.spool_layout().path(QueueDir::Corrupt, &bad), b"MORTALQ\0 torn").unwrap();
     let corrupt = list_json(&inst, &["--queue", "corrupt"]);
     assert_eq!(corrupt.len(), 1, "{corrupt:?}");
-    assert_eq!((corrupt[0]["queue_id"].as_str(), corrupt[0]["queue_name"].as_str()), (Some(&*bad), Some("corrupt")));
+    assert_eq!(
+        (corrupt[0]["queue_id"].as_str(), corrupt[0]["queue_name"].as_str()),
+        (Some(bad.as_str()), Some("corrupt"))
+    );
     assert!(corrupt[0]["error"].as_str().is_some_and(|e| !e.is_empty()), "{corrupt:?}");
     assert!(record(&list_json(&inst, &[]), &bad).is_none(), "corrupt files only when asked for");
-    let r = mortal(&inst, &["queue", "delete", &bad]);
+    let r = mortal(&inst, &["queue", "delete", bad.as_str()]);
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{bad}: removed")), "{r:?}");
 
     // Unknown and malformed ids.
-    let missing = queue_id::make(SystemTime::now(), 1);
-    let r = mortal(&inst, &["queue", "show", &missing]);
+    let missing = QueueId::new(SystemTime::now(), 1);
+    let r = mortal(&inst, &["queue", "show", missing.as_str()]);
     assert_eq!(r.code, EXIT_NOT_FOUND, "{r:?}");
     assert!(r.stderr.contains("not in the queue"), "{r:?}");
     assert_eq!(mortal(&inst, &["queue", "show", "../../etc/passwd"]).code, 2);
@@ -287,44 +289,44 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
 
     // hold: the queue manager may be delivering it right now; the CLI
     // says so and leaves it alone until it is back in deferred/.
-    let r = until_not_busy(&inst, &["queue", "hold", &id]);
+    let r = until_not_busy(&inst, &["queue", "hold", id.as_str()]);
     assert_eq!((r.code, r.stdout.as_str()), (0, &*format!("{id}: placed on hold\n")), "{r:?}");
     assert!(r.stderr.contains("Placed on hold: 1 message"), "{r:?}");
-    assert_eq!(queue_of(&inst, &id), Some("hold"));
+    assert_eq!(queue_of(&inst, &id), Some(QueueDir::Hold));
     let held = mortal(&inst, &["queue", "list"]);
     assert!(held.stdout.lines().any(|l| l.starts_with(&format!("{id}!"))), "{held:?}");
     let before = attempts(&inst, &id);
     std::thread::sleep(RETRY_WINDOW);
     assert_eq!(attempts(&inst, &id), before, "a held message is not retried\n{}", inst.log_text());
-    assert_eq!(queue_of(&inst, &id), Some("hold"));
+    assert_eq!(queue_of(&inst, &id), Some(QueueDir::Hold));
 
-    let r = mortal(&inst, &["queue", "hold", &id]);
+    let r = mortal(&inst, &["queue", "hold", id.as_str()]);
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{id}: already on hold")), "{r:?}");
-    let r = mortal(&inst, &["queue", "requeue", &id]);
+    let r = mortal(&inst, &["queue", "requeue", id.as_str()]);
     assert_eq!(r.code, EXIT_NOT_FOUND, "{r:?}");
     assert!(r.stderr.contains("on hold: release it first"), "{r:?}");
 
     // release: back to incoming/, and the queue manager, woken, tries it at once.
-    let r = mortal(&inst, &["queue", "release", &id]);
+    let r = mortal(&inst, &["queue", "release", id.as_str()]);
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{id}: released from hold")), "{r:?}");
     wait_for("a new attempt after release", || (attempts(&inst, &id) > before).then_some(()))
         .unwrap_or_else(|| panic!("not retried after release\n{}", inst.log_text()));
-    let r = until_not_busy(&inst, &["queue", "release", &id]);
+    let r = until_not_busy(&inst, &["queue", "release", id.as_str()]);
     assert_eq!(r.code, EXIT_NOT_FOUND, "{r:?}");
     assert!(r.stderr.contains(&format!("{id}: not on hold (in ")), "{r:?}");
 
     // requeue and flush: due in an hour, tried now.
     let later = Duration::from_secs(3600);
-    let requeued = place(&inst, "deferred", "x@example.test", "b@example.test", "4.4.1 old", later);
-    let flushed = place(&inst, "deferred", "y@example.test", "b@example.test", "4.4.1 old", later);
+    let requeued = place(&inst, QueueDir::Deferred, "x@example.test", "b@example.test", "4.4.1 old", later);
+    let flushed = place(&inst, QueueDir::Deferred, "y@example.test", "b@example.test", "4.4.1 old", later);
     std::thread::sleep(RETRY_WINDOW);
     assert_eq!((attempts(&inst, &requeued), attempts(&inst, &flushed)), (0, 0), "not due yet");
-    let r = mortal(&inst, &["queue", "requeue", &requeued]);
+    let r = mortal(&inst, &["queue", "requeue", requeued.as_str()]);
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{requeued}: requeued")), "{r:?}");
-    let r = mortal(&inst, &["queue", "flush", &flushed]);
+    let r = mortal(&inst, &["queue", "flush", flushed.as_str()]);
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{flushed}: scheduled for delivery now")), "{r:?}");
     // flush without ids: every deferred message is due now.
-    let all = place(&inst, "deferred", "w@example.test", "b@example.test", "4.4.1 old", later);
+    let all = place(&inst, QueueDir::Deferred, "w@example.test", "b@example.test", "4.4.1 old", later);
     // Messages that keep failing cycle through active/: retry while busy.
     let r = until_not_busy(&inst, &["queue", "flush"]);
     assert_eq!(r.code, 0, "{r:?}");
@@ -335,11 +337,11 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
     }
 
     // delete: one placed message, then everything (retrying what is busy).
-    let doomed = place(&inst, "deferred", "z@example.test", "b@example.test", "4.4.1 old", later);
-    let r = mortal(&inst, &["queue", "delete", &doomed]);
+    let doomed = place(&inst, QueueDir::Deferred, "z@example.test", "b@example.test", "4.4.1 old", later);
+    let r = mortal(&inst, &["queue", "delete", doomed.as_str()]);
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{doomed}: removed")), "{r:?}");
     assert_eq!(queue_of(&inst, &doomed), None);
-    assert_eq!(mortal(&inst, &["queue", "delete", &doomed]).code, EXIT_NOT_FOUND);
+    assert_eq!(mortal(&inst, &["queue", "delete", doomed.as_str()]).code, EXIT_NOT_FOUND);
     let r = until_not_busy(&inst, &["queue", "delete", "--sender", "@example.test"]);
     assert_eq!(r.code, 0, "{r:?}");
     for gone in [&id, &requeued, &flushed, &all] {
@@ -358,26 +360,26 @@ fn a_message_being_delivered_is_reported_and_never_touched() {
     // delivery attempt shows it has.)
     let first = send(&inst, "a@example.test", &["b@example.test"], "queue manager is up");
     inst.wait_for_log(&format!("{first}: to=<b@example.test>"));
-    let id = place(&inst, "active", "a@example.test", "b@example.test", "", Duration::ZERO);
+    let id = place(&inst, QueueDir::Active, "a@example.test", "b@example.test", "", Duration::ZERO);
     for command in ["delete", "hold", "requeue", "flush"] {
         let args = ["queue", command, id.as_str()];
         let r = mortal(&inst, &args);
         assert_eq!(r.code, EXIT_BUSY, "{args:?}: {r:?}");
         assert!(r.stderr.contains(&format!("{id}: being delivered, try again")), "{r:?}");
-        assert_eq!(queue_of(&inst, &id), Some("active"), "{args:?} left it in active/");
+        assert_eq!(queue_of(&inst, &id), Some(QueueDir::Active), "{args:?} left it in active/");
     }
     let r = mortal(&inst, &["queue", "delete", "--all"]);
     assert_eq!(r.code, EXIT_BUSY, "{r:?}");
     let r = mortal(&inst, &["queue", "list"]);
     assert!(r.stdout.lines().any(|l| l.starts_with(&format!("{id}*"))), "{r:?}");
-    fs::remove_file(inst.spool().join("active").join(&id)).unwrap();
+    fs::remove_file(inst.spool_layout().path(QueueDir::Active, &id)).unwrap();
 }
 
 #[test]
 fn permissions_are_checked_and_explained() {
     let inst = stuck_instance();
-    let id = place(&inst, "deferred", "a@example.test", "b@example.test", "", Duration::from_secs(3600));
-    let deferred = inst.spool().join("deferred");
+    let id = place(&inst, QueueDir::Deferred, "a@example.test", "b@example.test", "", Duration::from_secs(3600));
+    let deferred = inst.spool_layout().dir(QueueDir::Deferred);
     if !nix::unistd::geteuid().is_root() {
         // Unprivileged run: the spool is ours, so only a directory we
         // cannot read shows the refusal.
@@ -401,12 +403,12 @@ fn permissions_are_checked_and_explained() {
     assert!(r.stderr.contains(&who), "{who:?} in {r:?}");
 
     // Readable by all, still not theirs to change.
-    let dirs = ["incoming", "active", "deferred", "hold", "corrupt"].map(|q| inst.spool().join(q));
+    let dirs = QueueDir::ALL.map(|q| inst.spool_layout().dir(q));
     for dir in &dirs {
         set_mode(dir, 0o755);
     }
     let stats = mortal_as(&inst, stranger, &["queue", "stats"]);
-    let hold = mortal_as(&inst, stranger, &["queue", "hold", &id]);
+    let hold = mortal_as(&inst, stranger, &["queue", "hold", id.as_str()]);
     for dir in &dirs {
         set_mode(dir, 0o700);
     }
@@ -415,12 +417,12 @@ fn permissions_are_checked_and_explained() {
     assert!(hold.stderr.contains("changing the queue needs root or the spool owner"), "{hold:?}");
     let belongs = format!("belongs to {owner_name} (uid {owner}) and {who}");
     assert!(hold.stderr.contains(&belongs), "{belongs:?} in {hold:?}");
-    assert_eq!(queue_of(&inst, &id), Some("deferred"), "nothing changed");
+    assert_eq!(queue_of(&inst, &id), Some(QueueDir::Deferred), "nothing changed");
 
     // The spool owner may change it.
-    let r = mortal_as(&inst, owner, &["queue", "hold", &id]);
+    let r = mortal_as(&inst, owner, &["queue", "hold", id.as_str()]);
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{id}: placed on hold")), "{r:?}");
-    assert_eq!(queue_of(&inst, &id), Some("hold"));
+    assert_eq!(queue_of(&inst, &id), Some(QueueDir::Hold));
 }
 
 fn user_name(uid: u32) -> String {

@@ -6,6 +6,8 @@
 
 use mortal_proto::ipc::{BodyType, ClientInfo, Notify, SenderInfo};
 use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
+use mortal_proto::queue_id::QueueId;
+use mortal_proto::spool::QueueDir;
 use mortal_tests::delivery::{
     Aiosmtpd, Dovecot, FakeLmtp, Guard, TempDir, cleanup_pids, queue_pid, send, start_mortal,
 };
@@ -364,7 +366,7 @@ fn kill_9_of_queue_during_lmtp_delivery_loses_nothing() {
     // The port answers as soon as an smtpd is up; the queue may still be starting.
     let before = wait_for("a queue process", || queue_pid(&mortal)).expect("a queue process");
     send(mortal.port, "a@example.test", &["crash@example.test"], &message("crash", "must survive"));
-    let stalled = wait_for("delivery in progress", || (!mortal.queue_files("active").is_empty()).then_some(()));
+    let stalled = wait_for("delivery in progress", || (!mortal.queue_files(QueueDir::Active).is_empty()).then_some(()));
     assert!(stalled.is_some(), "{}", mortal.log_text());
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(lmtp.deliveries("crash@example.test"), 0);
@@ -378,9 +380,9 @@ fn kill_9_of_queue_during_lmtp_delivery_loses_nothing() {
     assert!(lmtp.transactions()[0].data.contains("must survive"));
 }
 
-fn sample_queue_file(id: &str) -> QueueFile {
+fn sample_queue_file(id: QueueId) -> QueueFile {
     QueueFile {
-        id: id.to_owned(),
+        id,
         arrival: SystemTime::now(),
         client: ClientInfo {
             addr: "127.0.0.1".into(),
@@ -423,7 +425,7 @@ fn records(bytes: &[u8]) -> Vec<(u8, usize, usize)> {
 fn corrupt_file_of_every_record_type_goes_to_corrupt() {
     let mortal = start_mortal(Options::default(), &["example.test"], "");
     let base = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() & 0xF_FFFF_FFFF;
-    let good = sample_queue_file("00000000000000000000").encode();
+    let good = sample_queue_file("00000000000000000000".parse().unwrap()).encode();
     let kinds: Vec<u8> = records(&good).iter().map(|r| r.0).collect();
     assert_eq!(kinds, b"VITCSRMZ", "every record type is exercised");
     let mut ids = Vec::new();
@@ -431,23 +433,25 @@ fn corrupt_file_of_every_record_type_goes_to_corrupt() {
     for (kind, start, len) in records(&good) {
         for mode in ["flip", "truncate"] {
             n += 1;
-            let id = format!("{base:09X}{n:05X}FFFFFF");
-            let mut bytes = sample_queue_file(&id).encode();
+            let id: QueueId = format!("{base:09X}{n:05X}FFFFFF").parse().unwrap();
+            let mut bytes = sample_queue_file(id).encode();
             let mid = start + 5 + len / 2;
             match mode {
                 "flip" => bytes[mid] ^= 0x21,
                 _ => bytes.truncate(mid),
             }
-            let incoming = mortal.spool().join("incoming");
             let temp = mortal.spool().join(format!("{id}.part"));
             fs::write(&temp, &bytes).unwrap();
-            fs::rename(&temp, incoming.join(&id)).unwrap();
+            fs::rename(&temp, mortal.spool_layout().path(QueueDir::Incoming, &id)).unwrap();
             ids.push((id, kind as char, mode));
         }
     }
     for (id, kind, mode) in &ids {
         mortal.wait_for_log(&format!("warning: {id}: corrupt queue file ("));
-        assert!(mortal.queue_files("corrupt").contains(id), "{mode} in {kind} record not quarantined");
+        assert!(
+            mortal.queue_files(QueueDir::Corrupt).contains(&id.to_string()),
+            "{mode} in {kind} record not quarantined"
+        );
     }
     std::thread::sleep(Duration::from_millis(500));
     assert!(mortal.delivered("victim@example.test").is_empty(), "a corrupt file was delivered");

@@ -2,6 +2,8 @@
 //! loopback port, driven by real clients (Python's smtplib, swaks) and by a
 //! raw SMTP client where precision matters.
 
+use mortal_proto::queue_id::QueueId;
+use mortal_proto::spool::QueueDir;
 use mortal_tests::{Instance, Options, Smtp, body_of, process_exists, python, wait_for};
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -75,7 +77,7 @@ fn foreign_recipient_is_refused_and_nothing_is_written() {
     let _ = s.cmd("QUIT");
     mortal.wait_for_log("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 554 5.7.1 <victim@elsewhere.test>");
     std::thread::sleep(Duration::from_millis(300));
-    for q in ["incoming", "active", "deferred"] {
+    for q in [QueueDir::Incoming, QueueDir::Active, QueueDir::Deferred] {
         assert!(mortal.queue_files(q).is_empty(), "{q}/ must stay empty");
     }
     assert!(!mortal.spool().join("maildir/victim@elsewhere.test").exists());
@@ -213,11 +215,10 @@ fn killed_cleanup_mid_data_gives_4xx_and_leaves_no_file() {
     let id = log
         .lines()
         .filter(|l| l.contains("/smtpd[") && l.contains(": client=unknown[127.0.0.1]"))
-        .find_map(|l| l.split("]: ").nth(1)?.split(':').next().map(str::to_owned))
+        .find_map(|l| l.split("]: ").nth(1)?.split(':').next()?.parse::<QueueId>().ok())
         .expect("queue id in the log");
-    assert!(mortal_proto::queue_id::is_valid(&id), "{id}");
-    let pid = u32::from_str_radix(&id[14..], 16).unwrap();
-    assert!(mortal.queue_files("incoming").contains(&format!("{id}.tmp")), "cleanup is writing {id}.tmp");
+    let pid = id.pid();
+    assert!(mortal.queue_files(QueueDir::Incoming).contains(&format!("{id}.tmp")), "cleanup is writing {id}.tmp");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     let gone = wait_for("cleanup reaped", || (!process_exists(pid)).then_some(()));
     assert!(gone.is_some(), "cleanup {pid} still running");
@@ -227,10 +228,15 @@ fn killed_cleanup_mid_data_gives_4xx_and_leaves_no_file() {
     assert!(s.cmd("QUIT").unwrap().starts_with("221"));
     // The queue manager removes the orphan once its writer is gone.
     let cleaned = wait_for("orphaned temp file removed", || {
-        mortal.queue_files("incoming").iter().all(|f| !f.starts_with(&id)).then_some(())
+        mortal.queue_files(QueueDir::Incoming).iter().all(|f| !f.starts_with(id.as_str())).then_some(())
     });
-    assert!(cleaned.is_some(), "left in incoming/: {:?}\n{}", mortal.queue_files("incoming"), mortal.log_text());
-    for q in ["incoming", "active", "deferred", "corrupt"] {
+    assert!(
+        cleaned.is_some(),
+        "left in incoming/: {:?}\n{}",
+        mortal.queue_files(QueueDir::Incoming),
+        mortal.log_text()
+    );
+    for q in [QueueDir::Incoming, QueueDir::Active, QueueDir::Deferred, QueueDir::Corrupt] {
         assert!(mortal.queue_files(q).is_empty(), "{q}/ must be empty: {:?}", mortal.queue_files(q));
     }
     assert!(mortal.delivered("victim@example.test").is_empty(), "nothing may be delivered");

@@ -11,6 +11,7 @@
 //! runs the command, keeps Landlock with a pipe route and can neither
 //! exec nor fork.
 
+use mortal_proto::spool::{QueueDir, Spool};
 use mortal_tests::pipe::PIPE_USER;
 use mortal_tests::{WAIT, bin_dir, mail_user_line};
 use std::fs;
@@ -135,8 +136,8 @@ fn every_daemon_proves_its_sandbox() {
         "{queue}"
     );
     // Nothing a probe created is left behind.
-    for q in ["incoming", "deferred"] {
-        let left: Vec<_> = fs::read_dir(site.dir.join("spool").join(q)).unwrap().flatten().collect();
+    for q in [QueueDir::Incoming, QueueDir::Deferred] {
+        let left: Vec<_> = fs::read_dir(Spool::new(site.dir.join("spool")).dir(q)).unwrap().flatten().collect();
         assert!(left.is_empty(), "{q}: {left:?}");
     }
 }

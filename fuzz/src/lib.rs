@@ -120,7 +120,7 @@ pub fn smtp_session(data: &[u8]) {
                         );
                     }
                 }
-                Action::StartTransaction { .. } => session.transaction_opened("0000000000000000A001".into()),
+                Action::StartTransaction { .. } => session.transaction_opened("0000000000000000A001".parse().unwrap()),
                 Action::EndOfData => {
                     answers += 1;
                     session.cleanup_answer(Answer { code: 250, enhanced: "2.0.0".into(), text: QUEUED.into() });

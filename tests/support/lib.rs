@@ -13,6 +13,7 @@ pub mod lifetime;
 pub mod netpeer;
 pub mod pipe;
 
+use mortal_proto::spool::{QueueDir, Spool};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::collections::BTreeSet;
@@ -209,15 +210,23 @@ impl Instance {
     }
 
     /// Files in a queue directory (`incoming`, `active`, `deferred`...).
-    pub fn queue_files(&self, queue: &str) -> Vec<String> {
-        fs::read_dir(self.spool().join(queue))
+    /// The spool's layout, for paths of queue directories and files.
+    pub fn spool_layout(&self) -> Spool {
+        Spool::new(self.spool())
+    }
+
+    pub fn queue_files(&self, queue: QueueDir) -> Vec<String> {
+        fs::read_dir(self.spool_layout().dir(queue))
             .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default()
     }
 
     pub fn wait_for_empty_queue(&self) {
         let empty = wait_for("empty queue", || {
-            ["incoming", "active", "deferred"].iter().all(|q| self.queue_files(q).is_empty()).then_some(())
+            [QueueDir::Incoming, QueueDir::Active, QueueDir::Deferred]
+                .into_iter()
+                .all(|q| self.queue_files(q).is_empty())
+                .then_some(())
         });
         assert!(empty.is_some(), "queue not empty\n{}", self.log_text());
     }

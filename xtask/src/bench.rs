@@ -31,6 +31,7 @@
 
 use crate::chaos::{self, Mortal};
 use anyhow::{Context, Result, bail};
+use mortal_proto::spool::QueueDir;
 use serde_json::json;
 use std::fmt::Write as _;
 use std::fs;
@@ -727,9 +728,13 @@ fn fsyncs_per_message(bins: &Path, dir: &Path) -> Result<Option<f64>> {
         if !status.success() {
             bail!("smtp-source under strace failed");
         }
-        let spool = inst.join("spool");
+        let spool = mortal_proto::spool::Spool::new(inst.join("spool"));
         let deadline = Instant::now() + DRAIN_BOUND;
-        while ["incoming", "active", "deferred"].iter().map(|q| count_files(&spool.join(q))).sum::<usize>() > 0
+        while [QueueDir::Incoming, QueueDir::Active, QueueDir::Deferred]
+            .into_iter()
+            .map(|q| count_files(&spool.dir(q)))
+            .sum::<usize>()
+            > 0
             && Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(50));

@@ -18,6 +18,7 @@
 //! error (guards), and every wait is bounded.
 
 use anyhow::{Context, Result, bail};
+use mortal_proto::spool::QueueDir;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, HashMap};
@@ -293,9 +294,10 @@ impl Mortal {
 
     /// Files in a queue directory of the instance.
     pub fn queue_len(&self, spool: &Path) -> usize {
-        ["incoming", "active", "deferred"]
-            .iter()
-            .map(|q| fs::read_dir(spool.join(q)).map(|d| d.count()).unwrap_or(0))
+        let spool = mortal_proto::spool::Spool::new(spool);
+        [QueueDir::Incoming, QueueDir::Active, QueueDir::Deferred]
+            .into_iter()
+            .map(|q| fs::read_dir(spool.dir(q)).map(|d| d.count()).unwrap_or(0))
             .sum()
     }
 }

@@ -643,7 +643,7 @@ fn pipe_conversation() -> (Vec<u8>, Vec<u8>) {
     ];
     let mut request = vec![0];
     request.extend(pipe::encode_request(
-        "0000000010000100000A",
+        &"0000000010000100000A".parse().expect("a queue id"),
         "a@example.test",
         false,
         &recipients,
@@ -691,7 +691,7 @@ fn queue_files() -> Vec<(&'static str, QueueFile)> {
         status: String::new(),
     };
     let small = QueueFile {
-        id: "0000000010000100000A".into(),
+        id: "0000000010000100000A".parse().expect("a queue id"),
         arrival: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
         client: sample_client(),
         sender: sample_sender(BodyType::SevenBit),

@@ -8,6 +8,7 @@
 
 use mail_parser::{HeaderName, MessageParser};
 use mortal_proto::ipc::{ClientInfo, RecipientInfo};
+use mortal_proto::queue_id::QueueId;
 use std::net::IpAddr;
 use std::time::SystemTime;
 
@@ -52,7 +53,7 @@ fn is_field_line(line: &[u8]) -> bool {
 /// What the fixed-up header needs to know about the message.
 #[derive(Debug)]
 pub struct Envelope<'a> {
-    pub queue_id: &'a str,
+    pub queue_id: QueueId,
     pub hostname: &'a str,
     pub client: &'a ClientInfo,
     pub recipients: &'a [RecipientInfo],
@@ -168,7 +169,7 @@ mod tests {
 
     fn env<'a>(client: &'a ClientInfo, rcpts: &'a [RecipientInfo]) -> Envelope<'a> {
         Envelope {
-            queue_id: "0000000010000100000A",
+            queue_id: QueueId::parse("0000000010000100000A").unwrap(),
             hostname: "mx.example.test",
             client,
             recipients: rcpts,

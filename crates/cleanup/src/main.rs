@@ -50,6 +50,7 @@ mod spool;
 
 use mortal_libmaster::child;
 use mortal_libmaster::sandbox::{self, Service};
+use mortal_proto::spool::QueueDir;
 use std::os::unix::net::UnixListener;
 
 fn main() {
@@ -58,7 +59,7 @@ fn main() {
     let spool = match spool::Spool::open(&config) {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!("fatal: open spool {}: {e}", config.queue_dir("incoming").display());
+            tracing::error!("fatal: open spool {}: {e}", config.spool().dir(QueueDir::Incoming).display());
             std::process::exit(1);
         }
     };

@@ -9,15 +9,16 @@
 //! conversation.
 
 use crate::header::{self, Envelope, HeaderEnd, HeaderReject};
-use crate::spool::{Spool, SpoolFile};
+use crate::spool::Spool;
 use mortal_proto::address;
 use mortal_proto::config::Config;
 use mortal_proto::ipc::{
     ClientInfo, Decoder, IpcError, RecipientInfo, Reply, Request, RequestInPlace, RequestSequence, SenderInfo,
 };
 use mortal_proto::queue_file::{Encoder, QueuedRecipient};
-use mortal_proto::queue_id;
+use mortal_proto::queue_id::QueueId;
 use mortal_proto::relay;
+use mortal_proto::spool::TempFile;
 use std::collections::HashSet;
 use std::io::{self, Write};
 use std::net::IpAddr;
@@ -90,9 +91,9 @@ struct Transaction<'a> {
     seq: RequestSequence,
     client: Option<ClientInfo>,
     sender: Option<SenderInfo>,
-    id: Option<String>,
+    id: Option<QueueId>,
     arrival: SystemTime,
-    file: Option<SpoolFile<'a>>,
+    file: Option<TempFile>,
     recipients: Vec<RecipientInfo>,
     seen: HashSet<String>,
     /// Content held until the end of the header section is known.
@@ -126,7 +127,7 @@ impl<'a> Transaction<'a> {
     }
 
     fn log_id(&self) -> &str {
-        self.id.as_deref().unwrap_or("NOQUEUE")
+        self.id.as_ref().map_or("NOQUEUE", QueueId::as_str)
     }
 
     /// Reads records until `End` or a violation. `None`: smtpd closed the
@@ -209,7 +210,7 @@ impl<'a> Transaction<'a> {
     fn open_file(&mut self, stream: &mut UnixStream) -> Result<(), Answer> {
         let (id, file) = loop {
             let now = SystemTime::now();
-            let id = queue_id::make(now, self.ctx.pid);
+            let id = QueueId::new(now, self.ctx.pid);
             match self.ctx.spool.create(&id) {
                 Ok(file) => {
                     self.arrival = now;
@@ -224,7 +225,7 @@ impl<'a> Transaction<'a> {
             }
         };
         let mut out = Vec::new();
-        Reply::QueueId(id.clone()).encode(&mut out);
+        Reply::QueueId(id).encode(&mut out);
         self.id = Some(id);
         self.file = Some(file);
         stream.write_all(&out).map_err(|e| {
@@ -308,12 +309,11 @@ impl<'a> Transaction<'a> {
             );
             return;
         }
-        let (Some(id), Some(client), Some(sender)) = (self.id.clone(), self.client.as_ref(), self.sender.as_ref())
-        else {
+        let (Some(id), Some(client), Some(sender)) = (self.id, self.client.as_ref(), self.sender.as_ref()) else {
             unreachable!("RequestSequence puts Client and Sender before Data");
         };
         let env = Envelope {
-            queue_id: &id,
+            queue_id: id,
             hostname: &self.ctx.config.server.hostname,
             client,
             recipients: &self.recipients,
@@ -367,10 +367,10 @@ impl<'a> Transaction<'a> {
         if let Some(answer) = self.refusal.take() {
             return answer;
         }
-        let (Some(encoder), Some(mut file), Some(id)) = (self.encoder.take(), self.file.take(), self.id.clone()) else {
+        let (Some(encoder), Some(mut file), Some(id)) = (self.encoder.take(), self.file.take(), self.id) else {
             unreachable!("a transaction without refusal has written its header");
         };
-        let commit = file.write_all(&encoder.finish()).and_then(|()| file.commit());
+        let commit = file.write_all(&encoder.finish()).and_then(|()| self.ctx.spool.commit(file));
         if let Err(e) = commit {
             tracing::warn!("warning: {id}: commit queue file: {e}");
             return Answer::write_error();

@@ -72,7 +72,8 @@ use landlock::{
     ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
     RulesetCreatedAttr, RulesetStatus, Scope,
 };
-use mortal_proto::config::{Config, DEFAULT_SERVER_USER, NextHop, QUEUE_DIRS, Route};
+use mortal_proto::config::{Config, DEFAULT_SERVER_USER, NextHop, Route};
+use mortal_proto::spool::QueueDir;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::unistd::{Gid, Uid, User};
 use std::fs;
@@ -116,7 +117,7 @@ pub const PRIVATE_DIR_ROOT_MODE: u32 = 0o710;
 pub const MAIL_USER_MODE: u32 = 0o700;
 /// Queue directories: the mail user writes; its group (the operators who
 /// may read the queue with `mortal queue list/show`) reads.
-pub const QUEUE_DIR_MODE: u32 = 0o750;
+pub const QUEUE_DIR_MODE: u32 = mortal_proto::spool::QUEUE_DIR_MODE;
 
 /// The daemons that sandbox themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -409,7 +410,7 @@ fn landlock_rules(service: Service, config: &Config) -> Result<landlock::Ruleset
         }
         // No rule: no file, no directory, no TCP port.
         Service::Smtpd | Service::Anvil => Ok(ruleset),
-        Service::Cleanup => rule(ruleset, &config.queue_dir("incoming"), fs_rw),
+        Service::Cleanup => rule(ruleset, &config.spool().dir(QueueDir::Incoming), fs_rw),
         // The command's files and ports are the operator's business, which
         // mortal cannot know: only the scopes (no signal to, no abstract
         // socket of, a process outside this one's domain) are kept. The
@@ -478,8 +479,8 @@ pub fn own_dirs(config: &Config, user: &MailUser) -> Result<(), SandboxError> {
         fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io)
     };
     let root = (Uid::from_raw(0), Gid::from_raw(0));
-    for name in QUEUE_DIRS {
-        let dir = config.queue_dir(name);
+    for queue in QueueDir::ALL {
+        let dir = config.spool().dir(queue);
         chown(&dir, user.uid, user.gid, QUEUE_DIR_MODE)?;
         let entries = fs::read_dir(&dir).map_err(|source| SandboxError::Io { path: dir.clone(), source })?;
         for entry in entries.flatten() {

@@ -87,7 +87,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use event_loop::{Master, Service, ServiceKind};
 use mortal_libmaster::{log, sandbox};
-use mortal_proto::config::{Config, QUEUE_DIRS};
+use mortal_proto::config::Config;
 use mortal_proto::status::CONTROL_SOCKET;
 use pid::PidFile;
 use std::fs::{self, DirBuilder};
@@ -103,11 +103,6 @@ const FALLBACK_FD_LIMIT: i32 = 1024;
 const STDERR_FD: i32 = 2;
 /// Where an installed system keeps its configuration.
 const DEFAULT_CONFIG: &str = "/etc/mortal/mortal.toml";
-/// The spool root: others may see that it exists, not what it holds.
-const SPOOL_DIR_MODE: u32 = 0o755;
-/// Queue directories hold mail: the owner writes, the mail group (queue
-/// operators) reads.
-const QUEUE_DIR_MODE: u32 = mortal_libmaster::sandbox::QUEUE_DIR_MODE;
 /// Delivered mail in the default Maildir root: owner only.
 const MAILDIR_ROOT_MODE: u32 = mortal_libmaster::sandbox::MAIL_USER_MODE;
 /// The run directory holds the pid file, which operators' tools read.
@@ -264,10 +259,8 @@ fn run(
 
 /// Creates the spool, queue, run and private directories.
 fn make_dirs(config: &Config) -> anyhow::Result<()> {
-    make_dir(&config.server.spool_dir, SPOOL_DIR_MODE)?;
-    for name in QUEUE_DIRS {
-        make_dir(&config.queue_dir(name), QUEUE_DIR_MODE)?;
-    }
+    // The spool root and queue directories, with the spool's modes.
+    config.spool().create_dirs()?;
     make_dir(config.run_dir(), RUN_DIR_MODE)?;
     let private = config.private_dir();
     make_dir(&private, PRIVATE_DIR_MODE)?;

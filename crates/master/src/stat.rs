@@ -17,8 +17,7 @@
 use crate::life::Reason;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
-use std::fs;
-use std::io::{self, Write as _};
+use std::io;
 use std::path::Path;
 use std::time::Duration;
 
@@ -357,17 +356,13 @@ fn escape(value: &str) -> String {
 pub fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
     let name = path.file_name().ok_or_else(|| io::Error::other("metrics_file has no file name"))?;
     let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    drop(file);
-    fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = fs::remove_file(&tmp);
-    })
+    mortal_proto::spool::replace_atomically(path, tmp, text.as_bytes())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn snapshot() -> Snapshot {
         let mut retired = [0; Reason::ALL.len()];

@@ -58,7 +58,7 @@ pub fn expand(template: &[String], request: &PipeRequest, rcpt: &PipeRecipient) 
         .map(|arg| {
             arg.replace("${sender}", &request.sender)
                 .replace("${recipient}", &rcpt.address)
-                .replace("${queue_id}", &request.queue_id)
+                .replace("${queue_id}", request.queue_id.as_str())
                 .replace("${original_recipient}", rcpt.original())
         })
         .collect()
@@ -234,7 +234,7 @@ mod tests {
     #[test]
     fn binary_content_reaches_the_command_unchanged() {
         let mut request = PipeRequest {
-            queue_id: "0000000010000100000A".into(),
+            queue_id: "0000000010000100000A".parse().unwrap(),
             sender: String::new(),
             recipients: Vec::new(),
             content: b"a\r\n\x00\r\n".to_vec(),
@@ -253,7 +253,7 @@ mod tests {
     #[test]
     fn expansion_stays_inside_one_argument() {
         let request = PipeRequest {
-            queue_id: "0000000010000100000A".into(),
+            queue_id: "0000000010000100000A".parse().unwrap(),
             sender: "a@example.test".into(),
             recipients: Vec::new(),
             content: Vec::new(),

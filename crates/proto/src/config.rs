@@ -1008,9 +1008,9 @@ impl Config {
         self.run_dir().join("master.pid")
     }
 
-    /// A spool subdirectory: `incoming`, `active`, `deferred`, `hold`, `corrupt`.
-    pub fn queue_dir(&self, name: &str) -> PathBuf {
-        self.server.spool_dir.join(name)
+    /// The spool under `spool_dir`: its queue directories and files.
+    pub fn spool(&self) -> crate::spool::Spool {
+        crate::spool::Spool::new(&self.server.spool_dir)
     }
 
     /// Whether mail for `domain` is accepted here (case-insensitive).
@@ -1019,9 +1019,6 @@ impl Config {
         self.server.accepted_domains.iter().any(|d| d.to_lowercase() == wanted)
     }
 }
-
-/// The queue directories, in the order mail moves through them.
-pub const QUEUE_DIRS: [&str; 5] = ["incoming", "active", "deferred", "hold", "corrupt"];
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;

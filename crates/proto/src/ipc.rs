@@ -21,6 +21,7 @@
 //! (and the fuzz target) check exactly the same thing.
 
 use crate::address::MAX_PATH;
+use crate::queue_id::QueueId;
 use crate::record::{FieldReader, Fields, FrameError, RECORD_HEADER_LEN, RawRecord, put_record, take_record};
 use thiserror::Error;
 
@@ -176,7 +177,7 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// The id the message will be queued under (sent after `Sender`).
-    QueueId(String),
+    QueueId(QueueId),
     /// The outcome after `End` (or earlier, to abort the transaction).
     Answer { code: u16, enhanced: String, text: String },
 }
@@ -327,7 +328,7 @@ fn printable(s: &str, record: &'static str) -> Result<String, IpcError> {
 impl Reply {
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            Reply::QueueId(id) => put_record(out, QUEUE_ID, &Fields::new().str(id).finish()),
+            Reply::QueueId(id) => put_record(out, QUEUE_ID, &Fields::new().str(id.as_str()).finish()),
             Reply::Answer { code, enhanced, text } => {
                 put_record(out, ANSWER, &Fields::new().u32(u32::from(*code)).str(enhanced).str(text).finish())
             }
@@ -338,11 +339,8 @@ impl Reply {
         let mut f = FieldReader::new(rec.payload);
         let reply = match rec.kind {
             QUEUE_ID => {
-                let id = f.str(MAX_TEXT_FIELD)?;
-                if !crate::queue_id::is_valid(id) {
-                    return Err(IpcError::BadValue("QueueId"));
-                }
-                Reply::QueueId(id.to_owned())
+                let id = QueueId::parse(f.str(MAX_TEXT_FIELD)?).map_err(|_| IpcError::BadValue("QueueId"))?;
+                Reply::QueueId(id)
             }
             ANSWER => {
                 let code = f.u32()?;
@@ -722,7 +720,7 @@ mod tests {
     #[test]
     fn replies_round_trip_and_validate() {
         let replies = [
-            Reply::QueueId("0000000010000100000A".into()),
+            Reply::QueueId(QueueId::parse("0000000010000100000A").unwrap()),
             Reply::Answer { code: 250, enhanced: "2.0.0".into(), text: "Ok".into() },
         ];
         let mut wire = Vec::new();
@@ -735,7 +733,7 @@ mod tests {
         assert_eq!(dec.next_reply().unwrap(), Some(replies[1].clone()));
 
         let mut bad = Vec::new();
-        Reply::QueueId("../../x".into()).encode(&mut bad);
+        put_record(&mut bad, QUEUE_ID, &Fields::new().str("../../x").finish());
         let mut dec = Decoder::new();
         dec.feed(&bad);
         assert!(dec.next_reply().is_err());

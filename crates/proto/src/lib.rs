@@ -3,18 +3,24 @@
 //! # Summary
 //! Typed configuration (`etc/mortal.toml`), the framed records that cross
 //! process boundaries (smtpd → cleanup, child → master), the on-disk queue
-//! file format, queue ids, RFC 5321 address syntax, and the rules both
-//! sides of a check must agree on: relaying ([`relay`]), xtext ([`xtext`])
-//! and how a TLS session is described ([`tls`]). Like Postfix's
-//! `global/mail_proto.h`, it is the one place both sides of every
+//! file format, queue ids, the spool layout, RFC 5321 address syntax, and
+//! the rules both sides of a check must agree on: relaying ([`relay`]),
+//! xtext ([`xtext`]) and how a TLS session is described ([`tls`]). Like
+//! Postfix's `global/mail_proto.h`, it is the one place both sides of every
 //! conversation agree on.
 //!
 //! # Security
-//! This crate performs no I/O. Every decoder is strict and bounded: it
-//! rejects unknown record types, oversized records and records out of
-//! order, so a compromised peer can only make a conversation fail, never
-//! make its reader allocate without bound or act on a half-valid stream.
-//! Every decoder is a fuzz target (`fuzz/`).
+//! Two modules perform I/O, and only these: [`spool`] creates the queue
+//! directories and makes the durable write (temporary file, rename,
+//! `fsync`), because that procedure is part of the spool's contract between
+//! cleanup, the queue manager and the operator's commands and must have one
+//! definition; [`config`]'s `Config::load` reads the configuration file
+//! (and asks the effective uid, which decides which rules apply).
+//! Everything else parses and encodes in memory. Every decoder is strict
+//! and bounded: it rejects unknown record types, oversized records and
+//! records out of order, so a compromised peer can only make a
+//! conversation fail, never make its reader allocate without bound or act
+//! on a half-valid stream. Every decoder is a fuzz target (`fuzz/`).
 //!
 //! # Standards
 //! RFC 5321 section 4.1.2 (address syntax), RFC 6531 (UTF-8 addresses),
@@ -40,6 +46,7 @@ pub mod queue_file;
 pub mod queue_id;
 pub mod record;
 pub mod relay;
+pub mod spool;
 pub mod status;
 pub mod tls;
 pub mod xtext;

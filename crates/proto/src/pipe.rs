@@ -27,7 +27,7 @@
 //! and that no text can start a new log line.
 
 use crate::address::{MAX_PATH, parse_mailbox};
-use crate::queue_id;
+use crate::queue_id::{QUEUE_ID_LEN, QueueId};
 use crate::record::{FieldReader, Fields, FrameError, RawRecord, put_record, take_record};
 use thiserror::Error;
 
@@ -92,7 +92,7 @@ impl PipeRecipient {
 /// A complete delivery request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PipeRequest {
-    pub queue_id: String,
+    pub queue_id: QueueId,
     /// Reverse-path without brackets; empty for `<>`.
     pub sender: String,
     pub recipients: Vec<PipeRecipient>,
@@ -207,16 +207,6 @@ fn unexpected(got: u8, expected: &'static str) -> PipeError {
 }
 
 impl PipeRequest {
-    fn empty() -> Self {
-        Self {
-            queue_id: String::new(),
-            sender: String::new(),
-            recipients: Vec::new(),
-            content: Vec::new(),
-            binary: false,
-        }
-    }
-
     /// The whole request, encoded ([`encode_request`]).
     pub fn encode(&self) -> Vec<u8> {
         encode_request(&self.queue_id, &self.sender, self.binary, &self.recipients, &self.content)
@@ -231,7 +221,7 @@ impl PipeRequest {
 /// only what it decoded from a verified queue file, whose fields are far
 /// shorter, so that is a programming error.
 pub fn encode_request(
-    queue_id: &str,
+    queue_id: &QueueId,
     sender: &str,
     binary: bool,
     recipients: &[PipeRecipient],
@@ -239,7 +229,7 @@ pub fn encode_request(
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(content.len() + 1024);
     put_record(&mut out, HELLO, &Fields::new().str(PROTOCOL_NAME).u32(PROTOCOL_VERSION).finish());
-    put_record(&mut out, ENVELOPE, &Fields::new().str(queue_id).str(sender).u8(u8::from(binary)).finish());
+    put_record(&mut out, ENVELOPE, &Fields::new().str(queue_id.as_str()).str(sender).u8(u8::from(binary)).finish());
     for r in recipients {
         put_record(&mut out, RECIPIENT, &Fields::new().str(&r.address).str(&r.orcpt).finish());
     }
@@ -281,14 +271,15 @@ pub struct RequestDecoder {
     buf: Vec<u8>,
     stage: Stage,
     max_content: u64,
-    request: PipeRequest,
+    /// Made by the envelope record, completed by the ones after it.
+    request: Option<PipeRequest>,
 }
 
 impl RequestDecoder {
     /// A decoder that refuses content above `max_content` octets
     /// ([`max_content`] of the service's configuration).
     pub fn new(max_content: u64) -> Self {
-        Self { buf: Vec::new(), stage: Stage::Hello, max_content, request: PipeRequest::empty() }
+        Self { buf: Vec::new(), stage: Stage::Hello, max_content, request: None }
     }
 
     /// Takes more bytes; returns the request once `End` arrived. Bytes
@@ -311,7 +302,7 @@ impl RequestDecoder {
                 if left > 0 {
                     break Err(PipeError::TrailingData(left));
                 }
-                break Ok(Some(std::mem::replace(&mut self.request, PipeRequest::empty())));
+                break Ok(self.request.take());
             }
         };
         self.buf.drain(..used);
@@ -330,10 +321,7 @@ impl RequestDecoder {
                 Stage::Envelope
             }
             (Stage::Envelope, ENVELOPE) => {
-                let id = f.str(queue_id::QUEUE_ID_LEN)?;
-                if !queue_id::is_valid(id) {
-                    return Err(PipeError::BadValue("queue id"));
-                }
+                let id = QueueId::parse(f.str(QUEUE_ID_LEN)?).map_err(|_| PipeError::BadValue("queue id"))?;
                 let sender = f.str(MAX_PATH)?;
                 if !sender.is_empty() && parse_mailbox(sender, true).is_err() {
                     return Err(PipeError::BadValue("sender address"));
@@ -343,13 +331,18 @@ impl RequestDecoder {
                     1 => true,
                     _ => return Err(PipeError::BadValue("body type")),
                 };
-                self.request.queue_id = id.to_owned();
-                self.request.sender = sender.to_owned();
-                self.request.binary = binary;
+                self.request = Some(PipeRequest {
+                    queue_id: id,
+                    sender: sender.to_owned(),
+                    recipients: Vec::new(),
+                    content: Vec::new(),
+                    binary,
+                });
                 Stage::FirstRecipient
             }
             (Stage::FirstRecipient | Stage::RecipientsOrData, RECIPIENT) => {
-                if self.request.recipients.len() >= MAX_RECIPIENTS {
+                let request = self.request.as_mut().ok_or(unexpected(kind, Stage::Envelope.expecting()))?;
+                if request.recipients.len() >= MAX_RECIPIENTS {
                     return Err(PipeError::TooManyRecipients);
                 }
                 let address = f.str(MAX_PATH)?;
@@ -357,15 +350,16 @@ impl RequestDecoder {
                     return Err(PipeError::BadValue("recipient address"));
                 }
                 let orcpt = printable(f.str(MAX_ORCPT)?, "original recipient")?;
-                self.request.recipients.push(PipeRecipient { address: address.to_owned(), orcpt });
+                request.recipients.push(PipeRecipient { address: address.to_owned(), orcpt });
                 Stage::RecipientsOrData
             }
             (Stage::RecipientsOrData | Stage::Data, DATA) => {
-                let total = self.request.content.len() as u64 + payload.len() as u64;
+                let request = self.request.as_mut().ok_or(unexpected(kind, Stage::Envelope.expecting()))?;
+                let total = request.content.len() as u64 + payload.len() as u64;
                 if total > self.max_content {
                     return Err(PipeError::ContentTooLarge { limit: self.max_content });
                 }
-                self.request.content.extend_from_slice(payload);
+                request.content.extend_from_slice(payload);
                 // Raw content, not fields: nothing to finish.
                 self.stage = Stage::Data;
                 return Ok(());
@@ -462,7 +456,7 @@ mod tests {
 
     fn request() -> PipeRequest {
         PipeRequest {
-            queue_id: "0000000010000100000A".into(),
+            queue_id: QueueId::parse("0000000010000100000A").unwrap(),
             sender: "a@example.test".into(),
             recipients: vec![
                 PipeRecipient { address: "b@pipe.test".into(), orcpt: "rfc822;B@pipe.test".into() },

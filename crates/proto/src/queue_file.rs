@@ -26,7 +26,7 @@ use crate::ipc::{
     ClientInfo, IpcError, MAX_TEXT_FIELD, Notify, RecipientInfo, SenderInfo, decode_client, decode_sender,
     encode_client, encode_sender,
 };
-use crate::queue_id;
+use crate::queue_id::QueueId;
 use crate::record::{FieldReader, Fields, FrameError, put_record, record_header, take_record};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
@@ -76,7 +76,7 @@ impl QueuedRecipient {
 /// Everything a queue file says, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueFile {
-    pub id: String,
+    pub id: QueueId,
     pub arrival: SystemTime,
     pub client: ClientInfo,
     pub sender: SenderInfo,
@@ -122,7 +122,7 @@ pub struct Encoder {
 impl Encoder {
     /// Starts a file: magic and every envelope record.
     pub fn start(
-        id: &str,
+        id: &QueueId,
         arrival: SystemTime,
         client: &ClientInfo,
         sender: &SenderInfo,
@@ -130,7 +130,7 @@ impl Encoder {
     ) -> (Self, Vec<u8>) {
         let mut out = MAGIC.to_vec();
         put_record(&mut out, b'V', &Fields::new().u32(VERSION).finish());
-        put_record(&mut out, b'I', &Fields::new().str(id).finish());
+        put_record(&mut out, b'I', &Fields::new().str(id.as_str()).finish());
         let micros = arrival.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_micros();
         put_record(&mut out, b'T', &Fields::new().u64(u64::try_from(micros).unwrap_or(u64::MAX)).finish());
         put_record(&mut out, b'C', &encode_client(client));
@@ -218,11 +218,9 @@ impl QueueFile {
         let (k, p, _) = next()?;
         expect(k, b'I', "I (queue id)")?;
         let mut f = FieldReader::new(p);
-        let id = f.str(MAX_TEXT_FIELD)?.to_owned();
+        let id = f.str(MAX_TEXT_FIELD)?;
         f.finish()?;
-        if !queue_id::is_valid(&id) {
-            return Err(QueueFileError::BadValue('I'));
-        }
+        let id = QueueId::parse(id).map_err(|_| QueueFileError::BadValue('I'))?;
 
         let (k, p, _) = next()?;
         expect(k, b'T', "T (arrival)")?;
@@ -305,7 +303,7 @@ mod tests {
 
     fn sample() -> QueueFile {
         QueueFile {
-            id: "0000000010000100000A".into(),
+            id: QueueId::parse("0000000010000100000A").unwrap(),
             arrival: UNIX_EPOCH + Duration::from_micros(1_800_000_000_123_456),
             client: ClientInfo {
                 addr: "127.0.0.1".into(),

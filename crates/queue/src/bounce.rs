@@ -25,6 +25,7 @@ use mortal_proto::config::Config;
 use mortal_proto::date;
 use mortal_proto::ipc::{BodyType, ClientInfo, DsnRet, Notify, SenderInfo};
 use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
+use mortal_proto::queue_id::QueueId;
 use std::io;
 use std::time::SystemTime;
 
@@ -87,20 +88,20 @@ pub struct Entry {
 /// Queues a notification of `kind` about `entries` of `qf` to its sender.
 /// Returns the new queue id, or `None` when nobody is to be told (sender
 /// `<>`, or no entry whose NOTIFY asks for it).
-pub fn send(config: &Config, qf: &QueueFile, kind: Kind, entries: &[Entry]) -> io::Result<Option<String>> {
+pub fn send(config: &Config, qf: &QueueFile, kind: Kind, entries: &[Entry]) -> io::Result<Option<QueueId>> {
     let entries: Vec<&Entry> = entries.iter().filter(|e| kind.wanted(qf.recipients[e.rcpt].notify)).collect();
     if qf.sender.address.is_empty() || entries.is_empty() {
         return Ok(None);
     }
     let (id, now) = spool::new_id();
-    let dsn = compose(config, qf, kind, &entries, &id, now);
+    let dsn = compose(config, qf, kind, &entries, id, now);
     spool::write_incoming(config, &dsn)?;
     tracing::info!("{}: sender {} notification: {id}", qf.id, kind.log_name());
     Ok(Some(id))
 }
 
 /// Builds the DSN queue file.
-fn compose(config: &Config, qf: &QueueFile, kind: Kind, entries: &[&Entry], id: &str, now: SystemTime) -> QueueFile {
+fn compose(config: &Config, qf: &QueueFile, kind: Kind, entries: &[&Entry], id: QueueId, now: SystemTime) -> QueueFile {
     let host = &config.server.hostname;
     let returned = returned_part(qf, kind);
     let eight_bit = !returned.iter().all(u8::is_ascii) || !qf.sender.address.is_ascii();
@@ -179,7 +180,7 @@ fn compose(config: &Config, qf: &QueueFile, kind: Kind, entries: &[&Entry], id: 
     }
     content.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     QueueFile {
-        id: id.to_owned(),
+        id,
         arrival: now,
         client: ClientInfo {
             addr: "127.0.0.1".into(),
@@ -251,7 +252,7 @@ mod tests {
 
     fn original(ret: Option<DsnRet>) -> QueueFile {
         QueueFile {
-            id: "0000000010000100000A".into(),
+            id: "0000000010000100000A".parse().unwrap(),
             arrival: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
             client: ClientInfo {
                 addr: "127.0.0.1".into(),
@@ -305,7 +306,14 @@ mod tests {
     #[test]
     fn failure_report_has_every_part() {
         let qf = original(None);
-        let dsn = compose(&config(), &qf, Kind::Failure, &[&entry(0)], "0000000020000100000B", UNIX_EPOCH);
+        let dsn = compose(
+            &config(),
+            &qf,
+            Kind::Failure,
+            &[&entry(0)],
+            QueueId::parse("0000000020000100000B").unwrap(),
+            UNIX_EPOCH,
+        );
         let text = String::from_utf8(dsn.content.clone()).unwrap();
         for needle in [
             "Content-Type: multipart/report; report-type=delivery-status;",
@@ -329,7 +337,14 @@ mod tests {
     #[test]
     fn ret_hdrs_returns_headers_only() {
         let qf = original(Some(DsnRet::Headers));
-        let dsn = compose(&config(), &qf, Kind::Failure, &[&entry(0)], "0000000020000100000B", UNIX_EPOCH);
+        let dsn = compose(
+            &config(),
+            &qf,
+            Kind::Failure,
+            &[&entry(0)],
+            QueueId::parse("0000000020000100000B").unwrap(),
+            UNIX_EPOCH,
+        );
         let text = String::from_utf8(dsn.content).unwrap();
         assert!(text.contains("text/rfc822-headers") && text.contains("Subject: hi"), "{text}");
         assert!(!text.contains("secret body"), "{text}");

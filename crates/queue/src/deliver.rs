@@ -16,6 +16,8 @@ use crate::spool;
 use mortal_proto::config::Config;
 use mortal_proto::ipc::Notify;
 use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
+use mortal_proto::queue_id::QueueId;
+use mortal_proto::spool::QueueDir;
 use std::fs::{self, File, FileTimes};
 use std::io;
 use std::path::Path;
@@ -47,10 +49,10 @@ struct Notices {
 
 /// Delivers `active/<id>`. Returns the outcome and whether new mail (a
 /// DSN) was queued in `incoming/`.
-pub fn deliver(agents: &Agents, id: &str) -> (Outcome, bool) {
+pub fn deliver(agents: &Agents, id: &QueueId) -> (Outcome, bool) {
     let config = &agents.config;
     let started = SystemTime::now();
-    let active = config.queue_dir("active").join(id);
+    let active = config.spool().path(QueueDir::Active, id);
     let bytes = match fs::read(&active) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -63,7 +65,7 @@ pub fn deliver(agents: &Agents, id: &str) -> (Outcome, bool) {
         }
     };
     let mut qf = match QueueFile::decode(&bytes) {
-        Ok(qf) if qf.id == id => qf,
+        Ok(qf) if qf.id == *id => qf,
         Ok(qf) => return (quarantine(config, id, &format!("file names queue id {}", qf.id)), false),
         Err(e) => return (quarantine(config, id, &e.to_string()), false),
     };
@@ -217,7 +219,7 @@ fn finish(config: &Config, qf: &QueueFile, active: &Path) -> Outcome {
         tracing::info!("{id}: removed");
         return Outcome::Removed;
     }
-    if let Err(e) = spool::rewrite(active, &qf.encode()) {
+    if let Err(e) = spool::rewrite_active(config, qf) {
         // The old states stay on disk: delivered recipients may get a
         // second copy on retry (at-least-once), but none is lost.
         tracing::warn!("warning: {id}: update recipient states: {e}");
@@ -227,7 +229,7 @@ fn finish(config: &Config, qf: &QueueFile, active: &Path) -> Outcome {
         .write(true)
         .open(active)
         .and_then(|f| f.set_times(FileTimes::new().set_modified(retry_at)))
-        .and_then(|()| fs::rename(active, config.queue_dir("deferred").join(id)));
+        .and_then(|()| fs::rename(active, config.spool().path(QueueDir::Deferred, id)));
     if let Err(e) = result {
         tracing::warn!("warning: {id}: move to deferred/: {e}");
         return Outcome::Skipped;
@@ -236,9 +238,10 @@ fn finish(config: &Config, qf: &QueueFile, active: &Path) -> Outcome {
 }
 
 /// Moves a file that failed to decode out of the delivery path.
-fn quarantine(config: &Config, id: &str, why: &str) -> Outcome {
-    let to = config.queue_dir("corrupt").join(id);
-    match fs::rename(config.queue_dir("active").join(id), &to) {
+fn quarantine(config: &Config, id: &QueueId, why: &str) -> Outcome {
+    let spool = config.spool();
+    let to = spool.path(QueueDir::Corrupt, id);
+    match fs::rename(spool.path(QueueDir::Active, id), &to) {
         Ok(()) => tracing::warn!("warning: {id}: corrupt queue file ({why}); moved to corrupt/"),
         Err(e) => tracing::error!("error: {id}: corrupt queue file ({why}) and cannot move it: {e}"),
     }

@@ -65,6 +65,7 @@ mod spool;
 
 use mortal_libmaster::child;
 use mortal_libmaster::sandbox::{self, Service};
+use mortal_proto::queue_id::QueueId;
 use mortal_proto::status::ChildState;
 use std::io::Read;
 use std::os::unix::net::UnixListener;
@@ -76,7 +77,7 @@ pub enum Event {
     /// cleanup (or an operator) says new mail is waiting.
     Wake,
     /// A delivery finished.
-    Done(String, deliver::Outcome),
+    Done(QueueId, deliver::Outcome),
     /// The master retired us or went away: finish what runs, then exit.
     Stop(child::ExitReason),
 }

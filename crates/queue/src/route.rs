@@ -244,7 +244,7 @@ mod tests {
             status: String::new(),
         };
         let qf = QueueFile {
-            id: "0000000010000100000A".into(),
+            id: "0000000010000100000A".parse().unwrap(),
             arrival: std::time::UNIX_EPOCH,
             client: mortal_proto::ipc::ClientInfo {
                 addr: String::new(),

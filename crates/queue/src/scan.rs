@@ -10,7 +10,8 @@ use crate::deliver;
 use crate::route::Agents;
 use mortal_libmaster::child::ExitReason;
 use mortal_proto::config::Config;
-use mortal_proto::queue_id;
+use mortal_proto::queue_id::QueueId;
+use mortal_proto::spool::{QueueDir, SpoolName};
 use std::collections::HashSet;
 use std::fs;
 use std::io;
@@ -19,14 +20,10 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-/// Suffix of a queue file still being written (by cleanup) or rewritten
-/// (by a worker updating recipient states).
-const TEMP_SUFFIX: &str = ".tmp";
-
 #[derive(Debug)]
 pub struct Scheduler {
-    in_flight: HashSet<String>,
-    jobs: Option<Sender<String>>,
+    in_flight: HashSet<QueueId>,
+    jobs: Option<Sender<QueueId>>,
     workers: Vec<std::thread::JoinHandle<()>>,
     /// Routing, destination slots and idle sessions, shared with the workers.
     agents: Arc<Agents>,
@@ -38,9 +35,7 @@ pub struct Scheduler {
 impl Scheduler {
     /// Creates missing queue directories and recovers `active/`.
     pub fn start(config: &Config) -> io::Result<Self> {
-        for dir in mortal_proto::config::QUEUE_DIRS {
-            fs::create_dir_all(config.queue_dir(dir))?;
-        }
+        config.spool().create_dirs()?;
         fs::create_dir_all(config.maildir_root())?;
         recover(config)?;
         Ok(Self {
@@ -80,7 +75,7 @@ impl Scheduler {
     }
 
     fn spawn_workers(&mut self, config: &Config, events: &Sender<Event>) {
-        let (jobs, queue) = mpsc::channel::<String>();
+        let (jobs, queue) = mpsc::channel::<QueueId>();
         let queue = Arc::new(Mutex::new(queue));
         for _ in 0..config.queue.delivery_concurrency {
             let (queue, events, agents) = (Arc::clone(&queue), events.clone(), Arc::clone(&self.agents));
@@ -106,9 +101,10 @@ impl Scheduler {
     /// oldest first, up to `active_limit` at once.
     fn scan(&mut self, config: &Config) {
         let now = SystemTime::now();
-        let mut due: Vec<(String, &'static str)> = Vec::new();
-        for (dir, only_due) in [("incoming", false), ("deferred", true)] {
-            let path = config.queue_dir(dir);
+        let spool = config.spool();
+        let mut due: Vec<(QueueId, QueueDir)> = Vec::new();
+        for (dir, only_due) in [(QueueDir::Incoming, false), (QueueDir::Deferred, true)] {
+            let path = spool.dir(dir);
             let entries = match fs::read_dir(&path) {
                 Ok(e) => e,
                 Err(e) => {
@@ -117,14 +113,17 @@ impl Scheduler {
                 }
             };
             for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if queue_id::is_valid(&name) {
-                    let ready = !only_due || entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t <= now);
-                    if ready && !self.in_flight.contains(&name) {
-                        due.push((name, dir));
+                match SpoolName::of(&entry.file_name()) {
+                    SpoolName::Queued(id) => {
+                        let ready = !only_due || entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t <= now);
+                        if ready && !self.in_flight.contains(&id) {
+                            due.push((id, dir));
+                        }
                     }
-                } else if dir == "incoming" && name.ends_with(TEMP_SUFFIX) {
-                    remove_if_orphaned(&entry.path(), &name, config);
+                    SpoolName::Temp(id) if dir == QueueDir::Incoming => {
+                        remove_if_orphaned(&entry.path(), &id, config);
+                    }
+                    SpoolName::Temp(_) | SpoolName::Other => {}
                 }
             }
         }
@@ -132,7 +131,7 @@ impl Scheduler {
         let room = (config.queue.active_limit as usize).saturating_sub(self.in_flight.len());
         self.backlog = due.len() > room;
         for (id, dir) in due.into_iter().take(room) {
-            match fs::rename(config.queue_dir(dir).join(&id), config.queue_dir("active").join(&id)) {
+            match fs::rename(spool.path(dir, &id), spool.path(QueueDir::Active, &id)) {
                 Ok(()) => {}
                 // An operator command (hold, delete) renamed it first: the
                 // file is theirs now, which is normal.
@@ -149,8 +148,8 @@ impl Scheduler {
         }
     }
 
-    fn dispatch(&mut self, id: String) {
-        self.in_flight.insert(id.clone());
+    fn dispatch(&mut self, id: QueueId) {
+        self.in_flight.insert(id);
         if let Some(jobs) = &self.jobs
             && jobs.send(id).is_err()
         {
@@ -176,22 +175,22 @@ impl Scheduler {
 /// crash may get a second copy; none is lost). Half-rewritten state files
 /// are dropped: the original next to them is intact.
 fn recover(config: &Config) -> io::Result<()> {
-    let active = config.queue_dir("active");
+    let spool = config.spool();
     let mut recovered = 0;
-    for entry in fs::read_dir(&active)? {
+    for entry in fs::read_dir(spool.dir(QueueDir::Active))? {
         let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let result = if queue_id::is_valid(&name) {
-            fs::rename(entry.path(), config.queue_dir("incoming").join(&name)).map(|()| recovered += 1)
-        } else if name.ends_with(TEMP_SUFFIX) {
-            fs::remove_file(entry.path())
-        } else {
-            Ok(())
+        let name = entry.file_name();
+        let result = match SpoolName::of(&name) {
+            SpoolName::Queued(id) => {
+                fs::rename(entry.path(), spool.path(QueueDir::Incoming, &id)).map(|()| recovered += 1)
+            }
+            SpoolName::Temp(_) => fs::remove_file(entry.path()),
+            SpoolName::Other => Ok(()),
         };
         match result {
             // Renamed away by an operator command meanwhile: theirs now.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                tracing::debug!("{name}: gone from active/ during recovery")
+                tracing::debug!("{}: gone from active/ during recovery", name.to_string_lossy())
             }
             other => other?,
         }
@@ -205,12 +204,8 @@ fn recover(config: &Config) -> io::Result<()> {
 /// Removes `incoming/<id>.tmp` once the cleanup process that was writing
 /// it is gone (its pid is in the id), or the file is older than any
 /// transaction may last.
-fn remove_if_orphaned(path: &Path, name: &str, config: &Config) {
-    let id = &name[..name.len() - TEMP_SUFFIX.len()];
-    if !queue_id::is_valid(id) {
-        return;
-    }
-    let pid = u32::from_str_radix(&id[14..], 16).unwrap_or(0);
+fn remove_if_orphaned(path: &Path, id: &QueueId, config: &Config) {
+    let pid = id.pid();
     let writer_alive = pid != 0 && Path::new(&format!("/proc/{pid}")).exists();
     let age = fs::metadata(path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).unwrap_or_default();
     if (!writer_alive || age > config.cleanup.ipc_timeout * 2) && fs::remove_file(path).is_ok() {

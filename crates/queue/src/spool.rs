@@ -1,20 +1,20 @@
-//! Durable queue-file writes by the queue manager itself: new messages it
-//! creates (DSNs) and recipient-state updates.
+//! Queue files the queue manager writes itself: new messages it creates
+//! (DSNs) and recipient-state updates.
 //!
-//! The procedure is cleanup's (`crates/cleanup/src/spool.rs`, which
-//! streams and keeps its own copy): write `<id>.tmp`, `fsync` it, rename it
-//! to its final name, `fsync` the directory. A crash at any point leaves
-//! either the old state or the new one, never a half file under a queue
-//! id; a left-over `incoming/<id>.tmp` is removed by the scan once its
-//! writer (the pid in the id) is gone.
+//! The write is the spool's ([`mortal_proto::spool`]) with its
+//! sync-then-rename commit: write `<id>.tmp`, `fsync` it, rename it to its
+//! final name, `fsync` the directory. A crash at any point leaves either
+//! the old state or the new one, never a half file under a queue id (see
+//! [`mortal_proto::spool::TempFile::commit_sync_then_rename`] for why the
+//! queue manager, unlike cleanup, syncs before the rename); a left-over
+//! `incoming/<id>.tmp` is removed by the scan once its writer (the pid in
+//! the id) is gone.
 
 use mortal_proto::config::Config;
 use mortal_proto::queue_file::QueueFile;
-use mortal_proto::queue_id;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use mortal_proto::queue_id::QueueId;
+use mortal_proto::spool::QueueDir;
+use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,55 +23,24 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 static LAST_ID_MICROS: Mutex<u128> = Mutex::new(0);
 
 /// A new queue id for a message created by this process.
-pub fn new_id() -> (String, SystemTime) {
+pub fn new_id() -> (QueueId, SystemTime) {
     let mut last = LAST_ID_MICROS.lock().unwrap_or_else(|p| p.into_inner());
     // Ids resolve microseconds: compare in those.
     let micros = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros().max(*last + 1);
     *last = micros;
     let now = UNIX_EPOCH + Duration::from_micros(u64::try_from(micros).unwrap_or(u64::MAX));
-    (queue_id::make(now, std::process::id()), now)
+    (QueueId::new(now, std::process::id()), now)
 }
 
 /// Writes a new message into `incoming/` durably. The id must be unused
 /// (`O_EXCL` on the temporary file makes a clash an error).
 pub fn write_incoming(config: &Config, qf: &QueueFile) -> io::Result<()> {
-    if !queue_id::is_valid(&qf.id) {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "invalid queue id"));
-    }
-    let dir = config.queue_dir("incoming");
-    let path = dir.join(&qf.id);
-    if path.exists() {
-        return Err(io::ErrorKind::AlreadyExists.into());
-    }
-    write_durably(&path, &qf.encode(), true)
+    config.spool().write_new(QueueDir::Incoming, &qf.id, &qf.encode())
 }
 
-/// Replaces `path` with `bytes` durably (temp file, fsync, rename,
-/// directory fsync).
-pub fn rewrite(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    write_durably(path, bytes, false)
-}
-
-fn write_durably(path: &Path, bytes: &[u8], exclusive: bool) -> io::Result<()> {
-    let name = path.file_name().ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let temp = path.with_file_name(format!("{}.tmp", name.to_string_lossy()));
-    let mut options = OpenOptions::new();
-    // Like cleanup's: the mail group (queue operators) may read.
-    options.write(true).mode(0o640);
-    if exclusive {
-        options.create_new(true);
-    } else {
-        options.create(true).truncate(true);
-    }
-    let result = options.open(&temp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_data()
-    });
-    if let Err(e) = result.and_then(|()| fs::rename(&temp, path)) {
-        let _ = fs::remove_file(&temp);
-        return Err(e);
-    }
-    File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+/// Replaces `active/<id>` with `qf` durably.
+pub fn rewrite_active(config: &Config, qf: &QueueFile) -> io::Result<()> {
+    config.spool().rewrite(QueueDir::Active, &qf.id, &qf.encode())
 }
 
 #[cfg(test)]
@@ -80,8 +49,8 @@ mod tests {
 
     #[test]
     fn ids_are_distinct_and_increasing() {
-        let ids: Vec<String> = (0..1000).map(|_| new_id().0).collect();
+        let ids: Vec<QueueId> = (0..1000).map(|_| new_id().0).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids must strictly increase");
-        assert!(ids.iter().all(|id| queue_id::is_valid(id)));
+        assert!(ids.iter().all(|id| id.pid() == std::process::id() & 0xFF_FFFF));
     }
 }

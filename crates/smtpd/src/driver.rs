@@ -33,6 +33,7 @@ use mortal_proto::config::Config;
 use mortal_proto::ipc::{
     self, ClientInfo, Decoder, IpcError, PROTOCOL_VERSION, RecipientInfo, Reply, Request, SenderInfo,
 };
+use mortal_proto::queue_id::QueueId;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -536,7 +537,7 @@ impl Cleanup {
         client: ClientInfo,
         sender: SenderInfo,
         limit: Duration,
-    ) -> Result<(Cleanup, String), CleanupError> {
+    ) -> Result<(Cleanup, QueueId), CleanupError> {
         let sock = timeout(limit, UnixStream::connect(path)).await.map_err(|_| CleanupError::Timeout)?;
         let sock = sock.map_err(CleanupError::Connect)?;
         // Room for a batch and the read that overflows it (doubled by

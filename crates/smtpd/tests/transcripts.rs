@@ -272,7 +272,7 @@ impl Runner {
         match self.cleanup.mail.pop_front() {
             None => {
                 self.cleanup.queued += 1;
-                session.transaction_opened(format!("{:020X}", 0xA000 + self.cleanup.queued));
+                session.transaction_opened(format!("{:020X}", 0xA000 + self.cleanup.queued).parse().unwrap());
             }
             Some(Some(answer)) => session.cleanup_answer(answer),
             Some(None) => session.cleanup_failed(),

@@ -9,10 +9,11 @@ use super::list::{self, Style};
 use super::perm::Denied;
 use super::relocate::{self, Action};
 use super::show::{self, Part};
-use super::spool::{Filter, QueueName};
+use super::spool::{self, Filter, QueueDir};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Args, Subcommand};
 use mortal_proto::config::Config;
-use mortal_proto::queue_id;
+use mortal_proto::queue_id::{BadQueueId, QueueId};
 use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -68,7 +69,7 @@ pub enum QueueCommand {
     /// Show one message: envelope, header section and body (postcat -q).
     Show {
         #[arg(value_name = "ID", value_parser = parse_id)]
-        id: String,
+        id: QueueId,
         /// Only the header section, as stored (LF line ends).
         #[arg(long, conflicts_with = "body_only")]
         header_only: bool,
@@ -90,7 +91,7 @@ pub enum QueueCommand {
     /// Make deferred mail (all, or the ids given) due now and wake the queue manager (postqueue -f, -i).
     Flush {
         #[arg(value_name = "ID", value_parser = parse_id)]
-        ids: Vec<String>,
+        ids: Vec<QueueId>,
     },
     /// Messages, bytes and the oldest arrival per queue directory.
     Stats {
@@ -110,8 +111,8 @@ pub struct FilterArgs {
     #[arg(long, value_name = "ADDRESS")]
     recipient: Option<String>,
     /// Only these queues (repeatable).
-    #[arg(long, value_name = "QUEUE", value_enum)]
-    queue: Vec<QueueName>,
+    #[arg(long, value_name = "QUEUE", value_parser = queue_parser())]
+    queue: Vec<QueueDir>,
     /// Only messages that arrived at least this long ago: 90s, 2h, 3d.
     #[arg(long, value_name = "AGE", value_parser = humantime::parse_duration)]
     older_than: Option<Duration>,
@@ -137,7 +138,7 @@ impl FilterArgs {
 pub struct Selection {
     /// Queue ids (20 hex digits).
     #[arg(value_name = "ID", value_parser = parse_id, conflicts_with_all = ["all", "sender", "recipient", "queue", "older_than"])]
-    ids: Vec<String>,
+    ids: Vec<QueueId>,
     /// Every message the command acts on.
     #[arg(long, conflicts_with_all = ["sender", "recipient", "queue", "older_than"])]
     all: bool,
@@ -146,13 +147,13 @@ pub struct Selection {
 }
 
 /// A queue id as typed: case does not matter, shape does.
-fn parse_id(s: &str) -> Result<String, String> {
-    let id = s.trim().to_ascii_uppercase();
-    if queue_id::is_valid(&id) {
-        Ok(id)
-    } else {
-        Err(format!("{s:?} is not a queue id ({} hex digits)", queue_id::QUEUE_ID_LEN))
-    }
+fn parse_id(s: &str) -> Result<QueueId, BadQueueId> {
+    QueueId::parse(&s.trim().to_ascii_uppercase()).map_err(|_| BadQueueId(s.to_owned()))
+}
+
+/// A queue directory by its name; `--help` lists the names.
+fn queue_parser() -> impl TypedValueParser<Value = QueueDir> {
+    PossibleValuesParser::new(QueueDir::ALL.map(QueueDir::name)).try_map(|name| name.parse::<QueueDir>())
 }
 
 /// Runs a queue command; its errors are reported here, with their status.
@@ -178,7 +179,7 @@ fn dispatch(config: &Config, command: QueueCommand) -> anyhow::Result<ExitCode> 
     let mut out = io::BufWriter::new(stdout.lock());
     let code = match command {
         QueueCommand::List { json, filter } => {
-            let messages = list::collect(config, &filter.filter(), &QueueName::LISTED)?;
+            let messages = list::collect(config, &filter.filter(), &spool::LISTED)?;
             list::write_list(&mut out, &messages, style, json)?;
             ExitCode::SUCCESS
         }
@@ -211,8 +212,8 @@ fn dispatch(config: &Config, command: QueueCommand) -> anyhow::Result<ExitCode> 
     Ok(code)
 }
 
-fn show(config: &Config, id: &str, part: Part, json: bool, out: &mut impl Write) -> anyhow::Result<ExitCode> {
-    super::perm::may_read(config, &QueueName::ALL)?;
+fn show(config: &Config, id: &QueueId, part: Part, json: bool, out: &mut impl Write) -> anyhow::Result<ExitCode> {
+    super::perm::may_read(config, &QueueDir::ALL)?;
     let Some((queue, qf)) = show::find(config, id)? else {
         eprintln!("mortal: {id}: not in the queue (delivered, deleted, or never queued)");
         return Ok(ExitCode::from(EXIT_NOT_FOUND));
@@ -249,7 +250,7 @@ mod tests {
 
     #[test]
     fn ids_are_checked_and_normalised() {
-        assert_eq!(parse_id("0000000010000100000a").as_deref(), Ok("0000000010000100000A"));
+        assert_eq!(parse_id("0000000010000100000a").map(|id| id.to_string()), Ok("0000000010000100000A".to_owned()));
         assert!(parse_id("../../etc/passwd").is_err());
         assert!(parse_id("0000000010000100000").is_err());
     }

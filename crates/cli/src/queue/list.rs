@@ -11,9 +11,10 @@
 
 use super::fmt::{age_of, count, epoch_secs, human_age, human_size, rfc3339, sender_text};
 use super::perm;
-use super::spool::{self, Entry, Filter, QueueName};
+use super::spool::{self, Entry, Filter, QueueDir};
 use mortal_proto::config::Config;
 use mortal_proto::queue_file::RecipientState;
+use mortal_proto::queue_id::QueueId;
 use serde::Serialize;
 use std::io::{self, Write};
 use std::time::SystemTime;
@@ -21,8 +22,8 @@ use std::time::SystemTime;
 /// One message as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
-    pub queue: QueueName,
-    pub id: String,
+    pub queue: QueueDir,
+    pub id: QueueId,
     pub arrival: SystemTime,
     /// Content octets (what SIZE= and `message_size` mean), or the file size
     /// of a file that cannot be decoded.
@@ -80,7 +81,7 @@ impl Style {
         } else {
             (m.size.to_string(), rfc3339(m.arrival))
         };
-        let id = format!("{}{}", m.id, m.queue.marker());
+        let id = format!("{}{}", m.id, spool::marker(m.queue));
         format!("{id:<ID_COLUMN$}{GAP}{size:>size_w$}{GAP}{time:>time_w$}{GAP}{}", sender_text(&m.sender))
     }
 
@@ -120,7 +121,7 @@ impl Style {
 #[derive(Debug, Serialize)]
 struct JsonMessage<'a> {
     queue_name: &'a str,
-    queue_id: &'a str,
+    queue_id: &'a QueueId,
     arrival_time: u64,
     message_size: u64,
     sender: &'a str,
@@ -139,7 +140,7 @@ struct JsonRecipient<'a> {
 
 pub fn json_line(m: &Listed) -> String {
     let record = JsonMessage {
-        queue_name: m.queue.as_str(),
+        queue_name: m.queue.name(),
         queue_id: &m.id,
         arrival_time: epoch_secs(m.arrival),
         message_size: m.size,
@@ -151,7 +152,7 @@ pub fn json_line(m: &Listed) -> String {
 }
 
 /// The messages `filter` selects, read now, oldest first.
-pub fn collect(config: &Config, filter: &Filter, default_queues: &[QueueName]) -> anyhow::Result<Vec<Listed>> {
+pub fn collect(config: &Config, filter: &Filter, default_queues: &[QueueDir]) -> anyhow::Result<Vec<Listed>> {
     let queues = if filter.queues.is_empty() { default_queues.to_vec() } else { filter.queues.clone() };
     perm::may_read(config, &queues)?;
     let now = SystemTime::now();
@@ -178,7 +179,7 @@ fn read_one(config: &Config, entry: &Entry, filter: &Filter) -> anyhow::Result<O
     let listed = match decoded {
         Ok(qf) if filter.matches_envelope(&qf) => Listed {
             queue,
-            id: entry.id.clone(),
+            id: entry.id,
             arrival: qf.arrival,
             size: qf.content.len() as u64,
             sender: qf.sender.address,
@@ -195,7 +196,7 @@ fn read_one(config: &Config, entry: &Entry, filter: &Filter) -> anyhow::Result<O
         Err(_) if filter.needs_envelope() => return Ok(None),
         Err(e) => Listed {
             queue,
-            id: entry.id.clone(),
+            id: entry.id,
             arrival: entry.arrival(),
             size: entry.file_size,
             sender: String::new(),
@@ -258,11 +259,11 @@ impl QueueStats {
 }
 
 /// Per-queue statistics from the directories alone (no file is read).
-pub fn stats(config: &Config) -> anyhow::Result<Vec<(QueueName, QueueStats)>> {
-    perm::may_read(config, &QueueName::ALL)?;
-    let mut per_queue: Vec<(QueueName, QueueStats)> =
-        QueueName::ALL.iter().map(|&q| (q, QueueStats::default())).collect();
-    for entry in spool::entries(config, &QueueName::ALL)? {
+pub fn stats(config: &Config) -> anyhow::Result<Vec<(QueueDir, QueueStats)>> {
+    perm::may_read(config, &QueueDir::ALL)?;
+    let mut per_queue: Vec<(QueueDir, QueueStats)> =
+        QueueDir::ALL.iter().map(|&q| (q, QueueStats::default())).collect();
+    for entry in spool::entries(config, &QueueDir::ALL)? {
         if let Some((_, s)) = per_queue.iter_mut().find(|(q, _)| *q == entry.queue) {
             s.add(&entry);
         }
@@ -270,12 +271,7 @@ pub fn stats(config: &Config) -> anyhow::Result<Vec<(QueueName, QueueStats)>> {
     Ok(per_queue)
 }
 
-pub fn write_stats(
-    out: &mut impl Write,
-    stats: &[(QueueName, QueueStats)],
-    style: Style,
-    json: bool,
-) -> io::Result<()> {
+pub fn write_stats(out: &mut impl Write, stats: &[(QueueDir, QueueStats)], style: Style, json: bool) -> io::Result<()> {
     let mut total = QueueStats::default();
     for (_, s) in stats {
         total.merge(s);
@@ -283,13 +279,13 @@ pub fn write_stats(
     if json {
         let queues: serde_json::Map<String, serde_json::Value> = stats
             .iter()
-            .map(|(q, s)| (q.as_str().to_owned(), serde_json::to_value(s).expect("plain numbers serialize")))
+            .map(|(q, s)| (q.name().to_owned(), serde_json::to_value(s).expect("plain numbers serialize")))
             .collect();
         let doc = serde_json::json!({ "queues": queues, "total": total });
         return writeln!(out, "{doc}");
     }
     writeln!(out, "{:<10}{:>10}{:>12}  oldest", "queue", "messages", "size")?;
-    for (name, s) in stats.iter().map(|(q, s)| (q.as_str(), s)).chain([("total", &total)]) {
+    for (name, s) in stats.iter().map(|(q, s)| (q.name(), s)).chain([("total", &total)]) {
         writeln!(out, "{}", stats_line(name, s, style))?;
     }
     Ok(())
@@ -314,8 +310,8 @@ mod tests {
 
     fn sample() -> Listed {
         Listed {
-            queue: QueueName::Deferred,
-            id: "0000000010000100000A".into(),
+            queue: QueueDir::Deferred,
+            id: "0000000010000100000A".parse().unwrap(),
             arrival: UNIX_EPOCH + Duration::from_secs(1_795_845_260),
             size: 2048,
             sender: "a@example.test".into(),
@@ -338,8 +334,8 @@ mod tests {
     fn pipe_listing_is_exact_and_postfix_shaped() {
         let style = Style { human: false, now: UNIX_EPOCH + Duration::from_secs(1_795_849_000) };
         let mut held = sample();
-        held.queue = QueueName::Hold;
-        held.id = "0000000010000200000B".into();
+        held.queue = QueueDir::Hold;
+        held.id = "0000000010000200000B".parse().unwrap();
         held.sender = String::new();
         held.recipients.truncate(1);
         let want = "\
@@ -363,7 +359,7 @@ mod tests {
     fn terminal_listing_is_human() {
         let style = Style { human: true, now: UNIX_EPOCH + Duration::from_secs(1_795_845_260 + 3 * 3600 + 300) };
         let mut m = sample();
-        m.queue = QueueName::Active;
+        m.queue = QueueDir::Active;
         m.size = 1_300_000;
         m.recipients = vec![("b@example.test".into(), String::new())];
         let want = "\
@@ -404,7 +400,7 @@ mod tests {
     #[test]
     fn unreadable_file_is_listed_with_its_reason() {
         let mut m = sample();
-        m.queue = QueueName::Corrupt;
+        m.queue = QueueDir::Corrupt;
         m.recipients.clear();
         m.error = Some("checksum mismatch".into());
         let style = Style { human: false, now: UNIX_EPOCH };

@@ -7,7 +7,7 @@
 //! needs root or the spool owner: only they can rename and unlink in
 //! directories the queue manager owns without leaving files it cannot read.
 
-use super::spool::QueueName;
+use super::spool::QueueDir;
 use mortal_proto::config::Config;
 use nix::unistd::{AccessFlags, Gid, Group, Uid, User, access, geteuid};
 use std::fmt;
@@ -32,10 +32,10 @@ impl std::error::Error for Denied {}
 
 /// Fails with [`Denied`] unless every existing directory of `queues` can
 /// be listed and entered by this process.
-pub fn may_read(config: &Config, queues: &[QueueName]) -> anyhow::Result<()> {
+pub fn may_read(config: &Config, queues: &[QueueDir]) -> anyhow::Result<()> {
     spool_exists(config)?;
     for &queue in queues {
-        let dir = queue.dir(config);
+        let dir = config.spool().dir(queue);
         let Ok(meta) = std::fs::metadata(&dir) else { continue };
         if access(&dir, AccessFlags::R_OK | AccessFlags::X_OK).is_err() {
             let mut text = format!(
@@ -58,14 +58,14 @@ pub fn may_read(config: &Config, queues: &[QueueName]) -> anyhow::Result<()> {
 
 /// Fails with [`Denied`] unless this process is root or owns every existing
 /// directory of `queues`.
-pub fn may_change(config: &Config, queues: &[QueueName]) -> anyhow::Result<()> {
+pub fn may_change(config: &Config, queues: &[QueueDir]) -> anyhow::Result<()> {
     spool_exists(config)?;
     let euid = geteuid();
     if euid.is_root() {
         return Ok(());
     }
     for &queue in queues {
-        let dir = queue.dir(config);
+        let dir = config.spool().dir(queue);
         let Ok(meta) = std::fs::metadata(&dir) else { continue };
         if meta.uid() != euid.as_raw() {
             return Err(Denied(format!(

@@ -14,8 +14,9 @@
 
 use super::fmt::count;
 use super::perm;
-use super::spool::{self, Filter, QueueName};
+use super::spool::{self, Filter, QueueDir};
 use mortal_proto::config::Config;
+use mortal_proto::queue_id::QueueId;
 use nix::errno::Errno;
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -46,21 +47,21 @@ pub enum Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// Done; the message was in this queue.
-    Done(QueueName),
+    Done(QueueDir),
     /// Nothing to do: it already is where the command would put it.
-    Settled(QueueName),
+    Settled(QueueDir),
     /// It is in `active/`: being delivered. Nothing was done.
     Busy,
     /// It is in a queue this command does not act on. Nothing was done.
-    Elsewhere(QueueName),
+    Elsewhere(QueueDir),
     /// No queue holds it (delivered, deleted, or never there).
     Missing,
 }
 
 impl Action {
     /// Queues a message is taken from.
-    pub fn sources(self) -> &'static [QueueName] {
-        use QueueName::*;
+    pub fn sources(self) -> &'static [QueueDir] {
+        use QueueDir::*;
         match self {
             Action::Delete => &[Incoming, Deferred, Hold, Corrupt],
             Action::Hold => &[Incoming, Deferred],
@@ -70,26 +71,26 @@ impl Action {
     }
 
     /// Where a rename puts it; `None` for actions that do not rename.
-    fn target(self) -> Option<QueueName> {
+    fn target(self) -> Option<QueueDir> {
         match self {
-            Action::Hold => Some(QueueName::Hold),
-            Action::Release | Action::Requeue => Some(QueueName::Incoming),
+            Action::Hold => Some(QueueDir::Hold),
+            Action::Release | Action::Requeue => Some(QueueDir::Incoming),
             Action::Delete | Action::Flush => None,
         }
     }
 
     /// Queues where the message already is in the state asked for.
-    fn settled(self) -> &'static [QueueName] {
+    fn settled(self) -> &'static [QueueDir] {
         match self {
-            Action::Hold => &[QueueName::Hold],
-            Action::Requeue | Action::Flush => &[QueueName::Incoming],
+            Action::Hold => &[QueueDir::Hold],
+            Action::Requeue | Action::Flush => &[QueueDir::Incoming],
             Action::Delete | Action::Release => &[],
         }
     }
 
     /// Queues whose directories this action changes (their owner or root
     /// may run it).
-    pub fn changes(self) -> Vec<QueueName> {
+    pub fn changes(self) -> Vec<QueueDir> {
         let mut queues = self.sources().to_vec();
         queues.extend(self.target());
         queues
@@ -98,10 +99,10 @@ impl Action {
     /// Queues searched for `--all` and filters: the sources, plus `active/`
     /// for the actions that stop a message, so what is being delivered is
     /// reported rather than silently skipped.
-    pub fn scanned(self) -> Vec<QueueName> {
+    pub fn scanned(self) -> Vec<QueueDir> {
         let mut queues = self.sources().to_vec();
         if matches!(self, Action::Delete | Action::Hold) {
-            queues.push(QueueName::Active);
+            queues.push(QueueDir::Active);
         }
         queues
     }
@@ -135,17 +136,17 @@ impl Action {
 
 /// The line reported for one message, and whether it is a problem (goes
 /// to stderr and sets the exit status).
-pub fn describe(action: Action, id: &str, outcome: Outcome) -> (bool, String) {
+pub fn describe(action: Action, id: &QueueId, outcome: Outcome) -> (bool, String) {
     match outcome {
         Outcome::Done(_) => (false, format!("{id}: {}", action.done_text())),
-        Outcome::Settled(QueueName::Hold) => (false, format!("{id}: already on hold")),
-        Outcome::Settled(q) => (false, format!("{id}: already waiting for delivery (in {}/)", q.as_str())),
+        Outcome::Settled(QueueDir::Hold) => (false, format!("{id}: already on hold")),
+        Outcome::Settled(q) => (false, format!("{id}: already waiting for delivery (in {}/)", q.name())),
         Outcome::Busy => (true, format!("{id}: being delivered, try again")),
-        Outcome::Elsewhere(QueueName::Hold) => {
+        Outcome::Elsewhere(QueueDir::Hold) => {
             (true, format!("{id}: on hold: release it first (mortal queue release {id})"))
         }
-        Outcome::Elsewhere(q) if action == Action::Release => (true, format!("{id}: not on hold (in {}/)", q.as_str())),
-        Outcome::Elsewhere(q) => (true, format!("{id}: in {}/, which {} does not act on", q.as_str(), verb(action))),
+        Outcome::Elsewhere(q) if action == Action::Release => (true, format!("{id}: not on hold (in {}/)", q.name())),
+        Outcome::Elsewhere(q) => (true, format!("{id}: in {}/, which {} does not act on", q.name(), verb(action))),
         Outcome::Missing => (true, format!("{id}: not in the queue (delivered, deleted, or never queued)")),
     }
 }
@@ -161,7 +162,7 @@ fn verb(action: Action) -> &'static str {
 }
 
 /// Applies `action` to message `id` (a valid queue id) by the protocol.
-pub fn apply(config: &Config, action: Action, id: &str, synced: &mut BTreeSet<PathBuf>) -> anyhow::Result<Outcome> {
+pub fn apply(config: &Config, action: Action, id: &QueueId, synced: &mut BTreeSet<PathBuf>) -> anyhow::Result<Outcome> {
     for attempt in 0..LOCATE_ATTEMPTS {
         if attempt > 0 {
             std::thread::sleep(LOCATE_PAUSE);
@@ -169,22 +170,22 @@ pub fn apply(config: &Config, action: Action, id: &str, synced: &mut BTreeSet<Pa
         for &from in action.sources() {
             match act(config, action, from, id) {
                 Ok(()) => {
-                    synced.insert(from.dir(config));
-                    synced.extend(action.target().map(|q| q.dir(config)));
+                    synced.insert(config.spool().dir(from));
+                    synced.extend(action.target().map(|q| config.spool().dir(q)));
                     return Ok(Outcome::Done(from));
                 }
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) if e.raw_os_error() == Some(Errno::EEXIST as i32) => {
-                    let to = action.target().map_or("?", QueueName::as_str);
-                    anyhow::bail!("{id}: in both {}/ and {to}/: left alone, resolve by hand", from.as_str());
+                    let to = action.target().map_or("?", QueueDir::name);
+                    anyhow::bail!("{id}: in both {}/ and {to}/: left alone, resolve by hand", from.name());
                 }
-                Err(e) => return Err(perm::io_error(&from.dir(config).join(id), e)),
+                Err(e) => return Err(perm::io_error(&config.spool().path(from, id), e)),
             }
         }
         // Lost a race, or never there: where is it now?
         match spool::locate(config, id)? {
             Some(q) if action.settled().contains(&q) => return Ok(Outcome::Settled(q)),
-            Some(QueueName::Active) => return Ok(Outcome::Busy),
+            Some(QueueDir::Active) => return Ok(Outcome::Busy),
             // It moved back into a source (a delivery attempt ended): try again.
             Some(q) if action.sources().contains(&q) => {}
             Some(q) => return Ok(Outcome::Elsewhere(q)),
@@ -195,13 +196,14 @@ pub fn apply(config: &Config, action: Action, id: &str, synced: &mut BTreeSet<Pa
 }
 
 /// One system call on `<from>/<id>`.
-fn act(config: &Config, action: Action, from: QueueName, id: &str) -> io::Result<()> {
-    let path = from.dir(config).join(id);
+fn act(config: &Config, action: Action, from: QueueDir, id: &QueueId) -> io::Result<()> {
+    let spool = config.spool();
+    let path = spool.path(from, id);
     match action {
         Action::Delete => fs::remove_file(&path),
         Action::Flush => make_due_now(&path),
         Action::Hold | Action::Release | Action::Requeue => {
-            let to = action.target().expect("renaming actions have a target").dir(config).join(id);
+            let to = spool.path(action.target().expect("renaming actions have a target"), id);
             rename_no_replace(&path, &to)
         }
     }
@@ -262,7 +264,7 @@ pub fn wake(config: &Config) -> io::Result<()> {
 }
 
 /// The ids `filter` selects (all of `action`'s queues when `all`).
-pub fn select(config: &Config, action: Action, filter: &Filter) -> anyhow::Result<Vec<String>> {
+pub fn select(config: &Config, action: Action, filter: &Filter) -> anyhow::Result<Vec<QueueId>> {
     let queues = if filter.queues.is_empty() { action.scanned() } else { filter.queues.clone() };
     perm::may_read(config, &queues)?;
     let now = std::time::SystemTime::now();
@@ -291,7 +293,7 @@ pub struct Tally {
 }
 
 /// Runs `action` on `ids`, reporting each; then syncs and wakes.
-pub fn run(config: &Config, action: Action, ids: &[String], out: &mut impl Write) -> anyhow::Result<Tally> {
+pub fn run(config: &Config, action: Action, ids: &[QueueId], out: &mut impl Write) -> anyhow::Result<Tally> {
     perm::may_change(config, &action.changes())?;
     let mut tally = Tally::default();
     let mut synced = BTreeSet::new();
@@ -333,25 +335,25 @@ mod tests {
 
     #[test]
     fn reports() {
-        let id = "0000000010000100000A";
+        let id = &QueueId::parse("0000000010000100000A").unwrap();
         let table: &[(Action, Outcome, bool, &str)] = &[
-            (Action::Delete, Outcome::Done(QueueName::Deferred), false, "removed"),
-            (Action::Hold, Outcome::Settled(QueueName::Hold), false, "already on hold"),
+            (Action::Delete, Outcome::Done(QueueDir::Deferred), false, "removed"),
+            (Action::Hold, Outcome::Settled(QueueDir::Hold), false, "already on hold"),
             (
                 Action::Requeue,
-                Outcome::Settled(QueueName::Incoming),
+                Outcome::Settled(QueueDir::Incoming),
                 false,
                 "already waiting for delivery (in incoming/)",
             ),
             (Action::Delete, Outcome::Busy, true, "being delivered, try again"),
-            (Action::Release, Outcome::Elsewhere(QueueName::Deferred), true, "not on hold (in deferred/)"),
+            (Action::Release, Outcome::Elsewhere(QueueDir::Deferred), true, "not on hold (in deferred/)"),
             (
                 Action::Requeue,
-                Outcome::Elsewhere(QueueName::Hold),
+                Outcome::Elsewhere(QueueDir::Hold),
                 true,
                 &format!("on hold: release it first (mortal queue release {id})"),
             ),
-            (Action::Hold, Outcome::Elsewhere(QueueName::Corrupt), true, "in corrupt/, which hold does not act on"),
+            (Action::Hold, Outcome::Elsewhere(QueueDir::Corrupt), true, "in corrupt/, which hold does not act on"),
             (Action::Hold, Outcome::Missing, true, "not in the queue (delivered, deleted, or never queued)"),
         ];
         for &(action, outcome, problem, text) in table {
@@ -362,9 +364,9 @@ mod tests {
     #[test]
     fn active_is_never_a_source_nor_a_target() {
         for action in [Action::Delete, Action::Hold, Action::Release, Action::Requeue, Action::Flush] {
-            assert!(!action.sources().contains(&QueueName::Active), "{action:?}");
-            assert!(!action.changes().contains(&QueueName::Active), "{action:?}");
-            assert_ne!(action.target(), Some(QueueName::Active), "{action:?}");
+            assert!(!action.sources().contains(&QueueDir::Active), "{action:?}");
+            assert!(!action.changes().contains(&QueueDir::Active), "{action:?}");
+            assert_ne!(action.target(), Some(QueueDir::Active), "{action:?}");
         }
     }
 
@@ -375,8 +377,8 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let config = Config::parse("[server]\nspool_dir = \"spool\"\n", &dir.join("mortal.toml")).unwrap();
-        for q in QueueName::ALL {
-            fs::create_dir_all(q.dir(&config)).unwrap();
+        for q in QueueDir::ALL {
+            fs::create_dir_all(config.spool().dir(q)).unwrap();
         }
         (dir, config)
     }
@@ -384,24 +386,24 @@ mod tests {
     #[test]
     fn protocol_moves_and_reports_where_the_message_is() {
         let (dir, config) = spool();
-        let id = "0000000010000100000A";
-        let put = |q: QueueName| fs::write(q.dir(&config).join(id), b"x").unwrap();
+        let id = &QueueId::parse("0000000010000100000A").unwrap();
+        let put = |q: QueueDir| fs::write(config.spool().path(q, id), b"x").unwrap();
         let mut synced = BTreeSet::new();
-        put(QueueName::Deferred);
-        assert_eq!(apply(&config, Action::Hold, id, &mut synced).unwrap(), Outcome::Done(QueueName::Deferred));
-        assert!(QueueName::Hold.dir(&config).join(id).exists());
-        assert_eq!(apply(&config, Action::Hold, id, &mut synced).unwrap(), Outcome::Settled(QueueName::Hold));
-        assert_eq!(apply(&config, Action::Requeue, id, &mut synced).unwrap(), Outcome::Elsewhere(QueueName::Hold));
-        assert_eq!(apply(&config, Action::Release, id, &mut synced).unwrap(), Outcome::Done(QueueName::Hold));
-        assert!(QueueName::Incoming.dir(&config).join(id).exists());
-        assert_eq!(apply(&config, Action::Flush, id, &mut synced).unwrap(), Outcome::Settled(QueueName::Incoming));
+        put(QueueDir::Deferred);
+        assert_eq!(apply(&config, Action::Hold, id, &mut synced).unwrap(), Outcome::Done(QueueDir::Deferred));
+        assert!(config.spool().path(QueueDir::Hold, id).exists());
+        assert_eq!(apply(&config, Action::Hold, id, &mut synced).unwrap(), Outcome::Settled(QueueDir::Hold));
+        assert_eq!(apply(&config, Action::Requeue, id, &mut synced).unwrap(), Outcome::Elsewhere(QueueDir::Hold));
+        assert_eq!(apply(&config, Action::Release, id, &mut synced).unwrap(), Outcome::Done(QueueDir::Hold));
+        assert!(config.spool().path(QueueDir::Incoming, id).exists());
+        assert_eq!(apply(&config, Action::Flush, id, &mut synced).unwrap(), Outcome::Settled(QueueDir::Incoming));
         // What the scheduler does next: the message is being delivered.
-        fs::rename(QueueName::Incoming.dir(&config).join(id), QueueName::Active.dir(&config).join(id)).unwrap();
+        fs::rename(config.spool().path(QueueDir::Incoming, id), config.spool().path(QueueDir::Active, id)).unwrap();
         for action in [Action::Delete, Action::Hold, Action::Requeue, Action::Flush] {
             assert_eq!(apply(&config, action, id, &mut synced).unwrap(), Outcome::Busy, "{action:?}");
         }
-        assert!(QueueName::Active.dir(&config).join(id).exists(), "active/ is never touched");
-        fs::remove_file(QueueName::Active.dir(&config).join(id)).unwrap();
+        assert!(config.spool().path(QueueDir::Active, id).exists(), "active/ is never touched");
+        fs::remove_file(config.spool().path(QueueDir::Active, id)).unwrap();
         assert_eq!(apply(&config, Action::Delete, id, &mut synced).unwrap(), Outcome::Missing);
         sync_dirs(&synced).unwrap();
         fs::remove_dir_all(&dir).unwrap();
@@ -410,28 +412,25 @@ mod tests {
     #[test]
     fn hold_never_replaces_a_file_of_the_same_id() {
         let (dir, config) = spool();
-        let id = "0000000010000100000A";
-        fs::write(QueueName::Deferred.dir(&config).join(id), b"deferred copy").unwrap();
-        fs::write(QueueName::Hold.dir(&config).join(id), b"held copy").unwrap();
+        let id = &QueueId::parse("0000000010000100000A").unwrap();
+        fs::write(config.spool().path(QueueDir::Deferred, id), b"deferred copy").unwrap();
+        fs::write(config.spool().path(QueueDir::Hold, id), b"held copy").unwrap();
         let err = apply(&config, Action::Hold, id, &mut BTreeSet::new()).unwrap_err();
         assert!(err.to_string().contains("in both deferred/ and hold/"), "{err}");
-        assert_eq!(fs::read(QueueName::Hold.dir(&config).join(id)).unwrap(), b"held copy");
-        assert_eq!(fs::read(QueueName::Deferred.dir(&config).join(id)).unwrap(), b"deferred copy");
+        assert_eq!(fs::read(config.spool().path(QueueDir::Hold, id)).unwrap(), b"held copy");
+        assert_eq!(fs::read(config.spool().path(QueueDir::Deferred, id)).unwrap(), b"deferred copy");
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn flush_makes_a_deferred_file_due() {
         let (dir, config) = spool();
-        let id = "0000000010000100000A";
-        let path = QueueName::Deferred.dir(&config).join(id);
+        let id = &QueueId::parse("0000000010000100000A").unwrap();
+        let path = config.spool().path(QueueDir::Deferred, id);
         fs::write(&path, b"x").unwrap();
         let later = std::time::SystemTime::now() + Duration::from_secs(3600);
         File::options().write(true).open(&path).unwrap().set_modified(later).unwrap();
-        assert_eq!(
-            apply(&config, Action::Flush, id, &mut BTreeSet::new()).unwrap(),
-            Outcome::Done(QueueName::Deferred)
-        );
+        assert_eq!(apply(&config, Action::Flush, id, &mut BTreeSet::new()).unwrap(), Outcome::Done(QueueDir::Deferred));
         let mtime = fs::metadata(&path).unwrap().modified().unwrap();
         assert!(mtime <= std::time::SystemTime::now(), "due now");
         fs::remove_dir_all(&dir).unwrap();

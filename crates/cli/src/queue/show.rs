@@ -8,10 +8,11 @@
 //! any queue, `active/` included.
 
 use super::fmt::{epoch_secs, rfc3339};
-use super::spool::{self, Entry, QueueName};
+use super::spool::{self, Entry, QueueDir};
 use mortal_proto::config::Config;
 use mortal_proto::ipc::{BodyType, DsnRet, Notify};
 use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
+use mortal_proto::queue_id::QueueId;
 use std::io::{self, Write};
 use std::time::Duration;
 
@@ -29,16 +30,16 @@ pub enum Part {
 }
 
 /// Finds and decodes `id`: `None` when no queue holds it.
-pub fn find(config: &Config, id: &str) -> anyhow::Result<Option<(QueueName, QueueFile)>> {
+pub fn find(config: &Config, id: &QueueId) -> anyhow::Result<Option<(QueueDir, QueueFile)>> {
     for _ in 0..FIND_ATTEMPTS {
         let Some(queue) = spool::locate(config, id)? else {
             std::thread::sleep(FIND_PAUSE);
             continue;
         };
-        let entry = Entry { queue, id: id.to_owned(), path: queue.dir(config).join(id), file_size: 0 };
+        let entry = Entry { queue, id: *id, path: config.spool().path(queue, id), file_size: 0 };
         match spool::load(&entry)? {
             Some(Ok(qf)) => return Ok(Some((queue, qf))),
-            Some(Err(e)) => anyhow::bail!("{}/{id}: unreadable queue file: {e}", queue.as_str()),
+            Some(Err(e)) => anyhow::bail!("{}/{id}: unreadable queue file: {e}", queue.name()),
             // Moved between the look and the read: look again.
             None => continue,
         }
@@ -64,14 +65,14 @@ pub fn unix_lines(bytes: &[u8]) -> Vec<u8> {
     out
 }
 
-pub fn write_text(out: &mut impl Write, queue: QueueName, qf: &QueueFile, part: Part) -> io::Result<()> {
+pub fn write_text(out: &mut impl Write, queue: QueueDir, qf: &QueueFile, part: Part) -> io::Result<()> {
     let (header, body) = split(&qf.content);
     match part {
         Part::Header => return out.write_all(&unix_lines(header)),
         Part::Body => return out.write_all(&unix_lines(body)),
         Part::All => {}
     }
-    let place = format!("{}/{}", queue.as_str(), qf.id);
+    let place = format!("{}/{}", queue.name(), qf.id);
     writeln!(out, "*** ENVELOPE {place} ***")?;
     for (key, value) in envelope_fields(queue, qf) {
         writeln!(out, "{key}: {value}")?;
@@ -89,12 +90,12 @@ pub fn write_text(out: &mut impl Write, queue: QueueName, qf: &QueueFile, part: 
     writeln!(out, "*** END {place} ***")
 }
 
-fn envelope_fields(queue: QueueName, qf: &QueueFile) -> Vec<(&'static str, String)> {
+fn envelope_fields(queue: QueueDir, qf: &QueueFile) -> Vec<(&'static str, String)> {
     let c = &qf.client;
     let s = &qf.sender;
     vec![
-        ("queue_name", queue.as_str().to_owned()),
-        ("queue_id", qf.id.clone()),
+        ("queue_name", queue.name().to_owned()),
+        ("queue_id", qf.id.to_string()),
         ("arrival_time", rfc3339(qf.arrival)),
         ("message_size", qf.content.len().to_string()),
         ("client", format!("{}[{}]", c.name, c.addr)),
@@ -155,7 +156,7 @@ fn notify_text(n: Notify) -> String {
 
 /// One JSON object: the `list --json` fields, the whole envelope, and the
 /// header and body as text (invalid UTF-8 replaced).
-pub fn json(queue: QueueName, qf: &QueueFile, part: Part) -> serde_json::Value {
+pub fn json(queue: QueueDir, qf: &QueueFile, part: Part) -> serde_json::Value {
     let (header, body) = split(&qf.content);
     let recipients: Vec<serde_json::Value> = qf
         .recipients
@@ -171,7 +172,7 @@ pub fn json(queue: QueueName, qf: &QueueFile, part: Part) -> serde_json::Value {
         })
         .collect();
     let mut doc = serde_json::json!({
-        "queue_name": queue.as_str(),
+        "queue_name": queue.name(),
         "queue_id": qf.id,
         "arrival_time": epoch_secs(qf.arrival),
         "message_size": qf.content.len(),

@@ -1,71 +1,44 @@
 //! queue spool: what is in the queue directories, read without taking
 //! anything from the queue manager.
 //!
-//! Only names that pass `queue_id::is_valid` are queue files; `<id>.tmp`
+//! Only names that parse as a [`QueueId`] are queue files; `<id>.tmp`
 //! files (a message still being written, or a state rewrite) and anything
 //! else are ignored, so no path is ever built from a name we did not check.
 //! A file may move or vanish between the directory read and the file read
 //! (the queue manager is running): a vanished file is simply not listed.
 
 use super::perm;
-use clap::ValueEnum;
 use mortal_proto::config::Config;
 use mortal_proto::queue_file::{QueueFile, QueueFileError, RecipientState};
-use mortal_proto::queue_id;
+use mortal_proto::queue_id::QueueId;
+pub use mortal_proto::spool::QueueDir;
+use mortal_proto::spool::SpoolName;
 use std::collections::HashSet;
 use std::fs;
 use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-/// A queue directory (the names of `mortal_proto::config::QUEUE_DIRS`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum)]
-pub enum QueueName {
-    Incoming,
-    Active,
-    Deferred,
-    Hold,
-    Corrupt,
-}
+/// What `list` shows without `--queue`: mail that is still on its way
+/// (corrupt files are listed only when asked for).
+pub const LISTED: [QueueDir; 4] = [QueueDir::Incoming, QueueDir::Active, QueueDir::Deferred, QueueDir::Hold];
 
-impl QueueName {
-    pub const ALL: [QueueName; 5] =
-        [QueueName::Incoming, QueueName::Active, QueueName::Deferred, QueueName::Hold, QueueName::Corrupt];
-    /// What `list` shows without `--queue`: mail that is still on its way
-    /// (corrupt files are listed only when asked for).
-    pub const LISTED: [QueueName; 4] = [QueueName::Incoming, QueueName::Active, QueueName::Deferred, QueueName::Hold];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueName::Incoming => "incoming",
-            QueueName::Active => "active",
-            QueueName::Deferred => "deferred",
-            QueueName::Hold => "hold",
-            QueueName::Corrupt => "corrupt",
-        }
-    }
-
-    /// The mark after a queue id in listings, as in Postfix's mailq.
-    pub fn marker(self) -> char {
-        match self {
-            QueueName::Active => '*',
-            QueueName::Hold => '!',
-            QueueName::Corrupt => '#',
-            QueueName::Incoming | QueueName::Deferred => ' ',
-        }
-    }
-
-    pub fn dir(self, config: &Config) -> PathBuf {
-        config.queue_dir(self.as_str())
+/// The mark after a queue id in listings, as in Postfix's mailq.
+pub fn marker(queue: QueueDir) -> char {
+    match queue {
+        QueueDir::Active => '*',
+        QueueDir::Hold => '!',
+        QueueDir::Corrupt => '#',
+        QueueDir::Incoming | QueueDir::Deferred => ' ',
     }
 }
 
 /// One queue file as the directory shows it.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    pub queue: QueueName,
-    pub id: String,
+    pub queue: QueueDir,
+    pub id: QueueId,
     pub path: PathBuf,
     /// Size of the file on disk (envelope and content).
     pub file_size: u64,
@@ -74,7 +47,7 @@ pub struct Entry {
 impl Entry {
     /// Arrival as encoded in the id: known without reading the file.
     pub fn arrival(&self) -> SystemTime {
-        queue_id::arrival(&self.id).unwrap_or(UNIX_EPOCH)
+        self.id.arrival()
     }
 }
 
@@ -85,16 +58,16 @@ impl Entry {
 /// and last: a message that made one move during the scan is then seen
 /// before or after it, never missed. An id seen twice is listed once, in
 /// the queue it was seen in last.
-pub fn entries(config: &Config, queues: &[QueueName]) -> anyhow::Result<Vec<Entry>> {
+pub fn entries(config: &Config, queues: &[QueueDir]) -> anyhow::Result<Vec<Entry>> {
     let mut order = queues.to_vec();
-    if queues.contains(&QueueName::Active) && queues.len() > 1 {
-        order.retain(|&q| q != QueueName::Active);
-        order.insert(0, QueueName::Active);
-        order.push(QueueName::Active);
+    if queues.contains(&QueueDir::Active) && queues.len() > 1 {
+        order.retain(|&q| q != QueueDir::Active);
+        order.insert(0, QueueDir::Active);
+        order.push(QueueDir::Active);
     }
     let mut out = Vec::new();
     for queue in order {
-        let dir = queue.dir(config);
+        let dir = config.spool().dir(queue);
         let listing = match fs::read_dir(&dir) {
             Ok(listing) => listing,
             Err(e) if e.kind() == ErrorKind::NotFound => continue,
@@ -102,9 +75,7 @@ pub fn entries(config: &Config, queues: &[QueueName]) -> anyhow::Result<Vec<Entr
         };
         for item in listing {
             let item = item.map_err(|e| perm::io_error(&dir, e))?;
-            let Some(id) = item.file_name().to_str().filter(|n| queue_id::is_valid(n)).map(str::to_owned) else {
-                continue;
-            };
+            let SpoolName::Queued(id) = SpoolName::of(&item.file_name()) else { continue };
             let file_size = match item.metadata() {
                 Ok(meta) => meta.size(),
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
@@ -116,9 +87,9 @@ pub fn entries(config: &Config, queues: &[QueueName]) -> anyhow::Result<Vec<Entr
     // Latest sighting first among equal ids (the sort is stable), then
     // keep the first of each id.
     out.reverse();
-    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out.sort_by_key(|e| e.id);
     let mut seen = HashSet::new();
-    out.retain(|e| seen.insert(e.id.clone()));
+    out.retain(|e| seen.insert(e.id));
     Ok(out)
 }
 
@@ -141,20 +112,20 @@ pub fn load(entry: &Entry) -> anyhow::Result<Option<Result<QueueFile, QueueFileE
 pub fn load_following(
     config: &Config,
     entry: &Entry,
-) -> anyhow::Result<Option<(QueueName, Result<QueueFile, QueueFileError>)>> {
+) -> anyhow::Result<Option<(QueueDir, Result<QueueFile, QueueFileError>)>> {
     if let Some(decoded) = load(entry)? {
         return Ok(Some((entry.queue, decoded)));
     }
     let Some(queue) = locate(config, &entry.id)? else { return Ok(None) };
-    let moved = Entry { queue, path: queue.dir(config).join(&entry.id), ..entry.clone() };
+    let moved = Entry { queue, path: config.spool().path(queue, &entry.id), ..entry.clone() };
     Ok(load(&moved)?.map(|decoded| (queue, decoded)))
 }
 
 /// Where the message `id` is now, looking in every queue directory.
-pub fn locate(config: &Config, id: &str) -> anyhow::Result<Option<QueueName>> {
-    debug_assert!(queue_id::is_valid(id));
-    for queue in QueueName::ALL {
-        let path = queue.dir(config).join(id);
+pub fn locate(config: &Config, id: &QueueId) -> anyhow::Result<Option<QueueDir>> {
+    let spool = config.spool();
+    for queue in QueueDir::ALL {
+        let path = spool.path(queue, id);
         match fs::symlink_metadata(&path) {
             Ok(_) => return Ok(Some(queue)),
             Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -172,7 +143,7 @@ pub struct Filter {
     /// Same forms; matches when any pending recipient matches.
     pub recipient: Option<String>,
     /// Empty means the command's default queues.
-    pub queues: Vec<QueueName>,
+    pub queues: Vec<QueueDir>,
     /// Arrived at least this long ago.
     pub older_than: Option<Duration>,
 }
@@ -217,6 +188,7 @@ pub fn address_matches(pattern: &str, address: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn address_patterns() {
@@ -242,43 +214,43 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("mortal-cli-spool-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let config = Config::parse("[server]\nspool_dir = \"spool\"\n", &dir.join("mortal.toml")).unwrap();
-        for q in QueueName::ALL {
-            fs::create_dir_all(q.dir(&config)).unwrap();
+        for q in QueueDir::ALL {
+            fs::create_dir_all(config.spool().dir(q)).unwrap();
         }
         let (old, new) = ("0000000010000100000A", "0000000020000100000A");
         let files = [
-            (QueueName::Deferred, new),
-            (QueueName::Hold, old),
+            (QueueDir::Deferred, new),
+            (QueueDir::Hold, old),
             // Caught mid-move: in two directories at once.
-            (QueueName::Active, new),
-            (QueueName::Incoming, "0000000030000100000A.tmp"),
-            (QueueName::Incoming, "not-a-queue-id"),
+            (QueueDir::Active, new),
+            (QueueDir::Incoming, "0000000030000100000A.tmp"),
+            (QueueDir::Incoming, "not-a-queue-id"),
         ];
         for (q, name) in files {
-            fs::write(q.dir(&config).join(name), b"x").unwrap();
+            fs::write(config.spool().dir(q).join(name), b"x").unwrap();
         }
-        let got: Vec<(QueueName, String)> =
-            entries(&config, &QueueName::ALL).unwrap().into_iter().map(|e| (e.queue, e.id)).collect();
-        assert_eq!(got, [(QueueName::Hold, old.to_owned()), (QueueName::Active, new.to_owned())]);
-        let only_deferred = entries(&config, &[QueueName::Deferred]).unwrap();
+        let got: Vec<(QueueDir, String)> =
+            entries(&config, &QueueDir::ALL).unwrap().into_iter().map(|e| (e.queue, e.id.to_string())).collect();
+        assert_eq!(got, [(QueueDir::Hold, old.to_owned()), (QueueDir::Active, new.to_owned())]);
+        let only_deferred = entries(&config, &[QueueDir::Deferred]).unwrap();
         assert_eq!(only_deferred.len(), 1);
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn entry_filter_uses_queue_and_id_age() {
-        let id = queue_id::make(UNIX_EPOCH + Duration::from_secs(1_000_000), 42);
-        let entry = Entry { queue: QueueName::Deferred, id, path: PathBuf::new(), file_size: 0 };
+        let id = QueueId::new(UNIX_EPOCH + Duration::from_secs(1_000_000), 42);
+        let entry = Entry { queue: QueueDir::Deferred, id, path: PathBuf::new(), file_size: 0 };
         let now = UNIX_EPOCH + Duration::from_secs(1_003_600);
-        let f = |queues: Vec<QueueName>, older: u64| Filter {
+        let f = |queues: Vec<QueueDir>, older: u64| Filter {
             queues,
             older_than: Some(Duration::from_secs(older)),
             ..Filter::default()
         };
         assert!(f(vec![], 3600).matches_entry(&entry, now));
         assert!(!f(vec![], 3601).matches_entry(&entry, now));
-        assert!(f(vec![QueueName::Deferred, QueueName::Hold], 0).matches_entry(&entry, now));
-        assert!(!f(vec![QueueName::Hold], 0).matches_entry(&entry, now));
+        assert!(f(vec![QueueDir::Deferred, QueueDir::Hold], 0).matches_entry(&entry, now));
+        assert!(!f(vec![QueueDir::Hold], 0).matches_entry(&entry, now));
         assert!(!Filter::default().needs_envelope());
     }
 }

@@ -14,7 +14,8 @@
 //! which the master never passes: nothing a client sends can start them.
 
 use super::{Service, enter_layers, mail_user, own_dirs, visible_path};
-use mortal_proto::config::{Config, QUEUE_DIRS};
+use mortal_proto::config::Config;
+use mortal_proto::spool::QueueDir;
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::Signal;
 use nix::unistd::Uid;
@@ -275,8 +276,8 @@ fn probe(service: Service, attempt: Attempt, port: u16, seccomp: bool, config_pa
         }
         Attempt::ReadPasswd => io(fs::File::open("/etc/passwd").map(drop)),
         Attempt::ListRoot => io(fs::read_dir("/").map(drop)),
-        Attempt::WriteIncoming => write_in(&config.queue_dir("incoming")),
-        Attempt::WriteDeferred => write_in(&config.queue_dir("deferred")),
+        Attempt::WriteIncoming => write_in(&config.spool().dir(QueueDir::Incoming)),
+        Attempt::WriteDeferred => write_in(&config.spool().dir(QueueDir::Deferred)),
         Attempt::WriteTmp => write_in(Path::new("/tmp")),
         Attempt::ConnectCleanup => io(UnixStream::connect(visible_path(&config.cleanup_socket())).map(drop)),
         Attempt::ConnectQueue => io(UnixStream::connect(visible_path(&config.queue_socket())).map(drop)),
@@ -521,7 +522,7 @@ impl Fixtures {
         // master makes them; what is below them is not.
         let mut dirs: Vec<(PathBuf, u32)> =
             vec![(config.server.spool_dir.clone(), OPEN_DIR_MODE), (config.run_dir().to_owned(), OPEN_DIR_MODE)];
-        dirs.extend(QUEUE_DIRS.iter().map(|q| (config.queue_dir(q), DIR_MODE)));
+        dirs.extend(QueueDir::ALL.map(|q| (config.spool().dir(q), DIR_MODE)));
         dirs.push((config.private_dir(), DIR_MODE));
         if config.maildir_root().starts_with(&config.server.spool_dir) {
             dirs.push((config.maildir_root().to_owned(), DIR_MODE));

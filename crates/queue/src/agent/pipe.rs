@@ -125,7 +125,7 @@ mod tests {
             status: String::new(),
         };
         QueueFile {
-            id: "0000000010000100000A".into(),
+            id: "0000000010000100000A".parse().unwrap(),
             arrival: std::time::UNIX_EPOCH,
             client: ClientInfo {
                 addr: String::new(),

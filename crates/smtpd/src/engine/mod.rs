@@ -25,7 +25,7 @@
 //! session.feed(b"MAIL FROM:<a@example.test>\r\n");
 //! let actions: Vec<Action> = std::iter::from_fn(|| session.next_action()).collect();
 //! assert!(matches!(actions.last(), Some(Action::StartTransaction { .. })));
-//! session.transaction_opened("0000000010000100000A".into());
+//! session.transaction_opened("0000000010000100000A".parse().unwrap());
 //! assert_eq!(session.next_action(), Some(Action::Log("0000000010000100000A: client=unknown[192.0.2.1]".into())));
 //! assert_eq!(session.next_action(), Some(Action::Reply("250 2.1.0 Ok\r\n".into())));
 //! ```
@@ -94,6 +94,7 @@ use line::{Line, LineReader};
 use mortal_proto::address::{self, AddressError};
 use mortal_proto::config::{BareNewline, Config};
 use mortal_proto::ipc::{BodyType, ClientInfo, DsnRet, Notify, RecipientInfo, SenderInfo};
+use mortal_proto::queue_id::QueueId;
 use mortal_proto::tls::TlsSummary;
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -216,7 +217,7 @@ struct Helo {
 struct Transaction {
     /// Reverse-path without brackets; empty for `<>`.
     sender: String,
-    queue_id: String,
+    queue_id: QueueId,
     recipients: u32,
     /// Set when cleanup failed or refused mid-transaction (or a BDAT chunk
     /// was refused): every further RCPT, BDAT and the DATA get this reply,
@@ -384,7 +385,7 @@ impl Session {
     /// # Panics
     /// If no [`Action::StartTransaction`] is outstanding: that is a driver
     /// bug, and carrying on could attach a message to the wrong envelope.
-    pub fn transaction_opened(&mut self, queue_id: String) {
+    pub fn transaction_opened(&mut self, queue_id: QueueId) {
         let Phase::Opening { sender, body, smtputf8 } = std::mem::replace(&mut self.phase, Phase::Command) else {
             panic!("transaction_opened without an outstanding StartTransaction");
         };
@@ -1121,7 +1122,7 @@ mod tests {
         let actions: Vec<Action> = std::iter::from_fn(|| session.next_action()).collect();
         let Some(Action::StartTransaction { client, .. }) = actions.last() else { panic!("{actions:?}") };
         assert_eq!((client.name.as_str(), client.addr.as_str()), ("mx.example.net", "192.0.2.9"));
-        session.transaction_opened("0000000010000100000A".into());
+        session.transaction_opened("0000000010000100000A".parse().unwrap());
         let logged = Action::Log("0000000010000100000A: client=mx.example.net[192.0.2.9]".into());
         assert_eq!(session.next_action(), Some(logged));
         assert!(session.finish().starts_with("disconnect from mx.example.net[192.0.2.9] "));
@@ -1142,7 +1143,7 @@ mod tests {
             session.feed(b"EHLO client.test\r\n");
             session.feed(b"MAIL FROM:<a@example.test>\r\n");
             std::iter::from_fn(|| session.next_action()).for_each(drop);
-            session.transaction_opened("0000000010000100000A".into());
+            session.transaction_opened("0000000010000100000A".parse().unwrap());
             session.feed(b"RCPT TO:<alice@example.test>\r\nRCPT TO:<carol@example.test>\r\n");
             let replies: Vec<Action> =
                 std::iter::from_fn(|| session.next_action()).filter(|a| matches!(a, Action::Reply(_))).collect();

@@ -210,7 +210,7 @@ impl Conversation {
         for _ in 0..3 {
             got.push(self.request().await.expect("envelope head"));
         }
-        self.reply(Reply::QueueId(QUEUE_ID.into())).await;
+        self.reply(Reply::QueueId(QUEUE_ID.parse().unwrap())).await;
         got
     }
 
