@@ -52,7 +52,7 @@ use std::os::unix::net::UnixListener;
 
 fn main() {
     sandbox::selftest::run_if_asked(Service::Cleanup);
-    let config = child::startup("cleanup");
+    let config = child::startup(Service::Cleanup);
     let spool = match spool::Spool::open(&config) {
         Ok(s) => s,
         Err(e) => {
@@ -60,7 +60,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let (listener, mut link) = child::adopt::<UnixListener>("cleanup");
+    let (listener, mut link) = child::adopt::<UnixListener>(Service::Cleanup);
     // From here on: the mail user, and write access to incoming/ only.
     sandbox::enter_or_exit(Service::Cleanup, &config);
     let ctx = session::Context::new(&config, &spool);

@@ -36,4 +36,5 @@ pub mod pipe;
 pub mod queue_file;
 pub mod queue_id;
 pub mod record;
+pub mod service;
 pub mod status;

@@ -90,6 +90,7 @@ pub async fn session_with_resolver(
         None => crate::engine::UNKNOWN_NAME.to_owned(),
     };
     peer.limits.set_name(&name);
+    mortal_libmaster::log::record_client(format_args!("{name}[{}]", peer.addr));
     let mut session = Session::with_name(Arc::clone(config), peer.addr, &name);
     session.early_input(&peer.early);
     let mut buf = vec![0; READ_BUFFER];

@@ -8,10 +8,11 @@ use mortal_libmaster::child;
 use mortal_libmaster::sandbox::{self, Service};
 use std::net::TcpListener;
 use std::sync::Arc;
+use tracing::Instrument;
 
 fn main() {
     sandbox::selftest::run_if_asked(Service::Smtpd);
-    let config = Arc::new(child::startup("smtpd"));
+    let config = Arc::new(child::startup(Service::Smtpd));
     // Read the certificate and key now, before the first session and before
     // any privilege drop or sandbox takes the file system away. A child that
     // cannot is a bad start, which the master throttles.
@@ -30,7 +31,7 @@ fn main() {
         tracing::error!("fatal: recipient_map {}: {e}", path.display());
         std::process::exit(1);
     }
-    let (listener, mut link) = child::adopt::<TcpListener>("smtpd");
+    let (listener, mut link) = child::adopt::<TcpListener>(Service::Smtpd);
     // One current-thread runtime for the life of the process, reused by
     // every session: a session is a single task, and an idle child should
     // cost as little memory as possible.
@@ -64,7 +65,9 @@ fn main() {
     // no file system, no identity but the mail user's and few syscalls.
     sandbox::enter_or_exit(Service::Smtpd, &config);
     let served = child::serve(&listener, &mut link, config.process.smtpd.max_use, |stream, _link| {
-        runtime.block_on(mortal_smtpd::driver::session_with_resolver(&config, tls.as_ref(), resolver.as_ref(), stream))
+        // The JSON log's `client` for every line of the session.
+        let session = mortal_smtpd::driver::session_with_resolver(&config, tls.as_ref(), resolver.as_ref(), stream);
+        runtime.block_on(session.instrument(mortal_libmaster::log::session_span()))
     });
     match served {
         Ok(reason) => tracing::info!("exit: {}", reason.as_str()),
