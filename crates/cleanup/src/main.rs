@@ -6,10 +6,12 @@
 //! on the private `cleanup` socket and runs one message transaction over the
 //! `cleanup` IPC protocol (`mortal_proto::ipc`). It re-validates the
 //! envelope, fixes up the header section (adds `Received:`, and
-//! `Message-ID:`/`Date:` when missing; strips `Bcc:`), writes
-//! `incoming/<id>` through a temporary file, `fsync`s it, renames it,
-//! `fsync`s the directory, and only then answers 250. Then it wakes the
-//! queue manager.
+//! `Message-ID:`/`Date:` when missing; strips `Bcc:`), writes the message
+//! to a temporary file, renames the complete file to `incoming/<id>`,
+//! `fsync`s the file and then the directory, and only then answers 250
+//! (rename before sync: one journal commit instead of two; see
+//! ARCHITECTURE.md, "Differences from DESIGN.md"). Then it wakes the queue
+//! manager.
 //!
 //! # Security
 //! cleanup trusts nothing smtpd says: every record's type, size, field and

@@ -1,11 +1,13 @@
 //! Durable queue-file writes by the queue manager itself: new messages it
 //! creates (DSNs) and recipient-state updates.
 //!
-//! The procedure is cleanup's (`crates/cleanup/src/spool.rs`, which
-//! streams and keeps its own copy): write `<id>.tmp`, `fsync` it, rename it
-//! to its final name, `fsync` the directory. A crash at any point leaves
-//! either the old state or the new one, never a half file under a queue
-//! id; a left-over `incoming/<id>.tmp` is removed by the scan once its
+//! The order is DESIGN.md's: write `<id>.tmp`, `fsync` it, rename it to
+//! its final name, `fsync` the directory. (cleanup, which streams each
+//! message and keeps its own copy in `crates/cleanup/src/spool.rs`,
+//! renames the complete file first and syncs file and directory after;
+//! ARCHITECTURE.md, "Differences from DESIGN.md", says why.) A crash at
+//! any point leaves either the old state or the new one, never a half
+//! file under a queue id; a left-over `incoming/<id>.tmp` is removed by the scan once its
 //! writer (the pid in the id) is gone.
 
 use mortal_proto::config::Config;
