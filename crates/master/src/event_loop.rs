@@ -865,3 +865,17 @@ fn log_exit(program: &Path, pid: u32, status: &io::Result<ExitStatus>) {
         Err(e) => tracing::warn!("warning: process {} pid {pid}: wait: {e}", program.display()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mortal_proto::service::Shape;
+
+    #[test]
+    fn a_pool_policy_exactly_for_pool_services() {
+        let config = Config::parse("[server]\nhostname = \"mx.test\"\n", Path::new("/m.toml")).unwrap();
+        for kind in ServiceKind::ALL {
+            assert_eq!(kind.policy(&config).is_some(), kind.shape() == Shape::Pool, "{kind}");
+        }
+    }
+}

@@ -3,9 +3,11 @@
 //! # Summary
 //! Typed configuration (`etc/mortal.toml`), the framed records that cross
 //! process boundaries (smtpd → cleanup, child → master), the on-disk queue
-//! file format, queue ids and RFC 5321 address syntax. Like Postfix's
-//! `global/mail_proto.h`, it is the one place both sides of every
-//! conversation agree on.
+//! file format, queue ids, RFC 5321 address syntax, the services the
+//! master runs ([`service`]), the `mortal status` document
+//! ([`status::StatusDoc`]) and the calendar forms of dates ([`date`]).
+//! Like Postfix's `global/mail_proto.h`, it is the one place both sides of
+//! every conversation agree on.
 //!
 //! # Security
 //! This crate performs no I/O. Every decoder is strict and bounded: it
