@@ -2,12 +2,13 @@
 //! loopback port, driven by real clients (Python's smtplib, swaks) and by a
 //! raw SMTP client where precision matters.
 
+use mortal_proto::date::{self, TimeZone};
 use mortal_proto::queue_id::QueueId;
 use mortal_proto::spool::QueueDir;
 use mortal_tests::{Instance, Options, Smtp, body_of, process_exists, python, wait_for};
 use std::collections::BTreeSet;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// A body that exercises dot-stuffing, an empty line, 8-bit text and a
 /// line of exactly 998 octets (the RFC 5321 maximum without CRLF).
@@ -240,4 +241,68 @@ fn killed_cleanup_mid_data_gives_4xx_and_leaves_no_file() {
         assert!(mortal.queue_files(q).is_empty(), "{q}/ must be empty: {:?}", mortal.queue_files(q));
     }
     assert!(mortal.delivered("victim@example.test").is_empty(), "nothing may be delivered");
+}
+
+/// Issue 11: log stamps are in the host's local time zone (here `TZ`, set
+/// to an offset no test host uses), since their readers take a stamp
+/// without a zone as local time.
+#[test]
+fn log_stamps_are_in_local_time() {
+    let zone = "<-0330>3:30";
+    let mortal = Instance::start_with(Options { env: vec![("TZ".into(), zone.into())], ..Options::default() });
+    let before = SystemTime::now();
+    let reply = Smtp::connect(mortal.port).unwrap().mail("a@example.test", "local@example.test", "hi");
+    assert!(reply.starts_with("250 "), "{reply}");
+    let log = mortal.wait_for_log(": removed");
+    let after = SystemTime::now();
+    let line = log.lines().find(|l| l.ends_with(": removed")).unwrap();
+    // The stamp of any second the message was in flight, written 3h30 west.
+    let zone = TimeZone::posix(zone).unwrap();
+    let secs = after.duration_since(before).unwrap().as_secs() + 2;
+    let stamps: Vec<String> =
+        (0..=secs).map(|s| date::syslog(before - Duration::from_secs(1) + Duration::from_secs(s), &zone)).collect();
+    assert!(stamps.iter().any(|stamp| line.starts_with(&format!("{stamp} "))), "{line} is none of {stamps:?}");
+}
+
+/// Issue 11: `[log] format = "json"` carries the context of each line as
+/// fields: the client in smtpd and cleanup, the queue id in cleanup and
+/// the queue manager, and for every line its service, pid, severity and
+/// an RFC 3339 time with the local offset.
+#[test]
+fn json_log_lines_carry_client_queue_id_and_severity() {
+    let opts = Options { env: vec![("TZ".into(), "<-0330>3:30".into())], ..Options::default() };
+    let mortal = Instance::start_edited(opts, |text| {
+        assert!(text.contains("format = \"postfix\"\n"), "{text}");
+        text.replacen("format = \"postfix\"\n", "format = \"json\"\n", 1)
+    });
+    let reply = Smtp::connect(mortal.port).unwrap().mail("a@example.test", "json@example.test", "hi");
+    assert!(reply.starts_with("250 "), "{reply}");
+    mortal.wait_for_log(": removed\"");
+    let lines: Vec<serde_json::Value> = mortal
+        .log_text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object: {l}: {e}")))
+        .collect();
+    for v in &lines {
+        assert!(v["timestamp"].as_str().is_some_and(|t| t.ends_with("-03:30")), "{v}");
+        assert!(v["pid"].as_u64().is_some_and(|p| p > 0), "{v}");
+        assert!(["info", "warning", "error", "fatal", "debug"].contains(&v["severity"].as_str().unwrap_or("")), "{v}");
+        assert!(["master", "smtpd", "cleanup", "queue", "anvil"].contains(&v["service"].as_str().unwrap_or("")), "{v}");
+    }
+    let find = |service: &str, what: &str| {
+        lines
+            .iter()
+            .find(|v| v["service"] == service && v["message"].as_str().is_some_and(|m| m.contains(what)))
+            .unwrap_or_else(|| panic!("no {service} line with {what:?} in {lines:#?}"))
+    };
+    let connect = find("smtpd", "connect from ");
+    let client = connect["message"].as_str().unwrap().strip_prefix("connect from ").unwrap();
+    assert!(client.ends_with("[127.0.0.1]"), "{connect}");
+    assert_eq!(connect["client"], client, "{connect}");
+    let spooled = find("cleanup", ": message-id=<");
+    let id = spooled["message"].as_str().unwrap().split(':').next().unwrap();
+    assert_eq!(spooled["queue_id"], id, "{spooled}");
+    assert_eq!(spooled["client"], client, "{spooled}");
+    assert_eq!(find("queue", &format!("{id}: removed"))["queue_id"], id);
+    assert_eq!(find("smtpd", &format!("{id}: client="))["client"], client);
 }

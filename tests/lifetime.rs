@@ -3,9 +3,10 @@
 //! `mortal status --json` (real pids, states, ages, drawn lifetimes,
 //! retirement reasons) and the log.
 
+use mortal_proto::service::Service;
+use mortal_proto::status::{BoardState, RetireReason, StatusDoc};
 use mortal_tests::lifetime::{children_of_service, retired, service, start_with_policy};
 use mortal_tests::{Instance, Options, Smtp, WAIT, process_exists, wait_for};
-use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -21,17 +22,17 @@ const POLL: Duration = Duration::from_millis(25);
 /// The master's SIGTERM-to-SIGKILL grace (`term_grace`, left at its default).
 const TERM_GRACE: Duration = mortal_proto::config::DEFAULT_TERM_GRACE;
 
-fn pids(status: &Value, name: &str) -> BTreeSet<u64> {
-    children_of_service(status, name).iter().filter_map(|c| c["pid"].as_u64()).collect()
+fn pids(status: &StatusDoc, service: Service) -> BTreeSet<u64> {
+    children_of_service(status, service).iter().map(|c| u64::from(c.pid)).collect()
 }
 
-fn ms(v: &Value) -> Duration {
-    Duration::from_millis(v.as_u64().unwrap_or_else(|| panic!("not a number of ms: {v}")))
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
 }
 
 /// `mortal status` with the instants just before and just after it ran:
 /// the master took its snapshot somewhere in between.
-fn timed_status(mortal: &Instance) -> (Instant, Value, Instant) {
+fn timed_status(mortal: &Instance) -> (Instant, StatusDoc, Instant) {
     let before = Instant::now();
     let status = mortal.status();
     (before, status, Instant::now())
@@ -54,7 +55,7 @@ fn watch_exits(mortal: &Instance, watched: &BTreeSet<u64>, want: usize) -> BTree
     let deadline = Instant::now() + WAIT;
     while exits.len() < want && Instant::now() < deadline {
         let (before, status, after) = timed_status(mortal);
-        let alive = pids(&status, "smtpd");
+        let alive = pids(&status, Service::Smtpd);
         for pid in watched {
             if alive.contains(pid) {
                 last_alive.insert(*pid, before);
@@ -85,13 +86,13 @@ fn max_idle_retires_idle_children_down_to_min_spare() {
     // The scoreboard lags the children by the records in flight.
     let (before, first, after) = wait_for("4 idle smtpd", || {
         let (before, status, after) = timed_status(&mortal);
-        (service(&status, "smtpd")["children"]["idle"] == 4).then_some((before, status, after))
+        (service(&status, Service::Smtpd).children.idle == 4).then_some((before, status, after))
     })
     .expect("prefork 4");
     // When each child became idle, by the master's clock: between these.
-    let idle_since: BTreeMap<u64, (Instant, Instant)> = children_of_service(&first, "smtpd")
+    let idle_since: BTreeMap<u64, (Instant, Instant)> = children_of_service(&first, Service::Smtpd)
         .iter()
-        .map(|c| (c["pid"].as_u64().unwrap(), (before - ms(&c["since_ms"]), after - ms(&c["since_ms"]))))
+        .map(|c| (u64::from(c.pid), (before - ms(c.since_ms), after - ms(c.since_ms))))
         .collect();
     let watched = idle_since.keys().copied().collect();
     let gone = watch_exits(&mortal, &watched, 3);
@@ -106,8 +107,8 @@ fn max_idle_retires_idle_children_down_to_min_spare() {
     let survivor = *watched.iter().find(|p| !gone.contains_key(p)).unwrap();
     std::thread::sleep(max_idle * 2);
     let now = mortal.status();
-    assert!(pids(&now, "smtpd").contains(&survivor), "{now}");
-    assert_eq!(retired(&now, "smtpd", "idle"), 3, "{now}");
+    assert!(pids(&now, Service::Smtpd).contains(&survivor), "{now:?}");
+    assert_eq!(retired(&now, Service::Smtpd, RetireReason::Idle), 3, "{now:?}");
 }
 
 #[test]
@@ -128,14 +129,14 @@ fn lifetimes_are_jittered_so_a_batch_never_dies_together() {
     );
     let (before, first, after) = timed_status(&mortal);
     // Spawned between these instants, with this drawn life.
-    let batch: BTreeMap<u64, (Instant, Instant, Duration)> = children_of_service(&first, "smtpd")
+    let batch: BTreeMap<u64, (Instant, Instant, Duration)> = children_of_service(&first, Service::Smtpd)
         .iter()
         .map(|c| {
-            let age = ms(&c["age_ms"]);
-            (c["pid"].as_u64().unwrap(), (before - age, after - age, ms(&c["lifetime_ms"])))
+            let age = ms(c.age_ms);
+            (u64::from(c.pid), (before - age, after - age, ms(c.lifetime_ms.expect("a drawn lifetime"))))
         })
         .collect();
-    assert_eq!(batch.len(), 8, "{first}");
+    assert_eq!(batch.len(), 8, "{first:?}");
     for (pid, (_, _, life)) in &batch {
         assert!(*life >= min && *life <= max, "pid {pid} drew {life:?}");
     }
@@ -155,7 +156,7 @@ fn lifetimes_are_jittered_so_a_batch_never_dies_together() {
     let first_exit = gone.values().map(|e| e.gone).min().unwrap();
     let last_exit = gone.values().map(|e| e.alive).max().unwrap();
     assert!(last_exit.saturating_duration_since(first_exit) >= Duration::from_millis(500), "exits bunched: {gone:?}");
-    assert!(retired(&mortal.status(), "smtpd", "lifetime") >= 8);
+    assert!(retired(&mortal.status(), Service::Smtpd, RetireReason::Lifetime) >= 8);
 }
 
 #[test]
@@ -166,7 +167,10 @@ fn a_stalled_session_is_killed_at_its_deadline_and_the_child_replaced() {
     let started = Instant::now();
     assert!(s.cmd("EHLO stall.test").unwrap().starts_with("250"));
     let pid = wait_for("a busy smtpd", || {
-        children_of_service(&mortal.status(), "smtpd").iter().find(|c| c["state"] == "busy")?["pid"].as_u64()
+        children_of_service(&mortal.status(), Service::Smtpd)
+            .iter()
+            .find(|c| c.state == BoardState::Busy)
+            .map(|c| u64::from(c.pid))
     })
     .expect("the stalled session's child is busy");
     // The client stalls; the server speaks once more, then hangs up.
@@ -181,10 +185,10 @@ fn a_stalled_session_is_killed_at_its_deadline_and_the_child_replaced() {
     // The scoreboard follows once the master has reaped it.
     let status = wait_for("stalled child off the scoreboard", || {
         let status = mortal.status();
-        (!pids(&status, "smtpd").contains(&pid)).then_some(status)
+        (!pids(&status, Service::Smtpd).contains(&pid)).then_some(status)
     })
     .expect("reaped");
-    assert_eq!(retired(&status, "smtpd", "deadline"), 1, "{status}");
+    assert_eq!(retired(&status, Service::Smtpd, RetireReason::Deadline), 1, "{status:?}");
     let mut next = Smtp::connect(mortal.port).expect("a replacement serves the next client");
     assert!(next.greeting.starts_with("220 "));
     assert!(next.cmd("QUIT").unwrap().starts_with("221"));
@@ -247,9 +251,9 @@ fn under_sustained_full_load_no_child_outlives_lifetime_plus_overdue_grace() {
     let mut saw_overdue = false;
     while started.elapsed() < run_for {
         let status = mortal.status();
-        for c in children_of_service(&status, "smtpd") {
-            oldest = oldest.max(ms(&c["age_ms"]));
-            saw_overdue |= c["state"] == "overdue";
+        for c in children_of_service(&status, Service::Smtpd) {
+            oldest = oldest.max(ms(c.age_ms));
+            saw_overdue |= c.state == BoardState::Overdue;
         }
         std::thread::sleep(POLL);
     }
@@ -258,7 +262,7 @@ fn under_sustained_full_load_no_child_outlives_lifetime_plus_overdue_grace() {
     let status = mortal.status();
     assert!(oldest <= lifetime + grace + slack, "a child lived {oldest:?}\n{}", mortal.log_text());
     assert!(saw_overdue, "busy children past their lifetime show as overdue");
-    assert!(retired(&status, "smtpd", "overdue") >= 2, "{status}");
+    assert!(retired(&status, Service::Smtpd, RetireReason::Overdue) >= 2, "{status:?}");
     assert!(told >= 1, "clients of killed children are told 421 where possible");
     assert!(mortal.log_text().contains(": still running 1s after its lifetime, killing"));
 }
@@ -303,7 +307,7 @@ fn reload_lets_sessions_in_flight_finish_with_250_and_refuses_nobody() {
     let out = mortal.mortal(&["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("mortal reloaded"));
-    assert_eq!(mortal.status()["master"]["generation"], 1);
+    assert_eq!(mortal.status().master.generation, 1);
     std::thread::sleep(Duration::from_millis(500));
     for (i, s) in in_flight.iter_mut().enumerate() {
         s.send_raw(b"second half\r\n.\r\n").unwrap();
@@ -318,10 +322,10 @@ fn reload_lets_sessions_in_flight_finish_with_250_and_refuses_nobody() {
     // The old generation leaves once its sessions are over.
     let gone = wait_for("old generation gone", || {
         let status = mortal.status();
-        children_of_service(&status, "smtpd").iter().all(|c| c["generation"] == 1).then_some(status)
+        children_of_service(&status, Service::Smtpd).iter().all(|c| c.generation == 1).then_some(status)
     });
     let status = gone.expect("generation 0 children retired");
-    assert!(retired(&status, "smtpd", "reload") >= 3, "{status}");
+    assert!(retired(&status, Service::Smtpd, RetireReason::Reload) >= 3, "{status:?}");
     for i in 0..3 {
         mortal.wait_for_delivery(&format!("r{i}@example.test"), 1);
     }
@@ -362,14 +366,14 @@ fn an_invalid_configuration_is_refused_on_reload_and_the_old_one_stays() {
     mortal.wait_for_log("warning: reload failed: keeping the current configuration");
     assert!(mortal.log_text().contains(&format!("warning: reload: {}", mortal.config.display())));
     // (`mortal status` checks the file too, so ask the socket directly.)
-    let status: Value = serde_json::from_str(&control(&mortal, "status\n")).unwrap();
-    assert_eq!(status["master"]["generation"], 0, "{status}");
+    let status: StatusDoc = serde_json::from_str(&control(&mortal, "status\n")).unwrap();
+    assert_eq!(status.master.generation, 0, "{status:?}");
     let mut s = Smtp::connect(mortal.port).unwrap();
     assert!(s.cmd("EHLO still.test").unwrap().starts_with("250"));
     // Fixed, the reload goes through.
     std::fs::write(&mortal.config, &good).unwrap();
     assert_eq!(control(&mortal, "reload\n"), "ok\n");
-    assert_eq!(mortal.status()["master"]["generation"], 1);
+    assert_eq!(mortal.status().master.generation, 1);
 }
 
 #[test]
@@ -389,8 +393,9 @@ fn clients_waiting_beyond_overload_wait_get_421_busy() {
     );
     let mut holder = Smtp::connect(mortal.port).unwrap();
     assert!(holder.cmd("EHLO holder.test").unwrap().starts_with("250"));
-    let busy =
-        wait_for("the only child busy", || (service(&mortal.status(), "smtpd")["children"]["busy"] == 1).then_some(()));
+    let busy = wait_for("the only child busy", || {
+        (service(&mortal.status(), Service::Smtpd).children.busy == 1).then_some(())
+    });
     assert!(busy.is_some());
     let started = Instant::now();
     let mut waiting = TcpStream::connect(("127.0.0.1", mortal.port)).unwrap();
@@ -402,7 +407,7 @@ fn clients_waiting_beyond_overload_wait_get_421_busy() {
     assert!(waited >= overload_wait - Duration::from_millis(50), "answered after {waited:?}");
     assert!(waited <= overload_wait + Duration::from_millis(1500), "answered only after {waited:?}");
     mortal.wait_for_log(": every process busy for 1s: answering waiting clients 421 4.3.2 Service busy");
-    assert_eq!(service(&mortal.status(), "smtpd")["overload_rejects"], 1);
+    assert_eq!(service(&mortal.status(), Service::Smtpd).overload_rejects, 1);
     // The Prometheus text file says so too, within its rewrite period.
     let endpoint = format!("service=\"smtpd\",endpoint=\"127.0.0.1:{}\"", mortal.port);
     let metrics = wait_for("metrics file with the 421", || {
@@ -491,15 +496,11 @@ fn one_connection_wakes_one_idle_child() {
         "max_lifetime = \"0s\"\nmax_idle = \"0s\"",
         "info,mortal_libmaster::child=debug",
     );
-    let ready = wait_for("8 idle smtpd", || {
-        (service(&mortal.status(), "smtpd")["children"]["idle"].as_u64() >= Some(8)).then_some(())
-    });
+    let ready =
+        wait_for("8 idle smtpd", || (service(&mortal.status(), Service::Smtpd).children.idle >= 8).then_some(()));
     assert!(ready.is_some());
-    let sessions_of = |status: &Value| -> BTreeMap<u64, u64> {
-        children_of_service(status, "smtpd")
-            .iter()
-            .map(|c| (c["pid"].as_u64().unwrap(), c["sessions"].as_u64().unwrap()))
-            .collect()
+    let sessions_of = |status: &StatusDoc| -> BTreeMap<u64, u64> {
+        children_of_service(status, Service::Smtpd).iter().map(|c| (u64::from(c.pid), u64::from(c.sessions))).collect()
     };
     let before = sessions_of(&mortal.status());
     let switches: BTreeMap<u64, u64> =

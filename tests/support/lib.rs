@@ -65,6 +65,9 @@ pub struct Options {
     pub server_extra: String,
     /// Extra keys for the generated `[smtpd]` section.
     pub smtpd_extra: String,
+    /// Environment variables for the master (and so every daemon), on
+    /// top of the test's own: `TZ` for the log's local time.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -78,6 +81,7 @@ impl Default for Options {
             extra: String::new(),
             server_extra: String::new(),
             smtpd_extra: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -116,6 +120,7 @@ impl Instance {
         let log = dir.join("mortal.log");
         let log_file = fs::File::create(&log).expect("create log");
         let master = Command::new(bins.join("mortal-master"))
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())

@@ -1,9 +1,11 @@
 //! Helpers for the lifetime-policy tests (`tests/lifetime.rs`): an
 //! instance with extra `[process.smtpd]` keys and its own log level, and
-//! the master's scoreboard as `mortal status --json` prints it.
+//! the master's scoreboard as `mortal status --json` prints it (the
+//! master's own [`StatusDoc`]).
 
 use super::{Instance, Options, bin_dir};
-use serde_json::Value;
+use mortal_proto::service::Service;
+use mortal_proto::status::{ChildDoc, RetireReason, ServiceDoc, StatusDoc};
 use std::process::{Command, Output};
 
 /// Starts an instance like [`Instance::start_with`], with `policy` (TOML
@@ -31,7 +33,7 @@ impl Instance {
     }
 
     /// `mortal status --json`, parsed.
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> StatusDoc {
         let out = self.mortal(&["status", "--json"]);
         assert!(out.status.success(), "mortal status: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("mortal status --json prints JSON")
@@ -39,21 +41,16 @@ impl Instance {
 }
 
 /// The children of `service` in a status document.
-pub fn children_of_service<'a>(status: &'a Value, service: &str) -> Vec<&'a Value> {
-    status["children"].as_array().into_iter().flatten().filter(|c| c["service"] == service).collect()
+pub fn children_of_service(status: &StatusDoc, service: Service) -> Vec<&ChildDoc> {
+    status.children_of(service).collect()
 }
 
-/// A service's entry in a status document.
-pub fn service<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["services"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["service"] == name)
-        .unwrap_or_else(|| panic!("no service {name} in {status}"))
+/// A service's (first) entry in a status document.
+pub fn service(status: &StatusDoc, service: Service) -> &ServiceDoc {
+    status.service(service, None).unwrap_or_else(|| panic!("no service {service} in {status:?}"))
 }
 
 /// Retirements of `service` for `reason` so far.
-pub fn retired(status: &Value, name: &str, reason: &str) -> u64 {
-    service(status, name)["retired"][reason].as_u64().unwrap_or_else(|| panic!("no {reason} counter in {status}"))
+pub fn retired(status: &StatusDoc, name: Service, reason: RetireReason) -> u64 {
+    *service(status, name).retired.get(&reason).unwrap_or_else(|| panic!("no {reason:?} counter in {status:?}"))
 }

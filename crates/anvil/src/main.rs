@@ -40,6 +40,7 @@
 mod table;
 
 use mortal_libmaster::child;
+use mortal_libmaster::sandbox::Service;
 use mortal_proto::anvil::{AnvilRequest, Conversation, REQUEST_LEN, Status};
 use mortal_proto::status::ChildState;
 use std::io;
@@ -79,9 +80,9 @@ struct Peaks {
 }
 
 fn main() {
-    mortal_libmaster::sandbox::selftest::run_if_asked(mortal_libmaster::sandbox::Service::Anvil);
-    let config = child::startup("anvil");
-    let (listener, mut link) = child::adopt::<UnixListener>("anvil");
+    mortal_libmaster::sandbox::selftest::run_if_asked(Service::Anvil);
+    let config = child::startup(Service::Anvil);
+    let (listener, mut link) = child::adopt::<UnixListener>(Service::Anvil);
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -92,7 +93,7 @@ fn main() {
     // Started by a root master: give up root, and enter the same kind of
     // sandbox as smtpd (chroot, no files, no program execution) before the
     // first request. The runtime is current-thread: no thread exists yet.
-    mortal_libmaster::sandbox::enter_or_exit(mortal_libmaster::sandbox::Service::Anvil, &config);
+    mortal_libmaster::sandbox::enter_or_exit(Service::Anvil, &config);
     if let Err(e) = link.report(ChildState::Ready) {
         tracing::error!("fatal: master link: {e}");
         std::process::exit(1);

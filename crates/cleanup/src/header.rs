@@ -7,6 +7,7 @@
 //! client sent it.
 
 use mail_parser::{HeaderName, MessageParser};
+use mortal_proto::date::{self, TimeZone};
 use mortal_proto::ipc::{ClientInfo, RecipientInfo};
 use mortal_proto::queue_id::QueueId;
 use std::net::IpAddr;
@@ -58,6 +59,9 @@ pub struct Envelope<'a> {
     pub client: &'a ClientInfo,
     pub recipients: &'a [RecipientInfo],
     pub arrival: SystemTime,
+    /// The zone `Date:` and `Received:` times are written in: the host's,
+    /// as Postfix does.
+    pub zone: &'a TimeZone,
 }
 
 /// Why the header section is refused.
@@ -108,7 +112,7 @@ pub fn fix_up(header: &[u8], env: &Envelope<'_>, hopcount_limit: usize) -> Resul
         }
     };
     if !has_date {
-        out.extend_from_slice(format!("Date: {}\r\n", mortal_proto::date::rfc5322(env.arrival)).as_bytes());
+        out.extend_from_slice(format!("Date: {}\r\n", date::rfc5322(env.arrival, env.zone)).as_bytes());
     }
     Ok(FixedHeader { bytes: out, message_id })
 }
@@ -141,7 +145,7 @@ fn received(env: &Envelope<'_>) -> String {
     if let [only] = env.recipients {
         field.push_str(&format!("\r\n\tfor <{}>", only.address));
     }
-    field.push_str(&format!("; {}\r\n", mortal_proto::date::rfc5322(env.arrival)));
+    field.push_str(&format!("; {}\r\n", date::rfc5322(env.arrival, env.zone)));
     field
 }
 
@@ -167,6 +171,8 @@ mod tests {
         }
     }
 
+    static UTC: TimeZone = TimeZone::UTC;
+
     fn env<'a>(client: &'a ClientInfo, rcpts: &'a [RecipientInfo]) -> Envelope<'a> {
         Envelope {
             queue_id: QueueId::parse("0000000010000100000A").unwrap(),
@@ -174,6 +180,7 @@ mod tests {
             client,
             recipients: rcpts,
             arrival: UNIX_EPOCH + Duration::from_secs(1_795_843_807),
+            zone: &UTC,
         }
     }
 
@@ -206,6 +213,17 @@ mod tests {
              From: a@example.test\r\nSubject: hi\r\n\
              Message-ID: <0000000010000100000A@mx.example.test>\r\nDate: Sat, 28 Nov 2026 05:30:07 +0000\r\n"
         );
+    }
+
+    #[test]
+    fn added_times_are_in_the_given_zone_with_its_offset() {
+        let c = client("192.0.2.1");
+        let rcpts = vec![rcpt("b@example.test")];
+        let berlin = TimeZone::posix("CET-1CEST,M3.5.0,M10.5.0/3").unwrap();
+        let env = Envelope { zone: &berlin, ..env(&c, &rcpts) };
+        let out = String::from_utf8(fix_up(b"Subject: hi\r\n", &env, 50).unwrap().bytes).unwrap();
+        assert!(out.contains("\tfor <b@example.test>; Sat, 28 Nov 2026 06:30:07 +0100\r\n"), "{out}");
+        assert!(out.ends_with("\r\nDate: Sat, 28 Nov 2026 06:30:07 +0100\r\n"), "{out}");
     }
 
     #[test]

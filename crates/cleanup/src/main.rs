@@ -6,10 +6,12 @@
 //! on the private `cleanup` socket and runs one message transaction over the
 //! `cleanup` IPC protocol (`mortal_proto::ipc`). It re-validates the
 //! envelope, fixes up the header section (adds `Received:`, and
-//! `Message-ID:`/`Date:` when missing; strips `Bcc:`), writes
-//! `incoming/<id>` through a temporary file, `fsync`s it, renames it,
-//! `fsync`s the directory, and only then answers 250. Then it wakes the
-//! queue manager.
+//! `Message-ID:`/`Date:` when missing; strips `Bcc:`), writes the message
+//! to a temporary file, renames the complete file to `incoming/<id>`,
+//! `fsync`s the file and then the directory, and only then answers 250
+//! (rename before sync: one journal commit instead of two; see
+//! ARCHITECTURE.md, "Differences from DESIGN.md"). Then it wakes the queue
+//! manager.
 //!
 //! # Security
 //! cleanup trusts nothing smtpd says: every record's type, size, field and
@@ -55,7 +57,7 @@ use std::os::unix::net::UnixListener;
 
 fn main() {
     sandbox::selftest::run_if_asked(Service::Cleanup);
-    let config = child::startup("cleanup");
+    let config = child::startup(Service::Cleanup);
     let spool = match spool::Spool::open(&config) {
         Ok(s) => s,
         Err(e) => {
@@ -63,7 +65,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let (listener, mut link) = child::adopt::<UnixListener>("cleanup");
+    let (listener, mut link) = child::adopt::<UnixListener>(Service::Cleanup);
     // From here on: the mail user, and write access to incoming/ only.
     sandbox::enter_or_exit(Service::Cleanup, &config);
     let ctx = session::Context::new(&config, &spool);

@@ -10,6 +10,7 @@
 
 use crate::header::{self, Envelope, HeaderEnd, HeaderReject};
 use crate::spool::Spool;
+use mortal_libmaster::log;
 use mortal_proto::address;
 use mortal_proto::config::Config;
 use mortal_proto::ipc::{
@@ -67,6 +68,9 @@ impl Answer {
 
 /// Runs one conversation on `stream` and answers it.
 pub fn serve(mut stream: UnixStream, ctx: &Context<'_>) {
+    // The JSON log's `queue_id` and `client` for every line of this
+    // transaction, recorded as they become known.
+    let _message = log::message_span().entered();
     if let Err(e) = stream.set_read_timeout(Some(ctx.config.cleanup.ipc_timeout)) {
         tracing::warn!("warning: set ipc timeout: {e}");
         return;
@@ -184,7 +188,11 @@ impl<'a> Transaction<'a> {
     fn handle(&mut self, req: Request, stream: &mut UnixStream) -> Result<Step, Answer> {
         match req {
             Request::Hello { .. } => {}
-            Request::Client(c) => self.client = Some(check_client(c)?),
+            Request::Client(c) => {
+                let c = check_client(c)?;
+                log::record_client(format_args!("{}[{}]", c.name, c.addr));
+                self.client = Some(c);
+            }
             Request::Sender(s) => {
                 self.sender = Some(self.check_sender(s)?);
                 self.open_file(stream)?;
@@ -225,7 +233,8 @@ impl<'a> Transaction<'a> {
             }
         };
         let mut out = Vec::new();
-        Reply::QueueId(id).encode(&mut out);
+        Reply::QueueId(id.clone()).encode(&mut out);
+        log::record_queue_id(&id);
         self.id = Some(id);
         self.file = Some(file);
         stream.write_all(&out).map_err(|e| {
@@ -318,6 +327,7 @@ impl<'a> Transaction<'a> {
             client,
             recipients: &self.recipients,
             arrival: self.arrival,
+            zone: mortal_libmaster::log::local_zone(),
         };
         let fixed = match header::fix_up(&self.header_buf[..len], &env, self.ctx.config.cleanup.hopcount_limit) {
             Ok(f) => f,

@@ -4,15 +4,14 @@
 //!
 //! The socket speaks one request line and one reply (see
 //! `mortal_proto::status::ControlRequest`); `status` is answered with a
-//! JSON document: the master, each service with its counters, and every
+//! JSON document ([`StatusDoc`], the one definition the master writes and
+//! this reads): the master, each service with its counters, and every
 //! child (pid, service, generation, state, sessions, age, time in its
-//! state). `--json` prints that document as it came; the default is a
-//! table.
+//! state). `--json` prints that document; the default is a table.
 
 use anyhow::Context;
 use mortal_proto::config::Config;
-use mortal_proto::status::{CONTROL_SOCKET, ControlRequest};
-use serde_json::Value;
+use mortal_proto::status::{BoardState, CONTROL_SOCKET, ControlRequest, StatusDoc};
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -55,9 +54,10 @@ pub fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         Err(e) if no_master(&e) => anyhow::bail!("the mail system is not running"),
         Err(e) => return Err(e).with_context(|| format!("{}", control_socket(config).display())),
     };
-    let doc: Value = serde_json::from_str(&reply).with_context(|| format!("master replied {:?}", reply.trim_end()))?;
+    let doc: StatusDoc =
+        serde_json::from_str(&reply).with_context(|| format!("master replied {:?}", reply.trim_end()))?;
     if json {
-        println!("{doc}");
+        println!("{}", serde_json::to_string(&doc)?);
     } else {
         print!("{}", table(&doc));
     }
@@ -65,57 +65,52 @@ pub fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// The table shown without `--json`.
-fn table(doc: &Value) -> String {
+fn table(doc: &StatusDoc) -> String {
     let mut out = String::new();
-    let m = &doc["master"];
+    let m = &doc.master;
     let _ = writeln!(
         out,
         "master pid {}, configuration generation {}, up {}{}",
-        num(&m["pid"]),
-        num(&m["generation"]),
-        age(&m["uptime_ms"]),
-        if m["stopping"].as_bool() == Some(true) { ", stopping" } else { "" }
+        m.pid,
+        m.generation,
+        age(m.uptime_ms),
+        if m.stopping { ", stopping" } else { "" }
     );
     let _ = writeln!(out);
-    let services = doc["services"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let services = &doc.services;
     // Socket paths can be long: the column is as wide as its widest entry.
-    let width = services.iter().map(|s| text(&s["endpoint"]).len()).max().unwrap_or(0).max("ENDPOINT".len());
+    let width = services.iter().map(|s| s.endpoint.len()).max().unwrap_or(0).max("ENDPOINT".len());
     let _ = writeln!(
         out,
         "{:<8} {:<width$} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>7}  retired",
         "SERVICE", "ENDPOINT", "LIMIT", "START", "IDLE", "BUSY", "RETIR", "OVERD", "SPAWNS"
     );
     for s in services {
-        let c = &s["children"];
-        let retired: Vec<String> = s["retired"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
-            .map(|(reason, n)| format!("{reason}={n}"))
-            .collect();
+        let c = &s.children;
+        let retired: Vec<String> =
+            s.retired.iter().filter(|(_, n)| **n > 0).map(|(reason, n)| format!("{}={n}", reason.as_str())).collect();
         let mut flags = String::new();
-        if s["throttled"].as_bool() == Some(true) {
+        if s.throttled {
             flags.push_str(" THROTTLED");
         }
-        if s["at_limit"].as_bool() == Some(true) {
+        if s.at_limit {
             flags.push_str(" AT-LIMIT");
         }
-        if let Some(n) = s["overload_rejects"].as_u64().filter(|n| *n > 0) {
-            let _ = write!(flags, " busy-421={n}");
+        if s.overload_rejects > 0 {
+            let _ = write!(flags, " busy-421={}", s.overload_rejects);
         }
         let _ = writeln!(
             out,
             "{:<8} {:<width$} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} {:>7}  {}{flags}",
-            text(&s["service"]),
-            text(&s["endpoint"]),
-            num(&s["process_limit"]),
-            num(&c["starting"]),
-            num(&c["idle"]),
-            num(&c["busy"]),
-            num(&c["retiring"]),
-            num(&c["overdue"]),
-            num(&s["spawns"]),
+            s.service.name(),
+            s.endpoint,
+            s.process_limit.map_or_else(|| "-".to_owned(), |n| n.to_string()),
+            c.get(BoardState::Starting),
+            c.get(BoardState::Idle),
+            c.get(BoardState::Busy),
+            c.get(BoardState::Retiring),
+            c.get(BoardState::Overdue),
+            s.spawns,
             if retired.is_empty() { "-".to_owned() } else { retired.join(" ") }
         );
     }
@@ -125,35 +120,25 @@ fn table(doc: &Value) -> String {
         "{:>8} {:<8} {:>4} {:<9} {:>8} {:>9} {:>9} {:>9}",
         "PID", "SERVICE", "GEN", "STATE", "SESSIONS", "AGE", "SINCE", "LIFETIME"
     );
-    for c in doc["children"].as_array().into_iter().flatten() {
+    for c in &doc.children {
         let _ = writeln!(
             out,
             "{:>8} {:<8} {:>4} {:<9} {:>8} {:>9} {:>9} {:>9}",
-            num(&c["pid"]),
-            text(&c["service"]),
-            num(&c["generation"]),
-            text(&c["state"]),
-            num(&c["sessions"]),
-            age(&c["age_ms"]),
-            age(&c["since_ms"]),
-            if c["lifetime_ms"].is_null() { "-".to_owned() } else { age(&c["lifetime_ms"]) }
+            c.pid,
+            c.service.name(),
+            c.generation,
+            c.state.as_str(),
+            c.sessions,
+            age(c.age_ms),
+            age(c.since_ms),
+            c.lifetime_ms.map_or_else(|| "-".to_owned(), age)
         );
     }
     out
 }
 
-fn text(v: &Value) -> &str {
-    v.as_str().unwrap_or("?")
-}
-
-/// A number as text, so that the table's widths apply to it.
-fn num(v: &Value) -> String {
-    v.as_u64().map_or_else(|| "?".into(), |n| n.to_string())
-}
-
 /// A duration in milliseconds, short: `850ms`, `42.3s`, `5m07s`, `3h02m`.
-fn age(ms: &Value) -> String {
-    let Some(ms) = ms.as_u64() else { return "?".into() };
+fn age(ms: u64) -> String {
     match ms {
         0..1_000 => format!("{ms}ms"),
         1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
@@ -169,24 +154,26 @@ mod tests {
 
     #[test]
     fn ages_are_short() {
-        assert_eq!(age(&json!(850)), "850ms");
-        assert_eq!(age(&json!(42_300)), "42.3s");
-        assert_eq!(age(&json!(307_000)), "5m07s");
-        assert_eq!(age(&json!(10_920_000)), "3h02m");
-        assert_eq!(age(&Value::Null), "?");
+        assert_eq!(age(850), "850ms");
+        assert_eq!(age(42_300), "42.3s");
+        assert_eq!(age(307_000), "5m07s");
+        assert_eq!(age(10_920_000), "3h02m");
     }
 
     #[test]
     fn table_lists_services_and_children() {
-        let doc = json!({
+        let doc: StatusDoc = serde_json::from_value(json!({
             "master": {"pid": 7, "generation": 1, "uptime_ms": 5000, "stopping": false},
             "services": [{"service": "smtpd", "endpoint": "127.0.0.1:25", "process_limit": 4, "throttled": false,
                 "at_limit": true, "spawns": 9, "overload_rejects": 2,
                 "retired": {"max_use": 3, "idle": 0},
+                "ready": {"count": 0, "sum_ms": 0.0, "buckets": [{"le_ms": null, "count": 0}], "window": 0,
+                    "latest": {"p50": null, "p90": null, "p99": null}},
                 "children": {"starting": 0, "idle": 1, "busy": 2, "retiring": 0, "overdue": 1}}],
-            "children": [{"pid": 4242, "service": "smtpd", "generation": 1, "state": "overdue", "sessions": 12,
-                "age_ms": 61_000, "since_ms": 2_000, "lifetime_ms": 60_000}],
-        });
+            "children": [{"pid": 4242, "service": "smtpd", "endpoint": "127.0.0.1:25", "generation": 1,
+                "state": "overdue", "sessions": 12, "age_ms": 61_000, "since_ms": 2_000, "lifetime_ms": 60_000}],
+        }))
+        .unwrap();
         let t = table(&doc);
         assert!(t.starts_with("master pid 7, configuration generation 1, up 5.0s\n"), "{t}");
         assert!(t.contains("max_use=3 AT-LIMIT busy-421=2"), "{t}");

@@ -16,6 +16,7 @@
 //! `kill -9` of the master leaves nobody serving mail. A busy child notices
 //! after its session.
 
+use mortal_proto::service::Service;
 use mortal_proto::status::{ChildState, MasterCommand, STATUS_LEN, StatusRecord};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::io::{self, Read, Write};
@@ -223,13 +224,13 @@ fn serve_loop<L: Listener>(
 /// the configuration, and installs the log. Exits the process with status 1
 /// and a logged reason when that fails: the master counts such an exit as a
 /// bad start and throttles the service instead of respawning it in a loop.
-pub fn startup(service: &str) -> mortal_proto::config::Config {
+pub fn startup(service: Service) -> mortal_proto::config::Config {
     let mut args = std::env::args_os().skip(1);
     let path = match (args.next(), args.next(), args.next()) {
         (Some(flag), Some(path), None) if flag == "--config" => std::path::PathBuf::from(path),
         _ => {
             crate::log::init_early(service);
-            tracing::error!("fatal: usage: mortal-{service} --config PATH (started by mortal-master)");
+            tracing::error!("fatal: usage: {} --config PATH (started by mortal-master)", service.program());
             std::process::exit(1);
         }
     };
@@ -251,11 +252,11 @@ pub fn startup(service: &str) -> mortal_proto::config::Config {
 /// Adopts the listener (stdin) and the master socket (stdout) a daemon
 /// inherits, or logs why not and exits with status 1: started by hand
 /// instead of by the master, a daemon has nothing to serve.
-pub fn adopt<L: Listener>(service: &str) -> (L, MasterLink) {
+pub fn adopt<L: Listener>(service: Service) -> (L, MasterLink) {
     match (L::inherited(), MasterLink::inherited()) {
         (Ok(listener), Ok(link)) => (listener, link),
         (Err(e), _) | (_, Err(e)) => {
-            tracing::error!("fatal: inherited descriptors: {e} (mortal-{service} runs under mortal-master)");
+            tracing::error!("fatal: inherited descriptors: {e} ({} runs under mortal-master)", service.program());
             std::process::exit(1);
         }
     }

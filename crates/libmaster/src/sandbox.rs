@@ -119,43 +119,22 @@ pub const MAIL_USER_MODE: u32 = 0o700;
 /// may read the queue with `mortal queue list/show`) reads.
 pub const QUEUE_DIR_MODE: u32 = mortal_proto::spool::QUEUE_DIR_MODE;
 
-/// The daemons that sandbox themselves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Service {
-    Smtpd,
-    Cleanup,
-    Queue,
-    /// The per-client counter smtpd consults; needs no file after start.
-    Anvil,
-    /// The pipe delivery service: runs the `[delivery.pipe]` command.
-    Pipe,
-}
+/// The daemons that sandbox themselves: every service the master runs
+/// (re-exported so the rules below read `Service::Smtpd`).
+pub use mortal_proto::service::Service;
 
-impl Service {
-    pub fn name(self) -> &'static str {
-        match self {
-            Service::Smtpd => "smtpd",
-            Service::Cleanup => "cleanup",
-            Service::Queue => "queue",
-            Service::Anvil => "anvil",
-            Service::Pipe => "pipe",
+/// The descriptor limit of `service`'s processes.
+fn nofile(service: Service, config: &Config) -> u64 {
+    match service {
+        Service::Smtpd => SMTPD_NOFILE,
+        Service::Cleanup => CLEANUP_NOFILE,
+        Service::Queue => QUEUE_NOFILE_BASE + u64::from(config.queue.delivery_concurrency) * QUEUE_NOFILE_PER_DELIVERY,
+        // One connection per smtpd session, for every smtpd pool.
+        Service::Anvil => {
+            let pools = (config.smtpd.listen.len() + config.smtpd.proxy_listen.len()) as u64;
+            ANVIL_NOFILE_BASE + pools * u64::from(config.process.smtpd.process_limit)
         }
-    }
-
-    fn nofile(self, config: &Config) -> u64 {
-        match self {
-            Service::Smtpd => SMTPD_NOFILE,
-            Service::Cleanup => CLEANUP_NOFILE,
-            Service::Queue => {
-                QUEUE_NOFILE_BASE + u64::from(config.queue.delivery_concurrency) * QUEUE_NOFILE_PER_DELIVERY
-            }
-            // One connection per smtpd session, for every smtpd pool.
-            Service::Anvil => {
-                let pools = (config.smtpd.listen.len() + config.smtpd.proxy_listen.len()) as u64;
-                ANVIL_NOFILE_BASE + pools * u64::from(config.process.smtpd.process_limit)
-            }
-            Service::Pipe => PIPE_NOFILE,
-        }
+        Service::Pipe => PIPE_NOFILE,
     }
 }
 
@@ -367,7 +346,7 @@ fn limit_process(service: Service, config: &Config) -> Result<(), SandboxError> 
     // Both limits: the hard one so a compromised daemon cannot raise its
     // soft limit back.
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(step("getrlimit RLIMIT_NOFILE"))?;
-    let limit = service.nofile(config).min(hard);
+    let limit = nofile(service, config).min(hard);
     setrlimit(Resource::RLIMIT_NOFILE, limit, limit).map_err(step("RLIMIT_NOFILE"))
 }
 

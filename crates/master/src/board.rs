@@ -15,7 +15,7 @@
 
 use crate::life::{Life, Reason};
 use crate::pool::PoolView;
-use mortal_proto::status::{ChildState, StatusRecord};
+use mortal_proto::status::{BoardState, ChildState, StatusRecord};
 use std::collections::BTreeMap;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
@@ -146,13 +146,16 @@ impl Entry {
 
     /// The state shown by `mortal status`: a busy child past its lifetime
     /// is `overdue`; any other child on its way out is `retiring`.
-    pub fn state(&self, now: Instant) -> &'static str {
+    pub fn state(&self, now: Instant) -> BoardState {
         let past_life = self.life_end.is_some_and(|end| now >= end);
         match self.phase {
-            Phase::Starting if !self.leaving() => "starting",
-            _ if self.session_since.is_some() && past_life => "overdue",
-            _ if self.leaving() => "retiring",
-            phase => phase.as_str(),
+            Phase::Starting if !self.leaving() => BoardState::Starting,
+            _ if self.session_since.is_some() && past_life => BoardState::Overdue,
+            _ if self.leaving() => BoardState::Retiring,
+            Phase::Starting => BoardState::Starting,
+            Phase::Idle => BoardState::Idle,
+            Phase::Busy => BoardState::Busy,
+            Phase::Retiring => BoardState::Retiring,
         }
     }
 

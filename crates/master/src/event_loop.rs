@@ -63,44 +63,18 @@ pub const CONTROL_QUEUE: usize = 8;
 /// How often `[server] metrics_file` is rewritten.
 pub const METRICS_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Which daemon a service runs, which decides its policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ServiceKind {
-    Smtpd,
-    Cleanup,
-    /// Exactly one process, restarted when it exits.
-    Queue,
-    /// The per-client counter smtpd asks (one process, like the queue).
-    Anvil,
-    /// The pipe delivery service the queue hands pipe-routed mail to: a
-    /// pool, one delivery request per connection. Present only when a
-    /// route uses pipe.
-    Pipe,
+/// Which daemon a service runs, which decides its policy: the one
+/// service enum of proto, named `ServiceKind` here because [`Service`] is
+/// the running service (its socket, its children, its counters).
+pub use mortal_proto::service::Service as ServiceKind;
+
+/// The pool policy of a kind of service as enforced.
+trait PoolPolicy {
+    /// `None` for a single-process service (the queue, anvil).
+    fn policy(self, config: &Config) -> Option<ProcessPolicy>;
 }
 
-impl ServiceKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            ServiceKind::Smtpd => "smtpd",
-            ServiceKind::Cleanup => "cleanup",
-            ServiceKind::Queue => "queue",
-            ServiceKind::Anvil => "anvil",
-            ServiceKind::Pipe => "pipe",
-        }
-    }
-
-    /// The binary, found next to the master's own.
-    pub fn program(self) -> &'static str {
-        match self {
-            ServiceKind::Smtpd => "mortal-smtpd",
-            ServiceKind::Cleanup => "mortal-cleanup",
-            ServiceKind::Queue => "mortal-queue",
-            ServiceKind::Anvil => "mortal-anvil",
-            ServiceKind::Pipe => "mortal-pipe",
-        }
-    }
-
-    /// The pool policy as enforced; `None` for the single-process queue.
+impl PoolPolicy for ServiceKind {
     fn policy(self, config: &Config) -> Option<ProcessPolicy> {
         match self {
             ServiceKind::Smtpd => Some(pool::effective(&config.process.smtpd)),
@@ -599,7 +573,10 @@ impl Master {
 
     fn on_control(&mut self, request: ctl::Request) {
         let answer = match request.command {
-            ControlRequest::Status => format!("{}\n", self.snapshot().to_json()),
+            ControlRequest::Status => match serde_json::to_string(&self.snapshot().to_doc()) {
+                Ok(doc) => format!("{doc}\n"),
+                Err(e) => format!("{CONTROL_ERROR} status document: {e}\n"),
+            },
             ControlRequest::Reload => {
                 tracing::info!("reload requested on the control socket by uid {}", request.uid);
                 match self.reload() {
@@ -624,7 +601,7 @@ impl Master {
             .services
             .iter()
             .map(|s| ServiceStat {
-                name: s.kind.name(),
+                service: s.kind,
                 endpoint: s.endpoint.clone(),
                 process_limit: Some(s.kind.policy(&self.config).map_or(1, |p| p.process_limit)),
                 throttled: s.throttle.is_throttled(now),
@@ -886,5 +863,19 @@ fn log_exit(program: &Path, pid: u32, status: &io::Result<ExitStatus>) {
             (None, None) => tracing::warn!("warning: process {} pid {pid} ended: {s}", program.display()),
         },
         Err(e) => tracing::warn!("warning: process {} pid {pid}: wait: {e}", program.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mortal_proto::service::Shape;
+
+    #[test]
+    fn a_pool_policy_exactly_for_pool_services() {
+        let config = Config::parse("[server]\nhostname = \"mx.test\"\n", Path::new("/m.toml")).unwrap();
+        for kind in ServiceKind::ALL {
+            assert_eq!(kind.policy(&config).is_some(), kind.shape() == Shape::Pool, "{kind}");
+        }
     }
 }

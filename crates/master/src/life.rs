@@ -25,53 +25,9 @@
 use mortal_proto::config::ProcessPolicy;
 use std::time::{Duration, Instant};
 
-/// Why a child left the pool, for the retirement counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Reason {
-    /// Served `max_use` sessions.
-    MaxUse,
-    /// Idle for `max_idle` above `min_spare`, or idle above `max_spare`.
-    Idle,
-    /// Reached its drawn lifetime and exited by itself.
-    Lifetime,
-    /// Killed: a session outlasted `session_deadline`.
-    Deadline,
-    /// Killed: still alive `overdue_grace` after its lifetime.
-    Overdue,
-    /// Died without being asked: crash, exit before READY, or killed for
-    /// breaking the status protocol.
-    Crash,
-    /// Of an older configuration generation.
-    Reload,
-    /// The master is stopping.
-    Stop,
-}
-
-impl Reason {
-    pub const ALL: [Reason; 8] = [
-        Reason::MaxUse,
-        Reason::Idle,
-        Reason::Lifetime,
-        Reason::Deadline,
-        Reason::Overdue,
-        Reason::Crash,
-        Reason::Reload,
-        Reason::Stop,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::MaxUse => "max_use",
-            Reason::Idle => "idle",
-            Reason::Lifetime => "lifetime",
-            Reason::Deadline => "deadline",
-            Reason::Overdue => "overdue",
-            Reason::Crash => "crash",
-            Reason::Reload => "reload",
-            Reason::Stop => "stop",
-        }
-    }
-}
+/// Why a child left the pool, for the retirement counters: the reason
+/// `mortal status` shows, from proto.
+pub use mortal_proto::status::RetireReason as Reason;
 
 /// A child's clocks, as the policy needs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

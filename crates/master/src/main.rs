@@ -88,6 +88,7 @@ use clap::Parser;
 use event_loop::{Master, Service, ServiceKind};
 use mortal_libmaster::{log, sandbox};
 use mortal_proto::config::Config;
+use mortal_proto::service::Process;
 use mortal_proto::status::CONTROL_SOCKET;
 use pid::PidFile;
 use std::fs::{self, DirBuilder};
@@ -128,7 +129,7 @@ fn main() -> ExitCode {
     let path = match std::path::absolute(&args.config) {
         Ok(path) => path,
         Err(e) => {
-            log::init_early("master");
+            log::init_early(Process::Master);
             tracing::error!("fatal: {}: {e}", args.config.display());
             return ExitCode::FAILURE;
         }
@@ -137,14 +138,14 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(errors) => {
             // The configured format is unknown; log the reasons plainly.
-            log::init_early("master");
+            log::init_early(Process::Master);
             for e in errors {
                 tracing::error!("fatal: {e}");
             }
             return ExitCode::FAILURE;
         }
     };
-    log::init("master", &config.log, &config.server.hostname);
+    log::init(Process::Master, &config.log, &config.server.hostname);
     match master_main(config, path) {
         Ok(signal) => {
             tracing::info!("terminating on signal {signal}");

@@ -1,6 +1,6 @@
 //! stat: what the master tells its operator, from a snapshot of
-//! the scoreboard: the `status` document of the control socket (JSON, read
-//! by `mortal status`) and the Prometheus text file (node_exporter's
+//! the scoreboard: the `status` document of the control socket
+//! (`mortal_proto::status::StatusDoc`, read by `mortal status`) and the Prometheus text file (node_exporter's
 //! textfile collector format, `[server] metrics_file`).
 //!
 //! Both are rendered from a [`Snapshot`], a plain copy taken by the event
@@ -14,15 +14,15 @@
 //! exactly, as quantiles of the latest children
 //! (`mortal_child_ready_recent_seconds`, a summary).
 
+use crate::event_loop::ServiceKind;
 use crate::life::Reason;
-use serde_json::{Value, json};
+use mortal_proto::status::{
+    BoardState, ChildDoc, MasterDoc, ReadyBucket, ReadyDoc, ReadyQuantiles, ServiceDoc, StateCounts, StatusDoc,
+};
 use std::fmt::Write as _;
 use std::io;
 use std::path::Path;
 use std::time::Duration;
-
-/// Scoreboard states, in display order.
-pub const STATES: [&str; 5] = ["starting", "idle", "busy", "retiring", "overdue"];
 
 /// The master at one instant.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,7 +38,7 @@ pub struct Snapshot {
 /// One service (a listener and its pool).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceStat {
-    pub name: &'static str,
+    pub service: ServiceKind,
     pub endpoint: String,
     pub process_limit: Option<u32>,
     /// Spawning paused by the crash throttle.
@@ -79,8 +79,9 @@ pub const READY_BUCKETS: [Duration; 12] = [
 /// long the master runs.
 pub const READY_SAMPLES: usize = 1024;
 
-/// Quantiles of the latest READY latencies that are reported.
-pub const READY_QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
+/// Quantiles of the latest READY latencies that are reported: one per
+/// field of the status document's `latest`.
+pub const READY_QUANTILES: [f64; 3] = ReadyQuantiles::QUANTILES;
 
 /// fork+exec-to-READY times of one service's children: a cumulative
 /// histogram over the master's life, and the latest [`READY_SAMPLES`]
@@ -162,21 +163,16 @@ impl ReadyLatency {
     /// The `ready` object of a service in the `status` document
     /// (milliseconds, like the document's ages). Buckets are a list, in
     /// order, with `le_ms: null` for `+Inf`.
-    fn to_json(&self) -> Value {
-        let buckets: Vec<Value> =
-            self.cumulative().into_iter().map(|(le, n)| json!({"le_ms": le.map(millis), "count": n})).collect();
-        let quantiles: serde_json::Map<String, Value> = READY_QUANTILES
-            .iter()
-            .zip(self.quantiles(&READY_QUANTILES).into_iter().map(Some).chain(std::iter::repeat(None)))
-            .map(|(q, v)| (format!("p{}", (q * 100.0).round()), json!(v.map(millis))))
-            .collect();
-        json!({
-            "count": self.count,
-            "sum_ms": millis(self.sum),
-            "buckets": buckets,
-            "window": self.window(),
-            "latest": quantiles,
-        })
+    fn to_doc(&self) -> ReadyDoc {
+        let buckets =
+            self.cumulative().into_iter().map(|(le, count)| ReadyBucket { le_ms: le.map(millis), count }).collect();
+        let latest = match self.quantiles(&READY_QUANTILES)[..] {
+            [p50, p90, p99] => {
+                ReadyQuantiles { p50: Some(millis(p50)), p90: Some(millis(p90)), p99: Some(millis(p99)) }
+            }
+            _ => ReadyQuantiles::default(),
+        };
+        ReadyDoc { count: self.count, sum_ms: millis(self.sum), buckets, window: self.window() as u64, latest }
     }
 }
 
@@ -187,7 +183,7 @@ pub struct ChildStat {
     /// Index into [`Snapshot::services`].
     pub service: usize,
     pub generation: u64,
-    pub state: &'static str,
+    pub state: BoardState,
     pub sessions: u32,
     pub age: Duration,
     /// Time in its current state.
@@ -198,73 +194,75 @@ pub struct ChildStat {
 
 impl Snapshot {
     /// Children of service `index` in `state`.
-    fn count(&self, index: usize, state: &str) -> usize {
+    fn count(&self, index: usize, state: BoardState) -> usize {
         self.children.iter().filter(|c| c.service == index && c.state == state).count()
     }
 
     /// The `status` document.
-    pub fn to_json(&self) -> Value {
-        let services: Vec<Value> = self
+    pub fn to_doc(&self) -> StatusDoc {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let services = self
             .services
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let states: serde_json::Map<String, Value> =
-                    STATES.iter().map(|st| ((*st).to_owned(), json!(self.count(i, st)))).collect();
-                let retired: serde_json::Map<String, Value> =
-                    Reason::ALL.iter().zip(s.retired).map(|(r, n)| (r.as_str().to_owned(), json!(n))).collect();
-                json!({
-                    "service": s.name,
-                    "endpoint": s.endpoint,
-                    "process_limit": s.process_limit,
-                    "throttled": s.throttled,
-                    "at_limit": s.at_limit,
-                    "spawns": s.spawns,
-                    "retired": retired,
-                    "overload_rejects": s.overload_rejects,
-                    "ready": s.ready.to_json(),
-                    "children": states,
-                })
+                let mut children = StateCounts::default();
+                for c in self.children.iter().filter(|c| c.service == i) {
+                    children.add(c.state);
+                }
+                ServiceDoc {
+                    service: s.service,
+                    endpoint: s.endpoint.clone(),
+                    process_limit: s.process_limit,
+                    throttled: s.throttled,
+                    at_limit: s.at_limit,
+                    spawns: s.spawns,
+                    retired: Reason::ALL.into_iter().zip(s.retired).collect(),
+                    overload_rejects: s.overload_rejects,
+                    ready: s.ready.to_doc(),
+                    children,
+                }
             })
             .collect();
-        let children: Vec<Value> = self
+        let children = self
             .children
             .iter()
             .map(|c| {
                 let s = &self.services[c.service];
-                json!({
-                    "pid": c.pid,
-                    "service": s.name,
-                    "endpoint": s.endpoint,
-                    "generation": c.generation,
-                    "state": c.state,
-                    "sessions": c.sessions,
-                    "age_ms": c.age.as_millis() as u64,
-                    "since_ms": c.since.as_millis() as u64,
-                    "lifetime_ms": c.life.map(|l| l.as_millis() as u64),
-                })
+                ChildDoc {
+                    pid: c.pid,
+                    service: s.service,
+                    endpoint: s.endpoint.clone(),
+                    generation: c.generation,
+                    state: c.state,
+                    sessions: c.sessions,
+                    age_ms: ms(c.age),
+                    since_ms: ms(c.since),
+                    lifetime_ms: c.life.map(ms),
+                }
             })
             .collect();
-        json!({
-            "master": {
-                "pid": self.pid,
-                "generation": self.generation,
-                "uptime_ms": self.uptime.as_millis() as u64,
-                "stopping": self.stopping,
+        StatusDoc {
+            master: MasterDoc {
+                pid: self.pid,
+                generation: self.generation,
+                uptime_ms: ms(self.uptime),
+                stopping: self.stopping,
             },
-            "services": services,
-            "children": children,
-        })
+            services,
+            children,
+        }
     }
 
     /// The Prometheus text exposition.
     pub fn to_prometheus(&self) -> String {
         let mut out = String::new();
-        let label = |s: &ServiceStat| format!("service=\"{}\",endpoint=\"{}\"", s.name, escape(&s.endpoint));
+        let label = |s: &ServiceStat| format!("service=\"{}\",endpoint=\"{}\"", s.service, escape(&s.endpoint));
         metric(&mut out, "mortal_children", "gauge", "Child processes by service and scoreboard state.");
         for (i, s) in self.services.iter().enumerate() {
-            for state in STATES {
-                let _ = writeln!(out, "mortal_children{{{},state=\"{state}\"}} {}", label(s), self.count(i, state));
+            for state in BoardState::ALL {
+                let name = state.as_str();
+                let _ = writeln!(out, "mortal_children{{{},state=\"{name}\"}} {}", label(s), self.count(i, state));
             }
         }
         metric(&mut out, "mortal_spawns_total", "counter", "Children spawned (fork+exec).");
@@ -374,7 +372,7 @@ mod tests {
             uptime: Duration::from_millis(1500),
             stopping: false,
             services: vec![ServiceStat {
-                name: "smtpd",
+                service: ServiceKind::Smtpd,
                 endpoint: "127.0.0.1:25".into(),
                 process_limit: Some(4),
                 throttled: false,
@@ -389,7 +387,7 @@ mod tests {
                     pid: 11,
                     service: 0,
                     generation: 2,
-                    state: "busy",
+                    state: BoardState::Busy,
                     sessions: 4,
                     age: Duration::from_millis(2500),
                     since: Duration::from_millis(300),
@@ -399,7 +397,7 @@ mod tests {
                     pid: 12,
                     service: 0,
                     generation: 1,
-                    state: "overdue",
+                    state: BoardState::Overdue,
                     sessions: 9,
                     age: Duration::from_secs(70),
                     since: Duration::from_secs(12),
@@ -411,19 +409,19 @@ mod tests {
 
     #[test]
     fn status_document_has_every_child_and_counter() {
-        let v = snapshot().to_json();
-        assert_eq!(v["master"]["generation"], 2);
-        assert_eq!(v["services"][0]["children"]["busy"], 1);
-        assert_eq!(v["services"][0]["children"]["overdue"], 1);
-        assert_eq!(v["services"][0]["children"]["idle"], 0);
-        assert_eq!(v["services"][0]["retired"]["max_use"], 3);
-        assert_eq!(v["services"][0]["retired"]["lifetime"], 1);
-        assert_eq!(v["services"][0]["overload_rejects"], 5);
-        assert_eq!(v["children"][0]["pid"], 11);
-        assert_eq!(v["children"][0]["age_ms"], 2500);
-        assert_eq!(v["children"][0]["lifetime_ms"], 60_000);
-        assert_eq!(v["children"][1]["lifetime_ms"], Value::Null);
-        assert_eq!(v["children"][1]["service"], "smtpd");
+        let v = snapshot().to_doc();
+        assert_eq!(v.master.generation, 2);
+        let s = &v.services[0];
+        assert_eq!(s.children, StateCounts { busy: 1, overdue: 1, ..Default::default() });
+        assert_eq!(s.retired[&Reason::MaxUse], 3);
+        assert_eq!(s.retired[&Reason::Lifetime], 1);
+        assert_eq!(s.retired.len(), Reason::ALL.len(), "every reason, zero or not");
+        assert_eq!(s.overload_rejects, 5);
+        assert_eq!(v.children[0].pid, 11);
+        assert_eq!(v.children[0].age_ms, 2500);
+        assert_eq!(v.children[0].lifetime_ms, Some(60_000));
+        assert_eq!(v.children[1].lifetime_ms, None);
+        assert_eq!(v.children[1].service, ServiceKind::Smtpd);
     }
 
     #[test]
@@ -520,18 +518,17 @@ mod tests {
         assert!(text.contains(&format!("mortal_child_ready_recent_seconds{{{labels},quantile=\"0.5\"}} 0.003000\n")));
         assert!(text.contains(&format!("mortal_child_ready_recent_seconds{{{labels},quantile=\"0.99\"}} 0.300000\n")));
         assert!(text.contains(&format!("mortal_child_ready_recent_seconds_count{{{labels}}} 3\n")), "{text}");
-        let v = s.to_json();
-        let ready = &v["services"][0]["ready"];
-        assert_eq!(ready["count"], 3);
-        assert_eq!(ready["window"], 3);
-        let buckets = ready["buckets"].as_array().unwrap();
+        let v = s.to_doc();
+        let ready = &v.services[0].ready;
+        assert_eq!(ready.count, 3);
+        assert_eq!(ready.window, 3);
+        let buckets = &ready.buckets;
         assert_eq!(buckets.len(), READY_BUCKETS.len() + 1);
-        assert_eq!(buckets[0], json!({"le_ms": 0.5, "count": 0}));
-        assert_eq!(buckets[3], json!({"le_ms": 4.0, "count": 2}));
-        assert_eq!(buckets[11], json!({"le_ms": 1024.0, "count": 3}));
-        assert_eq!(buckets[12], json!({"le_ms": null, "count": 3}));
-        assert_eq!(ready["latest"]["p50"], 3.0);
-        assert_eq!(ready["latest"]["p99"], 300.0);
+        assert_eq!(buckets[0], ReadyBucket { le_ms: Some(0.5), count: 0 });
+        assert_eq!(buckets[3], ReadyBucket { le_ms: Some(4.0), count: 2 });
+        assert_eq!(buckets[11], ReadyBucket { le_ms: Some(1024.0), count: 3 });
+        assert_eq!(buckets[12], ReadyBucket { le_ms: None, count: 3 });
+        assert_eq!(ready.latest, ReadyQuantiles { p50: Some(3.0), p90: Some(300.0), p99: Some(300.0) });
     }
 
     #[test]

@@ -77,8 +77,8 @@ const READ_CHUNK: usize = 64 * 1024;
 
 fn main() {
     sandbox::selftest::run_if_asked(Service::Pipe);
-    let config = child::startup("pipe");
-    let (listener, mut link) = child::adopt::<UnixListener>("pipe");
+    let config = child::startup(Service::Pipe);
+    let (listener, mut link) = child::adopt::<UnixListener>(Service::Pipe);
     // From here on: the pipe user, no_new_privs, seccomp.
     sandbox::enter_or_exit(Service::Pipe, &config);
     take_sigterm();

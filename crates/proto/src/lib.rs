@@ -3,10 +3,12 @@
 //! # Summary
 //! Typed configuration (`etc/mortal.toml`), the framed records that cross
 //! process boundaries (smtpd → cleanup, child → master), the on-disk queue
-//! file format, queue ids, the spool layout, RFC 5321 address syntax, and
-//! the rules both sides of a check must agree on: relaying ([`relay`]),
-//! xtext ([`xtext`]) and how a TLS session is described ([`tls`]). Like
-//! Postfix's `global/mail_proto.h`, it is the one place both sides of every
+//! file format, queue ids, the spool layout, RFC 5321 address syntax, the
+//! services the master runs ([`service`]), the `mortal status` document
+//! ([`status::StatusDoc`]), the calendar forms of dates ([`date`]), and the
+//! rules both sides of a check must agree on: relaying ([`relay`]), xtext
+//! ([`xtext`]) and how a TLS session is described ([`tls`]). Like Postfix's
+//! `global/mail_proto.h`, it is the one place both sides of every
 //! conversation agree on.
 //!
 //! # Security
@@ -46,6 +48,7 @@ pub mod queue_file;
 pub mod queue_id;
 pub mod record;
 pub mod relay;
+pub mod service;
 pub mod spool;
 pub mod status;
 pub mod tls;

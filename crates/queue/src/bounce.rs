@@ -103,6 +103,8 @@ pub fn send(config: &Config, qf: &QueueFile, kind: Kind, entries: &[Entry]) -> i
 /// Builds the DSN queue file.
 fn compose(config: &Config, qf: &QueueFile, kind: Kind, entries: &[&Entry], id: QueueId, now: SystemTime) -> QueueFile {
     let host = &config.server.hostname;
+    // The host's zone, loaded at log start-up before the sandbox.
+    let zone = mortal_libmaster::log::local_zone();
     let returned = returned_part(qf, kind);
     let eight_bit = !returned.iter().all(u8::is_ascii) || !qf.sender.address.is_ascii();
     let boundary = format!("{id}.{}/{host}", now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs());
@@ -111,7 +113,7 @@ fn compose(config: &Config, qf: &QueueFile, kind: Kind, entries: &[&Entry], id: 
         m.push_str(&line);
         m.push_str("\r\n");
     };
-    h(format!("Date: {}", date::rfc5322(now)));
+    h(format!("Date: {}", date::rfc5322(now, zone)));
     h(format!("From: MAILER-DAEMON@{host} (Mail Delivery System)"));
     h(format!("Subject: {}", kind.subject()));
     h(format!("To: {}", qf.sender.address));
@@ -143,7 +145,7 @@ fn compose(config: &Config, qf: &QueueFile, kind: Kind, entries: &[&Entry], id: 
     if !qf.sender.envid.is_empty() {
         h(format!("Original-Envelope-Id: {}", qf.sender.envid));
     }
-    h(format!("Arrival-Date: {}", date::rfc5322(qf.arrival)));
+    h(format!("Arrival-Date: {}", date::rfc5322(qf.arrival, zone)));
     for e in entries {
         let r = &qf.recipients[e.rcpt];
         h(String::new());
@@ -161,7 +163,7 @@ fn compose(config: &Config, qf: &QueueFile, kind: Kind, entries: &[&Entry], id: 
         }
         if kind == Kind::Delay {
             let until = qf.arrival + config.queue.queue_lifetime;
-            h(format!("Will-Retry-Until: {}", date::rfc5322(until)));
+            h(format!("Will-Retry-Until: {}", date::rfc5322(until, zone)));
         }
     }
     h(String::new());

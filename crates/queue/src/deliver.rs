@@ -50,6 +50,8 @@ struct Notices {
 /// Delivers `active/<id>`. Returns the outcome and whether new mail (a
 /// DSN) was queued in `incoming/`.
 pub fn deliver(agents: &Agents, id: &QueueId) -> (Outcome, bool) {
+    // The JSON log's `queue_id` for every line of this attempt.
+    let _message = mortal_libmaster::log::queued_message_span(id).entered();
     let config = &agents.config;
     let started = SystemTime::now();
     let active = config.spool().path(QueueDir::Active, id);

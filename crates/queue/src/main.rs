@@ -84,8 +84,8 @@ pub enum Event {
 
 fn main() {
     sandbox::selftest::run_if_asked(Service::Queue);
-    let config = child::startup("queue");
-    let (listener, mut link) = child::adopt::<UnixListener>("queue");
+    let config = child::startup(Service::Queue);
+    let (listener, mut link) = child::adopt::<UnixListener>(Service::Queue);
     // Before the first queue file is read and before any thread starts.
     sandbox::enter_or_exit(Service::Queue, &config);
     let mut scheduler = match scan::Scheduler::start(&config) {

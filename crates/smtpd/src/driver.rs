@@ -111,6 +111,7 @@ pub async fn session(server: &Server, stream: std::net::TcpStream) -> SessionEnd
         None => crate::engine::UNKNOWN_NAME.to_owned(),
     };
     peer.limits.set_name(&name);
+    mortal_libmaster::log::record_client(format_args!("{name}[{}]", peer.addr));
     let mut session = Session::with_name(Arc::clone(config), Arc::clone(&server.relay), peer.addr, &name);
     session.early_input(&peer.early);
     let mut buf = vec![0; READ_BUFFER];

@@ -10,10 +10,11 @@ use mortal_smtpd::driver::{self, Server, SessionEnd};
 use mortal_smtpd::relay::RelayPolicy;
 use std::net::TcpListener;
 use std::sync::Arc;
+use tracing::Instrument;
 
 fn main() {
     sandbox::selftest::run_if_asked(Service::Smtpd);
-    let config = Arc::new(child::startup("smtpd"));
+    let config = Arc::new(child::startup(Service::Smtpd));
     // Read the certificate and key now, before the first session and before
     // any privilege drop or sandbox takes the file system away. A child that
     // cannot is a bad start, which the master throttles.
@@ -35,7 +36,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let (listener, mut link) = child::adopt::<TcpListener>("smtpd");
+    let (listener, mut link) = child::adopt::<TcpListener>(Service::Smtpd);
     // One current-thread runtime for the life of the process, reused by
     // every session: a session is a single task, and an idle child should
     // cost as little memory as possible.
@@ -74,7 +75,10 @@ fn main() {
     let max_use = config.process.smtpd.max_use;
     let server = Server { config, relay: Arc::new(relay), tls, resolver, term: Some(term) };
     let served = child::serve(&listener, &mut link, max_use, |stream, _link| {
-        if runtime.block_on(driver::session(&server, stream)) == SessionEnd::Terminated {
+        // The JSON log's `client` for every line of the session.
+        if runtime.block_on(driver::session(&server, stream).instrument(mortal_libmaster::log::session_span()))
+            == SessionEnd::Terminated
+        {
             // The session already told the client 421; the master wanted
             // this process gone, and it goes now, not after the next one.
             tracing::info!("exit: terminated by signal 15 during a session");

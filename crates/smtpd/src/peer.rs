@@ -81,6 +81,7 @@ pub async fn establish(config: &Config, stream: &TcpStream) -> Option<Peer> {
     let proxied = stream.local_addr().is_ok_and(|local| is_proxied(config, local));
     let (addr, early, balancers_own) =
         if proxied { proxied_client(config, stream, socket_peer)? } else { (socket_peer, Vec::new(), false) };
+    mortal_libmaster::log::record_client(format_args!("{UNKNOWN_NAME}[{addr}]"));
     // A balancer's own connection (its health checks) is no client's: it
     // must never be refused for a client's limits and mark us down.
     let limits = if balancers_own { ClientLimits::none(addr) } else { ClientLimits::connect(config, addr).await };

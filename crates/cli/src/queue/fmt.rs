@@ -5,7 +5,7 @@
 //! never change shape (bytes, RFC 3339 UTC). Every function here is pure,
 //! so the formats are pinned by table tests.
 
-use mortal_proto::date::Civil;
+use mortal_proto::date;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Binary size units after bytes.
@@ -45,8 +45,7 @@ pub fn human_age(age: Duration) -> String {
 
 /// RFC 3339 in UTC, whole seconds: `2026-11-28T05:54:20Z` (20 characters).
 pub fn rfc3339(t: SystemTime) -> String {
-    let c = Civil::from_system_time(t);
-    format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z", c.year, c.month, c.day, c.hour, c.minute, c.second)
+    date::rfc3339_utc_seconds(t)
 }
 
 /// Seconds since the epoch, as `postqueue -j` gives `arrival_time`.

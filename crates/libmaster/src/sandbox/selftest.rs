@@ -207,13 +207,13 @@ pub fn run_if_asked(service: Service) {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let Some(first) = args.first() else { return };
     if first == SELFTEST_FLAG {
-        crate::log::init_early(service.name());
+        crate::log::init_early(service);
         match &args[1..] {
             [flag, path] if flag == "--config" => std::process::exit(orchestrate(service, Path::new(path))),
             _ => usage(service),
         }
     } else if first == PROBE_FLAG {
-        crate::log::init_early(service.name());
+        crate::log::init_early(service);
         match &args[1..] {
             [attempt, port, layers, flag, path] if flag == "--config" => {
                 let attempt = attempt.to_str().and_then(Attempt::from_name);

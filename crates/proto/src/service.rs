@@ -1,0 +1,144 @@
+//! service: which mortal daemon a process is.
+//!
+//! One enum names every service the master runs. The master decides by it
+//! which binary to start and whether it runs a pool or a single process;
+//! the sandbox picks each daemon's rules by it; a daemon states it once at
+//! start-up (`mortal_libmaster::child::startup`), and the log writes its
+//! [`Service::name`] in the program tag (`postfix/mortal/smtpd`) and in
+//! the JSON `service` field. `mortal status --json` names services the
+//! same way.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use thiserror::Error;
+
+/// A mortal daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Service {
+    /// The SMTP server: a pool on each `[smtpd]` listener.
+    Smtpd,
+    /// The last check before the spool and the durable write: a pool.
+    Cleanup,
+    /// The queue manager: exactly one process, restarted when it exits.
+    Queue,
+    /// The per-client counter smtpd asks: one process, like the queue.
+    Anvil,
+    /// The pipe delivery service the queue hands pipe-routed mail to: a
+    /// pool, one delivery request per connection. Present only when a
+    /// route uses pipe.
+    Pipe,
+}
+
+/// How many processes the master runs for a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Exactly one, restarted when it exits.
+    Single,
+    /// Pre-forked children under `[process.<service>]`'s pool policy.
+    Pool,
+}
+
+/// Which mortal process writes a log line: the master itself, or a
+/// service it runs. The log tag is `<syslog_name>/<name>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Process {
+    Master,
+    Service(Service),
+}
+
+impl Process {
+    pub fn name(self) -> &'static str {
+        match self {
+            Process::Master => "master",
+            Process::Service(service) => service.name(),
+        }
+    }
+}
+
+impl From<Service> for Process {
+    fn from(service: Service) -> Self {
+        Process::Service(service)
+    }
+}
+
+/// A service name that is none of [`Service::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("unknown service {0:?}")]
+pub struct UnknownService(pub String);
+
+impl Service {
+    /// Every service, in the order the master starts them.
+    pub const ALL: [Service; 5] = [Service::Smtpd, Service::Cleanup, Service::Queue, Service::Anvil, Service::Pipe];
+
+    /// The name in logs, `mortal status` and `[process.<name>]`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Smtpd => "smtpd",
+            Service::Cleanup => "cleanup",
+            Service::Queue => "queue",
+            Service::Anvil => "anvil",
+            Service::Pipe => "pipe",
+        }
+    }
+
+    /// The binary, found next to the master's own.
+    pub fn program(self) -> &'static str {
+        match self {
+            Service::Smtpd => "mortal-smtpd",
+            Service::Cleanup => "mortal-cleanup",
+            Service::Queue => "mortal-queue",
+            Service::Anvil => "mortal-anvil",
+            Service::Pipe => "mortal-pipe",
+        }
+    }
+
+    pub fn shape(self) -> Shape {
+        match self {
+            Service::Smtpd | Service::Cleanup | Service::Pipe => Shape::Pool,
+            Service::Queue | Service::Anvil => Shape::Single,
+        }
+    }
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Service {
+    type Err = UnknownService;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Service::ALL.into_iter().find(|service| service.name() == s).ok_or_else(|| UnknownService(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_text_and_serde() {
+        for service in Service::ALL {
+            assert_eq!(service.name().parse::<Service>(), Ok(service));
+            assert_eq!(service.to_string(), service.name());
+            assert_eq!(service.program(), format!("mortal-{}", service.name()));
+            let json = serde_json::to_string(&service).unwrap();
+            assert_eq!(json, format!("\"{}\"", service.name()));
+            assert_eq!(serde_json::from_str::<Service>(&json).unwrap(), service);
+        }
+        assert_eq!("SMTPD".parse::<Service>(), Err(UnknownService("SMTPD".into())));
+        assert_eq!("master".parse::<Service>(), Err(UnknownService("master".into())));
+        assert_eq!(Process::Master.name(), "master");
+        assert_eq!(Process::from(Service::Anvil).name(), "anvil");
+    }
+
+    #[test]
+    fn only_the_queue_and_anvil_are_single() {
+        let single: Vec<_> = Service::ALL.into_iter().filter(|s| s.shape() == Shape::Single).collect();
+        assert_eq!(single, [Service::Queue, Service::Anvil]);
+    }
+}
