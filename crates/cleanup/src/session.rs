@@ -233,8 +233,8 @@ impl<'a> Transaction<'a> {
             }
         };
         let mut out = Vec::new();
-        Reply::QueueId(id.clone()).encode(&mut out);
-        log::record_queue_id(&id);
+        Reply::QueueId(id).encode(&mut out);
+        log::record_queue_id(id);
         self.id = Some(id);
         self.file = Some(file);
         stream.write_all(&out).map_err(|e| {
