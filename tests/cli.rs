@@ -10,7 +10,7 @@
 use mortal_proto::ipc::{BodyType, ClientInfo, SenderInfo};
 use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
 use mortal_proto::queue_id;
-use mortal_tests::{Instance, Options, Smtp, bin_dir, free_port, wait_for};
+use mortal_tests::{ClosedPort, Instance, Options, Smtp, bin_dir, wait_for};
 use serde_json::Value;
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
@@ -56,13 +56,15 @@ fn run(cmd: &mut Command) -> Run {
     }
 }
 
-/// An instance whose every delivery attempt fails with a refused connection.
-fn stuck_instance() -> Instance {
-    let closed = free_port();
-    Instance::start_with(Options {
-        extra: format!("\n[delivery]\ntransport = \"lmtp:inet:127.0.0.1:{closed}\"\n"),
+/// An instance whose every delivery attempt fails with a refused
+/// connection, while the port it returns lives.
+fn stuck_instance() -> (Instance, ClosedPort) {
+    let closed = ClosedPort::new();
+    let inst = Instance::start_with(Options {
+        extra: format!("\n[delivery]\ntransport = \"lmtp:inet:127.0.0.1:{}\"\n", closed.port),
         ..Options::default()
-    })
+    });
+    (inst, closed)
 }
 
 /// Sends one message over SMTP; returns its queue id.
@@ -168,7 +170,7 @@ fn until_not_busy(inst: &Instance, args: &[&str]) -> Run {
 
 #[test]
 fn list_show_and_stats_describe_the_queue() {
-    let inst = stuck_instance();
+    let (inst, _closed) = stuck_instance();
     let sent = send(&inst, "a@example.test", &["b@example.test", "c@example.test"], "cli one");
     let placed = place(&inst, "deferred", "", "d@example.test", "4.4.1 placed reason", Duration::from_secs(3600));
 
@@ -281,7 +283,7 @@ fn list_show_and_stats_describe_the_queue() {
 
 #[test]
 fn hold_release_requeue_flush_and_delete_take_effect() {
-    let inst = stuck_instance();
+    let (inst, _closed) = stuck_instance();
     let id = send(&inst, "a@example.test", &["b@example.test"], "held");
     inst.wait_for_log(&format!("{id}: to=<b@example.test>"));
 
@@ -351,7 +353,7 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
 
 #[test]
 fn a_message_being_delivered_is_reported_and_never_touched() {
-    let inst = stuck_instance();
+    let (inst, _closed) = stuck_instance();
     // A file in active/ is the queue manager's: nothing the CLI does may
     // move or remove it. (The running queue manager takes files into
     // active/ itself and recovers stray ones only when it starts; a first
@@ -375,7 +377,7 @@ fn a_message_being_delivered_is_reported_and_never_touched() {
 
 #[test]
 fn permissions_are_checked_and_explained() {
-    let inst = stuck_instance();
+    let (inst, _closed) = stuck_instance();
     let id = place(&inst, "deferred", "a@example.test", "b@example.test", "", Duration::from_secs(3600));
     let deferred = inst.spool().join("deferred");
     if !nix::unistd::geteuid().is_root() {

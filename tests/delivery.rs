@@ -306,7 +306,8 @@ fn dsn_honors_notify_never_success_and_ret_hdrs() {
 #[test]
 fn expired_mail_is_returned_and_expired_bounces_are_dropped() {
     // Nothing listens on this port: every attempt defers.
-    let dead = mortal_tests::free_port();
+    let closed = mortal_tests::ClosedPort::new();
+    let dead = closed.port;
     let mortal = start_mortal(
         options(&format!(
             "[delivery]\nconnect_timeout = \"2s\"\n[delivery.routes]\n\"example.test\" = \"lmtp:inet:127.0.0.1:{dead}\"\n\"sender.test\" = \"maildir\"\n\"gone.test\" = \"lmtp:inet:127.0.0.1:{dead}\"\n"
@@ -329,7 +330,8 @@ fn expired_mail_is_returned_and_expired_bounces_are_dropped() {
 
 #[test]
 fn delay_warning_is_sent_once() {
-    let dead = mortal_tests::free_port();
+    let closed = mortal_tests::ClosedPort::new();
+    let dead = closed.port;
     let mortal = start_mortal(
         options(&format!(
             "[delivery]\n[delivery.routes]\n\"example.test\" = \"lmtp:inet:127.0.0.1:{dead}\"\n\"sender.test\" = \"maildir\"\n"
