@@ -7,7 +7,7 @@
 
 use mortal_tests::Smtp;
 use mortal_tests::netpeer::{connect_from, fail2ban_regex};
-use mortal_tests::{Instance, Options, children_of, wait_for};
+use mortal_tests::{Instance, Options, TempDir, children_of, wait_for};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::fs;
@@ -175,10 +175,12 @@ fn a_hung_or_killed_anvil_fails_open_and_is_replaced() {
 
 #[test]
 fn relay_control_recipient_map_and_fail2ban() {
-    let map = std::env::temp_dir().join(format!("mortal-recipient-map-{}", std::process::id()));
+    // Declared first, so it is removed after the instance stopped; open
+    // to smtpd after it dropped to the mail user.
+    let dir = TempDir::new("recipient-map");
+    fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let map = dir.0.join("recipients");
     fs::write(&map, "# local users\nalice@example.test\nBob@Example.test\n").unwrap();
-    // Declared first, so it is dropped after the instance.
-    let _map_file = RemoveOnDrop(map.clone());
     let mortal = Instance::start_with(Options {
         server_extra: format!(
             "trusted_networks = [\"127.0.0.20/32\"]\nrecipient_map = {:?}\n",
@@ -242,13 +244,4 @@ fn relay_control_recipient_map_and_fail2ban() {
         reply.starts_with("250").then_some(())
     });
     assert!(reloaded.is_some(), "{}", mortal.log_text());
-}
-
-/// Removes a file when dropped, even if the test failed.
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
 }

@@ -160,6 +160,8 @@ impl Instance {
         let bins = bin_dir();
         let temp = TempDir::new("e2e");
         let dir = temp.0.clone();
+        // tempfile makes it 0700; the mail user must pass through to the spool.
+        fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod test dir");
         fs::create_dir_all(dir.join("etc")).expect("create test dir");
         let config = dir.join("etc/mortal.toml");
         fs::write(&config, edit(config_text(&opts))).expect("write config");
@@ -408,6 +410,18 @@ max_use = 100
 pub fn mail_user_line(server_extra: &str) -> &'static str {
     let set = server_extra.lines().any(|l| l.split('=').next().is_some_and(|k| k.trim() == "user"));
     if nix::unistd::geteuid().is_root() && !set { "user = \"nobody\"" } else { "" }
+}
+
+/// Whether a test that needs root must skip (the process is not root),
+/// saying so on stderr with a `SKIPPED` marker and `why`: only the uid
+/// makes such a test impossible, and a skip must never look like a pass.
+pub fn skip_unless_root(why: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return false;
+    }
+    let test = std::thread::current().name().unwrap_or("this test").to_owned();
+    eprintln!("SKIPPED: {test}: needs root ({why})");
+    true
 }
 
 /// Polls `f` every 20 ms until it yields a value or [`WAIT`] passes.
