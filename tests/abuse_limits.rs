@@ -7,7 +7,7 @@
 
 use mortal_tests::Smtp;
 use mortal_tests::netpeer::{connect_from, fail2ban_regex};
-use mortal_tests::{Instance, Options, TempDir, children_of, wait_for};
+use mortal_tests::{Instance, Options, TempDir, wait_for};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::fs;
@@ -99,11 +99,7 @@ fn limits_apply_across_the_pool() {
 
 /// Pids of the instance's anvil process.
 fn anvil_pid(mortal: &Instance) -> u32 {
-    let found = wait_for("the anvil process", || {
-        children_of(mortal.master_pid())
-            .into_iter()
-            .find(|pid| fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.ends_with("mortal-anvil")))
-    });
+    let found = wait_for("the anvil process", || mortal.children_running("mortal-anvil").first().copied());
     found.unwrap_or_else(|| panic!("no mortal-anvil child\n{}", mortal.log_text()))
 }
 

@@ -179,11 +179,7 @@ fn parallel_connections_get_greeting_or_clean_421() {
 
 /// smtpd children of the master right now.
 fn smtpd_children(mortal: &Instance) -> usize {
-    mortal
-        .children()
-        .into_iter()
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.ends_with("mortal-smtpd")))
-        .count()
+    mortal.children_running("mortal-smtpd").len()
 }
 
 /// A client that sends one octet of `EHLO` every so often and never

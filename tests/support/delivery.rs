@@ -425,21 +425,12 @@ pub fn start_mortal(opts: crate::Options, domains: &[&str], queue_extra: &str) -
 
 /// Pid of the running queue manager (the master's `mortal-queue` child).
 pub fn queue_pid(mortal: &crate::Instance) -> Option<u32> {
-    mortal.children().into_iter().find(|pid| {
-        fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.file_name().is_some_and(|n| n == "mortal-queue"))
-    })
+    mortal.children_running("mortal-queue").first().copied()
 }
 
 /// Pids of the running cleanup processes.
 pub fn cleanup_pids(mortal: &crate::Instance) -> Vec<u32> {
-    mortal
-        .children()
-        .into_iter()
-        .filter(|pid| {
-            fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == "mortal-cleanup"))
-        })
-        .collect()
+    mortal.children_running("mortal-cleanup")
 }
 
 /// Sends one message with Python's smtplib; panics unless all recipients

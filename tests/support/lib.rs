@@ -232,13 +232,18 @@ impl Instance {
 
     /// Whether the master has a cleanup, a queue and an anvil child.
     fn services_running(&self) -> bool {
-        let running: BTreeSet<String> = self
-            .children()
+        ["mortal-cleanup", "mortal-queue", "mortal-anvil"].iter().all(|p| !self.children_running(p).is_empty())
+    }
+
+    /// Pids of the master's children running `program` (`mortal-smtpd`...)
+    /// right now, from /proc.
+    pub fn children_running(&self, program: &str) -> Vec<u32> {
+        self.children()
             .into_iter()
-            .filter_map(|pid| fs::read_link(format!("/proc/{pid}/exe")).ok())
-            .filter_map(|exe| Some(exe.file_name()?.to_string_lossy().into_owned()))
-            .collect();
-        ["mortal-cleanup", "mortal-queue", "mortal-anvil"].iter().all(|s| running.contains(*s))
+            .filter(|pid| {
+                fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.file_name().is_some_and(|n| n == program))
+            })
+            .collect()
     }
 
     pub fn master_pid(&self) -> u32 {
