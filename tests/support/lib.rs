@@ -283,6 +283,17 @@ impl Instance {
         .unwrap_or_else(|| panic!("no {needle:?} in log:\n{}", self.log_text()))
     }
 
+    /// Waits until the log holds `needle` at least `count` times (the
+    /// start-up probe's session logs lines a test's own session may
+    /// repeat), returning the whole log.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize) -> String {
+        wait_for(&format!("{count} log lines containing {needle:?}"), || {
+            let text = self.log_text();
+            (text.matches(needle).count() >= count).then_some(text)
+        })
+        .unwrap_or_else(|| panic!("fewer than {count} {needle:?} in log:\n{}", self.log_text()))
+    }
+
     /// Messages delivered to a recipient's Maildir, oldest name first.
     pub fn delivered(&self, recipient: &str) -> Vec<Vec<u8>> {
         let mut names: Vec<PathBuf> =
