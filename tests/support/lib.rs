@@ -185,10 +185,14 @@ impl Instance {
     /// [`PROXY_LISTENER`]), in configuration order, as its `listening on`
     /// log lines name them.
     pub fn listeners(&self, what: &str) -> Vec<SocketAddr> {
-        let tail = format!(" ({what})");
+        let named = format!("({what})");
         self.log_text()
             .lines()
-            .filter_map(|l| l.split_once("listening on ")?.1.strip_suffix(&tail)?.parse().ok())
+            .filter_map(|l| {
+                // Up to the end of the message: in JSON the line goes on.
+                let (addr, rest) = l.split_once("listening on ")?.1.split_once(' ')?;
+                rest.starts_with(&named).then(|| addr.parse().ok())?
+            })
             .collect()
     }
 
@@ -200,7 +204,11 @@ impl Instance {
                 return *addr;
             }
             self.assert_master_running();
-            assert!(Instant::now() < deadline, "no \"listening on ... ({what})\" within {WAIT:?}\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "no \"listening on ... ({what})\" within {WAIT:?} ([log] level must be info or more verbose)\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
