@@ -11,7 +11,7 @@ use mortal_proto::ipc::{
 use mortal_proto::spool::QueueDir;
 use mortal_tests::Smtp;
 use mortal_tests::netpeer::{connect_from, fail2ban_regex};
-use mortal_tests::{Instance, Options, children_of, wait_for};
+use mortal_tests::{Instance, Options, TempDir, wait_for};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::fs;
@@ -103,11 +103,7 @@ fn limits_apply_across_the_pool() {
 
 /// Pids of the instance's anvil process.
 fn anvil_pid(mortal: &Instance) -> u32 {
-    let found = wait_for("the anvil process", || {
-        children_of(mortal.master_pid())
-            .into_iter()
-            .find(|pid| fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.ends_with("mortal-anvil")))
-    });
+    let found = wait_for("the anvil process", || mortal.children_running("mortal-anvil").first().copied());
     found.unwrap_or_else(|| panic!("no mortal-anvil child\n{}", mortal.log_text()))
 }
 
@@ -179,10 +175,12 @@ fn a_hung_or_killed_anvil_fails_open_and_is_replaced() {
 
 #[test]
 fn relay_control_recipient_map_and_fail2ban() {
-    let map = std::env::temp_dir().join(format!("mortal-recipient-map-{}", std::process::id()));
+    // Declared first, so it is removed after the instance stopped; open
+    // to smtpd after it dropped to the mail user.
+    let dir = TempDir::new("recipient-map");
+    fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let map = dir.0.join("recipients");
     fs::write(&map, "# local users\nalice@example.test\nBob@Example.test\n").unwrap();
-    // Declared first, so it is dropped after the instance.
-    let _map_file = RemoveOnDrop(map.clone());
     let mortal = Instance::start_with(Options {
         server_extra: format!(
             "trusted_networks = [\"127.0.0.20/32\"]\nrecipient_map = {:?}\n",
@@ -321,14 +319,5 @@ fn read_reply(sock: &mut UnixStream, decoder: &mut Decoder) -> Reply {
         let n = sock.read(&mut buf).expect("cleanup answers");
         assert!(n > 0, "cleanup hung up without an answer");
         decoder.feed(&buf[..n]);
-    }
-}
-
-/// Removes a file when dropped, even if the test failed.
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
     }
 }

@@ -11,7 +11,7 @@ use mortal_proto::ipc::{BodyType, ClientInfo, SenderInfo};
 use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
 use mortal_proto::queue_id::QueueId;
 use mortal_proto::spool::QueueDir;
-use mortal_tests::{Instance, Options, Smtp, bin_dir, free_port, wait_for};
+use mortal_tests::{ClosedPort, Instance, Options, Smtp, bin_dir, wait_for};
 use serde_json::Value;
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
@@ -28,9 +28,11 @@ const EXIT_DENIED: i32 = 77;
 /// may be the mail user the test instance runs as).
 const NOBODY: u32 = 65534;
 const DAEMON: u32 = 1;
-/// Longer than the test config's maximal_backoff (2s) plus its scan
-/// interval (1s): a message not held would have been retried by then.
-const RETRY_WINDOW: Duration = Duration::from_millis(3500);
+/// Attempts of a message that keeps failing which span more than the test
+/// config's maximal_backoff (2s) plus its scan interval (1s): each gap is at
+/// least minimal_backoff (1s), so four attempts span three such gaps. Any
+/// other message that was due has been tried meanwhile.
+const WITNESS_ATTEMPTS: usize = 4;
 
 /// One run of the `mortal` binary.
 #[derive(Debug)]
@@ -57,13 +59,15 @@ fn run(cmd: &mut Command) -> Run {
     }
 }
 
-/// An instance whose every delivery attempt fails with a refused connection.
-fn stuck_instance() -> Instance {
-    let closed = free_port();
-    Instance::start_with(Options {
-        extra: format!("\n[delivery]\ntransport = \"lmtp:inet:127.0.0.1:{closed}\"\n"),
+/// An instance whose every delivery attempt fails with a refused
+/// connection, while the port it returns lives.
+fn stuck_instance() -> (Instance, ClosedPort) {
+    let closed = ClosedPort::new();
+    let inst = Instance::start_with(Options {
+        extra: format!("\n[delivery]\ntransport = \"lmtp:inet:127.0.0.1:{}\"\n", closed.port),
         ..Options::default()
-    })
+    });
+    (inst, closed)
 }
 
 /// Sends one message over SMTP; returns its queue id.
@@ -149,6 +153,15 @@ fn attempts(inst: &Instance, id: &QueueId) -> usize {
     inst.log_text().matches(&format!("{id}: to=<")).count()
 }
 
+/// Waits until `witness`, a message that keeps failing, was tried
+/// [`WITNESS_ATTEMPTS`] more times: a positive sign that the time any due
+/// message needs to be retried has passed.
+fn witness_retried(inst: &Instance, witness: &QueueId) {
+    let before = attempts(inst, witness);
+    wait_for("the witness message retried", || (attempts(inst, witness) >= before + WITNESS_ATTEMPTS).then_some(()))
+        .unwrap_or_else(|| panic!("{witness} not retried\n{}", inst.log_text()));
+}
+
 /// Runs a changing command until the message is not busy being delivered;
 /// every busy answer must say so.
 fn until_not_busy(inst: &Instance, args: &[&str]) -> Run {
@@ -166,7 +179,7 @@ fn until_not_busy(inst: &Instance, args: &[&str]) -> Run {
 
 #[test]
 fn list_show_and_stats_describe_the_queue() {
-    let inst = stuck_instance();
+    let (inst, _closed) = stuck_instance();
     let sent = send(&inst, "a@example.test", &["b@example.test", "c@example.test"], "cli one");
     let placed =
         place(&inst, QueueDir::Deferred, "", "d@example.test", "4.4.1 placed reason", Duration::from_secs(3600));
@@ -283,9 +296,10 @@ fn list_show_and_stats_describe_the_queue() {
 
 #[test]
 fn hold_release_requeue_flush_and_delete_take_effect() {
-    let inst = stuck_instance();
+    let (inst, _closed) = stuck_instance();
     let id = send(&inst, "a@example.test", &["b@example.test"], "held");
     inst.wait_for_log(&format!("{id}: to=<b@example.test>"));
+    let witness = send(&inst, "v@example.test", &["b@example.test"], "witness");
 
     // hold: the queue manager may be delivering it right now; the CLI
     // says so and leaves it alone until it is back in deferred/.
@@ -296,7 +310,7 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
     let held = mortal(&inst, &["queue", "list"]);
     assert!(held.stdout.lines().any(|l| l.starts_with(&format!("{id}!"))), "{held:?}");
     let before = attempts(&inst, &id);
-    std::thread::sleep(RETRY_WINDOW);
+    witness_retried(&inst, &witness);
     assert_eq!(attempts(&inst, &id), before, "a held message is not retried\n{}", inst.log_text());
     assert_eq!(queue_of(&inst, &id), Some(QueueDir::Hold));
 
@@ -319,7 +333,7 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
     let later = Duration::from_secs(3600);
     let requeued = place(&inst, QueueDir::Deferred, "x@example.test", "b@example.test", "4.4.1 old", later);
     let flushed = place(&inst, QueueDir::Deferred, "y@example.test", "b@example.test", "4.4.1 old", later);
-    std::thread::sleep(RETRY_WINDOW);
+    witness_retried(&inst, &id);
     assert_eq!((attempts(&inst, &requeued), attempts(&inst, &flushed)), (0, 0), "not due yet");
     let r = mortal(&inst, &["queue", "requeue", requeued.as_str()]);
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{requeued}: requeued")), "{r:?}");
@@ -344,7 +358,7 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
     assert_eq!(mortal(&inst, &["queue", "delete", doomed.as_str()]).code, EXIT_NOT_FOUND);
     let r = until_not_busy(&inst, &["queue", "delete", "--sender", "@example.test"]);
     assert_eq!(r.code, 0, "{r:?}");
-    for gone in [&id, &requeued, &flushed, &all] {
+    for gone in [&id, &witness, &requeued, &flushed, &all] {
         assert_eq!(queue_of(&inst, gone), None, "{gone} deleted\n{r:?}");
     }
     let r = mortal(&inst, &["queue", "list"]);
@@ -353,7 +367,7 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
 
 #[test]
 fn a_message_being_delivered_is_reported_and_never_touched() {
-    let inst = stuck_instance();
+    let (inst, _closed) = stuck_instance();
     // A file in active/ is the queue manager's: nothing the CLI does may
     // move or remove it. (The running queue manager takes files into
     // active/ itself and recovers stray ones only when it starts; a first
@@ -377,7 +391,7 @@ fn a_message_being_delivered_is_reported_and_never_touched() {
 
 #[test]
 fn permissions_are_checked_and_explained() {
-    let inst = stuck_instance();
+    let (inst, _closed) = stuck_instance();
     let id = place(&inst, QueueDir::Deferred, "a@example.test", "b@example.test", "", Duration::from_secs(3600));
     let deferred = inst.spool_layout().dir(QueueDir::Deferred);
     if !nix::unistd::geteuid().is_root() {
@@ -388,6 +402,8 @@ fn permissions_are_checked_and_explained() {
         set_mode(&deferred, 0o700);
         assert_eq!(r.code, EXIT_DENIED, "{r:?}");
         assert!(r.stderr.contains("reading the queue needs read access to"), "{r:?}");
+        // What follows needs other users than the one running the test.
+        mortal_tests::skip_unless_root("the checks as a third user");
         return;
     }
     // Started as root, the master gave the queue directories (mode 0700)

@@ -300,15 +300,21 @@ fn dsn_honors_notify_never_success_and_ret_hdrs() {
     assert!(success.contains("Final-Recipient: rfc822; good@example.test"), "{success}");
     assert!(success.contains("Original-Recipient: rfc822;Good@example.test"), "{success}");
     assert!(success.contains("Subject: Successful Mail Delivery Report"), "{success}");
+    // The message and both notices are finished (three `removed` lines);
+    // a notice is queued before the file it reports on is removed, so an
+    // empty queue after that holds no notice about a notice either.
+    let removed =
+        wait_for("three removed lines", || (mortal.log_text().matches(": removed").count() >= 3).then_some(()));
+    assert!(removed.is_some(), "{}", mortal.log_text());
     mortal.wait_for_empty_queue();
-    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(mortal.delivered("s@sender.test").len(), 2, "no DSN about a DSN");
 }
 
 #[test]
 fn expired_mail_is_returned_and_expired_bounces_are_dropped() {
     // Nothing listens on this port: every attempt defers.
-    let dead = mortal_tests::free_port();
+    let closed = mortal_tests::ClosedPort::new();
+    let dead = closed.port;
     let mortal = start_mortal(
         options(&format!(
             "[delivery]\nconnect_timeout = \"2s\"\n[delivery.routes]\n\"example.test\" = \"lmtp:inet:127.0.0.1:{dead}\"\n\"sender.test\" = \"maildir\"\n\"gone.test\" = \"lmtp:inet:127.0.0.1:{dead}\"\n"
@@ -331,7 +337,8 @@ fn expired_mail_is_returned_and_expired_bounces_are_dropped() {
 
 #[test]
 fn delay_warning_is_sent_once() {
-    let dead = mortal_tests::free_port();
+    let closed = mortal_tests::ClosedPort::new();
+    let dead = closed.port;
     let mortal = start_mortal(
         options(&format!(
             "[delivery]\n[delivery.routes]\n\"example.test\" = \"lmtp:inet:127.0.0.1:{dead}\"\n\"sender.test\" = \"maildir\"\n"
@@ -353,9 +360,10 @@ fn delay_warning_is_sent_once() {
 fn kill_9_of_queue_during_lmtp_delivery_loses_nothing() {
     // The first delivery attempt stalls after the content, as a slow
     // mailbox server would; later ones succeed.
-    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let answered = calls.clone();
     let lmtp = FakeLmtp::start(Arc::new(move |_: &str, _| {
-        let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        let first = answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
         if first { "STALL" } else { "250 2.0.0 Ok" }.to_owned()
     }));
     let mortal = start_mortal(
@@ -368,7 +376,11 @@ fn kill_9_of_queue_during_lmtp_delivery_loses_nothing() {
     send(mortal.port, "a@example.test", &["crash@example.test"], &message("crash", "must survive"));
     let stalled = wait_for("delivery in progress", || (!mortal.queue_files(QueueDir::Active).is_empty()).then_some(()));
     assert!(stalled.is_some(), "{}", mortal.log_text());
-    std::thread::sleep(Duration::from_millis(300));
+    // The server has the whole content and holds back its reply.
+    let held = wait_for("the content at the LMTP server", || {
+        (calls.load(std::sync::atomic::Ordering::SeqCst) >= 1).then_some(())
+    });
+    assert!(held.is_some(), "{}", mortal.log_text());
     assert_eq!(lmtp.deliveries("crash@example.test"), 0);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(before as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     let after = wait_for("a new queue process", || queue_pid(&mortal).filter(|&p| p != before));
@@ -453,9 +465,10 @@ fn corrupt_file_of_every_record_type_goes_to_corrupt() {
             "{mode} in {kind} record not quarantined"
         );
     }
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(mortal.delivered("victim@example.test").is_empty(), "a corrupt file was delivered");
+    // Every file is in corrupt/, which the queue never reads again: what
+    // was not delivered by now never will be.
     mortal.wait_for_empty_queue();
+    assert!(mortal.delivered("victim@example.test").is_empty(), "a corrupt file was delivered");
 }
 
 /// strace the cleanup and queue processes over one message: cleanup must
@@ -486,17 +499,23 @@ fn fsync_ordering_under_strace() {
         cmd.arg("-p").arg(p.to_string());
     }
     let mut strace = Guard::spawn("strace", &mut cmd);
-    // strace prints nothing until attached; give it a moment, bounded.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline && fs::metadata(&out).map(|m| m.len()).unwrap_or(0) == 0 {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    // Attached means each process names strace as its tracer.
+    let traced = |pid: &u32| {
+        fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+            s.lines().any(|l| l.strip_prefix("TracerPid:").is_some_and(|t| t.trim() == strace.pid().to_string()))
+        })
+    };
+    let attached = wait_for("strace attached", || pids.iter().all(traced).then_some(()));
     strace.assert_running("strace cannot attach (ptrace not permitted?)");
+    assert!(attached.is_some(), "strace did not attach to {pids:?}");
     send(mortal.port, "a@example.test", &["traced@example.test"], &message("trace", "fsync order"));
     mortal.wait_for_delivery("traced@example.test", 1);
     mortal.wait_for_empty_queue();
-    std::thread::sleep(Duration::from_millis(300));
+    // The last call of interest is the queue's unlink of active/<id>.
+    let unlinked = wait_for("the unlink of the active/ file in the trace", || {
+        fs::read_to_string(&out).ok()?.lines().any(|l| l.contains("unlink") && l.contains("/active/")).then_some(())
+    });
+    assert!(unlinked.is_some(), "{}", fs::read_to_string(&out).unwrap_or_default());
     drop(strace);
     let trace = fs::read_to_string(&out).unwrap();
     let lines: Vec<&str> = trace.lines().collect();

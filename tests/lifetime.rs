@@ -14,7 +14,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How often the tests look at `mortal status`.
@@ -103,11 +103,18 @@ fn max_idle_retires_idle_children_down_to_min_spare() {
         assert!(longest >= max_idle, "pid {pid} retired after at most {longest:?} idle");
         assert!(shortest <= max_idle + Duration::from_secs(1), "pid {pid} retired only after {shortest:?} idle");
     }
-    // The survivor is min_spare: it stays, however long it idles.
+    // The survivor is min_spare: it stays, however long it idles. The
+    // master's own clock says when it has idled past max_idle twice over.
     let survivor = *watched.iter().find(|p| !gone.contains_key(p)).unwrap();
-    std::thread::sleep(max_idle * 2);
-    let now = mortal.status();
-    assert!(pids(&now, Service::Smtpd).contains(&survivor), "{now:?}");
+    let now = wait_for("the survivor idle for 2 x max_idle", || {
+        let status = mortal.status();
+        let idle = children_of_service(&status, Service::Smtpd)
+            .iter()
+            .find(|c| u64::from(c.pid) == survivor)
+            .is_some_and(|c| c.state == BoardState::Idle && ms(c.since_ms) >= max_idle * 2);
+        idle.then_some(status)
+    })
+    .unwrap_or_else(|| panic!("survivor {survivor} did not stay idle: {:?}", mortal.status()));
     assert_eq!(retired(&now, Service::Smtpd, RetireReason::Idle), 3, "{now:?}");
 }
 
@@ -285,8 +292,9 @@ fn reload_lets_sessions_in_flight_finish_with_250_and_refuses_nobody() {
         .collect();
     // New clients all through the reload.
     let stop = Arc::new(AtomicBool::new(false));
+    let probes = Arc::new(AtomicUsize::new(0));
     let prober = {
-        let stop = Arc::clone(&stop);
+        let (stop, probes) = (Arc::clone(&stop), Arc::clone(&probes));
         std::thread::spawn(move || {
             let (mut served, mut failures) = (0, Vec::new());
             while !stop.load(Ordering::Relaxed) && served + failures.len() < 500 {
@@ -294,6 +302,7 @@ fn reload_lets_sessions_in_flight_finish_with_250_and_refuses_nobody() {
                     Ok(mut s) if s.greeting.starts_with("220 ") => {
                         let _ = s.cmd("QUIT");
                         served += 1;
+                        probes.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(s) => failures.push(s.greeting),
                     Err(e) => failures.push(e.to_string()),
@@ -303,12 +312,22 @@ fn reload_lets_sessions_in_flight_finish_with_250_and_refuses_nobody() {
             (served, failures)
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // Probes served before the reload too.
+    let before = wait_for("probes before the reload", || (probes.load(Ordering::Relaxed) >= 5).then_some(()));
+    assert!(before.is_some(), "no probe served\n{}", mortal.log_text());
     let out = mortal.mortal(&["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("mortal reloaded"));
     assert_eq!(mortal.status().master.generation, 1);
-    std::thread::sleep(Duration::from_millis(500));
+    // The new generation serves and probes reach it while the old one
+    // still holds the sessions in flight.
+    let at_reload = probes.load(Ordering::Relaxed);
+    let new_serving = wait_for("the new generation serving probes", || {
+        let status = mortal.status();
+        let new = children_of_service(&status, Service::Smtpd).iter().any(|c| c.generation == 1);
+        (new && probes.load(Ordering::Relaxed) >= at_reload + 5).then_some(())
+    });
+    assert!(new_serving.is_some(), "{:?}\n{}", mortal.status(), mortal.log_text());
     for (i, s) in in_flight.iter_mut().enumerate() {
         s.send_raw(b"second half\r\n.\r\n").unwrap();
         let reply = s.read_reply().unwrap();
@@ -434,8 +453,9 @@ fn control_socket_is_private_to_root_and_the_masters_user() {
     assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
     assert!(control(&mortal, "status\n").starts_with('{'));
     assert!(control(&mortal, "shutdown now\n").starts_with("error: unknown request"));
-    if !nix::unistd::geteuid().is_root() {
-        // Only root can be another user here; the mode is what protects.
+    // Only root can be another user here; unprivileged, the mode is what
+    // protects.
+    if mortal_tests::skip_unless_root("SO_PEERCRED against another user") {
         return;
     }
     // Even with the file opened up, SO_PEERCRED keeps other users out:

@@ -45,8 +45,7 @@ fn pipe_options(command: &Path, timeout: &str) -> Options {
 
 #[test]
 fn command_runs_as_the_pipe_user_never_root() {
-    if !is_root() {
-        println!("skipped: needs root (unprivileged, every process runs as the invoking user)");
+    if mortal_tests::skip_unless_root("unprivileged, every process runs as the invoking user") {
         return;
     }
     let dir = TempDir::new("pipe-user");
@@ -110,8 +109,7 @@ fn service_exists_only_with_a_pipe_route() {
 /// have nobody to run the command as but root: refused, with the line.
 #[test]
 fn root_refuses_a_pipe_route_without_pipe_user() {
-    if !is_root() {
-        println!("skipped: needs root (unprivileged, the key is optional and ignored)");
+    if mortal_tests::skip_unless_root("unprivileged, the key is optional and ignored") {
         return;
     }
     let dir = TempDir::new("pipe-nouser");

@@ -3,31 +3,36 @@
 //! `Received:`; only `proxy_trusted` peers may send the header; HAProxy
 //! itself, with `send-proxy` and `send-proxy-v2`, interoperates (issue 4).
 
-use mortal_tests::netpeer::{Haproxy, connect_from, proxy_v1, proxy_v2};
-use mortal_tests::{Instance, Options, Smtp, free_port, wait_for};
+use mortal_tests::netpeer::{Haproxy, connect_from, connect_to, proxy_v1, proxy_v2};
+use mortal_tests::{Instance, Options, Smtp, wait_for};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 const BALANCER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 const HEALTH_CHECKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const STRANGER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+/// The proxy listener's address: not the plain listener's 127.0.0.1, as
+/// both take their ports from the kernel and smtpd tells them apart by
+/// address.
+const PROXY_LISTENER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 10);
 
-/// An instance with a plain listener and a proxy listener; the proxy
-/// port is returned too.
-fn start(proxy_timeout: &str) -> (Instance, u16) {
+/// An instance with a plain listener and a proxy listener on a port the
+/// master takes from the kernel; the proxy listener's address is returned
+/// too.
+fn start(proxy_timeout: &str) -> (Instance, SocketAddrV4) {
     start_with(proxy_timeout, "")
 }
 
-fn start_with(proxy_timeout: &str, smtpd_extra: &str) -> (Instance, u16) {
-    let proxy_port = free_port();
-    let mortal = Instance::start_with(Options {
+fn start_with(proxy_timeout: &str, smtpd_extra: &str) -> (Instance, SocketAddrV4) {
+    let mut mortal = Instance::start_with(Options {
         smtpd_extra: format!(
-            "proxy_listen = [\"127.0.0.1:{proxy_port}\"]\nproxy_trusted = [\"127.0.0.1/32\", \"127.0.0.3\"]\n\
+            "proxy_listen = [\"{PROXY_LISTENER}:0\"]\nproxy_trusted = [\"127.0.0.1/32\", \"127.0.0.3\"]\n\
              proxy_timeout = \"{proxy_timeout}\"\n{smtpd_extra}"
         ),
         ..Options::default()
     });
-    (mortal, proxy_port)
+    let proxy = SocketAddrV4::new(PROXY_LISTENER, mortal.proxy_port());
+    (mortal, proxy)
 }
 
 fn sa(s: &str) -> SocketAddrV4 {
@@ -42,11 +47,11 @@ fn count(log: &str, needle: &str) -> usize {
 fn proxy_headers_name_the_client_in_log_and_received() {
     // Two connections a minute per client, loopback included: the limits
     // must apply to the client named in the header, never to the balancer.
-    let (mortal, proxy_port) = start_with("5s", "client_connection_rate_limit = 2\nclient_limit_exceptions = []\n");
-    let dst = SocketAddrV4::new(BALANCER, proxy_port);
+    let (mortal, proxy) = start_with("5s", "client_connection_rate_limit = 2\nclient_limit_exceptions = []\n");
+    let dst = proxy;
 
     // v1 from the balancer.
-    let mut c = Smtp::over(connect_from(BALANCER, proxy_port).unwrap());
+    let mut c = Smtp::over(connect_to(BALANCER, proxy).unwrap());
     c.send_raw(&proxy_v1(sa("192.0.2.10:40001"), dst)).unwrap();
     assert!(c.read_reply().unwrap().starts_with("220 "));
     assert!(c.mail("a@example.test", "v1@example.test", "via v1").starts_with("250 "));
@@ -57,7 +62,7 @@ fn proxy_headers_name_the_client_in_log_and_received() {
     assert!(text.contains("Received: from client.test (unknown [192.0.2.10])"), "{text}");
 
     // v2 PROXY from the balancer.
-    let mut c = Smtp::over(connect_from(BALANCER, proxy_port).unwrap());
+    let mut c = Smtp::over(connect_to(BALANCER, proxy).unwrap());
     c.send_raw(&proxy_v2(1, sa("198.51.100.7:40002"), dst)).unwrap();
     assert!(c.read_reply().unwrap().starts_with("220 "));
     assert!(c.mail("a@example.test", "v2@example.test", "via v2").starts_with("250 "));
@@ -71,7 +76,7 @@ fn proxy_headers_name_the_client_in_log_and_received() {
     // v2 LOCAL (a health check): the socket's own peer stands, and the
     // balancer's own connections are never limited.
     for _ in 0..3 {
-        let mut c = Smtp::over(connect_from(HEALTH_CHECKER, proxy_port).unwrap());
+        let mut c = Smtp::over(connect_to(HEALTH_CHECKER, proxy).unwrap());
         c.send_raw(&proxy_v2(0, sa("203.0.113.1:1"), dst)).unwrap();
         assert!(c.read_reply().unwrap().starts_with("220 "));
         c.cmd("QUIT").unwrap();
@@ -82,7 +87,7 @@ fn proxy_headers_name_the_client_in_log_and_received() {
     // The client behind the balancer is what is limited: its third
     // connection is refused, by its own address.
     for n in 1..=3 {
-        let mut c = Smtp::over(connect_from(BALANCER, proxy_port).unwrap());
+        let mut c = Smtp::over(connect_to(BALANCER, proxy).unwrap());
         c.send_raw(&proxy_v1(sa("192.0.2.99:40100"), dst)).unwrap();
         let reply = c.read_reply().unwrap();
         if n < 3 {
@@ -102,11 +107,11 @@ fn proxy_headers_name_the_client_in_log_and_received() {
 
 #[test]
 fn untrusted_garbled_slow_and_early_peers_are_handled() {
-    let (mortal, proxy_port) = start("1s");
-    let dst = SocketAddrV4::new(BALANCER, proxy_port);
+    let (mortal, proxy) = start("1s");
+    let dst = proxy;
 
     // A valid header, but from a peer outside proxy_trusted: dropped unread.
-    let mut c = Smtp::over(connect_from(STRANGER, proxy_port).unwrap());
+    let mut c = Smtp::over(connect_to(STRANGER, proxy).unwrap());
     let _ = c.send_raw(&proxy_v1(sa("192.0.2.66:1234"), dst));
     assert!(c.closed(), "an untrusted peer must get no greeting");
     let log =
@@ -114,14 +119,14 @@ fn untrusted_garbled_slow_and_early_peers_are_handled() {
     assert!(!log.contains("connect from unknown[192.0.2.66]"), "{log}");
 
     // A trusted peer that sends SMTP instead of a header.
-    let mut c = Smtp::over(connect_from(BALANCER, proxy_port).unwrap());
+    let mut c = Smtp::over(connect_to(BALANCER, proxy).unwrap());
     c.send_raw(b"EHLO client.test\r\n").unwrap();
     assert!(c.closed());
     mortal.wait_for_log("warning: haproxy read from unknown[127.0.0.1]: not a PROXY protocol header");
 
     // Half a header, then silence: dropped after proxy_timeout.
     let started = Instant::now();
-    let mut c = Smtp::over(connect_from(BALANCER, proxy_port).unwrap());
+    let mut c = Smtp::over(connect_to(BALANCER, proxy).unwrap());
     c.send_raw(b"PROXY TCP4 192.0.2.").unwrap();
     assert!(c.closed());
     let waited = started.elapsed();
@@ -130,7 +135,7 @@ fn untrusted_garbled_slow_and_early_peers_are_handled() {
 
     // The client behind the balancer talked before the greeting: the
     // bytes after the header are early input, handled as such.
-    let mut c = Smtp::over(connect_from(BALANCER, proxy_port).unwrap());
+    let mut c = Smtp::over(connect_to(BALANCER, proxy).unwrap());
     let mut bytes = proxy_v1(sa("192.0.2.11:40003"), dst);
     bytes.extend_from_slice(b"EHLO early.test\r\n");
     c.send_raw(&bytes).unwrap();
@@ -140,7 +145,7 @@ fn untrusted_garbled_slow_and_early_peers_are_handled() {
     mortal.wait_for_log("improper command pipelining after CONNECT from unknown[192.0.2.11]");
 
     // None of this disturbed the pool.
-    let mut c = Smtp::over(connect_from(BALANCER, proxy_port).unwrap());
+    let mut c = Smtp::over(connect_to(BALANCER, proxy).unwrap());
     c.send_raw(&proxy_v2(1, sa("192.0.2.12:40004"), dst)).unwrap();
     assert!(c.read_reply().unwrap().starts_with("220 "));
     c.cmd("QUIT").unwrap();
@@ -151,9 +156,9 @@ fn untrusted_garbled_slow_and_early_peers_are_handled() {
 /// client connects from 127.0.0.2, which is what must be logged.
 #[test]
 fn haproxy_send_proxy_v1_and_v2_pass_the_real_client() {
-    let (mortal, proxy_port) = start("5s");
+    let (mortal, proxy) = start("5s");
     for (n, send_proxy) in ["send-proxy", "send-proxy-v2"].into_iter().enumerate() {
-        let haproxy = Haproxy::start(&mortal.dir, proxy_port, send_proxy);
+        let haproxy = Haproxy::start(&mortal.dir, proxy, send_proxy);
         let rcpt = format!("haproxy{n}@example.test");
         let mut c = Smtp::over(connect_from(STRANGER, haproxy.port).unwrap());
         let greeting = c.read_reply().unwrap();
@@ -166,9 +171,13 @@ fn haproxy_send_proxy_v1_and_v2_pass_the_real_client() {
         assert!(text.contains("(unknown [127.0.0.2])"), "{send_proxy}: {text}");
         drop(haproxy);
     }
-    let log = mortal.log_text();
+    // smtpd logs the disconnect after its reply to QUIT: wait for both.
+    let log = wait_for("two disconnect lines", || {
+        let log = mortal.log_text();
+        (count(&log, ": disconnect from unknown[127.0.0.2]") == 2).then_some(log)
+    })
+    .unwrap_or_else(|| panic!("{}", mortal.log_text()));
     assert_eq!(count(&log, ": connect from unknown[127.0.0.2]"), 2, "{log}");
-    assert_eq!(count(&log, ": disconnect from unknown[127.0.0.2]"), 2, "{log}");
     assert!(!log.contains("haproxy read"), "no header errors expected\n{log}");
     // The balancer's own address is never taken for the client.
     let proxied_sessions = wait_for("client= lines", || {

@@ -4,6 +4,7 @@
 //! whose answer per recipient the test decides, and [`Guard`] kills any
 //! process it holds, by pid, when dropped.
 
+pub use crate::TempDir;
 use crate::{WAIT, wait_for};
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -52,29 +53,6 @@ impl Drop for Guard {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A private temp directory, removed on drop unless the test failed.
-#[derive(Debug)]
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("mortal-{tag}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.0);
-        }
     }
 }
 
@@ -195,7 +173,8 @@ service anvil {{
     }
 }
 
-/// An aiosmtpd sink on 127.0.0.1:`port` that appends every message it
+/// An aiosmtpd sink on 127.0.0.1:`port` (a port it takes from the kernel
+/// and reports, so nothing can take it between choosing and binding) that appends every message it
 /// receives, with its envelope, to `<dir>/received`. With `tls`, a
 /// (cert, key) PEM pair, it offers STARTTLS.
 #[derive(Debug)]
@@ -209,7 +188,6 @@ pub struct Aiosmtpd {
 impl Aiosmtpd {
     pub fn start(tls: Option<(&Path, &Path)>) -> Self {
         let dir = TempDir::new("aiosmtpd");
-        let port = crate::free_port();
         let received = dir.0.join("received");
         let tls_setup = match tls {
             Some((cert, key)) => format!(
@@ -221,7 +199,7 @@ impl Aiosmtpd {
         };
         let script = format!(
             r#"
-import asyncio, ssl, sys, time
+import asyncio, socket, ssl, sys, time
 from aiosmtpd.controller import Controller
 class Sink:
     async def handle_DATA(self, server, session, envelope):
@@ -232,9 +210,15 @@ class Sink:
             f.write(b"\n.END\n")
         return "250 2.0.0 Ok: stored"
 {tls_setup}
-c = Controller(Sink(), hostname="127.0.0.1", port={port}, **kw)
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+sock.listen(64)
+class Bound(Controller):
+    def _create_server(self):
+        return self.loop.create_server(self._factory_invoker, sock=sock, ssl=self.ssl_context)
+c = Bound(Sink(), hostname="127.0.0.1", port=sock.getsockname()[1], **kw)
 c.start()
-print("ready", flush=True)
+print("ready", sock.getsockname()[1], flush=True)
 try:
     sys.stdin.read()
 finally:
@@ -252,9 +236,16 @@ finally:
                 .stdout(Stdio::piped())
                 .stderr(fs::File::create(dir.0.join("stderr")).expect("aiosmtpd stderr file")),
         );
-        let up = wait_for("aiosmtpd listening", || TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ()));
-        guard.assert_running("");
-        assert!(up.is_some(), "aiosmtpd did not listen on {port}");
+        // Controller.start returns once the sink answers; then it prints.
+        let mut ready = String::new();
+        let stdout = guard.child.stdout.take().expect("aiosmtpd stdout is piped");
+        let _ = BufReader::new(stdout).read_line(&mut ready);
+        let stderr = || fs::read_to_string(dir.0.join("stderr")).unwrap_or_default();
+        let port = ready
+            .strip_prefix("ready ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("aiosmtpd did not start: {ready:?}\n{}", stderr()));
+        guard.assert_running(&stderr());
         Aiosmtpd { port, received, _guard: guard, _dir: dir }
     }
 
@@ -434,21 +425,12 @@ pub fn start_mortal(opts: crate::Options, domains: &[&str], queue_extra: &str) -
 
 /// Pid of the running queue manager (the master's `mortal-queue` child).
 pub fn queue_pid(mortal: &crate::Instance) -> Option<u32> {
-    mortal.children().into_iter().find(|pid| {
-        fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.file_name().is_some_and(|n| n == "mortal-queue"))
-    })
+    mortal.children_running("mortal-queue").first().copied()
 }
 
 /// Pids of the running cleanup processes.
 pub fn cleanup_pids(mortal: &crate::Instance) -> Vec<u32> {
-    mortal
-        .children()
-        .into_iter()
-        .filter(|pid| {
-            fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == "mortal-cleanup"))
-        })
-        .collect()
+    mortal.children_running("mortal-cleanup")
 }
 
 /// Sends one message with Python's smtplib; panics unless all recipients

@@ -1,6 +1,7 @@
 //! Test support: start a real mortal instance from the built binaries on a
-//! free loopback port with a private spool, talk SMTP to it, read its log
-//! and its Maildirs, and always reap every process it started.
+//! loopback port the master takes from the kernel (port 0, read back from
+//! its `listening on` log line), with a private spool, talk SMTP to it,
+//! read its log and its Maildirs, and always reap every process it started.
 //!
 //! [`Instance`] is a guard: dropping it (also when a test panics) stops the
 //! master by its pid, then kills by pid any child of that master that
@@ -19,16 +20,19 @@ use nix::unistd::Pid;
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Longest a test waits for anything (start, delivery, exit).
 pub const WAIT: Duration = Duration::from_secs(20);
 
-static INSTANCES: AtomicU32 = AtomicU32::new(0);
+/// What the master's `listening on <address> (<what>)` line names for
+/// an `[smtpd] listen` address.
+pub const SMTPD_LISTENER: &str = "smtpd";
+/// The same for an `[smtpd] proxy_listen` address.
+pub const PROXY_LISTENER: &str = "smtpd, proxy_listen";
 
 /// Directory holding the built binaries (`target/<profile>/`).
 pub fn bin_dir() -> PathBuf {
@@ -44,10 +48,56 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
-/// A free TCP port on 127.0.0.1 (the listener is closed before returning;
-/// the instance binds it again right after).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
+/// A private temp directory (the `tempfile` crate's) at `.0`, kept for a
+/// look when the test fails and removed otherwise.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf, Option<tempfile::TempDir>);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix(&format!("mortal-{tag}-")).tempdir().expect("create temp dir");
+        TempDir(dir.path().to_owned(), Some(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.1.take()
+        {
+            eprintln!("kept {} for inspection", dir.keep().display());
+        }
+    }
+}
+
+/// A loopback TCP port that refuses every connection: its socket is bound
+/// but never listens, so the kernel answers a connect with a reset, and no
+/// other process can take the port while this value lives.
+#[derive(Debug)]
+pub struct ClosedPort {
+    pub port: u16,
+    socket: socket2::Socket,
+}
+
+impl ClosedPort {
+    pub fn new() -> Self {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind 127.0.0.1:0");
+        let port = socket.local_addr().ok().and_then(|a| a.as_socket()).expect("bound address").port();
+        ClosedPort { port, socket }
+    }
+
+    /// The bound socket, for a server that is to listen on it (HAProxy's
+    /// `bind fd@0`): the port passes on without a moment unbound.
+    pub fn into_socket(self) -> socket2::Socket {
+        self.socket
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Settings a test may change; everything else is the test default.
@@ -91,9 +141,12 @@ impl Default for Options {
 pub struct Instance {
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// The port of the first `[smtpd] listen` address, as the master bound it.
     pub port: u16,
     pub log: PathBuf,
     master: Option<Child>,
+    /// Removed after `drop` stopped the master (kept if the test failed).
+    _dir: TempDir,
 }
 
 impl Instance {
@@ -110,13 +163,13 @@ impl Instance {
     /// writes, which TOML forbids adding again through `Options::extra`.
     pub fn start_edited(opts: Options, edit: impl FnOnce(String) -> String) -> Self {
         let bins = bin_dir();
-        let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("mortal-e2e-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let temp = TempDir::new("e2e");
+        let dir = temp.0.clone();
+        // tempfile makes it 0700; the mail user must pass through to the spool.
+        fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod test dir");
         fs::create_dir_all(dir.join("etc")).expect("create test dir");
-        let port = free_port();
         let config = dir.join("etc/mortal.toml");
-        fs::write(&config, edit(config_text(port, &opts))).expect("write config");
+        fs::write(&config, edit(config_text(&opts))).expect("write config");
         let log = dir.join("mortal.log");
         let log_file = fs::File::create(&log).expect("create log");
         let master = Command::new(bins.join("mortal-master"))
@@ -128,17 +181,59 @@ impl Instance {
             .stderr(log_file)
             .spawn()
             .expect("spawn mortal-master");
-        let mut inst = Instance { dir, config, port, log, master: Some(master) };
+        let mut inst = Instance { dir, config, port: 0, log, master: Some(master), _dir: temp };
+        inst.port = inst.wait_for_listener(SMTPD_LISTENER).port();
         inst.wait_until_serving();
         inst
+    }
+
+    /// The addresses the master bound for `what` ([`SMTPD_LISTENER`],
+    /// [`PROXY_LISTENER`]), in configuration order, as its `listening on`
+    /// log lines name them.
+    pub fn listeners(&self, what: &str) -> Vec<SocketAddr> {
+        let named = format!("({what})");
+        self.log_text()
+            .lines()
+            .filter_map(|l| {
+                // Up to the end of the message: in JSON the line goes on.
+                let (addr, rest) = l.split_once("listening on ")?.1.split_once(' ')?;
+                rest.starts_with(&named).then(|| addr.parse().ok())?
+            })
+            .collect()
+    }
+
+    /// The first address bound for `what`, waiting for the master to log it.
+    pub fn wait_for_listener(&mut self, what: &str) -> SocketAddr {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(addr) = self.listeners(what).first() {
+                return *addr;
+            }
+            self.assert_master_running();
+            assert!(
+                Instant::now() < deadline,
+                "no \"listening on ... ({what})\" within {WAIT:?} ([log] level must be info or more verbose)\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The port of the first `[smtpd] proxy_listen` address.
+    pub fn proxy_port(&mut self) -> u16 {
+        self.wait_for_listener(PROXY_LISTENER).port()
+    }
+
+    fn assert_master_running(&mut self) {
+        if let Some(Ok(Some(status))) = self.master.as_mut().map(Child::try_wait) {
+            panic!("mortal-master exited during start-up: {status}\n{}", self.log_text());
+        }
     }
 
     fn wait_until_serving(&mut self) {
         let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline {
-            if let Some(Ok(Some(status))) = self.master.as_mut().map(Child::try_wait) {
-                panic!("mortal-master exited during start-up: {status}\n{}", self.log_text());
-            }
+            self.assert_master_running();
             // Serving means every service is up, not only the first smtpd:
             // tests that look for a queue or cleanup pid must find one.
             if self.services_running() && Smtp::connect(self.port).and_then(|mut s| s.cmd("QUIT")).is_ok() {
@@ -151,13 +246,18 @@ impl Instance {
 
     /// Whether the master has a cleanup, a queue and an anvil child.
     fn services_running(&self) -> bool {
-        let running: BTreeSet<String> = self
-            .children()
+        ["mortal-cleanup", "mortal-queue", "mortal-anvil"].iter().all(|p| !self.children_running(p).is_empty())
+    }
+
+    /// Pids of the master's children running `program` (`mortal-smtpd`...)
+    /// right now, from /proc.
+    pub fn children_running(&self, program: &str) -> Vec<u32> {
+        self.children()
             .into_iter()
-            .filter_map(|pid| fs::read_link(format!("/proc/{pid}/exe")).ok())
-            .filter_map(|exe| Some(exe.file_name()?.to_string_lossy().into_owned()))
-            .collect();
-        ["mortal-cleanup", "mortal-queue", "mortal-anvil"].iter().all(|s| running.contains(*s))
+            .filter(|pid| {
+                fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.file_name().is_some_and(|n| n == program))
+            })
+            .collect()
     }
 
     pub fn master_pid(&self) -> u32 {
@@ -195,6 +295,17 @@ impl Instance {
             text.contains(needle).then_some(text)
         })
         .unwrap_or_else(|| panic!("no {needle:?} in log:\n{}", self.log_text()))
+    }
+
+    /// Waits until the log holds `needle` at least `count` times (the
+    /// start-up probe's session logs lines a test's own session may
+    /// repeat), returning the whole log.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize) -> String {
+        wait_for(&format!("{count} log lines containing {needle:?}"), || {
+            let text = self.log_text();
+            (text.matches(needle).count() >= count).then_some(text)
+        })
+        .unwrap_or_else(|| panic!("fewer than {count} {needle:?} in log:\n{}", self.log_text()))
     }
 
     /// Messages delivered to a recipient's Maildir, oldest name first.
@@ -278,13 +389,10 @@ impl Drop for Instance {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
         }
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
     }
 }
 
-fn config_text(port: u16, o: &Options) -> String {
+fn config_text(o: &Options) -> String {
     format!(
         r#"[server]
 hostname = "mortal.test"
@@ -298,7 +406,7 @@ format = "postfix"
 level = "info"
 
 [smtpd]
-listen = ["127.0.0.1:{port}"]
+listen = ["127.0.0.1:0"]
 timeout = "30s"
 {}
 
@@ -340,6 +448,18 @@ max_use = 100
 pub fn mail_user_line(server_extra: &str) -> &'static str {
     let set = server_extra.lines().any(|l| l.split('=').next().is_some_and(|k| k.trim() == "user"));
     if nix::unistd::geteuid().is_root() && !set { "user = \"nobody\"" } else { "" }
+}
+
+/// Whether a test that needs root must skip (the process is not root),
+/// saying so on stderr with a `SKIPPED` marker and `why`: only the uid
+/// makes such a test impossible, and a skip must never look like a pass.
+pub fn skip_unless_root(why: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return false;
+    }
+    let test = std::thread::current().name().unwrap_or("this test").to_owned();
+    eprintln!("SKIPPED: {test}: needs root ({why})");
+    true
 }
 
 /// Polls `f` every 20 ms until it yields a value or [`WAIT`] passes.

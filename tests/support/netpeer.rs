@@ -14,9 +14,14 @@ use std::time::{Duration, Instant};
 /// A TCP connection to `127.0.0.1:port` from the loopback address `src`
 /// (any of 127.0.0.0/8 works without configuration on Linux).
 pub fn connect_from(src: Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
+    connect_to(src, SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+}
+
+/// A TCP connection to `dst` from the loopback address `src`.
+pub fn connect_to(src: Ipv4Addr, dst: SocketAddrV4) -> std::io::Result<TcpStream> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     socket.bind(&SocketAddrV4::new(src, 0).into())?;
-    socket.connect(&SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into())?;
+    socket.connect(&dst.into())?;
     let stream = TcpStream::from(socket);
     stream.set_read_timeout(Some(WAIT))?;
     Ok(stream)
@@ -49,17 +54,19 @@ pub struct Haproxy {
 }
 
 impl Haproxy {
-    /// Starts HAProxy listening on a free loopback port and forwarding to
-    /// `127.0.0.1:backend` with `send_proxy` (`send-proxy` or
+    /// Starts HAProxy listening on a loopback port the kernel chose (the
+    /// bound socket is its stdin, `bind fd@0`) and forwarding to
+    /// `backend` with `send_proxy` (`send-proxy` or
     /// `send-proxy-v2`).
-    pub fn start(dir: &Path, backend: u16, send_proxy: &str) -> Haproxy {
-        let port = crate::free_port();
+    pub fn start(dir: &Path, backend: SocketAddrV4, send_proxy: &str) -> Haproxy {
+        let reserved = crate::ClosedPort::new();
+        let port = reserved.port;
         let config = dir.join(format!("haproxy-{port}.cfg"));
         let log = dir.join(format!("haproxy-{port}.log"));
         let text = format!(
             "global\n    maxconn 64\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n\n\
-             frontend smtp_in\n    bind 127.0.0.1:{port}\n    default_backend mortal\n\n\
-             backend mortal\n    server s1 127.0.0.1:{backend} {send_proxy}\n"
+             frontend smtp_in\n    bind fd@0\n    default_backend mortal\n\n\
+             backend mortal\n    server s1 {backend} {send_proxy}\n"
         );
         std::fs::write(&config, text).expect("write haproxy config");
         let out = std::fs::File::create(&log).expect("haproxy log");
@@ -67,7 +74,7 @@ impl Haproxy {
             .arg("-db")
             .arg("-f")
             .arg(&config)
-            .stdin(Stdio::null())
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(reserved.into_socket())))
             .stdout(out.try_clone().expect("dup"))
             .stderr(out)
             .spawn()

@@ -21,14 +21,7 @@ pub fn pipe_uid() -> u32 {
 
 /// Pids of the running pipe service processes.
 pub fn pipe_pids(mortal: &crate::Instance) -> Vec<u32> {
-    mortal
-        .children()
-        .into_iter()
-        .filter(|pid| {
-            fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|exe| exe.file_name().is_some_and(|n| n == "mortal-pipe"))
-        })
-        .collect()
+    mortal.children_running("mortal-pipe")
 }
 
 /// A pipe command that may outlive its pipe service process (killed

@@ -139,8 +139,18 @@ pub fn user_line() -> &'static str {
     if super::is_root() { "user = \"nobody\"" } else { "" }
 }
 
+/// A free port for a server that cannot take port 0 and say which port
+/// it got (Postfix, smtp-sink; mortal logging at `warn`, which hides the
+/// `listening on` line): there is a moment between this and its bind.
+/// chaos starts mortal on port 0 ([`Mortal::start`]).
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The first smtpd address a master's log says it bound: `listening on
+/// 127.0.0.1:41234 (smtpd)`.
+fn smtpd_listener(log: &str) -> Option<std::net::SocketAddr> {
+    log.lines().find_map(|l| l.split_once("listening on ")?.1.strip_suffix(" (smtpd)")?.parse().ok())
 }
 
 /// Builds the release binaries; returns their directory.
@@ -172,12 +182,20 @@ pub fn first_valid_config(path: &Path, candidates: &[(String, &'static str)]) ->
 pub struct Mortal {
     pub bins: PathBuf,
     pub config: PathBuf,
+    /// The smtpd port: 0 until the first master said which port the
+    /// kernel gave it.
     pub port: u16,
     pub log: PathBuf,
     master: Option<Child>,
 }
 
 impl Mortal {
+    /// Starts mortal on `config_text`, which listens on `port`. With port
+    /// 0 (`listen = ["127.0.0.1:0"]`, and `[log] level` at info) the
+    /// master takes a port from the kernel and logs it (`listening on
+    /// 127.0.0.1:41234 (smtpd)`), so no other process can take it between
+    /// choosing and binding; the config file is then pinned to that port,
+    /// so that a restarted master binds it again, as a real restart would.
     pub fn start(bins: &Path, dir: &Path, config_text: &str, port: u16) -> Result<Self> {
         let _ = fs::remove_dir_all(dir);
         fs::create_dir_all(dir.join("etc"))?;
@@ -188,9 +206,24 @@ impl Mortal {
         Ok(m)
     }
 
+    /// The smtpd port the master logged in `log` past `from`, if it has.
+    fn logged_port(&self, from: u64) -> Result<Option<u16>> {
+        let text = fs::read(&self.log)?;
+        let fresh = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
+        let Some(bound) = smtpd_listener(&fresh) else { return Ok(None) };
+        let zero = format!("\"{}:0\"", bound.ip());
+        let text = fs::read_to_string(&self.config)?;
+        if !text.contains(&zero) {
+            bail!("{} has no listen address {zero} to pin to {bound}", self.config.display());
+        }
+        fs::write(&self.config, text.replacen(&zero, &format!("\"{bound}\""), 1))?;
+        Ok(Some(bound.port()))
+    }
+
     /// Starts the master (appending to the log) and waits for a greeting.
     pub fn spawn_master(&mut self) -> Result<()> {
         let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log_start = log.metadata()?.len();
         let child = Command::new(self.bins.join("mortal-master"))
             .arg("--config")
             .arg(&self.config)
@@ -204,6 +237,15 @@ impl Mortal {
         while Instant::now() < deadline {
             if let Some(status) = self.master.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 bail!("mortal-master exited during start-up ({status}); see {}", self.log.display());
+            }
+            if self.port == 0 {
+                match self.logged_port(log_start)? {
+                    Some(port) => self.port = port,
+                    None => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                }
             }
             if let Ok(s) = TcpStream::connect(("127.0.0.1", self.port)) {
                 s.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -646,13 +688,14 @@ fn run(root: &Path, bins: &Path, total: u64, clients: usize) -> Result<String> {
     let dir = root.join("target/chaos");
     let run_id = format!("chaos{}", Rng::from_time().next() % 1_000_000);
     let sink = LmtpSink::start(&run_id)?;
-    let port = free_port()?;
     let config_path = std::path::absolute(dir.join("etc/mortal.toml"))?;
-    let candidates = chaos_configs(port, sink.port);
+    let candidates = chaos_configs(sink.port);
     let (config_text, variant) = first_valid_config(&config_path, &candidates)?;
     eprintln!("==> chaos: {total} messages, {clients} clients, config: {variant}");
     let via_lmtp = variant.contains("LMTP");
-    let mortal = Arc::new(Mutex::new(Mortal::start(bins, &dir, &config_text, port)?));
+    let mortal = Mortal::start(bins, &dir, &config_text, 0)?;
+    let port = mortal.port;
+    let mortal = Arc::new(Mutex::new(mortal));
     let spool = dir.join("spool");
 
     let next = Arc::new(AtomicU64::new(0));
@@ -793,7 +836,7 @@ fn run(root: &Path, bins: &Path, total: u64, clients: usize) -> Result<String> {
 
 /// Configs to try, best first: LMTP delivery with lifetimes, LMTP with
 /// `max_use` only, then the Maildir fallback.
-fn chaos_configs(port: u16, sink_port: u16) -> Vec<(String, &'static str)> {
+fn chaos_configs(sink_port: u16) -> Vec<(String, &'static str)> {
     let user = user_line();
     let base = |transport: &str, lifetimes: &str| {
         format!(
@@ -808,7 +851,7 @@ format = "postfix"
 level = "info"
 
 [smtpd]
-listen = ["127.0.0.1:{port}"]
+listen = ["127.0.0.1:0"]
 timeout = "30s"
 
 [queue]
@@ -870,6 +913,14 @@ fn maildir_delivered(dir: &Path, run: &str) -> HashMap<u64, Received> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_smtpd_port_is_read_from_the_masters_line() {
+        let log = "Dec  3 09:55:23 mortal.test postfix/mortal/master[1668]: listening on 127.0.0.1:42225 (smtpd, proxy_listen)\n\
+                   Dec  3 09:55:23 mortal.test postfix/mortal/master[1668]: listening on 127.0.0.1:42226 (smtpd)\n";
+        assert_eq!(smtpd_listener(log), Some("127.0.0.1:42226".parse().unwrap()));
+        assert_eq!(smtpd_listener("daemon started\n"), None);
+    }
 
     #[test]
     fn message_number_reads_our_message_id_only() {

@@ -309,9 +309,16 @@ fn bind_services(config: &Config) -> anyhow::Result<Vec<Service>> {
     // One pool per listen address: a child waits on one inherited listener
     // (a proxy_listen child tells from its listener's address that each
     // connection opens with a PROXY header).
-    for addr in config.smtpd.listen.iter().chain(&config.smtpd.proxy_listen) {
+    let plain = config.smtpd.listen.iter().map(|addr| (addr, "smtpd"));
+    let proxied = config.smtpd.proxy_listen.iter().map(|addr| (addr, "smtpd, proxy_listen"));
+    for (addr, what) in plain.chain(proxied) {
         let socket = listen::master_listen_tcp(*addr).with_context(|| format!("bind {addr}"))?;
-        services.push(Service::new(ServiceKind::Smtpd, addr.to_string(), program(ServiceKind::Smtpd)?, socket, None));
+        // A port of 0 lets the kernel choose one; the address actually bound
+        // is what `mortal status` shows and what this line tells whoever
+        // started us (the tests read the port from it).
+        let bound = socket.local_addr()?.as_socket().with_context(|| format!("{addr}: bound to no IP address"))?;
+        tracing::info!("listening on {bound} ({what})");
+        services.push(Service::new(ServiceKind::Smtpd, bound.to_string(), program(ServiceKind::Smtpd)?, socket, None));
     }
     let mut unix = vec![
         (ServiceKind::Cleanup, config.cleanup_socket()),

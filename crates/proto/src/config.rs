@@ -828,8 +828,26 @@ impl Config {
         if self.smtpd.min_data_rate > 0 && self.smtpd.data_rate_window.is_zero() {
             bad("smtpd", "data_rate_window", "must be above 0 when min_data_rate is set".into());
         }
+        // Listeners on port 0 get their ports from the kernel, so smtpd tells a
+        // proxy_listen connection from a listen one by the address alone.
+        let overlap = |a: &SocketAddr, b: &SocketAddr| {
+            a.port() == 0
+                && b.port() == 0
+                && a.is_ipv4() == b.is_ipv4()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        };
         if let Some(addr) = self.smtpd.proxy_listen.iter().find(|a| self.smtpd.listen.contains(a)) {
             bad("smtpd", "proxy_listen", format!("{addr} is also in listen"));
+        } else if let Some(addr) =
+            self.smtpd.proxy_listen.iter().find(|p| self.smtpd.listen.iter().any(|l| overlap(p, l)))
+        {
+            bad(
+                "smtpd",
+                "proxy_listen",
+                format!(
+                    "{addr}: a listen address with port 0 covers it too, so its connections could not be told apart"
+                ),
+            );
         }
         if !self.smtpd.proxy_listen.is_empty() && self.smtpd.proxy_trusted.is_empty() {
             bad("smtpd", "proxy_trusted", "must name the load balancers when proxy_listen is set".into());
@@ -1144,6 +1162,23 @@ mod tests {
         assert_eq!(c.route_for("other.test").to_string(), "lmtp:unix:/etc/m/run/lmtp");
         assert_eq!(c.queue.destination_concurrency_limit, 20);
         assert_eq!(c.queue.queue_lifetime, Duration::from_secs(432_000));
+    }
+
+    #[test]
+    fn port_zero_listeners_must_be_told_apart() {
+        let text = |proxy: &str| {
+            format!(
+                "[smtpd]\nlisten = [\"0.0.0.0:0\"]\nproxy_listen = [\"{proxy}\"]\nproxy_trusted = [\"127.0.0.1\"]\n"
+            )
+        };
+        let err = Config::parse(&text("127.0.0.1:0"), Path::new("m.toml")).unwrap_err();
+        assert!(
+            err[0].to_string().contains("smtpd.proxy_listen: 127.0.0.1:0: a listen address with port 0"),
+            "{err:?}"
+        );
+        for fine in ["127.0.0.1:2526", "[::1]:0"] {
+            assert!(Config::parse(&text(fine), Path::new("m.toml")).is_ok(), "{fine}");
+        }
     }
 
     #[test]

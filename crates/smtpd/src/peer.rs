@@ -56,15 +56,24 @@ pub struct Peer {
 /// PROXY header. A listener bound to a wildcard address (`0.0.0.0:2526`)
 /// hands out connections at a concrete address with its port; the
 /// kernel lets no other listener hold that address and port, so the
-/// match is unambiguous.
+/// match is unambiguous. A listener configured with port 0 got a port
+/// from the kernel that no entry names: a connection no entry claims by
+/// its port came through a port-0 listener, told apart by the address
+/// (the config refuses port-0 entries in both lists that could overlap).
 pub fn is_proxied(config: &Config, local: SocketAddr) -> bool {
-    let local_ip = local.ip().to_canonical();
-    config.smtpd.proxy_listen.iter().any(|p| {
-        p.port() == local.port()
-            && (p.ip() == local_ip
-                || p.ip() == local.ip()
-                || (p.ip().is_unspecified() && p.is_ipv4() == local.is_ipv4()))
-    })
+    let on = |list: &[SocketAddr], port: u16| list.iter().any(|p| p.port() == port && covers(*p, local));
+    if on(&config.smtpd.proxy_listen, local.port()) {
+        return true;
+    }
+    !on(&config.smtpd.listen, local.port()) && on(&config.smtpd.proxy_listen, 0)
+}
+
+/// Whether a listener bound to `listen`'s address hands out connections
+/// at the local address `local` (ports aside).
+fn covers(listen: SocketAddr, local: SocketAddr) -> bool {
+    listen.ip() == local.ip().to_canonical()
+        || listen.ip() == local.ip()
+        || (listen.ip().is_unspecified() && listen.is_ipv4() == local.is_ipv4())
 }
 
 /// Identifies the client and applies the connect-time limits; `None` when
@@ -288,6 +297,21 @@ mod tests {
             ("[2001:db8::1]:2600", false),
             ("[::1]:2527", true),
             ("[::1]:2526", false),
+        ] {
+            assert_eq!(is_proxied(&config, local.parse().unwrap()), proxied, "{local}");
+        }
+    }
+
+    #[test]
+    fn port_zero_proxy_listeners_are_recognised_by_address() {
+        let text = "[smtpd]\nlisten = [\"127.0.0.1:0\", \"0.0.0.0:25\"]\nproxy_listen = [\"127.0.0.2:0\", \"127.0.0.1:2526\"]\nproxy_trusted = [\"127.0.0.1\"]\n";
+        let config = Config::parse(text, std::path::Path::new("mortal.toml")).expect("valid config");
+        for (local, proxied) in [
+            ("127.0.0.1:41234", false),
+            ("127.0.0.1:2526", true),
+            ("127.0.0.2:41235", true),
+            ("127.0.0.2:25", false),
+            ("192.0.2.7:41236", false),
         ] {
             assert_eq!(is_proxied(&config, local.parse().unwrap()), proxied, "{local}");
         }
