@@ -7,8 +7,8 @@
 //! queue manager's log. Messages that must stay put for a test are placed
 //! straight into `deferred/` with a retry time an hour away.
 
-use mortal_proto::ipc::{BodyType, ClientInfo, SenderInfo};
-use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
+use mortal_proto::envelope::{BodyType, ClientInfo, SenderInfo};
+use mortal_proto::queue_file::{DeliveryStatus, QueueFile, QueuedRecipient, RecipientState};
 use mortal_proto::queue_id;
 use mortal_tests::{Instance, Options, Smtp, bin_dir, free_port, wait_for};
 use serde_json::Value;
@@ -89,7 +89,15 @@ static PLACED: AtomicU32 = AtomicU32::new(0);
 /// Writes a valid queue file into `queue/` as the queue manager would
 /// (temporary name, then rename), with its mtime (for `deferred/`, the
 /// retry time) `retry_in` from now.
-fn place(inst: &Instance, queue: &str, sender: &str, rcpt: &str, status: &str, retry_in: Duration) -> String {
+/// `status` is the last attempt's code and text, if there was one.
+fn place(
+    inst: &Instance,
+    queue: &str,
+    sender: &str,
+    rcpt: &str,
+    status: Option<(&str, &str)>,
+    retry_in: Duration,
+) -> String {
     let n = PLACED.fetch_add(1, Ordering::Relaxed);
     let arrival = SystemTime::now() + Duration::from_micros(u64::from(n));
     let id = queue_id::make(arrival, 0xC11_000 + n);
@@ -97,7 +105,7 @@ fn place(inst: &Instance, queue: &str, sender: &str, rcpt: &str, status: &str, r
         id: id.clone(),
         arrival,
         client: ClientInfo {
-            addr: "127.0.0.1".into(),
+            addr: std::net::Ipv4Addr::LOCALHOST.into(),
             name: "unknown".into(),
             helo: "placed.test".into(),
             protocol: "ESMTP".into(),
@@ -115,7 +123,7 @@ fn place(inst: &Instance, queue: &str, sender: &str, rcpt: &str, status: &str, r
             state: RecipientState::Pending,
             notify: Default::default(),
             orcpt: String::new(),
-            status: status.into(),
+            status: status.map(|(code, text)| DeliveryStatus { code: code.parse().unwrap(), text: text.into() }),
         }],
         content: format!("Subject: placed {n}\r\n\r\nplaced body {n}\r\n").into_bytes(),
     };
@@ -170,7 +178,8 @@ fn until_not_busy(inst: &Instance, args: &[&str]) -> Run {
 fn list_show_and_stats_describe_the_queue() {
     let inst = stuck_instance();
     let sent = send(&inst, "a@example.test", &["b@example.test", "c@example.test"], "cli one");
-    let placed = place(&inst, "deferred", "", "d@example.test", "4.4.1 placed reason", Duration::from_secs(3600));
+    let placed =
+        place(&inst, "deferred", "", "d@example.test", Some(("4.4.1", "placed reason")), Duration::from_secs(3600));
 
     // The first attempt records each recipient's delay reason.
     let records = wait_for("a delay reason for the sent message", || {
@@ -315,8 +324,8 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
 
     // requeue and flush: due in an hour, tried now.
     let later = Duration::from_secs(3600);
-    let requeued = place(&inst, "deferred", "x@example.test", "b@example.test", "4.4.1 old", later);
-    let flushed = place(&inst, "deferred", "y@example.test", "b@example.test", "4.4.1 old", later);
+    let requeued = place(&inst, "deferred", "x@example.test", "b@example.test", Some(("4.4.1", "old")), later);
+    let flushed = place(&inst, "deferred", "y@example.test", "b@example.test", Some(("4.4.1", "old")), later);
     std::thread::sleep(RETRY_WINDOW);
     assert_eq!((attempts(&inst, &requeued), attempts(&inst, &flushed)), (0, 0), "not due yet");
     let r = mortal(&inst, &["queue", "requeue", &requeued]);
@@ -324,7 +333,7 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
     let r = mortal(&inst, &["queue", "flush", &flushed]);
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{flushed}: scheduled for delivery now")), "{r:?}");
     // flush without ids: every deferred message is due now.
-    let all = place(&inst, "deferred", "w@example.test", "b@example.test", "4.4.1 old", later);
+    let all = place(&inst, "deferred", "w@example.test", "b@example.test", Some(("4.4.1", "old")), later);
     // Messages that keep failing cycle through active/: retry while busy.
     let r = until_not_busy(&inst, &["queue", "flush"]);
     assert_eq!(r.code, 0, "{r:?}");
@@ -335,7 +344,7 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
     }
 
     // delete: one placed message, then everything (retrying what is busy).
-    let doomed = place(&inst, "deferred", "z@example.test", "b@example.test", "4.4.1 old", later);
+    let doomed = place(&inst, "deferred", "z@example.test", "b@example.test", Some(("4.4.1", "old")), later);
     let r = mortal(&inst, &["queue", "delete", &doomed]);
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{doomed}: removed")), "{r:?}");
     assert_eq!(queue_of(&inst, &doomed), None);
@@ -358,7 +367,7 @@ fn a_message_being_delivered_is_reported_and_never_touched() {
     // delivery attempt shows it has.)
     let first = send(&inst, "a@example.test", &["b@example.test"], "queue manager is up");
     inst.wait_for_log(&format!("{first}: to=<b@example.test>"));
-    let id = place(&inst, "active", "a@example.test", "b@example.test", "", Duration::ZERO);
+    let id = place(&inst, "active", "a@example.test", "b@example.test", None, Duration::ZERO);
     for command in ["delete", "hold", "requeue", "flush"] {
         let args = ["queue", command, id.as_str()];
         let r = mortal(&inst, &args);
@@ -376,7 +385,7 @@ fn a_message_being_delivered_is_reported_and_never_touched() {
 #[test]
 fn permissions_are_checked_and_explained() {
     let inst = stuck_instance();
-    let id = place(&inst, "deferred", "a@example.test", "b@example.test", "", Duration::from_secs(3600));
+    let id = place(&inst, "deferred", "a@example.test", "b@example.test", None, Duration::from_secs(3600));
     let deferred = inst.spool().join("deferred");
     if !nix::unistd::geteuid().is_root() {
         // Unprivileged run: the spool is ours, so only a directory we
@@ -457,7 +466,7 @@ fn status_and_stop_reach_the_master_while_the_file_is_broken() {
 fn version_and_completions() {
     let r = run(Command::new(bin_dir().join("mortal")).arg("version"));
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.stdout.starts_with("mortal ") && r.stdout.contains("queue file format version 1"), "{r:?}");
+    assert!(r.stdout.starts_with("mortal ") && r.stdout.contains("queue file format version 2"), "{r:?}");
     for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef mortal"), ("fish", "complete -c mortal")] {
         let r = run(Command::new(bin_dir().join("mortal")).args(["completions", shell]));
         assert_eq!(r.code, 0, "{r:?}");

@@ -4,7 +4,7 @@
 //! 4xx, DSNs to the sender, crash recovery, corrupt queue files, and the
 //! fsync order behind "a 250 survives a power cut".
 
-use mortal_proto::ipc::{BodyType, ClientInfo, Notify, SenderInfo};
+use mortal_proto::envelope::{BodyType, ClientInfo, Notify, SenderInfo};
 use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
 use mortal_tests::delivery::{
     Aiosmtpd, Dovecot, FakeLmtp, Guard, TempDir, cleanup_pids, queue_pid, send, start_mortal,
@@ -383,7 +383,7 @@ fn sample_queue_file(id: &str) -> QueueFile {
         id: id.to_owned(),
         arrival: SystemTime::now(),
         client: ClientInfo {
-            addr: "127.0.0.1".into(),
+            addr: std::net::Ipv4Addr::LOCALHOST.into(),
             name: "unknown".into(),
             helo: "c.test".into(),
             protocol: "ESMTP".into(),
@@ -401,7 +401,7 @@ fn sample_queue_file(id: &str) -> QueueFile {
             state: RecipientState::Pending,
             notify: Notify::default(),
             orcpt: String::new(),
-            status: String::new(),
+            status: None,
         }],
         content: b"Subject: corrupt\r\n\r\nmust not be delivered\r\n".to_vec(),
     }

@@ -1,9 +1,11 @@
 //! mortal-proto: the vocabulary every mortal process shares.
 //!
 //! # Summary
-//! Typed configuration (`etc/mortal.toml`), the framed records that cross
-//! process boundaries (smtpd → cleanup, child → master), the on-disk queue
-//! file format, queue ids and RFC 5321 address syntax. Like Postfix's
+//! Typed configuration (`etc/mortal.toml`), the envelope model and the
+//! framed records that carry it across process boundaries (smtpd →
+//! cleanup, child → master), the on-disk queue file format, SMTP status
+//! codes (reply codes, RFC 3463 enhanced codes, DSN actions), queue ids and
+//! RFC 5321 address syntax. Like Postfix's
 //! `global/mail_proto.h`, it is the one place both sides of every
 //! conversation agree on.
 //!
@@ -15,7 +17,9 @@
 //! Every decoder is a fuzz target (`fuzz/`).
 //!
 //! # Standards
-//! RFC 5321 section 4.1.2 (address syntax), RFC 6531 (UTF-8 addresses).
+//! RFC 5321 section 4.1.2 (address syntax) and 4.2 (reply codes), RFC 6531
+//! (UTF-8 addresses), RFC 3463 (enhanced status codes), RFC 3464 (DSN
+//! actions).
 //!
 //! # Configuration
 //! See [`config`]: one typed struct per section, unknown keys rejected,
@@ -30,10 +34,12 @@ pub mod anvil;
 pub mod cidr;
 pub mod config;
 pub mod date;
+pub mod envelope;
 pub mod fuzz;
 pub mod ipc;
 pub mod pipe;
 pub mod queue_file;
 pub mod queue_id;
 pub mod record;
+pub mod smtp_status;
 pub mod status;

@@ -16,7 +16,7 @@
 //! cleanup checks the domain rule again (with the same trusted networks),
 //! without trusting smtpd.
 
-use crate::engine::reply;
+use crate::engine::reply::{self, Reply};
 use mortal_proto::address::{self, Mailbox};
 use mortal_proto::cidr;
 use mortal_proto::config::Config;
@@ -109,17 +109,12 @@ pub fn install(config: &Config) -> Result<(), RecipientMapError> {
 
 /// The RCPT decision for `mailbox` from a client at `client`: `Err` holds
 /// the reply refusing it.
-pub fn check_recipient(config: &Config, client: IpAddr, mailbox: &Mailbox) -> Result<(), String> {
+pub fn check_recipient(config: &Config, client: IpAddr, mailbox: &Mailbox) -> Result<(), Reply> {
     check_with(config, RECIPIENT_MAP.get(), client, mailbox)
 }
 
 /// [`check_recipient`] with an explicit map.
-pub fn check_with(
-    config: &Config,
-    map: Option<&RecipientMap>,
-    client: IpAddr,
-    mailbox: &Mailbox,
-) -> Result<(), String> {
+pub fn check_with(config: &Config, map: Option<&RecipientMap>, client: IpAddr, mailbox: &Mailbox) -> Result<(), Reply> {
     if config.accepts_domain(&mailbox.domain) {
         let postmaster = mailbox.local.eq_ignore_ascii_case("postmaster");
         return match map {
@@ -134,8 +129,9 @@ pub fn check_with(
 }
 
 /// Postfix's reply for a recipient missing from local_recipient_maps.
-pub fn user_unknown(mailbox: &Mailbox) -> String {
-    format!("550 5.1.1 <{mailbox}>: Recipient address rejected: User unknown in local recipient table")
+pub fn user_unknown(mailbox: &Mailbox) -> Reply {
+    Reply::new(550, 1, 1, "")
+        .with_text(format!("<{mailbox}>: Recipient address rejected: User unknown in local recipient table"))
 }
 
 #[cfg(test)]
@@ -179,7 +175,7 @@ mod tests {
             (&trusted, Some(&map), inside, "carol@elsewhere.test", Ok(())),
         ] {
             let got = check_with(cfg, map, client, &mb(rcpt));
-            assert_eq!(got, expected.map_err(str::to_owned), "{rcpt} from {client}");
+            assert_eq!(got.map_err(|r| r.line()), expected.map_err(str::to_owned), "{rcpt} from {client}");
         }
     }
 

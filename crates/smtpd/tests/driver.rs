@@ -5,9 +5,9 @@
 //! 451, never a 250.
 
 use mortal_proto::config::Config;
-use mortal_proto::ipc::{
-    BodyType, ClientInfo, Decoder, Notify, PROTOCOL_VERSION, RecipientInfo, Reply, Request, SenderInfo,
-};
+use mortal_proto::envelope::{BodyType, ClientInfo, Notify, RecipientInfo, SenderInfo};
+use mortal_proto::ipc::{Decoder, PROTOCOL_VERSION, Reply, Request};
+use mortal_proto::smtp_status::ReplyCode;
 use mortal_smtpd::driver;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -178,8 +178,8 @@ impl Conversation {
     }
 }
 
-fn answer(code: u16, enhanced: &str, text: &str) -> Reply {
-    Reply::Answer { code, enhanced: enhanced.into(), text: text.into() }
+fn answer(code: u16, status: &str, text: &str) -> Reply {
+    Reply::Answer { code: ReplyCode::of(code), status: status.parse().expect("status"), text: text.into() }
 }
 
 fn content(requests: &[Request]) -> Vec<u8> {
@@ -223,7 +223,7 @@ async fn two_fifty_comes_only_after_cleanups_answer() {
     let ((head, rest), (), ()) = tokio::join!(cleanup, smtp, driver::session(&config, server));
 
     let client_info = ClientInfo {
-        addr: "127.0.0.1".into(),
+        addr: std::net::Ipv4Addr::LOCALHOST.into(),
         name: "unknown".into(),
         helo: "client.test".into(),
         protocol: "ESMTP".into(),
