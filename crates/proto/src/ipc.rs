@@ -14,6 +14,12 @@
 //!                              <-    Answer(code, enhanced, text)
 //! ```
 //!
+//! `Client`, `Sender` and `Recipient` carry the envelope model of
+//! [`crate::envelope`] in this protocol's own layout (the client address as
+//! its canonical text); the queue file encodes the same model separately,
+//! so changing one never changes the other. `Answer` carries a
+//! [`ReplyCode`] and an [`EnhancedStatus`] of the same class.
+//!
 //! Records use the framing of [`crate::record`]. The reader on each side is
 //! strict in Postfix's `ATTR_FLAG_STRICT` sense: an unknown record, an
 //! oversized record, a malformed field or a record out of order ends the

@@ -530,6 +530,18 @@ mod tests {
         assert_eq!(VERSION, 2);
     }
 
+    /// A file the last version 1 build wrote (kept as a fuzz seed).
+    #[test]
+    fn a_version_1_file_from_the_old_writer_is_read() {
+        let bytes = include_bytes!("../../../fuzz/corpus/queue_file/seed-partial-v1");
+        assert_eq!(&bytes[MAGIC.len() + 5..MAGIC.len() + 9], &1u32.to_be_bytes());
+        let qf = QueueFile::decode(bytes).unwrap();
+        let statuses: Vec<Option<String>> =
+            qf.recipients.iter().map(|r| r.status.as_ref().map(|s| format!("{}|{}", s.code, s.text))).collect();
+        assert_eq!(statuses, [None, Some("4.4.1|connect to 127.0.0.1:24: Connection refused".into()), None]);
+        assert_eq!(qf.client.addr, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    }
+
     #[test]
     fn bad_status_fields_rejected() {
         let q = sample();
