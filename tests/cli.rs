@@ -382,6 +382,42 @@ fn a_message_being_delivered_is_reported_and_never_touched() {
     fs::remove_file(inst.spool().join("active").join(&id)).unwrap();
 }
 
+/// A queue file of format version 1, whose recipient status was one
+/// string, is still listed and shown with its delay reason (the committed
+/// fuzz seed is such a file, as the last version 1 build wrote it).
+#[test]
+fn version_1_queue_files_are_listed_and_shown() {
+    let inst = stuck_instance();
+    let id = "0000000010000100000A";
+    let dir = inst.spool().join("deferred");
+    let temp = dir.join(format!("{id}.tmp"));
+    fs::write(&temp, include_bytes!("../fuzz/corpus/queue_file/seed-partial-v1")).unwrap();
+    File::options()
+        .write(true)
+        .open(&temp)
+        .unwrap()
+        .set_modified(SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
+    fs::rename(&temp, dir.join(id)).unwrap();
+    let reason = "(4.4.1 connect to 127.0.0.1:24: Connection refused)";
+    // The seed's body is binary: its envelope is read from the JSON form.
+    let r = mortal(&inst, &["queue", "show", id, "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let doc: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(doc["recipients"][1]["address"], "c@example.test", "{doc}");
+    assert_eq!(doc["recipients"][1]["delay_reason"], reason.trim_matches(['(', ')']), "{doc}");
+    assert_eq!(doc["recipients"][0]["delay_reason"], "", "{doc}");
+    assert_eq!(doc["client_address"], "127.0.0.1", "{doc}");
+    let r = mortal(&inst, &["queue", "list"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let at = lines.iter().position(|l| l.starts_with(id)).unwrap_or_else(|| panic!("{id} not listed: {r:?}"));
+    assert_eq!(lines[at + 1], reason, "{r:?}");
+    assert_eq!(lines[at + 2].trim(), "c@example.test", "{r:?}");
+    let r = mortal(&inst, &["queue", "delete", id]);
+    assert_eq!(r.code, 0, "{r:?}");
+}
+
 #[test]
 fn permissions_are_checked_and_explained() {
     let inst = stuck_instance();
