@@ -139,7 +139,7 @@ fn serve(config: &Config, mut stream: UnixStream) {
             );
             PipeResult::new(
                 PipeStatus::Deferred,
-                EnhancedStatus::new(StatusClass::Persistent, 3, 5),
+                const { EnhancedStatus::new(StatusClass::Persistent, 3, 5) },
                 "pipe: recipient domain is not routed to the pipe service",
             )
         };

@@ -247,8 +247,8 @@ impl ClientLimits {
                 );
                 Some(Answer {
                     // 4.7.1: delivery not authorized (for now).
-                    code: ReplyCode::of(450),
-                    status: EnhancedStatus::new(StatusClass::Persistent, 7, 1),
+                    code: const { ReplyCode::of(450) },
+                    status: const { EnhancedStatus::new(StatusClass::Persistent, 7, 1) },
                     text: format!("Error: too much mail from {}", self.addr),
                 })
             }

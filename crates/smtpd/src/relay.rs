@@ -130,7 +130,7 @@ pub fn check_with(config: &Config, map: Option<&RecipientMap>, client: IpAddr, m
 
 /// Postfix's reply for a recipient missing from local_recipient_maps.
 pub fn user_unknown(mailbox: &Mailbox) -> Reply {
-    Reply::new(550, 1, 1, "")
+    const { Reply::new(550, 1, 1, "") }
         .with_text(format!("<{mailbox}>: Recipient address rejected: User unknown in local recipient table"))
 }
 

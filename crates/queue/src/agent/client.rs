@@ -712,14 +712,14 @@ impl Session {
         if let Some(limit) = self.ext.size.filter(|&l| l > 0 && env.content.len() as u64 > l) {
             return Some(RcptResult::new(
                 Status::Bounced,
-                EnhancedStatus::new(StatusClass::Permanent, 3, 4),
+                const { EnhancedStatus::new(StatusClass::Permanent, 3, 4) },
                 format!("message size {} exceeds size limit {limit} of server {}", env.content.len(), self.peer),
             ));
         }
         if env.body == BodyType::BinaryMime && !self.uses_bdat(env) && !is_8bit_clean(env.content) {
             return Some(RcptResult::new(
                 Status::Bounced,
-                EnhancedStatus::new(StatusClass::Permanent, 6, 3),
+                const { EnhancedStatus::new(StatusClass::Permanent, 6, 3) },
                 format!("binary message content (BINARYMIME) cannot be sent: host {} does not offer it", self.peer),
             ));
         }
@@ -727,7 +727,7 @@ impl Session {
         if utf8 && !self.ext.smtputf8 {
             return Some(RcptResult::new(
                 Status::Bounced,
-                EnhancedStatus::new(StatusClass::Permanent, 6, 7),
+                const { EnhancedStatus::new(StatusClass::Permanent, 6, 7) },
                 format!("SMTPUTF8 is required, but was not offered by host {}", self.peer),
             ));
         }

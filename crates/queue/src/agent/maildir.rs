@@ -41,7 +41,7 @@ pub fn deliver_batch(config: &Config, qf: &QueueFile, rcpts: &[usize]) -> Report
                 Ok(_) => RcptResult::delivered("delivered to maildir"),
                 Err(e) => RcptResult::new(
                     Status::Deferred,
-                    EnhancedStatus::new(StatusClass::Persistent, 2, 0),
+                    const { EnhancedStatus::new(StatusClass::Persistent, 2, 0) },
                     format!("maildir delivery failed: {e}"),
                 ),
             }

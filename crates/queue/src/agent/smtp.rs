@@ -46,7 +46,7 @@ fn connect(agents: &Agents, addr: SocketAddr) -> Result<Session, Failure> {
             let text = format!("TLS is required, but was not offered by host {}", session.peer);
             session.quit();
             // 4.7.4: security features not supported.
-            let dsn = EnhancedStatus::new(StatusClass::Persistent, 7, 4);
+            let dsn = const { EnhancedStatus::new(StatusClass::Persistent, 7, 4) };
             return Err(Failure { dsn, text, reply: None });
         }
         return Ok(session);

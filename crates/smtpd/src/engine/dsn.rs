@@ -32,10 +32,10 @@ impl DsnError {
     /// The reply refusing the command.
     pub fn reply(self) -> Reply {
         match self {
-            DsnError::BadRet => Reply::new(501, 5, 4, "Bad RET parameter syntax"),
-            DsnError::BadEnvid => Reply::new(501, 5, 4, "Bad ENVID parameter syntax"),
-            DsnError::BadNotify => Reply::new(501, 5, 4, "Error: Bad NOTIFY parameter syntax"),
-            DsnError::BadOrcpt => Reply::new(501, 5, 4, "Error: Bad ORCPT parameter syntax"),
+            DsnError::BadRet => const { Reply::new(501, 5, 4, "Bad RET parameter syntax") },
+            DsnError::BadEnvid => const { Reply::new(501, 5, 4, "Bad ENVID parameter syntax") },
+            DsnError::BadNotify => const { Reply::new(501, 5, 4, "Error: Bad NOTIFY parameter syntax") },
+            DsnError::BadOrcpt => const { Reply::new(501, 5, 4, "Error: Bad ORCPT parameter syntax") },
         }
     }
 }

@@ -598,7 +598,7 @@ impl Session {
             lines.extend(["BINARYMIME".into(), "CHUNKING".into()]);
         }
         self.stats.count(Verb::Ehlo, true);
-        self.reply_multiline(ReplyCode::of(250), &lines);
+        self.reply_multiline(const { ReplyCode::of(250) }, &lines);
     }
 
     fn mail(&mut self, path: &str, params: &[Param<'_>]) {

@@ -111,7 +111,7 @@ pub fn chunk_ok(size: u64) -> Reply {
 }
 
 /// `501 5.5.4`: invalid command arguments.
-const BAD_ARGUMENTS: Reply = Reply::new(501, 5, 4, "");
+const BAD_ARGUMENTS: Reply = const { Reply::new(501, 5, 4, "") };
 
 pub fn duplicate_option(keyword: &str) -> Reply {
     BAD_ARGUMENTS.with_text(format!("Error: duplicate {keyword} parameter"))
@@ -128,29 +128,29 @@ pub fn syntax(expected: &str) -> Reply {
 }
 
 pub fn unsupported_option(keyword: &str) -> Reply {
-    Reply::new(555, 5, 4, "").with_text(format!("Unsupported option: {keyword}"))
+    const { Reply::new(555, 5, 4, "") }.with_text(format!("Unsupported option: {keyword}"))
 }
 
 /// Postfix's exact text, which fail2ban's stock filter matches.
 pub fn relay_denied(address: &str) -> Reply {
-    Reply::new(554, 7, 1, "").with_text(format!("<{address}>: Relay access denied"))
+    const { Reply::new(554, 7, 1, "") }.with_text(format!("<{address}>: Relay access denied"))
 }
 
 pub fn greeting(hostname: &str, banner: &str) -> Reply {
-    Reply::bare(220, "").with_text(format!("{hostname} {banner}"))
+    const { Reply::bare(220, "") }.with_text(format!("{hostname} {banner}"))
 }
 
 /// The reply to HELO (no extensions, no enhanced status code).
 pub fn helo(hostname: &str) -> Reply {
-    Reply::bare(250, "").with_text(hostname.to_owned())
+    const { Reply::bare(250, "") }.with_text(hostname.to_owned())
 }
 
 pub fn too_many_errors(hostname: &str) -> Reply {
-    Reply::new(421, 7, 0, "").with_text(format!("{hostname} Error: too many errors"))
+    const { Reply::new(421, 7, 0, "") }.with_text(format!("{hostname} Error: too many errors"))
 }
 
 pub fn timeout(hostname: &str) -> Reply {
-    Reply::new(421, 4, 2, "").with_text(format!("{hostname} Error: timeout exceeded"))
+    const { Reply::new(421, 4, 2, "") }.with_text(format!("{hostname} Error: timeout exceeded"))
 }
 
 /// Cuts `line` to fit [`MAX_REPLY_LINE`] with its `<CR><LF>`, at a
