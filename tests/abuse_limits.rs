@@ -5,9 +5,8 @@
 //! Each test talks from its own loopback source address, so the harness's
 //! start-up probe (from 127.0.0.1) never counts against the limits tested.
 
-use mortal_proto::ipc::{
-    BodyType, ClientInfo, Decoder, Notify, PROTOCOL_VERSION, RecipientInfo, Reply, Request, SenderInfo, encode_data,
-};
+use mortal_proto::envelope::{BodyType, ClientInfo, Notify, RecipientInfo, SenderInfo};
+use mortal_proto::ipc::{Decoder, PROTOCOL_VERSION, Reply, Request, encode_data};
 use mortal_proto::spool::QueueDir;
 use mortal_tests::Smtp;
 use mortal_tests::netpeer::{connect_from, fail2ban_regex};
@@ -271,7 +270,7 @@ fn cleanup_applies_the_relay_rule_again() {
         let mut out = Vec::new();
         Request::Hello { version: PROTOCOL_VERSION }.encode(&mut out);
         let info = ClientInfo {
-            addr: client.into(),
+            addr: client.parse().expect("client address"),
             name: "unknown".into(),
             helo: "client.test".into(),
             protocol: "ESMTP".into(),
@@ -296,16 +295,16 @@ fn cleanup_applies_the_relay_rule_again() {
         Request::End.encode(&mut out);
         // A refusal may come before cleanup has read all of it.
         let _ = sock.write_all(&out);
-        let Reply::Answer { code, enhanced, text } = read_reply(&mut sock, &mut decoder) else {
+        let Reply::Answer { code, status, text } = read_reply(&mut sock, &mut decoder) else {
             panic!("no answer for {rcpt} from {client}")
         };
         if refused {
-            let answer = (code, enhanced.as_str(), text.as_str());
-            assert_eq!(answer, (451, "4.3.0", "Error: internal protocol error"), "{rcpt} from {client}");
+            let answer = (code.get(), status.to_string(), text.as_str());
+            assert_eq!(answer, (451, "4.3.0".into(), "Error: internal protocol error"), "{rcpt} from {client}");
             mortal.wait_for_log(&format!("warning: {id}: smtpd sent recipient <{rcpt}> outside accepted_domains"));
             assert!(!mortal.queue_files(QueueDir::Incoming).iter().any(|f| f == id.as_str()), "{id} left in incoming/");
         } else {
-            assert_eq!((code, text), (250, format!("Ok: queued as {id}")), "{rcpt} from {client}");
+            assert_eq!((code.get(), text), (250, format!("Ok: queued as {id}")), "{rcpt} from {client}");
         }
     }
 }

@@ -7,8 +7,8 @@
 //! queue manager's log. Messages that must stay put for a test are placed
 //! straight into `deferred/` with a retry time an hour away.
 
-use mortal_proto::ipc::{BodyType, ClientInfo, SenderInfo};
-use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
+use mortal_proto::envelope::{BodyType, ClientInfo, SenderInfo};
+use mortal_proto::queue_file::{DeliveryStatus, QueueFile, QueuedRecipient, RecipientState};
 use mortal_proto::queue_id::QueueId;
 use mortal_proto::spool::QueueDir;
 use mortal_tests::{ClosedPort, Instance, Options, Smtp, bin_dir, wait_for};
@@ -94,7 +94,15 @@ static PLACED: AtomicU32 = AtomicU32::new(0);
 /// Writes a valid queue file into `queue/` as the queue manager would
 /// (temporary name, then rename), with its mtime (for `deferred/`, the
 /// retry time) `retry_in` from now.
-fn place(inst: &Instance, queue: QueueDir, sender: &str, rcpt: &str, status: &str, retry_in: Duration) -> QueueId {
+/// `status` is the last attempt's code and text, if there was one.
+fn place(
+    inst: &Instance,
+    queue: QueueDir,
+    sender: &str,
+    rcpt: &str,
+    status: Option<(&str, &str)>,
+    retry_in: Duration,
+) -> QueueId {
     let n = PLACED.fetch_add(1, Ordering::Relaxed);
     let arrival = SystemTime::now() + Duration::from_micros(u64::from(n));
     let id = QueueId::new(arrival, 0xC11_000 + n);
@@ -102,7 +110,7 @@ fn place(inst: &Instance, queue: QueueDir, sender: &str, rcpt: &str, status: &st
         id,
         arrival,
         client: ClientInfo {
-            addr: "127.0.0.1".into(),
+            addr: std::net::Ipv4Addr::LOCALHOST.into(),
             name: "unknown".into(),
             helo: "placed.test".into(),
             protocol: "ESMTP".into(),
@@ -120,7 +128,7 @@ fn place(inst: &Instance, queue: QueueDir, sender: &str, rcpt: &str, status: &st
             state: RecipientState::Pending,
             notify: Default::default(),
             orcpt: String::new(),
-            status: status.into(),
+            status: status.map(|(code, text)| DeliveryStatus { code: code.parse().unwrap(), text: text.into() }),
         }],
         content: format!("Subject: placed {n}\r\n\r\nplaced body {n}\r\n").into_bytes(),
     };
@@ -181,8 +189,14 @@ fn until_not_busy(inst: &Instance, args: &[&str]) -> Run {
 fn list_show_and_stats_describe_the_queue() {
     let (inst, _closed) = stuck_instance();
     let sent = send(&inst, "a@example.test", &["b@example.test", "c@example.test"], "cli one");
-    let placed =
-        place(&inst, QueueDir::Deferred, "", "d@example.test", "4.4.1 placed reason", Duration::from_secs(3600));
+    let placed = place(
+        &inst,
+        QueueDir::Deferred,
+        "",
+        "d@example.test",
+        Some(("4.4.1", "placed reason")),
+        Duration::from_secs(3600),
+    );
 
     // The first attempt records each recipient's delay reason.
     let records = wait_for("a delay reason for the sent message", || {
@@ -331,8 +345,8 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
 
     // requeue and flush: due in an hour, tried now.
     let later = Duration::from_secs(3600);
-    let requeued = place(&inst, QueueDir::Deferred, "x@example.test", "b@example.test", "4.4.1 old", later);
-    let flushed = place(&inst, QueueDir::Deferred, "y@example.test", "b@example.test", "4.4.1 old", later);
+    let requeued = place(&inst, QueueDir::Deferred, "x@example.test", "b@example.test", Some(("4.4.1", "old")), later);
+    let flushed = place(&inst, QueueDir::Deferred, "y@example.test", "b@example.test", Some(("4.4.1", "old")), later);
     witness_retried(&inst, &id);
     assert_eq!((attempts(&inst, &requeued), attempts(&inst, &flushed)), (0, 0), "not due yet");
     let r = mortal(&inst, &["queue", "requeue", requeued.as_str()]);
@@ -340,7 +354,7 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
     let r = mortal(&inst, &["queue", "flush", flushed.as_str()]);
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{flushed}: scheduled for delivery now")), "{r:?}");
     // flush without ids: every deferred message is due now.
-    let all = place(&inst, QueueDir::Deferred, "w@example.test", "b@example.test", "4.4.1 old", later);
+    let all = place(&inst, QueueDir::Deferred, "w@example.test", "b@example.test", Some(("4.4.1", "old")), later);
     // Messages that keep failing cycle through active/: retry while busy.
     let r = until_not_busy(&inst, &["queue", "flush"]);
     assert_eq!(r.code, 0, "{r:?}");
@@ -351,7 +365,7 @@ fn hold_release_requeue_flush_and_delete_take_effect() {
     }
 
     // delete: one placed message, then everything (retrying what is busy).
-    let doomed = place(&inst, QueueDir::Deferred, "z@example.test", "b@example.test", "4.4.1 old", later);
+    let doomed = place(&inst, QueueDir::Deferred, "z@example.test", "b@example.test", Some(("4.4.1", "old")), later);
     let r = mortal(&inst, &["queue", "delete", doomed.as_str()]);
     assert_eq!((r.code, r.stdout.trim_end()), (0, &*format!("{doomed}: removed")), "{r:?}");
     assert_eq!(queue_of(&inst, &doomed), None);
@@ -374,7 +388,7 @@ fn a_message_being_delivered_is_reported_and_never_touched() {
     // delivery attempt shows it has.)
     let first = send(&inst, "a@example.test", &["b@example.test"], "queue manager is up");
     inst.wait_for_log(&format!("{first}: to=<b@example.test>"));
-    let id = place(&inst, QueueDir::Active, "a@example.test", "b@example.test", "", Duration::ZERO);
+    let id = place(&inst, QueueDir::Active, "a@example.test", "b@example.test", None, Duration::ZERO);
     for command in ["delete", "hold", "requeue", "flush"] {
         let args = ["queue", command, id.as_str()];
         let r = mortal(&inst, &args);
@@ -389,10 +403,46 @@ fn a_message_being_delivered_is_reported_and_never_touched() {
     fs::remove_file(inst.spool_layout().path(QueueDir::Active, &id)).unwrap();
 }
 
+/// A queue file of format version 1, whose recipient status was one
+/// string, is still listed and shown with its delay reason (the committed
+/// fuzz seed is such a file, as the last version 1 build wrote it).
+#[test]
+fn version_1_queue_files_are_listed_and_shown() {
+    let (inst, _closed) = stuck_instance();
+    let id = "0000000010000100000A";
+    let dir = inst.spool_layout().dir(QueueDir::Deferred);
+    let temp = dir.join(format!("{id}.tmp"));
+    fs::write(&temp, include_bytes!("../fuzz/corpus/queue_file/seed-partial-v1")).unwrap();
+    File::options()
+        .write(true)
+        .open(&temp)
+        .unwrap()
+        .set_modified(SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
+    fs::rename(&temp, dir.join(id)).unwrap();
+    let reason = "(4.4.1 connect to 127.0.0.1:24: Connection refused)";
+    // The seed's body is binary: its envelope is read from the JSON form.
+    let r = mortal(&inst, &["queue", "show", id, "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let doc: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(doc["recipients"][1]["address"], "c@example.test", "{doc}");
+    assert_eq!(doc["recipients"][1]["delay_reason"], reason.trim_matches(['(', ')']), "{doc}");
+    assert_eq!(doc["recipients"][0]["delay_reason"], "", "{doc}");
+    assert_eq!(doc["client_address"], "127.0.0.1", "{doc}");
+    let r = mortal(&inst, &["queue", "list"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let at = lines.iter().position(|l| l.starts_with(id)).unwrap_or_else(|| panic!("{id} not listed: {r:?}"));
+    assert_eq!(lines[at + 1], reason, "{r:?}");
+    assert_eq!(lines[at + 2].trim(), "c@example.test", "{r:?}");
+    let r = mortal(&inst, &["queue", "delete", id]);
+    assert_eq!(r.code, 0, "{r:?}");
+}
+
 #[test]
 fn permissions_are_checked_and_explained() {
     let (inst, _closed) = stuck_instance();
-    let id = place(&inst, QueueDir::Deferred, "a@example.test", "b@example.test", "", Duration::from_secs(3600));
+    let id = place(&inst, QueueDir::Deferred, "a@example.test", "b@example.test", None, Duration::from_secs(3600));
     let deferred = inst.spool_layout().dir(QueueDir::Deferred);
     if !nix::unistd::geteuid().is_root() {
         // Unprivileged run: the spool is ours, so only a directory we
@@ -475,7 +525,7 @@ fn status_and_stop_reach_the_master_while_the_file_is_broken() {
 fn version_and_completions() {
     let r = run(Command::new(bin_dir().join("mortal")).arg("version"));
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.stdout.starts_with("mortal ") && r.stdout.contains("queue file format version 1"), "{r:?}");
+    assert!(r.stdout.starts_with("mortal ") && r.stdout.contains("queue file format version 2"), "{r:?}");
     for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef mortal"), ("fish", "complete -c mortal")] {
         let r = run(Command::new(bin_dir().join("mortal")).args(["completions", shell]));
         assert_eq!(r.code, 0, "{r:?}");

@@ -4,7 +4,7 @@
 //! 4xx, DSNs to the sender, crash recovery, corrupt queue files, and the
 //! fsync order behind "a 250 survives a power cut".
 
-use mortal_proto::ipc::{BodyType, ClientInfo, Notify, SenderInfo};
+use mortal_proto::envelope::{BodyType, ClientInfo, Notify, SenderInfo};
 use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
 use mortal_proto::queue_id::QueueId;
 use mortal_proto::spool::QueueDir;
@@ -397,7 +397,7 @@ fn sample_queue_file(id: QueueId) -> QueueFile {
         id,
         arrival: SystemTime::now(),
         client: ClientInfo {
-            addr: "127.0.0.1".into(),
+            addr: std::net::Ipv4Addr::LOCALHOST.into(),
             name: "unknown".into(),
             helo: "c.test".into(),
             protocol: "ESMTP".into(),
@@ -415,7 +415,7 @@ fn sample_queue_file(id: QueueId) -> QueueFile {
             state: RecipientState::Pending,
             notify: Notify::default(),
             orcpt: String::new(),
-            status: String::new(),
+            status: None,
         }],
         content: b"Subject: corrupt\r\n\r\nmust not be delivered\r\n".to_vec(),
     }

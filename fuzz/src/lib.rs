@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 use mortal_proto::config::Config;
+use mortal_proto::smtp_status::{EnhancedStatus, ReplyCode, StatusClass};
 use mortal_proto::tls::TlsSummary;
 use mortal_smtpd::engine::command;
 use mortal_smtpd::engine::data::{DataReceiver, MAX_TEXT_LINE};
@@ -123,7 +124,8 @@ pub fn smtp_session(data: &[u8]) {
                 Action::StartTransaction { .. } => session.transaction_opened("0000000000000000A001".parse().unwrap()),
                 Action::EndOfData => {
                     answers += 1;
-                    session.cleanup_answer(Answer { code: 250, enhanced: "2.0.0".into(), text: QUEUED.into() });
+                    let (code, status) = (ReplyCode::of(250), EnhancedStatus::undefined(StatusClass::Success));
+                    session.cleanup_answer(Answer { code, status, text: QUEUED.into() });
                 }
                 // The handshake is the driver's; the engine only needs to
                 // hear that it succeeded, so the session starts over.

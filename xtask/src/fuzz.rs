@@ -31,9 +31,11 @@
 //! `fuzz/` keeps working by hand for whoever has cargo-fuzz.
 
 use anyhow::{Context, Result, bail};
-use mortal_proto::ipc::{BodyType, ClientInfo, DsnRet, Notify, RecipientInfo, Request, SenderInfo};
+use mortal_proto::envelope::{BodyType, ClientInfo, DsnRet, Notify, RecipientInfo, SenderInfo};
+use mortal_proto::ipc::Request;
 use mortal_proto::pipe::{self, PipeRecipient, PipeResult, PipeStatus};
-use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
+use mortal_proto::queue_file::{DeliveryStatus, QueueFile, QueuedRecipient, RecipientState};
+use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -616,7 +618,7 @@ const ADDRESS_SEEDS: &[&str] = &[
 
 fn sample_client() -> ClientInfo {
     ClientInfo {
-        addr: "127.0.0.1".into(),
+        addr: std::net::Ipv4Addr::LOCALHOST.into(),
         name: "unknown".into(),
         helo: "client.test".into(),
         protocol: "ESMTP".into(),
@@ -651,8 +653,10 @@ fn pipe_conversation() -> (Vec<u8>, Vec<u8>) {
     ));
     // Odd: results; 2 << 1 | 1: two of them expected.
     let mut results = vec![5];
-    PipeResult::new(PipeStatus::Delivered, "2.0.0", "delivered via pipe service").encode(&mut results);
-    PipeResult::new(PipeStatus::Bounced, "5.1.1", "Command died with status 67").encode(&mut results);
+    let delivered = EnhancedStatus::undefined(StatusClass::Success);
+    PipeResult::new(PipeStatus::Delivered, delivered, "delivered via pipe service").encode(&mut results);
+    let no_user = EnhancedStatus::new(StatusClass::Permanent, 1, 1);
+    PipeResult::new(PipeStatus::Bounced, no_user, "Command died with status 67").encode(&mut results);
     (request, results)
 }
 
@@ -688,7 +692,7 @@ fn queue_files() -> Vec<(&'static str, QueueFile)> {
         state,
         notify: Notify::default(),
         orcpt: String::new(),
-        status: String::new(),
+        status: None,
     };
     let small = QueueFile {
         id: "0000000010000100000A".parse().expect("a queue id"),
@@ -702,7 +706,10 @@ fn queue_files() -> Vec<(&'static str, QueueFile)> {
     partial.recipients = vec![
         recipient("b@example.test", RecipientState::Delivered),
         QueuedRecipient {
-            status: "4.4.1 connect to 127.0.0.1:24: Connection refused".into(),
+            status: Some(DeliveryStatus {
+                code: EnhancedStatus::new(StatusClass::Persistent, 4, 1),
+                text: "connect to 127.0.0.1:24: Connection refused".into(),
+            }),
             ..recipient("c@example.test", RecipientState::Pending)
         },
         recipient("d@example.test", RecipientState::Failed),

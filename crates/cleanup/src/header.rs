@@ -8,7 +8,7 @@
 
 use mail_parser::{HeaderName, MessageParser};
 use mortal_proto::date::{self, TimeZone};
-use mortal_proto::ipc::{ClientInfo, RecipientInfo};
+use mortal_proto::envelope::{ClientInfo, RecipientInfo};
 use mortal_proto::queue_id::QueueId;
 use std::net::IpAddr;
 use std::time::SystemTime;
@@ -131,9 +131,9 @@ fn field_end(header: &[u8], end: usize) -> usize {
 fn received(env: &Envelope<'_>) -> String {
     let c = env.client;
     let helo = if c.helo.is_empty() { &c.name } else { &c.helo };
-    let addr = match c.addr.parse::<IpAddr>() {
-        Ok(IpAddr::V6(v6)) => format!("IPv6:{v6}"),
-        _ => c.addr.clone(),
+    let addr = match c.addr {
+        IpAddr::V6(v6) => format!("IPv6:{v6}"),
+        IpAddr::V4(v4) => v4.to_string(),
     };
     let mut field = format!("Received: from {helo} ({} [{addr}])\r\n", c.name);
     if !c.tls.is_empty() {
@@ -186,7 +186,7 @@ mod tests {
 
     fn client(addr: &str) -> ClientInfo {
         ClientInfo {
-            addr: addr.into(),
+            addr: addr.parse().unwrap(),
             name: "unknown".into(),
             helo: "c.test".into(),
             protocol: "ESMTP".into(),

@@ -13,16 +13,15 @@ use crate::spool::Spool;
 use mortal_libmaster::log;
 use mortal_proto::address;
 use mortal_proto::config::Config;
-use mortal_proto::ipc::{
-    ClientInfo, Decoder, IpcError, RecipientInfo, Reply, Request, RequestInPlace, RequestSequence, SenderInfo,
-};
+use mortal_proto::envelope::{ClientInfo, RecipientInfo, SenderInfo};
+use mortal_proto::ipc::{Decoder, IpcError, Reply, Request, RequestInPlace, RequestSequence};
 use mortal_proto::queue_file::{Encoder, QueuedRecipient};
 use mortal_proto::queue_id::QueueId;
 use mortal_proto::relay;
+use mortal_proto::smtp_status::{EnhancedStatus, ReplyCode, StatusClass};
 use mortal_proto::spool::TempFile;
 use std::collections::HashSet;
 use std::io::{self, Write};
-use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::time::SystemTime;
 
@@ -46,23 +45,35 @@ impl<'a> Context<'a> {
     }
 }
 
+/// A reply code with the enhanced status that goes with it.
+type Outcome = (ReplyCode, EnhancedStatus);
+
+/// `250 2.0.0`
+const QUEUED: Outcome = (ReplyCode::of(250), EnhancedStatus::undefined(StatusClass::Success));
+/// `451 4.3.0`: mail system error, try again.
+const TEMPORARY: Outcome = (ReplyCode::of(451), EnhancedStatus::new(StatusClass::Persistent, 3, 0));
+/// `552 5.3.4`: message too big for system.
+const TOO_BIG: Outcome = (ReplyCode::of(552), EnhancedStatus::new(StatusClass::Permanent, 3, 4));
+/// `554 5.4.6`: routing loop detected.
+const LOOP: Outcome = (ReplyCode::of(554), EnhancedStatus::new(StatusClass::Permanent, 4, 6));
+
 /// The answer to smtpd, plus the reason to log when it is a refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Answer {
-    code: u16,
-    enhanced: &'static str,
+    code: ReplyCode,
+    status: EnhancedStatus,
     text: String,
 }
 
 impl Answer {
-    fn new(code: u16, enhanced: &'static str, text: impl Into<String>) -> Self {
-        Self { code, enhanced, text: text.into() }
+    fn new((code, status): Outcome, text: impl Into<String>) -> Self {
+        Self { code, status, text: text.into() }
     }
     fn write_error() -> Self {
-        Answer::new(451, "4.3.0", "Error: queue file write error")
+        Answer::new(TEMPORARY, "Error: queue file write error")
     }
     fn protocol_error() -> Self {
-        Answer::new(451, "4.3.0", "Error: internal protocol error")
+        Answer::new(TEMPORARY, "Error: internal protocol error")
     }
 }
 
@@ -81,7 +92,7 @@ pub fn serve(mut stream: UnixStream, ctx: &Context<'_>) {
         None => return,
     };
     let mut out = Vec::new();
-    Reply::Answer { code: answer.code, enhanced: answer.enhanced.to_owned(), text: answer.text }.encode(&mut out);
+    Reply::Answer { code: answer.code, status: answer.status, text: answer.text }.encode(&mut out);
     if let Err(e) = stream.write_all(&out) {
         // smtpd went away after the file was committed: the message is
         // queued and will be delivered; the client will retry and may
@@ -253,7 +264,7 @@ impl<'a> Transaction<'a> {
         // smtpd's relay rule, applied again. The client address is the one
         // check_client accepted (the real one behind a PROXY header); the
         // conversation order puts it before any recipient.
-        let Some(client) = self.client.as_ref().and_then(|c| c.addr.parse::<IpAddr>().ok()) else {
+        let Some(client) = self.client.as_ref().map(|c| c.addr) else {
             tracing::warn!("warning: {}: smtpd sent recipient <{addr}> before the client", self.log_id());
             return Err(Answer::protocol_error());
         };
@@ -278,7 +289,7 @@ impl<'a> Transaction<'a> {
         }
         self.size += chunk.len() as u64;
         if self.size > self.ctx.config.smtpd.message_size_limit {
-            self.refuse(Answer::new(552, "5.3.4", "Error: message file too big"), "message_size_limit exceeded");
+            self.refuse(Answer::new(TOO_BIG, "Error: message file too big"), "message_size_limit exceeded");
             return;
         }
         if self.encoder.is_some() {
@@ -290,7 +301,7 @@ impl<'a> Transaction<'a> {
     }
 
     fn refuse(&mut self, answer: Answer, why: &str) {
-        tracing::info!("{}: reject: {why}: {} {} {}", self.log_id(), answer.code, answer.enhanced, answer.text);
+        tracing::info!("{}: reject: {why}: {} {} {}", self.log_id(), answer.code, answer.status, answer.text);
         self.refusal = Some(answer);
         self.file = None;
     }
@@ -302,7 +313,7 @@ impl<'a> Transaction<'a> {
             HeaderEnd::Undecided => {
                 if self.header_buf.len() > self.ctx.config.cleanup.header_size_limit {
                     self.refuse(
-                        Answer::new(552, "5.3.4", "Error: message header size exceeds limit"),
+                        Answer::new(TOO_BIG, "Error: message header size exceeds limit"),
                         "header_size_limit exceeded",
                     );
                 }
@@ -312,10 +323,7 @@ impl<'a> Transaction<'a> {
             HeaderEnd::NoSeparator { len } => (len, false),
         };
         if len > self.ctx.config.cleanup.header_size_limit {
-            self.refuse(
-                Answer::new(552, "5.3.4", "Error: message header size exceeds limit"),
-                "header_size_limit exceeded",
-            );
+            self.refuse(Answer::new(TOO_BIG, "Error: message header size exceeds limit"), "header_size_limit exceeded");
             return;
         }
         let (Some(id), Some(client), Some(sender)) = (self.id, self.client.as_ref(), self.sender.as_ref()) else {
@@ -332,7 +340,7 @@ impl<'a> Transaction<'a> {
         let fixed = match header::fix_up(&self.header_buf[..len], &env, self.ctx.config.cleanup.hopcount_limit) {
             Ok(f) => f,
             Err(HeaderReject::TooManyHops(n)) => {
-                self.refuse(Answer::new(554, "5.4.6", "Error: too many hops"), &format!("{n} Received: headers"));
+                self.refuse(Answer::new(LOOP, "Error: too many hops"), &format!("{n} Received: headers"));
                 return;
             }
         };
@@ -387,7 +395,7 @@ impl<'a> Transaction<'a> {
         }
         tracing::info!("{id}: message-id=<{}>", self.message_id);
         self.ctx.spool.wake_queue();
-        Answer::new(250, "2.0.0", format!("Ok: queued as {id}"))
+        Answer::new(QUEUED, format!("Ok: queued as {id}"))
     }
 }
 
@@ -400,7 +408,7 @@ enum Step {
 fn check_client(c: ClientInfo) -> Result<ClientInfo, Answer> {
     let name_ok = c.name == "unknown" || address::parse_mailbox(&format!("x@{}", c.name), false).is_ok();
     let helo_ok = c.helo.len() <= 255;
-    if c.addr.parse::<IpAddr>().is_err() || !name_ok || !helo_ok || !KNOWN_PROTOCOLS.contains(&c.protocol.as_str()) {
+    if !name_ok || !helo_ok || !KNOWN_PROTOCOLS.contains(&c.protocol.as_str()) {
         tracing::warn!(
             "warning: NOQUEUE: smtpd sent an invalid client record: addr={:?} name={:?} helo={:?} proto={:?}",
             c.addr,

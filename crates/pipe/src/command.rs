@@ -18,12 +18,21 @@
 
 use mortal_proto::config::Config;
 use mortal_proto::pipe::{PipeRecipient, PipeRequest, PipeResult, PipeStatus};
+use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
 use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
+
+/// `4.3.0`: other or undefined mail system status (the command failed
+/// for a reason a retry may fix).
+const SYSTEM_ERROR: EnhancedStatus = EnhancedStatus::new(StatusClass::Persistent, 3, 0);
+/// `4.3.5`: system incorrectly configured.
+const MISCONFIGURED: EnhancedStatus = EnhancedStatus::new(StatusClass::Persistent, 3, 5);
+/// `2.0.0`
+const DELIVERED: EnhancedStatus = EnhancedStatus::undefined(StatusClass::Success);
 
 /// Octets of command output kept for the log and the DSN.
 pub const OUTPUT_LIMIT: usize = 512;
@@ -76,12 +85,12 @@ pub fn run(config: &Config, request: &PipeRequest, rcpt: &PipeRecipient, input: 
     let pipe = &config.delivery.pipe;
     let argv = expand(&pipe.command, request, rcpt);
     let Some(program) = argv.first() else {
-        return PipeResult::new(PipeStatus::Deferred, "4.3.5", "pipe: no [delivery.pipe] command configured");
+        return PipeResult::new(PipeStatus::Deferred, MISCONFIGURED, "pipe: no [delivery.pipe] command configured");
     };
     // The sandbox dropped root before the first request; should that ever
     // not hold, no command runs.
     if nix::unistd::geteuid().is_root() {
-        return PipeResult::new(PipeStatus::Deferred, "4.3.5", "pipe: refusing to run the command as root");
+        return PipeResult::new(PipeStatus::Deferred, MISCONFIGURED, "pipe: refusing to run the command as root");
     }
     let mut cmd = Command::new(program);
     cmd.args(&argv[1..]).env_clear().env("PATH", SAFE_PATH).current_dir("/").stdin(Stdio::piped());
@@ -89,11 +98,11 @@ pub fn run(config: &Config, request: &PipeRequest, rcpt: &PipeRecipient, input: 
     cmd.process_group(0);
     let (mut reader, writer) = match std::io::pipe() {
         Ok(p) => p,
-        Err(e) => return PipeResult::new(PipeStatus::Deferred, "4.3.0", format!("pipe: {e}")),
+        Err(e) => return PipeResult::new(PipeStatus::Deferred, SYSTEM_ERROR, format!("pipe: {e}")),
     };
     match writer.try_clone() {
         Ok(w2) => cmd.stdout(w2).stderr(writer),
-        Err(e) => return PipeResult::new(PipeStatus::Deferred, "4.3.0", format!("pipe: {e}")),
+        Err(e) => return PipeResult::new(PipeStatus::Deferred, SYSTEM_ERROR, format!("pipe: {e}")),
     };
     let started = Instant::now();
     let spawned = cmd.spawn();
@@ -103,7 +112,7 @@ pub fn run(config: &Config, request: &PipeRequest, rcpt: &PipeRecipient, input: 
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            return PipeResult::new(PipeStatus::Deferred, "4.3.0", format!("pipe: cannot run {program}: {e}"));
+            return PipeResult::new(PipeStatus::Deferred, SYSTEM_ERROR, format!("pipe: cannot run {program}: {e}"));
         }
     };
     RUNNING.store(child.id(), Ordering::SeqCst);
@@ -146,7 +155,7 @@ pub fn run(config: &Config, request: &PipeRequest, rcpt: &PipeRecipient, input: 
                 pause = (pause * 2).min(POLL_MAX);
             }
             Err(e) => {
-                return PipeResult::new(PipeStatus::Deferred, "4.3.0", format!("pipe: wait for {program}: {e}"));
+                return PipeResult::new(PipeStatus::Deferred, SYSTEM_ERROR, format!("pipe: wait for {program}: {e}"));
             }
         }
     };
@@ -168,12 +177,12 @@ fn judge(status: Option<std::process::ExitStatus>, program: &str, out: &str) -> 
     match status {
         None => PipeResult::new(
             PipeStatus::Deferred,
-            "4.3.0",
+            SYSTEM_ERROR,
             with_output(format!("Command time limit exceeded: \"{program}\"")),
         ),
-        Some(s) if s.success() => PipeResult::new(PipeStatus::Delivered, "2.0.0", "delivered via pipe service"),
+        Some(s) if s.success() => PipeResult::new(PipeStatus::Delivered, DELIVERED, "delivered via pipe service"),
         Some(s) if s.code() == Some(EX_TEMPFAIL) => {
-            PipeResult::new(PipeStatus::Deferred, "4.3.0", with_output("temporary failure".into()))
+            PipeResult::new(PipeStatus::Deferred, SYSTEM_ERROR, with_output("temporary failure".into()))
         }
         Some(s) => match s.code() {
             Some(code) => PipeResult {
@@ -189,7 +198,7 @@ fn judge(status: Option<std::process::ExitStatus>, program: &str, out: &str) -> 
             },
             None => PipeResult::new(
                 PipeStatus::Deferred,
-                "4.3.0",
+                SYSTEM_ERROR,
                 with_output(format!("Command died with signal {}: \"{program}\"", s.signal().unwrap_or(0))),
             ),
         },
@@ -197,15 +206,16 @@ fn judge(status: Option<std::process::ExitStatus>, program: &str, out: &str) -> 
 }
 
 /// RFC 3463 code for a permanent sysexits(3) status, as Postfix maps them.
-fn sysexits_dsn(code: i32) -> &'static str {
-    match code {
-        64 => "5.3.0", // EX_USAGE
-        65 => "5.6.0", // EX_DATAERR
-        67 => "5.1.1", // EX_NOUSER
-        68 => "5.1.2", // EX_NOHOST
-        77 => "5.7.0", // EX_NOPERM
-        _ => "5.3.0",
-    }
+fn sysexits_dsn(code: i32) -> EnhancedStatus {
+    let (subject, detail) = match code {
+        64 => (3, 0), // EX_USAGE
+        65 => (6, 0), // EX_DATAERR
+        67 => (1, 1), // EX_NOUSER
+        68 => (1, 2), // EX_NOHOST
+        77 => (7, 0), // EX_NOPERM
+        _ => (3, 0),
+    };
+    EnhancedStatus::new(StatusClass::Permanent, subject, detail)
 }
 
 /// Output text for logs and DSNs: control characters become spaces.
@@ -285,7 +295,7 @@ mod tests {
         ];
         for (status, out, want, dsn) in cases {
             let r = judge(status, "/bin/p", out);
-            assert_eq!((r.status, r.dsn.as_str()), (want, dsn), "{status:?}: {r:?}");
+            assert_eq!((r.status, r.dsn.to_string().as_str()), (want, dsn), "{status:?}: {r:?}");
         }
         let r = judge(code(67), "/bin/p", "no such user");
         assert_eq!(r.diagnostic.as_deref(), Some("x-unix; no such user"));

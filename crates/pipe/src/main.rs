@@ -64,6 +64,7 @@ use mortal_libmaster::child;
 use mortal_libmaster::sandbox::{self, Service};
 use mortal_proto::config::{Config, Route};
 use mortal_proto::pipe::{PipeRequest, PipeResult, PipeStatus, RequestDecoder, max_content};
+use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
 use nix::sys::signal::{self, SigSet, Signal};
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -136,7 +137,11 @@ fn serve(config: &Config, mut stream: UnixStream) {
                 request.queue_id,
                 rcpt.address
             );
-            PipeResult::new(PipeStatus::Deferred, "4.3.5", "pipe: recipient domain is not routed to the pipe service")
+            PipeResult::new(
+                PipeStatus::Deferred,
+                const { EnhancedStatus::new(StatusClass::Persistent, 3, 5) },
+                "pipe: recipient domain is not routed to the pipe service",
+            )
         };
         tracing::debug!(
             "{}: to=<{}>: {:?} {} {}",

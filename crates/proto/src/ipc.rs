@@ -14,6 +14,12 @@
 //!                              <-    Answer(code, enhanced, text)
 //! ```
 //!
+//! `Client`, `Sender` and `Recipient` carry the envelope model of
+//! [`crate::envelope`] in this protocol's own layout (the client address as
+//! its canonical text); the queue file encodes the same model separately,
+//! so changing one never changes the other. `Answer` carries a
+//! [`ReplyCode`] and an [`EnhancedStatus`] of the same class.
+//!
 //! Records use the framing of [`crate::record`]. The reader on each side is
 //! strict in Postfix's `ATTR_FLAG_STRICT` sense: an unknown record, an
 //! oversized record, a malformed field or a record out of order ends the
@@ -21,8 +27,12 @@
 //! (and the fuzz target) check exactly the same thing.
 
 use crate::address::MAX_PATH;
+use crate::envelope::{
+    BodyType, ClientInfo, DsnRet, MAX_ENVID, Notify, RecipientInfo, SenderInfo, is_printable, parse_client_addr,
+};
 use crate::queue_id::QueueId;
 use crate::record::{FieldReader, Fields, FrameError, RECORD_HEADER_LEN, RawRecord, put_record, take_record};
+use crate::smtp_status::{EnhancedStatus, ReplyCode};
 use thiserror::Error;
 
 /// Protocol name sent in the opening record.
@@ -45,123 +55,6 @@ const END: u8 = b'E';
 const QUEUE_ID: u8 = b'Q';
 const ANSWER: u8 = b'A';
 
-/// Who connected to smtpd, as smtpd saw it. cleanup writes it into the
-/// `Received:` header, so every field is re-checked there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientInfo {
-    /// Client IP address in text form (the PROXY-protocol source when used).
-    pub addr: String,
-    /// Verified client host name, or `unknown`.
-    pub name: String,
-    /// HELO/EHLO argument.
-    pub helo: String,
-    /// `SMTP`, `ESMTP`, `ESMTPS`, `UTF8SMTP`... (RFC 3848 `with` values).
-    pub protocol: String,
-    /// TLS in use, as it appears in `Received:` (`TLSv1.3 with cipher
-    /// TLS13_AES_256_GCM_SHA384 (256/256 bits)`); empty for plaintext.
-    pub tls: String,
-}
-
-/// Body type declared with MAIL's BODY= parameter (RFC 6152).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyType {
-    SevenBit,
-    EightBitMime,
-    /// RFC 3030: only with BDAT.
-    BinaryMime,
-}
-
-impl BodyType {
-    pub fn to_wire(self) -> u8 {
-        match self {
-            BodyType::SevenBit => 7,
-            BodyType::EightBitMime => 8,
-            BodyType::BinaryMime => 9,
-        }
-    }
-
-    pub fn from_wire(b: u8) -> Option<Self> {
-        match b {
-            7 => Some(BodyType::SevenBit),
-            8 => Some(BodyType::EightBitMime),
-            9 => Some(BodyType::BinaryMime),
-            _ => None,
-        }
-    }
-}
-
-/// MAIL's RET= (RFC 3461 4.3): how much of the message a DSN returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DsnRet {
-    Full,
-    Headers,
-}
-
-/// RCPT's NOTIFY= (RFC 3461 4.1). All false means the parameter was
-/// absent, which RFC 3461 treats as `FAILURE,DELAY`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Notify {
-    pub never: bool,
-    pub success: bool,
-    pub failure: bool,
-    pub delay: bool,
-}
-
-impl Notify {
-    pub fn to_wire(self) -> u8 {
-        u8::from(self.never) | u8::from(self.success) << 1 | u8::from(self.failure) << 2 | u8::from(self.delay) << 3
-    }
-
-    /// `None` for unknown bits, or NEVER combined with anything else.
-    pub fn from_wire(b: u8) -> Option<Self> {
-        let n = Notify { never: b & 1 != 0, success: b & 2 != 0, failure: b & 4 != 0, delay: b & 8 != 0 };
-        let valid = b < 16 && !(n.never && (n.success || n.failure || n.delay));
-        valid.then_some(n)
-    }
-
-    pub fn is_default(self) -> bool {
-        self == Notify::default()
-    }
-
-    /// Whether a failure report is wanted (explicitly, or by default).
-    pub fn wants_failure(self) -> bool {
-        self.failure || self.is_default()
-    }
-
-    /// Whether a delay report is wanted (explicitly, or by default).
-    pub fn wants_delay(self) -> bool {
-        self.delay || self.is_default()
-    }
-}
-
-/// Largest ENVID (RFC 3461 4.4: 100 characters).
-pub const MAX_ENVID: usize = 100;
-
-/// One envelope recipient with its DSN parameters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecipientInfo {
-    /// Forward-path without brackets.
-    pub address: String,
-    pub notify: Notify,
-    /// ORCPT (RFC 3461 4.2) as `addr-type;address`, xtext-decoded; empty
-    /// when absent.
-    pub orcpt: String,
-}
-
-/// The envelope sender and MAIL parameters that travel with the message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SenderInfo {
-    /// Reverse-path without brackets; empty for the null sender `<>`.
-    pub address: String,
-    pub body: BodyType,
-    /// MAIL carried SMTPUTF8 (RFC 6531).
-    pub smtputf8: bool,
-    /// RET= (RFC 3461), if given.
-    pub ret: Option<DsnRet>,
-    /// ENVID= (RFC 3461), xtext-decoded; empty when absent.
-    pub envid: String,
-}
-
 /// smtpd → cleanup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -179,7 +72,8 @@ pub enum Reply {
     /// The id the message will be queued under (sent after `Sender`).
     QueueId(QueueId),
     /// The outcome after `End` (or earlier, to abort the transaction).
-    Answer { code: u16, enhanced: String, text: String },
+    /// The status's class always matches the code's.
+    Answer { code: ReplyCode, status: EnhancedStatus, text: String },
 }
 
 /// Why a conversation ends early.
@@ -254,15 +148,17 @@ impl Request {
     }
 }
 
-// Field codecs shared with the queue file, which stores the same values.
+// This protocol's encoding of the envelope (crate::envelope). The queue
+// file has its own (crate::queue_file); the two may differ.
 
-pub(crate) fn encode_client(c: &ClientInfo) -> Vec<u8> {
-    Fields::new().str(&c.addr).str(&c.name).str(&c.helo).str(&c.protocol).str(&c.tls).finish()
+fn encode_client(c: &ClientInfo) -> Vec<u8> {
+    Fields::new().str(&c.addr.to_string()).str(&c.name).str(&c.helo).str(&c.protocol).str(&c.tls).finish()
 }
 
-pub(crate) fn decode_client(f: &mut FieldReader<'_>) -> Result<ClientInfo, IpcError> {
+fn decode_client(f: &mut FieldReader<'_>) -> Result<ClientInfo, IpcError> {
+    let addr = parse_client_addr(f.str(MAX_TEXT_FIELD)?).ok_or(IpcError::BadValue("Client"))?;
     Ok(ClientInfo {
-        addr: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
+        addr,
         name: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
         helo: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
         protocol: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
@@ -270,18 +166,35 @@ pub(crate) fn decode_client(f: &mut FieldReader<'_>) -> Result<ClientInfo, IpcEr
     })
 }
 
-pub(crate) fn encode_sender(s: &SenderInfo) -> Vec<u8> {
+fn body_to_wire(b: BodyType) -> u8 {
+    match b {
+        BodyType::SevenBit => 7,
+        BodyType::EightBitMime => 8,
+        BodyType::BinaryMime => 9,
+    }
+}
+
+fn body_from_wire(b: u8) -> Option<BodyType> {
+    match b {
+        7 => Some(BodyType::SevenBit),
+        8 => Some(BodyType::EightBitMime),
+        9 => Some(BodyType::BinaryMime),
+        _ => None,
+    }
+}
+
+fn encode_sender(s: &SenderInfo) -> Vec<u8> {
     let ret = match s.ret {
         None => 0,
         Some(DsnRet::Full) => 1,
         Some(DsnRet::Headers) => 2,
     };
-    Fields::new().str(&s.address).u8(s.body.to_wire()).u8(u8::from(s.smtputf8)).u8(ret).str(&s.envid).finish()
+    Fields::new().str(&s.address).u8(body_to_wire(s.body)).u8(u8::from(s.smtputf8)).u8(ret).str(&s.envid).finish()
 }
 
-pub(crate) fn decode_sender(f: &mut FieldReader<'_>) -> Result<SenderInfo, IpcError> {
+fn decode_sender(f: &mut FieldReader<'_>) -> Result<SenderInfo, IpcError> {
     let address = printable(f.str(MAX_PATH)?, "Sender")?;
-    let body = BodyType::from_wire(f.u8()?).ok_or(IpcError::BadValue("Sender"))?;
+    let body = body_from_wire(f.u8()?).ok_or(IpcError::BadValue("Sender"))?;
     let smtputf8 = match f.u8()? {
         0 => false,
         1 => true,
@@ -297,13 +210,24 @@ pub(crate) fn decode_sender(f: &mut FieldReader<'_>) -> Result<SenderInfo, IpcEr
     Ok(SenderInfo { address, body, smtputf8, ret, envid })
 }
 
-pub(crate) fn encode_recipient(r: &RecipientInfo) -> Vec<u8> {
-    Fields::new().str(&r.address).u8(r.notify.to_wire()).str(&r.orcpt).finish()
+/// NOTIFY as bits: 1 NEVER, 2 SUCCESS, 4 FAILURE, 8 DELAY.
+fn notify_to_wire(n: Notify) -> u8 {
+    u8::from(n.never) | u8::from(n.success) << 1 | u8::from(n.failure) << 2 | u8::from(n.delay) << 3
 }
 
-pub(crate) fn decode_recipient(f: &mut FieldReader<'_>) -> Result<RecipientInfo, IpcError> {
+/// `None` for unknown bits, or NEVER combined with anything else.
+fn notify_from_wire(b: u8) -> Option<Notify> {
+    let n = Notify { never: b & 1 != 0, success: b & 2 != 0, failure: b & 4 != 0, delay: b & 8 != 0 };
+    (b < 16 && n.is_valid()).then_some(n)
+}
+
+fn encode_recipient(r: &RecipientInfo) -> Vec<u8> {
+    Fields::new().str(&r.address).u8(notify_to_wire(r.notify)).str(&r.orcpt).finish()
+}
+
+fn decode_recipient(f: &mut FieldReader<'_>) -> Result<RecipientInfo, IpcError> {
     let address = printable(f.str(MAX_PATH)?, "Recipient")?;
-    let notify = Notify::from_wire(f.u8()?).ok_or(IpcError::BadValue("Recipient"))?;
+    let notify = notify_from_wire(f.u8()?).ok_or(IpcError::BadValue("Recipient"))?;
     // ORCPT is "addr-type;" plus at most a path's worth of address.
     let orcpt = printable(f.str(MAX_PATH + 32)?, "Recipient")?;
     Ok(RecipientInfo { address, notify, orcpt })
@@ -316,10 +240,9 @@ pub fn encode_data(content: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// Text fields end up in headers and logs: no control characters at all,
-/// so nothing a peer sends can start a new header or log line.
+/// See [`is_printable`].
 fn printable(s: &str, record: &'static str) -> Result<String, IpcError> {
-    if s.chars().any(char::is_control) {
+    if !is_printable(s) {
         return Err(IpcError::BadValue(record));
     }
     Ok(s.to_owned())
@@ -329,9 +252,11 @@ impl Reply {
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Reply::QueueId(id) => put_record(out, QUEUE_ID, &Fields::new().str(id.as_str()).finish()),
-            Reply::Answer { code, enhanced, text } => {
-                put_record(out, ANSWER, &Fields::new().u32(u32::from(*code)).str(enhanced).str(text).finish())
-            }
+            Reply::Answer { code, status, text } => put_record(
+                out,
+                ANSWER,
+                &Fields::new().u32(u32::from(code.get())).str(&status.to_string()).str(text).finish(),
+            ),
         }
     }
 
@@ -343,14 +268,14 @@ impl Reply {
                 Reply::QueueId(id)
             }
             ANSWER => {
-                let code = f.u32()?;
-                let code = match u16::try_from(code) {
-                    Ok(c @ 200..=599) => c,
-                    _ => return Err(IpcError::BadValue("Answer")),
-                };
-                let enhanced = printable(f.str(MAX_TEXT_FIELD)?, "Answer")?;
+                let bad = || IpcError::BadValue("Answer");
+                let code = u16::try_from(f.u32()?).ok().and_then(ReplyCode::new).ok_or_else(bad)?;
+                let status: EnhancedStatus = f.str(MAX_TEXT_FIELD)?.parse().map_err(|_| bad())?;
+                if code.status_class() != Some(status.class()) {
+                    return Err(bad());
+                }
                 let text = printable(f.str(MAX_TEXT_FIELD)?, "Answer")?;
-                Reply::Answer { code, enhanced, text }
+                Reply::Answer { code, status, text }
             }
             other => return Err(IpcError::UnknownRecord(other)),
         };
@@ -521,10 +446,12 @@ impl RequestSequence {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::smtp_status::StatusClass;
+    use std::net::{IpAddr, Ipv4Addr};
 
     fn client() -> ClientInfo {
         ClientInfo {
-            addr: "127.0.0.1".into(),
+            addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
             name: "localhost".into(),
             helo: "client.test".into(),
             protocol: "ESMTP".into(),
@@ -613,6 +540,16 @@ mod tests {
             (
                 "CRLF in helo",
                 rec(CLIENT, &Fields::new().str("1.2.3.4").str("x").str("a\r\nX-Evil: 1").str("SMTP").str("").finish()),
+                |e| matches!(e, IpcError::BadValue("Client")),
+            ),
+            (
+                "client address not an address",
+                rec(CLIENT, &Fields::new().str("unknown").str("x").str("h").str("SMTP").str("").finish()),
+                |e| matches!(e, IpcError::BadValue("Client")),
+            ),
+            (
+                "client address not in canonical form",
+                rec(CLIENT, &Fields::new().str("2001:DB8::1").str("x").str("h").str("SMTP").str("").finish()),
                 |e| matches!(e, IpcError::BadValue("Client")),
             ),
             (
@@ -721,7 +658,11 @@ mod tests {
     fn replies_round_trip_and_validate() {
         let replies = [
             Reply::QueueId(QueueId::parse("0000000010000100000A").unwrap()),
-            Reply::Answer { code: 250, enhanced: "2.0.0".into(), text: "Ok".into() },
+            Reply::Answer {
+                code: ReplyCode::of(250),
+                status: EnhancedStatus::undefined(StatusClass::Success),
+                text: "Ok".into(),
+            },
         ];
         let mut wire = Vec::new();
         for r in &replies {
@@ -738,10 +679,17 @@ mod tests {
         dec.feed(&bad);
         assert!(dec.next_reply().is_err());
 
-        let mut bad = Vec::new();
-        Reply::Answer { code: 999, enhanced: String::new(), text: String::new() }.encode(&mut bad);
-        let mut dec = Decoder::new();
-        dec.feed(&bad);
-        assert!(dec.next_reply().is_err());
+        let answer = |code: u32, status: &str| {
+            let mut wire = Vec::new();
+            put_record(&mut wire, ANSWER, &Fields::new().u32(code).str(status).str("text").finish());
+            let mut dec = Decoder::new();
+            dec.feed(&wire);
+            dec.next_reply()
+        };
+        assert!(answer(451, "4.3.0").is_ok());
+        for (code, status) in [(999, "5.0.0"), (199, "2.0.0"), (452, "5.3.4"), (354, "2.0.0"), (550, ""), (550, "5.1")]
+        {
+            assert_eq!(answer(code, status), Err(IpcError::BadValue("Answer")), "{code} {status:?}");
+        }
     }
 }

@@ -1,13 +1,15 @@
 //! mortal-proto: the vocabulary every mortal process shares.
 //!
 //! # Summary
-//! Typed configuration (`etc/mortal.toml`), the framed records that cross
-//! process boundaries (smtpd → cleanup, child → master), the on-disk queue
-//! file format, queue ids, the spool layout, RFC 5321 address syntax, the
-//! services the master runs ([`service`]), the `mortal status` document
-//! ([`status::StatusDoc`]), the calendar forms of dates ([`date`]), and the
-//! rules both sides of a check must agree on: relaying ([`relay`]), xtext
-//! ([`xtext`]) and how a TLS session is described ([`tls`]). Like Postfix's
+//! Typed configuration (`etc/mortal.toml`), the envelope model and the
+//! framed records that carry it across process boundaries (smtpd →
+//! cleanup, child → master), the on-disk queue file format, SMTP status
+//! codes (reply codes, RFC 3463 enhanced codes, DSN actions), queue ids,
+//! the spool layout, RFC 5321 address syntax, the services the master runs
+//! ([`service`]), the `mortal status` document ([`status::StatusDoc`]), the
+//! calendar forms of dates ([`date`]), and the rules both sides of a check
+//! must agree on: relaying ([`relay`]), xtext ([`xtext`]) and how a TLS
+//! session is described ([`tls`]). Like Postfix's
 //! `global/mail_proto.h`, it is the one place both sides of every
 //! conversation agree on.
 //!
@@ -25,8 +27,9 @@
 //! on a half-valid stream. Every decoder is a fuzz target (`fuzz/`).
 //!
 //! # Standards
-//! RFC 5321 section 4.1.2 (address syntax), RFC 6531 (UTF-8 addresses),
-//! RFC 3461 section 4 (xtext).
+//! RFC 5321 section 4.1.2 (address syntax) and 4.2 (reply codes), RFC 6531
+//! (UTF-8 addresses), RFC 3461 section 4 (xtext), RFC 3463 (enhanced status
+//! codes), RFC 3464 (DSN actions).
 //!
 //! # Configuration
 //! See [`config`]: one typed struct per section, unknown keys rejected,
@@ -41,6 +44,7 @@ pub mod anvil;
 pub mod cidr;
 pub mod config;
 pub mod date;
+pub mod envelope;
 pub mod fuzz;
 pub mod ipc;
 pub mod pipe;
@@ -49,6 +53,7 @@ pub mod queue_id;
 pub mod record;
 pub mod relay;
 pub mod service;
+pub mod smtp_status;
 pub mod spool;
 pub mod status;
 pub mod tls;

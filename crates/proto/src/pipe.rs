@@ -29,6 +29,7 @@
 use crate::address::{MAX_PATH, parse_mailbox};
 use crate::queue_id::{QUEUE_ID_LEN, QueueId};
 use crate::record::{FieldReader, Fields, FrameError, RawRecord, put_record, take_record};
+use crate::smtp_status::{EnhancedStatus, StatusClass};
 use thiserror::Error;
 
 /// Protocol name sent in the opening record.
@@ -129,12 +130,12 @@ impl PipeStatus {
         }
     }
 
-    /// The class digit its enhanced status code must have.
-    fn class(self) -> u8 {
+    /// The class its enhanced status code must have.
+    pub fn class(self) -> StatusClass {
         match self {
-            PipeStatus::Delivered => b'2',
-            PipeStatus::Deferred => b'4',
-            PipeStatus::Bounced => b'5',
+            PipeStatus::Delivered => StatusClass::Success,
+            PipeStatus::Deferred => StatusClass::Persistent,
+            PipeStatus::Bounced => StatusClass::Permanent,
         }
     }
 }
@@ -144,7 +145,7 @@ impl PipeStatus {
 pub struct PipeResult {
     pub status: PipeStatus,
     /// RFC 3463 code, its class matching `status`.
-    pub dsn: String,
+    pub dsn: EnhancedStatus,
     /// Text for the log line and the DSN.
     pub text: String,
     /// RFC 3464 Diagnostic-Code (`x-unix; ...`), when the command failed.
@@ -152,8 +153,9 @@ pub struct PipeResult {
 }
 
 impl PipeResult {
-    pub fn new(status: PipeStatus, dsn: &str, text: impl Into<String>) -> Self {
-        Self { status, dsn: dsn.to_owned(), text: text.into(), diagnostic: None }
+    /// `dsn` takes the class of `status`, so the two always agree.
+    pub fn new(status: PipeStatus, dsn: EnhancedStatus, text: impl Into<String>) -> Self {
+        Self { status, dsn: dsn.with_class(status.class()), text: text.into(), diagnostic: None }
     }
 
     /// Appends the encoded record to `out`. Over-long texts are cut (at a
@@ -162,7 +164,8 @@ impl PipeResult {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let text = clean(&self.text, MAX_RESULT_TEXT);
         let diagnostic = clean(self.diagnostic.as_deref().unwrap_or_default(), MAX_DIAGNOSTIC);
-        let payload = Fields::new().u8(self.status.to_wire()).str(&self.dsn).str(&text).str(&diagnostic).finish();
+        let payload =
+            Fields::new().u8(self.status.to_wire()).str(&self.dsn.to_string()).str(&text).str(&diagnostic).finish();
         put_record(out, RESULT, &payload);
     }
 
@@ -172,14 +175,14 @@ impl PipeResult {
         }
         let mut f = FieldReader::new(rec.payload);
         let status = PipeStatus::from_wire(f.u8()?).ok_or(PipeError::BadValue("Result status"))?;
-        let dsn = f.str(MAX_DSN_CODE)?;
-        if !is_dsn_code(dsn) || dsn.as_bytes()[0] != status.class() {
+        let dsn: EnhancedStatus = f.str(MAX_DSN_CODE)?.parse().map_err(|_| PipeError::BadValue("Result code"))?;
+        if dsn.class() != status.class() {
             return Err(PipeError::BadValue("Result code"));
         }
         let text = printable(f.str(MAX_RESULT_TEXT)?, "Result text")?;
         let diagnostic = printable(f.str(MAX_DIAGNOSTIC)?, "Result diagnostic")?;
         f.finish()?;
-        Ok(PipeResult { status, dsn: dsn.to_owned(), text, diagnostic: (!diagnostic.is_empty()).then_some(diagnostic) })
+        Ok(PipeResult { status, dsn, text, diagnostic: (!diagnostic.is_empty()).then_some(diagnostic) })
     }
 }
 
@@ -420,14 +423,6 @@ impl ResultDecoder {
     }
 }
 
-/// `class.subject.detail` with a class of 2, 4 or 5 (RFC 3463).
-fn is_dsn_code(code: &str) -> bool {
-    let parts: Vec<&str> = code.split('.').collect();
-    matches!(parts.as_slice(), [class, subject, detail]
-        if matches!(*class, "2" | "4" | "5")
-            && [subject, detail].iter().all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit())))
-}
-
 /// Text that ends up in logs and DSNs carries no control characters.
 fn printable(s: &str, what: &'static str) -> Result<String, PipeError> {
     if s.chars().any(char::is_control) {
@@ -625,10 +620,14 @@ mod tests {
     #[test]
     fn results_round_trip_and_are_counted() {
         let results = [
-            PipeResult::new(PipeStatus::Delivered, "2.0.0", "delivered via pipe service"),
+            PipeResult::new(PipeStatus::Delivered, "2.0.0".parse().unwrap(), "delivered via pipe service"),
             PipeResult {
                 diagnostic: Some("x-unix; no such user".into()),
-                ..PipeResult::new(PipeStatus::Bounced, "5.1.1", "Command died with status 67: \"/bin/x\"")
+                ..PipeResult::new(
+                    PipeStatus::Bounced,
+                    "5.1.1".parse().unwrap(),
+                    "Command died with status 67: \"/bin/x\"",
+                )
             },
         ];
         let mut wire = Vec::new();
@@ -657,7 +656,7 @@ mod tests {
     #[test]
     fn results_before_a_broken_record_count() {
         let mut wire = Vec::new();
-        PipeResult::new(PipeStatus::Delivered, "2.0.0", "ok").encode(&mut wire);
+        PipeResult::new(PipeStatus::Delivered, "2.0.0".parse().unwrap(), "ok").encode(&mut wire);
         wire.extend_from_slice(b"garbage!");
         let mut dec = ResultDecoder::new(2);
         dec.feed(&wire);
@@ -667,7 +666,11 @@ mod tests {
 
     #[test]
     fn result_encoding_cleans_text() {
-        let long = PipeResult::new(PipeStatus::Deferred, "4.3.0", format!("a\nb{}", "é".repeat(MAX_RESULT_TEXT)));
+        let long = PipeResult::new(
+            PipeStatus::Deferred,
+            "4.3.0".parse().unwrap(),
+            format!("a\nb{}", "é".repeat(MAX_RESULT_TEXT)),
+        );
         let mut wire = Vec::new();
         long.encode(&mut wire);
         let mut dec = ResultDecoder::new(1);

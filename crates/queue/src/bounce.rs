@@ -23,10 +23,12 @@
 use crate::spool;
 use mortal_proto::config::Config;
 use mortal_proto::date;
-use mortal_proto::ipc::{BodyType, ClientInfo, DsnRet, Notify, SenderInfo};
+use mortal_proto::envelope::{BodyType, ClientInfo, DsnRet, Notify, SenderInfo};
 use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
 use mortal_proto::queue_id::QueueId;
+use mortal_proto::smtp_status::{DsnAction, EnhancedStatus};
 use std::io;
+use std::net::Ipv4Addr;
 use std::time::SystemTime;
 
 /// Largest original message returned in full; bigger ones come back as
@@ -75,10 +77,9 @@ impl Kind {
 pub struct Entry {
     /// Index into the original's recipients.
     pub rcpt: usize,
-    /// `failed`, `delayed`, `delivered` or `relayed`.
-    pub action: &'static str,
+    pub action: DsnAction,
     /// RFC 3463 code.
-    pub status: String,
+    pub status: EnhancedStatus,
     /// Why, for the human part.
     pub text: String,
     pub diagnostic: Option<String>,
@@ -185,7 +186,7 @@ fn compose(config: &Config, qf: &QueueFile, kind: Kind, entries: &[&Entry], id: 
         id,
         arrival: now,
         client: ClientInfo {
-            addr: "127.0.0.1".into(),
+            addr: Ipv4Addr::LOCALHOST.into(),
             name: "localhost".into(),
             helo: host.clone(),
             protocol: "local".into(),
@@ -203,7 +204,7 @@ fn compose(config: &Config, qf: &QueueFile, kind: Kind, entries: &[&Entry], id: 
             state: RecipientState::Pending,
             notify: Notify { never: true, ..Notify::default() },
             orcpt: String::new(),
-            status: String::new(),
+            status: None,
         }],
         content,
     }
@@ -257,7 +258,7 @@ mod tests {
             id: "0000000010000100000A".parse().unwrap(),
             arrival: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
             client: ClientInfo {
-                addr: "127.0.0.1".into(),
+                addr: Ipv4Addr::LOCALHOST.into(),
                 name: "unknown".into(),
                 helo: "c.test".into(),
                 protocol: "ESMTP".into(),
@@ -276,14 +277,14 @@ mod tests {
                     state: RecipientState::Failed,
                     notify: Notify::default(),
                     orcpt: "rfc822;B@y.test".into(),
-                    status: String::new(),
+                    status: None,
                 },
                 QueuedRecipient {
                     address: "c@y.test".into(),
                     state: RecipientState::Failed,
                     notify: Notify { never: true, ..Notify::default() },
                     orcpt: String::new(),
-                    status: String::new(),
+                    status: None,
                 },
             ],
             content: b"Subject: hi\r\n\r\nsecret body\r\n".to_vec(),
@@ -293,8 +294,8 @@ mod tests {
     fn entry(rcpt: usize) -> Entry {
         Entry {
             rcpt,
-            action: "failed",
-            status: "5.1.1".into(),
+            action: DsnAction::Failed,
+            status: "5.1.1".parse().unwrap(),
             text: "host h said: 550 5.1.1 no".into(),
             diagnostic: Some("smtp; 550 5.1.1 no".into()),
             remote_mta: Some("dns; h".into()),

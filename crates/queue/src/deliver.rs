@@ -14,9 +14,10 @@ use crate::bounce::{self, Entry, Kind};
 use crate::route::{self, Agents, RcptResult, Status};
 use crate::spool;
 use mortal_proto::config::Config;
-use mortal_proto::ipc::Notify;
-use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
+use mortal_proto::envelope::Notify;
+use mortal_proto::queue_file::{DeliveryStatus, QueueFile, QueuedRecipient, RecipientState};
 use mortal_proto::queue_id::QueueId;
+use mortal_proto::smtp_status::{DsnAction, EnhancedStatus, StatusClass};
 use mortal_proto::spool::QueueDir;
 use std::fs::{self, File, FileTimes};
 use std::io;
@@ -88,7 +89,7 @@ pub fn deliver(agents: &Agents, id: &QueueId) -> (Outcome, bool) {
                 Status::Deferred => "deferred",
                 Status::Bounced => "bounced",
             };
-            log_line(&qf, r, &report.relay, started, attempt, &result.dsn, &format!("{word} ({})", result.text));
+            log_line(&qf, r, &report.relay, started, attempt, result.dsn, &format!("{word} ({})", result.text));
             apply(&mut qf.recipients[i], i, result, &mut notices);
         }
     }
@@ -100,11 +101,11 @@ pub fn deliver(agents: &Agents, id: &QueueId) -> (Outcome, bool) {
 
 /// Records one result in the recipient's persisted state.
 fn apply(r: &mut QueuedRecipient, i: usize, result: &RcptResult, notices: &mut Notices) {
-    r.status = bounded(&format!("{} {}", result.dsn, result.text));
+    r.status = Some(DeliveryStatus { code: result.dsn, text: bounded(&result.text) });
     let entry = |action| Entry {
         rcpt: i,
         action,
-        status: result.dsn.clone(),
+        status: result.dsn,
         text: result.text.clone(),
         diagnostic: result.diagnostic.clone(),
         remote_mta: result.remote_mta.clone(),
@@ -119,7 +120,7 @@ fn apply(r: &mut QueuedRecipient, i: usize, result: &RcptResult, notices: &mut N
         Status::Deferred => {}
         Status::Bounced => {
             r.state = RecipientState::Failed;
-            notices.failed.push(entry("failed"));
+            notices.failed.push(entry(DsnAction::Failed));
         }
     }
 }
@@ -136,12 +137,13 @@ fn expire(config: &Config, qf: &mut QueueFile, started: SystemTime, notices: &mu
         if qf.recipients[i].state != RecipientState::Pending {
             continue;
         }
-        let (dsn, text) = split_status(&qf.recipients[i].status);
+        let (dsn, text) = last_status(&qf.recipients[i]);
         let what =
             if bounce { "expired, dropped (mail from <> is never returned)" } else { "expired, returned to sender" };
-        log_line(qf, &qf.recipients[i], "none", started, started, &dsn, &format!("{what} ({text})"));
+        log_line(qf, &qf.recipients[i], "none", started, started, dsn, &format!("{what} ({text})"));
         qf.recipients[i].state = RecipientState::Failed;
-        notices.failed.push(Entry { rcpt: i, action: "failed", status: dsn, text, diagnostic: None, remote_mta: None });
+        let entry = Entry { rcpt: i, action: DsnAction::Failed, status: dsn, text, diagnostic: None, remote_mta: None };
+        notices.failed.push(entry);
     }
 }
 
@@ -183,8 +185,8 @@ fn warn_delay(config: &Config, qf: &mut QueueFile, started: SystemTime) -> bool 
     let entries: Vec<Entry> = (0..qf.recipients.len())
         .filter(|&i| qf.recipients[i].state == RecipientState::Pending && Kind::Delay.wanted(qf.recipients[i].notify))
         .map(|i| {
-            let (status, text) = split_status(&qf.recipients[i].status);
-            Entry { rcpt: i, action: "delayed", status, text, diagnostic: None, remote_mta: None }
+            let (status, text) = last_status(&qf.recipients[i]);
+            Entry { rcpt: i, action: DsnAction::Delayed, status, text, diagnostic: None, remote_mta: None }
         })
         .collect();
     if entries.is_empty() {
@@ -264,7 +266,7 @@ fn log_line(
     relay: &str,
     started: SystemTime,
     attempt: SystemTime,
-    dsn: &str,
+    dsn: EnhancedStatus,
     status: &str,
 ) {
     let orig = match r.orcpt.split_once(';') {
@@ -281,12 +283,16 @@ fn log_line(
     );
 }
 
-/// Splits a stored status `4.4.1 connect to ...` into code and text.
-fn split_status(status: &str) -> (String, String) {
-    match status.split_once(' ') {
-        Some((code, text)) if code.len() >= 5 && code.as_bytes()[1] == b'.' => (code.to_owned(), text.to_owned()),
-        _ if status.is_empty() => ("4.4.7".into(), "delivery time expired".into()),
-        _ => ("4.0.0".into(), status.to_owned()),
+/// `4.4.7`: delivery time expired (RFC 3463), for a recipient that never
+/// got as far as an attempt.
+const EXPIRED: EnhancedStatus = EnhancedStatus::new(StatusClass::Persistent, 4, 7);
+
+/// The code and text of a recipient's last attempt, for expiry and delay
+/// notices.
+fn last_status(r: &QueuedRecipient) -> (EnhancedStatus, String) {
+    match &r.status {
+        Some(s) => (s.code, s.text.clone()),
+        None => (EXPIRED, "delivery time expired".into()),
     }
 }
 
@@ -315,13 +321,27 @@ mod tests {
         assert!(after.failure && !after.delay && !Kind::Delay.wanted(after) && Kind::Failure.wanted(after));
         let only_delay = without_delay(Notify { delay: true, ..Notify::default() });
         assert!(only_delay.never && !Kind::Failure.wanted(only_delay));
-        assert!(Notify::from_wire(only_delay.to_wire()).is_some() && Notify::from_wire(after.to_wire()).is_some());
+        assert!(only_delay.is_valid() && after.is_valid());
     }
 
     #[test]
-    fn stored_status_splits() {
-        assert_eq!(split_status("4.4.1 connect to x: refused"), ("4.4.1".into(), "connect to x: refused".into()));
-        assert_eq!(split_status("").0, "4.4.7");
-        assert_eq!(bounded(&"é".repeat(600)).len(), 900);
+    fn result_is_stored_as_code_and_text() {
+        let mut r = QueuedRecipient {
+            address: "b@y.test".into(),
+            state: RecipientState::Pending,
+            notify: Notify::default(),
+            orcpt: String::new(),
+            status: None,
+        };
+        assert_eq!(last_status(&r), (EXPIRED, "delivery time expired".into()));
+        let code = EnhancedStatus::new(StatusClass::Persistent, 4, 1);
+        let result = RcptResult::new(Status::Deferred, code, format!("connect to x: {}", "é".repeat(600)));
+        let mut notices = Notices::default();
+        apply(&mut r, 0, &result, &mut notices);
+        let stored = r.status.as_ref().unwrap();
+        assert_eq!((stored.code, stored.text.len()), (code, 900));
+        assert!(stored.text.starts_with("connect to x: é"));
+        assert_eq!(last_status(&r).0.to_string(), "4.4.1");
+        assert!(notices.failed.is_empty() && r.state == RecipientState::Pending);
     }
 }

@@ -17,6 +17,7 @@ use crate::agent::client::{self, Cache, Failure, RcptReply};
 use crate::agent::{discard, lmtp, maildir, pipe, smtp};
 use mortal_proto::config::{Config, Route};
 use mortal_proto::queue_file::{QueueFile, RecipientState};
+use mortal_proto::smtp_status::{DsnAction, EnhancedStatus, ReplyClass, StatusClass};
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
 
@@ -37,7 +38,7 @@ pub enum Status {
 pub struct RcptResult {
     pub status: Status,
     /// RFC 3463 code.
-    pub dsn: String,
+    pub dsn: EnhancedStatus,
     /// Human text: `250 2.0.0 Ok`, `host X said: 550 ... (in reply to RCPT TO command)`.
     pub text: String,
     /// RFC 3464 Diagnostic-Code (`smtp; 550 5.1.1 ...`), when a peer answered.
@@ -47,40 +48,37 @@ pub struct RcptResult {
     /// The DSN action a NOTIFY=SUCCESS recipient is owed: `delivered` by
     /// final delivery, `relayed` by a relay to a server without DSN, none
     /// when the next hop took over DSN duty (RFC 3461 5.2).
-    pub success_action: Option<&'static str>,
+    pub success_action: Option<DsnAction>,
 }
 
 impl RcptResult {
-    pub fn new(status: Status, dsn: &str, text: impl Into<String>) -> Self {
-        Self {
-            status,
-            dsn: dsn.to_owned(),
-            text: text.into(),
-            diagnostic: None,
-            remote_mta: None,
-            success_action: None,
-        }
+    pub fn new(status: Status, dsn: EnhancedStatus, text: impl Into<String>) -> Self {
+        Self { status, dsn, text: text.into(), diagnostic: None, remote_mta: None, success_action: None }
     }
 
     /// A delivery that ends here (Maildir, pipe, LMTP, discard).
     pub fn delivered(text: impl Into<String>) -> Self {
-        Self { success_action: Some("delivered"), ..Self::new(Status::Sent, "2.0.0", text) }
+        Self {
+            success_action: Some(DsnAction::Delivered),
+            ..Self::new(Status::Sent, EnhancedStatus::undefined(StatusClass::Success), text)
+        }
     }
 
     /// A session failure, as every recipient of the batch sees it.
     pub fn from_failure(f: &Failure) -> Self {
         Self {
             diagnostic: f.reply.as_ref().map(|r| format!("smtp; {}", r.text())),
-            ..Self::new(Status::Deferred, &f.dsn, &f.text)
+            ..Self::new(Status::Deferred, f.dsn, &f.text)
         }
     }
 
     /// A server's answer for one recipient.
-    pub fn from_reply(r: &RcptReply, peer: &str, remote_mta: &str, success_action: Option<&'static str>) -> Self {
-        let status = match r.reply.code / 100 {
-            2 => Status::Sent,
-            4 => Status::Deferred,
-            _ => Status::Bounced,
+    pub fn from_reply(r: &RcptReply, peer: &str, remote_mta: &str, success_action: Option<DsnAction>) -> Self {
+        let status = match r.reply.code.class() {
+            ReplyClass::PositiveCompletion => Status::Sent,
+            ReplyClass::TransientNegative => Status::Deferred,
+            // A 3yz where a final answer was due is as good as a 5yz.
+            ReplyClass::PositiveIntermediate | ReplyClass::PermanentNegative => Status::Bounced,
         };
         let text = if status == Status::Sent {
             r.reply.text()
@@ -91,7 +89,7 @@ impl RcptResult {
             diagnostic: Some(format!("smtp; {}", r.reply.text())),
             remote_mta: Some(remote_mta.to_owned()),
             success_action: if status == Status::Sent { success_action } else { None },
-            ..Self::new(status, &r.reply.enhanced(), text)
+            ..Self::new(status, r.reply.enhanced(), text)
         }
     }
 }
@@ -241,21 +239,21 @@ mod tests {
             state,
             notify: Default::default(),
             orcpt: String::new(),
-            status: String::new(),
+            status: None,
         };
         let qf = QueueFile {
             id: "0000000010000100000A".parse().unwrap(),
             arrival: std::time::UNIX_EPOCH,
-            client: mortal_proto::ipc::ClientInfo {
-                addr: String::new(),
+            client: mortal_proto::envelope::ClientInfo {
+                addr: std::net::Ipv4Addr::LOCALHOST.into(),
                 name: String::new(),
                 helo: String::new(),
                 protocol: String::new(),
                 tls: String::new(),
             },
-            sender: mortal_proto::ipc::SenderInfo {
+            sender: mortal_proto::envelope::SenderInfo {
                 address: String::new(),
-                body: mortal_proto::ipc::BodyType::SevenBit,
+                body: mortal_proto::envelope::BodyType::SevenBit,
                 smtputf8: false,
                 ret: None,
                 envid: String::new(),

@@ -30,9 +30,8 @@ use crate::engine::{Action, Answer, Session};
 use crate::relay::RelayPolicy;
 use crate::tls::TlsServer;
 use mortal_proto::config::Config;
-use mortal_proto::ipc::{
-    self, ClientInfo, Decoder, IpcError, PROTOCOL_VERSION, RecipientInfo, Reply, Request, SenderInfo,
-};
+use mortal_proto::envelope::{ClientInfo, RecipientInfo, SenderInfo};
+use mortal_proto::ipc::{self, Decoder, IpcError, PROTOCOL_VERSION, Reply, Request};
 use mortal_proto::queue_id::QueueId;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -552,7 +551,7 @@ impl Cleanup {
         cleanup.write_out().await?;
         match cleanup.read_reply().await? {
             Reply::QueueId(id) => Ok((cleanup, id)),
-            Reply::Answer { code, enhanced, text } => Err(CleanupError::Refused(Answer { code, enhanced, text })),
+            Reply::Answer { code, status, text } => Err(CleanupError::Refused(Answer { code, status, text })),
         }
     }
 
@@ -573,7 +572,7 @@ impl Cleanup {
     async fn finish(mut self) -> Result<Answer, CleanupError> {
         self.send(&Request::End).await?;
         match self.read_reply().await? {
-            Reply::Answer { code, enhanced, text } => Ok(Answer { code, enhanced, text }),
+            Reply::Answer { code, status, text } => Ok(Answer { code, status, text }),
             Reply::QueueId(_) => Err(CleanupError::Unexpected("QueueId")),
         }
     }
@@ -582,7 +581,7 @@ impl Cleanup {
     async fn parting_answer(mut self) -> Option<Answer> {
         self.timeout = ANSWER_AFTER_HANGUP_WAIT;
         match self.read_reply().await {
-            Ok(Reply::Answer { code, enhanced, text }) => Some(Answer { code, enhanced, text }),
+            Ok(Reply::Answer { code, status, text }) => Some(Answer { code, status, text }),
             _ => None,
         }
     }

@@ -30,6 +30,7 @@ use crate::proxy::{self, ProxyError, ProxyHeader};
 use mortal_proto::anvil::{AnvilReply, Status};
 use mortal_proto::cidr;
 use mortal_proto::config::Config;
+use mortal_proto::smtp_status::{EnhancedStatus, ReplyCode, StatusClass};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Instant;
@@ -255,8 +256,9 @@ impl ClientLimits {
                     self.addr
                 );
                 Some(Answer {
-                    code: 450,
-                    enhanced: "4.7.1".into(),
+                    // 4.7.1: delivery not authorized (for now).
+                    code: const { ReplyCode::of(450) },
+                    status: const { EnhancedStatus::new(StatusClass::Persistent, 7, 1) },
                     text: format!("Error: too much mail from {}", self.addr),
                 })
             }

@@ -17,7 +17,7 @@
 //! address per line, compared without regard to case; blank lines and
 //! lines starting with `#` are ignored.
 
-use crate::engine::reply;
+use crate::engine::reply::{self, Reply};
 use mortal_proto::address::{self, Mailbox};
 use mortal_proto::config::Config;
 use mortal_proto::relay::{self, Relay};
@@ -118,7 +118,7 @@ impl RelayPolicy {
 
     /// The RCPT decision for `mailbox` from a client at `client`: `Err`
     /// holds the reply refusing it.
-    pub fn check(&self, config: &Config, client: IpAddr, mailbox: &Mailbox) -> Result<(), String> {
+    pub fn check(&self, config: &Config, client: IpAddr, mailbox: &Mailbox) -> Result<(), Reply> {
         match relay::decide(config, client, &mailbox.domain) {
             Relay::Local => {
                 let postmaster = mailbox.local.eq_ignore_ascii_case("postmaster");
@@ -134,8 +134,9 @@ impl RelayPolicy {
 }
 
 /// Postfix's reply for a recipient missing from local_recipient_maps.
-pub fn user_unknown(mailbox: &Mailbox) -> String {
-    format!("550 5.1.1 <{mailbox}>: Recipient address rejected: User unknown in local recipient table")
+pub fn user_unknown(mailbox: &Mailbox) -> Reply {
+    const { Reply::new(550, 1, 1, "") }
+        .with_text(format!("<{mailbox}>: Recipient address rejected: User unknown in local recipient table"))
 }
 
 #[cfg(test)]
@@ -180,7 +181,7 @@ mod tests {
         ] {
             let policy = map.cloned().map(RelayPolicy::with_map).unwrap_or_default();
             let got = policy.check(cfg, client, &mb(rcpt));
-            assert_eq!(got, expected.map_err(str::to_owned), "{rcpt} from {client}");
+            assert_eq!(got.map_err(|r| r.line()), expected.map_err(str::to_owned), "{rcpt} from {client}");
         }
     }
 

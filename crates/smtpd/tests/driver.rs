@@ -6,7 +6,8 @@
 
 mod support;
 
-use mortal_proto::ipc::{BodyType, ClientInfo, Notify, PROTOCOL_VERSION, RecipientInfo, Request, SenderInfo};
+use mortal_proto::envelope::{BodyType, ClientInfo, Notify, RecipientInfo, SenderInfo};
+use mortal_proto::ipc::{PROTOCOL_VERSION, Request};
 use std::time::Duration;
 use support::{Conversation, Dir, QUEUE_ID, answer, connect, content, serve};
 use tokio::net::UnixListener;
@@ -49,7 +50,7 @@ async fn two_fifty_comes_only_after_cleanups_answer() {
     let ((head, rest), (), ()) = tokio::join!(cleanup, smtp, serve(&config, None, server));
 
     let client_info = ClientInfo {
-        addr: "127.0.0.1".into(),
+        addr: std::net::Ipv4Addr::LOCALHOST.into(),
         name: "unknown".into(),
         helo: "client.test".into(),
         protocol: "ESMTP".into(),

@@ -95,7 +95,7 @@ async fn message_over_tls(versions: &[&'static rustls::SupportedProtocolVersion]
     got
 }
 
-fn client_of(requests: &[Request]) -> mortal_proto::ipc::ClientInfo {
+fn client_of(requests: &[Request]) -> mortal_proto::envelope::ClientInfo {
     match &requests[1] {
         Request::Client(c) => c.clone(),
         other => panic!("expected Client, got {other:?}"),
@@ -330,9 +330,9 @@ async fn dsn_and_smtputf8_reach_cleanup() {
     let Request::Sender(sender) = &got[2] else { panic!("expected Sender, got {:?}", got[2]) };
     assert_eq!(
         (sender.address.as_str(), sender.smtputf8, sender.ret, sender.envid.as_str()),
-        ("jürgen@example.test", true, Some(mortal_proto::ipc::DsnRet::Headers), "id+1")
+        ("jürgen@example.test", true, Some(mortal_proto::envelope::DsnRet::Headers), "id+1")
     );
     let Request::Recipient(rcpt) = &got[3] else { panic!("expected Recipient, got {:?}", got[3]) };
-    let notify = mortal_proto::ipc::Notify { never: false, success: true, failure: false, delay: true };
+    let notify = mortal_proto::envelope::Notify { never: false, success: true, failure: false, delay: true };
     assert_eq!((rcpt.notify, rcpt.orcpt.as_str()), (notify, "rfc822;b+ob@example.test"));
 }

@@ -30,6 +30,7 @@
 //! set.
 
 use mortal_proto::config::{BareNewline, Config};
+use mortal_proto::smtp_status::ReplyCode;
 use mortal_smtpd::engine::{Action, Answer, Session};
 use std::collections::VecDeque;
 use std::fmt::Write;
@@ -285,8 +286,8 @@ impl Runner {
             None => {
                 let id = format!("{:020X}", 0xA000 + self.cleanup.queued);
                 session.cleanup_answer(Answer {
-                    code: 250,
-                    enhanced: "2.0.0".into(),
+                    code: ReplyCode::of(250),
+                    status: "2.0.0".parse().expect("status"),
                     text: format!("Ok: queued as {id}"),
                 });
             }
@@ -305,9 +306,9 @@ impl Runner {
 fn parse_answer(s: &str) -> Answer {
     let mut parts = s.splitn(3, ' ');
     let code = parts.next().and_then(|c| c.parse().ok()).expect("answer code");
-    let enhanced = parts.next().unwrap_or_default().to_owned();
+    let status = parts.next().and_then(|s| s.parse().ok()).expect("answer status");
     let text = parts.next().unwrap_or_default().to_owned();
-    Answer { code, enhanced, text }
+    Answer { code, status, text }
 }
 
 fn unescape(s: &str) -> Vec<u8> {

@@ -13,7 +13,7 @@ use super::fmt::{age_of, count, epoch_secs, human_age, human_size, rfc3339, send
 use super::perm;
 use super::spool::{self, Entry, Filter, QueueDir};
 use mortal_proto::config::Config;
-use mortal_proto::queue_file::RecipientState;
+use mortal_proto::queue_file::{DeliveryStatus, RecipientState};
 use mortal_proto::queue_id::QueueId;
 use serde::Serialize;
 use std::io::{self, Write};
@@ -29,8 +29,9 @@ pub struct Listed {
     /// of a file that cannot be decoded.
     pub size: u64,
     pub sender: String,
-    /// Pending recipients with their last delay reason (may be empty).
-    pub recipients: Vec<(String, String)>,
+    /// Pending recipients with their last delay reason (`None` before the
+    /// first attempt).
+    pub recipients: Vec<(String, Option<DeliveryStatus>)>,
     /// Why the file could not be decoded, for files the queue manager
     /// will move (or moved) to `corrupt/`.
     pub error: Option<String>,
@@ -96,12 +97,12 @@ impl Style {
         if let Some(error) = &m.error {
             out.push(format!("(unreadable queue file: {error})"));
         }
-        let mut last_reason: Option<&str> = None;
+        let mut last_reason: Option<&DeliveryStatus> = None;
         for (address, reason) in &m.recipients {
-            if !reason.is_empty() && last_reason != Some(reason.as_str()) {
+            if let Some(reason) = reason.as_ref().filter(|r| last_reason != Some(*r)) {
                 out.push(format!("({reason})"));
             }
-            last_reason = Some(reason);
+            last_reason = reason.as_ref();
             out.push(self.recipient_line(address));
         }
         out
@@ -133,9 +134,10 @@ struct JsonMessage<'a> {
 #[derive(Debug, Serialize)]
 struct JsonRecipient<'a> {
     address: &'a str,
-    /// Absent before the first attempt, as in `postqueue -j`.
-    #[serde(skip_serializing_if = "str::is_empty")]
-    delay_reason: &'a str,
+    /// `4.4.1 connect to ...`; absent before the first attempt, as in
+    /// `postqueue -j`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delay_reason: Option<String>,
 }
 
 pub fn json_line(m: &Listed) -> String {
@@ -145,7 +147,11 @@ pub fn json_line(m: &Listed) -> String {
         arrival_time: epoch_secs(m.arrival),
         message_size: m.size,
         sender: &m.sender,
-        recipients: m.recipients.iter().map(|(a, r)| JsonRecipient { address: a, delay_reason: r }).collect(),
+        recipients: m
+            .recipients
+            .iter()
+            .map(|(a, r)| JsonRecipient { address: a, delay_reason: r.as_ref().map(DeliveryStatus::to_string) })
+            .collect(),
         error: m.error.as_deref(),
     };
     serde_json::to_string(&record).expect("plain strings and numbers always serialize")
@@ -308,6 +314,10 @@ mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
 
+    fn refused() -> DeliveryStatus {
+        DeliveryStatus { code: "4.4.1".parse().unwrap(), text: "connect to 127.0.0.1:24: Connection refused".into() }
+    }
+
     fn sample() -> Listed {
         Listed {
             queue: QueueDir::Deferred,
@@ -316,9 +326,9 @@ mod tests {
             size: 2048,
             sender: "a@example.test".into(),
             recipients: vec![
-                ("b@example.test".into(), "4.4.1 connect to 127.0.0.1:24: Connection refused".into()),
-                ("c@example.test".into(), "4.4.1 connect to 127.0.0.1:24: Connection refused".into()),
-                ("d@example.test".into(), String::new()),
+                ("b@example.test".into(), Some(refused())),
+                ("c@example.test".into(), Some(refused())),
+                ("d@example.test".into(), None),
             ],
             error: None,
         }
@@ -361,7 +371,7 @@ mod tests {
         let mut m = sample();
         m.queue = QueueDir::Active;
         m.size = 1_300_000;
-        m.recipients = vec![("b@example.test".into(), String::new())];
+        m.recipients = vec![("b@example.test".into(), None)];
         let want = "\
 -Queue ID-               Size     Age  -Sender/Recipient-------
 0000000010000100000A*    1.2M   3h05m  a@example.test

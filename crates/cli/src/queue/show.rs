@@ -10,7 +10,7 @@
 use super::fmt::{epoch_secs, rfc3339};
 use super::spool::{self, Entry, QueueDir};
 use mortal_proto::config::Config;
-use mortal_proto::ipc::{BodyType, DsnRet, Notify};
+use mortal_proto::envelope::{BodyType, DsnRet, Notify};
 use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
 use mortal_proto::queue_id::QueueId;
 use std::io::{self, Write};
@@ -118,8 +118,8 @@ fn recipient_text(r: &QueuedRecipient) -> String {
     if !r.orcpt.is_empty() {
         line.push_str(&format!(" orcpt={}", r.orcpt));
     }
-    if !r.status.is_empty() {
-        line.push_str(&format!(" ({})", r.status));
+    if let Some(status) = &r.status {
+        line.push_str(&format!(" ({status})"));
     }
     line
 }
@@ -167,7 +167,7 @@ pub fn json(queue: QueueDir, qf: &QueueFile, part: Part) -> serde_json::Value {
                 "state": state_name(r.state),
                 "notify": notify_text(r.notify),
                 "orcpt": r.orcpt,
-                "delay_reason": r.status,
+                "delay_reason": r.status.as_ref().map(ToString::to_string).unwrap_or_default(),
             })
         })
         .collect();
@@ -176,7 +176,7 @@ pub fn json(queue: QueueDir, qf: &QueueFile, part: Part) -> serde_json::Value {
         "queue_id": qf.id,
         "arrival_time": epoch_secs(qf.arrival),
         "message_size": qf.content.len(),
-        "client_address": qf.client.addr,
+        "client_address": qf.client.addr.to_string(),
         "client_name": qf.client.name,
         "helo": qf.client.helo,
         "protocol": qf.client.protocol,

@@ -17,8 +17,9 @@
 
 use crate::route::{RcptResult, Report, Status};
 use mortal_proto::config::NextHop;
-use mortal_proto::ipc::{BodyType, DsnRet, Notify};
+use mortal_proto::envelope::{BodyType, DsnRet, Notify};
 use mortal_proto::queue_file::QueueFile;
+use mortal_proto::smtp_status::{DsnAction, EnhancedStatus, ReplyCode, ReplyStage, StatusClass};
 use mortal_proto::tls::TlsSummary;
 use mortal_proto::xtext;
 use rustls::{ClientConnection, StreamOwned};
@@ -39,6 +40,15 @@ const WRITE_CHUNK: usize = 64 * 1024;
 /// How long a QUIT to a connection being closed may take.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// `4.4.1`: no answer from host (connect failed).
+const NO_ANSWER: EnhancedStatus = EnhancedStatus::new(StatusClass::Persistent, 4, 1);
+/// `4.4.2`: bad connection (lost or timed out).
+const BAD_CONNECTION: EnhancedStatus = EnhancedStatus::new(StatusClass::Persistent, 4, 2);
+/// `4.5.0`: other or undefined protocol status.
+const PROTOCOL_ERROR: EnhancedStatus = EnhancedStatus::new(StatusClass::Persistent, 5, 0);
+/// `4.7.5`: cryptographic failure.
+pub const CRYPTO_FAILURE: EnhancedStatus = EnhancedStatus::new(StatusClass::Persistent, 7, 5);
+
 /// Which protocol a session speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
@@ -49,7 +59,7 @@ pub enum Dialect {
 /// One server reply, possibly multi-line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
-    pub code: u16,
+    pub code: ReplyCode,
     /// Text of each line, without the code and separator.
     pub lines: Vec<String>,
 }
@@ -60,20 +70,22 @@ impl Reply {
         format!("{} {}", self.code, self.lines.join(" ")).trim_end().to_owned()
     }
 
-    /// The RFC 3463 code of the reply, or one derived from its class.
-    pub fn enhanced(&self) -> String {
+    /// The RFC 3463 code of the reply (RFC 2034: the first word of its
+    /// text), or `X.0.0` of the reply's class when it has none or one of
+    /// another class. A `3yz` where a final reply was due counts as
+    /// permanent, as it does for the recipient (`route::RcptResult`).
+    pub fn enhanced(&self) -> EnhancedStatus {
+        let class = self.code.status_class().unwrap_or(StatusClass::Permanent);
         let first = self.lines.first().map(String::as_str).unwrap_or_default();
         let word = first.split(' ').next().unwrap_or_default();
-        let parts: Vec<&str> = word.split('.').collect();
-        let class = (self.code / 100).to_string();
-        let valid = parts.len() == 3
-            && parts[0] == class
-            && parts.iter().all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
-        if valid { word.to_owned() } else { format!("{class}.0.0") }
+        match word.parse::<EnhancedStatus>() {
+            Ok(status) if status.class() == class => status,
+            _ => EnhancedStatus::undefined(class),
+        }
     }
 
     pub fn is_ok(&self) -> bool {
-        (200..300).contains(&self.code)
+        self.code.is_positive()
     }
 }
 
@@ -82,7 +94,7 @@ impl Reply {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     /// RFC 3463 status.
-    pub dsn: String,
+    pub dsn: EnhancedStatus,
     /// Postfix-shaped text: `connect to 127.0.0.1[127.0.0.1]:24: Connection refused`.
     pub text: String,
     /// The server's reply, when one caused the failure.
@@ -97,11 +109,11 @@ impl Failure {
             }
             _ => format!("lost connection with {peer} while {during}: {e}"),
         };
-        Failure { dsn: "4.4.2".into(), text, reply: None }
+        Failure { dsn: BAD_CONNECTION, text, reply: None }
     }
 
     fn protocol(peer: &str, during: &str, what: &str) -> Self {
-        Failure { dsn: "4.5.0".into(), text: format!("protocol error with {peer} while {during}: {what}"), reply: None }
+        Failure { dsn: PROTOCOL_ERROR, text: format!("protocol error with {peer} while {during}: {what}"), reply: None }
     }
 }
 
@@ -214,8 +226,8 @@ pub struct EnvelopeRecipient<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RcptReply {
     pub reply: Reply,
-    /// `MAIL FROM`, `RCPT TO`, `DATA` or `end of DATA`.
-    pub stage: &'static str,
+    /// `MAIL FROM`, `RCPT TO`, `DATA`, `end of DATA` or `BDAT`.
+    pub stage: ReplyStage,
 }
 
 /// One connection to an LMTP or SMTP server.
@@ -249,14 +261,14 @@ impl Session {
             NextHop::Inet(addr) => {
                 let peer = peer_name(addr);
                 let s = TcpStream::connect_timeout(addr, t.connect).map_err(|e| Failure {
-                    dsn: "4.4.1".into(),
+                    dsn: NO_ANSWER,
                     text: format!("connect to {peer}: {e}"),
                     reply: None,
                 })?;
                 let _ = s.set_nodelay(true);
-                s.set_read_timeout(Some(t.command)).and_then(|()| s.set_write_timeout(Some(t.command))).map_err(
-                    |e| Failure { dsn: "4.4.1".into(), text: format!("connect to {peer}: {e}"), reply: None },
-                )?;
+                s.set_read_timeout(Some(t.command))
+                    .and_then(|()| s.set_write_timeout(Some(t.command)))
+                    .map_err(|e| Failure { dsn: NO_ANSWER, text: format!("connect to {peer}: {e}"), reply: None })?;
                 (Stream::Tcp(s), peer)
             }
             NextHop::Unix(path) => {
@@ -267,11 +279,7 @@ impl Session {
                         s.set_write_timeout(Some(t.command))?;
                         Ok(s)
                     })
-                    .map_err(|e| Failure {
-                        dsn: "4.4.1".into(),
-                        text: format!("connect to {peer}: {e}"),
-                        reply: None,
-                    })?;
+                    .map_err(|e| Failure { dsn: NO_ANSWER, text: format!("connect to {peer}: {e}"), reply: None })?;
                 (Stream::Unix(s), peer)
             }
         };
@@ -285,8 +293,8 @@ impl Session {
             hostname: hostname.to_owned(),
         };
         let greeting = session.read_reply("receiving the initial server greeting")?;
-        if greeting.code != 220 {
-            return Err(session.refused(greeting, "initial server greeting"));
+        if greeting.code.get() != 220 {
+            return Err(session.refused(greeting, ReplyStage::Greeting));
         }
         session.hello()?;
         Ok(session)
@@ -294,19 +302,19 @@ impl Session {
 
     /// EHLO (falling back to HELO for an old SMTP server) or LHLO.
     pub fn hello(&mut self) -> Result<(), Failure> {
-        let verb = if self.dialect == Dialect::Lmtp { "LHLO" } else { "EHLO" };
+        let verb = if self.dialect == Dialect::Lmtp { ReplyStage::Lhlo } else { ReplyStage::Ehlo };
         let reply = self.command(&format!("{verb} {}", self.hostname), verb)?;
         if reply.is_ok() {
             self.ext = Extensions::parse(&reply);
             return Ok(());
         }
-        if self.dialect == Dialect::Smtp && reply.code >= 500 {
-            let reply = self.command(&format!("HELO {}", self.hostname), "HELO")?;
+        if self.dialect == Dialect::Smtp && reply.code.get() >= 500 {
+            let reply = self.command(&format!("HELO {}", self.hostname), ReplyStage::Helo)?;
             if reply.is_ok() {
                 self.ext = Extensions::default();
                 return Ok(());
             }
-            return Err(self.refused(reply, "HELO"));
+            return Err(self.refused(reply, ReplyStage::Helo));
         }
         Err(self.refused(reply, verb))
     }
@@ -317,9 +325,9 @@ impl Session {
         config: Arc<rustls::ClientConfig>,
         name: rustls::pki_types::ServerName<'static>,
     ) -> Result<(), Failure> {
-        let reply = self.command("STARTTLS", "STARTTLS")?;
-        if reply.code != 220 {
-            return Err(self.refused(reply, "STARTTLS"));
+        let reply = self.command("STARTTLS", ReplyStage::StartTls)?;
+        if reply.code.get() != 220 {
+            return Err(self.refused(reply, ReplyStage::StartTls));
         }
         if !self.rbuf.is_empty() {
             // Bytes sent before the handshake would be injected plaintext
@@ -330,7 +338,7 @@ impl Session {
             return Err(Failure::protocol(&self.peer, "starting TLS", "not a plaintext TCP session"));
         };
         let conn = ClientConnection::new(config, name).map_err(|e| Failure {
-            dsn: "4.7.5".into(),
+            dsn: CRYPTO_FAILURE,
             text: format!("TLS set-up for {}: {e}", self.peer),
             reply: None,
         })?;
@@ -338,7 +346,7 @@ impl Session {
         while tls.conn.is_handshaking() {
             if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
                 return Err(Failure {
-                    dsn: "4.7.5".into(),
+                    dsn: CRYPTO_FAILURE,
                     text: format!("TLS handshake with {} failed: {e}", self.peer),
                     reply: None,
                 });
@@ -373,36 +381,36 @@ impl Session {
             let data = if bdat { None } else { Some(self.read_reply("receiving the DATA reply")?) };
             (mail_reply, rcpt_replies, data)
         } else {
-            let mail_reply = self.command(&mail, "MAIL FROM")?;
+            let mail_reply = self.command(&mail, ReplyStage::MailFrom)?;
             let mut rcpt_replies = Vec::with_capacity(rcpts.len());
             if mail_reply.is_ok() {
                 for r in &rcpts {
-                    rcpt_replies.push(self.command(r, "RCPT TO")?);
+                    rcpt_replies.push(self.command(r, ReplyStage::RcptTo)?);
                 }
             }
             let any = rcpt_replies.iter().any(Reply::is_ok);
-            let data = if any && !bdat { Some(self.command("DATA", "DATA")?) } else { None };
+            let data = if any && !bdat { Some(self.command("DATA", ReplyStage::Data)?) } else { None };
             (mail_reply, rcpt_replies, data)
         };
         let n = env.recipients.len();
         if !mail_reply.is_ok() {
             self.abort(data_reply.as_ref())?;
-            return Ok(vec![RcptReply { reply: mail_reply, stage: "MAIL FROM" }; n]);
+            return Ok(vec![RcptReply { reply: mail_reply, stage: ReplyStage::MailFrom }; n]);
         }
         let answers: Vec<Option<RcptReply>> = rcpt_replies
             .into_iter()
-            .map(|r| (!r.is_ok()).then_some(RcptReply { reply: r, stage: "RCPT TO" }))
+            .map(|r| (!r.is_ok()).then_some(RcptReply { reply: r, stage: ReplyStage::RcptTo }))
             .collect();
         let accepted = answers.iter().filter(|a| a.is_none()).count();
         if bdat && accepted > 0 {
             // RFC 3030: binary content goes as one last chunk, unstuffed.
             self.write(format!("BDAT {} LAST\r\n", env.content.len()).as_bytes(), "sending BDAT")?;
             self.write(env.content, "sending message body -- message may be sent more than once")?;
-            return self.final_replies(answers, "BDAT");
+            return self.final_replies(answers, ReplyStage::Bdat);
         }
         match data_reply {
-            Some(d) if d.code == 354 && accepted > 0 => {}
-            Some(d) if d.code == 354 => {
+            Some(d) if d.code.get() == 354 && accepted > 0 => {}
+            Some(d) if d.code.get() == 354 => {
                 // A server that takes DATA with no recipient gets an
                 // empty message it must refuse; the session is suspect.
                 self.write(b".\r\n", "aborting DATA")?;
@@ -411,7 +419,7 @@ impl Session {
             }
             Some(d) if accepted > 0 => {
                 self.abort(None)?;
-                return Ok(fill(answers, &RcptReply { reply: d, stage: "DATA" }));
+                return Ok(fill(answers, &RcptReply { reply: d, stage: ReplyStage::Data }));
             }
             _ => {
                 self.abort(None)?;
@@ -419,7 +427,7 @@ impl Session {
             }
         }
         self.write_content(env.content)?;
-        self.final_replies(answers, "end of DATA")
+        self.final_replies(answers, ReplyStage::EndOfData)
     }
 
     /// The replies after the content: LMTP gives one per accepted
@@ -427,7 +435,7 @@ impl Session {
     fn final_replies(
         &mut self,
         mut answers: Vec<Option<RcptReply>>,
-        stage: &'static str,
+        stage: ReplyStage,
     ) -> Result<Vec<RcptReply>, Failure> {
         let during = format!("receiving the {stage} reply");
         if self.dialect == Dialect::Lmtp {
@@ -450,15 +458,15 @@ impl Session {
 
     /// RSET: ends a failed transaction, and probes a cached session.
     pub fn reset(&mut self) -> Result<(), Failure> {
-        let reply = self.command("RSET", "RSET")?;
-        if reply.is_ok() { Ok(()) } else { Err(self.refused(reply, "RSET")) }
+        let reply = self.command("RSET", ReplyStage::Rset)?;
+        if reply.is_ok() { Ok(()) } else { Err(self.refused(reply, ReplyStage::Rset)) }
     }
 
     /// Says QUIT and waits briefly for the answer; the connection closes
     /// either way when the session is dropped.
     pub fn quit(mut self) {
         let _ = self.set_timeout(QUIT_TIMEOUT);
-        let _ = self.command("QUIT", "QUIT");
+        let _ = self.command("QUIT", ReplyStage::Quit);
     }
 
     fn set_timeout(&self, t: Duration) -> io::Result<()> {
@@ -473,7 +481,7 @@ impl Session {
     /// After a refused MAIL or DATA: RSET, reading a pipelined DATA reply
     /// first. A `354` there means the server wants content: end it empty.
     fn abort(&mut self, pending_data: Option<&Reply>) -> Result<(), Failure> {
-        if pending_data.is_some_and(|d| d.code == 354) {
+        if pending_data.is_some_and(|d| d.code.get() == 354) {
             self.write(b".\r\n", "aborting DATA")?;
             let _ = self.read_reply("receiving the end of DATA reply")?;
         }
@@ -554,7 +562,7 @@ impl Session {
         self.write(&out, "sending end of data -- message may be sent more than once")
     }
 
-    fn command(&mut self, line: &str, name: &str) -> Result<Reply, Failure> {
+    fn command(&mut self, line: &str, name: ReplyStage) -> Result<Reply, Failure> {
         self.write(format!("{line}\r\n").as_bytes(), &format!("sending {name}"))?;
         self.read_reply(&format!("receiving the {name} reply"))
     }
@@ -567,7 +575,7 @@ impl Session {
     /// socket's read timeout).
     fn read_reply(&mut self, during: &str) -> Result<Reply, Failure> {
         let mut lines = Vec::new();
-        let mut code = 0;
+        let mut code: Option<ReplyCode> = None;
         loop {
             let line = self.read_line(during)?;
             let bytes = line.as_bytes();
@@ -577,14 +585,14 @@ impl Session {
             if !valid {
                 return Err(Failure::protocol(&self.peer, during, &format!("malformed reply {line:?}")));
             }
-            let this: u16 = line[..3].parse().expect("three digits");
-            if !(200..600).contains(&this) || (code != 0 && this != code) {
+            let this = line[..3].parse::<ReplyCode>().ok().filter(|this| code.is_none_or(|code| code == *this));
+            let Some(this) = this else {
                 return Err(Failure::protocol(&self.peer, during, &format!("bad reply code in {line:?}")));
-            }
-            code = this;
+            };
+            code = Some(this);
             lines.push(line.get(4..).unwrap_or_default().to_owned());
             if bytes.len() == 3 || bytes[3] == b' ' {
-                return Ok(Reply { code, lines });
+                return Ok(Reply { code: this, lines });
             }
             if lines.len() >= MAX_REPLY_LINES {
                 return Err(Failure::protocol(&self.peer, during, "reply with too many lines"));
@@ -620,15 +628,15 @@ impl Session {
 
     /// A reply that refuses the session: `host X refused to talk to me` or
     /// `host X said: ... (in reply to ... command)`.
-    fn refused(&self, reply: Reply, stage: &str) -> Failure {
-        let text = if stage == "initial server greeting" {
+    fn refused(&self, reply: Reply, stage: ReplyStage) -> Failure {
+        let text = if stage == ReplyStage::Greeting {
             format!("host {} refused to talk to me: {}", self.peer, reply.text())
         } else {
             format!("host {} said: {} (in reply to {stage} command)", self.peer, reply.text())
         };
         // The session is unusable, but the next hop is fixed: retry later
         // rather than bounce mail over a misbehaving or busy server.
-        let dsn = reply.enhanced().replacen('5', "4", 1);
+        let dsn = reply.enhanced().with_class(StatusClass::Persistent);
         Failure { dsn, text, reply: Some(reply) }
     }
 }
@@ -677,9 +685,9 @@ pub fn deliver(
         pass_dsn,
     };
     let success_action = match hop {
-        Hop::Final => Some("delivered"),
+        Hop::Final => Some(DsnAction::Delivered),
         Hop::Relay if pass_dsn => None,
-        Hop::Relay => Some("relayed"),
+        Hop::Relay => Some(DsnAction::Relayed),
     };
     if let Some(refusal) = session.refuses(&envelope) {
         let peer = session.peer.clone();
@@ -706,14 +714,14 @@ impl Session {
         if let Some(limit) = self.ext.size.filter(|&l| l > 0 && env.content.len() as u64 > l) {
             return Some(RcptResult::new(
                 Status::Bounced,
-                "5.3.4",
+                const { EnhancedStatus::new(StatusClass::Permanent, 3, 4) },
                 format!("message size {} exceeds size limit {limit} of server {}", env.content.len(), self.peer),
             ));
         }
         if env.body == BodyType::BinaryMime && !self.uses_bdat(env) && !is_8bit_clean(env.content) {
             return Some(RcptResult::new(
                 Status::Bounced,
-                "5.6.3",
+                const { EnhancedStatus::new(StatusClass::Permanent, 6, 3) },
                 format!("binary message content (BINARYMIME) cannot be sent: host {} does not offer it", self.peer),
             ));
         }
@@ -721,7 +729,7 @@ impl Session {
         if utf8 && !self.ext.smtputf8 {
             return Some(RcptResult::new(
                 Status::Bounced,
-                "5.6.7",
+                const { EnhancedStatus::new(StatusClass::Permanent, 6, 7) },
                 format!("SMTPUTF8 is required, but was not offered by host {}", self.peer),
             ));
         }
@@ -842,16 +850,45 @@ mod tests {
     use super::*;
 
     fn reply(code: u16, lines: &[&str]) -> Reply {
-        Reply { code, lines: lines.iter().map(|s| (*s).to_owned()).collect() }
+        Reply { code: ReplyCode::of(code), lines: lines.iter().map(|s| (*s).to_owned()).collect() }
     }
 
     #[test]
     fn enhanced_codes_are_taken_or_derived() {
-        assert_eq!(reply(550, &["5.1.1 <b@x> unknown"]).enhanced(), "5.1.1");
-        assert_eq!(reply(451, &["4.3.0 try later"]).enhanced(), "4.3.0");
-        assert_eq!(reply(550, &["unknown user"]).enhanced(), "5.0.0");
-        assert_eq!(reply(450, &["5.1.1 class mismatch"]).enhanced(), "4.0.0");
+        let cases = [
+            (550, "5.1.1 <b@x> unknown", "5.1.1"),
+            (451, "4.3.0 try later", "4.3.0"),
+            (550, "unknown user", "5.0.0"),
+            (450, "5.1.1 class mismatch", "4.0.0"),
+            (550, "5.1.1000 too long", "5.0.0"),
+            (354, "go ahead", "5.0.0"),
+        ];
+        for (code, line, want) in cases {
+            assert_eq!(reply(code, &[line]).enhanced().to_string(), want, "{code} {line}");
+        }
         assert_eq!(reply(250, &["2.0.0 ok", "more"]).text(), "250 2.0.0 ok more");
+    }
+
+    /// The old `refused` turned a 5yz reply's code into a 4yz one with
+    /// `replacen('5', "4", 1)`, which changed the first `5` anywhere:
+    /// `4.4.5` became `4.4.4` and `4.7.5` became `4.7.4`. Only the class
+    /// may change.
+    #[test]
+    fn refusal_changes_only_the_class_not_a_5_elsewhere() {
+        let (path, server) = scripted(&["250 test", "421 4.4.5 too busy", "450 4.7.5 no crypto yet"]);
+        let t = Timeouts { connect: Duration::from_secs(5), command: Duration::from_secs(5) };
+        let mut s = Session::connect(&NextHop::Unix(path.clone()), Dialect::Smtp, "me.test", t).unwrap();
+        let busy = s.reset().unwrap_err();
+        assert_eq!(busy.dsn.to_string(), "4.4.5");
+        assert_eq!(busy.text, format!("host {} said: 421 4.4.5 too busy (in reply to RSET command)", path.display()));
+        let crypto = s.reset().unwrap_err();
+        assert_eq!(crypto.dsn.to_string(), "4.7.5");
+        drop(s);
+        server.join().unwrap();
+        for (code, line, want) in [(550, "5.5.5 x", "4.5.5"), (554, "5.4.5 x", "4.4.5"), (550, "5.1.1 x", "4.1.1")] {
+            assert_eq!(reply(code, &[line]).enhanced().with_class(StatusClass::Persistent).to_string(), want);
+        }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[test]
@@ -928,8 +965,8 @@ mod tests {
             pass_dsn: false,
         };
         let answers = s.send(&env).unwrap();
-        assert_eq!((answers[0].reply.code, answers[0].stage), (550, "RCPT TO"));
-        assert_eq!((answers[1].reply.code, answers[1].stage), (250, "end of DATA"));
+        assert_eq!((answers[0].reply.code.get(), answers[0].stage), (550, ReplyStage::RcptTo));
+        assert_eq!((answers[1].reply.code.get(), answers[1].stage), (250, ReplyStage::EndOfData));
         s.quit();
         let seen = server.join().unwrap();
         assert!(seen.starts_with("EHLO me.test\r\nHELO me.test\r\nMAIL FROM:<a@x.test>\r\n"), "{seen}");
@@ -964,8 +1001,8 @@ mod tests {
         };
         assert_eq!(s.refuses(&env), None);
         let answers = s.send(&env).unwrap();
-        assert_eq!((answers[0].reply.code, answers[0].stage), (250, "BDAT"));
-        assert_eq!((answers[1].reply.code, answers[1].stage), (452, "BDAT"));
+        assert_eq!((answers[0].reply.code.get(), answers[0].stage), (250, ReplyStage::Bdat));
+        assert_eq!((answers[1].reply.code.get(), answers[1].stage), (452, ReplyStage::Bdat));
         s.quit();
         let seen = server.join().unwrap();
         assert!(seen.contains("MAIL FROM:<a@x.test> BODY=BINARYMIME\r\n"), "{seen:?}");

@@ -12,8 +12,9 @@
 
 use crate::route::{RcptResult, Report, Status};
 use mortal_proto::config::Config;
-use mortal_proto::ipc::BodyType;
+use mortal_proto::envelope::BodyType;
 use mortal_proto::queue_file::{QueueFile, crlf_to_lf};
+use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -38,7 +39,11 @@ pub fn deliver_batch(config: &Config, qf: &QueueFile, rcpts: &[usize]) -> Report
             };
             match deliver(config.maildir_root(), &config.server.hostname, &copy) {
                 Ok(_) => RcptResult::delivered("delivered to maildir"),
-                Err(e) => RcptResult::new(Status::Deferred, "4.2.0", format!("maildir delivery failed: {e}")),
+                Err(e) => RcptResult::new(
+                    Status::Deferred,
+                    const { EnhancedStatus::new(StatusClass::Persistent, 2, 0) },
+                    format!("maildir delivery failed: {e}"),
+                ),
             }
         })
         .collect();

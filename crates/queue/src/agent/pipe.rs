@@ -13,9 +13,10 @@
 
 use crate::route::{RcptResult, Report, Status};
 use mortal_proto::config::Config;
-use mortal_proto::ipc::BodyType;
+use mortal_proto::envelope::BodyType;
 use mortal_proto::pipe::{PipeRecipient, PipeResult, PipeStatus, ResultDecoder, encode_request};
 use mortal_proto::queue_file::QueueFile;
+use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -26,6 +27,8 @@ use std::time::{Duration, Instant};
 pub const REPLY_MARGIN: Duration = Duration::from_secs(30);
 /// Octets read from the service at a time.
 const READ_CHUNK: usize = 8192;
+/// `4.3.0`: the pipe service could not be asked; a retry may reach it.
+const SERVICE_UNAVAILABLE: EnhancedStatus = EnhancedStatus::new(StatusClass::Persistent, 3, 0);
 
 pub fn deliver(config: &Config, qf: &QueueFile, rcpts: &[usize]) -> Report {
     let recipients: Vec<PipeRecipient> = rcpts
@@ -35,7 +38,7 @@ pub fn deliver(config: &Config, qf: &QueueFile, rcpts: &[usize]) -> Report {
     let mut results = Vec::with_capacity(rcpts.len());
     if let Err(e) = exchange(config, qf, &recipients, &mut results) {
         let text = format!("pipe service unavailable: {e}");
-        results.resize_with(rcpts.len(), || RcptResult::new(Status::Deferred, "4.3.0", text.clone()));
+        results.resize_with(rcpts.len(), || RcptResult::new(Status::Deferred, SERVICE_UNAVAILABLE, text.clone()));
     }
     Report { relay: "pipe".into(), results }
 }
@@ -103,8 +106,8 @@ fn connect(path: &Path, limit: Duration) -> io::Result<UnixStream> {
 fn to_rcpt_result(r: PipeResult) -> RcptResult {
     let base = match r.status {
         PipeStatus::Delivered => RcptResult::delivered(r.text),
-        PipeStatus::Deferred => RcptResult::new(Status::Deferred, &r.dsn, r.text),
-        PipeStatus::Bounced => RcptResult::new(Status::Bounced, &r.dsn, r.text),
+        PipeStatus::Deferred => RcptResult::new(Status::Deferred, r.dsn, r.text),
+        PipeStatus::Bounced => RcptResult::new(Status::Bounced, r.dsn, r.text),
     };
     RcptResult { diagnostic: r.diagnostic, ..base }
 }
@@ -112,7 +115,7 @@ fn to_rcpt_result(r: PipeResult) -> RcptResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mortal_proto::ipc::{ClientInfo, SenderInfo};
+    use mortal_proto::envelope::{ClientInfo, SenderInfo};
     use mortal_proto::queue_file::{QueuedRecipient, RecipientState};
     use std::os::unix::net::UnixListener;
 
@@ -122,13 +125,13 @@ mod tests {
             state: RecipientState::Pending,
             notify: Default::default(),
             orcpt: String::new(),
-            status: String::new(),
+            status: None,
         };
         QueueFile {
             id: "0000000010000100000A".parse().unwrap(),
             arrival: std::time::UNIX_EPOCH,
             client: ClientInfo {
-                addr: String::new(),
+                addr: std::net::Ipv4Addr::LOCALHOST.into(),
                 name: String::new(),
                 helo: String::new(),
                 protocol: String::new(),
@@ -169,7 +172,7 @@ mod tests {
         assert_eq!(report.relay, "pipe");
         assert_eq!(report.results.len(), 2);
         for r in &report.results {
-            assert_eq!((r.status, r.dsn.as_str()), (Status::Deferred, "4.3.0"));
+            assert_eq!((r.status, r.dsn.to_string().as_str()), (Status::Deferred, "4.3.0"));
             assert!(r.text.starts_with("pipe service unavailable: connect to "), "{}", r.text);
         }
         let _ = std::fs::remove_dir_all(&dir);
@@ -219,7 +222,12 @@ mod tests {
                 }
             };
             let mut out = Vec::new();
-            PipeResult::new(PipeStatus::Delivered, "2.0.0", "delivered via pipe service").encode(&mut out);
+            PipeResult::new(
+                PipeStatus::Delivered,
+                EnhancedStatus::undefined(StatusClass::Success),
+                "delivered via pipe service",
+            )
+            .encode(&mut out);
             out.extend_from_slice(b"garbage!");
             s.write_all(&out).unwrap();
             got
@@ -230,7 +238,7 @@ mod tests {
         assert_eq!(request.recipients.len(), 2);
         assert_eq!(request.content, queue_file().content);
         assert_eq!(report.results[0].status, Status::Sent);
-        assert_eq!(report.results[0].success_action, Some("delivered"));
+        assert_eq!(report.results[0].success_action, Some(mortal_proto::smtp_status::DsnAction::Delivered));
         assert_eq!(report.results[1].status, Status::Deferred);
         assert!(
             report.results[1].text.starts_with("pipe service unavailable: protocol error"),

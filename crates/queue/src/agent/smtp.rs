@@ -19,6 +19,7 @@ use crate::agent::client::{self, Dialect, Failure, Hop, Session};
 use crate::route::{Agents, Report};
 use mortal_proto::config::{NextHop, SmtpTlsSecurity};
 use mortal_proto::queue_file::QueueFile;
+use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -44,12 +45,14 @@ fn connect(agents: &Agents, addr: SocketAddr) -> Result<Session, Failure> {
         if policy == SmtpTlsSecurity::Encrypt {
             let text = format!("TLS is required, but was not offered by host {}", session.peer);
             session.quit();
-            return Err(Failure { dsn: "4.7.4".into(), text, reply: None });
+            // 4.7.4: security features not supported.
+            let dsn = const { EnhancedStatus::new(StatusClass::Persistent, 7, 4) };
+            return Err(Failure { dsn, text, reply: None });
         }
         return Ok(session);
     }
     let config = agents.tls.get(policy, d.smtp_tls_ca_file.as_deref()).map_err(|e| Failure {
-        dsn: "4.7.5".into(),
+        dsn: client::CRYPTO_FAILURE,
         text: format!("TLS client set-up: {e}"),
         reply: None,
     })?;

@@ -8,8 +8,9 @@
 //! demands it of ENVID; for ORCPT it keeps control characters and raw
 //! octets out of headers), and to the lengths the IPC records carry.
 
+use super::reply::Reply;
 use mortal_proto::address::MAX_PATH;
-use mortal_proto::ipc::{DsnRet, MAX_ENVID, Notify};
+use mortal_proto::envelope::{DsnRet, MAX_ENVID, Notify};
 use mortal_proto::xtext;
 
 /// Longest decoded ORCPT value, `addr-type;` included: what the IPC
@@ -30,12 +31,12 @@ pub enum DsnError {
 
 impl DsnError {
     /// The reply refusing the command.
-    pub fn reply(self) -> &'static str {
+    pub fn reply(self) -> Reply {
         match self {
-            DsnError::BadRet => "501 5.5.4 Bad RET parameter syntax",
-            DsnError::BadEnvid => "501 5.5.4 Bad ENVID parameter syntax",
-            DsnError::BadNotify => "501 5.5.4 Error: Bad NOTIFY parameter syntax",
-            DsnError::BadOrcpt => "501 5.5.4 Error: Bad ORCPT parameter syntax",
+            DsnError::BadRet => const { Reply::new(501, 5, 4, "Bad RET parameter syntax") },
+            DsnError::BadEnvid => const { Reply::new(501, 5, 4, "Bad ENVID parameter syntax") },
+            DsnError::BadNotify => const { Reply::new(501, 5, 4, "Error: Bad NOTIFY parameter syntax") },
+            DsnError::BadOrcpt => const { Reply::new(501, 5, 4, "Error: Bad ORCPT parameter syntax") },
         }
     }
 }

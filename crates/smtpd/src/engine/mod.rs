@@ -93,9 +93,11 @@ use data::{ContentError, DataReceiver};
 use line::{Line, LineReader};
 use mortal_proto::address::{self, AddressError};
 use mortal_proto::config::{BareNewline, Config};
-use mortal_proto::ipc::{BodyType, ClientInfo, DsnRet, Notify, RecipientInfo, SenderInfo};
+use mortal_proto::envelope::{BodyType, ClientInfo, DsnRet, Notify, RecipientInfo, SenderInfo};
 use mortal_proto::queue_id::QueueId;
+use mortal_proto::smtp_status::{EnhancedStatus, ReplyCode};
 use mortal_proto::tls::TlsSummary;
+use reply::Reply;
 use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -147,8 +149,8 @@ pub enum Action {
 /// cleanup's verdict on a transaction (`Reply::Answer` of the IPC).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
-    pub code: u16,
-    pub enhanced: String,
+    pub code: ReplyCode,
+    pub status: EnhancedStatus,
     pub text: String,
 }
 
@@ -186,7 +188,7 @@ struct Chunk {
     last: bool,
     /// The reply refusing this chunk, decided before reading it: the chunk
     /// is read and dropped.
-    refusal: Option<String>,
+    refusal: Option<Reply>,
 }
 
 /// What the BDAT chunks of a transaction have added up to.
@@ -222,7 +224,7 @@ struct Transaction {
     /// Set when cleanup failed or refused mid-transaction (or a BDAT chunk
     /// was refused): every further RCPT, BDAT and the DATA get this reply,
     /// and no 250 can follow.
-    failure: Option<String>,
+    failure: Option<Reply>,
     body: BodyType,
     /// MAIL carried SMTPUTF8: UTF-8 addresses are allowed.
     smtputf8: bool,
@@ -391,20 +393,20 @@ impl Session {
         };
         self.log(format!("{queue_id}: client={}", self.client));
         self.txn = Some(Transaction { sender, queue_id, recipients: 0, failure: None, body, smtputf8, bdat: None });
-        self.succeed(Verb::Mail, reply::MAIL_OK);
+        self.succeed(Verb::Mail, &reply::MAIL_OK);
         self.process();
     }
 
     /// cleanup answered: the final answer after [`Action::EndOfData`], or
     /// an early refusal at any other point of the transaction.
     pub fn cleanup_answer(&mut self, answer: Answer) {
-        self.cleanup_outcome(reply::from_answer(answer.code, &answer.enhanced, &answer.text));
+        self.cleanup_outcome(reply::from_answer(answer.code, answer.status, &answer.text));
     }
 
     /// cleanup could not be reached or the conversation broke: the client
     /// gets `451 4.3.0` where it would have needed cleanup's word.
     pub fn cleanup_failed(&mut self) {
-        self.cleanup_outcome(reply::QUEUE_WRITE_ERROR.to_owned());
+        self.cleanup_outcome(reply::QUEUE_WRITE_ERROR);
     }
 
     /// The client sent nothing for `smtpd.timeout`.
@@ -472,14 +474,14 @@ impl Session {
         let pending = self.pos < self.input.len();
         match line {
             Line::Text(bytes) => self.command_line(&String::from_utf8_lossy(&bytes), pending),
-            Line::BareLf => self.malformed_line(reply::BARE_LF, pending),
-            Line::BareCr => self.malformed_line(reply::BARE_CR, pending),
-            Line::TooLong => self.malformed_line(reply::LINE_TOO_LONG, pending),
+            Line::BareLf => self.malformed_line(&reply::BARE_LF, pending),
+            Line::BareCr => self.malformed_line(&reply::BARE_CR, pending),
+            Line::TooLong => self.malformed_line(&reply::LINE_TOO_LONG, pending),
         }
         true
     }
 
-    fn malformed_line(&mut self, text: &str, pending: bool) {
+    fn malformed_line(&mut self, text: &Reply, pending: bool) {
         self.last = Verb::Unknown.name();
         if !self.out_of_sync(Verb::Unknown, false, pending) {
             self.fail(Verb::Unknown, text);
@@ -499,7 +501,7 @@ impl Session {
         }
         match parsed {
             Ok(cmd) => self.execute(cmd),
-            Err(ParseError::Empty) => self.fail(Verb::Unknown, reply::BAD_SYNTAX),
+            Err(ParseError::Empty) => self.fail(Verb::Unknown, &reply::BAD_SYNTAX),
             Err(ParseError::Syntax(verb)) => self.syntax_error(verb),
         }
     }
@@ -517,7 +519,7 @@ impl Session {
             self.log(format!("improper command pipelining after {} from {}: {rest}", self.last, self.client));
         }
         self.stats.count(verb, false);
-        self.reply(reply::SYNC_ERROR);
+        self.reply(&reply::SYNC_ERROR);
         self.close();
         true
     }
@@ -533,17 +535,17 @@ impl Session {
             Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
                 self.abort_transaction();
-                self.succeed(Verb::Rset, reply::OK);
+                self.succeed(Verb::Rset, &reply::OK);
             }
-            Command::Noop => self.succeed(Verb::Noop, reply::OK),
-            Command::Vrfy(_) => self.succeed(Verb::Vrfy, reply::VRFY),
-            Command::Help => self.succeed(Verb::Help, reply::HELP),
+            Command::Noop => self.succeed(Verb::Noop, &reply::OK),
+            Command::Vrfy(_) => self.succeed(Verb::Vrfy, &reply::VRFY),
+            Command::Help => self.succeed(Verb::Help, &reply::HELP),
             Command::Quit => {
-                self.succeed(Verb::Quit, reply::BYE);
+                self.succeed(Verb::Quit, &reply::BYE);
                 self.close();
             }
-            Command::NotImplemented(_) => self.fail(Verb::Unknown, reply::NOT_IMPLEMENTED),
-            Command::Unknown => self.fail(Verb::Unknown, reply::UNKNOWN_COMMAND),
+            Command::NotImplemented(_) => self.fail(Verb::Unknown, &reply::NOT_IMPLEMENTED),
+            Command::Unknown => self.fail(Verb::Unknown, &reply::UNKNOWN_COMMAND),
         }
     }
 
@@ -565,16 +567,16 @@ impl Session {
     /// transaction.
     fn starttls(&mut self) {
         if !self.config.smtpd.tls_offered() {
-            return self.fail(Verb::Starttls, reply::NOT_IMPLEMENTED);
+            return self.fail(Verb::Starttls, &reply::NOT_IMPLEMENTED);
         }
         if self.tls.is_some() {
-            return self.fail(Verb::Starttls, reply::TLS_ACTIVE);
+            return self.fail(Verb::Starttls, &reply::TLS_ACTIVE);
         }
         if self.txn.is_some() {
-            return self.fail(Verb::Starttls, reply::TRANSACTION_IN_PROGRESS);
+            return self.fail(Verb::Starttls, &reply::TRANSACTION_IN_PROGRESS);
         }
         // Counted when the handshake ends, which decides success.
-        self.reply(reply::STARTTLS_READY);
+        self.reply(&reply::STARTTLS_READY);
         self.actions.push_back(Action::StartTls);
         self.phase = Phase::Handshake;
         // Nothing sent in the clear may reach the TLS session. Input after
@@ -589,8 +591,7 @@ impl Session {
         self.helo = Some(Helo { name: name.to_owned(), esmtp });
         let hostname = &self.config.server.hostname;
         if !esmtp {
-            let text = format!("250 {hostname}");
-            return self.succeed(Verb::Helo, &text);
+            return self.succeed(Verb::Helo, &reply::helo(hostname));
         }
         let smtpd = &self.config.smtpd;
         let mut lines = vec![hostname.clone(), "PIPELINING".into(), format!("SIZE {}", smtpd.message_size_limit)];
@@ -608,29 +609,29 @@ impl Session {
             lines.extend(["BINARYMIME".into(), "CHUNKING".into()]);
         }
         self.stats.count(Verb::Ehlo, true);
-        self.reply_multiline(250, &lines);
+        self.reply_multiline(const { ReplyCode::of(250) }, &lines);
     }
 
     fn mail(&mut self, path: &str, params: &[Param<'_>]) {
-        let Some(helo) = &self.helo else { return self.fail(Verb::Mail, reply::NEED_HELO) };
+        let Some(helo) = &self.helo else { return self.fail(Verb::Mail, &reply::NEED_HELO) };
         let helo = helo.name.clone();
         if self.txn.is_some() {
-            return self.fail(Verb::Mail, reply::NESTED_MAIL);
+            return self.fail(Verb::Mail, &reply::NESTED_MAIL);
         }
         let params = match self.mail_params(params) {
             Ok(params) => params,
             Err(text) => return self.fail(Verb::Mail, &text),
         };
         if params.smtputf8 && path.contains(char::REPLACEMENT_CHARACTER) {
-            return self.fail(Verb::Mail, reply::MALFORMED_UTF8_ADDRESS);
+            return self.fail(Verb::Mail, &reply::MALFORMED_UTF8_ADDRESS);
         }
         let sender = match address::parse_reverse_path(path, params.smtputf8) {
             Ok(mailbox) => mailbox.map(|m| m.to_string()).unwrap_or_default(),
-            Err(AddressError::Utf8NotAllowed) => return self.fail(Verb::Mail, reply::UTF8_ADDRESS),
-            Err(_) => return self.fail(Verb::Mail, reply::BAD_SENDER),
+            Err(AddressError::Utf8NotAllowed) => return self.fail(Verb::Mail, &reply::UTF8_ADDRESS),
+            Err(_) => return self.fail(Verb::Mail, &reply::BAD_SENDER),
         };
         let client = ClientInfo {
-            addr: self.addr.to_string(),
+            addr: self.addr,
             name: self.name.clone(),
             helo,
             protocol: self.protocol_for(params.smtputf8).into(),
@@ -646,7 +647,7 @@ impl Session {
     /// (RFC 6531), RET and ENVID (RFC 3461), each at most once and only
     /// when offered: a HELO client was offered no extensions, so it may
     /// use none (RFC 5321 4.1.1.11).
-    fn mail_params(&self, params: &[Param<'_>]) -> Result<MailParams, String> {
+    fn mail_params(&self, params: &[Param<'_>]) -> Result<MailParams, Reply> {
         let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
         let smtpd = &self.config.smtpd;
         let mut out = MailParams { body: BodyType::SevenBit, smtputf8: false, ret: None, envid: String::new() };
@@ -659,7 +660,7 @@ impl Session {
             match (esmtp, keyword.as_str(), p.value) {
                 (true, "SIZE", value) => {
                     if parse_size(value).ok_or(reply::BAD_SIZE)? > smtpd.message_size_limit {
-                        return Err(reply::TOO_BIG.into());
+                        return Err(reply::TOO_BIG);
                     }
                 }
                 (true, "BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => out.body = BodyType::SevenBit,
@@ -667,9 +668,9 @@ impl Session {
                 (true, "BODY", Some(v)) if smtpd.chunking && v.eq_ignore_ascii_case("BINARYMIME") => {
                     out.body = BodyType::BinaryMime;
                 }
-                (true, "BODY", _) => return Err(reply::BAD_BODY.into()),
+                (true, "BODY", _) => return Err(reply::BAD_BODY),
                 (true, "SMTPUTF8", None) if smtpd.smtputf8 => out.smtputf8 = true,
-                (true, "SMTPUTF8", Some(_)) if smtpd.smtputf8 => return Err(reply::BAD_SMTPUTF8.into()),
+                (true, "SMTPUTF8", Some(_)) if smtpd.smtputf8 => return Err(reply::BAD_SMTPUTF8),
                 (true, "RET", v) if smtpd.dsn => out.ret = Some(dsn::parse_ret(v).map_err(|e| e.reply())?),
                 (true, "ENVID", v) if smtpd.dsn => out.envid = dsn::parse_envid(v).map_err(|e| e.reply())?,
                 _ => return Err(reply::unsupported_option(p.keyword)),
@@ -681,7 +682,7 @@ impl Session {
 
     /// NOTIFY and ORCPT (RFC 3461), each at most once and only when DSN
     /// was offered.
-    fn rcpt_params(&self, params: &[Param<'_>]) -> Result<(Notify, String), String> {
+    fn rcpt_params(&self, params: &[Param<'_>]) -> Result<(Notify, String), Reply> {
         let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
         let (mut notify, mut orcpt) = (Notify::default(), String::new());
         let mut seen: Vec<String> = Vec::new();
@@ -701,13 +702,13 @@ impl Session {
     }
 
     fn rcpt(&mut self, path: &str, params: &[Param<'_>]) {
-        let Some(txn) = &self.txn else { return self.reject(Verb::Rcpt, reply::NEED_MAIL, Some(path)) };
+        let Some(txn) = &self.txn else { return self.reject(Verb::Rcpt, &reply::NEED_MAIL, Some(path)) };
         if let Some(failure) = txn.failure.clone() {
             return self.reject(Verb::Rcpt, &failure, Some(path));
         }
         // Checked first, as Postfix does: past the limit nothing else matters.
         if txn.recipients >= self.config.smtpd.recipient_limit {
-            return self.reject(Verb::Rcpt, reply::TOO_MANY_RECIPIENTS, Some(path));
+            return self.reject(Verb::Rcpt, &reply::TOO_MANY_RECIPIENTS, Some(path));
         }
         let (notify, orcpt) = match self.rcpt_params(params) {
             Ok(p) => p,
@@ -721,13 +722,13 @@ impl Session {
             txn.recipients += 1;
         }
         self.actions.push_back(Action::Recipient(RecipientInfo { address, notify, orcpt }));
-        self.succeed(Verb::Rcpt, reply::RCPT_OK);
+        self.succeed(Verb::Rcpt, &reply::RCPT_OK);
     }
 
     /// The address to deliver to, or the reply refusing it. Only domains in
     /// `accepted_domains` are accepted, except from `trusted_networks`
     /// ([`crate::relay`]): mortal is never an open relay.
-    fn recipient(&self, path: &str) -> Result<String, String> {
+    fn recipient(&self, path: &str) -> Result<String, Reply> {
         // RFC 5321 4.5.1: `<Postmaster>` without a domain must be accepted;
         // it means the postmaster of the first (primary) accepted domain.
         if path.eq_ignore_ascii_case("<postmaster>") {
@@ -738,11 +739,11 @@ impl Session {
         }
         let smtputf8 = self.txn.as_ref().is_some_and(|t| t.smtputf8);
         if smtputf8 && path.contains(char::REPLACEMENT_CHARACTER) {
-            return Err(reply::MALFORMED_UTF8_ADDRESS.to_owned());
+            return Err(reply::MALFORMED_UTF8_ADDRESS);
         }
         let mailbox = address::parse_path(path, smtputf8).map_err(|e| match e {
-            AddressError::Utf8NotAllowed => reply::UTF8_ADDRESS.to_owned(),
-            _ => reply::BAD_RECIPIENT.to_owned(),
+            AddressError::Utf8NotAllowed => reply::UTF8_ADDRESS,
+            _ => reply::BAD_RECIPIENT,
         })?;
         // Accepted domains, the recipient map and trusted_networks.
         self.relay.check(&self.config, self.addr, &mailbox)?;
@@ -751,18 +752,18 @@ impl Session {
 
     fn data(&mut self) {
         let failure = match &self.txn {
-            None => Some(reply::NEED_RCPT.to_owned()),
-            Some(txn) if txn.bdat.is_some() => Some(reply::DATA_AFTER_BDAT.to_owned()),
-            Some(txn) if txn.body == BodyType::BinaryMime => Some(reply::BINARYMIME_NEEDS_BDAT.to_owned()),
+            None => Some(reply::NEED_RCPT),
+            Some(txn) if txn.bdat.is_some() => Some(reply::DATA_AFTER_BDAT),
+            Some(txn) if txn.body == BodyType::BinaryMime => Some(reply::BINARYMIME_NEEDS_BDAT),
             Some(txn) if txn.failure.is_some() => txn.failure.clone(),
-            Some(txn) if txn.recipients == 0 => Some(reply::NO_VALID_RECIPIENTS.to_owned()),
+            Some(txn) if txn.recipients == 0 => Some(reply::NO_VALID_RECIPIENTS),
             Some(_) => None,
         };
         if let Some(text) = failure {
             return self.reject(Verb::Data, &text, None);
         }
         // The DATA count is settled by the reply after the terminator.
-        self.reply(reply::START_DATA);
+        self.reply(&reply::START_DATA);
         let normalize = self.config.smtpd.bare_newline == BareNewline::Normalize;
         self.phase = Phase::Data(DataReceiver::with_bare_newline(self.config.smtpd.message_size_limit, normalize));
     }
@@ -771,17 +772,15 @@ impl Session {
     /// read first: the client sends it without waiting.
     fn bdat(&mut self, size: u64, last: bool) {
         if !self.config.smtpd.chunking {
-            return self.fail(Verb::Bdat, reply::NOT_IMPLEMENTED);
+            return self.fail(Verb::Bdat, &reply::NOT_IMPLEMENTED);
         }
         let limit = self.config.smtpd.message_size_limit;
         let refusal = match &self.txn {
-            _ if !self.helo.as_ref().is_some_and(|h| h.esmtp) => Some(reply::BDAT_NEEDS_EHLO.to_owned()),
-            None => Some(reply::NEED_RCPT.to_owned()),
+            _ if !self.helo.as_ref().is_some_and(|h| h.esmtp) => Some(reply::BDAT_NEEDS_EHLO),
+            None => Some(reply::NEED_RCPT),
             Some(txn) if txn.failure.is_some() => txn.failure.clone(),
-            Some(txn) if txn.recipients == 0 => Some(reply::NO_VALID_RECIPIENTS.to_owned()),
-            Some(txn) if txn.bdat.as_ref().map_or(0, |b| b.size).saturating_add(size) > limit => {
-                Some(reply::TOO_BIG.to_owned())
-            }
+            Some(txn) if txn.recipients == 0 => Some(reply::NO_VALID_RECIPIENTS),
+            Some(txn) if txn.bdat.as_ref().map_or(0, |b| b.size).saturating_add(size) > limit => Some(reply::TOO_BIG),
             Some(_) => None,
         };
         if let (None, Some(txn)) = (&refusal, &mut self.txn) {
@@ -845,14 +844,14 @@ impl Session {
         if let Some(e) = error {
             let text = content_reply(e);
             self.last = "END-OF-MESSAGE";
-            self.log_reject("END-OF-MESSAGE", text, None);
+            self.log_reject("END-OF-MESSAGE", &text, None);
             if let Some(txn) = &mut self.txn {
-                txn.failure.get_or_insert(text.to_owned());
+                txn.failure.get_or_insert(text.clone());
             }
             if chunk.last {
                 self.abort_transaction();
             }
-            return self.fail(Verb::Bdat, text);
+            return self.fail(Verb::Bdat, &text);
         }
         if let Some(failure) = self.txn.as_ref().and_then(|t| t.failure.clone()) {
             self.reject(Verb::Bdat, &failure, None);
@@ -890,9 +889,9 @@ impl Session {
         self.last = "END-OF-MESSAGE";
         self.phase = Phase::Command;
         if let Some(text) = error.map(content_reply) {
-            self.log_reject("END-OF-MESSAGE", text, None);
+            self.log_reject("END-OF-MESSAGE", &text, None);
             self.abort_transaction();
-            return self.fail(Verb::Data, text);
+            return self.fail(Verb::Data, &text);
         }
         if let Some(failure) = self.txn.as_ref().and_then(|t| t.failure.clone()) {
             self.abort_transaction();
@@ -904,10 +903,11 @@ impl Session {
 
     /// Applies cleanup's verdict (`text` is the reply it maps to) to
     /// whatever the session is waiting for.
-    fn cleanup_outcome(&mut self, text: String) {
+    fn cleanup_outcome(&mut self, text: Reply) {
         // A 250 means "queued" only as the answer to End; anywhere else it
         // is cleanup misbehaving, and no success may be inferred from it.
-        let failure = if reply::code(&text) == 250 { reply::QUEUE_WRITE_ERROR.to_owned() } else { text.clone() };
+        let queued = text.code.get() == 250;
+        let failure = if queued { reply::QUEUE_WRITE_ERROR } else { text.clone() };
         match &self.phase {
             Phase::Opening { .. } => {
                 self.phase = Phase::Command;
@@ -918,7 +918,7 @@ impl Session {
                 let verb = *verb;
                 self.phase = Phase::Command;
                 self.txn = None;
-                if reply::code(&text) == 250 {
+                if queued {
                     self.succeed(verb, &text);
                 } else {
                     self.fail(verb, &text);
@@ -957,13 +957,13 @@ impl Session {
         self.pos = 0;
     }
 
-    fn succeed(&mut self, verb: Verb, text: &str) {
+    fn succeed(&mut self, verb: Verb, text: &Reply) {
         self.stats.count(verb, true);
         self.reply(text);
     }
 
     /// A failed command: counted, answered, and closer to the error limit.
-    fn fail(&mut self, verb: Verb, text: &str) {
+    fn fail(&mut self, verb: Verb, text: &Reply) {
         self.stats.count(verb, false);
         self.reply(text);
         self.errors += 1;
@@ -977,19 +977,19 @@ impl Session {
 
     /// A refused RCPT or DATA: logged in Postfix's `reject:` shape, which
     /// fail2ban and pflogsumm match, then failed.
-    fn reject(&mut self, verb: Verb, text: &str, path: Option<&str>) {
+    fn reject(&mut self, verb: Verb, text: &Reply, path: Option<&str>) {
         self.log_reject(verb.name(), text, path);
         self.fail(verb, text);
     }
 
-    fn log_reject(&mut self, stage: &str, text: &str, path: Option<&str>) {
+    fn log_reject(&mut self, stage: &str, text: &Reply, path: Option<&str>) {
         // A queue id is only shown once a recipient was accepted: before
         // that nothing can be queued under it (Postfix shows NOQUEUE then).
         let queue_id = match &self.txn {
             Some(t) if t.recipients > 0 => t.queue_id.as_str(),
             _ => "NOQUEUE",
         };
-        let mut line = format!("{queue_id}: reject: {stage} from {}: {};", self.client, reply::clean_line(text));
+        let mut line = format!("{queue_id}: reject: {stage} from {}: {};", self.client, text.line());
         if let Some(t) = &self.txn {
             line.push_str(&format!(" from=<{}>", t.sender));
         }
@@ -1019,9 +1019,9 @@ impl Session {
         }
     }
 
-    fn reply(&mut self, text: &str) {
+    fn reply(&mut self, reply: &Reply) {
         self.tarpit();
-        self.actions.push_back(Action::Reply(format!("{}\r\n", reply::clean_line(text))));
+        self.actions.push_back(Action::Reply(format!("{}\r\n", reply.line())));
     }
 
     /// Past `soft_error_limit` errors, every reply waits `error_sleep`.
@@ -1033,7 +1033,7 @@ impl Session {
     }
 
     /// `250-first`, ..., `250 last`, as one write.
-    fn reply_multiline(&mut self, code: u16, lines: &[String]) {
+    fn reply_multiline(&mut self, code: ReplyCode, lines: &[String]) {
         let mut out = String::new();
         for (i, line) in lines.iter().enumerate() {
             let sep = if i + 1 == lines.len() { ' ' } else { '-' };
@@ -1050,7 +1050,7 @@ impl Session {
 }
 
 /// The reply refusing a message for its content.
-fn content_reply(e: ContentError) -> &'static str {
+fn content_reply(e: ContentError) -> Reply {
     match e {
         ContentError::BareLf => reply::DATA_BARE_LF,
         ContentError::BareCr => reply::DATA_BARE_CR,
@@ -1121,7 +1121,7 @@ mod tests {
         session.feed(b"MAIL FROM:<a@example.test>\r\n");
         let actions: Vec<Action> = std::iter::from_fn(|| session.next_action()).collect();
         let Some(Action::StartTransaction { client, .. }) = actions.last() else { panic!("{actions:?}") };
-        assert_eq!((client.name.as_str(), client.addr.as_str()), ("mx.example.net", "192.0.2.9"));
+        assert_eq!((client.name.as_str(), client.addr.to_string().as_str()), ("mx.example.net", "192.0.2.9"));
         session.transaction_opened("0000000010000100000A".parse().unwrap());
         let logged = Action::Log("0000000010000100000A: client=mx.example.net[192.0.2.9]".into());
         assert_eq!(session.next_action(), Some(logged));

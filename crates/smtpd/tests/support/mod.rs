@@ -8,6 +8,7 @@
 
 use mortal_proto::config::Config;
 use mortal_proto::ipc::{Decoder, Reply, Request};
+use mortal_proto::smtp_status::ReplyCode;
 use mortal_smtpd::driver::{self, Server, SessionEnd};
 use mortal_smtpd::relay::RelayPolicy;
 use mortal_smtpd::tls::TlsServer;
@@ -252,8 +253,8 @@ pub async fn cleanup_reading(listener: &UnixListener) {
     while conv.request_within(STEP).await.is_some() {}
 }
 
-pub fn answer(code: u16, enhanced: &str, text: &str) -> Reply {
-    Reply::Answer { code, enhanced: enhanced.into(), text: text.into() }
+pub fn answer(code: u16, status: &str, text: &str) -> Reply {
+    Reply::Answer { code: ReplyCode::of(code), status: status.parse().expect("status"), text: text.into() }
 }
 
 /// The message content among `requests`.
