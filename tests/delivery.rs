@@ -172,10 +172,14 @@ fn pipe_delivers_defers_on_75_and_bounces_with_stderr() {
         "",
     );
     send(mortal.port, "a@example.test", &["ok@pipe.test", "tmp@pipe.test", "fail@pipe.test"], &message("p", "piped"));
-    let delivered = wait_for("pipe output", || fs::read_to_string(dir.0.join("ok@pipe.test")).ok())
-        .unwrap_or_else(|| panic!("no pipe delivery\n{}", mortal.log_text()));
+    // The script writes the arguments file after the message is complete
+    // (its `cat` ended): wait for that, not for the message file to appear.
+    let args = wait_for("pipe command finished", || {
+        fs::read_to_string(dir.0.join("ok@pipe.test.args")).ok().filter(|a| a.ends_with('\n'))
+    })
+    .unwrap_or_else(|| panic!("no pipe delivery\n{}", mortal.log_text()));
+    let delivered = fs::read_to_string(dir.0.join("ok@pipe.test")).unwrap();
     assert!(delivered.contains("Subject: p\n") && delivered.contains("piped\n"), "LF line ends: {delivered:?}");
-    let args = fs::read_to_string(dir.0.join("ok@pipe.test.args")).unwrap();
     assert!(args.starts_with("a@example.test ") && args.trim_end().len() == "a@example.test ".len() + 20, "{args}");
     if nix::unistd::geteuid().is_root() {
         let uid = mortal_tests::pipe::pipe_uid().to_string();
