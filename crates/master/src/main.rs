@@ -325,9 +325,17 @@ fn bind_services(config: &Config) -> anyhow::Result<Vec<Service>> {
         (ServiceKind::Anvil, config.anvil_socket()),
     ];
     // The pipe service exists only for mail routed to it: without a pipe
-    // route no process can run the command at all.
+    // route no process can run the command at all. The same for the
+    // network-facing delivery agents: no LMTP or SMTP route, no process
+    // that may connect anywhere.
     if config.pipe_routed() {
         unix.push((ServiceKind::Pipe, config.pipe_socket()));
+    }
+    if config.lmtp_routed() {
+        unix.push((ServiceKind::Lmtp, config.lmtp_socket()));
+    }
+    if config.smtp_routed() {
+        unix.push((ServiceKind::Smtp, config.smtp_socket()));
     }
     for (kind, path) in unix {
         let bound = program(kind).and_then(|program| {

@@ -30,6 +30,7 @@ pub mod anvil;
 pub mod cidr;
 pub mod config;
 pub mod date;
+pub mod delivery;
 pub mod fuzz;
 pub mod ipc;
 pub mod pipe;

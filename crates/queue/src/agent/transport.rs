@@ -1,0 +1,350 @@
+//! The `lmtp` and `smtp` routes: the queue manager hands the batch to the
+//! delivery agent of that route (`mortal-lmtp`, `mortal-smtp`), like
+//! Postfix's qmgr hands it to lmtp(8) and smtp(8), and never talks to the
+//! network itself.
+//!
+//! This side connects to `<run_dir>/private/lmtp` or `private/smtp`, sends
+//! one request (`mortal_proto::delivery`: queue id, route, envelope with
+//! its DSN parameters, recipients, content) and reads the report: the
+//! relay for the log line and one result per recipient. The connection is
+//! kept for the next batch to the same destination for `[delivery]
+//! connection_reuse_time` when the agent says it takes another ([`Conns`]),
+//! and the agent keeps its session to the next hop as long: that is how
+//! consecutive messages share one LMTP or SMTP session. An agent that
+//! cannot be reached, does not answer in time, dies or breaks the protocol
+//! defers every recipient it has not answered for (`4.3.0 lmtp delivery
+//! agent unavailable: ...`); results it did send count. The wait is
+//! bounded by the agent's own timeouts: a connect, one command per
+//! recipient and [`SESSION_COMMANDS`] more, and [`REPLY_MARGIN`].
+
+use crate::route::{Agents, Batch, RcptResult, Report, Status};
+use mortal_proto::config::Route;
+use mortal_proto::delivery::{self, Envelope, Recipient, ReportDecoder};
+use mortal_proto::queue_file::QueueFile;
+use std::collections::HashMap;
+use std::io::{self, BufWriter, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Time allowed beyond the agent's own limits: waiting for a free agent
+/// and moving the message.
+pub const REPLY_MARGIN: Duration = Duration::from_secs(30);
+/// Replies an LMTP/SMTP transaction waits for besides one per recipient:
+/// greeting, EHLO, STARTTLS and EHLO again, MAIL, DATA, end of data, and
+/// the RSET that probes a reused session.
+pub const SESSION_COMMANDS: u32 = 8;
+/// Octets read from the agent at a time.
+const READ_CHUNK: usize = 8192;
+
+/// Idle connections to the delivery agents, per destination, kept for
+/// `keep` after their last use (the agent waits a little longer).
+#[derive(Debug)]
+pub struct Conns {
+    idle: Mutex<HashMap<String, Vec<(UnixStream, Instant)>>>,
+    keep: Duration,
+}
+
+impl Conns {
+    pub fn new(keep: Duration) -> Self {
+        Self { idle: Mutex::new(HashMap::new()), keep }
+    }
+
+    /// The most recently used live connection for `destination`.
+    fn take(&self, destination: &str) -> Option<UnixStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(destination)?;
+        let mut found = None;
+        while let Some((stream, since)) = list.pop() {
+            if since.elapsed() <= self.keep && is_open(&stream) {
+                found = Some(stream);
+                break;
+            }
+        }
+        if list.is_empty() {
+            idle.remove(destination);
+        }
+        found
+    }
+
+    fn put(&self, destination: &str, stream: UnixStream) {
+        if self.keep.is_zero() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.entry(destination.to_owned()).or_default().push((stream, Instant::now()));
+    }
+
+    /// Closes connections idle for longer than `keep`.
+    pub fn expire(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        for list in idle.values_mut() {
+            list.retain(|(_, since)| since.elapsed() <= self.keep);
+        }
+        idle.retain(|_, l| !l.is_empty());
+    }
+
+    /// Closes every idle connection (at shutdown).
+    pub fn expire_all(&self) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+/// Whether a kept connection is still open and quiet: an agent that died
+/// or closed it shows end of stream, and one that sent something unasked
+/// is not to be trusted with the next request.
+fn is_open(stream: &UnixStream) -> bool {
+    let mut b = [0u8; 1];
+    let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+    matches!(nix::sys::socket::recv(stream.as_raw_fd(), &mut b, flags), Err(nix::errno::Errno::EAGAIN))
+}
+
+/// Hands `batch` to its route's delivery agent.
+pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
+    let config = &agents.config;
+    let (name, socket) = match &batch.route {
+        Route::Lmtp(_) => ("lmtp", config.lmtp_socket()),
+        Route::Smtp(_) => ("smtp", config.smtp_socket()),
+        Route::Maildir | Route::Discard | Route::Pipe => unreachable!("local routes and pipe are not sent here"),
+    };
+    let envelope = Envelope {
+        queue_id: qf.id.clone(),
+        route: batch.route.clone(),
+        sender: qf.sender.address.clone(),
+        body: qf.sender.body,
+        smtputf8: qf.sender.smtputf8,
+        ret: qf.sender.ret,
+        envid: qf.sender.envid.clone(),
+    };
+    let recipients: Vec<Recipient> = batch
+        .rcpts
+        .iter()
+        .map(|&i| {
+            let r = &qf.recipients[i];
+            Recipient { address: r.address.clone(), notify: r.notify, orcpt: r.orcpt.clone() }
+        })
+        .collect();
+    let mut decoder = ReportDecoder::new(recipients.len());
+    let result = exchange(agents, &socket, &batch.destination, &envelope, &recipients, &qf.content, &mut decoder);
+    let relay = decoder.relay().unwrap_or("none").to_owned();
+    let keep = decoder.keep();
+    let mut results = decoder.into_results();
+    match result {
+        Ok(stream) => {
+            if keep {
+                agents.conns.put(&batch.destination, stream);
+            }
+        }
+        Err(e) => {
+            let text = format!("{name} delivery agent unavailable: {e}");
+            results.resize_with(recipients.len(), || RcptResult::new(Status::Deferred, "4.3.0", text.clone()));
+        }
+    }
+    Report { relay, results }
+}
+
+/// Sends the request over a kept or new connection and reads the report
+/// into `decoder`; returns the connection once the report is whole.
+fn exchange(
+    agents: &Agents,
+    socket: &Path,
+    destination: &str,
+    envelope: &Envelope,
+    recipients: &[Recipient],
+    content: &[u8],
+    decoder: &mut ReportDecoder,
+) -> io::Result<UnixStream> {
+    let d = &agents.config.delivery;
+    let rounds = SESSION_COMMANDS.saturating_add(u32::try_from(recipients.len()).unwrap_or(u32::MAX));
+    let wait = d.connect_timeout.saturating_add(d.command_timeout.saturating_mul(rounds)).saturating_add(REPLY_MARGIN);
+    let deadline = Instant::now() + wait;
+    let (stream, fresh) = match agents.conns.take(destination) {
+        Some(s) => (s, false),
+        None => {
+            let s = connect(socket, d.connect_timeout)
+                .map_err(|e| io::Error::new(e.kind(), format!("connect to {}: {e}", socket.display())))?;
+            (s, true)
+        }
+    };
+    stream.set_write_timeout(Some(wait))?;
+    {
+        // Small requests go out in one write; the content of large ones
+        // straight from the queue file's buffer.
+        let mut out = BufWriter::with_capacity(delivery::MAX_DATA_CHUNK + 1024, &stream);
+        if fresh {
+            out.write_all(&delivery::hello())?;
+        }
+        out.write_all(&delivery::encode_head(envelope, recipients))?;
+        for (header, chunk) in delivery::content_records(content) {
+            out.write_all(&header)?;
+            out.write_all(chunk)?;
+        }
+        out.flush()?;
+    }
+    let mut buf = [0u8; READ_CHUNK];
+    let mut reader = &stream;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no report within {}s", wait.as_secs())));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before every result")),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no report within {}s", wait.as_secs())));
+            }
+            Err(e) => return Err(e),
+        };
+        let whole = decoder
+            .feed(&buf[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("protocol error: {e}")))?;
+        if whole {
+            return Ok(stream);
+        }
+    }
+}
+
+/// Connects to an agent's socket, waiting at most `limit`: a Unix stream
+/// connect blocks while the listener's backlog is full (every agent busy),
+/// for as long as the socket's send timeout allows.
+fn connect(path: &Path, limit: Duration) -> io::Result<UnixStream> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.set_write_timeout(Some(limit))?;
+    socket.connect(&socket2::SockAddr::unix(path)?)?;
+    Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mortal_proto::config::{Config, NextHop};
+    use mortal_proto::delivery::RequestDecoder;
+    use mortal_proto::ipc::{BodyType, ClientInfo, SenderInfo};
+    use mortal_proto::queue_file::{QueuedRecipient, RecipientState};
+    use std::os::unix::net::UnixListener;
+
+    fn queue_file() -> QueueFile {
+        let rcpt = |a: &str| QueuedRecipient {
+            address: a.into(),
+            state: RecipientState::Pending,
+            notify: Default::default(),
+            orcpt: String::new(),
+            status: String::new(),
+        };
+        QueueFile {
+            id: "0000000010000100000A".into(),
+            arrival: std::time::UNIX_EPOCH,
+            client: ClientInfo {
+                addr: String::new(),
+                name: String::new(),
+                helo: String::new(),
+                protocol: String::new(),
+                tls: String::new(),
+            },
+            sender: SenderInfo {
+                address: "a@example.test".into(),
+                body: BodyType::SevenBit,
+                smtputf8: false,
+                ret: None,
+                envid: String::new(),
+            },
+            recipients: vec![rcpt("x@lmtp.test"), rcpt("y@lmtp.test")],
+            content: b"Subject: t\r\n\r\nbody\r\n".to_vec(),
+        }
+    }
+
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("mortal-queue-transport-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("private")).unwrap();
+        dir
+    }
+
+    fn agents(dir: &Path) -> Agents {
+        let text = format!(
+            "[server]\nrun_dir = {:?}\n[delivery]\ntransport = \"lmtp:inet:127.0.0.1:24\"\nconnection_reuse_time = \"10s\"\n",
+            dir.display().to_string()
+        );
+        Agents::new(Config::parse_for(&text, &dir.join("m.toml"), false).unwrap())
+    }
+
+    fn batch() -> Batch {
+        let route = Route::Lmtp(NextHop::Inet("127.0.0.1:24".parse().unwrap()));
+        Batch { destination: route.to_string(), route, rcpts: vec![0, 1] }
+    }
+
+    /// No agent: every recipient is deferred with a clear reason.
+    #[test]
+    fn unreachable_agent_defers_everyone() {
+        let dir = temp_dir("none");
+        let report = deliver(&agents(&dir), &batch(), &queue_file());
+        assert_eq!(report.relay, "none");
+        assert_eq!(report.results.len(), 2);
+        for r in &report.results {
+            assert_eq!((r.status, r.dsn.as_str()), (Status::Deferred, "4.3.0"));
+            assert!(r.text.starts_with("lmtp delivery agent unavailable: connect to "), "{}", r.text);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A scripted agent: answers the first request and keeps the
+    /// connection, answers the second on the same connection and breaks
+    /// the protocol after its first result. The second batch's first
+    /// result counts, the other is deferred; a connection that broke is
+    /// not kept.
+    #[test]
+    fn connection_is_reused_and_results_before_a_protocol_error_count() {
+        let dir = temp_dir("reuse");
+        let agents = agents(&dir);
+        let listener = UnixListener::bind(agents.config.lmtp_socket()).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut decoder = RequestDecoder::new(1 << 20);
+            let mut buf = [0u8; 4096];
+            let mut got = Vec::new();
+            for round in 0..2 {
+                let request = loop {
+                    let n = s.read(&mut buf).unwrap();
+                    if let Some(r) = decoder.feed(&buf[..n]).unwrap() {
+                        break r;
+                    }
+                };
+                let mut out = Vec::new();
+                let ok = RcptResult::delivered("250 2.0.0 Ok");
+                if round == 0 {
+                    Report { relay: "127.0.0.1[127.0.0.1]:24".into(), results: vec![ok.clone(), ok] }
+                        .encode(true, &mut out);
+                } else {
+                    Report { relay: "127.0.0.1[127.0.0.1]:24".into(), results: vec![ok] }.encode(true, &mut out);
+                    out.extend_from_slice(b"garbage!");
+                }
+                s.write_all(&out).unwrap();
+                decoder.answered();
+                got.push(request);
+            }
+            got
+        });
+        let first = deliver(&agents, &batch(), &queue_file());
+        assert!(first.results.iter().all(|r| r.status == Status::Sent), "{first:?}");
+        let second = deliver(&agents, &batch(), &queue_file());
+        let requests = server.join().unwrap();
+        assert_eq!(requests.len(), 2, "both batches over one connection");
+        assert_eq!(requests[0].envelope.queue_id, "0000000010000100000A");
+        assert_eq!(requests[1].content, queue_file().content);
+        assert_eq!(second.relay, "127.0.0.1[127.0.0.1]:24");
+        assert_eq!(second.results[0].status, Status::Sent);
+        assert_eq!(second.results[1].status, Status::Deferred);
+        assert!(
+            second.results[1].text.starts_with("lmtp delivery agent unavailable: protocol error"),
+            "{:?}",
+            second.results[1]
+        );
+        assert!(agents.conns.take(&batch().destination).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
