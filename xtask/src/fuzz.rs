@@ -49,6 +49,7 @@ pub const TARGETS: &[&str] = &[
     "proxy_header",
     "ipc_decoder",
     "pipe",
+    "delivery",
     "queue_file",
     "address",
     "config",
@@ -508,6 +509,9 @@ fn seeds(root: &Path) -> Result<Vec<Seed>> {
     let (request, results) = pipe_conversation();
     out.push(("pipe", "seed-request".into(), request));
     out.push(("pipe", "seed-results".into(), results));
+    let (requests, report) = delivery_conversation();
+    out.push(("delivery", "seed-requests".into(), requests));
+    out.push(("delivery", "seed-report".into(), report));
     for (name, qf) in queue_files() {
         out.push(("queue_file", format!("seed-{name}"), qf.encode()));
     }
@@ -654,6 +658,68 @@ fn pipe_conversation() -> (Vec<u8>, Vec<u8>) {
     PipeResult::new(PipeStatus::Delivered, "2.0.0", "delivered via pipe service").encode(&mut results);
     PipeResult::new(PipeStatus::Bounced, "5.1.1", "Command died with status 67").encode(&mut results);
     (request, results)
+}
+
+/// Two delivery requests on one connection (LMTP, then SMTP relay with
+/// DSN parameters), and a report of two results, each behind the mode
+/// octet `delivery_stream` reads first.
+fn delivery_conversation() -> (Vec<u8>, Vec<u8>) {
+    use mortal_proto::config::{NextHop, Route};
+    use mortal_proto::delivery::{self, Envelope, RcptResult, Recipient, Report, Request, Status};
+    let envelope = |route: Route| Envelope {
+        queue_id: "0000000010000100000A".into(),
+        route,
+        sender: "a@example.test".into(),
+        body: BodyType::EightBitMime,
+        smtputf8: false,
+        ret: Some(DsnRet::Headers),
+        envid: "E1".into(),
+    };
+    let recipients = vec![
+        Recipient {
+            address: "b@example.test".into(),
+            notify: Notify { success: true, ..Notify::default() },
+            orcpt: "rfc822;B@example.test".into(),
+        },
+        Recipient { address: "c@example.test".into(), notify: Notify::default(), orcpt: String::new() },
+    ];
+    let lmtp = Request {
+        envelope: envelope(Route::Lmtp(NextHop::Unix("/run/dovecot/lmtp".into()))),
+        recipients: recipients.clone(),
+        content: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
+    };
+    let smtp = Request {
+        envelope: envelope(Route::Smtp("127.0.0.1:25".parse().expect("address"))),
+        recipients,
+        content: b"Subject: y\r\n\r\n.dot\r\n".to_vec(),
+    };
+    let mut requests = vec![0];
+    requests.extend(delivery::hello());
+    requests.extend(lmtp.encode());
+    requests.extend(smtp.encode());
+    // Odd: a report; 2 << 1 | 1: two results expected.
+    let mut report = vec![5];
+    Report {
+        relay: "127.0.0.1[127.0.0.1]:25".into(),
+        results: vec![
+            RcptResult {
+                remote_mta: Some("dns; 127.0.0.1".into()),
+                success_action: Some("relayed"),
+                ..RcptResult::new(Status::Sent, "2.0.0", "250 2.0.0 Ok: queued")
+            },
+            RcptResult {
+                diagnostic: Some("smtp; 550 5.1.1 no such user".into()),
+                remote_mta: Some("dns; 127.0.0.1".into()),
+                ..RcptResult::new(
+                    Status::Bounced,
+                    "5.1.1",
+                    "host 127.0.0.1[127.0.0.1]:25 said: 550 5.1.1 no such user (in reply to RCPT TO command)",
+                )
+            },
+        ],
+    }
+    .encode(true, &mut report);
+    (requests, report)
 }
 
 fn ipc_conversation() -> Vec<u8> {
