@@ -556,13 +556,13 @@ pub struct Processes {
     #[serde(deserialize_with = "pipe_policy")]
     pub pipe: ProcessPolicy,
     /// The `lmtp` delivery agent, present only while a route uses LMTP;
-    /// unset keys take [`ProcessPolicy::pipe_default`]'s values. A use
+    /// unset keys take [`ProcessPolicy::agent_default`]'s values. A use
     /// (`max_use`) is one delivery.
-    #[serde(deserialize_with = "pipe_policy")]
+    #[serde(deserialize_with = "agent_policy")]
     pub lmtp: ProcessPolicy,
     /// The `smtp` delivery agent, present only while a route relays by
     /// SMTP; defaults as `lmtp`.
-    #[serde(deserialize_with = "pipe_policy")]
+    #[serde(deserialize_with = "agent_policy")]
     pub smtp: ProcessPolicy,
     /// The queue manager's lifetime (one process).
     #[serde(deserialize_with = "single_policy")]
@@ -578,21 +578,35 @@ impl Default for Processes {
             smtpd: ProcessPolicy::default(),
             cleanup: ProcessPolicy::default(),
             pipe: ProcessPolicy::pipe_default(),
-            lmtp: ProcessPolicy::pipe_default(),
-            smtp: ProcessPolicy::pipe_default(),
+            lmtp: ProcessPolicy::agent_default(),
+            smtp: ProcessPolicy::agent_default(),
             queue: SingleLife::default(),
             anvil: SingleLife::default(),
         }
     }
 }
 
-/// `[process.pipe]`, `[process.lmtp]` and `[process.smtp]` keys whose
-/// default differs from the general one: a small pool of delivery agents,
-/// since each child carries one delivery at a time and delivery
-/// concurrency is the queue's to limit (`[queue] delivery_concurrency`,
-/// 20 by default, is also the pool's `process_limit`).
+/// `[process.pipe]` keys whose default differs from the general one: a
+/// small pool, since each child runs one command at a time and delivery
+/// concurrency is the queue's to limit.
 const PIPE_POLICY_DEFAULTS: [(&str, u32); 5] =
     [("process_limit", 20), ("prefork", 1), ("min_spare", 1), ("max_spare", 4), ("max_use", 100)];
+
+/// `[process.lmtp]` and `[process.smtp]` keys whose default differs from
+/// the general one: each child carries one delivery at a time, so the
+/// limit is the queue's default `delivery_concurrency` (20), and a few
+/// spares keep a burst from waiting for the spawn rate to ramp up.
+const AGENT_POLICY_DEFAULTS: [(&str, u32); 5] =
+    [("process_limit", 20), ("prefork", 2), ("min_spare", 2), ("max_spare", 10), ("max_use", 100)];
+
+/// `[process.lmtp]` / `[process.smtp]` with [`AGENT_POLICY_DEFAULTS`].
+fn agent_policy<'de, D: Deserializer<'de>>(d: D) -> Result<ProcessPolicy, D::Error> {
+    let mut table = toml::Table::deserialize(d)?;
+    for (key, value) in AGENT_POLICY_DEFAULTS {
+        table.entry(key).or_insert(toml::Value::Integer(i64::from(value)));
+    }
+    ProcessPolicy::deserialize(toml::Value::Table(table)).map_err(serde::de::Error::custom)
+}
 
 /// `[process.queue]` and `[process.anvil]`: the lifetime of a service that
 /// runs exactly one process. There is no pool to size and no session to
@@ -722,6 +736,20 @@ pub const MAX_TERM_GRACE: Duration = Duration::from_secs(60);
 pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
 
 impl ProcessPolicy {
+    /// The policy of `[process.lmtp]` and `[process.smtp]` when the table
+    /// sets nothing.
+    pub fn agent_default() -> Self {
+        let get = |key: &str| AGENT_POLICY_DEFAULTS.iter().find(|(k, _)| *k == key).map_or(0, |(_, v)| *v);
+        Self {
+            process_limit: get("process_limit"),
+            prefork: get("prefork"),
+            min_spare: get("min_spare"),
+            max_spare: get("max_spare"),
+            max_use: get("max_use"),
+            ..Self::default()
+        }
+    }
+
     /// The policy of `[process.pipe]` when the table sets nothing.
     pub fn pipe_default() -> Self {
         let get = |key: &str| PIPE_POLICY_DEFAULTS.iter().find(|(k, _)| *k == key).map_or(0, |(_, v)| *v);
@@ -1354,6 +1382,37 @@ mod tests {
             "{err:?}"
         );
         assert!(Config::parse_for("[process.pipe]\nbogus = 1\n", Path::new("m.toml"), false).is_err());
+    }
+
+    /// Issue 11: the delivery agents' pools and the single processes'
+    /// lifetimes have their own tables and defaults.
+    #[test]
+    fn agent_and_single_process_policies() {
+        let c = Config::parse_for("", Path::new("m.toml"), false).unwrap();
+        assert_eq!((c.process.lmtp, c.process.smtp), (ProcessPolicy::agent_default(), ProcessPolicy::agent_default()));
+        assert_eq!((c.process.lmtp.process_limit, c.process.lmtp.prefork, c.process.lmtp.min_spare), (20, 2, 2));
+        assert_eq!(c.process.queue.max_lifetime, Duration::from_secs(86_400));
+        let c = Config::parse_for(
+            "[process.smtp]\nmax_use = 7\n[process.queue]\nmax_lifetime = \"2h\"\n",
+            Path::new("m.toml"),
+            false,
+        )
+        .unwrap();
+        assert_eq!(c.process.smtp, ProcessPolicy { max_use: 7, ..ProcessPolicy::agent_default() });
+        assert_eq!(c.process.queue.as_policy().max_lifetime, Duration::from_secs(7200));
+        assert_eq!(c.process.queue.as_policy().max_use, 0);
+        let err =
+            Config::parse_for("[process.anvil]\nlifetime_jitter = 1.5\n", Path::new("m.toml"), false).unwrap_err();
+        assert_eq!(err[0].to_string(), "m.toml:2: process.anvil.lifetime_jitter: must be at least 0 and below 1");
+        let err = Config::parse_for("[process.queue]\nmax_use = 1\n", Path::new("m.toml"), false).unwrap_err();
+        assert!(err[0].to_string().contains("max_use"), "{:?}", err);
+        let err =
+            Config::parse_for("[process.lmtp]\nsession_deadline = \"10s\"\n", Path::new("m.toml"), false).unwrap_err();
+        assert!(
+            err[0].to_string().starts_with("m.toml:2: process.lmtp.session_deadline: must be 0s or at least"),
+            "{}",
+            err[0]
+        );
     }
 
     #[test]
