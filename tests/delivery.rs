@@ -659,3 +659,36 @@ fn lmtp_agent_retires_after_max_use_and_is_replaced() {
     assert_eq!(txs.len(), 3, "{txs:?}");
     assert_eq!(lmtp.connections(), 2, "{txs:?}");
 }
+
+/// Issue 11: a kept connection does not make an agent immortal. An lmtp
+/// agent waiting on the queue's kept connection (reuse time 60s) is
+/// retired at its 2s lifetime at once, not after the connection's idle
+/// time, and the next message goes through a new agent.
+#[test]
+fn lmtp_agent_holding_a_kept_connection_retires_at_its_lifetime() {
+    let lmtp = FakeLmtp::start(Arc::new(|_: &str, _| "250 2.0.0 Ok".to_owned()));
+    let mortal = start_mortal(
+        options(&format!(
+            "[delivery]\ntransport = \"lmtp:inet:{}\"\nconnection_reuse_time = \"60s\"\n[process.lmtp]\nprefork = 1\nmin_spare = 0\nmax_spare = 1\nmax_lifetime = \"2s\"\nlifetime_jitter = 0.0\n",
+            lmtp.addr
+        )),
+        &["example.test"],
+        "",
+    );
+    let started = Instant::now();
+    send(mortal.port, "a@example.test", &["kept@example.test"], &message("kept", "connection"));
+    let done = wait_for("delivered", || (lmtp.deliveries("kept@example.test") == 1).then_some(()));
+    assert!(done.is_some(), "{}", mortal.log_text());
+    let retired = wait_for("an lmtp agent retired for its lifetime", || {
+        let status = mortal.status();
+        (mortal_tests::lifetime::retired(&status, "lmtp", "lifetime") >= 1).then_some(status)
+    });
+    let status = retired.unwrap_or_else(|| panic!("{}\n{}", mortal.status(), mortal.log_text()));
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}: {status}", started.elapsed());
+    assert_eq!(mortal_tests::lifetime::retired(&status, "lmtp", "overdue"), 0, "{status}");
+    send(mortal.port, "a@example.test", &["next@example.test"], &message("next", "new agent"));
+    let done = wait_for("delivered by a new agent", || (lmtp.deliveries("next@example.test") == 1).then_some(()));
+    assert!(done.is_some(), "{}", mortal.log_text());
+    mortal.wait_for_empty_queue();
+    assert!(!mortal.log_text().contains("status=deferred"), "{}", mortal.log_text());
+}

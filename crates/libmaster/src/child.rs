@@ -122,6 +122,15 @@ impl MasterLink {
     }
 }
 
+/// The socket to the master, for a session that waits on it alongside its
+/// own descriptors (a kept connection waits for the next request or an
+/// order, whichever comes first).
+impl AsFd for MasterLink {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
 impl MasterLink {
     /// Blocks until the master retires this process or goes away; for
     /// daemons with their own event loop (the queue manager), run on a

@@ -68,7 +68,9 @@ use mortal_libmaster::sandbox::{self, Service};
 use mortal_proto::config::{Config, Route};
 use mortal_proto::delivery::{RcptResult, Report, Request, RequestDecoder, Status};
 use mortal_proto::pipe::max_content;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
@@ -177,10 +179,12 @@ fn serve(agent: &Agent, mut stream: UnixStream, link: &mut MasterLink, max_use: 
     let mut buf = vec![0u8; READ_CHUNK];
     // The accept counted the first use.
     let mut last = max_use != 0 && link.sessions() >= max_use;
-    let mut first = true;
+    let mut uses = 0u32;
     loop {
-        let idle = if first { REQUEST_TIMEOUT } else { reuse + KEPT_CONNECTION_MARGIN };
-        let request = match read_request(&mut stream, &mut decoder, &mut buf, idle) {
+        if uses > 0 && !wait_for_request(&stream, link, reuse + KEPT_CONNECTION_MARGIN) {
+            break;
+        }
+        let request = match read_request(&mut stream, &mut decoder, &mut buf) {
             Ok(Some(r)) => r,
             Ok(None) => break,
             Err(e) => {
@@ -188,7 +192,7 @@ fn serve(agent: &Agent, mut stream: UnixStream, link: &mut MasterLink, max_use: 
                 break;
             }
         };
-        if !first {
+        if uses > 0 {
             match link.another_use(max_use) {
                 Ok(l) => last = l,
                 Err(e) => {
@@ -197,7 +201,7 @@ fn serve(agent: &Agent, mut stream: UnixStream, link: &mut MasterLink, max_use: 
                 }
             }
         }
-        first = false;
+        uses += 1;
         let report = agent.deliver(&request);
         // Another request only while this process has uses left, the
         // master wants it, and the queue may reuse connections at all.
@@ -216,22 +220,47 @@ fn serve(agent: &Agent, mut stream: UnixStream, link: &mut MasterLink, max_use: 
     agent.cache.expire();
 }
 
-/// Reads one complete request. `Ok(None)`: the queue closed the
-/// connection between requests, or left it idle for `idle`.
-fn read_request(
-    stream: &mut UnixStream,
-    decoder: &mut RequestDecoder,
-    buf: &mut [u8],
-    idle: Duration,
-) -> io::Result<Option<Request>> {
-    let started = Instant::now();
-    let mut deadline = started + idle;
+/// Waits on a kept connection for the queue's next request: true when
+/// bytes (or the end of the connection) arrived, false when it stayed idle
+/// for `idle` or the master sent an order first (to retire: it is read
+/// when the connection is given up).
+fn wait_for_request(stream: &UnixStream, link: &MasterLink, idle: Duration) -> bool {
+    let deadline = Instant::now() + idle;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            if decoder.is_between_requests() {
-                return Ok(None);
-            }
+            return false;
+        }
+        // poll takes at most u16::MAX ms: a longer wait goes in pieces.
+        let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+        if let Some(ready) = poll_ready(stream, link, PollTimeout::from(ms)) {
+            return ready;
+        }
+    }
+}
+
+/// One `poll`: `Some(true)` when the queue's connection is readable (a
+/// request that arrived is served, order or not), `Some(false)` on an
+/// order from the master (or its socket closing), `None` on a timeout or
+/// an interruption.
+fn poll_ready(stream: &UnixStream, link: &MasterLink, timeout: PollTimeout) -> Option<bool> {
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN), PollFd::new(link.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, timeout) {
+        Ok(0) | Err(nix::errno::Errno::EINTR) => None,
+        Ok(_) if fds[0].any().unwrap_or(true) => Some(true),
+        Ok(_) => Some(false),
+        // A poll that cannot run: give the connection up.
+        Err(_) => Some(false),
+    }
+}
+
+/// Reads one complete request, within [`REQUEST_TIMEOUT`] from its start.
+/// `Ok(None)`: the queue closed the connection between requests.
+fn read_request(stream: &mut UnixStream, decoder: &mut RequestDecoder, buf: &mut [u8]) -> io::Result<Option<Request>> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "request incomplete after the time limit"));
         }
         stream.set_read_timeout(Some(left))?;
@@ -243,10 +272,6 @@ fn read_request(
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
             Err(e) => return Err(e),
         };
-        // Once a request has begun, the rest must follow promptly.
-        if decoder.is_between_requests() {
-            deadline = Instant::now() + REQUEST_TIMEOUT;
-        }
         match decoder.feed(&buf[..n]) {
             Ok(Some(request)) => return Ok(Some(request)),
             Ok(None) => {}

@@ -127,7 +127,19 @@ pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
         })
         .collect();
     let mut decoder = ReportDecoder::new(recipients.len());
-    let result = exchange(agents, &socket, &batch.destination, &envelope, &recipients, &qf.content, &mut decoder);
+    let kept = agents.conns.take(&batch.destination);
+    let reused = kept.is_some();
+    let mut result = exchange(agents, &socket, kept, &envelope, &recipients, &qf.content, &mut decoder);
+    // A kept connection the agent gave up just as this request went out
+    // (its idle time, an order to retire) ends before any answer: the
+    // request was not taken, so it goes again on a new connection. An
+    // agent that died inside the delivery looks the same; sending again
+    // at once repeats a delivery no more than the retry after a deferral
+    // would (at least once), and happens once only.
+    if reused && result.is_err() && decoder.relay().is_none() {
+        decoder = ReportDecoder::new(recipients.len());
+        result = exchange(agents, &socket, None, &envelope, &recipients, &qf.content, &mut decoder);
+    }
     let relay = decoder.relay().unwrap_or("none").to_owned();
     let keep = decoder.keep();
     let mut results = decoder.into_results();
@@ -145,12 +157,12 @@ pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
     Report { relay, results }
 }
 
-/// Sends the request over a kept or new connection and reads the report
+/// Sends the request over `kept` or a new connection and reads the report
 /// into `decoder`; returns the connection once the report is whole.
 fn exchange(
     agents: &Agents,
     socket: &Path,
-    destination: &str,
+    kept: Option<UnixStream>,
     envelope: &Envelope,
     recipients: &[Recipient],
     content: &[u8],
@@ -160,7 +172,7 @@ fn exchange(
     let rounds = SESSION_COMMANDS.saturating_add(u32::try_from(recipients.len()).unwrap_or(u32::MAX));
     let wait = d.connect_timeout.saturating_add(d.command_timeout.saturating_mul(rounds)).saturating_add(REPLY_MARGIN);
     let deadline = Instant::now() + wait;
-    let (stream, fresh) = match agents.conns.take(destination) {
+    let (stream, fresh) = match kept {
         Some(s) => (s, false),
         None => {
             let s = connect(socket, d.connect_timeout)
@@ -345,6 +357,46 @@ mod tests {
             second.results[1]
         );
         assert!(agents.conns.take(&batch().destination).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An agent that gives up a kept connection just as the next request
+    /// goes out (it read nothing, answered nothing): the request goes again
+    /// on a new connection instead of being deferred.
+    #[test]
+    fn a_kept_connection_closed_unanswered_is_retried_once_on_a_new_one() {
+        let dir = temp_dir("closed");
+        let agents = agents(&dir);
+        let listener = UnixListener::bind(agents.config.lmtp_socket()).unwrap();
+        let server = std::thread::spawn(move || {
+            let answer = |s: &mut UnixStream, decoder: &mut RequestDecoder| {
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut buf).unwrap();
+                    if decoder.feed(&buf[..n]).unwrap().is_some() {
+                        break;
+                    }
+                }
+                let ok = RcptResult::delivered("250 2.0.0 Ok");
+                let mut out = Vec::new();
+                Report { relay: "hop".into(), results: vec![ok.clone(), ok] }.encode(true, &mut out);
+                s.write_all(&out).unwrap();
+                decoder.answered();
+            };
+            let (mut first, _) = listener.accept().unwrap();
+            answer(&mut first, &mut RequestDecoder::new(1 << 20));
+            // The next request arrives; the connection closes unanswered.
+            let mut byte = [0u8; 1];
+            first.read_exact(&mut byte).unwrap();
+            drop(first);
+            let (mut second, _) = listener.accept().unwrap();
+            answer(&mut second, &mut RequestDecoder::new(1 << 20));
+        });
+        assert!(deliver(&agents, &batch(), &queue_file()).results.iter().all(|r| r.status == Status::Sent));
+        let again = deliver(&agents, &batch(), &queue_file());
+        server.join().unwrap();
+        assert!(again.results.iter().all(|r| r.status == Status::Sent), "{again:?}");
+        assert_eq!(again.relay, "hop");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
