@@ -13,7 +13,8 @@
 //! consecutive messages share one LMTP or SMTP session. An agent that
 //! cannot be reached, does not answer in time, dies or breaks the protocol
 //! defers every recipient it has not answered for (`4.3.0 lmtp delivery
-//! agent unavailable: ...`); results it did send count. The wait is
+//! agent unavailable: ...`); results it did send count. A kept connection
+//! that ends before any answer is tried once more on a new connection. The wait is
 //! bounded by the agent's own timeouts: a connect, one command per
 //! recipient and [`SESSION_COMMANDS`] more, and [`REPLY_MARGIN`].
 
