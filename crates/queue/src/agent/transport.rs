@@ -19,14 +19,14 @@
 //! recipient and [`SESSION_COMMANDS`] more, and [`REPLY_MARGIN`].
 
 use crate::route::{Agents, Batch, RcptResult, Report, Status};
-use mortal_proto::config::Route;
+use mortal_proto::config::{Config, Route};
 use mortal_proto::delivery::{self, Envelope, Recipient, ReportDecoder};
 use mortal_proto::queue_file::QueueFile;
 use std::collections::HashMap;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -40,56 +40,155 @@ pub const SESSION_COMMANDS: u32 = 8;
 /// Octets read from the agent at a time.
 const READ_CHUNK: usize = 8192;
 
-/// Idle connections to the delivery agents, per destination, kept for
-/// `keep` after their last use (the agent waits a little longer).
+/// The delivery-agent services this module hands batches to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Agent {
+    Lmtp,
+    Smtp,
+}
+
+impl Agent {
+    const ALL: [Agent; 2] = [Agent::Lmtp, Agent::Smtp];
+
+    fn of(route: &Route) -> Option<Agent> {
+        match route {
+            Route::Lmtp(_) => Some(Agent::Lmtp),
+            Route::Smtp(_) => Some(Agent::Smtp),
+            Route::Maildir | Route::Discard | Route::Pipe => None,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Agent::Lmtp => "lmtp",
+            Agent::Smtp => "smtp",
+        }
+    }
+
+    fn socket(self, config: &Config) -> PathBuf {
+        match self {
+            Agent::Lmtp => config.lmtp_socket(),
+            Agent::Smtp => config.smtp_socket(),
+        }
+    }
+
+    /// How many agent processes there can be.
+    fn process_limit(self, config: &Config) -> u32 {
+        match self {
+            Agent::Lmtp => config.process.lmtp.process_limit,
+            Agent::Smtp => config.process.smtp.process_limit,
+        }
+    }
+}
+
+/// A kept connection: idle since, to which agent.
+#[derive(Debug)]
+struct Idle {
+    stream: UnixStream,
+    since: Instant,
+    agent: Agent,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Per destination, most recently used last.
+    idle: HashMap<String, Vec<Idle>>,
+    /// Deliveries running, per agent.
+    busy: [u32; Agent::ALL.len()],
+}
+
+/// Connections to the delivery agents: the ones kept idle per destination
+/// for `keep` after their last use (the agent waits a little longer), and
+/// how many deliveries each agent service is running. An agent process
+/// holding a kept connection serves no one else, so when every process a
+/// service may have is running a delivery or holding an idle connection,
+/// the oldest idle one is closed for the delivery that needs an agent.
 #[derive(Debug)]
 pub struct Conns {
-    idle: Mutex<HashMap<String, Vec<(UnixStream, Instant)>>>,
+    state: Mutex<State>,
     keep: Duration,
 }
 
 impl Conns {
     pub fn new(keep: Duration) -> Self {
-        Self { idle: Mutex::new(HashMap::new()), keep }
+        Self { state: Mutex::new(State::default()), keep }
     }
 
-    /// The most recently used live connection for `destination`.
-    fn take(&self, destination: &str) -> Option<UnixStream> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(destination)?;
-        let mut found = None;
-        while let Some((stream, since)) = list.pop() {
-            if since.elapsed() <= self.keep && is_open(&stream) {
-                found = Some(stream);
-                break;
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a delivery to `destination` through `agent`: the most
+    /// recently used live connection kept for it, or `None` for a new one,
+    /// after making room for it among `limit` agent processes.
+    fn begin(&self, agent: Agent, destination: &str, limit: u32) -> Option<UnixStream> {
+        let mut state = self.lock();
+        state.busy[agent.index()] += 1;
+        if let Some(list) = state.idle.get_mut(destination) {
+            let mut found = None;
+            while let Some(conn) = list.pop() {
+                if conn.since.elapsed() <= self.keep && is_open(&conn.stream) {
+                    found = Some(conn.stream);
+                    break;
+                }
+            }
+            if list.is_empty() {
+                state.idle.remove(destination);
+            }
+            if found.is_some() {
+                return found;
             }
         }
-        if list.is_empty() {
-            idle.remove(destination);
+        let held = state.idle.values().flatten().filter(|c| c.agent == agent).count() as u64;
+        if u64::from(state.busy[agent.index()]) + held > u64::from(limit) {
+            let oldest = state
+                .idle
+                .iter()
+                .flat_map(|(d, l)| l.iter().enumerate().map(move |(i, c)| (c.since, d.clone(), i, c.agent)))
+                .filter(|(.., a)| *a == agent)
+                .min_by_key(|(since, ..)| *since);
+            if let Some((_, dest, i, _)) = oldest {
+                let list = state.idle.get_mut(&dest).expect("found above");
+                drop(list.remove(i));
+                if list.is_empty() {
+                    state.idle.remove(&dest);
+                }
+            }
         }
-        found
+        None
     }
 
-    fn put(&self, destination: &str, stream: UnixStream) {
-        if self.keep.is_zero() {
-            return;
+    /// Ends a delivery; keeps `stream` for the next one to `destination`.
+    fn end(&self, agent: Agent, destination: &str, stream: Option<UnixStream>) {
+        let mut state = self.lock();
+        state.busy[agent.index()] = state.busy[agent.index()].saturating_sub(1);
+        if let Some(stream) = stream.filter(|_| !self.keep.is_zero()) {
+            state.idle.entry(destination.to_owned()).or_default().push(Idle { stream, since: Instant::now(), agent });
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.entry(destination.to_owned()).or_default().push((stream, Instant::now()));
     }
 
     /// Closes connections idle for longer than `keep`.
     pub fn expire(&self) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        for list in idle.values_mut() {
-            list.retain(|(_, since)| since.elapsed() <= self.keep);
+        let mut state = self.lock();
+        for list in state.idle.values_mut() {
+            list.retain(|c| c.since.elapsed() <= self.keep);
         }
-        idle.retain(|_, l| !l.is_empty());
+        state.idle.retain(|_, l| !l.is_empty());
     }
 
     /// Closes every idle connection (at shutdown).
     pub fn expire_all(&self) {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.lock().idle.clear();
+    }
+
+    /// Idle connections kept (tests).
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.lock().idle.values().map(Vec::len).sum()
     }
 }
 
@@ -105,11 +204,8 @@ fn is_open(stream: &UnixStream) -> bool {
 /// Hands `batch` to its route's delivery agent.
 pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
     let config = &agents.config;
-    let (name, socket) = match &batch.route {
-        Route::Lmtp(_) => ("lmtp", config.lmtp_socket()),
-        Route::Smtp(_) => ("smtp", config.smtp_socket()),
-        Route::Maildir | Route::Discard | Route::Pipe => unreachable!("local routes and pipe are not sent here"),
-    };
+    let agent = Agent::of(&batch.route).expect("only lmtp and smtp routes are sent here");
+    let socket = agent.socket(config);
     let envelope = Envelope {
         queue_id: qf.id.clone(),
         route: batch.route.clone(),
@@ -128,7 +224,7 @@ pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
         })
         .collect();
     let mut decoder = ReportDecoder::new(recipients.len());
-    let kept = agents.conns.take(&batch.destination);
+    let kept = agents.conns.begin(agent, &batch.destination, agent.process_limit(config));
     let reused = kept.is_some();
     let mut result = exchange(agents, &socket, kept, &envelope, &recipients, &qf.content, &mut decoder);
     // A kept connection the agent gave up just as this request went out
@@ -144,17 +240,15 @@ pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
     let relay = decoder.relay().unwrap_or("none").to_owned();
     let keep = decoder.keep();
     let mut results = decoder.into_results();
-    match result {
-        Ok(stream) => {
-            if keep {
-                agents.conns.put(&batch.destination, stream);
-            }
-        }
+    let stream = match result {
+        Ok(stream) => keep.then_some(stream),
         Err(e) => {
-            let text = format!("{name} delivery agent unavailable: {e}");
+            let text = format!("{} delivery agent unavailable: {e}", agent.name());
             results.resize_with(recipients.len(), || RcptResult::new(Status::Deferred, "4.3.0", text.clone()));
+            None
         }
-    }
+    };
+    agents.conns.end(agent, &batch.destination, stream);
     Report { relay, results }
 }
 
@@ -357,7 +451,59 @@ mod tests {
             "{:?}",
             second.results[1]
         );
-        assert!(agents.conns.take(&batch().destination).is_none());
+        assert_eq!(agents.conns.idle_count(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// With every agent process taken (limit 1) by an idle connection
+    /// kept for one next hop, a delivery to another next hop closes that
+    /// connection, so the agent holding it comes free, instead of waiting
+    /// for its idle time to pass.
+    #[test]
+    fn an_idle_kept_connection_gives_way_when_every_agent_is_taken() {
+        let dir = temp_dir("evict");
+        let text = format!(
+            "[server]\nrun_dir = {:?}\n[delivery]\nconnection_reuse_time = \"60s\"\n[delivery.routes]\n\"a.test\" = \"lmtp:inet:127.0.0.1:24\"\n\"b.test\" = \"lmtp:inet:127.0.0.2:24\"\n[process.lmtp]\nprocess_limit = 1\nprefork = 1\nmin_spare = 0\nmax_spare = 1\n",
+            dir.display().to_string()
+        );
+        let agents = Agents::new(Config::parse_for(&text, &dir.join("m.toml"), false).unwrap());
+        let listener = UnixListener::bind(agents.config.lmtp_socket()).unwrap();
+        // One agent process: one connection at a time.
+        let server = std::thread::spawn(move || {
+            let mut ends = Vec::new();
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut decoder = RequestDecoder::new(1 << 20);
+                let mut buf = [0u8; 4096];
+                let request = loop {
+                    let n = s.read(&mut buf).unwrap();
+                    if let Some(r) = decoder.feed(&buf[..n]).unwrap() {
+                        break r;
+                    }
+                };
+                let mut out = Vec::new();
+                let results = vec![RcptResult::delivered("250 2.0.0 Ok"); request.recipients.len()];
+                Report { relay: request.envelope.route.to_string(), results }.encode(true, &mut out);
+                s.write_all(&out).unwrap();
+                // Kept: wait for the next request or the end.
+                ends.push(s.read(&mut buf).unwrap());
+            }
+            ends
+        });
+        let batch = |domain: &str, hop: &str| {
+            let route = Route::Lmtp(NextHop::Inet(hop.parse().unwrap()));
+            let mut qf = queue_file();
+            qf.recipients.truncate(1);
+            qf.recipients[0].address = format!("x@{domain}");
+            (Batch { destination: route.to_string(), route, rcpts: vec![0] }, qf)
+        };
+        let (a, qa) = batch("a.test", "127.0.0.1:24");
+        assert_eq!(deliver(&agents, &a, &qa).results[0].status, Status::Sent);
+        assert_eq!(agents.conns.idle_count(), 1);
+        let (b, qb) = batch("b.test", "127.0.0.2:24");
+        assert_eq!(deliver(&agents, &b, &qb).results[0].status, Status::Sent);
+        agents.conns.expire_all();
+        assert_eq!(server.join().unwrap(), vec![0, 0], "both kept connections ended unused");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
