@@ -72,6 +72,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 /// Longest wait for the rest of a request once its first byte (or the
@@ -143,8 +144,10 @@ impl Agent {
     }
 }
 
-/// The agent's `main`: start-up, sandbox, then the single-server loop.
-pub fn run(service: Service) {
+/// The agent's `main`: start-up, sandbox, then the single-server loop;
+/// returns the process's exit status (a failed start exits inside the
+/// start-up steps, before the sandbox, as in every daemon).
+pub fn run(service: Service) -> ExitCode {
     sandbox::selftest::run_if_asked(service);
     let name = service.name();
     let config = child::startup(name);
@@ -159,14 +162,18 @@ pub fn run(service: Service) {
         Service::Lmtp => agent.config.process.lmtp.max_use,
         _ => agent.config.process.smtp.max_use,
     };
-    match child::serve(&listener, &mut link, max_use, |stream, link| serve(&agent, stream, link, max_use)) {
-        Ok(reason) => tracing::debug!("exit: {}", reason.as_str()),
+    let served = child::serve(&listener, &mut link, max_use, |stream, link| serve(&agent, stream, link, max_use));
+    agent.cache.expire_all();
+    match served {
+        Ok(reason) => {
+            tracing::debug!("exit: {}", reason.as_str());
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::error!("fatal: master link: {e}");
-            std::process::exit(1);
+            ExitCode::FAILURE
         }
     }
-    agent.cache.expire_all();
 }
 
 /// One connection from the queue: requests, one at a time, each answered

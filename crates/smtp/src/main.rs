@@ -2,6 +2,6 @@
 //! `mortal_smtp` library for the whole manual.
 #![forbid(unsafe_code)]
 
-fn main() {
-    mortal_smtp::run(mortal_libmaster::sandbox::Service::Smtp);
+fn main() -> std::process::ExitCode {
+    mortal_smtp::run(mortal_libmaster::sandbox::Service::Smtp)
 }

@@ -3,6 +3,6 @@
 //! has its own binary name in `ps`, its own sandbox and its own lifetime.
 #![forbid(unsafe_code)]
 
-fn main() {
-    mortal_smtp::run(mortal_libmaster::sandbox::Service::Lmtp);
+fn main() -> std::process::ExitCode {
+    mortal_smtp::run(mortal_libmaster::sandbox::Service::Lmtp)
 }
