@@ -286,3 +286,63 @@ fn read_request(stream: &mut UnixStream, decoder: &mut RequestDecoder, buf: &mut
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mortal_proto::delivery::{Envelope, Recipient};
+    use mortal_proto::ipc::{BodyType, Notify};
+    use std::path::Path;
+
+    fn agent(service: Service) -> Agent {
+        let text = "[delivery]\ntransport = \"maildir\"\n[delivery.routes]\n\"l.test\" = \"lmtp:inet:127.0.0.1:9\"\n\"s.test\" = \"smtp:inet:127.0.0.1:9\"\n";
+        Agent::new(service, Config::parse_for(text, Path::new("/m.toml"), false).unwrap())
+    }
+
+    fn request(route: &str, rcpts: &[&str]) -> Request {
+        Request {
+            envelope: Envelope {
+                queue_id: "0000000010000100000A".into(),
+                route: route.parse().unwrap(),
+                sender: "a@x.test".into(),
+                body: BodyType::SevenBit,
+                smtputf8: false,
+                ret: None,
+                envid: String::new(),
+            },
+            recipients: rcpts
+                .iter()
+                .map(|a| Recipient { address: (*a).into(), notify: Notify::default(), orcpt: String::new() })
+                .collect(),
+            content: b"Subject: t\r\n\r\nx\r\n".to_vec(),
+        }
+    }
+
+    /// Issue 11: a request chooses values, never a destination. A route
+    /// this configuration does not give every recipient's domain, or one
+    /// of the other agent's kind, is deferred without a connection (port 9
+    /// would refuse it: the result would say so).
+    #[test]
+    fn requests_for_unconfigured_next_hops_are_deferred_unsent() {
+        let cases = [
+            (Service::Lmtp, "lmtp:inet:192.0.2.1:24", vec!["a@l.test"]),
+            (Service::Lmtp, "lmtp:inet:127.0.0.1:9", vec!["a@l.test", "b@other.test"]),
+            (Service::Lmtp, "lmtp:unix:/run/other", vec!["a@l.test"]),
+            (Service::Smtp, "lmtp:inet:127.0.0.1:9", vec!["a@l.test"]),
+            (Service::Lmtp, "smtp:inet:127.0.0.1:9", vec!["a@s.test"]),
+        ];
+        for (service, route, rcpts) in cases {
+            let report = agent(service).deliver(&request(route, &rcpts));
+            assert_eq!(report.relay, "none", "{route}");
+            assert_eq!(report.results.len(), rcpts.len());
+            for r in &report.results {
+                assert_eq!((r.status, r.dsn.as_str()), (Status::Deferred, "4.3.5"), "{route}: {r:?}");
+                assert!(r.text.ends_with(&format!("recipient domain is not routed to {route}")), "{}", r.text);
+            }
+        }
+        // A configured one is tried (and refused by the closed port).
+        let report = agent(Service::Lmtp).deliver(&request("lmtp:inet:127.0.0.1:9", &["a@L.TEST"]));
+        assert_eq!(report.results[0].dsn, "4.4.1", "{report:?}");
+        assert!(report.results[0].text.starts_with("connect to 127.0.0.1[127.0.0.1]:9: "), "{report:?}");
+    }
+}
