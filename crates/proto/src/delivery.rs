@@ -148,27 +148,24 @@ impl RcptResult {
     }
 
     /// Appends the encoded record to `out`. Over-long texts are cut (at a
-    /// character boundary) and control characters become spaces, so an
-    /// encoded result always decodes.
-    ///
-    /// # Panics
-    /// If `dsn` is not an RFC 3463 code of the status's class, or the
-    /// success action is not one of RFC 3464's: every agent builds results
-    /// from those, so that is a programming error.
+    /// character boundary) and control characters become spaces, and a
+    /// code that is not an RFC 3463 code of the status's class (a next hop
+    /// can answer anything) goes as the class's `X.0.0`, so an encoded
+    /// result always decodes.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        assert!(
-            is_dsn_code(&self.dsn) && self.dsn.as_bytes()[0] == self.status.class(),
-            "result code {} for {:?}",
-            self.dsn,
-            self.status
-        );
-        let action = match self.success_action {
-            None => 0,
-            Some(a) => 1 + SUCCESS_ACTIONS.iter().position(|s| *s == a).expect("an RFC 3464 action") as u8,
+        let class = self.status.class();
+        let dsn = if is_dsn_code(&self.dsn) && self.dsn.as_bytes()[0] == class {
+            self.dsn.clone()
+        } else {
+            format!("{}.0.0", char::from(class))
+        };
+        let action = match self.success_action.and_then(|a| SUCCESS_ACTIONS.iter().position(|s| *s == a)) {
+            Some(i) if self.status == Status::Sent => i as u8 + 1,
+            _ => 0,
         };
         let payload = Fields::new()
             .u8(self.status.to_wire())
-            .str(&self.dsn)
+            .str(&dsn)
             .str(&clean(&self.text, MAX_RESULT_TEXT))
             .str(&clean(self.diagnostic.as_deref().unwrap_or_default(), MAX_DIAGNOSTIC))
             .str(&clean(self.remote_mta.as_deref().unwrap_or_default(), MAX_RELAY))
@@ -857,6 +854,25 @@ mod tests {
         assert_eq!(dec.relay(), Some("r  x"));
         let got = dec.into_results();
         assert!(got[0].text.starts_with("a b") && got[0].text.len() <= MAX_RESULT_TEXT, "{}", got[0].text.len());
+    }
+
+    /// A next hop can answer anything: a deferral with a 2xx greeting's
+    /// code, a 3xx code, an action on a failure. The agent still sends a
+    /// report the queue accepts, with the status's own class.
+    #[test]
+    fn results_with_codes_of_another_class_are_encoded_with_their_own() {
+        let odd = [
+            RcptResult::new(Status::Deferred, "2.0.0", "host x refused to talk to me: 250 hi"),
+            RcptResult::new(Status::Deferred, "3.0.0", "host x said: 354 go (in reply to STARTTLS command)"),
+            RcptResult { success_action: Some("delivered"), ..RcptResult::new(Status::Bounced, "5.1.1", "no") },
+        ];
+        let mut wire = Vec::new();
+        Report { relay: "x".into(), results: odd.to_vec() }.encode(false, &mut wire);
+        let mut dec = ReportDecoder::new(3);
+        assert!(dec.feed(&wire).unwrap());
+        let got = dec.into_results();
+        assert_eq!((got[0].dsn.as_str(), got[1].dsn.as_str(), got[2].dsn.as_str()), ("4.0.0", "4.0.0", "5.1.1"));
+        assert_eq!(got[2].success_action, None);
     }
 
     #[test]
