@@ -7,7 +7,9 @@
 use mortal_proto::envelope::{BodyType, ClientInfo, Notify, SenderInfo};
 use mortal_proto::queue_file::{QueueFile, QueuedRecipient, RecipientState};
 use mortal_proto::queue_id::QueueId;
+use mortal_proto::service::Service;
 use mortal_proto::spool::QueueDir;
+use mortal_proto::status::RetireReason;
 use mortal_tests::delivery::{
     Aiosmtpd, Dovecot, FakeLmtp, Guard, TempDir, cleanup_pids, queue_pid, send, start_mortal,
 };
@@ -596,4 +598,126 @@ threads = [threading.Thread(target=client, args=({per},)) for _ in range({CLIENT
         total.as_secs_f64(),
         MESSAGES as f64 / total.as_secs_f64()
     );
+}
+
+/// Pids of the running processes of `program` (`mortal-lmtp`, ...).
+fn pids_of(mortal: &Instance, program: &str) -> Vec<u32> {
+    mortal
+        .children()
+        .into_iter()
+        .filter(|pid| {
+            fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.file_name().is_some_and(|n| n == program))
+        })
+        .collect()
+}
+
+/// Issue 11: an lmtp delivery agent killed in the middle of a delivery
+/// (the next hop has the content, its reply is pending) costs a deferral,
+/// never the message: the queue defers the recipient it has no result
+/// for, the master replaces the agent, and the retry delivers exactly once.
+#[test]
+fn kill_9_of_lmtp_agent_mid_delivery_defers_and_delivers_once() {
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stalled.clone();
+    let lmtp = FakeLmtp::start(Arc::new(move |_: &str, _| {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) { "250 2.0.0 Ok" } else { "STALL" }.to_owned()
+    }));
+    // One agent: the one stalled is the one to kill.
+    let mortal = start_mortal(
+        options(&format!(
+            "[delivery]\ntransport = \"lmtp:inet:{}\"\ncommand_timeout = \"60s\"\n[process.lmtp]\nprocess_limit = 1\nprefork = 1\nmin_spare = 0\nmax_spare = 1\n",
+            lmtp.addr
+        )),
+        &["example.test"],
+        "",
+    );
+    send(mortal.port, "a@example.test", &["agent@example.test"], &message("agent crash", "must survive"));
+    let mid =
+        wait_for("the next hop has the content", || stalled.load(std::sync::atomic::Ordering::SeqCst).then_some(()));
+    assert!(mid.is_some(), "{}", mortal.log_text());
+    let agents = pids_of(&mortal, "mortal-lmtp");
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agents[0] as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deferred = mortal.wait_for_log("to=<agent@example.test>, relay=none, delay=");
+    assert!(
+        deferred.contains(
+            "dsn=4.3.0, status=deferred (lmtp delivery agent unavailable: connection closed before every result)"
+        ),
+        "{deferred}"
+    );
+    let delivered = wait_for("delivery on retry", || (lmtp.deliveries("agent@example.test") == 1).then_some(()));
+    assert!(delivered.is_some(), "{}", mortal.log_text());
+    mortal.wait_for_empty_queue();
+    let log = mortal.log_text();
+    assert_eq!(log.matches("to=<agent@example.test>").count(), 2, "one deferral, one delivery: {log}");
+    assert_eq!(log.matches("status=sent (250 2.0.0 Ok)").count(), 1, "{log}");
+    assert_eq!(lmtp.deliveries("agent@example.test"), 1, "exactly once");
+    let replaced = pids_of(&mortal, "mortal-lmtp");
+    assert!(!replaced.contains(&agents[0]), "{replaced:?}");
+}
+
+/// Issue 11: the agents are mortal like every pool: with `max_use = 2` an
+/// lmtp agent serves two deliveries (the second over the kept connection
+/// and the kept LMTP session), retires, and a fresh one takes the third.
+#[test]
+fn lmtp_agent_retires_after_max_use_and_is_replaced() {
+    let lmtp = FakeLmtp::start(Arc::new(|_: &str, _| "250 2.0.0 Ok".to_owned()));
+    let mortal = start_mortal(
+        options(&format!(
+            "[delivery]\ntransport = \"lmtp:inet:{}\"\nconnection_reuse_time = \"30s\"\n[process.lmtp]\nprocess_limit = 1\nprefork = 1\nmin_spare = 0\nmax_spare = 1\nmax_use = 2\n",
+            lmtp.addr
+        )),
+        &["example.test"],
+        "",
+    );
+    let first = pids_of(&mortal, "mortal-lmtp");
+    assert_eq!(first.len(), 1, "{first:?}");
+    for n in 1..=3 {
+        send(mortal.port, "a@example.test", &[&format!("use{n}@example.test")], &message("uses", "counted"));
+        let done = wait_for("delivered", || (lmtp.deliveries(&format!("use{n}@example.test")) == 1).then_some(()));
+        assert!(done.is_some(), "{}", mortal.log_text());
+    }
+    mortal.wait_for_empty_queue();
+    let status = mortal.status();
+    assert_eq!(mortal_tests::lifetime::retired(&status, Service::Lmtp, RetireReason::MaxUse), 1, "{status:?}");
+    let now = pids_of(&mortal, "mortal-lmtp");
+    assert!(!now.contains(&first[0]), "the first agent retired: {now:?}");
+    // Uses one and two shared one LMTP session; the third came from the
+    // new agent.
+    let txs = lmtp.transactions();
+    assert_eq!(txs.len(), 3, "{txs:?}");
+    assert_eq!(lmtp.connections(), 2, "{txs:?}");
+}
+
+/// Issue 11: a kept connection does not make an agent immortal. An lmtp
+/// agent waiting on the queue's kept connection (reuse time 60s) is
+/// retired at its 2s lifetime at once, not after the connection's idle
+/// time, and the next message goes through a new agent.
+#[test]
+fn lmtp_agent_holding_a_kept_connection_retires_at_its_lifetime() {
+    let lmtp = FakeLmtp::start(Arc::new(|_: &str, _| "250 2.0.0 Ok".to_owned()));
+    let mortal = start_mortal(
+        options(&format!(
+            "[delivery]\ntransport = \"lmtp:inet:{}\"\nconnection_reuse_time = \"60s\"\n[process.lmtp]\nprefork = 1\nmin_spare = 0\nmax_spare = 1\nmax_lifetime = \"2s\"\nlifetime_jitter = 0.0\n",
+            lmtp.addr
+        )),
+        &["example.test"],
+        "",
+    );
+    let started = Instant::now();
+    send(mortal.port, "a@example.test", &["kept@example.test"], &message("kept", "connection"));
+    let done = wait_for("delivered", || (lmtp.deliveries("kept@example.test") == 1).then_some(()));
+    assert!(done.is_some(), "{}", mortal.log_text());
+    let retired = wait_for("an lmtp agent retired for its lifetime", || {
+        let status = mortal.status();
+        (mortal_tests::lifetime::retired(&status, Service::Lmtp, RetireReason::Lifetime) >= 1).then_some(status)
+    });
+    let status = retired.unwrap_or_else(|| panic!("{:?}\n{}", mortal.status(), mortal.log_text()));
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}: {status:?}", started.elapsed());
+    assert_eq!(mortal_tests::lifetime::retired(&status, Service::Lmtp, RetireReason::Overdue), 0, "{status:?}");
+    send(mortal.port, "a@example.test", &["next@example.test"], &message("next", "new agent"));
+    let done = wait_for("delivered by a new agent", || (lmtp.deliveries("next@example.test") == 1).then_some(()));
+    assert!(done.is_some(), "{}", mortal.log_text());
+    mortal.wait_for_empty_queue();
+    assert!(!mortal.log_text().contains("status=deferred"), "{}", mortal.log_text());
 }

@@ -553,3 +553,38 @@ fn one_connection_wakes_one_idle_child() {
     eprintln!("{sessions} sessions, {spurious} spurious wake-ups");
     assert!(spurious <= CONNECTIONS / 10, "{spurious} wake-ups found nothing to accept");
 }
+
+/// Issue 11: the single-process services are mortal too. The queue
+/// manager and anvil live `[process.queue]` / `[process.anvil]`
+/// `max_lifetime` (drawn, shown by `mortal status`), are retired at its
+/// end and replaced once gone (never two queue managers at once), and the
+/// mail system keeps delivering across the replacement.
+#[test]
+fn queue_and_anvil_have_a_lifetime_and_are_replaced() {
+    let opts = Options {
+        extra: "[process.queue]\nmax_lifetime = \"2s\"\nlifetime_jitter = 0.0\n[process.anvil]\nmax_lifetime = \"2s\"\nlifetime_jitter = 0.0\n".into(),
+        ..Options::default()
+    };
+    let mortal = Instance::start_with(opts);
+    let status = mortal.status();
+    for service in [Service::Queue, Service::Anvil] {
+        let children = children_of_service(&status, service);
+        assert_eq!(children.len(), 1, "{status:?}");
+        assert_eq!(children[0].lifetime_ms.map(ms), Some(Duration::from_secs(2)), "{status:?}");
+    }
+    let first = (pids(&status, Service::Queue), pids(&status, Service::Anvil));
+    let replaced = wait_for("queue and anvil replaced for their lifetime", || {
+        let now = mortal.status();
+        let done = retired(&now, Service::Queue, RetireReason::Lifetime) >= 1
+            && retired(&now, Service::Anvil, RetireReason::Lifetime) >= 1;
+        let (queue, anvil) = (pids(&now, Service::Queue), pids(&now, Service::Anvil));
+        let fresh = queue.len() == 1 && anvil.len() == 1;
+        (done && fresh && queue != first.0 && anvil != first.1).then_some(now)
+    });
+    let now = replaced.unwrap_or_else(|| panic!("not replaced\n{:?}\n{}", mortal.status(), mortal.log_text()));
+    assert_eq!(retired(&now, Service::Queue, RetireReason::Crash), 0, "{now:?}");
+    let mut s = Smtp::connect(mortal.port).unwrap();
+    let reply = s.mail("a@example.test", "life@example.test", "replaced");
+    assert!(reply.starts_with("250"), "{reply}");
+    mortal.wait_for_delivery("life@example.test", 1);
+}

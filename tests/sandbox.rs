@@ -9,7 +9,8 @@
 //! Issue 5: the pipe service proves its own sandbox (its user as root,
 //! no_new_privs, no ptrace, no core dumps), and the queue, which no longer
 //! runs the command, keeps Landlock with a pipe route and can neither
-//! exec nor fork.
+//! exec nor fork. Issue 11: the lmtp and smtp delivery agents reach their
+//! own next hops and nothing else, and the queue no next hop at all.
 
 use mortal_proto::spool::{QueueDir, Spool};
 use mortal_tests::pipe::PIPE_USER;
@@ -181,6 +182,58 @@ fn queue_keeps_landlock_with_a_pipe_route() {
     assert!(row(&table, "open /etc/passwd for reading").starts_with("denied"), "{table}");
     assert!(row(&table, "TCP connect to 127.0.0.1").starts_with("denied"), "{table}");
     assert!(row(&table, "connect to the pipe socket").starts_with("allowed"), "{table}");
+}
+
+/// Issue 11: the network-facing delivery agents. Each reaches its own
+/// next hops and nothing else: no file (not the spool, not /tmp), no other
+/// TCP port, no program, no process; and the queue manager, with the same
+/// routes, reaches no next hop at all: it never talks to the network.
+#[test]
+fn delivery_agents_prove_their_sandbox_and_the_queue_has_no_network() {
+    // Ports held bound (no listener), so no other process can take them
+    // while the probes connect.
+    let (lmtp_port, smtp_port) = (mortal_tests::ClosedPort::new(), mortal_tests::ClosedPort::new());
+    let (lmtp, smtp) = (lmtp_port.port, smtp_port.port);
+    let site = Site::new(
+        "agents",
+        &format!(
+            "\n[delivery]\ntransport = \"lmtp:inet:127.0.0.1:{lmtp}\"\n[delivery.routes]\n\"relay.test\" = \"smtp:inet:127.0.0.1:{smtp}\"\n\"unix.test\" = \"lmtp:unix:/run/dovecot/lmtp\"\n"
+        ),
+    );
+    for service in ["lmtp", "smtp"] {
+        let (out, table) = site.selftest(service);
+        assert!(out.status.success(), "{service}: an attempt went the wrong way\n{table}");
+        assert!(table.contains(&format!("{service}: ")) && table.contains(" 0 wrong"), "{table}");
+        assert!(row(&table, "TCP connect to a configured next hop").starts_with("allowed"), "{table}");
+        for denied in [
+            "open /etc/passwd for reading",
+            "list the root directory",
+            "create a file in spool/incoming",
+            "create a file in spool/deferred",
+            "create a file in /tmp",
+            "TCP connect to 127.0.0.1",
+            "signal another process (the parent)",
+            "ptrace another process (the parent)",
+            "forbidden syscall: unshare(CLONE_NEWUSER)",
+            "gain privileges on exec (no_new_privs)",
+            "raise the core-dump size limit",
+            "regain root (setuid 0)",
+        ] {
+            assert!(row(&table, denied).starts_with("denied"), "{service}: {denied}\n{table}");
+        }
+        for killed in ["execve /bin/true", "start a process (fork and exec /bin/true)"] {
+            assert_eq!(row(&table, killed), "denied: killed by seccomp (SIGSYS)", "{service}: {killed}\n{table}");
+        }
+        let applied = row(&table, "enter the sandbox");
+        assert!(applied.contains("landlock=FullyEnforced"), "{applied}");
+        if is_root() {
+            assert!(applied.contains("user=nobody"), "{applied}");
+        }
+    }
+    let (out, queue) = site.selftest("queue");
+    assert!(out.status.success(), "{queue}");
+    assert!(row(&queue, "TCP connect to a configured next hop").starts_with("denied"), "{queue}");
+    assert!(row(&queue, "TCP connect to 127.0.0.1").starts_with("denied"), "{queue}");
 }
 
 /// The self-test must be able to fail: a Maildir root of /etc gives the

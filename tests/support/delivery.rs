@@ -272,6 +272,8 @@ pub type Policy = Arc<dyn Fn(&str, usize) -> String + Send + Sync>;
 pub struct FakeLmtp {
     pub addr: SocketAddr,
     pub transactions: Arc<Mutex<Vec<Transaction>>>,
+    /// Connections accepted so far.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -289,12 +291,14 @@ impl FakeLmtp {
         let addr = listener.local_addr().expect("local addr");
         let transactions = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (t, s) = (transactions.clone(), stop.clone());
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (t, s, a) = (transactions.clone(), stop.clone(), accepted.clone());
         let thread = std::thread::spawn(move || {
             let mut sessions = Vec::new();
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
+                        a.fetch_add(1, Ordering::SeqCst);
                         let (t, s, p) = (t.clone(), s.clone(), policy.clone());
                         sessions.push(std::thread::spawn(move || {
                             let _ = serve(conn, &t, &s, &p);
@@ -307,7 +311,12 @@ impl FakeLmtp {
                 let _ = h.join();
             }
         });
-        FakeLmtp { addr, transactions, stop, thread: Some(thread) }
+        FakeLmtp { addr, transactions, accepted, stop, thread: Some(thread) }
+    }
+
+    /// Connections accepted so far (each LMTP session is one).
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Completed transactions so far.

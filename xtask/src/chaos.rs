@@ -5,7 +5,8 @@
 //! delivering over LMTP to a sink this task implements (it records each
 //! Message-ID and checks each body), drives a bounded load of messages with
 //! unique Message-IDs from parallel clients, and meanwhile SIGKILLs random
-//! mortal processes: smtpd, cleanup, queue children and the master itself,
+//! mortal processes: smtpd, cleanup, queue, lmtp agent children and the
+//! master itself,
 //! which it then restarts as systemd would (`Restart=always`,
 //! `KillMode=control-group`: what is left of the old instance is killed
 //! first). When the load is done it waits, bounded, for the queue to drain
@@ -726,10 +727,14 @@ fn run(root: &Path, bins: &Path, total: u64, clients: usize) -> Result<String> {
                     continue;
                 }
                 let roll = rng.range(0, 100);
+                // With an LMTP route the delivery agents die too: a
+                // delivery cut off in an agent must be deferred, never lost.
                 let want = match roll {
                     0..40 => "mortal-smtpd",
-                    40..70 => "mortal-cleanup",
-                    70..92 => "mortal-queue",
+                    40..65 => "mortal-cleanup",
+                    65..80 => "mortal-queue",
+                    80..92 if via_lmtp => "mortal-lmtp",
+                    80..92 => "mortal-queue",
                     _ => "mortal-master",
                 };
                 if want == "mortal-master" {

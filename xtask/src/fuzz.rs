@@ -35,7 +35,7 @@ use mortal_proto::envelope::{BodyType, ClientInfo, DsnRet, Notify, RecipientInfo
 use mortal_proto::ipc::Request;
 use mortal_proto::pipe::{self, PipeRecipient, PipeResult, PipeStatus};
 use mortal_proto::queue_file::{DeliveryStatus, QueueFile, QueuedRecipient, RecipientState};
-use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
+use mortal_proto::smtp_status::{DsnAction, EnhancedStatus, StatusClass};
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -51,6 +51,7 @@ pub const TARGETS: &[&str] = &[
     "proxy_header",
     "ipc_decoder",
     "pipe",
+    "delivery",
     "queue_file",
     "address",
     "config",
@@ -510,6 +511,9 @@ fn seeds(root: &Path) -> Result<Vec<Seed>> {
     let (request, results) = pipe_conversation();
     out.push(("pipe", "seed-request".into(), request));
     out.push(("pipe", "seed-results".into(), results));
+    let (requests, report) = delivery_conversation();
+    out.push(("delivery", "seed-requests".into(), requests));
+    out.push(("delivery", "seed-report".into(), report));
     for (name, qf) in queue_files() {
         out.push(("queue_file", format!("seed-{name}"), qf.encode()));
     }
@@ -658,6 +662,68 @@ fn pipe_conversation() -> (Vec<u8>, Vec<u8>) {
     let no_user = EnhancedStatus::new(StatusClass::Permanent, 1, 1);
     PipeResult::new(PipeStatus::Bounced, no_user, "Command died with status 67").encode(&mut results);
     (request, results)
+}
+
+/// Two delivery requests on one connection (LMTP, then SMTP relay with
+/// DSN parameters), and a report of two results, each behind the mode
+/// octet `delivery_stream` reads first.
+fn delivery_conversation() -> (Vec<u8>, Vec<u8>) {
+    use mortal_proto::config::{NextHop, Route};
+    use mortal_proto::delivery::{self, Envelope, RcptResult, Recipient, Report, Request, Status};
+    let envelope = |route: Route| Envelope {
+        queue_id: "0000000010000100000A".parse().expect("queue id"),
+        route,
+        sender: "a@example.test".into(),
+        body: BodyType::EightBitMime,
+        smtputf8: false,
+        ret: Some(DsnRet::Headers),
+        envid: "E1".into(),
+    };
+    let recipients = vec![
+        Recipient {
+            address: "b@example.test".into(),
+            notify: Notify { success: true, ..Notify::default() },
+            orcpt: "rfc822;B@example.test".into(),
+        },
+        Recipient { address: "c@example.test".into(), notify: Notify::default(), orcpt: String::new() },
+    ];
+    let lmtp = Request {
+        envelope: envelope(Route::Lmtp(NextHop::Unix("/run/dovecot/lmtp".into()))),
+        recipients: recipients.clone(),
+        content: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
+    };
+    let smtp = Request {
+        envelope: envelope(Route::Smtp("127.0.0.1:25".parse().expect("address"))),
+        recipients,
+        content: b"Subject: y\r\n\r\n.dot\r\n".to_vec(),
+    };
+    let mut requests = vec![0];
+    requests.extend(delivery::hello());
+    requests.extend(lmtp.encode());
+    requests.extend(smtp.encode());
+    // Odd: a report; 2 << 1 | 1: two results expected.
+    let mut report = vec![5];
+    Report {
+        relay: "127.0.0.1[127.0.0.1]:25".into(),
+        results: vec![
+            RcptResult {
+                remote_mta: Some("dns; 127.0.0.1".into()),
+                success_action: Some(DsnAction::Relayed),
+                ..RcptResult::new(Status::Sent, EnhancedStatus::undefined(StatusClass::Success), "250 2.0.0 Ok: queued")
+            },
+            RcptResult {
+                diagnostic: Some("smtp; 550 5.1.1 no such user".into()),
+                remote_mta: Some("dns; 127.0.0.1".into()),
+                ..RcptResult::new(
+                    Status::Bounced,
+                    EnhancedStatus::new(StatusClass::Permanent, 1, 1),
+                    "host 127.0.0.1[127.0.0.1]:25 said: 550 5.1.1 no such user (in reply to RCPT TO command)",
+                )
+            },
+        ],
+    }
+    .encode(true, &mut report);
+    (requests, report)
 }
 
 fn ipc_conversation() -> Vec<u8> {

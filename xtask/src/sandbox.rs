@@ -8,7 +8,9 @@
 //! its `[delivery.pipe] user`) and smtpd chroots, exactly as under a root
 //! master; as another user those two steps are skipped (the tables say
 //! so) and every other layer is still proved. The config routes one
-//! domain to pipe, so the queue is proved with a pipe route too.
+//! domain to pipe, so the queue is proved with a pipe route too, and
+//! others to LMTP and SMTP next hops, which the lmtp and smtp agents must
+//! reach and the queue must not.
 
 use anyhow::{Result, bail};
 use std::fs;
@@ -17,7 +19,11 @@ use std::path::Path;
 use std::process::Command;
 
 /// The daemons that sandbox themselves.
-const SERVICES: [&str; 5] = ["smtpd", "cleanup", "queue", "anvil", "pipe"];
+const SERVICES: [&str; 7] = ["smtpd", "cleanup", "queue", "anvil", "pipe", "lmtp", "smtp"];
+/// The next hops of the LMTP and SMTP routes: the agents must reach them
+/// and the queue must not (the self-test listens there when it can).
+const LMTP_HOP: &str = "127.0.0.1:10024";
+const SMTP_HOP: &str = "127.0.0.1:10025";
 /// The pipe command's user as root: unprivileged, not the mail user, and
 /// present on every Debian system (base-passwd).
 const PIPE_USER: &str = "daemon";
@@ -39,7 +45,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     fs::write(
         &config,
         format!(
-            "[server]\nhostname = \"mortal.test\"\nspool_dir = \"../spool\"\naccepted_domains = [\"example.test\"]\n{user}\n[smtpd]\nlisten = [\"127.0.0.1:2\"]\n\n[delivery.routes]\n\"pipe.test\" = \"pipe\"\n\n[delivery.pipe]\ncommand = [\"/bin/true\"]\nuser = \"{PIPE_USER}\"\n"
+            "[server]\nhostname = \"mortal.test\"\nspool_dir = \"../spool\"\naccepted_domains = [\"example.test\"]\n{user}\n[smtpd]\nlisten = [\"127.0.0.1:2\"]\n\n[delivery.routes]\n\"pipe.test\" = \"pipe\"\n\"lmtp.test\" = \"lmtp:inet:{LMTP_HOP}\"\n\"unix.test\" = \"lmtp:unix:/run/dovecot/lmtp\"\n\"relay.test\" = \"smtp:inet:{SMTP_HOP}\"\n\n[delivery.pipe]\ncommand = [\"/bin/true\"]\nuser = \"{PIPE_USER}\"\n"
         ),
     )?;
     let mut failed = Vec::new();

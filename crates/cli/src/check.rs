@@ -52,9 +52,20 @@ pub fn warnings(config: &Config, text: &str) -> Vec<Warning> {
     for (name, policy) in [("smtpd", &config.process.smtpd), ("cleanup", &config.process.cleanup)] {
         lifetime_warnings(&format!("process.{name}"), policy, &mut warn);
     }
-    // The pipe pool matters only where it exists.
+    // The delivery-agent pools matter only where they exist.
     if config.pipe_routed() {
         lifetime_warnings("process.pipe", &config.process.pipe, &mut warn);
+    }
+    for (name, life) in [("queue", &config.process.queue), ("anvil", &config.process.anvil)] {
+        if life.max_lifetime.is_zero() {
+            warn(&format!("process.{name}"), "max_lifetime", "is 0s (unlimited): the process lives for ever".into());
+        }
+    }
+    if config.lmtp_routed() {
+        lifetime_warnings("process.lmtp", &config.process.lmtp, &mut warn);
+    }
+    if config.smtp_routed() {
+        lifetime_warnings("process.smtp", &config.process.smtp, &mut warn);
     }
     if let Some(key) = &config.smtpd.tls_key_file {
         match std::fs::metadata(key) {

@@ -21,7 +21,7 @@ use mortal_proto::status::{ChildState, MasterCommand, STATUS_LEN, StatusRecord};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
@@ -85,6 +85,32 @@ impl MasterLink {
         self.spurious_wakeups
     }
 
+    /// Counts another use inside the current session: a delivery agent's
+    /// next request on a connection the queue kept open. Reports BUSY, or
+    /// RETIRING when it is the last of `max_use` (0: unlimited); returns
+    /// whether it is the last. [`serve`] ends after a session in which
+    /// the last use was counted, as after its own.
+    pub fn another_use(&mut self, max_use: u32) -> io::Result<bool> {
+        self.sessions += 1;
+        let last = max_use != 0 && self.sessions >= max_use;
+        self.report(if last { ChildState::Retiring } else { ChildState::Busy })?;
+        Ok(last)
+    }
+
+    /// Whether the master has said something not yet read (an order to
+    /// retire) or gone away, without consuming it: a session that could
+    /// go on (a kept connection) ends instead, and [`serve`] then reads
+    /// the order.
+    pub fn has_order(&self) -> bool {
+        let mut b = [0u8; 1];
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        match nix::sys::socket::recv(self.sock.as_fd().as_raw_fd(), &mut b, flags) {
+            Ok(_) => true,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => false,
+            Err(_) => true,
+        }
+    }
+
     /// Reads what the master sent: `Err(())` when the master is gone,
     /// `Ok(None)` for a spurious wake-up.
     fn read_command(&mut self) -> Result<Option<MasterCommand>, ()> {
@@ -94,6 +120,15 @@ impl MasterLink {
             Err(e) if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Ok(_) | Err(_) => Err(()),
         }
+    }
+}
+
+/// The socket to the master, for a session that waits on it alongside its
+/// own descriptors (a kept connection waits for the next request or an
+/// order, whichever comes first).
+impl AsFd for MasterLink {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock.as_fd()
     }
 }
 
@@ -212,7 +247,8 @@ fn serve_loop<L: Listener>(
         // serve the last session, so capacity does not dip.
         link.report(if last { ChildState::Retiring } else { ChildState::Busy })?;
         handle(stream, link);
-        if last {
+        // The session may have counted further uses (`another_use`).
+        if last || (max_use != 0 && link.sessions >= max_use) {
             return Ok(ExitReason::MaxUse);
         }
         link.report(ChildState::Idle)?;

@@ -18,20 +18,24 @@
 //! 3. restricts itself with Landlock (file system, TCP, signals and
 //!    abstract Unix sockets): smtpd may open no file at all, cleanup may
 //!    write `spool/incoming` only, queue the spool and its delivery
-//!    targets only; the pipe service, which runs the operator's command
+//!    targets only (and no TCP at all), the lmtp and smtp delivery agents
+//!    no file at all and TCP connect only to their configured next hops'
+//!    ports; the pipe service, which runs the operator's command
 //!    and whose needs are the operator's, keeps only Landlock's signal and
 //!    socket scopes (the master says so in a warning at start);
 //! 4. installs a seccomp filter: an allow-list for smtpd, whose every
 //!    other system call kills the process, and a deny-list of the
 //!    system calls no mail daemon needs (ptrace, mount, namespaces, module
-//!    and key management...) for the others; cleanup, anvil and queue
-//!    also may not run a program, and queue may not even create a process.
+//!    and key management...) for the others; cleanup, anvil, queue and
+//!    the lmtp and smtp agents also may not run a program, and queue and
+//!    the agents may not even create a process.
 //!
 //! | service | identity (root start) | file system | network | seccomp |
 //! |---|---|---|---|---|
 //! | smtpd | mail user, chroot `<run_dir>/private` | nothing | no TCP bind/connect; `socket()` only `AF_UNIX` | allow-list, kill |
 //! | cleanup | mail user | `spool/incoming` | no TCP | deny-list, kill |
-//! | queue | mail user | spool, maildir root, CA file | TCP connect to configured next-hop ports | deny-list (also execve, fork), kill |
+//! | queue | mail user | spool, maildir root | no TCP | deny-list (also execve, fork), kill |
+//! | lmtp, smtp | mail user | nothing (a Unix-socket LMTP hop is reached by connect, which needs no file right) | TCP connect to the ports of its own routes' next hops | deny-list (also execve, fork), kill |
 //! | anvil | mail user, chroot `<run_dir>/private` | nothing | no TCP | deny-list (also execve), kill |
 //! | pipe | `[delivery.pipe] user` | not restricted (the command's) | not restricted | deny-list, kill |
 //!
@@ -56,9 +60,9 @@
 //!
 //! # Configuration
 //! `[server] user` (the unprivileged user when the master starts as
-//! root), `run_dir`, `spool_dir`; `[delivery]` routes, `maildir_root`,
-//! `smtp_tls_ca_file` shape the queue's rules; `[delivery.pipe] user` is
-//! who the pipe service runs as.
+//! root), `run_dir`, `spool_dir`; `[delivery]` `maildir_root` shapes the
+//! queue's rules and the routes the lmtp and smtp agents'; `[delivery.pipe]
+//! user` is who the pipe service runs as.
 //!
 //! # Diagnostics
 //! `fatal: sandbox: ...` and exit status 1 when a step fails (the master
@@ -101,8 +105,11 @@ pub const QUEUE_NOFILE_BASE: u64 = 256;
 /// anvil's descriptors besides one per smtpd child it may serve.
 pub const ANVIL_NOFILE_BASE: u64 = 64;
 /// Descriptors one concurrent delivery may hold (queue file, Maildir file,
-/// next-hop or pipe service socket, its cached connection).
+/// delivery agent socket, its cached connection).
 pub const QUEUE_NOFILE_PER_DELIVERY: u64 = 8;
+/// Descriptors of an lmtp or smtp agent besides one cached session per
+/// next hop: stdio, listener, master link, the queue's connection.
+pub const AGENT_NOFILE_BASE: u64 = 32;
 /// Descriptors of a pipe service process. It holds a dozen (stdio, its
 /// listener and master link, the queue's connection, the command's pipes);
 /// the limit is inherited by the operator's command, which gets what a
@@ -135,6 +142,9 @@ fn nofile(service: Service, config: &Config) -> u64 {
             ANVIL_NOFILE_BASE + pools * u64::from(config.process.smtpd.process_limit)
         }
         Service::Pipe => PIPE_NOFILE,
+        Service::Lmtp | Service::Smtp => {
+            AGENT_NOFILE_BASE + config.routes().filter(|r| service.carries(r)).count() as u64
+        }
     }
 }
 
@@ -398,15 +408,21 @@ fn landlock_rules(service: Service, config: &Config) -> Result<landlock::Ruleset
             .set_compatibility(CompatLevel::BestEffort)
             .scope(Scope::from_all(LANDLOCK_ABI))?
             .create()?),
+        // The queue manager never talks to the network: no TCP port at all.
         Service::Queue => {
             let mut ruleset = rule(ruleset, &config.server.spool_dir, fs_rw)?;
             if !config.maildir_root().starts_with(&config.server.spool_dir) {
                 ruleset = rule(ruleset, config.maildir_root(), fs_rw)?;
             }
-            if let Some(ca) = &config.delivery.smtp_tls_ca_file {
-                ruleset = rule(ruleset, ca, AccessFs::ReadFile.into())?;
-            }
-            let mut ports: Vec<u16> = routes(config)
+            Ok(ruleset)
+        }
+        // No file at all (the CA file is read before the sandbox), TCP
+        // connect to its own next hops' ports only.
+        Service::Lmtp | Service::Smtp => {
+            let mut ruleset = ruleset;
+            let mut ports: Vec<u16> = config
+                .routes()
+                .filter(|r| service.carries(r))
                 .filter_map(|r| match r {
                     Route::Lmtp(NextHop::Inet(addr)) | Route::Smtp(addr) => Some(addr.port()),
                     _ => None,
@@ -420,11 +436,6 @@ fn landlock_rules(service: Service, config: &Config) -> Result<landlock::Ruleset
             Ok(ruleset)
         }
     }
-}
-
-/// Every route mail may take: the default and the per-domain ones.
-fn routes(config: &Config) -> impl Iterator<Item = &Route> {
-    std::iter::once(&config.delivery.transport).chain(config.delivery.routes.values())
 }
 
 /// What the master logs once at start when the pipe service exists.

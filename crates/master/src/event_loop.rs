@@ -72,6 +72,8 @@ pub use mortal_proto::service::Service as ServiceKind;
 trait PoolPolicy {
     /// `None` for a single-process service (the queue, anvil).
     fn policy(self, config: &Config) -> Option<ProcessPolicy>;
+    /// The lifetime rules of every child, single processes included.
+    fn life_policy(self, config: &Config) -> ProcessPolicy;
 }
 
 impl PoolPolicy for ServiceKind {
@@ -80,7 +82,21 @@ impl PoolPolicy for ServiceKind {
             ServiceKind::Smtpd => Some(pool::effective(&config.process.smtpd)),
             ServiceKind::Cleanup => Some(pool::effective(&config.process.cleanup)),
             ServiceKind::Pipe => Some(pool::effective(&config.process.pipe)),
+            ServiceKind::Lmtp => Some(pool::effective(&config.process.lmtp)),
+            ServiceKind::Smtp => Some(pool::effective(&config.process.smtp)),
             ServiceKind::Queue | ServiceKind::Anvil => None,
+        }
+    }
+
+    /// The lifetime rules of every child: its pool's policy, or for the
+    /// single-process queue and anvil their `[process.queue]` and
+    /// `[process.anvil]` lives (no uses, no idle retirement, no session
+    /// deadline).
+    fn life_policy(self, config: &Config) -> ProcessPolicy {
+        match self {
+            ServiceKind::Queue => config.process.queue.as_policy(),
+            ServiceKind::Anvil => config.process.anvil.as_policy(),
+            _ => self.policy(config).expect("a pool has a policy"),
         }
     }
 }
@@ -417,8 +433,9 @@ impl Master {
             return None;
         }
         for (_, entry) in self.board.iter() {
-            let Some(policy) = self.services[entry.service].kind.policy(&self.config) else { continue };
-            consider(life::next_due(&Limits::of(&policy), &entry.life()));
+            let kind = self.services[entry.service].kind;
+            consider(life::next_due(&Limits::of(&kind.life_policy(&self.config)), &entry.life()));
+            let Some(policy) = kind.policy(&self.config) else { continue };
             if entry.phase == Phase::Idle && !entry.leaving() {
                 consider(life::idle_due(&policy, entry.changed));
             }
@@ -442,8 +459,7 @@ impl Master {
         let mut replace = vec![0u32; self.services.len()];
         for (_, entry) in self.board.iter_mut() {
             let service = &self.services[entry.service];
-            let Some(policy) = service.kind.policy(&self.config) else { continue };
-            let limits = Limits::of(&policy);
+            let limits = Limits::of(&service.kind.life_policy(&self.config));
             match life::verdict(&limits, &entry.life(), now) {
                 Verdict::Keep => continue,
                 Verdict::Retire(reason) => {
@@ -739,9 +755,8 @@ impl Master {
         match spawn(id, &service.program, &self.config_path, listener, self.events_tx.clone()) {
             Ok(spawned) => {
                 let mut entry = Entry::new(spawned.pid, svc, self.generation, started, spawned.orders);
-                if let Some(policy) = service.kind.policy(&self.config) {
-                    entry.life_end = life::draw_life(&policy, self.jitter.unit()).map(|life| started + life);
-                }
+                let policy = service.kind.life_policy(&self.config);
+                entry.life_end = life::draw_life(&policy, self.jitter.unit()).map(|life| started + life);
                 service.spawns += 1;
                 self.board.insert(id, entry);
                 true
@@ -827,6 +842,14 @@ impl Master {
             tracing::warn!(
                 "warning: reload: the pipe service starts only on restart: until then, mail routed to pipe is deferred"
             );
+        }
+        for (routed, kind) in [(new.lmtp_routed(), ServiceKind::Lmtp), (new.smtp_routed(), ServiceKind::Smtp)] {
+            if routed && !self.services.iter().any(|s| s.kind == kind) {
+                tracing::warn!(
+                    "warning: reload: the {} delivery agent starts only on restart: until then, mail routed to it is deferred",
+                    kind.name()
+                );
+            }
         }
         if new.log.format != old.log.format || new.log.level != old.log.level {
             tracing::warn!("warning: reload: the master's own [log] settings take effect only on restart");

@@ -4,11 +4,13 @@
 //! `mortal-master [--config PATH]` creates the spool and run directories,
 //! takes the pid file, binds every listening socket (the `[smtpd] listen`
 //! and `proxy_listen` addresses, and the private Unix sockets of cleanup,
-//! queue, anvil and, when a route uses pipe, the pipe service) and then
-//! runs the services on them: pools of `mortal-smtpd`, `mortal-cleanup`
-//! and `mortal-pipe` children sized by the Apache-prefork-style lifetime
+//! queue, anvil and, when a route uses them, the pipe service and the lmtp
+//! and smtp delivery agents) and then runs the services on them: pools of
+//! `mortal-smtpd`, `mortal-cleanup`, `mortal-pipe`, `mortal-lmtp` and
+//! `mortal-smtp` children sized by the Apache-prefork-style lifetime
 //! policy of `[process.<service>]`, and exactly one `mortal-queue` and one
-//! `mortal-anvil`. It keeps a scoreboard of every child (pid, service, state, sessions served, spawn
+//! `mortal-anvil`, each with its own lifetime (`[process.queue]`,
+//! `[process.anvil]`) and replaced only once gone. It keeps a scoreboard of every child (pid, service, state, sessions served, spawn
 //! time, last state change) from the fixed-size status records each child
 //! sends on its own socket, replaces children before they retire, retires
 //! idle extras, throttles services whose children die at start, and logs
@@ -53,7 +55,8 @@
 //!
 //! # Configuration
 //! `mortal.toml`: `[server]` (spool_dir, run_dir, user), `[smtpd] listen`,
-//! `[server] metrics_file`, `[process.smtpd]`, `[process.cleanup]` and `[process.pipe]`
+//! `[server] metrics_file`, `[process.smtpd]`, `[process.cleanup]`, `[process.pipe]`,
+//! `[process.lmtp]`, `[process.smtp]`, `[process.queue]` and `[process.anvil]`
 //! (process_limit, prefork, min_spare, max_spare, max_idle, max_lifetime,
 //! lifetime_jitter, session_deadline, overdue_grace, and for smtpd
 //! overload_wait; max_use is the children's own business), `[log]`.
@@ -326,9 +329,17 @@ fn bind_services(config: &Config) -> anyhow::Result<Vec<Service>> {
         (ServiceKind::Anvil, config.anvil_socket()),
     ];
     // The pipe service exists only for mail routed to it: without a pipe
-    // route no process can run the command at all.
+    // route no process can run the command at all. The same for the
+    // network-facing delivery agents: no LMTP or SMTP route, no process
+    // that may connect anywhere.
     if config.pipe_routed() {
         unix.push((ServiceKind::Pipe, config.pipe_socket()));
+    }
+    if config.lmtp_routed() {
+        unix.push((ServiceKind::Lmtp, config.lmtp_socket()));
+    }
+    if config.smtp_routed() {
+        unix.push((ServiceKind::Smtp, config.smtp_socket()));
     }
     for (kind, path) in unix {
         let bound = program(kind).and_then(|program| {

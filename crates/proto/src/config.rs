@@ -555,11 +555,34 @@ pub struct Processes {
     /// values, not the general defaults.
     #[serde(deserialize_with = "pipe_policy")]
     pub pipe: ProcessPolicy,
+    /// The `lmtp` delivery agent, present only while a route uses LMTP;
+    /// unset keys take [`ProcessPolicy::agent_default`]'s values. A use
+    /// (`max_use`) is one delivery.
+    #[serde(deserialize_with = "agent_policy")]
+    pub lmtp: ProcessPolicy,
+    /// The `smtp` delivery agent, present only while a route relays by
+    /// SMTP; defaults as `lmtp`.
+    #[serde(deserialize_with = "agent_policy")]
+    pub smtp: ProcessPolicy,
+    /// The queue manager's lifetime (one process).
+    #[serde(deserialize_with = "single_policy")]
+    pub queue: SingleLife,
+    /// anvil's lifetime (one process).
+    #[serde(deserialize_with = "single_policy")]
+    pub anvil: SingleLife,
 }
 
 impl Default for Processes {
     fn default() -> Self {
-        Self { smtpd: ProcessPolicy::default(), cleanup: ProcessPolicy::default(), pipe: ProcessPolicy::pipe_default() }
+        Self {
+            smtpd: ProcessPolicy::default(),
+            cleanup: ProcessPolicy::default(),
+            pipe: ProcessPolicy::pipe_default(),
+            lmtp: ProcessPolicy::agent_default(),
+            smtp: ProcessPolicy::agent_default(),
+            queue: SingleLife::default(),
+            anvil: SingleLife::default(),
+        }
     }
 }
 
@@ -568,6 +591,81 @@ impl Default for Processes {
 /// concurrency is the queue's to limit.
 const PIPE_POLICY_DEFAULTS: [(&str, u32); 5] =
     [("process_limit", 20), ("prefork", 1), ("min_spare", 1), ("max_spare", 4), ("max_use", 100)];
+
+/// `[process.lmtp]` and `[process.smtp]` keys whose default differs from
+/// the general one: each child carries one delivery at a time, so the
+/// limit is the queue's default `delivery_concurrency` (20), and a few
+/// spares keep a burst from waiting for the spawn rate to ramp up.
+const AGENT_POLICY_DEFAULTS: [(&str, u32); 5] =
+    [("process_limit", 20), ("prefork", 2), ("min_spare", 2), ("max_spare", 10), ("max_use", 100)];
+
+/// `[process.lmtp]` / `[process.smtp]` with [`AGENT_POLICY_DEFAULTS`].
+fn agent_policy<'de, D: Deserializer<'de>>(d: D) -> Result<ProcessPolicy, D::Error> {
+    let mut table = toml::Table::deserialize(d)?;
+    for (key, value) in AGENT_POLICY_DEFAULTS {
+        table.entry(key).or_insert(toml::Value::Integer(i64::from(value)));
+    }
+    ProcessPolicy::deserialize(toml::Value::Table(table)).map_err(serde::de::Error::custom)
+}
+
+/// `[process.queue]` and `[process.anvil]`: the lifetime of a service that
+/// runs exactly one process. There is no pool to size and no session to
+/// count: the process lives `max_lifetime` (drawn with `lifetime_jitter`),
+/// is then asked to retire, gets `overdue_grace` to finish what it runs
+/// (the queue its deliveries), and is terminated after that. Its
+/// replacement starts once it has exited, so two queue managers never
+/// share the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SingleLife {
+    /// Wall-clock life from spawn; "0s": unlimited.
+    #[serde(deserialize_with = "duration")]
+    pub max_lifetime: Duration,
+    /// Each life is drawn from `[max_lifetime * (1 - lifetime_jitter), max_lifetime]`.
+    pub lifetime_jitter: f64,
+    /// How long a retiring process may finish its work before SIGTERM.
+    #[serde(deserialize_with = "duration")]
+    pub overdue_grace: Duration,
+    /// SIGTERM to SIGKILL.
+    #[serde(deserialize_with = "duration")]
+    pub term_grace: Duration,
+}
+
+impl Default for SingleLife {
+    fn default() -> Self {
+        Self {
+            max_lifetime: Duration::from_secs(86_400),
+            lifetime_jitter: 0.25,
+            overdue_grace: Duration::from_secs(300),
+            term_grace: DEFAULT_TERM_GRACE,
+        }
+    }
+}
+
+impl SingleLife {
+    /// The same life as the pool policy the lifetime rules work on: one
+    /// process, no use count, no idle retirement, no session deadline.
+    pub fn as_policy(&self) -> ProcessPolicy {
+        ProcessPolicy {
+            process_limit: 1,
+            prefork: 1,
+            min_spare: 0,
+            max_spare: 1,
+            max_use: 0,
+            max_idle: Duration::ZERO,
+            max_lifetime: self.max_lifetime,
+            lifetime_jitter: self.lifetime_jitter,
+            session_deadline: Duration::ZERO,
+            overdue_grace: self.overdue_grace,
+            term_grace: self.term_grace,
+            overload_wait: None,
+        }
+    }
+}
+
+fn single_policy<'de, D: Deserializer<'de>>(d: D) -> Result<SingleLife, D::Error> {
+    SingleLife::deserialize(d)
+}
 
 /// `[process.pipe]` with [`PIPE_POLICY_DEFAULTS`] filled in first.
 fn pipe_policy<'de, D: Deserializer<'de>>(d: D) -> Result<ProcessPolicy, D::Error> {
@@ -638,6 +736,20 @@ pub const MAX_TERM_GRACE: Duration = Duration::from_secs(60);
 pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
 
 impl ProcessPolicy {
+    /// The policy of `[process.lmtp]` and `[process.smtp]` when the table
+    /// sets nothing.
+    pub fn agent_default() -> Self {
+        let get = |key: &str| AGENT_POLICY_DEFAULTS.iter().find(|(k, _)| *k == key).map_or(0, |(_, v)| *v);
+        Self {
+            process_limit: get("process_limit"),
+            prefork: get("prefork"),
+            min_spare: get("min_spare"),
+            max_spare: get("max_spare"),
+            max_use: get("max_use"),
+            ..Self::default()
+        }
+    }
+
     /// The policy of `[process.pipe]` when the table sets nothing.
     pub fn pipe_default() -> Self {
         let get = |key: &str| PIPE_POLICY_DEFAULTS.iter().find(|(k, _)| *k == key).map_or(0, |(_, v)| *v);
@@ -933,9 +1045,16 @@ impl Config {
         if self.delivery.command_timeout.is_zero() {
             bad("delivery", "command_timeout", "must be above 0".into());
         }
-        for (name, p) in
-            [("smtpd", &self.process.smtpd), ("cleanup", &self.process.cleanup), ("pipe", &self.process.pipe)]
-        {
+        let (queue_life, anvil_life) = (self.process.queue.as_policy(), self.process.anvil.as_policy());
+        for (name, p) in [
+            ("smtpd", &self.process.smtpd),
+            ("cleanup", &self.process.cleanup),
+            ("pipe", &self.process.pipe),
+            ("lmtp", &self.process.lmtp),
+            ("smtp", &self.process.smtp),
+            ("queue", &queue_life),
+            ("anvil", &anvil_life),
+        ] {
             let table = format!("process.{name}");
             if p.process_limit == 0 {
                 bad(&table, "process_limit", "must be at least 1".into());
@@ -969,8 +1088,26 @@ impl Config {
         if self.process.cleanup.overload_wait.is_some() {
             bad("process.cleanup", "overload_wait", "applies to smtpd only (cleanup's clients wait)".into());
         }
-        if self.process.pipe.overload_wait.is_some() {
-            bad("process.pipe", "overload_wait", "applies to smtpd only (the queue's requests wait)".into());
+        for (name, p) in [("pipe", &self.process.pipe), ("lmtp", &self.process.lmtp), ("smtp", &self.process.smtp)] {
+            if p.overload_wait.is_some() {
+                bad(
+                    &format!("process.{name}"),
+                    "overload_wait",
+                    "applies to smtpd only (the queue's requests wait)".into(),
+                );
+            }
+        }
+        // A delivery runs for at most a connect and a few commands; a
+        // deadline below that would kill agents in healthy sessions.
+        let session = self.delivery.connect_timeout.saturating_add(self.delivery.command_timeout);
+        for (name, p) in [("lmtp", &self.process.lmtp), ("smtp", &self.process.smtp)] {
+            if !p.session_deadline.is_zero() && p.session_deadline < session {
+                bad(
+                    &format!("process.{name}"),
+                    "session_deadline",
+                    format!("must be 0s or at least [delivery] connect_timeout + command_timeout ({session:?})"),
+                );
+            }
         }
         out
     }
@@ -980,6 +1117,23 @@ impl Config {
     /// command: only then does the pipe service exist.
     pub fn pipe_routed(&self) -> bool {
         std::iter::once(&self.delivery.transport).chain(self.delivery.routes.values()).any(|r| *r == Route::Pipe)
+    }
+
+    /// Whether some route hands mail to an LMTP server: only then does
+    /// the `lmtp` delivery agent exist.
+    pub fn lmtp_routed(&self) -> bool {
+        self.routes().any(|r| matches!(r, Route::Lmtp(_)))
+    }
+
+    /// Whether some route relays mail by SMTP: only then does the `smtp`
+    /// delivery agent exist.
+    pub fn smtp_routed(&self) -> bool {
+        self.routes().any(|r| matches!(r, Route::Smtp(_)))
+    }
+
+    /// Every route mail may take: the default and the per-domain ones.
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        std::iter::once(&self.delivery.transport).chain(self.delivery.routes.values())
     }
 
     /// The route for mail to `domain`: its `[delivery.routes]` entry, or
@@ -1020,6 +1174,16 @@ impl Config {
     /// The pipe delivery service's socket (the queue connects here).
     pub fn pipe_socket(&self) -> PathBuf {
         self.private_dir().join("pipe")
+    }
+
+    /// The `lmtp` delivery agent's socket (the queue connects here).
+    pub fn lmtp_socket(&self) -> PathBuf {
+        self.private_dir().join("lmtp")
+    }
+
+    /// The `smtp` delivery agent's socket (the queue connects here).
+    pub fn smtp_socket(&self) -> PathBuf {
+        self.private_dir().join("smtp")
     }
 
     pub fn pid_file(&self) -> PathBuf {
@@ -1250,6 +1414,37 @@ mod tests {
             "{err:?}"
         );
         assert!(Config::parse_for("[process.pipe]\nbogus = 1\n", Path::new("m.toml"), false).is_err());
+    }
+
+    /// Issue 11: the delivery agents' pools and the single processes'
+    /// lifetimes have their own tables and defaults.
+    #[test]
+    fn agent_and_single_process_policies() {
+        let c = Config::parse_for("", Path::new("m.toml"), false).unwrap();
+        assert_eq!((c.process.lmtp, c.process.smtp), (ProcessPolicy::agent_default(), ProcessPolicy::agent_default()));
+        assert_eq!((c.process.lmtp.process_limit, c.process.lmtp.prefork, c.process.lmtp.min_spare), (20, 2, 2));
+        assert_eq!(c.process.queue.max_lifetime, Duration::from_secs(86_400));
+        let c = Config::parse_for(
+            "[process.smtp]\nmax_use = 7\n[process.queue]\nmax_lifetime = \"2h\"\n",
+            Path::new("m.toml"),
+            false,
+        )
+        .unwrap();
+        assert_eq!(c.process.smtp, ProcessPolicy { max_use: 7, ..ProcessPolicy::agent_default() });
+        assert_eq!(c.process.queue.as_policy().max_lifetime, Duration::from_secs(7200));
+        assert_eq!(c.process.queue.as_policy().max_use, 0);
+        let err =
+            Config::parse_for("[process.anvil]\nlifetime_jitter = 1.5\n", Path::new("m.toml"), false).unwrap_err();
+        assert_eq!(err[0].to_string(), "m.toml:2: process.anvil.lifetime_jitter: must be at least 0 and below 1");
+        let err = Config::parse_for("[process.queue]\nmax_use = 1\n", Path::new("m.toml"), false).unwrap_err();
+        assert!(err[0].to_string().contains("max_use"), "{:?}", err);
+        let err =
+            Config::parse_for("[process.lmtp]\nsession_deadline = \"10s\"\n", Path::new("m.toml"), false).unwrap_err();
+        assert!(
+            err[0].to_string().starts_with("m.toml:2: process.lmtp.session_deadline: must be 0s or at least"),
+            "{}",
+            err[0]
+        );
     }
 
     #[test]

@@ -89,6 +89,55 @@ pub fn pipe_stream(data: &[u8]) {
     }
 }
 
+/// The queue → delivery agent protocol, both directions. The first octet
+/// chooses: even, the rest is a connection's requests for the agent's
+/// decoder (several in a row, each answered before the next); odd, the
+/// rest is a report the queue reads, `(first >> 1) % 4` results expected.
+/// Fed in uneven pieces; whatever decodes must encode back to the same
+/// thing.
+pub fn delivery_stream(data: &[u8]) {
+    use crate::delivery::{self, Report, ReportDecoder, RequestDecoder};
+    const MAX_CONTENT: u64 = 1 << 20;
+    let Some((&mode, rest)) = data.split_first() else { return };
+    if mode % 2 == 0 {
+        let mut requests = RequestDecoder::new(MAX_CONTENT);
+        for piece in rest.chunks(5) {
+            match requests.feed(piece) {
+                Ok(None) => {}
+                Ok(Some(req)) => {
+                    let mut again = RequestDecoder::new(MAX_CONTENT);
+                    assert_eq!(again.feed(&delivery::hello()), Ok(None));
+                    assert_eq!(again.feed(&req.encode()), Ok(Some(req)), "request encode/decode round trip");
+                    requests.answered();
+                }
+                Err(_) => return,
+            }
+        }
+        return;
+    }
+    let expected = usize::from(mode >> 1) % 4;
+    let mut report = ReportDecoder::new(expected);
+    for piece in rest.chunks(9) {
+        match report.feed(piece) {
+            Ok(false) => {}
+            Ok(true) => break,
+            Err(_) => return,
+        }
+    }
+    if !report.is_complete() {
+        return;
+    }
+    let keep = report.keep();
+    let relay = report.relay().unwrap_or_default().to_owned();
+    let decoded = Report { relay, results: report.into_results() };
+    let mut wire = Vec::new();
+    decoded.encode(keep, &mut wire);
+    let mut again = ReportDecoder::new(expected);
+    assert_eq!(again.feed(&wire), Ok(true), "report encode/decode round trip");
+    assert_eq!((again.keep(), again.relay()), (keep, Some(decoded.relay.as_str())));
+    assert_eq!(again.into_results(), decoded.results, "report encode/decode round trip");
+}
+
 /// Decodes a queue file; whatever decodes must survive an encode/decode
 /// round trip unchanged (content chunking may differ, the message not).
 pub fn queue_file(data: &[u8]) {

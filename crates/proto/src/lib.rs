@@ -44,6 +44,7 @@ pub mod anvil;
 pub mod cidr;
 pub mod config;
 pub mod date;
+pub mod delivery;
 pub mod envelope;
 pub mod fuzz;
 pub mod ipc;

@@ -50,9 +50,9 @@ pub const MAX_RESULT_TEXT: usize = 2048;
 /// Longest DSN diagnostic (`x-unix; ...`).
 pub const MAX_DIAGNOSTIC: usize = 1024;
 /// Longest protocol name in `Hello`.
-const MAX_PROTOCOL_NAME: usize = 64;
+pub(crate) const MAX_PROTOCOL_NAME: usize = 64;
 /// Longest enhanced status code (`5.123.456`).
-const MAX_DSN_CODE: usize = 9;
+pub(crate) const MAX_DSN_CODE: usize = 9;
 /// Octets allowed beyond `[smtpd] message_size_limit` plus `[cleanup]
 /// header_size_limit`: the headers cleanup adds and a DSN's own parts
 /// around a returned message.
@@ -424,7 +424,7 @@ impl ResultDecoder {
 }
 
 /// Text that ends up in logs and DSNs carries no control characters.
-fn printable(s: &str, what: &'static str) -> Result<String, PipeError> {
+pub(crate) fn printable(s: &str, what: &'static str) -> Result<String, PipeError> {
     if s.chars().any(char::is_control) {
         return Err(PipeError::BadValue(what));
     }
@@ -432,7 +432,7 @@ fn printable(s: &str, what: &'static str) -> Result<String, PipeError> {
 }
 
 /// `s` without control characters and cut to `limit` octets.
-fn clean(s: &str, limit: usize) -> String {
+pub(crate) fn clean(s: &str, limit: usize) -> String {
     let mut out = String::with_capacity(s.len().min(limit));
     for c in s.chars().map(|c| if c.is_control() { ' ' } else { c }) {
         if out.len() + c.len_utf8() > limit {

@@ -29,6 +29,11 @@ pub enum Service {
     /// pool, one delivery request per connection. Present only when a
     /// route uses pipe.
     Pipe,
+    /// The LMTP delivery agent: talks to `lmtp:` next hops for the queue
+    /// manager. Present only when a route uses LMTP.
+    Lmtp,
+    /// The SMTP delivery agent: relays to `smtp:` next hops.
+    Smtp,
 }
 
 /// How many processes the master runs for a service.
@@ -70,7 +75,8 @@ pub struct UnknownService(pub String);
 
 impl Service {
     /// Every service, in the order the master starts them.
-    pub const ALL: [Service; 5] = [Service::Smtpd, Service::Cleanup, Service::Queue, Service::Anvil, Service::Pipe];
+    pub const ALL: [Service; 7] =
+        [Service::Smtpd, Service::Cleanup, Service::Queue, Service::Anvil, Service::Pipe, Service::Lmtp, Service::Smtp];
 
     /// The name in logs, `mortal status` and `[process.<name>]`.
     pub fn name(self) -> &'static str {
@@ -80,6 +86,8 @@ impl Service {
             Service::Queue => "queue",
             Service::Anvil => "anvil",
             Service::Pipe => "pipe",
+            Service::Lmtp => "lmtp",
+            Service::Smtp => "smtp",
         }
     }
 
@@ -91,14 +99,24 @@ impl Service {
             Service::Queue => "mortal-queue",
             Service::Anvil => "mortal-anvil",
             Service::Pipe => "mortal-pipe",
+            Service::Lmtp => "mortal-lmtp",
+            Service::Smtp => "mortal-smtp",
         }
     }
 
     pub fn shape(self) -> Shape {
         match self {
-            Service::Smtpd | Service::Cleanup | Service::Pipe => Shape::Pool,
+            Service::Smtpd | Service::Cleanup | Service::Pipe | Service::Lmtp | Service::Smtp => Shape::Pool,
             Service::Queue | Service::Anvil => Shape::Single,
         }
+    }
+}
+
+impl Service {
+    /// Whether `route` is one this delivery agent carries.
+    pub fn carries(self, route: &crate::config::Route) -> bool {
+        use crate::config::Route;
+        matches!((self, route), (Service::Lmtp, Route::Lmtp(_)) | (Service::Smtp, Route::Smtp(_)))
     }
 }
 

@@ -1,10 +1,11 @@
-//! mortal-queue: the queue manager and its delivery agents.
+//! mortal-queue: the queue manager.
 //!
 //! # Summary
 //! One process per host, started and restarted by the master. It owns the
 //! spool: it moves each new message from `incoming/` to `active/`, routes
 //! each recipient (`[delivery] transport` and `[delivery.routes]`) to an
-//! agent — `maildir`, `discard`, `lmtp`, `smtp` relay or `pipe` — removes
+//! agent — `maildir` and `discard` here, `lmtp`, `smtp` relay and `pipe`
+//! in their own services under the master — removes
 //! the file once every recipient is done, and otherwise keeps it in
 //! `deferred/` with back-off until `queue_lifetime`, when the rest is
 //! returned to the sender. Permanent failures, expiry, and optionally
@@ -19,34 +20,37 @@
 //! The queue manager trusts no queue file: each is decoded strictly and
 //! checksum-verified, and one that fails is moved to `corrupt/` and never
 //! delivered in part. Queue ids are validated before any path is built from
-//! them. It never reads smtpd's bytes. Network peers (LMTP, SMTP) are
-//! read with bounded lines, reply sizes and timeouts; their text is stripped
-//! of control characters before it reaches a log or a DSN. It never runs a
-//! program: mail routed to `pipe` goes to the pipe delivery service
-//! (`mortal-pipe`, over `<run_dir>/private/pipe`), which runs the command
-//! as `[delivery.pipe] user`.
+//! them. It never reads smtpd's bytes, and never a byte from the network:
+//! LMTP and SMTP next hops are the `lmtp` and `smtp` delivery agents'
+//! (`mortal-lmtp`, `mortal-smtp`, over `<run_dir>/private/lmtp` and
+//! `private/smtp`, `mortal_proto::delivery`), whose reports it checks
+//! strictly. It never runs a program: mail routed to `pipe` goes to the
+//! pipe delivery service (`mortal-pipe`, over `<run_dir>/private/pipe`),
+//! which runs the command as `[delivery.pipe] user`. The agents never
+//! write the spool: every recipient state and DSN is written here.
 //!
 //! Before reading the first queue file it enters its sandbox
 //! (`mortal_libmaster::sandbox`): as root it drops to `[server] user`; always
 //! no_new_privs, no core dumps, bounded descriptors, Landlock access to the
-//! spool and the Maildir root only and TCP connect only to the ports of
-//! configured next hops, whatever the routes, no signals or traces beyond
+//! spool and the Maildir root only and no TCP at all, no signals or traces beyond
 //! its own process, and a seccomp deny-list (ptrace, mount, namespaces,
 //! modules, keys..., and execve and process creation: threads only).
 //!
 //! # Standards
-//! Maildir (the de-facto `tmp`/`new`/`cur` protocol); RFC 5321, RFC 2033
-//! (LMTP), RFC 2920, RFC 3207, RFC 3461/3464 (DSN), RFC 3463 codes;
-//! `mortal_proto::pipe` towards the pipe service.
+//! Maildir (the de-facto `tmp`/`new`/`cur` protocol); RFC 3461/3464
+//! (DSN), RFC 3463 codes; `mortal_proto::delivery` towards the lmtp and
+//! smtp agents, `mortal_proto::pipe` towards the pipe service.
 //!
 //! # Configuration
 //! `[queue]` `scan_interval`, `minimal_backoff`, `maximal_backoff`,
 //! `delivery_concurrency`, `active_limit`, `destination_concurrency_limit`,
 //! `queue_lifetime`, `bounce_queue_lifetime`, `delay_warning_time`;
 //! `[delivery]` `transport`, `routes`, `maildir_root`, `pipe`,
-//! `smtp_tls_security`, `smtp_tls_ca_file`, `connect_timeout`,
-//! `command_timeout`, `connection_reuse_time`; `[server]` `spool_dir`,
-//! `hostname`. See `docs/delivery.md`.
+//! `connect_timeout`, `command_timeout` (they bound the wait for an
+//! agent's report), `connection_reuse_time` (how long a connection to an
+//! agent is kept for the next delivery to the same next hop); `[server]`
+//! `spool_dir`, `hostname`; `[process.queue]` (its lifetime). See
+//! `docs/delivery.md`.
 //!
 //! # Diagnostics
 //! Postfix-shaped lines per message: `<id>: from=<...>, size=..., nrcpt=...

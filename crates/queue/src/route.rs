@@ -13,94 +13,17 @@
 //! Every agent answers per recipient with a [`RcptResult`]: sent,
 //! deferred (4xx) or bounced (5xx).
 
-use crate::agent::client::{self, Cache, Failure, RcptReply};
-use crate::agent::{discard, lmtp, maildir, pipe, smtp};
+use crate::agent::{discard, maildir, pipe, transport};
 use mortal_proto::config::{Config, Route};
 use mortal_proto::queue_file::{QueueFile, RecipientState};
-use mortal_proto::smtp_status::{DsnAction, EnhancedStatus, ReplyClass, StatusClass};
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
+
+pub use mortal_proto::delivery::{RcptResult, Report, Status};
 
 /// Recipients in one LMTP/SMTP transaction (Postfix's
 /// `*_destination_recipient_limit` default).
 pub const MAX_BATCH_RECIPIENTS: usize = 50;
-
-/// How one recipient's delivery attempt ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Sent,
-    Deferred,
-    Bounced,
-}
-
-/// One recipient's result, with what a log line and a DSN need.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RcptResult {
-    pub status: Status,
-    /// RFC 3463 code.
-    pub dsn: EnhancedStatus,
-    /// Human text: `250 2.0.0 Ok`, `host X said: 550 ... (in reply to RCPT TO command)`.
-    pub text: String,
-    /// RFC 3464 Diagnostic-Code (`smtp; 550 5.1.1 ...`), when a peer answered.
-    pub diagnostic: Option<String>,
-    /// RFC 3464 Remote-MTA (`dns; 127.0.0.1`), for network agents.
-    pub remote_mta: Option<String>,
-    /// The DSN action a NOTIFY=SUCCESS recipient is owed: `delivered` by
-    /// final delivery, `relayed` by a relay to a server without DSN, none
-    /// when the next hop took over DSN duty (RFC 3461 5.2).
-    pub success_action: Option<DsnAction>,
-}
-
-impl RcptResult {
-    pub fn new(status: Status, dsn: EnhancedStatus, text: impl Into<String>) -> Self {
-        Self { status, dsn, text: text.into(), diagnostic: None, remote_mta: None, success_action: None }
-    }
-
-    /// A delivery that ends here (Maildir, pipe, LMTP, discard).
-    pub fn delivered(text: impl Into<String>) -> Self {
-        Self {
-            success_action: Some(DsnAction::Delivered),
-            ..Self::new(Status::Sent, EnhancedStatus::undefined(StatusClass::Success), text)
-        }
-    }
-
-    /// A session failure, as every recipient of the batch sees it.
-    pub fn from_failure(f: &Failure) -> Self {
-        Self {
-            diagnostic: f.reply.as_ref().map(|r| format!("smtp; {}", r.text())),
-            ..Self::new(Status::Deferred, f.dsn, &f.text)
-        }
-    }
-
-    /// A server's answer for one recipient.
-    pub fn from_reply(r: &RcptReply, peer: &str, remote_mta: &str, success_action: Option<DsnAction>) -> Self {
-        let status = match r.reply.code.class() {
-            ReplyClass::PositiveCompletion => Status::Sent,
-            ReplyClass::TransientNegative => Status::Deferred,
-            // A 3yz where a final answer was due is as good as a 5yz.
-            ReplyClass::PositiveIntermediate | ReplyClass::PermanentNegative => Status::Bounced,
-        };
-        let text = if status == Status::Sent {
-            r.reply.text()
-        } else {
-            format!("host {peer} said: {} (in reply to {} command)", r.reply.text(), r.stage)
-        };
-        Self {
-            diagnostic: Some(format!("smtp; {}", r.reply.text())),
-            remote_mta: Some(remote_mta.to_owned()),
-            success_action: if status == Status::Sent { success_action } else { None },
-            ..Self::new(status, r.reply.enhanced(), text)
-        }
-    }
-}
-
-/// An agent's answer for a batch: the relay it names in the log, and one
-/// result per recipient, in batch order.
-#[derive(Debug, Clone)]
-pub struct Report {
-    pub relay: String,
-    pub results: Vec<RcptResult>,
-}
 
 /// Recipients of one message going to one route and destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,41 +108,33 @@ impl Drop for SlotGuard<'_> {
 }
 
 /// Everything the workers share: the configuration, destination slots,
-/// idle LMTP/SMTP sessions and the TLS client settings.
+/// and the connections to the delivery agents kept for reuse.
 #[derive(Debug)]
 pub struct Agents {
     pub config: Config,
     pub slots: Slots,
-    pub cache: Cache,
-    pub tls: smtp::TlsClients,
+    pub conns: transport::Conns,
 }
 
 impl Agents {
     pub fn new(config: Config) -> Self {
         Self {
             slots: Slots::new(config.queue.destination_concurrency_limit),
-            cache: Cache::new(config.delivery.connection_reuse_time),
-            tls: smtp::TlsClients::default(),
+            conns: transport::Conns::new(config.delivery.connection_reuse_time),
             config,
         }
     }
 
-    pub fn timeouts(&self) -> client::Timeouts {
-        client::Timeouts {
-            connect: self.config.delivery.connect_timeout,
-            command: self.config.delivery.command_timeout,
-        }
-    }
-
     /// Delivers one batch, holding a slot of its destination meanwhile.
+    /// Maildir and discard are local and run here; every route that needs
+    /// a network connection or a program goes to its delivery agent.
     pub fn deliver(&self, qf: &QueueFile, batch: &Batch) -> Report {
         let _slot = self.slots.acquire(&batch.destination);
         match &batch.route {
             Route::Maildir => maildir::deliver_batch(&self.config, qf, &batch.rcpts),
             Route::Discard => discard::deliver(&batch.rcpts),
             Route::Pipe => pipe::deliver(&self.config, qf, &batch.rcpts),
-            Route::Lmtp(hop) => lmtp::deliver(self, hop, &batch.destination, qf, &batch.rcpts),
-            Route::Smtp(addr) => smtp::deliver(self, *addr, &batch.destination, qf, &batch.rcpts),
+            Route::Lmtp(_) | Route::Smtp(_) => transport::deliver(self, batch, qf),
         }
     }
 }

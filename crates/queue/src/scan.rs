@@ -65,7 +65,7 @@ impl Scheduler {
                 }
                 Ok(Event::Stop(reason)) => return self.shut_down(reason),
                 Err(RecvTimeoutError::Timeout) => {
-                    self.agents.cache.expire();
+                    self.agents.conns.expire();
                     self.scan(config);
                     next_scan = SystemTime::now() + config.queue.scan_interval;
                 }
@@ -166,7 +166,7 @@ impl Scheduler {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
-        self.agents.cache.expire_all();
+        self.agents.conns.expire_all();
     }
 }
 

@@ -212,7 +212,7 @@ fn deny_rules(service: Service) -> Result<Rules, SandboxError> {
     // runs one nor forks. The pipe service must do both.
     let extra = match service {
         Service::Cleanup | Service::Anvil => CLEANUP_DENIED,
-        Service::Queue => QUEUE_DENIED,
+        Service::Queue | Service::Lmtp | Service::Smtp => QUEUE_DENIED,
         Service::Smtpd | Service::Pipe => &[],
     };
     let mut rules: Rules = DENIED.iter().chain(extra).map(|&(nr, _)| (nr, Vec::new())).collect();
@@ -220,7 +220,7 @@ fn deny_rules(service: Service) -> Result<Rules, SandboxError> {
         .iter()
         .map(|&flag| rule(vec![cond(0, Len::Qword, Op::MaskedEq(flag), flag)?]))
         .collect::<Result<Vec<_>, _>>()?;
-    if service == Service::Queue {
+    if matches!(service, Service::Queue | Service::Lmtp | Service::Smtp) {
         clone.push(rule(vec![cond(0, Len::Qword, Op::MaskedEq(NO_FORK), 0)?])?);
     }
     rules.insert(libc::SYS_clone, clone);
@@ -250,7 +250,7 @@ pub fn install(service: Service, dns: bool) -> Result<usize, SandboxError> {
             let count = rules.len();
             (compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)?, count)
         }
-        Service::Cleanup | Service::Queue | Service::Anvil | Service::Pipe => {
+        Service::Cleanup | Service::Queue | Service::Anvil | Service::Pipe | Service::Lmtp | Service::Smtp => {
             let rules = deny_rules(service)?;
             let count = rules.len();
             (compile(rules, SeccompAction::Allow, SeccompAction::KillProcess)?, count)
@@ -280,7 +280,15 @@ mod tests {
 
     #[test]
     fn filters_compile_for_this_architecture() {
-        for service in [Service::Smtpd, Service::Cleanup, Service::Queue, Service::Anvil, Service::Pipe] {
+        for service in [
+            Service::Smtpd,
+            Service::Cleanup,
+            Service::Queue,
+            Service::Anvil,
+            Service::Pipe,
+            Service::Lmtp,
+            Service::Smtp,
+        ] {
             let rules = if service == Service::Smtpd { smtpd_rules() } else { deny_rules(service) }.unwrap();
             assert!(compile(rules, SeccompAction::KillProcess, SeccompAction::Allow).is_ok(), "{service:?}");
         }
@@ -330,6 +338,19 @@ mod tests {
         }
         assert!(pipe.contains_key(&libc::SYS_ptrace) && pipe.contains_key(&libc::SYS_unshare));
         assert_eq!(pipe[&libc::SYS_clone].len(), CLONE_NAMESPACES.len());
+    }
+
+    /// Issue 11: the network-facing delivery agents get the queue's list:
+    /// no program, no process, no namespace.
+    #[test]
+    fn delivery_agents_may_not_exec_or_fork() {
+        for service in [Service::Lmtp, Service::Smtp] {
+            let rules = deny_rules(service).unwrap();
+            for nr in [libc::SYS_execve, libc::SYS_execveat, libc::SYS_ptrace, libc::SYS_unshare] {
+                assert!(rules.contains_key(&nr), "{} must deny syscall {nr}", service.name());
+            }
+            assert_eq!(rules[&libc::SYS_clone].len(), CLONE_NAMESPACES.len() + 1);
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! which the master never passes: nothing a client sends can start them.
 
 use super::{Service, enter_layers, mail_user, own_dirs, visible_path};
-use mortal_proto::config::Config;
+use mortal_proto::config::{Config, NextHop, Route};
 use mortal_proto::spool::QueueDir;
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::Signal;
@@ -69,6 +69,7 @@ enum Attempt {
     ConnectQueue,
     ConnectPipe,
     TcpConnect,
+    ConnectNextHop,
     SignalParent,
     PtraceParent,
     Exec,
@@ -80,7 +81,7 @@ enum Attempt {
     Unshare,
 }
 
-const ATTEMPTS: [Attempt; 19] = [
+const ATTEMPTS: [Attempt; 20] = [
     Attempt::Applied,
     Attempt::ReadPasswd,
     Attempt::ListRoot,
@@ -91,6 +92,7 @@ const ATTEMPTS: [Attempt; 19] = [
     Attempt::ConnectQueue,
     Attempt::ConnectPipe,
     Attempt::TcpConnect,
+    Attempt::ConnectNextHop,
     Attempt::SignalParent,
     Attempt::PtraceParent,
     Attempt::Exec,
@@ -121,6 +123,7 @@ impl Attempt {
             Attempt::ConnectQueue => "connect-queue",
             Attempt::ConnectPipe => "connect-pipe",
             Attempt::TcpConnect => "tcp-connect",
+            Attempt::ConnectNextHop => "connect-next-hop",
             Attempt::SignalParent => "signal-parent",
             Attempt::PtraceParent => "ptrace-parent",
             Attempt::Exec => "exec",
@@ -145,6 +148,7 @@ impl Attempt {
             Attempt::ConnectQueue => "connect to the queue socket",
             Attempt::ConnectPipe => "connect to the pipe socket",
             Attempt::TcpConnect => "TCP connect to 127.0.0.1",
+            Attempt::ConnectNextHop => "TCP connect to a configured next hop",
             Attempt::SignalParent => "signal another process (the parent)",
             Attempt::PtraceParent => "ptrace another process (the parent)",
             Attempt::Exec => "execve /bin/true",
@@ -167,6 +171,17 @@ impl Attempt {
         use Expect::*;
         match (self, service) {
             (Attempt::Applied, _) => Some(Allowed),
+            // The network belongs to the delivery agents: each reaches its
+            // own next hops, and the queue manager none at all.
+            (Attempt::ConnectNextHop, Service::Lmtp | Service::Smtp) => Some(Allowed),
+            (Attempt::ConnectNextHop, Service::Queue) => Some(Denied),
+            (Attempt::ConnectNextHop, _) => None,
+            // Unix sockets are reached by connect, which Landlock does not
+            // govern; the agents have no business there but prove nothing.
+            (
+                Attempt::ConnectCleanup | Attempt::ConnectQueue | Attempt::ConnectPipe | Attempt::Chroot,
+                Service::Lmtp | Service::Smtp,
+            ) => None,
             // The pipe service runs the operator's command: running
             // programs is its job, and the files and ports it may use are
             // the operator's (no Landlock rules). As root it is another
@@ -283,6 +298,10 @@ fn probe(service: Service, attempt: Attempt, port: u16, seccomp: bool, config_pa
         Attempt::ConnectQueue => io(UnixStream::connect(visible_path(&config.queue_socket())).map(drop)),
         Attempt::ConnectPipe => io(UnixStream::connect(visible_path(&config.pipe_socket())).map(drop)),
         Attempt::TcpConnect => io(TcpStream::connect(("127.0.0.1", port)).map(drop)),
+        Attempt::ConnectNextHop => match next_hop(service, &config) {
+            Some(addr) => io(TcpStream::connect(addr).map(drop)),
+            None => "error no TCP next hop in the configuration's routes".into(),
+        },
         Attempt::SignalParent => nix(nix::sys::signal::kill(nix::unistd::getppid(), None::<Signal>)),
         Attempt::PtraceParent => {
             let parent = nix::unistd::getppid();
@@ -320,6 +339,22 @@ fn probe(service: Service, attempt: Attempt, port: u16, seccomp: bool, config_pa
     };
     println!("{verdict}");
     std::process::exit(0);
+}
+
+/// The first TCP next hop `service` would reach: its own routes' for a
+/// delivery agent, any route's for the others.
+fn next_hop(service: Service, config: &Config) -> Option<std::net::SocketAddr> {
+    config
+        .routes()
+        .filter(|r| !matches!(service, Service::Lmtp | Service::Smtp) || service.carries(r))
+        .find_map(tcp_hop)
+}
+
+fn tcp_hop(route: &Route) -> Option<std::net::SocketAddr> {
+    match route {
+        Route::Lmtp(NextHop::Inet(addr)) | Route::Smtp(addr) => Some(*addr),
+        _ => None,
+    }
 }
 
 fn io(result: std::io::Result<()>) -> String {
@@ -428,6 +463,10 @@ fn orchestrate(service: Service, config_path: &Path) -> i32 {
     let mut rows = Vec::new();
     for attempt in ATTEMPTS {
         let Some(expect) = attempt.expect(service, root) else { continue };
+        // Without a TCP next hop in the routes there is nothing to reach.
+        if attempt == Attempt::ConnectNextHop && next_hop(service, &config).is_none() {
+            continue;
+        }
         let outcome = |layers| match run_probe(&exe, attempt, fixtures.port, layers, &config_path) {
             Ok((status, stdout, stderr)) => {
                 let (result, ok) = judge(expect, status, &stdout);
@@ -513,6 +552,8 @@ fn run_probe(
 struct Fixtures {
     port: u16,
     _tcp: TcpListener,
+    /// Listeners on the configured TCP next hops that were free.
+    _hops: Vec<TcpListener>,
     sockets: Vec<(PathBuf, UnixListener)>,
 }
 
@@ -555,7 +596,9 @@ impl Fixtures {
         }
         let tcp = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
         let port = tcp.local_addr().map_err(|e| e.to_string())?.port();
-        Ok(Fixtures { port, _tcp: tcp, sockets })
+        // A next hop that is already taken has a listener: the real one.
+        let hops = config.routes().filter_map(tcp_hop).filter_map(|addr| TcpListener::bind(addr).ok()).collect();
+        Ok(Fixtures { port, _tcp: tcp, _hops: hops, sockets })
     }
 }
 

@@ -1,9 +1,8 @@
-//! The delivery agents the queue manager hands a batch of recipients to,
-//! one module per route type, over the shared LMTP/SMTP client.
+//! The delivery agents the queue manager hands a batch of recipients to:
+//! the local ones (Maildir, discard) run here, the others in their own
+//! services under the master (`transport`: lmtp and smtp; `pipe`).
 
-pub mod client;
 pub mod discard;
-pub mod lmtp;
 pub mod maildir;
 pub mod pipe;
-pub mod smtp;
+pub mod transport;

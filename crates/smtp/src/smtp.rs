@@ -15,10 +15,10 @@
 //! next hop offers DSN; otherwise NOTIFY=SUCCESS recipients get a
 //! `relayed` DSN from us (RFC 3461 5.2.2).
 
-use crate::agent::client::{self, Dialect, Failure, Hop, Session};
-use crate::route::{Agents, Report};
+use crate::Agent;
+use crate::client::{self, Dialect, Failure, Hop, Session};
 use mortal_proto::config::{NextHop, SmtpTlsSecurity};
-use mortal_proto::queue_file::QueueFile;
+use mortal_proto::delivery::{Report, Request};
 use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -29,14 +29,14 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-pub fn deliver(agents: &Agents, addr: SocketAddr, key: &str, qf: &QueueFile, rcpts: &[usize]) -> Report {
-    client::deliver(&agents.cache, key, qf, rcpts, Hop::Relay, || connect(agents, addr))
+pub fn deliver(agent: &Agent, addr: SocketAddr, key: &str, request: &Request) -> Report {
+    client::deliver(&agent.cache, key, request, Hop::Relay, || connect(agent, addr))
 }
 
-fn connect(agents: &Agents, addr: SocketAddr) -> Result<Session, Failure> {
-    let d = &agents.config.delivery;
+fn connect(agent: &Agent, addr: SocketAddr) -> Result<Session, Failure> {
+    let d = &agent.config.delivery;
     let mut session =
-        Session::connect(&NextHop::Inet(addr), Dialect::Smtp, &agents.config.server.hostname, agents.timeouts())?;
+        Session::connect(&NextHop::Inet(addr), Dialect::Smtp, &agent.config.server.hostname, agent.timeouts())?;
     let policy = d.smtp_tls_security;
     if policy == SmtpTlsSecurity::None {
         return Ok(session);
@@ -51,7 +51,7 @@ fn connect(agents: &Agents, addr: SocketAddr) -> Result<Session, Failure> {
         }
         return Ok(session);
     }
-    let config = agents.tls.get(policy, d.smtp_tls_ca_file.as_deref()).map_err(|e| Failure {
+    let config = agent.tls.get(policy, d.smtp_tls_ca_file.as_deref()).map_err(|e| Failure {
         dsn: client::CRYPTO_FAILURE,
         text: format!("TLS client set-up: {e}"),
         reply: None,
@@ -66,7 +66,7 @@ fn connect(agents: &Agents, addr: SocketAddr) -> Result<Session, Failure> {
     Ok(session)
 }
 
-/// TLS client settings, built once per process on first use.
+/// TLS client settings, built once per process (before the sandbox).
 #[derive(Debug, Default)]
 pub struct TlsClients {
     may: OnceLock<Result<Arc<ClientConfig>, String>>,
@@ -74,6 +74,15 @@ pub struct TlsClients {
 }
 
 impl TlsClients {
+    /// Builds the settings `policy` needs now, while files can still be
+    /// read (before the sandbox); a failure is kept and reported by each
+    /// delivery that needs TLS, as it would be on first use.
+    pub fn preload(&self, policy: SmtpTlsSecurity, ca_file: Option<&Path>) {
+        if policy != SmtpTlsSecurity::None {
+            let _ = self.get(policy, ca_file);
+        }
+    }
+
     fn get(&self, policy: SmtpTlsSecurity, ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
         let cell = if policy == SmtpTlsSecurity::Encrypt { &self.encrypt } else { &self.may };
         cell.get_or_init(|| build(policy, ca_file)).clone()

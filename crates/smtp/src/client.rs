@@ -15,11 +15,10 @@
 //! (STARTTLS), RFC 1870 (SIZE), RFC 6152 (8BITMIME), RFC 6531 (SMTPUTF8),
 //! RFC 3461 (DSN parameters, xtext), RFC 3463 (enhanced status codes).
 
-use crate::route::{RcptResult, Report, Status};
 use mortal_proto::config::NextHop;
+use mortal_proto::delivery::{RcptResult, Report, Request, Status};
 use mortal_proto::envelope::{BodyType, DsnRet, Notify};
-use mortal_proto::queue_file::QueueFile;
-use mortal_proto::smtp_status::{DsnAction, EnhancedStatus, ReplyCode, ReplyStage, StatusClass};
+use mortal_proto::smtp_status::{DsnAction, EnhancedStatus, ReplyClass, ReplyCode, ReplyStage, StatusClass};
 use mortal_proto::tls::TlsSummary;
 use mortal_proto::xtext;
 use rustls::{ClientConnection, StreamOwned};
@@ -651,37 +650,64 @@ pub enum Hop {
     Relay,
 }
 
-/// Runs one batch over a cached session to `key` or a new one from
+/// A session failure, as every recipient of the batch sees it.
+pub fn failure_result(f: &Failure) -> RcptResult {
+    RcptResult {
+        diagnostic: f.reply.as_ref().map(|r| format!("smtp; {}", r.text())),
+        ..RcptResult::new(Status::Deferred, f.dsn, &f.text)
+    }
+}
+
+/// A server's answer for one recipient.
+pub fn reply_result(r: &RcptReply, peer: &str, remote_mta: &str, success_action: Option<DsnAction>) -> RcptResult {
+    let status = match r.reply.code.class() {
+        ReplyClass::PositiveCompletion => Status::Sent,
+        ReplyClass::TransientNegative => Status::Deferred,
+        // A 3yz where a final answer was due is as good as a 5yz.
+        ReplyClass::PositiveIntermediate | ReplyClass::PermanentNegative => Status::Bounced,
+    };
+    let text = if status == Status::Sent {
+        r.reply.text()
+    } else {
+        format!("host {peer} said: {} (in reply to {} command)", r.reply.text(), r.stage)
+    };
+    RcptResult {
+        diagnostic: Some(format!("smtp; {}", r.reply.text())),
+        remote_mta: Some(remote_mta.to_owned()),
+        success_action: if status == Status::Sent { success_action } else { None },
+        ..RcptResult::new(status, r.reply.enhanced(), text)
+    }
+}
+
+/// Runs one request over a cached session to `key` or a new one from
 /// `connect`, and turns the answers into per-recipient results. A session
 /// that ended its transaction cleanly goes back to the cache.
 pub fn deliver(
     cache: &Cache,
     key: &str,
-    qf: &QueueFile,
-    rcpts: &[usize],
+    request: &Request,
     hop: Hop,
     connect: impl FnOnce() -> Result<Session, Failure>,
 ) -> Report {
-    let all = |r: RcptResult, relay: String| Report { relay, results: vec![r; rcpts.len()] };
+    let all = |r: RcptResult, relay: String| Report { relay, results: vec![r; request.recipients.len()] };
     let mut session = match cache.take(key).map_or_else(connect, Ok) {
         Ok(s) => s,
-        Err(f) => return all(RcptResult::from_failure(&f), "none".into()),
+        Err(f) => return all(failure_result(&f), "none".into()),
     };
     let pass_dsn = hop == Hop::Relay && session.ext.dsn;
+    let env = &request.envelope;
     let envelope = Envelope {
-        sender: &qf.sender.address,
-        recipients: rcpts
+        sender: &env.sender,
+        recipients: request
+            .recipients
             .iter()
-            .map(|&i| {
-                let r = &qf.recipients[i];
-                EnvelopeRecipient { address: &r.address, notify: r.notify, orcpt: &r.orcpt }
-            })
+            .map(|r| EnvelopeRecipient { address: &r.address, notify: r.notify, orcpt: &r.orcpt })
             .collect(),
-        content: &qf.content,
-        body: qf.sender.body,
-        smtputf8: qf.sender.smtputf8,
-        ret: qf.sender.ret,
-        envid: &qf.sender.envid,
+        content: &request.content,
+        body: env.body,
+        smtputf8: env.smtputf8,
+        ret: env.ret,
+        envid: &env.envid,
         pass_dsn,
     };
     let success_action = match hop {
@@ -698,11 +724,11 @@ pub fn deliver(
     match session.send(&envelope) {
         Ok(replies) => {
             let remote = session.remote_mta();
-            let results = replies.iter().map(|r| RcptResult::from_reply(r, &peer, &remote, success_action)).collect();
+            let results = replies.iter().map(|r| reply_result(r, &peer, &remote, success_action)).collect();
             cache.put(key, session);
             Report { relay: peer, results }
         }
-        Err(f) => all(RcptResult::from_failure(&f), peer),
+        Err(f) => all(failure_result(&f), peer),
     }
 }
 

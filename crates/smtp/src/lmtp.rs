@@ -8,13 +8,13 @@
 //! parameters are not passed on, and a NOTIFY=SUCCESS recipient gets a
 //! `delivered` DSN from us.
 
-use crate::agent::client::{self, Dialect, Hop, Session};
-use crate::route::{Agents, Report};
+use crate::Agent;
+use crate::client::{self, Dialect, Hop, Session};
 use mortal_proto::config::NextHop;
-use mortal_proto::queue_file::QueueFile;
+use mortal_proto::delivery::{Report, Request};
 
-pub fn deliver(agents: &Agents, hop: &NextHop, key: &str, qf: &QueueFile, rcpts: &[usize]) -> Report {
-    client::deliver(&agents.cache, key, qf, rcpts, Hop::Final, || {
-        Session::connect(hop, Dialect::Lmtp, &agents.config.server.hostname, agents.timeouts())
+pub fn deliver(agent: &Agent, hop: &NextHop, key: &str, request: &Request) -> Report {
+    client::deliver(&agent.cache, key, request, Hop::Final, || {
+        Session::connect(hop, Dialect::Lmtp, &agent.config.server.hostname, agent.timeouts())
     })
 }

@@ -1,0 +1,554 @@
+//! The `lmtp` and `smtp` routes: the queue manager hands the batch to the
+//! delivery agent of that route (`mortal-lmtp`, `mortal-smtp`), like
+//! Postfix's qmgr hands it to lmtp(8) and smtp(8), and never talks to the
+//! network itself.
+//!
+//! This side connects to `<run_dir>/private/lmtp` or `private/smtp`, sends
+//! one request (`mortal_proto::delivery`: queue id, route, envelope with
+//! its DSN parameters, recipients, content) and reads the report: the
+//! relay for the log line and one result per recipient. The connection is
+//! kept for the next batch to the same destination for `[delivery]
+//! connection_reuse_time` when the agent says it takes another ([`Conns`]),
+//! and the agent keeps its session to the next hop as long: that is how
+//! consecutive messages share one LMTP or SMTP session. An agent that
+//! cannot be reached, does not answer in time, dies or breaks the protocol
+//! defers every recipient it has not answered for (`4.3.0 lmtp delivery
+//! agent unavailable: ...`); results it did send count. A kept connection
+//! that ends before any answer is tried once more on a new connection. The wait is
+//! bounded by the agent's own timeouts: a connect, one command per
+//! recipient and [`SESSION_COMMANDS`] more, and [`REPLY_MARGIN`].
+
+use crate::route::{Agents, Batch, RcptResult, Report, Status};
+use mortal_proto::config::{Config, Route};
+use mortal_proto::delivery::{self, Envelope, Recipient, ReportDecoder};
+use mortal_proto::queue_file::QueueFile;
+use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
+use std::collections::HashMap;
+use std::io::{self, BufWriter, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Time allowed beyond the agent's own limits: waiting for a free agent
+/// and moving the message.
+pub const REPLY_MARGIN: Duration = Duration::from_secs(30);
+/// Replies an LMTP/SMTP transaction waits for besides one per recipient:
+/// greeting, EHLO, STARTTLS and EHLO again, MAIL, DATA, end of data, and
+/// the RSET that probes a reused session.
+pub const SESSION_COMMANDS: u32 = 8;
+/// Octets read from the agent at a time.
+const READ_CHUNK: usize = 8192;
+
+/// What a recipient the agent did not answer for gets: `4.3.0`, "other
+/// or undefined mail system status" (RFC 3463), retried later.
+const UNAVAILABLE: EnhancedStatus = EnhancedStatus::new(StatusClass::Persistent, 3, 0);
+
+/// The delivery-agent services this module hands batches to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Agent {
+    Lmtp,
+    Smtp,
+}
+
+impl Agent {
+    const ALL: [Agent; 2] = [Agent::Lmtp, Agent::Smtp];
+
+    fn of(route: &Route) -> Option<Agent> {
+        match route {
+            Route::Lmtp(_) => Some(Agent::Lmtp),
+            Route::Smtp(_) => Some(Agent::Smtp),
+            Route::Maildir | Route::Discard | Route::Pipe => None,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Agent::Lmtp => "lmtp",
+            Agent::Smtp => "smtp",
+        }
+    }
+
+    fn socket(self, config: &Config) -> PathBuf {
+        match self {
+            Agent::Lmtp => config.lmtp_socket(),
+            Agent::Smtp => config.smtp_socket(),
+        }
+    }
+
+    /// How many agent processes there can be.
+    fn process_limit(self, config: &Config) -> u32 {
+        match self {
+            Agent::Lmtp => config.process.lmtp.process_limit,
+            Agent::Smtp => config.process.smtp.process_limit,
+        }
+    }
+}
+
+/// A kept connection: idle since, to which agent.
+#[derive(Debug)]
+struct Idle {
+    stream: UnixStream,
+    since: Instant,
+    agent: Agent,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Per destination, most recently used last.
+    idle: HashMap<String, Vec<Idle>>,
+    /// Deliveries running, per agent.
+    busy: [u32; Agent::ALL.len()],
+}
+
+/// Connections to the delivery agents: the ones kept idle per destination
+/// for `keep` after their last use (the agent waits a little longer), and
+/// how many deliveries each agent service is running. An agent process
+/// holding a kept connection serves no one else, so when every process a
+/// service may have is running a delivery or holding an idle connection,
+/// the oldest idle one is closed for the delivery that needs an agent.
+#[derive(Debug)]
+pub struct Conns {
+    state: Mutex<State>,
+    keep: Duration,
+}
+
+impl Conns {
+    pub fn new(keep: Duration) -> Self {
+        Self { state: Mutex::new(State::default()), keep }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a delivery to `destination` through `agent`: the most
+    /// recently used live connection kept for it, or `None` for a new one,
+    /// after making room for it among `limit` agent processes.
+    fn begin(&self, agent: Agent, destination: &str, limit: u32) -> Option<UnixStream> {
+        let mut state = self.lock();
+        state.busy[agent.index()] += 1;
+        if let Some(list) = state.idle.get_mut(destination) {
+            let mut found = None;
+            while let Some(conn) = list.pop() {
+                if conn.since.elapsed() <= self.keep && is_open(&conn.stream) {
+                    found = Some(conn.stream);
+                    break;
+                }
+            }
+            if list.is_empty() {
+                state.idle.remove(destination);
+            }
+            if found.is_some() {
+                return found;
+            }
+        }
+        let held = state.idle.values().flatten().filter(|c| c.agent == agent).count() as u64;
+        if u64::from(state.busy[agent.index()]) + held > u64::from(limit) {
+            let oldest = state
+                .idle
+                .iter()
+                .flat_map(|(d, l)| l.iter().enumerate().map(move |(i, c)| (c.since, d.clone(), i, c.agent)))
+                .filter(|(.., a)| *a == agent)
+                .min_by_key(|(since, ..)| *since);
+            if let Some((_, dest, i, _)) = oldest {
+                let list = state.idle.get_mut(&dest).expect("found above");
+                drop(list.remove(i));
+                if list.is_empty() {
+                    state.idle.remove(&dest);
+                }
+            }
+        }
+        None
+    }
+
+    /// Ends a delivery; keeps `stream` for the next one to `destination`.
+    fn end(&self, agent: Agent, destination: &str, stream: Option<UnixStream>) {
+        let mut state = self.lock();
+        state.busy[agent.index()] = state.busy[agent.index()].saturating_sub(1);
+        if let Some(stream) = stream.filter(|_| !self.keep.is_zero()) {
+            state.idle.entry(destination.to_owned()).or_default().push(Idle { stream, since: Instant::now(), agent });
+        }
+    }
+
+    /// Closes connections idle for longer than `keep`.
+    pub fn expire(&self) {
+        let mut state = self.lock();
+        for list in state.idle.values_mut() {
+            list.retain(|c| c.since.elapsed() <= self.keep);
+        }
+        state.idle.retain(|_, l| !l.is_empty());
+    }
+
+    /// Closes every idle connection (at shutdown).
+    pub fn expire_all(&self) {
+        self.lock().idle.clear();
+    }
+
+    /// Idle connections kept (tests).
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.lock().idle.values().map(Vec::len).sum()
+    }
+}
+
+/// Whether a kept connection is still open and quiet: an agent that died
+/// or closed it shows end of stream, and one that sent something unasked
+/// is not to be trusted with the next request.
+fn is_open(stream: &UnixStream) -> bool {
+    let mut b = [0u8; 1];
+    let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+    matches!(nix::sys::socket::recv(stream.as_raw_fd(), &mut b, flags), Err(nix::errno::Errno::EAGAIN))
+}
+
+/// Hands `batch` to its route's delivery agent.
+pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
+    let config = &agents.config;
+    let agent = Agent::of(&batch.route).expect("only lmtp and smtp routes are sent here");
+    let socket = agent.socket(config);
+    let envelope = Envelope {
+        queue_id: qf.id,
+        route: batch.route.clone(),
+        sender: qf.sender.address.clone(),
+        body: qf.sender.body,
+        smtputf8: qf.sender.smtputf8,
+        ret: qf.sender.ret,
+        envid: qf.sender.envid.clone(),
+    };
+    let recipients: Vec<Recipient> = batch
+        .rcpts
+        .iter()
+        .map(|&i| {
+            let r = &qf.recipients[i];
+            Recipient { address: r.address.clone(), notify: r.notify, orcpt: r.orcpt.clone() }
+        })
+        .collect();
+    let mut decoder = ReportDecoder::new(recipients.len());
+    let kept = agents.conns.begin(agent, &batch.destination, agent.process_limit(config));
+    let reused = kept.is_some();
+    let mut result = exchange(agents, &socket, kept, &envelope, &recipients, &qf.content, &mut decoder);
+    // A kept connection the agent gave up just as this request went out
+    // (its idle time, an order to retire) ends before any answer: the
+    // request was not taken, so it goes again on a new connection. An
+    // agent that died inside the delivery looks the same; sending again
+    // at once repeats a delivery no more than the retry after a deferral
+    // would (at least once), and happens once only.
+    if reused && result.is_err() && decoder.relay().is_none() {
+        decoder = ReportDecoder::new(recipients.len());
+        result = exchange(agents, &socket, None, &envelope, &recipients, &qf.content, &mut decoder);
+    }
+    let relay = decoder.relay().unwrap_or("none").to_owned();
+    let keep = decoder.keep();
+    let mut results = decoder.into_results();
+    let stream = match result {
+        Ok(stream) => keep.then_some(stream),
+        Err(e) => {
+            let text = format!("{} delivery agent unavailable: {e}", agent.name());
+            results.resize_with(recipients.len(), || RcptResult::new(Status::Deferred, UNAVAILABLE, text.clone()));
+            None
+        }
+    };
+    agents.conns.end(agent, &batch.destination, stream);
+    Report { relay, results }
+}
+
+/// Sends the request over `kept` or a new connection and reads the report
+/// into `decoder`; returns the connection once the report is whole.
+fn exchange(
+    agents: &Agents,
+    socket: &Path,
+    kept: Option<UnixStream>,
+    envelope: &Envelope,
+    recipients: &[Recipient],
+    content: &[u8],
+    decoder: &mut ReportDecoder,
+) -> io::Result<UnixStream> {
+    let d = &agents.config.delivery;
+    let rounds = SESSION_COMMANDS.saturating_add(u32::try_from(recipients.len()).unwrap_or(u32::MAX));
+    let wait = d.connect_timeout.saturating_add(d.command_timeout.saturating_mul(rounds)).saturating_add(REPLY_MARGIN);
+    let deadline = Instant::now() + wait;
+    let (stream, fresh) = match kept {
+        Some(s) => (s, false),
+        None => {
+            let s = connect(socket, d.connect_timeout)
+                .map_err(|e| io::Error::new(e.kind(), format!("connect to {}: {e}", socket.display())))?;
+            (s, true)
+        }
+    };
+    stream.set_write_timeout(Some(wait))?;
+    {
+        // Small requests go out in one write; the content of large ones
+        // straight from the queue file's buffer.
+        let mut out = BufWriter::with_capacity(delivery::MAX_DATA_CHUNK + 1024, &stream);
+        if fresh {
+            out.write_all(&delivery::hello())?;
+        }
+        out.write_all(&delivery::encode_head(envelope, recipients))?;
+        for (header, chunk) in delivery::content_records(content) {
+            out.write_all(&header)?;
+            out.write_all(chunk)?;
+        }
+        out.flush()?;
+    }
+    let mut buf = [0u8; READ_CHUNK];
+    let mut reader = &stream;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no report within {}s", wait.as_secs())));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before every result")),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no report within {}s", wait.as_secs())));
+            }
+            Err(e) => return Err(e),
+        };
+        let whole = decoder
+            .feed(&buf[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("protocol error: {e}")))?;
+        if whole {
+            return Ok(stream);
+        }
+    }
+}
+
+/// Connects to an agent's socket, waiting at most `limit`: a Unix stream
+/// connect blocks while the listener's backlog is full (every agent busy),
+/// for as long as the socket's send timeout allows.
+fn connect(path: &Path, limit: Duration) -> io::Result<UnixStream> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.set_write_timeout(Some(limit))?;
+    socket.connect(&socket2::SockAddr::unix(path)?)?;
+    Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mortal_proto::config::{Config, NextHop};
+    use mortal_proto::delivery::RequestDecoder;
+    use mortal_proto::envelope::{BodyType, ClientInfo, SenderInfo};
+    use mortal_proto::queue_file::{QueuedRecipient, RecipientState};
+    use std::os::unix::net::UnixListener;
+
+    fn queue_file() -> QueueFile {
+        let rcpt = |a: &str| QueuedRecipient {
+            address: a.into(),
+            state: RecipientState::Pending,
+            notify: Default::default(),
+            orcpt: String::new(),
+            status: None,
+        };
+        QueueFile {
+            id: "0000000010000100000A".parse().unwrap(),
+            arrival: std::time::UNIX_EPOCH,
+            client: ClientInfo {
+                addr: std::net::Ipv4Addr::LOCALHOST.into(),
+                name: String::new(),
+                helo: String::new(),
+                protocol: String::new(),
+                tls: String::new(),
+            },
+            sender: SenderInfo {
+                address: "a@example.test".into(),
+                body: BodyType::SevenBit,
+                smtputf8: false,
+                ret: None,
+                envid: String::new(),
+            },
+            recipients: vec![rcpt("x@lmtp.test"), rcpt("y@lmtp.test")],
+            content: b"Subject: t\r\n\r\nbody\r\n".to_vec(),
+        }
+    }
+
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("mortal-queue-transport-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("private")).unwrap();
+        dir
+    }
+
+    fn agents(dir: &Path) -> Agents {
+        let text = format!(
+            "[server]\nrun_dir = {:?}\n[delivery]\ntransport = \"lmtp:inet:127.0.0.1:24\"\nconnection_reuse_time = \"10s\"\n",
+            dir.display().to_string()
+        );
+        Agents::new(Config::parse_for(&text, &dir.join("m.toml"), false).unwrap())
+    }
+
+    fn batch() -> Batch {
+        let route = Route::Lmtp(NextHop::Inet("127.0.0.1:24".parse().unwrap()));
+        Batch { destination: route.to_string(), route, rcpts: vec![0, 1] }
+    }
+
+    /// No agent: every recipient is deferred with a clear reason.
+    #[test]
+    fn unreachable_agent_defers_everyone() {
+        let dir = temp_dir("none");
+        let report = deliver(&agents(&dir), &batch(), &queue_file());
+        assert_eq!(report.relay, "none");
+        assert_eq!(report.results.len(), 2);
+        for r in &report.results {
+            assert_eq!((r.status, r.dsn), (Status::Deferred, UNAVAILABLE));
+            assert!(r.text.starts_with("lmtp delivery agent unavailable: connect to "), "{}", r.text);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A scripted agent: answers the first request and keeps the
+    /// connection, answers the second on the same connection and breaks
+    /// the protocol after its first result. The second batch's first
+    /// result counts, the other is deferred; a connection that broke is
+    /// not kept.
+    #[test]
+    fn connection_is_reused_and_results_before_a_protocol_error_count() {
+        let dir = temp_dir("reuse");
+        let agents = agents(&dir);
+        let listener = UnixListener::bind(agents.config.lmtp_socket()).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut decoder = RequestDecoder::new(1 << 20);
+            let mut buf = [0u8; 4096];
+            let mut got = Vec::new();
+            for round in 0..2 {
+                let request = loop {
+                    let n = s.read(&mut buf).unwrap();
+                    if let Some(r) = decoder.feed(&buf[..n]).unwrap() {
+                        break r;
+                    }
+                };
+                let mut out = Vec::new();
+                let ok = RcptResult::delivered("250 2.0.0 Ok");
+                if round == 0 {
+                    Report { relay: "127.0.0.1[127.0.0.1]:24".into(), results: vec![ok.clone(), ok] }
+                        .encode(true, &mut out);
+                } else {
+                    Report { relay: "127.0.0.1[127.0.0.1]:24".into(), results: vec![ok] }.encode(true, &mut out);
+                    out.extend_from_slice(b"garbage!");
+                }
+                s.write_all(&out).unwrap();
+                decoder.answered();
+                got.push(request);
+            }
+            got
+        });
+        let first = deliver(&agents, &batch(), &queue_file());
+        assert!(first.results.iter().all(|r| r.status == Status::Sent), "{first:?}");
+        let second = deliver(&agents, &batch(), &queue_file());
+        let requests = server.join().unwrap();
+        assert_eq!(requests.len(), 2, "both batches over one connection");
+        assert_eq!(requests[0].envelope.queue_id, "0000000010000100000A");
+        assert_eq!(requests[1].content, queue_file().content);
+        assert_eq!(second.relay, "127.0.0.1[127.0.0.1]:24");
+        assert_eq!(second.results[0].status, Status::Sent);
+        assert_eq!(second.results[1].status, Status::Deferred);
+        assert!(
+            second.results[1].text.starts_with("lmtp delivery agent unavailable: protocol error"),
+            "{:?}",
+            second.results[1]
+        );
+        assert_eq!(agents.conns.idle_count(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// With every agent process taken (limit 1) by an idle connection
+    /// kept for one next hop, a delivery to another next hop closes that
+    /// connection, so the agent holding it comes free, instead of waiting
+    /// for its idle time to pass.
+    #[test]
+    fn an_idle_kept_connection_gives_way_when_every_agent_is_taken() {
+        let dir = temp_dir("evict");
+        let text = format!(
+            "[server]\nrun_dir = {:?}\n[delivery]\nconnection_reuse_time = \"60s\"\n[delivery.routes]\n\"a.test\" = \"lmtp:inet:127.0.0.1:24\"\n\"b.test\" = \"lmtp:inet:127.0.0.2:24\"\n[process.lmtp]\nprocess_limit = 1\nprefork = 1\nmin_spare = 0\nmax_spare = 1\n",
+            dir.display().to_string()
+        );
+        let agents = Agents::new(Config::parse_for(&text, &dir.join("m.toml"), false).unwrap());
+        let listener = UnixListener::bind(agents.config.lmtp_socket()).unwrap();
+        // One agent process: one connection at a time.
+        let server = std::thread::spawn(move || {
+            let mut ends = Vec::new();
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut decoder = RequestDecoder::new(1 << 20);
+                let mut buf = [0u8; 4096];
+                let request = loop {
+                    let n = s.read(&mut buf).unwrap();
+                    if let Some(r) = decoder.feed(&buf[..n]).unwrap() {
+                        break r;
+                    }
+                };
+                let mut out = Vec::new();
+                let results = vec![RcptResult::delivered("250 2.0.0 Ok"); request.recipients.len()];
+                Report { relay: request.envelope.route.to_string(), results }.encode(true, &mut out);
+                s.write_all(&out).unwrap();
+                // Kept: wait for the next request or the end.
+                ends.push(s.read(&mut buf).unwrap());
+            }
+            ends
+        });
+        let batch = |domain: &str, hop: &str| {
+            let route = Route::Lmtp(NextHop::Inet(hop.parse().unwrap()));
+            let mut qf = queue_file();
+            qf.recipients.truncate(1);
+            qf.recipients[0].address = format!("x@{domain}");
+            (Batch { destination: route.to_string(), route, rcpts: vec![0] }, qf)
+        };
+        let (a, qa) = batch("a.test", "127.0.0.1:24");
+        assert_eq!(deliver(&agents, &a, &qa).results[0].status, Status::Sent);
+        assert_eq!(agents.conns.idle_count(), 1);
+        let (b, qb) = batch("b.test", "127.0.0.2:24");
+        assert_eq!(deliver(&agents, &b, &qb).results[0].status, Status::Sent);
+        agents.conns.expire_all();
+        assert_eq!(server.join().unwrap(), vec![0, 0], "both kept connections ended unused");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An agent that gives up a kept connection just as the next request
+    /// goes out (it read nothing, answered nothing): the request goes again
+    /// on a new connection instead of being deferred.
+    #[test]
+    fn a_kept_connection_closed_unanswered_is_retried_once_on_a_new_one() {
+        let dir = temp_dir("closed");
+        let agents = agents(&dir);
+        let listener = UnixListener::bind(agents.config.lmtp_socket()).unwrap();
+        let server = std::thread::spawn(move || {
+            let answer = |s: &mut UnixStream, decoder: &mut RequestDecoder| {
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut buf).unwrap();
+                    if decoder.feed(&buf[..n]).unwrap().is_some() {
+                        break;
+                    }
+                }
+                let ok = RcptResult::delivered("250 2.0.0 Ok");
+                let mut out = Vec::new();
+                Report { relay: "hop".into(), results: vec![ok.clone(), ok] }.encode(true, &mut out);
+                s.write_all(&out).unwrap();
+                decoder.answered();
+            };
+            let (mut first, _) = listener.accept().unwrap();
+            answer(&mut first, &mut RequestDecoder::new(1 << 20));
+            // The next request arrives; the connection closes unanswered.
+            let mut byte = [0u8; 1];
+            first.read_exact(&mut byte).unwrap();
+            drop(first);
+            let (mut second, _) = listener.accept().unwrap();
+            answer(&mut second, &mut RequestDecoder::new(1 << 20));
+        });
+        assert!(deliver(&agents, &batch(), &queue_file()).results.iter().all(|r| r.status == Status::Sent));
+        let again = deliver(&agents, &batch(), &queue_file());
+        server.join().unwrap();
+        assert!(again.results.iter().all(|r| r.status == Status::Sent), "{again:?}");
+        assert_eq!(again.relay, "hop");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
