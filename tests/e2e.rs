@@ -192,7 +192,7 @@ fn check_reports_file_line_and_key() {
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "invalid config must fail: {text}");
-    assert!(text.contains("bad.toml:6: process.smtpd.prefork: must not exceed process_limit (2)"), "{text}");
+    assert!(text.contains("bad.toml:6:1: process.smtpd.prefork: must not exceed process_limit (2)"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -245,7 +245,7 @@ impl<'a> Transaction<'a> {
             .client
             .as_ref()
             .and_then(|c| c.addr.parse::<IpAddr>().ok())
-            .is_some_and(|ip| mortal_proto::cidr::contains_any(&self.ctx.config.server.trusted_networks, ip));
+            .is_some_and(|ip| mortal_proto::config::networks_contain(&self.ctx.config.server.trusted_networks, ip));
         if !trusted && !self.ctx.config.accepts_domain(&mailbox.domain) {
             tracing::warn!("warning: {}: smtpd sent recipient <{addr}> outside accepted_domains", self.log_id());
             return Err(Answer::protocol_error());

@@ -19,7 +19,7 @@
 //!
 //! # Configuration
 //! See [`config`]: one typed struct per section, unknown keys rejected,
-//! errors naming file, line and key.
+//! errors naming file, line, column and key.
 //!
 //! # Diagnostics
 //! Decoders return typed errors naming the record and the rule broken.
@@ -27,7 +27,6 @@
 
 pub mod address;
 pub mod anvil;
-pub mod cidr;
 pub mod config;
 pub mod date;
 pub mod fuzz;

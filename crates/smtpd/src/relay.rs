@@ -18,8 +18,7 @@
 
 use crate::engine::reply;
 use mortal_proto::address::{self, Mailbox};
-use mortal_proto::cidr;
-use mortal_proto::config::Config;
+use mortal_proto::config::{Config, networks_contain};
 use std::collections::HashSet;
 use std::io::Read;
 use std::net::IpAddr;
@@ -127,7 +126,7 @@ pub fn check_with(
             _ => Ok(()),
         };
     }
-    if cidr::contains_any(&config.server.trusted_networks, client) {
+    if networks_contain(&config.server.trusted_networks, client) {
         return Ok(());
     }
     Err(reply::relay_denied(&mailbox.to_string()))
