@@ -12,7 +12,9 @@
 //! rejects unknown record types, oversized records and records out of
 //! order, so a compromised peer can only make a conversation fail, never
 //! make its reader allocate without bound or act on a half-valid stream.
-//! Every decoder is a fuzz target (`fuzz/`).
+//! Every decoder is a fuzz target (`fuzz/`); their entry points,
+//! [`fuzz`], exist only with the `fuzz` feature, which `fuzz/` and the
+//! corpus replay test turn on and no daemon does.
 //!
 //! # Standards
 //! RFC 5321 section 4.1.2 (address syntax), RFC 6531 (UTF-8 addresses).
@@ -29,6 +31,7 @@ pub mod address;
 pub mod anvil;
 pub mod config;
 pub mod date;
+#[cfg(feature = "fuzz")]
 pub mod fuzz;
 pub mod ipc;
 pub mod pipe;
