@@ -6,6 +6,7 @@
 //! start-up probe (from 127.0.0.1) never counts against the limits tested.
 
 use mortal_tests::Smtp;
+use mortal_tests::delivery::TempDir;
 use mortal_tests::netpeer::{connect_from, fail2ban_regex};
 use mortal_tests::{Instance, Options, children_of, wait_for};
 use nix::sys::signal::{Signal, kill};
@@ -175,10 +176,10 @@ fn a_hung_or_killed_anvil_fails_open_and_is_replaced() {
 
 #[test]
 fn relay_control_recipient_map_and_fail2ban() {
-    let map = std::env::temp_dir().join(format!("mortal-recipient-map-{}", std::process::id()));
-    fs::write(&map, "# local users\nalice@example.test\nBob@Example.test\n").unwrap();
     // Declared first, so it is dropped after the instance.
-    let _map_file = RemoveOnDrop(map.clone());
+    let map_dir = TempDir::new("recipient-map");
+    let map = map_dir.0.join("recipients");
+    fs::write(&map, "# local users\nalice@example.test\nBob@Example.test\n").unwrap();
     let mortal = Instance::start_with(Options {
         server_extra: format!(
             "trusted_networks = [\"127.0.0.20/32\"]\nrecipient_map = {:?}\n",
@@ -242,13 +243,4 @@ fn relay_control_recipient_map_and_fail2ban() {
         reply.starts_with("250").then_some(())
     });
     assert!(reloaded.is_some(), "{}", mortal.log_text());
-}
-
-/// Removes a file when dropped, even if the test failed.
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
 }

@@ -176,9 +176,8 @@ with smtplib.SMTP("127.0.0.1", {}) as s:
 
 #[test]
 fn check_reports_file_line_and_key() {
-    let dir = std::env::temp_dir().join(format!("mortal-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("bad.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
     std::fs::write(
         &config,
         "[smtpd]\nlisten = [\"127.0.0.1:2525\"]\n\n[process.smtpd]\nprocess_limit = 2\nprefork = 3\n",
@@ -193,7 +192,6 @@ fn check_reports_file_line_and_key() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "invalid config must fail: {text}");
     assert!(text.contains("bad.toml:6:1: process.smtpd.prefork: must not exceed process_limit (2)"), "{text}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Issue 5: kill -9 of cleanup in the middle of DATA: the client gets a

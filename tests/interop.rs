@@ -7,6 +7,7 @@
 //! (`TEST_PACKAGES`). Each test checks the client's own verdict and that
 //! the message was delivered with the right `Received:` protocol.
 
+use mortal_tests::delivery::TempDir;
 use mortal_tests::{Instance, Options, WAIT, python};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -16,8 +17,8 @@ use std::sync::mpsc;
 /// A mortal instance offering STARTTLS with a fresh self-signed
 /// certificate for `localhost`, written next to its config.
 fn tls_instance() -> Instance {
-    let dir = std::env::temp_dir().join(format!("mortal-interop-certs-{}-{}", std::process::id(), unique()));
-    std::fs::create_dir_all(&dir).expect("cert dir");
+    let temp = TempDir::new("interop-certs");
+    let dir = &temp.0;
     let key = rcgen::KeyPair::generate().expect("key");
     let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
         .expect("params")
@@ -29,13 +30,8 @@ fn tls_instance() -> Instance {
     let smtpd_extra = format!("tls_cert_file = {cert_file:?}\ntls_key_file = {key_file:?}\n");
     let instance = Instance::start_with(Options { smtpd_extra, ..Options::default() });
     // The children read the files at start; they are not needed after.
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(temp);
     instance
-}
-
-fn unique() -> u32 {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Runs a client to completion (bounded by [`WAIT`]), panicking with its
@@ -286,16 +282,15 @@ fn message_file(dir: &Path, subject: &str) -> PathBuf {
     path
 }
 
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mortal-interop-{name}-{}-{}", std::process::id(), unique()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+fn scratch_dir(name: &str) -> TempDir {
+    TempDir::new(&format!("interop-{name}"))
 }
 
 #[test]
 fn curl_plain_and_starttls() {
     let mortal = tls_instance();
-    let dir = scratch_dir("curl");
+    let scratch = scratch_dir("curl");
+    let dir = &scratch.0;
     let url = format!("smtp://127.0.0.1:{}/curl.test", mortal.port);
     for (rcpt, tls) in [("curl@example.test", false), ("curl-tls@example.test", true)] {
         let mut cmd = Command::new("curl");
@@ -303,7 +298,7 @@ fn curl_plain_and_starttls() {
             .args(["--silent", "--show-error", "--max-time", "20", &url])
             .args(["--mail-from", "a@example.test", "--mail-rcpt", rcpt])
             .arg("--upload-file")
-            .arg(message_file(&dir, rcpt.split('@').next().expect("local part")));
+            .arg(message_file(dir, rcpt.split('@').next().expect("local part")));
         if tls {
             // The test certificate is self-signed.
             cmd.args(["--ssl-reqd", "--insecure"]);
@@ -312,13 +307,13 @@ fn curl_plain_and_starttls() {
         let text = delivered(&mortal, rcpt);
         assert_received(&text, if tls { "ESMTPS" } else { "ESMTP" }, tls);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn msmtp_starttls() {
     let mortal = tls_instance();
-    let dir = scratch_dir("msmtp");
+    let scratch = scratch_dir("msmtp");
+    let dir = &scratch.0;
     let config = dir.join("msmtprc");
     std::fs::write(
         &config,
@@ -332,7 +327,7 @@ fn msmtp_starttls() {
     // msmtp refuses a config file others can read.
     let private = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
     std::fs::set_permissions(&config, private).expect("chmod msmtprc");
-    let message = message_file(&dir, "msmtp");
+    let message = message_file(dir, "msmtp");
     let out = run(
         Command::new("msmtp")
             .arg("-C")
@@ -344,7 +339,6 @@ fn msmtp_starttls() {
     let text = delivered(&mortal, "msmtp@example.test");
     assert_received(&text, "ESMTPS", true);
     assert!(text.contains("body of msmtp"), "{text}\n{out}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A client that cannot finish the handshake does not harm the pool: the

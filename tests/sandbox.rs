@@ -11,6 +11,7 @@
 //! runs the command, keeps Landlock with a pipe route and can neither
 //! exec nor fork.
 
+use mortal_tests::delivery::TempDir;
 use mortal_tests::pipe::PIPE_USER;
 use mortal_tests::{WAIT, bin_dir, mail_user_line};
 use std::fs;
@@ -24,17 +25,16 @@ use std::time::Instant;
 struct Site {
     dir: PathBuf,
     config: PathBuf,
+    _temp: TempDir,
 }
 
 impl Site {
     fn new(name: &str, delivery: &str) -> Site {
-        let dir = std::env::temp_dir().join(format!("mortal-sandbox-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let temp = TempDir::new(&format!("sandbox-{name}"));
+        let dir = temp.0.clone();
         fs::create_dir_all(dir.join("etc")).unwrap();
         // The mail user must be able to pass through to the spool.
-        for d in [&dir, &dir.join("etc")] {
-            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
-        }
+        fs::set_permissions(dir.join("etc"), fs::Permissions::from_mode(0o755)).unwrap();
         let config = dir.join("etc/mortal.toml");
         fs::write(
             &config,
@@ -44,7 +44,7 @@ impl Site {
             ),
         )
         .unwrap();
-        Site { dir, config }
+        Site { dir, config, _temp: temp }
     }
 
     fn selftest(&self, service: &str) -> (Output, String) {
@@ -59,14 +59,6 @@ impl Site {
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         println!("{text}{}", String::from_utf8_lossy(&out.stderr));
         (out, text)
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
     }
 }
 

@@ -55,25 +55,31 @@ impl Drop for Guard {
     }
 }
 
-/// A private temp directory, removed on drop unless the test failed.
+/// A private temp directory (`mortal-<tag>-XXXXXX`, a fresh name each
+/// time), removed on drop unless the test failed, when it is kept for a
+/// look at its logs and spool.
 #[derive(Debug)]
-pub struct TempDir(pub PathBuf);
+pub struct TempDir(pub PathBuf, Option<tempfile::TempDir>);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("mortal-{tag}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("mortal-{tag}-"))
+            // Searchable by all: started as root, the daemons run as
+            // another user and must reach the spool inside.
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .tempdir()
+            .expect("create temp dir");
+        TempDir(dir.path().to_owned(), Some(dir))
     }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.0);
+        if std::thread::panicking()
+            && let Some(dir) = self.1.take()
+        {
+            eprintln!("kept for inspection: {}", dir.keep().display());
         }
     }
 }

@@ -21,13 +21,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Longest a test waits for anything (start, delivery, exit).
 pub const WAIT: Duration = Duration::from_secs(20);
-
-static INSTANCES: AtomicU32 = AtomicU32::new(0);
 
 /// Directory holding the built binaries (`target/<profile>/`).
 pub fn bin_dir() -> PathBuf {
@@ -89,6 +86,9 @@ pub struct Instance {
     pub port: u16,
     pub log: PathBuf,
     master: Option<Child>,
+    /// Removes `dir` after the master has stopped (fields drop after
+    /// `Drop::drop`), unless the test failed.
+    _temp: delivery::TempDir,
 }
 
 impl Instance {
@@ -105,9 +105,8 @@ impl Instance {
     /// writes, which TOML forbids adding again through `Options::extra`.
     pub fn start_edited(opts: Options, edit: impl FnOnce(String) -> String) -> Self {
         let bins = bin_dir();
-        let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("mortal-e2e-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let temp = delivery::TempDir::new("e2e");
+        let dir = temp.0.clone();
         fs::create_dir_all(dir.join("etc")).expect("create test dir");
         let port = free_port();
         let config = dir.join("etc/mortal.toml");
@@ -122,7 +121,7 @@ impl Instance {
             .stderr(log_file)
             .spawn()
             .expect("spawn mortal-master");
-        let mut inst = Instance { dir, config, port, log, master: Some(master) };
+        let mut inst = Instance { dir, config, port, log, master: Some(master), _temp: temp };
         inst.wait_until_serving();
         inst
     }
@@ -263,9 +262,6 @@ impl Drop for Instance {
             if process_exists(pid) && ours {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
-        }
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
         }
     }
 }

@@ -212,8 +212,8 @@ mod tests {
 
     #[test]
     fn world_readable_tls_key() {
-        let dir = std::env::temp_dir().join(format!("mortal-check-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
         let key = dir.join("key.pem");
         std::fs::write(&key, "not really a key").unwrap();
         let text = format!("{SAFE}tls_key_file = \"{}\"\ntls_cert_file = \"{}\"\n", key.display(), key.display());
@@ -224,6 +224,5 @@ mod tests {
         );
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         assert_eq!(check(&text), Vec::<String>::new());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -368,13 +368,10 @@ mod tests {
         }
     }
 
-    fn spool() -> (PathBuf, Config) {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("mortal-cli-move-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let config = Config::parse("[server]\nspool_dir = \"spool\"\n", &dir.join("mortal.toml")).unwrap();
+    /// A spool in a temp directory, removed when the directory drops.
+    fn spool() -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse("[server]\nspool_dir = \"spool\"\n", &dir.path().join("mortal.toml")).unwrap();
         for q in QueueName::ALL {
             fs::create_dir_all(q.dir(&config)).unwrap();
         }
@@ -383,7 +380,7 @@ mod tests {
 
     #[test]
     fn protocol_moves_and_reports_where_the_message_is() {
-        let (dir, config) = spool();
+        let (_dir, config) = spool();
         let id = "0000000010000100000A";
         let put = |q: QueueName| fs::write(q.dir(&config).join(id), b"x").unwrap();
         let mut synced = BTreeSet::new();
@@ -404,12 +401,11 @@ mod tests {
         fs::remove_file(QueueName::Active.dir(&config).join(id)).unwrap();
         assert_eq!(apply(&config, Action::Delete, id, &mut synced).unwrap(), Outcome::Missing);
         sync_dirs(&synced).unwrap();
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn hold_never_replaces_a_file_of_the_same_id() {
-        let (dir, config) = spool();
+        let (_dir, config) = spool();
         let id = "0000000010000100000A";
         fs::write(QueueName::Deferred.dir(&config).join(id), b"deferred copy").unwrap();
         fs::write(QueueName::Hold.dir(&config).join(id), b"held copy").unwrap();
@@ -417,12 +413,11 @@ mod tests {
         assert!(err.to_string().contains("in both deferred/ and hold/"), "{err}");
         assert_eq!(fs::read(QueueName::Hold.dir(&config).join(id)).unwrap(), b"held copy");
         assert_eq!(fs::read(QueueName::Deferred.dir(&config).join(id)).unwrap(), b"deferred copy");
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn flush_makes_a_deferred_file_due() {
-        let (dir, config) = spool();
+        let (_dir, config) = spool();
         let id = "0000000010000100000A";
         let path = QueueName::Deferred.dir(&config).join(id);
         fs::write(&path, b"x").unwrap();
@@ -434,6 +429,5 @@ mod tests {
         );
         let mtime = fs::metadata(&path).unwrap().modified().unwrap();
         assert!(mtime <= std::time::SystemTime::now(), "due now");
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
