@@ -246,14 +246,17 @@ impl Default for Smtpd {
             tls_security: TlsSecurity::May,
             tls_handshake_timeout: Duration::from_secs(60),
             proxy_listen: Vec::new(),
-            proxy_trusted: vec![host(Ipv4Addr::LOCALHOST.into()), host(Ipv6Addr::LOCALHOST.into())],
+            proxy_trusted: vec![
+                IpNet::from(IpAddr::from(Ipv4Addr::LOCALHOST)),
+                IpNet::from(IpAddr::from(Ipv6Addr::LOCALHOST)),
+            ],
             proxy_timeout: Duration::from_secs(5),
             client_connection_count_limit: 50,
             client_connection_rate_limit: 0,
             client_message_rate_limit: 0,
             client_limit_exceptions: vec![
                 IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
-                host(Ipv6Addr::LOCALHOST.into()),
+                IpNet::from(IpAddr::from(Ipv6Addr::LOCALHOST)),
             ],
             client_ipv4_prefix_length: 32,
             client_ipv6_prefix_length: 84,
@@ -984,11 +987,6 @@ pub fn networks_contain(list: &[IpNet], addr: IpAddr) -> bool {
         (IpNet::V6(net), IpAddr::V4(a)) => net.contains(&a.to_ipv6_mapped()),
         (IpNet::V6(net), IpAddr::V6(a)) => net.contains(&a),
     })
-}
-
-/// A single host as a network block.
-fn host(addr: IpAddr) -> IpNet {
-    IpNet::from(addr)
 }
 
 impl Config {
