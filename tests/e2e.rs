@@ -195,7 +195,7 @@ fn check_reports_file_line_and_key() {
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "invalid config must fail: {text}");
-    assert!(text.contains("bad.toml:6: process.smtpd.prefork: must not exceed process_limit (2)"), "{text}");
+    assert!(text.contains("bad.toml:6:1: process.smtpd.prefork: must not exceed process_limit (2)"), "{text}");
 }
 
 /// Issue 5: kill -9 of cleanup in the middle of DATA: the client gets a

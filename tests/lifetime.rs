@@ -370,7 +370,7 @@ fn an_invalid_configuration_is_refused_on_reload_and_the_old_one_stays() {
     let bad = good.replacen("[process.smtpd]\n", "[process.smtpd]\nlifetime_jitter = 1.5\n", 1);
     std::fs::write(&mortal.config, &bad).unwrap();
     let line = bad.lines().position(|l| l.starts_with("lifetime_jitter")).unwrap() + 1;
-    let error = format!("mortal.toml:{line}: process.smtpd.lifetime_jitter: must be at least 0 and below 1");
+    let error = format!("mortal.toml:{line}:1: process.smtpd.lifetime_jitter: must be at least 0 and below 1");
     // The CLI checks first ...
     let out = mortal.mortal(&["reload"]);
     assert!(!out.status.success());

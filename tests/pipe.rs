@@ -121,12 +121,12 @@ fn root_refuses_a_pipe_route_without_pipe_user() {
     assert!(started.elapsed() < WAIT);
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{log}");
-    assert!(log.contains("mortal.toml:8: delivery.pipe.user: must name the unprivileged user"), "{log}");
+    assert!(log.contains("mortal.toml:8:11: delivery.pipe.user: must name the unprivileged user"), "{log}");
     assert!(!dir.0.join("spool").exists(), "it stopped before making anything: {log}");
     // `mortal check` says the same.
     let out = Command::new(bin_dir().join("mortal")).args(["check", "--config"]).arg(&config).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success() && text.contains("mortal.toml:8: delivery.pipe.user"), "{text}");
+    assert!(!out.status.success() && text.contains("mortal.toml:8:11: delivery.pipe.user"), "{text}");
     // Naming the mail user is refused too.
     fs::write(&config, format!("{base}user = \"nobody\"\n")).unwrap();
     let out = Command::new(bin_dir().join("mortal")).args(["check", "--config"]).arg(&config).output().unwrap();

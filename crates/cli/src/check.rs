@@ -3,10 +3,11 @@
 //! Errors (what `Config::parse` refuses) stop the mail system from
 //! starting; these do not, but each one gives away part of what mortal is
 //! for: an open relay, children that never die, a private key others can
-//! read. Each warning names the file, the line and the key, like an error.
+//! read. Each warning names the file, the line, the column and the key,
+//! like an error, located by the same [`Config::locate`].
 
-use mortal_proto::cidr::Cidr;
-use mortal_proto::config::{Config, ProcessPolicy};
+use ipnet::IpNet;
+use mortal_proto::config::{Config, Location, ProcessPolicy};
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -23,11 +24,12 @@ const WORLD_READABLE: u32 = 0o004;
 pub struct Warning {
     /// `table.key`.
     pub key: String,
-    pub line: Option<usize>,
+    /// The key, or where the file leaves it out, its table.
+    pub location: Option<Location>,
     pub message: String,
 }
 
-/// Formats as `file:line: key: warning: message`, given the file.
+/// Formats as `file:line:column: key: warning: message`, given the file.
 #[derive(Debug)]
 pub struct Located<'a>(pub &'a Path, pub &'a Warning);
 
@@ -35,18 +37,18 @@ impl fmt::Display for Located<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let Located(file, w) = self;
         write!(f, "{}", file.display())?;
-        if let Some(line) = w.line {
-            write!(f, ":{line}")?;
+        if let Some(at) = w.location {
+            write!(f, ":{at}")?;
         }
         write!(f, ": {}: warning: {}", w.key, w.message)
     }
 }
 
-/// Every warning for `config`, whose text is `text` (for line numbers).
-pub fn warnings(config: &Config, text: &str) -> Vec<Warning> {
+/// Every warning for `config`.
+pub fn warnings(config: &Config) -> Vec<Warning> {
     let mut out = Vec::new();
     let mut warn = |table: &str, key: &str, message: String| {
-        out.push(Warning { key: format!("{table}.{key}"), line: line_of_key(text, table, key), message });
+        out.push(Warning { key: format!("{table}.{key}"), location: config.locate(table, key), message });
     };
     relay_warnings(config, &mut warn);
     for (name, policy) in [("smtpd", &config.process.smtpd), ("cleanup", &config.process.cleanup)] {
@@ -136,30 +138,11 @@ fn lifetime_warnings(table: &str, p: &ProcessPolicy, warn: &mut impl FnMut(&str,
     }
 }
 
-fn is_wide(net: &Cidr) -> bool {
-    match net.network() {
-        std::net::IpAddr::V4(_) => net.prefix() < WIDE_V4_PREFIX,
-        std::net::IpAddr::V6(_) => net.prefix() < WIDE_V6_PREFIX,
+fn is_wide(net: &IpNet) -> bool {
+    match net {
+        IpNet::V4(_) => net.prefix_len() < WIDE_V4_PREFIX,
+        IpNet::V6(_) => net.prefix_len() < WIDE_V6_PREFIX,
     }
-}
-
-/// The line setting `key` in `[table]` (dotted tables as written in the
-/// file), else the table's header line, else nothing.
-fn line_of_key(text: &str, table: &str, key: &str) -> Option<usize> {
-    let mut current = String::new();
-    let mut header = None;
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
-            current = name.trim().to_owned();
-            header = header.or((current == table).then_some(i + 1));
-            continue;
-        }
-        if current == table && line.split_once('=').is_some_and(|(k, _)| k.trim() == key) {
-            return Some(i + 1);
-        }
-    }
-    header
 }
 
 #[cfg(test)]
@@ -169,7 +152,7 @@ mod tests {
     fn check(text: &str) -> Vec<String> {
         let file = Path::new("/etc/mortal/mortal.toml");
         let config = Config::parse(text, file).expect("valid config");
-        warnings(&config, text).iter().map(|w| Located(file, w).to_string()).collect()
+        warnings(&config).iter().map(|w| Located(file, w).to_string()).collect()
     }
 
     const SAFE: &str = "[server]\naccepted_domains = [\"example.test\"]\n[smtpd]\nlisten = [\"127.0.0.1:2525\"]\n";
@@ -187,9 +170,9 @@ mod tests {
                     [process.cleanup]\nmax_use = 0\nmax_lifetime = \"0s\"\n";
         let got = check(text);
         let want = [
-            "/etc/mortal/mortal.toml:2: server.trusted_networks: warning: 0.0.0.0/0 lets a large part of the Internet relay",
-            "/etc/mortal/mortal.toml:6: process.smtpd.max_use: warning: is 0 (unlimited)",
-            "/etc/mortal/mortal.toml:8: process.cleanup.max_use: warning: is 0 and max_lifetime is 0s: children never die",
+            "/etc/mortal/mortal.toml:2:1: server.trusted_networks: warning: 0.0.0.0/0 lets a large part of the Internet relay",
+            "/etc/mortal/mortal.toml:6:1: process.smtpd.max_use: warning: is 0 (unlimited)",
+            "/etc/mortal/mortal.toml:8:1: process.cleanup.max_use: warning: is 0 and max_lifetime is 0s: children never die",
         ];
         assert_eq!(got.len(), want.len(), "{got:#?}");
         for (got, want) in got.iter().zip(want) {
@@ -208,8 +191,9 @@ mod tests {
         let got = check(&routed);
         assert_eq!(got.len(), 1, "{got:#?}");
         assert!(
-            got[0]
-                .starts_with("/etc/mortal/mortal.toml:11: process.pipe.max_use: warning: is 0 and max_lifetime is 0s"),
+            got[0].starts_with(
+                "/etc/mortal/mortal.toml:11:1: process.pipe.max_use: warning: is 0 and max_lifetime is 0s"
+            ),
             "{got:#?}"
         );
     }
@@ -227,7 +211,7 @@ mod tests {
         let config = Config::parse(text, Path::new("/etc/mortal/mortal.toml")).unwrap();
         assert_eq!(config.server.spool_dir, Path::new("/var/spool/mortal"));
         assert_eq!(config.delivery.transport.to_string(), "lmtp:unix:/run/dovecot/lmtp");
-        assert_eq!(config.server.user.as_deref(), Some("mortal"));
+        assert_eq!(config.server.user, "mortal");
     }
 
     #[test]
@@ -239,18 +223,17 @@ mod tests {
 
     #[test]
     fn world_readable_tls_key() {
-        let dir = std::env::temp_dir().join(format!("mortal-check-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
         let key = dir.join("key.pem");
         std::fs::write(&key, "not really a key").unwrap();
         let text = format!("{SAFE}tls_key_file = \"{}\"\ntls_cert_file = \"{}\"\n", key.display(), key.display());
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
         let got = check(&text);
         assert!(
-            got.len() == 1 && got[0].contains(":5: smtpd.tls_key_file: warning: ") && got[0].contains("(mode 0644)")
+            got.len() == 1 && got[0].contains(":5:1: smtpd.tls_key_file: warning: ") && got[0].contains("(mode 0644)")
         );
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         assert_eq!(check(&text), Vec::<String>::new());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -217,27 +217,25 @@ mod tests {
     fn our_own_process_is_alive_and_not_a_master() {
         let me = Pid::this();
         assert!(!gone(me));
-        let dir = std::env::temp_dir().join(format!("mortal-cli-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
         let pid_file = dir.join("master.pid");
         fs::write(&pid_file, format!("{me}\n")).unwrap();
         // Live, but its comm is the test binary's: a recycled pid.
         assert_eq!(running_master(&pid_file), None);
         fs::write(&pid_file, "garbage").unwrap();
         assert_eq!(running_master(&pid_file), None);
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn tail_shows_only_this_runs_last_lines() {
-        let dir = std::env::temp_dir().join(format!("mortal-tail-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
         let log = dir.join("mortal.log");
         let old = "old run\n";
         let new: String = (1..=30).map(|i| format!("line {i}\n")).collect();
         fs::write(&log, format!("{old}{new}")).unwrap();
         let shown = tail(&log, old.len() as u64);
         assert!(shown.starts_with("line 11\n") && shown.ends_with("line 30\n"), "{shown}");
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

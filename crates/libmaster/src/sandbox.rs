@@ -206,7 +206,7 @@ pub fn mail_user(config: &Config) -> Result<Option<MailUser>, SandboxError> {
     if !Uid::effective().is_root() {
         return Ok(None);
     }
-    let name = config.server.user.as_deref().unwrap_or(DEFAULT_USER);
+    let name = config.server.user.as_str();
     let user = User::from_name(name)
         .map_err(|e| SandboxError::Lookup(name.into(), e))?
         .ok_or_else(|| SandboxError::NoSuchUser(name.into()))?;

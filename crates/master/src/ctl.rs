@@ -163,8 +163,8 @@ mod tests {
 
     #[test]
     fn socket_is_private_and_replaces_only_a_socket() {
-        let dir = std::env::temp_dir().join(format!("mortal-ctl-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
         let path = dir.join("master.sock");
         drop(bind(&path).unwrap());
         // A stale socket from an earlier run is replaced.
@@ -175,13 +175,12 @@ mod tests {
         fs::write(&file, b"keep").unwrap();
         assert!(bind(&file).is_err());
         assert_eq!(fs::read(&file).unwrap(), b"keep");
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn requests_are_served_in_order_and_garbage_is_refused() {
-        let dir = std::env::temp_dir().join(format!("mortal-ctl-test2-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
         let path = dir.join("master.sock");
         let std_listener = bind(&path).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -212,6 +211,5 @@ mod tests {
             assert_eq!(a, "{}\n");
             assert!(b.starts_with(CONTROL_ERROR), "{b}");
         });
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

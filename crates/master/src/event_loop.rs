@@ -32,7 +32,7 @@ use crate::pool::{self, Throttle};
 use crate::sig::{Request, Signals};
 use crate::spawn::{Event, spawn};
 use crate::stat::{self, ChildStat, ServiceStat, Snapshot};
-use mortal_proto::config::{Config, DEFAULT_OVERLOAD_WAIT, ProcessPolicy};
+use mortal_proto::config::{Config, ProcessPolicy};
 use mortal_proto::status::{CONTROL_ERROR, CONTROL_OK, ChildState, ControlRequest};
 use socket2::Socket;
 use std::io;
@@ -555,7 +555,7 @@ impl Master {
             return None;
         }
         let policy = service.kind.policy(&self.config)?;
-        let wait = policy.overload_wait.unwrap_or(DEFAULT_OVERLOAD_WAIT);
+        let wait = policy.overload_wait;
         let view = self.board.view(svc);
         let full = view.spare() == 0 && pool::room(&policy, &view) == 0;
         (full && !wait.is_zero()).then_some(wait)

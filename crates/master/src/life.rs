@@ -294,11 +294,11 @@ mod tests {
         assert_eq!(
             errors,
             [
-                "m.toml:2: process.smtpd.lifetime_jitter: must be at least 0 and below 1",
-                "m.toml:3: process.smtpd.max_lifetime: must be 0s (unlimited), or with lifetime_jitter give lives of \
+                "m.toml:2:1: process.smtpd.lifetime_jitter: must be at least 0 and below 1",
+                "m.toml:3:1: process.smtpd.max_lifetime: must be 0s (unlimited), or with lifetime_jitter give lives of \
                  at least 1s",
-                "m.toml:7: process.cleanup.overdue_grace: must be above 0: a busy child past its life needs time to finish",
-                "m.toml:8: process.cleanup.overload_wait: applies to smtpd only (cleanup's clients wait)",
+                "m.toml:7:1: process.cleanup.overdue_grace: must be above 0: a busy child past its life needs time to finish",
+                "m.toml:8:1: process.cleanup.overload_wait: applies to smtpd only (cleanup's clients wait)",
             ]
         );
         // 4 s with jitter 0.8 can draw 0.8 s.
@@ -307,8 +307,9 @@ mod tests {
         let ok = "[process.smtpd]\nmax_lifetime = \"0s\"\noverdue_grace = \"0s\"\noverload_wait = \"0s\"\n";
         let config = Config::parse(ok, std::path::Path::new("m.toml")).unwrap();
         assert_eq!(draw_life(&config.process.smtpd, 0.5), None);
-        assert_eq!(config.process.smtpd.overload_wait, Some(Duration::ZERO));
-        assert_eq!(config.process.cleanup.overload_wait, None);
+        assert_eq!(config.process.smtpd.overload_wait, Duration::ZERO);
+        let defaults = Config::parse("", std::path::Path::new("m.toml")).unwrap();
+        assert_eq!(defaults.process.smtpd.overload_wait, mortal_proto::config::DEFAULT_OVERLOAD_WAIT);
     }
 
     #[test]

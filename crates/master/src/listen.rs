@@ -68,8 +68,8 @@ mod tests {
 
     #[test]
     fn unix_listener_replaces_a_stale_socket_but_not_a_file() {
-        let dir = std::env::temp_dir().join(format!("mortal-listen-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
         let path = dir.join("sock");
         let first = master_listen_unix(&path).unwrap();
         drop(first);
@@ -81,7 +81,6 @@ mod tests {
         fs::write(&file, b"keep me").unwrap();
         assert!(master_listen_unix(&file).is_err());
         assert_eq!(fs::read(&file).unwrap(), b"keep me");
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

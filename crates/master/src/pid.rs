@@ -102,8 +102,8 @@ mod tests {
 
     #[test]
     fn second_lock_is_refused_with_the_pid() {
-        let dir = std::env::temp_dir().join(format!("mortal-pid-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
         let path = dir.join("master.pid");
         let mut first = PidFile::lock(&path).unwrap();
         first.write_pid().unwrap();
@@ -116,6 +116,5 @@ mod tests {
         // A stale file (no lock, no live master) is taken over.
         fs::write(&path, "999999999\n").unwrap();
         PidFile::lock(&path).unwrap().remove().unwrap();
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

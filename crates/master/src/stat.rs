@@ -533,13 +533,12 @@ mod tests {
 
     #[test]
     fn metrics_file_is_replaced_whole() {
-        let dir = std::env::temp_dir().join(format!("mortal-stat-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
         let path = dir.join("mortal.prom");
         write_atomically(&path, "a 1\n").unwrap();
         write_atomically(&path, "b 2\n").unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), "b 2\n");
-        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left");
-        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(fs::read_dir(dir).unwrap().count(), 1, "no temporary file left");
     }
 }

@@ -1,46 +1,47 @@
 //! `mortal.toml`: one typed struct per section, defaults in one place.
 //!
+//! The file is read in two steps. [`raw`] is the file as written: every key
+//! optional, durations, networks and routes still strings, each with its
+//! span, and the place of every key. [`Config::parse`] resolves it into
+//! [`Config`]: defaults applied, paths resolved, strings parsed, rules
+//! checked, so that nothing downstream unwraps an `Option` a default fills.
+//!
 //! Unknown keys are errors (`deny_unknown_fields`), and every error names
-//! the file, the line and the key, whether TOML syntax, a type mismatch or
-//! a semantic rule (`prefork` above `process_limit`, say) was broken.
-//! Relative paths are resolved against the directory of the config file, so
-//! the checkout's `etc/mortal.toml` works from any working directory.
+//! the file, the line and column, and the key, whether TOML syntax, a type
+//! mismatch, a value that does not parse or a rule (`prefork` above
+//! `process_limit`, say) was broken. Relative paths are resolved against
+//! the directory of the config file, so the checkout's `etc/mortal.toml`
+//! works from any working directory.
 
-use serde::{Deserialize, Deserializer};
+mod raw;
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A loaded, validated configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct Config {
-    #[serde(default)]
     pub server: Server,
-    #[serde(default)]
     pub log: Log,
-    #[serde(default)]
     pub smtpd: Smtpd,
-    #[serde(default)]
     pub cleanup: Cleanup,
-    #[serde(default)]
     pub queue: Queue,
-    #[serde(default)]
     pub delivery: Delivery,
-    #[serde(default)]
     pub process: Processes,
-    #[serde(default)]
     pub anvil: Anvil,
     /// The file this was loaded from.
-    #[serde(skip)]
     pub source: PathBuf,
+    /// Where that file sets each key.
+    keys: KeyLocations,
 }
 
 /// `[server]`: identity, paths, and what mail this host accepts.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct Server {
     /// Our host name, as in greetings and `Received:` (Postfix myhostname).
     pub hostname: String,
@@ -48,18 +49,18 @@ pub struct Server {
     pub spool_dir: PathBuf,
     /// Pid file, control socket and the private sockets between daemons.
     /// Default: `<spool_dir>/run`.
-    pub run_dir: Option<PathBuf>,
+    pub run_dir: PathBuf,
     /// Domains we accept mail for (Postfix mydestination / relay_domains).
     /// Anything else is refused with 554 5.7.1: mortal is never an open relay.
     pub accepted_domains: Vec<String>,
     /// Unprivileged user the daemons run as when the master starts as root
-    /// (default `mortal`; it must exist then). Ignored in development mode,
-    /// where every process keeps the invoking user.
-    pub user: Option<String>,
+    /// (default [`DEFAULT_SERVER_USER`]; it must exist then). Ignored in
+    /// development mode, where every process keeps the invoking user.
+    pub user: String,
     /// Client networks (CIDR) that may relay to any domain (Postfix
     /// mynetworks); they are also exempt from the per-client limits. They
     /// are not exempt from any protocol rule (bare LF, pipelining).
-    pub trusted_networks: Vec<crate::cidr::Cidr>,
+    pub trusted_networks: Vec<IpNet>,
     /// File of accepted recipient addresses, one per line (Postfix
     /// local_recipient_maps); unset: every address of an accepted domain.
     /// smtpd reads it at process start, so `mortal reload` reloads it.
@@ -75,9 +76,9 @@ impl Default for Server {
         Self {
             hostname: "localhost".into(),
             spool_dir: PathBuf::from("/var/spool/mortal"),
-            run_dir: None,
+            run_dir: PathBuf::from("/var/spool/mortal/run"),
             accepted_domains: Vec::new(),
-            user: None,
+            user: DEFAULT_SERVER_USER.into(),
             trusted_networks: Vec::new(),
             recipient_map: None,
             metrics_file: None,
@@ -86,8 +87,7 @@ impl Default for Server {
 }
 
 /// `[log]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct Log {
     pub format: LogFormat,
     /// A `tracing` filter directive: `info`, `debug`, `mortal_smtpd=debug`...
@@ -115,8 +115,7 @@ pub enum LogFormat {
 }
 
 /// `[smtpd]`: the SMTP server's protocol limits.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct Smtpd {
     /// Addresses to listen on (literal IPs: no name lookups).
     pub listen: Vec<SocketAddr>,
@@ -127,7 +126,6 @@ pub struct Smtpd {
     /// Most recipients in one transaction; more get 452 4.5.3.
     pub recipient_limit: u32,
     /// Longest wait for a client's next command or data line.
-    #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
     /// Errors in one session before it is closed with 421.
     pub hard_error_limit: u32,
@@ -135,14 +133,12 @@ pub struct Smtpd {
     /// (Postfix smtpd_soft_error_limit); 0 disables the delay.
     pub soft_error_limit: u32,
     /// Delay before each reply once `soft_error_limit` is reached.
-    #[serde(deserialize_with = "duration")]
     pub error_sleep: Duration,
     /// Slowest content a client may send during DATA/BDAT, in octets per
     /// second averaged over `data_rate_window`; slower gets 421 and the
     /// session ends, so a slowloris cannot hold a child. 0 disables it.
     pub min_data_rate: u64,
     /// Time spent waiting for content over which `min_data_rate` is measured.
-    #[serde(deserialize_with = "duration")]
     pub data_rate_window: Duration,
     /// What a bare `<LF>` in DATA content gets: `reject` (550 after the
     /// terminator) or `normalize` (taken as `<CR><LF>`; it still never ends
@@ -162,7 +158,6 @@ pub struct Smtpd {
     /// `may`: offer STARTTLS when a certificate is configured; `none`: never.
     pub tls_security: TlsSecurity,
     /// Longest a TLS handshake may take after `220 Ready to start TLS`.
-    #[serde(deserialize_with = "duration")]
     pub tls_handshake_timeout: Duration,
     /// Addresses to listen on behind a load balancer: every connection must
     /// open with a PROXY protocol v1 or v2 header (haproxy) naming the real
@@ -170,9 +165,8 @@ pub struct Smtpd {
     pub proxy_listen: Vec<SocketAddr>,
     /// Peers (CIDR) allowed to send the PROXY header; a connection to a
     /// `proxy_listen` address from anyone else is dropped.
-    pub proxy_trusted: Vec<crate::cidr::Cidr>,
+    pub proxy_trusted: Vec<IpNet>,
     /// Longest wait for the whole PROXY header.
-    #[serde(deserialize_with = "duration")]
     pub proxy_timeout: Duration,
     /// Connections one client address may have open at once across all
     /// smtpd processes (Postfix smtpd_client_connection_count_limit); 0: no limit.
@@ -187,7 +181,7 @@ pub struct Smtpd {
     /// Clients (CIDR) exempt from the three limits above, besides
     /// `trusted_networks` (Postfix smtpd_client_event_limit_exceptions,
     /// whose default, $mynetworks, includes the loopback networks).
-    pub client_limit_exceptions: Vec<crate::cidr::Cidr>,
+    pub client_limit_exceptions: Vec<IpNet>,
     /// IPv4 clients are counted per network of this many bits (Postfix
     /// smtpd_client_ipv4_prefix_length).
     pub client_ipv4_prefix_length: u8,
@@ -201,7 +195,6 @@ pub struct Smtpd {
     pub reverse_lookup: bool,
     /// Longest wait for the whole reverse lookup; the greeting is never
     /// later than this.
-    #[serde(deserialize_with = "duration")]
     pub reverse_lookup_timeout: Duration,
     /// Nameservers (literal `IP:port`) for `reverse_lookup`; empty: those
     /// of /etc/resolv.conf, read when smtpd starts.
@@ -234,7 +227,7 @@ impl Smtpd {
 impl Default for Smtpd {
     fn default() -> Self {
         Self {
-            listen: vec!["0.0.0.0:25".parse().expect("literal address")],
+            listen: vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, 25))],
             banner: "ESMTP mortal".into(),
             message_size_limit: 10_240_000,
             recipient_limit: 1000,
@@ -254,16 +247,16 @@ impl Default for Smtpd {
             tls_handshake_timeout: Duration::from_secs(60),
             proxy_listen: Vec::new(),
             proxy_trusted: vec![
-                "127.0.0.1/32".parse().expect("literal CIDR"),
-                "::1/128".parse().expect("literal CIDR"),
+                IpNet::from(IpAddr::from(Ipv4Addr::LOCALHOST)),
+                IpNet::from(IpAddr::from(Ipv6Addr::LOCALHOST)),
             ],
             proxy_timeout: Duration::from_secs(5),
             client_connection_count_limit: 50,
             client_connection_rate_limit: 0,
             client_message_rate_limit: 0,
             client_limit_exceptions: vec![
-                "127.0.0.0/8".parse().expect("literal CIDR"),
-                "::1/128".parse().expect("literal CIDR"),
+                IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
+                IpNet::from(IpAddr::from(Ipv6Addr::LOCALHOST)),
             ],
             client_ipv4_prefix_length: 32,
             client_ipv6_prefix_length: 84,
@@ -275,11 +268,9 @@ impl Default for Smtpd {
 }
 
 /// `[cleanup]`: what cleanup enforces again, without trusting smtpd.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct Cleanup {
     /// Longest wait for the next record from smtpd.
-    #[serde(deserialize_with = "duration")]
     pub ipc_timeout: Duration,
     /// Largest header section, in octets.
     pub header_size_limit: usize,
@@ -294,17 +285,13 @@ impl Default for Cleanup {
 }
 
 /// `[queue]`: scheduling.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct Queue {
     /// Periodic scan of incoming/ and deferred/, the backstop for a lost wake-up.
-    #[serde(deserialize_with = "duration")]
     pub scan_interval: Duration,
     /// First retry delay after a temporary failure.
-    #[serde(deserialize_with = "duration")]
     pub minimal_backoff: Duration,
     /// Retry delays double up to this.
-    #[serde(deserialize_with = "duration")]
     pub maximal_backoff: Duration,
     /// Deliveries running at once.
     pub delivery_concurrency: u32,
@@ -315,15 +302,12 @@ pub struct Queue {
     pub destination_concurrency_limit: u32,
     /// A message still undeliverable after this long is returned to its
     /// sender (Postfix maximal_queue_lifetime).
-    #[serde(deserialize_with = "duration")]
     pub queue_lifetime: Duration,
     /// The same for mail from `<>` (bounces), which is dropped with a log
     /// line instead: a bounce is never bounced.
-    #[serde(deserialize_with = "duration")]
     pub bounce_queue_lifetime: Duration,
     /// Send one "delayed" DSN once a message has waited this long; `0s`
     /// (the default) sends none.
-    #[serde(deserialize_with = "duration")]
     pub delay_warning_time: Duration,
 }
 
@@ -344,8 +328,7 @@ impl Default for Queue {
 }
 
 /// `[delivery]`: where accepted mail goes.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct Delivery {
     /// The default route, for every recipient domain not in `routes`.
     pub transport: Route,
@@ -353,7 +336,7 @@ pub struct Delivery {
     pub routes: BTreeMap<String, Route>,
     /// Root of the per-recipient Maildirs (`<root>/<recipient>/{tmp,new,cur}`).
     /// Default: `<spool_dir>/maildir`.
-    pub maildir_root: Option<PathBuf>,
+    pub maildir_root: PathBuf,
     /// `[delivery.pipe]`: the command behind the `pipe` route.
     pub pipe: Pipe,
     /// STARTTLS policy of the `smtp` relay client.
@@ -362,16 +345,13 @@ pub struct Delivery {
     /// roots built in (webpki-roots).
     pub smtp_tls_ca_file: Option<PathBuf>,
     /// Longest wait for a TCP or Unix connection to an LMTP or SMTP next hop.
-    #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
     /// Longest wait for any one reply (or for sending the content) in an
     /// LMTP or SMTP session.
-    #[serde(deserialize_with = "duration")]
     pub command_timeout: Duration,
     /// An idle LMTP/SMTP connection is kept this long for the next message
     /// to the same next hop, then closed (Postfix
     /// smtp_connection_cache_time_limit); `0s` disables reuse.
-    #[serde(deserialize_with = "duration")]
     pub connection_reuse_time: Duration,
 }
 
@@ -380,7 +360,7 @@ impl Default for Delivery {
         Self {
             transport: Route::Maildir,
             routes: BTreeMap::new(),
-            maildir_root: None,
+            maildir_root: PathBuf::from("/var/spool/mortal/maildir"),
             pipe: Pipe::default(),
             smtp_tls_security: SmtpTlsSecurity::May,
             smtp_tls_ca_file: None,
@@ -392,8 +372,7 @@ impl Default for Delivery {
 }
 
 /// `[delivery.pipe]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct Pipe {
     /// argv template, never run through a shell: an absolute program path,
     /// then arguments where `${sender}`, `${recipient}`, `${queue_id}` and
@@ -406,7 +385,6 @@ pub struct Pipe {
     /// unprivileged.
     pub user: Option<String>,
     /// The command is killed after this long and the delivery deferred.
-    #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
 }
 
@@ -521,20 +499,11 @@ impl fmt::Display for Route {
     }
 }
 
-impl<'de> Deserialize<'de> for Route {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // A custom error keeps TOML's span, so a bad route names its line.
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
-
 /// `[anvil]`: the per-client counting service (Postfix anvil).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct Anvil {
     /// The window in which connection and message rates are counted
     /// (Postfix anvil_rate_time_unit).
-    #[serde(deserialize_with = "duration")]
     pub rate_time_unit: Duration,
 }
 
@@ -545,30 +514,24 @@ impl Default for Anvil {
 }
 
 /// `[process.<service>]`: the lifetime policy of each pre-forked service.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct Processes {
     pub smtpd: ProcessPolicy,
     pub cleanup: ProcessPolicy,
     /// The `pipe` delivery service, which exists only while a route uses
     /// pipe. Keys it does not set take [`ProcessPolicy::pipe_default`]'s
     /// values, not the general defaults.
-    #[serde(deserialize_with = "pipe_policy")]
     pub pipe: ProcessPolicy,
     /// The `lmtp` delivery agent, present only while a route uses LMTP;
     /// unset keys take [`ProcessPolicy::agent_default`]'s values. A use
     /// (`max_use`) is one delivery.
-    #[serde(deserialize_with = "agent_policy")]
     pub lmtp: ProcessPolicy,
     /// The `smtp` delivery agent, present only while a route relays by
     /// SMTP; defaults as `lmtp`.
-    #[serde(deserialize_with = "agent_policy")]
     pub smtp: ProcessPolicy,
     /// The queue manager's lifetime (one process).
-    #[serde(deserialize_with = "single_policy")]
     pub queue: SingleLife,
     /// anvil's lifetime (one process).
-    #[serde(deserialize_with = "single_policy")]
     pub anvil: SingleLife,
 }
 
@@ -586,28 +549,6 @@ impl Default for Processes {
     }
 }
 
-/// `[process.pipe]` keys whose default differs from the general one: a
-/// small pool, since each child runs one command at a time and delivery
-/// concurrency is the queue's to limit.
-const PIPE_POLICY_DEFAULTS: [(&str, u32); 5] =
-    [("process_limit", 20), ("prefork", 1), ("min_spare", 1), ("max_spare", 4), ("max_use", 100)];
-
-/// `[process.lmtp]` and `[process.smtp]` keys whose default differs from
-/// the general one: each child carries one delivery at a time, so the
-/// limit is the queue's default `delivery_concurrency` (20), and a few
-/// spares keep a burst from waiting for the spawn rate to ramp up.
-const AGENT_POLICY_DEFAULTS: [(&str, u32); 5] =
-    [("process_limit", 20), ("prefork", 2), ("min_spare", 2), ("max_spare", 10), ("max_use", 100)];
-
-/// `[process.lmtp]` / `[process.smtp]` with [`AGENT_POLICY_DEFAULTS`].
-fn agent_policy<'de, D: Deserializer<'de>>(d: D) -> Result<ProcessPolicy, D::Error> {
-    let mut table = toml::Table::deserialize(d)?;
-    for (key, value) in AGENT_POLICY_DEFAULTS {
-        table.entry(key).or_insert(toml::Value::Integer(i64::from(value)));
-    }
-    ProcessPolicy::deserialize(toml::Value::Table(table)).map_err(serde::de::Error::custom)
-}
-
 /// `[process.queue]` and `[process.anvil]`: the lifetime of a service that
 /// runs exactly one process. There is no pool to size and no session to
 /// count: the process lives `max_lifetime` (drawn with `lifetime_jitter`),
@@ -615,19 +556,15 @@ fn agent_policy<'de, D: Deserializer<'de>>(d: D) -> Result<ProcessPolicy, D::Err
 /// (the queue its deliveries), and is terminated after that. Its
 /// replacement starts once it has exited, so two queue managers never
 /// share the spool.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SingleLife {
     /// Wall-clock life from spawn; "0s": unlimited.
-    #[serde(deserialize_with = "duration")]
     pub max_lifetime: Duration,
     /// Each life is drawn from `[max_lifetime * (1 - lifetime_jitter), max_lifetime]`.
     pub lifetime_jitter: f64,
     /// How long a retiring process may finish its work before SIGTERM.
-    #[serde(deserialize_with = "duration")]
     pub overdue_grace: Duration,
     /// SIGTERM to SIGKILL.
-    #[serde(deserialize_with = "duration")]
     pub term_grace: Duration,
 }
 
@@ -658,26 +595,12 @@ impl SingleLife {
             session_deadline: Duration::ZERO,
             overdue_grace: self.overdue_grace,
             term_grace: self.term_grace,
-            overload_wait: None,
+            overload_wait: Duration::ZERO,
         }
     }
 }
 
-fn single_policy<'de, D: Deserializer<'de>>(d: D) -> Result<SingleLife, D::Error> {
-    SingleLife::deserialize(d)
-}
-
-/// `[process.pipe]` with [`PIPE_POLICY_DEFAULTS`] filled in first.
-fn pipe_policy<'de, D: Deserializer<'de>>(d: D) -> Result<ProcessPolicy, D::Error> {
-    let mut table = toml::Table::deserialize(d)?;
-    for (key, value) in PIPE_POLICY_DEFAULTS {
-        table.entry(key).or_insert(toml::Value::Integer(i64::from(value)));
-    }
-    ProcessPolicy::deserialize(toml::Value::Table(table)).map_err(serde::de::Error::custom)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProcessPolicy {
     /// Hard cap on children of this service.
     pub process_limit: u32,
@@ -691,10 +614,8 @@ pub struct ProcessPolicy {
     pub max_use: u32,
     /// An idle child above `min_spare` is retired after waiting this long
     /// for a client (Postfix max_idle); "0s": never.
-    #[serde(deserialize_with = "duration")]
     pub max_idle: Duration,
     /// Wall-clock life of a child, from its spawn; "0s": unlimited.
-    #[serde(deserialize_with = "duration")]
     pub max_lifetime: Duration,
     /// Each child's life is drawn uniformly from
     /// `[max_lifetime * (1 - lifetime_jitter), max_lifetime]`, so children
@@ -702,23 +623,19 @@ pub struct ProcessPolicy {
     pub lifetime_jitter: f64,
     /// A session running longer is stuck (deadlock or compromise): the
     /// child gets SIGTERM, then SIGKILL; "0s": no deadline.
-    #[serde(deserialize_with = "duration")]
     pub session_deadline: Duration,
     /// How long a child past its lifetime may still finish its session
     /// before it is killed anyway: load never makes a child immortal.
-    #[serde(deserialize_with = "duration")]
     pub overdue_grace: Duration,
     /// How long a child told to stop with SIGTERM (past a session deadline
     /// or its overdue grace) has to finish its last words, e.g. smtpd's
     /// `421` to its client, before SIGKILL.
-    #[serde(deserialize_with = "duration")]
     pub term_grace: Duration,
     /// smtpd only: how long clients may wait in the listen backlog while
     /// every child is busy at `process_limit`, before the master answers
     /// them `421 4.3.2` itself (without reading a byte); "0s": never.
-    /// Default [`DEFAULT_OVERLOAD_WAIT`].
-    #[serde(deserialize_with = "optional_duration")]
-    pub overload_wait: Option<Duration>,
+    /// Default [`DEFAULT_OVERLOAD_WAIT`]; other services may not set it.
+    pub overload_wait: Duration,
 }
 
 /// `[server] user` when unset: the unprivileged user the daemons run as
@@ -737,30 +654,18 @@ pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
 
 impl ProcessPolicy {
     /// The policy of `[process.lmtp]` and `[process.smtp]` when the table
-    /// sets nothing.
+    /// sets nothing: each child carries one delivery at a time, so the
+    /// limit is the queue's default `delivery_concurrency` (20), and a few
+    /// spares keep a burst from waiting for the spawn rate to ramp up.
     pub fn agent_default() -> Self {
-        let get = |key: &str| AGENT_POLICY_DEFAULTS.iter().find(|(k, _)| *k == key).map_or(0, |(_, v)| *v);
-        Self {
-            process_limit: get("process_limit"),
-            prefork: get("prefork"),
-            min_spare: get("min_spare"),
-            max_spare: get("max_spare"),
-            max_use: get("max_use"),
-            ..Self::default()
-        }
+        Self { process_limit: 20, prefork: 2, min_spare: 2, max_spare: 10, max_use: 100, ..Self::default() }
     }
 
-    /// The policy of `[process.pipe]` when the table sets nothing.
+    /// The policy of `[process.pipe]` when the table sets nothing: a
+    /// small pool, since each child runs one command at a time and
+    /// delivery concurrency is the queue's to limit.
     pub fn pipe_default() -> Self {
-        let get = |key: &str| PIPE_POLICY_DEFAULTS.iter().find(|(k, _)| *k == key).map_or(0, |(_, v)| *v);
-        Self {
-            process_limit: get("process_limit"),
-            prefork: get("prefork"),
-            min_spare: get("min_spare"),
-            max_spare: get("max_spare"),
-            max_use: get("max_use"),
-            ..Self::default()
-        }
+        Self { process_limit: 20, prefork: 1, min_spare: 1, max_spare: 4, max_use: 100, ..Self::default() }
     }
 }
 
@@ -778,8 +683,59 @@ impl Default for ProcessPolicy {
             session_deadline: Duration::from_secs(3600),
             overdue_grace: Duration::from_secs(300),
             term_grace: DEFAULT_TERM_GRACE,
-            overload_wait: None,
+            overload_wait: DEFAULT_OVERLOAD_WAIT,
         }
+    }
+}
+
+/// A place in `mortal.toml`: 1-based line, and 1-based column counted in
+/// characters, as editors and compilers count them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Location {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl Location {
+    /// The place of byte `offset` in `text`.
+    pub fn of(text: &str, offset: usize) -> Location {
+        let before = &text.as_bytes()[..offset.min(text.len())];
+        let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let tail = &before[line_start..];
+        let column = std::str::from_utf8(tail).map_or(tail.len(), |s| s.chars().count()) + 1;
+        Location { line: before.iter().filter(|&&b| b == b'\n').count() + 1, column }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+/// Where each key of a loaded file is written, for messages about it.
+#[derive(Debug, Clone, Default)]
+struct KeyLocations(BTreeMap<Vec<String>, Location>);
+
+impl KeyLocations {
+    fn of(text: &str) -> KeyLocations {
+        let spans = raw::KeySpans::of(text).0;
+        KeyLocations(spans.into_iter().map(|(path, span)| (path, Location::of(text, span.start))).collect())
+    }
+
+    /// The key `table.key` (`table` dotted, empty for the top level);
+    /// where the file leaves it out, the nearest table around it that the
+    /// file writes; else nothing.
+    fn locate(&self, table: &str, key: &str) -> Option<Location> {
+        let mut path: Vec<String> = table.split('.').filter(|t| !t.is_empty()).map(str::to_owned).collect();
+        path.push(key.to_owned());
+        while !path.is_empty() {
+            if let Some(at) = self.0.get(&path) {
+                return Some(*at);
+            }
+            path.pop();
+        }
+        None
     }
 }
 
@@ -787,7 +743,8 @@ impl Default for ProcessPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub file: PathBuf,
-    pub line: Option<usize>,
+    pub location: Option<Location>,
+    /// `table.key`, when the problem is about one key.
     pub key: Option<String>,
     pub message: String,
 }
@@ -795,8 +752,8 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
+        if let Some(at) = self.location {
+            write!(f, ":{at}")?;
         }
         if let Some(key) = &self.key {
             write!(f, ": {key}")?;
@@ -807,12 +764,331 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Turns a [`raw::Config`] into a [`Config`]: applies defaults, resolves
+/// paths, parses the strings TOML could not type, and collects what does
+/// not parse as errors at the value's own place.
+struct Resolver<'a> {
+    text: &'a str,
+    file: &'a Path,
+    /// The directory of the file, which relative paths are relative to.
+    base: &'a Path,
+    keys: &'a KeyLocations,
+    /// Values that do not parse.
+    invalid: Vec<ConfigError>,
+    /// Rules broken by which keys are set, found while resolving.
+    problems: Vec<(String, String, String)>,
+}
+
+impl Resolver<'_> {
+    fn value_error(&mut self, key: &str, span: std::ops::Range<usize>, message: String) {
+        let location = Some(Location::of(self.text, span.start));
+        self.invalid.push(ConfigError { file: self.file.to_owned(), location, key: Some(key.to_owned()), message });
+    }
+
+    fn duration(&mut self, key: &str, value: Option<raw::Text>, default: Duration) -> Duration {
+        let Some(value) = value else { return default };
+        match humantime::parse_duration(value.get_ref()) {
+            Ok(d) => d,
+            Err(e) => {
+                let msg = format!("{:?} is not a duration like \"300s\" or \"5m\": {e}", value.get_ref());
+                self.value_error(key, value.span(), msg);
+                default
+            }
+        }
+    }
+
+    fn networks(&mut self, key: &str, value: Option<Vec<raw::Text>>, default: Vec<IpNet>) -> Vec<IpNet> {
+        let Some(list) = value else { return default };
+        let mut out = Vec::with_capacity(list.len());
+        for item in list {
+            match parse_network(item.get_ref()) {
+                Ok(net) => out.push(net),
+                Err(e) => self.value_error(key, item.span(), format!("{:?}: {e}", item.get_ref())),
+            }
+        }
+        out
+    }
+
+    fn route(&mut self, key: &str, value: raw::Text) -> Route {
+        match value.get_ref().parse::<Route>() {
+            Ok(Route::Lmtp(NextHop::Unix(p))) => Route::Lmtp(NextHop::Unix(self.base.join(p))),
+            Ok(route) => route,
+            Err(e) => {
+                self.value_error(key, value.span(), e);
+                Route::Discard
+            }
+        }
+    }
+
+    fn path(&self, value: Option<PathBuf>) -> Option<PathBuf> {
+        value.map(|p| self.base.join(p))
+    }
+
+    fn config(&mut self, raw: raw::Config, source: &Path) -> Config {
+        let server = self.server(raw.server);
+        let delivery = self.delivery(raw.delivery, &server.spool_dir);
+        Config {
+            log: log(raw.log),
+            smtpd: self.smtpd(raw.smtpd),
+            cleanup: self.cleanup(raw.cleanup),
+            queue: self.queue(raw.queue),
+            process: self.processes(raw.process),
+            anvil: Anvil {
+                rate_time_unit: self.duration(
+                    "anvil.rate_time_unit",
+                    raw.anvil.rate_time_unit,
+                    Anvil::default().rate_time_unit,
+                ),
+            },
+            server,
+            delivery,
+            source: source.to_owned(),
+            keys: self.keys.clone(),
+        }
+    }
+
+    fn server(&mut self, raw: raw::Server) -> Server {
+        let d = Server::default();
+        let spool_dir = self.base.join(raw.spool_dir.unwrap_or(d.spool_dir));
+        Server {
+            hostname: raw.hostname.unwrap_or(d.hostname),
+            // Defaults derive from the already-resolved spool_dir: joining
+            // the base again would double a relative base (`etc/etc/../spool`).
+            run_dir: raw.run_dir.map_or_else(|| spool_dir.join("run"), |p| self.base.join(p)),
+            spool_dir,
+            accepted_domains: raw.accepted_domains.unwrap_or(d.accepted_domains),
+            user: raw.user.unwrap_or(d.user),
+            trusted_networks: self.networks("server.trusted_networks", raw.trusted_networks, d.trusted_networks),
+            recipient_map: self.path(raw.recipient_map),
+            metrics_file: self.path(raw.metrics_file),
+        }
+    }
+
+    fn smtpd(&mut self, raw: raw::Smtpd) -> Smtpd {
+        let d = Smtpd::default();
+        Smtpd {
+            listen: raw.listen.unwrap_or(d.listen),
+            banner: raw.banner.unwrap_or(d.banner),
+            message_size_limit: raw.message_size_limit.unwrap_or(d.message_size_limit),
+            recipient_limit: raw.recipient_limit.unwrap_or(d.recipient_limit),
+            timeout: self.duration("smtpd.timeout", raw.timeout, d.timeout),
+            hard_error_limit: raw.hard_error_limit.unwrap_or(d.hard_error_limit),
+            soft_error_limit: raw.soft_error_limit.unwrap_or(d.soft_error_limit),
+            error_sleep: self.duration("smtpd.error_sleep", raw.error_sleep, d.error_sleep),
+            min_data_rate: raw.min_data_rate.unwrap_or(d.min_data_rate),
+            data_rate_window: self.duration("smtpd.data_rate_window", raw.data_rate_window, d.data_rate_window),
+            bare_newline: raw.bare_newline.unwrap_or(d.bare_newline),
+            smtputf8: raw.smtputf8.unwrap_or(d.smtputf8),
+            chunking: raw.chunking.unwrap_or(d.chunking),
+            dsn: raw.dsn.unwrap_or(d.dsn),
+            tls_cert_file: self.path(raw.tls_cert_file),
+            tls_key_file: self.path(raw.tls_key_file),
+            tls_security: raw.tls_security.unwrap_or(d.tls_security),
+            tls_handshake_timeout: self.duration(
+                "smtpd.tls_handshake_timeout",
+                raw.tls_handshake_timeout,
+                d.tls_handshake_timeout,
+            ),
+            proxy_listen: raw.proxy_listen.unwrap_or(d.proxy_listen),
+            proxy_trusted: self.networks("smtpd.proxy_trusted", raw.proxy_trusted, d.proxy_trusted),
+            proxy_timeout: self.duration("smtpd.proxy_timeout", raw.proxy_timeout, d.proxy_timeout),
+            client_connection_count_limit: raw.client_connection_count_limit.unwrap_or(d.client_connection_count_limit),
+            client_connection_rate_limit: raw.client_connection_rate_limit.unwrap_or(d.client_connection_rate_limit),
+            client_message_rate_limit: raw.client_message_rate_limit.unwrap_or(d.client_message_rate_limit),
+            client_limit_exceptions: self.networks(
+                "smtpd.client_limit_exceptions",
+                raw.client_limit_exceptions,
+                d.client_limit_exceptions,
+            ),
+            client_ipv4_prefix_length: raw.client_ipv4_prefix_length.unwrap_or(d.client_ipv4_prefix_length),
+            client_ipv6_prefix_length: raw.client_ipv6_prefix_length.unwrap_or(d.client_ipv6_prefix_length),
+            reverse_lookup: raw.reverse_lookup.unwrap_or(d.reverse_lookup),
+            reverse_lookup_timeout: self.duration(
+                "smtpd.reverse_lookup_timeout",
+                raw.reverse_lookup_timeout,
+                d.reverse_lookup_timeout,
+            ),
+            resolvers: raw.resolvers.unwrap_or(d.resolvers),
+        }
+    }
+
+    fn cleanup(&mut self, raw: raw::Cleanup) -> Cleanup {
+        let d = Cleanup::default();
+        Cleanup {
+            ipc_timeout: self.duration("cleanup.ipc_timeout", raw.ipc_timeout, d.ipc_timeout),
+            header_size_limit: raw.header_size_limit.unwrap_or(d.header_size_limit),
+            hopcount_limit: raw.hopcount_limit.unwrap_or(d.hopcount_limit),
+        }
+    }
+
+    fn queue(&mut self, raw: raw::Queue) -> Queue {
+        let d = Queue::default();
+        Queue {
+            scan_interval: self.duration("queue.scan_interval", raw.scan_interval, d.scan_interval),
+            minimal_backoff: self.duration("queue.minimal_backoff", raw.minimal_backoff, d.minimal_backoff),
+            maximal_backoff: self.duration("queue.maximal_backoff", raw.maximal_backoff, d.maximal_backoff),
+            delivery_concurrency: raw.delivery_concurrency.unwrap_or(d.delivery_concurrency),
+            active_limit: raw.active_limit.unwrap_or(d.active_limit),
+            destination_concurrency_limit: raw.destination_concurrency_limit.unwrap_or(d.destination_concurrency_limit),
+            queue_lifetime: self.duration("queue.queue_lifetime", raw.queue_lifetime, d.queue_lifetime),
+            bounce_queue_lifetime: self.duration(
+                "queue.bounce_queue_lifetime",
+                raw.bounce_queue_lifetime,
+                d.bounce_queue_lifetime,
+            ),
+            delay_warning_time: self.duration("queue.delay_warning_time", raw.delay_warning_time, d.delay_warning_time),
+        }
+    }
+
+    fn delivery(&mut self, raw: raw::Delivery, spool_dir: &Path) -> Delivery {
+        let d = Delivery::default();
+        let transport = raw.transport.map_or(d.transport, |t| self.route("delivery.transport", t));
+        let mut routes = BTreeMap::new();
+        let mut spellings: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (domain, route) in raw.routes {
+            let route = self.route(&format!("delivery.routes.{domain}"), route);
+            let lower = domain.to_lowercase();
+            spellings.entry(lower.clone()).or_default().push(domain);
+            routes.insert(lower, route);
+        }
+        // TOML sees `"A.test"` and `"a.test"` as two keys; a domain is one.
+        for mut written in spellings.into_values().filter(|w| w.len() > 1) {
+            written.sort_by_key(|d| self.keys.locate("delivery.routes", d));
+            for domain in &written[1..] {
+                let msg = format!("{domain:?} is the same domain as {:?} (domains are case-insensitive)", written[0]);
+                self.problems.push(("delivery.routes".into(), domain.clone(), msg));
+            }
+        }
+        Delivery {
+            transport,
+            routes,
+            maildir_root: raw.maildir_root.map_or_else(|| spool_dir.join("maildir"), |p| self.base.join(p)),
+            pipe: Pipe {
+                command: raw.pipe.command.unwrap_or(d.pipe.command),
+                user: raw.pipe.user,
+                timeout: self.duration("delivery.pipe.timeout", raw.pipe.timeout, d.pipe.timeout),
+            },
+            smtp_tls_security: raw.smtp_tls_security.unwrap_or(d.smtp_tls_security),
+            smtp_tls_ca_file: self.path(raw.smtp_tls_ca_file),
+            connect_timeout: self.duration("delivery.connect_timeout", raw.connect_timeout, d.connect_timeout),
+            command_timeout: self.duration("delivery.command_timeout", raw.command_timeout, d.command_timeout),
+            connection_reuse_time: self.duration(
+                "delivery.connection_reuse_time",
+                raw.connection_reuse_time,
+                d.connection_reuse_time,
+            ),
+        }
+    }
+
+    fn processes(&mut self, raw: raw::Processes) -> Processes {
+        Processes {
+            smtpd: self.policy("smtpd", raw.smtpd, ProcessPolicy::default(), None),
+            cleanup: self.policy("cleanup", raw.cleanup, ProcessPolicy::default(), Some("cleanup's clients wait")),
+            pipe: self.policy("pipe", raw.pipe, ProcessPolicy::pipe_default(), Some("the queue's requests wait")),
+            lmtp: self.policy("lmtp", raw.lmtp, ProcessPolicy::agent_default(), Some("the queue's requests wait")),
+            smtp: self.policy("smtp", raw.smtp, ProcessPolicy::agent_default(), Some("the queue's requests wait")),
+            queue: self.single_life("queue", raw.queue),
+            anvil: self.single_life("anvil", raw.anvil),
+        }
+    }
+
+    /// `[process.queue]` / `[process.anvil]` over [`SingleLife`]'s defaults.
+    fn single_life(&mut self, service: &str, raw: raw::SingleLife) -> SingleLife {
+        let d = SingleLife::default();
+        let key = |k: &str| format!("process.{service}.{k}");
+        SingleLife {
+            max_lifetime: self.duration(&key("max_lifetime"), raw.max_lifetime, d.max_lifetime),
+            lifetime_jitter: raw.lifetime_jitter.unwrap_or(d.lifetime_jitter),
+            overdue_grace: self.duration(&key("overdue_grace"), raw.overdue_grace, d.overdue_grace),
+            term_grace: self.duration(&key("term_grace"), raw.term_grace, d.term_grace),
+        }
+    }
+
+    /// `[process.<service>]` over `d`, the service's defaults; a service
+    /// with `no_overload_wait` (why not) may not set `overload_wait`.
+    fn policy(
+        &mut self,
+        service: &str,
+        raw: raw::ProcessPolicy,
+        d: ProcessPolicy,
+        no_overload_wait: Option<&str>,
+    ) -> ProcessPolicy {
+        let table = format!("process.{service}");
+        if let (Some(why), Some(_)) = (no_overload_wait, &raw.overload_wait) {
+            self.problems.push((table.clone(), "overload_wait".into(), format!("applies to smtpd only ({why})")));
+        }
+        let key = |k: &str| format!("{table}.{k}");
+        ProcessPolicy {
+            process_limit: raw.process_limit.unwrap_or(d.process_limit),
+            prefork: raw.prefork.unwrap_or(d.prefork),
+            min_spare: raw.min_spare.unwrap_or(d.min_spare),
+            max_spare: raw.max_spare.unwrap_or(d.max_spare),
+            max_use: raw.max_use.unwrap_or(d.max_use),
+            max_idle: self.duration(&key("max_idle"), raw.max_idle, d.max_idle),
+            max_lifetime: self.duration(&key("max_lifetime"), raw.max_lifetime, d.max_lifetime),
+            lifetime_jitter: raw.lifetime_jitter.unwrap_or(d.lifetime_jitter),
+            session_deadline: self.duration(&key("session_deadline"), raw.session_deadline, d.session_deadline),
+            overdue_grace: self.duration(&key("overdue_grace"), raw.overdue_grace, d.overdue_grace),
+            term_grace: self.duration(&key("term_grace"), raw.term_grace, d.term_grace),
+            overload_wait: self.duration(&key("overload_wait"), raw.overload_wait, d.overload_wait),
+        }
+    }
+}
+
+fn log(raw: raw::Log) -> Log {
+    let d = Log::default();
+    Log {
+        format: raw.format.unwrap_or(d.format),
+        level: raw.level.unwrap_or(d.level),
+        syslog_name: raw.syslog_name.unwrap_or(d.syslog_name),
+    }
+}
+
+/// A network block as `mortal.toml` writes it: `192.0.2.0/24`,
+/// `2001:db8::/32`, or a bare address for a single host. Stricter than
+/// [`IpNet`]'s own parser: the prefix is digits only, and no host bits
+/// may be set below it (`192.0.2.1/24` is a typo for either `/32` or
+/// `.0/24`, and guessing which would widen or narrow a trust list
+/// silently).
+pub fn parse_network(s: &str) -> Result<IpNet, String> {
+    let (addr, prefix) = match s.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IP address"))?;
+    let net = match prefix {
+        None => IpNet::from(addr),
+        // `u8::from_str` would take "+8"; a prefix is digits only.
+        Some(p) if !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()) => {
+            let bits: u8 = p.parse().map_err(|_| format!("{p:?} is not a prefix length"))?;
+            IpNet::new(addr, bits)
+                .map_err(|_| format!("prefix /{bits} is longer than {} bits", IpNet::from(addr).max_prefix_len()))?
+        }
+        Some(p) => return Err(format!("{p:?} is not a prefix length")),
+    };
+    if net.trunc() != net {
+        return Err(format!("{net} has host bits set below its prefix (did you mean {}?)", net.trunc()));
+    }
+    Ok(net)
+}
+
+/// Whether any block of `list` contains `addr`, an IPv4-mapped IPv6
+/// address (`::ffff:192.0.2.1`, what a dual-stack socket reports) counting
+/// as the IPv4 address it is, and the other way round.
+pub fn networks_contain(list: &[IpNet], addr: IpAddr) -> bool {
+    list.iter().any(|net| match (net, addr) {
+        (IpNet::V4(net), addr) => matches!(addr.to_canonical(), IpAddr::V4(a) if net.contains(&a)),
+        (IpNet::V6(net), IpAddr::V4(a)) => net.contains(&a.to_ipv6_mapped()),
+        (IpNet::V6(net), IpAddr::V6(a)) => net.contains(&a),
+    })
+}
+
 impl Config {
     /// Parses `text` as the contents of `file`, resolves paths against the
-    /// file's directory and validates. Returns every semantic problem found,
-    /// not just the first; a syntax or type error stops at that error.
-    /// The rules for a system started as root apply when this process
-    /// runs as root (see [`Config::parse_for`]).
+    /// file's directory and validates. Returns every problem found, in
+    /// file order, not just the first; a syntax or type error stops at
+    /// that error. The rules for a system started as root apply when this
+    /// process runs as root (see [`Config::parse_for`]).
     pub fn parse(text: &str, file: &Path) -> Result<Config, Vec<ConfigError>> {
         Config::parse_for(text, file, nix::unistd::geteuid().is_root())
     }
@@ -845,59 +1121,49 @@ impl Config {
     /// name who runs the pipe command, or started by another user, where
     /// every process keeps that user and the key is ignored.
     pub fn parse_for(text: &str, file: &Path, as_root: bool) -> Result<Config, Vec<ConfigError>> {
-        let mut config: Config = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| line_of_offset(text, s.start));
-            vec![ConfigError { file: file.to_owned(), line, key: None, message: e.message().trim().to_owned() }]
+        let raw: raw::Config = toml::from_str(text).map_err(|e| {
+            let location = e.span().map(|s| Location::of(text, s.start));
+            // One line per error: TOML words some errors over two.
+            let message = e.message().trim().lines().map(str::trim).collect::<Vec<_>>().join(": ");
+            vec![ConfigError { file: file.to_owned(), location, key: None, message }]
         })?;
-        config.source = file.to_owned();
+        let keys = KeyLocations::of(text);
         let base = file.parent().unwrap_or(Path::new("."));
-        config.server.spool_dir = base.join(&config.server.spool_dir);
-        // Defaults derive from the already-resolved spool_dir: joining the
-        // base again would double a relative base (`etc/etc/../spool`).
-        config.server.run_dir =
-            Some(config.server.run_dir.take().map_or_else(|| config.server.spool_dir.join("run"), |p| base.join(p)));
-        config.smtpd.tls_cert_file = config.smtpd.tls_cert_file.take().map(|p| base.join(p));
-        config.smtpd.tls_key_file = config.smtpd.tls_key_file.take().map(|p| base.join(p));
-        config.server.recipient_map = config.server.recipient_map.take().map(|p| base.join(p));
-        config.server.metrics_file = config.server.metrics_file.take().map(|p| base.join(p));
-        config.delivery.maildir_root = Some(
-            config
-                .delivery
-                .maildir_root
-                .take()
-                .map_or_else(|| config.server.spool_dir.join("maildir"), |p| base.join(p)),
-        );
-        config.delivery.smtp_tls_ca_file = config.delivery.smtp_tls_ca_file.as_ref().map(|p| base.join(p));
-        let resolve = |r: &mut Route| {
-            if let Route::Lmtp(NextHop::Unix(p)) = r {
-                *p = base.join(&*p);
-            }
-        };
-        resolve(&mut config.delivery.transport);
-        config.delivery.routes.values_mut().for_each(resolve);
-        config.delivery.routes = std::mem::take(&mut config.delivery.routes)
-            .into_iter()
-            .map(|(domain, route)| (domain.to_lowercase(), route))
-            .collect();
-        let problems: Vec<ConfigError> = config
-            .problems(as_root)
-            .into_iter()
-            .map(|(table, key, message)| ConfigError {
-                file: file.to_owned(),
-                line: line_of_key(text, &table, &key),
-                key: Some(if table.is_empty() { key } else { format!("{table}.{key}") }),
-                message,
-            })
-            .collect();
-        if problems.is_empty() { Ok(config) } else { Err(problems) }
+        let mut resolver = Resolver { text, file, base, keys: &keys, invalid: Vec::new(), problems: Vec::new() };
+        let config = resolver.config(raw, file);
+        // Rules about values are checked only once every value parsed: a
+        // default standing in for a bad one would draw false complaints.
+        let mut errors = resolver.invalid;
+        if errors.is_empty() {
+            let problems = resolver.problems.into_iter().chain(config.problems(as_root));
+            errors = problems
+                .map(|(table, key, message)| ConfigError {
+                    file: file.to_owned(),
+                    location: config.keys.locate(&table, &key),
+                    key: Some(if table.is_empty() { key } else { format!("{table}.{key}") }),
+                    message,
+                })
+                .collect();
+        }
+        // File order; errors nothing locates come last.
+        errors.sort_by_key(|e| (e.location.is_none(), e.location));
+        if errors.is_empty() { Ok(config) } else { Err(errors) }
     }
 
     /// Reads and parses `file`.
     pub fn load(file: &Path) -> Result<Config, Vec<ConfigError>> {
         let text = std::fs::read_to_string(file).map_err(|e| {
-            vec![ConfigError { file: file.to_owned(), line: None, key: None, message: format!("cannot read: {e}") }]
+            vec![ConfigError { file: file.to_owned(), location: None, key: None, message: format!("cannot read: {e}") }]
         })?;
         Config::parse(&text, file)
+    }
+
+    /// Where the file this was loaded from sets `table.key` (`table`
+    /// dotted, as in `process.smtpd`); where it leaves the key out, the
+    /// nearest enclosing table it writes; else nothing. For messages about
+    /// a key, such as `mortal check`'s warnings.
+    pub fn locate(&self, table: &str, key: &str) -> Option<Location> {
+        self.keys.locate(table, key)
     }
 
     /// Semantic rules, as (table, key, message).
@@ -914,9 +1180,7 @@ impl Config {
                 bad("server", "accepted_domains", format!("{d:?} is not a domain name"));
             }
         }
-        if let Some(user) = &self.server.user
-            && (user.is_empty() || user == "root")
-        {
+        if self.server.user.is_empty() || self.server.user == "root" {
             bad("server", "user", "must name an unprivileged user: the daemons never run as root".into());
         }
         if self.smtpd.listen.is_empty() {
@@ -1006,7 +1270,7 @@ impl Config {
             // As root the pipe service drops to this user, never to root
             // and never to the mail user (whose rights over the spool an
             // operator's command must not have), as Postfix's pipe(8).
-            let server_user = self.server.user.as_deref().unwrap_or(DEFAULT_SERVER_USER);
+            let server_user = self.server.user.as_str();
             match self.delivery.pipe.user.as_deref() {
                 None if as_root => bad(
                     "delivery.pipe",
@@ -1085,18 +1349,6 @@ impl Config {
                 bad(&table, "term_grace", format!("must be above 0s and at most {MAX_TERM_GRACE:?}"));
             }
         }
-        if self.process.cleanup.overload_wait.is_some() {
-            bad("process.cleanup", "overload_wait", "applies to smtpd only (cleanup's clients wait)".into());
-        }
-        for (name, p) in [("pipe", &self.process.pipe), ("lmtp", &self.process.lmtp), ("smtp", &self.process.smtp)] {
-            if p.overload_wait.is_some() {
-                bad(
-                    &format!("process.{name}"),
-                    "overload_wait",
-                    "applies to smtpd only (the queue's requests wait)".into(),
-                );
-            }
-        }
         // A delivery runs for at most a connect and a few commands; a
         // deadline below that would kill agents in healthy sessions.
         let session = self.delivery.connect_timeout.saturating_add(self.delivery.command_timeout);
@@ -1143,11 +1395,11 @@ impl Config {
     }
 
     pub fn run_dir(&self) -> &Path {
-        self.server.run_dir.as_deref().expect("resolved by Config::parse")
+        &self.server.run_dir
     }
 
     pub fn maildir_root(&self) -> &Path {
-        self.delivery.maildir_root.as_deref().expect("resolved by Config::parse")
+        &self.delivery.maildir_root
     }
 
     /// Directory holding the sockets between daemons; smtpd's view of the
@@ -1202,44 +1454,6 @@ impl Config {
     }
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like \"300s\" or \"5m\": {e}")))
-}
-
-fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    duration(d).map(Some)
-}
-
-fn line_of_offset(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
-}
-
-/// Finds the line where `key` is set inside `[table]` (or at top level for
-/// an empty table); falls back to the table header, then to nothing.
-fn line_of_key(text: &str, table: &str, key: &str) -> Option<usize> {
-    let mut current = String::new();
-    let mut header_line = None;
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
-            current = name.trim().to_owned();
-            if current == table {
-                header_line = Some(i + 1);
-            }
-            continue;
-        }
-        if current == table
-            && line.split('=').next().is_some_and(|k| k.trim().trim_matches('"') == key)
-            && line.contains('=')
-        {
-            return Some(i + 1);
-        }
-    }
-    header_line
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1263,6 +1477,168 @@ mod tests {
         assert_eq!(c.maildir_root(), Path::new("etc/../spool/maildir"));
     }
 
+    /// Every kind of error points at the exact place: the key for a rule
+    /// or an unknown key, the value (or the array element) for a value
+    /// that does not parse, as TOML itself does for a type error.
+    #[test]
+    fn errors_name_line_and_column() {
+        let table: &[(&str, &[&str])] = &[
+            // Unknown key, in a table and in a nested table.
+            (
+                "[smtpd]\nlisten = [\"127.0.0.1:25\"]\n  max_sessions = 3\n",
+                &["m.toml:3:3: unknown field `max_sessions`"],
+            ),
+            ("[process.pipe]\nprefork = 1\nbogus = 1\n", &["m.toml:3:1: unknown field `bogus`"]),
+            // Bad type.
+            ("[queue]\nactive_limit = \"many\"\n", &["m.toml:2:16: invalid type: string \"many\", expected u32"]),
+            ("[smtpd]\nsmtputf8 = 1\n", &["m.toml:2:12: invalid type: integer `1`, expected a boolean"]),
+            // Bad value in a nested table, in an inline table, in an array.
+            (
+                "[process.smtpd]\nmax_idle = \"soon\"\n",
+                &["m.toml:2:12: process.smtpd.max_idle: \"soon\" is not a duration like \"300s\" or \"5m\""],
+            ),
+            (
+                "[delivery]\npipe = { command = [\"/bin/p\"], timeout = \"x\" }\n",
+                &["m.toml:2:42: delivery.pipe.timeout: \"x\" is not a duration"],
+            ),
+            (
+                "[server]\ntrusted_networks = [\n  \"10.0.0.0/8\",\n  \"192.0.2.1/24\",\n]\n",
+                &[
+                    "m.toml:4:3: server.trusted_networks: \"192.0.2.1/24\": 192.0.2.1/24 has host bits set below its prefix (did you mean 192.0.2.0/24?)",
+                ],
+            ),
+            (
+                "[delivery.routes]\n\"a.test\" = \"mbox\"\n",
+                &["m.toml:2:12: delivery.routes.a.test: unknown route \"mbox\""],
+            ),
+            // Every value error, in file order.
+            (
+                "[queue]\nmaximal_backoff = \"later\"\nminimal_backoff = \"sooner\"\n[smtpd]\ntimeout = \"x\"\n",
+                &[
+                    "m.toml:2:19: queue.maximal_backoff",
+                    "m.toml:3:19: queue.minimal_backoff",
+                    "m.toml:5:11: smtpd.timeout",
+                ],
+            ),
+            // Rules: the key, however it is written.
+            (
+                "[process.smtpd]\nprocess_limit = 2\n  prefork = 3\n",
+                &["m.toml:3:3: process.smtpd.prefork: must not exceed"],
+            ),
+            (
+                "[process]\nsmtpd.process_limit = 2\nsmtpd.prefork = 3\n",
+                &["m.toml:3:7: process.smtpd.prefork: must not exceed"],
+            ),
+            (
+                "process = { cleanup = { process_limit = 2, prefork = 3 } }\n",
+                &["m.toml:1:44: process.cleanup.prefork: must not exceed"],
+            ),
+            // A rule about a key the file leaves out: its table's header.
+            ("[smtpd]\nproxy_listen = [\"127.0.0.1:26\"]\nproxy_trusted = []\n", &["m.toml:3:1: smtpd.proxy_trusted"]),
+            ("\n[smtpd]\nlisten = []\n", &["m.toml:3:1: smtpd.listen: needs at least one address"]),
+            ("[queue]\n\n\n[ queue.x ]\n", &["m.toml:4:9: unknown field `x`"]),
+            // Duplicates: a key, a table, a domain in two spellings.
+            ("[smtpd]\ntimeout = \"1s\"\ntimeout = \"2s\"\n", &["m.toml:3:1: duplicate key `timeout`"]),
+            (
+                "[anvil]\n[smtpd]\n[anvil]\n",
+                &["m.toml:3:1: invalid table header: duplicate key `anvil` in document root"],
+            ),
+            (
+                "[delivery.routes]\n\"b.test\" = \"discard\"\n\"B.Test\" = \"maildir\"\n",
+                &["m.toml:3:1: delivery.routes.B.Test: \"B.Test\" is the same domain as \"b.test\""],
+            ),
+        ];
+        for (text, want) in table {
+            let got: Vec<String> = match Config::parse_for(text, Path::new("m.toml"), false) {
+                Ok(_) => Vec::new(),
+                Err(errors) => errors.iter().map(ToString::to_string).collect(),
+            };
+            assert_eq!(got.len(), want.len(), "{text:?}: {got:#?}");
+            for (got, want) in got.iter().zip(*want) {
+                assert!(got.starts_with(want), "{text:?}:\n{got}\n  does not start with\n{want}");
+            }
+        }
+    }
+
+    /// `[server] trusted_networks` and the other address lists: strict
+    /// CIDR, a bare address for one host.
+    #[test]
+    fn networks_parse_strictly() {
+        for (input, expected) in [
+            ("127.0.0.0/8", Ok("127.0.0.0/8")),
+            ("192.0.2.7", Ok("192.0.2.7/32")),
+            ("0.0.0.0/0", Ok("0.0.0.0/0")),
+            ("::1", Ok("::1/128")),
+            ("2001:db8::/32", Ok("2001:db8::/32")),
+            ("::/0", Ok("::/0")),
+            ("192.0.2.1/24", Err("has host bits set below its prefix (did you mean 192.0.2.0/24?)")),
+            ("192.0.2.0/33", Err("prefix /33 is longer than 32 bits")),
+            ("2001:db8::/129", Err("prefix /129 is longer than 128 bits")),
+            ("192.0.2.0/", Err("is not a prefix length")),
+            ("192.0.2.0/+8", Err("is not a prefix length")),
+            ("192.0.2.0/0008", Err("is not a prefix length")),
+            ("192.0.2.0/8/8", Err("is not a prefix length")),
+            ("example.test/8", Err("is not an IP address")),
+            ("", Err("is not an IP address")),
+            (" 127.0.0.1", Err("is not an IP address")),
+        ] {
+            let got = parse_network(input).map(|c| c.to_string());
+            match (got, expected) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{input}"),
+                (Err(got), Err(want)) => assert!(got.contains(want), "{input}: {got}"),
+                (got, want) => panic!("{input}: got {got:?}, want {want:?}"),
+            }
+            // The same through the file, at the element's column.
+            let text = format!("[smtpd]\nproxy_trusted = [\"::1\", {input:?}]\n");
+            match (Config::parse_for(&text, Path::new("m.toml"), false), expected) {
+                (Ok(c), Ok(want)) => assert_eq!(c.smtpd.proxy_trusted[1].to_string(), want),
+                (Err(e), Err(want)) => {
+                    assert!(e[0].to_string().starts_with("m.toml:2:25: smtpd.proxy_trusted: "), "{e:?}");
+                    assert!(e[0].message.contains(want), "{e:?}");
+                }
+                (got, want) => panic!("{input}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn network_containment() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (net, addr, inside) in [
+            ("127.0.0.0/8", "127.0.0.2", true),
+            ("127.0.0.0/8", "128.0.0.1", false),
+            ("127.0.0.1/32", "127.0.0.1", true),
+            ("127.0.0.1/32", "127.0.0.2", false),
+            ("0.0.0.0/0", "203.0.113.9", true),
+            ("0.0.0.0/0", "2001:db8::1", false),
+            ("192.0.2.0/24", "::ffff:192.0.2.200", true),
+            ("192.0.2.0/24", "::ffff:192.0.3.1", false),
+            ("::ffff:192.0.2.0/120", "192.0.2.5", true),
+            ("::1/128", "::1", true),
+            ("::1/128", "127.0.0.1", false),
+            ("2001:db8::/32", "2001:db8:ffff::1", true),
+            ("2001:db8::/32", "2001:db9::1", false),
+            ("::/0", "2001:db8::1", true),
+            ("10.0.0.0/31", "10.0.0.1", true),
+            ("10.0.0.0/31", "10.0.0.2", false),
+        ] {
+            let list = [parse_network(net).unwrap()];
+            assert_eq!(networks_contain(&list, ip(addr)), inside, "{net} contains {addr}");
+        }
+        let list = [parse_network("10.0.0.0/8").unwrap(), parse_network("::1").unwrap()];
+        assert!(networks_contain(&list, ip("10.1.2.3")));
+        assert!(networks_contain(&list, ip("::1")));
+        assert!(!networks_contain(&list, ip("127.0.0.1")));
+        assert!(!networks_contain(&[], ip("127.0.0.1")));
+        // The defaults, as Postfix's: loopback may send PROXY headers and
+        // is exempt from the client limits.
+        let d = Smtpd::default();
+        assert!(networks_contain(&d.proxy_trusted, ip("::ffff:127.0.0.1")));
+        assert!(!networks_contain(&d.proxy_trusted, ip("127.0.0.2")));
+        assert!(networks_contain(&d.client_limit_exceptions, ip("127.0.0.2")));
+        assert!(networks_contain(&d.client_limit_exceptions, ip("::1")));
+    }
+
     #[test]
     fn unknown_key_names_line() {
         let text = "[server]\nhostname = \"a\"\n\n[smtpd]\nlisten = [\"127.0.0.1:25\"]\nmax_sessions = 3\n";
@@ -1277,7 +1653,7 @@ mod tests {
         let text = "[process.smtpd]\nprocess_limit = 2\nprefork = 5\n";
         let err = Config::parse(text, Path::new("m.toml")).unwrap_err();
         assert_eq!(err.len(), 1);
-        assert_eq!(err[0].to_string(), "m.toml:3: process.smtpd.prefork: must not exceed process_limit (2)");
+        assert_eq!(err[0].to_string(), "m.toml:3:1: process.smtpd.prefork: must not exceed process_limit (2)");
     }
 
     /// The run dir is found as `parse` would resolve it, even in a file
@@ -1309,7 +1685,7 @@ mod tests {
         for bad in ["0s", "61s"] {
             let err = with(bad).unwrap_err();
             assert!(
-                err[0].to_string().starts_with("m.toml:2: process.cleanup.term_grace: must be above 0s"),
+                err[0].to_string().starts_with("m.toml:2:1: process.cleanup.term_grace: must be above 0s"),
                 "{err:?}"
             );
         }
@@ -1351,7 +1727,7 @@ mod tests {
             let text = format!("[delivery]\nmaildir_root = \"m\"\n[delivery.routes]\n\"a.test\" = \"{bad}\"\n");
             let err = Config::parse(&text, Path::new("m.toml")).unwrap_err();
             let msg = err[0].to_string();
-            assert!(msg.starts_with("m.toml:4") && msg.contains(bad), "{bad}: {msg}");
+            assert!(msg.starts_with("m.toml:4:12: delivery.routes.a.test: ") && msg.contains(bad), "{bad}: {msg}");
         }
     }
 
@@ -1362,7 +1738,7 @@ mod tests {
         let text = "[delivery]\ntransport = \"pipe\"\n[delivery.pipe]\ncommand = [\"p\", \"${rcpt}\"]\n";
         let err = Config::parse_for(text, Path::new("m.toml"), false).unwrap_err();
         assert_eq!(err.len(), 2, "{err:?}");
-        assert!(err.iter().all(|e| e.to_string().starts_with("m.toml:4: delivery.pipe.command")), "{err:?}");
+        assert!(err.iter().all(|e| e.to_string().starts_with("m.toml:4:1: delivery.pipe.command")), "{err:?}");
         let err = Config::parse_for("[delivery]\ntransport = \"pipe\"\n", Path::new("m.toml"), false).unwrap_err();
         assert!(err[0].message.contains("must name the program"), "{err:?}");
     }
@@ -1375,7 +1751,7 @@ mod tests {
         let err = Config::parse_for(base, Path::new("m.toml"), true).unwrap_err();
         assert_eq!(err.len(), 1, "{err:?}");
         assert!(
-            err[0].to_string().starts_with("m.toml:4: delivery.pipe.user: must name the unprivileged user"),
+            err[0].to_string().starts_with("m.toml:4:11: delivery.pipe.user: must name the unprivileged user"),
             "{err:?}"
         );
         assert!(Config::parse_for(base, Path::new("m.toml"), false).is_ok());
@@ -1383,7 +1759,7 @@ mod tests {
         assert!(Config::parse_for(&with("pipeuser"), Path::new("m.toml"), true).is_ok());
         let err = Config::parse_for(&with("mortal"), Path::new("m.toml"), true).unwrap_err();
         assert!(
-            err[0].to_string().starts_with("m.toml:6: delivery.pipe.user: must differ from [server] user"),
+            err[0].to_string().starts_with("m.toml:6:1: delivery.pipe.user: must differ from [server] user"),
             "{err:?}"
         );
         let text = format!("[server]\nuser = \"nobody\"\n{}", with("nobody"));
@@ -1406,11 +1782,11 @@ mod tests {
         assert_eq!(c.process.pipe, ProcessPolicy { max_use: 5, ..ProcessPolicy::pipe_default() });
         let err = Config::parse_for("[process.pipe]\nprocess_limit = 1\nprefork = 2\n", Path::new("m.toml"), false)
             .unwrap_err();
-        assert_eq!(err[0].to_string(), "m.toml:3: process.pipe.prefork: must not exceed process_limit (1)");
+        assert_eq!(err[0].to_string(), "m.toml:3:1: process.pipe.prefork: must not exceed process_limit (1)");
         let text = "[delivery]\ntransport = \"pipe\"\n[delivery.pipe]\ncommand = [\"/bin/p\"]\ntimeout = \"100s\"\n[process.pipe]\nsession_deadline = \"50s\"\n";
         let err = Config::parse_for(text, Path::new("m.toml"), false).unwrap_err();
         assert!(
-            err[0].to_string().starts_with("m.toml:7: process.pipe.session_deadline: must be 0s or at least"),
+            err[0].to_string().starts_with("m.toml:7:1: process.pipe.session_deadline: must be 0s or at least"),
             "{err:?}"
         );
         assert!(Config::parse_for("[process.pipe]\nbogus = 1\n", Path::new("m.toml"), false).is_err());
@@ -1450,7 +1826,7 @@ mod tests {
     #[test]
     fn server_user_must_not_be_root() {
         let err = Config::parse("[server]\nuser = \"root\"\n", Path::new("m.toml")).unwrap_err();
-        let expected = "m.toml:2: server.user: must name an unprivileged user: the daemons never run as root";
+        let expected = "m.toml:2:1: server.user: must name an unprivileged user: the daemons never run as root";
         assert_eq!(err[0].to_string(), expected);
         assert!(Config::parse("[server]\nuser = \"nobody\"\n", Path::new("m.toml")).is_ok());
     }
@@ -1459,7 +1835,7 @@ mod tests {
     fn bad_duration_is_explained() {
         let err = Config::parse("[smtpd]\ntimeout = \"soon\"\n", Path::new("m.toml")).unwrap_err();
         let msg = err[0].to_string();
-        assert!(msg.starts_with("m.toml:2") && msg.contains("duration"), "{msg}");
+        assert!(msg.starts_with("m.toml:2:11: smtpd.timeout: \"soon\" is not a duration"), "{msg}");
     }
 
     #[test]
@@ -1477,6 +1853,6 @@ mod tests {
         let c = Config::parse(&format!("{text}tls_security = \"none\"\n"), Path::new("m.toml")).unwrap();
         assert!(!c.smtpd.tls_offered());
         let err = Config::parse("[smtpd]\ntls_cert_file = \"c.pem\"\n", Path::new("m.toml")).unwrap_err();
-        assert_eq!(err[0].to_string(), "m.toml:2: smtpd.tls_cert_file: needs tls_key_file, and the other way round");
+        assert_eq!(err[0].to_string(), "m.toml:2:1: smtpd.tls_cert_file: needs tls_key_file, and the other way round");
     }
 }

@@ -174,8 +174,9 @@ pub fn config(data: &[u8]) {
             let lines = text.lines().count().max(1);
             for e in errors {
                 assert_eq!(e.file, file);
-                if let Some(line) = e.line {
-                    assert!((1..=lines + 1).contains(&line), "line {line} outside a {lines}-line file");
+                if let Some(at) = e.location {
+                    assert!((1..=lines + 1).contains(&at.line), "line {at} outside a {lines}-line file");
+                    assert!(at.column >= 1, "column {at} before the line");
                 }
             }
         }

@@ -24,7 +24,9 @@
 //! and bounded: it rejects unknown record types, oversized records and
 //! records out of order, so a compromised peer can only make a
 //! conversation fail, never make its reader allocate without bound or act
-//! on a half-valid stream. Every decoder is a fuzz target (`fuzz/`).
+//! on a half-valid stream. Every decoder is a fuzz target (`fuzz/`); their
+//! entry points, [`fuzz`], exist only with the `fuzz` feature, which
+//! `fuzz/` and the corpus replay test turn on and no daemon does.
 //!
 //! # Standards
 //! RFC 5321 section 4.1.2 (address syntax) and 4.2 (reply codes), RFC 6531
@@ -33,7 +35,7 @@
 //!
 //! # Configuration
 //! See [`config`]: one typed struct per section, unknown keys rejected,
-//! errors naming file, line and key.
+//! errors naming file, line, column and key.
 //!
 //! # Diagnostics
 //! Decoders return typed errors naming the record and the rule broken.
@@ -41,11 +43,11 @@
 
 pub mod address;
 pub mod anvil;
-pub mod cidr;
 pub mod config;
 pub mod date;
 pub mod delivery;
 pub mod envelope;
+#[cfg(feature = "fuzz")]
 pub mod fuzz;
 pub mod ipc;
 pub mod pipe;

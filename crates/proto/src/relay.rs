@@ -38,7 +38,7 @@ impl Relay {
 pub fn decide(config: &Config, client: IpAddr, domain: &str) -> Relay {
     if config.accepts_domain(domain) {
         Relay::Local
-    } else if crate::cidr::contains_any(&config.server.trusted_networks, client) {
+    } else if crate::config::networks_contain(&config.server.trusted_networks, client) {
         Relay::Trusted
     } else {
         Relay::Denied

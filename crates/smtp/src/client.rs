@@ -901,7 +901,7 @@ mod tests {
     /// may change.
     #[test]
     fn refusal_changes_only_the_class_not_a_5_elsewhere() {
-        let (path, server) = scripted(&["250 test", "421 4.4.5 too busy", "450 4.7.5 no crypto yet"]);
+        let (_dir, path, server) = scripted(&["250 test", "421 4.4.5 too busy", "450 4.7.5 no crypto yet"]);
         let t = Timeouts { connect: Duration::from_secs(5), command: Duration::from_secs(5) };
         let mut s = Session::connect(&NextHop::Unix(path.clone()), Dialect::Smtp, "me.test", t).unwrap();
         let busy = s.reset().unwrap_err();
@@ -914,7 +914,6 @@ mod tests {
         for (code, line, want) in [(550, "5.5.5 x", "4.5.5"), (554, "5.4.5 x", "4.4.5"), (550, "5.1.1 x", "4.1.1")] {
             assert_eq!(reply(code, &[line]).enhanced().with_class(StatusClass::Persistent).to_string(), want);
         }
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[test]
@@ -928,14 +927,13 @@ mod tests {
 
     /// A scripted SMTP server on a Unix socket: answers each command with
     /// the next canned reply, records what it got.
-    fn scripted(replies: &'static [&'static str]) -> (std::path::PathBuf, std::thread::JoinHandle<String>) {
+    /// The socket lives in the returned directory, removed when it drops.
+    fn scripted(
+        replies: &'static [&'static str],
+    ) -> (tempfile::TempDir, std::path::PathBuf, std::thread::JoinHandle<String>) {
         use std::io::BufRead;
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("mortal-client-test-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("s");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let server = std::thread::spawn(move || {
             let (conn, _) = listener.accept().unwrap();
@@ -961,12 +959,12 @@ mod tests {
             }
             seen
         });
-        (path, server)
+        (dir, path, server)
     }
 
     #[test]
     fn helo_fallback_and_unpipelined_transaction() {
-        let (path, server) = scripted(&[
+        let (_dir, path, server) = scripted(&[
             "502 5.5.1 EHLO not implemented",
             "250 test",
             "250 2.1.0 Ok",
@@ -1002,7 +1000,7 @@ mod tests {
 
     #[test]
     fn binarymime_goes_by_bdat_with_lmtp_replies_per_recipient() {
-        let (path, server) = scripted(&[
+        let (_dir, path, server) = scripted(&[
             "250-test\r\n250-CHUNKING\r\n250 BINARYMIME",
             "250 2.1.0 Ok",
             "250 2.1.5 Ok",

@@ -28,8 +28,7 @@ use crate::anvil_client::AnvilLease;
 use crate::engine::{Answer, UNKNOWN_NAME};
 use crate::proxy::{self, ProxyError, ProxyHeader};
 use mortal_proto::anvil::{AnvilReply, Status};
-use mortal_proto::cidr;
-use mortal_proto::config::Config;
+use mortal_proto::config::{Config, networks_contain};
 use mortal_proto::smtp_status::{EnhancedStatus, ReplyCode, StatusClass};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -114,7 +113,7 @@ pub async fn establish(config: &Config, stream: &TcpStream) -> Option<Peer> {
 /// (a header without addresses: v1 `UNKNOWN`, v2 `LOCAL`).
 fn proxied_client(config: &Config, stream: &TcpStream, socket_peer: IpAddr) -> Option<(IpAddr, Vec<u8>, bool)> {
     let balancer = format!("{UNKNOWN_NAME}[{socket_peer}]");
-    if !cidr::contains_any(&config.smtpd.proxy_trusted, socket_peer) {
+    if !networks_contain(&config.smtpd.proxy_trusted, socket_peer) {
         tracing::warn!("warning: haproxy: connection from {balancer} refused: not in smtpd.proxy_trusted");
         return None;
     }
@@ -199,8 +198,8 @@ impl ClientLimits {
             || s.client_connection_rate_limit > 0
             || s.client_message_rate_limit > 0;
         // As Postfix exempts smtpd_client_event_limit_exceptions ($mynetworks).
-        let exempt = cidr::contains_any(&config.server.trusted_networks, addr)
-            || cidr::contains_any(&s.client_limit_exceptions, addr);
+        let exempt = networks_contain(&config.server.trusted_networks, addr)
+            || networks_contain(&s.client_limit_exceptions, addr);
         if !limited || exempt {
             return Self::none(addr);
         }
@@ -280,7 +279,9 @@ pub fn anvil_key(config: &Config, addr: IpAddr) -> IpAddr {
         IpAddr::V4(_) => config.smtpd.client_ipv4_prefix_length,
         IpAddr::V6(_) => config.smtpd.client_ipv6_prefix_length,
     };
-    cidr::Cidr::containing(addr, bits).network()
+    // A prefix longer than the family's (refused by Config::parse) is the
+    // whole address.
+    ipnet::IpNet::new(addr, bits).map_or(addr, |net| net.network())
 }
 
 #[cfg(test)]

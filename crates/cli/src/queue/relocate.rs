@@ -370,13 +370,10 @@ mod tests {
         }
     }
 
-    fn spool() -> (PathBuf, Config) {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("mortal-cli-move-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let config = Config::parse("[server]\nspool_dir = \"spool\"\n", &dir.join("mortal.toml")).unwrap();
+    /// A spool in a temp directory, removed when the directory drops.
+    fn spool() -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse("[server]\nspool_dir = \"spool\"\n", &dir.path().join("mortal.toml")).unwrap();
         for q in QueueDir::ALL {
             fs::create_dir_all(config.spool().dir(q)).unwrap();
         }
@@ -385,7 +382,7 @@ mod tests {
 
     #[test]
     fn protocol_moves_and_reports_where_the_message_is() {
-        let (dir, config) = spool();
+        let (_dir, config) = spool();
         let id = &QueueId::parse("0000000010000100000A").unwrap();
         let put = |q: QueueDir| fs::write(config.spool().path(q, id), b"x").unwrap();
         let mut synced = BTreeSet::new();
@@ -406,12 +403,11 @@ mod tests {
         fs::remove_file(config.spool().path(QueueDir::Active, id)).unwrap();
         assert_eq!(apply(&config, Action::Delete, id, &mut synced).unwrap(), Outcome::Missing);
         sync_dirs(&synced).unwrap();
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn hold_never_replaces_a_file_of_the_same_id() {
-        let (dir, config) = spool();
+        let (_dir, config) = spool();
         let id = &QueueId::parse("0000000010000100000A").unwrap();
         fs::write(config.spool().path(QueueDir::Deferred, id), b"deferred copy").unwrap();
         fs::write(config.spool().path(QueueDir::Hold, id), b"held copy").unwrap();
@@ -419,12 +415,11 @@ mod tests {
         assert!(err.to_string().contains("in both deferred/ and hold/"), "{err}");
         assert_eq!(fs::read(config.spool().path(QueueDir::Hold, id)).unwrap(), b"held copy");
         assert_eq!(fs::read(config.spool().path(QueueDir::Deferred, id)).unwrap(), b"deferred copy");
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn flush_makes_a_deferred_file_due() {
-        let (dir, config) = spool();
+        let (_dir, config) = spool();
         let id = &QueueId::parse("0000000010000100000A").unwrap();
         let path = config.spool().path(QueueDir::Deferred, id);
         fs::write(&path, b"x").unwrap();
@@ -433,6 +428,5 @@ mod tests {
         assert_eq!(apply(&config, Action::Flush, id, &mut BTreeSet::new()).unwrap(), Outcome::Done(QueueDir::Deferred));
         let mtime = fs::metadata(&path).unwrap().modified().unwrap();
         assert!(mtime <= std::time::SystemTime::now(), "due now");
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

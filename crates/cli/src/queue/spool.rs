@@ -211,9 +211,8 @@ mod tests {
 
     #[test]
     fn entries_are_sorted_deduplicated_and_checked() {
-        let dir = std::env::temp_dir().join(format!("mortal-cli-spool-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let config = Config::parse("[server]\nspool_dir = \"spool\"\n", &dir.join("mortal.toml")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse("[server]\nspool_dir = \"spool\"\n", &dir.path().join("mortal.toml")).unwrap();
         for q in QueueDir::ALL {
             fs::create_dir_all(config.spool().dir(q)).unwrap();
         }
@@ -234,7 +233,6 @@ mod tests {
         assert_eq!(got, [(QueueDir::Hold, old.to_owned()), (QueueDir::Active, new.to_owned())]);
         let only_deferred = entries(&config, &[QueueDir::Deferred]).unwrap();
         assert_eq!(only_deferred.len(), 1);
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -133,30 +133,30 @@ mod tests {
 
     #[test]
     fn delivers_into_new_with_lf() {
-        let root = std::env::temp_dir().join(format!("mortal-maildir-test-{}", std::process::id()));
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path();
         let content = b"Subject: t\r\n\r\nline\r\nbare\rcr\r\n";
         let copy = Copy { sender: "a@x.test", recipient: "b@x.test", content, binary: false };
-        let path = deliver(&root, "mx.test", &copy).unwrap();
+        let path = deliver(root, "mx.test", &copy).unwrap();
         assert!(path.starts_with(root.join("b@x.test/new")));
         assert_eq!(
             fs::read(&path).unwrap(),
             b"Return-Path: <a@x.test>\nDelivered-To: b@x.test\nSubject: t\n\nline\nbare\rcr\n"
         );
         assert_eq!(fs::read_dir(root.join("b@x.test/tmp")).unwrap().count(), 0);
-        fs::remove_dir_all(&root).unwrap();
     }
 
     /// A BINARYMIME body is data: no octet of it changes.
     #[test]
     fn binary_body_is_stored_byte_for_byte() {
-        let root = std::env::temp_dir().join(format!("mortal-maildir-binary-{}", std::process::id()));
+        let temp = tempfile::tempdir().unwrap();
+        let root = temp.path();
         let content = b"Content-Type: application/octet-stream\r\n\r\n\x00\r\n\xff\r\r\n\n";
         let copy = Copy { sender: "a@x.test", recipient: "b@x.test", content, binary: true };
-        let path = deliver(&root, "mx.test", &copy).unwrap();
+        let path = deliver(root, "mx.test", &copy).unwrap();
         let stored = fs::read(&path).unwrap();
         let head = b"Return-Path: <a@x.test>\r\nDelivered-To: b@x.test\r\n";
         assert_eq!(&stored[..head.len()], head);
         assert_eq!(&stored[head.len()..], content);
-        fs::remove_dir_all(&root).unwrap();
     }
 }

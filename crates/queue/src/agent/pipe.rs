@@ -157,32 +157,32 @@ mod tests {
         Config::parse_for(&text, &dir.join("m.toml"), false).unwrap()
     }
 
-    fn temp_dir(tag: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("mortal-queue-pipe-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("private")).unwrap();
+    fn temp_dir(tag: &str) -> tempfile::TempDir {
+        let dir = tempfile::Builder::new().prefix(&format!("mortal-queue-pipe-{tag}-")).tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("private")).unwrap();
         dir
     }
 
     /// No service: every recipient is deferred with a clear reason.
     #[test]
     fn unreachable_service_defers_everyone() {
-        let dir = temp_dir("none");
-        let report = deliver(&config(&dir), &queue_file(), &[0, 1]);
+        let temp = temp_dir("none");
+        let dir = temp.path();
+        let report = deliver(&config(dir), &queue_file(), &[0, 1]);
         assert_eq!(report.relay, "pipe");
         assert_eq!(report.results.len(), 2);
         for r in &report.results {
             assert_eq!((r.status, r.dsn.to_string().as_str()), (Status::Deferred, "4.3.0"));
             assert!(r.text.starts_with("pipe service unavailable: connect to "), "{}", r.text);
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Every pipe process busy (the listener's backlog full): the connect
     /// gives up after its limit instead of blocking the delivery thread.
     #[test]
     fn connect_to_a_full_backlog_is_bounded() {
-        let dir = temp_dir("full");
+        let temp = temp_dir("full");
+        let dir = temp.path();
         let path = dir.join("private/full");
         let listener = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
         listener.bind(&socket2::SockAddr::unix(&path).unwrap()).unwrap();
@@ -201,15 +201,15 @@ mod tests {
         let waited = started.elapsed();
         assert!(matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut), "{err:?}");
         assert!(waited >= limit && waited < limit * 10, "waited {waited:?} for a limit of {limit:?}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A service that answers for the first recipient and then breaks
     /// the protocol: the first result counts, the second is deferred.
     #[test]
     fn results_before_a_protocol_error_count() {
-        let dir = temp_dir("broken");
-        let cfg = config(&dir);
+        let temp = temp_dir("broken");
+        let dir = temp.path();
+        let cfg = config(dir);
         let listener = UnixListener::bind(cfg.pipe_socket()).unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
@@ -245,6 +245,5 @@ mod tests {
             "{:?}",
             report.results[1]
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

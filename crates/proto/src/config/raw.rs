@@ -1,0 +1,268 @@
+//! `mortal.toml` as written: every key optional, every value as TOML gives
+//! it (durations, networks and routes still strings, each with its span),
+//! and the location of every key in the file.
+//!
+//! Only the parent module reads these types: it applies the defaults,
+//! parses the strings and checks the rules, and hands out the resolved
+//! [`super::Config`], which needs no `Option` where a default exists.
+
+use super::{BareNewline, LogFormat, SmtpTlsSecurity, TlsSecurity};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use toml::Spanned;
+
+/// A string value still to be parsed (a duration, a network, a route),
+/// with its place in the file for the error if it does not parse.
+pub type Text = Spanned<String>;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: Server,
+    pub log: Log,
+    pub smtpd: Smtpd,
+    pub cleanup: Cleanup,
+    pub queue: Queue,
+    pub delivery: Delivery,
+    pub process: Processes,
+    pub anvil: Anvil,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    pub hostname: Option<String>,
+    pub spool_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    pub accepted_domains: Option<Vec<String>>,
+    pub user: Option<String>,
+    pub trusted_networks: Option<Vec<Text>>,
+    pub recipient_map: Option<PathBuf>,
+    pub metrics_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub format: Option<LogFormat>,
+    pub level: Option<String>,
+    pub syslog_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Smtpd {
+    pub listen: Option<Vec<SocketAddr>>,
+    pub banner: Option<String>,
+    pub message_size_limit: Option<u64>,
+    pub recipient_limit: Option<u32>,
+    pub timeout: Option<Text>,
+    pub hard_error_limit: Option<u32>,
+    pub soft_error_limit: Option<u32>,
+    pub error_sleep: Option<Text>,
+    pub min_data_rate: Option<u64>,
+    pub data_rate_window: Option<Text>,
+    pub bare_newline: Option<BareNewline>,
+    pub smtputf8: Option<bool>,
+    pub chunking: Option<bool>,
+    pub dsn: Option<bool>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub tls_security: Option<TlsSecurity>,
+    pub tls_handshake_timeout: Option<Text>,
+    pub proxy_listen: Option<Vec<SocketAddr>>,
+    pub proxy_trusted: Option<Vec<Text>>,
+    pub proxy_timeout: Option<Text>,
+    pub client_connection_count_limit: Option<u32>,
+    pub client_connection_rate_limit: Option<u32>,
+    pub client_message_rate_limit: Option<u32>,
+    pub client_limit_exceptions: Option<Vec<Text>>,
+    pub client_ipv4_prefix_length: Option<u8>,
+    pub client_ipv6_prefix_length: Option<u8>,
+    pub reverse_lookup: Option<bool>,
+    pub reverse_lookup_timeout: Option<Text>,
+    pub resolvers: Option<Vec<SocketAddr>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cleanup {
+    pub ipc_timeout: Option<Text>,
+    pub header_size_limit: Option<usize>,
+    pub hopcount_limit: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Queue {
+    pub scan_interval: Option<Text>,
+    pub minimal_backoff: Option<Text>,
+    pub maximal_backoff: Option<Text>,
+    pub delivery_concurrency: Option<u32>,
+    pub active_limit: Option<u32>,
+    pub destination_concurrency_limit: Option<u32>,
+    pub queue_lifetime: Option<Text>,
+    pub bounce_queue_lifetime: Option<Text>,
+    pub delay_warning_time: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Delivery {
+    pub transport: Option<Text>,
+    /// Domains as written: the resolved map has them in lower case.
+    pub routes: BTreeMap<String, Text>,
+    pub maildir_root: Option<PathBuf>,
+    pub pipe: Pipe,
+    pub smtp_tls_security: Option<SmtpTlsSecurity>,
+    pub smtp_tls_ca_file: Option<PathBuf>,
+    pub connect_timeout: Option<Text>,
+    pub command_timeout: Option<Text>,
+    pub connection_reuse_time: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pipe {
+    pub command: Option<Vec<String>>,
+    pub user: Option<String>,
+    pub timeout: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Anvil {
+    pub rate_time_unit: Option<Text>,
+}
+
+/// `[process.<service>]`: one field per service, each resolved against
+/// that service's own defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Processes {
+    pub smtpd: ProcessPolicy,
+    pub cleanup: ProcessPolicy,
+    pub pipe: ProcessPolicy,
+    pub lmtp: ProcessPolicy,
+    pub smtp: ProcessPolicy,
+    pub queue: SingleLife,
+    pub anvil: SingleLife,
+}
+
+/// `[process.queue]`, `[process.anvil]`: a single process's life only.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SingleLife {
+    pub max_lifetime: Option<Text>,
+    pub lifetime_jitter: Option<f64>,
+    pub overdue_grace: Option<Text>,
+    pub term_grace: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessPolicy {
+    pub process_limit: Option<u32>,
+    pub prefork: Option<u32>,
+    pub min_spare: Option<u32>,
+    pub max_spare: Option<u32>,
+    pub max_use: Option<u32>,
+    pub max_idle: Option<Text>,
+    pub max_lifetime: Option<Text>,
+    pub lifetime_jitter: Option<f64>,
+    pub session_deadline: Option<Text>,
+    pub overdue_grace: Option<Text>,
+    pub term_grace: Option<Text>,
+    pub overload_wait: Option<Text>,
+}
+
+/// Where each key of the file is written: the byte span of the key
+/// itself, by its path of table names (`["process", "smtpd", "prefork"]`),
+/// whether the file spells it as a `[table]` header, a dotted key or an
+/// inline table. Built by TOML's own parser, so it agrees with it on every
+/// quoting and nesting rule.
+#[derive(Debug, Default)]
+pub struct KeySpans(pub BTreeMap<Vec<String>, Range<usize>>);
+
+impl KeySpans {
+    /// The keys of `text`; empty when `text` is not TOML (the parse error
+    /// is reported by the typed pass).
+    pub fn of(text: &str) -> KeySpans {
+        let mut out = KeySpans::default();
+        if let Ok(tree) = toml::from_str::<Node>(text) {
+            tree.flatten(&mut Vec::new(), &mut out.0);
+        }
+        out
+    }
+}
+
+/// A TOML value reduced to the spans of its keys.
+#[derive(Debug, Default)]
+struct Node(Vec<(Spanned<String>, Node)>);
+
+impl Node {
+    fn flatten(self, path: &mut Vec<String>, out: &mut BTreeMap<Vec<String>, Range<usize>>) {
+        for (key, child) in self.0 {
+            let span = key.span();
+            path.push(key.into_inner());
+            out.insert(path.clone(), span);
+            child.flatten(path, out);
+            path.pop();
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Node, D::Error> {
+        d.deserialize_any(NodeVisitor)
+    }
+}
+
+struct NodeVisitor;
+
+impl<'de> Visitor<'de> for NodeVisitor {
+    type Value = Node;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any TOML value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+        let mut keys = Vec::new();
+        while let Some(key) = map.next_key::<Spanned<String>>()? {
+            keys.push((key, map.next_value::<Node>()?));
+        }
+        Ok(Node(keys))
+    }
+
+    // Arrays hold no key a rule can name.
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Node::default())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Node, E> {
+        Ok(Node::default())
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Node, E> {
+        Ok(Node::default())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Node, E> {
+        Ok(Node::default())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Node, E> {
+        Ok(Node::default())
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Node, E> {
+        Ok(Node::default())
+    }
+}
