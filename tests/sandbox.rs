@@ -190,10 +190,11 @@ fn queue_keeps_landlock_with_a_pipe_route() {
 /// routes, reaches no next hop at all: it never talks to the network.
 #[test]
 fn delivery_agents_prove_their_sandbox_and_the_queue_has_no_network() {
-    // Ports held bound (no listener), so no other process can take them
-    // while the probes connect.
+    // Two free ports: the self-test binds a listener on each configured
+    // next hop itself, so they are released before it runs.
     let (lmtp_port, smtp_port) = (mortal_tests::ClosedPort::new(), mortal_tests::ClosedPort::new());
     let (lmtp, smtp) = (lmtp_port.port, smtp_port.port);
+    drop((lmtp_port, smtp_port));
     let site = Site::new(
         "agents",
         &format!(
