@@ -15,6 +15,7 @@
 
 mod raw;
 
+use crate::service::Service;
 use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -982,18 +983,38 @@ impl Resolver<'_> {
 
     fn processes(&mut self, raw: raw::Processes) -> Processes {
         Processes {
-            smtpd: self.policy("smtpd", raw.smtpd, ProcessPolicy::default(), None),
-            cleanup: self.policy("cleanup", raw.cleanup, ProcessPolicy::default(), Some("cleanup's clients wait")),
-            pipe: self.policy("pipe", raw.pipe, ProcessPolicy::pipe_default(), Some("the queue's requests wait")),
-            lmtp: self.policy("lmtp", raw.lmtp, ProcessPolicy::agent_default(), Some("the queue's requests wait")),
-            smtp: self.policy("smtp", raw.smtp, ProcessPolicy::agent_default(), Some("the queue's requests wait")),
-            queue: self.single_life("queue", raw.queue),
-            anvil: self.single_life("anvil", raw.anvil),
+            smtpd: self.policy(Service::Smtpd, raw.smtpd, ProcessPolicy::default(), None),
+            cleanup: self.policy(
+                Service::Cleanup,
+                raw.cleanup,
+                ProcessPolicy::default(),
+                Some("cleanup's clients wait"),
+            ),
+            pipe: self.policy(
+                Service::Pipe,
+                raw.pipe,
+                ProcessPolicy::pipe_default(),
+                Some("the queue's requests wait"),
+            ),
+            lmtp: self.policy(
+                Service::Lmtp,
+                raw.lmtp,
+                ProcessPolicy::agent_default(),
+                Some("the queue's requests wait"),
+            ),
+            smtp: self.policy(
+                Service::Smtp,
+                raw.smtp,
+                ProcessPolicy::agent_default(),
+                Some("the queue's requests wait"),
+            ),
+            queue: self.single_life(Service::Queue, raw.queue),
+            anvil: self.single_life(Service::Anvil, raw.anvil),
         }
     }
 
     /// `[process.queue]` / `[process.anvil]` over [`SingleLife`]'s defaults.
-    fn single_life(&mut self, service: &str, raw: raw::SingleLife) -> SingleLife {
+    fn single_life(&mut self, service: Service, raw: raw::SingleLife) -> SingleLife {
         let d = SingleLife::default();
         let key = |k: &str| format!("process.{service}.{k}");
         SingleLife {
@@ -1008,7 +1029,7 @@ impl Resolver<'_> {
     /// with `no_overload_wait` (why not) may not set `overload_wait`.
     fn policy(
         &mut self,
-        service: &str,
+        service: Service,
         raw: raw::ProcessPolicy,
         d: ProcessPolicy,
         no_overload_wait: Option<&str>,
