@@ -231,12 +231,13 @@ fn to_lf(content: &[u8]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
     use std::process::ExitStatus;
 
-    fn request(sender: &str) -> Request {
+    /// A request to the pipe agent with no recipients and no content.
+    pub(crate) fn request(sender: &str) -> Request {
         Request {
             envelope: mortal_proto::delivery::Envelope {
                 queue_id: "0000000010000100000A".parse().unwrap(),

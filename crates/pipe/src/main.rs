@@ -206,8 +206,7 @@ fn read_request(config: &Config, stream: &mut UnixStream) -> io::Result<Request>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mortal_proto::delivery::Envelope;
-    use mortal_proto::envelope::{BodyType, Notify};
+    use mortal_proto::envelope::Notify;
     use std::path::Path;
 
     fn config() -> Config {
@@ -216,19 +215,9 @@ mod tests {
     }
 
     fn request(route: &str) -> Request {
-        Request {
-            envelope: Envelope {
-                queue_id: "0000000010000100000A".parse().unwrap(),
-                route: route.parse().unwrap(),
-                sender: "a@x.test".into(),
-                body: BodyType::SevenBit,
-                smtputf8: false,
-                ret: None,
-                envid: String::new(),
-            },
-            recipients: Vec::new(),
-            content: Vec::new(),
-        }
+        let mut request = command::tests::request("a@x.test");
+        request.envelope.route = route.parse().unwrap();
+        request
     }
 
     fn rcpt(address: &str) -> Recipient {

@@ -424,18 +424,16 @@ mod tests {
         Batch { destination: route.to_string(), route, rcpts: vec![0, 1] }
     }
 
-    /// No agent: every recipient is deferred with a clear reason.
-    #[test]
-    fn unreachable_agent_defers_everyone() {
-        let dir = temp_dir("none");
-        let report = deliver(&agents(&dir), &batch(), &queue_file());
-        assert_eq!(report.relay, "none");
-        assert_eq!(report.results.len(), 2);
-        for r in &report.results {
-            assert_eq!((r.status, r.dsn), (Status::Deferred, UNAVAILABLE));
-            assert!(r.text.starts_with("lmtp delivery agent unavailable: connect to "), "{}", r.text);
+    /// Reads from a scripted agent's connection until a whole request
+    /// arrived.
+    fn next_request(s: &mut UnixStream, decoder: &mut RequestDecoder) -> delivery::Request {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if let Some(r) = decoder.feed(&buf[..n]).unwrap() {
+                return r;
+            }
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn pipe_agents(dir: &Path) -> Agents {
@@ -450,17 +448,23 @@ mod tests {
         Batch { route: Route::Pipe, destination: "pipe:pipe.test".into(), rcpts: vec![0, 1] }
     }
 
-    /// No pipe agent: every recipient is deferred, in the words operators
-    /// know, and the relay is still pipe.
+    /// No agent: every recipient is deferred with a clear reason (for
+    /// pipe in the words operators know, and pipe is still the relay).
     #[test]
-    fn unreachable_pipe_agent_defers_everyone() {
-        let dir = temp_dir("pipe-none");
-        let report = deliver(&pipe_agents(&dir), &pipe_batch(), &queue_file());
-        assert_eq!(report.relay, "pipe");
-        assert_eq!(report.results.len(), 2);
-        for r in &report.results {
-            assert_eq!((r.status, r.dsn), (Status::Deferred, UNAVAILABLE));
-            assert!(r.text.starts_with("pipe service unavailable: connect to "), "{}", r.text);
+    fn unreachable_agent_defers_everyone() {
+        let dir = temp_dir("none");
+        let cases = [
+            (agents(&dir), batch(), "none", "lmtp delivery agent"),
+            (pipe_agents(&dir), pipe_batch(), "pipe", "pipe service"),
+        ];
+        for (agents, batch, relay, who) in cases {
+            let report = deliver(&agents, &batch, &queue_file());
+            assert_eq!(report.relay, relay);
+            assert_eq!(report.results.len(), 2);
+            for r in &report.results {
+                assert_eq!((r.status, r.dsn), (Status::Deferred, UNAVAILABLE));
+                assert!(r.text.starts_with(&format!("{who} unavailable: connect to ")), "{}", r.text);
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -475,14 +479,7 @@ mod tests {
         let listener = UnixListener::bind(agents.config.pipe_socket()).unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            let mut decoder = RequestDecoder::new(1 << 20);
-            let mut buf = [0u8; 4096];
-            let request = loop {
-                let n = s.read(&mut buf).unwrap();
-                if let Some(r) = decoder.feed(&buf[..n]).unwrap() {
-                    break r;
-                }
-            };
+            let request = next_request(&mut s, &mut RequestDecoder::new(1 << 20));
             let mut out = Vec::new();
             delivery::Report::encode_header("pipe", false, &mut out);
             RcptResult::delivered("delivered via pipe service").encode(&mut out);
@@ -546,15 +543,9 @@ mod tests {
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             let mut decoder = RequestDecoder::new(1 << 20);
-            let mut buf = [0u8; 4096];
             let mut got = Vec::new();
             for round in 0..2 {
-                let request = loop {
-                    let n = s.read(&mut buf).unwrap();
-                    if let Some(r) = decoder.feed(&buf[..n]).unwrap() {
-                        break r;
-                    }
-                };
+                let request = next_request(&mut s, &mut decoder);
                 let mut out = Vec::new();
                 let ok = RcptResult::delivered("250 2.0.0 Ok");
                 if round == 0 {
@@ -607,20 +598,13 @@ mod tests {
             let mut ends = Vec::new();
             for _ in 0..2 {
                 let (mut s, _) = listener.accept().unwrap();
-                let mut decoder = RequestDecoder::new(1 << 20);
-                let mut buf = [0u8; 4096];
-                let request = loop {
-                    let n = s.read(&mut buf).unwrap();
-                    if let Some(r) = decoder.feed(&buf[..n]).unwrap() {
-                        break r;
-                    }
-                };
+                let request = next_request(&mut s, &mut RequestDecoder::new(1 << 20));
                 let mut out = Vec::new();
                 let results = vec![RcptResult::delivered("250 2.0.0 Ok"); request.recipients.len()];
                 Report { relay: request.envelope.route.to_string(), results }.encode(true, &mut out);
                 s.write_all(&out).unwrap();
                 // Kept: wait for the next request or the end.
-                ends.push(s.read(&mut buf).unwrap());
+                ends.push(s.read(&mut [0u8; 4096]).unwrap());
             }
             ends
         });
@@ -651,13 +635,7 @@ mod tests {
         let listener = UnixListener::bind(agents.config.lmtp_socket()).unwrap();
         let server = std::thread::spawn(move || {
             let answer = |s: &mut UnixStream, decoder: &mut RequestDecoder| {
-                let mut buf = [0u8; 4096];
-                loop {
-                    let n = s.read(&mut buf).unwrap();
-                    if decoder.feed(&buf[..n]).unwrap().is_some() {
-                        break;
-                    }
-                }
+                next_request(s, decoder);
                 let ok = RcptResult::delivered("250 2.0.0 Ok");
                 let mut out = Vec::new();
                 Report { relay: "hop".into(), results: vec![ok.clone(), ok] }.encode(true, &mut out);
