@@ -20,7 +20,6 @@ const TARGETS: &[(&str, Entry)] = &[
     ("proxy_header", mortal_fuzz::proxy_header),
     ("smtp_session", mortal_fuzz::smtp_session),
     ("ipc_decoder", mortal_proto::fuzz::ipc_stream),
-    ("pipe", mortal_proto::fuzz::pipe_stream),
     ("delivery", mortal_proto::fuzz::delivery_stream),
     ("queue_file", mortal_proto::fuzz::queue_file),
     ("address", mortal_proto::fuzz::address),

@@ -33,7 +33,6 @@
 use anyhow::{Context, Result, bail};
 use mortal_proto::envelope::{BodyType, ClientInfo, DsnRet, Notify, RecipientInfo, SenderInfo};
 use mortal_proto::ipc::Request;
-use mortal_proto::pipe::{self, PipeRecipient, PipeResult, PipeStatus};
 use mortal_proto::queue_file::{DeliveryStatus, QueueFile, QueuedRecipient, RecipientState};
 use mortal_proto::smtp_status::{DsnAction, EnhancedStatus, StatusClass};
 use std::fmt::Write as _;
@@ -50,7 +49,6 @@ pub const TARGETS: &[&str] = &[
     "smtp_session",
     "proxy_header",
     "ipc_decoder",
-    "pipe",
     "delivery",
     "queue_file",
     "address",
@@ -508,9 +506,9 @@ fn seeds(root: &Path) -> Result<Vec<Seed>> {
         out.push(("proxy_header", format!("seed-{name}"), header.to_vec()));
     }
     out.push(("ipc_decoder", "seed-conversation".into(), ipc_conversation()));
-    let (request, results) = pipe_conversation();
-    out.push(("pipe", "seed-request".into(), request));
-    out.push(("pipe", "seed-results".into(), results));
+    let (request, report) = pipe_conversation();
+    out.push(("delivery", "seed-pipe-request".into(), request));
+    out.push(("delivery", "seed-pipe-report".into(), report));
     let (requests, report) = delivery_conversation();
     out.push(("delivery", "seed-requests".into(), requests));
     out.push(("delivery", "seed-report".into(), report));
@@ -640,28 +638,49 @@ fn sample_sender(body: BodyType) -> SenderInfo {
     }
 }
 
-/// A pipe request with two recipients, and the two results that answer
-/// it, each behind the mode octet `pipe_stream` reads first.
+/// A request to the pipe agent (route `pipe`, a BINARYMIME body) with
+/// two recipients, and the report that answers it as the pipe agent
+/// does, each behind the mode octet `delivery_stream` reads first.
 fn pipe_conversation() -> (Vec<u8>, Vec<u8>) {
-    let recipients = [
-        PipeRecipient { address: "b@pipe.test".into(), orcpt: "rfc822;B@pipe.test".into() },
-        PipeRecipient { address: "c@pipe.test".into(), orcpt: String::new() },
-    ];
-    let mut request = vec![0];
-    request.extend(pipe::encode_request(
-        &"0000000010000100000A".parse().expect("a queue id"),
-        "a@example.test",
-        false,
-        &recipients,
-        b"Subject: x\r\n\r\nhi\r\n",
-    ));
-    // Odd: results; 2 << 1 | 1: two of them expected.
-    let mut results = vec![5];
-    let delivered = EnhancedStatus::undefined(StatusClass::Success);
-    PipeResult::new(PipeStatus::Delivered, delivered, "delivered via pipe service").encode(&mut results);
-    let no_user = EnhancedStatus::new(StatusClass::Permanent, 1, 1);
-    PipeResult::new(PipeStatus::Bounced, no_user, "Command died with status 67").encode(&mut results);
-    (request, results)
+    use mortal_proto::config::Route;
+    use mortal_proto::delivery::{self, Envelope, RcptResult, Recipient, Report, Request, Status};
+    let request = Request {
+        envelope: Envelope {
+            queue_id: "0000000010000100000A".parse().expect("queue id"),
+            route: Route::Pipe,
+            sender: "a@example.test".into(),
+            body: BodyType::BinaryMime,
+            smtputf8: false,
+            ret: None,
+            envid: String::new(),
+        },
+        recipients: vec![
+            Recipient { address: "b@pipe.test".into(), notify: Notify::default(), orcpt: "rfc822;B@pipe.test".into() },
+            Recipient { address: "c@pipe.test".into(), notify: Notify::default(), orcpt: String::new() },
+        ],
+        content: b"Subject: x\r\n\r\n\x00hi\r\n".to_vec(),
+    };
+    let mut requests = vec![0];
+    requests.extend(delivery::hello());
+    requests.extend(request.encode());
+    // Odd: a report; 2 << 1 | 1: two results expected.
+    let mut report = vec![5];
+    Report {
+        relay: "pipe".into(),
+        results: vec![
+            RcptResult::delivered("delivered via pipe service"),
+            RcptResult {
+                diagnostic: Some("x-unix; no such user".into()),
+                ..RcptResult::new(
+                    Status::Bounced,
+                    EnhancedStatus::new(StatusClass::Permanent, 1, 1),
+                    "Command died with status 67: \"/usr/bin/deliver\". Command output: no such user",
+                )
+            },
+        ],
+    }
+    .encode(false, &mut report);
+    (requests, report)
 }
 
 /// Two delivery requests on one connection (LMTP, then SMTP relay with

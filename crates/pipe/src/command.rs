@@ -17,7 +17,8 @@
 //! process group and the delivery deferred.
 
 use mortal_proto::config::Config;
-use mortal_proto::pipe::{PipeRecipient, PipeRequest, PipeResult, PipeStatus};
+use mortal_proto::delivery::{RcptResult, Recipient, Request, Status};
+use mortal_proto::envelope::BodyType;
 use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
 use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -31,8 +32,6 @@ use std::time::{Duration, Instant};
 const SYSTEM_ERROR: EnhancedStatus = EnhancedStatus::new(StatusClass::Persistent, 3, 0);
 /// `4.3.5`: system incorrectly configured.
 const MISCONFIGURED: EnhancedStatus = EnhancedStatus::new(StatusClass::Persistent, 3, 5);
-/// `2.0.0`
-const DELIVERED: EnhancedStatus = EnhancedStatus::undefined(StatusClass::Success);
 
 /// Octets of command output kept for the log and the DSN.
 pub const OUTPUT_LIMIT: usize = 512;
@@ -61,13 +60,13 @@ pub fn kill_running() -> Option<u32> {
 }
 
 /// Expands the argv template for one recipient.
-pub fn expand(template: &[String], request: &PipeRequest, rcpt: &PipeRecipient) -> Vec<String> {
+pub fn expand(template: &[String], request: &Request, rcpt: &Recipient) -> Vec<String> {
     template
         .iter()
         .map(|arg| {
-            arg.replace("${sender}", &request.sender)
+            arg.replace("${sender}", &request.envelope.sender)
                 .replace("${recipient}", &rcpt.address)
-                .replace("${queue_id}", request.queue_id.as_str())
+                .replace("${queue_id}", request.envelope.queue_id.as_str())
                 .replace("${original_recipient}", rcpt.original())
         })
         .collect()
@@ -76,21 +75,22 @@ pub fn expand(template: &[String], request: &PipeRequest, rcpt: &PipeRecipient) 
 /// The message as the command reads it: CRLF line ends become LF, as Unix
 /// tools expect, except in a `BODY=BINARYMIME` message, whose octets are
 /// data and reach the command unchanged.
-pub fn stdin_of(request: &PipeRequest) -> Arc<Vec<u8>> {
-    Arc::new(if request.binary { request.content.clone() } else { to_lf(&request.content) })
+pub fn stdin_of(request: &Request) -> Arc<Vec<u8>> {
+    let binary = request.envelope.body == BodyType::BinaryMime;
+    Arc::new(if binary { request.content.clone() } else { to_lf(&request.content) })
 }
 
 /// Runs the command once for `rcpt`, feeding it `input` ([`stdin_of`]).
-pub fn run(config: &Config, request: &PipeRequest, rcpt: &PipeRecipient, input: &Arc<Vec<u8>>) -> PipeResult {
+pub fn run(config: &Config, request: &Request, rcpt: &Recipient, input: &Arc<Vec<u8>>) -> RcptResult {
     let pipe = &config.delivery.pipe;
     let argv = expand(&pipe.command, request, rcpt);
     let Some(program) = argv.first() else {
-        return PipeResult::new(PipeStatus::Deferred, MISCONFIGURED, "pipe: no [delivery.pipe] command configured");
+        return RcptResult::new(Status::Deferred, MISCONFIGURED, "pipe: no [delivery.pipe] command configured");
     };
     // The sandbox dropped root before the first request; should that ever
     // not hold, no command runs.
     if nix::unistd::geteuid().is_root() {
-        return PipeResult::new(PipeStatus::Deferred, MISCONFIGURED, "pipe: refusing to run the command as root");
+        return RcptResult::new(Status::Deferred, MISCONFIGURED, "pipe: refusing to run the command as root");
     }
     let mut cmd = Command::new(program);
     cmd.args(&argv[1..]).env_clear().env("PATH", SAFE_PATH).current_dir("/").stdin(Stdio::piped());
@@ -98,11 +98,11 @@ pub fn run(config: &Config, request: &PipeRequest, rcpt: &PipeRecipient, input: 
     cmd.process_group(0);
     let (mut reader, writer) = match std::io::pipe() {
         Ok(p) => p,
-        Err(e) => return PipeResult::new(PipeStatus::Deferred, SYSTEM_ERROR, format!("pipe: {e}")),
+        Err(e) => return RcptResult::new(Status::Deferred, SYSTEM_ERROR, format!("pipe: {e}")),
     };
     match writer.try_clone() {
         Ok(w2) => cmd.stdout(w2).stderr(writer),
-        Err(e) => return PipeResult::new(PipeStatus::Deferred, SYSTEM_ERROR, format!("pipe: {e}")),
+        Err(e) => return RcptResult::new(Status::Deferred, SYSTEM_ERROR, format!("pipe: {e}")),
     };
     let started = Instant::now();
     let spawned = cmd.spawn();
@@ -112,7 +112,7 @@ pub fn run(config: &Config, request: &PipeRequest, rcpt: &PipeRecipient, input: 
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            return PipeResult::new(PipeStatus::Deferred, SYSTEM_ERROR, format!("pipe: cannot run {program}: {e}"));
+            return RcptResult::new(Status::Deferred, SYSTEM_ERROR, format!("pipe: cannot run {program}: {e}"));
         }
     };
     RUNNING.store(child.id(), Ordering::SeqCst);
@@ -155,7 +155,7 @@ pub fn run(config: &Config, request: &PipeRequest, rcpt: &PipeRecipient, input: 
                 pause = (pause * 2).min(POLL_MAX);
             }
             Err(e) => {
-                return PipeResult::new(PipeStatus::Deferred, SYSTEM_ERROR, format!("pipe: wait for {program}: {e}"));
+                return RcptResult::new(Status::Deferred, SYSTEM_ERROR, format!("pipe: wait for {program}: {e}"));
             }
         }
     };
@@ -172,32 +172,32 @@ fn kill_group(pid: u32) {
 }
 
 /// The result for an exit `status` (`None`: killed at the time limit).
-fn judge(status: Option<std::process::ExitStatus>, program: &str, out: &str) -> PipeResult {
+fn judge(status: Option<std::process::ExitStatus>, program: &str, out: &str) -> RcptResult {
     let with_output = |text: String| if out.is_empty() { text } else { format!("{text}. Command output: {out}") };
     match status {
-        None => PipeResult::new(
-            PipeStatus::Deferred,
+        None => RcptResult::new(
+            Status::Deferred,
             SYSTEM_ERROR,
             with_output(format!("Command time limit exceeded: \"{program}\"")),
         ),
-        Some(s) if s.success() => PipeResult::new(PipeStatus::Delivered, DELIVERED, "delivered via pipe service"),
+        Some(s) if s.success() => RcptResult::delivered("delivered via pipe service"),
         Some(s) if s.code() == Some(EX_TEMPFAIL) => {
-            PipeResult::new(PipeStatus::Deferred, SYSTEM_ERROR, with_output("temporary failure".into()))
+            RcptResult::new(Status::Deferred, SYSTEM_ERROR, with_output("temporary failure".into()))
         }
         Some(s) => match s.code() {
-            Some(code) => PipeResult {
+            Some(code) => RcptResult {
                 diagnostic: Some(format!(
                     "x-unix; {}",
                     if out.is_empty() { format!("exit status {code}") } else { out.to_owned() }
                 )),
-                ..PipeResult::new(
-                    PipeStatus::Bounced,
+                ..RcptResult::new(
+                    Status::Bounced,
                     sysexits_dsn(code),
                     with_output(format!("Command died with status {code}: \"{program}\"")),
                 )
             },
-            None => PipeResult::new(
-                PipeStatus::Deferred,
+            None => RcptResult::new(
+                Status::Deferred,
                 SYSTEM_ERROR,
                 with_output(format!("Command died with signal {}: \"{program}\"", s.signal().unwrap_or(0))),
             ),
@@ -231,10 +231,27 @@ fn to_lf(content: &[u8]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
     use std::process::ExitStatus;
+
+    /// A request to the pipe agent with no recipients and no content.
+    pub(crate) fn request(sender: &str) -> Request {
+        Request {
+            envelope: mortal_proto::delivery::Envelope {
+                queue_id: "0000000010000100000A".parse().unwrap(),
+                route: mortal_proto::config::Route::Pipe,
+                sender: sender.into(),
+                body: BodyType::SevenBit,
+                smtputf8: false,
+                ret: None,
+                envid: String::new(),
+            },
+            recipients: Vec::new(),
+            content: Vec::new(),
+        }
+    }
 
     #[test]
     fn lf_conversion_keeps_lone_cr() {
@@ -243,15 +260,11 @@ mod tests {
 
     #[test]
     fn binary_content_reaches_the_command_unchanged() {
-        let mut request = PipeRequest {
-            queue_id: "0000000010000100000A".parse().unwrap(),
-            sender: String::new(),
-            recipients: Vec::new(),
-            content: b"a\r\n\x00\r\n".to_vec(),
-            binary: false,
-        };
+        let mut request = request("");
+        request.content = b"a\r\n\x00\r\n".to_vec();
+        request.envelope.body = BodyType::EightBitMime;
         assert_eq!(*stdin_of(&request), b"a\n\x00\n");
-        request.binary = true;
+        request.envelope.body = BodyType::BinaryMime;
         assert_eq!(*stdin_of(&request), b"a\r\n\x00\r\n");
     }
 
@@ -262,14 +275,12 @@ mod tests {
 
     #[test]
     fn expansion_stays_inside_one_argument() {
-        let request = PipeRequest {
-            queue_id: "0000000010000100000A".parse().unwrap(),
-            sender: "a@example.test".into(),
-            recipients: Vec::new(),
-            content: Vec::new(),
-            binary: false,
+        let request = request("a@example.test");
+        let rcpt = Recipient {
+            address: "\"x y\"@pipe.test".into(),
+            notify: Default::default(),
+            orcpt: "rfc822;X@pipe.test".into(),
         };
-        let rcpt = PipeRecipient { address: "\"x y\"@pipe.test".into(), orcpt: "rfc822;X@pipe.test".into() };
         let template: Vec<String> =
             ["/bin/p", "-f", "${sender}", "--to=${recipient}", "${original_recipient}", "${queue_id}"]
                 .map(String::from)
@@ -285,13 +296,13 @@ mod tests {
     #[test]
     fn exit_status_table() {
         let code = |c: i32| Some(ExitStatus::from_raw(c << 8));
-        let cases: [(Option<ExitStatus>, &str, PipeStatus, &str); 6] = [
-            (code(0), "", PipeStatus::Delivered, "2.0.0"),
-            (code(75), "locked", PipeStatus::Deferred, "4.3.0"),
-            (code(67), "no such user", PipeStatus::Bounced, "5.1.1"),
-            (code(1), "", PipeStatus::Bounced, "5.3.0"),
-            (Some(ExitStatus::from_raw(9)), "", PipeStatus::Deferred, "4.3.0"),
-            (None, "", PipeStatus::Deferred, "4.3.0"),
+        let cases: [(Option<ExitStatus>, &str, Status, &str); 6] = [
+            (code(0), "", Status::Sent, "2.0.0"),
+            (code(75), "locked", Status::Deferred, "4.3.0"),
+            (code(67), "no such user", Status::Bounced, "5.1.1"),
+            (code(1), "", Status::Bounced, "5.3.0"),
+            (Some(ExitStatus::from_raw(9)), "", Status::Deferred, "4.3.0"),
+            (None, "", Status::Deferred, "4.3.0"),
         ];
         for (status, out, want, dsn) in cases {
             let r = judge(status, "/bin/p", out);

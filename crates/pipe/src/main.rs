@@ -1,4 +1,4 @@
-//! mortal-pipe: the `pipe` delivery service, Postfix's pipe(8) in shape.
+//! mortal-pipe: the `pipe` delivery agent, Postfix's pipe(8) in shape.
 //!
 //! # Summary
 //! A pool of processes, started, replaced and retired by `mortal-master`
@@ -6,10 +6,13 @@
 //! route (`[delivery] transport` or a `[delivery.routes]` entry) uses
 //! `pipe`. Each child waits on `<run_dir>/private/pipe` (inherited as
 //! stdin) and serves one delivery request per connection from the queue
-//! manager (`mortal_proto::pipe`): it reads the whole request, runs the
-//! `[delivery.pipe] command` once per recipient, and answers one result
-//! per recipient as each command ends. The queue logs the delivery lines
-//! (`relay=pipe`) and writes the DSNs; this service only runs commands.
+//! manager, in the protocol of the other delivery agents
+//! (`mortal_proto::delivery`, route `pipe`): it reads the whole request,
+//! sends the report's header (relay `pipe`, no further request on this
+//! connection), runs the `[delivery.pipe] command` once per recipient, and
+//! sends each recipient's result as its command ends. The queue logs the
+//! delivery lines (`relay=pipe`) and writes the DSNs; this agent only runs
+//! commands.
 //!
 //! # Security
 //! This is the one mortal process that runs a program, and it is the
@@ -33,11 +36,12 @@
 //! addresses stay inside single arguments. The peer is not trusted: the
 //! decoder insists on the record order, a protocol version, a queue id of
 //! the right shape, RFC 5321 mailboxes, at most
-//! `mortal_proto::pipe::MAX_RECIPIENTS` recipients and content no larger
+//! `mortal_proto::delivery::MAX_RECIPIENTS` recipients and content no larger
 //! than `message_size_limit` plus headers and margin; a request that
 //! breaks a rule, or does not arrive whole within [`REQUEST_TIMEOUT`],
 //! runs nothing. A recipient whose domain does not route to pipe under
-//! this service's configuration is deferred, not run.
+//! this agent's configuration (or a request for another route) is
+//! deferred with `4.3.5`, not run.
 //!
 //! # Standards
 //! sysexits(3) exit statuses; RFC 3463 enhanced status codes; RFC 3464
@@ -62,8 +66,8 @@ mod command;
 
 use mortal_libmaster::child;
 use mortal_libmaster::sandbox::{self, Service};
-use mortal_proto::config::{Config, Route};
-use mortal_proto::pipe::{PipeRequest, PipeResult, PipeStatus, RequestDecoder, max_content};
+use mortal_proto::config::Config;
+use mortal_proto::delivery::{RcptResult, Recipient, Report, Request, RequestDecoder, Status, max_content};
 use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
 use nix::sys::signal::{self, SigSet, Signal};
 use std::io::{self, Read, Write};
@@ -118,55 +122,64 @@ fn take_sigterm() {
     });
 }
 
-/// One connection: one request, one result per recipient.
+/// One connection: one request, its report's header, then one result per
+/// recipient as each command ends.
 fn serve(config: &Config, mut stream: UnixStream) {
     let request = match read_request(config, &mut stream) {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!("warning: pipe request from the queue refused: {e}");
+            tracing::warn!("warning: delivery request from the queue refused: {e}");
             return;
         }
     };
+    let queue_id = request.envelope.queue_id;
+    // One request per connection: the header says so before any command
+    // runs, and results that reach the queue count even if this process
+    // dies before the last one.
+    let mut out = Vec::new();
+    Report::encode_header(Service::Pipe.name(), false, &mut out);
     let input = command::stdin_of(&request);
     for rcpt in &request.recipients {
-        let result = if routed_to_pipe(config, &rcpt.address) {
-            command::run(config, &request, rcpt, &input)
-        } else {
-            tracing::warn!(
-                "warning: {}: to=<{}>: not routed to pipe in this configuration: not run",
-                request.queue_id,
-                rcpt.address
-            );
-            PipeResult::new(
-                PipeStatus::Deferred,
-                const { EnhancedStatus::new(StatusClass::Persistent, 3, 5) },
-                "pipe: recipient domain is not routed to the pipe service",
-            )
+        let result = match misrouted(config, &request, rcpt) {
+            None => command::run(config, &request, rcpt, &input),
+            Some(result) => result,
         };
-        tracing::debug!(
-            "{}: to=<{}>: {:?} {} {}",
-            request.queue_id,
-            rcpt.address,
-            result.status,
-            result.dsn,
-            result.text
-        );
-        let mut out = Vec::new();
+        tracing::debug!("{queue_id}: to=<{}>: {:?} {} {}", rcpt.address, result.status, result.dsn, result.text);
         result.encode(&mut out);
         // The queue gave up waiting (or died): it defers what it has no
         // result for, so running the next command would only duplicate.
         if let Err(e) = stream.write_all(&out) {
-            tracing::warn!(
-                "warning: {}: send result to the queue: {e}: remaining recipients not run",
-                request.queue_id
-            );
+            tracing::warn!("warning: {queue_id}: send result to the queue: {e}: remaining recipients not run");
             return;
         }
+        out.clear();
     }
 }
 
+/// The deferral for a recipient this configuration does not route to
+/// pipe, or of a request for another route; `None` when the command may
+/// run for it. A peer cannot make the command run for mail routed
+/// elsewhere.
+fn misrouted(config: &Config, request: &Request, rcpt: &Recipient) -> Option<RcptResult> {
+    let route = &request.envelope.route;
+    let domain = rcpt.address.rsplit_once('@').map_or("", |(_, d)| d);
+    if Service::Pipe.carries(route) && config.route_for(domain) == route {
+        return None;
+    }
+    tracing::warn!(
+        "warning: {}: to=<{}>: not routed to {route} in this configuration: not run",
+        request.envelope.queue_id,
+        rcpt.address
+    );
+    Some(RcptResult::new(
+        Status::Deferred,
+        const { EnhancedStatus::new(StatusClass::Persistent, 3, 5) },
+        format!("pipe: recipient domain is not routed to {route}"),
+    ))
+}
+
 /// Reads one complete request, strictly and within [`REQUEST_TIMEOUT`].
-fn read_request(config: &Config, stream: &mut UnixStream) -> io::Result<PipeRequest> {
+fn read_request(config: &Config, stream: &mut UnixStream) -> io::Result<Request> {
     let deadline = Instant::now() + REQUEST_TIMEOUT;
     let mut decoder = RequestDecoder::new(max_content(config));
     let mut buf = vec![0u8; READ_CHUNK];
@@ -190,9 +203,39 @@ fn read_request(config: &Config, stream: &mut UnixStream) -> io::Result<PipeRequ
     }
 }
 
-/// Whether mail to `address` goes to pipe under this configuration: a
-/// peer cannot make the command run for mail routed elsewhere.
-fn routed_to_pipe(config: &Config, address: &str) -> bool {
-    let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
-    *config.route_for(domain) == Route::Pipe
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mortal_proto::envelope::Notify;
+    use std::path::Path;
+
+    fn config() -> Config {
+        let text = "[delivery]\ntransport = \"maildir\"\n[delivery.routes]\n\"p.test\" = \"pipe\"\n\"l.test\" = \"lmtp:inet:127.0.0.1:9\"\n[delivery.pipe]\ncommand = [\"/bin/true\"]\nuser = \"pipeuser\"\n";
+        Config::parse_for(text, Path::new("/m.toml"), false).unwrap()
+    }
+
+    fn request(route: &str) -> Request {
+        let mut request = command::tests::request("a@x.test");
+        request.envelope.route = route.parse().unwrap();
+        request
+    }
+
+    fn rcpt(address: &str) -> Recipient {
+        Recipient { address: address.into(), notify: Notify::default(), orcpt: String::new() }
+    }
+
+    /// Issue 11: a request chooses values, never where mail goes. Only a
+    /// `pipe` request for a domain this configuration routes to pipe runs
+    /// the command; the rest are deferred with 4.3.5.
+    #[test]
+    fn only_recipients_routed_to_pipe_run() {
+        let config = config();
+        assert_eq!(misrouted(&config, &request("pipe"), &rcpt("a@P.test")), None);
+        for (route, address) in [("pipe", "a@l.test"), ("pipe", "a@other.test"), ("lmtp:inet:127.0.0.1:9", "a@l.test")]
+        {
+            let r = misrouted(&config, &request(route), &rcpt(address)).expect(address);
+            assert_eq!((r.status, r.dsn.to_string().as_str()), (Status::Deferred, "4.3.5"), "{route} {address}");
+            assert_eq!(r.text, format!("pipe: recipient domain is not routed to {route}"));
+        }
+    }
 }

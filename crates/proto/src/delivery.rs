@@ -1,7 +1,8 @@
 //! The queue → delivery agent conversation (protocol `delivery`, version
 //! 1): the queue manager hands one batch of recipients at a time to the
-//! `lmtp` or `smtp` delivery agent (Postfix's lmtp(8)/smtp(8)), which talks
-//! to the next hop and answers one result per recipient.
+//! delivery agent of its route (Postfix's lmtp(8), smtp(8) and pipe(8)):
+//! `lmtp` and `smtp` talk to the next hop, `pipe` runs its configured
+//! command once per recipient; each answers one result per recipient.
 //!
 //! One Unix stream connection opens with `Hello` and then carries any
 //! number of deliveries, strictly one after the other, so that an agent
@@ -23,22 +24,26 @@
 //! ```
 //!
 //! Records use the framing of [`crate::record`]. The route names the next
-//! hop (`lmtp:unix:/path`, `smtp:inet:192.0.2.1:25`); the agent delivers
-//! only over a route its own configuration gives the recipients' domains,
-//! so a peer chooses at most which configured next hop is used, never an
-//! address of its own. [`RequestDecoder`] insists on the order above, on a
-//! protocol version, on a valid queue id, on RFC 5321 mailbox syntax for
-//! every address, on [`MAX_RECIPIENTS`] and a content limit, and on
-//! silence while a report is owed; any violation ends the conversation
-//! before a byte goes to the next hop. `keep` says whether the agent takes
-//! another delivery on this connection (it does not after its last use).
-//! [`ReportDecoder`] checks that each status and its enhanced code agree,
-//! and that no text can start a new log line.
+//! hop (`lmtp:unix:/path`, `smtp:inet:192.0.2.1:25`) or `pipe`; the agent
+//! delivers only over a route its own configuration gives the recipients'
+//! domains, and the pipe agent runs only its own `[delivery.pipe]
+//! command`, so a peer chooses at most which configured route is used and
+//! the values the queue could (sender, recipients, queue id, content),
+//! never an address, a program or an argument of its own. [`RequestDecoder`]
+//! insists on the order above, on a protocol version, on a valid queue id,
+//! on RFC 5321 mailbox syntax for every address, on [`MAX_RECIPIENTS`]
+//! and a content limit ([`max_content`]), and on silence while a report is
+//! owed; any violation ends the conversation before a byte goes to the
+//! next hop or a command runs. `keep` says whether the agent takes another
+//! delivery on this connection (it does not after its last use; the pipe
+//! agent never does). Results may follow the report's header one by one,
+//! as each recipient's delivery ends. [`ReportDecoder`] checks that each
+//! status and its enhanced code agree, and that no text can start a new
+//! log line.
 
 use crate::address::{MAX_PATH, parse_mailbox};
 use crate::config::Route;
 use crate::envelope::{BodyType, DsnRet, MAX_ENVID, Notify};
-use crate::pipe::{MAX_DSN_CODE, MAX_PROTOCOL_NAME, clean};
 use crate::queue_id::QueueId;
 use crate::record::{FieldReader, Fields, FrameError, RawRecord, put_record, record_header, take_record};
 use crate::smtp_status::{DsnAction, EnhancedStatus, StatusClass};
@@ -64,6 +69,24 @@ pub const MAX_RESULT_TEXT: usize = 2048;
 pub const MAX_DIAGNOSTIC: usize = 2048;
 /// Longest Remote-MTA value and relay name (`dns; host`, a socket path).
 pub const MAX_RELAY: usize = 1024;
+/// Longest protocol name in `Hello`.
+const MAX_PROTOCOL_NAME: usize = 64;
+/// Longest enhanced status code (`5.123.456`).
+const MAX_DSN_CODE: usize = 9;
+/// Octets allowed beyond `[smtpd] message_size_limit` plus `[cleanup]
+/// header_size_limit`: the headers cleanup adds and a DSN's own parts
+/// around a returned message.
+pub const CONTENT_MARGIN: u64 = 64 * 1024;
+
+/// The largest content a request may carry under `config`: what the
+/// queue can hold, so an agent refuses nothing the queue could send.
+pub fn max_content(config: &crate::config::Config) -> u64 {
+    config
+        .smtpd
+        .message_size_limit
+        .saturating_add(config.cleanup.header_size_limit as u64)
+        .saturating_add(CONTENT_MARGIN)
+}
 
 const HELLO: u8 = b'H';
 const ENVELOPE: u8 = b'S';
@@ -210,10 +233,18 @@ impl Report {
     /// Appends the encoded report to `out`: its header, saying whether
     /// the connection takes another delivery (`keep`), then the results.
     pub fn encode(&self, keep: bool, out: &mut Vec<u8>) {
-        put_record(out, REPORT, &Fields::new().str(&clean(&self.relay, MAX_RELAY)).u8(u8::from(keep)).finish());
+        Self::encode_header(&self.relay, keep, out);
         for r in &self.results {
             r.encode(out);
         }
+    }
+}
+
+impl Report {
+    /// Appends a report's header alone to `out`, for an agent that sends
+    /// each result ([`RcptResult::encode`]) as its delivery ends.
+    pub fn encode_header(relay: &str, keep: bool, out: &mut Vec<u8>) {
+        put_record(out, REPORT, &Fields::new().str(&clean(relay, MAX_RELAY)).u8(u8::from(keep)).finish());
     }
 }
 
@@ -227,11 +258,18 @@ pub struct Recipient {
     pub orcpt: String,
 }
 
+impl Recipient {
+    /// The original recipient: ORCPT's address when given, else the address.
+    pub fn original(&self) -> &str {
+        self.orcpt.split_once(';').map_or(self.address.as_str(), |(_, a)| a)
+    }
+}
+
 /// The envelope of a request: everything but recipients and content.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
     pub queue_id: QueueId,
-    /// The next hop, an `lmtp:` or `smtp:` route.
+    /// The next hop, an `lmtp:` or `smtp:` route, or `pipe`.
     pub route: Route,
     /// Reverse-path without brackets; empty for `<>`.
     pub sender: String,
@@ -271,6 +309,18 @@ pub enum DeliveryError {
 
 fn unexpected(got: u8, expected: &'static str) -> DeliveryError {
     DeliveryError::OutOfOrder { got, expected }
+}
+
+/// `s` without control characters and cut to `limit` octets.
+fn clean(s: &str, limit: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(limit));
+    for c in s.chars().map(|c| if c.is_control() { ' ' } else { c }) {
+        if out.len() + c.len_utf8() > limit {
+            break;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Text that ends up in logs and DSNs carries no control characters.
@@ -384,7 +434,7 @@ pub struct RequestDecoder {
 
 impl RequestDecoder {
     /// A decoder that refuses content above `max_content` octets
-    /// ([`crate::pipe::max_content`] of the agent's configuration).
+    /// ([`max_content`] of the agent's configuration).
     pub fn new(max_content: u64) -> Self {
         Self {
             buf: Vec::new(),
@@ -527,7 +577,7 @@ fn notify_from_wire(b: u8) -> Option<Notify> {
 fn decode_envelope(f: &mut FieldReader<'_>) -> Result<Envelope, DeliveryError> {
     let id: QueueId = f.str(crate::queue_id::QUEUE_ID_LEN)?.parse().map_err(|_| DeliveryError::BadValue("queue id"))?;
     let route: Route = f.str(MAX_ROUTE)?.parse().map_err(|_| DeliveryError::BadValue("route"))?;
-    if !matches!(route, Route::Lmtp(_) | Route::Smtp(_)) {
+    if !matches!(route, Route::Lmtp(_) | Route::Smtp(_) | Route::Pipe) {
         return Err(DeliveryError::BadValue("route"));
     }
     let sender = f.str(MAX_PATH)?;
@@ -707,6 +757,44 @@ mod tests {
         assert_eq!(dec.feed(&second.encode()).unwrap(), Some(second));
     }
 
+    /// The pipe agent's requests: route `pipe`, a null sender, octets
+    /// of a BINARYMIME body, no content, content at the limit.
+    #[test]
+    fn pipe_requests_round_trip() {
+        let pipe = |body, content: &[u8]| Request {
+            envelope: Envelope { route: Route::Pipe, sender: String::new(), body, ..request().envelope },
+            content: content.to_vec(),
+            ..request()
+        };
+        for r in [
+            pipe(BodyType::BinaryMime, b"\x00\r\n\n\xff"),
+            pipe(BodyType::SevenBit, b""),
+            pipe(BodyType::SevenBit, &[b'x'; LIMIT as usize]),
+        ] {
+            assert_eq!(decode_all(&[hello(), r.encode()].concat()), Ok(Some(r)));
+        }
+        assert_eq!(request().recipients[0].original(), "B@x.test");
+        assert_eq!(request().recipients[1].original(), "c@x.test");
+    }
+
+    /// An agent may send the header first and each result as its
+    /// delivery ends (pipe): the queue reads the same report.
+    #[test]
+    fn a_report_sent_result_by_result_decodes() {
+        let mut wire = Vec::new();
+        Report::encode_header(&report().relay, false, &mut wire);
+        let mut dec = ReportDecoder::new(3);
+        assert_eq!(dec.feed(&wire), Ok(false));
+        assert_eq!(dec.relay(), Some("127.0.0.1[127.0.0.1]:24"));
+        for (i, r) in report().results.iter().enumerate() {
+            let mut one = Vec::new();
+            r.encode(&mut one);
+            assert_eq!(dec.feed(&one), Ok(i == 2));
+        }
+        assert!(!dec.keep());
+        assert_eq!(dec.into_results(), report().results);
+    }
+
     /// A table row: name, wire bytes, and the error the decoder must give.
     type RejectCase = (&'static str, Vec<u8>, fn(&DeliveryError) -> bool);
 
@@ -752,7 +840,7 @@ mod tests {
             ("maildir route", cat(&[&h, &envelope_with("maildir", "", 7, 0)]), |e| {
                 matches!(e, DeliveryError::BadValue("route"))
             }),
-            ("pipe route", cat(&[&h, &envelope_with("pipe", "", 7, 0)]), |e| {
+            ("discard route", cat(&[&h, &envelope_with("discard", "", 7, 0)]), |e| {
                 matches!(e, DeliveryError::BadValue("route"))
             }),
             ("route by name", cat(&[&h, &envelope_with("smtp:inet:mx.example:25", "", 7, 0)]), |e| {

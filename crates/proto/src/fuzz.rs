@@ -2,7 +2,6 @@
 //! for the corpus replay test, so both exercise exactly the same code.
 
 use crate::ipc::{Decoder, Request, RequestInPlace, RequestSequence};
-use crate::pipe::{RequestDecoder, ResultDecoder};
 use crate::queue_file::QueueFile;
 
 /// Feeds `data` to cleanup's decoder in uneven pieces, checking order,
@@ -46,47 +45,6 @@ pub fn ipc_stream(data: &[u8]) {
         }
     }
     assert_eq!(in_place, owned, "in-place and owned decoding agree");
-}
-
-/// The pipe protocol, both directions. The first octet chooses: even, the
-/// rest is a request for the pipe service's decoder; odd, the rest is the
-/// results the queue reads, `(first >> 1) % 4` of them expected. Fed in
-/// uneven pieces; whatever decodes must encode back to the same thing.
-pub fn pipe_stream(data: &[u8]) {
-    const MAX_CONTENT: u64 = 1 << 20;
-    let Some((&mode, rest)) = data.split_first() else { return };
-    if mode % 2 == 0 {
-        let mut requests = RequestDecoder::new(MAX_CONTENT);
-        for piece in rest.chunks(5) {
-            match requests.feed(piece) {
-                Ok(None) => {}
-                Ok(Some(req)) => {
-                    let again = RequestDecoder::new(MAX_CONTENT).feed(&req.encode());
-                    assert_eq!(again, Ok(Some(req)), "request encode/decode round trip");
-                    return;
-                }
-                Err(_) => return,
-            }
-        }
-        return;
-    }
-    let mut results = ResultDecoder::new(usize::from(mode >> 1) % 4);
-    for piece in rest.chunks(9) {
-        results.feed(piece);
-        loop {
-            match results.next_result() {
-                Ok(Some(result)) => {
-                    let mut wire = Vec::new();
-                    result.encode(&mut wire);
-                    let mut again = ResultDecoder::new(1);
-                    again.feed(&wire);
-                    assert_eq!(again.next_result(), Ok(Some(result)), "result encode/decode round trip");
-                }
-                Ok(None) => break,
-                Err(_) => return,
-            }
-        }
-    }
 }
 
 /// The queue → delivery agent protocol, both directions. The first octet

@@ -50,7 +50,6 @@ pub mod envelope;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
 pub mod ipc;
-pub mod pipe;
 pub mod queue_file;
 pub mod queue_id;
 pub mod record;

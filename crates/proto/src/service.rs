@@ -25,9 +25,9 @@ pub enum Service {
     Queue,
     /// The per-client counter smtpd asks: one process, like the queue.
     Anvil,
-    /// The pipe delivery service the queue hands pipe-routed mail to: a
-    /// pool, one delivery request per connection. Present only when a
-    /// route uses pipe.
+    /// The pipe delivery agent the queue hands pipe-routed mail to: a
+    /// pool, one delivery request per connection, running the configured
+    /// command. Present only when a route uses pipe.
     Pipe,
     /// The LMTP delivery agent: talks to `lmtp:` next hops for the queue
     /// manager. Present only when a route uses LMTP.
@@ -116,7 +116,10 @@ impl Service {
     /// Whether `route` is one this delivery agent carries.
     pub fn carries(self, route: &crate::config::Route) -> bool {
         use crate::config::Route;
-        matches!((self, route), (Service::Lmtp, Route::Lmtp(_)) | (Service::Smtp, Route::Smtp(_)))
+        matches!(
+            (self, route),
+            (Service::Lmtp, Route::Lmtp(_)) | (Service::Smtp, Route::Smtp(_)) | (Service::Pipe, Route::Pipe)
+        )
     }
 }
 

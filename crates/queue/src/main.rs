@@ -23,11 +23,12 @@
 //! them. It never reads smtpd's bytes, and never a byte from the network:
 //! LMTP and SMTP next hops are the `lmtp` and `smtp` delivery agents'
 //! (`mortal-lmtp`, `mortal-smtp`, over `<run_dir>/private/lmtp` and
-//! `private/smtp`, `mortal_proto::delivery`), whose reports it checks
-//! strictly. It never runs a program: mail routed to `pipe` goes to the
-//! pipe delivery service (`mortal-pipe`, over `<run_dir>/private/pipe`),
-//! which runs the command as `[delivery.pipe] user`. The agents never
-//! write the spool: every recipient state and DSN is written here.
+//! `private/smtp`), and it never runs a program: mail routed to `pipe`
+//! goes to the `pipe` delivery agent (`mortal-pipe`, over
+//! `<run_dir>/private/pipe`), which runs the command as `[delivery.pipe]
+//! user`. All three speak `mortal_proto::delivery`, and their reports are
+//! checked strictly. The agents never write the spool: every recipient
+//! state and DSN is written here.
 //!
 //! Before reading the first queue file it enters its sandbox
 //! (`mortal_libmaster::sandbox`): as root it drops to `[server] user`; always
@@ -38,16 +39,16 @@
 //!
 //! # Standards
 //! Maildir (the de-facto `tmp`/`new`/`cur` protocol); RFC 3461/3464
-//! (DSN), RFC 3463 codes; `mortal_proto::delivery` towards the lmtp and
-//! smtp agents, `mortal_proto::pipe` towards the pipe service.
+//! (DSN), RFC 3463 codes; `mortal_proto::delivery` towards the lmtp,
+//! smtp and pipe agents.
 //!
 //! # Configuration
 //! `[queue]` `scan_interval`, `minimal_backoff`, `maximal_backoff`,
 //! `delivery_concurrency`, `active_limit`, `destination_concurrency_limit`,
 //! `queue_lifetime`, `bounce_queue_lifetime`, `delay_warning_time`;
 //! `[delivery]` `transport`, `routes`, `maildir_root`, `pipe`,
-//! `connect_timeout`, `command_timeout` (they bound the wait for an
-//! agent's report), `connection_reuse_time` (how long a connection to an
+//! `connect_timeout`, `command_timeout`, `pipe.timeout` (they bound the
+//! wait for an agent's report), `connection_reuse_time` (how long a connection to an
 //! agent is kept for the next delivery to the same next hop); `[server]`
 //! `spool_dir`, `hostname`; `[process.queue]` (its lifetime). See
 //! `docs/delivery.md`.

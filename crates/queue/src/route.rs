@@ -13,7 +13,7 @@
 //! Every agent answers per recipient with a [`RcptResult`]: sent,
 //! deferred (4xx) or bounced (5xx).
 
-use crate::agent::{discard, maildir, pipe, transport};
+use crate::agent::{discard, maildir, transport};
 use mortal_proto::config::{Config, Route};
 use mortal_proto::queue_file::{QueueFile, RecipientState};
 use std::collections::HashMap;
@@ -133,8 +133,7 @@ impl Agents {
         match &batch.route {
             Route::Maildir => maildir::deliver_batch(&self.config, qf, &batch.rcpts),
             Route::Discard => discard::deliver(&batch.rcpts),
-            Route::Pipe => pipe::deliver(&self.config, qf, &batch.rcpts),
-            Route::Lmtp(_) | Route::Smtp(_) => transport::deliver(self, batch, qf),
+            Route::Lmtp(_) | Route::Smtp(_) | Route::Pipe => transport::deliver(self, batch, qf),
         }
     }
 }

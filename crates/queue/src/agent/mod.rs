@@ -1,8 +1,7 @@
 //! The delivery agents the queue manager hands a batch of recipients to:
 //! the local ones (Maildir, discard) run here, the others in their own
-//! services under the master (`transport`: lmtp and smtp; `pipe`).
+//! services under the master (`transport`: lmtp, smtp and pipe).
 
 pub mod discard;
 pub mod maildir;
-pub mod pipe;
 pub mod transport;

@@ -1,22 +1,27 @@
-//! The `lmtp` and `smtp` routes: the queue manager hands the batch to the
-//! delivery agent of that route (`mortal-lmtp`, `mortal-smtp`), like
-//! Postfix's qmgr hands it to lmtp(8) and smtp(8), and never talks to the
-//! network itself.
+//! The `lmtp`, `smtp` and `pipe` routes: the queue manager hands the batch
+//! to the delivery agent of that route (`mortal-lmtp`, `mortal-smtp`,
+//! `mortal-pipe`), like Postfix's qmgr hands it to lmtp(8), smtp(8) and
+//! pipe(8), and never talks to the network or runs a program itself (its
+//! seccomp filter forbids execve and fork).
 //!
-//! This side connects to `<run_dir>/private/lmtp` or `private/smtp`, sends
-//! one request (`mortal_proto::delivery`: queue id, route, envelope with
-//! its DSN parameters, recipients, content) and reads the report: the
-//! relay for the log line and one result per recipient. The connection is
-//! kept for the next batch to the same destination for `[delivery]
-//! connection_reuse_time` when the agent says it takes another ([`Conns`]),
-//! and the agent keeps its session to the next hop as long: that is how
-//! consecutive messages share one LMTP or SMTP session. An agent that
-//! cannot be reached, does not answer in time, dies or breaks the protocol
-//! defers every recipient it has not answered for (`4.3.0 lmtp delivery
-//! agent unavailable: ...`); results it did send count. A kept connection
-//! that ends before any answer is tried once more on a new connection. The wait is
-//! bounded by the agent's own timeouts: a connect, one command per
-//! recipient and [`SESSION_COMMANDS`] more, and [`REPLY_MARGIN`].
+//! This side connects to `<run_dir>/private/lmtp`, `private/smtp` or
+//! `private/pipe`, waiting at most `[delivery] connect_timeout` while
+//! every agent is busy, sends one request (`mortal_proto::delivery`: queue
+//! id, route, envelope with its DSN parameters, recipients, content) and
+//! reads the report: the relay for the log line and one result per
+//! recipient. The connection is kept for the next batch to the same
+//! destination for `[delivery] connection_reuse_time` when the agent says
+//! it takes another ([`Conns`]), and the agent keeps its session to the
+//! next hop as long: that is how consecutive messages share one LMTP or
+//! SMTP session (the pipe agent takes one request per connection). An
+//! agent that cannot be reached, does not answer in time, dies or breaks
+//! the protocol defers every recipient it has not answered for (`4.3.0
+//! lmtp delivery agent unavailable: ...`, `4.3.0 pipe service
+//! unavailable: ...`); results it did send count. A kept connection that
+//! ends before any answer is tried once more on a new connection. The wait
+//! is bounded by the agent's own timeouts: for LMTP and SMTP a connect,
+//! one command per recipient and [`SESSION_COMMANDS`] more; for pipe the
+//! command `timeout` per recipient; and [`REPLY_MARGIN`].
 
 use crate::route::{Agents, Batch, RcptResult, Report, Status};
 use mortal_proto::config::{Config, Route};
@@ -32,7 +37,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Time allowed beyond the agent's own limits: waiting for a free agent
-/// and moving the message.
+/// process and moving the message.
 pub const REPLY_MARGIN: Duration = Duration::from_secs(30);
 /// Replies an LMTP/SMTP transaction waits for besides one per recipient:
 /// greeting, EHLO, STARTTLS and EHLO again, MAIL, DATA, end of data, and
@@ -50,16 +55,18 @@ const UNAVAILABLE: EnhancedStatus = EnhancedStatus::new(StatusClass::Persistent,
 enum Agent {
     Lmtp,
     Smtp,
+    Pipe,
 }
 
 impl Agent {
-    const ALL: [Agent; 2] = [Agent::Lmtp, Agent::Smtp];
+    const ALL: [Agent; 3] = [Agent::Lmtp, Agent::Smtp, Agent::Pipe];
 
     fn of(route: &Route) -> Option<Agent> {
         match route {
             Route::Lmtp(_) => Some(Agent::Lmtp),
             Route::Smtp(_) => Some(Agent::Smtp),
-            Route::Maildir | Route::Discard | Route::Pipe => None,
+            Route::Pipe => Some(Agent::Pipe),
+            Route::Maildir | Route::Discard => None,
         }
     }
 
@@ -67,10 +74,22 @@ impl Agent {
         self as usize
     }
 
-    fn name(self) -> &'static str {
+    /// What a deferral says when the agent gave no result (operators and
+    /// their log parsers know the pipe one from before it was an agent).
+    fn unavailable(self) -> &'static str {
         match self {
-            Agent::Lmtp => "lmtp",
-            Agent::Smtp => "smtp",
+            Agent::Lmtp => "lmtp delivery agent unavailable",
+            Agent::Smtp => "smtp delivery agent unavailable",
+            Agent::Pipe => "pipe service unavailable",
+        }
+    }
+
+    /// The relay logged when the agent named none: a network agent that
+    /// never answered reached no next hop; pipe is always its own relay.
+    fn silent_relay(self) -> &'static str {
+        match self {
+            Agent::Lmtp | Agent::Smtp => "none",
+            Agent::Pipe => "pipe",
         }
     }
 
@@ -78,6 +97,7 @@ impl Agent {
         match self {
             Agent::Lmtp => config.lmtp_socket(),
             Agent::Smtp => config.smtp_socket(),
+            Agent::Pipe => config.pipe_socket(),
         }
     }
 
@@ -86,7 +106,22 @@ impl Agent {
         match self {
             Agent::Lmtp => config.process.lmtp.process_limit,
             Agent::Smtp => config.process.smtp.process_limit,
+            Agent::Pipe => config.process.pipe.process_limit,
         }
+    }
+
+    /// The longest wait for the whole report on `recipients`: what the
+    /// agent's own limits allow it, and [`REPLY_MARGIN`].
+    fn report_wait(self, config: &Config, recipients: usize) -> Duration {
+        let d = &config.delivery;
+        let n = u32::try_from(recipients).unwrap_or(u32::MAX);
+        let own = match self {
+            Agent::Lmtp | Agent::Smtp => {
+                d.connect_timeout.saturating_add(d.command_timeout.saturating_mul(SESSION_COMMANDS.saturating_add(n)))
+            }
+            Agent::Pipe => d.connect_timeout.saturating_add(d.pipe.timeout.saturating_mul(n)),
+        };
+        own.saturating_add(REPLY_MARGIN)
     }
 }
 
@@ -209,8 +244,7 @@ fn is_open(stream: &UnixStream) -> bool {
 /// Hands `batch` to its route's delivery agent.
 pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
     let config = &agents.config;
-    let agent = Agent::of(&batch.route).expect("only lmtp and smtp routes are sent here");
-    let socket = agent.socket(config);
+    let agent = Agent::of(&batch.route).expect("only agents' routes are sent here");
     let envelope = Envelope {
         queue_id: qf.id,
         route: batch.route.clone(),
@@ -231,7 +265,7 @@ pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
     let mut decoder = ReportDecoder::new(recipients.len());
     let kept = agents.conns.begin(agent, &batch.destination, agent.process_limit(config));
     let reused = kept.is_some();
-    let mut result = exchange(agents, &socket, kept, &envelope, &recipients, &qf.content, &mut decoder);
+    let mut result = exchange(agents, agent, kept, &envelope, &recipients, &qf.content, &mut decoder);
     // A kept connection the agent gave up just as this request went out
     // (its idle time, an order to retire) ends before any answer: the
     // request was not taken, so it goes again on a new connection. An
@@ -240,15 +274,15 @@ pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
     // would (at least once), and happens once only.
     if reused && result.is_err() && decoder.relay().is_none() {
         decoder = ReportDecoder::new(recipients.len());
-        result = exchange(agents, &socket, None, &envelope, &recipients, &qf.content, &mut decoder);
+        result = exchange(agents, agent, None, &envelope, &recipients, &qf.content, &mut decoder);
     }
-    let relay = decoder.relay().unwrap_or("none").to_owned();
+    let relay = decoder.relay().unwrap_or(agent.silent_relay()).to_owned();
     let keep = decoder.keep();
     let mut results = decoder.into_results();
     let stream = match result {
         Ok(stream) => keep.then_some(stream),
         Err(e) => {
-            let text = format!("{} delivery agent unavailable: {e}", agent.name());
+            let text = format!("{}: {e}", agent.unavailable());
             results.resize_with(recipients.len(), || RcptResult::new(Status::Deferred, UNAVAILABLE, text.clone()));
             None
         }
@@ -261,7 +295,7 @@ pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
 /// into `decoder`; returns the connection once the report is whole.
 fn exchange(
     agents: &Agents,
-    socket: &Path,
+    agent: Agent,
     kept: Option<UnixStream>,
     envelope: &Envelope,
     recipients: &[Recipient],
@@ -269,13 +303,13 @@ fn exchange(
     decoder: &mut ReportDecoder,
 ) -> io::Result<UnixStream> {
     let d = &agents.config.delivery;
-    let rounds = SESSION_COMMANDS.saturating_add(u32::try_from(recipients.len()).unwrap_or(u32::MAX));
-    let wait = d.connect_timeout.saturating_add(d.command_timeout.saturating_mul(rounds)).saturating_add(REPLY_MARGIN);
+    let wait = agent.report_wait(&agents.config, recipients.len());
+    let socket = agent.socket(&agents.config);
     let deadline = Instant::now() + wait;
     let (stream, fresh) = match kept {
         Some(s) => (s, false),
         None => {
-            let s = connect(socket, d.connect_timeout)
+            let s = connect(&socket, d.connect_timeout)
                 .map_err(|e| io::Error::new(e.kind(), format!("connect to {}: {e}", socket.display())))?;
             (s, true)
         }
@@ -390,17 +424,109 @@ mod tests {
         Batch { destination: route.to_string(), route, rcpts: vec![0, 1] }
     }
 
-    /// No agent: every recipient is deferred with a clear reason.
+    /// Reads from a scripted agent's connection until a whole request
+    /// arrived.
+    fn next_request(s: &mut UnixStream, decoder: &mut RequestDecoder) -> delivery::Request {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if let Some(r) = decoder.feed(&buf[..n]).unwrap() {
+                return r;
+            }
+        }
+    }
+
+    fn pipe_agents(dir: &Path) -> Agents {
+        let text = format!(
+            "[server]\nrun_dir = {:?}\n[delivery]\ntransport = \"pipe\"\nconnection_reuse_time = \"10s\"\n[delivery.pipe]\ncommand = [\"/bin/true\"]\nuser = \"pipeuser\"\ntimeout = \"1s\"\n",
+            dir.display().to_string()
+        );
+        Agents::new(Config::parse_for(&text, &dir.join("m.toml"), false).unwrap())
+    }
+
+    fn pipe_batch() -> Batch {
+        Batch { route: Route::Pipe, destination: "pipe:pipe.test".into(), rcpts: vec![0, 1] }
+    }
+
+    /// No agent: every recipient is deferred with a clear reason (for
+    /// pipe in the words operators know, and pipe is still the relay).
     #[test]
     fn unreachable_agent_defers_everyone() {
         let dir = temp_dir("none");
-        let report = deliver(&agents(&dir), &batch(), &queue_file());
-        assert_eq!(report.relay, "none");
-        assert_eq!(report.results.len(), 2);
-        for r in &report.results {
-            assert_eq!((r.status, r.dsn), (Status::Deferred, UNAVAILABLE));
-            assert!(r.text.starts_with("lmtp delivery agent unavailable: connect to "), "{}", r.text);
+        let cases = [
+            (agents(&dir), batch(), "none", "lmtp delivery agent"),
+            (pipe_agents(&dir), pipe_batch(), "pipe", "pipe service"),
+        ];
+        for (agents, batch, relay, who) in cases {
+            let report = deliver(&agents, &batch, &queue_file());
+            assert_eq!(report.relay, relay);
+            assert_eq!(report.results.len(), 2);
+            for r in &report.results {
+                assert_eq!((r.status, r.dsn), (Status::Deferred, UNAVAILABLE));
+                assert!(r.text.starts_with(&format!("{who} unavailable: connect to ")), "{}", r.text);
+            }
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The pipe agent sends the header, then each result as its command
+    /// ends; it dies after the first: that one counts, the other is
+    /// deferred, and the connection (one request only) is not kept.
+    #[test]
+    fn pipe_results_sent_before_the_agent_died_count() {
+        let dir = temp_dir("pipe-died");
+        let agents = pipe_agents(&dir);
+        let listener = UnixListener::bind(agents.config.pipe_socket()).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let request = next_request(&mut s, &mut RequestDecoder::new(1 << 20));
+            let mut out = Vec::new();
+            delivery::Report::encode_header("pipe", false, &mut out);
+            RcptResult::delivered("delivered via pipe service").encode(&mut out);
+            s.write_all(&out).unwrap();
+            request
+        });
+        let report = deliver(&agents, &pipe_batch(), &queue_file());
+        let request = server.join().unwrap();
+        assert_eq!(request.envelope.route, Route::Pipe);
+        assert_eq!(request.recipients.len(), 2);
+        assert_eq!(request.content, queue_file().content);
+        assert_eq!(report.relay, "pipe");
+        assert_eq!(report.results[0].status, Status::Sent);
+        assert_eq!(report.results[0].success_action, Some(mortal_proto::smtp_status::DsnAction::Delivered));
+        assert_eq!(report.results[1].status, Status::Deferred);
+        assert_eq!(
+            report.results[1].text, "pipe service unavailable: connection closed before every result",
+            "{:?}",
+            report.results[1]
+        );
+        assert_eq!(agents.conns.idle_count(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Every agent process busy (the listener's backlog full): the connect
+    /// gives up after its limit instead of blocking the delivery thread.
+    #[test]
+    fn connect_to_a_full_backlog_is_bounded() {
+        let dir = temp_dir("full");
+        let path = dir.join("private/full");
+        let listener = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        listener.bind(&socket2::SockAddr::unix(&path).unwrap()).unwrap();
+        // Backlog 0: one connection waits, the next finds the queue full.
+        listener.listen(0).unwrap();
+        let limit = Duration::from_millis(300);
+        let mut queued = Vec::new();
+        let started = Instant::now();
+        let err = loop {
+            match connect(&path, limit) {
+                Ok(s) => queued.push(s),
+                Err(e) => break e,
+            }
+            assert!(queued.len() < 8, "connections kept being accepted with a backlog of 0");
+        };
+        let waited = started.elapsed();
+        assert!(matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut), "{err:?}");
+        assert!(waited >= limit && waited < limit * 10, "waited {waited:?} for a limit of {limit:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -417,15 +543,9 @@ mod tests {
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             let mut decoder = RequestDecoder::new(1 << 20);
-            let mut buf = [0u8; 4096];
             let mut got = Vec::new();
             for round in 0..2 {
-                let request = loop {
-                    let n = s.read(&mut buf).unwrap();
-                    if let Some(r) = decoder.feed(&buf[..n]).unwrap() {
-                        break r;
-                    }
-                };
+                let request = next_request(&mut s, &mut decoder);
                 let mut out = Vec::new();
                 let ok = RcptResult::delivered("250 2.0.0 Ok");
                 if round == 0 {
@@ -478,20 +598,13 @@ mod tests {
             let mut ends = Vec::new();
             for _ in 0..2 {
                 let (mut s, _) = listener.accept().unwrap();
-                let mut decoder = RequestDecoder::new(1 << 20);
-                let mut buf = [0u8; 4096];
-                let request = loop {
-                    let n = s.read(&mut buf).unwrap();
-                    if let Some(r) = decoder.feed(&buf[..n]).unwrap() {
-                        break r;
-                    }
-                };
+                let request = next_request(&mut s, &mut RequestDecoder::new(1 << 20));
                 let mut out = Vec::new();
                 let results = vec![RcptResult::delivered("250 2.0.0 Ok"); request.recipients.len()];
                 Report { relay: request.envelope.route.to_string(), results }.encode(true, &mut out);
                 s.write_all(&out).unwrap();
                 // Kept: wait for the next request or the end.
-                ends.push(s.read(&mut buf).unwrap());
+                ends.push(s.read(&mut [0u8; 4096]).unwrap());
             }
             ends
         });
@@ -522,13 +635,7 @@ mod tests {
         let listener = UnixListener::bind(agents.config.lmtp_socket()).unwrap();
         let server = std::thread::spawn(move || {
             let answer = |s: &mut UnixStream, decoder: &mut RequestDecoder| {
-                let mut buf = [0u8; 4096];
-                loop {
-                    let n = s.read(&mut buf).unwrap();
-                    if decoder.feed(&buf[..n]).unwrap().is_some() {
-                        break;
-                    }
-                }
+                next_request(s, decoder);
                 let ok = RcptResult::delivered("250 2.0.0 Ok");
                 let mut out = Vec::new();
                 Report { relay: "hop".into(), results: vec![ok.clone(), ok] }.encode(true, &mut out);
