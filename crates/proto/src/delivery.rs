@@ -47,6 +47,7 @@ use crate::envelope::{BodyType, DsnRet, MAX_ENVID, Notify};
 use crate::queue_id::QueueId;
 use crate::record::{FieldReader, Fields, FrameError, RawRecord, put_record, record_header, take_record};
 use crate::smtp_status::{DsnAction, EnhancedStatus, StatusClass};
+use crate::wire::{body_from_wire, body_to_wire, notify_from_wire, notify_to_wire, ret_from_wire, ret_to_wire};
 use thiserror::Error;
 
 /// Protocol name sent in the opening record.
@@ -346,11 +347,7 @@ pub fn hello() -> Vec<u8> {
 /// fields are far shorter, so that is a programming error.
 pub fn encode_head(envelope: &Envelope, recipients: &[Recipient]) -> Vec<u8> {
     let mut out = Vec::with_capacity(1024);
-    let ret = match envelope.ret {
-        None => 0,
-        Some(DsnRet::Full) => 1,
-        Some(DsnRet::Headers) => 2,
-    };
+    let ret = ret_to_wire(envelope.ret);
     let payload = Fields::new()
         .str(envelope.queue_id.as_str())
         .str(&envelope.route.to_string())
@@ -543,37 +540,6 @@ impl RequestDecoder {
     }
 }
 
-// This protocol's own encodings of the envelope's values (the IPC and the
-// queue file each have theirs, so that no format changes with another).
-
-fn body_to_wire(b: BodyType) -> u8 {
-    match b {
-        BodyType::SevenBit => 7,
-        BodyType::EightBitMime => 8,
-        BodyType::BinaryMime => 9,
-    }
-}
-
-fn body_from_wire(b: u8) -> Option<BodyType> {
-    match b {
-        7 => Some(BodyType::SevenBit),
-        8 => Some(BodyType::EightBitMime),
-        9 => Some(BodyType::BinaryMime),
-        _ => None,
-    }
-}
-
-/// NOTIFY as bits: 1 NEVER, 2 SUCCESS, 4 FAILURE, 8 DELAY.
-fn notify_to_wire(n: Notify) -> u8 {
-    u8::from(n.never) | u8::from(n.success) << 1 | u8::from(n.failure) << 2 | u8::from(n.delay) << 3
-}
-
-/// `None` for unknown bits, or NEVER combined with anything else.
-fn notify_from_wire(b: u8) -> Option<Notify> {
-    let n = Notify { never: b & 1 != 0, success: b & 2 != 0, failure: b & 4 != 0, delay: b & 8 != 0 };
-    (b < 16 && n.is_valid()).then_some(n)
-}
-
 fn decode_envelope(f: &mut FieldReader<'_>) -> Result<Envelope, DeliveryError> {
     let id: QueueId = f.str(crate::queue_id::QUEUE_ID_LEN)?.parse().map_err(|_| DeliveryError::BadValue("queue id"))?;
     let route: Route = f.str(MAX_ROUTE)?.parse().map_err(|_| DeliveryError::BadValue("route"))?;
@@ -590,12 +556,7 @@ fn decode_envelope(f: &mut FieldReader<'_>) -> Result<Envelope, DeliveryError> {
         1 => true,
         _ => return Err(DeliveryError::BadValue("SMTPUTF8")),
     };
-    let ret = match f.u8()? {
-        0 => None,
-        1 => Some(DsnRet::Full),
-        2 => Some(DsnRet::Headers),
-        _ => return Err(DeliveryError::BadValue("RET")),
-    };
+    let ret = ret_from_wire(f.u8()?).map_err(|()| DeliveryError::BadValue("RET"))?;
     let envid = printable(f.str(MAX_ENVID)?, "ENVID")?;
     Ok(Envelope { queue_id: id, route, sender: sender.to_owned(), body, smtputf8, ret, envid: envid.to_owned() })
 }

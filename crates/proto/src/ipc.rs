@@ -27,12 +27,11 @@
 //! (and the fuzz target) check exactly the same thing.
 
 use crate::address::MAX_PATH;
-use crate::envelope::{
-    BodyType, ClientInfo, DsnRet, MAX_ENVID, Notify, RecipientInfo, SenderInfo, is_printable, parse_client_addr,
-};
+use crate::envelope::{ClientInfo, MAX_ENVID, RecipientInfo, SenderInfo, is_printable, parse_client_addr};
 use crate::queue_id::QueueId;
 use crate::record::{FieldReader, Fields, FrameError, RECORD_HEADER_LEN, RawRecord, put_record, take_record};
 use crate::smtp_status::{EnhancedStatus, ReplyCode};
+use crate::wire::{body_from_wire, body_to_wire, notify_from_wire, notify_to_wire, ret_from_wire, ret_to_wire};
 use thiserror::Error;
 
 /// Protocol name sent in the opening record.
@@ -166,29 +165,8 @@ fn decode_client(f: &mut FieldReader<'_>) -> Result<ClientInfo, IpcError> {
     })
 }
 
-fn body_to_wire(b: BodyType) -> u8 {
-    match b {
-        BodyType::SevenBit => 7,
-        BodyType::EightBitMime => 8,
-        BodyType::BinaryMime => 9,
-    }
-}
-
-fn body_from_wire(b: u8) -> Option<BodyType> {
-    match b {
-        7 => Some(BodyType::SevenBit),
-        8 => Some(BodyType::EightBitMime),
-        9 => Some(BodyType::BinaryMime),
-        _ => None,
-    }
-}
-
 fn encode_sender(s: &SenderInfo) -> Vec<u8> {
-    let ret = match s.ret {
-        None => 0,
-        Some(DsnRet::Full) => 1,
-        Some(DsnRet::Headers) => 2,
-    };
+    let ret = ret_to_wire(s.ret);
     Fields::new().str(&s.address).u8(body_to_wire(s.body)).u8(u8::from(s.smtputf8)).u8(ret).str(&s.envid).finish()
 }
 
@@ -200,25 +178,9 @@ fn decode_sender(f: &mut FieldReader<'_>) -> Result<SenderInfo, IpcError> {
         1 => true,
         _ => return Err(IpcError::BadValue("Sender")),
     };
-    let ret = match f.u8()? {
-        0 => None,
-        1 => Some(DsnRet::Full),
-        2 => Some(DsnRet::Headers),
-        _ => return Err(IpcError::BadValue("Sender")),
-    };
+    let ret = ret_from_wire(f.u8()?).map_err(|()| IpcError::BadValue("Sender"))?;
     let envid = printable(f.str(MAX_ENVID)?, "Sender")?;
     Ok(SenderInfo { address, body, smtputf8, ret, envid })
-}
-
-/// NOTIFY as bits: 1 NEVER, 2 SUCCESS, 4 FAILURE, 8 DELAY.
-fn notify_to_wire(n: Notify) -> u8 {
-    u8::from(n.never) | u8::from(n.success) << 1 | u8::from(n.failure) << 2 | u8::from(n.delay) << 3
-}
-
-/// `None` for unknown bits, or NEVER combined with anything else.
-fn notify_from_wire(b: u8) -> Option<Notify> {
-    let n = Notify { never: b & 1 != 0, success: b & 2 != 0, failure: b & 4 != 0, delay: b & 8 != 0 };
-    (b < 16 && n.is_valid()).then_some(n)
 }
 
 fn encode_recipient(r: &RecipientInfo) -> Vec<u8> {
@@ -446,6 +408,7 @@ impl RequestSequence {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::{BodyType, DsnRet, Notify};
     use crate::smtp_status::StatusClass;
     use std::net::{IpAddr, Ipv4Addr};
 

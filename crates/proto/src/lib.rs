@@ -59,4 +59,5 @@ pub mod smtp_status;
 pub mod spool;
 pub mod status;
 pub mod tls;
+mod wire;
 pub mod xtext;
