@@ -22,7 +22,9 @@
 //! measured it (`mortal_child_ready_*` in its metrics file).
 //!
 //! Results: `target/bench/results.md` and `results.json`. `--quick` runs
-//! one round of each at a fifth of the size. `--baseline REV` also builds
+//! one round of each at a fifth of the size; `--only burst,churn` runs only
+//! those workloads and `--mode queue|e2e` only that mode (a partial run
+//! leaves out the lifetime, READY and fsync figures). `--baseline REV` also builds
 //! git revision REV (release, in a worktree under `target/bench/`) and runs
 //! it as a third server in the same rounds (A C B A C B ...), so a change
 //! is measured against what it replaced on the same machine at the same
@@ -121,14 +123,34 @@ struct Sample {
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let mut quick = false;
     let mut baseline_rev = None;
+    let mut only: Option<Vec<String>> = None;
+    let mut modes = vec![Mode::Queue, Mode::EndToEnd];
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => quick = true,
             "--baseline" => baseline_rev = Some(args.next().context("--baseline needs a git revision")?.clone()),
-            other => bail!("unknown bench option {other:?} (--quick, --baseline REV)"),
+            "--only" => {
+                let list = args.next().context("--only needs workload names (burst,churn,big,rcpts)")?;
+                let names: Vec<String> = list.split(',').map(str::to_owned).collect();
+                if let Some(bad) = names.iter().find(|n| !WORKLOADS.iter().any(|w| w.name == n.as_str())) {
+                    bail!("--only: no workload {bad:?} (burst, churn, big, rcpts)");
+                }
+                only = Some(names);
+            }
+            "--mode" => {
+                modes = match args.next().map(String::as_str) {
+                    Some("queue") => vec![Mode::Queue],
+                    Some("e2e") => vec![Mode::EndToEnd],
+                    other => bail!("--mode needs queue or e2e, not {other:?}"),
+                }
+            }
+            other => bail!("unknown bench option {other:?} (--quick, --baseline REV, --only NAMES, --mode queue|e2e)"),
         }
     }
+    // A partial run (some workloads or one mode) is for comparing a
+    // change: the lifetime, READY and fsync figures are left out.
+    let partial = only.is_some() || modes.len() < 2;
     install_postfix()?;
     let bins = chaos::build_release(root)?;
     let baseline = baseline_rev.as_deref().map(|rev| build_baseline(root, rev)).transpose()?;
@@ -139,7 +161,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let started = Instant::now();
     let mut report = Report::default();
 
-    for mode in [Mode::Queue, Mode::EndToEnd] {
+    for mode in modes {
         let sink = match mode {
             Mode::EndToEnd => Some(SmtpSink::start()?),
             Mode::Queue => None,
@@ -159,7 +181,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
             }
             None => None,
         };
-        for w in WORKLOADS {
+        for w in WORKLOADS.iter().filter(|w| only.as_ref().is_none_or(|o| o.iter().any(|n| n == w.name))) {
             let w = Workload { messages: w.messages / scale, ..*w };
             let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
             for round in 0..rounds {
@@ -194,7 +216,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         (100, LIMITED_LIFE, "max_use=100, max_lifetime=5s, jitter 0.5"),
         (0, "max_lifetime = \"0s\"", "unlimited (max_use=0, max_lifetime=0s)"),
     ];
-    for (max_use, policy, label) in policies {
+    for (max_use, policy, label) in policies.into_iter().filter(|_| !partial) {
         let (cfg, _) = mortal_config(&dir.join("mortal"), None, max_use, policy)?;
         let mortal = Mortal::start(&bins, &dir.join("mortal"), &cfg, port_of(&cfg))?;
         // The READY latencies before the load (the preforked pool), so
@@ -222,10 +244,12 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         }
     }
 
-    report.fsyncs = fsyncs_per_message(&bins, &dir).unwrap_or_else(|e| {
-        report.notes.push(format!("fsync count unavailable: {e:#}"));
-        None
-    });
+    if !partial {
+        report.fsyncs = fsyncs_per_message(&bins, &dir).unwrap_or_else(|e| {
+            report.notes.push(format!("fsync count unavailable: {e:#}"));
+            None
+        });
+    }
     report.elapsed = started.elapsed();
     report.machine = machine();
     let md = report.markdown();

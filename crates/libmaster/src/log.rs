@@ -47,8 +47,11 @@ use mortal_proto::config::{Log, LogFormat};
 use mortal_proto::date::{self, TimeZone};
 use mortal_proto::service::Process;
 use serde_json::{Map, Value};
+use std::ffi::OsStr;
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 use tracing::field::{Empty, Field, Visit};
 use tracing::{Event, Level, Span, Subscriber};
@@ -64,6 +67,12 @@ pub const CLIENT: &str = "client";
 /// Field of [`message_span`].
 pub const QUEUE_ID: &str = "queue_id";
 
+/// Whether the installed format writes span fields (JSON). The `postfix`
+/// format writes the message only, so there the context spans are not
+/// made at all: a span costs a registry slot, its formatted fields and an
+/// enter and exit on every poll of smtpd's session future, for nothing.
+static SPANS_WANTED: AtomicBool = AtomicBool::new(false);
+
 /// The zone loaded by the first [`init`].
 static LOCAL_ZONE: OnceLock<TimeZone> = OnceLock::new();
 /// What [`local_zone`] gives before any [`init`] (unit tests, tools).
@@ -76,7 +85,7 @@ static UTC: TimeZone = TimeZone::UTC;
 pub fn init(process: impl Into<Process>, config: &Log, hostname: &str) {
     let mut zone_error = None;
     let zone = LOCAL_ZONE.get_or_init(|| {
-        TimeZone::try_system().unwrap_or_else(|e| {
+        system_zone(std::env::var_os("TZ").as_deref(), Path::new(LOCALTIME), Path::new(ZONEINFO)).unwrap_or_else(|e| {
             zone_error = Some(e);
             TimeZone::UTC
         })
@@ -99,6 +108,47 @@ pub fn init(process: impl Into<Process>, config: &Log, hostname: &str) {
     }
 }
 
+/// The host's zone file when `TZ` is unset.
+const LOCALTIME: &str = "/etc/localtime";
+/// Where `TZ=Europe/Berlin` is looked up.
+const ZONEINFO: &str = "/usr/share/zoneinfo";
+
+/// The host's time zone, found the way the C library finds it: `TZ`
+/// (empty is UTC; a POSIX rule; an absolute TZif path; or a zone name
+/// under `zoneinfo`, with or without the leading `:`), else
+/// `/etc/localtime`. Done here rather than by `TimeZone::try_system`,
+/// whose name lookup loads jiff's whole zone database, which walks every
+/// file under `/usr/share/zoneinfo`: at every start of every child, that
+/// was most of a delivery agent's start-up.
+fn system_zone(tz: Option<&OsStr>, localtime: &Path, zoneinfo: &Path) -> Result<TimeZone, String> {
+    let Some(tz) = tz else {
+        let data = std::fs::read(localtime).map_err(|e| format!("{}: {e}", localtime.display()))?;
+        // The name is for show only; the rules are in the data.
+        let name = std::fs::read_link(localtime)
+            .ok()
+            .and_then(|t| t.to_str().and_then(|t| t.rsplit_once("zoneinfo/")).map(|(_, n)| n.to_owned()))
+            .unwrap_or_else(|| "localtime".to_owned());
+        return TimeZone::tzif(&name, &data).map_err(|e| format!("{}: {e}", localtime.display()));
+    };
+    let tz = tz.to_str().ok_or_else(|| format!("TZ={tz:?} is not UTF-8"))?;
+    let spec = tz.strip_prefix(':').unwrap_or(tz);
+    if spec.is_empty() {
+        return Ok(TimeZone::UTC);
+    }
+    let path = if spec.starts_with('/') {
+        PathBuf::from(spec)
+    } else if spec.split('/').any(|part| part == ".." || part.is_empty()) {
+        return Err(format!("TZ={tz}: not a zone name"));
+    } else {
+        zoneinfo.join(spec)
+    };
+    match std::fs::read(&path) {
+        Ok(data) => TimeZone::tzif(spec, &data).map_err(|e| format!("TZ={tz}: {}: {e}", path.display())),
+        // Not a file: a POSIX rule (`EST5EDT,M3.2.0,M11.1.0`, `UTC0`).
+        Err(e) => TimeZone::posix(spec).map_err(|_| format!("TZ={tz}: {}: {e}", path.display())),
+    }
+}
+
 /// Installs a plain stderr logger for a process that has not read its
 /// config yet (or could not), so the reason it stops is still logged.
 pub fn init_early(process: impl Into<Process>) {
@@ -112,10 +162,19 @@ pub fn local_zone() -> &'static TimeZone {
     LOCAL_ZONE.get().unwrap_or(&UTC)
 }
 
+/// Whether the context spans are made: only under the JSON format.
+fn spans_wanted() -> bool {
+    SPANS_WANTED.load(Ordering::Relaxed)
+}
+
 /// The span an SMTP session runs in; record the client into it with
 /// [`record_client`] once it is known. Its level is `ERROR` so that every
-/// filter that lets an event through keeps its context too.
+/// filter that lets an event through keeps its context too. Under the
+/// `postfix` format it is `Span::none()` (see [`SPANS_WANTED`]).
 pub fn session_span() -> Span {
+    if !spans_wanted() {
+        return Span::none();
+    }
     tracing::error_span!("session", client = Empty)
 }
 
@@ -130,12 +189,18 @@ pub fn record_client(client: impl fmt::Display) {
 /// its queue id exists; record the id with [`record_queue_id`] and the
 /// client with [`record_client`]. See [`session_span`] for its level.
 pub fn message_span() -> Span {
+    if !spans_wanted() {
+        return Span::none();
+    }
     tracing::error_span!("message", queue_id = Empty, client = Empty)
 }
 
 /// The span the work on queued message `queue_id` runs in (a delivery
 /// attempt).
 pub fn queued_message_span(queue_id: impl fmt::Display) -> Span {
+    if !spans_wanted() {
+        return Span::none();
+    }
     tracing::error_span!("message", queue_id = %queue_id)
 }
 
@@ -162,6 +227,9 @@ impl Format {
         W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
     {
         let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+        if format == LogFormat::Json {
+            SPANS_WANTED.store(true, Ordering::Relaxed);
+        }
         match format {
             LogFormat::Json => Box::new(builder.fmt_fields(JsonFields::new()).event_format(JsonFormat(self)).finish()),
             LogFormat::Postfix => Box::new(builder.event_format(PostfixFormat(self)).finish()),
@@ -323,6 +391,64 @@ mod tests {
         });
         let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
         text.lines().map(str::to_owned).collect()
+    }
+
+    /// The zone is found as the C library finds it, without jiff's zone
+    /// database (whose first use walks all of /usr/share/zoneinfo).
+    #[test]
+    fn system_zone_follows_tz_then_localtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let zoneinfo = dir.path().join("zoneinfo");
+        std::fs::create_dir_all(zoneinfo.join("Test")).unwrap();
+        // A TZif file: the POSIX footer carries the rule (version 2+).
+        let tzif = |rule: &str| {
+            let mut v1 = b"TZif2".to_vec();
+            v1.extend_from_slice(&[0; 15]);
+            // isutcnt isstdcnt leapcnt timecnt typecnt charcnt
+            for n in [0u32, 0, 0, 0, 1, 4] {
+                v1.extend_from_slice(&n.to_be_bytes());
+            }
+            let (offset, abbr): (i32, &[u8; 4]) = (-5 * 3600, b"EST\0");
+            let body = |out: &mut Vec<u8>| {
+                out.extend_from_slice(&offset.to_be_bytes());
+                out.extend_from_slice(&[0, 0]);
+                out.extend_from_slice(abbr);
+            };
+            body(&mut v1);
+            let v2_header = v1[..44].to_vec();
+            v1.extend_from_slice(&v2_header);
+            body(&mut v1);
+            v1.extend_from_slice(format!("\n{rule}\n").as_bytes());
+            v1
+        };
+        std::fs::write(zoneinfo.join("Test/East"), tzif("EST5")).unwrap();
+        let localtime = dir.path().join("localtime");
+        std::os::unix::fs::symlink(zoneinfo.join("Test/East"), &localtime).unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_843_807);
+        let offset = |zone: &TimeZone| date::syslog(t, zone);
+        let est = TimeZone::posix("EST5").unwrap();
+        let cases: [(Option<&str>, Result<&TimeZone, ()>); 7] = [
+            (None, Ok(&est)),
+            (Some(""), Ok(&TimeZone::UTC)),
+            (Some(":"), Ok(&TimeZone::UTC)),
+            (Some("Test/East"), Ok(&est)),
+            (Some(":Test/East"), Ok(&est)),
+            (Some("EST5"), Ok(&est)),
+            (Some("../etc/passwd"), Err(())),
+        ];
+        for (tz, want) in cases {
+            let got = system_zone(tz.map(OsStr::new), &localtime, &zoneinfo);
+            match (got, want) {
+                (Ok(zone), Ok(want)) => assert_eq!(offset(&zone), offset(want), "TZ={tz:?}"),
+                (Err(_), Err(())) => {}
+                (got, _) => panic!("TZ={tz:?}: {got:?}"),
+            }
+        }
+        let abs = zoneinfo.join("Test/East");
+        let zone = system_zone(Some(abs.as_os_str()), &localtime, &zoneinfo).unwrap();
+        assert_eq!(offset(&zone), offset(&est));
+        assert_eq!(system_zone(None, &localtime, &zoneinfo).unwrap().iana_name(), Some("Test/East"));
+        assert!(system_zone(None, &dir.path().join("missing"), &zoneinfo).is_err());
     }
 
     #[derive(Clone)]

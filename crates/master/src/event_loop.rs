@@ -141,7 +141,7 @@ impl Service {
             program,
             listener: Some(listener),
             socket_file,
-            rate: Default::default(),
+            rate: pool::SpawnRate::for_service(kind),
             throttle: Default::default(),
             limit_warned: false,
             spawns: 0,

@@ -15,6 +15,7 @@
 //! being respawned in a tight loop.
 
 use mortal_proto::config::ProcessPolicy;
+use mortal_proto::service::Service as ServiceKind;
 use std::time::{Duration, Instant};
 
 /// Fastest growth of a pool short of spares, in children per second
@@ -108,24 +109,47 @@ pub fn single_needs_spawn(view: &PoolView) -> bool {
 /// Apache's idle spawn rate: while short of spares the pool may grow by
 /// 1, 2, 4 ... [`MAX_SPAWN_RATE`] children a second; the rate falls back to
 /// one as soon as the pool is no longer short.
+///
+/// The ramp is there because a pool's demand is its clients': a flood of
+/// connections to smtpd must not fork the host up to `process_limit` in
+/// one go. A delivery agent's only client is the queue manager, which
+/// never runs more deliveries than `[queue] delivery_concurrency`, so its
+/// demand is already bounded by a trusted process; ramping it would only
+/// leave a burst's deliveries waiting for agents for seconds (the pool
+/// needs 1+2+4+8 seconds to grow from 2 to 20). Those pools spawn at
+/// [`MAX_SPAWN_RATE`] from the start ([`SpawnRate::for_service`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpawnRate {
     rate: u32,
     left: u32,
+    /// The rate while not short of spares: 1 for a ramping pool,
+    /// [`MAX_SPAWN_RATE`] for one whose demand is bounded by the queue.
+    floor: u32,
 }
 
 impl Default for SpawnRate {
     fn default() -> Self {
-        Self { rate: 1, left: 1 }
+        Self { rate: 1, left: 1, floor: 1 }
     }
 }
 
 impl SpawnRate {
+    /// The rate rule of `service`'s pool: a delivery agent (whose client is
+    /// the queue manager) does not ramp, every other pool does.
+    pub fn for_service(service: ServiceKind) -> Self {
+        match service {
+            ServiceKind::Lmtp | ServiceKind::Smtp | ServiceKind::Pipe => {
+                Self { rate: MAX_SPAWN_RATE, left: MAX_SPAWN_RATE, floor: MAX_SPAWN_RATE }
+            }
+            ServiceKind::Smtpd | ServiceKind::Cleanup | ServiceKind::Queue | ServiceKind::Anvil => Self::default(),
+        }
+    }
+
     /// Starts a new second. `short` says whether the pool is short of
     /// spares now, before this second's spawns: still short after the last
     /// second's spawns means demand outgrows the rate, so it doubles.
     pub fn second_elapsed(&mut self, short: bool) {
-        self.rate = if short { (self.rate * 2).min(MAX_SPAWN_RATE) } else { 1 };
+        self.rate = if short { (self.rate * 2).clamp(self.floor, MAX_SPAWN_RATE) } else { self.floor };
         self.left = self.rate;
     }
 
@@ -277,6 +301,28 @@ mod tests {
         assert_eq!(seen, [1, 2, 4, 8, 16, 32, 32, 32]);
         r.second_elapsed(false);
         assert_eq!((r.rate(), r.allowance()), (1, 1));
+    }
+
+    /// Issue 11: the agents' only client is the queue manager, bounded by
+    /// `delivery_concurrency`; a burst must not wait 1+2+4+8 seconds for
+    /// the pool to grow. smtpd and cleanup still ramp.
+    #[test]
+    fn agent_pools_spawn_at_the_full_rate_from_the_start() {
+        for service in [ServiceKind::Lmtp, ServiceKind::Smtp, ServiceKind::Pipe] {
+            let mut r = SpawnRate::for_service(service);
+            assert_eq!((r.rate(), r.allowance()), (MAX_SPAWN_RATE, MAX_SPAWN_RATE), "{service}");
+            r.spend(MAX_SPAWN_RATE);
+            r.second_elapsed(false);
+            assert_eq!((r.rate(), r.allowance()), (MAX_SPAWN_RATE, MAX_SPAWN_RATE), "{service}");
+            r.second_elapsed(true);
+            assert_eq!(r.rate(), MAX_SPAWN_RATE, "{service}");
+        }
+        for service in [ServiceKind::Smtpd, ServiceKind::Cleanup] {
+            let mut r = SpawnRate::for_service(service);
+            assert_eq!((r.rate(), r.allowance()), (1, 1), "{service}");
+            r.second_elapsed(true);
+            assert_eq!(r.rate(), 2, "{service}");
+        }
     }
 
     #[test]
