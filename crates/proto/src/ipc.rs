@@ -276,6 +276,15 @@ impl Decoder {
         Self::default()
     }
 
+    /// Forgets any input, keeping the buffer: a process that decodes one
+    /// conversation after another (cleanup, a transaction per connection)
+    /// reuses one decoder instead of allocating and zeroing a read buffer
+    /// per message.
+    pub fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
     pub fn feed(&mut self, bytes: &[u8]) {
         self.room_for(bytes.len()).copy_from_slice(bytes);
         self.end += bytes.len();
