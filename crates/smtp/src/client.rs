@@ -537,27 +537,12 @@ impl Session {
     /// ending in CRLF, then the terminating `.`.
     fn write_content(&mut self, content: &[u8]) -> Result<(), Failure> {
         let mut out = Vec::with_capacity(WRITE_CHUNK + 1024);
-        let mut at_line_start = true;
-        let mut prev = 0u8;
-        for &b in content {
-            if at_line_start && b == b'.' {
-                out.push(b'.');
-            }
-            if b == b'\n' && prev != b'\r' {
-                out.push(b'\r');
-            }
-            out.push(b);
-            at_line_start = b == b'\n';
-            prev = b;
-            if out.len() >= WRITE_CHUNK {
-                self.write(&out, "sending message body")?;
-                out.clear();
-            }
-        }
-        if !content.is_empty() && !at_line_start {
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b".\r\n");
+        let mut pending = Ok(());
+        dot_stuff(content, WRITE_CHUNK, &mut out, |bytes| {
+            pending = self.write(bytes, "sending message body");
+            pending.is_ok()
+        });
+        pending?;
         self.write(&out, "sending end of data -- message may be sent more than once")
     }
 
@@ -871,8 +856,112 @@ impl Cache {
     }
 }
 
+/// The content as DATA sends it (RFC 5321 4.5.2): a line starting with
+/// `.` gets another, a bare LF becomes CRLF, an unterminated last line is
+/// terminated, and `.` CRLF ends it. Whole lines are copied at once
+/// (memchr finds their ends), not byte by byte: this loop is the agent's
+/// main cost on large messages. Output is handed to `flush` whenever
+/// `chunk` octets have gathered (it returns false to stop); what is left
+/// at the end, with the terminating dot, stays in `out`.
+fn dot_stuff(content: &[u8], chunk: usize, out: &mut Vec<u8>, mut flush: impl FnMut(&[u8]) -> bool) {
+    let mut rest = content;
+    while !rest.is_empty() {
+        // At the start of a line.
+        if rest[0] == b'.' {
+            out.push(b'.');
+        }
+        let (line, end, next): (&[u8], &[u8], &[u8]) = match memchr::memchr(b'\n', rest) {
+            // The CR of a CRLF is part of `line`; a bare LF gets one.
+            Some(i) if i > 0 && rest[i - 1] == b'\r' => (&rest[..i], b"\n", &rest[i + 1..]),
+            Some(i) => (&rest[..i], b"\r\n", &rest[i + 1..]),
+            None => (rest, b"\r\n", &[][..]),
+        };
+        // A line longer than the chunk goes out in pieces.
+        let mut piece = line;
+        while out.len() + piece.len() > chunk {
+            let room = chunk.saturating_sub(out.len()).max(1).min(piece.len());
+            out.extend_from_slice(&piece[..room]);
+            piece = &piece[room..];
+            if !flush(out) {
+                return;
+            }
+            out.clear();
+        }
+        out.extend_from_slice(piece);
+        out.extend_from_slice(end);
+        if out.len() >= chunk {
+            if !flush(out) {
+                return;
+            }
+            out.clear();
+        }
+        rest = next;
+    }
+    out.extend_from_slice(b".\r\n");
+}
+
 #[cfg(test)]
 mod tests {
+    /// The byte-at-a-time transformation `dot_stuff` replaced, as the
+    /// reference it must match.
+    fn stuffed_by_bytes(content: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut at_line_start = true;
+        let mut prev = 0u8;
+        for &b in content {
+            if at_line_start && b == b'.' {
+                out.push(b'.');
+            }
+            if b == b'\n' && prev != b'\r' {
+                out.push(b'\r');
+            }
+            out.push(b);
+            at_line_start = b == b'\n';
+            prev = b;
+        }
+        if !content.is_empty() && !at_line_start {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        out
+    }
+
+    #[test]
+    fn dot_stuffing_matches_the_byte_rule_at_every_chunk_size() {
+        let long = "x".repeat(300);
+        let cases: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b".".to_vec(),
+            b"\n".to_vec(),
+            b"\r\n".to_vec(),
+            b"a\n.b\n..c\r\n.\r\n".to_vec(),
+            b"bare\rcr\n\n\r\n\rx".to_vec(),
+            b"no newline at the end".to_vec(),
+            b"\n.\n\n.".to_vec(),
+            format!("Subject: t\r\n\r\n{long}\n.{long}\r\n{long}").into_bytes(),
+        ];
+        for content in &cases {
+            let want = stuffed_by_bytes(content);
+            for chunk in [1, 2, 7, 64, 1024] {
+                let mut sent = Vec::new();
+                let mut out = Vec::new();
+                dot_stuff(content, chunk, &mut out, |b| {
+                    assert!(b.len() >= chunk.min(b.len()) && b.len() <= chunk.max(1) + 2, "chunk {chunk}: {}", b.len());
+                    sent.extend_from_slice(b);
+                    true
+                });
+                sent.extend_from_slice(&out);
+                assert_eq!(sent, want, "chunk {chunk}: {:?}", String::from_utf8_lossy(content));
+            }
+        }
+        // A refused write stops the copy.
+        let mut calls = 0;
+        dot_stuff(long.as_bytes(), 10, &mut Vec::new(), |_| {
+            calls += 1;
+            false
+        });
+        assert_eq!(calls, 1);
+    }
     use super::*;
 
     fn reply(code: u16, lines: &[&str]) -> Reply {
