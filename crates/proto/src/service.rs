@@ -2,8 +2,8 @@
 //!
 //! One enum names every service the master runs. The master decides by it
 //! which binary to start and whether it runs a pool or a single process;
-//! the sandbox picks each daemon's rules by it; a daemon states it once at
-//! start-up (`mortal_libmaster::child::startup`), and the log writes its
+//! a daemon states it once at start-up (`mortal_libmaster::daemon::run`),
+//! with its own sandbox needs, and the log writes its
 //! [`Service::name`] in the program tag (`postfix/mortal/smtpd`) and in
 //! the JSON `service` field. `mortal status --json` names services the
 //! same way.
