@@ -188,10 +188,7 @@ pub fn run(service: Service) -> ExitCode {
 fn serve_agent(service: Service, started: Started<UnixListener, smtp::TlsClients>) -> ExitCode {
     let Started { config, listener, mut link, prepared: tls, .. } = started;
     let agent = Agent { tls, ..Agent::new(service, config) };
-    let max_use = match service {
-        Service::Lmtp => agent.config.process.lmtp.max_use,
-        _ => agent.config.process.smtp.max_use,
-    };
+    let max_use = agent.config.process.policy(service).max_use;
     let served = child::serve(&listener, &mut link, max_use, |stream, link| serve(&agent, stream, link, max_use));
     agent.cache.expire_all();
     match served {

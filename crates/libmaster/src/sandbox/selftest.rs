@@ -308,7 +308,7 @@ fn probe(
         Attempt::WriteTmp => write_in(Path::new("/tmp")),
         Attempt::ConnectCleanup => io(UnixStream::connect(visible_path(&config.cleanup_socket())).map(drop)),
         Attempt::ConnectQueue => io(UnixStream::connect(visible_path(&config.queue_socket())).map(drop)),
-        Attempt::ConnectPipe => io(UnixStream::connect(visible_path(&config.pipe_socket())).map(drop)),
+        Attempt::ConnectPipe => io(UnixStream::connect(visible_path(&config.agent_socket(Service::Pipe))).map(drop)),
         Attempt::TcpConnect => io(TcpStream::connect(("127.0.0.1", port)).map(drop)),
         Attempt::ConnectNextHop => match next_hop(service, &config) {
             Some(addr) => io(TcpStream::connect(addr).map(drop)),
@@ -595,7 +595,7 @@ impl Fixtures {
             own_dirs(config, user).map_err(|e| e.to_string())?;
         }
         let mut sockets = Vec::new();
-        for path in [config.cleanup_socket(), config.queue_socket(), config.pipe_socket()] {
+        for path in [config.cleanup_socket(), config.queue_socket(), config.agent_socket(Service::Pipe)] {
             if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket())
                 && UnixStream::connect(&path).is_ok()
             {
