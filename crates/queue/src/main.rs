@@ -169,3 +169,25 @@ fn spawn_wake_listener(listener: UnixListener, events: mpsc::Sender<Event>) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// The spool, and the Maildir root only where it lies outside it; no
+    /// TCP port; neither a program nor a process.
+    #[test]
+    fn queue_needs_the_spool_and_the_maildir_root_and_no_network() {
+        let config = |text: &str| Config::parse_for(text, Path::new("/etc/m.toml"), false).unwrap();
+        let inside = needs(&config("[server]\nspool_dir = \"/s\"\n"));
+        assert_eq!(inside.landlock, Landlock::Rules { read_write: vec!["/s".into()], tcp_connect: Vec::new() });
+        let outside = needs(&config("[server]\nspool_dir = \"/s\"\n[delivery]\nmaildir_root = \"/home/mail\"\n"));
+        assert_eq!(
+            outside.landlock,
+            Landlock::Rules { read_write: vec!["/s".into(), "/home/mail".into()], tcp_connect: Vec::new() }
+        );
+        assert_eq!(outside.seccomp, Seccomp::DenyList { may_exec: false, may_fork: false });
+        assert_eq!((outside.run_as, outside.chroot_private), (RunAs::MailUser, false));
+    }
+}

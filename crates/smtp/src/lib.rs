@@ -326,6 +326,24 @@ mod tests {
         Agent::new(service, Config::parse_for(text, Path::new("/m.toml"), false).unwrap())
     }
 
+    /// Each agent may reach its own routes' TCP next hops and no other
+    /// port, and holds a descriptor per route it carries.
+    #[test]
+    fn each_agent_needs_only_its_own_next_hops() {
+        let text = "[delivery]\ntransport = \"lmtp:inet:127.0.0.1:24\"\n[delivery.routes]\n\"r.test\" = \"smtp:inet:127.0.0.1:2525\"\n\"u.test\" = \"lmtp:unix:/l\"\n\"v.test\" = \"lmtp:inet:[::1]:24\"\n";
+        let config = Config::parse_for(text, Path::new("/m.toml"), false).unwrap();
+        let lmtp = needs(Service::Lmtp, &config);
+        assert_eq!(lmtp.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![24, 24] });
+        assert_eq!(lmtp.nofile, AGENT_NOFILE_BASE + 3);
+        let smtp = needs(Service::Smtp, &config);
+        assert_eq!(smtp.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![2525] });
+        assert_eq!(smtp.nofile, AGENT_NOFILE_BASE + 1);
+        for n in [lmtp, smtp] {
+            assert_eq!(n.seccomp, Seccomp::DenyList { may_exec: false, may_fork: false });
+            assert_eq!((n.run_as, n.chroot_private), (RunAs::MailUser, false));
+        }
+    }
+
     fn request(route: &str, rcpts: &[&str]) -> Request {
         Request {
             envelope: Envelope {

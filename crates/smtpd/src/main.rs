@@ -123,3 +123,29 @@ fn serve(started: Started<TcpListener, Prepared>) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(text: &str) -> Config {
+        Config::parse_for(text, Path::new("/m.toml"), false).unwrap()
+    }
+
+    /// No TCP port and the plain allow-list without reverse lookups; with
+    /// them, the configured nameservers' ports (or resolv.conf's 53) and
+    /// the allow-list widened for DNS.
+    #[test]
+    fn tcp_ports_and_allow_list_follow_reverse_lookup() {
+        let plain = needs(&config(""));
+        assert_eq!(plain.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() });
+        assert_eq!(plain.seccomp, Seccomp::AllowList { dns: false });
+        assert_eq!((plain.run_as, plain.chroot_private, plain.nofile), (RunAs::MailUser, true, SMTPD_NOFILE));
+        let resolv = needs(&config("[smtpd]\nreverse_lookup = true\n"));
+        assert_eq!(resolv.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![RESOLV_CONF_PORT] });
+        assert_eq!(resolv.seccomp, Seccomp::AllowList { dns: true });
+        let own = needs(&config("[smtpd]\nreverse_lookup = true\nresolvers = [\"127.0.0.1:5353\", \"[::1]:53\"]\n"));
+        assert_eq!(own.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![5353, 53] });
+    }
+}
