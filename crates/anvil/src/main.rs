@@ -40,12 +40,15 @@
 mod table;
 
 use mortal_libmaster::child;
-use mortal_libmaster::sandbox::Service;
+use mortal_libmaster::daemon::{self, Fatal, Started};
+use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
 use mortal_proto::anvil::{AnvilRequest, Conversation, REQUEST_LEN, Status};
+use mortal_proto::config::Config;
 use mortal_proto::status::ChildState;
 use std::io;
 use std::net::IpAddr;
 use std::os::unix::net::UnixListener;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -79,24 +82,43 @@ struct Peaks {
     clients: usize,
 }
 
-fn main() {
-    mortal_libmaster::sandbox::selftest::run_if_asked(Service::Anvil);
-    let config = child::startup(Service::Anvil);
-    let (listener, mut link) = child::adopt::<UnixListener>(Service::Anvil);
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            tracing::error!("fatal: create event loop: {e}");
-            std::process::exit(1);
-        }
-    };
-    // Started by a root master: give up root, and enter the same kind of
-    // sandbox as smtpd (chroot, no files, no program execution) before the
-    // first request. The runtime is current-thread: no thread exists yet.
-    mortal_libmaster::sandbox::enter_or_exit(Service::Anvil, &config);
+/// anvil's descriptors besides one per smtpd child it may serve.
+const ANVIL_NOFILE_BASE: u64 = 64;
+
+/// anvil's sandbox, the same kind as smtpd's: the mail user, chrooted into
+/// the private socket directory, no file, no TCP, and the deny-list without
+/// running a program. One descriptor per smtpd session, for every smtpd
+/// pool.
+fn needs(config: &Config) -> Needs {
+    let pools = (config.smtpd.listen.len() + config.smtpd.proxy_listen.len()) as u64;
+    Needs {
+        run_as: RunAs::MailUser,
+        chroot_private: true,
+        nofile: ANVIL_NOFILE_BASE + pools * u64::from(config.process.smtpd.process_limit),
+        landlock: Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() },
+        seccomp: Seccomp::DenyList { may_exec: false, may_fork: true },
+    }
+}
+
+fn main() -> ExitCode {
+    daemon::run(Service::Anvil, needs, runtime, run)
+}
+
+/// The event loop, made before the sandbox; current-thread, so no thread
+/// exists when the sandbox is entered.
+fn runtime(_: &Config) -> Result<tokio::runtime::Runtime, Fatal> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| Fatal::new(format_args!("create event loop: {e}")))
+}
+
+fn run(started: Started<UnixListener, tokio::runtime::Runtime>) -> ExitCode {
+    let Started { config, listener, mut link, prepared: runtime, .. } = started;
     if let Err(e) = link.report(ChildState::Ready) {
         tracing::error!("fatal: master link: {e}");
-        std::process::exit(1);
+        return ExitCode::FAILURE;
     }
     let (stop_tx, stop_rx) = oneshot::channel();
     std::thread::spawn(move || {
@@ -104,10 +126,13 @@ fn main() {
     });
     let unit = config.anvil.rate_time_unit;
     match runtime.block_on(serve(listener, unit, stop_rx)) {
-        Ok(reason) => tracing::info!("exit: {}", reason.as_str()),
+        Ok(reason) => {
+            tracing::info!("exit: {}", reason.as_str());
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::error!("fatal: anvil socket: {e}");
-            std::process::exit(1);
+            ExitCode::FAILURE
         }
     }
 }

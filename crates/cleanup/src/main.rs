@@ -24,7 +24,8 @@
 //! violation ends the transaction with a logged reason and leaves no file
 //! behind. cleanup never reads the network and never writes
 //! outside `incoming/`: after opening the spool and before its first
-//! connection it enters its sandbox (`mortal_libmaster::sandbox`), so the
+//! connection it enters its sandbox (its `needs`, applied by
+//! `mortal_libmaster::daemon::run`), so the
 //! kernel enforces that too: as root it drops to `[server] user`; always
 //! no_new_privs, no core dumps, bounded descriptors, Landlock access to
 //! `incoming/` and nothing else, no TCP, no signals beyond itself, and a
@@ -51,29 +52,50 @@ mod session;
 mod spool;
 
 use mortal_libmaster::child;
-use mortal_libmaster::sandbox::{self, Service};
+use mortal_libmaster::daemon::{self, Fatal, Started};
+use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
+use mortal_proto::config::Config;
 use mortal_proto::spool::QueueDir;
 use std::os::unix::net::UnixListener;
+use std::process::ExitCode;
 
-fn main() {
-    sandbox::selftest::run_if_asked(Service::Cleanup);
-    let config = child::startup(Service::Cleanup);
-    let spool = match spool::Spool::open(&config) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("fatal: open spool {}: {e}", config.spool().dir(QueueDir::Incoming).display());
-            std::process::exit(1);
-        }
-    };
-    let (listener, mut link) = child::adopt::<UnixListener>(Service::Cleanup);
-    // From here on: the mail user, and write access to incoming/ only.
-    sandbox::enter_or_exit(Service::Cleanup, &config);
+/// Descriptors a cleanup may hold: as smtpd, plus the spool directory,
+/// the queue file and the queue wake-up.
+const CLEANUP_NOFILE: u64 = 64;
+
+/// cleanup's sandbox: the mail user, write access to `spool/incoming`
+/// only, no TCP, and the deny-list without running a program.
+fn needs(config: &Config) -> Needs {
+    Needs {
+        run_as: RunAs::MailUser,
+        chroot_private: false,
+        nofile: CLEANUP_NOFILE,
+        landlock: Landlock::Rules { read_write: vec![config.spool().dir(QueueDir::Incoming)], tcp_connect: Vec::new() },
+        seccomp: Seccomp::DenyList { may_exec: false, may_fork: true },
+    }
+}
+
+fn main() -> ExitCode {
+    daemon::run(Service::Cleanup, needs, open_spool, serve)
+}
+
+fn open_spool(config: &Config) -> Result<spool::Spool, Fatal> {
+    spool::Spool::open(config)
+        .map_err(|e| Fatal::new(format_args!("open spool {}: {e}", config.spool().dir(QueueDir::Incoming).display())))
+}
+
+/// From here on: the mail user, and write access to incoming/ only.
+fn serve(started: Started<UnixListener, spool::Spool>) -> ExitCode {
+    let Started { config, listener, mut link, prepared: spool, .. } = started;
     let ctx = session::Context::new(&config, &spool);
     match child::serve(&listener, &mut link, config.process.cleanup.max_use, |stream, _| session::serve(stream, &ctx)) {
-        Ok(reason) => tracing::debug!("exit: {}", reason.as_str()),
+        Ok(reason) => {
+            tracing::debug!("exit: {}", reason.as_str());
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::error!("fatal: master link: {e}");
-            std::process::exit(1);
+            ExitCode::FAILURE
         }
     }
 }

@@ -8,6 +8,7 @@
 
 use ipnet::IpNet;
 use mortal_proto::config::{Config, Location, ProcessPolicy};
+use mortal_proto::service::Service;
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -51,23 +52,17 @@ pub fn warnings(config: &Config) -> Vec<Warning> {
         out.push(Warning { key: format!("{table}.{key}"), location: config.locate(table, key), message });
     };
     relay_warnings(config, &mut warn);
-    for (name, policy) in [("smtpd", &config.process.smtpd), ("cleanup", &config.process.cleanup)] {
-        lifetime_warnings(&format!("process.{name}"), policy, &mut warn);
-    }
     // The delivery-agent pools matter only where they exist.
-    if config.pipe_routed() {
-        lifetime_warnings("process.pipe", &config.process.pipe, &mut warn);
+    let pools = [Service::Smtpd, Service::Cleanup].into_iter().chain(config.agents());
+    for service in pools {
+        if let Some(policy) = config.process.pool(service) {
+            lifetime_warnings(&format!("process.{service}"), policy, &mut warn);
+        }
     }
     for (name, life) in [("queue", &config.process.queue), ("anvil", &config.process.anvil)] {
         if life.max_lifetime.is_zero() {
             warn(&format!("process.{name}"), "max_lifetime", "is 0s (unlimited): the process lives for ever".into());
         }
-    }
-    if config.lmtp_routed() {
-        lifetime_warnings("process.lmtp", &config.process.lmtp, &mut warn);
-    }
-    if config.smtp_routed() {
-        lifetime_warnings("process.smtp", &config.process.smtp, &mut warn);
     }
     if let Some(key) = &config.smtpd.tls_key_file {
         match std::fs::metadata(key) {

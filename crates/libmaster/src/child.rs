@@ -23,6 +23,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::ExitCode;
 use std::time::Duration;
 
 /// A listening socket a child can take connections from.
@@ -66,8 +67,9 @@ pub struct MasterLink {
 }
 
 impl MasterLink {
-    /// Adopts the master socket inherited as stdout.
-    pub fn inherited() -> io::Result<Self> {
+    /// Adopts the master socket inherited as stdout; only the start-up
+    /// sequence ([`crate::daemon::run`]) does, after the sandbox.
+    pub(crate) fn inherited() -> io::Result<Self> {
         let fd: OwnedFd = io::stdout().as_fd().try_clone_to_owned()?;
         Ok(Self { sock: UnixStream::from(fd), sessions: 0, spurious_wakeups: 0 })
     }
@@ -255,45 +257,46 @@ fn serve_loop<L: Listener>(
     }
 }
 
-/// The start of every daemon's `main`: reads `--config PATH` from the
-/// command line (the only argument the master passes), loads and validates
-/// the configuration, and installs the log. Exits the process with status 1
-/// and a logged reason when that fails: the master counts such an exit as a
-/// bad start and throttles the service instead of respawning it in a loop.
-pub fn startup(service: Service) -> mortal_proto::config::Config {
+/// The start of every daemon ([`crate::daemon::run`]): reads `--config
+/// PATH` from the command line (the only argument the master passes),
+/// loads and validates the configuration, and installs the log. Returns
+/// exit status 1, with a logged reason, when that fails: the master counts
+/// such an exit as a bad start and throttles the service instead of
+/// respawning it in a loop.
+pub(crate) fn startup(service: Service) -> Result<mortal_proto::config::Config, ExitCode> {
     let mut args = std::env::args_os().skip(1);
     let path = match (args.next(), args.next(), args.next()) {
         (Some(flag), Some(path), None) if flag == "--config" => std::path::PathBuf::from(path),
         _ => {
             crate::log::init_early(service);
             tracing::error!("fatal: usage: {} --config PATH (started by mortal-master)", service.program());
-            std::process::exit(1);
+            return Err(ExitCode::FAILURE);
         }
     };
     match mortal_proto::config::Config::load(&path) {
         Ok(config) => {
             crate::log::init(service, &config.log, &config.server.hostname);
-            config
+            Ok(config)
         }
         Err(errors) => {
             crate::log::init_early(service);
             for e in errors {
                 tracing::error!("fatal: {e}");
             }
-            std::process::exit(1);
+            Err(ExitCode::FAILURE)
         }
     }
 }
 
 /// Adopts the listener (stdin) and the master socket (stdout) a daemon
-/// inherits, or logs why not and exits with status 1: started by hand
+/// inherits, or logs why not and returns exit status 1: started by hand
 /// instead of by the master, a daemon has nothing to serve.
-pub fn adopt<L: Listener>(service: Service) -> (L, MasterLink) {
+pub(crate) fn adopt<L: Listener>(service: Service) -> Result<(L, MasterLink), ExitCode> {
     match (L::inherited(), MasterLink::inherited()) {
-        (Ok(listener), Ok(link)) => (listener, link),
+        (Ok(listener), Ok(link)) => Ok((listener, link)),
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!("fatal: inherited descriptors: {e} ({} runs under mortal-master)", service.program());
-            std::process::exit(1);
+            Err(ExitCode::FAILURE)
         }
     }
 }

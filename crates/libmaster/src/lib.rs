@@ -1,18 +1,19 @@
-//! mortal-master: the supervisor (binary `mortal-master`) and the library
-//! every daemon links to be supervised, like Postfix's `libmaster`.
+//! mortal-libmaster: the library every daemon links to be supervised, like
+//! Postfix's `libmaster`.
 //!
 //! # Summary
-//! The library half is what runs inside a child: [`child`] is the
-//! single-server skeleton (wait for one connection on the inherited
-//! listener, serve it, report to the master, obey the lifetime policy),
-//! [`log`] installs the log format shared by every process, and
-//! [`sandbox`] drops privileges and applies each daemon's kernel sandbox.
+//! What runs inside a child: [`daemon::run`] is every daemon's start-up
+//! sequence (self-test if asked, configuration and log, the daemon's own
+//! preparation, inherited descriptors, sandbox, serve, in that order and
+//! no other); [`child`] is the single-server skeleton (wait for one
+//! connection on the inherited listener, serve it, report to the master,
+//! obey the lifetime policy), [`log`] installs the log format shared by
+//! every process, and [`sandbox`] drops privileges and applies the kernel
+//! sandbox each daemon states in its own crate ([`sandbox::Needs`]).
 //!
-//! Only its start-up entries end the process ([`child::startup`],
-//! [`child::adopt`], [`sandbox::enter_or_exit`] and the self-test mode
-//! [`sandbox::selftest::run_if_asked`]): a bad start exits with status 1
-//! before READY, which the master counts as a bad start and throttles.
-//! Everything else returns its outcome to the daemon's `main`.
+//! Nothing here ends the process: a bad start logs `fatal: ...` and
+//! [`daemon::run`] returns exit status 1 before READY, which the binary's
+//! `main` returns and the master counts as a bad start and throttles.
 //!
 //! # Security
 //! A child's only channel to the master is its own socket, carrying
@@ -34,5 +35,6 @@
 #![forbid(unsafe_code)]
 
 pub mod child;
+pub mod daemon;
 pub mod log;
 pub mod sandbox;

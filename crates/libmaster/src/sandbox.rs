@@ -1,34 +1,34 @@
 //! sandbox: privilege separation and a kernel sandbox for each daemon.
 //!
 //! # Summary
-//! Every child calls [`enter`] once, after exec and after loading what it
-//! needs (configuration, TLS key, recipient map) and before it touches any
-//! input. In this order it:
+//! Each daemon states what it may do as a [`Needs`] value (a `needs`
+//! function in its own crate: `mortal_smtpd`'s `main`, `mortal_cleanup`'s,
+//! ..., `mortal_smtp::needs`); this module knows no daemon's rules and
+//! only applies them. [`crate::daemon::run`] enters the sandbox once per
+//! child, after exec and after loading what it needs (configuration, TLS
+//! key, recipient map) and before it touches any input. In this order it:
 //!
-//! 1. when started as root: looks up `[server] user` (default
-//!    [`DEFAULT_USER`]; for the pipe service `[delivery.pipe] user`, which
-//!    must be neither root nor the mail user), chroots smtpd and anvil into
-//!    the private socket directory, then `setgroups([gid])`, `setgid`,
-//!    `setuid`, and checks that the drop cannot be undone (`setuid(0)`
-//!    must fail); as any other user (development mode) the identity
-//!    stays, and says so once at debug;
+//! 1. when started as root: looks up the user of [`Needs::run_as`]
+//!    (`[server] user`, default [`DEFAULT_USER`]; or `[delivery.pipe]
+//!    user`, which must be neither root nor the mail user), chroots into
+//!    the private socket directory when [`Needs::chroot_private`], then
+//!    `setgroups([gid])`, `setgid`, `setuid`, and checks that the drop
+//!    cannot be undone (`setuid(0)` must fail); as any other user
+//!    (development mode) the identity stays, and says so once at debug;
 //! 2. sets `PR_SET_NO_NEW_PRIVS`, turns core dumps off (`RLIMIT_CORE` 0,
 //!    and `PR_SET_DUMPABLE` 0 after a drop from root) and bounds
-//!    `RLIMIT_NOFILE` per service;
-//! 3. restricts itself with Landlock (file system, TCP, signals and
-//!    abstract Unix sockets): smtpd may open no file at all, cleanup may
-//!    write `spool/incoming` only, queue the spool and its delivery
-//!    targets only (and no TCP at all), the lmtp and smtp delivery agents
-//!    no file at all and TCP connect only to their configured next hops'
-//!    ports; the pipe service, which runs the operator's command
-//!    and whose needs are the operator's, keeps only Landlock's signal and
-//!    socket scopes (the master says so in a warning at start);
-//! 4. installs a seccomp filter: an allow-list for smtpd, whose every
-//!    other system call kills the process, and a deny-list of the
-//!    system calls no mail daemon needs (ptrace, mount, namespaces, module
-//!    and key management...) for the others; cleanup, anvil, queue and
-//!    the lmtp and smtp agents also may not run a program, and queue and
-//!    the agents may not even create a process.
+//!    `RLIMIT_NOFILE` to [`Needs::nofile`];
+//! 3. restricts itself with Landlock ([`Landlock`]): either every file
+//!    system and TCP access is handled and only the stated directories
+//!    and TCP connect ports are allowed, or (pipe, whose command's needs
+//!    are the operator's) only the signal and abstract-socket scopes apply;
+//! 4. installs a seccomp filter ([`Seccomp`]): the allow-list written for
+//!    smtpd, whose every other system call kills the process, or the
+//!    deny-list of the system calls no mail daemon needs (ptrace, mount,
+//!    namespaces, module and key management...), optionally also denying
+//!    running a program and creating a process.
+//!
+//! What the daemons state today:
 //!
 //! | service | identity (root start) | file system | network | seccomp |
 //! |---|---|---|---|---|
@@ -76,7 +76,7 @@ use landlock::{
     ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
     RulesetCreatedAttr, RulesetStatus, Scope,
 };
-use mortal_proto::config::{Config, DEFAULT_SERVER_USER, NextHop, Route};
+use mortal_proto::config::{Config, DEFAULT_SERVER_USER};
 use mortal_proto::spool::QueueDir;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::unistd::{Gid, Uid, User};
@@ -94,27 +94,6 @@ pub const DEFAULT_USER: &str = DEFAULT_SERVER_USER;
 /// tested on (Linux 6.15). Newer kernels enforce exactly these rights;
 /// older ones enforce what they know, and a warning says what is missing.
 pub const LANDLOCK_ABI: ABI = ABI::V7;
-/// Descriptors an smtpd may hold: stdio, its listener and master link,
-/// two epoll sets, the client, cleanup and anvil, with room to spare.
-pub const SMTPD_NOFILE: u64 = 64;
-/// Descriptors a cleanup may hold: as smtpd, plus the spool directory,
-/// the queue file and the queue wake-up.
-pub const CLEANUP_NOFILE: u64 = 64;
-/// Descriptors the queue manager holds besides its deliveries.
-pub const QUEUE_NOFILE_BASE: u64 = 256;
-/// anvil's descriptors besides one per smtpd child it may serve.
-pub const ANVIL_NOFILE_BASE: u64 = 64;
-/// Descriptors one concurrent delivery may hold (queue file, Maildir file,
-/// delivery agent socket, its cached connection).
-pub const QUEUE_NOFILE_PER_DELIVERY: u64 = 8;
-/// Descriptors of an lmtp or smtp agent besides one cached session per
-/// next hop: stdio, listener, master link, the queue's connection.
-pub const AGENT_NOFILE_BASE: u64 = 32;
-/// Descriptors of a pipe service process. It holds a dozen (stdio, its
-/// listener and master link, the queue's connection, the command's pipes);
-/// the limit is inherited by the operator's command, which gets what a
-/// login session commonly gets (Linux's default soft limit).
-pub const PIPE_NOFILE: u64 = 1024;
 /// Mode of the private socket directory when the master runs as root:
 /// root may change it, the mail group may only pass through it to the
 /// sockets it knows the names of.
@@ -127,25 +106,61 @@ pub const MAIL_USER_MODE: u32 = 0o700;
 pub const QUEUE_DIR_MODE: u32 = mortal_proto::spool::QUEUE_DIR_MODE;
 
 /// The daemons that sandbox themselves: every service the master runs
-/// (re-exported so the rules below read `Service::Smtpd`).
+/// (re-exported for the daemons' start-up code).
 pub use mortal_proto::service::Service;
 
-/// The descriptor limit of `service`'s processes.
-fn nofile(service: Service, config: &Config) -> u64 {
-    match service {
-        Service::Smtpd => SMTPD_NOFILE,
-        Service::Cleanup => CLEANUP_NOFILE,
-        Service::Queue => QUEUE_NOFILE_BASE + u64::from(config.queue.delivery_concurrency) * QUEUE_NOFILE_PER_DELIVERY,
-        // One connection per smtpd session, for every smtpd pool.
-        Service::Anvil => {
-            let pools = (config.smtpd.listen.len() + config.smtpd.proxy_listen.len()) as u64;
-            ANVIL_NOFILE_BASE + pools * u64::from(config.process.smtpd.process_limit)
-        }
-        Service::Pipe => PIPE_NOFILE,
-        Service::Lmtp | Service::Smtp => {
-            AGENT_NOFILE_BASE + config.routes().filter(|r| service.carries(r)).count() as u64
-        }
-    }
+/// What one daemon may do inside its sandbox: stated by the daemon itself
+/// (each daemon crate's `needs`), applied by [`enter`]. The layers are the
+/// module documentation's; this value is only the daemon-specific part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Needs {
+    /// Who the daemon runs as when the master starts as root.
+    pub run_as: RunAs,
+    /// Whether it is chrooted into the private socket directory (root
+    /// start only): for daemons that need nothing but sockets there.
+    pub chroot_private: bool,
+    /// Its descriptor limit (`RLIMIT_NOFILE`, soft and hard).
+    pub nofile: u64,
+    /// What Landlock lets it reach.
+    pub landlock: Landlock,
+    /// Which seccomp filter it runs under.
+    pub seccomp: Seccomp,
+}
+
+/// The identity a daemon drops to under a root master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunAs {
+    /// `[server] user` ([`mail_user`]).
+    MailUser,
+    /// `[delivery.pipe] user` ([`pipe_user`]): neither root nor the mail user.
+    PipeUser,
+}
+
+/// The daemon's Landlock ruleset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Landlock {
+    /// Every file-system and TCP access Landlock knows is handled: the
+    /// daemon may use the directories in `read_write` (everything but
+    /// running a program there) and connect to the TCP ports in
+    /// `tcp_connect`, and nothing else; the signal and abstract-socket
+    /// scopes apply too. Both empty: no file, no directory, no TCP port.
+    Rules { read_write: Vec<PathBuf>, tcp_connect: Vec<u16> },
+    /// Only the scopes (no signal to, no abstract socket of, a process
+    /// outside this one's domain): for a daemon whose files and ports are
+    /// the operator's, which mortal cannot know.
+    ScopesOnly,
+}
+
+/// The daemon's seccomp filter ([`seccomp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seccomp {
+    /// The allow-list written for smtpd's sessions: every other system
+    /// call kills the process. `dns` adds what reverse lookups need.
+    AllowList { dns: bool },
+    /// The deny-list of system calls no mail daemon makes, which kill the
+    /// process; `may_exec: false` also denies running a program,
+    /// `may_fork: false` creating a process (threads stay allowed).
+    DenyList { may_exec: bool, may_fork: bool },
 }
 
 /// Why a sandbox could not be entered; every variant ends the process.
@@ -246,8 +261,11 @@ pub fn visible_path(path: &Path) -> PathBuf {
     }
 }
 
-/// What [`enter`] applied, for the log and the self-test.
+/// What [`enter`] applied, for the log and the self-test. Only [`enter`]
+/// makes one, so a value of it proves the sandbox is in place
+/// ([`crate::daemon::Started`] carries it to the daemon's serve step).
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Applied {
     pub user: Option<String>,
     pub chroot: Option<PathBuf>,
@@ -256,32 +274,37 @@ pub struct Applied {
     pub seccomp_rules: usize,
 }
 
-/// Drops privileges and applies `service`'s sandbox to this process, as
-/// described in the module documentation. Call it once, single-threaded,
-/// after loading every file the service needs and before any input.
-pub fn enter(service: Service, config: &Config) -> Result<Applied, SandboxError> {
-    enter_layers(service, config, true)
+/// Drops privileges and applies `needs`, what `service` stated, to this
+/// process, as described in the module documentation. Called once,
+/// single-threaded, after loading every file the service needs and before
+/// any input: [`crate::daemon::run`] keeps that order.
+pub(crate) fn enter(service: Service, config: &Config, needs: &Needs) -> Result<Applied, SandboxError> {
+    enter_layers(service, config, needs, true)
 }
 
 /// [`enter`], optionally without the seccomp filter: only the self-test
 /// leaves it out, to show what the other layers hold on their own.
-pub(crate) fn enter_layers(service: Service, config: &Config, with_seccomp: bool) -> Result<Applied, SandboxError> {
+pub(crate) fn enter_layers(
+    service: Service,
+    config: &Config,
+    needs: &Needs,
+    with_seccomp: bool,
+) -> Result<Applied, SandboxError> {
     let threads = thread_count();
     if threads > 1 {
         return Err(SandboxError::Threads(threads));
     }
     // Landlock rules hold descriptors opened now, before a chroot could
     // hide their paths.
-    let ruleset = landlock_rules(service, config)?;
-    let user = match service {
-        Service::Pipe => pipe_user(config)?,
-        _ => mail_user(config)?,
+    let ruleset = landlock_rules(&needs.landlock)?;
+    let user = match needs.run_as {
+        RunAs::MailUser => mail_user(config)?,
+        RunAs::PipeUser => pipe_user(config)?,
     };
     let mut chroot = None;
     match &user {
         Some(user) => {
-            // smtpd and anvil need nothing but sockets in private/.
-            if matches!(service, Service::Smtpd | Service::Anvil) {
+            if needs.chroot_private {
                 let root = config.private_dir();
                 nix::unistd::chroot(&root).map_err(step("chroot"))?;
                 nix::unistd::chdir("/").map_err(step("chdir /"))?;
@@ -292,13 +315,9 @@ pub(crate) fn enter_layers(service: Service, config: &Config, with_seccomp: bool
         }
         None => tracing::debug!("sandbox: running as uid {} (not root): no user change, no chroot", Uid::effective()),
     }
-    limit_process(service, config)?;
+    limit_process(needs.nofile)?;
     let landlock = restrict(ruleset)?;
-    let seccomp_rules = if with_seccomp {
-        seccomp::install(service, service == Service::Smtpd && config.smtpd.reverse_lookup)?
-    } else {
-        0
-    };
+    let seccomp_rules = if with_seccomp { seccomp::install(needs.seccomp)? } else { 0 };
     let applied = Applied { user: user.map(|u| u.name), chroot, landlock, seccomp_rules };
     tracing::debug!(
         "sandbox: {}: user={} chroot={} landlock={:?} seccomp={} rules",
@@ -309,15 +328,6 @@ pub(crate) fn enter_layers(service: Service, config: &Config, with_seccomp: bool
         applied.seccomp_rules
     );
     Ok(applied)
-}
-
-/// [`enter`], or a logged `fatal:` line and exit status 1: what every
-/// daemon's `main` calls.
-pub fn enter_or_exit(service: Service, config: &Config) {
-    if let Err(e) = enter(service, config) {
-        tracing::error!("fatal: sandbox: {e}");
-        std::process::exit(1);
-    }
 }
 
 fn thread_count() -> usize {
@@ -349,93 +359,50 @@ fn drop_privileges(user: &MailUser) -> Result<(), SandboxError> {
     nix::sys::prctl::set_dumpable(false).map_err(step("PR_SET_DUMPABLE"))
 }
 
-fn limit_process(service: Service, config: &Config) -> Result<(), SandboxError> {
+fn limit_process(nofile: u64) -> Result<(), SandboxError> {
     nix::sys::prctl::set_no_new_privs().map_err(step("PR_SET_NO_NEW_PRIVS"))?;
     // A core file would hold mail and TLS keys.
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("RLIMIT_CORE"))?;
     // Both limits: the hard one so a compromised daemon cannot raise its
     // soft limit back.
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(step("getrlimit RLIMIT_NOFILE"))?;
-    let limit = nofile(service, config).min(hard);
+    let limit = nofile.min(hard);
     setrlimit(Resource::RLIMIT_NOFILE, limit, limit).map_err(step("RLIMIT_NOFILE"))
 }
 
-/// The nameserver port of /etc/resolv.conf entries, which smtpd's
-/// reverse lookups use when `[smtpd] resolvers` is empty.
-const RESOLV_CONF_PORT: u16 = 53;
-
-/// The Landlock ruleset of `service`, with its rule descriptors open.
-fn landlock_rules(service: Service, config: &Config) -> Result<landlock::RulesetCreated, SandboxError> {
+/// The Landlock ruleset `landlock` describes, with its rule descriptors
+/// open.
+fn landlock_rules(landlock: &Landlock) -> Result<landlock::RulesetCreated, SandboxError> {
+    let (read_write, tcp_connect) = match landlock {
+        Landlock::ScopesOnly => {
+            return Ok(Ruleset::default()
+                .set_compatibility(CompatLevel::BestEffort)
+                .scope(Scope::from_all(LANDLOCK_ABI))?
+                .create()?);
+        }
+        Landlock::Rules { read_write, tcp_connect } => (read_write, tcp_connect),
+    };
     let fs_all = AccessFs::from_all(LANDLOCK_ABI);
     // Everything but running programs: what a daemon needs in the
     // directories it owns.
     let fs_rw = fs_all & !AccessFs::Execute;
-    let ruleset = Ruleset::default()
+    let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(fs_all)?
         .handle_access(AccessNet::from_all(LANDLOCK_ABI))?
         .scope(Scope::from_all(LANDLOCK_ABI))?
         .create()?;
-    let rule = |ruleset: landlock::RulesetCreated, path: &Path, access| -> Result<_, SandboxError> {
+    for path in read_write {
         let fd = PathFd::new(path).map_err(|source| SandboxError::LandlockPath { path: path.to_owned(), source })?;
-        Ok(ruleset.add_rule(PathBeneath::new(fd, access))?)
-    };
-    match service {
-        // With `reverse_lookup`, TCP to the nameservers' ports only (the
-        // resolver's fallback for truncated answers; UDP is not Landlock's
-        // to restrict): the configured `resolvers`, or resolv.conf's 53.
-        Service::Smtpd if config.smtpd.reverse_lookup => {
-            let mut ports: Vec<u16> = config.smtpd.resolvers.iter().map(|r| r.port()).collect();
-            if ports.is_empty() {
-                ports.push(RESOLV_CONF_PORT);
-            }
-            ports.sort_unstable();
-            ports.dedup();
-            let mut ruleset = ruleset;
-            for port in ports {
-                ruleset = ruleset.add_rule(NetPort::new(port, AccessNet::ConnectTcp))?;
-            }
-            Ok(ruleset)
-        }
-        // No rule: no file, no directory, no TCP port.
-        Service::Smtpd | Service::Anvil => Ok(ruleset),
-        Service::Cleanup => rule(ruleset, &config.spool().dir(QueueDir::Incoming), fs_rw),
-        // The command's files and ports are the operator's business, which
-        // mortal cannot know: only the scopes (no signal to, no abstract
-        // socket of, a process outside this one's domain) are kept. The
-        // master warns about it once at start (`PIPE_LANDLOCK_WARNING`).
-        Service::Pipe => Ok(Ruleset::default()
-            .set_compatibility(CompatLevel::BestEffort)
-            .scope(Scope::from_all(LANDLOCK_ABI))?
-            .create()?),
-        // The queue manager never talks to the network: no TCP port at all.
-        Service::Queue => {
-            let mut ruleset = rule(ruleset, &config.server.spool_dir, fs_rw)?;
-            if !config.maildir_root().starts_with(&config.server.spool_dir) {
-                ruleset = rule(ruleset, config.maildir_root(), fs_rw)?;
-            }
-            Ok(ruleset)
-        }
-        // No file at all (the CA file is read before the sandbox), TCP
-        // connect to its own next hops' ports only.
-        Service::Lmtp | Service::Smtp => {
-            let mut ruleset = ruleset;
-            let mut ports: Vec<u16> = config
-                .routes()
-                .filter(|r| service.carries(r))
-                .filter_map(|r| match r {
-                    Route::Lmtp(NextHop::Inet(addr)) | Route::Smtp(addr) => Some(addr.port()),
-                    _ => None,
-                })
-                .collect();
-            ports.sort_unstable();
-            ports.dedup();
-            for port in ports {
-                ruleset = ruleset.add_rule(NetPort::new(port, AccessNet::ConnectTcp))?;
-            }
-            Ok(ruleset)
-        }
+        ruleset = ruleset.add_rule(PathBeneath::new(fd, fs_rw))?;
     }
+    let mut ports = tcp_connect.clone();
+    ports.sort_unstable();
+    ports.dedup();
+    for port in ports {
+        ruleset = ruleset.add_rule(NetPort::new(port, AccessNet::ConnectTcp))?;
+    }
+    Ok(ruleset)
 }
 
 /// What the master logs once at start when the pipe service exists.

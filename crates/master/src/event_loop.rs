@@ -78,14 +78,7 @@ trait PoolPolicy {
 
 impl PoolPolicy for ServiceKind {
     fn policy(self, config: &Config) -> Option<ProcessPolicy> {
-        match self {
-            ServiceKind::Smtpd => Some(pool::effective(&config.process.smtpd)),
-            ServiceKind::Cleanup => Some(pool::effective(&config.process.cleanup)),
-            ServiceKind::Pipe => Some(pool::effective(&config.process.pipe)),
-            ServiceKind::Lmtp => Some(pool::effective(&config.process.lmtp)),
-            ServiceKind::Smtp => Some(pool::effective(&config.process.smtp)),
-            ServiceKind::Queue | ServiceKind::Anvil => None,
-        }
+        config.process.pool(self).map(pool::effective)
     }
 
     /// The lifetime rules of every child: its pool's policy, or for the
@@ -93,11 +86,7 @@ impl PoolPolicy for ServiceKind {
     /// `[process.anvil]` lives (no uses, no idle retirement, no session
     /// deadline).
     fn life_policy(self, config: &Config) -> ProcessPolicy {
-        match self {
-            ServiceKind::Queue => config.process.queue.as_policy(),
-            ServiceKind::Anvil => config.process.anvil.as_policy(),
-            _ => self.policy(config).expect("a pool has a policy"),
-        }
+        self.policy(config).unwrap_or_else(|| config.process.policy(self))
     }
 }
 
@@ -838,16 +827,18 @@ impl Master {
                 "warning: reload: smtpd.listen, smtpd.proxy_listen, server.spool_dir and server.run_dir take effect only on restart"
             );
         }
-        if new.pipe_routed() && !self.services.iter().any(|s| s.kind == ServiceKind::Pipe) {
-            tracing::warn!(
-                "warning: reload: the pipe service starts only on restart: until then, mail routed to pipe is deferred"
-            );
-        }
-        for (routed, kind) in [(new.lmtp_routed(), ServiceKind::Lmtp), (new.smtp_routed(), ServiceKind::Smtp)] {
-            if routed && !self.services.iter().any(|s| s.kind == kind) {
+        for agent in new.agents() {
+            if self.services.iter().any(|s| s.kind == agent) {
+                continue;
+            }
+            if agent == ServiceKind::Pipe {
+                tracing::warn!(
+                    "warning: reload: the pipe service starts only on restart: until then, mail routed to pipe is deferred"
+                );
+            } else {
                 tracing::warn!(
                     "warning: reload: the {} delivery agent starts only on restart: until then, mail routed to it is deferred",
-                    kind.name()
+                    agent.name()
                 );
             }
         }

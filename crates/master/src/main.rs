@@ -186,7 +186,7 @@ fn master_main(config: Config, config_path: PathBuf) -> anyhow::Result<i32> {
     // Started as root: the children drop to this user, which must exist,
     // and so must the pipe service's.
     let mail_user = sandbox::mail_user(&config)?;
-    if config.pipe_routed() {
+    if config.routes_to(ServiceKind::Pipe) {
         sandbox::pipe_user(&config)?;
         warn_about_pipe(&config, mail_user.is_some());
     }
@@ -328,19 +328,10 @@ fn bind_services(config: &Config) -> anyhow::Result<Vec<Service>> {
         (ServiceKind::Queue, config.queue_socket()),
         (ServiceKind::Anvil, config.anvil_socket()),
     ];
-    // The pipe service exists only for mail routed to it: without a pipe
-    // route no process can run the command at all. The same for the
-    // network-facing delivery agents: no LMTP or SMTP route, no process
-    // that may connect anywhere.
-    if config.pipe_routed() {
-        unix.push((ServiceKind::Pipe, config.pipe_socket()));
-    }
-    if config.lmtp_routed() {
-        unix.push((ServiceKind::Lmtp, config.lmtp_socket()));
-    }
-    if config.smtp_routed() {
-        unix.push((ServiceKind::Smtp, config.smtp_socket()));
-    }
+    // A delivery agent exists only for mail routed to it: without a pipe
+    // route no process can run the command at all, without an LMTP or SMTP
+    // route no process may connect anywhere.
+    unix.extend(config.agents().into_iter().map(|agent| (agent, config.agent_socket(agent))));
     for (kind, path) in unix {
         let bound = program(kind).and_then(|program| {
             let socket = listen::master_listen_unix(&path).with_context(|| format!("bind {}", path.display()))?;

@@ -137,11 +137,10 @@ impl SpawnRate {
     /// The rate rule of `service`'s pool: a delivery agent (whose client is
     /// the queue manager) does not ramp, every other pool does.
     pub fn for_service(service: ServiceKind) -> Self {
-        match service {
-            ServiceKind::Lmtp | ServiceKind::Smtp | ServiceKind::Pipe => {
-                Self { rate: MAX_SPAWN_RATE, left: MAX_SPAWN_RATE, floor: MAX_SPAWN_RATE }
-            }
-            ServiceKind::Smtpd | ServiceKind::Cleanup | ServiceKind::Queue | ServiceKind::Anvil => Self::default(),
+        if service.is_delivery_agent() {
+            Self { rate: MAX_SPAWN_RATE, left: MAX_SPAWN_RATE, floor: MAX_SPAWN_RATE }
+        } else {
+            Self::default()
         }
     }
 

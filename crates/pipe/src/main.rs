@@ -18,8 +18,8 @@
 //! This is the one mortal process that runs a program, and it is the
 //! operator's: so it runs as neither root nor the mail user. Started by a
 //! root master, each child drops to `[delivery.pipe] user` before its
-//! first request (`mortal_libmaster::sandbox`), which the configuration check
-//! requires then and which must differ from `[server] user`: the command
+//! first request (its `needs`, applied by `mortal_libmaster::daemon::run`),
+//! which the configuration check requires then and which must differ from `[server] user`: the command
 //! never runs as root, and never with the mail user's rights over the
 //! spool. Unprivileged, every process runs as the invoking user and the
 //! master says at start that the key has no effect. The sandbox also sets
@@ -65,13 +65,15 @@
 mod command;
 
 use mortal_libmaster::child;
-use mortal_libmaster::sandbox::{self, Service};
+use mortal_libmaster::daemon::{self, Started};
+use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
 use mortal_proto::config::Config;
 use mortal_proto::delivery::{RcptResult, Recipient, Report, Request, RequestDecoder, Status, max_content};
 use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
 use nix::sys::signal::{self, SigSet, Signal};
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 /// Longest wait for a whole request once the connection is accepted. The
@@ -80,18 +82,45 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Octets read from the queue at a time.
 const READ_CHUNK: usize = 64 * 1024;
 
-fn main() {
-    sandbox::selftest::run_if_asked(Service::Pipe);
-    let config = child::startup(Service::Pipe);
-    let (listener, mut link) = child::adopt::<UnixListener>(Service::Pipe);
-    // From here on: the pipe user, no_new_privs, seccomp.
-    sandbox::enter_or_exit(Service::Pipe, &config);
+/// Descriptors of a pipe service process. It holds a dozen (stdio, its
+/// listener and master link, the queue's connection, the command's pipes);
+/// the limit is inherited by the operator's command, which gets what a
+/// login session commonly gets (Linux's default soft limit).
+const PIPE_NOFILE: u64 = 1024;
+
+/// The pipe service's sandbox: `[delivery.pipe] user`, and the deny-list
+/// with running a program and creating a process allowed (that is its
+/// job). The command's files and ports are the operator's business, which
+/// mortal cannot know: only Landlock's scopes (no signal to, no abstract
+/// socket of, a process outside this one's domain) are kept. The master
+/// warns about it once at start
+/// (`mortal_libmaster::sandbox::PIPE_LANDLOCK_WARNING`).
+fn needs(_: &Config) -> Needs {
+    Needs {
+        run_as: RunAs::PipeUser,
+        chroot_private: false,
+        nofile: PIPE_NOFILE,
+        landlock: Landlock::ScopesOnly,
+        seccomp: Seccomp::DenyList { may_exec: true, may_fork: true },
+    }
+}
+
+fn main() -> ExitCode {
+    daemon::run(Service::Pipe, needs, |_| Ok(()), run)
+}
+
+/// From here on: the pipe user, no_new_privs, seccomp.
+fn run(started: Started<UnixListener, ()>) -> ExitCode {
+    let Started { config, listener, mut link, .. } = started;
     take_sigterm();
     match child::serve(&listener, &mut link, config.process.pipe.max_use, |stream, _| serve(&config, stream)) {
-        Ok(reason) => tracing::debug!("exit: {}", reason.as_str()),
+        Ok(reason) => {
+            tracing::debug!("exit: {}", reason.as_str());
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::error!("fatal: master link: {e}");
-            std::process::exit(1);
+            ExitCode::FAILURE
         }
     }
 }

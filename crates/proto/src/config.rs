@@ -449,6 +449,23 @@ pub enum Route {
     Smtp(SocketAddr),
 }
 
+impl Route {
+    /// The delivery agent that carries this route, or `None` for the
+    /// routes the queue manager delivers itself (Maildir, discard). The
+    /// one route → agent mapping: the master runs a pool for each agent
+    /// some route names ([`Config::agents`]), the queue hands the route's
+    /// batches to that agent's socket ([`Config::agent_socket`]), and an
+    /// agent serves only the routes it carries ([`Service::carries`]).
+    pub fn agent(&self) -> Option<Service> {
+        match self {
+            Route::Pipe => Some(Service::Pipe),
+            Route::Lmtp(_) => Some(Service::Lmtp),
+            Route::Smtp(_) => Some(Service::Smtp),
+            Route::Maildir | Route::Discard => None,
+        }
+    }
+}
+
 /// An LMTP server's address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum NextHop {
@@ -546,6 +563,36 @@ impl Default for Processes {
             smtp: ProcessPolicy::agent_default(),
             queue: SingleLife::default(),
             anvil: SingleLife::default(),
+        }
+    }
+}
+
+impl Processes {
+    /// `[process.<service>]` of a pre-forked service; `None` for the
+    /// single-process queue and anvil, whose lives are [`SingleLife`].
+    pub fn pool(&self, service: Service) -> Option<&ProcessPolicy> {
+        match service {
+            Service::Smtpd => Some(&self.smtpd),
+            Service::Cleanup => Some(&self.cleanup),
+            Service::Pipe => Some(&self.pipe),
+            Service::Lmtp => Some(&self.lmtp),
+            Service::Smtp => Some(&self.smtp),
+            Service::Queue | Service::Anvil => None,
+        }
+    }
+
+    /// The lifetime rules of every process of `service`: its pool's
+    /// policy, or a single process's life as one
+    /// ([`SingleLife::as_policy`]).
+    pub fn policy(&self, service: Service) -> ProcessPolicy {
+        match service {
+            Service::Smtpd => self.smtpd,
+            Service::Cleanup => self.cleanup,
+            Service::Pipe => self.pipe,
+            Service::Lmtp => self.lmtp,
+            Service::Smtp => self.smtp,
+            Service::Queue => self.queue.as_policy(),
+            Service::Anvil => self.anvil.as_policy(),
         }
     }
 }
@@ -1284,7 +1331,7 @@ impl Config {
                 bad("delivery.routes", domain, format!("{domain:?} is not a domain name"));
             }
         }
-        if self.pipe_routed() {
+        if self.routes_to(Service::Pipe) {
             for problem in self.delivery.pipe.problems() {
                 bad("delivery.pipe", "command", problem);
             }
@@ -1386,22 +1433,18 @@ impl Config {
     }
 
     /// Whether some route (the default `transport` or a
-    /// `[delivery.routes]` entry) hands mail to the `[delivery.pipe]`
-    /// command: only then does the pipe service exist.
-    pub fn pipe_routed(&self) -> bool {
-        std::iter::once(&self.delivery.transport).chain(self.delivery.routes.values()).any(|r| *r == Route::Pipe)
+    /// `[delivery.routes]` entry) hands mail to the delivery agent
+    /// `agent` ([`Route::agent`]): only then does its pool exist (no pipe
+    /// route, no process that can run the command; no LMTP or SMTP route,
+    /// no process that may connect anywhere).
+    pub fn routes_to(&self, agent: Service) -> bool {
+        self.routes().any(|r| r.agent() == Some(agent))
     }
 
-    /// Whether some route hands mail to an LMTP server: only then does
-    /// the `lmtp` delivery agent exist.
-    pub fn lmtp_routed(&self) -> bool {
-        self.routes().any(|r| matches!(r, Route::Lmtp(_)))
-    }
-
-    /// Whether some route relays mail by SMTP: only then does the `smtp`
-    /// delivery agent exist.
-    pub fn smtp_routed(&self) -> bool {
-        self.routes().any(|r| matches!(r, Route::Smtp(_)))
+    /// The delivery agents some route uses, in [`Service::ALL`] order:
+    /// the agent pools the master runs.
+    pub fn agents(&self) -> Vec<Service> {
+        Service::ALL.into_iter().filter(|&service| self.routes_to(service)).collect()
     }
 
     /// Every route mail may take: the default and the per-domain ones.
@@ -1444,19 +1487,10 @@ impl Config {
         self.private_dir().join("queue")
     }
 
-    /// The pipe delivery service's socket (the queue connects here).
-    pub fn pipe_socket(&self) -> PathBuf {
-        self.private_dir().join("pipe")
-    }
-
-    /// The `lmtp` delivery agent's socket (the queue connects here).
-    pub fn lmtp_socket(&self) -> PathBuf {
-        self.private_dir().join("lmtp")
-    }
-
-    /// The `smtp` delivery agent's socket (the queue connects here).
-    pub fn smtp_socket(&self) -> PathBuf {
-        self.private_dir().join("smtp")
+    /// A delivery agent's socket, `<run_dir>/private/<name>` (`pipe`,
+    /// `lmtp`, `smtp`): the master binds it, the queue connects to it.
+    pub fn agent_socket(&self, agent: Service) -> PathBuf {
+        self.private_dir().join(agent.name())
     }
 
     pub fn pid_file(&self) -> PathBuf {
@@ -1488,6 +1522,26 @@ mod tests {
         assert_eq!(c.server.spool_dir, Path::new("/checkout/etc/../spool"));
         assert!(c.accepts_domain("EXAMPLE.test"));
         assert!(!c.accepts_domain("elsewhere.test"));
+    }
+
+    /// Issue 11: the agent pools, their sockets and their policies come
+    /// from the routes through `Route::agent`, one lookup each.
+    #[test]
+    fn agents_follow_the_routes() {
+        let text = "[server]\nrun_dir = \"/r\"\n[delivery]\ntransport = \"smtp:inet:127.0.0.1:25\"\n[delivery.routes]\n\"p.test\" = \"pipe\"\n\"m.test\" = \"maildir\"\n[delivery.pipe]\ncommand = [\"/bin/true\"]\n[process.smtp]\nmax_use = 7\n";
+        let c = Config::parse_for(text, Path::new("/m.toml"), false).unwrap();
+        assert_eq!(c.agents(), [Service::Pipe, Service::Smtp]);
+        assert!(c.routes_to(Service::Pipe) && c.routes_to(Service::Smtp) && !c.routes_to(Service::Lmtp));
+        assert!(!c.routes_to(Service::Smtpd));
+        assert_eq!(c.agent_socket(Service::Lmtp), Path::new("/r/private/lmtp"));
+        assert_eq!(c.agent_socket(Service::Pipe), Path::new("/r/private/pipe"));
+        assert_eq!(c.process.policy(Service::Smtp).max_use, 7);
+        assert_eq!(c.process.pool(Service::Pipe), Some(&ProcessPolicy::pipe_default()));
+        assert_eq!(c.process.pool(Service::Queue), None);
+        assert_eq!(c.process.policy(Service::Queue), c.process.queue.as_policy());
+        assert_eq!(c.process.policy(Service::Anvil), c.process.anvil.as_policy());
+        let maildir = Config::parse_for("", Path::new("/m.toml"), false).unwrap();
+        assert!(maildir.agents().is_empty());
     }
 
     /// A config named by a relative path resolves every path once.

@@ -2,8 +2,8 @@
 //!
 //! One enum names every service the master runs. The master decides by it
 //! which binary to start and whether it runs a pool or a single process;
-//! the sandbox picks each daemon's rules by it; a daemon states it once at
-//! start-up (`mortal_libmaster::child::startup`), and the log writes its
+//! a daemon states it once at start-up (`mortal_libmaster::daemon::run`),
+//! with its own sandbox needs, and the log writes its
 //! [`Service::name`] in the program tag (`postfix/mortal/smtpd`) and in
 //! the JSON `service` field. `mortal status --json` names services the
 //! same way.
@@ -104,6 +104,16 @@ impl Service {
         }
     }
 
+    /// Whether the queue manager hands deliveries to this service: the
+    /// services some [`crate::config::Route::agent`] names. Their only
+    /// client is the queue manager.
+    pub fn is_delivery_agent(self) -> bool {
+        match self {
+            Service::Pipe | Service::Lmtp | Service::Smtp => true,
+            Service::Smtpd | Service::Cleanup | Service::Queue | Service::Anvil => false,
+        }
+    }
+
     pub fn shape(self) -> Shape {
         match self {
             Service::Smtpd | Service::Cleanup | Service::Pipe | Service::Lmtp | Service::Smtp => Shape::Pool,
@@ -113,13 +123,10 @@ impl Service {
 }
 
 impl Service {
-    /// Whether `route` is one this delivery agent carries.
+    /// Whether `route` is one this delivery agent carries
+    /// ([`crate::config::Route::agent`]).
     pub fn carries(self, route: &crate::config::Route) -> bool {
-        use crate::config::Route;
-        matches!(
-            (self, route),
-            (Service::Lmtp, Route::Lmtp(_)) | (Service::Smtp, Route::Smtp(_)) | (Service::Pipe, Route::Pipe)
-        )
+        route.agent() == Some(self)
     }
 }
 
@@ -155,6 +162,34 @@ mod tests {
         assert_eq!("master".parse::<Service>(), Err(UnknownService("master".into())));
         assert_eq!(Process::Master.name(), "master");
         assert_eq!(Process::from(Service::Anvil).name(), "anvil");
+    }
+
+    #[test]
+    fn every_route_agent_is_a_delivery_agent_and_carries_its_route() {
+        use crate::config::{NextHop, Route};
+        let routes = [
+            Route::Maildir,
+            Route::Discard,
+            Route::Pipe,
+            Route::Lmtp(NextHop::Unix("/l".into())),
+            Route::Lmtp(NextHop::Inet("127.0.0.1:24".parse().unwrap())),
+            Route::Smtp("127.0.0.1:25".parse().unwrap()),
+        ];
+        let agents: Vec<_> = routes.iter().map(Route::agent).collect();
+        assert_eq!(
+            agents,
+            [None, None, Some(Service::Pipe), Some(Service::Lmtp), Some(Service::Lmtp), Some(Service::Smtp)]
+        );
+        for route in &routes {
+            for service in Service::ALL {
+                assert_eq!(service.carries(route), route.agent() == Some(service), "{service} {route:?}");
+            }
+            if let Some(agent) = route.agent() {
+                assert!(agent.is_delivery_agent() && agent.shape() == Shape::Pool, "{agent}");
+            }
+        }
+        let agents: Vec<_> = Service::ALL.into_iter().filter(|s| s.is_delivery_agent()).collect();
+        assert_eq!(agents, [Service::Pipe, Service::Lmtp, Service::Smtp]);
     }
 
     #[test]

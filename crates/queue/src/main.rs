@@ -30,9 +30,9 @@
 //! checked strictly. The agents never write the spool: every recipient
 //! state and DSN is written here.
 //!
-//! Before reading the first queue file it enters its sandbox
-//! (`mortal_libmaster::sandbox`): as root it drops to `[server] user`; always
-//! no_new_privs, no core dumps, bounded descriptors, Landlock access to the
+//! Before reading the first queue file it enters its sandbox (its `needs`
+//! below, applied by `mortal_libmaster::daemon::run`): as root it drops to
+//! `[server] user`; always no_new_privs, no core dumps, bounded descriptors, Landlock access to the
 //! spool and the Maildir root only and no TCP at all, no signals or traces beyond
 //! its own process, and a seccomp deny-list (ptrace, mount, namespaces,
 //! modules, keys..., and execve and process creation: threads only).
@@ -69,12 +69,21 @@ mod scan;
 mod spool;
 
 use mortal_libmaster::child;
-use mortal_libmaster::sandbox::{self, Service};
+use mortal_libmaster::daemon::{self, Started};
+use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
+use mortal_proto::config::Config;
 use mortal_proto::queue_id::QueueId;
 use mortal_proto::status::ChildState;
 use std::io::Read;
 use std::os::unix::net::UnixListener;
+use std::process::ExitCode;
 use std::sync::mpsc;
+
+/// Descriptors the queue manager holds besides its deliveries.
+const QUEUE_NOFILE_BASE: u64 = 256;
+/// Descriptors one concurrent delivery may hold (queue file, Maildir file,
+/// delivery agent socket, its cached connection).
+const QUEUE_NOFILE_PER_DELIVERY: u64 = 8;
 
 /// What the scheduler reacts to.
 #[derive(Debug)]
@@ -87,30 +96,52 @@ pub enum Event {
     Stop(child::ExitReason),
 }
 
-fn main() {
-    sandbox::selftest::run_if_asked(Service::Queue);
-    let config = child::startup(Service::Queue);
-    let (listener, mut link) = child::adopt::<UnixListener>(Service::Queue);
-    // Before the first queue file is read and before any thread starts.
-    sandbox::enter_or_exit(Service::Queue, &config);
+/// The queue manager's sandbox: the mail user, read and write access to
+/// the spool and the Maildir root (its delivery target) and nothing else,
+/// no TCP port at all (it never talks to the network: the delivery agents
+/// do), and the deny-list without running a program or creating a process
+/// (the pipe command runs in the pipe service).
+fn needs(config: &Config) -> Needs {
+    let mut read_write = vec![config.server.spool_dir.clone()];
+    if !config.maildir_root().starts_with(&config.server.spool_dir) {
+        read_write.push(config.maildir_root().to_owned());
+    }
+    Needs {
+        run_as: RunAs::MailUser,
+        chroot_private: false,
+        nofile: QUEUE_NOFILE_BASE + u64::from(config.queue.delivery_concurrency) * QUEUE_NOFILE_PER_DELIVERY,
+        landlock: Landlock::Rules { read_write, tcp_connect: Vec::new() },
+        seccomp: Seccomp::DenyList { may_exec: false, may_fork: false },
+    }
+}
+
+fn main() -> ExitCode {
+    // Nothing to read before the sandbox: the first queue file is read
+    // inside it, and no thread starts before it.
+    daemon::run(Service::Queue, needs, |_| Ok(()), serve)
+}
+
+fn serve(started: Started<UnixListener, ()>) -> ExitCode {
+    let Started { config, listener, mut link, .. } = started;
     let mut scheduler = match scan::Scheduler::start(&config) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("fatal: open spool {}: {e}", config.server.spool_dir.display());
-            std::process::exit(1);
+            return ExitCode::FAILURE;
         }
     };
     let (events, inbox) = mpsc::channel();
     spawn_wake_listener(listener, events.clone());
     if let Err(e) = link.report(ChildState::Ready) {
         tracing::error!("fatal: master link: {e}");
-        std::process::exit(1);
+        return ExitCode::FAILURE;
     }
     let stop = events.clone();
     std::thread::spawn(move || {
         let _ = stop.send(Event::Stop(link.wait_for_exit()));
     });
     scheduler.run(&config, &inbox, &events);
+    ExitCode::SUCCESS
 }
 
 /// Accepts wake-up connections; each one, whatever it carries, is a wake-up.
@@ -137,4 +168,26 @@ fn spawn_wake_listener(listener: UnixListener, events: mpsc::Sender<Event>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// The spool, and the Maildir root only where it lies outside it; no
+    /// TCP port; neither a program nor a process.
+    #[test]
+    fn queue_needs_the_spool_and_the_maildir_root_and_no_network() {
+        let config = |text: &str| Config::parse_for(text, Path::new("/etc/m.toml"), false).unwrap();
+        let inside = needs(&config("[server]\nspool_dir = \"/s\"\n"));
+        assert_eq!(inside.landlock, Landlock::Rules { read_write: vec!["/s".into()], tcp_connect: Vec::new() });
+        let outside = needs(&config("[server]\nspool_dir = \"/s\"\n[delivery]\nmaildir_root = \"/home/mail\"\n"));
+        assert_eq!(
+            outside.landlock,
+            Landlock::Rules { read_write: vec!["/s".into(), "/home/mail".into()], tcp_connect: Vec::new() }
+        );
+        assert_eq!(outside.seccomp, Seccomp::DenyList { may_exec: false, may_fork: false });
+        assert_eq!((outside.run_as, outside.chroot_private), (RunAs::MailUser, false));
+    }
 }

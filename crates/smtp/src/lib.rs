@@ -27,8 +27,8 @@
 //! before the sandbox), connects over TCP only to the ports of its own
 //! routes' next hops, may not run a program or create a process, and
 //! drops to `[server] user` under a root master, like the other daemons
-//! (`mortal_libmaster::sandbox`). Replies are read with bounded lines,
-//! line counts and timeouts, and their text reaches the queue stripped of
+//! ([`needs`], applied by `mortal_libmaster::daemon::run`). Replies are
+//! read with bounded lines, line counts and timeouts, and their text reaches the queue stripped of
 //! control characters and cut to the protocol's limits. The queue is not
 //! trusted either: the decoder insists on the record order, a protocol
 //! version, a queue id of the right shape, RFC 5321 mailboxes, at most
@@ -64,8 +64,9 @@ pub mod smtp;
 
 use client::Cache;
 use mortal_libmaster::child::{self, MasterLink};
-use mortal_libmaster::sandbox::{self, Service};
-use mortal_proto::config::{Config, Route};
+use mortal_libmaster::daemon::{self, Started};
+use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
+use mortal_proto::config::{Config, NextHop, Route};
 use mortal_proto::delivery::{RcptResult, Report, Request, RequestDecoder, Status, max_content};
 use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -86,6 +87,32 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const KEPT_CONNECTION_MARGIN: Duration = Duration::from_secs(5);
 /// Octets read from the queue at a time.
 const READ_CHUNK: usize = 64 * 1024;
+/// Descriptors of an lmtp or smtp agent besides one cached session per
+/// next hop: stdio, listener, master link, the queue's connection.
+pub const AGENT_NOFILE_BASE: u64 = 32;
+
+/// The sandbox of the `service` agent (lmtp or smtp): the mail user, no
+/// file at all (the CA file is read before the sandbox; a Unix-socket LMTP
+/// hop is reached by connect, which needs no file right), TCP connect to
+/// the ports of its own routes' next hops only, and the deny-list without
+/// running a program or creating a process. One descriptor per next hop
+/// it may keep a session to.
+pub fn needs(service: Service, config: &Config) -> Needs {
+    let routes = || config.routes().filter(|r| service.carries(r));
+    let tcp_connect = routes()
+        .filter_map(|r| match r {
+            Route::Lmtp(NextHop::Inet(addr)) | Route::Smtp(addr) => Some(addr.port()),
+            _ => None,
+        })
+        .collect();
+    Needs {
+        run_as: RunAs::MailUser,
+        chroot_private: false,
+        nofile: AGENT_NOFILE_BASE + routes().count() as u64,
+        landlock: Landlock::Rules { read_write: Vec::new(), tcp_connect },
+        seccomp: Seccomp::DenyList { may_exec: false, may_fork: false },
+    }
+}
 
 /// What one agent process keeps between deliveries.
 #[derive(Debug)]
@@ -144,23 +171,24 @@ impl Agent {
     }
 }
 
-/// The agent's `main`: start-up, sandbox, then the single-server loop;
-/// returns the process's exit status (a failed start exits inside the
-/// start-up steps, before the sandbox, as in every daemon).
+/// The agent's `main`: start-up, sandbox, then the single-server loop
+/// ([`daemon::run`]); returns the process's exit status.
 pub fn run(service: Service) -> ExitCode {
-    sandbox::selftest::run_if_asked(service);
-    let config = child::startup(service);
-    let (listener, mut link) = child::adopt::<UnixListener>(service);
-    let agent = Agent::new(service, config);
-    // The CA file is read now: inside the sandbox no file can be opened.
-    if service == Service::Smtp {
-        agent.tls.preload(agent.config.delivery.smtp_tls_security, agent.config.delivery.smtp_tls_ca_file.as_deref());
-    }
-    sandbox::enter_or_exit(service, &agent.config);
-    let max_use = match service {
-        Service::Lmtp => agent.config.process.lmtp.max_use,
-        _ => agent.config.process.smtp.max_use,
+    let prepare = |config: &Config| {
+        let tls = smtp::TlsClients::default();
+        // The CA file is read now: inside the sandbox no file can be opened.
+        if service == Service::Smtp {
+            tls.preload(config.delivery.smtp_tls_security, config.delivery.smtp_tls_ca_file.as_deref());
+        }
+        Ok(tls)
     };
+    daemon::run(service, |config: &Config| needs(service, config), prepare, |started| serve_agent(service, started))
+}
+
+fn serve_agent(service: Service, started: Started<UnixListener, smtp::TlsClients>) -> ExitCode {
+    let Started { config, listener, mut link, prepared: tls, .. } = started;
+    let agent = Agent { tls, ..Agent::new(service, config) };
+    let max_use = agent.config.process.policy(service).max_use;
     let served = child::serve(&listener, &mut link, max_use, |stream, link| serve(&agent, stream, link, max_use));
     agent.cache.expire_all();
     match served {
@@ -296,6 +324,24 @@ mod tests {
     fn agent(service: Service) -> Agent {
         let text = "[delivery]\ntransport = \"maildir\"\n[delivery.routes]\n\"l.test\" = \"lmtp:inet:127.0.0.1:9\"\n\"s.test\" = \"smtp:inet:127.0.0.1:9\"\n";
         Agent::new(service, Config::parse_for(text, Path::new("/m.toml"), false).unwrap())
+    }
+
+    /// Each agent may reach its own routes' TCP next hops and no other
+    /// port, and holds a descriptor per route it carries.
+    #[test]
+    fn each_agent_needs_only_its_own_next_hops() {
+        let text = "[delivery]\ntransport = \"lmtp:inet:127.0.0.1:24\"\n[delivery.routes]\n\"r.test\" = \"smtp:inet:127.0.0.1:2525\"\n\"u.test\" = \"lmtp:unix:/l\"\n\"v.test\" = \"lmtp:inet:[::1]:24\"\n";
+        let config = Config::parse_for(text, Path::new("/m.toml"), false).unwrap();
+        let lmtp = needs(Service::Lmtp, &config);
+        assert_eq!(lmtp.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![24, 24] });
+        assert_eq!(lmtp.nofile, AGENT_NOFILE_BASE + 3);
+        let smtp = needs(Service::Smtp, &config);
+        assert_eq!(smtp.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![2525] });
+        assert_eq!(smtp.nofile, AGENT_NOFILE_BASE + 1);
+        for n in [lmtp, smtp] {
+            assert_eq!(n.seccomp, Seccomp::DenyList { may_exec: false, may_fork: false });
+            assert_eq!((n.run_as, n.chroot_private), (RunAs::MailUser, false));
+        }
     }
 
     fn request(route: &str, rcpts: &[&str]) -> Request {

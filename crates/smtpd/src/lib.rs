@@ -39,8 +39,9 @@
 //! slowloris cannot hold a child. The TLS certificate and key are read
 //! once at process start ([`tls`]).
 //!
-//! Then, before the first connection, `mortal_libmaster::sandbox::enter`
-//! takes everything else away: as root it chroots into the private socket
+//! Then, before the first connection, the sandbox smtpd states (`needs`
+//! in its `main`, entered by `mortal_libmaster::daemon::run`) takes
+//! everything else away: as root it chroots into the private socket
 //! directory and drops to `[server] user` for good; always it sets
 //! no_new_privs, turns core dumps off, bounds its descriptors, holds no
 //! Landlock right to any file or TCP port and cannot signal or trace

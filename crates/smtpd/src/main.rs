@@ -5,75 +5,102 @@
 #![forbid(unsafe_code)]
 
 use mortal_libmaster::child;
-use mortal_libmaster::sandbox::{self, Service};
+use mortal_libmaster::daemon::{self, Fatal, Started};
+use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
+use mortal_proto::config::Config;
+use mortal_smtpd::dns::ReverseResolver;
 use mortal_smtpd::driver::{self, Server, SessionEnd};
 use mortal_smtpd::relay::RelayPolicy;
+use mortal_smtpd::tls::TlsServer;
 use std::net::TcpListener;
+use std::process::ExitCode;
 use std::sync::Arc;
 use tracing::Instrument;
 
-fn main() {
-    sandbox::selftest::run_if_asked(Service::Smtpd);
-    let config = Arc::new(child::startup(Service::Smtpd));
+/// Descriptors an smtpd may hold: stdio, its listener and master link,
+/// two epoll sets, the client, cleanup and anvil, with room to spare.
+const SMTPD_NOFILE: u64 = 64;
+/// The nameserver port of /etc/resolv.conf entries, which the reverse
+/// lookups use when `[smtpd] resolvers` is empty.
+const RESOLV_CONF_PORT: u16 = 53;
+
+/// smtpd's sandbox: the mail user, chrooted into the private socket
+/// directory (it needs nothing but the cleanup and anvil sockets there), no
+/// file, and the seccomp allow-list. With `reverse_lookup`, TCP connects to
+/// the nameservers' ports only (the resolver's fallback for truncated
+/// answers; UDP is not Landlock's to restrict): the configured
+/// `resolvers`, or resolv.conf's 53; without it, no TCP port at all.
+fn needs(config: &Config) -> Needs {
+    let dns = config.smtpd.reverse_lookup;
+    let mut tcp_connect = Vec::new();
+    if dns {
+        tcp_connect.extend(config.smtpd.resolvers.iter().map(|r| r.port()));
+        if tcp_connect.is_empty() {
+            tcp_connect.push(RESOLV_CONF_PORT);
+        }
+    }
+    Needs {
+        run_as: RunAs::MailUser,
+        chroot_private: true,
+        nofile: SMTPD_NOFILE,
+        landlock: Landlock::Rules { read_write: Vec::new(), tcp_connect },
+        seccomp: Seccomp::AllowList { dns },
+    }
+}
+
+/// What smtpd reads and sets up before the sandbox.
+struct Prepared {
+    tls: Option<TlsServer>,
+    relay: RelayPolicy,
+    runtime: tokio::runtime::Runtime,
+    term: driver::TermHandler,
+    resolver: Option<ReverseResolver>,
+}
+
+fn main() -> ExitCode {
+    daemon::run(Service::Smtpd, needs, prepare, serve)
+}
+
+fn prepare(config: &Config) -> Result<Prepared, Fatal> {
     // Read the certificate and key now, before the first session and before
     // any privilege drop or sandbox takes the file system away. A child that
     // cannot is a bad start, which the master throttles.
-    let tls = match mortal_smtpd::tls::TlsServer::from_config(&config.smtpd) {
-        Ok(tls) => tls,
-        Err(e) => {
-            tracing::error!("fatal: STARTTLS: {e}");
-            std::process::exit(1);
-        }
-    };
+    let tls = TlsServer::from_config(&config.smtpd).map_err(|e| Fatal::new(format_args!("STARTTLS: {e}")))?;
     // The recipient map too: read once per process, so `mortal reload`,
     // which replaces every process, reloads it. Serving without it would
     // accept mail for users who do not exist.
-    let relay = match RelayPolicy::load(&config) {
-        Ok(relay) => relay,
-        Err(e) => {
-            let path = config.server.recipient_map.as_deref().unwrap_or(std::path::Path::new(""));
-            tracing::error!("fatal: recipient_map {}: {e}", path.display());
-            std::process::exit(1);
-        }
-    };
-    let (listener, mut link) = child::adopt::<TcpListener>(Service::Smtpd);
+    let relay = RelayPolicy::load(config).map_err(|e| {
+        let path = config.server.recipient_map.as_deref().unwrap_or(std::path::Path::new(""));
+        Fatal::new(format_args!("recipient_map {}: {e}", path.display()))
+    })?;
     // One current-thread runtime for the life of the process, reused by
     // every session: a session is a single task, and an idle child should
     // cost as little memory as possible.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            tracing::error!("fatal: create event loop: {e}");
-            std::process::exit(1);
-        }
-    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| Fatal::new(format_args!("create event loop: {e}")))?;
     // SIGTERM in a session ends it with 421; the handler must be in place
     // before seccomp forbids installing it.
-    let term = match driver::install_term_handler(&runtime) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::error!("fatal: SIGTERM handler: {e}");
-            std::process::exit(1);
-        }
-    };
+    let term = driver::install_term_handler(&runtime).map_err(|e| Fatal::new(format_args!("SIGTERM handler: {e}")))?;
     // The reverse-lookup resolver reads /etc/resolv.conf (when no
     // `resolvers` are configured) now, before the sandbox takes it away;
     // built in the runtime whose tasks will carry its queries.
     let resolver = {
         let _in_runtime = runtime.enter();
-        match mortal_smtpd::dns::ReverseResolver::from_config(&config.smtpd) {
-            Ok(resolver) => resolver,
-            Err(e) => {
-                tracing::error!("fatal: reverse_lookup: {e}");
-                std::process::exit(1);
-            }
-        }
+        ReverseResolver::from_config(&config.smtpd).map_err(|e| Fatal::new(format_args!("reverse_lookup: {e}")))?
     };
-    // Everything smtpd reads from disk is loaded above; from here on it has
-    // no file system, no identity but the mail user's and few syscalls.
-    sandbox::enter_or_exit(Service::Smtpd, &config);
+    Ok(Prepared { tls, relay, runtime, term, resolver })
+}
+
+/// Everything smtpd reads from disk is loaded; from here on it has no file
+/// system, no identity but the mail user's and few syscalls.
+fn serve(started: Started<TcpListener, Prepared>) -> ExitCode {
+    let Started { config, listener, mut link, prepared, .. } = started;
+    let Prepared { tls, relay, runtime, term, resolver } = prepared;
     let max_use = config.process.smtpd.max_use;
-    let server = Server { config, relay: Arc::new(relay), tls, resolver, term: Some(term) };
+    let server = Server { config: Arc::new(config), relay: Arc::new(relay), tls, resolver, term: Some(term) };
     let served = child::serve(&listener, &mut link, max_use, |stream, _link| {
         // The JSON log's `client` for every line of the session.
         if runtime.block_on(driver::session(&server, stream).instrument(mortal_libmaster::log::session_span()))
@@ -86,10 +113,39 @@ fn main() {
         }
     });
     match served {
-        Ok(reason) => tracing::info!("exit: {}", reason.as_str()),
+        Ok(reason) => {
+            tracing::info!("exit: {}", reason.as_str());
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::error!("fatal: master link: {e}");
-            std::process::exit(1);
+            ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(text: &str) -> Config {
+        Config::parse_for(text, Path::new("/m.toml"), false).unwrap()
+    }
+
+    /// No TCP port and the plain allow-list without reverse lookups; with
+    /// them, the configured nameservers' ports (or resolv.conf's 53) and
+    /// the allow-list widened for DNS.
+    #[test]
+    fn tcp_ports_and_allow_list_follow_reverse_lookup() {
+        let plain = needs(&config(""));
+        assert_eq!(plain.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() });
+        assert_eq!(plain.seccomp, Seccomp::AllowList { dns: false });
+        assert_eq!((plain.run_as, plain.chroot_private, plain.nofile), (RunAs::MailUser, true, SMTPD_NOFILE));
+        let resolv = needs(&config("[smtpd]\nreverse_lookup = true\n"));
+        assert_eq!(resolv.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![RESOLV_CONF_PORT] });
+        assert_eq!(resolv.seccomp, Seccomp::AllowList { dns: true });
+        let own = needs(&config("[smtpd]\nreverse_lookup = true\nresolvers = [\"127.0.0.1:5353\", \"[::1]:53\"]\n"));
+        assert_eq!(own.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![5353, 53] });
     }
 }

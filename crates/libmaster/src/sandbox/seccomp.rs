@@ -11,7 +11,7 @@
 //! `fcntl` only for the descriptor flags std and tokio set, `tgkill` only
 //! to this process.
 
-use super::{SandboxError, Service};
+use super::{SandboxError, Seccomp};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompFilter,
     SeccompRule, TargetArch,
@@ -76,10 +76,10 @@ const SMTPD_PLAIN: &[(i64, &str)] = &[
 
 /// System calls no mortal daemon makes: debugging other processes,
 /// mounts and namespaces, kernel modules and keys, clocks and swap.
-/// Installed in cleanup, queue, anvil and pipe, where an allow-list would
-/// have to follow every delivery agent (and, in pipe, the operator's
-/// command, which inherits the filter); smtpd's allow-list excludes them
-/// anyway.
+/// The [`Seccomp::DenyList`] profile, which every daemon but smtpd states
+/// (an allow-list would have to follow every delivery and, in pipe, the
+/// operator's command, which inherits the filter); smtpd's allow-list
+/// excludes them anyway.
 const DENIED: &[(i64, &str)] = &[
     (libc::SYS_ptrace, "ptrace"),
     (libc::SYS_process_vm_readv, "process_vm_readv"),
@@ -127,15 +127,13 @@ const DENIED: &[(i64, &str)] = &[
     (libc::SYS_ioperm, "ioperm"),
 ];
 
-/// cleanup never starts a program.
-const CLEANUP_DENIED: &[(i64, &str)] = &[(libc::SYS_execve, "execve"), (libc::SYS_execveat, "execveat")];
+/// What a daemon that may not run a program is also denied.
+const NO_EXEC: &[(i64, &str)] = &[(libc::SYS_execve, "execve"), (libc::SYS_execveat, "execveat")];
 
-/// The queue manager starts no program and no process at all: the pipe
-/// command runs in the pipe service. Threads are made with `clone` and
-/// `CLONE_THREAD`, which stays allowed (see [`NO_FORK`]).
-const QUEUE_DENIED: &[(i64, &str)] = &[
-    (libc::SYS_execve, "execve"),
-    (libc::SYS_execveat, "execveat"),
+/// What a daemon that may not create a process is also denied. Threads
+/// are made with `clone` and `CLONE_THREAD`, which stays allowed (see
+/// [`NO_FORK`]).
+const NO_PROCESS: &[(i64, &str)] = &[
     #[cfg(target_arch = "x86_64")]
     (libc::SYS_fork, "fork"),
     #[cfg(target_arch = "x86_64")]
@@ -207,20 +205,15 @@ pub fn smtpd_dns_rules() -> Result<Rules, SandboxError> {
     Ok(rules)
 }
 
-fn deny_rules(service: Service) -> Result<Rules, SandboxError> {
-    // Neither cleanup nor anvil ever runs a program; the queue neither
-    // runs one nor forks. The pipe service must do both.
-    let extra = match service {
-        Service::Cleanup | Service::Anvil => CLEANUP_DENIED,
-        Service::Queue | Service::Lmtp | Service::Smtp => QUEUE_DENIED,
-        Service::Smtpd | Service::Pipe => &[],
-    };
-    let mut rules: Rules = DENIED.iter().chain(extra).map(|&(nr, _)| (nr, Vec::new())).collect();
+fn deny_rules(may_exec: bool, may_fork: bool) -> Result<Rules, SandboxError> {
+    let exec: &[(i64, &str)] = if may_exec { &[] } else { NO_EXEC };
+    let fork: &[(i64, &str)] = if may_fork { &[] } else { NO_PROCESS };
+    let mut rules: Rules = DENIED.iter().chain(exec).chain(fork).map(|&(nr, _)| (nr, Vec::new())).collect();
     let mut clone = CLONE_NAMESPACES
         .iter()
         .map(|&flag| rule(vec![cond(0, Len::Qword, Op::MaskedEq(flag), flag)?]))
         .collect::<Result<Vec<_>, _>>()?;
-    if matches!(service, Service::Queue | Service::Lmtp | Service::Smtp) {
+    if !may_fork {
         clone.push(rule(vec![cond(0, Len::Qword, Op::MaskedEq(NO_FORK), 0)?])?);
     }
     rules.insert(libc::SYS_clone, clone);
@@ -235,23 +228,22 @@ fn compile(rules: Rules, mismatch: SeccompAction, matched: SeccompAction) -> Res
     Ok(SeccompFilter::new(rules, mismatch, matched, arch()?)?.try_into()?)
 }
 
-/// Installs `service`'s filters; returns how many system calls its list
-/// names. Filters stack: the kernel applies the strictest answer of all.
-/// `dns` (smtpd's `reverse_lookup`) widens smtpd's list by what the
-/// lookups need; it changes nothing for the other services.
-pub fn install(service: Service, dns: bool) -> Result<usize, SandboxError> {
+/// Installs the filters of `profile`; returns how many system calls its
+/// list names. Filters stack: the kernel applies the strictest answer of
+/// all.
+pub fn install(profile: Seccomp) -> Result<usize, SandboxError> {
     // clone3 passes its flags in memory, where seccomp cannot look: make
     // every daemon use clone instead, whose flags the filters check.
     let no_clone3: Rules = [(libc::SYS_clone3, Vec::new())].into();
     let no_clone3 = compile(no_clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))?;
-    let (main, count) = match service {
-        Service::Smtpd => {
+    let (main, count) = match profile {
+        Seccomp::AllowList { dns } => {
             let rules = if dns { smtpd_dns_rules()? } else { smtpd_rules()? };
             let count = rules.len();
             (compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)?, count)
         }
-        Service::Cleanup | Service::Queue | Service::Anvil | Service::Pipe | Service::Lmtp | Service::Smtp => {
-            let rules = deny_rules(service)?;
+        Seccomp::DenyList { may_exec, may_fork } => {
+            let rules = deny_rules(may_exec, may_fork)?;
             let count = rules.len();
             (compile(rules, SeccompAction::Allow, SeccompAction::KillProcess)?, count)
         }
@@ -280,17 +272,14 @@ mod tests {
 
     #[test]
     fn filters_compile_for_this_architecture() {
-        for service in [
-            Service::Smtpd,
-            Service::Cleanup,
-            Service::Queue,
-            Service::Anvil,
-            Service::Pipe,
-            Service::Lmtp,
-            Service::Smtp,
-        ] {
-            let rules = if service == Service::Smtpd { smtpd_rules() } else { deny_rules(service) }.unwrap();
-            assert!(compile(rules, SeccompAction::KillProcess, SeccompAction::Allow).is_ok(), "{service:?}");
+        let mut lists = vec![smtpd_rules().unwrap(), smtpd_dns_rules().unwrap()];
+        for may_exec in [false, true] {
+            for may_fork in [false, true] {
+                lists.push(deny_rules(may_exec, may_fork).unwrap());
+            }
+        }
+        for rules in lists {
+            assert!(compile(rules, SeccompAction::KillProcess, SeccompAction::Allow).is_ok());
         }
     }
 
@@ -323,34 +312,26 @@ mod tests {
         assert_eq!(SMTPD_PLAIN.len(), SMTPD_PLAIN.iter().map(|e| e.0).collect::<std::collections::BTreeSet<_>>().len());
     }
 
-    /// Issue 5: the queue never runs a program or makes a process; the
-    /// pipe service must do both, and is denied the rest of the list.
+    /// Issue 5: a daemon that may neither run a program nor make a
+    /// process (the queue, the lmtp and smtp agents) is denied both, and
+    /// the namespaces; one that may (pipe) only the common list.
     #[test]
-    fn queue_may_not_exec_or_fork_and_pipe_may() {
-        let queue = deny_rules(Service::Queue).unwrap();
-        for nr in [libc::SYS_execve, libc::SYS_execveat, libc::SYS_ptrace] {
-            assert!(queue.contains_key(&nr), "queue must deny syscall {nr}");
+    fn no_exec_no_fork_deny_both_and_the_full_profile_neither() {
+        let closed = deny_rules(false, false).unwrap();
+        for nr in [libc::SYS_execve, libc::SYS_execveat, libc::SYS_ptrace, libc::SYS_unshare] {
+            assert!(closed.contains_key(&nr), "must deny syscall {nr}");
         }
-        assert_eq!(queue[&libc::SYS_clone].len(), CLONE_NAMESPACES.len() + 1);
-        let pipe = deny_rules(Service::Pipe).unwrap();
+        assert_eq!(closed[&libc::SYS_clone].len(), CLONE_NAMESPACES.len() + 1);
+        let open = deny_rules(true, true).unwrap();
         for nr in [libc::SYS_execve, libc::SYS_execveat] {
-            assert!(!pipe.contains_key(&nr), "pipe must be able to run its command ({nr})");
+            assert!(!open.contains_key(&nr), "a daemon that may exec must be able to ({nr})");
         }
-        assert!(pipe.contains_key(&libc::SYS_ptrace) && pipe.contains_key(&libc::SYS_unshare));
-        assert_eq!(pipe[&libc::SYS_clone].len(), CLONE_NAMESPACES.len());
-    }
-
-    /// Issue 11: the network-facing delivery agents get the queue's list:
-    /// no program, no process, no namespace.
-    #[test]
-    fn delivery_agents_may_not_exec_or_fork() {
-        for service in [Service::Lmtp, Service::Smtp] {
-            let rules = deny_rules(service).unwrap();
-            for nr in [libc::SYS_execve, libc::SYS_execveat, libc::SYS_ptrace, libc::SYS_unshare] {
-                assert!(rules.contains_key(&nr), "{} must deny syscall {nr}", service.name());
-            }
-            assert_eq!(rules[&libc::SYS_clone].len(), CLONE_NAMESPACES.len() + 1);
-        }
+        assert!(open.contains_key(&libc::SYS_ptrace) && open.contains_key(&libc::SYS_unshare));
+        assert_eq!(open[&libc::SYS_clone].len(), CLONE_NAMESPACES.len());
+        // cleanup and anvil: no program, but the clone rule of the common list.
+        let no_exec = deny_rules(false, true).unwrap();
+        assert!(no_exec.contains_key(&libc::SYS_execve));
+        assert_eq!(no_exec[&libc::SYS_clone].len(), CLONE_NAMESPACES.len());
     }
 
     #[test]

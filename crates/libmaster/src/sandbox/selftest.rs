@@ -4,7 +4,8 @@
 //! `mortal-<service> --sandbox-selftest --config PATH` (the orchestrator)
 //! runs one fresh process per attempt, `mortal-<service> --sandbox-probe
 //! <attempt> <port> --config PATH`, which loads the configuration, enters
-//! exactly the production sandbox ([`super::enter`]) and then makes one
+//! exactly the production sandbox (the needs the daemon states, applied by
+//! [`super::enter`]'s own code) and then makes one
 //! forbidden (or, as a control, one permitted) attempt, printing its
 //! verdict. One process per attempt because a seccomp violation kills the
 //! process: death by `SIGSYS` is a verdict too. The orchestrator prints a
@@ -13,7 +14,7 @@
 //! run. Both modes are reached only through these command-line flags,
 //! which the master never passes: nothing a client sends can start them.
 
-use super::{Service, enter_layers, mail_user, own_dirs, visible_path};
+use super::{Needs, Service, enter_layers, mail_user, own_dirs, visible_path};
 use mortal_proto::config::{Config, NextHop, Route};
 use mortal_proto::spool::QueueDir;
 use nix::sys::resource::{Resource, setrlimit};
@@ -27,7 +28,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Runs the self-test table.
@@ -44,9 +45,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the orchestrator looks whether a probe has finished.
 const PROBE_POLL: Duration = Duration::from_millis(5);
 /// Exit status of the self-test when an attempt went the wrong way.
-const FAILED: i32 = 1;
+const FAILED: u8 = 1;
 /// Exit status for bad arguments.
-const USAGE: i32 = 2;
+const USAGE: u8 = 2;
 /// Mode of directories the self-test creates, as the master does.
 const DIR_MODE: u32 = 0o700;
 /// Mode of the spool root and the run directory, as the master's.
@@ -216,20 +217,22 @@ impl Attempt {
     }
 }
 
-/// Runs the self-test or one probe when the command line asks for it, and
-/// exits; returns at once otherwise. Call first thing in `main`.
-pub fn run_if_asked(service: Service) {
+/// Runs the self-test or one probe when the command line asks for it,
+/// and returns the exit status; `None` otherwise. `needs` is what the
+/// daemon states for its production sandbox ([`crate::daemon::run`] calls
+/// this first, with the daemon's own), so the probes enter exactly that.
+pub(crate) fn run_if_asked(service: Service, needs: &dyn Fn(&Config) -> Needs) -> Option<ExitCode> {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let Some(first) = args.first() else { return };
+    let first = args.first()?;
     if first == SELFTEST_FLAG {
         crate::log::init_early(service);
-        match &args[1..] {
-            [flag, path] if flag == "--config" => std::process::exit(orchestrate(service, Path::new(path))),
+        Some(match &args[1..] {
+            [flag, path] if flag == "--config" => ExitCode::from(orchestrate(service, Path::new(path))),
             _ => usage(service),
-        }
+        })
     } else if first == PROBE_FLAG {
         crate::log::init_early(service);
-        match &args[1..] {
+        Some(match &args[1..] {
             [attempt, port, layers, flag, path] if flag == "--config" => {
                 let attempt = attempt.to_str().and_then(Attempt::from_name);
                 let port = port.to_str().and_then(|p| p.parse().ok());
@@ -240,42 +243,51 @@ pub fn run_if_asked(service: Service) {
                 };
                 match (attempt, port, seccomp) {
                     (Some(attempt), Some(port), Some(seccomp)) => {
-                        probe(service, attempt, port, seccomp, Path::new(path))
+                        probe(service, needs, attempt, port, seccomp, Path::new(path))
                     }
                     _ => usage(service),
                 }
             }
             _ => usage(service),
-        }
+        })
+    } else {
+        None
     }
 }
 
-fn usage(service: Service) -> ! {
+fn usage(service: Service) -> ExitCode {
     eprintln!("usage: mortal-{} {SELFTEST_FLAG} --config PATH", service.name());
-    std::process::exit(USAGE);
+    ExitCode::from(USAGE)
 }
 
-fn load(path: &Path) -> Config {
-    match Config::load(path) {
-        Ok(config) => config,
-        Err(errors) => {
-            for e in errors {
-                eprintln!("fatal: {e}");
-            }
-            std::process::exit(USAGE);
+fn load(path: &Path) -> Result<Config, u8> {
+    Config::load(path).map_err(|errors| {
+        for e in errors {
+            eprintln!("fatal: {e}");
         }
-    }
+        USAGE
+    })
 }
 
 /// One attempt, inside the sandbox: prints `allowed`, `denied <errno>` or
-/// `error <text>` and exits 0 (unless the kernel kills it first).
-fn probe(service: Service, attempt: Attempt, port: u16, seccomp: bool, config_path: &Path) -> ! {
-    let config = load(config_path);
-    let applied = match enter_layers(service, &config, seccomp) {
+/// `error <text>` and returns success (unless the kernel kills it first).
+fn probe(
+    service: Service,
+    needs: &dyn Fn(&Config) -> Needs,
+    attempt: Attempt,
+    port: u16,
+    seccomp: bool,
+    config_path: &Path,
+) -> ExitCode {
+    let config = match load(config_path) {
+        Ok(config) => config,
+        Err(code) => return ExitCode::from(code),
+    };
+    let applied = match enter_layers(service, &config, &needs(&config), seccomp) {
         Ok(applied) => applied,
         Err(e) => {
             println!("error sandbox: {e}");
-            std::process::exit(0);
+            return ExitCode::SUCCESS;
         }
     };
     let verdict = match attempt {
@@ -287,7 +299,7 @@ fn probe(service: Service, attempt: Attempt, port: u16, seccomp: bool, config_pa
                 applied.landlock,
                 applied.seccomp_rules
             );
-            std::process::exit(0);
+            return ExitCode::SUCCESS;
         }
         Attempt::ReadPasswd => io(fs::File::open("/etc/passwd").map(drop)),
         Attempt::ListRoot => io(fs::read_dir("/").map(drop)),
@@ -296,7 +308,7 @@ fn probe(service: Service, attempt: Attempt, port: u16, seccomp: bool, config_pa
         Attempt::WriteTmp => write_in(Path::new("/tmp")),
         Attempt::ConnectCleanup => io(UnixStream::connect(visible_path(&config.cleanup_socket())).map(drop)),
         Attempt::ConnectQueue => io(UnixStream::connect(visible_path(&config.queue_socket())).map(drop)),
-        Attempt::ConnectPipe => io(UnixStream::connect(visible_path(&config.pipe_socket())).map(drop)),
+        Attempt::ConnectPipe => io(UnixStream::connect(visible_path(&config.agent_socket(Service::Pipe))).map(drop)),
         Attempt::TcpConnect => io(TcpStream::connect(("127.0.0.1", port)).map(drop)),
         Attempt::ConnectNextHop => match next_hop(service, &config) {
             Some(addr) => io(TcpStream::connect(addr).map(drop)),
@@ -338,7 +350,7 @@ fn probe(service: Service, attempt: Attempt, port: u16, seccomp: bool, config_pa
         Attempt::Unshare => nix(nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)),
     };
     println!("{verdict}");
-    std::process::exit(0);
+    ExitCode::SUCCESS
 }
 
 /// The first TCP next hop `service` would reach: its own routes' for a
@@ -422,7 +434,7 @@ fn judge(expect: Expect, status: ExitStatus, stdout: &str) -> (String, bool) {
 }
 
 /// Runs every attempt meaningful for `service`; returns the exit status.
-fn orchestrate(service: Service, config_path: &Path) -> i32 {
+fn orchestrate(service: Service, config_path: &Path) -> u8 {
     let config_path = match std::path::absolute(config_path) {
         Ok(p) => p,
         Err(e) => {
@@ -430,7 +442,10 @@ fn orchestrate(service: Service, config_path: &Path) -> i32 {
             return USAGE;
         }
     };
-    let config = load(&config_path);
+    let config = match load(&config_path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
     let fixtures = match Fixtures::set_up(&config) {
         Ok(f) => f,
         Err(e) => {
@@ -580,7 +595,7 @@ impl Fixtures {
             own_dirs(config, user).map_err(|e| e.to_string())?;
         }
         let mut sockets = Vec::new();
-        for path in [config.cleanup_socket(), config.queue_socket(), config.pipe_socket()] {
+        for path in [config.cleanup_socket(), config.queue_socket(), config.agent_socket(Service::Pipe)] {
             if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket())
                 && UnixStream::connect(&path).is_ok()
             {

@@ -24,15 +24,16 @@
 //! command `timeout` per recipient; and [`REPLY_MARGIN`].
 
 use crate::route::{Agents, Batch, RcptResult, Report, Status};
-use mortal_proto::config::{Config, Route};
+use mortal_proto::config::Config;
 use mortal_proto::delivery::{self, Envelope, Recipient, ReportDecoder};
 use mortal_proto::queue_file::QueueFile;
+use mortal_proto::service::Service;
 use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -53,79 +54,38 @@ const READ_CHUNK: usize = 8192;
 /// or undefined mail system status" (RFC 3463), retried later.
 const UNAVAILABLE: EnhancedStatus = EnhancedStatus::new(StatusClass::Persistent, 3, 0);
 
-/// The delivery-agent services this module hands batches to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Agent {
-    Lmtp,
-    Smtp,
-    Pipe,
+/// What a deferral says when `agent` gave no result: `lmtp delivery
+/// agent unavailable`, `smtp delivery agent unavailable` (operators and
+/// their log parsers know the pipe one, `pipe service unavailable`, from
+/// before it was an agent).
+fn unavailable(agent: Service) -> String {
+    match agent {
+        Service::Pipe => "pipe service unavailable".into(),
+        _ => format!("{agent} delivery agent unavailable"),
+    }
 }
 
-impl Agent {
-    const ALL: [Agent; 3] = [Agent::Lmtp, Agent::Smtp, Agent::Pipe];
-
-    fn of(route: &Route) -> Option<Agent> {
-        match route {
-            Route::Lmtp(_) => Some(Agent::Lmtp),
-            Route::Smtp(_) => Some(Agent::Smtp),
-            Route::Pipe => Some(Agent::Pipe),
-            Route::Maildir | Route::Discard => None,
-        }
+/// The relay logged when the agent named none: a network agent that
+/// never answered reached no next hop; pipe is always its own relay.
+fn silent_relay(agent: Service) -> &'static str {
+    match agent {
+        Service::Pipe => "pipe",
+        _ => "none",
     }
+}
 
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    /// What a deferral says when the agent gave no result (operators and
-    /// their log parsers know the pipe one from before it was an agent).
-    fn unavailable(self) -> &'static str {
-        match self {
-            Agent::Lmtp => "lmtp delivery agent unavailable",
-            Agent::Smtp => "smtp delivery agent unavailable",
-            Agent::Pipe => "pipe service unavailable",
-        }
-    }
-
-    /// The relay logged when the agent named none: a network agent that
-    /// never answered reached no next hop; pipe is always its own relay.
-    fn silent_relay(self) -> &'static str {
-        match self {
-            Agent::Lmtp | Agent::Smtp => "none",
-            Agent::Pipe => "pipe",
-        }
-    }
-
-    fn socket(self, config: &Config) -> PathBuf {
-        match self {
-            Agent::Lmtp => config.lmtp_socket(),
-            Agent::Smtp => config.smtp_socket(),
-            Agent::Pipe => config.pipe_socket(),
-        }
-    }
-
-    /// How many agent processes there can be.
-    fn process_limit(self, config: &Config) -> u32 {
-        match self {
-            Agent::Lmtp => config.process.lmtp.process_limit,
-            Agent::Smtp => config.process.smtp.process_limit,
-            Agent::Pipe => config.process.pipe.process_limit,
-        }
-    }
-
-    /// The longest wait for the whole report on `recipients`: what the
-    /// agent's own limits allow it, and [`REPLY_MARGIN`].
-    fn report_wait(self, config: &Config, recipients: usize) -> Duration {
-        let d = &config.delivery;
-        let n = u32::try_from(recipients).unwrap_or(u32::MAX);
-        let own = match self {
-            Agent::Lmtp | Agent::Smtp => {
-                d.connect_timeout.saturating_add(d.command_timeout.saturating_mul(SESSION_COMMANDS.saturating_add(n)))
-            }
-            Agent::Pipe => d.connect_timeout.saturating_add(d.pipe.timeout.saturating_mul(n)),
-        };
-        own.saturating_add(REPLY_MARGIN)
-    }
+/// The longest wait for the whole report on `recipients`: what the
+/// agent's own limits allow it, and [`REPLY_MARGIN`].
+fn report_wait(agent: Service, config: &Config, recipients: usize) -> Duration {
+    let d = &config.delivery;
+    let n = u32::try_from(recipients).unwrap_or(u32::MAX);
+    let own = match agent {
+        // The command's `timeout`, per recipient.
+        Service::Pipe => d.connect_timeout.saturating_add(d.pipe.timeout.saturating_mul(n)),
+        // A connect, and one command per recipient and the session's own.
+        _ => d.connect_timeout.saturating_add(d.command_timeout.saturating_mul(SESSION_COMMANDS.saturating_add(n))),
+    };
+    own.saturating_add(REPLY_MARGIN)
 }
 
 /// A kept connection: idle since, to which agent.
@@ -133,7 +93,7 @@ impl Agent {
 struct Idle {
     stream: UnixStream,
     since: Instant,
-    agent: Agent,
+    agent: Service,
 }
 
 #[derive(Debug, Default)]
@@ -141,7 +101,7 @@ struct State {
     /// Per destination, most recently used last.
     idle: HashMap<String, Vec<Idle>>,
     /// Deliveries running, per agent.
-    busy: [u32; Agent::ALL.len()],
+    busy: HashMap<Service, u32>,
 }
 
 /// Connections to the delivery agents: the ones kept idle per destination
@@ -168,9 +128,9 @@ impl Conns {
     /// Starts a delivery to `destination` through `agent`: the most
     /// recently used live connection kept for it, or `None` for a new one,
     /// after making room for it among `limit` agent processes.
-    fn begin(&self, agent: Agent, destination: &str, limit: u32) -> Option<UnixStream> {
+    fn begin(&self, agent: Service, destination: &str, limit: u32) -> Option<UnixStream> {
         let mut state = self.lock();
-        state.busy[agent.index()] += 1;
+        *state.busy.entry(agent).or_default() += 1;
         if let Some(list) = state.idle.get_mut(destination) {
             let mut found = None;
             while let Some(conn) = list.pop() {
@@ -187,7 +147,7 @@ impl Conns {
             }
         }
         let held = state.idle.values().flatten().filter(|c| c.agent == agent).count() as u64;
-        if u64::from(state.busy[agent.index()]) + held > u64::from(limit) {
+        if u64::from(state.busy[&agent]) + held > u64::from(limit) {
             let oldest = state
                 .idle
                 .iter()
@@ -206,9 +166,10 @@ impl Conns {
     }
 
     /// Ends a delivery; keeps `stream` for the next one to `destination`.
-    fn end(&self, agent: Agent, destination: &str, stream: Option<UnixStream>) {
+    fn end(&self, agent: Service, destination: &str, stream: Option<UnixStream>) {
         let mut state = self.lock();
-        state.busy[agent.index()] = state.busy[agent.index()].saturating_sub(1);
+        let busy = state.busy.entry(agent).or_default();
+        *busy = busy.saturating_sub(1);
         if let Some(stream) = stream.filter(|_| !self.keep.is_zero()) {
             state.idle.entry(destination.to_owned()).or_default().push(Idle { stream, since: Instant::now(), agent });
         }
@@ -247,7 +208,7 @@ fn is_open(stream: &UnixStream) -> bool {
 /// Hands `batch` to its route's delivery agent.
 pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
     let config = &agents.config;
-    let agent = Agent::of(&batch.route).expect("only agents' routes are sent here");
+    let agent = batch.route.agent().expect("only agents' routes are sent here");
     let envelope = Envelope {
         queue_id: qf.id,
         route: batch.route.clone(),
@@ -266,7 +227,7 @@ pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
         })
         .collect();
     let mut decoder = ReportDecoder::new(recipients.len());
-    let kept = agents.conns.begin(agent, &batch.destination, agent.process_limit(config));
+    let kept = agents.conns.begin(agent, &batch.destination, config.process.policy(agent).process_limit);
     let reused = kept.is_some();
     let mut result = exchange(agents, agent, kept, &envelope, &recipients, &qf.content, &mut decoder);
     // A kept connection the agent gave up just as this request went out
@@ -279,13 +240,13 @@ pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
         decoder = ReportDecoder::new(recipients.len());
         result = exchange(agents, agent, None, &envelope, &recipients, &qf.content, &mut decoder);
     }
-    let relay = decoder.relay().unwrap_or(agent.silent_relay()).to_owned();
+    let relay = decoder.relay().unwrap_or(silent_relay(agent)).to_owned();
     let keep = decoder.keep();
     let mut results = decoder.into_results();
     let stream = match result {
         Ok(stream) => keep.then_some(stream),
         Err(e) => {
-            let text = format!("{}: {e}", agent.unavailable());
+            let text = format!("{}: {e}", unavailable(agent));
             results.resize_with(recipients.len(), || RcptResult::new(Status::Deferred, UNAVAILABLE, text.clone()));
             None
         }
@@ -298,7 +259,7 @@ pub fn deliver(agents: &Agents, batch: &Batch, qf: &QueueFile) -> Report {
 /// into `decoder`; returns the connection once the report is whole.
 fn exchange(
     agents: &Agents,
-    agent: Agent,
+    agent: Service,
     kept: Option<UnixStream>,
     envelope: &Envelope,
     recipients: &[Recipient],
@@ -306,8 +267,8 @@ fn exchange(
     decoder: &mut ReportDecoder,
 ) -> io::Result<UnixStream> {
     let d = &agents.config.delivery;
-    let wait = agent.report_wait(&agents.config, recipients.len());
-    let socket = agent.socket(&agents.config);
+    let wait = report_wait(agent, &agents.config, recipients.len());
+    let socket = agents.config.agent_socket(agent);
     let deadline = Instant::now() + wait;
     let (stream, fresh) = match kept {
         Some(s) => (s, false),
@@ -388,7 +349,7 @@ fn connect(path: &Path, limit: Duration) -> io::Result<UnixStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mortal_proto::config::{Config, NextHop};
+    use mortal_proto::config::{Config, NextHop, Route};
     use mortal_proto::delivery::RequestDecoder;
     use mortal_proto::envelope::{BodyType, ClientInfo, SenderInfo};
     use mortal_proto::queue_file::{QueuedRecipient, RecipientState};
@@ -496,7 +457,7 @@ mod tests {
     fn pipe_results_sent_before_the_agent_died_count() {
         let dir = temp_dir("pipe-died");
         let agents = pipe_agents(&dir);
-        let listener = UnixListener::bind(agents.config.pipe_socket()).unwrap();
+        let listener = UnixListener::bind(agents.config.agent_socket(Service::Pipe)).unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             let request = next_request(&mut s, &mut RequestDecoder::new(1 << 20));
@@ -559,7 +520,7 @@ mod tests {
     fn connection_is_reused_and_results_before_a_protocol_error_count() {
         let dir = temp_dir("reuse");
         let agents = agents(&dir);
-        let listener = UnixListener::bind(agents.config.lmtp_socket()).unwrap();
+        let listener = UnixListener::bind(agents.config.agent_socket(Service::Lmtp)).unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             let mut decoder = RequestDecoder::new(1 << 20);
@@ -612,7 +573,7 @@ mod tests {
             dir.display().to_string()
         );
         let agents = Agents::new(Config::parse_for(&text, &dir.join("m.toml"), false).unwrap());
-        let listener = UnixListener::bind(agents.config.lmtp_socket()).unwrap();
+        let listener = UnixListener::bind(agents.config.agent_socket(Service::Lmtp)).unwrap();
         // One agent process: one connection at a time.
         let server = std::thread::spawn(move || {
             let mut ends = Vec::new();
@@ -652,7 +613,7 @@ mod tests {
     fn a_kept_connection_closed_unanswered_is_retried_once_on_a_new_one() {
         let dir = temp_dir("closed");
         let agents = agents(&dir);
-        let listener = UnixListener::bind(agents.config.lmtp_socket()).unwrap();
+        let listener = UnixListener::bind(agents.config.agent_socket(Service::Lmtp)).unwrap();
         let server = std::thread::spawn(move || {
             let answer = |s: &mut UnixStream, decoder: &mut RequestDecoder| {
                 next_request(s, decoder);

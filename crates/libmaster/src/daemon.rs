@@ -1,0 +1,98 @@
+//! daemon: the one start-up sequence every mortal daemon runs.
+//!
+//! A daemon's `main` is one call to [`run`] with four things of its own:
+//! its [`Service`], what its sandbox must allow (`needs`, a
+//! [`sandbox::Needs`] from the configuration), what it must read before
+//! the sandbox takes the file system away (`prepare`: TLS keys, the CA
+//! file, the recipient map, an event loop), and its `serve` step. [`run`]
+//! performs, in this order and no other:
+//!
+//! 1. the sandbox self-test, when the command line asks for it
+//!    ([`sandbox::selftest`], with the daemon's own `needs`);
+//! 2. `--config PATH`: load and validate the configuration, install the log;
+//! 3. `prepare`;
+//! 4. adopt the inherited listener and master socket;
+//! 5. enter the sandbox ([`sandbox::Needs`] applied by the sandbox module);
+//! 6. `serve`.
+//!
+//! The order holds by construction: `serve` receives a [`Started`], which
+//! only [`run`] makes and which carries the [`sandbox::Applied`] only the
+//! sandbox's `enter` makes; the master link a daemon needs to serve at all
+//! exists nowhere else. A failed step logs `fatal: ...` and returns exit
+//! status 1 before READY (the master counts that as a bad start and
+//! throttles the service); the binary's `main` returns it.
+
+use crate::child::{self, Listener, MasterLink};
+use crate::sandbox::{self, Applied, Needs, Service};
+use mortal_proto::config::Config;
+use std::fmt;
+use std::process::ExitCode;
+
+/// Why a daemon's `prepare` step failed: logged as `fatal: <reason>`.
+#[derive(Debug)]
+pub struct Fatal(String);
+
+impl Fatal {
+    /// `reason` is the text after `fatal: ` (for example `STARTTLS: ...`).
+    pub fn new(reason: impl fmt::Display) -> Self {
+        Fatal(reason.to_string())
+    }
+}
+
+impl fmt::Display for Fatal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a daemon serves with: everything [`run`] set up, the sandbox
+/// already entered.
+#[derive(Debug)]
+pub struct Started<L, P> {
+    pub config: Config,
+    /// The service's listener, inherited as stdin.
+    pub listener: L,
+    /// This process's socket to the master.
+    pub link: MasterLink,
+    /// What the daemon's `prepare` step returned.
+    pub prepared: P,
+    /// What the sandbox applied.
+    pub sandbox: Applied,
+}
+
+/// Runs a daemon: self-test if asked → configuration and log → `prepare`
+/// → adopt descriptors → sandbox (`needs`) → `serve`, as the module
+/// documentation says. Returns the process's exit status.
+pub fn run<L: Listener, P>(
+    service: Service,
+    needs: impl Fn(&Config) -> Needs,
+    prepare: impl FnOnce(&Config) -> Result<P, Fatal>,
+    serve: impl FnOnce(Started<L, P>) -> ExitCode,
+) -> ExitCode {
+    if let Some(code) = sandbox::selftest::run_if_asked(service, &needs) {
+        return code;
+    }
+    let config = match child::startup(service) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let prepared = match prepare(&config) {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            tracing::error!("fatal: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (listener, link) = match child::adopt::<L>(service) {
+        Ok(adopted) => adopted,
+        Err(code) => return code,
+    };
+    let sandbox = match sandbox::enter(service, &config, &needs(&config)) {
+        Ok(applied) => applied,
+        Err(e) => {
+            tracing::error!("fatal: sandbox: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    serve(Started { config, listener, link, prepared, sandbox })
+}
