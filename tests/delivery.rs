@@ -46,6 +46,10 @@ fn dovecot_lmtp_delivers_into_its_maildir_and_reuses_the_connection() {
         "",
     );
     send(mortal.port, "a@example.test", &["bob@example.test", "carol@example.test"], &message("one", ".dot\r\nbody"));
+    // The second message only once the first is done (its file removed,
+    // after the connection went back to the queue's idle list): reuse is
+    // for consecutive deliveries; two at once rightly take two sessions.
+    mortal.wait_for_log(": removed");
     send(mortal.port, "a@example.test", &["bob@example.test"], &message("two", "second"));
     let bob = dovecot.wait_for_delivery("bob@example.test", 2);
     let carol = dovecot.wait_for_delivery("carol@example.test", 1);
