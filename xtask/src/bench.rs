@@ -26,7 +26,8 @@
 //! those workloads and `--mode queue|e2e` only that mode (a partial run
 //! leaves out the lifetime, READY and fsync figures). `--baseline REV` also builds
 //! git revision REV (release, in a worktree under `target/bench/`) and runs
-//! it as a third server in the same rounds (A C B A C B ...), so a change
+//! it as a third server in the same rounds (A C B C A B ..., four rounds,
+//! the two builds taking turns to go first), so a change
 //! is measured against what it replaced on the same machine at the same
 //! time. Every run is bounded in
 //! messages and time; only loopback is used.
@@ -46,6 +47,10 @@ use std::time::{Duration, Instant};
 
 /// Rounds per workload and server (medians of these).
 const ROUNDS: usize = 3;
+
+/// Rounds when a baseline runs too: even, so that the build and the
+/// baseline each go first in half of them.
+const ROUNDS_WITH_BASELINE: usize = 4;
 
 /// Longest one smtp-source run may take.
 const RUN_BOUND: Duration = Duration::from_secs(180);
@@ -157,7 +162,13 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir)?;
     let scale = if quick { 5 } else { 1 };
-    let rounds = if quick { 1 } else { ROUNDS };
+    // With a baseline, an even number of rounds so each build goes
+    // first equally often.
+    let rounds = match (quick, baseline_rev.is_some()) {
+        (true, _) => 1,
+        (false, false) => ROUNDS,
+        (false, true) => ROUNDS_WITH_BASELINE,
+    };
     let started = Instant::now();
     let mut report = Report::default();
 
@@ -188,11 +199,19 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
                 eprintln!("==> {} {} round {}/{rounds}", mode.name(), w.name, round + 1);
                 let busy = (mode == Mode::Queue && w.name == "burst" && round == 0)
                     .then(|| UssSampler::start(smtpd_pids(&mortal)));
+                // The build and its baseline take turns going first: a run
+                // measurably pays for the one just before it (the disk
+                // still writing back the deleted files), so a fixed order
+                // would favour one of them by several per cent.
+                let old_first = round % 2 == 1;
+                if let (Some(old), true) = (&old, old_first) {
+                    c.push(measure(&w, mode, Server::Mortal(old))?);
+                }
                 a.push(measure(&w, mode, Server::Mortal(&mortal))?);
                 if let Some(s) = busy {
                     report.busy_uss_kib = s.stop();
                 }
-                if let Some(old) = &old {
+                if let (Some(old), false) = (&old, old_first) {
                     c.push(measure(&w, mode, Server::Mortal(old))?);
                 }
                 b.push(measure(&w, mode, Server::Postfix(&postfix))?);
