@@ -25,11 +25,42 @@ pub use mortal_proto::delivery::{RcptResult, Report, Status};
 /// `*_destination_recipient_limit` default).
 pub const MAX_BATCH_RECIPIENTS: usize = 50;
 
+/// What `destination_concurrency_limit` counts deliveries against, and
+/// what a kept agent connection is kept for: the next hop of a network
+/// route (every domain routed there shares it), or the recipient domain
+/// on a local route (Postfix's destination of the local transports).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Destination {
+    NextHop(Route),
+    /// The route and the recipient domain, in lower case.
+    Domain(Route, String),
+}
+
+impl Destination {
+    /// The destination of a recipient in `domain` (lower case) routed to
+    /// `route`.
+    pub fn of(route: &Route, domain: &str) -> Self {
+        match route {
+            Route::Lmtp(_) | Route::Smtp(_) => Destination::NextHop(route.clone()),
+            Route::Maildir | Route::Discard | Route::Pipe => Destination::Domain(route.clone(), domain.to_owned()),
+        }
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::NextHop(route) => write!(f, "{route}"),
+            Destination::Domain(route, domain) => write!(f, "{route}:{domain}"),
+        }
+    }
+}
+
 /// Recipients of one message going to one route and destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     pub route: Route,
-    pub destination: String,
+    pub destination: Destination,
     /// Indices into the queue file's recipients.
     pub rcpts: Vec<usize>,
 }
@@ -43,10 +74,7 @@ pub fn plan(config: &Config, qf: &QueueFile) -> Vec<Batch> {
         }
         let domain = r.address.rsplit_once('@').map(|(_, d)| d.to_lowercase()).unwrap_or_default();
         let route = config.route_for(&domain).clone();
-        let destination = match route {
-            Route::Lmtp(_) | Route::Smtp(_) => route.to_string(),
-            Route::Maildir | Route::Discard | Route::Pipe => format!("{route}:{domain}"),
-        };
+        let destination = Destination::of(&route, &domain);
         let limit = match route {
             Route::Lmtp(_) | Route::Smtp(_) => MAX_BATCH_RECIPIENTS,
             // Local agents deliver one recipient at a time anyway; one per
@@ -64,7 +92,7 @@ pub fn plan(config: &Config, qf: &QueueFile) -> Vec<Batch> {
 /// Per-destination delivery slots shared by all workers.
 #[derive(Debug)]
 pub struct Slots {
-    busy: Mutex<HashMap<String, u32>>,
+    busy: Mutex<HashMap<Destination, u32>>,
     freed: Condvar,
     limit: u32,
 }
@@ -77,13 +105,13 @@ impl Slots {
     /// Waits for a free slot for `destination`. A worker holds at most one
     /// slot at a time and every delivery is bounded by its timeouts, so
     /// the wait ends.
-    pub fn acquire(&self, destination: &str) -> SlotGuard<'_> {
+    pub fn acquire(&self, destination: &Destination) -> SlotGuard<'_> {
         let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         while busy.get(destination).copied().unwrap_or(0) >= self.limit {
             busy = self.freed.wait(busy).unwrap_or_else(|p| p.into_inner());
         }
-        *busy.entry(destination.to_owned()).or_default() += 1;
-        SlotGuard { slots: self, destination: destination.to_owned() }
+        *busy.entry(destination.clone()).or_default() += 1;
+        SlotGuard { slots: self, destination: destination.clone() }
     }
 }
 
@@ -91,7 +119,7 @@ impl Slots {
 #[derive(Debug)]
 pub struct SlotGuard<'a> {
     slots: &'a Slots,
-    destination: String,
+    destination: Destination,
 }
 
 impl Drop for SlotGuard<'_> {
@@ -184,7 +212,7 @@ mod tests {
         };
         let batches = plan(&config, &qf);
         let summary: Vec<(String, Vec<usize>)> =
-            batches.iter().map(|b| (b.destination.clone(), b.rcpts.clone())).collect();
+            batches.iter().map(|b| (b.destination.to_string(), b.rcpts.clone())).collect();
         assert_eq!(
             summary,
             vec![
@@ -205,7 +233,7 @@ mod tests {
             .map(|_| {
                 let (slots, running, peak) = (slots.clone(), running.clone(), peak.clone());
                 std::thread::spawn(move || {
-                    let _g = slots.acquire("d");
+                    let _g = slots.acquire(&Destination::Domain(Route::Discard, "d.test".into()));
                     let now = running.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                     peak.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
                     std::thread::sleep(std::time::Duration::from_millis(20));

@@ -15,7 +15,7 @@
 //! (STARTTLS), RFC 1870 (SIZE), RFC 6152 (8BITMIME), RFC 6531 (SMTPUTF8),
 //! RFC 3461 (DSN parameters, xtext), RFC 3463 (enhanced status codes).
 
-use mortal_proto::config::NextHop;
+use mortal_proto::config::{NextHop, Route};
 use mortal_proto::delivery::{RcptResult, Report, Request, Status};
 use mortal_proto::envelope::{BodyType, DsnRet, Notify};
 use mortal_proto::smtp_status::{DsnAction, EnhancedStatus, ReplyClass, ReplyCode, ReplyStage, StatusClass};
@@ -669,7 +669,7 @@ pub fn reply_result(r: &RcptReply, peer: &str, remote_mta: &str, success_action:
 /// that ended its transaction cleanly goes back to the cache.
 pub fn deliver(
     cache: &Cache,
-    key: &str,
+    key: &Route,
     request: &Request,
     hop: Hop,
     connect: impl FnOnce() -> Result<Session, Failure>,
@@ -788,7 +788,7 @@ fn fill(answers: Vec<Option<RcptReply>>, reply: &RcptReply) -> Vec<RcptReply> {
 /// Idle sessions per next hop, kept for `keep` after their last use.
 #[derive(Debug)]
 pub struct Cache {
-    idle: Mutex<HashMap<String, Vec<(Session, Instant)>>>,
+    idle: Mutex<HashMap<Route, Vec<(Session, Instant)>>>,
     keep: Duration,
 }
 
@@ -798,7 +798,7 @@ impl Cache {
     }
 
     /// The most recently used live session to `key`, probed with RSET.
-    pub fn take(&self, key: &str) -> Option<Session> {
+    pub fn take(&self, key: &Route) -> Option<Session> {
         loop {
             let candidate = {
                 let mut idle = self.idle.lock().ok()?;
@@ -821,12 +821,12 @@ impl Cache {
     }
 
     /// Keeps a session that just finished a transaction cleanly.
-    pub fn put(&self, key: &str, session: Session) {
+    pub fn put(&self, key: &Route, session: Session) {
         if self.keep.is_zero() {
             return session.quit();
         }
         if let Ok(mut idle) = self.idle.lock() {
-            idle.entry(key.to_owned()).or_default().push((session, Instant::now()));
+            idle.entry(key.clone()).or_default().push((session, Instant::now()));
         }
     }
 

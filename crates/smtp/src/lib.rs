@@ -162,10 +162,9 @@ impl Agent {
             );
             return Report { relay: "none".into(), results: vec![result; request.recipients.len()] };
         }
-        let key = route.to_string();
         match route {
-            Route::Lmtp(hop) => lmtp::deliver(self, hop, &key, request),
-            Route::Smtp(addr) => smtp::deliver(self, *addr, &key, request),
+            Route::Lmtp(hop) => lmtp::deliver(self, hop, route, request),
+            Route::Smtp(addr) => smtp::deliver(self, *addr, route, request),
             Route::Maildir | Route::Discard | Route::Pipe => unreachable!("checked by carries()"),
         }
     }

@@ -10,10 +10,10 @@
 
 use crate::Agent;
 use crate::client::{self, Dialect, Hop, Session};
-use mortal_proto::config::NextHop;
+use mortal_proto::config::{NextHop, Route};
 use mortal_proto::delivery::{Report, Request};
 
-pub fn deliver(agent: &Agent, hop: &NextHop, key: &str, request: &Request) -> Report {
+pub fn deliver(agent: &Agent, hop: &NextHop, key: &Route, request: &Request) -> Report {
     client::deliver(&agent.cache, key, request, Hop::Final, || {
         Session::connect(hop, Dialect::Lmtp, &agent.config.server.hostname, agent.timeouts())
     })

@@ -17,7 +17,7 @@
 
 use crate::Agent;
 use crate::client::{self, Dialect, Failure, Hop, Session};
-use mortal_proto::config::{NextHop, SmtpTlsSecurity};
+use mortal_proto::config::{NextHop, Route, SmtpTlsSecurity};
 use mortal_proto::delivery::{Report, Request};
 use mortal_proto::smtp_status::{EnhancedStatus, StatusClass};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-pub fn deliver(agent: &Agent, addr: SocketAddr, key: &str, request: &Request) -> Report {
+pub fn deliver(agent: &Agent, addr: SocketAddr, key: &Route, request: &Request) -> Report {
     client::deliver(&agent.cache, key, request, Hop::Relay, || connect(agent, addr))
 }
 

@@ -23,7 +23,7 @@
 //! one command per recipient and [`SESSION_COMMANDS`] more; for pipe the
 //! command `timeout` per recipient; and [`REPLY_MARGIN`].
 
-use crate::route::{Agents, Batch, RcptResult, Report, Status};
+use crate::route::{Agents, Batch, Destination, RcptResult, Report, Status};
 use mortal_proto::config::Config;
 use mortal_proto::delivery::{self, Envelope, Recipient, ReportDecoder};
 use mortal_proto::queue_file::QueueFile;
@@ -99,7 +99,7 @@ struct Idle {
 #[derive(Debug, Default)]
 struct State {
     /// Per destination, most recently used last.
-    idle: HashMap<String, Vec<Idle>>,
+    idle: HashMap<Destination, Vec<Idle>>,
     /// Deliveries running, per agent.
     busy: HashMap<Service, u32>,
 }
@@ -128,7 +128,7 @@ impl Conns {
     /// Starts a delivery to `destination` through `agent`: the most
     /// recently used live connection kept for it, or `None` for a new one,
     /// after making room for it among `limit` agent processes.
-    fn begin(&self, agent: Service, destination: &str, limit: u32) -> Option<UnixStream> {
+    fn begin(&self, agent: Service, destination: &Destination, limit: u32) -> Option<UnixStream> {
         let mut state = self.lock();
         *state.busy.entry(agent).or_default() += 1;
         if let Some(list) = state.idle.get_mut(destination) {
@@ -166,12 +166,12 @@ impl Conns {
     }
 
     /// Ends a delivery; keeps `stream` for the next one to `destination`.
-    fn end(&self, agent: Service, destination: &str, stream: Option<UnixStream>) {
+    fn end(&self, agent: Service, destination: &Destination, stream: Option<UnixStream>) {
         let mut state = self.lock();
         let busy = state.busy.entry(agent).or_default();
         *busy = busy.saturating_sub(1);
         if let Some(stream) = stream.filter(|_| !self.keep.is_zero()) {
-            state.idle.entry(destination.to_owned()).or_default().push(Idle { stream, since: Instant::now(), agent });
+            state.idle.entry(destination.clone()).or_default().push(Idle { stream, since: Instant::now(), agent });
         }
     }
 
@@ -402,7 +402,7 @@ mod tests {
 
     fn batch() -> Batch {
         let route = Route::Lmtp(NextHop::Inet("127.0.0.1:24".parse().unwrap()));
-        Batch { destination: route.to_string(), route, rcpts: vec![0, 1] }
+        Batch { destination: Destination::NextHop(route.clone()), route, rcpts: vec![0, 1] }
     }
 
     /// Reads from a scripted agent's connection until a whole request
@@ -426,7 +426,11 @@ mod tests {
     }
 
     fn pipe_batch() -> Batch {
-        Batch { route: Route::Pipe, destination: "pipe:pipe.test".into(), rcpts: vec![0, 1] }
+        Batch {
+            route: Route::Pipe,
+            destination: Destination::Domain(Route::Pipe, "pipe.test".into()),
+            rcpts: vec![0, 1],
+        }
     }
 
     /// No agent: every recipient is deferred with a clear reason (for
@@ -594,7 +598,7 @@ mod tests {
             let mut qf = queue_file();
             qf.recipients.truncate(1);
             qf.recipients[0].address = format!("x@{domain}");
-            (Batch { destination: route.to_string(), route, rcpts: vec![0] }, qf)
+            (Batch { destination: Destination::NextHop(route.clone()), route, rcpts: vec![0] }, qf)
         };
         let (a, qa) = batch("a.test", "127.0.0.1:24");
         assert_eq!(deliver(&agents, &a, &qa).results[0].status, Status::Sent);
