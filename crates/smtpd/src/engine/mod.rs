@@ -844,7 +844,7 @@ impl Session {
         if let Some(e) = error {
             let text = content_reply(e);
             self.last = "END-OF-MESSAGE";
-            self.log_reject("END-OF-MESSAGE", &text, None);
+            self.log_reject(RejectStage::EndOfMessage, &text, None);
             if let Some(txn) = &mut self.txn {
                 txn.failure.get_or_insert(text.clone());
             }
@@ -889,7 +889,7 @@ impl Session {
         self.last = "END-OF-MESSAGE";
         self.phase = Phase::Command;
         if let Some(text) = error.map(content_reply) {
-            self.log_reject("END-OF-MESSAGE", &text, None);
+            self.log_reject(RejectStage::EndOfMessage, &text, None);
             self.abort_transaction();
             return self.fail(Verb::Data, &text);
         }
@@ -978,18 +978,18 @@ impl Session {
     /// A refused RCPT or DATA: logged in Postfix's `reject:` shape, which
     /// fail2ban and pflogsumm match, then failed.
     fn reject(&mut self, verb: Verb, text: &Reply, path: Option<&str>) {
-        self.log_reject(verb.name(), text, path);
+        self.log_reject(RejectStage::Command(verb), text, path);
         self.fail(verb, text);
     }
 
-    fn log_reject(&mut self, stage: &str, text: &Reply, path: Option<&str>) {
+    fn log_reject(&mut self, stage: RejectStage, text: &Reply, path: Option<&str>) {
         // A queue id is only shown once a recipient was accepted: before
         // that nothing can be queued under it (Postfix shows NOQUEUE then).
         let queue_id = match &self.txn {
             Some(t) if t.recipients > 0 => t.queue_id.as_str(),
             _ => "NOQUEUE",
         };
-        let mut line = format!("{queue_id}: reject: {stage} from {}: {};", self.client, text.line());
+        let mut line = format!("{queue_id}: reject: {} from {}: {};", stage.name(), self.client, text.line());
         if let Some(t) = &self.txn {
             line.push_str(&format!(" from=<{}>", t.sender));
         }
@@ -1084,6 +1084,23 @@ pub fn excerpt(input: &[u8]) -> String {
         }
     }
     out
+}
+
+/// The stage a `reject:` line names, in Postfix's words: the command
+/// refused, or `END-OF-MESSAGE` for a message refused after its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RejectStage {
+    Command(Verb),
+    EndOfMessage,
+}
+
+impl RejectStage {
+    fn name(self) -> &'static str {
+        match self {
+            RejectStage::Command(verb) => verb.name(),
+            RejectStage::EndOfMessage => "END-OF-MESSAGE",
+        }
+    }
 }
 
 #[cfg(test)]
