@@ -88,14 +88,7 @@ fn open_spool(config: &Config) -> Result<spool::Spool, Fatal> {
 fn serve(started: Started<UnixListener, spool::Spool>) -> ExitCode {
     let Started { config, listener, mut link, prepared: spool, .. } = started;
     let ctx = session::Context::new(&config, &spool);
-    match child::serve(&listener, &mut link, config.process.cleanup.max_use, |stream, _| session::serve(stream, &ctx)) {
-        Ok(reason) => {
-            tracing::debug!("exit: {}", reason.as_str());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!("fatal: master link: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::exit_status(child::serve(&listener, &mut link, config.process.cleanup.max_use, |stream, _| {
+        session::serve(stream, &ctx)
+    }))
 }

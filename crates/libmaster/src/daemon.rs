@@ -96,3 +96,20 @@ pub fn run<L: Listener, P>(
     };
     serve(Started { config, listener, link, prepared, sandbox })
 }
+
+/// The exit status of a pool child after its single-server loop
+/// ([`child::serve`]): success when it left because it was told to or
+/// served its last use (logged at debug), failure with a `fatal: master
+/// link:` line when the link to the master broke.
+pub fn exit_status(served: std::io::Result<child::ExitReason>) -> ExitCode {
+    match served {
+        Ok(reason) => {
+            tracing::debug!("exit: {}", reason.as_str());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("fatal: master link: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -113,16 +113,9 @@ fn main() -> ExitCode {
 fn run(started: Started<UnixListener, ()>) -> ExitCode {
     let Started { config, listener, mut link, .. } = started;
     take_sigterm();
-    match child::serve(&listener, &mut link, config.process.pipe.max_use, |stream, _| serve(&config, stream)) {
-        Ok(reason) => {
-            tracing::debug!("exit: {}", reason.as_str());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!("fatal: master link: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::exit_status(child::serve(&listener, &mut link, config.process.pipe.max_use, |stream, _| {
+        serve(&config, stream)
+    }))
 }
 
 /// SIGTERM (the master's session deadline or overdue grace) ends this

@@ -190,16 +190,7 @@ fn serve_agent(service: Service, started: Started<UnixListener, smtp::TlsClients
     let max_use = agent.config.process.policy(service).max_use;
     let served = child::serve(&listener, &mut link, max_use, |stream, link| serve(&agent, stream, link, max_use));
     agent.cache.expire_all();
-    match served {
-        Ok(reason) => {
-            tracing::debug!("exit: {}", reason.as_str());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!("fatal: master link: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::exit_status(served)
 }
 
 /// One connection from the queue: requests, one at a time, each answered
