@@ -21,6 +21,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("smtp_session", mortal_fuzz::smtp_session),
     ("ipc_decoder", mortal_proto::fuzz::ipc_stream),
     ("delivery", mortal_proto::fuzz::delivery_stream),
+    ("policy_reply", mortal_proto::fuzz::policy_reply),
     ("queue_file", mortal_proto::fuzz::queue_file),
     ("address", mortal_proto::fuzz::address),
     ("config", mortal_proto::fuzz::config),

@@ -50,6 +50,7 @@ pub const TARGETS: &[&str] = &[
     "proxy_header",
     "ipc_decoder",
     "delivery",
+    "policy_reply",
     "queue_file",
     "address",
     "config",
@@ -495,6 +496,24 @@ const PROXY_SEEDS: &[(&str, &[u8])] = &[
     ("v2-local", b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00"),
 ];
 
+/// Policy server replies: postgrey's greylisting and pass, the access(5)
+/// actions, and two replies on one connection.
+const POLICY_SEEDS: &[(&str, &[u8])] = &[
+    (
+        "postgrey-defer",
+        b"action=DEFER_IF_PERMIT Greylisted, see http://postgrey.schweikert.ch/help/example.test.html\n\n",
+    ),
+    (
+        "postgrey-prepend",
+        b"action=PREPEND X-Greylist: delayed 61 seconds by postgrey-1.37 at mx; Thu, 03 Dec 2026 13:00:00 UTC\n\n",
+    ),
+    ("dunno", b"action=DUNNO\n\n"),
+    ("reply", b"action=450 4.7.1 Try again later\nextra=1\n\n"),
+    ("reject-crlf", b"action=REJECT go away\r\n\r\n"),
+    ("two", b"action=OK\n\naction=554 5.7.1 no\n\n"),
+    ("filter", b"action=FILTER smtp:[127.0.0.1]:10025\n\n"),
+];
+
 fn seeds(root: &Path) -> Result<Vec<Seed>> {
     let mut out = Vec::new();
     transcript_seeds(root, &mut out)?;
@@ -512,6 +531,9 @@ fn seeds(root: &Path) -> Result<Vec<Seed>> {
     let (requests, report) = delivery_conversation();
     out.push(("delivery", "seed-requests".into(), requests));
     out.push(("delivery", "seed-report".into(), report));
+    for (name, reply) in POLICY_SEEDS {
+        out.push(("policy_reply", format!("seed-{name}"), reply.to_vec()));
+    }
     for (name, qf) in queue_files() {
         out.push(("queue_file", format!("seed-{name}"), qf.encode()));
     }

@@ -140,3 +140,59 @@ pub fn config(data: &[u8]) {
         }
     }
 }
+
+/// A policy server's replies, as smtpd reads them: fed in uneven pieces,
+/// one reply after another on the same connection (the decoder reset after
+/// each). Whatever decodes is an action whose texts stay within bounds and
+/// on one line; splitting the input differently gives the same actions.
+pub fn policy_reply(data: &[u8]) {
+    use crate::policy::{Action, MAX_TEXT, ReplyDecoder};
+    fn run(data: &[u8], piece: usize) -> Vec<Result<Action, crate::policy::PolicyError>> {
+        let mut out = Vec::new();
+        let mut decoder = ReplyDecoder::new();
+        let mut rest = data;
+        while !rest.is_empty() {
+            // One reply's bytes: up to and including its empty line.
+            let end = rest.windows(2).position(|w| w == b"\n\n").map_or(rest.len(), |i| i + 2);
+            let (reply, next) = rest.split_at(end);
+            for chunk in reply.chunks(piece) {
+                match decoder.feed(chunk) {
+                    Ok(Some(action)) => out.push(Ok(action)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        out.push(Err(e));
+                        return out;
+                    }
+                }
+            }
+            // Bytes after a reply in the feed that ended it are what a
+            // later feed would have refused.
+            if decoder.has_trailing() {
+                out.push(Err(crate::policy::PolicyError::TrailingData));
+                return out;
+            }
+            decoder.reset();
+            rest = next;
+        }
+        out
+    }
+    let whole = run(data, data.len().max(1));
+    assert_eq!(run(data, 3), whole, "splitting the input changes nothing");
+    for action in whole.iter().flatten() {
+        let text = match action {
+            Action::Reject(t)
+            | Action::Defer(t)
+            | Action::DeferIfReject(t)
+            | Action::DeferIfPermit(t)
+            | Action::Hold(t)
+            | Action::Discard(t) => t.clone().unwrap_or_default(),
+            Action::Reply { text, .. }
+            | Action::Prepend(text)
+            | Action::Warn(text)
+            | Action::Info(text)
+            | Action::Unsupported(text) => text.clone(),
+            Action::Ok | Action::Dunno => String::new(),
+        };
+        assert!(text.len() <= MAX_TEXT && !text.contains('\n'), "{action:?}");
+    }
+}
