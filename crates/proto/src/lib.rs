@@ -50,6 +50,7 @@ pub mod envelope;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
 pub mod ipc;
+pub mod milter;
 pub mod queue_file;
 pub mod queue_id;
 pub mod record;
