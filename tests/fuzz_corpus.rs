@@ -25,6 +25,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("queue_file", mortal_proto::fuzz::queue_file),
     ("address", mortal_proto::fuzz::address),
     ("config", mortal_proto::fuzz::config),
+    ("milter_reply", mortal_proto::fuzz::milter_reply),
 ];
 
 fn corpus(target: &str) -> Vec<PathBuf> {

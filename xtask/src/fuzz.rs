@@ -54,6 +54,7 @@ pub const TARGETS: &[&str] = &[
     "queue_file",
     "address",
     "config",
+    "milter_reply",
 ];
 
 /// Seconds per target when `--time` is not given.
@@ -537,6 +538,9 @@ fn seeds(root: &Path) -> Result<Vec<Seed>> {
     for (name, qf) in queue_files() {
         out.push(("queue_file", format!("seed-{name}"), qf.encode()));
     }
+    for (name, bytes) in milter_replies() {
+        out.push(("milter_reply", format!("seed-{name}"), bytes));
+    }
     for (i, a) in ADDRESS_SEEDS.iter().enumerate() {
         out.push(("address", format!("seed-{i}"), a.as_bytes().to_vec()));
     }
@@ -765,6 +769,104 @@ fn delivery_conversation() -> (Vec<u8>, Vec<u8>) {
     }
     .encode(true, &mut report);
     (requests, report)
+}
+
+/// A filter's answers, one seed per reply type: the OPTNEG answer with
+/// macro lists, every decision, a custom multi-line reply, quarantine,
+/// and every end-of-message modification; `conversation` strings a
+/// negotiation, modifications and the final reply together as a filter
+/// sends them at the end of a message.
+fn milter_replies() -> Vec<(&'static str, Vec<u8>)> {
+    use mortal_proto::milter::{
+        Actions, CustomReply, EsmtpArgs, HeaderName, HeaderValue, MacroName, MilterAddress, MilterOptions,
+        Modification, ProtocolSteps, Reply, Stage,
+    };
+    use mortal_proto::smtp_status::ReplyCode;
+    let name = |n: &str| HeaderName::new(n).expect("header name");
+    let value = |v: &str| HeaderValue::new(v.as_bytes()).expect("header value");
+    let addr = |a: &str| MilterAddress::new(a).expect("address");
+    let args = |a: &str| EsmtpArgs::new(a).expect("ESMTP args");
+    let options = MilterOptions {
+        version: 6,
+        actions: (Actions::ADDHDRS | Actions::CHGHDRS | Actions::SETSYMLIST).bits(),
+        steps: (ProtocolSteps::NOUNKNOWN | ProtocolSteps::NR_HDR | ProtocolSteps::HDR_LEADSPC).bits(),
+        macro_lists: vec![
+            (Stage::Mail, vec![MacroName::new("{auth_authen}").expect("macro"), MacroName::new("i").expect("macro")]),
+            (Stage::EndOfMessage, vec![MacroName::new("{msg_id}").expect("macro")]),
+        ],
+    };
+    let multi = CustomReply::new(
+        ReplyCode::of(451),
+        Some(EnhancedStatus::new(StatusClass::Persistent, 7, 1)),
+        vec!["Greylisted, see".into(), "https://example.test/ 100% sure".into()],
+    )
+    .expect("custom reply");
+    let single = CustomReply::new(
+        ReplyCode::of(554),
+        Some(EnhancedStatus::new(StatusClass::Permanent, 7, 1)),
+        vec!["Gtube pattern".into()],
+    )
+    .expect("custom reply");
+    let replies = vec![
+        ("continue", Reply::Continue),
+        ("accept", Reply::Accept),
+        ("reject", Reply::Reject),
+        ("tempfail", Reply::Tempfail),
+        ("discard", Reply::Discard),
+        ("shutdown", Reply::Shutdown),
+        ("progress", Reply::Progress),
+        ("skip", Reply::Skip),
+        ("replycode", Reply::ReplyCode(single)),
+        ("replycode-multiline", Reply::ReplyCode(multi)),
+        ("quarantine", Reply::Quarantine("suspicious attachment".into())),
+        (
+            "addheader",
+            Reply::Modify(Modification::AddHeader { name: name("X-Spam-Status"), value: value("No, score=-0.1") }),
+        ),
+        (
+            "insheader",
+            Reply::Modify(Modification::InsertHeader {
+                index: 0,
+                name: name("DKIM-Signature"),
+                value: value("v=1; a=rsa-sha256; d=example.test;\r\n\tb=AbC"),
+            }),
+        ),
+        (
+            "chgheader",
+            Reply::Modify(Modification::ChangeHeader { index: 1, name: name("Subject"), value: value("[SPAM] hi") }),
+        ),
+        ("delheader", Reply::Modify(Modification::ChangeHeader { index: 2, name: name("Received"), value: value("") })),
+        ("replbody", Reply::Modify(Modification::ReplaceBody(b"replaced\r\nbody\r\n".to_vec()))),
+        ("addrcpt", Reply::Modify(Modification::AddRecipient(addr("<copy@example.test>")))),
+        (
+            "addrcpt-par",
+            Reply::Modify(Modification::AddRecipientWithArgs {
+                address: addr("<audit@example.test>"),
+                args: args("NOTIFY=NEVER ORCPT=rfc822;audit@example.test"),
+            }),
+        ),
+        ("delrcpt", Reply::Modify(Modification::DeleteRecipient(addr("<b@example.test>")))),
+        (
+            "chgfrom",
+            Reply::Modify(Modification::ChangeSender { address: addr("<srs@example.test>"), args: args("SIZE=1000") }),
+        ),
+    ];
+    let mut out = Vec::new();
+    let mut optneg = Vec::new();
+    options.encode(&mut optneg);
+    out.push(("optneg", optneg.clone()));
+    let mut conversation = optneg;
+    for (name, reply) in replies {
+        let mut wire = Vec::new();
+        reply.encode(&mut wire);
+        if matches!(reply, Reply::Modify(_) | Reply::Progress | Reply::Quarantine(_)) {
+            conversation.extend_from_slice(&wire);
+        }
+        out.push((name, wire));
+    }
+    Reply::Accept.encode(&mut conversation);
+    out.push(("conversation", conversation));
+    out
 }
 
 fn ipc_conversation() -> Vec<u8> {

@@ -196,3 +196,39 @@ pub fn policy_reply(data: &[u8]) {
         assert!(text.len() <= MAX_TEXT && !text.contains('\n'), "{action:?}");
     }
 }
+
+/// What a milter sends, fed to the reply decoder in uneven pieces: an
+/// OPTNEG answer goes through the negotiation against Postfix's offer,
+/// anything else through the reply decoder. Whatever decodes must encode
+/// back to the same thing, and what is agreed never exceeds the offer.
+pub fn milter_reply(data: &[u8]) {
+    use crate::milter::{Decoder, MilterOptions, Offer, Reply, negotiate};
+    let mut decoder = Decoder::new();
+    for piece in data.chunks(7) {
+        decoder.feed(piece);
+        loop {
+            let packet = match decoder.next_packet() {
+                Ok(Some(packet)) => packet,
+                Ok(None) => break,
+                Err(_) => return,
+            };
+            let mut wire = Vec::new();
+            let mut again = Decoder::new();
+            if packet.command == b'O' {
+                let Ok(options) = MilterOptions::decode(packet) else { return };
+                options.encode(&mut wire);
+                again.feed(&wire);
+                assert_eq!(again.next_options(), Ok(Some(options.clone())), "OPTNEG encode/decode round trip");
+                if let Ok(agreed) = negotiate(&Offer::default(), &options) {
+                    assert!(Offer::default().actions.contains(agreed.actions), "agreed actions within the offer");
+                    assert!(Offer::default().steps.contains(agreed.steps), "agreed steps within the offer");
+                }
+                continue;
+            }
+            let Ok(reply) = Reply::decode(packet) else { return };
+            reply.encode(&mut wire);
+            again.feed(&wire);
+            assert_eq!(again.next_reply(), Ok(Some(reply)), "reply encode/decode round trip");
+        }
+    }
+}

@@ -10,7 +10,8 @@
 //! calendar forms of dates ([`date`]), and the rules both sides of a check
 //! must agree on: relaying ([`relay`]), xtext ([`xtext`]) and how a TLS
 //! session is described ([`tls`]); and the protocols of the filters mail
-//! hosts run: Postfix's policy delegation ([`policy`]). Like Postfix's
+//! hosts run: Postfix's policy delegation ([`policy`]) and the Sendmail milter
+//! protocol ([`milter`]). Like Postfix's
 //! `global/mail_proto.h`, it is the one place both sides of every
 //! conversation agree on.
 //!
@@ -51,6 +52,7 @@ pub mod envelope;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
 pub mod ipc;
+pub mod milter;
 pub mod policy;
 pub mod queue_file;
 pub mod queue_id;
