@@ -290,9 +290,19 @@ impl Action {
             _ if verb.len() == 3 && verb.bytes().all(|b| b.is_ascii_digit()) => reply(verb, rest)?,
             // A bare number that is no reply code, or any word we do not know:
             // Postfix would take it as a restriction or class name.
-            _ => Action::Unsupported(value.chars().take(MAX_TEXT).collect()),
+            _ => Action::Unsupported(cut(value, MAX_TEXT).to_owned()),
         })
     }
+}
+
+/// The longest prefix of `s` of at most `max` octets that ends on a
+/// character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// `4NN text` / `5NN text`; the text is required, as access(5) says.
@@ -526,6 +536,10 @@ mod tests {
         }
         let long = format!("REJECT {}", "x".repeat(MAX_TEXT + 1));
         assert_eq!(Action::parse(&long), Err(PolicyError::TextTooLong));
+        // What is not carried out is kept for the log, cut to MAX_TEXT
+        // octets on a character boundary (found by the fuzzer).
+        let Ok(Action::Unsupported(kept)) = Action::parse(&"é".repeat(MAX_TEXT)) else { panic!() };
+        assert_eq!((kept.len(), kept.chars().count()), (MAX_TEXT, MAX_TEXT / 2));
         assert_eq!(ReplyCode::of(450).status_class(), Some(StatusClass::Persistent));
     }
 
