@@ -204,19 +204,16 @@ impl Instance {
 
     /// The first address bound for `what`, waiting for the master to log it.
     pub fn wait_for_listener(&mut self, what: &str) -> SocketAddr {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(addr) = self.listeners(what).first() {
-                return *addr;
-            }
+        let found = wait_for(&format!("listening on ... ({what})"), || {
             self.assert_master_running();
-            assert!(
-                Instant::now() < deadline,
+            self.listeners(what).first().copied()
+        });
+        found.unwrap_or_else(|| {
+            panic!(
                 "no \"listening on ... ({what})\" within {WAIT:?} ([log] level must be info or more verbose)\n{}",
                 self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            )
+        })
     }
 
     /// The port of the first `[smtpd] proxy_listen` address.
@@ -448,18 +445,6 @@ max_use = 100
 pub fn mail_user_line(server_extra: &str) -> &'static str {
     let set = server_extra.lines().any(|l| l.split('=').next().is_some_and(|k| k.trim() == "user"));
     if nix::unistd::geteuid().is_root() && !set { "user = \"nobody\"" } else { "" }
-}
-
-/// Whether a test that needs root must skip (the process is not root),
-/// saying so on stderr with a `SKIPPED` marker and `why`: only the uid
-/// makes such a test impossible, and a skip must never look like a pass.
-pub fn skip_unless_root(why: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return false;
-    }
-    let test = std::thread::current().name().unwrap_or("this test").to_owned();
-    eprintln!("SKIPPED: {test}: needs root ({why})");
-    true
 }
 
 /// Polls `f` every 20 ms until it yields a value or [`WAIT`] passes.

@@ -96,6 +96,14 @@ fn ci() -> Result<()> {
     run("cargo clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run("cargo build", cargo().args(["build", "--workspace", "--bins"]))?;
     run("cargo test", cargo().args(["test", "--workspace"]))?;
+    // Tests that need another uid are `#[ignore]`d with the reason and
+    // named `root_*`; as root (CI) they run here, so they are never passed
+    // over in silence.
+    if nix::unistd::geteuid().is_root() {
+        run("cargo test (root_ tests)", cargo().args(["test", "--workspace", "--", "--ignored", "root_"]))?;
+    } else {
+        eprintln!("==> root_ tests not run: they need root (cargo test -- --ignored root_ as root)");
+    }
     // A short kill -9 run on the debug build just made: seconds of load,
     // and any acknowledged message lost fails CI.
     chaos::main(&workspace_root(), &["--quick".into(), "--debug".into()])?;
