@@ -290,19 +290,9 @@ impl Action {
             _ if verb.len() == 3 && verb.bytes().all(|b| b.is_ascii_digit()) => reply(verb, rest)?,
             // A bare number that is no reply code, or any word we do not know:
             // Postfix would take it as a restriction or class name.
-            _ => Action::Unsupported(cut(value, MAX_TEXT).to_owned()),
+            _ => Action::Unsupported(value[..value.floor_char_boundary(MAX_TEXT)].to_owned()),
         })
     }
-}
-
-/// The longest prefix of `s` of at most `max` octets that ends on a
-/// character boundary.
-fn cut(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// `4NN text` / `5NN text`; the text is required, as access(5) says.

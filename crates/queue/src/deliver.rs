@@ -297,14 +297,7 @@ fn last_status(r: &QueuedRecipient) -> (EnhancedStatus, String) {
 }
 
 fn bounded(text: &str) -> String {
-    if text.len() <= MAX_STATUS {
-        return text.to_owned();
-    }
-    let mut end = MAX_STATUS;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
+    text[..text.floor_char_boundary(MAX_STATUS)].to_owned()
 }
 
 fn secs_since(t: SystemTime) -> f64 {
