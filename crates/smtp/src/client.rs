@@ -537,12 +537,7 @@ impl Session {
     /// ending in CRLF, then the terminating `.`.
     fn write_content(&mut self, content: &[u8]) -> Result<(), Failure> {
         let mut out = Vec::with_capacity(WRITE_CHUNK + 1024);
-        let mut pending = Ok(());
-        dot_stuff(content, WRITE_CHUNK, &mut out, |bytes| {
-            pending = self.write(bytes, "sending message body");
-            pending.is_ok()
-        });
-        pending?;
+        dot_stuff(content, WRITE_CHUNK, &mut out, |bytes| self.write(bytes, "sending message body"))?;
         self.write(&out, "sending end of data -- message may be sent more than once")
     }
 
@@ -861,9 +856,14 @@ impl Cache {
 /// terminated, and `.` CRLF ends it. Whole lines are copied at once
 /// (memchr finds their ends), not byte by byte: this loop is the agent's
 /// main cost on large messages. Output is handed to `flush` whenever
-/// `chunk` octets have gathered (it returns false to stop); what is left
+/// `chunk` octets have gathered (its error stops the copy); what is left
 /// at the end, with the terminating dot, stays in `out`.
-fn dot_stuff(content: &[u8], chunk: usize, out: &mut Vec<u8>, mut flush: impl FnMut(&[u8]) -> bool) {
+fn dot_stuff<E>(
+    content: &[u8],
+    chunk: usize,
+    out: &mut Vec<u8>,
+    mut flush: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
     let mut rest = content;
     while !rest.is_empty() {
         // At the start of a line.
@@ -882,22 +882,19 @@ fn dot_stuff(content: &[u8], chunk: usize, out: &mut Vec<u8>, mut flush: impl Fn
             let room = chunk.saturating_sub(out.len()).max(1).min(piece.len());
             out.extend_from_slice(&piece[..room]);
             piece = &piece[room..];
-            if !flush(out) {
-                return;
-            }
+            flush(out)?;
             out.clear();
         }
         out.extend_from_slice(piece);
         out.extend_from_slice(end);
         if out.len() >= chunk {
-            if !flush(out) {
-                return;
-            }
+            flush(out)?;
             out.clear();
         }
         rest = next;
     }
     out.extend_from_slice(b".\r\n");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -945,22 +942,24 @@ mod tests {
             for chunk in [1, 2, 7, 64, 1024] {
                 let mut sent = Vec::new();
                 let mut out = Vec::new();
-                dot_stuff(content, chunk, &mut out, |b| {
-                    assert!(b.len() >= chunk.min(b.len()) && b.len() <= chunk.max(1) + 2, "chunk {chunk}: {}", b.len());
+                let done: Result<(), ()> = dot_stuff(content, chunk, &mut out, |b| {
+                    // Flushed only once a chunk gathered; at most a line end more.
+                    assert!((chunk..=chunk + 2).contains(&b.len()), "chunk {chunk}: {}", b.len());
                     sent.extend_from_slice(b);
-                    true
+                    Ok(())
                 });
+                assert_eq!(done, Ok(()));
                 sent.extend_from_slice(&out);
                 assert_eq!(sent, want, "chunk {chunk}: {:?}", String::from_utf8_lossy(content));
             }
         }
         // A refused write stops the copy.
         let mut calls = 0;
-        dot_stuff(long.as_bytes(), 10, &mut Vec::new(), |_| {
+        let refused = dot_stuff(long.as_bytes(), 10, &mut Vec::new(), |_| {
             calls += 1;
-            false
+            Err("refused")
         });
-        assert_eq!(calls, 1);
+        assert_eq!((refused, calls), (Err("refused"), 1));
     }
     use super::*;
 
