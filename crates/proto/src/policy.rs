@@ -24,6 +24,7 @@
 //! restriction class names) as [`Action::Unsupported`] for the caller to
 //! log and answer with its default.
 
+use crate::milter::HeaderName;
 use crate::queue_id::QueueId;
 use crate::smtp_status::{EnhancedStatus, ReplyClass, ReplyCode};
 use std::fmt::{self, Write as _};
@@ -329,8 +330,7 @@ fn prepend(rest: &str) -> Result<String, PolicyError> {
     let Some((name, _)) = rest.split_once(':') else {
         return Err(PolicyError::MissingText { verb: "PREPEND" });
     };
-    let field_name = !name.is_empty() && name.bytes().all(|b| (33..=126).contains(&b) && b != b':');
-    if !field_name {
+    if HeaderName::new(name).is_none() {
         return Err(PolicyError::MissingText { verb: "PREPEND" });
     }
     Ok(rest.to_owned())
