@@ -215,6 +215,13 @@ impl<'a> Transaction<'a> {
             }
             Request::Recipient(rcpt) => self.add_recipient(rcpt)?,
             Request::Data(chunk) => self.data(&chunk),
+            Request::Edit(edit) => {
+                tracing::warn!(
+                    "warning: {}: smtpd sent a filter edit, which this cleanup does not apply: {edit:?}",
+                    self.log_id()
+                );
+                return Err(Answer::protocol_error());
+            }
             Request::End => return Ok(Step::Finished(self.finish())),
         }
         Ok(Step::Continue)

@@ -13,7 +13,14 @@
 //! the directory of the config file, so the checkout's `etc/mortal.toml`
 //! works from any working directory.
 
+mod filter;
 mod raw;
+
+pub use filter::{
+    DEFAULT_MILTER_COMMAND_TIMEOUT, DEFAULT_MILTER_CONNECT_TIMEOUT, DEFAULT_MILTER_CONTENT_TIMEOUT,
+    DEFAULT_POLICY_DEFAULT_ACTION, DEFAULT_POLICY_MAX_IDLE, DEFAULT_POLICY_MAX_TTL, DEFAULT_POLICY_RETRY_DELAY,
+    DEFAULT_POLICY_TIMEOUT, DEFAULT_POLICY_TRY_LIMIT, Milter, MilterDefaultAction, PolicyService, PolicyStage,
+};
 
 use crate::service::Service;
 use ipnet::{IpNet, Ipv4Net};
@@ -200,6 +207,15 @@ pub struct Smtpd {
     /// Nameservers (literal `IP:port`) for `reverse_lookup`; empty: those
     /// of /etc/resolv.conf, read when smtpd starts.
     pub resolvers: Vec<SocketAddr>,
+    /// `[[smtpd.milter]]`: the Sendmail milters every session talks to, in
+    /// order (Postfix smtpd_milters).
+    pub milters: Vec<Milter>,
+    /// `[smtpd.milter_macros]`: the macros sent at each stage (Postfix's
+    /// `milter_*_macros`), before a milter asks for its own.
+    pub milter_macros: crate::milter::MacroLists,
+    /// `[[smtpd.policy]]`: the policy delegation servers asked, in order
+    /// (Postfix check_policy_service).
+    pub policy: Vec<PolicyService>,
 }
 
 /// `[smtpd] tls_security` (Postfix smtpd_tls_security_level).
@@ -264,6 +280,9 @@ impl Default for Smtpd {
             reverse_lookup: false,
             reverse_lookup_timeout: Duration::from_secs(2),
             resolvers: Vec::new(),
+            milters: Vec::new(),
+            milter_macros: crate::milter::MacroLists::default(),
+            policy: Vec::new(),
         }
     }
 }
@@ -466,11 +485,42 @@ impl Route {
     }
 }
 
-/// An LMTP server's address.
+/// A server's address: an LMTP next hop, a milter, a policy server.
+/// Written `unix:/path` or `inet:IP:PORT` (a literal address: no name
+/// lookups; IPv6 as `[::1]:24`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum NextHop {
     Unix(PathBuf),
     Inet(SocketAddr),
+}
+
+impl std::str::FromStr for NextHop {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(format!("{s:?} names no socket path"));
+            }
+            return Ok(NextHop::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = s.strip_prefix("inet:") {
+            return addr
+                .parse::<SocketAddr>()
+                .map(NextHop::Inet)
+                .map_err(|_| format!("{s:?}: {addr:?} is not a literal IP:PORT (IPv6 as [::1]:24)"));
+        }
+        Err(format!("{s:?} is not unix:/path or inet:IP:PORT"))
+    }
+}
+
+impl fmt::Display for NextHop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NextHop::Unix(p) => write!(f, "unix:{}", p.display()),
+            NextHop::Inet(a) => write!(f, "inet:{a}"),
+        }
+    }
 }
 
 impl std::str::FromStr for Route {
@@ -488,14 +538,8 @@ impl std::str::FromStr for Route {
             "pipe" => return Ok(Route::Pipe),
             _ => {}
         }
-        if let Some(path) = s.strip_prefix("lmtp:unix:") {
-            if path.is_empty() {
-                return Err(format!("{s:?} names no socket path: {SYNTAX}"));
-            }
-            return Ok(Route::Lmtp(NextHop::Unix(PathBuf::from(path))));
-        }
-        if let Some(addr) = s.strip_prefix("lmtp:inet:") {
-            return Ok(Route::Lmtp(NextHop::Inet(inet(addr)?)));
+        if let Some(hop) = s.strip_prefix("lmtp:") {
+            return hop.parse().map(Route::Lmtp).map_err(|e| format!("route {s:?}: {e}: {SYNTAX}"));
         }
         if let Some(addr) = s.strip_prefix("smtp:inet:") {
             return Ok(Route::Smtp(inet(addr)?));
@@ -510,8 +554,7 @@ impl fmt::Display for Route {
             Route::Maildir => f.write_str("maildir"),
             Route::Discard => f.write_str("discard"),
             Route::Pipe => f.write_str("pipe"),
-            Route::Lmtp(NextHop::Unix(p)) => write!(f, "lmtp:unix:{}", p.display()),
-            Route::Lmtp(NextHop::Inet(a)) => write!(f, "lmtp:inet:{a}"),
+            Route::Lmtp(hop) => write!(f, "lmtp:{hop}"),
             Route::Smtp(a) => write!(f, "smtp:inet:{a}"),
         }
     }
@@ -912,9 +955,15 @@ impl Resolver<'_> {
         }
     }
 
-    fn smtpd(&mut self, raw: raw::Smtpd) -> Smtpd {
+    fn smtpd(&mut self, mut raw: raw::Smtpd) -> Smtpd {
         let d = Smtpd::default();
+        let milters = self.milters(&mut raw);
+        let milter_macros = self.milter_macros(std::mem::take(&mut raw.milter_macros));
+        let policy = self.policy_services(std::mem::take(&mut raw.policy));
         Smtpd {
+            milters,
+            milter_macros,
+            policy,
             listen: raw.listen.unwrap_or(d.listen),
             banner: raw.banner.unwrap_or(d.banner),
             message_size_limit: raw.message_size_limit.unwrap_or(d.message_size_limit),

@@ -10,6 +10,7 @@
 //!                              <-    QueueId(id)
 //!   Recipient(path) x N        ->
 //!   Data(chunk) x M            ->
+//!   Edit(edit) x K             ->
 //!   End                        ->
 //!                              <-    Answer(code, enhanced, text)
 //! ```
@@ -25,9 +26,17 @@
 //! oversized record, a malformed field or a record out of order ends the
 //! conversation. [`RequestSequence`] encodes the order rule once so cleanup
 //! (and the fuzz target) check exactly the same thing.
+//!
+//! `Edit` records carry what smtpd's filters decided about the message
+//! ([`Edit`]): a policy server's PREPEND, HOLD or DISCARD, a milter's
+//! header, body, recipient and sender changes, its quarantine. smtpd only
+//! relays them, after the content and before `End`, in the order the
+//! filters gave them; cleanup applies them before the commit and checks
+//! the result as it checks everything else.
 
 use crate::address::MAX_PATH;
 use crate::envelope::{ClientInfo, MAX_ENVID, RecipientInfo, SenderInfo, is_printable, parse_client_addr};
+use crate::milter::{EsmtpArgs, HeaderName, HeaderValue, MAX_BODY_CHUNK, MilterAddress, Modification};
 use crate::queue_id::QueueId;
 use crate::record::{FieldReader, Fields, FrameError, RECORD_HEADER_LEN, RawRecord, put_record, take_record};
 use crate::smtp_status::{EnhancedStatus, ReplyCode};
@@ -40,8 +49,10 @@ pub const PROTOCOL_NAME: &str = "cleanup";
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest content chunk in one `Data` record.
 pub const MAX_DATA_CHUNK: usize = 64 * 1024;
-/// Largest payload any record of this protocol may declare.
-pub const MAX_RECORD_PAYLOAD: usize = MAX_DATA_CHUNK;
+/// Largest payload any record of this protocol may declare: a content
+/// chunk, or an `Edit` carrying a milter's largest header or body chunk
+/// with its fields.
+pub const MAX_RECORD_PAYLOAD: usize = MAX_DATA_CHUNK + 4096;
 /// Limit for short text fields (host names, protocol names, reply text).
 pub const MAX_TEXT_FIELD: usize = 1024;
 
@@ -51,6 +62,7 @@ const SENDER: u8 = b'S';
 const RECIPIENT: u8 = b'R';
 const DATA: u8 = b'D';
 const END: u8 = b'E';
+const EDIT: u8 = b'X';
 const QUEUE_ID: u8 = b'Q';
 const ANSWER: u8 = b'A';
 
@@ -62,7 +74,112 @@ pub enum Request {
     Sender(SenderInfo),
     Recipient(RecipientInfo),
     Data(Vec<u8>),
+    Edit(Edit),
     End,
+}
+
+/// A change to the message that smtpd's filters decided; cleanup applies
+/// it before the queue file is committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Edit {
+    /// A policy server's `PREPEND name:value`: a header field at the very
+    /// top, above cleanup's `Received:`, written `name:value` exactly.
+    Prepend { name: HeaderName, value: HeaderValue },
+    /// A milter's end-of-message change, as the milter sent it. Header
+    /// indexes refer to the header section the client sent (which is what
+    /// the milters saw); the edits of all milters come in milter order.
+    Milter(Modification),
+    /// Keep the message in `hold/` (a policy HOLD, a milter's quarantine,
+    /// `quarantine` as a milter's default action), with the reason logged.
+    Hold { reason: String },
+    /// Accept the message and drop it (a policy or milter DISCARD): the
+    /// client gets 250, nothing is queued, and the reason is logged.
+    Discard { reason: String },
+}
+
+/// `Edit` kinds: the first field of an `Edit` record.
+mod edit_kind {
+    pub const PREPEND: u8 = b'P';
+    pub const HOLD: u8 = b'H';
+    pub const DISCARD: u8 = b'D';
+    pub const ADD_HEADER: u8 = b'a';
+    pub const INSERT_HEADER: u8 = b'i';
+    pub const CHANGE_HEADER: u8 = b'c';
+    pub const REPLACE_BODY: u8 = b'b';
+    pub const ADD_RECIPIENT: u8 = b'r';
+    pub const ADD_RECIPIENT_ARGS: u8 = b'R';
+    pub const DELETE_RECIPIENT: u8 = b'd';
+    pub const CHANGE_SENDER: u8 = b's';
+}
+
+impl Edit {
+    fn encode(&self) -> Vec<u8> {
+        use edit_kind::*;
+        let f = Fields::new();
+        let header = |f: Fields, kind: u8, index: Option<u32>, name: &HeaderName, value: &HeaderValue| {
+            let f = f.u8(kind);
+            let f = match index {
+                Some(i) => f.u32(i),
+                None => f,
+            };
+            f.str(name.as_str()).bytes(value.as_bytes()).finish()
+        };
+        match self {
+            Edit::Prepend { name, value } => header(f, PREPEND, None, name, value),
+            Edit::Hold { reason } => f.u8(HOLD).str(reason).finish(),
+            Edit::Discard { reason } => f.u8(DISCARD).str(reason).finish(),
+            Edit::Milter(m) => match m {
+                Modification::AddHeader { name, value } => header(f, ADD_HEADER, None, name, value),
+                Modification::InsertHeader { index, name, value } => {
+                    header(f, INSERT_HEADER, Some(*index), name, value)
+                }
+                Modification::ChangeHeader { index, name, value } => {
+                    header(f, CHANGE_HEADER, Some(*index), name, value)
+                }
+                Modification::ReplaceBody(chunk) => f.u8(REPLACE_BODY).bytes(chunk).finish(),
+                Modification::AddRecipient(a) => f.u8(ADD_RECIPIENT).str(a.as_str()).finish(),
+                Modification::AddRecipientWithArgs { address, args } => {
+                    f.u8(ADD_RECIPIENT_ARGS).str(address.as_str()).str(args.as_str()).finish()
+                }
+                Modification::DeleteRecipient(a) => f.u8(DELETE_RECIPIENT).str(a.as_str()).finish(),
+                Modification::ChangeSender { address, args } => {
+                    f.u8(CHANGE_SENDER).str(address.as_str()).str(args.as_str()).finish()
+                }
+            },
+        }
+    }
+
+    fn decode(f: &mut FieldReader<'_>) -> Result<Self, IpcError> {
+        use edit_kind::*;
+        let bad = || IpcError::BadValue("Edit");
+        let name = |f: &mut FieldReader<'_>| HeaderName::new(f.str(crate::milter::MAX_HEADER_NAME)?).ok_or_else(bad);
+        let value =
+            |f: &mut FieldReader<'_>| HeaderValue::new(f.bytes(crate::milter::MAX_HEADER_VALUE)?).ok_or_else(bad);
+        let address = |f: &mut FieldReader<'_>| MilterAddress::new(f.str(crate::milter::MAX_ADDRESS)?).ok_or_else(bad);
+        let args = |f: &mut FieldReader<'_>| EsmtpArgs::new(f.str(crate::milter::MAX_ESMTP_ARGS)?).ok_or_else(bad);
+        Ok(match f.u8()? {
+            PREPEND => Edit::Prepend { name: name(f)?, value: value(f)? },
+            HOLD => Edit::Hold { reason: printable(f.str(MAX_TEXT_FIELD)?, "Edit")? },
+            DISCARD => Edit::Discard { reason: printable(f.str(MAX_TEXT_FIELD)?, "Edit")? },
+            ADD_HEADER => Edit::Milter(Modification::AddHeader { name: name(f)?, value: value(f)? }),
+            INSERT_HEADER => {
+                let index = f.u32()?;
+                Edit::Milter(Modification::InsertHeader { index, name: name(f)?, value: value(f)? })
+            }
+            CHANGE_HEADER => {
+                let index = f.u32()?;
+                Edit::Milter(Modification::ChangeHeader { index, name: name(f)?, value: value(f)? })
+            }
+            REPLACE_BODY => Edit::Milter(Modification::ReplaceBody(f.bytes(MAX_BODY_CHUNK)?.to_vec())),
+            ADD_RECIPIENT => Edit::Milter(Modification::AddRecipient(address(f)?)),
+            ADD_RECIPIENT_ARGS => {
+                Edit::Milter(Modification::AddRecipientWithArgs { address: address(f)?, args: args(f)? })
+            }
+            DELETE_RECIPIENT => Edit::Milter(Modification::DeleteRecipient(address(f)?)),
+            CHANGE_SENDER => Edit::Milter(Modification::ChangeSender { address: address(f)?, args: args(f)? }),
+            _ => return Err(bad()),
+        })
+    }
 }
 
 /// cleanup → smtpd.
@@ -99,6 +216,7 @@ impl Request {
             Request::Sender(_) => "Sender",
             Request::Recipient(_) => "Recipient",
             Request::Data(_) => "Data",
+            Request::Edit(_) => "Edit",
             Request::End => "End",
         }
     }
@@ -119,6 +237,7 @@ impl Request {
                 assert!(chunk.len() <= MAX_DATA_CHUNK, "Data chunk over MAX_DATA_CHUNK");
                 put_record(out, DATA, chunk)
             }
+            Request::Edit(e) => put_record(out, EDIT, &e.encode()),
             Request::End => put_record(out, END, &[]),
         }
     }
@@ -138,7 +257,9 @@ impl Request {
             CLIENT => Request::Client(decode_client(&mut f)?),
             SENDER => Request::Sender(decode_sender(&mut f)?),
             RECIPIENT => Request::Recipient(decode_recipient(&mut f)?),
+            DATA if rec.payload.len() > MAX_DATA_CHUNK => return Err(IpcError::BadValue("Data")),
             DATA => return Ok(Request::Data(rec.payload.to_vec())),
+            EDIT => Request::Edit(Edit::decode(&mut f)?),
             END => Request::End,
             other => return Err(IpcError::UnknownRecord(other)),
         };
@@ -344,6 +465,9 @@ impl Decoder {
         };
         let range = self.start + RECORD_HEADER_LEN..self.start + used;
         let kind = rec.kind;
+        if kind == DATA && rec.payload.len() > MAX_DATA_CHUNK {
+            return Err(IpcError::BadValue("Data"));
+        }
         let other = if kind == DATA { None } else { Some(Request::decode(rec)?) };
         self.start += used;
         Ok(Some(match other {
@@ -367,6 +491,7 @@ pub enum RequestSequence {
     AwaitFirstRecipient,
     RecipientsOrData,
     Data,
+    Edits,
     Done,
 }
 
@@ -393,7 +518,8 @@ impl RequestSequence {
             (AwaitSender, "Sender") => AwaitFirstRecipient,
             (AwaitFirstRecipient | RecipientsOrData, "Recipient") => RecipientsOrData,
             (RecipientsOrData | Data, "Data") => Data,
-            (RecipientsOrData | Data, "End") => Done,
+            (RecipientsOrData | Data | Edits, "Edit") => Edits,
+            (RecipientsOrData | Data | Edits, "End") => Done,
             (state, got) => return Err(IpcError::OutOfOrder { got, expected: state.expecting() }),
         };
         *self = next;
@@ -407,8 +533,9 @@ impl RequestSequence {
             AwaitClient => "Client",
             AwaitSender => "Sender",
             AwaitFirstRecipient => "Recipient",
-            RecipientsOrData => "Recipient, Data or End",
-            Data => "Data or End",
+            RecipientsOrData => "Recipient, Data, Edit or End",
+            Data => "Data, Edit or End",
+            Edits => "Edit or End",
             Done => "nothing (conversation is over)",
         }
     }
@@ -456,8 +583,60 @@ mod tests {
             Request::Sender(sender()),
             Request::Recipient(recipient("b@example.test")),
             Request::Data(b"Subject: x\r\n\r\nhi\r\n".to_vec()),
+            Request::Edit(Edit::Hold { reason: "policy said so".into() }),
             Request::End,
         ]
+    }
+
+    fn every_edit() -> Vec<Edit> {
+        let name = |n: &str| HeaderName::new(n).unwrap();
+        let value = |v: &[u8]| HeaderValue::new(v).unwrap();
+        let address = |a: &str| MilterAddress::new(a).unwrap();
+        vec![
+            Edit::Prepend { name: name("X-Greylist"), value: value(b" delayed 300 seconds") },
+            Edit::Hold { reason: "milter quarantine: suspicious".into() },
+            Edit::Discard { reason: "policy DISCARD".into() },
+            Edit::Milter(Modification::AddHeader { name: name("X-Spam"), value: value(b"yes\r\n\tscore=9") }),
+            Edit::Milter(Modification::InsertHeader { index: 0, name: name("A-R"), value: value(b"mx; dkim=pass") }),
+            Edit::Milter(Modification::ChangeHeader { index: 2, name: name("Subject"), value: value(b"") }),
+            Edit::Milter(Modification::ReplaceBody(vec![b'x'; MAX_BODY_CHUNK])),
+            Edit::Milter(Modification::AddRecipient(address("<c@example.test>"))),
+            Edit::Milter(Modification::AddRecipientWithArgs {
+                address: address("d@example.test"),
+                args: EsmtpArgs::new("NOTIFY=NEVER").unwrap(),
+            }),
+            Edit::Milter(Modification::DeleteRecipient(address("<b@example.test>"))),
+            Edit::Milter(Modification::ChangeSender { address: address("<>"), args: EsmtpArgs::new("").unwrap() }),
+        ]
+    }
+
+    /// Every edit survives the wire, the largest body chunk included, and
+    /// a field a filter could not have sent is refused.
+    #[test]
+    fn edits_round_trip_and_validate() {
+        for edit in every_edit() {
+            let mut wire = Vec::new();
+            Request::Edit(edit.clone()).encode(&mut wire);
+            let mut dec = Decoder::new();
+            dec.feed(&wire);
+            assert_eq!(dec.next_request().unwrap(), Some(Request::Edit(edit)));
+        }
+        let bad: [&[u8]; 5] = [b"Pbad name", b"Z", b"", b"a", b"H"];
+        for payload in bad {
+            let mut wire = Vec::new();
+            put_record(&mut wire, EDIT, payload);
+            let mut dec = Decoder::new();
+            dec.feed(&wire);
+            assert!(dec.next_request().is_err(), "{payload:?}");
+        }
+        // A header name with a colon, and a line break that does not fold.
+        for (name, value) in [("X:Y", &b"v"[..]), ("X", &b"a\nb"[..])] {
+            let mut wire = Vec::new();
+            put_record(&mut wire, EDIT, &Fields::new().u8(b'a').str(name).bytes(value).finish());
+            let mut dec = Decoder::new();
+            dec.feed(&wire);
+            assert_eq!(dec.next_request(), Err(IpcError::BadValue("Edit")), "{name} {value:?}");
+        }
     }
 
     #[test]
@@ -493,7 +672,7 @@ mod tests {
         };
         let cases: Vec<RejectCase> = vec![
             ("unknown type", rec(b'Z', b""), |e| matches!(e, IpcError::UnknownRecord(b'Z'))),
-            ("oversized", vec![DATA, 0x00, 0x01, 0x00, 0x01], |e| {
+            ("oversized", vec![DATA, 0x00, 0x02, 0x00, 0x00], |e| {
                 matches!(e, IpcError::Frame(FrameError::Oversized { .. }))
             }),
             ("wrong protocol", rec(HELLO, &Fields::new().str("smtp").u32(1).finish()), |e| {
@@ -501,6 +680,9 @@ mod tests {
             }),
             ("wrong version", rec(HELLO, &Fields::new().str(PROTOCOL_NAME).u32(2).finish()), |e| {
                 matches!(e, IpcError::WrongProtocol { .. })
+            }),
+            ("data chunk over MAX_DATA_CHUNK", rec(DATA, &vec![b'x'; MAX_DATA_CHUNK + 1]), |e| {
+                matches!(e, IpcError::BadValue("Data"))
             }),
             ("trailing bytes", rec(END, b"x"), |e| matches!(e, IpcError::Frame(FrameError::TrailingBytes { .. }))),
             ("field overrun", rec(RECIPIENT, &[0, 200, b'a']), |e| {
@@ -610,9 +792,12 @@ mod tests {
             &[1],                // Client before Hello
             &[0, 2],             // Sender before Client
             &[0, 1, 2, 4],       // Data before any Recipient
-            &[0, 1, 2, 5],       // End before any Recipient
+            &[0, 1, 2, 6],       // End before any Recipient
+            &[0, 1, 2, 5],       // Edit before any Recipient
             &[0, 1, 2, 3, 4, 3], // Recipient after Data
-            &[0, 1, 2, 3, 5, 4], // anything after End
+            &[0, 1, 2, 3, 5, 4], // Data after an Edit
+            &[0, 1, 2, 3, 5, 3], // Recipient after an Edit
+            &[0, 1, 2, 3, 6, 4], // anything after End
             &[0, 0],             // Hello twice
         ];
         for order in orders {

@@ -6,7 +6,7 @@
 //! parses the strings and checks the rules, and hands out the resolved
 //! [`super::Config`], which needs no `Option` where a default exists.
 
-use super::{BareNewline, LogFormat, SmtpTlsSecurity, TlsSecurity};
+use super::{BareNewline, LogFormat, MilterDefaultAction, PolicyStage, SmtpTlsSecurity, TlsSecurity};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::collections::BTreeMap;
@@ -87,6 +87,56 @@ pub struct Smtpd {
     pub reverse_lookup: Option<bool>,
     pub reverse_lookup_timeout: Option<Text>,
     pub resolvers: Option<Vec<SocketAddr>>,
+    pub milter: Vec<Milter>,
+    pub milter_default_action: Option<MilterDefaultAction>,
+    pub milter_connect_timeout: Option<Text>,
+    pub milter_command_timeout: Option<Text>,
+    pub milter_content_timeout: Option<Text>,
+    pub milter_protocol: Option<u32>,
+    pub milter_macros: MilterMacros,
+    pub policy: Vec<PolicyService>,
+}
+
+/// `[[smtpd.milter]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Milter {
+    pub endpoint: Text,
+    pub default_action: Option<MilterDefaultAction>,
+    pub connect_timeout: Option<Text>,
+    pub command_timeout: Option<Text>,
+    pub content_timeout: Option<Text>,
+    pub protocol: Option<u32>,
+}
+
+/// `[smtpd.milter_macros]`: a list per stage replaces Postfix's default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MilterMacros {
+    pub connect: Option<Vec<Text>>,
+    pub helo: Option<Vec<Text>>,
+    pub mail: Option<Vec<Text>>,
+    pub rcpt: Option<Vec<Text>>,
+    pub data: Option<Vec<Text>>,
+    pub end_of_header: Option<Vec<Text>>,
+    pub end_of_data: Option<Vec<Text>>,
+    pub unknown_command: Option<Vec<Text>>,
+}
+
+/// `[[smtpd.policy]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyService {
+    pub endpoint: Text,
+    pub stages: Option<Vec<PolicyStage>>,
+    pub timeout: Option<Text>,
+    pub max_idle: Option<Text>,
+    pub max_ttl: Option<Text>,
+    pub try_limit: Option<u32>,
+    pub retry_delay: Option<Text>,
+    pub default_action: Option<Text>,
+    pub request_limit: Option<u32>,
+    pub context: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
