@@ -17,6 +17,7 @@ use mortal_smtpd::engine::command;
 use mortal_smtpd::engine::data::{DataReceiver, MAX_TEXT_LINE};
 use mortal_smtpd::engine::line::{Line, LineReader, MAX_COMMAND_LINE};
 use mortal_smtpd::engine::{Action, Answer, Session};
+use mortal_smtpd::filter::verdict::{Decision, FilterReply, RefusedBy, Verdict};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -93,9 +94,10 @@ pub fn smtp_data(data: &[u8]) {
 }
 
 /// Runs a whole SMTP session on the input, as the driver would with a
-/// cleanup that accepts everything: every reply is complete CRLF lines
-/// with a 3-digit code, a 250 after DATA only follows cleanup's answer,
-/// and the session ends in bounded work.
+/// cleanup that accepts everything and a milter that refuses every
+/// fourth stage it is asked about (every ninth with 421): every reply is
+/// complete CRLF lines with a 3-digit code, a 250 after DATA only follows
+/// cleanup's answer, and the session ends in bounded work.
 pub fn smtp_session(data: &[u8]) {
     let config = session_config();
     let mut session = Session::new(config, Default::default(), "127.0.0.1".parse().expect("literal address"));
@@ -103,6 +105,7 @@ pub fn smtp_session(data: &[u8]) {
     let mut actions = 0usize;
     let mut answers = 0u32;
     let mut queued_replies = 0u32;
+    let mut checks = 0u32;
     // The first octet picks the packet size, so the fuzzer explores splits.
     let chunk = data.first().map_or(1, |&b| usize::from(b % 64) + 1);
     let mut pieces = data.chunks(chunk);
@@ -130,6 +133,10 @@ pub fn smtp_session(data: &[u8]) {
                 // The handshake is the driver's; the engine only needs to
                 // hear that it succeeded, so the session starts over.
                 Action::StartTls => session.tls_established(TlsSummary::new(0x0304, "TLS13_AES_128_GCM_SHA256")),
+                Action::Check(_) => {
+                    checks += 1;
+                    session.check_done(fuzz_verdict(checks));
+                }
                 Action::Close => return,
                 Action::Log(_)
                 | Action::Recipient(_)
@@ -154,6 +161,21 @@ pub fn smtp_session(data: &[u8]) {
     }
 }
 
+/// The scripted filter's verdict on its `n`th question.
+fn fuzz_verdict(n: u32) -> Verdict {
+    let reply = |code: u16, class: StatusClass, detail: u16| FilterReply {
+        code: ReplyCode::of(code),
+        status: EnhancedStatus::new(class, 7, detail),
+        lines: vec!["refused".into(), "by the fuzz milter".into()],
+    };
+    let decision = match n {
+        n if n % 9 == 0 => Decision::Refuse { reply: reply(421, StatusClass::Persistent, 0), by: RefusedBy::Milter },
+        n if n % 4 == 0 => Decision::Refuse { reply: reply(550, StatusClass::Permanent, 1), by: RefusedBy::Milter },
+        _ => Decision::Continue,
+    };
+    Verdict { decision, notes: Vec::new() }
+}
+
 /// Parsed once: parsing TOML on every input would dominate the run.
 fn session_config() -> Arc<Config> {
     static CONFIG: OnceLock<Arc<Config>> = OnceLock::new();
@@ -170,6 +192,8 @@ listen = ["127.0.0.1:2525"]
 message_size_limit = 4096
 recipient_limit = 10
 hard_error_limit = 20
+[[smtpd.milter]]
+endpoint = "inet:127.0.0.1:11332"
 "#;
     Arc::new(Config::parse(TEXT, Path::new("/fuzz/mortal.toml")).expect("fuzz session config is valid"))
 }

@@ -32,7 +32,7 @@
 //!
 //! | service | identity (root start) | file system | network | seccomp |
 //! |---|---|---|---|---|
-//! | smtpd | mail user, chroot `<run_dir>/private` | nothing | no TCP bind/connect; `socket()` only `AF_UNIX` | allow-list, kill |
+//! | smtpd | mail user, chroot `<run_dir>/private` | nothing | no TCP bind/connect (with `inet:` milters or policy servers: connect to their ports only); `socket()` only `AF_UNIX` (and then `AF_INET`/`AF_INET6` stream) | allow-list, kill |
 //! | cleanup | mail user | `spool/incoming` | no TCP | deny-list, kill |
 //! | queue | mail user | spool, maildir root | no TCP | deny-list (also execve, fork), kill |
 //! | lmtp, smtp | mail user | nothing (a Unix-socket LMTP hop is reached by connect, which needs no file right) | TCP connect to the ports of its own routes' next hops | deny-list (also execve, fork), kill |
@@ -155,8 +155,11 @@ pub enum Landlock {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seccomp {
     /// The allow-list written for smtpd's sessions: every other system
-    /// call kills the process. `dns` adds what reverse lookups need.
-    AllowList { dns: bool },
+    /// call kills the process. `dns` adds what reverse lookups need;
+    /// `tcp_client` adds TCP sockets (`AF_INET`/`AF_INET6`, stream only)
+    /// for the milters and policy servers on `inet:` endpoints, whose
+    /// ports Landlock then allows and no other.
+    AllowList { dns: bool, tcp_client: bool },
     /// The deny-list of system calls no mail daemon makes, which kill the
     /// process; `may_exec: false` also denies running a program,
     /// `may_fork: false` creating a process (threads stay allowed).

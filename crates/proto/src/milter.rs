@@ -1052,6 +1052,12 @@ pub struct Agreement {
 /// [`MIN_PROTOCOL_VERSION`] and ours; its macro lists replace Postfix's
 /// defaults stage by stage, and need the SETSYMLIST action.
 pub fn negotiate(offer: &Offer, answer: &MilterOptions) -> Result<Agreement, MilterError> {
+    negotiate_from(offer, answer, MacroLists::default())
+}
+
+/// [`negotiate`], with `base` (the operator's macro lists) in place of
+/// Postfix's defaults where the filter does not send its own.
+pub fn negotiate_from(offer: &Offer, answer: &MilterOptions, base: MacroLists) -> Result<Agreement, MilterError> {
     let conflict = || MilterError::VersionConflict { milter: answer.version, ours: offer.version };
     if answer.version > offer.version || answer.version < MIN_PROTOCOL_VERSION {
         return Err(conflict());
@@ -1063,7 +1069,7 @@ pub fn negotiate(offer: &Offer, answer: &MilterOptions) -> Result<Agreement, Mil
     if !answer.macro_lists.is_empty() && !actions.contains(Actions::SETSYMLIST) {
         return Err(MilterError::SymlistNotNegotiated);
     }
-    let mut macros = MacroLists::default();
+    let mut macros = base;
     for (stage, names) in &answer.macro_lists {
         macros.set(*stage, names.clone());
     }

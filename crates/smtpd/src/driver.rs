@@ -27,6 +27,8 @@
 
 use crate::dns::ReverseResolver;
 use crate::engine::{Action, Answer, Session};
+use crate::filter::verdict::Verdict;
+use crate::filter::{Endpoints, Filters, PolicyClients};
 use crate::relay::RelayPolicy;
 use crate::tls::TlsServer;
 use mortal_proto::config::Config;
@@ -75,13 +77,16 @@ pub struct Server {
     /// Present once [`install_term_handler`] ran: only then does a session
     /// listen for SIGTERM.
     pub term: Option<TermHandler>,
+    /// The policy servers' connections, kept from one session to the next.
+    pub policy: PolicyClients,
 }
 
 impl Server {
     /// A server with `relay` and nothing else: no STARTTLS, no reverse
     /// lookups, and SIGTERM left alone.
     pub fn new(config: Arc<Config>, relay: RelayPolicy) -> Server {
-        Server { config, relay: Arc::new(relay), tls: None, resolver: None, term: None }
+        let policy = crate::filter::policy_clients(&config);
+        Server { config, relay: Arc::new(relay), tls: None, resolver: None, term: None, policy }
     }
 }
 
@@ -119,6 +124,7 @@ pub async fn session(server: &Server, stream: std::net::TcpStream) -> SessionEnd
         return SessionEnd::Finished;
     }
     look_before_greeting(&stream, &mut session, &mut buf);
+    let filters = filters_for(server, &stream, &peer);
     let tcp = match TcpStream::from_std(stream) {
         Ok(tcp) => tcp,
         Err(e) => {
@@ -141,6 +147,7 @@ pub async fn session(server: &Server, stream: std::net::TcpStream) -> SessionEnd
         cleanup_socket: mortal_libmaster::sandbox::visible_path(&config.cleanup_socket()),
         cleanup: CleanupState::Idle,
         limits: peer.limits,
+        filters,
     };
     // SIGTERM (the master's session deadline or overdue grace) ends the
     // session with a 421 where the client can still take one, and then
@@ -152,9 +159,24 @@ pub async fn session(server: &Server, stream: std::net::TcpStream) -> SessionEnd
     if terminated {
         conn.shutting_down(&config.server.hostname).await;
     }
+    if let Some(filters) = &mut conn.filters {
+        filters.quit().await;
+    }
     conn.stream.shutdown().await;
     tracing::info!("{}", session.finish());
     if terminated { SessionEnd::Terminated } else { SessionEnd::Finished }
+}
+
+/// The session's filters, when any are configured.
+fn filters_for(server: &Server, stream: &std::net::TcpStream, peer: &crate::peer::Peer) -> Option<Filters> {
+    let smtpd = &server.config.smtpd;
+    if smtpd.milters.is_empty() && smtpd.policy.is_empty() {
+        return None;
+    }
+    let client = std::net::SocketAddr::new(peer.addr, peer.port);
+    let server_addr = stream.local_addr().unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    let endpoints = Endpoints { client, server: server_addr };
+    Some(Filters::new(Arc::clone(&server.config), Arc::clone(&server.policy), endpoints))
 }
 
 /// Longest wait to hand the client its `421` after SIGTERM: less than the
@@ -301,6 +323,8 @@ struct Connection {
     cleanup: CleanupState,
     /// Per-client limits, and the anvil lease held for the session.
     limits: crate::peer::ClientLimits,
+    /// The policy servers and milters, when configured.
+    filters: Option<Filters>,
 }
 
 impl Connection {
@@ -381,12 +405,34 @@ impl Connection {
                 Action::Log(line) => tracing::info!("{line}"),
                 Action::StartTransaction { client, sender } => match self.limits.check_message().await {
                     Some(refusal) => session.cleanup_answer(refusal),
-                    None => self.open(session, client, sender).await,
+                    None => {
+                        if let Some(filters) = &mut self.filters {
+                            filters.transaction_started();
+                        }
+                        self.open(session, client, sender).await
+                    }
                 },
                 Action::Recipient(address) => self.send(session, Step::Recipient(address)).await,
-                Action::Data(chunk) => self.send(session, Step::Data(chunk)).await,
+                Action::Data(chunk) => {
+                    if let Some(filters) = &mut self.filters {
+                        filters.content(&chunk);
+                    }
+                    self.send(session, Step::Data(chunk)).await
+                }
                 Action::EndOfData => self.end(session).await,
-                Action::AbortTransaction => self.cleanup = CleanupState::Idle,
+                Action::AbortTransaction => {
+                    self.cleanup = CleanupState::Idle;
+                    if let Some(filters) = &mut self.filters {
+                        filters.transaction_aborted().await;
+                    }
+                }
+                Action::Check(check) => {
+                    let verdict = match &mut self.filters {
+                        Some(filters) => filters.check(&check, &session.facts()).await,
+                        None => Verdict::proceed(),
+                    };
+                    session.check_done(verdict);
+                }
                 Action::StartTls => self.start_tls = true,
                 Action::Sleep(pause) if self.writable => tokio::time::sleep(pause).await,
                 Action::Sleep(_) => {}
@@ -421,8 +467,9 @@ impl Connection {
     }
 
     async fn end(&mut self, session: &mut Session) {
+        let edits = self.filters.as_mut().map(Filters::take_edits).unwrap_or_default();
         match std::mem::replace(&mut self.cleanup, CleanupState::Idle) {
-            CleanupState::Open(cleanup) => match cleanup.finish().await {
+            CleanupState::Open(cleanup) => match cleanup.finish(edits).await {
                 Ok(answer) => session.cleanup_answer(answer),
                 Err(e) => self.report(session, e),
             },
@@ -568,8 +615,14 @@ impl Cleanup {
         self.write_out().await
     }
 
-    /// Sends `End` and returns cleanup's answer.
-    async fn finish(mut self) -> Result<Answer, CleanupError> {
+    /// Sends the filters' edits and `End`, and returns cleanup's answer.
+    async fn finish(mut self, edits: Vec<ipc::Edit>) -> Result<Answer, CleanupError> {
+        for edit in edits {
+            Request::Edit(edit).encode(&mut self.out);
+            if self.out.len() >= CLEANUP_WRITE_BATCH {
+                self.write_out().await?;
+            }
+        }
         self.send(&Request::End).await?;
         match self.read_reply().await? {
             Reply::Answer { code, status, text } => Ok(Answer { code, status, text }),

@@ -113,6 +113,7 @@ pub mod anvil_client;
 pub mod dns;
 pub mod driver;
 pub mod engine;
+pub mod filter;
 pub mod peer;
 pub mod proxy;
 pub mod relay;

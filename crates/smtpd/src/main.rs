@@ -7,7 +7,7 @@
 use mortal_libmaster::child;
 use mortal_libmaster::daemon::{self, Fatal, Started};
 use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
-use mortal_proto::config::Config;
+use mortal_proto::config::{Config, NextHop};
 use mortal_smtpd::dns::ReverseResolver;
 use mortal_smtpd::driver::{self, Server, SessionEnd};
 use mortal_smtpd::relay::RelayPolicy;
@@ -25,11 +25,14 @@ const SMTPD_NOFILE: u64 = 64;
 const RESOLV_CONF_PORT: u16 = 53;
 
 /// smtpd's sandbox: the mail user, chrooted into the private socket
-/// directory (it needs nothing but the cleanup and anvil sockets there), no
-/// file, and the seccomp allow-list. With `reverse_lookup`, TCP connects to
-/// the nameservers' ports only (the resolver's fallback for truncated
-/// answers; UDP is not Landlock's to restrict): the configured
-/// `resolvers`, or resolv.conf's 53; without it, no TCP port at all.
+/// directory (it needs nothing but the cleanup and anvil sockets there, and
+/// the Unix sockets of milters and policy servers placed there), no file,
+/// and the seccomp allow-list. With `reverse_lookup`, TCP connects to the
+/// nameservers' ports (the resolver's fallback for truncated answers; UDP
+/// is not Landlock's to restrict): the configured `resolvers`, or
+/// resolv.conf's 53. Milters and policy servers on `inet:` endpoints add
+/// their ports, and TCP client sockets to the allow-list. Nothing
+/// configured: no TCP port at all.
 fn needs(config: &Config) -> Needs {
     let dns = config.smtpd.reverse_lookup;
     let mut tcp_connect = Vec::new();
@@ -39,12 +42,26 @@ fn needs(config: &Config) -> Needs {
             tcp_connect.push(RESOLV_CONF_PORT);
         }
     }
+    let filters =
+        config.smtpd.milters.iter().map(|m| &m.endpoint).chain(config.smtpd.policy.iter().map(|p| &p.endpoint));
+    let filter_ports: Vec<u16> = filters
+        .filter_map(|e| match e {
+            NextHop::Inet(addr) => Some(addr.port()),
+            NextHop::Unix(_) => None,
+        })
+        .collect();
+    let tcp_client = !filter_ports.is_empty();
+    for port in filter_ports {
+        if !tcp_connect.contains(&port) {
+            tcp_connect.push(port);
+        }
+    }
     Needs {
         run_as: RunAs::MailUser,
         chroot_private: true,
         nofile: SMTPD_NOFILE,
         landlock: Landlock::Rules { read_write: Vec::new(), tcp_connect },
-        seccomp: Seccomp::AllowList { dns },
+        seccomp: Seccomp::AllowList { dns, tcp_client },
     }
 }
 
@@ -100,7 +117,8 @@ fn serve(started: Started<TcpListener, Prepared>) -> ExitCode {
     let Started { config, listener, mut link, prepared, .. } = started;
     let Prepared { tls, relay, runtime, term, resolver } = prepared;
     let max_use = config.process.smtpd.max_use;
-    let server = Server { config: Arc::new(config), relay: Arc::new(relay), tls, resolver, term: Some(term) };
+    let policy = mortal_smtpd::filter::policy_clients(&config);
+    let server = Server { config: Arc::new(config), relay: Arc::new(relay), tls, resolver, term: Some(term), policy };
     let served = child::serve(&listener, &mut link, max_use, |stream, _link| {
         // The JSON log's `client` for every line of the session.
         if runtime.block_on(driver::session(&server, stream).instrument(mortal_libmaster::log::session_span()))
@@ -140,12 +158,27 @@ mod tests {
     fn tcp_ports_and_allow_list_follow_reverse_lookup() {
         let plain = needs(&config(""));
         assert_eq!(plain.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() });
-        assert_eq!(plain.seccomp, Seccomp::AllowList { dns: false });
+        assert_eq!(plain.seccomp, Seccomp::AllowList { dns: false, tcp_client: false });
         assert_eq!((plain.run_as, plain.chroot_private, plain.nofile), (RunAs::MailUser, true, SMTPD_NOFILE));
         let resolv = needs(&config("[smtpd]\nreverse_lookup = true\n"));
         assert_eq!(resolv.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![RESOLV_CONF_PORT] });
-        assert_eq!(resolv.seccomp, Seccomp::AllowList { dns: true });
+        assert_eq!(resolv.seccomp, Seccomp::AllowList { dns: true, tcp_client: false });
         let own = needs(&config("[smtpd]\nreverse_lookup = true\nresolvers = [\"127.0.0.1:5353\", \"[::1]:53\"]\n"));
         assert_eq!(own.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![5353, 53] });
+    }
+
+    /// `inet:` milters and policy servers widen the sandbox by their ports
+    /// and TCP client sockets; `unix:` ones by nothing.
+    #[test]
+    fn filters_widen_by_their_ports_only() {
+        let both = needs(&config(
+            "[[smtpd.milter]]\nendpoint = \"inet:127.0.0.1:11332\"\n[[smtpd.milter]]\nendpoint = \"unix:/run/x.sock\"\n\
+             [[smtpd.policy]]\nendpoint = \"inet:[::1]:10023\"\n",
+        ));
+        assert_eq!(both.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![11332, 10023] });
+        assert_eq!(both.seccomp, Seccomp::AllowList { dns: false, tcp_client: true });
+        let unix = needs(&config("[[smtpd.policy]]\nendpoint = \"unix:/run/policy.sock\"\n"));
+        assert_eq!(unix.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() });
+        assert_eq!(unix.seccomp, Seccomp::AllowList { dns: false, tcp_client: false });
     }
 }

@@ -46,6 +46,9 @@ pub struct Peer {
     /// The client's address: the socket's peer, or the one a trusted
     /// balancer named in its PROXY header.
     pub addr: IpAddr,
+    /// The client's port (the PROXY header's, behind a balancer); what
+    /// policy servers and milters are told.
+    pub port: u16,
     /// Client bytes that arrived together with the PROXY header.
     pub early: Vec<u8>,
     pub limits: ClientLimits,
@@ -81,15 +84,16 @@ fn covers(listen: SocketAddr, local: SocketAddr) -> bool {
 /// `stream` must still be in blocking mode.
 pub async fn establish(config: &Config, stream: &TcpStream) -> Option<Peer> {
     let socket_peer = match stream.peer_addr() {
-        Ok(addr) => addr.ip().to_canonical(),
+        Ok(addr) => SocketAddr::new(addr.ip().to_canonical(), addr.port()),
         Err(e) => {
             tracing::warn!("warning: getpeername: {e}");
             return None;
         }
     };
     let proxied = stream.local_addr().is_ok_and(|local| is_proxied(config, local));
-    let (addr, early, balancers_own) =
+    let (client, early, balancers_own) =
         if proxied { proxied_client(config, stream, socket_peer)? } else { (socket_peer, Vec::new(), false) };
+    let addr = client.ip();
     mortal_libmaster::log::record_client(format_args!("{UNKNOWN_NAME}[{addr}]"));
     // A balancer's own connection (its health checks) is no client's: it
     // must never be refused for a client's limits and mark us down.
@@ -105,23 +109,25 @@ pub async fn establish(config: &Config, stream: &TcpStream) -> Option<Peer> {
         tracing::info!("disconnect from {client} commands=0");
         return None;
     }
-    Some(Peer { addr, early, limits })
+    Some(Peer { addr, port: client.port(), early, limits })
 }
 
 /// The PROXY step: the client named by a trusted balancer, whatever
 /// followed the header, and whether the connection is the balancer's own
 /// (a header without addresses: v1 `UNKNOWN`, v2 `LOCAL`).
-fn proxied_client(config: &Config, stream: &TcpStream, socket_peer: IpAddr) -> Option<(IpAddr, Vec<u8>, bool)> {
-    let balancer = format!("{UNKNOWN_NAME}[{socket_peer}]");
-    if !networks_contain(&config.smtpd.proxy_trusted, socket_peer) {
+fn proxied_client(config: &Config, stream: &TcpStream, socket_peer: SocketAddr) -> Option<(SocketAddr, Vec<u8>, bool)> {
+    let balancer = format!("{UNKNOWN_NAME}[{}]", socket_peer.ip());
+    if !networks_contain(&config.smtpd.proxy_trusted, socket_peer.ip()) {
         tracing::warn!("warning: haproxy: connection from {balancer} refused: not in smtpd.proxy_trusted");
         return None;
     }
     match read_proxy_header(stream, config.smtpd.proxy_timeout) {
         Ok((header, early)) => {
-            let addr = header.addresses.map_or(socket_peer, |a| a.source.ip().to_canonical());
-            tracing::debug!("haproxy: v{} header from {balancer}: client {addr}", header.version);
-            Some((addr, early, header.addresses.is_none()))
+            let client = header
+                .addresses
+                .map_or(socket_peer, |a| SocketAddr::new(a.source.ip().to_canonical(), a.source.port()));
+            tracing::debug!("haproxy: v{} header from {balancer}: client {}", header.version, client.ip());
+            Some((client, early, header.addresses.is_none()))
         }
         Err(e) => {
             tracing::warn!("warning: haproxy read from {balancer}: {e}");

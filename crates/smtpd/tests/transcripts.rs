@@ -11,7 +11,8 @@
 //! | line | meaning |
 //! |---|---|
 //! | `# ...` | comment |
-//! | `%set KEY VALUE` | config before the session starts: `message_size_limit`, `recipient_limit`, `hard_error_limit`, `accepted_domains` (comma list), `banner`, `soft_error_limit`, `error_sleep`, `bare_newline`, `smtputf8`, `chunking`, `dsn`, `tls` (`on`: a certificate is configured) |
+//! | `%set KEY VALUE` | config before the session starts: `message_size_limit`, `recipient_limit`, `hard_error_limit`, `accepted_domains` (comma list), `banner`, `soft_error_limit`, `error_sleep`, `bare_newline`, `smtputf8`, `chunking`, `dsn`, `tls` (`on`: a certificate is configured), `policy` (comma list of stages a policy server is asked at), `milter` (`on`: a milter, which is asked at every stage) |
+//! | `%verdict continue\|policy REPLY\|milter REPLY` | the filters' answer to the next `E: check` (default: continue); REPLY is `code status text`, lines joined by `\|`; `%note WORD TEXT` adds a log note to it |
 //! | `%peer ADDR` | client address (default 127.0.0.1) |
 //! | `%cleanup mail\|data ANSWER` | cleanup's next answer to MAIL (instead of a queue id) or to End; `fail` for a broken conversation |
 //! | `%cleanup now fail` | the cleanup conversation breaks right now |
@@ -30,8 +31,10 @@
 //! set.
 
 use mortal_proto::config::{BareNewline, Config};
+use mortal_proto::config::{FilterStage, Milter, MilterDefaultAction, NextHop, PolicyService};
 use mortal_proto::smtp_status::ReplyCode;
-use mortal_smtpd::engine::{Action, Answer, Session};
+use mortal_smtpd::engine::{Action, Answer, Session, Subject};
+use mortal_smtpd::filter::verdict::{Decision, FilterReply, Note, RefusedBy, Verdict};
 use std::collections::VecDeque;
 use std::fmt::Write;
 use std::net::IpAddr;
@@ -64,6 +67,10 @@ struct Runner {
     peer: IpAddr,
     session: Option<Session>,
     cleanup: FakeCleanup,
+    /// The filters' scripted verdicts, in order.
+    verdicts: VecDeque<Verdict>,
+    /// Notes for the next scripted verdict.
+    notes: Vec<Note>,
     out: String,
 }
 
@@ -74,6 +81,8 @@ impl Runner {
             peer: "127.0.0.1".parse().expect("literal"),
             session: None,
             cleanup: FakeCleanup::default(),
+            verdicts: VecDeque::new(),
+            notes: Vec::new(),
             out: String::new(),
         }
     }
@@ -145,6 +154,29 @@ impl Runner {
                 }
                 self.render();
             }
+            "note" => {
+                let (word, text) = arg.split_once(' ').expect("%note WORD TEXT");
+                let word: &'static str = match word {
+                    "warn" => "warn",
+                    "info" => "info",
+                    "hold" => "hold",
+                    "discard" => "discard",
+                    "milter-hold" => "milter-hold",
+                    "milter-discard" => "milter-discard",
+                    other => panic!("unknown %note word {other}"),
+                };
+                self.notes.push(Note { word, text: text.to_owned() });
+            }
+            "verdict" => {
+                let (who, reply) = arg.split_once(' ').unwrap_or((arg, ""));
+                let decision = match who {
+                    "continue" => Decision::Continue,
+                    "policy" => Decision::Refuse { reply: parse_filter_reply(reply), by: RefusedBy::Policy },
+                    "milter" => Decision::Refuse { reply: parse_filter_reply(reply), by: RefusedBy::Milter },
+                    other => panic!("unknown %verdict {other}"),
+                };
+                self.verdicts.push_back(Verdict { decision, notes: std::mem::take(&mut self.notes) });
+            }
             other => panic!("unknown directive %{other}"),
         }
     }
@@ -181,6 +213,30 @@ impl Runner {
                 self.config.server.accepted_domains =
                     value.split(',').filter(|d| !d.is_empty()).map(str::to_owned).collect();
             }
+            "policy" => {
+                let mut service = PolicyService::new(NextHop::Inet("127.0.0.1:10023".parse().expect("literal")));
+                service.stages = value
+                    .split(',')
+                    .map(|s| match s {
+                        "connect" => FilterStage::Connect,
+                        "helo" => FilterStage::Helo,
+                        "mail" => FilterStage::Mail,
+                        "rcpt" => FilterStage::Rcpt,
+                        "data" => FilterStage::Data,
+                        "end_of_message" => FilterStage::EndOfMessage,
+                        other => panic!("unknown stage {other}"),
+                    })
+                    .collect();
+                smtpd.policy.push(service);
+            }
+            "milter" => smtpd.milters.push(Milter {
+                endpoint: NextHop::Inet("127.0.0.1:11332".parse().expect("literal")),
+                connect_timeout: Duration::from_secs(30),
+                command_timeout: Duration::from_secs(30),
+                content_timeout: Duration::from_secs(300),
+                default_action: MilterDefaultAction::Tempfail,
+                protocol: 6,
+            }),
             other => panic!("unknown %set key {other}"),
         }
     }
@@ -264,6 +320,18 @@ impl Runner {
                 Action::Close => {
                     let _ = writeln!(self.out, "E: close");
                 }
+                Action::Check(check) => {
+                    let subject = match &check.subject {
+                        Subject::None => String::new(),
+                        Subject::Helo(name) => format!(" helo=<{name}>"),
+                        Subject::Mail { params } => format!(" params={params:?}"),
+                        Subject::Rcpt { address, params } => format!(" to=<{address}> params={params:?}"),
+                        Subject::Unknown(line) => format!(" line=\"{}\"", escape(line.as_bytes())),
+                    };
+                    let _ = writeln!(self.out, "E: check {:?}{subject}", check.stage);
+                    let verdict = self.verdicts.pop_front().unwrap_or_else(Verdict::proceed);
+                    self.session.as_mut().expect("session").check_done(verdict);
+                }
             }
         }
     }
@@ -301,6 +369,15 @@ impl Runner {
             let _ = writeln!(self.out, "L: {}", session.finish());
         }
     }
+}
+
+/// `code status text[|text...]`.
+fn parse_filter_reply(s: &str) -> FilterReply {
+    let mut parts = s.splitn(3, ' ');
+    let code = parts.next().and_then(|c| c.parse().ok()).expect("reply code");
+    let status = parts.next().and_then(|s| s.parse().ok()).expect("reply status");
+    let lines = parts.next().unwrap_or_default().split('|').map(str::to_owned).collect();
+    FilterReply { code, status, lines }
 }
 
 fn parse_answer(s: &str) -> Answer {
@@ -445,4 +522,6 @@ transcripts!(
     dsn,
     bare_newline_normalize,
     error_tarpit,
+    filters,
+    filters_connect,
 );

@@ -195,13 +195,37 @@ const SMTPD_DNS_PLAIN: &[(i64, &str)] = &[(libc::SYS_bind, "bind")];
 /// smtpd's allow-list with [`SMTPD_DNS_PLAIN`] and the inet sockets added,
 /// for `[smtpd] reverse_lookup = true`.
 pub fn smtpd_dns_rules() -> Result<Rules, SandboxError> {
+    smtpd_rules_for(true, false)
+}
+
+/// `SOCK_STREAM` in `socket`'s type argument, whatever flags
+/// (`SOCK_CLOEXEC`, `SOCK_NONBLOCK`) ride along with it.
+const SOCKET_TYPE_MASK: u64 = 0xf;
+
+/// smtpd's allow-list for its configuration: the plain list, plus what
+/// reverse lookups need (`dns`), plus TCP client sockets for `inet:`
+/// milters and policy servers (`tcp_client`: `AF_INET`/`AF_INET6` of type
+/// `SOCK_STREAM` only; connect and the socket options are on the plain
+/// list).
+pub fn smtpd_rules_for(dns: bool, tcp_client: bool) -> Result<Rules, SandboxError> {
     let mut rules = smtpd_rules()?;
-    rules.extend(SMTPD_DNS_PLAIN.iter().map(|&(nr, _)| (nr, Vec::new())));
-    let domains = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
-        .into_iter()
-        .map(|domain| rule(vec![cond(0, Len::Dword, Op::Eq, domain as u64)?]))
-        .collect::<Result<Vec<_>, _>>()?;
-    rules.insert(libc::SYS_socket, domains);
+    if dns {
+        rules.extend(SMTPD_DNS_PLAIN.iter().map(|&(nr, _)| (nr, Vec::new())));
+        let domains = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
+            .into_iter()
+            .map(|domain| rule(vec![cond(0, Len::Dword, Op::Eq, domain as u64)?]))
+            .collect::<Result<Vec<_>, _>>()?;
+        rules.insert(libc::SYS_socket, domains);
+    } else if tcp_client {
+        let stream = |domain: i32| -> Result<SeccompRule, SandboxError> {
+            rule(vec![
+                cond(0, Len::Dword, Op::Eq, domain as u64)?,
+                cond(1, Len::Dword, Op::MaskedEq(SOCKET_TYPE_MASK), libc::SOCK_STREAM as u64)?,
+            ])
+        };
+        let unix = rule(vec![cond(0, Len::Dword, Op::Eq, libc::AF_UNIX as u64)?])?;
+        rules.insert(libc::SYS_socket, vec![unix, stream(libc::AF_INET)?, stream(libc::AF_INET6)?]);
+    }
     Ok(rules)
 }
 
@@ -237,8 +261,8 @@ pub fn install(profile: Seccomp) -> Result<usize, SandboxError> {
     let no_clone3: Rules = [(libc::SYS_clone3, Vec::new())].into();
     let no_clone3 = compile(no_clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))?;
     let (main, count) = match profile {
-        Seccomp::AllowList { dns } => {
-            let rules = if dns { smtpd_dns_rules()? } else { smtpd_rules()? };
+        Seccomp::AllowList { dns, tcp_client } => {
+            let rules = smtpd_rules_for(dns, tcp_client)?;
             let count = rules.len();
             (compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)?, count)
         }
@@ -272,7 +296,7 @@ mod tests {
 
     #[test]
     fn filters_compile_for_this_architecture() {
-        let mut lists = vec![smtpd_rules().unwrap(), smtpd_dns_rules().unwrap()];
+        let mut lists = vec![smtpd_rules().unwrap(), smtpd_dns_rules().unwrap(), smtpd_rules_for(false, true).unwrap()];
         for may_exec in [false, true] {
             for may_fork in [false, true] {
                 lists.push(deny_rules(may_exec, may_fork).unwrap());
@@ -332,6 +356,17 @@ mod tests {
         let no_exec = deny_rules(false, true).unwrap();
         assert!(no_exec.contains_key(&libc::SYS_execve));
         assert_eq!(no_exec[&libc::SYS_clone].len(), CLONE_NAMESPACES.len());
+    }
+
+    /// Milters and policy servers on `inet:` add TCP client sockets and
+    /// nothing else: no bind, no datagram socket.
+    #[test]
+    fn tcp_filters_add_only_stream_sockets() {
+        let plain = smtpd_rules().unwrap();
+        let tcp = smtpd_rules_for(false, true).unwrap();
+        assert!(tcp.keys().all(|nr| plain.contains_key(nr)), "no new system call");
+        assert_eq!(tcp[&libc::SYS_socket].len(), 3);
+        assert!(!tcp.contains_key(&libc::SYS_bind));
     }
 
     #[test]

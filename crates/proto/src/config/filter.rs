@@ -80,7 +80,7 @@ pub struct Milter {
 /// lists: `smtpd_client_restrictions` ... `smtpd_end_of_data_restrictions`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum PolicyStage {
+pub enum FilterStage {
     /// When the client connects, before the greeting.
     Connect,
     /// HELO or EHLO.
@@ -96,18 +96,18 @@ pub enum PolicyStage {
     EndOfMessage,
 }
 
-impl PolicyStage {
+impl FilterStage {
     /// The `protocol_state` a query at this stage carries (HELO and EHLO
     /// are told apart by the caller).
     pub fn protocol_state(self, esmtp: bool) -> policy::Stage {
         match self {
-            PolicyStage::Connect => policy::Stage::Connect,
-            PolicyStage::Helo if esmtp => policy::Stage::Ehlo,
-            PolicyStage::Helo => policy::Stage::Helo,
-            PolicyStage::Mail => policy::Stage::Mail,
-            PolicyStage::Rcpt => policy::Stage::Rcpt,
-            PolicyStage::Data => policy::Stage::Data,
-            PolicyStage::EndOfMessage => policy::Stage::EndOfMessage,
+            FilterStage::Connect => policy::Stage::Connect,
+            FilterStage::Helo if esmtp => policy::Stage::Ehlo,
+            FilterStage::Helo => policy::Stage::Helo,
+            FilterStage::Mail => policy::Stage::Mail,
+            FilterStage::Rcpt => policy::Stage::Rcpt,
+            FilterStage::Data => policy::Stage::Data,
+            FilterStage::EndOfMessage => policy::Stage::EndOfMessage,
         }
     }
 }
@@ -120,7 +120,7 @@ pub struct PolicyService {
     /// `unix:/path` or `inet:IP:PORT`.
     pub endpoint: NextHop,
     /// Where it is asked; each stage at most once.
-    pub stages: Vec<PolicyStage>,
+    pub stages: Vec<FilterStage>,
     /// Longest time for one query: connect, write and read (Postfix
     /// `smtpd_policy_service_timeout`).
     pub timeout: Duration,
@@ -147,7 +147,7 @@ impl PolicyService {
     pub fn new(endpoint: NextHop) -> Self {
         Self {
             endpoint,
-            stages: vec![PolicyStage::Rcpt],
+            stages: vec![FilterStage::Rcpt],
             timeout: DEFAULT_POLICY_TIMEOUT,
             max_idle: DEFAULT_POLICY_MAX_IDLE,
             max_ttl: DEFAULT_POLICY_MAX_TTL,
@@ -416,7 +416,7 @@ mod tests {
             (Duration::from_secs(100), Duration::from_secs(300), Duration::from_secs(1000))
         );
         postgrey.endpoint = NextHop::Unix(PathBuf::from("/run/policyd-spf.sock"));
-        postgrey.stages = vec![PolicyStage::Mail, PolicyStage::EndOfMessage];
+        postgrey.stages = vec![FilterStage::Mail, FilterStage::EndOfMessage];
         postgrey.timeout = Duration::from_secs(5);
         postgrey.default_action = Action::Dunno;
         postgrey.context = "spf".into();

@@ -6,7 +6,7 @@
 //! parses the strings and checks the rules, and hands out the resolved
 //! [`super::Config`], which needs no `Option` where a default exists.
 
-use super::{BareNewline, LogFormat, MilterDefaultAction, PolicyStage, SmtpTlsSecurity, TlsSecurity};
+use super::{BareNewline, FilterStage, LogFormat, MilterDefaultAction, SmtpTlsSecurity, TlsSecurity};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::collections::BTreeMap;
@@ -128,7 +128,7 @@ pub struct MilterMacros {
 #[serde(deny_unknown_fields)]
 pub struct PolicyService {
     pub endpoint: Text,
-    pub stages: Option<Vec<PolicyStage>>,
+    pub stages: Option<Vec<FilterStage>>,
     pub timeout: Option<Text>,
     pub max_idle: Option<Text>,
     pub max_ttl: Option<Text>,

@@ -58,6 +58,7 @@
 //! probe.
 
 pub mod bdat;
+pub mod check;
 pub mod command;
 pub mod data;
 pub mod dsn;
@@ -83,9 +84,11 @@ pub(crate) fn steering_inputs(count: usize) -> impl Iterator<Item = (Vec<u8>, u6
     })
 }
 
+pub use check::{Check, Facts, Subject};
 pub use data::MAX_TEXT_LINE;
 pub use line::MAX_COMMAND_LINE;
 
+use crate::filter::verdict::{CheckStage, FilterReply};
 use crate::relay::RelayPolicy;
 use bdat::{ChunkDecoder, ChunkPolicy};
 use command::{Command, Param, ParseError, Verb};
@@ -135,6 +138,9 @@ pub enum Action {
     EndOfData,
     /// Drop the cleanup connection: cleanup discards what it has.
     AbortTransaction,
+    /// Ask the filters (policy servers, milters) about this stage, then
+    /// call [`Session::check_done`] with their verdict.
+    Check(Check),
     /// Write what is pending (the 220 to STARTTLS), then run the TLS
     /// handshake on the connection and report [`Session::tls_established`]
     /// or [`Session::tls_failed`].
@@ -164,7 +170,12 @@ enum Phase {
         sender: String,
         body: BodyType,
         smtputf8: bool,
+        declared_size: u64,
+        /// MAIL's parameters, for the filters.
+        params: Vec<String>,
     },
+    /// Waiting for the filters' verdict on a stage.
+    Checking(check::Pending),
     /// Reading message content.
     Data(DataReceiver),
     /// Reading a BDAT chunk.
@@ -189,6 +200,8 @@ struct Chunk {
     /// The reply refusing this chunk, decided before reading it: the chunk
     /// is read and dropped.
     refusal: Option<Reply>,
+    /// The refusal was logged already (a filter's, logged when it came).
+    refusal_logged: bool,
 }
 
 /// What the BDAT chunks of a transaction have added up to.
@@ -201,6 +214,8 @@ struct BdatState {
 /// MAIL's parameters.
 #[derive(Debug)]
 struct MailParams {
+    /// SIZE, 0 when not given.
+    size: u64,
     body: BodyType,
     smtputf8: bool,
     ret: Option<DsnRet>,
@@ -230,6 +245,8 @@ struct Transaction {
     smtputf8: bool,
     /// Set by the first BDAT: DATA is refused from then on.
     bdat: Option<BdatState>,
+    /// MAIL's SIZE parameter, 0 when not given.
+    declared_size: u64,
 }
 
 /// One SMTP session.
@@ -261,6 +278,10 @@ pub struct Session {
     spoke_early: bool,
     /// The TLS in use, once STARTTLS completed.
     tls: Option<TlsSummary>,
+    /// Where the filters want to be asked.
+    plan: check::Plan,
+    /// A filter's refusal at CONNECT, given to every MAIL.
+    connect_refusal: Option<FilterReply>,
 }
 
 impl Session {
@@ -280,7 +301,6 @@ impl Session {
         let addr = addr.to_canonical();
         let greeting = reply::greeting(&config.server.hostname, &config.smtpd.banner);
         let mut session = Session {
-            config,
             relay,
             addr,
             name: name.to_owned(),
@@ -297,9 +317,14 @@ impl Session {
             last: "CONNECT",
             spoke_early: false,
             tls: None,
+            plan: check::Plan::of(&config),
+            connect_refusal: None,
+            config,
         };
         session.log(format!("connect from {}", session.client));
-        session.reply(&greeting);
+        if !session.ask(CheckStage::Connect, Subject::None, check::Pending::Connect) {
+            session.reply(&greeting);
+        }
         session
     }
 
@@ -388,12 +413,25 @@ impl Session {
     /// If no [`Action::StartTransaction`] is outstanding: that is a driver
     /// bug, and carrying on could attach a message to the wrong envelope.
     pub fn transaction_opened(&mut self, queue_id: QueueId) {
-        let Phase::Opening { sender, body, smtputf8 } = std::mem::replace(&mut self.phase, Phase::Command) else {
+        let Phase::Opening { sender, body, smtputf8, declared_size, params } =
+            std::mem::replace(&mut self.phase, Phase::Command)
+        else {
             panic!("transaction_opened without an outstanding StartTransaction");
         };
         self.log(format!("{queue_id}: client={}", self.client));
-        self.txn = Some(Transaction { sender, queue_id, recipients: 0, failure: None, body, smtputf8, bdat: None });
-        self.succeed(Verb::Mail, &reply::MAIL_OK);
+        self.txn = Some(Transaction {
+            sender,
+            queue_id,
+            recipients: 0,
+            failure: None,
+            body,
+            smtputf8,
+            bdat: None,
+            declared_size,
+        });
+        if !self.ask(CheckStage::Mail, Subject::Mail { params }, check::Pending::Mail) {
+            self.succeed(Verb::Mail, &reply::MAIL_OK);
+        }
         self.process();
     }
 
@@ -456,7 +494,11 @@ impl Session {
                 Phase::Command => self.next_command(),
                 Phase::Data(_) => self.next_content(),
                 Phase::Chunk(_) => self.next_chunk(),
-                Phase::Opening { .. } | Phase::Handshake | Phase::AwaitingAnswer { .. } | Phase::Closed => false,
+                Phase::Opening { .. }
+                | Phase::Checking(_)
+                | Phase::Handshake
+                | Phase::AwaitingAnswer { .. }
+                | Phase::Closed => false,
             };
             if !progressed {
                 break;
@@ -500,6 +542,8 @@ impl Session {
             return;
         }
         match parsed {
+            Ok(Command::Unknown)
+                if self.ask(CheckStage::Unknown, Subject::Unknown(line.to_owned()), check::Pending::Unknown) => {}
             Ok(cmd) => self.execute(cmd),
             Err(ParseError::Empty) => self.fail(Verb::Unknown, &reply::BAD_SYNTAX),
             Err(ParseError::Syntax(verb)) => self.syntax_error(verb),
@@ -588,7 +632,23 @@ impl Session {
     /// EHLO/HELO; a repeated one resets the transaction (RFC 5321 4.1.4).
     fn helo(&mut self, name: &str, esmtp: bool) {
         self.abort_transaction();
+        // Known to the filters while they decide (policy helo_name, the
+        // log line); forgotten again if they refuse it.
         self.helo = Some(Helo { name: name.to_owned(), esmtp });
+        let verb = if esmtp { Verb::Ehlo } else { Verb::Helo };
+        if self.ask(
+            CheckStage::Helo,
+            Subject::Helo(name.to_owned()),
+            check::Pending::Helo { verb, name: name.to_owned() },
+        ) {
+            return;
+        }
+        self.greet(name.to_owned(), esmtp);
+    }
+
+    /// The reply to an accepted HELO/EHLO.
+    fn greet(&mut self, name: String, esmtp: bool) {
+        self.helo = Some(Helo { name, esmtp });
         let hostname = &self.config.server.hostname;
         if !esmtp {
             return self.succeed(Verb::Helo, &reply::helo(hostname));
@@ -618,6 +678,10 @@ impl Session {
         if self.txn.is_some() {
             return self.fail(Verb::Mail, &reply::NESTED_MAIL);
         }
+        if let Some(refusal) = self.connect_refusal.clone() {
+            return self.refused(Verb::Mail, &refusal);
+        }
+        let param_strings = check::param_strings(params);
         let params = match self.mail_params(params) {
             Ok(params) => params,
             Err(text) => return self.fail(Verb::Mail, &text),
@@ -637,10 +701,10 @@ impl Session {
             protocol: self.protocol_for(params.smtputf8).into(),
             tls: self.tls.as_ref().map(TlsSummary::to_string).unwrap_or_default(),
         };
-        let MailParams { body, smtputf8, ret, envid } = params;
+        let MailParams { body, smtputf8, ret, envid, size } = params;
         let info = SenderInfo { address: sender.clone(), body, smtputf8, ret, envid };
         self.actions.push_back(Action::StartTransaction { client, sender: info });
-        self.phase = Phase::Opening { sender, body, smtputf8 };
+        self.phase = Phase::Opening { sender, body, smtputf8, declared_size: size, params: param_strings };
     }
 
     /// SIZE (RFC 1870), BODY (RFC 6152, RFC 3030 BINARYMIME), SMTPUTF8
@@ -650,7 +714,8 @@ impl Session {
     fn mail_params(&self, params: &[Param<'_>]) -> Result<MailParams, Reply> {
         let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
         let smtpd = &self.config.smtpd;
-        let mut out = MailParams { body: BodyType::SevenBit, smtputf8: false, ret: None, envid: String::new() };
+        let mut out =
+            MailParams { size: 0, body: BodyType::SevenBit, smtputf8: false, ret: None, envid: String::new() };
         let mut seen: Vec<String> = Vec::new();
         for p in params {
             let keyword = p.keyword.to_ascii_uppercase();
@@ -659,7 +724,8 @@ impl Session {
             }
             match (esmtp, keyword.as_str(), p.value) {
                 (true, "SIZE", value) => {
-                    if parse_size(value).ok_or(reply::BAD_SIZE)? > smtpd.message_size_limit {
+                    out.size = parse_size(value).ok_or(reply::BAD_SIZE)?;
+                    if out.size > smtpd.message_size_limit {
                         return Err(reply::TOO_BIG);
                     }
                 }
@@ -718,10 +784,19 @@ impl Session {
             Ok(address) => address,
             Err(text) => return self.reject(Verb::Rcpt, &text, Some(path)),
         };
+        let rcpt = RecipientInfo { address: address.clone(), notify, orcpt };
+        let subject = Subject::Rcpt { address, params: check::param_strings(params) };
+        if self.ask(CheckStage::Rcpt, subject, check::Pending::Rcpt { rcpt: rcpt.clone(), path: path.to_owned() }) {
+            return;
+        }
+        self.accept_recipient(rcpt);
+    }
+
+    fn accept_recipient(&mut self, rcpt: RecipientInfo) {
         if let Some(txn) = &mut self.txn {
             txn.recipients += 1;
         }
-        self.actions.push_back(Action::Recipient(RecipientInfo { address, notify, orcpt }));
+        self.actions.push_back(Action::Recipient(rcpt));
         self.succeed(Verb::Rcpt, &reply::RCPT_OK);
     }
 
@@ -762,6 +837,12 @@ impl Session {
         if let Some(text) = failure {
             return self.reject(Verb::Data, &text, None);
         }
+        if !self.ask(CheckStage::Data, Subject::None, check::Pending::Data) {
+            self.start_data();
+        }
+    }
+
+    fn start_data(&mut self) {
         // The DATA count is settled by the reply after the terminator.
         self.reply(&reply::START_DATA);
         let normalize = self.config.smtpd.bare_newline == BareNewline::Normalize;
@@ -783,6 +864,16 @@ impl Session {
             Some(txn) if txn.bdat.as_ref().map_or(0, |b| b.size).saturating_add(size) > limit => Some(reply::TOO_BIG),
             Some(_) => None,
         };
+        let first = self.txn.as_ref().is_some_and(|t| t.bdat.is_none());
+        if refusal.is_none() && first && self.ask(CheckStage::Data, Subject::None, check::Pending::Bdat { size, last })
+        {
+            return;
+        }
+        self.start_chunk(size, last, refusal, false);
+    }
+
+    /// Reads a BDAT chunk: kept, or read and dropped with `refusal`.
+    fn start_chunk(&mut self, size: u64, last: bool, refusal: Option<Reply>, refusal_logged: bool) {
         if let (None, Some(txn)) = (&refusal, &mut self.txn) {
             let policy = match txn.body {
                 BodyType::BinaryMime => ChunkPolicy::Binary,
@@ -791,7 +882,7 @@ impl Session {
             let state = txn.bdat.get_or_insert_with(|| BdatState { size: 0, decoder: ChunkDecoder::new(policy) });
             state.size += size;
         }
-        self.phase = Phase::Chunk(Chunk { remaining: size, size, last, refusal });
+        self.phase = Phase::Chunk(Chunk { remaining: size, size, last, refusal, refusal_logged });
     }
 
     /// Passes chunk content on; true when the chunk is complete.
@@ -831,7 +922,11 @@ impl Session {
             if let Some(txn) = &mut self.txn {
                 txn.failure.get_or_insert(text.clone());
             }
-            self.reject(Verb::Bdat, &text, None);
+            if chunk.refusal_logged {
+                self.fail(Verb::Bdat, &text);
+            } else {
+                self.reject(Verb::Bdat, &text, None);
+            }
             if chunk.last {
                 self.abort_transaction();
             }
@@ -864,8 +959,20 @@ impl Session {
             return self.succeed(Verb::Bdat, &reply::chunk_ok(chunk.size));
         }
         self.last = "END-OF-MESSAGE";
+        self.message_complete(Verb::Bdat);
+    }
+
+    /// The content is complete and sound: past the filters' end-of-message
+    /// check, cleanup gets `End`.
+    fn message_complete(&mut self, verb: Verb) {
+        if !self.ask(CheckStage::EndOfMessage, Subject::None, check::Pending::EndOfMessage { verb }) {
+            self.hand_over(verb);
+        }
+    }
+
+    fn hand_over(&mut self, verb: Verb) {
         self.actions.push_back(Action::EndOfData);
-        self.phase = Phase::AwaitingAnswer { verb: Verb::Bdat };
+        self.phase = Phase::AwaitingAnswer { verb };
     }
 
     /// Passes content on; true when the terminator was reached.
@@ -897,8 +1004,7 @@ impl Session {
             self.abort_transaction();
             return self.fail(Verb::Data, &failure);
         }
-        self.actions.push_back(Action::EndOfData);
-        self.phase = Phase::AwaitingAnswer { verb: Verb::Data };
+        self.message_complete(Verb::Data);
     }
 
     /// Applies cleanup's verdict (`text` is the reply it maps to) to
@@ -925,7 +1031,7 @@ impl Session {
                 }
                 self.process();
             }
-            Phase::Command | Phase::Data(_) | Phase::Chunk(_) | Phase::Handshake => {
+            Phase::Command | Phase::Data(_) | Phase::Chunk(_) | Phase::Handshake | Phase::Checking(_) => {
                 if let Some(txn) = &mut self.txn {
                     txn.failure.get_or_insert(failure);
                 }
@@ -948,6 +1054,7 @@ impl Session {
             Phase::Chunk(_) => self.stats.count(Verb::Bdat, false),
             Phase::AwaitingAnswer { verb } => self.stats.count(verb, false),
             Phase::Handshake => self.stats.count(Verb::Starttls, false),
+            Phase::Checking(ref pending) => self.stats.count(pending.verb(), false),
             Phase::Command | Phase::Closed => {}
         }
         self.abort_transaction();
@@ -966,6 +1073,11 @@ impl Session {
     fn fail(&mut self, verb: Verb, text: &Reply) {
         self.stats.count(verb, false);
         self.reply(text);
+        self.count_error();
+    }
+
+    /// One more error; at `hard_error_limit` the session ends.
+    fn count_error(&mut self) {
         self.errors += 1;
         // A limit of 0 would refuse every session outright; take it as 1.
         if self.errors >= self.config.smtpd.hard_error_limit.max(1) && !self.is_closed() {
@@ -983,13 +1095,20 @@ impl Session {
     }
 
     fn log_reject(&mut self, stage: RejectStage, text: &Reply, path: Option<&str>) {
+        self.log_event("reject", stage.name(), &text.line(), path);
+    }
+
+    /// `<id>: <word>: <STAGE> from <client>: <text>; from=<..> to=<..>
+    /// proto=.. helo=<..>`: Postfix's shape for reject, warn, hold and
+    /// discard lines.
+    fn log_event(&mut self, word: &str, stage: &str, text: &str, path: Option<&str>) {
         // A queue id is only shown once a recipient was accepted: before
         // that nothing can be queued under it (Postfix shows NOQUEUE then).
         let queue_id = match &self.txn {
             Some(t) if t.recipients > 0 => t.queue_id.as_str(),
             _ => "NOQUEUE",
         };
-        let mut line = format!("{queue_id}: reject: {} from {}: {};", stage.name(), self.client, text.line());
+        let mut line = format!("{queue_id}: {word}: {stage} from {}: {text};", self.client);
         if let Some(t) = &self.txn {
             line.push_str(&format!(" from=<{}>", t.sender));
         }
