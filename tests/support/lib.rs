@@ -13,6 +13,7 @@ pub mod dns;
 pub mod lifetime;
 pub mod netpeer;
 pub mod pipe;
+pub mod policy;
 
 use mortal_proto::spool::{QueueDir, Spool};
 use nix::sys::signal::{Signal, kill};

@@ -238,7 +238,7 @@ impl Filters {
             stage: stage.protocol_state(facts.esmtp),
             protocol_name: if facts.esmtp { "ESMTP" } else { "SMTP" }.to_owned(),
             helo_name: facts.helo.unwrap_or_default().to_owned(),
-            queue_id: facts.queue_id.filter(|_| facts.recipients > 0 || check.stage == CheckStage::Rcpt),
+            queue_id: facts.queue_id,
             sender: facts.sender.unwrap_or_default().to_owned(),
             recipient,
             recipient_count: if at_data { facts.recipients } else { 0 },
