@@ -10,7 +10,8 @@
 //! so) and every other layer is still proved. The config routes one
 //! domain to pipe, so the queue is proved with a pipe route too, and
 //! others to LMTP and SMTP next hops, which the lmtp and smtp agents must
-//! reach and the queue must not.
+//! reach and the queue must not. A milter and a policy server on `inet:`
+//! endpoints prove that smtpd reaches their ports and no other.
 
 use anyhow::{Result, bail};
 use std::fs;
@@ -24,6 +25,10 @@ const SERVICES: [&str; 7] = ["smtpd", "cleanup", "queue", "anvil", "pipe", "lmtp
 /// and the queue must not (the self-test listens there when it can).
 const LMTP_HOP: &str = "127.0.0.1:10024";
 const SMTP_HOP: &str = "127.0.0.1:10025";
+/// A milter's and a policy server's endpoints: smtpd must reach them (and,
+/// by the self-test's random-port attempt, nothing else).
+const MILTER_HOP: &str = "127.0.0.1:10026";
+const POLICY_HOP: &str = "127.0.0.1:10027";
 /// The pipe command's user as root: unprivileged, not the mail user, and
 /// present on every Debian system (base-passwd).
 const PIPE_USER: &str = "daemon";
@@ -45,7 +50,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     fs::write(
         &config,
         format!(
-            "[server]\nhostname = \"mortal.test\"\nspool_dir = \"../spool\"\naccepted_domains = [\"example.test\"]\n{user}\n[smtpd]\nlisten = [\"127.0.0.1:2\"]\n\n[delivery.routes]\n\"pipe.test\" = \"pipe\"\n\"lmtp.test\" = \"lmtp:inet:{LMTP_HOP}\"\n\"unix.test\" = \"lmtp:unix:/run/dovecot/lmtp\"\n\"relay.test\" = \"smtp:inet:{SMTP_HOP}\"\n\n[delivery.pipe]\ncommand = [\"/bin/true\"]\nuser = \"{PIPE_USER}\"\n"
+            "[server]\nhostname = \"mortal.test\"\nspool_dir = \"../spool\"\naccepted_domains = [\"example.test\"]\n{user}\n[smtpd]\nlisten = [\"127.0.0.1:2\"]\n\n[[smtpd.milter]]\nendpoint = \"inet:{MILTER_HOP}\"\n\n[[smtpd.policy]]\nendpoint = \"inet:{POLICY_HOP}\"\n\n[delivery.routes]\n\"pipe.test\" = \"pipe\"\n\"lmtp.test\" = \"lmtp:inet:{LMTP_HOP}\"\n\"unix.test\" = \"lmtp:unix:/run/dovecot/lmtp\"\n\"relay.test\" = \"smtp:inet:{SMTP_HOP}\"\n\n[delivery.pipe]\ncommand = [\"/bin/true\"]\nuser = \"{PIPE_USER}\"\n"
         ),
     )?;
     let mut failed = Vec::new();

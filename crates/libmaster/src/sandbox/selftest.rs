@@ -71,6 +71,7 @@ enum Attempt {
     ConnectPipe,
     TcpConnect,
     ConnectNextHop,
+    ConnectFilter,
     SignalParent,
     PtraceParent,
     Exec,
@@ -82,7 +83,7 @@ enum Attempt {
     Unshare,
 }
 
-const ATTEMPTS: [Attempt; 20] = [
+const ATTEMPTS: [Attempt; 21] = [
     Attempt::Applied,
     Attempt::ReadPasswd,
     Attempt::ListRoot,
@@ -94,6 +95,7 @@ const ATTEMPTS: [Attempt; 20] = [
     Attempt::ConnectPipe,
     Attempt::TcpConnect,
     Attempt::ConnectNextHop,
+    Attempt::ConnectFilter,
     Attempt::SignalParent,
     Attempt::PtraceParent,
     Attempt::Exec,
@@ -125,6 +127,7 @@ impl Attempt {
             Attempt::ConnectPipe => "connect-pipe",
             Attempt::TcpConnect => "tcp-connect",
             Attempt::ConnectNextHop => "connect-next-hop",
+            Attempt::ConnectFilter => "connect-filter",
             Attempt::SignalParent => "signal-parent",
             Attempt::PtraceParent => "ptrace-parent",
             Attempt::Exec => "exec",
@@ -150,6 +153,7 @@ impl Attempt {
             Attempt::ConnectPipe => "connect to the pipe socket",
             Attempt::TcpConnect => "TCP connect to 127.0.0.1",
             Attempt::ConnectNextHop => "TCP connect to a configured next hop",
+            Attempt::ConnectFilter => "TCP connect to a milter or policy server",
             Attempt::SignalParent => "signal another process (the parent)",
             Attempt::PtraceParent => "ptrace another process (the parent)",
             Attempt::Exec => "execve /bin/true",
@@ -177,6 +181,10 @@ impl Attempt {
             (Attempt::ConnectNextHop, Service::Lmtp | Service::Smtp) => Some(Allowed),
             (Attempt::ConnectNextHop, Service::Queue) => Some(Denied),
             (Attempt::ConnectNextHop, _) => None,
+            // The milters and policy servers are smtpd's: it reaches their
+            // ports (and, by TcpConnect, no other).
+            (Attempt::ConnectFilter, Service::Smtpd) => Some(Allowed),
+            (Attempt::ConnectFilter, Service::Lmtp | Service::Smtp | Service::Pipe) => None,
             // Unix sockets are reached by connect, which Landlock does not
             // govern; the agents have no business there but prove nothing.
             (
@@ -314,6 +322,10 @@ fn probe(
             Some(addr) => io(TcpStream::connect(addr).map(drop)),
             None => "error no TCP next hop in the configuration's routes".into(),
         },
+        Attempt::ConnectFilter => match filter_hops(&config).next() {
+            Some(addr) => io(TcpStream::connect(addr).map(drop)),
+            None => "error no inet: milter or policy server in the configuration".into(),
+        },
         Attempt::SignalParent => nix(nix::sys::signal::kill(nix::unistd::getppid(), None::<Signal>)),
         Attempt::PtraceParent => {
             let parent = nix::unistd::getppid();
@@ -360,6 +372,15 @@ fn next_hop(service: Service, config: &Config) -> Option<std::net::SocketAddr> {
         .routes()
         .filter(|r| !matches!(service, Service::Lmtp | Service::Smtp) || service.carries(r))
         .find_map(tcp_hop)
+}
+
+/// The `inet:` addresses of the configured milters and policy servers.
+fn filter_hops(config: &Config) -> impl Iterator<Item = std::net::SocketAddr> + '_ {
+    let smtpd = &config.smtpd;
+    smtpd.milters.iter().map(|m| &m.endpoint).chain(smtpd.policy.iter().map(|p| &p.endpoint)).filter_map(|e| match e {
+        NextHop::Inet(addr) => Some(*addr),
+        NextHop::Unix(_) => None,
+    })
 }
 
 fn tcp_hop(route: &Route) -> Option<std::net::SocketAddr> {
@@ -567,7 +588,8 @@ fn run_probe(
 struct Fixtures {
     port: u16,
     _tcp: TcpListener,
-    /// Listeners on the configured TCP next hops that were free.
+    /// Listeners on the configured TCP next hops, milters and policy
+    /// servers that were free.
     _hops: Vec<TcpListener>,
     sockets: Vec<(PathBuf, UnixListener)>,
 }
@@ -612,7 +634,12 @@ impl Fixtures {
         let tcp = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
         let port = tcp.local_addr().map_err(|e| e.to_string())?.port();
         // A next hop that is already taken has a listener: the real one.
-        let hops = config.routes().filter_map(tcp_hop).filter_map(|addr| TcpListener::bind(addr).ok()).collect();
+        let hops = config
+            .routes()
+            .filter_map(tcp_hop)
+            .chain(filter_hops(config))
+            .filter_map(|addr| TcpListener::bind(addr).ok())
+            .collect();
         Ok(Fixtures { port, _tcp: tcp, _hops: hops, sockets })
     }
 }
