@@ -7,7 +7,8 @@
 //! like an error, located by the same [`Config::locate`].
 
 use ipnet::IpNet;
-use mortal_proto::config::{Config, Location, ProcessPolicy};
+use mortal_proto::config::{Config, Location, MilterDefaultAction, NextHop, ProcessPolicy};
+use mortal_proto::policy::Action;
 use mortal_proto::service::Service;
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
@@ -52,6 +53,7 @@ pub fn warnings(config: &Config) -> Vec<Warning> {
         out.push(Warning { key: format!("{table}.{key}"), location: config.locate(table, key), message });
     };
     relay_warnings(config, &mut warn);
+    filter_warnings(config, &mut warn);
     // The delivery-agent pools matter only where they exist.
     let pools = [Service::Smtpd, Service::Cleanup].into_iter().chain(config.agents());
     for service in pools {
@@ -103,6 +105,48 @@ fn relay_warnings(config: &Config, warn: &mut impl FnMut(&str, &str, String)) {
             "proxy_trusted",
             format!("{net} lets nearly anyone claim any client address with a PROXY header"),
         );
+    }
+}
+
+/// Filters smtpd cannot reach once chrooted, and filters whose failure
+/// lets mail through unchecked.
+fn filter_warnings(config: &Config, warn: &mut impl FnMut(&str, &str, String)) {
+    let private = config.private_dir();
+    let milters = config.smtpd.milters.iter().enumerate().map(|(i, m)| (format!("smtpd.milter[{i}]"), &m.endpoint));
+    let policy = config.smtpd.policy.iter().enumerate().map(|(i, p)| (format!("smtpd.policy[{i}]"), &p.endpoint));
+    for (table, endpoint) in milters.chain(policy) {
+        if let NextHop::Unix(path) = endpoint
+            && !path.starts_with(&private)
+        {
+            warn(
+                &table,
+                "endpoint",
+                format!(
+                    "{} is outside {}: smtpd, chrooted there when mortal starts as root, cannot reach it; \
+                     let the filter listen below that directory, or on inet:",
+                    path.display(),
+                    private.display()
+                ),
+            );
+        }
+    }
+    for (i, m) in config.smtpd.milters.iter().enumerate() {
+        if m.default_action == MilterDefaultAction::Accept {
+            warn(
+                &format!("smtpd.milter[{i}]"),
+                "default_action",
+                "is accept: while the milter is down or slow, mail passes unchecked".into(),
+            );
+        }
+    }
+    for (i, p) in config.smtpd.policy.iter().enumerate() {
+        if matches!(p.default_action, Action::Ok | Action::Dunno) {
+            warn(
+                &format!("smtpd.policy[{i}]"),
+                "default_action",
+                "permits: while the policy server is down or slow, its checks are skipped".into(),
+            );
+        }
     }
 }
 
@@ -214,6 +258,26 @@ mod tests {
         let got = check("[smtpd]\nlisten = [\"127.0.0.1:2525\"]\n");
         assert_eq!(got.len(), 1, "{got:?}");
         assert!(got[0].contains("server.accepted_domains: warning: is empty"), "{got:?}");
+    }
+
+    #[test]
+    fn filters_out_of_reach_or_failing_open() {
+        let got = check(
+            "[server]\naccepted_domains = [\"example.test\"]\n\
+             [[smtpd.milter]]\nendpoint = \"unix:/run/rspamd/milter.sock\"\ndefault_action = \"accept\"\n\
+             [[smtpd.milter]]\nendpoint = \"unix:/var/spool/mortal/run/private/opendkim.sock\"\n\
+             [[smtpd.policy]]\nendpoint = \"inet:127.0.0.1:10023\"\ndefault_action = \"DUNNO\"\n",
+        );
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(
+            got[0].starts_with(
+                "/etc/mortal/mortal.toml:4:1: smtpd.milter[0].endpoint: warning: /run/rspamd/milter.sock is \
+                 outside /var/spool/mortal/run/private: "
+            ),
+            "{got:?}"
+        );
+        assert!(got[1].starts_with("/etc/mortal/mortal.toml:5:1: smtpd.milter[0].default_action: warning: is accept"));
+        assert!(got[2].starts_with("/etc/mortal/mortal.toml:10:1: smtpd.policy[0].default_action: warning: permits"));
     }
 
     #[test]

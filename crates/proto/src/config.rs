@@ -818,7 +818,15 @@ impl KeyLocations {
     /// where the file leaves it out, the nearest table around it that the
     /// file writes; else nothing.
     fn locate(&self, table: &str, key: &str) -> Option<Location> {
-        let mut path: Vec<String> = table.split('.').filter(|t| !t.is_empty()).map(str::to_owned).collect();
+        // `smtpd.milter[0]` is the path `smtpd`, `milter`, `0`.
+        let mut path: Vec<String> = table
+            .split('.')
+            .filter(|t| !t.is_empty())
+            .flat_map(|t| match t.split_once('[') {
+                Some((name, index)) => vec![name.to_owned(), index.trim_end_matches(']').to_owned()],
+                None => vec![t.to_owned()],
+            })
+            .collect();
         path.push(key.to_owned());
         while !path.is_empty() {
             if let Some(at) = self.0.get(&path) {

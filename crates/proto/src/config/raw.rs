@@ -290,10 +290,17 @@ impl<'de> Visitor<'de> for NodeVisitor {
         Ok(Node(keys))
     }
 
-    // Arrays hold no key a rule can name.
+    // An array's elements are named by their index (`milter`, `0`,
+    // `endpoint` for `[[smtpd.milter]]`), placed at their first key;
+    // elements that are no tables hold no key a rule can name.
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Node::default())
+        let mut items = Vec::new();
+        while let Some(element) = seq.next_element::<Node>()? {
+            if let Some(span) = element.0.first().map(|(k, _)| k.span()) {
+                items.push((Spanned::new(span, items.len().to_string()), element));
+            }
+        }
+        Ok(Node(items))
     }
 
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<Node, E> {
