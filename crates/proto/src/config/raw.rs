@@ -8,7 +8,7 @@
 
 use super::{BareNewline, FilterStage, LogFormat, MilterDefaultAction, SmtpTlsSecurity, TlsSecurity};
 use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
