@@ -11,6 +11,7 @@
 pub mod delivery;
 pub mod dns;
 pub mod lifetime;
+pub mod milter;
 pub mod netpeer;
 pub mod pipe;
 pub mod policy;
