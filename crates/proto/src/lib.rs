@@ -48,6 +48,7 @@ pub mod anvil;
 pub mod config;
 pub mod date;
 pub mod delivery;
+pub mod dsn;
 pub mod envelope;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
