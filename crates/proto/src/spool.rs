@@ -47,7 +47,7 @@ pub enum QueueDir {
     Active,
     /// Messages waiting for their next attempt (due at the file's mtime).
     Deferred,
-    /// Messages an operator put on hold.
+    /// Messages an operator or a filter (through cleanup) put on hold.
     Hold,
     /// Files that failed to decode or verify.
     Corrupt,
