@@ -31,8 +31,9 @@
 //! `HeaderValue` guarantees it) and are written as CRLF, so no edit can
 //! start a header line of its own; and the result must still fit
 //! `header_size_limit`, `message_size_limit` and `recipient_limit`. The
-//! edits themselves are bounded by `[cleanup] edit_limit`, the replaced
-//! body by `message_size_limit` as it arrives.
+//! edits themselves are bounded as they arrive: their number by
+//! `[cleanup] edit_limit`, the octets of header fields and body they carry
+//! together by `message_size_limit`.
 
 use mortal_proto::address::{self, AddressError};
 use mortal_proto::config::Config;
@@ -67,8 +68,9 @@ impl Limits {
 pub enum EditReject {
     /// More edits than `edit_limit`.
     TooMany,
-    /// The replacement body alone is over `message_size_limit`.
-    BodyTooBig,
+    /// The header fields and body the edits carry are together over
+    /// `message_size_limit`.
+    TooBig,
     /// ADDRCPT named an address that is not a valid mailbox.
     BadRecipient { address: String, error: AddressError },
     /// CHGFROM named an address that is not a valid mailbox.
@@ -95,6 +97,8 @@ enum EnvelopeEdit {
 #[derive(Debug, Default)]
 pub struct Edits {
     count: u32,
+    /// Octets of header names, values and body the edits carry.
+    carried: u64,
     prepends: Vec<(HeaderName, HeaderValue)>,
     headers: Vec<(HeaderEdit, HeaderName, HeaderValue)>,
     /// The replacement body as received, chunks concatenated.
@@ -129,6 +133,10 @@ impl Edits {
         if self.count > limits.edits {
             return Err(EditReject::TooMany);
         }
+        self.carried += carried(&edit) as u64;
+        if self.carried > limits.message_size {
+            return Err(EditReject::TooBig);
+        }
         match edit {
             Edit::Prepend { name, value } => self.prepends.push((name, value)),
             // The first reason is the one logged: later ones change nothing.
@@ -146,13 +154,7 @@ impl Edits {
                 Modification::ChangeHeader { index, name, value } => {
                     self.headers.push((HeaderEdit::Change { index }, name, value))
                 }
-                Modification::ReplaceBody(chunk) => {
-                    let body = self.body.get_or_insert_with(Vec::new);
-                    if (body.len() + chunk.len()) as u64 > limits.message_size {
-                        return Err(EditReject::BodyTooBig);
-                    }
-                    body.extend_from_slice(&chunk);
-                }
+                Modification::ReplaceBody(chunk) => self.body.get_or_insert_with(Vec::new).extend_from_slice(&chunk),
                 Modification::AddRecipient(address) => {
                     self.envelope.push(EnvelopeEdit::AddRecipient { address, args: EsmtpArgs::default() })
                 }
@@ -265,6 +267,21 @@ impl Edits {
             }
         }
         Ok(())
+    }
+}
+
+/// The octets of message content an edit carries.
+fn carried(edit: &Edit) -> usize {
+    let field = |name: &HeaderName, value: &HeaderValue| name.as_str().len() + value.as_bytes().len();
+    match edit {
+        Edit::Prepend { name, value } => field(name, value),
+        Edit::Milter(
+            Modification::AddHeader { name, value }
+            | Modification::InsertHeader { name, value, .. }
+            | Modification::ChangeHeader { name, value, .. },
+        ) => field(name, value),
+        Edit::Milter(Modification::ReplaceBody(chunk)) => chunk.len(),
+        _ => 0,
     }
 }
 

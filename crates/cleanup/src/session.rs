@@ -338,23 +338,25 @@ impl<'a> Transaction<'a> {
             return;
         }
         if let Err(reject) = self.edits.push(edit, &Limits::of(self.ctx.config)) {
-            self.refuse_edit(reject);
+            let (answer, why) = self.edit_refusal(reject);
+            self.refuse(answer, &why);
         }
     }
 
-    /// Refuses the message for what the filters asked, with a `warning:`
-    /// naming the rule and the usual `reject:` line.
-    fn refuse_edit(&mut self, reject: EditReject) {
-        let id = self.log_id().to_owned();
-        let (answer, why) = match reject {
+    /// The answer refusing what the filters asked, and the reason for the
+    /// `reject:` line; a `warning:` names the rule when the filters, not
+    /// the message, are at fault.
+    fn edit_refusal(&self, reject: EditReject) -> (Answer, String) {
+        let id = self.log_id();
+        match reject {
             EditReject::TooMany => {
                 let limit = self.ctx.config.cleanup.edit_limit;
                 tracing::warn!("warning: {id}: filters sent more than edit_limit ({limit}) edits");
                 (Answer::new(FILTER_ERROR, "Error: too many edits from filters"), "edit_limit exceeded".to_owned())
             }
-            EditReject::BodyTooBig => (
+            EditReject::TooBig => (
                 Answer::new(TOO_BIG, "Error: message file too big"),
-                "message_size_limit exceeded by the filters' body".to_owned(),
+                "message_size_limit exceeded by the filters' edits".to_owned(),
             ),
             EditReject::BadRecipient { address, error } => {
                 tracing::warn!("warning: {id}: filter added invalid recipient <{address}>: {error}");
@@ -364,14 +366,18 @@ impl<'a> Transaction<'a> {
                 tracing::warn!("warning: {id}: filter changed the sender to invalid <{address}>: {error}");
                 (Answer::new(FILTER_ERROR, "Error: invalid sender from filters"), format!("<{address}>: {error}"))
             }
-        };
-        self.refuse(answer, &why);
+        }
     }
 
     fn refuse(&mut self, answer: Answer, why: &str) {
-        tracing::info!("{}: reject: {why}: {} {} {}", self.log_id(), answer.code, answer.status, answer.text);
-        self.refusal = Some(answer);
+        self.refusal = Some(self.rejected(answer, why));
         self.file = None;
+    }
+
+    /// Logs the refusal and returns its answer.
+    fn rejected(&self, answer: Answer, why: &str) -> Answer {
+        tracing::info!("{}: reject: {why}: {} {} {}", self.log_id(), answer.code, answer.status, answer.text);
+        answer
     }
 
     /// Once the header section is complete: fix it up, write the envelope
@@ -506,23 +512,21 @@ impl<'a> Transaction<'a> {
         };
         let mut recipients = self.recipients.clone();
         if let Err(reject) = self.edits.envelope(&mut sender, &mut recipients, id.as_str()) {
-            self.refuse_edit(reject);
-            return Err(self.refusal.take().unwrap_or_else(Answer::write_error));
+            let (answer, why) = self.edit_refusal(reject);
+            return Err(self.rejected(answer, &why));
         }
         if recipients.is_empty() {
             return Ok(None);
         }
         if recipients.len() > limits.recipients {
             tracing::warn!("warning: {id}: filters left more than recipient_limit ({}) recipients", limits.recipients);
-            return Err(self.reject(FILTER_ERROR, "Error: too many recipients", "recipient_limit exceeded"));
+            let answer = Answer::new(FILTER_ERROR, "Error: too many recipients");
+            return Err(self.rejected(answer, "recipient_limit exceeded"));
         }
         let edited = self.edits.header(&self.client_header);
         if edited.len() > limits.header_size {
-            return Err(self.reject(
-                TOO_BIG,
-                "Error: message header size exceeds limit",
-                "header_size_limit exceeded after the filters' edits",
-            ));
+            let answer = Answer::new(TOO_BIG, "Error: message header size exceeds limit");
+            return Err(self.rejected(answer, "header_size_limit exceeded after the filters' edits"));
         }
         let body = self.edits.body();
         // The message as the filters left it, without cleanup's own
@@ -532,11 +536,8 @@ impl<'a> Transaction<'a> {
             None => self.content_len - self.body_offset as u64,
         };
         if edited.len() as u64 + tail > limits.message_size {
-            return Err(self.reject(
-                TOO_BIG,
-                "Error: message file too big",
-                "message_size_limit exceeded after the filters' edits",
-            ));
+            let answer = Answer::new(TOO_BIG, "Error: message file too big");
+            return Err(self.rejected(answer, "message_size_limit exceeded after the filters' edits"));
         }
         let env = Envelope {
             queue_id: id,
@@ -549,7 +550,7 @@ impl<'a> Transaction<'a> {
         let fixed = match header::fix_up(&edited.fields, &env, self.ctx.config.cleanup.hopcount_limit) {
             Ok(f) => f,
             Err(HeaderReject::TooManyHops(n)) => {
-                return Err(self.reject(LOOP, "Error: too many hops", &format!("{n} Received: headers")));
+                return Err(self.rejected(Answer::new(LOOP, "Error: too many hops"), &format!("{n} Received: headers")));
             }
         };
         let queued: Vec<QueuedRecipient> = recipients.iter().map(QueuedRecipient::pending).collect();
@@ -579,12 +580,6 @@ impl<'a> Transaction<'a> {
         self.sender = Some(sender);
         self.recipients = recipients;
         Ok(Some(file))
-    }
-
-    /// A refusal of the edited message, logged as every refusal is.
-    fn reject(&mut self, outcome: Outcome, text: &str, why: &str) -> Answer {
-        self.refuse(Answer::new(outcome, text), why);
-        self.refusal.take().unwrap_or_else(Answer::write_error)
     }
 }
 

@@ -136,3 +136,62 @@ pub fn copy_content(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mortal_proto::envelope::{BodyType, ClientInfo, SenderInfo};
+    use mortal_proto::queue_file::Encoder;
+    use std::time::SystemTime;
+
+    /// Content written in records of every size, read back from every
+    /// offset: the skipped part may end inside a record.
+    #[test]
+    fn content_is_read_back_from_any_offset() {
+        let dir = std::env::temp_dir().join(format!("mortal-cleanup-readback-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let client = ClientInfo {
+            addr: "192.0.2.1".parse().unwrap(),
+            name: "unknown".into(),
+            helo: "c.test".into(),
+            protocol: "ESMTP".into(),
+            tls: String::new(),
+        };
+        let sender = SenderInfo {
+            address: String::new(),
+            body: BodyType::SevenBit,
+            smtputf8: false,
+            ret: None,
+            envid: String::new(),
+        };
+        let id = QueueId::new(SystemTime::now(), 1);
+        // Only the content records matter here: a stand-in envelope.
+        let (mut encoder, _) = Encoder::start(&id, SystemTime::now(), &client, &sender, &[]);
+        let mut file_bytes = b"envelope".to_vec();
+        for piece in [&content[..10], &content[10..70_000], &content[70_000..70_001], &content[70_001..]] {
+            file_bytes.extend(encoder.content(piece));
+        }
+        let path = dir.join("file");
+        std::fs::write(&path, &file_bytes).unwrap();
+        for skip in [0, 9, 10, 11, 65_546, 70_000, 70_001, 299_999, 300_000] {
+            let mut reader = File::open(&path).unwrap();
+            reader.seek(SeekFrom::Start(8)).unwrap();
+            let mut got = Vec::new();
+            copy_content(&mut reader, skip, |chunk| {
+                got.extend_from_slice(chunk);
+                Ok(())
+            })
+            .unwrap();
+            assert!(got == content[skip..], "skip {skip}");
+        }
+        // Cut inside a record: an error, never a short message.
+        std::fs::write(&path, &file_bytes[..file_bytes.len() - 1]).unwrap();
+        let mut reader = File::open(&path).unwrap();
+        reader.seek(SeekFrom::Start(8)).unwrap();
+        let cut = copy_content(&mut reader, 0, |_| Ok(())).unwrap_err();
+        assert_eq!(cut.kind(), io::ErrorKind::UnexpectedEof);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -84,11 +84,13 @@ impl Fixture {
         Request::End.encode(&mut out);
 
         let before = self.spooled();
-        // Small enough for the socket's buffer: written whole, then served.
         let (mut ours, theirs) = UnixStream::pair().unwrap();
-        ours.write_all(&out).unwrap();
+        let mut writer = ours.try_clone().unwrap();
         let spool = Spool::open(&self.config).unwrap();
-        session::serve(theirs, &Context::new(&self.config, &spool));
+        std::thread::scope(|s| {
+            s.spawn(move || writer.write_all(&out).unwrap());
+            session::serve(theirs, &Context::new(&self.config, &spool));
+        });
         let mut back = Vec::new();
         ours.read_to_end(&mut back).unwrap();
         let mut decoder = Decoder::new();
@@ -467,4 +469,29 @@ fn header_fields_split_with_folds_and_a_missing_line_end() {
     assert_eq!(to_crlf(b"a\nb\r\nc\r"), b"a\r\nb\r\nc\r");
     assert!(same_mailbox("Bob@Example.Test", "Bob@example.test"));
     assert!(!same_mailbox("bob@example.test", "Bob@example.test"));
+}
+
+#[test]
+fn a_large_body_is_copied_whole_into_the_rebuilt_file() {
+    let f = Fixture::new("large", "");
+    // Several content records and more than one read-back.
+    let body: String = (0..8000).map(|i| format!("line {i:05} of the body\r\n")).collect();
+    let message = [FIELDS.as_bytes(), b"\r\n", body.as_bytes()].concat();
+    let out = f.run(&["b@example.test"], &message, vec![insert(1, "X-Big", b"yes")]);
+    let qf = out.queued_ok();
+    let expected = format!(
+        "{}From: a@example.test\r\nX-Big: yes\r\n{}\r\n{body}",
+        received(qf, Some("b@example.test")),
+        &FIELDS["From: a@example.test\r\n".len()..]
+    );
+    assert!(qf.content.len() > 2 * mortal_proto::queue_file::MAX_CONTENT_CHUNK);
+    assert!(content(qf) == expected, "the rebuilt content differs");
+}
+
+#[test]
+fn hop_limit_applies_after_the_edits() {
+    let f = Fixture::new("hops", "[cleanup]\nhopcount_limit = 1\n");
+    let hop = || add("Received", b"from a by b; Thu, 1 Jan 2026 00:00:00 +0000");
+    f.run(&["b@example.test"], MESSAGE, vec![hop()]).queued_ok();
+    f.run(&["b@example.test"], MESSAGE, vec![hop(), hop()]).refused("554 5.4.6 Error: too many hops");
 }
