@@ -11,7 +11,7 @@ use mortal_proto::ipc::{Decoder, Edit, PROTOCOL_VERSION, Reply, Request, encode_
 use mortal_proto::milter::{EsmtpArgs, HeaderName, HeaderValue, MilterAddress, Modification};
 use mortal_proto::queue_id::QueueId;
 use mortal_proto::spool::QueueDir;
-use mortal_tests::Instance;
+use mortal_tests::{Instance, Options};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -135,5 +135,30 @@ fn held_message_waits_in_hold_and_discarded_one_leaves_nothing() {
     mortal.wait_for_log(&format!("{dropped}: discard: policy DISCARD"));
     for q in [QueueDir::Incoming, QueueDir::Hold] {
         assert!(!mortal.queue_files(q).iter().any(|f| f.starts_with(dropped.as_str())), "{q}");
+    }
+}
+
+/// The refusals and the discard of the last recipient log Postfix-shaped
+/// lines with the queue id, which operators' tools key on.
+#[test]
+fn refusals_and_an_emptied_envelope_are_logged() {
+    let mortal = Instance::start_with(Options { extra: "[cleanup]\nedit_limit = 2\n".into(), ..Options::default() });
+    let hold = || Edit::Hold { reason: "x".into() };
+    let (id, answer) = transaction(&mortal, &["b@example.test"], MESSAGE, vec![hold(), hold(), hold()]);
+    assert_eq!(answer, "451 4.3.5 Error: too many edits from filters");
+    mortal.wait_for_log(&format!("warning: {id}: filters sent more than edit_limit (2) edits"));
+    mortal.wait_for_log(&format!("{id}: reject: edit_limit exceeded: 451 4.3.5 Error: too many edits from filters"));
+
+    let bad = vec![milter(Modification::AddRecipient(MilterAddress::new("<no domain>").expect("address")))];
+    let (id, answer) = transaction(&mortal, &["b@example.test"], MESSAGE, bad);
+    assert_eq!(answer, "451 4.3.5 Error: invalid recipient from filters");
+    mortal.wait_for_log(&format!("warning: {id}: filter added invalid recipient <no domain>: "));
+
+    let delete = vec![milter(Modification::DeleteRecipient(MilterAddress::new("b@example.test").expect("address")))];
+    let (id, answer) = transaction(&mortal, &["b@example.test"], MESSAGE, delete);
+    assert_eq!(answer, format!("250 2.0.0 Ok: queued as {id}"));
+    mortal.wait_for_log(&format!("{id}: discard: all recipients deleted by filters"));
+    for q in [QueueDir::Incoming, QueueDir::Hold] {
+        assert!(!mortal.queue_files(q).iter().any(|f| f.starts_with(id.as_str())), "{q}");
     }
 }
