@@ -118,6 +118,9 @@ fn every_daemon_proves_its_sandbox() {
     let (_, cleanup) = site.selftest("cleanup");
     assert!(row(&cleanup, "create a file in spool/incoming").starts_with("allowed"), "{cleanup}");
     assert!(row(&cleanup, "create a file in spool/deferred").starts_with("denied"), "{cleanup}");
+    // Issue 12: a message a filter holds is renamed into hold/.
+    assert!(row(&cleanup, "move a file from incoming/ into hold/").starts_with("allowed"), "{cleanup}");
+    assert!(row(&smtpd, "move a file from incoming/ into hold/").starts_with("denied"), "{smtpd}");
     let (_, queue) = site.selftest("queue");
     assert!(row(&queue, "create a file in spool/deferred").starts_with("allowed"), "{queue}");
     assert!(row(&queue, "connect to the pipe socket").starts_with("allowed"), "{queue}");
@@ -129,7 +132,7 @@ fn every_daemon_proves_its_sandbox() {
         "{queue}"
     );
     // Nothing a probe created is left behind.
-    for q in [QueueDir::Incoming, QueueDir::Deferred] {
+    for q in [QueueDir::Incoming, QueueDir::Deferred, QueueDir::Hold] {
         let left: Vec<_> = fs::read_dir(Spool::new(site.dir.0.join("spool")).dir(q)).unwrap().flatten().collect();
         assert!(left.is_empty(), "{q}: {left:?}");
     }

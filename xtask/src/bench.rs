@@ -13,7 +13,9 @@
 //! median of the rounds. Two delivery modes: receive-and-queue (both
 //! discard delivered mail: the rate is the rate of 250s) and end-to-end
 //! (both deliver to one `smtp-sink` in LMTP mode and the run ends when
-//! the queue is empty). Also measured for mortal: CPU seconds per 1000
+//! the queue is empty); and receive-and-queue with one milter that
+//! accepts everything (`milter_sink`, the same one for both), on `burst`,
+//! with each server's milter cost per message. Also measured for mortal: CPU seconds per 1000
 //! messages (and Postfix's, the same way), fsyncs per message (a short
 //! run under `strace -f -c`), private memory (USS) of an idle and of a
 //! busy smtpd child, the lifetime-policy overhead on `churn`
@@ -23,7 +25,7 @@
 //!
 //! Results: `target/bench/results.md` and `results.json`. `--quick` runs
 //! one round of each at a fifth of the size; `--only burst,churn` runs only
-//! those workloads and `--mode queue|e2e` only that mode (a partial run
+//! those workloads and `--mode queue|e2e|milter` only that mode (a partial run
 //! leaves out the lifetime, READY and fsync figures). `--baseline REV` also builds
 //! git revision REV (release, in a worktree under `target/bench/`) and runs
 //! it as a third server in the same rounds (A C B C A B ..., four rounds,
@@ -107,6 +109,9 @@ const WORKLOADS: &[Workload] = &[
 enum Mode {
     Queue,
     EndToEnd,
+    /// Receive and queue with one milter that accepts everything
+    /// ([`crate::milter_sink`]), the same for both servers.
+    Milter,
 }
 
 impl Mode {
@@ -114,9 +119,13 @@ impl Mode {
         match self {
             Mode::Queue => "receive-and-queue",
             Mode::EndToEnd => "end-to-end (LMTP)",
+            Mode::Milter => "receive-and-queue, one milter",
         }
     }
 }
+
+/// The workload of the milter rows.
+const MILTER_WORKLOAD: &str = "burst";
 
 /// One measured run.
 #[derive(Debug, Clone, Copy)]
@@ -129,7 +138,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let mut quick = false;
     let mut baseline_rev = None;
     let mut only: Option<Vec<String>> = None;
-    let mut modes = vec![Mode::Queue, Mode::EndToEnd];
+    let mut modes = vec![Mode::Queue, Mode::EndToEnd, Mode::Milter];
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -147,15 +156,18 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
                 modes = match args.next().map(String::as_str) {
                     Some("queue") => vec![Mode::Queue],
                     Some("e2e") => vec![Mode::EndToEnd],
-                    other => bail!("--mode needs queue or e2e, not {other:?}"),
+                    Some("milter") => vec![Mode::Milter],
+                    other => bail!("--mode needs queue, e2e or milter, not {other:?}"),
                 }
             }
-            other => bail!("unknown bench option {other:?} (--quick, --baseline REV, --only NAMES, --mode queue|e2e)"),
+            other => {
+                bail!("unknown bench option {other:?} (--quick, --baseline REV, --only NAMES, --mode queue|e2e|milter)")
+            }
         }
     }
     // A partial run (some workloads or one mode) is for comparing a
     // change: the lifetime, READY and fsync figures are left out.
-    let partial = only.is_some() || modes.len() < 2;
+    let partial = only.is_some() || modes.len() < 3;
     install_postfix()?;
     let bins = chaos::build_release(root)?;
     let baseline = baseline_rev.as_deref().map(|rev| build_baseline(root, rev)).transpose()?;
@@ -175,24 +187,39 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     for mode in modes {
         let sink = match mode {
             Mode::EndToEnd => Some(SmtpSink::start()?),
-            Mode::Queue => None,
+            Mode::Queue | Mode::Milter => None,
+        };
+        let milter = match mode {
+            Mode::Milter => Some(crate::milter_sink::MilterSink::start()?),
+            Mode::Queue | Mode::EndToEnd => None,
         };
         let target = sink.as_ref().map(|s| s.port);
-        let mut postfix = Postfix::start(&dir.join("postfix"), target)?;
-        let (mortal_cfg, mortal_variant) = mortal_config(&dir.join("mortal"), target, 100, "")?;
+        let (postfix_extra, mortal_extra) = match &milter {
+            Some(m) => (
+                format!("smtpd_milters = inet:127.0.0.1:{}\nmilter_default_action = tempfail\n", m.port),
+                format!("[[smtpd.milter]]\nendpoint = \"inet:127.0.0.1:{}\"\n", m.port),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let mut postfix = Postfix::start(&dir.join("postfix"), target, &postfix_extra)?;
+        let (mortal_cfg, mortal_variant) = mortal_config(&dir.join("mortal"), target, 100, "", &mortal_extra)?;
         let mut mortal = Mortal::start(&bins, &dir.join("mortal"), &mortal_cfg, port_of(&mortal_cfg))?;
         report.notes.push(format!("{}: mortal delivers via {mortal_variant}", mode.name()));
         // The baseline build gets the same config, on a port of its own.
         let mut old = match &baseline {
             Some((old_bins, rev)) => {
-                let (cfg, _) = mortal_config(&dir.join("mortal-baseline"), target, 100, "")?;
+                let (cfg, _) = mortal_config(&dir.join("mortal-baseline"), target, 100, "", &mortal_extra)?;
                 let old = Mortal::start(old_bins, &dir.join("mortal-baseline"), &cfg, port_of(&cfg))?;
                 report.baseline = Some(rev.clone());
                 Some(old)
             }
             None => None,
         };
-        for w in WORKLOADS.iter().filter(|w| only.as_ref().is_none_or(|o| o.iter().any(|n| n == w.name))) {
+        let wanted = |w: &&Workload| {
+            only.as_ref().is_none_or(|o| o.iter().any(|n| n == w.name))
+                && (mode != Mode::Milter || w.name == MILTER_WORKLOAD)
+        };
+        for w in WORKLOADS.iter().filter(wanted) {
             let w = Workload { messages: w.messages / scale, ..*w };
             let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
             for round in 0..rounds {
@@ -236,7 +263,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         (0, "max_lifetime = \"0s\"", "unlimited (max_use=0, max_lifetime=0s)"),
     ];
     for (max_use, policy, label) in policies.into_iter().filter(|_| !partial) {
-        let (cfg, _) = mortal_config(&dir.join("mortal"), None, max_use, policy)?;
+        let (cfg, _) = mortal_config(&dir.join("mortal"), None, max_use, policy, "")?;
         let mortal = Mortal::start(&bins, &dir.join("mortal"), &cfg, port_of(&cfg))?;
         // The READY latencies before the load (the preforked pool), so
         // that those of the children spawned under load can be told apart.
@@ -497,8 +524,15 @@ impl UssSampler {
 }
 
 /// mortal's config: same domain and target as Postfix's, default limits.
-/// `policy` is appended to both `[process.*]` tables (lifetime keys).
-fn mortal_config(dir: &Path, lmtp: Option<u16>, max_use: u32, policy: &str) -> Result<(String, &'static str)> {
+/// `policy` is appended to both `[process.*]` tables (lifetime keys),
+/// `extra` to the file (a milter).
+fn mortal_config(
+    dir: &Path,
+    lmtp: Option<u16>,
+    max_use: u32,
+    policy: &str,
+    extra: &str,
+) -> Result<(String, &'static str)> {
     let port = chaos::free_port()?;
     let user = chaos::user_line();
     let text = |transport: &str| {
@@ -539,6 +573,8 @@ min_spare = 2
 max_spare = 20
 max_use = {max_use}
 {policy}
+
+{extra}
 "#
         )
     };
@@ -588,8 +624,9 @@ struct Postfix {
 }
 
 impl Postfix {
-    /// Delivery: `discard:` or, given a port, LMTP to that sink.
-    fn start(dir: &Path, lmtp: Option<u16>) -> Result<Self> {
+    /// Delivery: `discard:` or, given a port, LMTP to that sink;
+    /// `extra` is appended to main.cf (a milter).
+    fn start(dir: &Path, lmtp: Option<u16>, extra: &str) -> Result<Self> {
         let dir = std::path::absolute(dir)?;
         let _ = Command::new("postfix").arg("-c").arg(dir.join("etc")).arg("stop").output();
         let _ = fs::remove_dir_all(&dir);
@@ -611,7 +648,7 @@ impl Postfix {
              default_process_limit = 100\nsmtpd_recipient_limit = 1000\nmaillog_file = {log}\n\
              maillog_file_prefixes = {dir}\nbiff = no\nappend_dot_mydomain = no\n\
              lmtp_destination_concurrency_limit = 20\nsmtpd_client_connection_count_limit = 0\n\
-             smtpd_client_message_rate_limit = 0\nsmtpd_client_connection_rate_limit = 0\n",
+             smtpd_client_message_rate_limit = 0\nsmtpd_client_connection_rate_limit = 0\n{extra}",
             q = queue.display(),
             d = data.display(),
             log = dir.join("postfix.log").display(),
@@ -736,7 +773,7 @@ fn fsyncs_per_message(bins: &Path, dir: &Path) -> Result<Option<f64>> {
     if Command::new("strace").arg("-V").output().is_err() {
         return Ok(None);
     }
-    let (cfg, _) = mortal_config(&dir.join("mortal-strace"), None, 100, "")?;
+    let (cfg, _) = mortal_config(&dir.join("mortal-strace"), None, 100, "", "")?;
     let port = port_of(&cfg);
     let inst = dir.join("mortal-strace");
     let _ = fs::remove_dir_all(&inst);
@@ -897,6 +934,18 @@ impl Report {
                 a / b,
                 r.cpu_per_1000(&r.mortal),
                 r.cpu_per_1000(&r.postfix)
+            );
+        }
+        // What one milter costs each server per message: the milter row
+        // against the plain receive-and-queue row of the same workload.
+        let row = |mode: Mode| self.rows.iter().find(|r| r.mode == mode && r.workload.name == MILTER_WORKLOAD);
+        if let (Some(plain), Some(milter)) = (row(Mode::Queue), row(Mode::Milter)) {
+            let cost = |a: f64, b: f64| (1e6 / b - 1e6 / a).max(0.0);
+            let _ = writeln!(
+                s,
+                "\nOne accept-all milter costs per message ({MILTER_WORKLOAD}): mortal {:.0} µs, Postfix {:.0} µs.",
+                cost(plain.rate(&plain.mortal), milter.rate(&milter.mortal)),
+                cost(plain.rate(&plain.postfix), milter.rate(&milter.postfix))
             );
         }
         let _ = writeln!(s, "\nmortal only:\n");

@@ -18,6 +18,7 @@ use std::process::Command;
 mod bench;
 mod chaos;
 mod fuzz;
+mod milter_sink;
 mod sandbox;
 
 /// Debian packages the test suite needs: (package, what uses it).

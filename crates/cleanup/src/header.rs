@@ -13,43 +13,7 @@ use mortal_proto::queue_id::QueueId;
 use std::net::IpAddr;
 use std::time::SystemTime;
 
-/// Where the header section of a (partial) message ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HeaderEnd {
-    /// More lines are needed to decide.
-    Undecided,
-    /// The section is `len` bytes; an empty line follows it.
-    Separator { len: usize },
-    /// The section is `len` bytes and a non-header line follows without an
-    /// empty line between them.
-    NoSeparator { len: usize },
-}
-
-/// Scans complete lines of `buf` for the end of the header section.
-/// `at_end` says no more bytes will come: the whole input is then header.
-pub fn find_header_end(buf: &[u8], at_end: bool) -> HeaderEnd {
-    let mut offset = 0;
-    while let Some(nl) = buf[offset..].iter().position(|&b| b == b'\n') {
-        let line = &buf[offset..offset + nl + 1];
-        let is_continuation = offset > 0 && matches!(line[0], b' ' | b'\t');
-        if line == b"\r\n" {
-            return HeaderEnd::Separator { len: offset };
-        }
-        if !is_continuation && !is_field_line(line) {
-            return HeaderEnd::NoSeparator { len: offset };
-        }
-        offset += nl + 1;
-    }
-    if at_end { HeaderEnd::NoSeparator { len: offset } } else { HeaderEnd::Undecided }
-}
-
-/// `field-name ":"`, field-name being printable ASCII except colon.
-fn is_field_line(line: &[u8]) -> bool {
-    match line.iter().position(|&b| b == b':') {
-        Some(colon) if colon > 0 => line[..colon].iter().all(|&b| (33..=126).contains(&b)),
-        _ => false,
-    }
-}
+pub use mortal_proto::header::{HeaderEnd, find_header_end};
 
 /// What the fixed-up header needs to know about the message.
 #[derive(Debug)]
@@ -153,23 +117,6 @@ fn received(env: &Envelope<'_>) -> String {
 mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
-
-    #[test]
-    fn header_end_table() {
-        let cases: &[(&[u8], bool, HeaderEnd)] = &[
-            (b"Subject: a\r\n\r\nbody\r\n", false, HeaderEnd::Separator { len: 12 }),
-            (b"Subject: a\r\n folded\r\n\r\n", false, HeaderEnd::Separator { len: 21 }),
-            (b"Subject: a\r\nno header here\r\n", false, HeaderEnd::NoSeparator { len: 12 }),
-            (b"\r\nbody only\r\n", false, HeaderEnd::Separator { len: 0 }),
-            (b" leading space\r\n", false, HeaderEnd::NoSeparator { len: 0 }),
-            (b"Subject: a\r\nTo: b", false, HeaderEnd::Undecided),
-            (b"Subject: a\r\n", true, HeaderEnd::NoSeparator { len: 12 }),
-            (b"Bad Name: x\r\n\r\n", false, HeaderEnd::NoSeparator { len: 0 }),
-        ];
-        for (input, at_end, want) in cases {
-            assert_eq!(find_header_end(input, *at_end), *want, "{:?}", String::from_utf8_lossy(input));
-        }
-    }
 
     static UTC: TimeZone = TimeZone::UTC;
 

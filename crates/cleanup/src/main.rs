@@ -13,6 +13,15 @@
 //! ARCHITECTURE.md, "Differences from DESIGN.md"). Then it wakes the queue
 //! manager.
 //!
+//! smtpd's filters (milters, policy servers) decide about the message;
+//! smtpd relays their decisions as `Edit` records after the content, and
+//! cleanup applies them before the commit (module `edit`): header fields
+//! added, inserted, changed, deleted or prepended, the body replaced,
+//! recipients added and deleted, the sender changed. A changed message is
+//! written once more, into a second temporary file that alone is
+//! committed; a held one is committed into `hold/` instead of
+//! `incoming/`; a discarded one is dropped and still answered 250.
+//!
 //! # Security
 //! cleanup trusts nothing smtpd says: every record's type, size, field and
 //! order is checked by the strict decoder, address syntax is re-parsed,
@@ -22,13 +31,18 @@
 //! relay), and `message_size_limit`, `recipient_limit`,
 //! `header_size_limit` and `hopcount_limit` are enforced here again. A
 //! violation ends the transaction with a logged reason and leaves no file
-//! behind. cleanup never reads the network and never writes
-//! outside `incoming/`: after opening the spool and before its first
+//! behind. The filters' edits are trusted as the administrator trusts the
+//! filters (a milter may add a recipient outside `accepted_domains`, as
+//! in Postfix), but not their syntax or size: addresses are parsed again,
+//! and the edited message must still fit `header_size_limit`,
+//! `message_size_limit` and `recipient_limit`; `edit_limit` bounds the
+//! edits. cleanup never reads the network and never writes
+//! outside `incoming/` and `hold/`: after opening the spool and before its first
 //! connection it enters its sandbox (its `needs`, applied by
 //! `mortal_libmaster::daemon::run`), so the
 //! kernel enforces that too: as root it drops to `[server] user`; always
 //! no_new_privs, no core dumps, bounded descriptors, Landlock access to
-//! `incoming/` and nothing else, no TCP, no signals beyond itself, and a
+//! `incoming/` and `hold/` and nothing else, no TCP, no signals beyond itself, and a
 //! seccomp deny-list that also forbids execve.
 //!
 //! # Standards
@@ -36,17 +50,22 @@
 //! fields), RFC 3848 (`with` protocol names).
 //!
 //! # Configuration
-//! `[cleanup]` `ipc_timeout`, `header_size_limit`, `hopcount_limit`;
+//! `[cleanup]` `ipc_timeout`, `header_size_limit`, `hopcount_limit`,
+//! `edit_limit`;
 //! `[smtpd]` `message_size_limit`, `recipient_limit`; `[server]`
 //! `hostname`, `accepted_domains`, `spool_dir`; `[process.cleanup]` the
 //! lifetime policy.
 //!
 //! # Diagnostics
-//! `<id>: message-id=<...>` for every message spooled; `warning: <id>:
-//! ...` naming the rule for every refused transaction; a 451 4.3.0 to smtpd
-//! (and so to the client) whenever the spool cannot be written.
+//! `<id>: message-id=<...>` for every message spooled; `<id>: hold:
+//! <reason>` for one committed into `hold/`; `<id>: discard: <reason>`
+//! (or `all recipients deleted by filters`) for one dropped; `warning:
+//! <id>: ...` naming the rule for every refused transaction, with `<id>:
+//! reject: ...` for a refused message; a 451 4.3.0 to smtpd (and so to the
+//! client) whenever the spool cannot be written.
 #![forbid(unsafe_code)]
 
+mod edit;
 mod header;
 mod session;
 mod spool;
@@ -64,13 +83,18 @@ use std::process::ExitCode;
 const CLEANUP_NOFILE: u64 = 64;
 
 /// cleanup's sandbox: the mail user, write access to `spool/incoming`
-/// only, no TCP, and the deny-list without running a program.
+/// and `spool/hold` (a filter's HOLD) only, no TCP, and the deny-list
+/// without running a program.
 fn needs(config: &Config) -> Needs {
+    let spool = config.spool();
     Needs {
         run_as: RunAs::MailUser,
         chroot_private: false,
         nofile: CLEANUP_NOFILE,
-        landlock: Landlock::Rules { read_write: vec![config.spool().dir(QueueDir::Incoming)], tcp_connect: Vec::new() },
+        landlock: Landlock::Rules {
+            read_write: vec![spool.dir(QueueDir::Incoming), spool.dir(QueueDir::Hold)],
+            tcp_connect: Vec::new(),
+        },
         seccomp: Seccomp::DenyList { may_exec: false, may_fork: true },
     }
 }
@@ -84,7 +108,8 @@ fn open_spool(config: &Config) -> Result<spool::Spool, Fatal> {
         .map_err(|e| Fatal::new(format_args!("open spool {}: {e}", config.spool().dir(QueueDir::Incoming).display())))
 }
 
-/// From here on: the mail user, and write access to incoming/ only.
+/// From here on: the mail user, and write access to incoming/ and hold/
+/// only.
 fn serve(started: Started<UnixListener, spool::Spool>) -> ExitCode {
     let Started { config, listener, mut link, prepared: spool, .. } = started;
     let ctx = session::Context::new(&config, &spool);

@@ -7,14 +7,21 @@
 //! answered at `End`, so smtpd, which streams the data, is never cut off
 //! mid-write; a protocol violation is answered at once and ends the
 //! conversation.
+//!
+//! The filters' `Edit` records are collected as they come
+//! (`crate::edit`) and applied at `End`: a message they change is
+//! rebuilt into a second temporary file before the one commit, one they
+//! only hold is committed into `hold/`, one they discard is dropped with a
+//! 250.
 
+use crate::edit::{EditReject, Edits, Limits};
 use crate::header::{self, Envelope, HeaderEnd, HeaderReject};
-use crate::spool::Spool;
+use crate::spool::{self, Destination, Spool};
 use mortal_libmaster::log;
 use mortal_proto::address;
 use mortal_proto::config::Config;
 use mortal_proto::envelope::{ClientInfo, RecipientInfo, SenderInfo};
-use mortal_proto::ipc::{Decoder, IpcError, Reply, Request, RequestInPlace, RequestSequence};
+use mortal_proto::ipc::{Decoder, Edit, IpcError, Reply, Request, RequestInPlace, RequestSequence};
 use mortal_proto::queue_file::{Encoder, QueuedRecipient};
 use mortal_proto::queue_id::QueueId;
 use mortal_proto::relay;
@@ -60,6 +67,9 @@ const TEMPORARY: Outcome = (ReplyCode::of(451), EnhancedStatus::new(StatusClass:
 const TOO_BIG: Outcome = (ReplyCode::of(552), EnhancedStatus::new(StatusClass::Permanent, 3, 4));
 /// `554 5.4.6`: routing loop detected.
 const LOOP: Outcome = (ReplyCode::of(554), EnhancedStatus::new(StatusClass::Permanent, 4, 6));
+/// `451 4.3.5`: system incorrectly configured (a filter asked for more
+/// than this host allows, as for Postfix's policy server failures).
+const FILTER_ERROR: Outcome = (ReplyCode::of(451), EnhancedStatus::new(StatusClass::Persistent, 3, 5));
 
 /// The answer to smtpd, plus the reason to log when it is a refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,12 +127,22 @@ struct Transaction<'a> {
     seen: HashSet<String>,
     /// Content held until the end of the header section is known.
     header_buf: Vec<u8>,
+    /// The header section as the client sent it, kept for the filters'
+    /// edits (at most `header_size_limit`).
+    client_header: Vec<u8>,
+    /// Octets of the file before its content records.
+    envelope_len: u64,
+    /// Octets of content before the body (the fixed-up header section).
+    body_offset: usize,
+    /// Octets of content written.
+    content_len: u64,
     /// Present once the header is fixed up and content streams to disk.
     encoder: Option<Encoder>,
     message_id: String,
     size: u64,
     /// A refusal decided mid-data, answered at `End`.
     refusal: Option<Answer>,
+    edits: Edits,
 }
 
 impl<'a> Transaction<'a> {
@@ -138,10 +158,15 @@ impl<'a> Transaction<'a> {
             recipients: Vec::new(),
             seen: HashSet::new(),
             header_buf: Vec::new(),
+            client_header: Vec::new(),
+            envelope_len: 0,
+            body_offset: 0,
+            content_len: 0,
             encoder: None,
             message_id: String::new(),
             size: 0,
             refusal: None,
+            edits: Edits::default(),
         }
     }
 
@@ -215,13 +240,7 @@ impl<'a> Transaction<'a> {
             }
             Request::Recipient(rcpt) => self.add_recipient(rcpt)?,
             Request::Data(chunk) => self.data(&chunk),
-            Request::Edit(edit) => {
-                tracing::warn!(
-                    "warning: {}: smtpd sent a filter edit, which this cleanup does not apply: {edit:?}",
-                    self.log_id()
-                );
-                return Err(Answer::protocol_error());
-            }
+            Request::Edit(edit) => self.edit(edit),
             Request::End => return Ok(Step::Finished(self.finish())),
         }
         Ok(Step::Continue)
@@ -312,10 +331,53 @@ impl<'a> Transaction<'a> {
         self.try_header(false);
     }
 
+    /// Collects one filter edit; a refusal is answered at `End`, like one
+    /// decided mid-data.
+    fn edit(&mut self, edit: Edit) {
+        if self.refusal.is_some() {
+            return;
+        }
+        if let Err(reject) = self.edits.push(edit, &Limits::of(self.ctx.config)) {
+            let (answer, why) = self.edit_refusal(reject);
+            self.refuse(answer, &why);
+        }
+    }
+
+    /// The answer refusing what the filters asked, and the reason for the
+    /// `reject:` line; a `warning:` names the rule when the filters, not
+    /// the message, are at fault.
+    fn edit_refusal(&self, reject: EditReject) -> (Answer, String) {
+        let id = self.log_id();
+        match reject {
+            EditReject::TooMany => {
+                let limit = self.ctx.config.cleanup.edit_limit;
+                tracing::warn!("warning: {id}: filters sent more than edit_limit ({limit}) edits");
+                (Answer::new(FILTER_ERROR, "Error: too many edits from filters"), "edit_limit exceeded".to_owned())
+            }
+            EditReject::TooBig => (
+                Answer::new(TOO_BIG, "Error: message file too big"),
+                "message_size_limit exceeded by the filters' edits".to_owned(),
+            ),
+            EditReject::BadRecipient { address, error } => {
+                tracing::warn!("warning: {id}: filter added invalid recipient <{address}>: {error}");
+                (Answer::new(FILTER_ERROR, "Error: invalid recipient from filters"), format!("<{address}>: {error}"))
+            }
+            EditReject::BadSender { address, error } => {
+                tracing::warn!("warning: {id}: filter changed the sender to invalid <{address}>: {error}");
+                (Answer::new(FILTER_ERROR, "Error: invalid sender from filters"), format!("<{address}>: {error}"))
+            }
+        }
+    }
+
     fn refuse(&mut self, answer: Answer, why: &str) {
-        tracing::info!("{}: reject: {why}: {} {} {}", self.log_id(), answer.code, answer.status, answer.text);
-        self.refusal = Some(answer);
+        self.refusal = Some(self.rejected(answer, why));
         self.file = None;
+    }
+
+    /// Logs the refusal and returns its answer.
+    fn rejected(&self, answer: Answer, why: &str) -> Answer {
+        tracing::info!("{}: reject: {why}: {} {} {}", self.log_id(), answer.code, answer.status, answer.text);
+        answer
     }
 
     /// Once the header section is complete: fix it up, write the envelope
@@ -360,7 +422,11 @@ impl<'a> Transaction<'a> {
         let (encoder, start) = Encoder::start(&id, self.arrival, client, sender, &queued);
         self.encoder = Some(encoder);
         self.message_id = fixed.message_id;
-        let rest = std::mem::take(&mut self.header_buf).split_off(len);
+        let mut client_header = std::mem::take(&mut self.header_buf);
+        let rest = client_header.split_off(len);
+        self.client_header = client_header;
+        self.envelope_len = start.len() as u64;
+        self.body_offset = fixed.bytes.len();
         self.write_raw(&start);
         self.write_content(&fixed.bytes);
         if !separator && !rest.is_empty() {
@@ -373,6 +439,7 @@ impl<'a> Transaction<'a> {
     fn write_content(&mut self, bytes: &[u8]) {
         let (Some(enc), Some(file)) = (self.encoder.as_mut(), self.file.as_mut()) else { return };
         let written = enc.content_to(bytes, file);
+        self.content_len += bytes.len() as u64;
         self.check_write(written);
     }
 
@@ -400,14 +467,119 @@ impl<'a> Transaction<'a> {
         let (Some(encoder), Some(mut file), Some(id)) = (self.encoder.take(), self.file.take(), self.id) else {
             unreachable!("a transaction without refusal has written its header");
         };
-        let commit = file.write_all(&encoder.finish()).and_then(|()| self.ctx.spool.commit(file));
-        if let Err(e) = commit {
+        // DISCARD wins over everything else: nothing is kept, so nothing
+        // else needs checking. Dropping the file removes it.
+        if let Some(reason) = self.edits.discard() {
+            drop(file);
+            tracing::info!("{id}: discard: {reason}");
+            return Answer::new(QUEUED, format!("Ok: queued as {id}"));
+        }
+        if self.edits.change_file() {
+            // The first file is never sealed: it is only read back.
+            file = match self.rebuild(file, id) {
+                Ok(Some(file)) => file,
+                Ok(None) => {
+                    tracing::info!("{id}: discard: all recipients deleted by filters");
+                    return Answer::new(QUEUED, format!("Ok: queued as {id}"));
+                }
+                Err(answer) => return answer,
+            };
+        } else if let Err(e) = file.write_all(&encoder.finish()) {
+            tracing::warn!("warning: {id}: write queue file: {e}");
+            return Answer::write_error();
+        }
+        let to = if self.edits.hold().is_some() { Destination::Hold } else { Destination::Incoming };
+        if let Err(e) = self.ctx.spool.commit(file, &id, to) {
             tracing::warn!("warning: {id}: commit queue file: {e}");
             return Answer::write_error();
         }
         tracing::info!("{id}: message-id=<{}>", self.message_id);
-        self.ctx.spool.wake_queue();
+        match self.edits.hold() {
+            Some(reason) => tracing::info!("{id}: hold: {reason}"),
+            None => self.ctx.spool.wake_queue(),
+        }
         Answer::new(QUEUED, format!("Ok: queued as {id}"))
+    }
+
+    /// Writes the message as the filters' edits left it into a new
+    /// temporary file in place of `first` (the unedited message, not
+    /// sealed), checking the result as the original was checked. `None`:
+    /// no recipient is left, and nothing is kept.
+    fn rebuild(&mut self, first: TempFile, id: QueueId) -> Result<Option<TempFile>, Answer> {
+        let limits = Limits::of(self.ctx.config);
+        let (Some(client), Some(mut sender)) = (self.client.as_ref(), self.sender.clone()) else {
+            unreachable!("RequestSequence puts Client and Sender before End");
+        };
+        let mut recipients = self.recipients.clone();
+        if let Err(reject) = self.edits.envelope(&mut sender, &mut recipients, id.as_str()) {
+            let (answer, why) = self.edit_refusal(reject);
+            return Err(self.rejected(answer, &why));
+        }
+        if recipients.is_empty() {
+            return Ok(None);
+        }
+        if recipients.len() > limits.recipients {
+            tracing::warn!("warning: {id}: filters left more than recipient_limit ({}) recipients", limits.recipients);
+            let answer = Answer::new(FILTER_ERROR, "Error: too many recipients");
+            return Err(self.rejected(answer, "recipient_limit exceeded"));
+        }
+        let edited = self.edits.header(&self.client_header);
+        if edited.len() > limits.header_size {
+            let answer = Answer::new(TOO_BIG, "Error: message header size exceeds limit");
+            return Err(self.rejected(answer, "header_size_limit exceeded after the filters' edits"));
+        }
+        let body = self.edits.body();
+        // The message as the filters left it, without cleanup's own
+        // fix-ups, as the limit is applied to an unedited one.
+        let tail = match &body {
+            Some(body) => 2 + body.len() as u64,
+            None => self.content_len - self.body_offset as u64,
+        };
+        if edited.len() as u64 + tail > limits.message_size {
+            let answer = Answer::new(TOO_BIG, "Error: message file too big");
+            return Err(self.rejected(answer, "message_size_limit exceeded after the filters' edits"));
+        }
+        let env = Envelope {
+            queue_id: id,
+            hostname: &self.ctx.config.server.hostname,
+            client,
+            recipients: &recipients,
+            arrival: self.arrival,
+            zone: mortal_libmaster::log::local_zone(),
+        };
+        let fixed = match header::fix_up(&edited.fields, &env, self.ctx.config.cleanup.hopcount_limit) {
+            Ok(f) => f,
+            Err(HeaderReject::TooManyHops(n)) => {
+                return Err(self.rejected(Answer::new(LOOP, "Error: too many hops"), &format!("{n} Received: headers")));
+            }
+        };
+        let queued: Vec<QueuedRecipient> = recipients.iter().map(QueuedRecipient::pending).collect();
+        let (mut encoder, start) = Encoder::start(&id, self.arrival, client, &sender, &queued);
+        let written = (|| -> io::Result<TempFile> {
+            let (mut reader, mut file) = self.ctx.spool.restart(first, &id, self.envelope_len)?;
+            file.write_all(&start)?;
+            encoder.content_to(&edited.prepends, &mut file)?;
+            encoder.content_to(&fixed.bytes, &mut file)?;
+            match &body {
+                Some(body) => {
+                    encoder.content_to(b"\r\n", &mut file)?;
+                    encoder.content_to(body, &mut file)?;
+                }
+                None => {
+                    spool::copy_content(&mut reader, self.body_offset, |chunk| encoder.content_to(chunk, &mut file))?
+                }
+            }
+            file.write_all(&encoder.finish())?;
+            Ok(file)
+        })();
+        let file = written.map_err(|e| {
+            tracing::warn!("warning: {id}: write queue file: {e}");
+            Answer::write_error()
+        })?;
+        self.message_id = fixed.message_id;
+        self.sender = Some(sender);
+        self.recipients = recipients;
+        Ok(Some(file))
     }
 }
 

@@ -33,7 +33,7 @@
 //! | service | identity (root start) | file system | network | seccomp |
 //! |---|---|---|---|---|
 //! | smtpd | mail user, chroot `<run_dir>/private` | nothing | no TCP bind/connect (with `inet:` milters or policy servers: connect to their ports only); `socket()` only `AF_UNIX` (and then `AF_INET`/`AF_INET6` stream) | allow-list, kill |
-//! | cleanup | mail user | `spool/incoming` | no TCP | deny-list, kill |
+//! | cleanup | mail user | `spool/incoming`, `spool/hold` | no TCP | deny-list, kill |
 //! | queue | mail user | spool, maildir root | no TCP | deny-list (also execve, fork), kill |
 //! | lmtp, smtp | mail user | nothing (a Unix-socket LMTP hop is reached by connect, which needs no file right) | TCP connect to the ports of its own routes' next hops | deny-list (also execve, fork), kill |
 //! | anvil | mail user, chroot `<run_dir>/private` | nothing | no TCP | deny-list (also execve), kill |

@@ -296,11 +296,19 @@ pub struct Cleanup {
     pub header_size_limit: usize,
     /// More `Received:` headers than this means a mail loop (554 5.4.6).
     pub hopcount_limit: usize,
+    /// Most edits (milter modifications, policy PREPEND/HOLD/DISCARD) one
+    /// message may carry; more is refused with 451 4.3.5.
+    pub edit_limit: u32,
 }
 
 impl Default for Cleanup {
     fn default() -> Self {
-        Self { ipc_timeout: Duration::from_secs(3600), header_size_limit: 102_400, hopcount_limit: 50 }
+        Self {
+            ipc_timeout: Duration::from_secs(3600),
+            header_size_limit: 102_400,
+            hopcount_limit: 50,
+            edit_limit: 1000,
+        }
     }
 }
 
@@ -1023,6 +1031,7 @@ impl Resolver<'_> {
             ipc_timeout: self.duration("cleanup.ipc_timeout", raw.ipc_timeout, d.ipc_timeout),
             header_size_limit: raw.header_size_limit.unwrap_or(d.header_size_limit),
             hopcount_limit: raw.hopcount_limit.unwrap_or(d.hopcount_limit),
+            edit_limit: raw.edit_limit.unwrap_or(d.edit_limit),
         }
     }
 
@@ -1607,6 +1616,18 @@ mod tests {
         let c = Config::parse("[server]\nspool_dir = \"../spool\"\n", Path::new("etc/mortal.toml")).unwrap();
         assert_eq!(c.run_dir(), Path::new("etc/../spool/run"));
         assert_eq!(c.maildir_root(), Path::new("etc/../spool/maildir"));
+    }
+
+    /// Issue 12: `[cleanup] edit_limit` bounds the filters' edits of one
+    /// message; 1000 unless set, and only a u32.
+    #[test]
+    fn cleanup_edit_limit() {
+        let parse = |text: &str| Config::parse_for(text, Path::new("/m.toml"), false);
+        assert_eq!(parse("").unwrap().cleanup.edit_limit, 1000);
+        assert_eq!(parse("[cleanup]\nedit_limit = 7\n").unwrap().cleanup.edit_limit, 7);
+        let errors = parse("[cleanup]\nedit_limit = -1\n").unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].to_string().contains("m.toml:2"), "{}", errors[0]);
     }
 
     /// Every kind of error points at the exact place: the key for a rule

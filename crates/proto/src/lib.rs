@@ -48,9 +48,11 @@ pub mod anvil;
 pub mod config;
 pub mod date;
 pub mod delivery;
+pub mod dsn;
 pub mod envelope;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
+pub mod header;
 pub mod ipc;
 pub mod milter;
 pub mod policy;

@@ -1302,6 +1302,78 @@ impl Modification {
     }
 }
 
+/// A header modification's kind, as [`place_header`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderOp {
+    /// SMFIR_ADDHEADER.
+    Add,
+    /// SMFIR_INSHEADER at this index (0: the top).
+    Insert(u32),
+    /// SMFIR_CHGHEADER of this occurrence (from 1; 0 taken as 1).
+    Change(u32),
+}
+
+/// Where a header modification lands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    Append,
+    Insert(usize),
+    Replace(usize),
+    Remove(usize),
+    /// A deletion of a field that is not there.
+    Nothing,
+}
+
+/// libmilter's placement rules, in one place for everyone who edits a
+/// header section (cleanup, which applies the edits, and smtpd, which
+/// shows the next milter the edited message): ADDHEADER appends;
+/// INSHEADER inserts at its index, appending past the end; CHGHEADER
+/// replaces the index-th field of that name (case-insensitive), removes
+/// it when the value is empty, and when there are fewer fields of that
+/// name adds one (smfi_chgheader), or does nothing for an empty value.
+/// `names` are the section's field names, in order.
+pub fn place_header<'a>(
+    op: HeaderOp,
+    name: &HeaderName,
+    value_is_empty: bool,
+    names: impl ExactSizeIterator<Item = &'a [u8]>,
+) -> Placement {
+    let len = names.len();
+    match op {
+        HeaderOp::Add => Placement::Append,
+        HeaderOp::Insert(index) => {
+            let at = index as usize;
+            if at >= len { Placement::Append } else { Placement::Insert(at) }
+        }
+        HeaderOp::Change(index) => {
+            let nth = index.max(1) as usize - 1;
+            let found = names
+                .enumerate()
+                .filter(|(_, n)| n.eq_ignore_ascii_case(name.as_str().as_bytes()))
+                .nth(nth)
+                .map(|(i, _)| i);
+            match (found, value_is_empty) {
+                (Some(i), true) => Placement::Remove(i),
+                (Some(i), false) => Placement::Replace(i),
+                (None, true) => Placement::Nothing,
+                (None, false) => Placement::Append,
+            }
+        }
+    }
+}
+
+impl Modification {
+    /// A header modification's kind, name and value; `None` for the others.
+    pub fn header_op(&self) -> Option<(HeaderOp, &HeaderName, &HeaderValue)> {
+        match self {
+            Modification::AddHeader { name, value } => Some((HeaderOp::Add, name, value)),
+            Modification::InsertHeader { index, name, value } => Some((HeaderOp::Insert(*index), name, value)),
+            Modification::ChangeHeader { index, name, value } => Some((HeaderOp::Change(*index), name, value)),
+            _ => None,
+        }
+    }
+}
+
 /// What a filter answers (`SMFIR_*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {

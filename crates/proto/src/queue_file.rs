@@ -191,6 +191,19 @@ impl Encoder {
     }
 }
 
+/// Reads back the content of a file an [`Encoder`] is still writing (no
+/// end record yet): `input` starts at a record boundary after the
+/// envelope records. Returns the next content record's bytes and the
+/// octets it used, `Ok(None)` when more input is needed. cleanup uses it to
+/// copy a message's body into the file it rebuilds for the filters' edits.
+pub fn take_content(input: &[u8]) -> Result<Option<(&[u8], usize)>, QueueFileError> {
+    match take_record(input, MAX_CONTENT_CHUNK)? {
+        Some((rec, used)) if rec.kind == b'M' => Ok(Some((rec.payload, used))),
+        Some((rec, _)) => Err(QueueFileError::OutOfOrder { got: rec.kind as char, expected: "M (content)" }),
+        None => Ok(None),
+    }
+}
+
 // This format's encoding of the envelope (crate::envelope). The IPC
 // protocol has its own (crate::ipc); the two may differ.
 
@@ -586,6 +599,28 @@ mod tests {
             b[i] ^= 0x40;
             assert!(QueueFile::decode(&b).is_err(), "flip at {i} accepted");
         }
+    }
+
+    #[test]
+    fn content_of_an_unfinished_file_is_read_back() {
+        let q = sample();
+        let (mut enc, start) = Encoder::start(&q.id, q.arrival, &q.client, &q.sender, &q.recipients);
+        let mut body = enc.content(b"Subject: a\r\n\r\n");
+        body.extend(enc.content(&q.content));
+        let (mut content, mut at) = (Vec::new(), 0);
+        while let Some((chunk, used)) = take_content(&body[at..]).unwrap() {
+            content.extend_from_slice(chunk);
+            at += used;
+        }
+        assert_eq!(at, body.len());
+        assert_eq!(content[..14], *b"Subject: a\r\n\r\n");
+        assert_eq!(content[14..], q.content[..]);
+        // Only content: the envelope is not.
+        assert_eq!(
+            take_content(&start[MAGIC.len()..]),
+            Err(QueueFileError::OutOfOrder { got: 'V', expected: "M (content)" })
+        );
+        assert_eq!(take_content(&body[..3]), Ok(None));
     }
 
     #[test]

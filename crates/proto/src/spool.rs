@@ -47,7 +47,7 @@ pub enum QueueDir {
     Active,
     /// Messages waiting for their next attempt (due at the file's mtime).
     Deferred,
-    /// Messages an operator put on hold.
+    /// Messages an operator or a filter (through cleanup) put on hold.
     Hold,
     /// Files that failed to decode or verify.
     Corrupt,
@@ -177,6 +177,15 @@ impl Spool {
             Create::Replace => options.create(true).truncate(true),
         };
         TempFile::open(self.temp_path(queue, id), self.path(queue, id), &options)
+    }
+
+    /// Gives `file` (message `id`'s temporary file) the final name `<id>`
+    /// in `queue` instead of the one it was created for: cleanup writes
+    /// into `incoming/` and commits a held message straight into `hold/`.
+    /// Both names are in this spool, so its commit's rename stays on one
+    /// file system and stays atomic.
+    pub fn redirect(&self, file: &mut TempFile, queue: QueueDir, id: &QueueId) {
+        file.path = self.path(queue, id);
     }
 
     /// Writes a new message `id` into `queue` durably (see
@@ -416,6 +425,15 @@ mod tests {
         file.write_all(b"end").unwrap();
         file.commit_rename_then_sync(&File::open(&incoming).unwrap()).unwrap();
         assert_eq!(std::fs::read(spool.path(QueueDir::Incoming, &id(2))).unwrap().len(), big.len() + 3);
+
+        // Written in incoming/, committed into hold/ (cleanup's HOLD).
+        let mut held = spool.create_temp(QueueDir::Incoming, &id(4), Create::New).unwrap();
+        held.write_all(b"held").unwrap();
+        spool.redirect(&mut held, QueueDir::Hold, &id(4));
+        assert_eq!(held.path(), spool.path(QueueDir::Hold, &id(4)));
+        held.commit_rename_then_sync(&File::open(spool.dir(QueueDir::Hold)).unwrap()).unwrap();
+        assert_eq!(std::fs::read(spool.path(QueueDir::Hold, &id(4))).unwrap(), b"held");
+        assert_eq!(names(&spool.dir(QueueDir::Hold)), [id(4).to_string()]);
 
         // A second writer of the same temporary name is refused.
         let first = spool.create_temp(QueueDir::Incoming, &id(3), Create::New).unwrap();

@@ -65,6 +65,7 @@ enum Attempt {
     ListRoot,
     WriteIncoming,
     WriteDeferred,
+    MoveToHold,
     WriteTmp,
     ConnectCleanup,
     ConnectQueue,
@@ -83,12 +84,13 @@ enum Attempt {
     Unshare,
 }
 
-const ATTEMPTS: [Attempt; 21] = [
+const ATTEMPTS: [Attempt; 22] = [
     Attempt::Applied,
     Attempt::ReadPasswd,
     Attempt::ListRoot,
     Attempt::WriteIncoming,
     Attempt::WriteDeferred,
+    Attempt::MoveToHold,
     Attempt::WriteTmp,
     Attempt::ConnectCleanup,
     Attempt::ConnectQueue,
@@ -121,6 +123,7 @@ impl Attempt {
             Attempt::ListRoot => "list-root",
             Attempt::WriteIncoming => "write-incoming",
             Attempt::WriteDeferred => "write-deferred",
+            Attempt::MoveToHold => "move-to-hold",
             Attempt::WriteTmp => "write-tmp",
             Attempt::ConnectCleanup => "connect-cleanup",
             Attempt::ConnectQueue => "connect-queue",
@@ -147,6 +150,7 @@ impl Attempt {
             Attempt::ListRoot => "list the root directory",
             Attempt::WriteIncoming => "create a file in spool/incoming",
             Attempt::WriteDeferred => "create a file in spool/deferred",
+            Attempt::MoveToHold => "move a file from incoming/ into hold/",
             Attempt::WriteTmp => "create a file in /tmp",
             Attempt::ConnectCleanup => "connect to the cleanup socket",
             Attempt::ConnectQueue => "connect to the queue socket",
@@ -196,7 +200,9 @@ impl Attempt {
             // the operator's (no Landlock rules). As root it is another
             // user than the mail user, so the spool is closed to it.
             (Attempt::Exec | Attempt::Spawn, Service::Pipe) => Some(Allowed),
-            (Attempt::WriteIncoming | Attempt::WriteDeferred, Service::Pipe) => root.then_some(Denied),
+            (Attempt::WriteIncoming | Attempt::WriteDeferred | Attempt::MoveToHold, Service::Pipe) => {
+                root.then_some(Denied)
+            }
             (
                 Attempt::ReadPasswd
                 | Attempt::ListRoot
@@ -215,6 +221,10 @@ impl Attempt {
             (Attempt::Spawn, Service::Cleanup | Service::Anvil) => None,
             (Attempt::WriteIncoming, Service::Cleanup | Service::Queue) => Some(Allowed),
             (Attempt::WriteDeferred, Service::Queue) => Some(Allowed),
+            // cleanup commits a message a filter holds by renaming it from
+            // incoming/ into hold/: that, and incoming/, is all it may
+            // write.
+            (Attempt::MoveToHold, Service::Cleanup | Service::Queue) => Some(Allowed),
             (Attempt::ConnectCleanup, Service::Smtpd) => Some(Allowed),
             (Attempt::ConnectQueue, Service::Cleanup) => Some(Allowed),
             (Attempt::ConnectCleanup | Attempt::ConnectQueue, _) => None,
@@ -313,6 +323,7 @@ fn probe(
         Attempt::ListRoot => io(fs::read_dir("/").map(drop)),
         Attempt::WriteIncoming => write_in(&config.spool().dir(QueueDir::Incoming)),
         Attempt::WriteDeferred => write_in(&config.spool().dir(QueueDir::Deferred)),
+        Attempt::MoveToHold => move_into(&config.spool().dir(QueueDir::Incoming), &config.spool().dir(QueueDir::Hold)),
         Attempt::WriteTmp => write_in(Path::new("/tmp")),
         Attempt::ConnectCleanup => io(UnixStream::connect(visible_path(&config.cleanup_socket())).map(drop)),
         Attempt::ConnectQueue => io(UnixStream::connect(visible_path(&config.queue_socket())).map(drop)),
@@ -415,6 +426,18 @@ fn write_in(dir: &Path) -> String {
     if verdict == "allowed" {
         let _ = fs::remove_file(&path);
     }
+    verdict
+}
+
+/// Creates a file in `from` and renames it into `to` (Landlock's refer
+/// right, on top of write access to both).
+fn move_into(from: &Path, to: &Path) -> String {
+    let name = format!("{PROBE_FILE}.{}", std::process::id());
+    let (source, target) = (from.join(&name), to.join(&name));
+    let created = fs::OpenOptions::new().write(true).create_new(true).open(&source).map(drop);
+    let verdict = io(created.and_then(|()| fs::rename(&source, &target)));
+    let _ = fs::remove_file(&source);
+    let _ = fs::remove_file(&target);
     verdict
 }
 

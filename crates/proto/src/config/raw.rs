@@ -145,6 +145,7 @@ pub struct Cleanup {
     pub ipc_timeout: Option<Text>,
     pub header_size_limit: Option<usize>,
     pub hopcount_limit: Option<usize>,
+    pub edit_limit: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -93,6 +93,7 @@ use crate::relay::RelayPolicy;
 use bdat::{ChunkDecoder, ChunkPolicy};
 use command::{Command, Param, ParseError, Verb};
 use data::{ContentError, DataReceiver};
+use dsn::DsnReply as _;
 use line::{Line, LineReader};
 use mortal_proto::address::{self, AddressError};
 use mortal_proto::config::{BareNewline, Config};

@@ -25,10 +25,12 @@ use super::verdict::{CheckStage, Decision, FilterReply, Note, RefusedBy};
 use super::{Endpoint, Stream};
 use crate::engine::{Check, Subject};
 use mortal_proto::config::{Config, Milter, MilterDefaultAction};
+use mortal_proto::header::{HeaderEnd, find_header_end};
 use mortal_proto::ipc::Edit;
 use mortal_proto::milter::{
     ClientAddress, Command, Connect, Decoder, EnvelopeArgs, HeaderName, HeaderValue, MAX_BODY_CHUNK, MacroLists,
-    MacroName, MilterAddress, MilterError, Modification, Offer, ProtocolSteps, Reply, Stage, negotiate_from,
+    MacroName, MilterAddress, MilterError, Modification, Offer, Placement, ProtocolSteps, Reply, Stage, negotiate_from,
+    place_header,
 };
 use mortal_proto::queue_id::QueueId;
 use mortal_proto::smtp_status::{EnhancedStatus, ReplyCode, StatusClass};
@@ -667,32 +669,31 @@ impl Message {
     /// and their continuations up to the empty line, or up to the first
     /// line that is neither.
     fn parse(content: &[u8]) -> Message {
-        let mut headers: Vec<(String, Vec<u8>)> = Vec::new();
-        let mut offset = 0;
-        let body_start = loop {
-            let Some(nl) = content[offset..].iter().position(|&b| b == b'\n') else { break content.len() };
-            let line = &content[offset..offset + nl + 1];
-            let text = line.strip_suffix(b"\r\n").or(line.strip_suffix(b"\n")).unwrap_or(line);
-            if text.is_empty() {
-                break offset + nl + 1;
+        let (len, body_start) = match find_header_end(content, true) {
+            HeaderEnd::Separator { len } => {
+                (len, len + content[len..].iter().position(|&b| b == b'\n').map_or(0, |nl| nl + 1))
             }
-            if matches!(text[0], b' ' | b'\t') && !headers.is_empty() {
-                let value = &mut headers.last_mut().expect("checked").1;
-                value.push(b'\n');
-                value.extend_from_slice(text);
-            } else if let Some(colon) = text.iter().position(|&b| b == b':')
-                && colon > 0
-                && text[..colon].iter().all(|&b| (33..=126).contains(&b))
-            {
-                let name = String::from_utf8_lossy(&text[..colon]).into_owned();
-                let value = &text[colon + 1..];
-                let value = value.strip_prefix(b" ").or(value.strip_prefix(b"\t")).unwrap_or(value);
-                headers.push((name, value.to_vec()));
-            } else {
-                break offset;
-            }
-            offset += nl + 1;
+            HeaderEnd::NoSeparator { len } => (len, len),
+            // Not with `at_end`: the whole input is then the header.
+            HeaderEnd::Undecided => (content.len(), content.len()),
         };
+        let mut headers: Vec<(String, Vec<u8>)> = Vec::new();
+        for line in content[..len].split_inclusive(|&b| b == b'\n') {
+            let text = line.strip_suffix(b"\r\n").or(line.strip_suffix(b"\n")).unwrap_or(line);
+            match headers.last_mut() {
+                Some((_, value)) if matches!(text.first(), Some(b' ' | b'\t')) => {
+                    value.push(b'\n');
+                    value.extend_from_slice(text);
+                }
+                _ => {
+                    // find_header_end vouched for `name:` here.
+                    let colon = text.iter().position(|&b| b == b':').unwrap_or(text.len());
+                    let value = text.get(colon + 1..).unwrap_or_default();
+                    let value = value.strip_prefix(b" ").or(value.strip_prefix(b"\t")).unwrap_or(value);
+                    headers.push((String::from_utf8_lossy(&text[..colon]).into_owned(), value.to_vec()));
+                }
+            }
+        }
         let headers = headers
             .into_iter()
             .filter_map(|(n, v)| Some((HeaderName::new(&n)?, HeaderValue::new(&v).unwrap_or_default())))
@@ -703,30 +704,20 @@ impl Message {
     /// A modification, as the next milter must see it (cleanup applies
     /// the same to the queue file, by the same rules).
     fn apply(&mut self, m: &Modification) {
-        let same = |a: &HeaderName, b: &HeaderName| a.as_str().eq_ignore_ascii_case(b.as_str());
-        match m {
-            Modification::AddHeader { name, value } => self.headers.push((name.clone(), value.clone())),
-            Modification::InsertHeader { index, name, value } => {
-                let at = (*index as usize).min(self.headers.len());
-                self.headers.insert(at, (name.clone(), value.clone()));
+        if let Modification::ReplaceBody(chunk) = m {
+            return self.body.extend_from_slice(chunk);
+        }
+        let Some((op, name, value)) = m.header_op() else { return };
+        let names: Vec<&[u8]> = self.headers.iter().map(|(n, _)| n.as_str().as_bytes()).collect();
+        let field = (name.clone(), value.clone());
+        match place_header(op, name, value.is_empty(), names.into_iter()) {
+            Placement::Append => self.headers.push(field),
+            Placement::Insert(i) => self.headers.insert(i, field),
+            Placement::Replace(i) => self.headers[i] = field,
+            Placement::Remove(i) => {
+                self.headers.remove(i);
             }
-            Modification::ChangeHeader { index, name, value } => {
-                let nth = (*index).max(1) as usize;
-                let position = self.headers.iter().enumerate().filter(|(_, (n, _))| same(n, name)).nth(nth - 1);
-                match (position.map(|(i, _)| i), value.is_empty()) {
-                    (Some(i), true) => {
-                        self.headers.remove(i);
-                    }
-                    (Some(i), false) => self.headers[i].1 = value.clone(),
-                    (None, true) => {}
-                    (None, false) => self.headers.push((name.clone(), value.clone())),
-                }
-            }
-            Modification::ReplaceBody(chunk) => self.body.extend_from_slice(chunk),
-            Modification::AddRecipient(_)
-            | Modification::AddRecipientWithArgs { .. }
-            | Modification::DeleteRecipient(_)
-            | Modification::ChangeSender { .. } => {}
+            Placement::Nothing => {}
         }
     }
 }
@@ -771,7 +762,8 @@ mod tests {
         let names: Vec<(&str, &[u8])> = m.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
         assert_eq!(
             names,
-            [("A-R", &b"mx; dkim=pass"[..]), ("X-A", b"1"), ("X-A", b"two"), ("X-New", b"added"), ("X-Last", b"z")]
+            // The changed field takes the milter's spelling, as in cleanup.
+            [("A-R", &b"mx; dkim=pass"[..]), ("X-A", b"1"), ("x-a", b"two"), ("X-New", b"added"), ("X-Last", b"z")]
         );
     }
 
