@@ -10,6 +10,7 @@
 
 pub mod delivery;
 pub mod dns;
+pub mod filters;
 pub mod lifetime;
 pub mod netpeer;
 pub mod pipe;
@@ -448,8 +449,14 @@ pub fn mail_user_line(server_extra: &str) -> &'static str {
 }
 
 /// Polls `f` every 20 ms until it yields a value or [`WAIT`] passes.
-pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + WAIT;
+pub fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> Option<T> {
+    wait_for_within(what, WAIT, f)
+}
+
+/// [`wait_for`] with another bound, for what is known to take longer
+/// (a filter daemon's start).
+pub fn wait_for_within<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = f() {
             return Some(v);
