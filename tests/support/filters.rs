@@ -30,27 +30,45 @@
 //! Debian's modules and scores (`$CONFDIR/common.conf`) and runs only the
 //! proxy worker, in milter mode, scanning itself:
 //! ```text
-//! options { dns { nameserver = ["127.0.0.1:DNSPORT"]; } ... }
+//! options { .include "$CONFDIR/options.inc"   # Debian's, then, replacing keys:
+//!           .include(priority=10) "DIR/override.d/options.inc" }
+//!     # dns { nameserver = ["127.0.0.1:DNSPORT"]; timeout = 1s; retransmits = 1; }
+//!     # local_addrs = []; tempdir = "DIR/run"; control_socket = "";
 //! worker "rspamd_proxy" {
-//!     bind_socket = "127.0.0.1:PORT"; milter = yes; self_scan = yes;
-//!     count = 1; timeout = 120s; reject_message = "Spam message rejected";
+//!     bind_socket = "127.0.0.1:PORT"; milter = yes; count = 1;
+//!     timeout = 120s; reject_message = "Spam message rejected";
+//!     upstream "local" { default = yes; self_scan = yes; }
 //! }
 //! ```
 //! with `local.d/milter_headers.conf` `use = ["x-spamd-result",
 //! "x-spam-status", "authentication-results"]; skip_local = false;
 //! skip_authenticated = false;` and the rspamd.com fuzzy rule off. No
-//! Redis: the modules that want it say so in the log and stay off. A
-//! GTUBE message gets `554 5.7.1 Spam message rejected`.
+//! Redis: the modules that want it say so in the log and stay off. Its
+//! maps from maps.rspamd.com are not fetched (the test DNS does not know
+//! the name): Debian's fallback copies are used. A GTUBE message gets
+//! `554 5.7.1 Gtube pattern` at the end of the message.
 //!
 //! # OpenDKIM ([`OpenDkim`])
-//! `opendkim -f -x DIR/opendkim.conf`; the verifier's configuration:
+//! `opendkim -f -x DIR/opendkim.conf`, DIR under `target/tmp` (OpenDKIM
+//! refuses a configuration under a world-writable directory such as
+//! /tmp); the verifier's configuration:
 //! ```text
 //! Mode                  v
 //! Socket                inet:PORT@127.0.0.1
 //! AuthservID            mortal.test
 //! AlwaysAddARHeader     yes
 //! InternalHosts         DIR/internal-hosts   (192.0.2.255 only: 127.0.0.1 is verified too)
-//! ResolverConfiguration DIR/unbound.conf     (forward-addr: 127.0.0.1@DNSPORT)
+//! ResolverConfiguration DIR/unbound.conf
+//! ```
+//! where `unbound.conf` (OpenDKIM is built with libunbound) is
+//! ```text
+//! server:
+//!   do-not-query-localhost: no
+//!   module-config: "iterator"
+//!   local-zone: "test." nodefault     # unbound answers .test itself otherwise (RFC 6761)
+//! forward-zone:
+//!   name: "."
+//!   forward-addr: 127.0.0.1@DNSPORT
 //! ```
 //! and the signer's (a second instance, [`OpenDkim::signer`], used by
 //! [`OpenDkim::sign`]): `Mode s`, `Domain`, `Selector`, `KeyFile` of a
@@ -71,10 +89,10 @@
 
 use crate::delivery::Guard;
 use crate::dns::{TestDns, Zone};
-use crate::{TempDir, children_of, process_exists, wait_for_within};
+use crate::{TempDir, children_of, process_exists, target_tmp_dir, wait_for_within};
 use mortal_proto::milter::{
     Agreement, ClientAddress, Command, Connect, Decoder, EnvelopeArgs, HeaderName, HeaderValue, MacroName,
-    MilterAddress, Modification, Offer, Reply, Stage, negotiate,
+    MilterAddress, Modification, Offer, ProtocolSteps, Reply, Stage, negotiate,
 };
 use std::fs;
 use std::io::{Read, Write};
@@ -145,6 +163,10 @@ fn give_to(path: &Path, user: &str) {
 struct Daemon {
     what: &'static str,
     log: PathBuf,
+    /// Killed outright on drop instead of the guard's SIGTERM: libmilter
+    /// takes seconds to notice a SIGTERM, and these keep no state a
+    /// test needs.
+    kill_on_drop: bool,
     guard: Guard,
     dir: TempDir,
 }
@@ -161,7 +183,7 @@ impl Daemon {
             what,
             cmd.current_dir(&dir.0).stdin(Stdio::null()).stdout(file.try_clone().expect("dup log")).stderr(file),
         );
-        let mut daemon = Daemon { what, log, guard, dir };
+        let mut daemon = Daemon { what, log, kill_on_drop: false, guard, dir };
         let up = wait_for_within(&format!("{what} on 127.0.0.1:{port}"), START_LIMIT, || {
             daemon.guard.assert_running(&daemon.log_text());
             TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
@@ -190,6 +212,11 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("{} log:\n{}", self.what, self.log_text());
+        }
+        if self.kill_on_drop {
+            // Our own child, not yet reaped: the pid is still ours.
+            let pid = nix::unistd::Pid::from_raw(self.guard.pid() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
@@ -270,7 +297,7 @@ impl TestMilter {
         let port = free_port();
         // Debian's python3, where python3-milter is: the first `python3`
         // on PATH may be another.
-        let daemon = Daemon::start(
+        let mut daemon = Daemon::start(
             "test_milter",
             dir,
             port,
@@ -281,6 +308,7 @@ impl TestMilter {
                 .arg(&record)
                 .env("TEST_MILTER_SLOW_SECONDS", slow.as_secs_f64().to_string()),
         );
+        daemon.kill_on_drop = true;
         TestMilter { port, record, daemon }
     }
 
@@ -338,14 +366,7 @@ impl Rspamd {
 options {{
     pidfile = "$RUNDIR/rspamd.pid";
     .include "$CONFDIR/options.inc"
-    dns {{
-        nameserver = ["127.0.0.1:{dns}"];
-        timeout = 1s;
-        retransmits = 1;
-    }}
-    local_addrs = [];
-    tempdir = "{d}/run";
-    control_socket = "";
+    .include(priority=10) "$LOCAL_CONFDIR/override.d/options.inc"
 }}
 logging {{
     type = "file";
@@ -355,17 +376,31 @@ logging {{
 worker "rspamd_proxy" {{
     bind_socket = "127.0.0.1:{port}";
     milter = yes;
-    self_scan = yes;
     timeout = 120s;
     count = 1;
     reject_message = "Spam message rejected";
+    upstream "local" {{
+        default = yes;
+        self_scan = yes;
+    }}
 }}
 "#,
+            ),
+        )
+        .expect("write rspamd.conf");
+        // Options that replace Debian's (a higher priority replaces a key
+        // whole): the test DNS only, no control socket, temp files here.
+        fs::create_dir_all(d.join("override.d")).expect("rspamd override.d");
+        fs::write(
+            d.join("override.d/options.inc"),
+            format!(
+                "dns {{\n    nameserver = [\"127.0.0.1:{dns}\"];\n    timeout = 1s;\n    retransmits = 1;\n}}\n\
+                 local_addrs = [];\ntempdir = \"{d}/run\";\ncontrol_socket = \"\";\n",
                 dns = dns.port,
                 d = d.display()
             ),
         )
-        .expect("write rspamd.conf");
+        .expect("write rspamd override.d/options.inc");
         fs::write(
             d.join("local.d/milter_headers.conf"),
             "use = [\"x-spamd-result\", \"x-spam-status\", \"authentication-results\"];\n\
@@ -489,12 +524,12 @@ impl OpenDkim {
     /// A verifier (`Mode v`) asking `dns` for keys, adding
     /// `Authentication-Results: mortal.test; dkim=...`.
     pub fn start(dns: &TestDns) -> Self {
-        let dir = TempDir::new("opendkim");
+        let dir = TempDir::new_in("opendkim", &target_tmp_dir());
         let d = dir.0.clone();
         fs::write(
             d.join("unbound.conf"),
             format!(
-                "server:\n  do-not-query-localhost: no\n  module-config: \"iterator\"\n\
+                "server:\n  do-not-query-localhost: no\n  module-config: \"iterator\"\n  local-zone: \"test.\" nodefault\n\
                  forward-zone:\n  name: \".\"\n  forward-addr: 127.0.0.1@{}\n",
                 dns.port
             ),
@@ -515,7 +550,7 @@ impl OpenDkim {
     /// A signer (`Mode s`) for `key`'s domain, signing what comes from
     /// 127.0.0.1.
     pub fn signer(key: &DkimKey) -> Self {
-        let dir = TempDir::new("opendkim-signer");
+        let dir = TempDir::new_in("opendkim-signer", &target_tmp_dir());
         // OpenDKIM reads the key as its user and wants it private to it.
         let key_file = dir.0.join("key.private");
         fs::copy(&key.private, &key_file).expect("copy key");
@@ -549,12 +584,13 @@ impl OpenDkim {
         if is_root() {
             give_to(&d, "opendkim");
         }
-        let daemon = Daemon::start(
+        let mut daemon = Daemon::start(
             "opendkim",
             dir,
             port,
             Process::new("opendkim").arg("-f").arg("-x").arg(d.join("opendkim.conf")),
         );
+        daemon.kill_on_drop = true;
         OpenDkim { port, daemon }
     }
 
@@ -569,7 +605,7 @@ impl OpenDkim {
         let mut milter = MilterConversation::open(self.port, Offer::default());
         let client = "127.0.0.1:40000".parse().expect("address");
         let outcome = milter.message(client, from, &[to], message);
-        assert_eq!(outcome.reply, Reply::Continue, "signer: {outcome:?}\n{}", self.log_text());
+        assert!(matches!(outcome.reply, Reply::Continue | Reply::Accept), "signer: {outcome:?}\n{}", self.log_text());
         let signature = outcome
             .modifications()
             .into_iter()
@@ -582,7 +618,11 @@ impl OpenDkim {
                 _ => None,
             })
             .unwrap_or_else(|| panic!("signer added no DKIM-Signature: {outcome:?}\n{}", self.log_text()));
-        let mut signed = b"DKIM-Signature: ".to_vec();
+        // OpenDKIM asks for HDR_LEADSPC: its value brings its own space.
+        let mut signed = b"DKIM-Signature:".to_vec();
+        if !signature.as_bytes().starts_with(b" ") && !signature.as_bytes().starts_with(b"\t") {
+            signed.push(b' ');
+        }
         signed.extend(crlf(signature.as_bytes()));
         signed.extend_from_slice(b"\r\n");
         signed.extend_from_slice(message);
@@ -646,12 +686,13 @@ impl OpenDmarc {
             "mount --bind {d}/resolv.conf /etc/resolv.conf && exec opendmarc -f -c {d}/opendmarc.conf",
             d = d.display()
         );
-        let daemon = Daemon::start(
+        let mut daemon = Daemon::start(
             "opendmarc",
             dir,
             port,
             Process::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]),
         );
+        daemon.kill_on_drop = true;
         OpenDmarc { port, daemon }
     }
 
@@ -736,7 +777,12 @@ impl MilterConversation {
             if let Some(v) = next(&mut self.decoder).unwrap_or_else(|e| panic!("milter sent garbage: {e}")) {
                 return v;
             }
-            let n = self.stream.read(&mut buf).unwrap_or_else(|e| panic!("read from milter: {e}"));
+            let n = match self.stream.read(&mut buf) {
+                Ok(n) => n,
+                // A signal meant for another test's thread.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => panic!("read from milter: {e}"),
+            };
             assert!(n > 0, "milter closed the connection");
             self.decoder.feed(&buf[..n]);
         }
@@ -789,7 +835,8 @@ impl MilterConversation {
             steps.push((Stage::Rcpt, Command::Rcpt(EnvelopeArgs { address: address(rcpt), params: Vec::new() })));
         }
         steps.push((Stage::Data, Command::Data));
-        let (headers, body) = split_message(message);
+        let leading_space = self.agreement.steps.contains(ProtocolSteps::HDR_LEADSPC);
+        let (headers, body) = split_message(message, leading_space);
         for (name, value) in headers {
             steps.push((Stage::Header, Command::Header { name, value }));
         }
@@ -823,10 +870,10 @@ fn dummy_agreement() -> Agreement {
     negotiate(&Offer::default(), &answer).expect("the empty answer is agreeable")
 }
 
-/// The header fields (unfolded into name and value as a milter gets them:
-/// the value without the space after the colon, folds kept) and the body
-/// of a CRLF message.
-pub fn split_message(message: &[u8]) -> (Vec<(HeaderName, HeaderValue)>, &[u8]) {
+/// The header fields (into name and value as a milter gets them: the
+/// value without the space after the colon unless `leading_space`, as
+/// HDR_LEADSPC asks, folds kept) and the body of a CRLF message.
+pub fn split_message(message: &[u8], leading_space: bool) -> (Vec<(HeaderName, HeaderValue)>, &[u8]) {
     let end = message.windows(4).position(|w| w == b"\r\n\r\n").map_or(message.len(), |i| i + 2);
     let body = message.get(end + 2..).unwrap_or(&[]);
     let mut fields: Vec<Vec<u8>> = Vec::new();
@@ -849,7 +896,7 @@ pub fn split_message(message: &[u8]) -> (Vec<(HeaderName, HeaderValue)>, &[u8]) 
             let colon = f.iter().position(|&b| b == b':').expect("header field with a colon");
             let name = HeaderName::new(std::str::from_utf8(&f[..colon]).expect("ASCII name")).expect("field name");
             let raw = &f[colon + 1..];
-            let value = raw.strip_prefix(b" ").unwrap_or(raw);
+            let value = if leading_space { raw } else { raw.strip_prefix(b" ").unwrap_or(raw) };
             (name, HeaderValue::new(value).expect("header value"))
         })
         .collect();

@@ -59,6 +59,22 @@ impl TempDir {
         let dir = tempfile::Builder::new().prefix(&format!("mortal-{tag}-")).tempdir().expect("create temp dir");
         TempDir(dir.path().to_owned(), Some(dir))
     }
+
+    /// One under `base` (created if missing) instead of the system's temp
+    /// dir: for daemons that refuse files under a world-writable
+    /// directory such as /tmp (OpenDKIM).
+    pub fn new_in(tag: &str, base: &Path) -> Self {
+        fs::create_dir_all(base).expect("create temp base dir");
+        let dir = tempfile::Builder::new().prefix(&format!("mortal-{tag}-")).tempdir_in(base).expect("create temp dir");
+        TempDir(dir.path().to_owned(), Some(dir))
+    }
+}
+
+/// `target/tmp` of the build the test runs from (cargo's
+/// CARGO_TARGET_TMPDIR): a temp base that is not world-writable.
+pub fn target_tmp_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).and_then(Path::parent).expect("target/<profile>/deps/<test>").join("tmp")
 }
 
 impl Drop for TempDir {
