@@ -317,8 +317,12 @@ fn header_of(outcome: &Outcome, wanted: &str) -> Option<String> {
 }
 
 #[test]
-fn rspamd_rejects_gtube_and_adds_headers_to_a_clean_message() {
-    let dns = TestDns::zone(test_zone());
+fn rspamd_rejects_gtube_passes_signed_mail_and_marks_spf_failures() {
+    let key = DkimKey::generate("example.test", "sel1");
+    let mut zone = test_zone();
+    key.publish(&mut zone);
+    let dns = TestDns::zone(zone);
+    let signed = signed_message(&key, "Hello there, signed.");
     let rspamd = Rspamd::start(&dns);
 
     let mut conv = MilterConversation::open(rspamd.port, Offer::default());
@@ -375,6 +379,100 @@ fn rspamd_rejects_gtube_and_adds_headers_to_a_clean_message() {
             value: value("Yes")
         }),
         "{spf_fail:?}"
+    );
+
+    // Signed (the key from the test DNS: a TXT record of two strings)
+    // and from an address SPF allows: DKIM, SPF and DMARC pass.
+    let mut conv = MilterConversation::open(rspamd.port, Offer::default());
+    let good = conv.message(ALLOWED_CLIENT, "sender@example.test", &["rcpt@example.test"], &signed);
+    conv.quit();
+    assert_eq!(good.reply, Reply::Accept, "{good:?}\n{}", rspamd.log_text());
+    let result = header_of(&good, "X-Spamd-Result").unwrap_or_else(|| panic!("no X-Spamd-Result: {good:?}"));
+    for symbol in ["R_DKIM_ALLOW(", "R_SPF_ALLOW(", "DMARC_POLICY_ALLOW("] {
+        assert!(result.contains(symbol), "{symbol} missing: {result}");
+    }
+    let ar = header_of(&good, "Authentication-Results").unwrap_or_else(|| panic!("no A-R: {good:?}"));
+    assert!(ar.contains("dkim=pass header.d=example.test header.s=sel1") && ar.contains("dmarc=pass"), "{ar}");
+    assert!(dns.asked("sel1._domainkey.example.test.", dns::TXT), "{:?}", dns.query_log());
+}
+
+// ---- the test DNS ----
+
+/// A DNS query for `name` TXT, id 0x1234, RD.
+fn txt_query(name: &str) -> Vec<u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(u8::try_from(label.len()).expect("label"));
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 16, 0, 1]);
+    q
+}
+
+/// The character-strings of the single TXT answer of `reply` to `query`.
+fn txt_strings(query: &[u8], reply: &[u8]) -> Vec<Vec<u8>> {
+    assert_eq!(&reply[..2], &query[..2], "id");
+    assert_eq!(u16::from_be_bytes([reply[6], reply[7]]), 1, "one answer");
+    // The answer: pointer (2), type, class (4), TTL (4), rdlength (2).
+    let rdata_at = query.len() + 12;
+    let rdlength = usize::from(u16::from_be_bytes([reply[rdata_at - 2], reply[rdata_at - 1]]));
+    let mut rdata = &reply[rdata_at..rdata_at + rdlength];
+    let mut strings = Vec::new();
+    while let Some((&len, rest)) = rdata.split_first() {
+        strings.push(rest[..usize::from(len)].to_vec());
+        rdata = &rest[usize::from(len)..];
+    }
+    strings
+}
+
+#[test]
+fn test_dns_splits_a_long_txt_and_truncates_it_over_udp() {
+    let long = "v=DKIM1; k=rsa; p=".to_owned() + &"A".repeat(600);
+    let mut zone = Zone::new();
+    zone.txt("big.example.test", &long).txt("small.example.test", "v=spf1 -all");
+    let dns = TestDns::zone(zone);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    udp.set_read_timeout(Some(REPLY_LIMIT)).expect("timeout");
+    let mut buf = [0u8; 2048];
+
+    let small = txt_query("small.example.test");
+    udp.send_to(&small, ("127.0.0.1", dns.port)).expect("send");
+    let n = udp.recv(&mut buf).expect("UDP answer");
+    assert_eq!(txt_strings(&small, &buf[..n]), [b"v=spf1 -all".to_vec()]);
+
+    // Over 512 octets: truncated (TC, no answer) over UDP ...
+    let big = txt_query("BIG.example.test");
+    udp.send_to(&big, ("127.0.0.1", dns.port)).expect("send");
+    let n = udp.recv(&mut buf).expect("UDP answer");
+    assert_eq!(n, big.len(), "the question only");
+    assert_eq!(buf[2] & 0x02, 0x02, "TC set");
+    assert_eq!(&buf[6..8], &[0, 0], "no answer");
+    // ... and whole over TCP, in strings of at most 255 octets.
+    let mut tcp = TcpStream::connect(("127.0.0.1", dns.port)).expect("connect");
+    tcp.set_read_timeout(Some(REPLY_LIMIT)).expect("timeout");
+    tcp.write_all(&u16::try_from(big.len()).expect("len").to_be_bytes()).expect("send");
+    tcp.write_all(&big).expect("send");
+    let mut len = [0u8; 2];
+    tcp.read_exact(&mut len).expect("length");
+    let mut reply = vec![0; usize::from(u16::from_be_bytes(len))];
+    tcp.read_exact(&mut reply).expect("answer");
+    let strings = txt_strings(&big, &reply);
+    assert_eq!(strings.iter().map(Vec::len).collect::<Vec<_>>(), [255, 255, long.len() - 510]);
+    assert_eq!(strings.concat(), long.as_bytes());
+
+    // A name without records: NXDOMAIN.
+    let none = txt_query("none.example.test");
+    udp.send_to(&none, ("127.0.0.1", dns.port)).expect("send");
+    let n = udp.recv(&mut buf).expect("UDP answer");
+    assert_eq!((buf[3] & 0x0f, &buf[6..8]), (3, &[0u8, 0][..]), "{:?}", &buf[..n]);
+    assert_eq!(
+        dns.query_log(),
+        [
+            ("small.example.test.".to_owned(), dns::TXT),
+            ("big.example.test.".to_owned(), dns::TXT),
+            ("big.example.test.".to_owned(), dns::TXT + dns::TCP),
+            ("none.example.test.".to_owned(), dns::TXT),
+        ]
     );
 }
 
