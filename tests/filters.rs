@@ -251,17 +251,18 @@ fn test_milter_records_what_it_received() {
     let milter = TestMilter::start();
     let outcome = test_milter_message(&milter, &["headers@example.test"]);
     assert_eq!(outcome, eom(Reply::Continue, vec![]));
-    let records = milter.wait_for_record("eom");
+    // QUIT ends the conversation: "close" is the last record.
+    let records = milter.wait_for_record("close");
     let events: Vec<&str> = records.iter().map(|r| r["event"].as_str().expect("event")).collect();
     assert_eq!(
         events,
         [
             "connect", "helo", "mail", "rcpt", "data", "header", "header", "header", "header", "header", "header",
-            "header", "header", "eoh", "body", "eom"
+            "header", "header", "eoh", "body", "eom", "close"
         ]
     );
     assert_eq!(records[0]["hostname"], "client.example.test");
-    assert_eq!(records[0]["address"], "('192.0.2.10', 40000)");
+    assert_eq!((&records[0]["address"], &records[0]["port"]), (&"192.0.2.10".into(), &40000.into()));
     assert_eq!(records[0]["macros"]["j"], "mortal.test");
     assert_eq!(records[2]["address"], "<sender@example.test>");
     assert_eq!(records[2]["macros"]["i"], "4TESTQUEUEID");

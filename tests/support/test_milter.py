@@ -38,7 +38,8 @@ a "+", as in addheader+2) changes nothing: every stage answers CONTINUE.
                       RECORD_FILE (see below), then CONTINUE
 
 Record lines (one JSON object per line, appended and flushed per event):
-  {"event": "connect", "hostname": ..., "family": ..., "address": ...}
+  {"event": "connect", "hostname": ..., "family": ..., "address": ..., "port": N}
+      (address: the IP address, or the socket path with "port": null)
   {"event": "helo", "name": ...}
   {"event": "mail", "address": "<...>", "params": [...]}
   {"event": "rcpt", "address": "<...>", "params": [...]}
@@ -47,6 +48,9 @@ Record lines (one JSON object per line, appended and flushed per event):
   {"event": "eoh"}
   {"event": "body", "chunk": ...}    (octets as Latin-1 text: one char each)
   {"event": "eom"}
+  {"event": "unknown", "command": ...}   (an SMTP command the MTA did not know)
+  {"event": "abort"}                     (the MTA aborted the message)
+  {"event": "close"}
 each with "macros": {name: value} of the macros MACROS that were set.
 Events before the first RCPT are kept until a "headers" recipient shows
 that the message is to be recorded; they are written then.
@@ -113,7 +117,11 @@ class TestMilter(Milter.Base):
     def connect(self, hostname, family, hostaddr):
         log("connect", hostname, hostaddr)
         self.pending = []
-        self.record("connect", hostname=hostname, family=str(family), address=str(hostaddr))
+        if isinstance(hostaddr, tuple):
+            address, port = hostaddr[0], hostaddr[1]
+        else:
+            address, port = hostaddr, None
+        self.record("connect", hostname=hostname, family=str(family), address=address, port=port)
         return Milter.CONTINUE
 
     def hello(self, name):
@@ -204,13 +212,21 @@ class TestMilter(Milter.Base):
             return Milter.ACCEPT
         return Milter.CONTINUE
 
+    def unknown(self, command):
+        log("unknown", command)
+        self.record("unknown", command=command.decode("latin-1") if isinstance(command, bytes) else command)
+        return Milter.CONTINUE
+
     def abort(self):
         log("abort")
-        self.cases = set()
+        # Recorded while the case still holds; the next MAIL starts afresh.
+        self.record("abort")
         return Milter.CONTINUE
 
     def close(self):
         log("close")
+        if "headers" in self.cases:
+            self.record("close")
         return Milter.CONTINUE
 
 
