@@ -7,6 +7,18 @@
 //! [`MilterConversation`] is the MTA's side of one milter conversation
 //! through mortal_proto's codec, for tests that talk to a milter directly.
 //!
+//! A mortal instance reaches them through its configuration, e.g. in
+//! `Options::extra` (milters are asked in the order listed):
+//! ```text
+//! [[smtpd.milter]]
+//! endpoint = "inet:127.0.0.1:PORT"     # OpenDkim::endpoint(), then OpenDmarc's, Rspamd's, TestMilter's
+//! [[smtpd.policy]]
+//! endpoint = "inet:127.0.0.1:PORT"     # Postgrey::endpoint()
+//! ```
+//! mortal's sessions come from 127.0.0.1: OpenDKIM verifies them and
+//! OpenDMARC checks them (neither counts 127.0.0.1 as internal here), but
+//! rspamd skips SPF for them (see below).
+//!
 //! What each milter negotiated with mortal's default offer (everything),
 //! as tests/filters.rs sees it:
 //! ```text
