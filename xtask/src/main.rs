@@ -158,33 +158,33 @@ fn install_test_packages() -> Result<()> {
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 /// While it lives, `/usr/sbin/policy-rc.d` answers 101 ("action not
-/// allowed"), so `apt-get install` starts no service; removed on drop
-/// unless it was there before (a container image's own is kept).
+/// allowed"), so `apt-get install` starts no service; on drop the file is
+/// put back as it was (a container image's own) or removed.
 struct NoServiceStarts {
-    created: bool,
+    previous: Option<Vec<u8>>,
 }
 
 impl NoServiceStarts {
     fn install() -> Result<Self> {
-        if Path::new(POLICY_RC_D).exists() {
-            return Ok(NoServiceStarts { created: false });
-        }
+        let previous = std::fs::read(POLICY_RC_D).ok();
         std::fs::write(
             POLICY_RC_D,
             "#!/bin/sh\n# cargo xtask ci: no service starts during its apt-get install\nexit 101\n",
         )
         .with_context(|| format!("cannot write {POLICY_RC_D}"))?;
         std::fs::set_permissions(POLICY_RC_D, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-        Ok(NoServiceStarts { created: true })
+        Ok(NoServiceStarts { previous })
     }
 }
 
 impl Drop for NoServiceStarts {
     fn drop(&mut self) {
-        if self.created
-            && let Err(e) = std::fs::remove_file(POLICY_RC_D)
-        {
-            eprintln!("warning: cannot remove {POLICY_RC_D}: {e}");
+        let restored = match &self.previous {
+            Some(content) => std::fs::write(POLICY_RC_D, content),
+            None => std::fs::remove_file(POLICY_RC_D),
+        };
+        if let Err(e) = restored {
+            eprintln!("warning: cannot restore {POLICY_RC_D}: {e}");
         }
     }
 }
