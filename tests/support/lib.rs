@@ -10,6 +10,7 @@
 
 pub mod delivery;
 pub mod dns;
+pub mod filters;
 pub mod lifetime;
 pub mod milter;
 pub mod netpeer;
@@ -60,6 +61,22 @@ impl TempDir {
         let dir = tempfile::Builder::new().prefix(&format!("mortal-{tag}-")).tempdir().expect("create temp dir");
         TempDir(dir.path().to_owned(), Some(dir))
     }
+
+    /// One under `base` (created if missing) instead of the system's temp
+    /// dir: for daemons that refuse files under a world-writable
+    /// directory such as /tmp (OpenDKIM).
+    pub fn new_in(tag: &str, base: &Path) -> Self {
+        fs::create_dir_all(base).expect("create temp base dir");
+        let dir = tempfile::Builder::new().prefix(&format!("mortal-{tag}-")).tempdir_in(base).expect("create temp dir");
+        TempDir(dir.path().to_owned(), Some(dir))
+    }
+}
+
+/// `target/tmp` of the build the test runs from (cargo's
+/// CARGO_TARGET_TMPDIR): a temp base that is not world-writable.
+pub fn target_tmp_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).and_then(Path::parent).expect("target/<profile>/deps/<test>").join("tmp")
 }
 
 impl Drop for TempDir {
@@ -450,8 +467,14 @@ pub fn mail_user_line(server_extra: &str) -> &'static str {
 }
 
 /// Polls `f` every 20 ms until it yields a value or [`WAIT`] passes.
-pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + WAIT;
+pub fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> Option<T> {
+    wait_for_within(what, WAIT, f)
+}
+
+/// [`wait_for`] with another bound, for what is known to take longer
+/// (a filter daemon's start).
+pub fn wait_for_within<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = f() {
             return Some(v);

@@ -39,6 +39,16 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("strace", "strace"),
     // xtask/src/fuzz.rs: libFuzzer is C++, compiled by the fuzz build.
     ("g++", "cargo xtask fuzz"),
+    // tests/filters.rs: the real policy server and milters, run by the
+    // guards of tests/support/filters.rs in a temp dir each; the test
+    // milter is written with pymilter. No DNS package: the tests serve
+    // their records from tests/support/dns.rs on loopback.
+    ("postgrey", "postgrey"),
+    ("rspamd", "rspamd"),
+    ("opendkim", "opendkim"),
+    ("opendkim-tools", "opendkim-genkey"),
+    ("opendmarc", "opendmarc"),
+    ("python3-milter", "tests/support/test_milter.py"),
 ];
 
 fn main() -> Result<()> {
@@ -132,6 +142,10 @@ fn install_test_packages() -> Result<()> {
         );
     }
     run("apt-get update", Command::new("apt-get").args(["update", "-qq"]))?;
+    // Debian starts a package's daemon on install (postgrey, rspamd,
+    // opendkim, opendmarc, dovecot bind their system ports): the tests run
+    // their own, so none may start.
+    let _no_services = NoServiceStarts::install()?;
     run(
         &format!("apt-get install {}", missing.join(" ")),
         Command::new("apt-get")
@@ -139,6 +153,41 @@ fn install_test_packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// Where invoke-rc.d asks whether a service may start (policy-rc.d(8)).
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+/// While it lives, `/usr/sbin/policy-rc.d` answers 101 ("action not
+/// allowed"), so `apt-get install` starts no service; on drop the file is
+/// put back as it was (a container image's own) or removed.
+struct NoServiceStarts {
+    previous: Option<Vec<u8>>,
+}
+
+impl NoServiceStarts {
+    fn install() -> Result<Self> {
+        let previous = std::fs::read(POLICY_RC_D).ok();
+        std::fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# cargo xtask ci: no service starts during its apt-get install\nexit 101\n",
+        )
+        .with_context(|| format!("cannot write {POLICY_RC_D}"))?;
+        std::fs::set_permissions(POLICY_RC_D, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        Ok(NoServiceStarts { previous })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        let restored = match &self.previous {
+            Some(content) => std::fs::write(POLICY_RC_D, content),
+            None => std::fs::remove_file(POLICY_RC_D),
+        };
+        if let Err(e) = restored {
+            eprintln!("warning: cannot restore {POLICY_RC_D}: {e}");
+        }
+    }
 }
 
 /// Asks dpkg rather than looking for a command: some test packages are
