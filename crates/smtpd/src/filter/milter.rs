@@ -157,14 +157,35 @@ enum MilterFault {
     Protocol(#[from] MilterError),
 }
 
-/// What mortal offers: Postfix's offer, less the steps whose semantics
-/// cleanup does not implement (leading space in header values, rejected
-/// recipients).
+/// What mortal offers: Postfix's offer, less rejected recipients (which
+/// smtpd never sends). With HDR_LEADSPC (OpenDKIM asks for it) a milter
+/// gets header values exactly as they came, leading space included, and
+/// its header edits keep theirs; without, both go without the space after
+/// the colon, as libmilter passes them.
 fn offer(version: u32) -> Offer {
-    Offer {
-        version,
-        steps: ProtocolSteps::ALL.difference(ProtocolSteps::HDR_LEADSPC).difference(ProtocolSteps::RCPT_REJ),
-        ..Offer::default()
+    Offer { version, steps: ProtocolSteps::ALL.difference(ProtocolSteps::RCPT_REJ), ..Offer::default() }
+}
+
+/// A header edit of a HDR_LEADSPC milter, as cleanup takes edits (it
+/// writes `name: value`): one leading space or tab fewer. A value without
+/// one gains the space cleanup writes, which only adds white space.
+fn without_lead_space(m: Modification) -> Modification {
+    let strip = |v: HeaderValue| {
+        let bytes = v.as_bytes();
+        match bytes.first() {
+            Some(b' ' | b'\t') => HeaderValue::new(&bytes[1..]).unwrap_or(v),
+            _ => v,
+        }
+    };
+    match m {
+        Modification::AddHeader { name, value } => Modification::AddHeader { name, value: strip(value) },
+        Modification::InsertHeader { index, name, value } => {
+            Modification::InsertHeader { index, name, value: strip(value) }
+        }
+        Modification::ChangeHeader { index, name, value } => {
+            Modification::ChangeHeader { index, name, value: strip(value) }
+        }
+        other => other,
     }
 }
 
@@ -512,8 +533,10 @@ impl Client {
         result: &mut MessageResult,
     ) -> Result<Option<Reply>, MilterFault> {
         let limit = self.config.content_timeout;
+        let lead_space = self.conn.as_ref().is_some_and(|c| c.agreement.steps.contains(ProtocolSteps::HDR_LEADSPC));
         for (name, value) in &message.headers {
-            let command = Command::Header { name: name.clone(), value: value.clone() };
+            let value = if lead_space { value.clone() } else { trim_lead_space(value) };
+            let command = Command::Header { name: name.clone(), value };
             if let Some(reply) = self.content_event(Stage::Header, &command, macros, limit).await?
                 && !matches!(reply, Reply::Continue)
             {
@@ -543,6 +566,9 @@ impl Client {
             conn.agreement.permits(&reply)?;
             match reply {
                 Reply::Progress => {}
+                Reply::Modify(m) if conn.agreement.steps.contains(ProtocolSteps::HDR_LEADSPC) => {
+                    result.modifications.push(without_lead_space(m));
+                }
                 Reply::Modify(m) => result.modifications.push(m),
                 Reply::Quarantine(reason) => result.quarantines.push(reason),
                 Reply::Skip => {
@@ -655,9 +681,17 @@ impl Wire {
     }
 }
 
-/// The message as the milters see it: header fields (values without the
-/// space after the colon, continuation lines joined by LF, as libmilter
-/// passes them) and the body.
+/// A header value without its leading white space, for milters that did
+/// not ask for it.
+fn trim_lead_space(value: &HeaderValue) -> HeaderValue {
+    let bytes = value.as_bytes();
+    let start = bytes.iter().position(|&b| b != b' ' && b != b'\t').unwrap_or(bytes.len());
+    HeaderValue::new(&bytes[start..]).unwrap_or_default()
+}
+
+/// The message as the milters see it: header fields (values as after the
+/// colon, leading space included, continuation lines joined by LF, as
+/// libmilter passes them) and the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Message {
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -689,7 +723,6 @@ impl Message {
                     // find_header_end vouched for `name:` here.
                     let colon = text.iter().position(|&b| b == b':').unwrap_or(text.len());
                     let value = text.get(colon + 1..).unwrap_or_default();
-                    let value = value.strip_prefix(b" ").or(value.strip_prefix(b"\t")).unwrap_or(value);
                     headers.push((String::from_utf8_lossy(&text[..colon]).into_owned(), value.to_vec()));
                 }
             }
@@ -709,7 +742,9 @@ impl Message {
         }
         let Some((op, name, value)) = m.header_op() else { return };
         let names: Vec<&[u8]> = self.headers.iter().map(|(n, _)| n.as_str().as_bytes()).collect();
-        let field = (name.clone(), value.clone());
+        // As cleanup will write it: `name: value`.
+        let spaced = HeaderValue::new(&[b" ", value.as_bytes()].concat()).unwrap_or_else(|| value.clone());
+        let field = (name.clone(), spaced);
         match place_header(op, name, value.is_empty(), names.into_iter()) {
             Placement::Append => self.headers.push(field),
             Placement::Insert(i) => self.headers.insert(i, field),
@@ -739,7 +774,7 @@ mod tests {
         let m = Message::parse(b"Subject: hi\r\nX-Long: a\r\n\tb\r\nTo:x\r\n\r\nbody\r\n.line\r\n");
         assert_eq!(
             m.headers,
-            [(name("Subject"), value(b"hi")), (name("X-Long"), value(b"a\n\tb")), (name("To"), value(b"x"))]
+            [(name("Subject"), value(b" hi")), (name("X-Long"), value(b" a\n\tb")), (name("To"), value(b"x"))]
         );
         assert_eq!(m.body, b"body\r\n.line\r\n");
         // A line that is no field ends the header section, as in cleanup.
@@ -763,8 +798,28 @@ mod tests {
         assert_eq!(
             names,
             // The changed field takes the milter's spelling, as in cleanup.
-            [("A-R", &b"mx; dkim=pass"[..]), ("X-A", b"1"), ("x-a", b"two"), ("X-New", b"added"), ("X-Last", b"z")]
+            [
+                ("A-R", &b" mx; dkim=pass"[..]),
+                ("X-A", b" 1"),
+                ("x-a", b" two"),
+                ("X-New", b" added"),
+                ("X-Last", b" z")
+            ]
         );
+    }
+
+    /// A HDR_LEADSPC milter gets values as they came and sends its own with
+    /// their space, which cleanup's `name: value` already writes.
+    #[test]
+    fn leading_space_is_kept_or_trimmed_by_agreement() {
+        assert_eq!(trim_lead_space(&value(b" \t hi\n\tthere")), value(b"hi\n\tthere"));
+        let m = Modification::InsertHeader { index: 0, name: name("A-R"), value: value(b" mx; dkim=pass") };
+        assert_eq!(
+            without_lead_space(m),
+            Modification::InsertHeader { index: 0, name: name("A-R"), value: value(b"mx; dkim=pass") }
+        );
+        let bare = Modification::AddHeader { name: name("X"), value: value(b"y") };
+        assert_eq!(without_lead_space(bare.clone()), bare);
     }
 
     #[test]
