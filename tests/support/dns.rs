@@ -212,10 +212,24 @@ impl TestDns {
     /// Serves `zone` on 127.0.0.1:53, where a resolver that knows no
     /// other port (glibc's, through /etc/resolv.conf) finds it. Binding
     /// port 53 needs root: the error says why when it fails.
+    /// Tests of one binary run in parallel and only one can hold the
+    /// port: a bind that finds it taken is tried again until it is free
+    /// (for up to `crate::WAIT`), and the last error is returned.
     pub fn zone_on_port_53(zone: Zone) -> std::io::Result<Self> {
-        let socket = UdpSocket::bind("127.0.0.1:53")?;
-        let listener = TcpListener::bind("127.0.0.1:53")?;
-        Ok(Self::zone_on(socket, listener, zone))
+        let mut last = None;
+        let bound = crate::wait_for("127.0.0.1:53 to be free", || {
+            match UdpSocket::bind("127.0.0.1:53").and_then(|u| Ok((u, TcpListener::bind("127.0.0.1:53")?))) {
+                Ok(pair) => Some(pair),
+                Err(e) => {
+                    last = Some(e);
+                    None
+                }
+            }
+        });
+        match bound {
+            Some((socket, listener)) => Ok(Self::zone_on(socket, listener, zone)),
+            None => Err(last.unwrap_or_else(|| std::io::ErrorKind::AddrInUse.into())),
+        }
     }
 
     fn zone_on(socket: UdpSocket, listener: TcpListener, zone: Zone) -> Self {
