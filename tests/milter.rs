@@ -40,11 +40,10 @@ fn every_stage_reaches_the_milter() {
     let id = queued.trim_end().rsplit(' ').next().unwrap().to_owned();
     assert_eq!(smtp.cmd("QUIT").unwrap(), "221 2.0.0 Bye\r\n");
     inst.wait_for_delivery("ok@example.test", 1);
-    // Our session is the last connection (the harness's start-up probe
-    // was one before it).
+    // Our session's connection: the one that heard HELO (the harness's
+    // start-up probe only connects and quits).
     let all = milter.seen();
-    let last = all.iter().rposition(|s| s == "SMFIC_OPTNEG").expect("a negotiation");
-    let seen = &all[last..];
+    let seen = all.iter().find(|c| c.iter().any(|s| s == "HELO client.test")).expect("our session");
     let at = |prefix: &str| {
         seen.iter().position(|s| s.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in {seen:#?}"))
     };

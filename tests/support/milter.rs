@@ -46,8 +46,8 @@ const MAX_LIFE: Duration = Duration::from_secs(60);
 pub struct ScriptedMilter {
     port: u16,
     /// Every command received, by name (`SMFIC_RCPT`...), with its
-    /// details, in order, across connections.
-    seen: Arc<Mutex<Vec<String>>>,
+    /// details, in order: one list per connection, in the order accepted.
+    seen: Arc<Mutex<Vec<Vec<String>>>>,
     connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -69,7 +69,12 @@ impl ScriptedMilter {
                 let Ok(stream) = stream else { continue };
                 c.fetch_add(1, Ordering::SeqCst);
                 let s = Arc::clone(&s);
-                std::thread::spawn(move || serve(stream, &s));
+                let index = {
+                    let mut all = s.lock().expect("seen");
+                    all.push(Vec::new());
+                    all.len() - 1
+                };
+                std::thread::spawn(move || serve(stream, &s, index));
             }
         });
         Self { port, seen, connections, stop, thread: Some(thread) }
@@ -80,8 +85,8 @@ impl ScriptedMilter {
         format!("inet:127.0.0.1:{}", self.port)
     }
 
-    /// What it was sent so far.
-    pub fn seen(&self) -> Vec<String> {
+    /// What it was sent so far, one list per connection.
+    pub fn seen(&self) -> Vec<Vec<String>> {
         self.seen.lock().expect("seen").clone()
     }
 
@@ -108,7 +113,8 @@ fn send(stream: &mut TcpStream, replies: &[Reply]) -> bool {
     stream.write_all(&out).is_ok()
 }
 
-fn serve(mut stream: TcpStream, seen: &Mutex<Vec<String>>) {
+fn serve(mut stream: TcpStream, all: &Mutex<Vec<Vec<String>>>, index: usize) {
+    let record = |what: String| all.lock().expect("seen")[index].push(what);
     let _ = stream.set_read_timeout(Some(MAX_LIFE));
     let mut decoder = Decoder::new();
     let mut buf = [0u8; 65536];
@@ -126,11 +132,11 @@ fn serve(mut stream: TcpStream, seen: &Mutex<Vec<String>>) {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
                 Err(e) => {
-                    seen.lock().expect("seen").push(format!("bad command: {e}"));
+                    record(format!("bad command: {e}"));
                     return;
                 }
             };
-            seen.lock().expect("seen").push(describe(&command));
+            record(describe(&command));
             let replies: Vec<Reply> = match command {
                 Command::OptNeg(offer) => {
                     negotiated = true;
