@@ -285,3 +285,21 @@ fn root_master_refuses_a_missing_mail_user() {
     // It stopped before making anything.
     assert!(!site.dir.0.join("spool").exists(), "{log}");
 }
+
+/// A milter and a policy server on `inet:` widen smtpd's sandbox by their
+/// ports and nothing else: it reaches them, and still no other port.
+#[test]
+fn smtpd_reaches_its_filters_and_no_other_port() {
+    let (milter, policy) = (mortal_tests::ClosedPort::new(), mortal_tests::ClosedPort::new());
+    let tables = format!(
+        "\n[[smtpd.milter]]\nendpoint = \"inet:127.0.0.1:{}\"\n[[smtpd.policy]]\nendpoint = \"inet:127.0.0.1:{}\"\n",
+        milter.port, policy.port
+    );
+    // The self-test listens at the configured filter addresses itself.
+    drop((milter, policy));
+    let site = Site::new("filters", &tables);
+    let (out, table) = site.selftest("smtpd");
+    assert!(out.status.success() && !table.contains("WRONG"), "{table}");
+    assert_eq!(row(&table, "TCP connect to a milter or policy server").split(' ').next(), Some("allowed"), "{table}");
+    assert!(row(&table, "TCP connect to 127.0.0.1").starts_with("denied"), "{table}");
+}

@@ -526,6 +526,10 @@ fn orchestrate(service: Service, config_path: &Path) -> u8 {
         if attempt == Attempt::ConnectNextHop && next_hop(service, &config).is_none() {
             continue;
         }
+        // Nor without an inet: milter or policy server.
+        if attempt == Attempt::ConnectFilter && filter_hops(&config).next().is_none() {
+            continue;
+        }
         let outcome = |layers| match run_probe(&exe, attempt, fixtures.port, layers, &config_path) {
             Ok((status, stdout, stderr)) => {
                 let (result, ok) = judge(expect, status, &stdout);
