@@ -188,3 +188,23 @@ fn progress_keeps_a_slow_milter_alive() {
     assert!(started.elapsed() >= Duration::from_millis(1500));
     inst.wait_for_delivery("progress@example.test", 1);
 }
+
+/// The other default actions of a milter that is down: `reject` refuses
+/// with 550 5.7.1, `quarantine` takes the message and holds it.
+#[test]
+fn a_milter_that_is_down_rejects_or_quarantines_as_configured() {
+    let closed = ClosedPort::new();
+    let endpoint = format!("inet:127.0.0.1:{}", closed.port);
+    let inst = start(&endpoint, "default_action = \"reject\"");
+    let mut smtp = Smtp::connect(inst.port).expect("connect");
+    assert_eq!(smtp.cmd("EHLO client.test").unwrap(), "550 5.7.1 Command rejected\r\n");
+    drop(inst);
+
+    let inst = start(&endpoint, "default_action = \"quarantine\"");
+    let mut smtp = open(&inst);
+    let queued = send(&mut smtp, "ok@example.test");
+    assert!(queued.starts_with("250 2.0.0 Ok: queued as "), "{queued}");
+    let id = queued.trim_end().rsplit(' ').next().unwrap().to_owned();
+    inst.wait_for_log(&format!("{id}: hold: milter {endpoint}: milter_default_action quarantine"));
+    assert_eq!(inst.queue_files(mortal_proto::spool::QueueDir::Hold), [id]);
+}

@@ -153,3 +153,40 @@ fn other_stages_are_asked_when_configured() {
     assert_eq!(queries[1]["size"], "20");
     assert_eq!(queries[0]["instance"], queries[1]["instance"]);
 }
+
+/// PREPEND, HOLD and DISCARD mark the message; cleanup carries them out:
+/// the header on top, the message in hold/, the message gone.
+#[test]
+fn marks_reach_the_message() {
+    let policy = ScriptedPolicy::start();
+    let inst = start(&policy.endpoint(), "");
+    let send = |rcpt: &str| {
+        let mut smtp = transaction(&inst);
+        assert_eq!(smtp.cmd(&format!("RCPT TO:<{rcpt}>")).unwrap(), "250 2.1.5 Ok\r\n");
+        assert!(smtp.cmd("DATA").unwrap().starts_with("354"));
+        let queued = smtp.cmd("Subject: marks\r\n\r\nbody\r\n.").unwrap();
+        assert!(queued.starts_with("250 2.0.0 Ok: queued as "), "{rcpt}: {queued}");
+        queued.trim_end().rsplit(' ').next().unwrap().to_owned()
+    };
+    send("prepend@example.test");
+    let got = inst.wait_for_delivery("prepend@example.test", 1);
+    let text = String::from_utf8_lossy(&got[0]).into_owned();
+    let lines: Vec<&str> = text.lines().take(4).collect();
+    // Return-Path and Delivered-To (the Maildir delivery), the PREPEND, then Received.
+    assert_eq!(lines[2], "X-Policy: tagged by the test", "{text}");
+    assert!(lines[3].starts_with("Received: from client.test"), "{text}");
+
+    let held = send("hold@example.test");
+    // Logged at RCPT before the recipient counts, so under NOQUEUE, as
+    // Postfix logs the first recipient's lines.
+    inst.wait_for_log(
+        "NOQUEUE: hold: RCPT from unknown[127.0.0.1]: <hold@example.test>: Recipient address held by the test; \
+         from=<a@example.org> to=<hold@example.test> proto=ESMTP helo=<client.test>",
+    );
+    inst.wait_for_log(&format!("{held}: hold: <hold@example.test>: Recipient address held by the test"));
+    assert_eq!(inst.queue_files(mortal_proto::spool::QueueDir::Hold), [held]);
+
+    let dropped = send("discard@example.test");
+    inst.wait_for_log(&format!("{dropped}: discard: <discard@example.test>: Recipient address dropped by the test"));
+    assert!(inst.delivered("discard@example.test").is_empty());
+}

@@ -32,7 +32,7 @@
 
 use anyhow::{Context, Result, bail};
 use mortal_proto::envelope::{BodyType, ClientInfo, DsnRet, Notify, RecipientInfo, SenderInfo};
-use mortal_proto::ipc::Request;
+use mortal_proto::ipc::{Edit, Request};
 use mortal_proto::queue_file::{DeliveryStatus, QueueFile, QueuedRecipient, RecipientState};
 use mortal_proto::smtp_status::{DsnAction, EnhancedStatus, StatusClass};
 use std::fmt::Write as _;
@@ -870,6 +870,7 @@ fn milter_replies() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 fn ipc_conversation() -> Vec<u8> {
+    use mortal_proto::milter::{EsmtpArgs, HeaderName, HeaderValue, MilterAddress, Modification};
     let mut wire = Vec::new();
     let requests = [
         Request::Hello { version: 1 },
@@ -887,6 +888,20 @@ fn ipc_conversation() -> Vec<u8> {
         }),
         Request::Data(b"Subject: x\r\n\r\nhi\r\n".to_vec()),
         Request::Data(b"more \xc3\xa4\r\n".to_vec()),
+        Request::Edit(Edit::Prepend {
+            name: HeaderName::new("X-Greylist").expect("a field name"),
+            value: HeaderValue::new(b" delayed 300 seconds").expect("a value"),
+        }),
+        Request::Edit(Edit::Milter(Modification::InsertHeader {
+            index: 0,
+            name: HeaderName::new("Authentication-Results").expect("a field name"),
+            value: HeaderValue::new(b"mx.example.test;\n\tdkim=pass").expect("a value"),
+        })),
+        Request::Edit(Edit::Milter(Modification::AddRecipientWithArgs {
+            address: MilterAddress::new("<d@example.test>").expect("an address"),
+            args: EsmtpArgs::new("NOTIFY=NEVER").expect("arguments"),
+        })),
+        Request::Edit(Edit::Hold { reason: "milter quarantine".into() }),
         Request::End,
     ];
     for r in &requests {
