@@ -110,8 +110,12 @@ enum Mode {
     Queue,
     EndToEnd,
     /// Receive and queue with one milter that accepts everything
-    /// ([`crate::milter_sink`]), the same for both servers.
+    /// ([`crate::milter_sink`]), the same for both servers, negotiating
+    /// as rspamd does: every event, answered at the end of the message
+    /// only.
     Milter,
+    /// The same milter answering every event: the protocol's full cost.
+    MilterEveryReply,
 }
 
 impl Mode {
@@ -119,7 +123,8 @@ impl Mode {
         match self {
             Mode::Queue => "receive-and-queue",
             Mode::EndToEnd => "end-to-end (LMTP)",
-            Mode::Milter => "receive-and-queue, one milter",
+            Mode::Milter => "receive-and-queue, one milter (answers at end of message, as rspamd)",
+            Mode::MilterEveryReply => "receive-and-queue, one milter (answers every event)",
         }
     }
 }
@@ -138,7 +143,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let mut quick = false;
     let mut baseline_rev = None;
     let mut only: Option<Vec<String>> = None;
-    let mut modes = vec![Mode::Queue, Mode::EndToEnd, Mode::Milter];
+    let mut modes = vec![Mode::Queue, Mode::EndToEnd, Mode::Milter, Mode::MilterEveryReply];
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -156,7 +161,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
                 modes = match args.next().map(String::as_str) {
                     Some("queue") => vec![Mode::Queue],
                     Some("e2e") => vec![Mode::EndToEnd],
-                    Some("milter") => vec![Mode::Milter],
+                    Some("milter") => vec![Mode::Milter, Mode::MilterEveryReply],
                     other => bail!("--mode needs queue, e2e or milter, not {other:?}"),
                 }
             }
@@ -167,7 +172,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     }
     // A partial run (some workloads or one mode) is for comparing a
     // change: the lifetime, READY and fsync figures are left out.
-    let partial = only.is_some() || modes.len() < 3;
+    let partial = only.is_some() || modes.len() < 4;
     install_postfix()?;
     let bins = chaos::build_release(root)?;
     let baseline = baseline_rev.as_deref().map(|rev| build_baseline(root, rev)).transpose()?;
@@ -187,10 +192,11 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     for mode in modes {
         let sink = match mode {
             Mode::EndToEnd => Some(SmtpSink::start()?),
-            Mode::Queue | Mode::Milter => None,
+            Mode::Queue | Mode::Milter | Mode::MilterEveryReply => None,
         };
         let milter = match mode {
-            Mode::Milter => Some(crate::milter_sink::MilterSink::start()?),
+            Mode::Milter => Some(crate::milter_sink::MilterSink::start(crate::milter_sink::Replies::EndOfMessage)?),
+            Mode::MilterEveryReply => Some(crate::milter_sink::MilterSink::start(crate::milter_sink::Replies::Every)?),
             Mode::Queue | Mode::EndToEnd => None,
         };
         let target = sink.as_ref().map(|s| s.port);
@@ -217,7 +223,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         };
         let wanted = |w: &&Workload| {
             only.as_ref().is_none_or(|o| o.iter().any(|n| n == w.name))
-                && (mode != Mode::Milter || w.name == MILTER_WORKLOAD)
+                && (!matches!(mode, Mode::Milter | Mode::MilterEveryReply) || w.name == MILTER_WORKLOAD)
         };
         for w in WORKLOADS.iter().filter(wanted) {
             let w = Workload { messages: w.messages / scale, ..*w };
@@ -939,14 +945,18 @@ impl Report {
         // What one milter costs each server per message: the milter row
         // against the plain receive-and-queue row of the same workload.
         let row = |mode: Mode| self.rows.iter().find(|r| r.mode == mode && r.workload.name == MILTER_WORKLOAD);
-        if let (Some(plain), Some(milter)) = (row(Mode::Queue), row(Mode::Milter)) {
-            let cost = |a: f64, b: f64| (1e6 / b - 1e6 / a).max(0.0);
-            let _ = writeln!(
-                s,
-                "\nOne accept-all milter costs per message ({MILTER_WORKLOAD}): mortal {:.0} µs, Postfix {:.0} µs.",
-                cost(plain.rate(&plain.mortal), milter.rate(&milter.mortal)),
-                cost(plain.rate(&plain.postfix), milter.rate(&milter.postfix))
-            );
+        for (mode, what) in
+            [(Mode::Milter, "answering at the end of message"), (Mode::MilterEveryReply, "answering every event")]
+        {
+            if let (Some(plain), Some(milter)) = (row(Mode::Queue), row(mode)) {
+                let cost = |a: f64, b: f64| (1e6 / b - 1e6 / a).max(0.0);
+                let _ = writeln!(
+                    s,
+                    "\nOne accept-all milter {what} costs per message ({MILTER_WORKLOAD}): mortal {:.0} µs, Postfix {:.0} µs.",
+                    cost(plain.rate(&plain.mortal), milter.rate(&milter.mortal)),
+                    cost(plain.rate(&plain.postfix), milter.rate(&milter.postfix))
+                );
+            }
         }
         let _ = writeln!(s, "\nmortal only:\n");
         let fmt_kib = |v: Option<u64>| v.map_or("n/a".to_owned(), |k| format!("{k} KiB"));

@@ -5,8 +5,8 @@
 //! connects (`connect_timeout` for the connection and the option
 //! negotiation) and sends it the dialogue as it happens: CONNECT, HELO,
 //! MAIL, RCPT, DATA and unknown commands, each after the macros of its
-//! stage, each answer awaited for `command_timeout` unless the milter
-//! said it will not answer. The message content goes to the milters at
+//! stage, each answer awaited for `command_timeout`; an event the milter
+//! said it will not answer goes out with the next write instead. The message content goes to the milters at
 //! its end, one milter after the other (headers, end of headers, body in
 //! chunks, end of message; `content_timeout` per answer, restarted by
 //! SMFIR_PROGRESS), and each later milter sees the message as the
@@ -451,15 +451,18 @@ impl Client {
         if let Some(m) = conn.agreement.macros.command(stage, |n| macros.value(n)) {
             m.encode(&mut conn.wire.out)?;
         }
+        // What the milter will not answer waits in the buffer and goes
+        // with the next write (the next answered event, the end of the
+        // message, ABORT or QUIT): one write and one wake-up of the
+        // milter per message instead of one per event.
         if !conn.agreement.sends(stage) {
-            conn.wire.flush().await?;
             return Ok(None);
         }
         command.encode(&mut conn.wire.out)?;
-        conn.wire.flush().await?;
         if !conn.agreement.expects_reply(stage) {
             return Ok(None);
         }
+        conn.wire.flush().await?;
         conn.wire.final_reply(limit).await.map(Some)
     }
 
