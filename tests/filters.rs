@@ -319,11 +319,8 @@ fn header_of(outcome: &Outcome, wanted: &str) -> Option<String> {
 
 #[test]
 fn rspamd_rejects_gtube_passes_signed_mail_and_marks_spf_failures() {
-    let key = DkimKey::generate("example.test", "sel1");
-    let mut zone = test_zone();
-    key.publish(&mut zone);
+    let (zone, signed) = signed_zone("Hello there, signed.");
     let dns = TestDns::zone(zone);
-    let signed = signed_message(&key, "Hello there, signed.");
     let rspamd = Rspamd::start(&dns);
 
     let mut conv = MilterConversation::open(rspamd.port, Offer::default());
@@ -479,6 +476,15 @@ fn test_dns_splits_a_long_txt_and_truncates_it_over_udp() {
 
 // ---- milter: OpenDKIM, OpenDMARC ----
 
+/// A DKIM key for `sel1._domainkey.example.test`, the test zone with its
+/// public key in it, and `body` signed with it.
+fn signed_zone(body: &str) -> (Zone, Vec<u8>) {
+    let key = DkimKey::generate("example.test", "sel1");
+    let mut zone = test_zone();
+    key.publish(&mut zone);
+    (zone, signed_message(&key, body))
+}
+
 fn signed_message(dkim_key: &DkimKey, body: &str) -> Vec<u8> {
     let signer = OpenDkim::signer(dkim_key);
     signer.sign("sender@example.test", "rcpt@example.test", &message("signed", body))
@@ -490,11 +496,8 @@ fn authentication_results(outcome: &Outcome) -> String {
 
 #[test]
 fn opendkim_passes_a_signed_message_and_fails_an_altered_one() {
-    let key = DkimKey::generate("example.test", "sel1");
-    let mut zone = test_zone();
-    key.publish(&mut zone);
+    let (zone, signed) = signed_zone("Signed body.");
     let dns = TestDns::zone(zone);
-    let signed = signed_message(&key, "Signed body.");
     let verifier = OpenDkim::start(&dns);
 
     let mut conv = MilterConversation::open(verifier.port, Offer::default());
@@ -529,11 +532,8 @@ fn opendkim_passes_a_signed_message_and_fails_an_altered_one() {
 #[test]
 #[ignore = "needs root (OpenDMARC asks glibc's resolver: test DNS on 127.0.0.1:53, its own /etc/resolv.conf in a mount namespace)"]
 fn root_opendmarc_after_opendkim_passes_an_aligned_signed_message() {
-    let key = DkimKey::generate("example.test", "sel1");
-    let mut zone = test_zone();
-    key.publish(&mut zone);
+    let (zone, signed) = signed_zone("Signed body.");
     let dns = TestDns::zone_on_port_53(zone).expect("bind 127.0.0.1:53");
-    let signed = signed_message(&key, "Signed body.");
     let verifier = OpenDkim::start(&dns);
     let dmarc = OpenDmarc::start(&dns);
 
@@ -782,11 +782,8 @@ fn mortal_with_rspamd_rejects_gtube_and_marks_what_it_decides() {
 /// `dkim=pass`, the same message with its body altered with `dkim=fail`.
 #[test]
 fn mortal_with_opendkim_passes_signed_mail_and_fails_altered_mail() {
-    let key = DkimKey::generate("example.test", "sel1");
-    let mut zone = test_zone();
-    key.publish(&mut zone);
+    let (zone, signed) = signed_zone("Signed body.");
     let dns = TestDns::zone(zone);
-    let signed = signed_message(&key, "Signed body.");
     let verifier = OpenDkim::start(&dns);
     let inst = mortal_with(&milter_table(&verifier.endpoint()));
     let mut smtp = session(&inst);
@@ -825,11 +822,8 @@ fn mortal_with_opendkim_passes_signed_mail_and_fails_altered_mail() {
 #[test]
 #[ignore = "needs root (OpenDMARC asks glibc's resolver: test DNS on 127.0.0.1:53, its own /etc/resolv.conf in a mount namespace)"]
 fn root_mortal_with_opendkim_then_opendmarc_passes_aligned_mail() {
-    let key = DkimKey::generate("example.test", "sel1");
-    let mut zone = test_zone();
-    key.publish(&mut zone);
+    let (zone, signed) = signed_zone("Signed body.");
     let dns = TestDns::zone_on_port_53(zone).expect("bind 127.0.0.1:53");
-    let signed = signed_message(&key, "Signed body.");
     let verifier = OpenDkim::start(&dns);
     let dmarc = OpenDmarc::start(&dns);
     let inst = mortal_with(&format!("{}{}", milter_table(&verifier.endpoint()), milter_table(&dmarc.endpoint())));

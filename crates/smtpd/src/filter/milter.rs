@@ -35,10 +35,8 @@ use mortal_proto::milter::{
 use mortal_proto::queue_id::QueueId;
 use mortal_proto::smtp_status::{EnhancedStatus, ReplyCode, StatusClass};
 use mortal_proto::tls::TlsSummary;
-use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
-use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
@@ -145,16 +143,12 @@ enum Answer {
     Refuse(FilterReply),
 }
 
-#[derive(Debug, Error)]
-enum MilterFault {
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("timeout exceeded")]
-    Timeout,
-    #[error("premature end of input")]
-    Eof,
-    #[error(transparent)]
-    Protocol(#[from] MilterError),
+type MilterFault = super::Fault<MilterError>;
+
+impl From<MilterError> for MilterFault {
+    fn from(e: MilterError) -> Self {
+        MilterFault::Protocol(e)
+    }
 }
 
 /// What mortal offers: Postfix's offer, less rejected recipients (which

@@ -63,6 +63,20 @@ impl fmt::Display for Endpoint {
     }
 }
 
+/// Why a conversation with a filter failed: `P` is the protocol's own
+/// error (`MilterError`, `PolicyError`).
+#[derive(Debug, thiserror::Error)]
+pub enum Fault<P: std::error::Error + 'static> {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("timeout exceeded")]
+    Timeout,
+    #[error("premature end of input")]
+    Eof,
+    #[error(transparent)]
+    Protocol(P),
+}
+
 /// A connection to a filter.
 #[derive(Debug)]
 pub enum Stream {

@@ -12,7 +12,6 @@ use mortal_proto::config::PolicyService;
 use mortal_proto::policy::{Action, PolicyError, Query, ReplyDecoder};
 use std::io;
 use std::time::{Duration, Instant};
-use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
@@ -36,16 +35,12 @@ struct Conn {
 }
 
 /// Why one attempt failed.
-#[derive(Debug, Error)]
-enum AskError {
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("timeout exceeded")]
-    Timeout,
-    #[error("premature end of input")]
-    Eof,
-    #[error(transparent)]
-    Protocol(#[from] PolicyError),
+type AskError = super::Fault<PolicyError>;
+
+impl From<PolicyError> for AskError {
+    fn from(e: PolicyError) -> Self {
+        AskError::Protocol(e)
+    }
 }
 
 impl PolicyClient {
