@@ -26,6 +26,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("address", mortal_proto::fuzz::address),
     ("config", mortal_proto::fuzz::config),
     ("milter_reply", mortal_proto::fuzz::milter_reply),
+    ("table", mortal_proto::fuzz::table),
 ];
 
 fn corpus(target: &str) -> Vec<PathBuf> {

@@ -55,6 +55,7 @@ pub const TARGETS: &[&str] = &[
     "address",
     "config",
     "milter_reply",
+    "table",
 ];
 
 /// Seconds per target when `--time` is not given.
@@ -541,6 +542,11 @@ fn seeds(root: &Path) -> Result<Vec<Seed>> {
     for (name, bytes) in milter_replies() {
         out.push(("milter_reply", format!("seed-{name}"), bytes));
     }
+    for (name, kind, text) in TABLE_SEEDS {
+        let mut bytes = vec![*kind];
+        bytes.extend_from_slice(text.as_bytes());
+        out.push(("table", format!("seed-{name}"), bytes));
+    }
     for (i, a) in ADDRESS_SEEDS.iter().enumerate() {
         out.push(("address", format!("seed-{i}"), a.as_bytes().to_vec()));
     }
@@ -868,6 +874,23 @@ fn milter_replies() -> Vec<(&'static str, Vec<u8>)> {
     out.push(("conversation", conversation));
     out
 }
+
+/// Table files for the `table` target: name, kind octet (0 text, 1 cidr,
+/// 2 regexp, as `mortal_proto::fuzz::table` reads it), contents.
+const TABLE_SEEDS: &[(&str, u8, &str)] = &[
+    (
+        "virtual",
+        0,
+        "# aliases\nalice@example.test alice@dovecot.test\nlist@example.test a@example.test,\n  b@example.test\n@example.org catchall@example.test\n",
+    ),
+    ("access", 0, "spammer@example.net REJECT go away\nexample.com OK\n192.0.2 DUNNO\n"),
+    ("clients", 1, "192.0.2.0/24 REJECT listed\n192.0.2.7 OK\n2001:db8::/32 DUNNO\n0.0.0.0/0 DUNNO\n"),
+    (
+        "header_checks",
+        2,
+        "/^Subject: .*viagra/ REJECT spam\nif /^From:/\n!/@example\\.test/ WARN foreign\nendif\n/^(.*)\\+(.*)@example\\.test$/i $1@example.test ${2}\n",
+    ),
+];
 
 fn ipc_conversation() -> Vec<u8> {
     use mortal_proto::milter::{EsmtpArgs, HeaderName, HeaderValue, MilterAddress, Modification};

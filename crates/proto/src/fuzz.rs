@@ -232,3 +232,27 @@ pub fn milter_reply(data: &[u8]) {
         }
     }
 }
+
+/// A table file of each kind (the first octet picks it: text, cidr,
+/// regexp), then lookups of each of its lines' first words and of the
+/// input itself: parsing never panics, refuses rather than truncates, and
+/// a result is never longer than `MAX_RESULT` plus what a regexp's groups
+/// add from the key.
+pub fn table(data: &[u8]) {
+    use crate::table::{MAX_RESULT, Table, TableSpec};
+    let Some((&kind, rest)) = data.split_first() else { return };
+    let Ok(text) = std::str::from_utf8(rest) else { return };
+    let path = std::path::PathBuf::from("/fuzz/table");
+    let spec = match kind % 3 {
+        0 => TableSpec::Text(path),
+        1 => TableSpec::Cidr(path),
+        _ => TableSpec::Regexp(path),
+    };
+    let Ok(table) = Table::parse(&spec, text) else { return };
+    let keys = text.lines().filter_map(|l| l.split_whitespace().next()).chain([text]);
+    for key in keys.take(64) {
+        if let Some(result) = table.get(key) {
+            assert!(result.len() <= MAX_RESULT + 9 * key.len(), "result of {} octets", result.len());
+        }
+    }
+}

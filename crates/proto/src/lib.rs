@@ -64,6 +64,7 @@ pub mod service;
 pub mod smtp_status;
 pub mod spool;
 pub mod status;
+pub mod table;
 pub mod tls;
 mod wire;
 pub mod xtext;
