@@ -534,3 +534,28 @@ fn version_and_completions() {
     let r = run(Command::new(bin_dir().join("mortal")).args(["queue", "--help"]));
     assert!(r.stdout.contains("Exit status:") && r.stdout.contains("75  a message was being delivered"), "{r:?}");
 }
+
+/// `mortal check` loads the lookup tables the daemons will load: a line
+/// they would refuse is an error naming the file and line.
+#[test]
+fn check_refuses_a_bad_table_line_with_its_place() {
+    let dir = mortal_tests::TempDir::new("check-tables");
+    fs::write(dir.0.join("virtual"), "list@example.test alice@example.test\nlonely\n").unwrap();
+    let config = dir.0.join("mortal.toml");
+    fs::write(
+        &config,
+        "[server]\naccepted_domains = [\"example.test\"]\nvirtual_alias_maps = [\"texthash:virtual\"]\n",
+    )
+    .unwrap();
+    let out = run(Command::new(bin_dir().join("mortal")).arg("check").arg("--config").arg(&config));
+    assert_eq!(out.code, 1, "{out:?}");
+    let want = format!(
+        "{}: server.virtual_alias_maps: {}:2: \"lonely\" has a key and no value",
+        config.display(),
+        dir.0.join("virtual").display()
+    );
+    assert!(out.stderr.contains(&want), "{out:?}");
+    fs::write(dir.0.join("virtual"), "list@example.test alice@example.test\n").unwrap();
+    let out = run(Command::new(bin_dir().join("mortal")).arg("check").arg("--config").arg(&config));
+    assert_eq!(out.code, 0, "{out:?}");
+}

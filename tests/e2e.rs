@@ -305,3 +305,59 @@ fn json_log_lines_carry_client_queue_id_and_severity() {
     assert_eq!(find("queue", &format!("{id}: removed"))["queue_id"], id);
     assert_eq!(find("smtpd", &format!("{id}: client="))["client"], client);
 }
+
+/// Virtual aliases (Postfix virtual_alias_maps) with a recipient table:
+/// an alias is a known recipient at RCPT, cleanup queues what it expands
+/// to (a list, a catch-all domain rewrite, an extension carried along),
+/// an unknown user is refused during the dialogue, and an alias loop is a
+/// temporary failure, never a lost or half-delivered message.
+#[test]
+fn virtual_aliases_expand_before_the_message_is_queued() {
+    let dir = mortal_tests::TempDir::new("aliases");
+    let users = dir.0.join("users");
+    std::fs::write(&users, "alice@example.test\nbob@example.test\n").unwrap();
+    let virtual_map = dir.0.join("virtual");
+    std::fs::write(
+        &virtual_map,
+        "# the test's aliases\nlist@example.test alice@example.test, bob@example.test\n\
+         loop1@example.test loop2@example.test\nloop2@example.test loop1@example.test\n\
+         @localhost @example.test\n",
+    )
+    .unwrap();
+    let mortal = Instance::start_with(Options {
+        server_extra: format!(
+            "recipient_map = {:?}\nvirtual_alias_maps = [\"texthash:{}\"]\nrecipient_delimiter = \"+\"\n",
+            users.display().to_string(),
+            virtual_map.display()
+        ),
+        ..Options::default()
+    });
+    let mut smtp = Smtp::connect(mortal.port).unwrap();
+    assert!(smtp.cmd("EHLO client.test").unwrap().starts_with("250"));
+    assert_eq!(smtp.cmd("MAIL FROM:<a@example.org>").unwrap(), "250 2.1.0 Ok\r\n");
+    assert_eq!(smtp.cmd("RCPT TO:<list@example.test>").unwrap(), "250 2.1.5 Ok\r\n");
+    assert_eq!(smtp.cmd("RCPT TO:<alice+news@localhost>").unwrap(), "250 2.1.5 Ok\r\n");
+    assert_eq!(
+        smtp.cmd("RCPT TO:<carol@example.test>").unwrap(),
+        "550 5.1.1 <carol@example.test>: Recipient address rejected: User unknown in local recipient table\r\n"
+    );
+    assert!(smtp.cmd("DATA").unwrap().starts_with("354"));
+    let queued = smtp.cmd("Subject: aliases\r\n\r\nhello\r\n.").unwrap();
+    assert!(queued.starts_with("250 2.0.0 Ok: queued as "), "{queued}");
+    for rcpt in ["alice@example.test", "bob@example.test", "alice+news@example.test"] {
+        let got = mortal.wait_for_delivery(rcpt, 1);
+        let text = String::from_utf8_lossy(&got[0]).into_owned();
+        assert!(text.contains(&format!("Delivered-To: {rcpt}\n")), "{rcpt}: {text}");
+    }
+    assert!(mortal.delivered("list@example.test").is_empty());
+
+    // A loop: the transaction fails with 451, nothing is queued.
+    assert_eq!(smtp.cmd("MAIL FROM:<a@example.org>").unwrap(), "250 2.1.0 Ok\r\n");
+    // cleanup refuses the recipient it cannot expand; smtpd, which streams
+    // the transaction, hears it by the end of the data at the latest.
+    assert_eq!(smtp.cmd("RCPT TO:<loop1@example.test>").unwrap(), "250 2.1.5 Ok\r\n");
+    let data = smtp.cmd("DATA").unwrap();
+    let end = if data.starts_with("354") { smtp.cmd("Subject: loop\r\n\r\nx\r\n.").unwrap() } else { data };
+    mortal.wait_for_log("virtual alias loop: <loop1@example.test> expands to itself through other aliases");
+    assert_eq!(end, "451 4.3.0 Error: virtual alias expansion failed\r\n");
+}

@@ -75,6 +75,7 @@ use mortal_libmaster::daemon::{self, Fatal, Started};
 use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
 use mortal_proto::config::Config;
 use mortal_proto::spool::QueueDir;
+use mortal_proto::table::Aliases;
 use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
 
@@ -103,16 +104,27 @@ fn main() -> ExitCode {
     daemon::run(Service::Cleanup, needs, open_spool, serve)
 }
 
-fn open_spool(config: &Config) -> Result<spool::Spool, Fatal> {
-    spool::Spool::open(config)
-        .map_err(|e| Fatal::new(format_args!("open spool {}: {e}", config.spool().dir(QueueDir::Incoming).display())))
+/// What cleanup reads before the sandbox: the spool directories it writes,
+/// and the virtual alias tables (read once per process, so `mortal reload`,
+/// which replaces every process, reloads them).
+struct Prepared {
+    spool: spool::Spool,
+    aliases: Aliases,
+}
+
+fn open_spool(config: &Config) -> Result<Prepared, Fatal> {
+    let spool = spool::Spool::open(config).map_err(|e| {
+        Fatal::new(format_args!("open spool {}: {e}", config.spool().dir(QueueDir::Incoming).display()))
+    })?;
+    let aliases = Aliases::load(config).map_err(|e| Fatal::new(format_args!("virtual_alias_maps: {e}")))?;
+    Ok(Prepared { spool, aliases })
 }
 
 /// From here on: the mail user, and write access to incoming/ and hold/
 /// only.
-fn serve(started: Started<UnixListener, spool::Spool>) -> ExitCode {
-    let Started { config, listener, mut link, prepared: spool, .. } = started;
-    let ctx = session::Context::new(&config, &spool);
+fn serve(started: Started<UnixListener, Prepared>) -> ExitCode {
+    let Started { config, listener, mut link, prepared: Prepared { spool, aliases }, .. } = started;
+    let ctx = session::Context::new(&config, &spool, &aliases);
     daemon::exit_status(child::serve(&listener, &mut link, config.process.cleanup.max_use, |stream, _| {
         session::serve(stream, &ctx)
     }))

@@ -27,6 +27,7 @@ use mortal_proto::queue_id::QueueId;
 use mortal_proto::relay;
 use mortal_proto::smtp_status::{EnhancedStatus, ReplyCode, StatusClass};
 use mortal_proto::spool::TempFile;
+use mortal_proto::table::Aliases;
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -44,6 +45,8 @@ const READ_CHUNK: usize = 64 * 1024;
 pub struct Context<'a> {
     config: &'a Config,
     spool: &'a Spool,
+    /// `[server] virtual_alias_maps`, loaded at process start.
+    aliases: &'a Aliases,
     pid: u32,
     /// The read buffer, kept from one transaction (connection) to the
     /// next: a fresh one per message cost a 64 KiB allocation, zeroed.
@@ -51,8 +54,8 @@ pub struct Context<'a> {
 }
 
 impl<'a> Context<'a> {
-    pub fn new(config: &'a Config, spool: &'a Spool) -> Self {
-        Self { config, spool, pid: std::process::id(), decoder: RefCell::new(Decoder::new()) }
+    pub fn new(config: &'a Config, spool: &'a Spool, aliases: &'a Aliases) -> Self {
+        Self { config, spool, aliases, pid: std::process::id(), decoder: RefCell::new(Decoder::new()) }
     }
 }
 
@@ -124,6 +127,8 @@ struct Transaction<'a> {
     arrival: SystemTime,
     file: Option<TempFile>,
     recipients: Vec<RecipientInfo>,
+    /// Recipients smtpd sent (before alias expansion).
+    received: usize,
     seen: HashSet<String>,
     /// Content held until the end of the header section is known.
     header_buf: Vec<u8>,
@@ -156,6 +161,7 @@ impl<'a> Transaction<'a> {
             arrival: SystemTime::now(),
             file: None,
             recipients: Vec::new(),
+            received: 0,
             seen: HashSet::new(),
             header_buf: Vec::new(),
             client_header: Vec::new(),
@@ -303,15 +309,43 @@ impl<'a> Transaction<'a> {
             tracing::warn!("warning: {}: smtpd sent recipient <{addr}> outside accepted_domains", self.log_id());
             return Err(Answer::protocol_error());
         }
-        // Duplicates differ at most in the case of the domain.
-        if self.seen.insert(format!("{}@{}", mailbox.local, mailbox.domain_lowercase())) {
-            self.recipients.push(rcpt);
-        }
-        if self.recipients.len() > self.ctx.config.smtpd.recipient_limit as usize {
+        self.received += 1;
+        if self.received > self.ctx.config.smtpd.recipient_limit as usize {
             tracing::warn!("warning: {}: smtpd sent more than recipient_limit recipients", self.log_id());
             return Err(Answer::protocol_error());
         }
+        for rcpt in self.expand(rcpt)? {
+            let Ok(mailbox) = address::parse_mailbox(&rcpt.address, true) else {
+                tracing::warn!("warning: {}: virtual alias result <{}> is not an address", self.log_id(), rcpt.address);
+                return Err(Answer::new(TEMPORARY, "Error: virtual alias expansion failed"));
+            };
+            // Duplicates differ at most in the case of the domain.
+            if self.seen.insert(format!("{}@{}", mailbox.local, mailbox.domain_lowercase())) {
+                self.recipients.push(rcpt);
+            }
+        }
         Ok(())
+    }
+
+    /// `rcpt` through the virtual alias tables: the addresses it is
+    /// delivered to, each with its NOTIFY and, for DSNs, its original
+    /// address (its ORCPT, or `rfc822;<address>` when it had none).
+    fn expand(&self, rcpt: RecipientInfo) -> Result<Vec<RecipientInfo>, Answer> {
+        if self.ctx.aliases.is_empty() {
+            return Ok(vec![rcpt]);
+        }
+        let targets = self.ctx.aliases.expand(&rcpt.address).map_err(|e| {
+            tracing::warn!("warning: {}: {e}", self.log_id());
+            Answer::new(TEMPORARY, "Error: virtual alias expansion failed")
+        })?;
+        if targets.len() == 1 && targets[0] == rcpt.address {
+            return Ok(vec![rcpt]);
+        }
+        let orcpt = if rcpt.orcpt.is_empty() { format!("rfc822;{}", rcpt.address) } else { rcpt.orcpt.clone() };
+        Ok(targets
+            .into_iter()
+            .map(|address| RecipientInfo { address, notify: rcpt.notify, orcpt: orcpt.clone() })
+            .collect())
     }
 
     fn data(&mut self, chunk: &[u8]) {

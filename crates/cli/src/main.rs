@@ -214,6 +214,19 @@ fn load_for_control(path: &Path) -> anyhow::Result<Config> {
 
 fn check(path: &Path) -> anyhow::Result<ExitCode> {
     let config = load(path)?;
+    // The tables the daemons will load at start: a line they would refuse
+    // is an error now, with its file and line, not a daemon that cannot
+    // start later.
+    let mut tables_ok = true;
+    for spec in &config.server.virtual_alias_maps {
+        if let Err(e) = mortal_proto::table::Table::load(spec) {
+            eprintln!("{}: server.virtual_alias_maps: {e}", path.display());
+            tables_ok = false;
+        }
+    }
+    if !tables_ok {
+        return Err(anyhow::Error::new(ConfigInvalid));
+    }
     // Risky but valid settings: reported, not fatal.
     for warning in check::warnings(&config) {
         eprintln!("{}", check::Located(path, &warning));

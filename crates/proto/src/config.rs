@@ -73,6 +73,13 @@ pub struct Server {
     /// local_recipient_maps); unset: every address of an accepted domain.
     /// smtpd reads it at process start, so `mortal reload` reloads it.
     pub recipient_map: Option<PathBuf>,
+    /// Virtual alias tables (Postfix virtual_alias_maps), in order: cleanup
+    /// expands each recipient through them before the message is queued,
+    /// and smtpd takes an aliased address as a known recipient.
+    pub virtual_alias_maps: Vec<crate::table::TableSpec>,
+    /// The separator of an address extension (`user+ext`: Postfix
+    /// recipient_delimiter); none by default, as in Postfix.
+    pub recipient_delimiter: Option<char>,
     /// Prometheus text file (node_exporter textfile collector) the master
     /// rewrites atomically every few seconds: children per state, spawns,
     /// retirements by reason, throttles. Unset: none.
@@ -89,6 +96,8 @@ impl Default for Server {
             user: DEFAULT_SERVER_USER.into(),
             trusted_networks: Vec::new(),
             recipient_map: None,
+            virtual_alias_maps: Vec::new(),
+            recipient_delimiter: None,
             metrics_file: None,
         }
     }
@@ -927,6 +936,32 @@ impl Resolver<'_> {
         }
     }
 
+    /// Table specs (`texthash:/path`...), relative paths from the file.
+    fn tables(&mut self, key: &str, value: Option<Vec<raw::Text>>) -> Vec<crate::table::TableSpec> {
+        let mut out = Vec::new();
+        for item in value.unwrap_or_default() {
+            match item.get_ref().parse::<crate::table::TableSpec>() {
+                Ok(spec) => out.push(spec.relative_to(self.base)),
+                Err(e) => self.value_error(key, item.span(), e),
+            }
+        }
+        out
+    }
+
+    /// One character, not a letter, digit, `@` or white space.
+    fn delimiter(&mut self, value: Option<raw::Text>) -> Option<char> {
+        let value = value?;
+        let mut chars = value.get_ref().chars();
+        match (chars.next(), chars.next()) {
+            (Some(c), None) if !c.is_alphanumeric() && !c.is_whitespace() && c != '@' && !c.is_control() => Some(c),
+            _ => {
+                let msg = format!("{:?} is not one delimiter character such as \"+\"", value.get_ref());
+                self.value_error("server.recipient_delimiter", value.span(), msg);
+                None
+            }
+        }
+    }
+
     fn path(&self, value: Option<PathBuf>) -> Option<PathBuf> {
         value.map(|p| self.base.join(p))
     }
@@ -967,6 +1002,8 @@ impl Resolver<'_> {
             user: raw.user.unwrap_or(d.user),
             trusted_networks: self.networks("server.trusted_networks", raw.trusted_networks, d.trusted_networks),
             recipient_map: self.path(raw.recipient_map),
+            virtual_alias_maps: self.tables("server.virtual_alias_maps", raw.virtual_alias_maps),
+            recipient_delimiter: self.delimiter(raw.recipient_delimiter),
             metrics_file: self.path(raw.metrics_file),
         }
     }
@@ -1871,6 +1908,22 @@ mod tests {
         );
         for fine in ["127.0.0.1:2526", "[::1]:0"] {
             assert!(Config::parse(&text(fine), Path::new("m.toml")).is_ok(), "{fine}");
+        }
+    }
+
+    #[test]
+    fn alias_tables_and_the_delimiter() {
+        let text = "[server]\nvirtual_alias_maps = [\"texthash:virtual\", \"inline:{ a@x.test = b@x.test }\"]\nrecipient_delimiter = \"+\"\n";
+        let c = Config::parse(text, Path::new("/etc/m/m.toml")).unwrap();
+        assert_eq!(c.server.virtual_alias_maps[0], crate::table::TableSpec::Text("/etc/m/virtual".into()));
+        assert_eq!(c.server.recipient_delimiter, Some('+'));
+        for (bad, want) in [
+            ("virtual_alias_maps = [\"btree:/x\"]", "server.virtual_alias_maps: unknown table kind"),
+            ("recipient_delimiter = \"+-\"", "server.recipient_delimiter: \"+-\" is not one delimiter"),
+            ("recipient_delimiter = \"a\"", "is not one delimiter"),
+        ] {
+            let err = Config::parse(&format!("[server]\n{bad}\n"), Path::new("m.toml")).unwrap_err();
+            assert!(err[0].to_string().contains(want), "{bad}: {}", err[0]);
         }
     }
 

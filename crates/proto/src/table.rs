@@ -660,3 +660,180 @@ mod tests {
         assert_eq!((unreadable.line, unreadable.message.starts_with("cannot read")), (None, true));
     }
 }
+
+/// Deepest chain of aliases (an alias of an alias of ...), Postfix's
+/// virtual_alias_recursion_limit.
+pub const MAX_ALIAS_DEPTH: usize = 1000;
+/// Most addresses one recipient may expand to, Postfix's
+/// virtual_alias_expansion_limit.
+pub const MAX_ALIAS_EXPANSION: usize = 1000;
+
+/// Why an address could not be expanded: the message must not be taken
+/// (or is deferred), as Postfix's cleanup does.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AliasError {
+    #[error("virtual alias loop: <{0}> expands to itself through other aliases")]
+    Loop(String),
+    #[error("virtual alias chain deeper than {MAX_ALIAS_DEPTH} at <{0}>")]
+    TooDeep(String),
+    #[error("<{0}> expands to more than {MAX_ALIAS_EXPANSION} addresses")]
+    TooMany(String),
+}
+
+/// Virtual aliases (Postfix's `virtual_alias_maps`): the tables in order,
+/// the first that has a result for an address wins.
+#[derive(Debug, Default)]
+pub struct Aliases {
+    tables: Vec<Table>,
+    delimiter: Option<char>,
+}
+
+impl Aliases {
+    pub fn new(tables: Vec<Table>, delimiter: Option<char>) -> Self {
+        Self { tables, delimiter }
+    }
+
+    /// `[server] virtual_alias_maps` and `recipient_delimiter`, loaded (at
+    /// process start: `mortal reload` reloads them).
+    pub fn load(config: &crate::config::Config) -> Result<Self, TableError> {
+        let tables = config.server.virtual_alias_maps.iter().map(Table::load).collect::<Result<_, _>>()?;
+        Ok(Self::new(tables, config.server.recipient_delimiter))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    /// The result for `address` and whether it matched without the
+    /// address's extension: virtual(5)'s keys `user+ext@domain`,
+    /// `user@domain`, `@domain` (the bare `user` forms are for local
+    /// domains in Postfix, which mortal does not distinguish).
+    fn result(&self, address: &str) -> Option<(String, Option<String>)> {
+        let (local, domain) = address.rsplit_once('@')?;
+        let extension = self.delimiter.and_then(|d| local.split_once(d)).filter(|(user, _)| !user.is_empty());
+        let mut keys = vec![(address.to_owned(), None)];
+        if let Some((user, ext)) = extension {
+            keys.push((format!("{user}@{domain}"), Some(ext.to_owned())));
+        }
+        keys.push((format!("@{domain}"), None));
+        keys.iter().find_map(|(key, ext)| self.tables.iter().find_map(|t| t.get(key)).map(|r| (r, ext.clone())))
+    }
+
+    /// Whether some table has an entry for `address`.
+    pub fn has(&self, address: &str) -> bool {
+        self.result(address).is_some()
+    }
+
+    /// The addresses `address` is delivered to: itself when no table has
+    /// it; else every address of the result (commas or white space
+    /// between them), each expanded again, except one equal to the address
+    /// it came from (`a@x  a@x, b@x` keeps a copy for `a`). A result
+    /// `@domain` keeps the local part; an extension that the match did not
+    /// need is put back on the results' local parts (Postfix's
+    /// propagate_unmatched_extensions). Duplicates are dropped.
+    pub fn expand(&self, address: &str) -> Result<Vec<String>, AliasError> {
+        let mut out: Vec<String> = Vec::new();
+        let mut chain = Vec::new();
+        self.expand_into(address, &mut chain, &mut out, address)?;
+        Ok(out)
+    }
+
+    fn expand_into(
+        &self,
+        address: &str,
+        chain: &mut Vec<String>,
+        out: &mut Vec<String>,
+        root: &str,
+    ) -> Result<(), AliasError> {
+        let folded = address.to_lowercase();
+        if chain.contains(&folded) {
+            return Err(AliasError::Loop(address.to_owned()));
+        }
+        if chain.len() >= MAX_ALIAS_DEPTH {
+            return Err(AliasError::TooDeep(address.to_owned()));
+        }
+        let Some((result, extension)) = self.result(address) else {
+            return push_unique(out, address, root);
+        };
+        chain.push(folded.clone());
+        let local = address.rsplit_once('@').map_or(address, |(l, _)| l);
+        for item in result.split([',', ' ', '\t']).map(|i| i.trim().trim_matches(['<', '>'])).filter(|i| !i.is_empty())
+        {
+            let mut target = match item.strip_prefix('@') {
+                Some(domain) => format!("{local}@{domain}"),
+                None => item.to_owned(),
+            };
+            if let (Some(ext), Some(d)) = (&extension, self.delimiter)
+                && let Some((l, dom)) = target.rsplit_once('@')
+                && !l.contains(d)
+            {
+                target = format!("{l}{d}{ext}@{dom}");
+            }
+            if target.to_lowercase() == folded {
+                push_unique(out, &target, root)?;
+            } else {
+                self.expand_into(&target, chain, out, root)?;
+            }
+        }
+        chain.pop();
+        Ok(())
+    }
+}
+
+fn push_unique(out: &mut Vec<String>, address: &str, root: &str) -> Result<(), AliasError> {
+    if !out.iter().any(|a| a.eq_ignore_ascii_case(address)) {
+        if out.len() >= MAX_ALIAS_EXPANSION {
+            return Err(AliasError::TooMany(root.to_owned()));
+        }
+        out.push(address.to_owned());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod alias_tests {
+    use super::*;
+
+    fn aliases(inline: &str) -> Aliases {
+        let table = Table::load(&format!("inline:{{ {inline} }}").parse().unwrap()).unwrap();
+        Aliases::new(vec![table], Some('+'))
+    }
+
+    #[test]
+    fn expansion_follows_postfix() {
+        let a = aliases(
+            "list@example.test = alice@example.test bob@example.test, \
+             alice@example.test = alice@dovecot.test, \
+             keep@example.test = keep@example.test carol@example.test, \
+             @example.org = @example.test, \
+             bob@example.test = bob@dovecot.test",
+        );
+        assert_eq!(a.expand("list@example.test").unwrap(), ["alice@dovecot.test", "bob@dovecot.test"]);
+        assert_eq!(a.expand("keep@example.test").unwrap(), ["keep@example.test", "carol@example.test"]);
+        assert_eq!(a.expand("nobody@example.test").unwrap(), ["nobody@example.test"]);
+        // Catch-all domain rewrite keeps the local part, then expands again.
+        assert_eq!(a.expand("alice@example.org").unwrap(), ["alice@dovecot.test"]);
+        assert_eq!(a.expand("zed@example.org").unwrap(), ["zed@example.test"]);
+        // An unmatched extension goes along; a matched one does not.
+        assert_eq!(a.expand("alice+news@example.test").unwrap(), ["alice+news@dovecot.test"]);
+        assert!(a.has("LIST@example.test") && !a.has("carol@example.test"));
+    }
+
+    #[test]
+    fn loops_and_limits_are_errors() {
+        let a = aliases(
+            "a@example.test = b@example.test, b@example.test = c@example.test, c@example.test = a@example.test",
+        );
+        assert_eq!(a.expand("a@example.test"), Err(AliasError::Loop("a@example.test".into())));
+        // Ten groups of 101: more than the limit in all, each within MAX_RESULT.
+        let groups: Vec<String> = (0..10)
+            .map(|g| {
+                let members: Vec<String> = (0..101).map(|i| format!("u{g}x{i}@example.net")).collect();
+                format!("g{g}@example.test = {}", members.join(" "))
+            })
+            .collect();
+        let names: Vec<String> = (0..10).map(|g| format!("g{g}@example.test")).collect();
+        let big = aliases(&format!("big@example.test = {}, {}", names.join(" "), groups.join(", ")));
+        assert_eq!(big.expand("big@example.test"), Err(AliasError::TooMany("big@example.test".into())));
+    }
+}

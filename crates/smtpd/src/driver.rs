@@ -616,18 +616,29 @@ impl Cleanup {
     }
 
     /// Sends the filters' edits and `End`, and returns cleanup's answer.
+    /// A write refused because cleanup hung up after saying why (a
+    /// recipient it could not take, a size it would not) gives that answer.
     async fn finish(mut self, edits: Vec<ipc::Edit>) -> Result<Answer, CleanupError> {
+        if let Err(e) = self.send_end(edits).await {
+            return match e {
+                CleanupError::Io(_) => self.parting_answer().await.ok_or(e),
+                e => Err(e),
+            };
+        }
+        match self.read_reply().await? {
+            Reply::Answer { code, status, text } => Ok(Answer { code, status, text }),
+            Reply::QueueId(_) => Err(CleanupError::Unexpected("QueueId")),
+        }
+    }
+
+    async fn send_end(&mut self, edits: Vec<ipc::Edit>) -> Result<(), CleanupError> {
         for edit in edits {
             Request::Edit(edit).encode(&mut self.out);
             if self.out.len() >= CLEANUP_WRITE_BATCH {
                 self.write_out().await?;
             }
         }
-        self.send(&Request::End).await?;
-        match self.read_reply().await? {
-            Reply::Answer { code, status, text } => Ok(Answer { code, status, text }),
-            Reply::QueueId(_) => Err(CleanupError::Unexpected("QueueId")),
-        }
+        self.send(&Request::End).await
     }
 
     /// The answer cleanup sent before hanging up, if it sent one.

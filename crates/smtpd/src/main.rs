@@ -83,12 +83,16 @@ fn prepare(config: &Config) -> Result<Prepared, Fatal> {
     // any privilege drop or sandbox takes the file system away. A child that
     // cannot is a bad start, which the master throttles.
     let tls = TlsServer::from_config(&config.smtpd).map_err(|e| Fatal::new(format_args!("STARTTLS: {e}")))?;
-    // The recipient map too: read once per process, so `mortal reload`,
-    // which replaces every process, reloads it. Serving without it would
-    // accept mail for users who do not exist.
-    let relay = RelayPolicy::load(config).map_err(|e| {
-        let path = config.server.recipient_map.as_deref().unwrap_or(std::path::Path::new(""));
-        Fatal::new(format_args!("recipient_map {}: {e}", path.display()))
+    // The recipient map and the virtual aliases too: read once per
+    // process, so `mortal reload`, which replaces every process, reloads
+    // them. Serving without them would accept mail for users who do not
+    // exist (or refuse aliases that do).
+    let relay = RelayPolicy::load(config).map_err(|e| match e {
+        mortal_smtpd::relay::RecipientMapError::Aliases(e) => Fatal::new(format_args!("virtual_alias_maps: {e}")),
+        e => {
+            let path = config.server.recipient_map.as_deref().unwrap_or(std::path::Path::new(""));
+            Fatal::new(format_args!("recipient_map {}: {e}", path.display()))
+        }
     })?;
     // One current-thread runtime for the life of the process, reused by
     // every session: a session is a single task, and an idle child should

@@ -21,6 +21,7 @@ use crate::engine::reply::{self, Reply};
 use mortal_proto::address::{self, Mailbox};
 use mortal_proto::config::Config;
 use mortal_proto::relay::{self, Relay};
+use mortal_proto::table::{Aliases, TableError};
 use std::collections::HashSet;
 use std::io::Read;
 use std::net::IpAddr;
@@ -45,6 +46,8 @@ pub enum RecipientMapError {
     TooLarge,
     #[error("line {line}: {text:?} is not an address: {why}")]
     Address { line: usize, text: String, why: address::AddressError },
+    #[error("{0}")]
+    Aliases(#[from] TableError),
 }
 
 impl RecipientMap {
@@ -99,21 +102,30 @@ fn key(mailbox: &Mailbox) -> String {
 pub struct RelayPolicy {
     /// `None`: every address of an accepted domain is taken.
     map: Option<RecipientMap>,
+    /// `[server] virtual_alias_maps`: an address they have is a known
+    /// recipient too (cleanup expands it).
+    aliases: std::sync::Arc<Aliases>,
 }
 
 impl RelayPolicy {
     /// Loads `[server] recipient_map`, if set. A daemon that cannot stops:
     /// serving without the map would accept mail for unknown users.
     pub fn load(config: &Config) -> Result<RelayPolicy, RecipientMapError> {
-        let Some(path) = &config.server.recipient_map else { return Ok(RelayPolicy::default()) };
+        let aliases = std::sync::Arc::new(Aliases::load(config)?);
+        let Some(path) = &config.server.recipient_map else { return Ok(RelayPolicy { map: None, aliases }) };
         let map = RecipientMap::load(path)?;
         tracing::debug!("{}: {} recipients", path.display(), map.len());
-        Ok(RelayPolicy::with_map(map))
+        Ok(RelayPolicy { map: Some(map), aliases })
     }
 
     /// A policy with this recipient map (instead of the configured one).
     pub fn with_map(map: RecipientMap) -> RelayPolicy {
-        RelayPolicy { map: Some(map) }
+        RelayPolicy { map: Some(map), aliases: Default::default() }
+    }
+
+    /// The same policy with these virtual aliases.
+    pub fn with_aliases(self, aliases: Aliases) -> RelayPolicy {
+        RelayPolicy { aliases: std::sync::Arc::new(aliases), ..self }
     }
 
     /// The RCPT decision for `mailbox` from a client at `client`: `Err`
@@ -123,7 +135,9 @@ impl RelayPolicy {
             Relay::Local => {
                 let postmaster = mailbox.local.eq_ignore_ascii_case("postmaster");
                 match &self.map {
-                    Some(map) if !postmaster && !map.contains(mailbox) => Err(user_unknown(mailbox)),
+                    Some(map) if !postmaster && !map.contains(mailbox) && !self.aliases.has(&mailbox.to_string()) => {
+                        Err(user_unknown(mailbox))
+                    }
                     _ => Ok(()),
                 }
             }
@@ -183,6 +197,20 @@ mod tests {
             let got = policy.check(cfg, client, &mb(rcpt));
             assert_eq!(got.map_err(|r| r.line()), expected.map_err(str::to_owned), "{rcpt} from {client}");
         }
+    }
+
+    /// An address the virtual aliases have is a known recipient.
+    #[test]
+    fn aliased_addresses_are_known() {
+        let map = RecipientMap::parse("alice@example.test\n").unwrap();
+        let table =
+            mortal_proto::table::Table::load(&"inline:{ list@example.test = alice@example.test }".parse().unwrap())
+                .unwrap();
+        let policy = RelayPolicy::with_map(map).with_aliases(Aliases::new(vec![table], None));
+        let cfg = config("");
+        let client: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(policy.check(&cfg, client, &mb("list@example.test")).is_ok());
+        assert!(policy.check(&cfg, client, &mb("carol@example.test")).is_err());
     }
 
     #[test]
