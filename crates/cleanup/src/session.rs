@@ -305,7 +305,7 @@ impl<'a> Transaction<'a> {
             tracing::warn!("warning: {}: smtpd sent recipient <{addr}> before the client", self.log_id());
             return Err(Answer::protocol_error());
         };
-        if !relay::decide(self.ctx.config, client, &mailbox.domain).is_allowed() {
+        if !relay::decide_address(self.ctx.config, client, &mailbox.local, &mailbox.domain).is_allowed() {
             tracing::warn!("warning: {}: smtpd sent recipient <{addr}> outside accepted_domains", self.log_id());
             return Err(Answer::protocol_error());
         }

@@ -33,6 +33,24 @@ impl Relay {
     }
 }
 
+/// The relay rule for the address `local@domain`: [`decide`], except that
+/// a local part that routes on by itself (`user%elsewhere`, `host!user`,
+/// a quoted `"user@elsewhere"`: Postfix's sender-specified routing) is
+/// relaying even in an accepted domain, whatever a table later makes of
+/// it (Postfix's `allow_untrusted_routing = no`).
+pub fn decide_address(config: &Config, client: IpAddr, local: &str, domain: &str) -> Relay {
+    match decide(config, client, domain) {
+        Relay::Local if local.contains(['%', '!', '@']) => {
+            if crate::config::networks_contain(&config.server.trusted_networks, client) {
+                Relay::Trusted
+            } else {
+                Relay::Denied
+            }
+        }
+        other => other,
+    }
+}
+
 /// The relay rule for mail to `domain` (as in the address: a name or an
 /// address literal) from a client at `client`.
 pub fn decide(config: &Config, client: IpAddr, domain: &str) -> Relay {
@@ -53,6 +71,20 @@ mod tests {
     fn config(extra: &str) -> Config {
         let text = format!("[server]\naccepted_domains = [\"example.test\", \"Mixed.Example\"]\n{extra}");
         Config::parse(&text, Path::new("mortal.toml")).expect("valid config")
+    }
+
+    /// Sender-specified routing in an accepted domain is relaying.
+    #[test]
+    fn routing_local_parts_relay() {
+        let plain = config("");
+        let trusted = config("trusted_networks = [\"10.0.0.0/8\"]\n");
+        let (outside, inside): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "10.1.2.3".parse().unwrap());
+        for local in ["user%elsewhere.test", "elsewhere.test!user", "\"user@elsewhere.test\""] {
+            assert_eq!(decide_address(&plain, outside, local, "example.test"), Relay::Denied, "{local}");
+            assert_eq!(decide_address(&trusted, inside, local, "example.test"), Relay::Trusted, "{local}");
+        }
+        assert_eq!(decide_address(&plain, outside, "user", "example.test"), Relay::Local);
+        assert_eq!(decide_address(&plain, outside, "user", "elsewhere.test"), Relay::Denied);
     }
 
     #[test]

@@ -131,7 +131,7 @@ impl RelayPolicy {
     /// The RCPT decision for `mailbox` from a client at `client`: `Err`
     /// holds the reply refusing it.
     pub fn check(&self, config: &Config, client: IpAddr, mailbox: &Mailbox) -> Result<(), Reply> {
-        match relay::decide(config, client, &mailbox.domain) {
+        match relay::decide_address(config, client, &mailbox.local, &mailbox.domain) {
             Relay::Local => {
                 let postmaster = mailbox.local.eq_ignore_ascii_case("postmaster");
                 match &self.map {
