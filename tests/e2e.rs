@@ -361,3 +361,31 @@ fn virtual_aliases_expand_before_the_message_is_queued() {
     mortal.wait_for_log("virtual alias loop: <loop1@example.test> expands to itself through other aliases");
     assert_eq!(end, "451 4.3.0 Error: virtual alias expansion failed\r\n");
 }
+
+/// Recipient tables of any kind (Postfix local_recipient_maps): here a
+/// regexp table; what none knows is refused during the dialogue, and
+/// postmaster always gets through.
+#[test]
+fn recipient_tables_refuse_unknown_users_at_rcpt() {
+    let dir = mortal_tests::TempDir::new("recipient-tables");
+    let users = dir.0.join("users.regexp");
+    std::fs::write(&users, "# letters only\n/^[a-z]+@example\\.test$/ ok\n").unwrap();
+    let mortal = Instance::start_with(Options {
+        server_extra: format!("recipient_maps = [\"regexp:{}\"]\n", users.display()),
+        ..Options::default()
+    });
+    let mut smtp = Smtp::connect(mortal.port).unwrap();
+    assert!(smtp.cmd("EHLO client.test").unwrap().starts_with("250"));
+    assert_eq!(smtp.cmd("MAIL FROM:<a@example.org>").unwrap(), "250 2.1.0 Ok\r\n");
+    assert_eq!(smtp.cmd("RCPT TO:<alice@example.test>").unwrap(), "250 2.1.5 Ok\r\n");
+    assert_eq!(smtp.cmd("RCPT TO:<PostMaster@example.test>").unwrap(), "250 2.1.5 Ok\r\n");
+    assert_eq!(
+        smtp.cmd("RCPT TO:<bob2@example.test>").unwrap(),
+        "550 5.1.1 <bob2@example.test>: Recipient address rejected: User unknown in local recipient table\r\n"
+    );
+    // Under the queue id: a recipient was accepted before it.
+    mortal.wait_for_log(
+        ": reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 <bob2@example.test>: Recipient address rejected: \
+         User unknown in local recipient table; from=<a@example.org> to=<bob2@example.test> proto=ESMTP",
+    );
+}

@@ -218,9 +218,11 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
     // is an error now, with its file and line, not a daemon that cannot
     // start later.
     let mut tables_ok = true;
-    for spec in &config.server.virtual_alias_maps {
+    let server = &config.server;
+    let tables = server.recipient_maps.iter().map(|s| ("recipient_maps", s));
+    for (key, spec) in tables.chain(server.virtual_alias_maps.iter().map(|s| ("virtual_alias_maps", s))) {
         if let Err(e) = mortal_proto::table::Table::load(spec) {
-            eprintln!("{}: server.virtual_alias_maps: {e}", path.display());
+            eprintln!("{}: server.{key}: {e}", path.display());
             tables_ok = false;
         }
     }

@@ -73,6 +73,14 @@ pub struct Server {
     /// local_recipient_maps); unset: every address of an accepted domain.
     /// smtpd reads it at process start, so `mortal reload` reloads it.
     pub recipient_map: Option<PathBuf>,
+    /// Tables of valid recipients (Postfix local_recipient_maps and
+    /// relay_recipient_maps): an address of an accepted domain that none of
+    /// them (nor `recipient_map`, nor the virtual aliases) has is refused at
+    /// RCPT with `550 5.1.1`. Keys as Postfix looks them up:
+    /// `user+ext@domain`, `user@domain`, `user+ext`, `user`, `@domain`;
+    /// the results are not used. Empty (with no `recipient_map`): every
+    /// address of an accepted domain.
+    pub recipient_maps: Vec<crate::table::TableSpec>,
     /// Virtual alias tables (Postfix virtual_alias_maps), in order: cleanup
     /// expands each recipient through them before the message is queued,
     /// and smtpd takes an aliased address as a known recipient.
@@ -96,6 +104,7 @@ impl Default for Server {
             user: DEFAULT_SERVER_USER.into(),
             trusted_networks: Vec::new(),
             recipient_map: None,
+            recipient_maps: Vec::new(),
             virtual_alias_maps: Vec::new(),
             recipient_delimiter: None,
             metrics_file: None,
@@ -1002,6 +1011,7 @@ impl Resolver<'_> {
             user: raw.user.unwrap_or(d.user),
             trusted_networks: self.networks("server.trusted_networks", raw.trusted_networks, d.trusted_networks),
             recipient_map: self.path(raw.recipient_map),
+            recipient_maps: self.tables("server.recipient_maps", raw.recipient_maps),
             virtual_alias_maps: self.tables("server.virtual_alias_maps", raw.virtual_alias_maps),
             recipient_delimiter: self.delimiter(raw.recipient_delimiter),
             metrics_file: self.path(raw.metrics_file),

@@ -88,7 +88,7 @@ fn prepare(config: &Config) -> Result<Prepared, Fatal> {
     // them. Serving without them would accept mail for users who do not
     // exist (or refuse aliases that do).
     let relay = RelayPolicy::load(config).map_err(|e| match e {
-        mortal_smtpd::relay::RecipientMapError::Aliases(e) => Fatal::new(format_args!("virtual_alias_maps: {e}")),
+        mortal_smtpd::relay::RecipientMapError::Table(e) => Fatal::new(format_args!("lookup table {e}")),
         e => {
             let path = config.server.recipient_map.as_deref().unwrap_or(std::path::Path::new(""));
             Fatal::new(format_args!("recipient_map {}: {e}", path.display()))

@@ -21,7 +21,7 @@ use crate::engine::reply::{self, Reply};
 use mortal_proto::address::{self, Mailbox};
 use mortal_proto::config::Config;
 use mortal_proto::relay::{self, Relay};
-use mortal_proto::table::{Aliases, TableError};
+use mortal_proto::table::{Aliases, Table, TableError, lookup_address};
 use std::collections::HashSet;
 use std::io::Read;
 use std::net::IpAddr;
@@ -46,8 +46,9 @@ pub enum RecipientMapError {
     TooLarge,
     #[error("line {line}: {text:?} is not an address: {why}")]
     Address { line: usize, text: String, why: address::AddressError },
+    /// `virtual_alias_maps` or `recipient_maps`.
     #[error("{0}")]
-    Aliases(#[from] TableError),
+    Table(#[from] TableError),
 }
 
 impl RecipientMap {
@@ -105,6 +106,10 @@ pub struct RelayPolicy {
     /// `[server] virtual_alias_maps`: an address they have is a known
     /// recipient too (cleanup expands it).
     aliases: std::sync::Arc<Aliases>,
+    /// `[server] recipient_maps`: any table kind; with the map, the
+    /// recipients known here.
+    tables: std::sync::Arc<Vec<Table>>,
+    delimiter: Option<char>,
 }
 
 impl RelayPolicy {
@@ -112,15 +117,46 @@ impl RelayPolicy {
     /// serving without the map would accept mail for unknown users.
     pub fn load(config: &Config) -> Result<RelayPolicy, RecipientMapError> {
         let aliases = std::sync::Arc::new(Aliases::load(config)?);
-        let Some(path) = &config.server.recipient_map else { return Ok(RelayPolicy { map: None, aliases }) };
-        let map = RecipientMap::load(path)?;
-        tracing::debug!("{}: {} recipients", path.display(), map.len());
-        Ok(RelayPolicy { map: Some(map), aliases })
+        let tables = config.server.recipient_maps.iter().map(Table::load).collect::<Result<Vec<_>, _>>()?;
+        let map = match &config.server.recipient_map {
+            Some(path) => {
+                let map = RecipientMap::load(path)?;
+                tracing::debug!("{}: {} recipients", path.display(), map.len());
+                Some(map)
+            }
+            None => None,
+        };
+        Ok(RelayPolicy {
+            map,
+            aliases,
+            tables: std::sync::Arc::new(tables),
+            delimiter: config.server.recipient_delimiter,
+        })
     }
 
     /// A policy with this recipient map (instead of the configured one).
     pub fn with_map(map: RecipientMap) -> RelayPolicy {
-        RelayPolicy { map: Some(map), aliases: Default::default() }
+        RelayPolicy { map: Some(map), ..RelayPolicy::default() }
+    }
+
+    /// The same policy with these recipient tables.
+    pub fn with_tables(self, tables: Vec<Table>, delimiter: Option<char>) -> RelayPolicy {
+        RelayPolicy { tables: std::sync::Arc::new(tables), delimiter, ..self }
+    }
+
+    /// Whether the recipient lists (map and tables) are in force and know
+    /// `mailbox`; `None` when none is configured (every address of an
+    /// accepted domain is taken).
+    fn knows(&self, mailbox: &Mailbox) -> Option<bool> {
+        if self.map.is_none() && self.tables.is_empty() {
+            return None;
+        }
+        let address = mailbox.to_string();
+        Some(
+            self.map.as_ref().is_some_and(|m| m.contains(mailbox))
+                || self.aliases.has(&address)
+                || self.tables.iter().any(|t| lookup_address(t, &address, self.delimiter).is_some()),
+        )
     }
 
     /// The same policy with these virtual aliases.
@@ -134,10 +170,8 @@ impl RelayPolicy {
         match relay::decide_address(config, client, &mailbox.local, &mailbox.domain) {
             Relay::Local => {
                 let postmaster = mailbox.local.eq_ignore_ascii_case("postmaster");
-                match &self.map {
-                    Some(map) if !postmaster && !map.contains(mailbox) && !self.aliases.has(&mailbox.to_string()) => {
-                        Err(user_unknown(mailbox))
-                    }
+                match self.knows(mailbox) {
+                    Some(false) if !postmaster => Err(user_unknown(mailbox)),
                     _ => Ok(()),
                 }
             }
@@ -211,6 +245,26 @@ mod tests {
         let client: IpAddr = "192.0.2.1".parse().unwrap();
         assert!(policy.check(&cfg, client, &mb("list@example.test")).is_ok());
         assert!(policy.check(&cfg, client, &mb("carol@example.test")).is_err());
+    }
+
+    /// Recipient tables of any kind, in Postfix's key order.
+    #[test]
+    fn recipient_tables_know_users_catch_alls_and_extensions() {
+        let users =
+            Table::load(&"inline:{ alice@example.test = ok, @sub.example.test = ok }".parse().unwrap()).unwrap();
+        let policy = RelayPolicy::default().with_tables(vec![users], Some('+'));
+        let text = "[server]\naccepted_domains = [\"example.test\", \"sub.example.test\"]\n";
+        let cfg = Config::parse(text, Path::new("mortal.toml")).expect("valid config");
+        let client: IpAddr = "192.0.2.1".parse().unwrap();
+        for (rcpt, known) in [
+            ("alice@example.test", true),
+            ("Alice+lists@example.test", true),
+            ("anyone@sub.example.test", true),
+            ("postmaster@example.test", true),
+            ("bob@example.test", false),
+        ] {
+            assert_eq!(policy.check(&cfg, client, &mb(rcpt)).is_ok(), known, "{rcpt}");
+        }
     }
 
     #[test]

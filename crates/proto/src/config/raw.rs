@@ -43,6 +43,7 @@ pub struct Server {
     pub user: Option<String>,
     pub trusted_networks: Option<Vec<Text>>,
     pub recipient_map: Option<PathBuf>,
+    pub recipient_maps: Option<Vec<Text>>,
     pub virtual_alias_maps: Option<Vec<Text>>,
     pub recipient_delimiter: Option<Text>,
     pub metrics_file: Option<PathBuf>,
