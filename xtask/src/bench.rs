@@ -116,6 +116,9 @@ enum Mode {
     Milter,
     /// The same milter answering every event: the protocol's full cost.
     MilterEveryReply,
+    /// Receive and queue with a 10,000-entry virtual alias table and a
+    /// recipient table (texthash, the same files for both servers).
+    Tables,
 }
 
 impl Mode {
@@ -125,12 +128,20 @@ impl Mode {
             Mode::EndToEnd => "end-to-end (LMTP)",
             Mode::Milter => "receive-and-queue, one milter (answers at end of message, as rspamd)",
             Mode::MilterEveryReply => "receive-and-queue, one milter (answers every event)",
+            Mode::Tables => "receive-and-queue, 10,000-entry alias and recipient tables",
         }
     }
 }
 
 /// The workload of the milter rows.
 const MILTER_WORKLOAD: &str = "burst";
+
+/// The workload of the table rows: every recipient is looked up.
+const TABLES_WORKLOAD: &str = "rcpts";
+
+/// Entries of the bench's alias and recipient tables (besides those of
+/// the addresses smtp-source sends to).
+const TABLE_ENTRIES: usize = 10_000;
 
 /// One measured run.
 #[derive(Debug, Clone, Copy)]
@@ -143,7 +154,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let mut quick = false;
     let mut baseline_rev = None;
     let mut only: Option<Vec<String>> = None;
-    let mut modes = vec![Mode::Queue, Mode::EndToEnd, Mode::Milter, Mode::MilterEveryReply];
+    let mut modes = vec![Mode::Queue, Mode::EndToEnd, Mode::Milter, Mode::MilterEveryReply, Mode::Tables];
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -162,7 +173,8 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
                     Some("queue") => vec![Mode::Queue],
                     Some("e2e") => vec![Mode::EndToEnd],
                     Some("milter") => vec![Mode::Milter, Mode::MilterEveryReply],
-                    other => bail!("--mode needs queue, e2e or milter, not {other:?}"),
+                    Some("tables") => vec![Mode::Tables],
+                    other => bail!("--mode needs queue, e2e, milter or tables, not {other:?}"),
                 }
             }
             other => {
@@ -172,7 +184,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     }
     // A partial run (some workloads or one mode) is for comparing a
     // change: the lifetime, READY and fsync figures are left out.
-    let partial = only.is_some() || modes.len() < 4;
+    let partial = only.is_some() || modes.len() < 5;
     install_postfix()?;
     let bins = chaos::build_release(root)?;
     let baseline = baseline_rev.as_deref().map(|rev| build_baseline(root, rev)).transpose()?;
@@ -192,12 +204,12 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     for mode in modes {
         let sink = match mode {
             Mode::EndToEnd => Some(SmtpSink::start()?),
-            Mode::Queue | Mode::Milter | Mode::MilterEveryReply => None,
+            Mode::Queue | Mode::Milter | Mode::MilterEveryReply | Mode::Tables => None,
         };
         let milter = match mode {
             Mode::Milter => Some(crate::milter_sink::MilterSink::start(crate::milter_sink::Replies::EndOfMessage)?),
             Mode::MilterEveryReply => Some(crate::milter_sink::MilterSink::start(crate::milter_sink::Replies::Every)?),
-            Mode::Queue | Mode::EndToEnd => None,
+            Mode::Queue | Mode::EndToEnd | Mode::Tables => None,
         };
         let target = sink.as_ref().map(|s| s.port);
         let (postfix_extra, mortal_extra) = match &milter {
@@ -207,14 +219,34 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
             ),
             None => (String::new(), String::new()),
         };
+        let (postfix_extra, mortal_server) = match mode {
+            Mode::Tables => {
+                let (virtual_map, users) = bench_tables(&dir.join("tables"))?;
+                (
+                    format!(
+                        "{postfix_extra}virtual_alias_maps = texthash:{}\nlocal_recipient_maps = texthash:{}\n",
+                        virtual_map.display(),
+                        users.display()
+                    ),
+                    format!(
+                        "virtual_alias_maps = [\"texthash:{}\"]\nrecipient_maps = [\"texthash:{}\"]\n",
+                        virtual_map.display(),
+                        users.display()
+                    ),
+                )
+            }
+            _ => (postfix_extra, String::new()),
+        };
         let mut postfix = Postfix::start(&dir.join("postfix"), target, &postfix_extra)?;
-        let (mortal_cfg, mortal_variant) = mortal_config(&dir.join("mortal"), target, 100, "", &mortal_extra)?;
+        let (mortal_cfg, mortal_variant) =
+            mortal_config_with(&dir.join("mortal"), target, 100, "", &mortal_extra, &mortal_server)?;
         let mut mortal = Mortal::start(&bins, &dir.join("mortal"), &mortal_cfg, port_of(&mortal_cfg))?;
         report.notes.push(format!("{}: mortal delivers via {mortal_variant}", mode.name()));
         // The baseline build gets the same config, on a port of its own.
         let mut old = match &baseline {
             Some((old_bins, rev)) => {
-                let (cfg, _) = mortal_config(&dir.join("mortal-baseline"), target, 100, "", &mortal_extra)?;
+                let (cfg, _) =
+                    mortal_config_with(&dir.join("mortal-baseline"), target, 100, "", &mortal_extra, &mortal_server)?;
                 let old = Mortal::start(old_bins, &dir.join("mortal-baseline"), &cfg, port_of(&cfg))?;
                 report.baseline = Some(rev.clone());
                 Some(old)
@@ -224,6 +256,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         let wanted = |w: &&Workload| {
             only.as_ref().is_none_or(|o| o.iter().any(|n| n == w.name))
                 && (!matches!(mode, Mode::Milter | Mode::MilterEveryReply) || w.name == MILTER_WORKLOAD)
+                && (mode != Mode::Tables || w.name == TABLES_WORKLOAD)
         };
         for w in WORKLOADS.iter().filter(wanted) {
             let w = Workload { messages: w.messages / scale, ..*w };
@@ -529,6 +562,27 @@ impl UssSampler {
     }
 }
 
+/// The bench's alias and recipient tables, for both servers: aliases of
+/// [`TABLE_ENTRIES`] users and of the addresses smtp-source sends to
+/// (`rcpt@`, `0rcpt@`... `50rcpt@`), each to a mailbox of its own, and the
+/// recipient table of the addresses clients may use.
+fn bench_tables(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    fs::create_dir_all(dir)?;
+    let dir = std::path::absolute(dir)?;
+    let (mut aliases, mut users) = (String::new(), String::new());
+    // smtp-source sends to `rcpt@` alone, or to `0rcpt@`, `1rcpt@`...
+    let most = WORKLOADS.iter().map(|w| w.rcpts).max().unwrap_or(1);
+    let sent = std::iter::once("rcpt".to_owned()).chain((0..=most).map(|n| format!("{n}rcpt")));
+    for user in (0..TABLE_ENTRIES).map(|i| format!("user{i}")).chain(sent) {
+        let _ = writeln!(aliases, "{user}@{DOMAIN} {user}-box@{DOMAIN}");
+        let _ = writeln!(users, "{user}@{DOMAIN} ok");
+    }
+    let (virtual_map, users_map) = (dir.join("virtual"), dir.join("users"));
+    fs::write(&virtual_map, aliases)?;
+    fs::write(&users_map, users)?;
+    Ok((virtual_map, users_map))
+}
+
 /// mortal's config: same domain and target as Postfix's, default limits.
 /// `policy` is appended to both `[process.*]` tables (lifetime keys),
 /// `extra` to the file (a milter).
@@ -538,6 +592,18 @@ fn mortal_config(
     max_use: u32,
     policy: &str,
     extra: &str,
+) -> Result<(String, &'static str)> {
+    mortal_config_with(dir, lmtp, max_use, policy, extra, "")
+}
+
+/// [`mortal_config`] with `server` keys added to `[server]` (tables).
+fn mortal_config_with(
+    dir: &Path,
+    lmtp: Option<u16>,
+    max_use: u32,
+    policy: &str,
+    extra: &str,
+    server: &str,
 ) -> Result<(String, &'static str)> {
     let port = chaos::free_port()?;
     let user = chaos::user_line();
@@ -549,6 +615,7 @@ spool_dir = "../spool"
 metrics_file = "../{METRICS_FILE}"
 accepted_domains = ["{DOMAIN}"]
 {user}
+{server}
 
 [log]
 format = "postfix"
