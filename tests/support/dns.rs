@@ -433,7 +433,8 @@ fn parse_question(query: &[u8]) -> Option<(String, u16, usize)> {
 
 fn encode_name(name: &str) -> Vec<u8> {
     let mut out = Vec::new();
-    for label in name.trim_end_matches('.').split('.') {
+    // The root (a null MX's exchange) is the empty name: one zero octet.
+    for label in name.trim_end_matches('.').split('.').filter(|l| !l.is_empty()) {
         out.push(u8::try_from(label.len()).expect("label length"));
         out.extend_from_slice(label.as_bytes());
     }

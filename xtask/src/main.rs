@@ -49,6 +49,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("opendkim-tools", "opendkim-genkey"),
     ("opendmarc", "opendmarc"),
     ("python3-milter", "tests/support/test_milter.py"),
+    // tests/dnsbl.rs: the DNS list server, run by tests/support/rbldnsd.rs.
+    ("rbldnsd", "rbldnsd"),
 ];
 
 fn main() -> Result<()> {

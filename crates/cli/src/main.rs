@@ -219,10 +219,12 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
     // start later.
     let mut tables_ok = true;
     let server = &config.server;
-    let tables = server.recipient_maps.iter().map(|s| ("recipient_maps", s));
-    for (key, spec) in tables.chain(server.virtual_alias_maps.iter().map(|s| ("virtual_alias_maps", s))) {
+    let tables = server.recipient_maps.iter().map(|s| ("server.recipient_maps", s));
+    let aliases = server.virtual_alias_maps.iter().map(|s| ("server.virtual_alias_maps", s));
+    let access = config.smtpd.restrictions.all().filter_map(|r| r.table().map(|t| ("smtpd.restrictions", t)));
+    for (key, spec) in tables.chain(aliases).chain(access) {
         if let Err(e) = mortal_proto::table::Table::load(spec) {
-            eprintln!("{}: server.{key}: {e}", path.display());
+            eprintln!("{}: {key}: {e}", path.display());
             tables_ok = false;
         }
     }

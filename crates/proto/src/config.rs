@@ -15,11 +15,16 @@
 
 mod filter;
 mod raw;
+mod restrict;
 
 pub use filter::{
     DEFAULT_MILTER_COMMAND_TIMEOUT, DEFAULT_MILTER_CONNECT_TIMEOUT, DEFAULT_MILTER_CONTENT_TIMEOUT,
     DEFAULT_POLICY_DEFAULT_ACTION, DEFAULT_POLICY_MAX_IDLE, DEFAULT_POLICY_MAX_TTL, DEFAULT_POLICY_RETRY_DELAY,
     DEFAULT_POLICY_TIMEOUT, DEFAULT_POLICY_TRY_LIMIT, FilterStage, Milter, MilterDefaultAction, PolicyService,
+};
+pub use restrict::{
+    DEFAULT_DNSBL_THRESHOLD, DEFAULT_DNSBL_TIMEOUT, DEFAULT_RESTRICTION_DNS_TIMEOUT,
+    DEFAULT_UNKNOWN_ADDRESS_REJECT_CODE, Dnsbl, DnsblAction, MAX_DNSBL_SITES, MAX_RESTRICTIONS, Restrictions,
 };
 
 use crate::service::Service;
@@ -234,6 +239,10 @@ pub struct Smtpd {
     /// `[[smtpd.policy]]`: the policy delegation servers asked, in order
     /// (Postfix check_policy_service).
     pub policy: Vec<PolicyService>,
+    /// `[smtpd.restrictions]`: Postfix's smtpd_*_restrictions.
+    pub restrictions: Restrictions,
+    /// `[smtpd.dnsbl]`: postscreen's weighted DNS lists.
+    pub dnsbl: Dnsbl,
 }
 
 /// `[smtpd] tls_security` (Postfix smtpd_tls_security_level).
@@ -253,6 +262,12 @@ pub enum BareNewline {
 }
 
 impl Smtpd {
+    /// Whether smtpd asks the DNS at all: reverse lookups, DNS-based
+    /// restrictions or DNSBL screening.
+    pub fn uses_dns(&self) -> bool {
+        self.reverse_lookup || self.restrictions.use_dns() || self.dnsbl.enabled()
+    }
+
     /// Whether STARTTLS is offered: enabled, with a certificate and key.
     pub fn tls_offered(&self) -> bool {
         self.tls_security == TlsSecurity::May && self.tls_cert_file.is_some() && self.tls_key_file.is_some()
@@ -301,6 +316,8 @@ impl Default for Smtpd {
             milters: Vec::new(),
             milter_macros: crate::milter::MacroLists::default(),
             policy: Vec::new(),
+            restrictions: Restrictions::default(),
+            dnsbl: Dnsbl::default(),
         }
     }
 }
@@ -1023,10 +1040,14 @@ impl Resolver<'_> {
         let milters = self.milters(&mut raw);
         let milter_macros = self.milter_macros(std::mem::take(&mut raw.milter_macros));
         let policy = self.policy_services(std::mem::take(&mut raw.policy));
-        Smtpd {
+        let restrictions = self.restrictions(std::mem::take(&mut raw.restrictions));
+        let dnsbl = self.dnsbl(std::mem::take(&mut raw.dnsbl));
+        let smtpd = Smtpd {
             milters,
             milter_macros,
             policy,
+            restrictions,
+            dnsbl,
             listen: raw.listen.unwrap_or(d.listen),
             banner: raw.banner.unwrap_or(d.banner),
             message_size_limit: raw.message_size_limit.unwrap_or(d.message_size_limit),
@@ -1069,7 +1090,9 @@ impl Resolver<'_> {
                 d.reverse_lookup_timeout,
             ),
             resolvers: raw.resolvers.unwrap_or(d.resolvers),
-        }
+        };
+        self.restriction_rules(&smtpd);
+        smtpd
     }
 
     fn cleanup(&mut self, raw: raw::Cleanup) -> Cleanup {

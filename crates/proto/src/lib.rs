@@ -11,7 +11,8 @@
 //! must agree on: relaying ([`relay`]), xtext ([`xtext`]) and how a TLS
 //! session is described ([`tls`]); and the protocols of the filters mail
 //! hosts run: Postfix's policy delegation ([`policy`]) and the Sendmail milter
-//! protocol ([`milter`]). Like Postfix's
+//! protocol ([`milter`]); and DNS block and allow list sites as
+//! postscreen weighs them ([`dnsbl`]). Like Postfix's
 //! `global/mail_proto.h`, it is the one place both sides of every
 //! conversation agree on.
 //!
@@ -48,6 +49,7 @@ pub mod anvil;
 pub mod config;
 pub mod date;
 pub mod delivery;
+pub mod dnsbl;
 pub mod dsn;
 pub mod envelope;
 #[cfg(feature = "fuzz")]
@@ -60,6 +62,7 @@ pub mod queue_file;
 pub mod queue_id;
 pub mod record;
 pub mod relay;
+pub mod restriction;
 pub mod service;
 pub mod smtp_status;
 pub mod spool;

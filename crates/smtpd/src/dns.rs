@@ -117,27 +117,7 @@ impl ReverseResolver {
     /// A resolver asking `servers` (over UDP, TCP when an answer is
     /// truncated), giving up on the whole lookup after `timeout`.
     pub fn new(servers: &[SocketAddr], timeout: Duration) -> Result<Self, DnsError> {
-        if servers.is_empty() {
-            return Err(DnsError::NoNameserver);
-        }
-        let name_servers: Vec<NameServerConfig> = servers
-            .iter()
-            .map(|server| {
-                let mut ns = NameServerConfig::udp_and_tcp(server.ip());
-                for connection in &mut ns.connections {
-                    connection.port = server.port();
-                }
-                ns
-            })
-            .collect();
-        let mut options = ResolverOpts::default();
-        options.timeout = timeout;
-        options.attempts = 1;
-        options.use_hosts_file = ResolveHosts::Never;
-        let tls = TlsConfig::new().map_err(|e| DnsError::Build(e.to_string()))?;
-        let context = Arc::new(PoolContext::new(options, tls));
-        let pool = NameServerPool::from_config(name_servers, context, TokioRuntimeProvider::default());
-        Ok(ReverseResolver { pool, timeout })
+        Ok(ReverseResolver { pool: name_server_pool(servers, timeout)?, timeout })
     }
 
     /// The client's forward-confirmed name, or `unknown`; never takes
@@ -189,6 +169,36 @@ impl ReverseResolver {
         }
         Some(response.answers.clone())
     }
+}
+
+/// A pool asking exactly `servers` (over UDP, TCP when an answer is
+/// truncated), once each, waiting at most `timeout` for an answer, and
+/// never reading /etc/hosts. The reverse lookups and the DNS list lookups
+/// ([`crate::dnsbl`]) ask their nameservers the same way.
+pub fn name_server_pool(
+    servers: &[SocketAddr],
+    timeout: Duration,
+) -> Result<NameServerPool<TokioRuntimeProvider>, DnsError> {
+    if servers.is_empty() {
+        return Err(DnsError::NoNameserver);
+    }
+    let name_servers: Vec<NameServerConfig> = servers
+        .iter()
+        .map(|server| {
+            let mut ns = NameServerConfig::udp_and_tcp(server.ip());
+            for connection in &mut ns.connections {
+                connection.port = server.port();
+            }
+            ns
+        })
+        .collect();
+    let mut options = ResolverOpts::default();
+    options.timeout = timeout;
+    options.attempts = 1;
+    options.use_hosts_file = ResolveHosts::Never;
+    let tls = TlsConfig::new().map_err(|e| DnsError::Build(e.to_string()))?;
+    let context = Arc::new(PoolContext::new(options, tls));
+    Ok(NameServerPool::from_config(name_servers, context, TokioRuntimeProvider::default()))
 }
 
 /// `name` (a trailing dot allowed) as a host name for logs and

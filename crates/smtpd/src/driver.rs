@@ -27,6 +27,7 @@
 
 use crate::dns::ReverseResolver;
 use crate::engine::{Action, Answer, Session};
+use crate::filter::restrict::Restrictor;
 use crate::filter::verdict::Verdict;
 use crate::filter::{Endpoints, Filters, PolicyClients};
 use crate::relay::RelayPolicy;
@@ -79,14 +80,18 @@ pub struct Server {
     pub term: Option<TermHandler>,
     /// The policy servers' connections, kept from one session to the next.
     pub policy: PolicyClients,
+    /// `[smtpd.restrictions]` and `[smtpd.dnsbl]`: tables and resolvers.
+    pub restrictor: Arc<Restrictor>,
 }
 
 impl Server {
     /// A server with `relay` and nothing else: no STARTTLS, no reverse
-    /// lookups, and SIGTERM left alone.
+    /// lookups, no restriction tables or DNS checks, and SIGTERM left
+    /// alone.
     pub fn new(config: Arc<Config>, relay: RelayPolicy) -> Server {
         let policy = crate::filter::policy_clients(&config);
-        Server { config, relay: Arc::new(relay), tls: None, resolver: None, term: None, policy }
+        let restrictor = Arc::new(Restrictor::default());
+        Server { config, relay: Arc::new(relay), tls: None, resolver: None, term: None, policy, restrictor }
     }
 }
 
@@ -170,13 +175,19 @@ pub async fn session(server: &Server, stream: std::net::TcpStream) -> SessionEnd
 /// The session's filters, when any are configured.
 fn filters_for(server: &Server, stream: &std::net::TcpStream, peer: &crate::peer::Peer) -> Option<Filters> {
     let smtpd = &server.config.smtpd;
-    if smtpd.milters.is_empty() && smtpd.policy.is_empty() {
+    let restricted = smtpd.restrictions.all().next().is_some() || smtpd.dnsbl.enabled();
+    if smtpd.milters.is_empty() && smtpd.policy.is_empty() && !restricted {
         return None;
     }
     let client = std::net::SocketAddr::new(peer.addr, peer.port);
     let server_addr = stream.local_addr().unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     let endpoints = Endpoints { client, server: server_addr };
-    Some(Filters::new(Arc::clone(&server.config), Arc::clone(&server.policy), endpoints))
+    Some(Filters::new(
+        Arc::clone(&server.config),
+        Arc::clone(&server.policy),
+        Arc::clone(&server.restrictor),
+        endpoints,
+    ))
 }
 
 /// Longest wait to hand the client its `421` after SIGTERM: less than the

@@ -111,9 +111,11 @@
 
 pub mod anvil_client;
 pub mod dns;
+pub mod dnsbl;
 pub mod driver;
 pub mod engine;
 pub mod filter;
+pub mod mailhost;
 pub mod peer;
 pub mod proxy;
 pub mod relay;

@@ -9,7 +9,10 @@ use mortal_libmaster::daemon::{self, Fatal, Started};
 use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
 use mortal_proto::config::{Config, NextHop};
 use mortal_smtpd::dns::ReverseResolver;
+use mortal_smtpd::dnsbl::Dnsbl;
 use mortal_smtpd::driver::{self, Server, SessionEnd};
+use mortal_smtpd::filter::restrict::Restrictor;
+use mortal_smtpd::mailhost::DomainResolver;
 use mortal_smtpd::relay::RelayPolicy;
 use mortal_smtpd::tls::TlsServer;
 use std::net::TcpListener;
@@ -27,14 +30,15 @@ const RESOLV_CONF_PORT: u16 = 53;
 /// smtpd's sandbox: the mail user, chrooted into the private socket
 /// directory (it needs nothing but the cleanup and anvil sockets there, and
 /// the Unix sockets of milters and policy servers placed there), no file,
-/// and the seccomp allow-list. With `reverse_lookup`, TCP connects to the
+/// and the seccomp allow-list. With `reverse_lookup` (or a DNS-based
+/// restriction, or DNSBL screening), TCP connects to the
 /// nameservers' ports (the resolver's fallback for truncated answers; UDP
 /// is not Landlock's to restrict): the configured `resolvers`, or
 /// resolv.conf's 53. Milters and policy servers on `inet:` endpoints add
 /// their ports, and TCP client sockets to the allow-list. Nothing
 /// configured: no TCP port at all.
 fn needs(config: &Config) -> Needs {
-    let dns = config.smtpd.reverse_lookup;
+    let dns = config.smtpd.uses_dns();
     let mut tcp_connect = Vec::new();
     if dns {
         tcp_connect.extend(config.smtpd.resolvers.iter().map(|r| r.port()));
@@ -72,6 +76,7 @@ struct Prepared {
     runtime: tokio::runtime::Runtime,
     term: driver::TermHandler,
     resolver: Option<ReverseResolver>,
+    restrictor: Restrictor,
 }
 
 fn main() -> ExitCode {
@@ -112,17 +117,43 @@ fn prepare(config: &Config) -> Result<Prepared, Fatal> {
         let _in_runtime = runtime.enter();
         ReverseResolver::from_config(&config.smtpd).map_err(|e| Fatal::new(format_args!("reverse_lookup: {e}")))?
     };
-    Ok(Prepared { tls, relay, runtime, term, resolver })
+    // The restriction tables, and the resolvers of the DNS checks.
+    let restrictor = Restrictor::load(config).map_err(|e| Fatal::new(format_args!("lookup table {e}")))?;
+    let restrictor = {
+        let _in_runtime = runtime.enter();
+        let smtpd = &config.smtpd;
+        let dns = |e: mortal_smtpd::dns::DnsError| Fatal::new(format_args!("restrictions: {e}"));
+        if smtpd.restrictions.use_dns() || smtpd.dnsbl.enabled() {
+            let servers = mortal_smtpd::dns::nameservers(smtpd).map_err(dns)?;
+            let timeout = smtpd.restrictions.dns_timeout;
+            let domains =
+                DomainResolver::new(mortal_smtpd::dns::name_server_pool(&servers, timeout).map_err(dns)?, timeout);
+            let dnsbl_timeout = if smtpd.dnsbl.enabled() { smtpd.dnsbl.timeout } else { timeout };
+            let dnsbl = Dnsbl::new(&servers, dnsbl_timeout).map_err(dns)?;
+            restrictor.with_dns(Some(domains), Some(Arc::new(dnsbl)))
+        } else {
+            restrictor
+        }
+    };
+    Ok(Prepared { tls, relay, runtime, term, resolver, restrictor })
 }
 
 /// Everything smtpd reads from disk is loaded; from here on it has no file
 /// system, no identity but the mail user's and few syscalls.
 fn serve(started: Started<TcpListener, Prepared>) -> ExitCode {
     let Started { config, listener, mut link, prepared, .. } = started;
-    let Prepared { tls, relay, runtime, term, resolver } = prepared;
+    let Prepared { tls, relay, runtime, term, resolver, restrictor } = prepared;
     let max_use = config.process.smtpd.max_use;
     let policy = mortal_smtpd::filter::policy_clients(&config);
-    let server = Server { config: Arc::new(config), relay: Arc::new(relay), tls, resolver, term: Some(term), policy };
+    let server = Server {
+        config: Arc::new(config),
+        relay: Arc::new(relay),
+        tls,
+        resolver,
+        term: Some(term),
+        policy,
+        restrictor: Arc::new(restrictor),
+    };
     let served = child::serve(&listener, &mut link, max_use, |stream, _link| {
         // The JSON log's `client` for every line of the session.
         if runtime.block_on(driver::session(&server, stream).instrument(mortal_libmaster::log::session_span()))

@@ -97,6 +97,17 @@ pub enum FilterStage {
 }
 
 impl FilterStage {
+    /// Every stage, in the order of the dialogue (and of Postfix's
+    /// restriction lists).
+    pub const ALL: [FilterStage; 6] = [
+        FilterStage::Connect,
+        FilterStage::Helo,
+        FilterStage::Mail,
+        FilterStage::Rcpt,
+        FilterStage::Data,
+        FilterStage::EndOfMessage,
+    ];
+
     /// The `protocol_state` a query at this stage carries (HELO and EHLO
     /// are told apart by the caller).
     pub fn protocol_state(self, esmtp: bool) -> policy::Stage {

@@ -98,6 +98,34 @@ pub struct Smtpd {
     pub milter_protocol: Option<u32>,
     pub milter_macros: MilterMacros,
     pub policy: Vec<PolicyService>,
+    pub restrictions: Restrictions,
+    pub dnsbl: Dnsbl,
+}
+
+/// `[smtpd.restrictions]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Restrictions {
+    pub delay_reject: Option<bool>,
+    pub client: Option<Vec<Text>>,
+    pub helo: Option<Vec<Text>>,
+    pub sender: Option<Vec<Text>>,
+    pub recipient: Option<Vec<Text>>,
+    pub data: Option<Vec<Text>>,
+    pub end_of_data: Option<Vec<Text>>,
+    pub unknown_address_reject_code: Option<u16>,
+    pub dns_timeout: Option<Text>,
+}
+
+/// `[smtpd.dnsbl]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dnsbl {
+    pub sites: Option<Vec<Text>>,
+    pub threshold: Option<i32>,
+    pub allowlist_threshold: Option<i32>,
+    pub action: Option<super::DnsblAction>,
+    pub timeout: Option<Text>,
 }
 
 /// `[[smtpd.milter]]`.

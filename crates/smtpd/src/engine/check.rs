@@ -14,7 +14,7 @@ use super::command::{Param, Verb};
 use super::reply::{self, Reply};
 use super::{Action, Phase, Session};
 use crate::filter::verdict::{CheckStage, Decision, FilterReply, Verdict};
-use mortal_proto::config::Config;
+use mortal_proto::config::{Config, FilterStage};
 use mortal_proto::envelope::RecipientInfo;
 use mortal_proto::queue_id::QueueId;
 use mortal_proto::tls::TlsSummary;
@@ -27,8 +27,10 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// From the configuration: every policy server's stages; every stage
-    /// when any milter is configured (milters see the whole dialogue).
+    /// From the configuration: every policy server's stages, where each
+    /// restriction list is evaluated, CONNECT and RCPT for DNSBL
+    /// screening; every stage when any milter is configured (milters see
+    /// the whole dialogue).
     pub fn of(config: &Config) -> Plan {
         let mut plan = Plan::default();
         let all = [
@@ -42,7 +44,14 @@ impl Plan {
         ];
         for stage in all {
             let policy = stage.policy().is_some_and(|s| config.smtpd.policy.iter().any(|p| p.stages.contains(&s)));
-            plan.stages[stage as usize] = policy || !config.smtpd.milters.is_empty();
+            let restrictions = &config.smtpd.restrictions;
+            let lists = stage.policy().is_some_and(|s| {
+                FilterStage::ALL
+                    .into_iter()
+                    .any(|l| !restrictions.list(l).is_empty() && restrictions.evaluated_at(l) == s)
+            });
+            let dnsbl = config.smtpd.dnsbl.enabled() && matches!(stage, CheckStage::Connect | CheckStage::Rcpt);
+            plan.stages[stage as usize] = policy || lists || dnsbl || !config.smtpd.milters.is_empty();
         }
         plan
     }
@@ -161,6 +170,7 @@ impl Session {
         if !self.plan.wants(stage) {
             return false;
         }
+
         self.actions.push_back(Action::Check(Check { stage, subject }));
         self.phase = Phase::Checking(pending);
         true

@@ -11,21 +11,29 @@
 
 pub mod milter;
 pub mod policy;
+pub mod restrict;
 pub mod verdict;
 
+use crate::dnsbl::Screening;
 use crate::engine::{Check, Facts, Subject};
+use crate::mailhost::DomainStatus;
 use milter::{MacroFacts, Milters};
 use mortal_libmaster::sandbox::visible_path;
 use mortal_proto::config::{Config, NextHop};
+use mortal_proto::config::{DnsblAction, FilterStage};
 use mortal_proto::ipc::Edit;
 use mortal_proto::policy::{Query, TlsFacts};
+use mortal_proto::restriction::Restriction;
+use mortal_proto::smtp_status::{EnhancedStatus, ReplyCode, StatusClass};
 use policy::PolicyClient;
+use restrict::{ListEnd, ListRound, Restrictor};
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::{TcpStream, UnixStream};
-use verdict::{CheckStage, Decision, PolicyRound, Verdict};
+use verdict::{CheckStage, Decision, FilterReply, PolicyRound, RefusedBy, Verdict};
 
 /// Where a filter listens, as smtpd reaches it (a Unix socket path as
 /// seen from inside its chroot), and as the operator wrote it, for logs.
@@ -101,10 +109,21 @@ pub struct Endpoints {
     pub server: SocketAddr,
 }
 
+/// The session's DNSBL screening: started at connect, awaited once.
+enum Screen {
+    Off,
+    Running(tokio::task::JoinHandle<Screening>),
+    Done(Option<Screening>),
+}
+
 /// One session's filters.
 pub struct Filters {
     config: Arc<Config>,
     policy: PolicyClients,
+    restrictor: Arc<Restrictor>,
+    /// Mail domains looked up this session (`reject_unknown_*_domain`).
+    domains: HashMap<String, DomainStatus>,
+    screen: Screen,
     milters: Milters,
     endpoints: Endpoints,
     /// What the filters decided about the current message, in order.
@@ -119,11 +138,14 @@ pub struct Filters {
 }
 
 impl Filters {
-    pub fn new(config: Arc<Config>, policy: PolicyClients, endpoints: Endpoints) -> Self {
+    pub fn new(config: Arc<Config>, policy: PolicyClients, restrictor: Arc<Restrictor>, endpoints: Endpoints) -> Self {
         let milters = Milters::new(&config);
         Self {
             config,
             policy,
+            restrictor,
+            domains: HashMap::new(),
+            screen: Screen::Off,
             milters,
             endpoints,
             edits: Vec::new(),
@@ -178,16 +200,44 @@ impl Filters {
         self.milters.quit().await;
     }
 
-    /// Asks the policy servers, then the milters, about `check`.
+    /// Screens the client against `[smtpd.dnsbl]`, then evaluates the
+    /// restriction lists that fall at this stage, asks the policy servers
+    /// (where a list says `check_policy_service`, or after the stage's own
+    /// list unless it permitted), then the milters, about `check`.
     pub async fn check(&mut self, check: &Check, facts: &Facts<'_>) -> Verdict {
         let mut notes = Vec::new();
-        if let Some(stage) = check.stage.policy()
-            && self.config.smtpd.policy.iter().any(|p| p.stages.contains(&stage))
-        {
-            let (decision, policy_notes) = self.ask_policy(check, facts, stage).await;
-            notes.extend(policy_notes);
-            if decision != Decision::Continue {
-                return Verdict { decision, notes };
+        // RFC 5321 4.5.1: mail to postmaster is always taken, whatever the
+        // DNS lists and restrictions say about the client.
+        let postmaster = matches!(&check.subject, Subject::Rcpt { address, .. } if self.postmaster(address));
+        let allowlisted = match postmaster {
+            true => false,
+            false => match self.screen(check.stage, facts).await {
+                Ok(allowlisted) => allowlisted,
+                Err(decision) => return Verdict { decision, notes },
+            },
+        };
+        if let Some(stage) = check.stage.policy().filter(|_| !postmaster) {
+            let restrictions = &self.config.smtpd.restrictions;
+            let lists: Vec<FilterStage> = FilterStage::ALL
+                .into_iter()
+                .filter(|s| restrictions.evaluated_at(*s) == stage && !restrictions.list(*s).is_empty())
+                .filter(|s| !(allowlisted && *s == FilterStage::Connect))
+                .collect();
+            let mut own_permitted = false;
+            for list in lists {
+                match self.run_list(list, check, facts, &mut notes).await {
+                    ListEnd::Refused(decision) => return Verdict { decision, notes },
+                    ListEnd::Permitted if list == stage => own_permitted = true,
+                    ListEnd::Permitted | ListEnd::Finished => {}
+                }
+            }
+            let named = self.config.smtpd.restrictions.list(stage).contains(&Restriction::CheckPolicyService);
+            if !named && !own_permitted && self.config.smtpd.policy.iter().any(|p| p.stages.contains(&stage)) {
+                let (decision, policy_notes) = self.ask_policy(check, facts, stage).await;
+                notes.extend(policy_notes);
+                if decision != Decision::Continue {
+                    return Verdict { decision, notes };
+                }
             }
         }
         if self.has_milters() {
@@ -204,6 +254,114 @@ impl Filters {
             return Verdict { decision: outcome.decision, notes };
         }
         Verdict { decision: Decision::Continue, notes }
+    }
+
+    /// `postmaster@` an accepted domain.
+    fn postmaster(&self, address: &str) -> bool {
+        address.rsplit_once('@').is_some_and(|(local, domain)| {
+            local.eq_ignore_ascii_case("postmaster")
+                && self.config.server.accepted_domains.iter().any(|d| d.eq_ignore_ascii_case(domain))
+        })
+    }
+
+    /// Evaluates the restriction list of `list` (a stage) at this check.
+    async fn run_list(
+        &mut self,
+        list: FilterStage,
+        check: &Check,
+        facts: &Facts<'_>,
+        notes: &mut Vec<verdict::Note>,
+    ) -> ListEnd {
+        let config = Arc::clone(&self.config);
+        let restrictor = Arc::clone(&self.restrictor);
+        let restrictions = config.smtpd.restrictions.list(list);
+        let recipient = match &check.subject {
+            Subject::Rcpt { address, .. } => Some(address.as_str()),
+            _ => None,
+        };
+        let subject = restrict::Subject { facts, recipient };
+        let mut cache = std::mem::take(&mut self.domains);
+        let mut round = ListRound::new(&restrictor, &config, &subject, list, &mut cache);
+        let mut from = 0;
+        let end = loop {
+            match round.run(restrictions, from).await {
+                Ok(ListEnd::Finished) => {
+                    let (decision, round_notes, edits) = round.round.finish();
+                    notes.extend(round_notes);
+                    self.edits.extend(edits);
+                    break match decision {
+                        Decision::Continue => ListEnd::Finished,
+                        refused => ListEnd::Refused(refused),
+                    };
+                }
+                Ok(end) => {
+                    let (round_notes, edits) = round.round.into_parts();
+                    notes.extend(round_notes);
+                    self.edits.extend(edits);
+                    break end;
+                }
+                Err(at) => {
+                    let (decision, policy_notes) = self.ask_policy(check, facts, list).await;
+                    notes.extend(policy_notes);
+                    if decision != Decision::Continue {
+                        let (round_notes, edits) = round.round.into_parts();
+                        notes.extend(round_notes);
+                        self.edits.extend(edits);
+                        break ListEnd::Refused(decision);
+                    }
+                    from = at + 1;
+                }
+            }
+        };
+        self.domains = cache;
+        end
+    }
+
+    /// `[smtpd.dnsbl]`: started at CONNECT, decided there (`drop`) or at
+    /// each RCPT (`enforce`, `ignore`). `Ok(true)`: the client is
+    /// allowlisted.
+    async fn screen(&mut self, stage: CheckStage, facts: &Facts<'_>) -> Result<bool, Decision> {
+        let dnsbl = &self.config.smtpd.dnsbl;
+        if !dnsbl.enabled() {
+            return Ok(false);
+        }
+        if stage == CheckStage::Connect
+            && let (Screen::Off, Some(client)) = (&self.screen, self.restrictor.dnsbl())
+        {
+            let (client, sites, addr) = (Arc::clone(client), dnsbl.sites.clone(), facts.addr);
+            self.screen = Screen::Running(tokio::spawn(async move { client.screen(&sites, addr).await }));
+        }
+        let decide_now = match dnsbl.action {
+            DnsblAction::Drop => stage == CheckStage::Connect,
+            DnsblAction::Enforce | DnsblAction::Ignore => stage == CheckStage::Rcpt,
+        };
+        let allowlist_checked = matches!(stage, CheckStage::Rcpt) || decide_now;
+        if !allowlist_checked {
+            return Ok(false);
+        }
+        if let Screen::Running(handle) = &mut self.screen {
+            let screening = handle.await.ok();
+            let port = self.endpoints.client.port();
+            if let Some(s) = screening.as_ref().filter(|s| s.score != 0) {
+                tracing::info!("DNSBL rank {} for [{}]:{port}", s.score, facts.addr);
+            }
+            self.screen = Screen::Done(screening);
+        }
+        let Screen::Done(Some(screening)) = &self.screen else { return Ok(false) };
+        let dnsbl = &self.config.smtpd.dnsbl;
+        if dnsbl.allowlist_threshold < 0 && screening.score <= dnsbl.allowlist_threshold {
+            return Ok(true);
+        }
+        if !decide_now || screening.score < dnsbl.threshold || dnsbl.action == DnsblAction::Ignore {
+            return Ok(false);
+        }
+        let site = screening.blocked_by().unwrap_or("a DNS block list");
+        let (code, status) = match dnsbl.action {
+            DnsblAction::Drop => (521, EnhancedStatus::new(StatusClass::Permanent, 7, 1)),
+            _ => (550, EnhancedStatus::new(StatusClass::Permanent, 7, 1)),
+        };
+        let text = format!("Service unavailable; client [{}] blocked using {site}", facts.addr);
+        Err(Decision::Refuse { reply: FilterReply::new(ReplyCode::of(code), status, text), by: RefusedBy::Policy })
     }
 
     async fn ask_policy(

@@ -89,9 +89,9 @@ impl FilterReply {
         clean_line(&format!("{} {} {}", self.code, self.status, self.lines.join(" ")))
     }
 
-    /// 421: the session ends after this reply.
+    /// 421 or 521 (RFC 7504): the session ends after this reply.
     pub fn closes(&self) -> bool {
-        self.code.get() == 421
+        matches!(self.code.get(), 421 | 521)
     }
 }
 
@@ -232,6 +232,30 @@ impl PolicyRound {
                 None
             }
         }
+    }
+
+    /// What the next action is about (a restriction list names the
+    /// subject of each restriction, not of the list).
+    pub fn about(&mut self, stage: CheckStage, name: impl Into<String>) {
+        self.stage = stage;
+        self.name = name.into();
+    }
+
+    /// A reply already in its final form (`Relay access denied`, a DNSBL
+    /// listing): a rejection for 5xx (which a DEFER_IF_REJECT softens), a
+    /// refusal for 4xx.
+    pub fn take_reply(&mut self, reply: FilterReply) -> Decision {
+        if reply.code.get() >= 500 { self.reject(reply) } else { self.refuse(reply) }
+    }
+
+    /// DEFER_IF_PERMIT with a reply already formed.
+    pub fn defer_if_permit(&mut self, reply: FilterReply) {
+        self.defer_if_permit.get_or_insert(reply);
+    }
+
+    /// `<name>: Class rejected: text` with this code and status.
+    pub fn reply_for(&self, code: ReplyCode, status: EnhancedStatus, text: &str) -> FilterReply {
+        self.reply(code, Some(status), text)
     }
 
     /// The end of the list: permitted, unless a DEFER_IF_PERMIT came.
