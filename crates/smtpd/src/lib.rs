@@ -82,6 +82,13 @@
 //! ([`dns`]): `[smtpd] reverse_lookup` (default off), `reverse_lookup_timeout`
 //! (default 2s), `resolvers` (literal `IP:port` nameservers; empty: those
 //! of /etc/resolv.conf, read at process start, before the sandbox).
+//! Restriction lists ([`filter::restrict`]): `[smtpd.restrictions]`
+//! `client`, `helo`, `sender`, `recipient`, `data`, `end_of_data`,
+//! `delay_reject` (default on: the first three are evaluated at RCPT),
+//! `unknown_address_reject_code`, `dns_timeout`; their tables are loaded
+//! at process start. DNS lists ([`dnsbl`]): `[smtpd.dnsbl]` `sites`,
+//! `threshold`, `allowlist_threshold`, `action`, `timeout`, asking the
+//! `resolvers`.
 //!
 //! # Diagnostics
 //! Postfix's log shapes, so fail2ban and pflogsumm work unchanged (with
@@ -106,7 +113,14 @@
 //! anvil: `warning: anvil <socket>: <reason>: no client limits for <addr>`;
 //! a PTR name that does not confirm: `warning: hostname <name> does not
 //! resolve to address <addr>`; a resolver that cannot be set up at start:
-//! `fatal: reverse_lookup: <reason>`.
+//! `fatal: reverse_lookup: <reason>`. Restrictions and DNS lists:
+//! `NOQUEUE: reject: RCPT from unknown[addr]: 504 5.5.2 <h>: Helo command
+//! rejected: need fully-qualified hostname; from=<a@b> to=<x@y>
+//! proto=ESMTP helo=<h>` and the like for every restriction,
+//! `DNSBL rank 3 for [addr]:port`, `550 5.7.1 Service unavailable; client
+//! [addr] blocked using zen.example` in the reject line, `warning: access
+//! table <table>: <why>` (the client gets `451 4.3.5 Server configuration
+//! error`), `warning: dnsbl <site>: lookup of <name>: <reason>`.
 #![forbid(unsafe_code)]
 
 pub mod anvil_client;
