@@ -139,8 +139,8 @@ impl<'a> ListRound<'a> {
 
     /// Evaluates the list from restriction `from` on; stops at the end,
     /// at a decision, or at `check_policy_service` (returning its index:
-    /// the caller asks the servers, folds their decision in with
-    /// [`ListRound::policy_decided`] and carries on from the next one).
+    /// the caller asks the servers, stops at their refusal, and otherwise
+    /// carries on from the next restriction with the same round).
     pub async fn run(&mut self, list: &[Restriction], from: usize) -> Result<ListEnd, usize> {
         for (i, restriction) in list.iter().enumerate().skip(from) {
             let found = self.evaluate(restriction).await;
