@@ -674,7 +674,13 @@ fn lmtp_agent_retires_after_max_use_and_is_replaced() {
         &["example.test"],
         "",
     );
-    let first = pids_of(&mortal, "mortal-lmtp");
+    // The master starts the prefork agent with the rest; wait until it
+    // runs (the instance is up once smtpd answers, not every pool).
+    let first = wait_for("the prefork lmtp agent", || {
+        let pids = pids_of(&mortal, "mortal-lmtp");
+        (!pids.is_empty()).then_some(pids)
+    })
+    .unwrap_or_default();
     assert_eq!(first.len(), 1, "{first:?}");
     for n in 1..=3 {
         send(mortal.port, "a@example.test", &[&format!("use{n}@example.test")], &message("uses", "counted"));
