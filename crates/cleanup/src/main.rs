@@ -51,7 +51,8 @@
 //!
 //! # Configuration
 //! `[cleanup]` `ipc_timeout`, `header_size_limit`, `hopcount_limit`,
-//! `edit_limit`;
+//! `edit_limit`, `header_checks`, `body_checks`, `body_checks_size_limit`,
+//! `checks_time_limit` (Postfix's header_checks(5), `checks`);
 //! `[smtpd]` `message_size_limit`, `recipient_limit`; `[server]`
 //! `hostname`, `accepted_domains`, `spool_dir`; `[process.cleanup]` the
 //! lifetime policy.
@@ -61,10 +62,14 @@
 //! <reason>` for one committed into `hold/`; `<id>: discard: <reason>`
 //! (or `all recipients deleted by filters`) for one dropped; `warning:
 //! <id>: ...` naming the rule for every refused transaction, with `<id>:
-//! reject: ...` for a refused message; a 451 4.3.0 to smtpd (and so to the
+//! reject: ...` for a refused message; header and body checks in
+//! Postfix's shape: `<id>: reject: header Subject: ... from
+//! unknown[addr]; from=<s> to=<r> proto=ESMTP helo=<h>: 5.7.1 text` (also
+//! `body`, and `warning:`, `info:`, `replace:`, `hold:`, `discard:`); a 451 4.3.0 to smtpd (and so to the
 //! client) whenever the spool cannot be written.
 #![forbid(unsafe_code)]
 
+mod checks;
 mod edit;
 mod header;
 mod session;
@@ -110,6 +115,7 @@ fn main() -> ExitCode {
 struct Prepared {
     spool: spool::Spool,
     aliases: Aliases,
+    checks: checks::ContentChecks,
 }
 
 fn open_spool(config: &Config) -> Result<Prepared, Fatal> {
@@ -117,14 +123,16 @@ fn open_spool(config: &Config) -> Result<Prepared, Fatal> {
         Fatal::new(format_args!("open spool {}: {e}", config.spool().dir(QueueDir::Incoming).display()))
     })?;
     let aliases = Aliases::load(config).map_err(|e| Fatal::new(format_args!("virtual_alias_maps: {e}")))?;
-    Ok(Prepared { spool, aliases })
+    let checks =
+        checks::ContentChecks::load(config).map_err(|e| Fatal::new(format_args!("header_checks/body_checks: {e}")))?;
+    Ok(Prepared { spool, aliases, checks })
 }
 
 /// From here on: the mail user, and write access to incoming/ and hold/
 /// only.
 fn serve(started: Started<UnixListener, Prepared>) -> ExitCode {
-    let Started { config, listener, mut link, prepared: Prepared { spool, aliases }, .. } = started;
-    let ctx = session::Context::new(&config, &spool, &aliases);
+    let Started { config, listener, mut link, prepared: Prepared { spool, aliases, checks }, .. } = started;
+    let ctx = session::Context::new(&config, &spool, &aliases, &checks);
     daemon::exit_status(child::serve(&listener, &mut link, config.process.cleanup.max_use, |stream, _| {
         session::serve(stream, &ctx)
     }))

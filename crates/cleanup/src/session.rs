@@ -14,6 +14,7 @@
 //! only hold is committed into `hold/`, one they discard is dropped with a
 //! 250.
 
+use crate::checks::{self, BodyChecker, ContentChecks};
 use crate::edit::{EditReject, Edits, Limits};
 use crate::header::{self, Envelope, HeaderEnd, HeaderReject};
 use crate::spool::{self, Destination, Spool};
@@ -47,6 +48,8 @@ pub struct Context<'a> {
     spool: &'a Spool,
     /// `[server] virtual_alias_maps`, loaded at process start.
     aliases: &'a Aliases,
+    /// `[cleanup] header_checks` and `body_checks`, loaded at start.
+    checks: &'a ContentChecks,
     pid: u32,
     /// The read buffer, kept from one transaction (connection) to the
     /// next: a fresh one per message cost a 64 KiB allocation, zeroed.
@@ -54,8 +57,8 @@ pub struct Context<'a> {
 }
 
 impl<'a> Context<'a> {
-    pub fn new(config: &'a Config, spool: &'a Spool, aliases: &'a Aliases) -> Self {
-        Self { config, spool, aliases, pid: std::process::id(), decoder: RefCell::new(Decoder::new()) }
+    pub fn new(config: &'a Config, spool: &'a Spool, aliases: &'a Aliases, checks: &'a ContentChecks) -> Self {
+        Self { config, spool, aliases, checks, pid: std::process::id(), decoder: RefCell::new(Decoder::new()) }
     }
 }
 
@@ -70,6 +73,10 @@ const TEMPORARY: Outcome = (ReplyCode::of(451), EnhancedStatus::new(StatusClass:
 const TOO_BIG: Outcome = (ReplyCode::of(552), EnhancedStatus::new(StatusClass::Permanent, 3, 4));
 /// `554 5.4.6`: routing loop detected.
 const LOOP: Outcome = (ReplyCode::of(554), EnhancedStatus::new(StatusClass::Permanent, 4, 6));
+/// `550 5.7.1`: a header or body check's REJECT (Postfix's cleanup reply).
+const CONTENT_REJECTED: Outcome = (ReplyCode::of(550), EnhancedStatus::new(StatusClass::Permanent, 7, 1));
+/// The text of a REJECT that gives none.
+const CONTENT_REJECTED_TEXT: &str = "Message content rejected";
 /// `451 4.3.5`: system incorrectly configured (a filter asked for more
 /// than this host allows, as for Postfix's policy server failures).
 const FILTER_ERROR: Outcome = (ReplyCode::of(451), EnhancedStatus::new(StatusClass::Persistent, 3, 5));
@@ -148,6 +155,11 @@ struct Transaction<'a> {
     /// A refusal decided mid-data, answered at `End`.
     refusal: Option<Answer>,
     edits: Edits,
+    /// What header_checks and body_checks decided.
+    verdict: checks::Verdict,
+    body: BodyChecker,
+    /// When the checks began on this message (their time limit).
+    checks_started: std::time::Instant,
 }
 
 impl<'a> Transaction<'a> {
@@ -173,6 +185,9 @@ impl<'a> Transaction<'a> {
             size: 0,
             refusal: None,
             edits: Edits::default(),
+            verdict: checks::Verdict::default(),
+            body: BodyChecker::default(),
+            checks_started: std::time::Instant::now(),
         }
     }
 
@@ -358,7 +373,7 @@ impl<'a> Transaction<'a> {
             return;
         }
         if self.encoder.is_some() {
-            self.write_content(chunk);
+            self.write_body(chunk);
             return;
         }
         self.header_buf.extend_from_slice(chunk);
@@ -445,7 +460,12 @@ impl<'a> Transaction<'a> {
             arrival: self.arrival,
             zone: mortal_libmaster::log::local_zone(),
         };
-        let fixed = match header::fix_up(&self.header_buf[..len], &env, self.ctx.config.cleanup.hopcount_limit) {
+        // header_checks see the header as the client sent it; cleanup's
+        // fix-ups and the filters' edits apply to what they leave.
+        self.checks_started = std::time::Instant::now();
+        let checked =
+            self.ctx.checks.header(&self.header_buf[..len], self.checks_started, &mut self.verdict, id.as_str());
+        let fixed = match header::fix_up(&checked, &env, self.ctx.config.cleanup.hopcount_limit) {
             Ok(f) => f,
             Err(HeaderReject::TooManyHops(n)) => {
                 self.refuse(Answer::new(LOOP, "Error: too many hops"), &format!("{n} Received: headers"));
@@ -456,9 +476,8 @@ impl<'a> Transaction<'a> {
         let (encoder, start) = Encoder::start(&id, self.arrival, client, sender, &queued);
         self.encoder = Some(encoder);
         self.message_id = fixed.message_id;
-        let mut client_header = std::mem::take(&mut self.header_buf);
-        let rest = client_header.split_off(len);
-        self.client_header = client_header;
+        let mut rest = std::mem::take(&mut self.header_buf).split_off(len);
+        self.client_header = checked;
         self.envelope_len = start.len() as u64;
         self.body_offset = fixed.bytes.len();
         self.write_raw(&start);
@@ -467,7 +486,60 @@ impl<'a> Transaction<'a> {
             // A body line right after the header: keep the structure valid.
             self.write_content(b"\r\n");
         }
+        // The empty line ending the header is no body line to check.
+        let blank = match rest.first() {
+            Some(b'\r') if separator => 2,
+            Some(b'\n') if separator => 1,
+            _ => 0,
+        };
+        let body = rest.split_off(blank.min(rest.len()));
         self.write_content(&rest);
+        self.write_body(&body);
+    }
+
+    /// Body content, through body_checks when there are any.
+    fn write_body(&mut self, chunk: &[u8]) {
+        if !self.ctx.checks.has_body_checks() {
+            return self.write_content(chunk);
+        }
+        let mut out = Vec::with_capacity(chunk.len() + 64);
+        let id = self.log_id().to_owned();
+        self.body.feed(self.ctx.checks, chunk, &mut out, self.checks_started, &mut self.verdict, &id);
+        self.write_content(&out);
+    }
+
+    /// `from unknown[addr]; from=<s> to=<r> proto=ESMTP helo=<h>`: what
+    /// cleanup's header and body check lines say about the message, as
+    /// Postfix's do.
+    fn check_context(&self) -> String {
+        let client = self.client.as_ref();
+        format!(
+            "from {}[{}]; from=<{}> to=<{}> proto={} helo=<{}>",
+            client.map_or("unknown", |c| c.name.as_str()),
+            client.map(|c| c.addr.to_string()).unwrap_or_default(),
+            self.sender.as_ref().map_or("", |s| s.address.as_str()),
+            self.recipients.first().map_or("", |r| r.address.as_str()),
+            client.map_or("SMTP", |c| c.protocol.as_str()),
+            client.map_or("", |c| c.helo.as_str()),
+        )
+    }
+
+    /// Applies what header_checks and body_checks decided, at `End`:
+    /// their notes are logged; a REJECT is the answer (nothing is kept).
+    fn content_verdict(&mut self) -> Result<(), Answer> {
+        let id = self.log_id().to_owned();
+        let context = self.check_context();
+        for note in &self.verdict.notes {
+            let text = note.found.text.as_deref().unwrap_or_default();
+            tracing::info!("{id}: {}: {} {context}: {text}", note.word, note.found.what);
+        }
+        if let Some(found) = &self.verdict.reject {
+            let text = found.text.clone().unwrap_or_else(|| CONTENT_REJECTED_TEXT.to_owned());
+            let answer = Answer::new(CONTENT_REJECTED, text);
+            tracing::info!("{id}: reject: {} {context}: {} {}", found.what, answer.status, answer.text);
+            return Err(answer);
+        }
+        Ok(())
     }
 
     fn write_content(&mut self, bytes: &[u8]) {
@@ -495,7 +567,17 @@ impl<'a> Transaction<'a> {
         if self.refusal.is_none() && self.encoder.is_none() {
             self.try_header(true);
         }
+        if self.refusal.is_none() && self.ctx.checks.has_body_checks() {
+            let mut out = Vec::new();
+            let id = self.log_id().to_owned();
+            self.body.finish(self.ctx.checks, &mut out, self.checks_started, &mut self.verdict, &id);
+            self.write_content(&out);
+        }
         if let Some(answer) = self.refusal.take() {
+            return answer;
+        }
+        if let Err(answer) = self.content_verdict() {
+            self.file = None;
             return answer;
         }
         let (Some(encoder), Some(mut file), Some(id)) = (self.encoder.take(), self.file.take(), self.id) else {
@@ -506,6 +588,12 @@ impl<'a> Transaction<'a> {
         if let Some(reason) = self.edits.discard() {
             drop(file);
             tracing::info!("{id}: discard: {reason}");
+            return Answer::new(QUEUED, format!("Ok: queued as {id}"));
+        }
+        if let Some(found) = &self.verdict.discard {
+            drop(file);
+            let text = found.text.as_deref().unwrap_or("triggers DISCARD action");
+            tracing::info!("{id}: discard: {} {}: {text}", found.what, self.check_context());
             return Answer::new(QUEUED, format!("Ok: queued as {id}"));
         }
         if self.edits.change_file() {
@@ -522,15 +610,20 @@ impl<'a> Transaction<'a> {
             tracing::warn!("warning: {id}: write queue file: {e}");
             return Answer::write_error();
         }
-        let to = if self.edits.hold().is_some() { Destination::Hold } else { Destination::Incoming };
+        let held = self.edits.hold().is_some() || self.verdict.hold.is_some();
+        let to = if held { Destination::Hold } else { Destination::Incoming };
         if let Err(e) = self.ctx.spool.commit(file, &id, to) {
             tracing::warn!("warning: {id}: commit queue file: {e}");
             return Answer::write_error();
         }
         tracing::info!("{id}: message-id=<{}>", self.message_id);
-        match self.edits.hold() {
-            Some(reason) => tracing::info!("{id}: hold: {reason}"),
-            None => self.ctx.spool.wake_queue(),
+        match (self.edits.hold(), &self.verdict.hold) {
+            (Some(reason), _) => tracing::info!("{id}: hold: {reason}"),
+            (None, Some(found)) => {
+                let text = found.text.as_deref().unwrap_or("triggers HOLD action");
+                tracing::info!("{id}: hold: {} {}: {text}", found.what, self.check_context());
+            }
+            (None, None) => self.ctx.spool.wake_queue(),
         }
         Answer::new(QUEUED, format!("Ok: queued as {id}"))
     }

@@ -222,7 +222,10 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
     let tables = server.recipient_maps.iter().map(|s| ("server.recipient_maps", s));
     let aliases = server.virtual_alias_maps.iter().map(|s| ("server.virtual_alias_maps", s));
     let access = config.smtpd.restrictions.all().filter_map(|r| r.table().map(|t| ("smtpd.restrictions", t)));
-    for (key, spec) in tables.chain(aliases).chain(access) {
+    let cleanup = &config.cleanup;
+    let checks = cleanup.header_checks.iter().map(|s| ("cleanup.header_checks", s));
+    let checks = checks.chain(cleanup.body_checks.iter().map(|s| ("cleanup.body_checks", s)));
+    for (key, spec) in tables.chain(aliases).chain(access).chain(checks) {
         if let Err(e) = mortal_proto::table::Table::load(spec) {
             eprintln!("{}: {key}: {e}", path.display());
             tables_ok = false;

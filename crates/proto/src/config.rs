@@ -334,6 +334,17 @@ pub struct Cleanup {
     /// Most edits (milter modifications, policy PREPEND/HOLD/DISCARD) one
     /// message may carry; more is refused with 451 4.3.5.
     pub edit_limit: u32,
+    /// Tables each logical header field is looked up in (Postfix
+    /// header_checks): REJECT, HOLD, DISCARD, WARN, INFO, IGNORE, PREPEND,
+    /// REPLACE.
+    pub header_checks: Vec<crate::table::TableSpec>,
+    /// Tables each body line is looked up in (Postfix body_checks).
+    pub body_checks: Vec<crate::table::TableSpec>,
+    /// Octets of body body_checks looks at (Postfix's default 51200).
+    pub body_checks_size_limit: usize,
+    /// Longest time the checks may spend on one message; the rest of it
+    /// then passes unchecked, with a warning.
+    pub checks_time_limit: Duration,
 }
 
 impl Default for Cleanup {
@@ -343,6 +354,10 @@ impl Default for Cleanup {
             header_size_limit: 102_400,
             hopcount_limit: 50,
             edit_limit: 1000,
+            header_checks: Vec::new(),
+            body_checks: Vec::new(),
+            body_checks_size_limit: 51_200,
+            checks_time_limit: Duration::from_secs(2),
         }
     }
 }
@@ -1102,6 +1117,10 @@ impl Resolver<'_> {
             header_size_limit: raw.header_size_limit.unwrap_or(d.header_size_limit),
             hopcount_limit: raw.hopcount_limit.unwrap_or(d.hopcount_limit),
             edit_limit: raw.edit_limit.unwrap_or(d.edit_limit),
+            header_checks: self.tables("cleanup.header_checks", raw.header_checks),
+            body_checks: self.tables("cleanup.body_checks", raw.body_checks),
+            body_checks_size_limit: raw.body_checks_size_limit.unwrap_or(d.body_checks_size_limit),
+            checks_time_limit: self.duration("cleanup.checks_time_limit", raw.checks_time_limit, d.checks_time_limit),
         }
     }
 

@@ -89,7 +89,15 @@ impl Fixture {
         let spool = Spool::open(&self.config).unwrap();
         std::thread::scope(|s| {
             s.spawn(move || writer.write_all(&out).unwrap());
-            session::serve(theirs, &Context::new(&self.config, &spool, &mortal_proto::table::Aliases::default()));
+            session::serve(
+                theirs,
+                &Context::new(
+                    &self.config,
+                    &spool,
+                    &mortal_proto::table::Aliases::default(),
+                    &crate::checks::ContentChecks::default(),
+                ),
+            );
         });
         let mut back = Vec::new();
         ours.read_to_end(&mut back).unwrap();

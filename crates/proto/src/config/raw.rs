@@ -177,6 +177,10 @@ pub struct Cleanup {
     pub header_size_limit: Option<usize>,
     pub hopcount_limit: Option<usize>,
     pub edit_limit: Option<u32>,
+    pub header_checks: Option<Vec<Text>>,
+    pub body_checks: Option<Vec<Text>>,
+    pub body_checks_size_limit: Option<usize>,
+    pub checks_time_limit: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]
