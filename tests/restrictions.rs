@@ -3,6 +3,7 @@
 //! tables of each kind, the DNS-based checks against a nameserver on
 //! loopback, and postmaster getting through whatever the lists say.
 
+use mortal_tests::delivery::Dovecot;
 use mortal_tests::dns::{TestDns, Zone};
 use mortal_tests::rbldnsd::Rbldnsd;
 use mortal_tests::{Instance, Options, Smtp, TempDir};
@@ -341,4 +342,55 @@ fn a_silent_dns_list_does_not_block() {
     let mut smtp = mail(&inst, "client.example.org", "a@example.org");
     assert_eq!(rcpt(&mut smtp, "u@example.test"), "250 2.1.5 Ok\r\n");
     inst.wait_for_log("warning: dnsbl zen.example: lookup of 1.0.0.127.zen.example");
+}
+
+/// reject_unverified_recipient against the real Dovecot: a user Dovecot
+/// does not know is refused during the dialogue with Dovecot's own words,
+/// a known one is accepted and delivered, postmaster gets through.
+#[test]
+fn unknown_dovecot_users_are_refused_at_rcpt() {
+    let dovecot = Dovecot::start_with_users(&["alice@example.test"]);
+    let inet = dovecot.inet.expect("dovecot's inet listener");
+    let extra = format!(
+        "[delivery]\ntransport = \"lmtp:inet:{inet}\"\n[smtpd.restrictions]\nrecipient = [\"reject_unverified_recipient\"]\n"
+    );
+    let inst = Instance::start_with(Options { extra, ..Options::default() });
+    let mut smtp = mail(&inst, "client.example.org", "a@example.org");
+    let want = format!(
+        "550 5.1.1 <bob@example.test>: Recipient address rejected: undeliverable address: host inet:{inet} said: \
+         550 5.1.1 <bob@example.test> User doesn't exist: bob@example.test (in reply to RCPT TO command)"
+    );
+    assert_eq!(rcpt(&mut smtp, "bob@example.test"), format!("{want}\r\n"));
+    // Remembered: the same answer again.
+    assert_eq!(rcpt(&mut smtp, "bob@example.test"), format!("{want}\r\n"));
+    assert_eq!(rcpt(&mut smtp, "alice@example.test"), "250 2.1.5 Ok\r\n");
+    assert_eq!(rcpt(&mut smtp, "postmaster@example.test"), "250 2.1.5 Ok\r\n");
+    inst.wait_for_log(&format!(
+        "NOQUEUE: reject: RCPT from unknown[127.0.0.1]: {want}; from=<a@example.org> to=<bob@example.test> \
+         proto=ESMTP helo=<client.example.org>"
+    ));
+    assert!(smtp.cmd("DATA").unwrap().starts_with("354"));
+    assert!(smtp.cmd("Subject: verified\r\n\r\nhello\r\n.").unwrap().starts_with("250 2.0.0 Ok: queued as "));
+    dovecot.wait_for_delivery("alice@example.test", 1);
+}
+
+/// A server that cannot be reached: the recipient is deferred, never
+/// refused and never accepted.
+#[test]
+fn an_unreachable_verification_target_defers() {
+    let closed = mortal_tests::ClosedPort::new();
+    let extra = format!(
+        "[delivery]\ntransport = \"lmtp:inet:127.0.0.1:{}\"\n[smtpd.restrictions]\nrecipient = [\"reject_unverified_recipient\"]\n",
+        closed.port
+    );
+    let inst = Instance::start_with(Options { extra, ..Options::default() });
+    let mut smtp = mail(&inst, "client.example.org", "a@example.org");
+    assert_eq!(
+        rcpt(&mut smtp, "bob@example.test"),
+        format!(
+            "450 4.1.1 <bob@example.test>: Recipient address rejected: unverified address: \
+             inet:127.0.0.1:{}: connect: Connection refused (os error 111)\r\n",
+            closed.port
+        )
+    );
 }

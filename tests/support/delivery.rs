@@ -62,6 +62,8 @@ impl Drop for Guard {
 #[derive(Debug)]
 pub struct Dovecot {
     pub socket: PathBuf,
+    /// The LMTP listener on loopback TCP, for [`Dovecot::start_with_users`].
+    pub inet: Option<std::net::SocketAddr>,
     pub mail: PathBuf,
     pub log: PathBuf,
     _guard: Guard,
@@ -70,6 +72,17 @@ pub struct Dovecot {
 
 impl Dovecot {
     pub fn start() -> Self {
+        Self::start_inner(None)
+    }
+
+    /// A Dovecot that knows only `users` (full addresses; any other gets
+    /// `550 5.1.1 ... User doesn't exist`), listening for LMTP on a
+    /// loopback port too.
+    pub fn start_with_users(users: &[&str]) -> Self {
+        Self::start_inner(Some(users))
+    }
+
+    fn start_inner(only: Option<&[&str]>) -> Self {
         let dir = TempDir::new("dovecot");
         let d = &dir.0;
         for sub in ["run", "state", "mail"] {
@@ -97,6 +110,30 @@ impl Dovecot {
                 ),
             )
         };
+        // The userdb: everyone, or only the listed users (passwd-file).
+        let userdb = match only {
+            None => format!(
+                "driver = static\n  args = uid={mail_uid} gid={mail_gid} home={}/mail/%u allow_all_users=yes",
+                d.display()
+            ),
+            Some(users) => {
+                let file = d.join("users");
+                let lines: String =
+                    users.iter().map(|u| format!("{u}::{mail_uid}:{mail_gid}::{}/mail/{u}::\n", d.display())).collect();
+                fs::write(&file, lines).expect("write dovecot users");
+                format!("driver = passwd-file\n  args = {}", file.display())
+            }
+        };
+        let inet = only.map(|_| {
+            let port = crate::ClosedPort::new().port;
+            std::net::SocketAddr::from(([127, 0, 0, 1], port))
+        });
+        let inet_listener = match inet {
+            Some(addr) => {
+                format!("  inet_listener lmtp {{\n    address = 127.0.0.1\n    port = {}\n  }}\n", addr.port())
+            }
+            None => String::new(),
+        };
         let conf = d.join("dovecot.conf");
         fs::write(
             &conf,
@@ -109,8 +146,7 @@ ssl = no
 listen = 127.0.0.1
 {users}mail_location = maildir:{d}/mail/%u
 userdb {{
-  driver = static
-  args = uid={mail_uid} gid={mail_gid} home={d}/mail/%u allow_all_users=yes
+  {userdb}
 }}
 passdb {{
   driver = static
@@ -120,7 +156,7 @@ service lmtp {{
   unix_listener {socket} {{
     mode = 0666
   }}
-}}
+{inet_listener}}}
 service anvil {{
   chroot =
 }}
@@ -144,7 +180,15 @@ service anvil {{
         let out = fs::read_to_string(d.join("stderr")).unwrap_or_default();
         guard.assert_running(&out);
         assert!(up.is_some(), "dovecot did not create {}: {out}", socket.display());
-        Dovecot { socket, mail: d.join("mail"), log, _guard: guard, _dir: dir }
+        if let Some(addr) = inet {
+            let listening = wait_for("dovecot LMTP on inet", || std::net::TcpStream::connect(addr).ok());
+            assert!(
+                listening.is_some(),
+                "dovecot does not listen on {addr}: {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Dovecot { socket, inet, mail: d.join("mail"), log, _guard: guard, _dir: dir }
     }
 
     /// Files Dovecot delivered to `user`'s INBOX (new/ and cur/).

@@ -130,6 +130,27 @@ fn filter_warnings(config: &Config, warn: &mut impl FnMut(&str, &str, String)) {
             );
         }
     }
+    let verifies = config
+        .smtpd
+        .restrictions
+        .all()
+        .any(|r| *r == mortal_proto::restriction::Restriction::RejectUnverifiedRecipient);
+    for route in config.routes().filter(|_| verifies) {
+        if let mortal_proto::config::Route::Lmtp(NextHop::Unix(path)) = route
+            && !path.starts_with(&private)
+        {
+            warn(
+                "smtpd.restrictions",
+                "recipient",
+                format!(
+                    "reject_unverified_recipient cannot probe {}: it is outside {}, where smtpd is chrooted \
+                     when mortal starts as root; let the LMTP server listen below that directory, or on inet:",
+                    path.display(),
+                    private.display()
+                ),
+            );
+        }
+    }
     for (i, m) in config.smtpd.milters.iter().enumerate() {
         if m.default_action == MilterDefaultAction::Accept {
             warn(

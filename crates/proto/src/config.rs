@@ -24,7 +24,7 @@ pub use filter::{
 };
 pub use restrict::{
     DEFAULT_DNSBL_THRESHOLD, DEFAULT_DNSBL_TIMEOUT, DEFAULT_RESTRICTION_DNS_TIMEOUT,
-    DEFAULT_UNKNOWN_ADDRESS_REJECT_CODE, Dnsbl, DnsblAction, MAX_DNSBL_SITES, MAX_RESTRICTIONS, Restrictions,
+    DEFAULT_UNKNOWN_ADDRESS_REJECT_CODE, Dnsbl, DnsblAction, MAX_DNSBL_SITES, MAX_RESTRICTIONS, Restrictions, Verify,
 };
 
 use crate::service::Service;
@@ -243,6 +243,8 @@ pub struct Smtpd {
     pub restrictions: Restrictions,
     /// `[smtpd.dnsbl]`: postscreen's weighted DNS lists.
     pub dnsbl: Dnsbl,
+    /// `[smtpd.verify]`: how `reject_unverified_recipient` probes.
+    pub verify: Verify,
 }
 
 /// `[smtpd] tls_security` (Postfix smtpd_tls_security_level).
@@ -318,6 +320,7 @@ impl Default for Smtpd {
             policy: Vec::new(),
             restrictions: Restrictions::default(),
             dnsbl: Dnsbl::default(),
+            verify: Verify::default(),
         }
     }
 }
@@ -1012,7 +1015,7 @@ impl Resolver<'_> {
         let delivery = self.delivery(raw.delivery, &server.spool_dir);
         Config {
             log: log(raw.log),
-            smtpd: self.smtpd(raw.smtpd),
+            smtpd: self.smtpd(raw.smtpd, &server.hostname),
             cleanup: self.cleanup(raw.cleanup),
             queue: self.queue(raw.queue),
             process: self.processes(raw.process),
@@ -1050,19 +1053,21 @@ impl Resolver<'_> {
         }
     }
 
-    fn smtpd(&mut self, mut raw: raw::Smtpd) -> Smtpd {
+    fn smtpd(&mut self, mut raw: raw::Smtpd, hostname: &str) -> Smtpd {
         let d = Smtpd::default();
         let milters = self.milters(&mut raw);
         let milter_macros = self.milter_macros(std::mem::take(&mut raw.milter_macros));
         let policy = self.policy_services(std::mem::take(&mut raw.policy));
         let restrictions = self.restrictions(std::mem::take(&mut raw.restrictions));
         let dnsbl = self.dnsbl(std::mem::take(&mut raw.dnsbl));
+        let verify = self.verify(std::mem::take(&mut raw.verify), hostname);
         let smtpd = Smtpd {
             milters,
             milter_macros,
             policy,
             restrictions,
             dnsbl,
+            verify,
             listen: raw.listen.unwrap_or(d.listen),
             banner: raw.banner.unwrap_or(d.banner),
             message_size_limit: raw.message_size_limit.unwrap_or(d.message_size_limit),

@@ -73,6 +73,11 @@ pub enum Restriction {
     RejectRblClient(DnsblSite),
     /// `permit_dnswl_client DOMAIN[=FILTER]`: permits a client listed there.
     PermitDnswlClient(DnsblSite),
+    /// `reject_unverified_recipient`: probes the recipient at the server
+    /// its route delivers to (LMTP or SMTP RCPT, cached per
+    /// `[smtpd.verify]`): refused there is `550 5.1.1 <addr>: Recipient
+    /// address rejected: undeliverable address: ...`.
+    RejectUnverifiedRecipient,
     /// `check_policy_service`: asks the `[[smtpd.policy]]` servers of the
     /// stage here (without it, they are asked at the end of the list).
     CheckPolicyService,
@@ -103,6 +108,7 @@ impl Restriction {
             Restriction::RejectUnauthDestination => "reject_unauth_destination",
             Restriction::RejectRblClient(_) => "reject_rbl_client",
             Restriction::PermitDnswlClient(_) => "permit_dnswl_client",
+            Restriction::RejectUnverifiedRecipient => "reject_unverified_recipient",
             Restriction::CheckPolicyService => "check_policy_service",
         }
     }
@@ -198,6 +204,7 @@ impl std::str::FromStr for Restriction {
             }
             "reject_unauth_pipelining" => plain(Restriction::RejectUnauthPipelining),
             "reject_unauth_destination" => plain(Restriction::RejectUnauthDestination),
+            "reject_unverified_recipient" => plain(Restriction::RejectUnverifiedRecipient),
             "reject_rbl_client" => Ok(Restriction::RejectRblClient(site(arg)?)),
             "permit_dnswl_client" => Ok(Restriction::PermitDnswlClient(site(arg)?)),
             "check_policy_service" => match arg {
@@ -256,6 +263,7 @@ mod tests {
             "reject_unknown_client_hostname",
             "reject_unauth_pipelining",
             "reject_unauth_destination",
+            "reject_unverified_recipient",
             "reject_rbl_client zen.example",
             "reject_rbl_client list.example=127.0.0.[2..11]",
             "permit_dnswl_client wl.example",

@@ -134,3 +134,4 @@ pub mod peer;
 pub mod proxy;
 pub mod relay;
 pub mod tls;
+pub mod verify;

@@ -35,7 +35,8 @@ const RESOLV_CONF_PORT: u16 = 53;
 /// nameservers' ports (the resolver's fallback for truncated answers; UDP
 /// is not Landlock's to restrict): the configured `resolvers`, or
 /// resolv.conf's 53. Milters and policy servers on `inet:` endpoints add
-/// their ports, and TCP client sockets to the allow-list. Nothing
+/// their ports, and TCP client sockets to the allow-list; so do the `inet`
+/// routes' servers when `reject_unverified_recipient` probes them. Nothing
 /// configured: no TCP port at all.
 fn needs(config: &Config) -> Needs {
     let dns = config.smtpd.uses_dns();
@@ -54,8 +55,11 @@ fn needs(config: &Config) -> Needs {
             NextHop::Unix(_) => None,
         })
         .collect();
-    let tcp_client = !filter_ports.is_empty();
-    for port in filter_ports {
+    // reject_unverified_recipient probes the inet routes' servers.
+    let probe_ports =
+        if mortal_smtpd::verify::enabled(config) { mortal_smtpd::verify::probe_ports(config) } else { Vec::new() };
+    let tcp_client = !filter_ports.is_empty() || !probe_ports.is_empty();
+    for port in filter_ports.into_iter().chain(probe_ports) {
         if !tcp_connect.contains(&port) {
             tcp_connect.push(port);
         }

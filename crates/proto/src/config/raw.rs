@@ -100,6 +100,20 @@ pub struct Smtpd {
     pub policy: Vec<PolicyService>,
     pub restrictions: Restrictions,
     pub dnsbl: Dnsbl,
+    pub verify: Verify,
+}
+
+/// `[smtpd.verify]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Verify {
+    pub sender: Option<String>,
+    pub positive_expire: Option<Text>,
+    pub negative_expire: Option<Text>,
+    pub negative_cache: Option<bool>,
+    pub timeout: Option<Text>,
+    pub reject_code: Option<u16>,
+    pub cache_size: Option<usize>,
 }
 
 /// `[smtpd.restrictions]`.

@@ -111,6 +111,57 @@ pub fn list_key(stage: FilterStage) -> &'static str {
     }
 }
 
+/// Postfix `address_verify_positive_expire_time`.
+pub const DEFAULT_VERIFY_POSITIVE_EXPIRE: Duration = Duration::from_secs(31 * 24 * 3600);
+/// Postfix `address_verify_negative_expire_time`.
+pub const DEFAULT_VERIFY_NEGATIVE_EXPIRE: Duration = Duration::from_secs(3 * 24 * 3600);
+/// Longest wait for one probe (connect, greeting, LHLO/EHLO, MAIL, RCPT).
+pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The refusal code for an address the probe found undeliverable.
+/// Postfix's `unverified_recipient_reject_code` is 450 (a safety net while
+/// an admin learns the feature); an MX that verifies wants the 550 that
+/// stops backscatter, which `mortal check` does not question.
+pub const DEFAULT_VERIFY_REJECT_CODE: u16 = 550;
+/// Most addresses one smtpd process remembers.
+pub const DEFAULT_VERIFY_CACHE_SIZE: usize = 10_000;
+
+/// `[smtpd.verify]`: how `reject_unverified_recipient` probes (Postfix's
+/// ADDRESS_VERIFICATION_README settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verify {
+    /// The probe's MAIL FROM; empty: `<>`. Default
+    /// `double-bounce@<hostname>`, as Postfix's.
+    pub sender: String,
+    pub positive_expire: Duration,
+    pub negative_expire: Duration,
+    /// Whether refusals are remembered (off: every RCPT of an unknown
+    /// address probes again).
+    pub negative_cache: bool,
+    pub timeout: Duration,
+    pub reject_code: ReplyCode,
+    pub cache_size: usize,
+}
+
+impl Verify {
+    fn defaults(hostname: &str) -> Self {
+        Self {
+            sender: format!("double-bounce@{hostname}"),
+            positive_expire: DEFAULT_VERIFY_POSITIVE_EXPIRE,
+            negative_expire: DEFAULT_VERIFY_NEGATIVE_EXPIRE,
+            negative_cache: true,
+            timeout: DEFAULT_VERIFY_TIMEOUT,
+            reject_code: ReplyCode::of(DEFAULT_VERIFY_REJECT_CODE),
+            cache_size: DEFAULT_VERIFY_CACHE_SIZE,
+        }
+    }
+}
+
+impl Default for Verify {
+    fn default() -> Self {
+        Verify::defaults(&super::Server::default().hostname)
+    }
+}
+
 /// What a DNSBL score at or above the threshold does (Postfix
 /// `postscreen_dnsbl_action`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -246,6 +297,31 @@ impl Resolver<'_> {
                 d.unknown_address_reject_code
             },
             dns_timeout: self.duration("smtpd.restrictions.dns_timeout", raw.dns_timeout, d.dns_timeout),
+        }
+    }
+
+    pub(super) fn verify(&mut self, raw: raw::Verify, hostname: &str) -> Verify {
+        let d = Verify::defaults(hostname);
+        let code = raw.reject_code.unwrap_or(DEFAULT_VERIFY_REJECT_CODE);
+        if !(400..600).contains(&code) {
+            self.problems.push((
+                "smtpd.verify".into(),
+                "reject_code".into(),
+                format!("{code} is not a 4xx or 5xx reply code"),
+            ));
+        }
+        let sender = raw.sender.unwrap_or(d.sender);
+        if !sender.is_empty() && crate::address::parse_mailbox(&sender, false).is_err() {
+            self.problems.push(("smtpd.verify".into(), "sender".into(), format!("{sender:?} is not an address")));
+        }
+        Verify {
+            sender,
+            positive_expire: self.duration("smtpd.verify.positive_expire", raw.positive_expire, d.positive_expire),
+            negative_expire: self.duration("smtpd.verify.negative_expire", raw.negative_expire, d.negative_expire),
+            negative_cache: raw.negative_cache.unwrap_or(d.negative_cache),
+            timeout: self.duration("smtpd.verify.timeout", raw.timeout, d.timeout),
+            reject_code: if (400..600).contains(&code) { ReplyCode::of(code) } else { d.reject_code },
+            cache_size: raw.cache_size.unwrap_or(d.cache_size),
         }
     }
 

@@ -92,6 +92,25 @@ pub enum Stream {
     Unix(UnixStream),
 }
 
+// Async reads and writes on a filter's (or a probed server's) stream.
+impl Stream {
+    pub(crate) async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match self {
+            Stream::Tcp(s) => s.write_all(bytes).await,
+            Stream::Unix(s) => s.write_all(bytes).await,
+        }
+    }
+
+    pub(crate) async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        match self {
+            Stream::Tcp(s) => s.read(buf).await,
+            Stream::Unix(s) => s.read(buf).await,
+        }
+    }
+}
+
 /// The policy servers of this process: connections outlive sessions.
 pub type PolicyClients = Arc<tokio::sync::Mutex<Vec<PolicyClient>>>;
 

@@ -10,9 +10,7 @@
 use super::Endpoint;
 use mortal_proto::config::PolicyService;
 use mortal_proto::policy::{Action, PolicyError, Query, ReplyDecoder};
-use std::io;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 
 /// Octets read from a policy server at a time.
@@ -117,21 +115,4 @@ impl PolicyClient {
 /// Longest any policy round may take: every server's tries and pauses.
 pub fn worst_case(services: &[PolicyService]) -> Duration {
     services.iter().map(|s| (s.timeout + s.retry_delay) * s.try_limit.max(1)).sum()
-}
-
-// Async reads and writes on the kept stream.
-impl super::Stream {
-    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match self {
-            super::Stream::Tcp(s) => s.write_all(bytes).await,
-            super::Stream::Unix(s) => s.write_all(bytes).await,
-        }
-    }
-
-    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            super::Stream::Tcp(s) => s.read(buf).await,
-            super::Stream::Unix(s) => s.read(buf).await,
-        }
-    }
 }

@@ -18,6 +18,7 @@ use super::verdict::{CheckStage, Decision, FilterReply, PolicyRound};
 use crate::dnsbl::Dnsbl;
 use crate::engine::{Facts, UNKNOWN_NAME};
 use crate::mailhost::{DomainResolver, DomainStatus};
+use crate::verify::{Probe, Verifier};
 use mortal_proto::config::{Config, FilterStage};
 use mortal_proto::policy::Action;
 use mortal_proto::restriction::Restriction;
@@ -34,6 +35,8 @@ pub struct Restrictor {
     tables: Vec<(TableSpec, Table)>,
     domains: Option<DomainResolver>,
     dnsbl: Option<Arc<Dnsbl>>,
+    /// `reject_unverified_recipient`'s probes and cache.
+    verifier: Option<Verifier>,
 }
 
 impl std::fmt::Debug for Restrictor {
@@ -52,7 +55,8 @@ impl Restrictor {
                 tables.push((spec.clone(), Table::load(spec)?));
             }
         }
-        Ok(Restrictor { tables, domains: None, dnsbl: None })
+        let verifier = crate::verify::enabled(config).then(Verifier::default);
+        Ok(Restrictor { tables, domains: None, dnsbl: None, verifier })
     }
 
     /// Adds the resolvers of the DNS checks (built inside the runtime).
@@ -297,7 +301,44 @@ impl<'a> ListRound<'a> {
                 let screening = dnsbl.screen(std::slice::from_ref(site), facts.addr).await;
                 if screening.score > 0 { Found::Permit } else { Found::Dunno }
             }
+            Restriction::RejectUnverifiedRecipient => match self.subject.recipient {
+                Some(rcpt) => self.verified(rcpt).await,
+                None => Found::Dunno,
+            },
             Restriction::CheckPolicyService => Found::Policy,
+        }
+    }
+
+    /// `reject_unverified_recipient`: Postfix's replies for an address the
+    /// probe found undeliverable (the configured code, `x.1.1`) and for
+    /// one it could not verify (a deferral if nothing else refuses).
+    async fn verified(&self, rcpt: &str) -> Found {
+        let Some(verifier) = &self.restrictor.verifier else { return Found::Dunno };
+        match verifier.verify(self.config, rcpt).await {
+            Probe::Deliverable | Probe::NotProbed => Found::Dunno,
+            Probe::Undeliverable { server, reply } => {
+                let code = self.config.smtpd.verify.reject_code;
+                let class = code.status_class().unwrap_or(StatusClass::Permanent);
+                Found::Action(
+                    CheckStage::Rcpt,
+                    rcpt.to_owned(),
+                    Action::Reply {
+                        code,
+                        status: Some(EnhancedStatus::new(class, 1, 1)),
+                        text: format!(
+                            "undeliverable address: host {server} said: {reply} (in reply to RCPT TO command)"
+                        ),
+                    },
+                )
+            }
+            Probe::Unknown(why) => {
+                let round = PolicyRound::new(CheckStage::Rcpt, rcpt);
+                Found::DeferIfPermit(round.reply_for(
+                    ReplyCode::of(450),
+                    EnhancedStatus::new(StatusClass::Persistent, 1, 1),
+                    &format!("unverified address: {why}"),
+                ))
+            }
         }
     }
 
