@@ -27,6 +27,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("config", mortal_proto::fuzz::config),
     ("milter_reply", mortal_proto::fuzz::milter_reply),
     ("table", mortal_proto::fuzz::table),
+    ("socketmap_reply", mortal_proto::fuzz::socketmap_reply),
 ];
 
 fn corpus(target: &str) -> Vec<PathBuf> {

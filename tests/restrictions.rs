@@ -6,6 +6,7 @@
 use mortal_tests::delivery::Dovecot;
 use mortal_tests::dns::{TestDns, Zone};
 use mortal_tests::rbldnsd::Rbldnsd;
+use mortal_tests::socketmap::SocketmapServer;
 use mortal_tests::{Instance, Options, Smtp, TempDir};
 use std::fs;
 use std::net::Ipv4Addr;
@@ -393,4 +394,58 @@ fn an_unreachable_verification_target_defers() {
             closed.port
         )
     );
+}
+
+/// socketmap tables: a recipient table and an access table asked by
+/// smtpd, a virtual alias table asked by cleanup, all from one server on
+/// loopback; a TEMP answer or a server that is down defers with
+/// `451 4.3.0`, never a rejection and never an accept.
+#[test]
+fn socketmap_tables_answer_and_defer() {
+    let server = SocketmapServer::start(&[
+        ("users alice@example.test", "OK ok"),
+        ("users alias@example.test", "OK ok"),
+        ("users busy@example.test", "TEMP database busy"),
+        ("virtual alias@example.test", "OK alice@example.test"),
+        ("access spammer@bad.example", "OK REJECT no thanks"),
+    ]);
+    let port = server.port;
+    let server_extra = format!(
+        "recipient_maps = [\"socketmap:inet:127.0.0.1:{port}:users\"]\n\
+         virtual_alias_maps = [\"socketmap:inet:127.0.0.1:{port}:virtual\"]\n"
+    );
+    let extra =
+        format!("[smtpd.restrictions]\nsender = [\"check_sender_access socketmap:inet:127.0.0.1:{port}:access\"]\n");
+    let inst = Instance::start_with(Options { extra, server_extra, ..Options::default() });
+    let mut smtp = mail(&inst, "client.example.org", "a@example.org");
+    assert_eq!(rcpt(&mut smtp, "alice@example.test"), "250 2.1.5 Ok\r\n");
+    assert_eq!(rcpt(&mut smtp, "alias@example.test"), "250 2.1.5 Ok\r\n");
+    assert_eq!(
+        rcpt(&mut smtp, "bob@example.test"),
+        "550 5.1.1 <bob@example.test>: Recipient address rejected: User unknown in local recipient table\r\n"
+    );
+    assert_eq!(rcpt(&mut smtp, "busy@example.test"), "451 4.3.0 <busy@example.test>: Temporary lookup failure\r\n");
+    assert!(smtp.cmd("DATA").unwrap().starts_with("354"));
+    assert!(smtp.cmd("Subject: socketmap\r\n\r\nhello\r\n.").unwrap().starts_with("250 2.0.0 Ok: queued as "));
+    // cleanup expanded alias@ through the server: alice gets two copies'
+    // worth of recipients, deduplicated into one.
+    inst.wait_for_delivery("alice@example.test", 1);
+    assert!(server.queries().contains(&"virtual alias@example.test".to_owned()), "{:?}", server.queries());
+    let mut smtp = mail(&inst, "client.example.org", "spammer@bad.example");
+    assert_eq!(
+        rcpt(&mut smtp, "alice@example.test"),
+        "554 5.7.1 <spammer@bad.example>: Sender address rejected: no thanks\r\n"
+    );
+    inst.wait_for_log("warning: recipient lookup of <busy@example.test>: temporary lookup failure: TEMP database busy");
+}
+
+/// A socketmap server that is not there: 451 4.3.0.
+#[test]
+fn a_missing_socketmap_server_defers() {
+    let closed = mortal_tests::ClosedPort::new();
+    let server_extra = format!("recipient_maps = [\"socketmap:inet:127.0.0.1:{}:users\"]\n", closed.port);
+    let inst = Instance::start_with(Options { server_extra, ..Options::default() });
+    let mut smtp = mail(&inst, "client.example.org", "a@example.org");
+    assert_eq!(rcpt(&mut smtp, "alice@example.test"), "451 4.3.0 <alice@example.test>: Temporary lookup failure\r\n");
+    assert_eq!(rcpt(&mut smtp, "postmaster@example.test"), "250 2.1.5 Ok\r\n");
 }

@@ -17,6 +17,7 @@ pub mod netpeer;
 pub mod pipe;
 pub mod policy;
 pub mod rbldnsd;
+pub mod socketmap;
 
 use mortal_proto::spool::{QueueDir, Spool};
 use nix::sys::signal::{Signal, kill};

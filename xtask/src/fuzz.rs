@@ -56,6 +56,7 @@ pub const TARGETS: &[&str] = &[
     "config",
     "milter_reply",
     "table",
+    "socketmap_reply",
 ];
 
 /// Seconds per target when `--time` is not given.
@@ -542,6 +543,9 @@ fn seeds(root: &Path) -> Result<Vec<Seed>> {
     for (name, bytes) in milter_replies() {
         out.push(("milter_reply", format!("seed-{name}"), bytes));
     }
+    for (name, reply) in SOCKETMAP_SEEDS {
+        out.push(("socketmap_reply", format!("seed-{name}"), reply.to_vec()));
+    }
     for (name, kind, text) in TABLE_SEEDS {
         let mut bytes = vec![*kind];
         bytes.extend_from_slice(text.as_bytes());
@@ -877,6 +881,15 @@ fn milter_replies() -> Vec<(&'static str, Vec<u8>)> {
 
 /// Table files for the `table` target: name, kind octet (0 text, 1 cidr,
 /// 2 regexp, as `mortal_proto::fuzz::table` reads it), contents.
+/// Answers of a socketmap server, one or several per buffer.
+const SOCKETMAP_SEEDS: &[(&str, &[u8])] = &[
+    ("found", b"22:OK alice@dovecot.test,"),
+    ("notfound", b"9:NOTFOUND ,"),
+    ("temp", b"12:TEMP db down,"),
+    ("timeout-perm", b"7:TIMEOUT,4:PERM,"),
+    ("several", b"5:OK a,9:NOTFOUND ,6:OK b c,"),
+];
+
 const TABLE_SEEDS: &[(&str, u8, &str)] = &[
     (
         "virtual",

@@ -127,7 +127,20 @@ impl ContentChecks {
     /// The first result for `key` among `tables`, as an action; a result
     /// that is none is logged and ignored, as Postfix does.
     fn action(tables: &[Table], key: &str, log_id: &str) -> CheckAction {
-        let Some(result) = tables.iter().find_map(|t| t.get(key)) else { return CheckAction::Dunno };
+        let mut found = None;
+        for table in tables {
+            match table.lookup(key) {
+                Ok(Some(result)) => {
+                    found = Some(result);
+                    break;
+                }
+                Ok(None) => {}
+                // A check that cannot be made is skipped: the message is
+                // not refused for a table server's trouble.
+                Err(e) => tracing::warn!("warning: {log_id}: header_checks/body_checks: {e}"),
+            }
+        }
+        let Some(result) = found else { return CheckAction::Dunno };
         CheckAction::parse(&result).unwrap_or_else(|e| {
             tracing::warn!("warning: {log_id}: header_checks/body_checks result {result:?}: {e}");
             CheckAction::Dunno

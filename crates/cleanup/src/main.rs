@@ -89,8 +89,9 @@ use std::process::ExitCode;
 const CLEANUP_NOFILE: u64 = 64;
 
 /// cleanup's sandbox: the mail user, write access to `spool/incoming`
-/// and `spool/hold` (a filter's HOLD) only, no TCP, and the deny-list
-/// without running a program.
+/// and `spool/hold` (a filter's HOLD) only, no TCP but to the ports of
+/// `inet:` socketmap tables it looks up, and the deny-list without
+/// running a program.
 fn needs(config: &Config) -> Needs {
     let spool = config.spool();
     Needs {
@@ -99,7 +100,8 @@ fn needs(config: &Config) -> Needs {
         nofile: CLEANUP_NOFILE,
         landlock: Landlock::Rules {
             read_write: vec![spool.dir(QueueDir::Incoming), spool.dir(QueueDir::Hold)],
-            tcp_connect: Vec::new(),
+            // Only the ports of socketmap tables on inet:, if any.
+            tcp_connect: config.cleanup_table_ports(),
         },
         seccomp: Seccomp::DenyList { may_exec: false, may_fork: true },
     }

@@ -130,6 +130,27 @@ fn filter_warnings(config: &Config, warn: &mut impl FnMut(&str, &str, String)) {
             );
         }
     }
+    // socketmap tables smtpd asks: a unix socket outside its chroot is
+    // out of reach, as for a filter.
+    let access = config.smtpd.restrictions.all().filter_map(mortal_proto::restriction::Restriction::table);
+    let smtpd_tables = config.server.recipient_maps.iter().chain(&config.server.virtual_alias_maps).chain(access);
+    for spec in smtpd_tables {
+        if let mortal_proto::table::TableSpec::Socketmap(map) = spec
+            && let NextHop::Unix(path) = &map.endpoint
+            && !path.starts_with(&private)
+        {
+            warn(
+                "server",
+                "recipient_maps",
+                format!(
+                    "{spec}: {} is outside {}, where smtpd is chrooted when mortal starts as root; \
+                     let the socketmap server listen below that directory, or on inet:",
+                    path.display(),
+                    private.display()
+                ),
+            );
+        }
+    }
     let verifies = config
         .smtpd
         .restrictions

@@ -312,6 +312,8 @@ pub(crate) fn enter_layers(
                 nix::unistd::chroot(&root).map_err(step("chroot"))?;
                 nix::unistd::chdir("/").map_err(step("chdir /"))?;
                 let _ = CHROOT.set(root.clone());
+                // socketmap tables reach their unix sockets the same way.
+                mortal_proto::socketmap::set_reach(visible_path);
                 chroot = Some(root);
             }
             drop_privileges(user)?;

@@ -1607,6 +1607,22 @@ impl Config {
         Service::ALL.into_iter().filter(|&service| self.routes_to(service)).collect()
     }
 
+    /// The TCP ports of the `inet:` socketmap tables smtpd looks up
+    /// (recipient tables, virtual aliases, access tables).
+    pub fn smtpd_table_ports(&self) -> Vec<u16> {
+        let access = self.smtpd.restrictions.all().filter_map(crate::restriction::Restriction::table);
+        let tables = self.server.recipient_maps.iter().chain(&self.server.virtual_alias_maps).chain(access);
+        tables.filter_map(crate::table::TableSpec::inet_port).collect()
+    }
+
+    /// The TCP ports of the `inet:` socketmap tables cleanup looks up
+    /// (virtual aliases, header and body checks).
+    pub fn cleanup_table_ports(&self) -> Vec<u16> {
+        let c = &self.cleanup;
+        let tables = self.server.virtual_alias_maps.iter().chain(&c.header_checks).chain(&c.body_checks);
+        tables.filter_map(crate::table::TableSpec::inet_port).collect()
+    }
+
     /// Every route mail may take: the default and the per-domain ones.
     pub fn routes(&self) -> impl Iterator<Item = &Route> {
         std::iter::once(&self.delivery.transport).chain(self.delivery.routes.values())

@@ -251,8 +251,25 @@ pub fn table(data: &[u8]) {
     let Ok(table) = Table::parse(&spec, text) else { return };
     let keys = text.lines().filter_map(|l| l.split_whitespace().next()).chain([text]);
     for key in keys.take(64) {
-        if let Some(result) = table.get(key) {
+        // Local tables never fail a lookup.
+        let found = table.lookup(key).expect("a file table's lookup cannot fail");
+        if let Some(result) = found {
             assert!(result.len() <= MAX_RESULT + 9 * key.len(), "result of {} octets", result.len());
         }
+    }
+}
+
+/// A socketmap server's answers, as a socketmap client reads them: one
+/// after another in one buffer. Whatever decodes took octets inside the
+/// buffer, at most the reply limit; decoding never panics.
+pub fn socketmap_reply(data: &[u8]) {
+    use crate::socketmap::{MAX_REPLY, decode_answer};
+    let mut rest = data;
+    while let Ok(Some((answer, used))) = decode_answer(rest) {
+        assert!(used > 0 && used <= rest.len(), "took {used} of {}", rest.len());
+        if let Ok(crate::socketmap::Answer::Found(value)) = answer {
+            assert!(value.len() <= MAX_REPLY);
+        }
+        rest = &rest[used..];
     }
 }

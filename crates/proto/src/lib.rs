@@ -65,6 +65,7 @@ pub mod relay;
 pub mod restriction;
 pub mod service;
 pub mod smtp_status;
+pub mod socketmap;
 pub mod spool;
 pub mod status;
 pub mod table;

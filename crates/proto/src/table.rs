@@ -4,7 +4,9 @@
 //! of table the operator chose.
 //!
 //! This module is the part that needs no I/O beyond reading a file when a
-//! table is loaded: the table kinds whose contents live in mortal's own
+//! table is loaded (a socketmap table talks to its server at each lookup,
+//! through [`crate::socketmap`], and is the only kind whose lookup can
+//! fail: [`Table::lookup`]): the table kinds whose contents live in mortal's own
 //! configuration or files, their parsers (strict, with the file and line
 //! of any problem) and their lookups, and Postfix's lookup order for
 //! addresses ([`address_keys`]).
@@ -15,6 +17,7 @@
 //! | text | `texthash:/path` | `texthash:` (and `hash:` once `postmap`ed) |
 //! | cidr | `cidr:/path` | `cidr:` |
 //! | regexp | `regexp:/path` | `regexp:`/`pcre:` |
+//! | socketmap | `socketmap:unix:/path:name`, `socketmap:inet:IP:PORT:name` | `socketmap:` (an external server: SQL, LDAP...) |
 //!
 //! Keys of inline and text tables are matched case-insensitively, as
 //! Postfix's hash tables are (it folds keys to lower case); results keep
@@ -25,6 +28,8 @@
 //! bounded: [`MAX_ENTRIES`] entries, keys up to [`MAX_KEY`] octets, results
 //! up to [`MAX_RESULT`].
 
+pub use crate::socketmap::LookupError;
+use crate::socketmap::{self, Client, SocketmapSpec};
 use ipnet::IpNet;
 use regex::{Regex, RegexBuilder};
 use std::collections::HashMap;
@@ -57,14 +62,28 @@ pub enum TableSpec {
     Cidr(PathBuf),
     /// `regexp:/path` (or `pcre:/path`, the same syntax).
     Regexp(PathBuf),
+    /// `socketmap:unix:/path:name` or `socketmap:inet:IP:PORT:name`: an
+    /// external server answers ([`crate::socketmap`]).
+    Socketmap(SocketmapSpec),
 }
 
 impl TableSpec {
     /// The file a table is read from, if any.
     pub fn path(&self) -> Option<&Path> {
         match self {
-            TableSpec::Inline(_) => None,
+            TableSpec::Inline(_) | TableSpec::Socketmap(_) => None,
             TableSpec::Text(p) | TableSpec::Cidr(p) | TableSpec::Regexp(p) => Some(p),
+        }
+    }
+
+    /// The TCP port a socketmap table on `inet:` is asked on: the process
+    /// that looks it up must be let through to it.
+    pub fn inet_port(&self) -> Option<u16> {
+        match self {
+            TableSpec::Socketmap(SocketmapSpec { endpoint: crate::config::NextHop::Inet(addr), .. }) => {
+                Some(addr.port())
+            }
+            _ => None,
         }
     }
 
@@ -83,7 +102,8 @@ impl std::str::FromStr for TableSpec {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        const KINDS: &str = "inline:{...}, texthash:/path, cidr:/path, regexp:/path or pcre:/path";
+        const KINDS: &str =
+            "inline:{...}, texthash:/path, cidr:/path, regexp:/path, pcre:/path or socketmap:unix:/path:name";
         let (kind, rest) = s.split_once(':').ok_or_else(|| format!("{s:?} is not a table ({KINDS})"))?;
         let path = || {
             if rest.is_empty() { Err(format!("{s:?} names no file")) } else { Ok(PathBuf::from(rest)) }
@@ -93,6 +113,7 @@ impl std::str::FromStr for TableSpec {
             "texthash" | "hash" => path().map(TableSpec::Text),
             "cidr" => path().map(TableSpec::Cidr),
             "regexp" | "pcre" => path().map(TableSpec::Regexp),
+            "socketmap" => SocketmapSpec::parse(rest).map(TableSpec::Socketmap),
             other => Err(format!("unknown table kind {other:?} ({KINDS})")),
         }
     }
@@ -111,6 +132,7 @@ impl fmt::Display for TableSpec {
             TableSpec::Text(p) => write!(f, "texthash:{}", p.display()),
             TableSpec::Cidr(p) => write!(f, "cidr:{}", p.display()),
             TableSpec::Regexp(p) => write!(f, "regexp:{}", p.display()),
+            TableSpec::Socketmap(spec) => spec.fmt(f),
         }
     }
 }
@@ -155,6 +177,8 @@ pub enum Table {
     Hash(HashMap<String, String>),
     Cidr(Vec<(IpNet, String)>),
     Regexp(Vec<RegexpRule>),
+    /// Asked at each lookup; it can fail ([`Table::lookup`]).
+    Socketmap(Client),
 }
 
 /// One line of a regexp table.
@@ -199,6 +223,7 @@ impl Table {
             TableSpec::Text(path) => parse_text(path, &read(path)?),
             TableSpec::Cidr(path) => parse_cidr(path, &read(path)?),
             TableSpec::Regexp(path) => parse_regexp(path, &read(path)?),
+            TableSpec::Socketmap(spec) => Ok(Table::Socketmap(Client::new(spec.clone(), socketmap::TIMEOUT))),
         }
     }
 
@@ -206,17 +231,28 @@ impl Table {
     /// `text` as if read from its file; an inline spec ignores `text`.
     pub fn parse(spec: &TableSpec, text: &str) -> Result<Table, TableError> {
         match spec {
-            TableSpec::Inline(_) => Table::load(spec),
+            TableSpec::Inline(_) | TableSpec::Socketmap(_) => Table::load(spec),
             TableSpec::Text(path) => parse_text(path, text),
             TableSpec::Cidr(path) => parse_cidr(path, text),
             TableSpec::Regexp(path) => parse_regexp(path, text),
         }
     }
 
-    /// The result for `key`, if any. A cidr table takes the key as an IP
-    /// address (anything else finds nothing).
-    pub fn get(&self, key: &str) -> Option<String> {
+    /// The result for `key`, if any, or why there is no answer (only a
+    /// socketmap table can fail: TEMP, TIMEOUT, no server). A cidr table
+    /// takes the key as an IP address (anything else finds nothing).
+    pub fn lookup(&self, key: &str) -> Result<Option<String>, LookupError> {
         match self {
+            Table::Socketmap(client) => client.lookup(key),
+            local => Ok(local.get(key)),
+        }
+    }
+
+    /// The result for `key` in a table that cannot fail; a socketmap
+    /// table is asked through [`Table::lookup`] only.
+    fn get(&self, key: &str) -> Option<String> {
+        match self {
+            Table::Socketmap(_) => unreachable!("socketmap tables are asked through Table::lookup"),
             Table::Hash(map) => map.get(&key.to_lowercase()).cloned(),
             Table::Cidr(entries) => {
                 let addr: IpAddr = key.parse().ok()?;
@@ -233,6 +269,7 @@ impl Table {
             Table::Hash(m) => m.len(),
             Table::Cidr(e) => e.len(),
             Table::Regexp(r) => r.len(),
+            Table::Socketmap(_) => 0,
         }
     }
 
@@ -528,9 +565,15 @@ pub fn address_keys(address: &str, delimiter: Option<char>) -> Vec<String> {
     keys
 }
 
-/// The first result for `address` in Postfix's address order.
-pub fn lookup_address(table: &Table, address: &str, delimiter: Option<char>) -> Option<String> {
-    address_keys(address, delimiter).iter().find_map(|k| table.get(k))
+/// The first result for `address` in Postfix's address order, or why
+/// the table could not answer.
+pub fn lookup_address(table: &Table, address: &str, delimiter: Option<char>) -> Result<Option<String>, LookupError> {
+    for key in address_keys(address, delimiter) {
+        if let Some(result) = table.lookup(&key)? {
+            return Ok(Some(result));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -646,9 +689,15 @@ mod tests {
                 .unwrap(),
         )
         .unwrap();
-        assert_eq!(lookup_address(&t, "bob+news@example.test", Some('+')).as_deref(), Some("robert@example.test"));
-        assert_eq!(lookup_address(&t, "carol@example.test", Some('+')).as_deref(), Some("catchall@example.test"));
-        assert_eq!(lookup_address(&t, "carol@example.org", Some('+')), None);
+        assert_eq!(
+            lookup_address(&t, "bob+news@example.test", Some('+')).unwrap().as_deref(),
+            Some("robert@example.test")
+        );
+        assert_eq!(
+            lookup_address(&t, "carol@example.test", Some('+')).unwrap().as_deref(),
+            Some("catchall@example.test")
+        );
+        assert_eq!(lookup_address(&t, "carol@example.org", Some('+')), Ok(None));
     }
 
     #[test]
@@ -678,6 +727,9 @@ pub enum AliasError {
     TooDeep(String),
     #[error("<{0}> expands to more than {MAX_ALIAS_EXPANSION} addresses")]
     TooMany(String),
+    /// A table could not answer (a socketmap server down or in trouble).
+    #[error("{0}")]
+    Lookup(LookupError),
 }
 
 /// Virtual aliases (Postfix's `virtual_alias_maps`): the tables in order,
@@ -708,20 +760,28 @@ impl Aliases {
     /// address's extension: virtual(5)'s keys `user+ext@domain`,
     /// `user@domain`, `@domain` (the bare `user` forms are for local
     /// domains in Postfix, which mortal does not distinguish).
-    fn result(&self, address: &str) -> Option<(String, Option<String>)> {
-        let (local, domain) = address.rsplit_once('@')?;
+    fn result(&self, address: &str) -> Result<Option<(String, Option<String>)>, LookupError> {
+        let Some((local, domain)) = address.rsplit_once('@') else { return Ok(None) };
         let extension = self.delimiter.and_then(|d| local.split_once(d)).filter(|(user, _)| !user.is_empty());
         let mut keys = vec![(address.to_owned(), None)];
         if let Some((user, ext)) = extension {
             keys.push((format!("{user}@{domain}"), Some(ext.to_owned())));
         }
         keys.push((format!("@{domain}"), None));
-        keys.iter().find_map(|(key, ext)| self.tables.iter().find_map(|t| t.get(key)).map(|r| (r, ext.clone())))
+        for (key, ext) in keys {
+            for table in &self.tables {
+                if let Some(result) = table.lookup(&key)? {
+                    return Ok(Some((result, ext)));
+                }
+            }
+        }
+        Ok(None)
     }
 
-    /// Whether some table has an entry for `address`.
-    pub fn has(&self, address: &str) -> bool {
-        self.result(address).is_some()
+    /// Whether some table has an entry for `address`, or why a table
+    /// could not say.
+    pub fn has(&self, address: &str) -> Result<bool, LookupError> {
+        Ok(self.result(address)?.is_some())
     }
 
     /// The addresses `address` is delivered to: itself when no table has
@@ -752,7 +812,7 @@ impl Aliases {
         if chain.len() >= MAX_ALIAS_DEPTH {
             return Err(AliasError::TooDeep(address.to_owned()));
         }
-        let Some((result, extension)) = self.result(address) else {
+        let Some((result, extension)) = self.result(address).map_err(AliasError::Lookup)? else {
             return push_unique(out, address, root);
         };
         chain.push(folded.clone());
@@ -816,7 +876,7 @@ mod alias_tests {
         assert_eq!(a.expand("zed@example.org").unwrap(), ["zed@example.test"]);
         // An unmatched extension goes along; a matched one does not.
         assert_eq!(a.expand("alice+news@example.test").unwrap(), ["alice+news@dovecot.test"]);
-        assert!(a.has("LIST@example.test") && !a.has("carol@example.test"));
+        assert!(a.has("LIST@example.test").unwrap() && !a.has("carol@example.test").unwrap());
     }
 
     #[test]

@@ -58,8 +58,10 @@ fn needs(config: &Config) -> Needs {
     // reject_unverified_recipient probes the inet routes' servers.
     let probe_ports =
         if mortal_smtpd::verify::enabled(config) { mortal_smtpd::verify::probe_ports(config) } else { Vec::new() };
-    let tcp_client = !filter_ports.is_empty() || !probe_ports.is_empty();
-    for port in filter_ports.into_iter().chain(probe_ports) {
+    // socketmap tables on inet: are asked from smtpd too.
+    let table_ports = config.smtpd_table_ports();
+    let tcp_client = !filter_ports.is_empty() || !probe_ports.is_empty() || !table_ports.is_empty();
+    for port in filter_ports.into_iter().chain(probe_ports).chain(table_ports) {
         if !tcp_connect.contains(&port) {
             tcp_connect.push(port);
         }

@@ -21,7 +21,7 @@ use crate::engine::reply::{self, Reply};
 use mortal_proto::address::{self, Mailbox};
 use mortal_proto::config::Config;
 use mortal_proto::relay::{self, Relay};
-use mortal_proto::table::{Aliases, Table, TableError, lookup_address};
+use mortal_proto::table::{Aliases, LookupError, Table, TableError, lookup_address};
 use std::collections::HashSet;
 use std::io::Read;
 use std::net::IpAddr;
@@ -147,16 +147,21 @@ impl RelayPolicy {
     /// Whether the recipient lists (map and tables) are in force and know
     /// `mailbox`; `None` when none is configured (every address of an
     /// accepted domain is taken).
-    fn knows(&self, mailbox: &Mailbox) -> Option<bool> {
+    /// `Err` when a table could not answer (a socketmap server).
+    fn knows(&self, mailbox: &Mailbox) -> Result<Option<bool>, LookupError> {
         if self.map.is_none() && self.tables.is_empty() {
-            return None;
+            return Ok(None);
         }
         let address = mailbox.to_string();
-        Some(
-            self.map.as_ref().is_some_and(|m| m.contains(mailbox))
-                || self.aliases.has(&address)
-                || self.tables.iter().any(|t| lookup_address(t, &address, self.delimiter).is_some()),
-        )
+        if self.map.as_ref().is_some_and(|m| m.contains(mailbox)) || self.aliases.has(&address)? {
+            return Ok(Some(true));
+        }
+        for table in self.tables.iter() {
+            if lookup_address(table, &address, self.delimiter)?.is_some() {
+                return Ok(Some(true));
+            }
+        }
+        Ok(Some(false))
     }
 
     /// The same policy with these virtual aliases.
@@ -169,16 +174,27 @@ impl RelayPolicy {
     pub fn check(&self, config: &Config, client: IpAddr, mailbox: &Mailbox) -> Result<(), Reply> {
         match relay::decide_address(config, client, &mailbox.local, &mailbox.domain) {
             Relay::Local => {
-                let postmaster = mailbox.local.eq_ignore_ascii_case("postmaster");
+                if mailbox.local.eq_ignore_ascii_case("postmaster") {
+                    return Ok(());
+                }
                 match self.knows(mailbox) {
-                    Some(false) if !postmaster => Err(user_unknown(mailbox)),
-                    _ => Ok(()),
+                    Ok(Some(false)) => Err(user_unknown(mailbox)),
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        tracing::warn!("warning: recipient lookup of <{mailbox}>: {e}");
+                        Err(lookup_failed(mailbox))
+                    }
                 }
             }
             Relay::Trusted => Ok(()),
             Relay::Denied => Err(reply::relay_denied(&mailbox.to_string())),
         }
     }
+}
+
+/// Postfix's reply when a table could not answer: try again later.
+pub fn lookup_failed(mailbox: &Mailbox) -> Reply {
+    const { Reply::new(451, 3, 0, "") }.with_text(format!("<{mailbox}>: Temporary lookup failure"))
 }
 
 /// Postfix's reply for a recipient missing from local_recipient_maps.

@@ -23,7 +23,7 @@ use mortal_proto::config::{Config, FilterStage};
 use mortal_proto::policy::Action;
 use mortal_proto::restriction::Restriction;
 use mortal_proto::smtp_status::{EnhancedStatus, ReplyCode, StatusClass};
-use mortal_proto::table::{Table, TableError, TableSpec};
+use mortal_proto::table::{LookupError, Table, TableError, TableSpec};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -351,7 +351,26 @@ impl<'a> ListRound<'a> {
     /// The first of `keys` in the table, as an access(5) action.
     fn access(&self, spec: &TableSpec, keys: &[String], stage: CheckStage, name: String) -> Found {
         let Some(table) = self.restrictor.table(spec) else { return config_error(spec, "not loaded") };
-        let Some(result) = keys.iter().find_map(|k| table.get(k)) else { return Found::Dunno };
+        let mut found = None;
+        for key in keys {
+            match table.lookup(key) {
+                Ok(Some(result)) => {
+                    found = Some(result);
+                    break;
+                }
+                Ok(None) => {}
+                Err(LookupError::Temporary(why)) => {
+                    tracing::warn!("warning: access table {spec}: {why}");
+                    return Found::Reply(FilterReply::new(
+                        ReplyCode::of(451),
+                        EnhancedStatus::new(StatusClass::Persistent, 3, 0),
+                        format!("<{name}>: Temporary lookup failure"),
+                    ));
+                }
+                Err(LookupError::Permanent(why)) => return config_error(spec, &why),
+            }
+        }
+        let Some(result) = found else { return Found::Dunno };
         match Action::parse(&result) {
             Ok(Action::Unsupported(what)) => config_error(spec, &format!("{what:?} is not an access(5) action")),
             Ok(action) => Found::Action(stage, name, action),
