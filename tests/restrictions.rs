@@ -5,6 +5,7 @@
 
 use mortal_tests::delivery::Dovecot;
 use mortal_tests::dns::{TestDns, Zone};
+use mortal_tests::netpeer::fail2ban_regex;
 use mortal_tests::rbldnsd::Rbldnsd;
 use mortal_tests::socketmap::SocketmapServer;
 use mortal_tests::{Instance, Options, Smtp, TempDir};
@@ -275,10 +276,14 @@ fn a_listed_client_is_refused_at_rcpt() {
     assert_eq!(rcpt(&mut smtp, "u@example.test"), format!("{want}\r\n"));
     assert_eq!(rcpt(&mut smtp, "postmaster@example.test"), "250 2.1.5 Ok\r\n");
     inst.wait_for_log("DNSBL rank 3 for [127.0.0.1]:");
-    inst.wait_for_log(&format!(
+    let log = inst.wait_for_log(&format!(
         "NOQUEUE: reject: RCPT from unknown[127.0.0.1]: {want}; from=<a@example.org> to=<u@example.test> \
          proto=ESMTP helo=<client.example.org>"
     ));
+    // fail2ban's stock postfix filter bans on exactly that line.
+    let rejects: Vec<&str> = log.lines().filter(|l| l.contains(": reject: RCPT from ")).collect();
+    let (matched, report) = fail2ban_regex(&inst.log, "/etc/fail2ban/filter.d/postfix.conf");
+    assert_eq!(matched, rejects, "fail2ban-regex must match the DNSBL reject:\n{report}");
 }
 
 /// Below the threshold, or listed nowhere: served.

@@ -222,6 +222,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         let (postfix_extra, mortal_server) = match mode {
             Mode::Tables => {
                 let (virtual_map, users) = bench_tables(&dir.join("tables"))?;
+                report.notes.push(lookup_cost(&virtual_map, &users)?);
                 (
                     format!(
                         "{postfix_extra}virtual_alias_maps = texthash:{}\nlocal_recipient_maps = texthash:{}\n",
@@ -560,6 +561,46 @@ impl UssSampler {
         let v = self.max.load(Ordering::Relaxed);
         (v > 0).then_some(v)
     }
+}
+
+/// Rounds over the addresses in [`lookup_cost`].
+const LOOKUP_ROUNDS: u32 = 100;
+
+/// What one lookup costs on its own, in this process, with the bench's
+/// tables: a recipient-table lookup in Postfix's address order (what
+/// smtpd does per RCPT) and a virtual alias expansion (what cleanup does
+/// per recipient), over 10,000 listed and 1,000 unlisted addresses.
+fn lookup_cost(virtual_map: &Path, users: &Path) -> Result<String> {
+    use mortal_proto::table::{Aliases, Table, TableSpec, lookup_address};
+    let users = Table::load(&TableSpec::Text(users.to_owned()))?;
+    let aliases = Aliases::new(vec![Table::load(&TableSpec::Text(virtual_map.to_owned()))?], None);
+    let listed = (0..TABLE_ENTRIES).map(|i| format!("user{i}@{DOMAIN}"));
+    let addresses: Vec<String> = listed.chain((0..TABLE_ENTRIES / 10).map(|i| format!("nobody{i}@{DOMAIN}"))).collect();
+    let count = LOOKUP_ROUNDS * u32::try_from(addresses.len())?;
+    let started = Instant::now();
+    let mut found = 0usize;
+    for _ in 0..LOOKUP_ROUNDS {
+        for address in &addresses {
+            found += usize::from(std::hint::black_box(lookup_address(&users, address, Some('+'))?).is_some());
+        }
+    }
+    let per_lookup = started.elapsed() / count;
+    let started = Instant::now();
+    let mut targets = 0usize;
+    for _ in 0..LOOKUP_ROUNDS {
+        for address in &addresses {
+            targets += std::hint::black_box(aliases.expand(address)?).len();
+        }
+    }
+    let per_expansion = started.elapsed() / count;
+    anyhow::ensure!(found == TABLE_ENTRIES * LOOKUP_ROUNDS as usize, "lookup found {found}");
+    anyhow::ensure!(targets == addresses.len() * LOOKUP_ROUNDS as usize, "expansion gave {targets}");
+    Ok(format!(
+        "table cost in-process ({} addresses × {LOOKUP_ROUNDS}, 10,000-entry texthash; xtask's unoptimized build, \
+         an upper bound for the release daemons): recipient table {per_lookup:?} per RCPT lookup, virtual alias \
+         expansion {per_expansion:?} per recipient",
+        addresses.len()
+    ))
 }
 
 /// The bench's alias and recipient tables, for both servers: aliases of
