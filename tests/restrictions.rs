@@ -444,6 +444,33 @@ fn socketmap_tables_answer_and_defer() {
     inst.wait_for_log("warning: recipient lookup of <busy@example.test>: temporary lookup failure: TEMP database busy");
 }
 
+/// tcp_table(5): the same through Postfix's simpler line protocol, with
+/// %XX-encoded keys and values.
+#[test]
+fn tcp_tables_answer_and_defer() {
+    let server = SocketmapServer::start_tcp_table(&[
+        ("alice@example.test", "200 ok"),
+        ("busy@example.test", "400 database busy"),
+        ("spammer@bad.example", "200 REJECT%20no%20thanks"),
+    ]);
+    let port = server.port;
+    let server_extra = format!("recipient_maps = [\"tcp:127.0.0.1:{port}\"]\n");
+    let extra = format!("[smtpd.restrictions]\nsender = [\"check_sender_access tcp:127.0.0.1:{port}\"]\n");
+    let inst = Instance::start_with(Options { extra, server_extra, ..Options::default() });
+    let mut smtp = mail(&inst, "client.example.org", "a@example.org");
+    assert_eq!(rcpt(&mut smtp, "alice@example.test"), "250 2.1.5 Ok\r\n");
+    assert_eq!(
+        rcpt(&mut smtp, "bob@example.test"),
+        "550 5.1.1 <bob@example.test>: Recipient address rejected: User unknown in local recipient table\r\n"
+    );
+    assert_eq!(rcpt(&mut smtp, "busy@example.test"), "451 4.3.0 <busy@example.test>: Temporary lookup failure\r\n");
+    let mut smtp = mail(&inst, "client.example.org", "spammer@bad.example");
+    assert_eq!(
+        rcpt(&mut smtp, "alice@example.test"),
+        "554 5.7.1 <spammer@bad.example>: Sender address rejected: no thanks\r\n"
+    );
+}
+
 /// A socketmap server that is not there: 451 4.3.0.
 #[test]
 fn a_missing_socketmap_server_defers() {

@@ -888,6 +888,7 @@ const SOCKETMAP_SEEDS: &[(&str, &[u8])] = &[
     ("temp", b"12:TEMP db down,"),
     ("timeout-perm", b"7:TIMEOUT,4:PERM,"),
     ("several", b"5:OK a,9:NOTFOUND ,6:OK b c,"),
+    ("tcp-table", b"200 alice%40dovecot.test\n500 not found\r\n400 try later\n"),
 ];
 
 const TABLE_SEEDS: &[(&str, u8, &str)] = &[

@@ -263,13 +263,18 @@ pub fn table(data: &[u8]) {
 /// after another in one buffer. Whatever decodes took octets inside the
 /// buffer, at most the reply limit; decoding never panics.
 pub fn socketmap_reply(data: &[u8]) {
-    use crate::socketmap::{MAX_REPLY, decode_answer};
-    let mut rest = data;
-    while let Ok(Some((answer, used))) = decode_answer(rest) {
-        assert!(used > 0 && used <= rest.len(), "took {used} of {}", rest.len());
-        if let Ok(crate::socketmap::Answer::Found(value)) = answer {
-            assert!(value.len() <= MAX_REPLY);
+    use crate::socketmap::{Answer, MAX_REPLY, MAX_TCP_LINE, decode_answer, decode_tcp_answer};
+    // The same bytes as socketmap netstrings and as tcp_table lines.
+    for (decode, limit) in
+        [(decode_answer as fn(&[u8]) -> _, MAX_REPLY), (decode_tcp_answer as fn(&[u8]) -> _, MAX_TCP_LINE)]
+    {
+        let mut rest = data;
+        while let Ok(Some((answer, used))) = decode(rest) {
+            assert!(used > 0 && used <= rest.len(), "took {used} of {}", rest.len());
+            if let Ok(Answer::Found(value)) = answer {
+                assert!(value.len() <= limit);
+            }
+            rest = &rest[used..];
         }
-        rest = &rest[used..];
     }
 }

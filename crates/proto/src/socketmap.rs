@@ -1,8 +1,15 @@
-//! The socketmap lookup protocol (Sendmail's, as Postfix's
-//! socketmap_table(5) speaks it): the door to SQL, LDAP or any other
-//! source an external server answers for. A query is the netstring
-//! `<len>:<map name> <key>,`; the answer a netstring holding `OK <value>`,
-//! `NOTFOUND `, `TEMP <reason>`, `TIMEOUT <reason>` or `PERM <reason>`.
+//! Tables an external server answers: the door to SQL, LDAP or any other
+//! source. Two protocols, as Postfix speaks them:
+//!
+//! - socketmap (Sendmail's; socketmap_table(5)): a query is the netstring
+//!   `<len>:<map name> <key>,`; the answer a netstring holding
+//!   `OK <value>`, `NOTFOUND `, `TEMP <reason>`, `TIMEOUT <reason>` or
+//!   `PERM <reason>`.
+//! - tcp_table(5): a query is `get <key>\n`, the answer one line, `200
+//!   <value>`, `500 <text>` (not found) or `400 <text>` (try later), key
+//!   and value `%XX`-encoded where they hold white space, `%` or
+//!   unprintable octets; at most [`MAX_TCP_LINE`] octets.
+//!
 //! One connection carries any number of queries, one at a time.
 //!
 //! [`Client`] is a blocking client with a timeout on every read and write,
@@ -25,6 +32,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 use thiserror::Error;
+
+/// Longest tcp_table answer line, its newline included (tcp_table(5)).
+pub const MAX_TCP_LINE: usize = 4096;
 
 /// Largest answer read (Postfix `socketmap_max_reply_size`).
 pub const MAX_REPLY: usize = 100_000;
@@ -80,6 +90,8 @@ pub enum DecodeError {
     BadStatus(String),
     #[error("answer is not UTF-8")]
     NotUtf8,
+    #[error("bad %XX escape")]
+    BadEscape,
 }
 
 /// `name key` as a netstring.
@@ -91,6 +103,61 @@ pub fn encode_query(name: &str, key: &str) -> Vec<u8> {
 /// One decoded answer (or the failure the server reported) and the octets
 /// of the buffer it took.
 pub type Decoded = (Result<Answer, LookupError>, usize);
+
+/// A protocol's answer decoder ([`decode_answer`], [`decode_tcp_answer`]).
+type Decoder = fn(&[u8]) -> Result<Option<Decoded>, DecodeError>;
+
+/// `get <key>\n`, the key %XX-encoded.
+pub fn encode_tcp_query(key: &str) -> Vec<u8> {
+    let mut out = b"get ".to_vec();
+    for &b in key.as_bytes() {
+        if b <= b' ' || b == b'%' || b >= 0x7f {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        } else {
+            out.push(b);
+        }
+    }
+    out.push(b'\n');
+    out
+}
+
+/// Decodes one tcp_table answer line from the start of `buf`: `Ok(None)`
+/// when its newline has not come yet.
+pub fn decode_tcp_answer(buf: &[u8]) -> Result<Option<Decoded>, DecodeError> {
+    let Some(end) = buf.iter().take(MAX_TCP_LINE).position(|&b| b == b'\n') else {
+        return if buf.len() >= MAX_TCP_LINE { Err(DecodeError::TooLong) } else { Ok(None) };
+    };
+    let line = buf[..end].strip_suffix(b"\r").unwrap_or(&buf[..end]);
+    let (code, text) = match line.iter().position(|&b| b == b' ') {
+        Some(i) => (&line[..i], &line[i + 1..]),
+        None => (line, &b""[..]),
+    };
+    let text = std::str::from_utf8(&percent_decode(text)?).map_err(|_| DecodeError::NotUtf8)?.to_owned();
+    let answer = match code {
+        b"200" => Ok(Answer::Found(text)),
+        b"500" => Ok(Answer::NotFound),
+        b"400" => Err(LookupError::Temporary(format!("400 {text}").trim_end().to_owned())),
+        other => return Err(DecodeError::BadStatus(String::from_utf8_lossy(other).chars().take(32).collect())),
+    };
+    Ok(Some((answer, end + 1)))
+}
+
+fn percent_decode(text: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        if text[i] == b'%' {
+            let hex = text.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or(DecodeError::BadEscape)?;
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(text[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
 
 /// Decodes one answer from the start of `buf`: `Ok(None)` when more bytes
 /// are needed, else the answer and the octets it took.
@@ -215,21 +282,32 @@ impl Conn {
 
 /// A socketmap table's client: one kept connection per process.
 pub struct Client {
-    pub spec: SocketmapSpec,
+    endpoint: NextHop,
+    /// The socketmap map name; `None`: a tcp_table server.
+    map: Option<String>,
+    /// The table as configured, for messages.
+    written: String,
     timeout: Duration,
     conn: Mutex<Option<Conn>>,
 }
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Client").field("spec", &self.spec).field("timeout", &self.timeout).finish_non_exhaustive()
+        f.debug_struct("Client").field("table", &self.written).field("timeout", &self.timeout).finish_non_exhaustive()
     }
 }
 
 impl Client {
     /// No connection yet: the first lookup makes it.
     pub fn new(spec: SocketmapSpec, timeout: Duration) -> Client {
-        Client { spec, timeout, conn: Mutex::new(None) }
+        let written = spec.to_string();
+        Client { endpoint: spec.endpoint, map: Some(spec.name), written, timeout, conn: Mutex::new(None) }
+    }
+
+    /// A tcp_table(5) client of the server at `addr`.
+    pub fn tcp(addr: std::net::SocketAddr, timeout: Duration) -> Client {
+        let written = format!("tcp:{addr}");
+        Client { endpoint: NextHop::Inet(addr), map: None, written, timeout, conn: Mutex::new(None) }
     }
 
     /// Looks `key` up: the value, `None`, or why there is no answer.
@@ -258,11 +336,11 @@ impl Client {
         match e {
             AskError::Io(e) => {
                 *slot = None;
-                LookupError::Temporary(format!("{}: {e}", self.spec))
+                LookupError::Temporary(format!("{}: {e}", self.written))
             }
             AskError::Decode(e) => {
                 *slot = None;
-                LookupError::Permanent(format!("{}: {e}", self.spec))
+                LookupError::Permanent(format!("{}: {e}", self.written))
             }
             AskError::Answer(e) => e,
         }
@@ -270,14 +348,18 @@ impl Client {
 
     fn ask(&self, slot: &mut Option<Conn>, key: &str) -> Result<Answer, AskError> {
         if slot.is_none() {
-            *slot = Some(Conn::connect(&self.spec.endpoint, self.timeout).map_err(AskError::Io)?);
+            *slot = Some(Conn::connect(&self.endpoint, self.timeout).map_err(AskError::Io)?);
         }
         let conn = slot.as_mut().expect("connected above");
-        conn.write_all(&encode_query(&self.spec.name, key)).map_err(AskError::Io)?;
+        let (query, decode): (Vec<u8>, Decoder) = match &self.map {
+            Some(name) => (encode_query(name, key), decode_answer),
+            None => (encode_tcp_query(key), decode_tcp_answer),
+        };
+        conn.write_all(&query).map_err(AskError::Io)?;
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         loop {
-            if let Some((answer, used)) = decode_answer(&buf).map_err(AskError::Decode)? {
+            if let Some((answer, used)) = decode(&buf).map_err(AskError::Decode)? {
                 if used != buf.len() {
                     return Err(AskError::Decode(DecodeError::NoComma));
                 }
@@ -327,6 +409,18 @@ mod tests {
         assert_eq!(decode_answer(b"999999:"), Err(DecodeError::TooLong));
         assert_eq!(decode_answer(b"2:OK;"), Err(DecodeError::NoComma));
         assert_eq!(decode_answer(b"5:MAYBE,"), Err(DecodeError::BadStatus("MAYBE".into())));
+    }
+
+    #[test]
+    fn tcp_table_queries_and_answers() {
+        assert_eq!(encode_tcp_query("a b%c@x"), b"get a%20b%25c@x\n");
+        assert_eq!(decode_tcp_answer(b"200 b%40x.test\n"), Ok(Some((Ok(Answer::Found("b@x.test".into())), 15))));
+        assert_eq!(decode_tcp_answer(b"500 no such key\r\n"), Ok(Some((Ok(Answer::NotFound), 17))));
+        assert!(matches!(decode_tcp_answer(b"400 busy\n"), Ok(Some((Err(LookupError::Temporary(_)), 9)))));
+        assert_eq!(decode_tcp_answer(b"200 partial"), Ok(None));
+        assert_eq!(decode_tcp_answer(b"200 %4\n"), Err(DecodeError::BadEscape));
+        assert_eq!(decode_tcp_answer(b"300 what\n"), Err(DecodeError::BadStatus("300".into())));
+        assert_eq!(decode_tcp_answer(&[b'x'; MAX_TCP_LINE]), Err(DecodeError::TooLong));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! | cidr | `cidr:/path` | `cidr:` |
 //! | regexp | `regexp:/path` | `regexp:`/`pcre:` |
 //! | socketmap | `socketmap:unix:/path:name`, `socketmap:inet:IP:PORT:name` | `socketmap:` (an external server: SQL, LDAP...) |
+//! | tcp | `tcp:IP:PORT` | `tcp:` (tcp_table(5)) |
 //!
 //! Keys of inline and text tables are matched case-insensitively, as
 //! Postfix's hash tables are (it folds keys to lower case); results keep
@@ -65,13 +66,15 @@ pub enum TableSpec {
     /// `socketmap:unix:/path:name` or `socketmap:inet:IP:PORT:name`: an
     /// external server answers ([`crate::socketmap`]).
     Socketmap(SocketmapSpec),
+    /// `tcp:IP:PORT`: a tcp_table(5) server answers.
+    Tcp(std::net::SocketAddr),
 }
 
 impl TableSpec {
     /// The file a table is read from, if any.
     pub fn path(&self) -> Option<&Path> {
         match self {
-            TableSpec::Inline(_) | TableSpec::Socketmap(_) => None,
+            TableSpec::Inline(_) | TableSpec::Socketmap(_) | TableSpec::Tcp(_) => None,
             TableSpec::Text(p) | TableSpec::Cidr(p) | TableSpec::Regexp(p) => Some(p),
         }
     }
@@ -80,9 +83,8 @@ impl TableSpec {
     /// that looks it up must be let through to it.
     pub fn inet_port(&self) -> Option<u16> {
         match self {
-            TableSpec::Socketmap(SocketmapSpec { endpoint: crate::config::NextHop::Inet(addr), .. }) => {
-                Some(addr.port())
-            }
+            TableSpec::Socketmap(SocketmapSpec { endpoint: crate::config::NextHop::Inet(addr), .. })
+            | TableSpec::Tcp(addr) => Some(addr.port()),
             _ => None,
         }
     }
@@ -102,8 +104,7 @@ impl std::str::FromStr for TableSpec {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        const KINDS: &str =
-            "inline:{...}, texthash:/path, cidr:/path, regexp:/path, pcre:/path or socketmap:unix:/path:name";
+        const KINDS: &str = "inline:{...}, texthash:/path, cidr:/path, regexp:/path, pcre:/path, socketmap:unix:/path:name or tcp:IP:PORT";
         let (kind, rest) = s.split_once(':').ok_or_else(|| format!("{s:?} is not a table ({KINDS})"))?;
         let path = || {
             if rest.is_empty() { Err(format!("{s:?} names no file")) } else { Ok(PathBuf::from(rest)) }
@@ -114,6 +115,10 @@ impl std::str::FromStr for TableSpec {
             "cidr" => path().map(TableSpec::Cidr),
             "regexp" | "pcre" => path().map(TableSpec::Regexp),
             "socketmap" => SocketmapSpec::parse(rest).map(TableSpec::Socketmap),
+            "tcp" => rest
+                .parse()
+                .map(TableSpec::Tcp)
+                .map_err(|_| format!("{s:?}: a tcp table is tcp:IP:PORT (a literal address, [::1]:PORT for IPv6)")),
             other => Err(format!("unknown table kind {other:?} ({KINDS})")),
         }
     }
@@ -133,6 +138,7 @@ impl fmt::Display for TableSpec {
             TableSpec::Cidr(p) => write!(f, "cidr:{}", p.display()),
             TableSpec::Regexp(p) => write!(f, "regexp:{}", p.display()),
             TableSpec::Socketmap(spec) => spec.fmt(f),
+            TableSpec::Tcp(addr) => write!(f, "tcp:{addr}"),
         }
     }
 }
@@ -177,7 +183,8 @@ pub enum Table {
     Hash(HashMap<String, String>),
     Cidr(Vec<(IpNet, String)>),
     Regexp(Vec<RegexpRule>),
-    /// Asked at each lookup; it can fail ([`Table::lookup`]).
+    /// socketmap and tcp_table: asked at each lookup; it can fail
+    /// ([`Table::lookup`]).
     Socketmap(Client),
 }
 
@@ -224,6 +231,7 @@ impl Table {
             TableSpec::Cidr(path) => parse_cidr(path, &read(path)?),
             TableSpec::Regexp(path) => parse_regexp(path, &read(path)?),
             TableSpec::Socketmap(spec) => Ok(Table::Socketmap(Client::new(spec.clone(), socketmap::TIMEOUT))),
+            TableSpec::Tcp(addr) => Ok(Table::Socketmap(Client::tcp(*addr, socketmap::TIMEOUT))),
         }
     }
 
@@ -231,7 +239,7 @@ impl Table {
     /// `text` as if read from its file; an inline spec ignores `text`.
     pub fn parse(spec: &TableSpec, text: &str) -> Result<Table, TableError> {
         match spec {
-            TableSpec::Inline(_) | TableSpec::Socketmap(_) => Table::load(spec),
+            TableSpec::Inline(_) | TableSpec::Socketmap(_) | TableSpec::Tcp(_) => Table::load(spec),
             TableSpec::Text(path) => parse_text(path, text),
             TableSpec::Cidr(path) => parse_cidr(path, text),
             TableSpec::Regexp(path) => parse_regexp(path, text),

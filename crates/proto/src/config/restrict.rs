@@ -414,6 +414,21 @@ mod tests {
         assert!(c.smtpd.uses_dns());
     }
 
+    /// The sandboxes widen by exactly the inet ports of remote tables.
+    #[test]
+    fn remote_table_ports_are_known_per_process() {
+        let c = parse(
+            "[server]\nrecipient_maps = [\"socketmap:inet:127.0.0.1:8780:users\", \"texthash:users\"]\n\
+             virtual_alias_maps = [\"tcp:127.0.0.1:8781\", \"socketmap:unix:/run/m/private/sm:virtual\"]\n\
+             [smtpd.restrictions]\nsender = [\"check_sender_access tcp:[::1]:8782\"]\n\
+             [cleanup]\nheader_checks = [\"regexp:checks\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.smtpd_table_ports(), [8780, 8781, 8782]);
+        assert_eq!(c.cleanup_table_ports(), [8781]);
+        assert!(parse("[server]\nrecipient_maps = [\"tcp:localhost:99\"]\n").unwrap_err().contains("tcp:IP:PORT"));
+    }
+
     #[test]
     fn mistakes_are_named_at_their_key() {
         for (text, want) in [
