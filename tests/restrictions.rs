@@ -471,6 +471,22 @@ fn tcp_tables_answer_and_defer() {
     );
 }
 
+/// A socketmap server that takes the connection and never answers: 451
+/// 4.3.0 once `[server] table_timeout` has passed.
+#[test]
+fn a_silent_socketmap_server_defers_after_table_timeout() {
+    // Bound and listening, never accepting: connect and write succeed.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let server_extra =
+        format!("recipient_maps = [\"socketmap:inet:127.0.0.1:{port}:users\"]\ntable_timeout = \"1s\"\n");
+    let inst = Instance::start_with(Options { server_extra, ..Options::default() });
+    let mut smtp = mail(&inst, "client.example.org", "a@example.org");
+    let started = std::time::Instant::now();
+    assert_eq!(rcpt(&mut smtp, "alice@example.test"), "451 4.3.0 <alice@example.test>: Temporary lookup failure\r\n");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
+}
+
 /// A socketmap server that is not there: 451 4.3.0.
 #[test]
 fn a_missing_socketmap_server_defers() {

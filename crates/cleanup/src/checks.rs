@@ -112,9 +112,10 @@ pub struct ContentChecks {
 impl ContentChecks {
     pub fn load(config: &Config) -> Result<Self, TableError> {
         let c = &config.cleanup;
+        let timeout = config.server.table_timeout;
         Ok(Self {
-            header: c.header_checks.iter().map(Table::load).collect::<Result<_, _>>()?,
-            body: c.body_checks.iter().map(Table::load).collect::<Result<_, _>>()?,
+            header: c.header_checks.iter().map(|s| Table::load_with(s, timeout)).collect::<Result<_, _>>()?,
+            body: c.body_checks.iter().map(|s| Table::load_with(s, timeout)).collect::<Result<_, _>>()?,
             body_limit: c.body_checks_size_limit,
             time_limit: c.checks_time_limit,
         })

@@ -86,6 +86,9 @@ pub struct Server {
     /// the results are not used. Empty (with no `recipient_map`): every
     /// address of an accepted domain.
     pub recipient_maps: Vec<crate::table::TableSpec>,
+    /// Longest wait for a remote table's server (socketmap, tcp): connect,
+    /// write, answer; past it the lookup fails temporarily (451 4.3.0).
+    pub table_timeout: Duration,
     /// Virtual alias tables (Postfix virtual_alias_maps), in order: cleanup
     /// expands each recipient through them before the message is queued,
     /// and smtpd takes an aliased address as a known recipient.
@@ -111,6 +114,7 @@ impl Default for Server {
             recipient_map: None,
             recipient_maps: Vec::new(),
             virtual_alias_maps: Vec::new(),
+            table_timeout: crate::socketmap::TIMEOUT,
             recipient_delimiter: None,
             metrics_file: None,
         }
@@ -1048,6 +1052,7 @@ impl Resolver<'_> {
             recipient_map: self.path(raw.recipient_map),
             recipient_maps: self.tables("server.recipient_maps", raw.recipient_maps),
             virtual_alias_maps: self.tables("server.virtual_alias_maps", raw.virtual_alias_maps),
+            table_timeout: self.duration("server.table_timeout", raw.table_timeout, d.table_timeout),
             recipient_delimiter: self.delimiter(raw.recipient_delimiter),
             metrics_file: self.path(raw.metrics_file),
         }

@@ -208,8 +208,15 @@ pub enum RegexpRule {
 }
 
 impl Table {
-    /// Loads `spec`, reading its file if it has one.
+    /// Loads `spec`, reading its file if it has one; a remote table waits
+    /// [`socketmap::TIMEOUT`] for its server.
     pub fn load(spec: &TableSpec) -> Result<Table, TableError> {
+        Table::load_with(spec, socketmap::TIMEOUT)
+    }
+
+    /// [`Table::load`] with the daemons' `[server] table_timeout`: the
+    /// longest wait for a remote table's server (connect, write, answer).
+    pub fn load_with(spec: &TableSpec, timeout: std::time::Duration) -> Result<Table, TableError> {
         let read = |path: &Path| {
             std::fs::read_to_string(path).map_err(|e| TableError {
                 file: path.to_owned(),
@@ -230,8 +237,8 @@ impl Table {
             TableSpec::Text(path) => parse_text(path, &read(path)?),
             TableSpec::Cidr(path) => parse_cidr(path, &read(path)?),
             TableSpec::Regexp(path) => parse_regexp(path, &read(path)?),
-            TableSpec::Socketmap(spec) => Ok(Table::Socketmap(Client::new(spec.clone(), socketmap::TIMEOUT))),
-            TableSpec::Tcp(addr) => Ok(Table::Socketmap(Client::tcp(*addr, socketmap::TIMEOUT))),
+            TableSpec::Socketmap(spec) => Ok(Table::Socketmap(Client::new(spec.clone(), timeout))),
+            TableSpec::Tcp(addr) => Ok(Table::Socketmap(Client::tcp(*addr, timeout))),
         }
     }
 
@@ -756,7 +763,9 @@ impl Aliases {
     /// `[server] virtual_alias_maps` and `recipient_delimiter`, loaded (at
     /// process start: `mortal reload` reloads them).
     pub fn load(config: &crate::config::Config) -> Result<Self, TableError> {
-        let tables = config.server.virtual_alias_maps.iter().map(Table::load).collect::<Result<_, _>>()?;
+        let timeout = config.server.table_timeout;
+        let tables =
+            config.server.virtual_alias_maps.iter().map(|s| Table::load_with(s, timeout)).collect::<Result<_, _>>()?;
         Ok(Self::new(tables, config.server.recipient_delimiter))
     }
 

@@ -117,7 +117,9 @@ impl RelayPolicy {
     /// serving without the map would accept mail for unknown users.
     pub fn load(config: &Config) -> Result<RelayPolicy, RecipientMapError> {
         let aliases = std::sync::Arc::new(Aliases::load(config)?);
-        let tables = config.server.recipient_maps.iter().map(Table::load).collect::<Result<Vec<_>, _>>()?;
+        let timeout = config.server.table_timeout;
+        let tables =
+            config.server.recipient_maps.iter().map(|s| Table::load_with(s, timeout)).collect::<Result<Vec<_>, _>>()?;
         let map = match &config.server.recipient_map {
             Some(path) => {
                 let map = RecipientMap::load(path)?;

@@ -45,6 +45,7 @@ pub struct Server {
     pub recipient_map: Option<PathBuf>,
     pub recipient_maps: Option<Vec<Text>>,
     pub virtual_alias_maps: Option<Vec<Text>>,
+    pub table_timeout: Option<Text>,
     pub recipient_delimiter: Option<Text>,
     pub metrics_file: Option<PathBuf>,
 }

@@ -52,7 +52,7 @@ impl Restrictor {
         let mut tables: Vec<(TableSpec, Table)> = Vec::new();
         for spec in config.smtpd.restrictions.all().filter_map(Restriction::table) {
             if !tables.iter().any(|(s, _)| s == spec) {
-                tables.push((spec.clone(), Table::load(spec)?));
+                tables.push((spec.clone(), Table::load_with(spec, config.server.table_timeout)?));
             }
         }
         let verifier = crate::verify::enabled(config).then(Verifier::default);
