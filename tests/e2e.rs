@@ -389,3 +389,99 @@ fn recipient_tables_refuse_unknown_users_at_rcpt() {
          User unknown in local recipient table; from=<a@example.org> to=<bob2@example.test> proto=ESMTP",
     );
 }
+
+/// `[cleanup] queue_minfree`: with less free space than the reserve, MAIL
+/// is refused with `452 4.3.1` before any data is sent, and mail flows
+/// again once the reserve is met (here by a `mortal reload` to a smaller
+/// reserve; `root_` tests fill a real file system).
+#[test]
+fn mail_waits_while_the_spool_is_below_queue_minfree() {
+    // More than any disk here has free.
+    let extra = "[cleanup]\nqueue_minfree = 9000000000000000000\n".to_owned();
+    let inst = Instance::start_with(Options { extra, ..Options::default() });
+    let mut smtp = Smtp::connect(inst.port).expect("connect");
+    assert!(smtp.cmd("EHLO client.test").unwrap().starts_with("250"));
+    assert_eq!(smtp.cmd("MAIL FROM:<a@example.test>").unwrap(), "452 4.3.1 Insufficient system storage\r\n");
+    inst.wait_for_log("warning: NOQUEUE: not enough free space in the spool: ");
+    let text = std::fs::read_to_string(&inst.config)
+        .unwrap()
+        .replace("queue_minfree = 9000000000000000000", "queue_minfree = 0");
+    std::fs::write(&inst.config, text).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(inst.master_pid() as i32), nix::sys::signal::Signal::SIGHUP)
+        .expect("SIGHUP master");
+    let accepted = wait_for("MAIL accepted after the reload", || {
+        let mut smtp = Smtp::connect(inst.port).ok()?;
+        smtp.cmd("EHLO client.test").ok()?;
+        smtp.cmd("MAIL FROM:<a@example.test>").ok()?.starts_with("250").then_some(smtp)
+    });
+    let mut smtp = accepted.unwrap_or_else(|| panic!("{}", inst.log_text()));
+    assert_eq!(smtp.cmd("RCPT TO:<space@example.test>").unwrap(), "250 2.1.5 Ok\r\n");
+    assert!(smtp.cmd("DATA").unwrap().starts_with("354"));
+    assert!(smtp.cmd("Subject: room\r\n\r\nagain\r\n.").unwrap().starts_with("250 2.0.0 Ok: queued as "));
+    inst.wait_for_delivery("space@example.test", 1);
+}
+
+/// A tmpfs this test mounted, unmounted again however the test ends.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A real small file system: messages accepted before it filled up are
+/// delivered exactly once, MAIL gets `452 4.3.1` while it is full, and
+/// mail flows again once space is freed.
+#[test]
+#[ignore = "needs root (mounts a tmpfs for the spool); cargo xtask ci runs the root_ tests as root"]
+fn root_a_full_spool_refuses_new_mail_and_loses_nothing() {
+    let dir = TempDir::new("tmpfs-spool");
+    let mount_point = dir.0.join("fs");
+    std::fs::create_dir(&mount_point).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m,mode=0755", "tmpfs"])
+        .arg(&mount_point)
+        .status()
+        .expect("mount");
+    assert!(mounted.success(), "mount tmpfs");
+    let _tmpfs = Tmpfs(mount_point.clone());
+    let spool = mount_point.join("spool");
+    let extra = "[cleanup]\nqueue_minfree = 16000000\n".to_owned();
+    let inst = Instance::start_edited(Options { extra, ..Options::default() }, |text| {
+        text.replace("spool_dir = \"../spool\"", &format!("spool_dir = \"{}\"", spool.display()))
+    });
+    for n in 0..3 {
+        let mut smtp = Smtp::connect(inst.port).expect("connect");
+        let reply = smtp.mail("a@example.test", &format!("before{n}@example.test"), "queued before the disk filled");
+        assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+    }
+    // Fill the file system to within 8 MB of its end: below the reserve.
+    let free = nix::sys::statvfs::statvfs(&mount_point).unwrap();
+    let free = free.blocks_available() * free.fragment_size();
+    let filler = mount_point.join("filler");
+    std::fs::write(&filler, vec![0u8; usize::try_from(free - 8_000_000).unwrap()]).unwrap();
+    let mut smtp = Smtp::connect(inst.port).expect("connect");
+    assert!(smtp.cmd("EHLO client.test").unwrap().starts_with("250"));
+    assert_eq!(smtp.cmd("MAIL FROM:<a@example.test>").unwrap(), "452 4.3.1 Insufficient system storage\r\n");
+    // The harness's helpers look in its own spool; this one is on the tmpfs.
+    let delivered =
+        |rcpt: &str| std::fs::read_dir(spool.join("maildir").join(rcpt).join("new")).map_or(0, |d| d.flatten().count());
+    let wait_delivered = |rcpt: &str| {
+        let done = wait_for(&format!("delivery to {rcpt}"), || (delivered(rcpt) >= 1).then_some(()));
+        assert!(done.is_some(), "{}", inst.log_text());
+    };
+    // What was acknowledged is delivered, each exactly once.
+    for n in 0..3 {
+        wait_delivered(&format!("before{n}@example.test"));
+    }
+    std::fs::remove_file(&filler).unwrap();
+    let mut smtp = Smtp::connect(inst.port).expect("connect");
+    let reply = smtp.mail("a@example.test", "after@example.test", "room again");
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+    wait_delivered("after@example.test");
+    inst.wait_for_log_count(": removed", 4);
+    for n in 0..3 {
+        assert_eq!(delivered(&format!("before{n}@example.test")), 1, "exactly once");
+    }
+}

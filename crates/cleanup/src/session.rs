@@ -73,6 +73,8 @@ const TEMPORARY: Outcome = (ReplyCode::of(451), EnhancedStatus::new(StatusClass:
 const TOO_BIG: Outcome = (ReplyCode::of(552), EnhancedStatus::new(StatusClass::Permanent, 3, 4));
 /// `554 5.4.6`: routing loop detected.
 const LOOP: Outcome = (ReplyCode::of(554), EnhancedStatus::new(StatusClass::Permanent, 4, 6));
+/// `452 4.3.1`: the spool is below `queue_minfree`.
+const NO_SPACE: Outcome = (ReplyCode::of(452), EnhancedStatus::new(StatusClass::Persistent, 3, 1));
 /// `550 5.7.1`: a header or body check's REJECT (Postfix's cleanup reply).
 const CONTENT_REJECTED: Outcome = (ReplyCode::of(550), EnhancedStatus::new(StatusClass::Permanent, 7, 1));
 /// The text of a REJECT that gives none.
@@ -257,6 +259,7 @@ impl<'a> Transaction<'a> {
             }
             Request::Sender(s) => {
                 self.sender = Some(self.check_sender(s)?);
+                self.check_space()?;
                 self.open_file(stream)?;
             }
             Request::Recipient(rcpt) => self.add_recipient(rcpt)?,
@@ -278,6 +281,27 @@ impl<'a> Transaction<'a> {
     }
 
     /// Chooses the queue id and creates its file, then tells smtpd the id.
+    /// `queue_minfree`: below it no new message is taken (`452 4.3.1`,
+    /// before the client sends any data), so what is queued can still be
+    /// delivered and recorded. A file system that cannot say how full it
+    /// is does not stop mail: the write itself still reports trouble.
+    fn check_space(&self) -> Result<(), Answer> {
+        let minfree = self.ctx.config.cleanup.queue_minfree;
+        match self.ctx.spool.free_space() {
+            Ok(free) if free < minfree => {
+                tracing::warn!(
+                    "warning: NOQUEUE: not enough free space in the spool: {free} octets free, below queue_minfree {minfree}"
+                );
+                Err(Answer::new(NO_SPACE, "Insufficient system storage"))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!("warning: NOQUEUE: free space of the spool: {e}");
+                Ok(())
+            }
+        }
+    }
+
     fn open_file(&mut self, stream: &mut UnixStream) -> Result<(), Answer> {
         let (id, file) = loop {
             let now = SystemTime::now();

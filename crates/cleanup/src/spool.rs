@@ -56,6 +56,11 @@ impl Spool {
         Ok(Self { spool, incoming_dir, hold_dir, queue_socket: config.queue_socket() })
     }
 
+    /// Octets still free for the spool (`queue_minfree` is compared with it).
+    pub fn free_space(&self) -> io::Result<u64> {
+        mortal_proto::spool::free_space(&self.incoming_dir)
+    }
+
     /// Creates `incoming/<id>.tmp`; `O_EXCL` makes a clash an error rather
     /// than a shared file. Dropping the file uncommitted removes it.
     pub fn create(&self, id: &QueueId) -> io::Result<TempFile> {

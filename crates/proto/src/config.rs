@@ -352,7 +352,17 @@ pub struct Cleanup {
     /// Longest time the checks may spend on one message; the rest of it
     /// then passes unchecked, with a warning.
     pub checks_time_limit: Duration,
+    /// Free octets the spool's file system keeps (Postfix queue_minfree):
+    /// below it, MAIL gets `452 4.3.1 Insufficient system storage` before
+    /// any data is sent, so the queue manager always has room to record
+    /// deliveries (which free space). Default: three messages of
+    /// `message_size_limit` plus [`QUEUE_MINFREE_SLACK`].
+    pub queue_minfree: u64,
 }
+
+/// What the default `queue_minfree` adds to three maximum-size messages:
+/// room for the queue manager's state updates and the logs.
+pub const QUEUE_MINFREE_SLACK: u64 = 8 * 1024 * 1024;
 
 impl Default for Cleanup {
     fn default() -> Self {
@@ -365,6 +375,7 @@ impl Default for Cleanup {
             body_checks: Vec::new(),
             body_checks_size_limit: 51_200,
             checks_time_limit: Duration::from_secs(2),
+            queue_minfree: 3 * Smtpd::default().message_size_limit + QUEUE_MINFREE_SLACK,
         }
     }
 }
@@ -1019,8 +1030,9 @@ impl Resolver<'_> {
         let delivery = self.delivery(raw.delivery, &server.spool_dir);
         Config {
             log: log(raw.log),
+            cleanup: self
+                .cleanup(raw.cleanup, raw.smtpd.message_size_limit.unwrap_or(Smtpd::default().message_size_limit)),
             smtpd: self.smtpd(raw.smtpd, &server.hostname),
-            cleanup: self.cleanup(raw.cleanup),
             queue: self.queue(raw.queue),
             process: self.processes(raw.process),
             anvil: Anvil {
@@ -1120,7 +1132,7 @@ impl Resolver<'_> {
         smtpd
     }
 
-    fn cleanup(&mut self, raw: raw::Cleanup) -> Cleanup {
+    fn cleanup(&mut self, raw: raw::Cleanup, message_size_limit: u64) -> Cleanup {
         let d = Cleanup::default();
         Cleanup {
             ipc_timeout: self.duration("cleanup.ipc_timeout", raw.ipc_timeout, d.ipc_timeout),
@@ -1131,6 +1143,9 @@ impl Resolver<'_> {
             body_checks: self.tables("cleanup.body_checks", raw.body_checks),
             body_checks_size_limit: raw.body_checks_size_limit.unwrap_or(d.body_checks_size_limit),
             checks_time_limit: self.duration("cleanup.checks_time_limit", raw.checks_time_limit, d.checks_time_limit),
+            queue_minfree: raw
+                .queue_minfree
+                .unwrap_or_else(|| message_size_limit.saturating_mul(3).saturating_add(QUEUE_MINFREE_SLACK)),
         }
     }
 

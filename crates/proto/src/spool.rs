@@ -221,6 +221,14 @@ fn create_dir(path: &Path, mode: u32) -> io::Result<()> {
 /// leave either (for files that are rewritten often and worth nothing
 /// after a crash, like the metrics file). `temp` must be in the same
 /// directory, so the rename stays on one file system.
+/// Octets an unprivileged writer may still use on the file system of
+/// `dir` (an open spool directory): what `queue_minfree` is compared
+/// with before a new message is accepted.
+pub fn free_space(dir: &File) -> io::Result<u64> {
+    let st = nix::sys::statvfs::fstatvfs(dir).map_err(io::Error::from)?;
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+}
+
 pub fn replace_atomically(path: &Path, temp: PathBuf, bytes: &[u8]) -> io::Result<()> {
     let mut options = OpenOptions::new();
     options.write(true).create(true).truncate(true);

@@ -196,6 +196,7 @@ pub struct Cleanup {
     pub body_checks: Option<Vec<Text>>,
     pub body_checks_size_limit: Option<usize>,
     pub checks_time_limit: Option<Text>,
+    pub queue_minfree: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
