@@ -206,9 +206,16 @@ fn serve_loop<L: Listener>(
     nix::fcntl::fcntl(listener.as_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
         .map_err(io::Error::from)?;
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
-    epoll
-        .add(listener.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE, LISTENER))
-        .map_err(io::Error::from)?;
+    // The listener is in the set only while this child is idle: a busy
+    // child's entry would still take its share of EPOLLEXCLUSIVE wake-ups
+    // (the kernel queues the event on it and wakes another child too), and
+    // find nothing to accept when its session is over.
+    let listen = |epoll: &Epoll| {
+        epoll
+            .add(listener.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE, LISTENER))
+            .map_err(io::Error::from)
+    };
+    listen(&epoll)?;
     epoll.add(link.sock.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, MASTER)).map_err(io::Error::from)?;
     link.report(ChildState::Ready)?;
     let mut events = [EpollEvent::empty(); 2];
@@ -244,6 +251,7 @@ fn serve_loop<L: Listener>(
             }
         };
         link.sessions += 1;
+        epoll.delete(listener.as_fd()).map_err(io::Error::from)?;
         let last = max_use != 0 && link.sessions >= max_use;
         // Replace before retire: the master spawns our successor while we
         // serve the last session, so capacity does not dip.
@@ -253,6 +261,7 @@ fn serve_loop<L: Listener>(
         if last || (max_use != 0 && link.sessions >= max_use) {
             return Ok(ExitReason::MaxUse);
         }
+        listen(&epoll)?;
         link.report(ChildState::Idle)?;
     }
 }
