@@ -275,6 +275,7 @@ fn cleanup_applies_the_relay_rule_again() {
             helo: "client.test".into(),
             protocol: "ESMTP".into(),
             tls: String::new(),
+            auth: None,
         };
         Request::Client(info).encode(&mut out);
         let sender = SenderInfo {

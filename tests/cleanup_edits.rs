@@ -29,6 +29,7 @@ fn transaction(mortal: &Instance, recipients: &[&str], content: &[u8], edits: Ve
         helo: "client.test".into(),
         protocol: "ESMTP".into(),
         tls: String::new(),
+        auth: None,
     })
     .encode(&mut out);
     Request::Sender(SenderInfo {

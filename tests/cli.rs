@@ -115,6 +115,7 @@ fn place(
             helo: "placed.test".into(),
             protocol: "ESMTP".into(),
             tls: String::new(),
+            auth: None,
         },
         sender: SenderInfo {
             address: sender.into(),

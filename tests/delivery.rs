@@ -412,6 +412,7 @@ fn sample_queue_file(id: QueueId) -> QueueFile {
             helo: "c.test".into(),
             protocol: "ESMTP".into(),
             tls: String::new(),
+            auth: None,
         },
         sender: SenderInfo {
             address: "a@example.test".into(),

@@ -28,6 +28,7 @@ const TARGETS: &[(&str, Entry)] = &[
     ("milter_reply", mortal_proto::fuzz::milter_reply),
     ("table", mortal_proto::fuzz::table),
     ("socketmap_reply", mortal_proto::fuzz::socketmap_reply),
+    ("dovecot_auth_reply", mortal_proto::fuzz::dovecot_auth_reply),
 ];
 
 fn corpus(target: &str) -> Vec<PathBuf> {

@@ -16,7 +16,7 @@ use mortal_proto::tls::TlsSummary;
 use mortal_smtpd::engine::command;
 use mortal_smtpd::engine::data::{DataReceiver, MAX_TEXT_LINE};
 use mortal_smtpd::engine::line::{Line, LineReader, MAX_COMMAND_LINE};
-use mortal_smtpd::engine::{Action, Answer, Session};
+use mortal_smtpd::engine::{Action, Answer, AuthAnswer, Session};
 use mortal_smtpd::filter::verdict::{Decision, FilterReply, RefusedBy, Verdict};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -137,6 +137,13 @@ pub fn smtp_session(data: &[u8]) {
                     checks += 1;
                     session.check_done(fuzz_verdict(checks));
                 }
+                // Dovecot's answers rotate: another round, a login, a
+                // failure, a failure past the limit, no server.
+                Action::AuthStart { .. } | Action::AuthContinue(_) => {
+                    checks += 1;
+                    session.auth_answer(fuzz_auth_answer(checks));
+                }
+                Action::AuthCancel => {}
                 Action::Close => return,
                 Action::Log(_)
                 | Action::Recipient(_)
@@ -177,6 +184,17 @@ fn fuzz_verdict(n: u32) -> Verdict {
 }
 
 /// Parsed once: parsing TOML on every input would dominate the run.
+fn fuzz_auth_answer(n: u32) -> AuthAnswer {
+    match n % 6 {
+        0 => AuthAnswer::Challenge("VXNlcm5hbWU6".into()),
+        1 => AuthAnswer::Success { username: "alice".into() },
+        2 => AuthAnswer::Failure { reason: Some("Authentication failed".into()), over_limit: None },
+        3 => AuthAnswer::Failure { reason: None, over_limit: Some(10) },
+        4 => AuthAnswer::Blocked(11),
+        _ => AuthAnswer::Unavailable,
+    }
+}
+
 fn session_config() -> Arc<Config> {
     static CONFIG: OnceLock<Arc<Config>> = OnceLock::new();
     CONFIG.get_or_init(parse_session_config).clone()
@@ -192,6 +210,11 @@ listen = ["127.0.0.1:2525"]
 message_size_limit = 4096
 recipient_limit = 10
 hard_error_limit = 20
+tls_cert_file = "/fuzz/cert.pem"
+tls_key_file = "/fuzz/key.pem"
+[smtpd.auth]
+server = "inet:127.0.0.1:12345"
+mx = true
 [[smtpd.milter]]
 endpoint = "inet:127.0.0.1:11332"
 "#;

@@ -1,5 +1,6 @@
 //! Delivery test support: next hops for mortal's agents, each reaped on
-//! drop. [`Dovecot`] is a private Dovecot LMTP server in a temp dir,
+//! drop. [`Dovecot`] is a private Dovecot LMTP server in a temp dir (with
+//! its authentication socket, for SMTP AUTH),
 //! [`Aiosmtpd`] a Python aiosmtpd sink, [`FakeLmtp`] a scripted LMTP server
 //! whose answer per recipient the test decides, and [`Guard`] kills any
 //! process it holds, by pid, when dropped.
@@ -32,6 +33,11 @@ impl Guard {
         self.child.id()
     }
 
+    /// The process, for its pipes; it is still killed on drop.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
     /// Panics if the process already exited (it failed to start).
     pub fn assert_running(&mut self, log: &str) {
         if let Ok(Some(status)) = self.child.try_wait() {
@@ -57,8 +63,9 @@ impl Drop for Guard {
 }
 
 /// A Dovecot LMTP server on a Unix socket, delivering into
-/// `<dir>/mail/<user>/` (Maildir). Started with a generated minimal
-/// config, in the foreground under a [`Guard`].
+/// `<dir>/mail/<user>/` (Maildir), with its authentication service on
+/// another ([`Dovecot::auth_socket`], mechanisms PLAIN and LOGIN). Started
+/// with a generated minimal config, in the foreground under a [`Guard`].
 #[derive(Debug)]
 pub struct Dovecot {
     pub socket: PathBuf,
@@ -66,36 +73,72 @@ pub struct Dovecot {
     pub inet: Option<std::net::SocketAddr>,
     pub mail: PathBuf,
     pub log: PathBuf,
+    auth: PathBuf,
+    /// The auth service on a loopback port too ([`Dovecot::start_with_passwords`]):
+    /// what a chrooted smtpd (mortal started as root) reaches.
+    pub auth_inet: Option<std::net::SocketAddr>,
     _guard: Guard,
     _dir: TempDir,
 }
 
+/// Whom a [`Dovecot`] knows.
+#[derive(Debug, Clone, Copy)]
+enum Users<'a> {
+    /// Everyone, with any password.
+    All,
+    /// Only these addresses, with any password.
+    Only(&'a [&'a str]),
+    /// Only these users, each with its password.
+    WithPasswords(&'a [(&'a str, &'a str)]),
+}
+
 impl Dovecot {
     pub fn start() -> Self {
-        Self::start_inner(None)
+        Self::start_inner(Users::All)
     }
 
     /// A Dovecot that knows only `users` (full addresses; any other gets
     /// `550 5.1.1 ... User doesn't exist`), listening for LMTP on a
     /// loopback port too.
     pub fn start_with_users(users: &[&str]) -> Self {
-        Self::start_inner(Some(users))
+        Self::start_inner(Users::Only(users))
     }
 
-    fn start_inner(only: Option<&[&str]>) -> Self {
+    /// A Dovecot that knows only `users`, (name, password) pairs, and
+    /// authenticates them on [`Dovecot::auth_socket`] (passwd-file, the
+    /// passwords in the `{PLAIN}` scheme); any other name or password
+    /// fails.
+    pub fn start_with_passwords(users: &[(&str, &str)]) -> Self {
+        for (user, password) in users {
+            assert!(
+                !format!("{user}{password}").contains([':', '\n']),
+                "passwd-file fields cannot hold ':' or a line break: {user:?}"
+            );
+        }
+        Self::start_inner(Users::WithPasswords(users))
+    }
+
+    /// Dovecot's authentication socket (an auth-client listener: the
+    /// protocol `mortal_smtpd::sasl` speaks), open to every user.
+    pub fn auth_socket(&self) -> PathBuf {
+        self.auth.clone()
+    }
+
+    fn start_inner(users: Users<'_>) -> Self {
         let dir = TempDir::new("dovecot");
         let d = &dir.0;
         for sub in ["run", "state", "mail"] {
             fs::create_dir_all(d.join(sub)).expect("dovecot dirs");
         }
         let socket = d.join("lmtp");
+        let auth = d.join("auth");
         let log = d.join("dovecot.log");
         let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
         // As root, Dovecot drops to its own `dovecot`/`dovenull` users (the
         // package creates them) and mail is written as `nobody`, which
         // needs a world-writable mail root; as anyone else, every Dovecot
         // process runs as that user.
-        let (mail_uid, mail_gid, users) = if uid.is_root() {
+        let (mail_uid, mail_gid, run_as) = if uid.is_root() {
             fs::set_permissions(d.join("mail"), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
             fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
             (65534, 65534, String::new())
@@ -110,21 +153,33 @@ impl Dovecot {
                 ),
             )
         };
-        // The userdb: everyone, or only the listed users (passwd-file).
-        let userdb = match only {
-            None => format!(
-                "driver = static\n  args = uid={mail_uid} gid={mail_gid} home={}/mail/%u allow_all_users=yes",
-                d.display()
+        // The userdb: everyone, or only the listed users (passwd-file);
+        // the passdb: any password, or the listed ones (the same file).
+        let passwd_file = |entries: Vec<(&str, String)>| {
+            let file = d.join("users");
+            let lines: String = entries
+                .iter()
+                .map(|(u, password)| format!("{u}:{password}:{mail_uid}:{mail_gid}::{}/mail/{u}::\n", d.display()))
+                .collect();
+            fs::write(&file, lines).expect("write dovecot users");
+            format!("driver = passwd-file\n  args = {}", file.display())
+        };
+        let any_password = "driver = static\n  args = nopassword=yes".to_owned();
+        let (userdb, passdb) = match users {
+            Users::All => (
+                format!(
+                    "driver = static\n  args = uid={mail_uid} gid={mail_gid} home={}/mail/%u allow_all_users=yes",
+                    d.display()
+                ),
+                any_password,
             ),
-            Some(users) => {
-                let file = d.join("users");
-                let lines: String =
-                    users.iter().map(|u| format!("{u}::{mail_uid}:{mail_gid}::{}/mail/{u}::\n", d.display())).collect();
-                fs::write(&file, lines).expect("write dovecot users");
-                format!("driver = passwd-file\n  args = {}", file.display())
+            Users::Only(users) => (passwd_file(users.iter().map(|u| (*u, String::new())).collect()), any_password),
+            Users::WithPasswords(users) => {
+                let db = passwd_file(users.iter().map(|(u, p)| (*u, format!("{{PLAIN}}{p}"))).collect());
+                (db.clone(), db)
             }
         };
-        let inet = only.map(|_| {
+        let inet = matches!(users, Users::Only(_)).then(|| {
             let port = crate::ClosedPort::new().port;
             std::net::SocketAddr::from(([127, 0, 0, 1], port))
         });
@@ -134,6 +189,20 @@ impl Dovecot {
             }
             None => String::new(),
         };
+        let auth_inet = matches!(users, Users::WithPasswords(_)).then(|| {
+            let port = crate::ClosedPort::new().port;
+            std::net::SocketAddr::from(([127, 0, 0, 1], port))
+        });
+        let auth_inet_listener = match auth_inet {
+            Some(addr) => {
+                format!("  inet_listener auth-client {{\n    address = 127.0.0.1\n    port = {}\n  }}\n", addr.port())
+            }
+            None => String::new(),
+        };
+        // The auth listener is an auth-client socket, the one Postfix's
+        // smtpd_sasl_path names. Dovecot 2.3 leaves disable_plaintext_auth
+        // to its own login processes: its auth service takes PLAIN from a
+        // client like smtpd, which sends `secured` under TLS all the same.
         let conf = d.join("dovecot.conf");
         fs::write(
             &conf,
@@ -144,19 +213,24 @@ state_dir = {d}/state
 log_path = {log}
 ssl = no
 listen = 127.0.0.1
-{users}mail_location = maildir:{d}/mail/%u
+{run_as}mail_location = maildir:{d}/mail/%u
+auth_mechanisms = plain login
 userdb {{
   {userdb}
 }}
 passdb {{
-  driver = static
-  args = nopassword=yes
+  {passdb}
 }}
 service lmtp {{
   unix_listener {socket} {{
     mode = 0666
   }}
 {inet_listener}}}
+service auth {{
+  unix_listener {auth} {{
+    mode = 0666
+  }}
+{auth_inet_listener}}}
 service anvil {{
   chroot =
 }}
@@ -164,6 +238,7 @@ service anvil {{
                 d = d.display(),
                 log = log.display(),
                 socket = socket.display(),
+                auth = auth.display(),
             ),
         )
         .expect("write dovecot.conf");
@@ -176,10 +251,10 @@ service anvil {{
                 .stdin(Stdio::null())
                 .stderr(fs::File::create(d.join("stderr")).expect("dovecot stderr file")),
         );
-        let up = wait_for("dovecot LMTP socket", || socket.exists().then_some(()));
+        let up = wait_for("dovecot LMTP and auth sockets", || (socket.exists() && auth.exists()).then_some(()));
         let out = fs::read_to_string(d.join("stderr")).unwrap_or_default();
         guard.assert_running(&out);
-        assert!(up.is_some(), "dovecot did not create {}: {out}", socket.display());
+        assert!(up.is_some(), "dovecot did not create {} and {}: {out}", socket.display(), auth.display());
         if let Some(addr) = inet {
             let listening = wait_for("dovecot LMTP on inet", || std::net::TcpStream::connect(addr).ok());
             assert!(
@@ -188,7 +263,11 @@ service anvil {{
                 fs::read_to_string(&log).unwrap_or_default()
             );
         }
-        Dovecot { socket, inet, mail: d.join("mail"), log, _guard: guard, _dir: dir }
+        if let Some(addr) = auth_inet {
+            let listening = wait_for("dovecot auth port", || std::net::TcpStream::connect(addr).ok());
+            assert!(listening.is_some(), "dovecot does not listen for auth on {addr}");
+        }
+        Dovecot { socket, inet, mail: d.join("mail"), log, auth, auth_inet, _guard: guard, _dir: dir }
     }
 
     /// Files Dovecot delivered to `user`'s INBOX (new/ and cur/).

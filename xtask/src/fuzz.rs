@@ -57,6 +57,7 @@ pub const TARGETS: &[&str] = &[
     "milter_reply",
     "table",
     "socketmap_reply",
+    "dovecot_auth_reply",
 ];
 
 /// Seconds per target when `--time` is not given.
@@ -546,6 +547,9 @@ fn seeds(root: &Path) -> Result<Vec<Seed>> {
     for (name, reply) in SOCKETMAP_SEEDS {
         out.push(("socketmap_reply", format!("seed-{name}"), reply.to_vec()));
     }
+    for (name, bytes) in DOVECOT_AUTH_SEEDS {
+        out.push(("dovecot_auth_reply", format!("seed-{name}"), bytes.to_vec()));
+    }
     for (name, kind, text) in TABLE_SEEDS {
         let mut bytes = vec![*kind];
         bytes.extend_from_slice(text.as_bytes());
@@ -661,6 +665,7 @@ fn sample_client() -> ClientInfo {
         helo: "client.test".into(),
         protocol: "ESMTP".into(),
         tls: String::new(),
+        auth: None,
     }
 }
 
@@ -878,6 +883,27 @@ fn milter_replies() -> Vec<(&'static str, Vec<u8>)> {
     out.push(("conversation", conversation));
     out
 }
+
+/// What Dovecot's auth service sends smtpd. The first octet is the mode
+/// `mortal_proto::fuzz::dovecot_auth_reply` reads: 0, a handshake and
+/// then replies (Dovecot 2.3.19.1's, recorded); 1, replies only.
+const DOVECOT_AUTH_SEEDS: &[(&str, &[u8])] = &[
+    (
+        "handshake-2.3",
+        b"\x00VERSION\t1\t2\nMECH\tPLAIN\tplaintext\nMECH\tLOGIN\tplaintext\nSPID\t20123\nCUID\t1\nCOOKIE\tfc2a5c272549db3f6564695e25d50b54\nDONE\nOK\t1\tuser=alice\n",
+    ),
+    (
+        "handshake-flags",
+        b"\x00VERSION\t1\t3\nMECH\tAPOP\tprivate\nMECH\tSCRAM-SHA-256\tmutual-auth\tdictionary\nMECH\tANONYMOUS\tanonymous\nNEWTHING\tx\nSPID\t7\nDONE\nCONT\t1\t\n",
+    ),
+    ("wrong-socket", b"\x00VERSION\t1\t1\nSPID\t1234\n"),
+    ("login", b"\x01CONT\t3\tVXNlcm5hbWU6\nCONT\t3\tUGFzc3dvcmQ6\nOK\t3\tuser=alice\n"),
+    (
+        "fail",
+        b"\x01FAIL\t2\tuser=alice\nFAIL\t7\tcode=invalid_base64\treason=Invalid base64 data in initial response\nFAIL\t8\tuser=bob\tcode=temp_fail\treason=Internal error occurred\nFAIL\t9\ttemp\n",
+    ),
+    ("escaped", b"\x01FAIL\t9\treason=db\x01tdown\x01n\nOK\t10\tuser=a\x01tb\n"),
+];
 
 /// Table files for the `table` target: name, kind octet (0 text, 1 cidr,
 /// 2 regexp, as `mortal_proto::fuzz::table` reads it), contents.

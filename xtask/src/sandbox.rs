@@ -10,8 +10,9 @@
 //! so) and every other layer is still proved. The config routes one
 //! domain to pipe, so the queue is proved with a pipe route too, and
 //! others to LMTP and SMTP next hops, which the lmtp and smtp agents must
-//! reach and the queue must not. A milter and a policy server on `inet:`
-//! endpoints prove that smtpd reaches their ports and no other.
+//! reach and the queue must not. A milter, a policy server and Dovecot's
+//! auth service on `inet:` endpoints prove that smtpd reaches their ports
+//! and no other.
 
 use anyhow::{Result, bail};
 use std::fs;
@@ -29,6 +30,8 @@ const SMTP_HOP: &str = "127.0.0.1:10025";
 /// by the self-test's random-port attempt, nothing else).
 const MILTER_HOP: &str = "127.0.0.1:10026";
 const POLICY_HOP: &str = "127.0.0.1:10027";
+/// Dovecot's auth service on TCP: smtpd must reach it, nothing else.
+const AUTH_HOP: &str = "127.0.0.1:10028";
 /// The pipe command's user as root: unprivileged, not the mail user, and
 /// present on every Debian system (base-passwd).
 const PIPE_USER: &str = "daemon";
@@ -50,7 +53,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     fs::write(
         &config,
         format!(
-            "[server]\nhostname = \"mortal.test\"\nspool_dir = \"../spool\"\naccepted_domains = [\"example.test\"]\n{user}\n[smtpd]\nlisten = [\"127.0.0.1:2\"]\n\n[[smtpd.milter]]\nendpoint = \"inet:{MILTER_HOP}\"\n\n[[smtpd.policy]]\nendpoint = \"inet:{POLICY_HOP}\"\n\n[delivery.routes]\n\"pipe.test\" = \"pipe\"\n\"lmtp.test\" = \"lmtp:inet:{LMTP_HOP}\"\n\"unix.test\" = \"lmtp:unix:/run/dovecot/lmtp\"\n\"relay.test\" = \"smtp:inet:{SMTP_HOP}\"\n\n[delivery.pipe]\ncommand = [\"/bin/true\"]\nuser = \"{PIPE_USER}\"\n"
+            "[server]\nhostname = \"mortal.test\"\nspool_dir = \"../spool\"\naccepted_domains = [\"example.test\"]\n{user}\n[smtpd]\nlisten = [\"127.0.0.1:2\"]\n\n[[smtpd.milter]]\nendpoint = \"inet:{MILTER_HOP}\"\n\n[[smtpd.policy]]\nendpoint = \"inet:{POLICY_HOP}\"\n\n[smtpd.auth]\nserver = \"inet:{AUTH_HOP}\"\n\n[delivery.routes]\n\"pipe.test\" = \"pipe\"\n\"lmtp.test\" = \"lmtp:inet:{LMTP_HOP}\"\n\"unix.test\" = \"lmtp:unix:/run/dovecot/lmtp\"\n\"relay.test\" = \"smtp:inet:{SMTP_HOP}\"\n\n[delivery.pipe]\ncommand = [\"/bin/true\"]\nuser = \"{PIPE_USER}\"\n"
         ),
     )?;
     let mut failed = Vec::new();

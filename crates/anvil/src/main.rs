@@ -214,6 +214,8 @@ async fn lease(mut conn: tokio::net::UnixStream, shared: &Shared) {
             match request.op {
                 mortal_proto::anvil::Op::Connect => table.connect(request.addr, now),
                 mortal_proto::anvil::Op::Message => table.message(request.addr, now),
+                mortal_proto::anvil::Op::AuthFailure => table.auth_failure(request.addr, now),
+                mortal_proto::anvil::Op::AuthFailures => table.auth_failures(request.addr, now),
             }
         };
         if reply.status == Status::Counted {
@@ -244,6 +246,7 @@ fn note_peaks(shared: &Shared, request: AnvilRequest, reply: mortal_proto::anvil
             higher(&mut peaks.connection_rate, reply.rate);
         }
         mortal_proto::anvil::Op::Message => higher(&mut peaks.message_rate, reply.rate),
+        mortal_proto::anvil::Op::AuthFailure | mortal_proto::anvil::Op::AuthFailures => {}
     }
 }
 

@@ -36,6 +36,8 @@ struct Entry {
     window_start: Instant,
     connections: u32,
     messages: u32,
+    /// Failed AUTH commands in the window.
+    auth_failures: u32,
     last_seen: Instant,
 }
 
@@ -67,6 +69,19 @@ impl AnvilTable {
         let Some(entry) = self.entry(addr, now) else { return untracked(Op::Message) };
         entry.messages = entry.messages.saturating_add(1);
         AnvilReply { op: Op::Message, status: Status::Counted, count: entry.open, rate: entry.messages }
+    }
+
+    /// A failed AUTH from `addr`.
+    pub fn auth_failure(&mut self, addr: IpAddr, now: Instant) -> AnvilReply {
+        let Some(entry) = self.entry(addr, now) else { return untracked(Op::AuthFailure) };
+        entry.auth_failures = entry.auth_failures.saturating_add(1);
+        AnvilReply { op: Op::AuthFailure, status: Status::Counted, count: entry.open, rate: entry.auth_failures }
+    }
+
+    /// `addr`'s AUTH failures in its current window, counting nothing.
+    pub fn auth_failures(&mut self, addr: IpAddr, now: Instant) -> AnvilReply {
+        let Some(entry) = self.entry(addr, now) else { return untracked(Op::AuthFailures) };
+        AnvilReply { op: Op::AuthFailures, status: Status::Counted, count: entry.open, rate: entry.auth_failures }
     }
 
     /// A counted connection from `addr` closed.
@@ -102,12 +117,14 @@ impl AnvilTable {
             window_start: now,
             connections: 0,
             messages: 0,
+            auth_failures: 0,
             last_seen: now,
         });
         if now.saturating_duration_since(entry.window_start) >= unit {
             entry.window_start = now;
             entry.connections = 0;
             entry.messages = 0;
+            entry.auth_failures = 0;
         }
         entry.last_seen = now;
         Some(entry)
@@ -158,6 +175,20 @@ mod tests {
         // A disconnect for an unknown client changes nothing.
         t.disconnect(ip(9), t0);
         assert_eq!(t.len(), 2);
+    }
+
+    /// AUTH failures count per window; asking for them counts nothing.
+    #[test]
+    fn auth_failures_count_per_window() {
+        let t0 = Instant::now();
+        let mut t = AnvilTable::new(UNIT, 10);
+        assert_eq!(counts(t.auth_failures(ip(1), t0)), (Status::Counted, 0, 0));
+        for n in 1..=3 {
+            assert_eq!(counts(t.auth_failure(ip(1), t0)), (Status::Counted, 0, n));
+        }
+        assert_eq!(counts(t.auth_failures(ip(1), t0)), (Status::Counted, 0, 3));
+        assert_eq!(t.auth_failures(ip(2), t0).rate, 0);
+        assert_eq!(counts(t.auth_failures(ip(1), t0 + UNIT)), (Status::Counted, 0, 0));
     }
 
     #[test]

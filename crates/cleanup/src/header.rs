@@ -26,6 +26,9 @@ pub struct Envelope<'a> {
     /// The zone `Date:` and `Received:` times are written in: the host's,
     /// as Postfix does.
     pub zone: &'a TimeZone,
+    /// Name the client's AUTH login in `Received:` (`[smtpd.auth]
+    /// authenticated_header`).
+    pub authenticated_header: bool,
 }
 
 /// Why the header section is refused.
@@ -103,6 +106,9 @@ fn received(env: &Envelope<'_>) -> String {
     if !c.tls.is_empty() {
         field.push_str(&format!("\t(using {})\r\n", c.tls));
     }
+    if let Some(login) = c.auth.as_ref().filter(|_| env.authenticated_header) {
+        field.push_str(&format!("\t(Authenticated sender: {})\r\n", login.username));
+    }
     field.push_str(&format!("\tby {} (mortal) with {} id {}", env.hostname, c.protocol, env.queue_id));
     // Like Postfix, name the recipient only when there is exactly one, so a
     // Bcc recipient is never disclosed to the others.
@@ -128,6 +134,7 @@ mod tests {
             recipients: rcpts,
             arrival: UNIX_EPOCH + Duration::from_secs(1_795_843_807),
             zone: &UTC,
+            authenticated_header: false,
         }
     }
 
@@ -138,6 +145,7 @@ mod tests {
             helo: "c.test".into(),
             protocol: "ESMTP".into(),
             tls: String::new(),
+            auth: None,
         }
     }
 
@@ -159,6 +167,32 @@ mod tests {
              0000000010000100000A\r\n\tfor <b@example.test>; Sat, 28 Nov 2026 05:30:07 +0000\r\n\
              From: a@example.test\r\nSubject: hi\r\n\
              Message-ID: <0000000010000100000A@mx.example.test>\r\nDate: Sat, 28 Nov 2026 05:30:07 +0000\r\n"
+        );
+    }
+
+    /// The login shows only when configured (Postfix
+    /// `smtpd_sasl_authenticated_header`), after the TLS line.
+    #[test]
+    fn authenticated_sender_only_when_asked() {
+        let login = mortal_proto::envelope::SaslLogin { method: "PLAIN".into(), username: "alice".into() };
+        let c = ClientInfo {
+            protocol: "ESMTPSA".into(),
+            tls: "TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384 (256/256 bits)".into(),
+            auth: Some(login),
+            ..client("192.0.2.1")
+        };
+        let rcpts = vec![rcpt("b@example.test")];
+        let quiet = String::from_utf8(fix_up(b"Subject: hi\r\n", &env(&c, &rcpts), 50).unwrap().bytes).unwrap();
+        assert!(!quiet.contains("alice"), "{quiet}");
+        let env = Envelope { authenticated_header: true, ..env(&c, &rcpts) };
+        let out = String::from_utf8(fix_up(b"Subject: hi\r\n", &env, 50).unwrap().bytes).unwrap();
+        assert!(
+            out.starts_with(
+                "Received: from c.test (unknown [192.0.2.1])\r\n\t(using TLSv1.3 with cipher \
+                 TLS13_AES_256_GCM_SHA384 (256/256 bits))\r\n\t(Authenticated sender: alice)\r\n\tby \
+                 mx.example.test (mortal) with ESMTPSA id 0000000010000100000A\r\n"
+            ),
+            "{out}"
         );
     }
 

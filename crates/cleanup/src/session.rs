@@ -340,11 +340,17 @@ impl<'a> Transaction<'a> {
         // smtpd's relay rule, applied again. The client address is the one
         // check_client accepted (the real one behind a PROXY header); the
         // conversation order puts it before any recipient.
-        let Some(client) = self.client.as_ref().map(|c| c.addr) else {
+        let Some((client, login)) = self.client.as_ref().map(|c| (c.addr, c.auth.is_some())) else {
             tracing::warn!("warning: {}: smtpd sent recipient <{addr}> before the client", self.log_id());
             return Err(Answer::protocol_error());
         };
-        if !relay::decide_address(self.ctx.config, client, &mailbox.local, &mailbox.domain).is_allowed() {
+        // A client smtpd says logged in may relay, but only where AUTH is
+        // configured at all: a compromised smtpd on a host without AUTH
+        // cannot make this an open relay by claiming a login.
+        let authenticated = login && self.ctx.config.smtpd.auth.server.is_some();
+        if !authenticated
+            && !relay::decide_address(self.ctx.config, client, &mailbox.local, &mailbox.domain).is_allowed()
+        {
             tracing::warn!("warning: {}: smtpd sent recipient <{addr}> outside accepted_domains", self.log_id());
             return Err(Answer::protocol_error());
         }
@@ -483,6 +489,7 @@ impl<'a> Transaction<'a> {
             recipients: &self.recipients,
             arrival: self.arrival,
             zone: mortal_libmaster::log::local_zone(),
+            authenticated_header: self.ctx.config.smtpd.auth.authenticated_header,
         };
         // header_checks see the header as the client sent it; cleanup's
         // fix-ups and the filters' edits apply to what they leave.
@@ -697,6 +704,7 @@ impl<'a> Transaction<'a> {
             recipients: &recipients,
             arrival: self.arrival,
             zone: mortal_libmaster::log::local_zone(),
+            authenticated_header: self.ctx.config.smtpd.auth.authenticated_header,
         };
         let fixed = match header::fix_up(&edited.fields, &env, self.ctx.config.cleanup.hopcount_limit) {
             Ok(f) => f,

@@ -163,6 +163,7 @@ mod tests {
             helo: "c.test".into(),
             protocol: "ESMTP".into(),
             tls: String::new(),
+            auth: None,
         };
         let sender = SenderInfo {
             address: String::new(),

@@ -114,13 +114,14 @@ fn filter_warnings(config: &Config, warn: &mut impl FnMut(&str, &str, String)) {
     let private = config.private_dir();
     let milters = config.smtpd.milters.iter().enumerate().map(|(i, m)| (format!("smtpd.milter[{i}]"), &m.endpoint));
     let policy = config.smtpd.policy.iter().enumerate().map(|(i, p)| (format!("smtpd.policy[{i}]"), &p.endpoint));
-    for (table, endpoint) in milters.chain(policy) {
+    let auth = config.smtpd.auth.server.iter().map(|s| ("smtpd.auth".to_owned(), s));
+    for (table, endpoint) in milters.chain(policy).chain(auth) {
         if let NextHop::Unix(path) = endpoint
             && !path.starts_with(&private)
         {
             warn(
                 &table,
-                "endpoint",
+                if table == "smtpd.auth" { "server" } else { "endpoint" },
                 format!(
                     "{} is outside {}: smtpd, chrooted there when mortal starts as root, cannot reach it; \
                      let the filter listen below that directory, or on inet:",

@@ -820,11 +820,13 @@ impl Master {
         let old = &self.config;
         if new.smtpd.listen != old.smtpd.listen
             || new.smtpd.proxy_listen != old.smtpd.proxy_listen
+            || new.smtpd.submission_listen != old.smtpd.submission_listen
+            || new.smtpd.submissions_listen != old.smtpd.submissions_listen
             || new.server.spool_dir != old.server.spool_dir
             || new.run_dir() != old.run_dir()
         {
             tracing::warn!(
-                "warning: reload: smtpd.listen, smtpd.proxy_listen, server.spool_dir and server.run_dir take effect only on restart"
+                "warning: reload: smtpd.listen, smtpd.proxy_listen, smtpd.submission_listen, smtpd.submissions_listen, server.spool_dir and server.run_dir take effect only on restart"
             );
         }
         for agent in new.agents() {

@@ -314,7 +314,11 @@ fn bind_services(config: &Config) -> anyhow::Result<Vec<Service>> {
     // connection opens with a PROXY header).
     let plain = config.smtpd.listen.iter().map(|addr| (addr, "smtpd"));
     let proxied = config.smtpd.proxy_listen.iter().map(|addr| (addr, "smtpd, proxy_listen"));
-    for (addr, what) in plain.chain(proxied) {
+    // The submission listeners' children are smtpd too, told their role
+    // by their listener's address (`Smtpd::role_of`).
+    let submission = config.smtpd.submission_listen.iter().map(|addr| (addr, "smtpd, submission"));
+    let submissions = config.smtpd.submissions_listen.iter().map(|addr| (addr, "smtpd, submissions"));
+    for (addr, what) in plain.chain(proxied).chain(submission).chain(submissions) {
         let socket = listen::master_listen_tcp(*addr).with_context(|| format!("bind {addr}"))?;
         // A port of 0 lets the kernel choose one; the address actually bound
         // is what `mortal status` shows and what this line tells whoever

@@ -18,8 +18,8 @@
 //!
 //! An IPv4 address fills the first 4 address octets and the other 12 must
 //! be zero. The first request on a connection is [`Op::Connect`], the
-//! others [`Op::Message`] for the same address ([`Conversation`] enforces
-//! it). Each request gets exactly one reply, in order: for `Connect`,
+//! others [`Op::Message`], [`Op::AuthFailure`] or [`Op::AuthFailures`]
+//! for the same address ([`Conversation`] enforces it). Each request gets exactly one reply, in order: for `Connect`,
 //! `count` is the client's open connections including this one and `rate`
 //! its connections in the current `rate_time_unit`; for `Message`, `count`
 //! is unchanged and `rate` counts the messages (MAIL commands) in the
@@ -48,6 +48,12 @@ pub enum Op {
     Connect,
     /// A new message (MAIL) from the address of this connection.
     Message,
+    /// A failed AUTH from the address of this connection: `rate` counts
+    /// the failures in the current unit, this one included.
+    AuthFailure,
+    /// How many AUTH failures the address has in the current unit
+    /// (`rate`), counting nothing: asked before an AUTH starts.
+    AuthFailures,
 }
 
 impl Op {
@@ -55,6 +61,8 @@ impl Op {
         match self {
             Op::Connect => 1,
             Op::Message => 2,
+            Op::AuthFailure => 3,
+            Op::AuthFailures => 4,
         }
     }
 
@@ -62,6 +70,8 @@ impl Op {
         match code {
             1 => Some(Op::Connect),
             2 => Some(Op::Message),
+            3 => Some(Op::AuthFailure),
+            4 => Some(Op::AuthFailures),
             _ => None,
         }
     }
@@ -208,9 +218,9 @@ impl Conversation {
                 Ok(())
             }
             (Op::Connect, Some(_)) => Err(AnvilError::Reconnect),
-            (Op::Message, None) => Err(AnvilError::NotConnected),
-            (Op::Message, Some(leased)) if leased == req.addr => Ok(()),
-            (Op::Message, Some(leased)) => Err(AnvilError::OtherAddress { leased, got: req.addr }),
+            (Op::Message | Op::AuthFailure | Op::AuthFailures, None) => Err(AnvilError::NotConnected),
+            (_, Some(leased)) if leased == req.addr => Ok(()),
+            (_, Some(leased)) => Err(AnvilError::OtherAddress { leased, got: req.addr }),
         }
     }
 
@@ -235,6 +245,8 @@ mod tests {
             (Op::Message, "2001:db8::25", "2001:db8::25"),
             (Op::Connect, "::ffff:192.0.2.9", "192.0.2.9"),
             (Op::Connect, "::1", "::1"),
+            (Op::AuthFailure, "192.0.2.7", "192.0.2.7"),
+            (Op::AuthFailures, "2001:db8::7", "2001:db8::7"),
         ] {
             let bytes = AnvilRequest { op, addr: ip(addr) }.encode();
             assert_eq!(AnvilRequest::decode(&bytes), Ok(AnvilRequest { op, addr: ip(canonical) }));
@@ -258,7 +270,7 @@ mod tests {
             (0, 0x00, AnvilError::Magic(0)),
             (1, 2, AnvilError::Version(2)),
             (2, 0, AnvilError::Op(0)),
-            (2, 3, AnvilError::Op(3)),
+            (2, 5, AnvilError::Op(5)),
             (3, 5, AnvilError::Family(5)),
             (19, 1, AnvilError::Padding),
         ];
@@ -284,6 +296,14 @@ mod tests {
         assert_eq!(c.leased(), Some(ip("192.0.2.1")));
         assert_eq!(c.advance(&message("192.0.2.1")), Ok(()));
         assert_eq!(c.advance(&message("192.0.2.1")), Ok(()));
+        for op in [Op::AuthFailures, Op::AuthFailure] {
+            assert_eq!(c.advance(&AnvilRequest { op, addr: ip("192.0.2.1") }), Ok(()));
+            let other = AnvilRequest { op, addr: ip("192.0.2.3") };
+            assert_eq!(
+                c.advance(&other),
+                Err(AnvilError::OtherAddress { leased: ip("192.0.2.1"), got: ip("192.0.2.3") })
+            );
+        }
         assert_eq!(
             c.advance(&message("192.0.2.2")),
             Err(AnvilError::OtherAddress { leased: ip("192.0.2.1"), got: ip("192.0.2.2") })

@@ -13,10 +13,14 @@
 //! the directory of the config file, so the checkout's `etc/mortal.toml`
 //! works from any working directory.
 
+mod auth;
 mod filter;
 mod raw;
 mod restrict;
 
+pub use auth::{
+    Auth, DEFAULT_AUTH_FAILURE_LIMIT, DEFAULT_AUTH_RESPONSE_LIMIT, DEFAULT_AUTH_TIMEOUT, ListenerRole, Submission,
+};
 pub use filter::{
     DEFAULT_MILTER_COMMAND_TIMEOUT, DEFAULT_MILTER_CONNECT_TIMEOUT, DEFAULT_MILTER_CONTENT_TIMEOUT,
     DEFAULT_POLICY_DEFAULT_ACTION, DEFAULT_POLICY_MAX_IDLE, DEFAULT_POLICY_MAX_TTL, DEFAULT_POLICY_RETRY_DELAY,
@@ -249,6 +253,16 @@ pub struct Smtpd {
     pub dnsbl: Dnsbl,
     /// `[smtpd.verify]`: how `reject_unverified_recipient` probes.
     pub verify: Verify,
+    /// Addresses for mail submission (port 587, RFC 6409): STARTTLS and
+    /// AUTH before any MAIL.
+    pub submission_listen: Vec<SocketAddr>,
+    /// Addresses for mail submission over implicit TLS (port 465, RFC
+    /// 8314): TLS from the first octet, AUTH before any MAIL.
+    pub submissions_listen: Vec<SocketAddr>,
+    /// `[smtpd.auth]`: SMTP AUTH through Dovecot.
+    pub auth: Auth,
+    /// `[smtpd.submission]`: the submission listeners' restriction lists.
+    pub submission: Submission,
 }
 
 /// `[smtpd] tls_security` (Postfix smtpd_tls_security_level).
@@ -271,7 +285,44 @@ impl Smtpd {
     /// Whether smtpd asks the DNS at all: reverse lookups, DNS-based
     /// restrictions or DNSBL screening.
     pub fn uses_dns(&self) -> bool {
-        self.reverse_lookup || self.restrictions.use_dns() || self.dnsbl.enabled()
+        self.reverse_lookup
+            || self.restrictions.use_dns()
+            || self.submission.restrictions.use_dns()
+            || self.dnsbl.enabled()
+    }
+
+    /// The role of the children waiting on the listener bound to `local`
+    /// (a connection's local address: a wildcard listener hands out
+    /// connections at a concrete address with its port; ports of 0 are
+    /// refused for the submission listeners, so the port decides).
+    pub fn role_of(&self, local: SocketAddr) -> ListenerRole {
+        let on = |list: &[SocketAddr]| {
+            list.iter().any(|l| {
+                l.port() == local.port()
+                    && (l.ip() == local.ip().to_canonical()
+                        || l.ip() == local.ip()
+                        || (l.ip().is_unspecified() && l.is_ipv4() == local.ip().to_canonical().is_ipv4()))
+            })
+        };
+        if on(&self.submissions_listen) {
+            ListenerRole::Submissions
+        } else if on(&self.submission_listen) {
+            ListenerRole::Submission
+        } else {
+            ListenerRole::Mx
+        }
+    }
+
+    /// `[smtpd]` as the children of a listener of `role` apply it: a
+    /// submission listener's children use `[smtpd.submission]`'s lists
+    /// and no DNS list screening (that is for mail from strangers).
+    pub fn for_role(&self, role: ListenerRole) -> Smtpd {
+        let mut smtpd = self.clone();
+        if role.is_submission() {
+            smtpd.restrictions = self.submission.restrictions.clone();
+            smtpd.dnsbl = Dnsbl::default();
+        }
+        smtpd
     }
 
     /// Whether STARTTLS is offered: enabled, with a certificate and key.
@@ -307,6 +358,10 @@ impl Default for Smtpd {
                 IpNet::from(IpAddr::from(Ipv6Addr::LOCALHOST)),
             ],
             proxy_timeout: Duration::from_secs(5),
+            submission_listen: Vec::new(),
+            submissions_listen: Vec::new(),
+            auth: Auth::default(),
+            submission: Submission::default(),
             client_connection_count_limit: 50,
             client_connection_rate_limit: 0,
             client_message_rate_limit: 0,
@@ -1075,7 +1130,9 @@ impl Resolver<'_> {
         let milters = self.milters(&mut raw);
         let milter_macros = self.milter_macros(std::mem::take(&mut raw.milter_macros));
         let policy = self.policy_services(std::mem::take(&mut raw.policy));
-        let restrictions = self.restrictions(std::mem::take(&mut raw.restrictions));
+        let restrictions = self.restrictions(std::mem::take(&mut raw.restrictions), "smtpd.restrictions");
+        let auth = self.auth(std::mem::take(&mut raw.auth));
+        let submission = self.submission(std::mem::take(&mut raw.submission));
         let dnsbl = self.dnsbl(std::mem::take(&mut raw.dnsbl));
         let verify = self.verify(std::mem::take(&mut raw.verify), hostname);
         let smtpd = Smtpd {
@@ -1085,6 +1142,10 @@ impl Resolver<'_> {
             restrictions,
             dnsbl,
             verify,
+            auth,
+            submission,
+            submission_listen: raw.submission_listen.unwrap_or_default(),
+            submissions_listen: raw.submissions_listen.unwrap_or_default(),
             listen: raw.listen.unwrap_or(d.listen),
             banner: raw.banner.unwrap_or(d.banner),
             message_size_limit: raw.message_size_limit.unwrap_or(d.message_size_limit),
@@ -1129,6 +1190,7 @@ impl Resolver<'_> {
             resolvers: raw.resolvers.unwrap_or(d.resolvers),
         };
         self.restriction_rules(&smtpd);
+        self.auth_rules(&smtpd);
         smtpd
     }
 
@@ -1630,7 +1692,8 @@ impl Config {
     /// The TCP ports of the `inet:` socketmap tables smtpd looks up
     /// (recipient tables, virtual aliases, access tables).
     pub fn smtpd_table_ports(&self) -> Vec<u16> {
-        let access = self.smtpd.restrictions.all().filter_map(crate::restriction::Restriction::table);
+        let lists = self.smtpd.restrictions.all().chain(self.smtpd.submission.restrictions.all());
+        let access = lists.filter_map(crate::restriction::Restriction::table).chain(&self.smtpd.auth.sender_login_maps);
         let tables = self.server.recipient_maps.iter().chain(&self.server.virtual_alias_maps).chain(access);
         tables.filter_map(crate::table::TableSpec::inet_port).collect()
     }
@@ -1985,6 +2048,60 @@ mod tests {
         assert_eq!(c.route_for("other.test").to_string(), "lmtp:unix:/etc/m/run/lmtp");
         assert_eq!(c.queue.destination_concurrency_limit, 20);
         assert_eq!(c.queue.queue_lifetime, Duration::from_secs(432_000));
+    }
+
+    /// The submission listeners need TLS and Dovecot, and their roles are
+    /// told from the connection's local address.
+    #[test]
+    fn submission_listeners_need_tls_and_auth_and_have_roles() {
+        let tls = "tls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n";
+        let text = format!(
+            "[smtpd]\nlisten = [\"0.0.0.0:25\"]\nsubmission_listen = [\"0.0.0.0:587\"]\n\
+             submissions_listen = [\"127.0.0.1:465\", \"[::1]:465\"]\n{tls}\
+             [smtpd.auth]\nserver = \"unix:run/private/auth\"\nsender_login_maps = [\"texthash:logins\"]\n\
+             [smtpd.submission.restrictions]\nsender = [\"reject_sender_login_mismatch\"]\n\
+             recipient = [\"permit_sasl_authenticated\", \"reject\"]\n"
+        );
+        let c = Config::parse(&text, Path::new("/etc/m/m.toml")).unwrap();
+        assert_eq!(c.smtpd.auth.server, Some(NextHop::Unix("/etc/m/run/private/auth".into())));
+        assert_eq!((c.smtpd.auth.failure_limit, c.smtpd.auth.mx), (DEFAULT_AUTH_FAILURE_LIMIT, false));
+        let role = |a: &str| c.smtpd.role_of(a.parse().unwrap());
+        assert_eq!(role("192.0.2.1:587"), ListenerRole::Submission);
+        assert_eq!(role("[::ffff:192.0.2.1]:587"), ListenerRole::Submission);
+        assert_eq!(role("127.0.0.1:465"), ListenerRole::Submissions);
+        assert_eq!(role("[::1]:465"), ListenerRole::Submissions);
+        assert_eq!(role("127.0.0.2:465"), ListenerRole::Mx);
+        assert_eq!(role("192.0.2.1:25"), ListenerRole::Mx);
+        assert!(c.smtpd.auth.offered_on(ListenerRole::Submission) && !c.smtpd.auth.offered_on(ListenerRole::Mx));
+        let sub = c.smtpd.for_role(ListenerRole::Submission);
+        assert_eq!(sub.restrictions.sender, vec![crate::restriction::Restriction::RejectSenderLoginMismatch]);
+        assert_eq!(c.smtpd.for_role(ListenerRole::Mx).restrictions, c.smtpd.restrictions);
+        for (bad, want) in [
+            ("[smtpd]\nsubmission_listen = [\"0.0.0.0:587\"]\n", "smtpd.auth.server: must name Dovecot's auth socket"),
+            (
+                "[smtpd]\nsubmission_listen = [\"0.0.0.0:587\"]\n[smtpd.auth]\nserver = \"inet:127.0.0.1:1\"\n",
+                "smtpd.submission_listen: needs tls_cert_file and tls_key_file",
+            ),
+            (
+                &format!(
+                    "[smtpd]\nsubmission_listen = [\"0.0.0.0:25\"]\n{tls}[smtpd.auth]\nserver = \"inet:127.0.0.1:1\"\n"
+                ),
+                "smtpd.submission_listen: 0.0.0.0:25 is also another listener's address",
+            ),
+            ("[smtpd.auth]\nmx = true\n", "smtpd.auth.mx: needs server"),
+            ("[smtpd.auth]\nserver = \"tcp:x\"\n", "smtpd.auth.server"),
+            ("[smtpd.restrictions]\nrecipient = [\"permit_sasl_authenticated\"]\n", "need AUTH on these listeners"),
+            (
+                &format!(
+                    "[smtpd]\n{tls}[smtpd.auth]\nserver = \"inet:127.0.0.1:1\"\n[smtpd.submission.restrictions]\nsender = [\"reject_sender_login_mismatch\"]\n"
+                ),
+                "needs [smtpd.auth] sender_login_maps",
+            ),
+            ("[smtpd.auth]\nresponse_limit = 100\n", "smtpd.auth.response_limit: below 512"),
+        ] {
+            let err = Config::parse(bad, Path::new("m.toml")).unwrap_err();
+            assert!(err.iter().any(|e| e.to_string().contains(want)), "{bad}: {err:?}");
+        }
     }
 
     #[test]

@@ -21,6 +21,18 @@ pub struct ClientInfo {
     /// TLS in use, as it appears in `Received:` (`TLSv1.3 with cipher
     /// TLS13_AES_256_GCM_SHA384 (256/256 bits)`); empty for plaintext.
     pub tls: String,
+    /// Who the client logged in as with AUTH, if it did. Carried from
+    /// smtpd to cleanup only: the queue file does not keep it (nothing
+    /// after cleanup needs it, and a login is personal data).
+    pub auth: Option<SaslLogin>,
+}
+
+/// A client's SMTP AUTH identity: the mechanism it used and the user name
+/// Dovecot confirmed (Postfix's `sasl_method` and `sasl_username`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaslLogin {
+    pub method: String,
+    pub username: String,
 }
 
 /// Body type declared with MAIL's BODY= parameter (RFC 6152).

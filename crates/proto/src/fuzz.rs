@@ -278,3 +278,101 @@ pub fn socketmap_reply(data: &[u8]) {
         }
     }
 }
+
+/// What Dovecot's auth service sends smtpd, fed in uneven pieces. The
+/// first octet chooses: even, a handshake and then replies; odd, replies
+/// only. Splitting the input differently changes nothing; every line
+/// stays within `MAX_LINE`; whatever decodes encodes back to the same
+/// thing, with a valid mechanism name, printable user and reason within
+/// their bounds, and a challenge of base64 text.
+pub fn dovecot_auth_reply(data: &[u8]) {
+    use crate::dovecot_auth::{
+        DecodeError, Handshake, HandshakeReader, HandshakeStep, LineReader, MAX_LINE, MAX_MECHANISMS, MAX_REASON,
+        MAX_USER, MechanismName, SaslReply, ServerReply,
+    };
+    #[derive(Debug, PartialEq)]
+    enum Event {
+        Handshake(Handshake),
+        Reply(ServerReply),
+        Refused(DecodeError),
+    }
+    fn run(handshake_first: bool, data: &[u8], piece: usize) -> Vec<Event> {
+        let mut out = Vec::new();
+        let mut lines = LineReader::new();
+        let mut handshake = handshake_first.then(HandshakeReader::new);
+        for chunk in data.chunks(piece) {
+            lines.feed(chunk);
+            loop {
+                let line = match lines.next_line() {
+                    Ok(Some(line)) => line,
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Event::Refused(e));
+                        return out;
+                    }
+                };
+                assert!(line.len() <= MAX_LINE, "a line of {} octets", line.len());
+                let event = match handshake.take() {
+                    Some(reader) => match reader.line(&line) {
+                        Ok(HandshakeStep::More(reader)) => {
+                            handshake = Some(reader);
+                            continue;
+                        }
+                        Ok(HandshakeStep::Done(h)) => Ok(Event::Handshake(h)),
+                        Err(e) => Err(e),
+                    },
+                    None => ServerReply::parse(&line).map(Event::Reply),
+                };
+                match event {
+                    Ok(event) => out.push(event),
+                    Err(e) => {
+                        out.push(Event::Refused(e));
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    }
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let handshake_first = mode % 2 == 0;
+    let whole = run(handshake_first, rest, rest.len().max(1));
+    assert_eq!(run(handshake_first, rest, 7), whole, "splitting the input changes nothing");
+    for event in &whole {
+        match event {
+            Event::Handshake(h) => {
+                assert!(h.mechanisms.len() <= MAX_MECHANISMS);
+                for m in &h.mechanisms {
+                    assert_eq!(MechanismName::new(m.name.as_str()).as_ref(), Some(&m.name));
+                }
+                let again = run(true, &h.encode(), 5);
+                assert_eq!(again, [Event::Handshake(h.clone())], "handshake encode/decode round trip");
+            }
+            Event::Reply(r) => {
+                match &r.reply {
+                    SaslReply::Continue { challenge } => {
+                        assert!(challenge.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b)));
+                    }
+                    SaslReply::Success { user } => {
+                        let user = user.as_deref().unwrap_or("-");
+                        assert!(!user.is_empty() && user.len() <= MAX_USER && !user.chars().any(char::is_control));
+                    }
+                    SaslReply::Failure { reason, user, .. } => {
+                        let reason = reason.as_deref().unwrap_or("-");
+                        assert!(!reason.is_empty() && reason.len() <= MAX_REASON, "reason {reason:?}");
+                        assert!(!reason.chars().any(char::is_control), "reason {reason:?}");
+                        assert!(user.as_deref().is_none_or(|u| !u.is_empty() && !u.chars().any(char::is_control)));
+                    }
+                }
+                let wire = r.encode();
+                assert_eq!(wire.last(), Some(&b'\n'));
+                assert_eq!(
+                    ServerReply::parse(&wire[..wire.len() - 1]).as_ref(),
+                    Ok(r),
+                    "reply encode/decode round trip"
+                );
+            }
+            Event::Refused(_) => {}
+        }
+    }
+}

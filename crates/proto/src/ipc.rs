@@ -35,7 +35,7 @@
 //! the result as it checks everything else.
 
 use crate::address::MAX_PATH;
-use crate::envelope::{ClientInfo, MAX_ENVID, RecipientInfo, SenderInfo, is_printable, parse_client_addr};
+use crate::envelope::{ClientInfo, MAX_ENVID, RecipientInfo, SaslLogin, SenderInfo, is_printable, parse_client_addr};
 use crate::milter::{EsmtpArgs, HeaderName, HeaderValue, MAX_BODY_CHUNK, MilterAddress, Modification};
 use crate::queue_id::QueueId;
 use crate::record::{FieldReader, Fields, FrameError, RECORD_HEADER_LEN, RawRecord, put_record, take_record};
@@ -272,7 +272,12 @@ impl Request {
 // file has its own (crate::queue_file); the two may differ.
 
 fn encode_client(c: &ClientInfo) -> Vec<u8> {
-    Fields::new().str(&c.addr.to_string()).str(&c.name).str(&c.helo).str(&c.protocol).str(&c.tls).finish()
+    let fields = Fields::new().str(&c.addr.to_string()).str(&c.name).str(&c.helo).str(&c.protocol).str(&c.tls);
+    match &c.auth {
+        None => fields.u8(0),
+        Some(login) => fields.u8(1).str(&login.method).str(&login.username),
+    }
+    .finish()
 }
 
 fn decode_client(f: &mut FieldReader<'_>) -> Result<ClientInfo, IpcError> {
@@ -283,6 +288,14 @@ fn decode_client(f: &mut FieldReader<'_>) -> Result<ClientInfo, IpcError> {
         helo: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
         protocol: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
         tls: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
+        auth: match f.u8()? {
+            0 => None,
+            1 => Some(SaslLogin {
+                method: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
+                username: printable(f.str(MAX_TEXT_FIELD)?, "Client")?,
+            }),
+            _ => return Err(IpcError::BadValue("Client")),
+        },
     })
 }
 
@@ -555,6 +568,7 @@ mod tests {
             helo: "client.test".into(),
             protocol: "ESMTP".into(),
             tls: String::new(),
+            auth: None,
         }
     }
 
@@ -608,6 +622,26 @@ mod tests {
             Edit::Milter(Modification::DeleteRecipient(address("<b@example.test>"))),
             Edit::Milter(Modification::ChangeSender { address: address("<>"), args: EsmtpArgs::new("").unwrap() }),
         ]
+    }
+
+    /// The AUTH login travels with the client, and only a well-formed one.
+    #[test]
+    fn client_login_round_trips() {
+        let login = SaslLogin { method: "PLAIN".into(), username: "alice@example.test".into() };
+        let with_login = ClientInfo { auth: Some(login), ..client() };
+        for c in [client(), with_login] {
+            let mut wire = Vec::new();
+            Request::Client(c.clone()).encode(&mut wire);
+            let mut dec = Decoder::new();
+            dec.feed(&wire);
+            assert_eq!(dec.next_request().unwrap(), Some(Request::Client(c)));
+        }
+        let bad = SaslLogin { method: "PLAIN".into(), username: "a\r\nb".into() };
+        let mut wire = Vec::new();
+        Request::Client(ClientInfo { auth: Some(bad), ..client() }).encode(&mut wire);
+        let mut dec = Decoder::new();
+        dec.feed(&wire);
+        assert!(dec.next_request().is_err());
     }
 
     /// Every edit survives the wire, the largest body chunk included, and

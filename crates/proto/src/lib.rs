@@ -11,7 +11,8 @@
 //! must agree on: relaying ([`relay`]), xtext ([`xtext`]) and how a TLS
 //! session is described ([`tls`]); and the protocols of the filters mail
 //! hosts run: Postfix's policy delegation ([`policy`]) and the Sendmail milter
-//! protocol ([`milter`]); and DNS block and allow list sites as
+//! protocol ([`milter`]); Dovecot's authentication protocol, which SMTP
+//! AUTH is relayed over ([`dovecot_auth`]); and DNS block and allow list sites as
 //! postscreen weighs them ([`dnsbl`]). Like Postfix's
 //! `global/mail_proto.h`, it is the one place both sides of every
 //! conversation agree on.
@@ -50,6 +51,7 @@ pub mod config;
 pub mod date;
 pub mod delivery;
 pub mod dnsbl;
+pub mod dovecot_auth;
 pub mod dsn;
 pub mod envelope;
 #[cfg(feature = "fuzz")]

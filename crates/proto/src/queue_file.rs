@@ -225,6 +225,7 @@ fn decode_client(f: &mut FieldReader<'_>) -> Result<ClientInfo, QueueFileError> 
         helo: text(f, MAX_TEXT_FIELD, 'C')?,
         protocol: text(f, MAX_TEXT_FIELD, 'C')?,
         tls: text(f, MAX_TEXT_FIELD, 'C')?,
+        auth: None,
     })
 }
 
@@ -446,6 +447,7 @@ mod tests {
                 helo: "client.test".into(),
                 protocol: "ESMTPS".into(),
                 tls: "TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256 (128/128 bits)".into(),
+                auth: None,
             },
             sender: SenderInfo {
                 address: "a@example.test".into(),

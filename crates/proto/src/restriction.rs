@@ -81,6 +81,14 @@ pub enum Restriction {
     /// `check_policy_service`: asks the `[[smtpd.policy]]` servers of the
     /// stage here (without it, they are asked at the end of the list).
     CheckPolicyService,
+    /// `permit_sasl_authenticated`: permits a client that logged in with
+    /// AUTH.
+    PermitSaslAuthenticated,
+    /// `reject_sender_login_mismatch`: the sender is owned (in `[smtpd.auth]
+    /// sender_login_maps`) by logins other than the client's, or the client
+    /// logged in and the sender is owned by nobody: `553 5.7.1 <sender>:
+    /// Sender address rejected: not owned by user NAME`.
+    RejectSenderLoginMismatch,
 }
 
 impl Restriction {
@@ -110,7 +118,14 @@ impl Restriction {
             Restriction::PermitDnswlClient(_) => "permit_dnswl_client",
             Restriction::RejectUnverifiedRecipient => "reject_unverified_recipient",
             Restriction::CheckPolicyService => "check_policy_service",
+            Restriction::PermitSaslAuthenticated => "permit_sasl_authenticated",
+            Restriction::RejectSenderLoginMismatch => "reject_sender_login_mismatch",
         }
+    }
+
+    /// Whether it means anything only with AUTH offered.
+    pub fn needs_auth(&self) -> bool {
+        matches!(self, Restriction::PermitSaslAuthenticated | Restriction::RejectSenderLoginMismatch)
     }
 
     /// The table it looks up, if any.
@@ -214,9 +229,8 @@ impl std::str::FromStr for Restriction {
                      configure the server as [[smtpd.policy]] and name the stage in its stages"
                 )),
             },
-            "permit_sasl_authenticated" | "reject_sender_login_mismatch" => {
-                Err(format!("{lower}: mortal has no SMTP AUTH on this listener"))
-            }
+            "permit_sasl_authenticated" => plain(Restriction::PermitSaslAuthenticated),
+            "reject_sender_login_mismatch" => plain(Restriction::RejectSenderLoginMismatch),
             "reject_unlisted_recipient" => {
                 Err("reject_unlisted_recipient: always on in mortal ([server] recipient_maps)".to_owned())
             }
@@ -268,6 +282,8 @@ mod tests {
             "reject_rbl_client list.example=127.0.0.[2..11]",
             "permit_dnswl_client wl.example",
             "check_policy_service",
+            "permit_sasl_authenticated",
+            "reject_sender_login_mismatch",
             "permit",
             "reject",
             "defer",
@@ -288,7 +304,7 @@ mod tests {
             ("permit_mynetworks now", "takes no argument"),
             ("reject_rbl_client", "needs a DNS list domain"),
             ("reject_rbl_client zen.example*3", "a weight belongs in [smtpd.dnsbl]"),
-            ("permit_sasl_authenticated", "no SMTP AUTH"),
+            ("permit_sasl_authenticated now", "takes no argument"),
             ("check_policy_service inet:127.0.0.1:10023", "[[smtpd.policy]]"),
             ("reject_everything", "not a restriction mortal knows"),
         ] {

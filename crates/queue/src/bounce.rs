@@ -191,6 +191,7 @@ fn compose(config: &Config, qf: &QueueFile, kind: Kind, entries: &[&Entry], id: 
             helo: host.clone(),
             protocol: "local".into(),
             tls: String::new(),
+            auth: None,
         },
         sender: SenderInfo {
             address: String::new(),
@@ -263,6 +264,7 @@ mod tests {
                 helo: "c.test".into(),
                 protocol: "ESMTP".into(),
                 tls: String::new(),
+                auth: None,
             },
             sender: SenderInfo {
                 address: "a@x.test".into(),

@@ -192,6 +192,7 @@ mod tests {
                 helo: String::new(),
                 protocol: String::new(),
                 tls: String::new(),
+                auth: None,
             },
             sender: mortal_proto::envelope::SenderInfo {
                 address: String::new(),

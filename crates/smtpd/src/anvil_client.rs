@@ -63,6 +63,16 @@ impl AnvilLease {
         self.ask(Op::Message).await
     }
 
+    /// Counts a failed AUTH from this lease's client.
+    pub async fn auth_failure(&mut self) -> Result<AnvilReply, AnvilClientError> {
+        self.ask(Op::AuthFailure).await
+    }
+
+    /// The AUTH failures of this lease's client in the current unit.
+    pub async fn auth_failures(&mut self) -> Result<AnvilReply, AnvilClientError> {
+        self.ask(Op::AuthFailures).await
+    }
+
     async fn ask(&mut self, op: Op) -> Result<AnvilReply, AnvilClientError> {
         let request = AnvilRequest { op, addr: self.addr }.encode();
         timeout(ANVIL_TIMEOUT, self.sock.write_all(&request)).await.map_err(|_| AnvilClientError::Timeout)??;

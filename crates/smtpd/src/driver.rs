@@ -24,15 +24,24 @@
 //! spent waiting for the client, at least that many octets per second must
 //! arrive, or the session ends with `421 4.4.2`; a slowloris can hold a
 //! child no longer than one window.
+//!
+//! On a `submissions_listen` address the handshake comes first, before
+//! the greeting (RFC 8314 implicit TLS). AUTH's exchanges go to the
+//! process's authentication server ([`crate::sasl`]), one at a time; a
+//! failure is counted by anvil, and a client past `[smtpd.auth]
+//! failure_limit` is refused AUTH.
 
 use crate::dns::ReverseResolver;
+use crate::engine::AuthAnswer;
 use crate::engine::{Action, Answer, Session};
 use crate::filter::restrict::Restrictor;
 use crate::filter::verdict::Verdict;
 use crate::filter::{Endpoints, Filters, PolicyClients};
 use crate::relay::RelayPolicy;
+use crate::sasl::{SaslClientInfo, SaslError, SaslServer};
 use crate::tls::TlsServer;
-use mortal_proto::config::Config;
+use mortal_proto::config::{Config, ListenerRole};
+use mortal_proto::dovecot_auth::{MechanismName, SaslReply};
 use mortal_proto::envelope::{ClientInfo, RecipientInfo, SenderInfo};
 use mortal_proto::ipc::{self, Decoder, IpcError, PROTOCOL_VERSION, Reply, Request};
 use mortal_proto::queue_id::QueueId;
@@ -82,6 +91,11 @@ pub struct Server {
     pub policy: PolicyClients,
     /// `[smtpd.restrictions]` and `[smtpd.dnsbl]`: tables and resolvers.
     pub restrictor: Arc<Restrictor>,
+    /// What this process's listener is for.
+    pub role: ListenerRole,
+    /// Dovecot's authentication service, where this listener offers AUTH;
+    /// the connection is kept from one session to the next.
+    pub sasl: Option<Arc<tokio::sync::Mutex<SaslServer>>>,
 }
 
 impl Server {
@@ -91,7 +105,17 @@ impl Server {
     pub fn new(config: Arc<Config>, relay: RelayPolicy) -> Server {
         let policy = crate::filter::policy_clients(&config);
         let restrictor = Arc::new(Restrictor::default());
-        Server { config, relay: Arc::new(relay), tls: None, resolver: None, term: None, policy, restrictor }
+        Server {
+            config,
+            relay: Arc::new(relay),
+            tls: None,
+            resolver: None,
+            term: None,
+            policy,
+            restrictor,
+            role: ListenerRole::Mx,
+            sasl: None,
+        }
     }
 }
 
@@ -121,15 +145,26 @@ pub async fn session(server: &Server, stream: std::net::TcpStream) -> SessionEnd
     };
     peer.limits.set_name(&name);
     mortal_libmaster::log::record_client(format_args!("{name}[{}]", peer.addr));
-    let mut session = Session::with_name(Arc::clone(config), Arc::clone(&server.relay), peer.addr, &name);
-    session.early_input(&peer.early);
     let mut buf = vec![0; READ_BUFFER];
     if let Err(e) = stream.set_nonblocking(true) {
         tracing::warn!("warning: set non-blocking: {e}");
         return SessionEnd::Finished;
     }
-    look_before_greeting(&stream, &mut session, &mut buf);
     let filters = filters_for(server, &stream, &peer);
+    let local = stream.local_addr().unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    let sasl_client = SaslClientInfo { remote: std::net::SocketAddr::new(peer.addr, peer.port), local, secured: false };
+    let relay = Arc::clone(&server.relay);
+    let implicit = server.role == ListenerRole::Submissions;
+    // RFC 8314: on a submissions listener TLS comes from the first octet
+    // and the greeting goes out inside it; elsewhere, whatever the client
+    // said before the greeting is looked at now.
+    let plain = (!implicit).then(|| {
+        let mut session =
+            Session::on_listener(Arc::clone(config), Arc::clone(&relay), peer.addr, &name, server.role, None);
+        session.early_input(&peer.early);
+        look_before_greeting(&stream, &mut session, &mut buf);
+        session
+    });
     let tcp = match TcpStream::from_std(stream) {
         Ok(tcp) => tcp,
         Err(e) => {
@@ -137,8 +172,21 @@ pub async fn session(server: &Server, stream: std::net::TcpStream) -> SessionEnd
             return SessionEnd::Finished;
         }
     };
+    let (stream, mut session) = match plain {
+        Some(session) => (Stream::Plain(tcp), session),
+        None => match implicit_tls(server, tcp, &format!("{name}[{}]", peer.addr)).await {
+            Some((tls, info)) => {
+                let session =
+                    Session::on_listener(Arc::clone(config), relay, peer.addr, &name, server.role, Some(info));
+                (Stream::Tls(Box::new(tls)), session)
+            }
+            None => return SessionEnd::Finished,
+        },
+    };
     let mut conn = Connection {
-        stream: Stream::Plain(tcp),
+        stream,
+        sasl: server.sasl.clone(),
+        sasl_client,
         tls: server.tls.clone(),
         start_tls: false,
         handshake_timeout: config.smtpd.tls_handshake_timeout,
@@ -237,6 +285,32 @@ fn look_before_greeting(stream: &std::net::TcpStream, session: &mut Session, buf
     }
 }
 
+/// The handshake of a `submissions_listen` connection, before the
+/// greeting, bounded by `tls_handshake_timeout`. A failure is logged in
+/// Postfix's words (there is no session yet to do it).
+async fn implicit_tls(
+    server: &Server,
+    tcp: TcpStream,
+    client: &str,
+) -> Option<(TlsStream<TcpStream>, mortal_proto::tls::TlsSummary)> {
+    let why = match &server.tls {
+        None => "TLS is not available".to_owned(),
+        Some(tls) => match timeout(server.config.smtpd.tls_handshake_timeout, tls.acceptor().accept(tcp)).await {
+            Ok(Ok(stream)) => {
+                let info = mortal_proto::tls::TlsSummary::of(stream.get_ref().1);
+                return Some((stream, info));
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "handshake timeout exceeded".to_owned(),
+        },
+    };
+    tracing::info!("connect from {client}");
+    tracing::info!("SSL_accept error from {client}: {why}");
+    tracing::info!("lost connection after CONNECT from {client}");
+    tracing::info!("disconnect from {client} commands=0");
+    None
+}
+
 /// Where the current transaction's cleanup conversation stands.
 enum CleanupState {
     /// No transaction.
@@ -316,6 +390,10 @@ impl DataRate {
 
 struct Connection {
     stream: Stream,
+    /// The authentication server, where this listener offers AUTH.
+    sasl: Option<Arc<tokio::sync::Mutex<SaslServer>>>,
+    /// What the authentication server is told about the connection.
+    sasl_client: SaslClientInfo,
     /// What STARTTLS uses; `None` refuses the handshake.
     tls: Option<TlsServer>,
     /// The session asked for TLS; the handshake runs after the 220 is out.
@@ -445,8 +523,70 @@ impl Connection {
                     session.check_done(verdict);
                 }
                 Action::StartTls => self.start_tls = true,
+                Action::AuthStart { mechanism, initial } => {
+                    let answer = match self.limits.auth_blocked().await {
+                        Some(failures) => AuthAnswer::Blocked(failures),
+                        None => self.authenticate(&mechanism, initial.as_ref().map(|d| d.as_str())).await,
+                    };
+                    session.auth_answer(answer);
+                }
+                Action::AuthContinue(response) => {
+                    let answer = self.auth_continue(response.as_str()).await;
+                    session.auth_answer(answer);
+                }
+                Action::AuthCancel => {
+                    if let Some(sasl) = &self.sasl {
+                        sasl.lock().await.cancel();
+                    }
+                }
                 Action::Sleep(pause) if self.writable => tokio::time::sleep(pause).await,
                 Action::Sleep(_) => {}
+            }
+        }
+    }
+
+    /// The first round of an AUTH exchange.
+    async fn authenticate(&mut self, mechanism: &str, initial: Option<&str>) -> AuthAnswer {
+        let Some(sasl) = self.sasl.clone() else { return AuthAnswer::Unavailable };
+        let Some(mechanism) = MechanismName::new(mechanism) else { return AuthAnswer::Unavailable };
+        self.sasl_client.secured = matches!(self.stream, Stream::Tls(_));
+        let reply = sasl.lock().await.start(&mechanism, initial, &self.sasl_client).await;
+        self.auth_outcome(reply).await
+    }
+
+    /// A further round: the client's response to the last challenge.
+    async fn auth_continue(&mut self, response: &str) -> AuthAnswer {
+        let Some(sasl) = self.sasl.clone() else { return AuthAnswer::Unavailable };
+        let reply = sasl.lock().await.proceed(response).await;
+        self.auth_outcome(reply).await
+    }
+
+    /// The server's reply as the session's answer; a failure is counted.
+    async fn auth_outcome(&mut self, reply: Result<SaslReply, SaslError>) -> AuthAnswer {
+        match reply {
+            Ok(SaslReply::Continue { challenge }) => AuthAnswer::Challenge(challenge),
+            Ok(SaslReply::Success { user }) => match user {
+                Some(username) => AuthAnswer::Success { username },
+                None => {
+                    tracing::warn!("warning: SASL authentication server named no user for a success");
+                    AuthAnswer::Unavailable
+                }
+            },
+            Ok(SaslReply::Failure { temporary: true, .. }) => AuthAnswer::Unavailable,
+            Ok(SaslReply::Failure { reason, .. }) => {
+                AuthAnswer::Failure { reason, over_limit: self.limits.auth_failed().await }
+            }
+            // Dovecot does not do that mechanism: no guess was made, so
+            // nothing is counted (and fail2ban ignores this reason).
+            Err(SaslError::NotOffered(_)) => {
+                AuthAnswer::Failure { reason: Some("Invalid authentication mechanism".into()), over_limit: None }
+            }
+            Err(e) if e.is_client_error() => AuthAnswer::Failure { reason: None, over_limit: None },
+            Err(e) => {
+                let server = self.sasl.as_ref().map(|s| s.try_lock().map(|s| s.endpoint().to_string()));
+                let server = server.and_then(Result::ok).unwrap_or_default();
+                tracing::warn!("warning: SASL authentication server {server}: {e}");
+                AuthAnswer::Unavailable
             }
         }
     }

@@ -11,6 +11,14 @@
 //! client hears `250 2.0.0 Ok: queued as <id>` only after cleanup answered
 //! 250, which it does only once the queue file is on stable storage.
 //!
+//! The listener's address gives the child its role
+//! (`mortal_proto::config::ListenerRole`): port 25 (`listen`,
+//! `proxy_listen`), submission (`submission_listen`, 587: STARTTLS, then
+//! AUTH, before MAIL) or submissions (`submissions_listen`, 465: TLS
+//! before the greeting). AUTH ([`engine::auth`]) relays the client's SASL
+//! exchange to Dovecot's auth service ([`sasl`]), as Postfix's
+//! `smtpd_sasl_type = dovecot` does.
+//!
 //! # Security
 //! The client is hostile. smtpd never opens a file under the spool, looks
 //! client names up in the DNS only with `reverse_lookup` ([`dns`]; off by
@@ -37,7 +45,12 @@
 //! `soft_error_limit` errors waits `error_sleep` before each reply, and
 //! content slower than `min_data_rate` ends the session with 421, so a
 //! slowloris cannot hold a child. The TLS certificate and key are read
-//! once at process start ([`tls`]).
+//! once at process start ([`tls`]). AUTH is offered only under TLS and
+//! only PLAIN and LOGIN; the client's SASL data goes to Dovecot and is
+//! never logged, decoded or kept; failures count in anvil, and a client
+//! past `[smtpd.auth] failure_limit` gets 421 without Dovecot being asked.
+//! A login lets the client relay (cleanup accepts that only where AUTH is
+//! configured).
 //!
 //! Then, before the first connection, the sandbox smtpd states (`needs`
 //! in its `main`, entered by `mortal_libmaster::daemon::run`) takes
@@ -53,6 +66,8 @@
 //! `AF_INET`/`AF_INET6` and `bind` (the resolver's random UDP source port)
 //! join the seccomp list, and Landlock allows TCP connects to the
 //! nameservers' ports (the fallback for truncated answers) and no other.
+//! Dovecot's auth service on `inet:` adds its port and TCP sockets the
+//! same way; on `unix:` it must lie in the chroot (`<run_dir>/private`).
 //!
 //! # Standards
 //! RFC 5321 (SMTP), RFC 1870 (SIZE), RFC 2920 (PIPELINING), RFC 6152
@@ -61,7 +76,9 @@
 //! addresses only with MAIL's SMTPUTF8 parameter, `553 5.6.7` otherwise),
 //! RFC 3030 (CHUNKING/BDAT and BINARYMIME), RFC 3461 (DSN parameters RET,
 //! ENVID, NOTIFY, ORCPT, carried to cleanup), RFC 3848 (`with` protocol
-//! names `ESMTPS`, `UTF8SMTP`, `UTF8SMTPS`).
+//! names `ESMTPS`, `ESMTPSA`, `UTF8SMTP`, `UTF8SMTPS`...), RFC 4954 (AUTH),
+//! RFC 4616 (PLAIN), RFC 6409 (submission), RFC 8314 (implicit TLS on
+//! 465).
 //!
 //! # Configuration
 //! `[server]` `hostname`, `accepted_domains`, `run_dir` (the cleanup
@@ -88,7 +105,11 @@
 //! `unknown_address_reject_code`, `dns_timeout`; their tables are loaded
 //! at process start. DNS lists ([`dnsbl`]): `[smtpd.dnsbl]` `sites`,
 //! `threshold`, `allowlist_threshold`, `action`, `timeout`, asking the
-//! `resolvers`.
+//! `resolvers`. Submission and AUTH: `[smtpd] submission_listen`,
+//! `submissions_listen`; `[smtpd.auth]` `server`, `timeout`, `mx`,
+//! `authenticated_header`, `failure_limit`, `response_limit`,
+//! `sender_login_maps`; `[smtpd.submission.restrictions]` (the
+//! submission listeners' lists). See docs/submission.md.
 //!
 //! # Diagnostics
 //! Postfix's log shapes, so fail2ban and pflogsumm work unchanged (with
@@ -120,7 +141,13 @@
 //! `DNSBL rank 3 for [addr]:port`, `550 5.7.1 Service unavailable; client
 //! [addr] blocked using zen.example` in the reject line, `warning: access
 //! table <table>: <why>` (the client gets `451 4.3.5 Server configuration
-//! error`), `warning: dnsbl <site>: lookup of <name>: <reason>`.
+//! error`), `warning: dnsbl <site>: lookup of <name>: <reason>`. AUTH:
+//! `<id>: client=unknown[addr], sasl_method=PLAIN, sasl_username=<login>`,
+//! `warning: unknown[addr]: SASL PLAIN authentication failed: <reason>`
+//! (fail2ban's postfix-sasl filter), `warning: AUTH failure limit
+//! exceeded: <n> from unknown[addr] for service submission`, `warning:
+//! SASL authentication server <server>: <reason>` (the client gets `454
+//! 4.7.0 Temporary authentication failure`).
 #![forbid(unsafe_code)]
 
 pub mod anvil_client;
@@ -133,5 +160,6 @@ pub mod mailhost;
 pub mod peer;
 pub mod proxy;
 pub mod relay;
+pub mod sasl;
 pub mod tls;
 pub mod verify;

@@ -7,13 +7,14 @@
 use mortal_libmaster::child;
 use mortal_libmaster::daemon::{self, Fatal, Started};
 use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
-use mortal_proto::config::{Config, NextHop};
+use mortal_proto::config::{Config, ListenerRole, NextHop};
 use mortal_smtpd::dns::ReverseResolver;
 use mortal_smtpd::dnsbl::Dnsbl;
 use mortal_smtpd::driver::{self, Server, SessionEnd};
 use mortal_smtpd::filter::restrict::Restrictor;
 use mortal_smtpd::mailhost::DomainResolver;
 use mortal_smtpd::relay::RelayPolicy;
+use mortal_smtpd::sasl::SaslServer;
 use mortal_smtpd::tls::TlsServer;
 use std::net::TcpListener;
 use std::process::ExitCode;
@@ -47,8 +48,10 @@ fn needs(config: &Config) -> Needs {
             tcp_connect.push(RESOLV_CONF_PORT);
         }
     }
+    // Dovecot's auth service is asked from smtpd, like a filter.
     let filters =
         config.smtpd.milters.iter().map(|m| &m.endpoint).chain(config.smtpd.policy.iter().map(|p| &p.endpoint));
+    let filters = filters.chain(config.smtpd.auth.server.iter());
     let filter_ports: Vec<u16> = filters
         .filter_map(|e| match e {
             NextHop::Inet(addr) => Some(addr.port()),
@@ -129,7 +132,7 @@ fn prepare(config: &Config) -> Result<Prepared, Fatal> {
         let _in_runtime = runtime.enter();
         let smtpd = &config.smtpd;
         let dns = |e: mortal_smtpd::dns::DnsError| Fatal::new(format_args!("restrictions: {e}"));
-        if smtpd.restrictions.use_dns() || smtpd.dnsbl.enabled() {
+        if smtpd.restrictions.use_dns() || smtpd.submission.restrictions.use_dns() || smtpd.dnsbl.enabled() {
             let servers = mortal_smtpd::dns::nameservers(smtpd).map_err(dns)?;
             let timeout = smtpd.restrictions.dns_timeout;
             let domains =
@@ -147,11 +150,23 @@ fn prepare(config: &Config) -> Result<Prepared, Fatal> {
 /// Everything smtpd reads from disk is loaded; from here on it has no file
 /// system, no identity but the mail user's and few syscalls.
 fn serve(started: Started<TcpListener, Prepared>) -> ExitCode {
-    let Started { config, listener, mut link, prepared, .. } = started;
+    let Started { mut config, listener, mut link, prepared, .. } = started;
     let Prepared { tls, relay, runtime, term, resolver, restrictor } = prepared;
     let max_use = config.process.smtpd.max_use;
+    // One listener per process: its address says what the process is
+    // for, and the submission listeners' children use their own lists.
+    let role = listener.local_addr().map_or(ListenerRole::Mx, |local| config.smtpd.role_of(local));
+    config.smtpd = config.smtpd.for_role(role);
+    let sasl = match &config.smtpd.auth.server {
+        Some(endpoint) if config.smtpd.auth.offered_on(role) => {
+            Some(Arc::new(tokio::sync::Mutex::new(SaslServer::new(endpoint, config.smtpd.auth.timeout))))
+        }
+        _ => None,
+    };
     let policy = mortal_smtpd::filter::policy_clients(&config);
     let server = Server {
+        role,
+        sasl,
         config: Arc::new(config),
         relay: Arc::new(relay),
         tls,
@@ -206,6 +221,19 @@ mod tests {
         assert_eq!(resolv.seccomp, Seccomp::AllowList { dns: true, tcp_client: false });
         let own = needs(&config("[smtpd]\nreverse_lookup = true\nresolvers = [\"127.0.0.1:5353\", \"[::1]:53\"]\n"));
         assert_eq!(own.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![5353, 53] });
+    }
+
+    /// Dovecot's auth service widens the sandbox by its port when on
+    /// `inet:`, and by nothing on `unix:` (the socket is reached in the
+    /// chroot, which Landlock does not govern).
+    #[test]
+    fn auth_server_widens_by_its_port_only() {
+        let inet = needs(&config("[smtpd.auth]\nserver = \"inet:127.0.0.1:12345\"\n"));
+        assert_eq!(inet.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![12345] });
+        assert_eq!(inet.seccomp, Seccomp::AllowList { dns: false, tcp_client: true });
+        let unix = needs(&config("[smtpd.auth]\nserver = \"unix:/var/spool/mortal/run/private/auth\"\n"));
+        assert_eq!(unix.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() });
+        assert_eq!(unix.seccomp, Seccomp::AllowList { dns: false, tcp_client: false });
     }
 
     /// `inet:` milters and policy servers widen the sandbox by their ports

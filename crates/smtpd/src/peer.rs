@@ -24,11 +24,11 @@
 //! cannot be asked, the session goes on without limits and a warning is
 //! logged: a limiter must never be the reason mail stops.
 
-use crate::anvil_client::AnvilLease;
+use crate::anvil_client::{AnvilClientError, AnvilLease};
 use crate::engine::{Answer, UNKNOWN_NAME};
 use crate::proxy::{self, ProxyError, ProxyHeader};
 use mortal_proto::anvil::{AnvilReply, Status};
-use mortal_proto::config::{Config, networks_contain};
+use mortal_proto::config::{Config, ListenerRole, networks_contain};
 use mortal_proto::smtp_status::{EnhancedStatus, ReplyCode, StatusClass};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -97,7 +97,8 @@ pub async fn establish(config: &Config, stream: &TcpStream) -> Option<Peer> {
     mortal_libmaster::log::record_client(format_args!("{UNKNOWN_NAME}[{addr}]"));
     // A balancer's own connection (its health checks) is no client's: it
     // must never be refused for a client's limits and mark us down.
-    let limits = if balancers_own { ClientLimits::none(addr) } else { ClientLimits::connect(config, addr).await };
+    let role = stream.local_addr().map_or(ListenerRole::Mx, |local| config.smtpd.role_of(local));
+    let limits = if balancers_own { ClientLimits::none(addr) } else { ClientLimits::connect(config, addr, role).await };
     let refusal = limits.connect_refusal(config);
     if let Some(warning) = refusal {
         let client = format!("{UNKNOWN_NAME}[{addr}]");
@@ -190,19 +191,30 @@ pub struct ClientLimits {
     /// [`ClientLimits::set_name`]).
     name: String,
     message_rate_limit: u32,
+    /// `[smtpd.auth] failure_limit` where this listener offers AUTH, else 0.
+    auth_failure_limit: u32,
 }
 
 impl ClientLimits {
     /// No limits (trusted networks, tests of the engine).
     pub fn none(addr: IpAddr) -> Self {
-        Self { lease: None, connected: None, addr, name: UNKNOWN_NAME.into(), message_rate_limit: 0 }
+        Self {
+            lease: None,
+            connected: None,
+            addr,
+            name: UNKNOWN_NAME.into(),
+            message_rate_limit: 0,
+            auth_failure_limit: 0,
+        }
     }
 
-    async fn connect(config: &Config, addr: IpAddr) -> Self {
+    async fn connect(config: &Config, addr: IpAddr, role: ListenerRole) -> Self {
         let s = &config.smtpd;
+        let auth_failure_limit = if s.auth.offered_on(role) { s.auth.failure_limit } else { 0 };
         let limited = s.client_connection_count_limit > 0
             || s.client_connection_rate_limit > 0
-            || s.client_message_rate_limit > 0;
+            || s.client_message_rate_limit > 0
+            || auth_failure_limit > 0;
         // As Postfix exempts smtpd_client_event_limit_exceptions ($mynetworks).
         let exempt = networks_contain(&config.server.trusted_networks, addr)
             || networks_contain(&s.client_limit_exceptions, addr);
@@ -217,6 +229,7 @@ impl ClientLimits {
                 addr,
                 name: UNKNOWN_NAME.into(),
                 message_rate_limit: s.client_message_rate_limit,
+                auth_failure_limit,
             },
             Err(e) => {
                 tracing::warn!("warning: anvil {}: {e}: no client limits for {addr}", config.anvil_socket().display());
@@ -243,6 +256,40 @@ impl ClientLimits {
             return Some(format!("Connection rate limit exceeded: {}", reply.rate));
         }
         None
+    }
+
+    /// Before an AUTH: the client's failures when it already has
+    /// `failure_limit` of them in the current unit (then AUTH is refused).
+    pub async fn auth_blocked(&mut self) -> Option<u32> {
+        if self.auth_failure_limit == 0 {
+            return None;
+        }
+        let result = self.lease.as_mut()?.auth_failures().await;
+        self.over_auth_limit(result)
+    }
+
+    /// After a failed AUTH: counts it, and returns the client's failures
+    /// when this one reached `failure_limit`.
+    pub async fn auth_failed(&mut self) -> Option<u32> {
+        if self.auth_failure_limit == 0 {
+            return None;
+        }
+        let result = self.lease.as_mut()?.auth_failure().await;
+        self.over_auth_limit(result)
+    }
+
+    /// anvil's count against `failure_limit`; when anvil cannot be asked,
+    /// the lease goes and no limit applies for the rest of the session
+    /// (fail open).
+    fn over_auth_limit(&mut self, result: Result<AnvilReply, AnvilClientError>) -> Option<u32> {
+        match result {
+            Ok(r) => (r.status == Status::Counted && r.rate >= self.auth_failure_limit).then_some(r.rate),
+            Err(e) => {
+                tracing::warn!("warning: anvil: {e}: no client limits for the rest of this session");
+                self.lease = None;
+                None
+            }
+        }
     }
 
     /// At MAIL: counts the message and returns the refusal when the client

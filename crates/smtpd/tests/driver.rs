@@ -55,6 +55,7 @@ async fn two_fifty_comes_only_after_cleanups_answer() {
         helo: "client.test".into(),
         protocol: "ESMTP".into(),
         tls: String::new(),
+        auth: None,
     };
     let sender = SenderInfo {
         address: "alice@example.test".into(),

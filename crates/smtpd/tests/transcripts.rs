@@ -17,6 +17,8 @@
 //! | `%cleanup mail\|data ANSWER` | cleanup's next answer to MAIL (instead of a queue id) or to End; `fail` for a broken conversation |
 //! | `%cleanup now fail` | the cleanup conversation breaks right now |
 //! | `%tls ok INFO`, `%tls fail REASON` | the TLS handshake after `E: starttls` succeeded (negotiating INFO) or failed |
+//! | `%set role mx\|submission\|submissions` | the listener's role (AUTH through a Dovecot at `inet:127.0.0.1:12345`, which `%set auth on` offers on `mx` too); `submissions` has TLS from the start, with [`IMPLICIT_TLS`] |
+//! | `%auth challenge B64\|ok USER\|fail [REASON]\|limit N [REASON]\|blocked N\|unavailable` | the authentication server's answer to the next `E: auth-start` or `E: auth-continue` |
 //! | `%early BYTES` | input that arrived before the greeting |
 //! | `%timeout`, `%lost` | the driver's read timed out, the client went away |
 //! | `%new` | finish this session; the next input starts another |
@@ -26,14 +28,15 @@
 //! BYTES and TEXT take the escapes `\r`, `\n`, `\t`, `\\`, `\xHH` and
 //! `\{c*N}` (the character c, N times). Output lines are `S:` (reply
 //! lines), `L:` (log lines) and `E:` (driver events: `start`, `rcpt`,
-//! `data`, `end`, `abort` for cleanup, `starttls`, `sleep`, `close`).
+//! `data`, `end`, `abort` for cleanup, `starttls`, `auth-start`,
+//! `auth-continue`, `auth-cancel`, `sleep`, `close`).
 //! DSN parameters, SMTPUTF8 and TLS show on `start` and `rcpt` only when
 //! set.
 
-use mortal_proto::config::{BareNewline, Config};
+use mortal_proto::config::{BareNewline, Config, ListenerRole};
 use mortal_proto::config::{FilterStage, Milter, MilterDefaultAction, NextHop, PolicyService};
 use mortal_proto::smtp_status::ReplyCode;
-use mortal_smtpd::engine::{Action, Answer, Session, Subject};
+use mortal_smtpd::engine::{Action, Answer, AuthAnswer, Session, Subject};
 use mortal_smtpd::filter::verdict::{Decision, FilterReply, Note, RefusedBy, Verdict};
 use std::collections::VecDeque;
 use std::fmt::Write;
@@ -54,6 +57,9 @@ recipient_limit = 1000
 hard_error_limit = 20
 "#;
 
+/// What a `submissions` session negotiated before its greeting.
+const IMPLICIT_TLS: &str = "TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384 (256/256 bits)";
+
 /// What the fake cleanup does at the next step of each kind.
 #[derive(Default)]
 struct FakeCleanup {
@@ -71,6 +77,10 @@ struct Runner {
     verdicts: VecDeque<Verdict>,
     /// Notes for the next scripted verdict.
     notes: Vec<Note>,
+    /// The listener's role.
+    role: ListenerRole,
+    /// The authentication server's scripted answers, in order.
+    auth: VecDeque<AuthAnswer>,
     out: String,
 }
 
@@ -83,6 +93,8 @@ impl Runner {
             cleanup: FakeCleanup::default(),
             verdicts: VecDeque::new(),
             notes: Vec::new(),
+            role: ListenerRole::Mx,
+            auth: VecDeque::new(),
             out: String::new(),
         }
     }
@@ -177,8 +189,30 @@ impl Runner {
                 };
                 self.verdicts.push_back(Verdict { decision, notes: std::mem::take(&mut self.notes) });
             }
+            "auth" => {
+                let (kind, rest) = arg.split_once(' ').unwrap_or((arg, ""));
+                let reason = |r: &str| (!r.is_empty()).then(|| String::from_utf8_lossy(&unescape(r)).into_owned());
+                self.auth.push_back(match kind {
+                    "challenge" => AuthAnswer::Challenge(rest.to_owned()),
+                    "ok" => AuthAnswer::Success { username: rest.to_owned() },
+                    "fail" => AuthAnswer::Failure { reason: reason(rest), over_limit: None },
+                    "limit" => {
+                        let (count, r) = rest.split_once(' ').unwrap_or((rest, ""));
+                        AuthAnswer::Failure { reason: reason(r), over_limit: Some(count.parse().expect("count")) }
+                    }
+                    "unavailable" => AuthAnswer::Unavailable,
+                    "blocked" => AuthAnswer::Blocked(rest.parse().expect("count")),
+                    other => panic!("unknown %auth answer {other}"),
+                });
+            }
             other => panic!("unknown directive %{other}"),
         }
+    }
+
+    /// The scripted answer to an AUTH step.
+    fn answer_auth(&mut self) {
+        let answer = self.auth.pop_front().expect("a %auth answer for this AUTH step");
+        self.session.as_mut().expect("session").auth_answer(answer);
     }
 
     fn set(&mut self, arg: &str) {
@@ -208,6 +242,21 @@ impl Runner {
                 let on = value == "on";
                 smtpd.tls_cert_file = on.then(|| PathBuf::from("/transcripts/cert.pem"));
                 smtpd.tls_key_file = on.then(|| PathBuf::from("/transcripts/key.pem"));
+            }
+            "role" => {
+                self.role = match value {
+                    "mx" => ListenerRole::Mx,
+                    "submission" => ListenerRole::Submission,
+                    "submissions" => ListenerRole::Submissions,
+                    other => panic!("unknown role {other}"),
+                };
+                smtpd.auth.server = Some(NextHop::Inet("127.0.0.1:12345".parse().expect("literal")));
+                smtpd.tls_cert_file = Some(PathBuf::from("/transcripts/cert.pem"));
+                smtpd.tls_key_file = Some(PathBuf::from("/transcripts/key.pem"));
+            }
+            "auth" => {
+                smtpd.auth.server = Some(NextHop::Inet("127.0.0.1:12345".parse().expect("literal")));
+                smtpd.auth.mx = value == "on";
             }
             "accepted_domains" => {
                 self.config.server.accepted_domains =
@@ -244,7 +293,11 @@ impl Runner {
     /// The running session; starting one renders its greeting.
     fn session(&mut self) -> &mut Session {
         if self.session.is_none() {
-            self.session = Some(Session::new(Arc::new(self.config.clone()), Arc::default(), self.peer));
+            let tls = (self.role == ListenerRole::Submissions).then(|| IMPLICIT_TLS.parse().expect("summary"));
+            let mut config = self.config.clone();
+            config.smtpd = config.smtpd.for_role(self.role);
+            let config = Arc::new(config);
+            self.session = Some(Session::on_listener(config, Arc::default(), self.peer, "unknown", self.role, tls));
             self.render();
         }
         self.session.as_mut().expect("just started")
@@ -284,6 +337,9 @@ impl Runner {
                     if !client.tls.is_empty() {
                         let _ = write!(self.out, " tls=<{}>", client.tls);
                     }
+                    if let Some(login) = &client.auth {
+                        let _ = write!(self.out, " auth=<{}:{}>", login.method, login.username);
+                    }
                     let _ = writeln!(self.out);
                     self.answer_mail();
                 }
@@ -303,6 +359,18 @@ impl Runner {
                 }
                 Action::StartTls => {
                     let _ = writeln!(self.out, "E: starttls");
+                }
+                Action::AuthStart { mechanism, initial } => {
+                    let initial = initial.map_or("none".to_owned(), |d| format!("<{}>", d.as_str()));
+                    let _ = writeln!(self.out, "E: auth-start {mechanism} initial={initial}");
+                    self.answer_auth();
+                }
+                Action::AuthContinue(response) => {
+                    let _ = writeln!(self.out, "E: auth-continue <{}>", response.as_str());
+                    self.answer_auth();
+                }
+                Action::AuthCancel => {
+                    let _ = writeln!(self.out, "E: auth-cancel");
                 }
                 Action::Sleep(pause) => {
                     let _ = writeln!(self.out, "E: sleep {}ms", pause.as_millis());
@@ -524,4 +592,7 @@ transcripts!(
     error_tarpit,
     filters,
     filters_connect,
+    submission,
+    submissions,
+    auth_mx,
 );

@@ -62,6 +62,7 @@ impl Fixture {
             helo: "c.test".into(),
             protocol: "ESMTP".into(),
             tls: String::new(),
+            auth: None,
         };
         let sender = SenderInfo {
             address: "a@example.test".into(),

@@ -73,6 +73,7 @@ enum Attempt {
     TcpConnect,
     ConnectNextHop,
     ConnectFilter,
+    ConnectAuth,
     SignalParent,
     PtraceParent,
     Exec,
@@ -84,7 +85,7 @@ enum Attempt {
     Unshare,
 }
 
-const ATTEMPTS: [Attempt; 22] = [
+const ATTEMPTS: [Attempt; 23] = [
     Attempt::Applied,
     Attempt::ReadPasswd,
     Attempt::ListRoot,
@@ -98,6 +99,7 @@ const ATTEMPTS: [Attempt; 22] = [
     Attempt::TcpConnect,
     Attempt::ConnectNextHop,
     Attempt::ConnectFilter,
+    Attempt::ConnectAuth,
     Attempt::SignalParent,
     Attempt::PtraceParent,
     Attempt::Exec,
@@ -131,6 +133,7 @@ impl Attempt {
             Attempt::TcpConnect => "tcp-connect",
             Attempt::ConnectNextHop => "connect-next-hop",
             Attempt::ConnectFilter => "connect-filter",
+            Attempt::ConnectAuth => "connect-auth",
             Attempt::SignalParent => "signal-parent",
             Attempt::PtraceParent => "ptrace-parent",
             Attempt::Exec => "exec",
@@ -158,6 +161,7 @@ impl Attempt {
             Attempt::TcpConnect => "TCP connect to 127.0.0.1",
             Attempt::ConnectNextHop => "TCP connect to a configured next hop",
             Attempt::ConnectFilter => "TCP connect to a milter or policy server",
+            Attempt::ConnectAuth => "TCP connect to the AUTH server (Dovecot)",
             Attempt::SignalParent => "signal another process (the parent)",
             Attempt::PtraceParent => "ptrace another process (the parent)",
             Attempt::Exec => "execve /bin/true",
@@ -189,6 +193,9 @@ impl Attempt {
             // ports (and, by TcpConnect, no other).
             (Attempt::ConnectFilter, Service::Smtpd) => Some(Allowed),
             (Attempt::ConnectFilter, Service::Lmtp | Service::Smtp | Service::Pipe) => None,
+            // So is Dovecot's auth service: smtpd alone asks it.
+            (Attempt::ConnectAuth, Service::Smtpd) => Some(Allowed),
+            (Attempt::ConnectAuth, Service::Lmtp | Service::Smtp | Service::Pipe) => None,
             // Unix sockets are reached by connect, which Landlock does not
             // govern; the agents have no business there but prove nothing.
             (
@@ -337,6 +344,10 @@ fn probe(
             Some(addr) => io(TcpStream::connect(addr).map(drop)),
             None => "error no inet: milter or policy server in the configuration".into(),
         },
+        Attempt::ConnectAuth => match auth_hop(&config) {
+            Some(addr) => io(TcpStream::connect(addr).map(drop)),
+            None => "error no inet: [smtpd.auth] server in the configuration".into(),
+        },
         Attempt::SignalParent => nix(nix::sys::signal::kill(nix::unistd::getppid(), None::<Signal>)),
         Attempt::PtraceParent => {
             let parent = nix::unistd::getppid();
@@ -392,6 +403,14 @@ fn filter_hops(config: &Config) -> impl Iterator<Item = std::net::SocketAddr> + 
         NextHop::Inet(addr) => Some(*addr),
         NextHop::Unix(_) => None,
     })
+}
+
+/// `[smtpd.auth] server`, when it is on TCP.
+fn auth_hop(config: &Config) -> Option<std::net::SocketAddr> {
+    match &config.smtpd.auth.server {
+        Some(NextHop::Inet(addr)) => Some(*addr),
+        _ => None,
+    }
 }
 
 fn tcp_hop(route: &Route) -> Option<std::net::SocketAddr> {
@@ -530,6 +549,10 @@ fn orchestrate(service: Service, config_path: &Path) -> u8 {
         if attempt == Attempt::ConnectFilter && filter_hops(&config).next().is_none() {
             continue;
         }
+        // Nor without an inet: AUTH server.
+        if attempt == Attempt::ConnectAuth && auth_hop(&config).is_none() {
+            continue;
+        }
         let outcome = |layers| match run_probe(&exe, attempt, fixtures.port, layers, &config_path) {
             Ok((status, stdout, stderr)) => {
                 let (result, ok) = judge(expect, status, &stdout);
@@ -665,6 +688,7 @@ impl Fixtures {
             .routes()
             .filter_map(tcp_hop)
             .chain(filter_hops(config))
+            .chain(auth_hop(config))
             .filter_map(|addr| TcpListener::bind(addr).ok())
             .collect();
         Ok(Fixtures { port, _tcp: tcp, _hops: hops, sockets })

@@ -185,7 +185,7 @@ const MACRO_KEYS: [(&str, MilterStage); 8] = [
 
 impl Resolver<'_> {
     /// An endpoint; relative socket paths are relative to the file.
-    fn endpoint(&mut self, key: &str, value: raw::Text) -> NextHop {
+    pub(super) fn endpoint(&mut self, key: &str, value: raw::Text) -> NextHop {
         match value.get_ref().parse::<NextHop>() {
             Ok(NextHop::Unix(p)) => NextHop::Unix(self.base.join(p)),
             Ok(hop) => hop,

@@ -80,6 +80,8 @@ pub struct Smtpd {
     pub tls_security: Option<TlsSecurity>,
     pub tls_handshake_timeout: Option<Text>,
     pub proxy_listen: Option<Vec<SocketAddr>>,
+    pub submission_listen: Option<Vec<SocketAddr>>,
+    pub submissions_listen: Option<Vec<SocketAddr>>,
     pub proxy_trusted: Option<Vec<Text>>,
     pub proxy_timeout: Option<Text>,
     pub client_connection_count_limit: Option<u32>,
@@ -102,6 +104,28 @@ pub struct Smtpd {
     pub restrictions: Restrictions,
     pub dnsbl: Dnsbl,
     pub verify: Verify,
+    pub auth: Auth,
+    pub submission: Submission,
+}
+
+/// `[smtpd.auth]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    pub server: Option<Text>,
+    pub timeout: Option<Text>,
+    pub mx: Option<bool>,
+    pub authenticated_header: Option<bool>,
+    pub failure_limit: Option<u32>,
+    pub response_limit: Option<usize>,
+    pub sender_login_maps: Option<Vec<Text>>,
+}
+
+/// `[smtpd.submission]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Submission {
+    pub restrictions: Restrictions,
 }
 
 /// `[smtpd.verify]`.

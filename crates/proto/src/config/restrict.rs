@@ -216,13 +216,22 @@ impl Dnsbl {
 impl Resolver<'_> {
     /// Rules between the lists and the rest of `[smtpd]`.
     pub(super) fn restriction_rules(&mut self, smtpd: &super::Smtpd) {
-        let r = &smtpd.restrictions;
+        let sections = [
+            ("smtpd.restrictions", &smtpd.restrictions, smtpd.auth.offered_on(super::ListenerRole::Mx)),
+            ("smtpd.submission.restrictions", &smtpd.submission.restrictions, smtpd.auth.server.is_some()),
+        ];
+        for (section, r, auth) in sections {
+            self.list_rules(smtpd, section, r, auth);
+        }
+    }
+
+    fn list_rules(&mut self, smtpd: &super::Smtpd, section: &str, r: &Restrictions, auth: bool) {
         for stage in FilterStage::ALL {
             let key = list_key(stage);
             let list = r.list(stage);
             if list.contains(&Restriction::RejectUnknownClientHostname) && !smtpd.reverse_lookup {
                 self.problems.push((
-                    "smtpd.restrictions".into(),
+                    section.into(),
                     key.into(),
                     "reject_unknown_client_hostname needs [smtpd] reverse_lookup = true: \
                      without it every client is unknown"
@@ -233,14 +242,30 @@ impl Resolver<'_> {
                 && !smtpd.policy.iter().any(|p| p.stages.contains(&stage))
             {
                 self.problems.push((
-                    "smtpd.restrictions".into(),
+                    section.into(),
                     key.into(),
                     format!("check_policy_service: no [[smtpd.policy]] has {stage:?} in its stages"),
                 ));
             }
+            if !auth && list.iter().any(Restriction::needs_auth) {
+                self.problems.push((
+                    section.into(),
+                    key.into(),
+                    "permit_sasl_authenticated and reject_sender_login_mismatch need AUTH on these \
+                     listeners ([smtpd.auth] server, and mx = true for the port 25 lists)"
+                        .into(),
+                ));
+            }
+            if list.contains(&Restriction::RejectSenderLoginMismatch) && smtpd.auth.sender_login_maps.is_empty() {
+                self.problems.push((
+                    section.into(),
+                    key.into(),
+                    "reject_sender_login_mismatch needs [smtpd.auth] sender_login_maps".into(),
+                ));
+            }
             if list.iter().filter(|x| **x == Restriction::CheckPolicyService).count() > 1 {
                 self.problems.push((
-                    "smtpd.restrictions".into(),
+                    section.into(),
                     key.into(),
                     "names check_policy_service twice: the servers would be asked twice".into(),
                 ));
@@ -248,14 +273,16 @@ impl Resolver<'_> {
         }
     }
 
-    pub(super) fn restrictions(&mut self, raw: raw::Restrictions) -> Restrictions {
+    /// The lists of `section` (`smtpd.restrictions`,
+    /// `smtpd.submission.restrictions`).
+    pub(super) fn restrictions(&mut self, raw: raw::Restrictions, section: &str) -> Restrictions {
         let d = Restrictions::default();
         let mut list = |name: &str, value: Option<Vec<raw::Text>>| -> Vec<Restriction> {
-            let key = format!("smtpd.restrictions.{name}");
+            let key = format!("{section}.{name}");
             let items = value.unwrap_or_default();
             if items.len() > MAX_RESTRICTIONS {
                 self.problems.push((
-                    "smtpd.restrictions".into(),
+                    section.into(),
                     name.into(),
                     format!("has {} restrictions, more than {MAX_RESTRICTIONS}", items.len()),
                 ));
@@ -278,7 +305,7 @@ impl Resolver<'_> {
         let code = raw.unknown_address_reject_code.unwrap_or(DEFAULT_UNKNOWN_ADDRESS_REJECT_CODE);
         if !(400..600).contains(&code) {
             self.problems.push((
-                "smtpd.restrictions".into(),
+                section.into(),
                 "unknown_address_reject_code".into(),
                 format!("{code} is not a 4xx or 5xx reply code"),
             ));
@@ -296,7 +323,7 @@ impl Resolver<'_> {
             } else {
                 d.unknown_address_reject_code
             },
-            dns_timeout: self.duration("smtpd.restrictions.dns_timeout", raw.dns_timeout, d.dns_timeout),
+            dns_timeout: self.duration(&format!("{section}.dns_timeout"), raw.dns_timeout, d.dns_timeout),
         }
     }
 

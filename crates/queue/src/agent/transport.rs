@@ -372,6 +372,7 @@ mod tests {
                 helo: String::new(),
                 protocol: String::new(),
                 tls: String::new(),
+                auth: None,
             },
             sender: SenderInfo {
                 address: "a@example.test".into(),

@@ -105,6 +105,8 @@ pub struct Facts<'a> {
     pub recipients: u32,
     /// MAIL's SIZE, 0 when not given.
     pub size: u64,
+    /// Who the client logged in as with AUTH.
+    pub login: Option<&'a mortal_proto::envelope::SaslLogin>,
 }
 
 /// What a check suspended, to finish with the verdict.
@@ -161,6 +163,7 @@ impl Session {
             queue_id: txn.map(|t| t.queue_id),
             recipients: txn.map_or(0, |t| t.recipients),
             size: txn.map_or(0, |t| t.declared_size),
+            login: self.login.as_ref(),
         }
     }
 

@@ -16,6 +16,7 @@ pub enum Verb {
     Helo,
     Ehlo,
     Starttls,
+    Auth,
     Mail,
     Rcpt,
     Data,
@@ -30,10 +31,11 @@ pub enum Verb {
 
 impl Verb {
     /// Every verb, in report order.
-    pub const ALL: [Verb; 13] = [
+    pub const ALL: [Verb; 14] = [
         Verb::Helo,
         Verb::Ehlo,
         Verb::Starttls,
+        Verb::Auth,
         Verb::Mail,
         Verb::Rcpt,
         Verb::Data,
@@ -52,6 +54,7 @@ impl Verb {
             Verb::Helo => "HELO",
             Verb::Ehlo => "EHLO",
             Verb::Starttls => "STARTTLS",
+            Verb::Auth => "AUTH",
             Verb::Mail => "MAIL",
             Verb::Rcpt => "RCPT",
             Verb::Data => "DATA",
@@ -71,6 +74,7 @@ impl Verb {
             Verb::Helo => "HELO hostname",
             Verb::Ehlo => "EHLO hostname",
             Verb::Starttls => "STARTTLS",
+            Verb::Auth => "AUTH mechanism",
             Verb::Mail => "MAIL FROM:<address>",
             Verb::Rcpt => "RCPT TO:<address>",
             Verb::Data => "DATA",
@@ -121,6 +125,13 @@ pub enum Command<'a> {
     },
     Data,
     StartTls,
+    /// `AUTH mechanism [initial-response]` (RFC 4954 4): the mechanism as
+    /// sent (any case), the response as sent (base64, or `=` for an empty
+    /// one).
+    Auth {
+        mechanism: &'a str,
+        initial: Option<&'a str>,
+    },
     /// `BDAT count [LAST]` (RFC 3030 2): the chunk of `size` octets follows.
     Bdat {
         size: u64,
@@ -148,8 +159,10 @@ pub enum ParseError {
 
 /// Standard commands smtpd knows but does not offer, with whether RFC 2920
 /// makes them end a pipelining group.
-const NOT_IMPLEMENTED: [(&str, bool); 6] =
-    [("EXPN", true), ("TURN", true), ("ETRN", false), ("ATRN", false), ("AUTH", false), ("SEND", false)];
+const NOT_IMPLEMENTED: [(&str, bool); 5] =
+    [("EXPN", true), ("TURN", true), ("ETRN", false), ("ATRN", false), ("SEND", false)];
+
+pub use mortal_proto::dovecot_auth::{MAX_MECHANISM_NAME, is_base64};
 
 /// Most digits accepted in a BDAT chunk size; more would not fit a u64
 /// and is certainly over any size limit.
@@ -164,6 +177,7 @@ impl Command<'_> {
             Command::Rcpt { .. } => Verb::Rcpt,
             Command::Data => Verb::Data,
             Command::StartTls => Verb::Starttls,
+            Command::Auth { .. } => Verb::Auth,
             Command::Bdat { .. } => Verb::Bdat,
             Command::Rset => Verb::Rset,
             Command::Noop => Verb::Noop,
@@ -220,6 +234,7 @@ pub fn parse(line: &str) -> Result<Command<'_>, ParseError> {
         Verb::Data if rest.is_empty() => Ok(Command::Data),
         Verb::Starttls if rest.is_empty() => Ok(Command::StartTls),
         Verb::Bdat => bdat(rest).ok_or(syntax),
+        Verb::Auth => auth(rest).ok_or(syntax),
         Verb::Rset if rest.is_empty() => Ok(Command::Rset),
         Verb::Quit if rest.is_empty() => Ok(Command::Quit),
         _ => Err(syntax),
@@ -245,6 +260,21 @@ fn bdat(arg: &str) -> Option<Command<'_>> {
         return None;
     }
     Some(Command::Bdat { size: size.parse().ok()?, last })
+}
+
+/// `mechanism [SP initial-response]` (RFC 4954 4): a SASL mechanism name
+/// (RFC 4422 3.1: upper-case letters, digits, `-` and `_`; clients may
+/// send lower case) and base64 or `=`.
+fn auth(arg: &str) -> Option<Command<'_>> {
+    let mut words = arg.split(' ').filter(|w| !w.is_empty());
+    let mechanism = words.next()?;
+    let initial = words.next();
+    let valid_name = mechanism.len() <= MAX_MECHANISM_NAME
+        && mechanism.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid_name || words.next().is_some() || initial.is_some_and(|r| r != "=" && !is_base64(r)) {
+        return None;
+    }
+    Some(Command::Auth { mechanism, initial })
 }
 
 /// `Domain / address-literal` (RFC 5321 4.1.1.1): one word of visible

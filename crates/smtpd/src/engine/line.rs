@@ -42,15 +42,21 @@ impl LineReader {
     /// one is complete, and how many octets were used (an overlong line is
     /// consumed as it arrives, so the caller can drop those octets).
     pub fn next(&mut self, input: &[u8]) -> (Option<Line>, usize) {
+        self.next_within(input, MAX_COMMAND_LINE)
+    }
+
+    /// [`LineReader::next`] for lines of up to `limit` octets, `<CR><LF>`
+    /// included (an AUTH response may be longer than a command).
+    pub fn next_within(&mut self, input: &[u8], limit: usize) -> (Option<Line>, usize) {
         let Some(lf) = input.iter().position(|&b| b == b'\n') else {
-            if self.discarding || input.len() >= MAX_COMMAND_LINE {
+            if self.discarding || input.len() >= limit {
                 self.discarding = true;
                 return (None, input.len());
             }
             return (None, 0);
         };
         let used = lf + 1;
-        if std::mem::take(&mut self.discarding) || used > MAX_COMMAND_LINE {
+        if std::mem::take(&mut self.discarding) || used > limit {
             return (Some(Line::TooLong), used);
         }
         let line = match input[..lf].split_last() {

@@ -57,6 +57,7 @@
 //! [`Action::Sleep`] (`error_sleep`), Postfix's tarpit for clients that
 //! probe.
 
+pub mod auth;
 pub mod bdat;
 pub mod check;
 pub mod command;
@@ -84,6 +85,7 @@ pub(crate) fn steering_inputs(count: usize) -> impl Iterator<Item = (Vec<u8>, u6
     })
 }
 
+pub use auth::{AuthAnswer, SaslData};
 pub use check::{Check, Facts, Subject};
 pub use data::MAX_TEXT_LINE;
 pub use line::MAX_COMMAND_LINE;
@@ -96,8 +98,8 @@ use data::{ContentError, DataReceiver};
 use dsn::DsnReply as _;
 use line::{Line, LineReader};
 use mortal_proto::address::{self, AddressError};
-use mortal_proto::config::{BareNewline, Config};
-use mortal_proto::envelope::{BodyType, ClientInfo, DsnRet, Notify, RecipientInfo, SenderInfo};
+use mortal_proto::config::{BareNewline, Config, ListenerRole};
+use mortal_proto::envelope::{BodyType, ClientInfo, DsnRet, Notify, RecipientInfo, SaslLogin, SenderInfo};
 use mortal_proto::queue_id::QueueId;
 use mortal_proto::smtp_status::{EnhancedStatus, ReplyCode};
 use mortal_proto::tls::TlsSummary;
@@ -142,6 +144,16 @@ pub enum Action {
     /// Ask the filters (policy servers, milters) about this stage, then
     /// call [`Session::check_done`] with their verdict.
     Check(Check),
+    /// Start an AUTH exchange with the authentication server: the
+    /// mechanism (upper case) and the client's initial response, if it
+    /// gave one (empty for `=`); then call [`Session::auth_answer`].
+    AuthStart { mechanism: String, initial: Option<SaslData> },
+    /// Pass the client's response to the last challenge on; then call
+    /// [`Session::auth_answer`].
+    AuthContinue(SaslData),
+    /// The client gave up on the exchange (or botched its response): the
+    /// driver forgets it, and expects no answer.
+    AuthCancel,
     /// Write what is pending (the 220 to STARTTLS), then run the TLS
     /// handshake on the connection and report [`Session::tls_established`]
     /// or [`Session::tls_failed`].
@@ -183,6 +195,15 @@ enum Phase {
     Chunk(Chunk),
     /// `220 Ready to start TLS` was sent; waiting for the handshake.
     Handshake,
+    /// AUTH: waiting for the authentication server's answer.
+    Authenticating {
+        mechanism: String,
+    },
+    /// AUTH: a `334` challenge was sent; the next line is the client's
+    /// response.
+    AuthResponse {
+        mechanism: String,
+    },
     /// The message is complete; waiting for cleanup's answer to DATA or
     /// to `BDAT ... LAST`.
     AwaitingAnswer {
@@ -283,6 +304,10 @@ pub struct Session {
     plan: check::Plan,
     /// A filter's refusal at CONNECT, given to every MAIL.
     connect_refusal: Option<FilterReply>,
+    /// What the listener the client came through is for.
+    role: ListenerRole,
+    /// Who the client logged in as with AUTH.
+    login: Option<SaslLogin>,
 }
 
 impl Session {
@@ -297,6 +322,21 @@ impl Session {
     /// name, or [`UNKNOWN_NAME`]), which then appears in every log line
     /// and in `Received:`.
     pub fn with_name(config: Arc<Config>, relay: Arc<RelayPolicy>, addr: IpAddr, name: &str) -> Self {
+        Self::on_listener(config, relay, addr, name, ListenerRole::Mx, None)
+    }
+
+    /// [`Session::with_name`] for a client of a listener with `role`;
+    /// `tls` is what the handshake negotiated when the listener speaks
+    /// TLS from the first octet (`submissions_listen`), which the driver
+    /// has done before the greeting.
+    pub fn on_listener(
+        config: Arc<Config>,
+        relay: Arc<RelayPolicy>,
+        addr: IpAddr,
+        name: &str,
+        role: ListenerRole,
+        tls: Option<TlsSummary>,
+    ) -> Self {
         // A v4 client on a dual-stack socket appears as ::ffff:a.b.c.d;
         // log and pass on the address it really has, as Postfix does.
         let addr = addr.to_canonical();
@@ -320,9 +360,15 @@ impl Session {
             tls: None,
             plan: check::Plan::of(&config),
             connect_refusal: None,
+            role,
+            login: None,
             config,
         };
         session.log(format!("connect from {}", session.client));
+        if let Some(info) = tls {
+            session.log(format!("Anonymous TLS connection established from {}: {info}", session.client));
+            session.tls = Some(info);
+        }
         if !session.ask(CheckStage::Connect, Subject::None, check::Pending::Connect) {
             session.reply(&greeting);
         }
@@ -360,7 +406,7 @@ impl Session {
     /// Whether the session can use more client input now (false while it
     /// waits for cleanup, and once closed).
     pub fn wants_input(&self) -> bool {
-        matches!(self.phase, Phase::Command | Phase::Data(_) | Phase::Chunk(_))
+        matches!(self.phase, Phase::Command | Phase::Data(_) | Phase::Chunk(_) | Phase::AuthResponse { .. })
     }
 
     /// Whether the session is reading message content, where the driver
@@ -419,7 +465,11 @@ impl Session {
         else {
             panic!("transaction_opened without an outstanding StartTransaction");
         };
-        self.log(format!("{queue_id}: client={}", self.client));
+        let login = match &self.login {
+            Some(l) => format!(", sasl_method={}, sasl_username={}", l.method, l.username),
+            None => String::new(),
+        };
+        self.log(format!("{queue_id}: client={}{login}", self.client));
         self.txn = Some(Transaction {
             sender,
             queue_id,
@@ -495,9 +545,11 @@ impl Session {
                 Phase::Command => self.next_command(),
                 Phase::Data(_) => self.next_content(),
                 Phase::Chunk(_) => self.next_chunk(),
+                Phase::AuthResponse { .. } => self.next_auth_response(),
                 Phase::Opening { .. }
                 | Phase::Checking(_)
                 | Phase::Handshake
+                | Phase::Authenticating { .. }
                 | Phase::AwaitingAnswer { .. }
                 | Phase::Closed => false,
             };
@@ -577,6 +629,7 @@ impl Session {
             Command::Rcpt { path, params } => self.rcpt(path, &params),
             Command::Data => self.data(),
             Command::StartTls => self.starttls(),
+            Command::Auth { mechanism, initial } => self.auth(mechanism, initial),
             Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
                 self.abort_transaction();
@@ -659,6 +712,7 @@ impl Session {
         if smtpd.tls_offered() && self.tls.is_none() {
             lines.push("STARTTLS".into());
         }
+        lines.extend(self.auth_keyword());
         lines.extend(["ENHANCEDSTATUSCODES".into(), "8BITMIME".into()]);
         if smtpd.dsn {
             lines.push("DSN".into());
@@ -682,6 +736,12 @@ impl Session {
         if let Some(refusal) = self.connect_refusal.clone() {
             return self.refused(Verb::Mail, &refusal);
         }
+        // Submission takes mail only from logged-in clients, and they log
+        // in only under TLS.
+        if self.role.is_submission() && self.login.is_none() {
+            let refusal = if self.tls.is_none() { auth::MUST_STARTTLS } else { auth::AUTH_REQUIRED };
+            return self.fail(Verb::Mail, &refusal);
+        }
         let param_strings = check::param_strings(params);
         let params = match self.mail_params(params) {
             Ok(params) => params,
@@ -701,6 +761,7 @@ impl Session {
             helo,
             protocol: self.protocol_for(params.smtputf8).into(),
             tls: self.tls.as_ref().map(TlsSummary::to_string).unwrap_or_default(),
+            auth: self.login.clone(),
         };
         let MailParams { body, smtputf8, ret, envid, size } = params;
         let info = SenderInfo { address: sender.clone(), body, smtputf8, ret, envid };
@@ -821,6 +882,12 @@ impl Session {
             AddressError::Utf8NotAllowed => reply::UTF8_ADDRESS,
             _ => reply::BAD_RECIPIENT,
         })?;
+        // A logged-in client may send anywhere (cleanup agrees only where
+        // AUTH is configured); mail to our own domains still meets the
+        // recipient map.
+        if self.login.is_some() && !self.config.accepts_domain(&mailbox.domain) {
+            return Ok(mailbox.to_string());
+        }
         // Accepted domains, the recipient map and trusted_networks.
         self.relay.check(&self.config, self.addr, &mailbox)?;
         Ok(mailbox.to_string())
@@ -1032,7 +1099,13 @@ impl Session {
                 }
                 self.process();
             }
-            Phase::Command | Phase::Data(_) | Phase::Chunk(_) | Phase::Handshake | Phase::Checking(_) => {
+            Phase::Command
+            | Phase::Data(_)
+            | Phase::Chunk(_)
+            | Phase::Handshake
+            | Phase::Checking(_)
+            | Phase::Authenticating { .. }
+            | Phase::AuthResponse { .. } => {
                 if let Some(txn) = &mut self.txn {
                     txn.failure.get_or_insert(failure);
                 }
@@ -1055,6 +1128,10 @@ impl Session {
             Phase::Chunk(_) => self.stats.count(Verb::Bdat, false),
             Phase::AwaitingAnswer { verb } => self.stats.count(verb, false),
             Phase::Handshake => self.stats.count(Verb::Starttls, false),
+            Phase::Authenticating { .. } | Phase::AuthResponse { .. } => {
+                self.stats.count(Verb::Auth, false);
+                self.actions.push_back(Action::AuthCancel);
+            }
             Phase::Checking(ref pending) => self.stats.count(pending.verb(), false),
             Phase::Command | Phase::Closed => {}
         }
@@ -1128,14 +1205,19 @@ impl Session {
     /// The RFC 3848 / RFC 6531 `with` value: `SMTP` after HELO, else
     /// `ESMTP`, `UTF8SMTP` for a transaction with SMTPUTF8, plus `S` under
     /// TLS.
+    /// RFC 3848 and RFC 6531's `with` names: S for TLS, A for AUTH.
     fn protocol_for(&self, smtputf8: bool) -> &'static str {
         let esmtp = self.helo.as_ref().is_some_and(|h| h.esmtp);
-        match (esmtp, smtputf8, self.tls.is_some()) {
-            (false, _, _) => "SMTP",
-            (true, false, false) => "ESMTP",
-            (true, false, true) => "ESMTPS",
-            (true, true, false) => "UTF8SMTP",
-            (true, true, true) => "UTF8SMTPS",
+        match (esmtp, smtputf8, self.tls.is_some(), self.login.is_some()) {
+            (false, _, _, _) => "SMTP",
+            (true, false, false, false) => "ESMTP",
+            (true, false, true, false) => "ESMTPS",
+            (true, false, false, true) => "ESMTPA",
+            (true, false, true, true) => "ESMTPSA",
+            (true, true, false, false) => "UTF8SMTP",
+            (true, true, true, false) => "UTF8SMTPS",
+            (true, true, false, true) => "UTF8SMTPA",
+            (true, true, true, true) => "UTF8SMTPSA",
         }
     }
 

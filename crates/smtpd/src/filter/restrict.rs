@@ -50,7 +50,11 @@ impl Restrictor {
     /// sandbox: smtpd reads no file afterwards.
     pub fn load(config: &Config) -> Result<Restrictor, TableError> {
         let mut tables: Vec<(TableSpec, Table)> = Vec::new();
-        for spec in config.smtpd.restrictions.all().filter_map(Restriction::table) {
+        // Both listeners' lists: a process learns its listener's role
+        // after loading (see `Config::for_role`).
+        let lists = config.smtpd.restrictions.all().chain(config.smtpd.submission.restrictions.all());
+        let login_maps = config.smtpd.auth.sender_login_maps.iter();
+        for spec in lists.filter_map(Restriction::table).chain(login_maps) {
             if !tables.iter().any(|(s, _)| s == spec) {
                 tables.push((spec.clone(), Table::load_with(spec, config.server.table_timeout)?));
             }
@@ -306,7 +310,54 @@ impl<'a> ListRound<'a> {
                 None => Found::Dunno,
             },
             Restriction::CheckPolicyService => Found::Policy,
+            Restriction::PermitSaslAuthenticated => {
+                if facts.login.is_some() {
+                    Found::Permit
+                } else {
+                    Found::Dunno
+                }
+            }
+            Restriction::RejectSenderLoginMismatch => match facts.sender {
+                Some(sender) if !sender.is_empty() => self.sender_login(sender),
+                _ => Found::Dunno,
+            },
         }
+    }
+
+    /// `reject_sender_login_mismatch` (Postfix's wording): the sender's
+    /// owners, from `[smtpd.auth] sender_login_maps` (the address, then
+    /// `@domain`), must include the login; a logged-in client may not use
+    /// an address nobody owns, and an owned address needs its owner
+    /// logged in.
+    fn sender_login(&self, sender: &str) -> Found {
+        let login = self.subject.facts.login.map(|l| l.username.as_str());
+        let mut keys = vec![sender.to_owned()];
+        if let Some((_, domain)) = sender.rsplit_once('@') {
+            keys.push(format!("@{domain}"));
+        }
+        let mut owners = None;
+        for spec in &self.config.smtpd.auth.sender_login_maps {
+            match self.first_of(spec, &keys, sender) {
+                Ok(None) => {}
+                Ok(found) => {
+                    owners = found;
+                    break;
+                }
+                Err(refusal) => return refusal,
+            }
+        }
+        let owned_by = |login: &str| {
+            owners.as_deref().is_some_and(|o| {
+                o.split([',', ' ', '\t']).filter(|w| !w.is_empty()).any(|w| w.eq_ignore_ascii_case(login))
+            })
+        };
+        let text = match (login, &owners) {
+            (Some(login), _) if owned_by(login) => return Found::Dunno,
+            (Some(login), _) => format!("not owned by user {login}"),
+            (None, Some(_)) => "not logged in".to_owned(),
+            (None, None) => return Found::Dunno,
+        };
+        Found::Action(CheckStage::Mail, sender.to_owned(), reply_action(553, 5, 7, 1, &text))
     }
 
     /// `reject_unverified_recipient`: Postfix's replies for an address the
@@ -348,29 +399,36 @@ impl<'a> ListRound<'a> {
         Found::Action(stage, name, action)
     }
 
-    /// The first of `keys` in the table, as an access(5) action.
-    fn access(&self, spec: &TableSpec, keys: &[String], stage: CheckStage, name: String) -> Found {
-        let Some(table) = self.restrictor.table(spec) else { return config_error(spec, "not loaded") };
-        let mut found = None;
+    /// The result for the first of `keys` in the table; `Err` holds the
+    /// refusal when the table could not answer (`451 4.3.0 <name>:
+    /// Temporary lookup failure`, or Postfix's configuration error).
+    fn first_of(&self, spec: &TableSpec, keys: &[String], name: &str) -> Result<Option<String>, Found> {
+        let Some(table) = self.restrictor.table(spec) else { return Err(config_error(spec, "not loaded")) };
         for key in keys {
             match table.lookup(key) {
-                Ok(Some(result)) => {
-                    found = Some(result);
-                    break;
-                }
+                Ok(Some(result)) => return Ok(Some(result)),
                 Ok(None) => {}
                 Err(LookupError::Temporary(why)) => {
                     tracing::warn!("warning: access table {spec}: {why}");
-                    return Found::Reply(FilterReply::new(
+                    return Err(Found::Reply(FilterReply::new(
                         ReplyCode::of(451),
                         EnhancedStatus::new(StatusClass::Persistent, 3, 0),
                         format!("<{name}>: Temporary lookup failure"),
-                    ));
+                    )));
                 }
-                Err(LookupError::Permanent(why)) => return config_error(spec, &why),
+                Err(LookupError::Permanent(why)) => return Err(config_error(spec, &why)),
             }
         }
-        let Some(result) = found else { return Found::Dunno };
+        Ok(None)
+    }
+
+    /// The first of `keys` in the table, as an access(5) action.
+    fn access(&self, spec: &TableSpec, keys: &[String], stage: CheckStage, name: String) -> Found {
+        let result = match self.first_of(spec, keys, &name) {
+            Ok(Some(result)) => result,
+            Ok(None) => return Found::Dunno,
+            Err(refusal) => return refusal,
+        };
         match Action::parse(&result) {
             Ok(Action::Unsupported(what)) => config_error(spec, &format!("{what:?} is not an access(5) action")),
             Ok(action) => Found::Action(stage, name, action),
