@@ -35,14 +35,9 @@ struct Host {
 fn host(auth: &str, extra: &str) -> Host {
     let dovecot = Dovecot::start_with_passwords(&[ALICE, BOB]);
     let certs = TempDir::new("submission-certs");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-        .expect("params")
-        .self_signed(&key)
-        .expect("self-signed certificate");
-    let (cert_file, key_file) = (certs.0.join("cert.pem"), certs.0.join("key.pem"));
-    std::fs::write(&cert_file, cert.pem()).expect("write cert");
-    std::fs::write(&key_file, key.serialize_pem()).expect("write key");
+    let (cert_file, key_file) = certificate(&certs, "cert", "localhost");
+    // A second certificate, served to clients that ask for its name (SNI).
+    let (sni_cert, sni_key) = certificate(&certs, "mail", "mail.example.test");
     let logins = certs.0.join("sender_logins");
     std::fs::write(&logins, "alice@example.test alice\nshared@example.test alice, bob\n").expect("write logins");
     // The ports are chosen here and bound by the master: a port of 0
@@ -59,11 +54,26 @@ fn host(auth: &str, extra: &str) -> Host {
          client_limit_exceptions = []\n"
     );
     let extra = format!(
-        "[smtpd.auth]\nserver = \"{server}\"\nsender_login_maps = [\"texthash:{}\"]\n{auth}\n{extra}",
+        "[smtpd.auth]\nserver = \"{server}\"\nsender_login_maps = [\"texthash:{}\"]\n{auth}\n\
+         [[smtpd.tls_sni]]\nnames = [\"mail.example.test\"]\ncert_file = {sni_cert:?}\nkey_file = {sni_key:?}\n{extra}",
         logins.display()
     );
     let mortal = Instance::start_with(Options { smtpd_extra, extra, ..Options::default() });
     Host { mortal, submission, submissions, _dovecot: dovecot, _certs: certs }
+}
+
+/// A fresh self-signed certificate for `name` and its key, written as
+/// `<stem>.pem` and `<stem>.key` (over any earlier ones).
+fn certificate(dir: &TempDir, stem: &str, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("self-signed certificate");
+    let (cert_file, key_file) = (dir.0.join(format!("{stem}.pem")), dir.0.join(format!("{stem}.key")));
+    std::fs::write(&cert_file, cert.pem()).expect("write cert");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write key");
+    (cert_file, key_file)
 }
 
 /// The one message delivered to `rcpt`, as text.
@@ -377,4 +387,49 @@ with smtplib.SMTP("127.0.0.1", {port}, timeout=20, source_address=source) as s:
     assert!(out.contains("auth offered: False\n"), "{out}");
     assert!(out.contains("auth: 502 5.5.1 Error: command not implemented\n"), "{out}");
     assert!(out.contains("relay: 554 5.7.1 <carol@elsewhere.example>: Relay access denied\n"), "{out}");
+}
+
+/// SNI: the certificate of `[[smtpd.tls_sni]]` for its name, the default
+/// one for any other name or none; after the files are renewed and
+/// `mortal reload` (SIGHUP), new connections get the new certificate
+/// while a session opened before goes on.
+#[test]
+fn sni_picks_the_certificate_and_reload_renews_it() {
+    let host = host("", "");
+    let mortal = &host.mortal;
+    let certs = &host._certs.0;
+    // Which file's certificate a client asking for each name is served.
+    let served = || {
+        python(&format!(
+            r#"
+import socket, ssl
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+files = {{f: ssl.PEM_cert_to_DER_cert(open("{dir}/" + f).read()) for f in ["cert.pem", "mail.pem"]}}
+for name in ["mail.example.test", "MAIL.example.test", "localhost", "other.example.test", None]:
+    with socket.create_connection(("127.0.0.1", {port}), timeout=20) as raw:
+        with ctx.wrap_socket(raw, server_hostname=name) as s:
+            der = s.getpeercert(binary_form=True)
+    print(name, [f for f, d in files.items() if d == der])
+"#,
+            dir = certs.display(),
+            port = host.submissions
+        ))
+    };
+    let expected = "mail.example.test ['mail.pem']\nMAIL.example.test ['mail.pem']\nlocalhost ['cert.pem']\n\
+                    other.example.test ['cert.pem']\nNone ['cert.pem']\n";
+    assert_eq!(served(), expected);
+    // A session in progress across the reload.
+    let mut before = Smtp::connect(mortal.port).expect("connect");
+    assert!(before.cmd("EHLO before.test").unwrap().starts_with("250"));
+    let old_cert = std::fs::read(certs.join("mail.pem")).expect("read cert");
+    certificate(&host._certs, "mail", "mail.example.test");
+    assert_ne!(std::fs::read(certs.join("mail.pem")).expect("read cert"), old_cert, "a new certificate");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(mortal.master_pid() as i32), nix::sys::signal::Signal::SIGHUP)
+        .expect("SIGHUP master");
+    let renewed = mortal_tests::wait_for("the renewed certificate served", || (served() == expected).then_some(()));
+    assert!(renewed.is_some(), "{}", mortal.log_text());
+    assert_eq!(before.cmd("NOOP").unwrap(), "250 2.0.0 Ok\r\n");
+    assert!(before.cmd("QUIT").unwrap().starts_with("221"));
 }

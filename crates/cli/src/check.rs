@@ -66,11 +66,14 @@ pub fn warnings(config: &Config) -> Vec<Warning> {
             warn(&format!("process.{name}"), "max_lifetime", "is 0s (unlimited): the process lives for ever".into());
         }
     }
-    if let Some(key) = &config.smtpd.tls_key_file {
+    let keys = config.smtpd.tls_key_file.iter().map(|k| ("smtpd".to_owned(), "tls_key_file", k));
+    let sni_keys =
+        config.smtpd.tls_sni.iter().enumerate().map(|(i, s)| (format!("smtpd.tls_sni[{i}]"), "key_file", &s.key_file));
+    for (table, name, key) in keys.chain(sni_keys) {
         match std::fs::metadata(key) {
             Ok(meta) if meta.mode() & WORLD_READABLE != 0 => warn(
-                "smtpd",
-                "tls_key_file",
+                &table,
+                name,
                 format!(
                     "{} is readable by every user (mode {:04o}): chmod 600 it (smtpd reads it before it drops root)",
                     key.display(),
@@ -78,7 +81,7 @@ pub fn warnings(config: &Config) -> Vec<Warning> {
                 ),
             ),
             Ok(_) => {}
-            Err(e) => warn("smtpd", "tls_key_file", format!("cannot read {}: {e} (STARTTLS will fail)", key.display())),
+            Err(e) => warn(&table, name, format!("cannot read {}: {e} (STARTTLS will fail)", key.display())),
         }
     }
     out

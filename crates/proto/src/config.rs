@@ -198,6 +198,10 @@ pub struct Smtpd {
     pub tls_security: TlsSecurity,
     /// Longest a TLS handshake may take after `220 Ready to start TLS`.
     pub tls_handshake_timeout: Duration,
+    /// `[[smtpd.tls_sni]]`: further certificates, each for the server
+    /// names a client may ask for in its TLS hello (SNI); any other name,
+    /// or none, gets `tls_cert_file` (Postfix `tls_server_sni_maps`).
+    pub tls_sni: Vec<SniCertificate>,
     /// Addresses to listen on behind a load balancer: every connection must
     /// open with a PROXY protocol v1 or v2 header (haproxy) naming the real
     /// client, which is then what is logged, limited and put in `Received:`.
@@ -263,6 +267,29 @@ pub struct Smtpd {
     pub auth: Auth,
     /// `[smtpd.submission]`: the submission listeners' restriction lists.
     pub submission: Submission,
+}
+
+/// Whether `name` is a host name as a TLS client sends it in SNI (RFC 6066
+/// 3: a DNS name, no trailing dot): labels of 1 to 63 letters, digits
+/// and hyphens, not starting or ending with a hyphen, 253 octets at most.
+pub fn is_host_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// One `[[smtpd.tls_sni]]`: a certificate chain and key, and the names
+/// (lower case) it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniCertificate {
+    pub names: Vec<String>,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// `[smtpd] tls_security` (Postfix smtpd_tls_security_level).
@@ -352,6 +379,7 @@ impl Default for Smtpd {
             tls_key_file: None,
             tls_security: TlsSecurity::May,
             tls_handshake_timeout: Duration::from_secs(60),
+            tls_sni: Vec::new(),
             proxy_listen: Vec::new(),
             proxy_trusted: vec![
                 IpNet::from(IpAddr::from(Ipv4Addr::LOCALHOST)),
@@ -1168,6 +1196,7 @@ impl Resolver<'_> {
                 raw.tls_handshake_timeout,
                 d.tls_handshake_timeout,
             ),
+            tls_sni: self.tls_sni(std::mem::take(&mut raw.tls_sni)),
             proxy_listen: raw.proxy_listen.unwrap_or(d.proxy_listen),
             proxy_trusted: self.networks("smtpd.proxy_trusted", raw.proxy_trusted, d.proxy_trusted),
             proxy_timeout: self.duration("smtpd.proxy_timeout", raw.proxy_timeout, d.proxy_timeout),
@@ -1192,6 +1221,37 @@ impl Resolver<'_> {
         self.restriction_rules(&smtpd);
         self.auth_rules(&smtpd);
         smtpd
+    }
+
+    /// `[[smtpd.tls_sni]]`: names that are host names (no wildcards: a
+    /// client names one host), each in one entry only.
+    fn tls_sni(&mut self, raw: Vec<raw::TlsSni>) -> Vec<SniCertificate> {
+        let mut seen: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        for (i, entry) in raw.into_iter().enumerate() {
+            let key = format!("smtpd.tls_sni[{i}].names");
+            if entry.names.is_empty() {
+                self.problems.push((format!("smtpd.tls_sni[{i}]"), "names".into(), "names no server name".into()));
+            }
+            let mut names = Vec::new();
+            for name in entry.names {
+                let lower = name.get_ref().to_ascii_lowercase();
+                if !is_host_name(&lower) {
+                    self.value_error(&key, name.span(), format!("{:?} is not a host name", name.get_ref()));
+                } else if seen.contains(&lower) {
+                    self.value_error(&key, name.span(), format!("{lower} is in another [[smtpd.tls_sni]] already"));
+                } else {
+                    seen.push(lower.clone());
+                    names.push(lower);
+                }
+            }
+            out.push(SniCertificate {
+                names,
+                cert_file: self.base.join(entry.cert_file),
+                key_file: self.base.join(entry.key_file),
+            });
+        }
+        out
     }
 
     fn cleanup(&mut self, raw: raw::Cleanup, message_size_limit: u64) -> Cleanup {
@@ -2101,6 +2161,34 @@ mod tests {
         ] {
             let err = Config::parse(bad, Path::new("m.toml")).unwrap_err();
             assert!(err.iter().any(|e| e.to_string().contains(want)), "{bad}: {err:?}");
+        }
+    }
+
+    /// SNI certificates: host names, each once, relative paths from the
+    /// file, and a default certificate for every other name.
+    #[test]
+    fn sni_certificates_name_hosts_once() {
+        let tls = "[smtpd]\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n";
+        let sni = |names: &str| {
+            format!("{tls}[[smtpd.tls_sni]]\nnames = [{names}]\ncert_file = \"m.pem\"\nkey_file = \"m.key\"\n")
+        };
+        let c = Config::parse(&sni("\"Mail.Example.org\", \"mail.example.net\""), Path::new("/etc/m/m.toml")).unwrap();
+        assert_eq!(
+            c.smtpd.tls_sni,
+            vec![SniCertificate {
+                names: vec!["mail.example.org".into(), "mail.example.net".into()],
+                cert_file: "/etc/m/m.pem".into(),
+                key_file: "/etc/m/m.key".into(),
+            }]
+        );
+        for (text, want) in [
+            (sni("\"*.example.org\""), "smtpd.tls_sni[0].names: \"*.example.org\" is not a host name"),
+            (sni("\"a.test\", \"A.test\""), "a.test is in another [[smtpd.tls_sni]] already"),
+            (sni(""), "names no server name"),
+            (sni("\"a.test\"").replace(tls, "[smtpd]\n"), "smtpd.tls_sni: needs tls_cert_file and tls_key_file"),
+        ] {
+            let err = Config::parse(&text, Path::new("m.toml")).unwrap_err();
+            assert!(err.iter().any(|e| e.to_string().contains(want)), "{text}: {err:?}");
         }
     }
 

@@ -167,6 +167,13 @@ impl Resolver<'_> {
         if smtpd.auth.mx && !has_cert {
             bad("smtpd.auth", "mx", "needs tls_cert_file and tls_key_file: AUTH is offered only under TLS".into());
         }
+        if !smtpd.tls_sni.is_empty() && !has_cert {
+            bad(
+                "smtpd",
+                "tls_sni",
+                "needs tls_cert_file and tls_key_file: the certificate for every other name".into(),
+            );
+        }
         if smtpd.auth.response_limit < 512 {
             bad("smtpd.auth", "response_limit", "below 512 octets no password fits".into());
         }

@@ -79,6 +79,7 @@ pub struct Smtpd {
     pub tls_key_file: Option<PathBuf>,
     pub tls_security: Option<TlsSecurity>,
     pub tls_handshake_timeout: Option<Text>,
+    pub tls_sni: Vec<TlsSni>,
     pub proxy_listen: Option<Vec<SocketAddr>>,
     pub submission_listen: Option<Vec<SocketAddr>>,
     pub submissions_listen: Option<Vec<SocketAddr>>,
@@ -106,6 +107,15 @@ pub struct Smtpd {
     pub verify: Verify,
     pub auth: Auth,
     pub submission: Submission,
+}
+
+/// `[[smtpd.tls_sni]]`: every key is required.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSni {
+    pub names: Vec<Text>,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// `[smtpd.auth]`.
