@@ -433,3 +433,63 @@ for name in ["mail.example.test", "MAIL.example.test", "localhost", "other.examp
     assert_eq!(before.cmd("NOOP").unwrap(), "250 2.0.0 Ok\r\n");
     assert!(before.cmd("QUIT").unwrap().starts_with("221"));
 }
+
+/// Per-login rates (`[smtpd.auth] user_message_rate_limit`,
+/// `user_recipient_rate_limit`): counted for the login wherever it
+/// connects from, refused with 450 4.7.1 past the limit, and another
+/// login from the same address is not affected.
+#[test]
+fn a_login_is_limited_in_messages_and_recipients() {
+    let host = host("user_message_rate_limit = 2\nuser_recipient_rate_limit = 3", "");
+    let out = smtplib(
+        "127.0.0.26",
+        &format!(
+            r#"
+def show(what, reply):
+    print(what, reply[0], reply[1].decode())
+with smtplib.SMTP_SSL("127.0.0.1", {port}, timeout=20, context=ctx, source_address=source) as s:
+    s.login("{alice}", "{alice_password}")
+    show("mail 1", s.mail("alice@example.test"))
+    for rcpt in ["a@example.test", "b@example.test"]:
+        show("rcpt " + rcpt, s.rcpt(rcpt))
+    show("data 1", s.data(b"Subject: one\r\n\r\nfirst\r\n"))
+    show("mail 2", s.mail("alice@example.test"))
+    for rcpt in ["c@example.test", "d@example.test"]:
+        show("rcpt " + rcpt, s.rcpt(rcpt))
+    s.rset()
+    show("mail 3", s.mail("alice@example.test"))
+with smtplib.SMTP_SSL("127.0.0.1", {port}, timeout=20, context=ctx, source_address=source) as s:
+    s.login("{bob}", "{bob_password}")
+    show("bob mail", s.mail("bob@example.test"))
+    show("bob rcpt", s.rcpt("e@example.test"))
+"#,
+            port = host.submissions,
+            alice = ALICE.0,
+            alice_password = ALICE.1,
+            bob = BOB.0,
+            bob_password = BOB.1
+        ),
+    );
+    for line in [
+        "mail 1 250 2.1.0 Ok",
+        "rcpt a@example.test 250 2.1.5 Ok",
+        "rcpt b@example.test 250 2.1.5 Ok",
+        "mail 2 250 2.1.0 Ok",
+        "rcpt c@example.test 250 2.1.5 Ok",
+        "rcpt d@example.test 450 4.7.1 Error: too many recipients from user alice",
+        "mail 3 450 4.7.1 Error: too much mail from user alice",
+        "bob mail 250 2.1.0 Ok",
+        "bob rcpt 250 2.1.5 Ok",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line:?} in\n{out}");
+    }
+    let log = host.mortal.wait_for_log(
+        "warning: User message rate limit exceeded: 3 from unknown[127.0.0.26] sasl_username=alice for service submissions",
+    );
+    assert!(
+        log.contains(
+            "warning: User recipient rate limit exceeded: 4 from unknown[127.0.0.26] sasl_username=alice for service submissions"
+        ),
+        "{log}"
+    );
+}

@@ -42,7 +42,7 @@ mod table;
 use mortal_libmaster::child;
 use mortal_libmaster::daemon::{self, Fatal, Started};
 use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
-use mortal_proto::anvil::{AnvilRequest, Conversation, REQUEST_LEN, Status};
+use mortal_proto::anvil::{AnvilRequest, Conversation, Op, REQUEST_LEN, Status, Subject};
 use mortal_proto::config::Config;
 use mortal_proto::status::ChildState;
 use std::io;
@@ -211,18 +211,27 @@ async fn lease(mut conn: tokio::net::UnixStream, shared: &Shared) {
         let now = Instant::now();
         let reply = {
             let mut table = lock(&shared.table);
-            match request.op {
-                mortal_proto::anvil::Op::Connect => table.connect(request.addr, now),
-                mortal_proto::anvil::Op::Message => table.message(request.addr, now),
-                mortal_proto::anvil::Op::AuthFailure => table.auth_failure(request.addr, now),
-                mortal_proto::anvil::Op::AuthFailures => table.auth_failures(request.addr, now),
+            // Conversation::advance let only these pairs through.
+            match (request.op, request.subject) {
+                (Op::Connect, Subject::Client(addr)) => table.connect(addr, now),
+                (Op::Message, Subject::Client(addr)) => table.message(addr, now),
+                (Op::AuthFailure, Subject::Client(addr)) => table.auth_failure(addr, now),
+                (Op::AuthFailures, Subject::Client(addr)) => table.auth_failures(addr, now),
+                (Op::UserMessage, Subject::Login(login)) => table.user_message(login, now),
+                (Op::UserRecipient, Subject::Login(login)) => table.user_recipient(login, now),
+                (op, _) => {
+                    tracing::warn!("warning: protocol violation from smtpd: {op:?} for the wrong subject");
+                    break;
+                }
             }
         };
-        if reply.status == Status::Counted {
-            if request.op == mortal_proto::anvil::Op::Connect {
-                counted = Some(request.addr);
+        if reply.status == Status::Counted
+            && let Subject::Client(addr) = request.subject
+        {
+            if request.op == Op::Connect {
+                counted = Some(addr);
             }
-            note_peaks(shared, request, reply);
+            note_peaks(shared, request.op, addr, reply);
         }
         if conn.write_all(&reply.encode()).await.is_err() {
             break;
@@ -233,20 +242,20 @@ async fn lease(mut conn: tokio::net::UnixStream, shared: &Shared) {
     }
 }
 
-fn note_peaks(shared: &Shared, request: AnvilRequest, reply: mortal_proto::anvil::AnvilReply) {
+fn note_peaks(shared: &Shared, op: Op, addr: IpAddr, reply: mortal_proto::anvil::AnvilReply) {
     let mut peaks = lock(&shared.peaks);
     let higher = |slot: &mut Option<(u32, IpAddr)>, value: u32| {
         if slot.is_none_or(|(v, _)| value > v) {
-            *slot = Some((value, request.addr));
+            *slot = Some((value, addr));
         }
     };
-    match request.op {
-        mortal_proto::anvil::Op::Connect => {
+    match op {
+        Op::Connect => {
             higher(&mut peaks.count, reply.count);
             higher(&mut peaks.connection_rate, reply.rate);
         }
-        mortal_proto::anvil::Op::Message => higher(&mut peaks.message_rate, reply.rate),
-        mortal_proto::anvil::Op::AuthFailure | mortal_proto::anvil::Op::AuthFailures => {}
+        Op::Message => higher(&mut peaks.message_rate, reply.rate),
+        Op::AuthFailure | Op::AuthFailures | Op::UserMessage | Op::UserRecipient => {}
     }
 }
 

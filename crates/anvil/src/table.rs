@@ -17,7 +17,7 @@
 //! at once than the capacity), the new client is [`Status::Untracked`]:
 //! smtpd then applies no limit to it rather than refuse mail.
 
-use mortal_proto::anvil::{AnvilReply, Op, Status};
+use mortal_proto::anvil::{AnvilReply, LoginDigest, Op, Status, Subject};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -38,13 +38,16 @@ struct Entry {
     messages: u32,
     /// Failed AUTH commands in the window.
     auth_failures: u32,
+    /// Recipients in the window (logins only).
+    recipients: u32,
     last_seen: Instant,
 }
 
 /// The table.
 #[derive(Debug)]
 pub struct AnvilTable {
-    clients: HashMap<IpAddr, Entry>,
+    /// Client addresses and, for the per-login limits, AUTH logins.
+    clients: HashMap<Subject, Entry>,
     unit: Duration,
     capacity: usize,
 }
@@ -58,7 +61,7 @@ impl AnvilTable {
     /// [`AnvilTable::disconnect`], which the caller must call exactly once
     /// for each `connect` answered [`Status::Counted`].
     pub fn connect(&mut self, addr: IpAddr, now: Instant) -> AnvilReply {
-        let Some(entry) = self.entry(addr, now) else { return untracked(Op::Connect) };
+        let Some(entry) = self.entry(Subject::Client(addr), now) else { return untracked(Op::Connect) };
         entry.open = entry.open.saturating_add(1);
         entry.connections = entry.connections.saturating_add(1);
         AnvilReply { op: Op::Connect, status: Status::Counted, count: entry.open, rate: entry.connections }
@@ -66,27 +69,41 @@ impl AnvilTable {
 
     /// A message (MAIL) from `addr`.
     pub fn message(&mut self, addr: IpAddr, now: Instant) -> AnvilReply {
-        let Some(entry) = self.entry(addr, now) else { return untracked(Op::Message) };
+        let Some(entry) = self.entry(Subject::Client(addr), now) else { return untracked(Op::Message) };
         entry.messages = entry.messages.saturating_add(1);
         AnvilReply { op: Op::Message, status: Status::Counted, count: entry.open, rate: entry.messages }
     }
 
     /// A failed AUTH from `addr`.
     pub fn auth_failure(&mut self, addr: IpAddr, now: Instant) -> AnvilReply {
-        let Some(entry) = self.entry(addr, now) else { return untracked(Op::AuthFailure) };
+        let Some(entry) = self.entry(Subject::Client(addr), now) else { return untracked(Op::AuthFailure) };
         entry.auth_failures = entry.auth_failures.saturating_add(1);
         AnvilReply { op: Op::AuthFailure, status: Status::Counted, count: entry.open, rate: entry.auth_failures }
     }
 
     /// `addr`'s AUTH failures in its current window, counting nothing.
     pub fn auth_failures(&mut self, addr: IpAddr, now: Instant) -> AnvilReply {
-        let Some(entry) = self.entry(addr, now) else { return untracked(Op::AuthFailures) };
+        let Some(entry) = self.entry(Subject::Client(addr), now) else { return untracked(Op::AuthFailures) };
         AnvilReply { op: Op::AuthFailures, status: Status::Counted, count: entry.open, rate: entry.auth_failures }
+    }
+
+    /// A message (MAIL) from `login`, wherever it connected from.
+    pub fn user_message(&mut self, login: LoginDigest, now: Instant) -> AnvilReply {
+        let Some(entry) = self.entry(Subject::Login(login), now) else { return untracked(Op::UserMessage) };
+        entry.messages = entry.messages.saturating_add(1);
+        AnvilReply { op: Op::UserMessage, status: Status::Counted, count: 0, rate: entry.messages }
+    }
+
+    /// A recipient (RCPT) from `login`.
+    pub fn user_recipient(&mut self, login: LoginDigest, now: Instant) -> AnvilReply {
+        let Some(entry) = self.entry(Subject::Login(login), now) else { return untracked(Op::UserRecipient) };
+        entry.recipients = entry.recipients.saturating_add(1);
+        AnvilReply { op: Op::UserRecipient, status: Status::Counted, count: 0, rate: entry.recipients }
     }
 
     /// A counted connection from `addr` closed.
     pub fn disconnect(&mut self, addr: IpAddr, now: Instant) {
-        if let Some(entry) = self.clients.get_mut(&addr) {
+        if let Some(entry) = self.clients.get_mut(&Subject::Client(addr)) {
             entry.open = entry.open.saturating_sub(1);
             entry.last_seen = now;
         }
@@ -104,20 +121,21 @@ impl AnvilTable {
 
     /// The entry for `addr`, created if there is room, its window rolled
     /// over if it has passed.
-    fn entry(&mut self, addr: IpAddr, now: Instant) -> Option<&mut Entry> {
-        if !self.clients.contains_key(&addr) && self.clients.len() >= self.capacity {
+    fn entry(&mut self, subject: Subject, now: Instant) -> Option<&mut Entry> {
+        if !self.clients.contains_key(&subject) && self.clients.len() >= self.capacity {
             self.make_room(now);
             if self.clients.len() >= self.capacity {
                 return None;
             }
         }
         let unit = self.unit;
-        let entry = self.clients.entry(addr).or_insert(Entry {
+        let entry = self.clients.entry(subject).or_insert(Entry {
             open: 0,
             window_start: now,
             connections: 0,
             messages: 0,
             auth_failures: 0,
+            recipients: 0,
             last_seen: now,
         });
         if now.saturating_duration_since(entry.window_start) >= unit {
@@ -125,6 +143,7 @@ impl AnvilTable {
             entry.connections = 0;
             entry.messages = 0;
             entry.auth_failures = 0;
+            entry.recipients = 0;
         }
         entry.last_seen = now;
         Some(entry)
@@ -135,9 +154,9 @@ impl AnvilTable {
         if self.clients.len() < self.capacity {
             return;
         }
-        let mut idle: Vec<(Instant, IpAddr)> =
+        let mut idle: Vec<(Instant, Subject)> =
             self.clients.iter().filter(|(_, e)| e.open == 0).map(|(a, e)| (e.last_seen, *a)).collect();
-        idle.sort_unstable();
+        idle.sort_unstable_by_key(|(seen, _)| *seen);
         let batch = (self.capacity / EVICT_FRACTION).max(1);
         for (_, addr) in idle.into_iter().take(batch) {
             self.clients.remove(&addr);
@@ -159,6 +178,13 @@ mod tests {
         IpAddr::V4(n.into())
     }
 
+    fn client(subject: &Subject) -> Option<IpAddr> {
+        match subject {
+            Subject::Client(addr) => Some(*addr),
+            Subject::Login(_) => None,
+        }
+    }
+
     fn counts(r: AnvilReply) -> (Status, u32, u32) {
         (r.status, r.count, r.rate)
     }
@@ -175,6 +201,24 @@ mod tests {
         // A disconnect for an unknown client changes nothing.
         t.disconnect(ip(9), t0);
         assert_eq!(t.len(), 2);
+    }
+
+    /// A login's messages and recipients count per window, apart from any
+    /// client address's.
+    #[test]
+    fn logins_count_apart_from_clients() {
+        let t0 = Instant::now();
+        let mut t = AnvilTable::new(UNIT, 10);
+        let alice = LoginDigest::of("alice");
+        assert_eq!(counts(t.user_message(alice, t0)), (Status::Counted, 0, 1));
+        assert_eq!(counts(t.user_message(alice, t0)), (Status::Counted, 0, 2));
+        for n in 1..=3 {
+            assert_eq!(counts(t.user_recipient(alice, t0)), (Status::Counted, 0, n));
+        }
+        assert_eq!(t.user_message(LoginDigest::of("bob"), t0).rate, 1);
+        assert_eq!(t.message(ip(1), t0).rate, 1);
+        assert_eq!(t.user_message(alice, t0 + UNIT).rate, 1);
+        assert_eq!(t.user_recipient(alice, t0 + UNIT).rate, 1);
     }
 
     /// AUTH failures count per window; asking for them counts nothing.
@@ -213,11 +257,11 @@ mod tests {
         t.disconnect(ip(2), t0);
         t.message(ip(3), t0 + Duration::from_secs(30));
         t.sweep(t0 + UNIT);
-        let mut left: Vec<_> = t.clients.keys().copied().collect();
+        let mut left: Vec<_> = t.clients.keys().filter_map(client).collect();
         left.sort();
         assert_eq!(left, vec![ip(1), ip(3)]);
         t.sweep(t0 + UNIT * 2);
-        assert_eq!(t.clients.keys().copied().collect::<Vec<_>>(), vec![ip(1)]);
+        assert_eq!(t.clients.keys().filter_map(client).collect::<Vec<_>>(), vec![ip(1)]);
     }
 
     #[test]
@@ -231,7 +275,7 @@ mod tests {
         // ...and a new one evicts the two least recently seen.
         assert_eq!(t.message(ip(100), t0 + Duration::from_secs(1)).status, Status::Counted);
         assert_eq!(t.len(), 19);
-        assert!(!t.clients.contains_key(&ip(0)) && !t.clients.contains_key(&ip(1)));
+        assert!(!t.clients.contains_key(&Subject::Client(ip(0))) && !t.clients.contains_key(&Subject::Client(ip(1))));
         for n in 200..10_000 {
             t.message(ip(n), t0 + Duration::from_secs(2));
             assert!(t.len() <= 20);
@@ -251,6 +295,6 @@ mod tests {
         assert_eq!(t.connect(ip(0), t0).count, 2);
         t.disconnect(ip(1), t0);
         assert_eq!(t.connect(ip(3), t0 + Duration::from_secs(1)).status, Status::Counted);
-        assert!(!t.clients.contains_key(&ip(1)));
+        assert!(!t.clients.contains_key(&Subject::Client(ip(1))));
     }
 }

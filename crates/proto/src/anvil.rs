@@ -12,18 +12,24 @@
 //! variable length from the other:
 //!
 //! ```text
-//! request (20 octets): magic 0xA7, version 1, op, family (4 or 6), address (16 octets)
+//! request (20 octets): magic 0xA7, version 1, op, family (4, 6 or 'L'), subject (16 octets)
 //! reply   (12 octets): magic 0xA8, version 1, op, status, count (u32 BE), rate (u32 BE)
 //! ```
 //!
-//! An IPv4 address fills the first 4 address octets and the other 12 must
-//! be zero. The first request on a connection is [`Op::Connect`], the
-//! others [`Op::Message`], [`Op::AuthFailure`] or [`Op::AuthFailures`]
-//! for the same address ([`Conversation`] enforces it). Each request gets exactly one reply, in order: for `Connect`,
+//! An IPv4 address fills the first 4 subject octets and the other 12 must
+//! be zero; family `L` carries a [`LoginDigest`] (an AUTH login, counted
+//! for itself wherever it connects from). The first request on a
+//! connection is [`Op::Connect`], the others [`Op::Message`],
+//! [`Op::AuthFailure`] or [`Op::AuthFailures`] for the same address, or
+//! [`Op::UserMessage`] and [`Op::UserRecipient`] for a login
+//! ([`Conversation`] enforces it). Each request gets exactly one reply,
+//! in order: for `Connect`,
 //! `count` is the client's open connections including this one and `rate`
 //! its connections in the current `rate_time_unit`; for `Message`, `count`
 //! is unchanged and `rate` counts the messages (MAIL commands) in the
-//! current unit, this one included. [`Status::Untracked`] means anvil
+//! current unit, this one included; for the login ops `count` is 0 and
+//! `rate` the login's messages or recipients in its current unit.
+//! [`Status::Untracked`] means anvil
 //! could not keep an entry for the client (its table is full): the caller
 //! must then apply no limit, since a rate limiter must never become the
 //! reason mail is refused.
@@ -54,6 +60,11 @@ pub enum Op {
     /// How many AUTH failures the address has in the current unit
     /// (`rate`), counting nothing: asked before an AUTH starts.
     AuthFailures,
+    /// A new message (MAIL) from a login: `rate` counts the login's
+    /// messages in the current unit, this one included.
+    UserMessage,
+    /// A recipient (RCPT) from a login: `rate` counts its recipients.
+    UserRecipient,
 }
 
 impl Op {
@@ -63,6 +74,8 @@ impl Op {
             Op::Message => 2,
             Op::AuthFailure => 3,
             Op::AuthFailures => 4,
+            Op::UserMessage => 5,
+            Op::UserRecipient => 6,
         }
     }
 
@@ -72,16 +85,53 @@ impl Op {
             2 => Some(Op::Message),
             3 => Some(Op::AuthFailure),
             4 => Some(Op::AuthFailures),
+            5 => Some(Op::UserMessage),
+            6 => Some(Op::UserRecipient),
             _ => None,
         }
     }
 }
 
+/// What a count is kept for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subject {
+    /// A client address (its network, as smtpd groups clients).
+    Client(IpAddr),
+    /// An AUTH login.
+    Login(LoginDigest),
+}
+
+/// A login name as anvil counts it: 128 bits of its hash, so every record
+/// stays fixed-size and anvil never holds a user name. Two logins with one
+/// digest would share their counts; at 128 bits that does not happen.
+/// smtpd and anvil come from one build, so they hash alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LoginDigest([u8; 16]);
+
+impl LoginDigest {
+    /// The digest of `username`, as Dovecot confirmed it (exact octets).
+    pub fn of(username: &str) -> LoginDigest {
+        use std::hash::{Hash, Hasher};
+        let half = |salt: &str| {
+            let mut h = std::hash::DefaultHasher::new();
+            (salt, username).hash(&mut h);
+            h.finish().to_be_bytes()
+        };
+        let mut octets = [0u8; 16];
+        octets[..8].copy_from_slice(&half("mortal anvil login 1"));
+        octets[8..].copy_from_slice(&half("mortal anvil login 2"));
+        LoginDigest(octets)
+    }
+}
+
+/// Family octet of a login subject.
+const FAMILY_LOGIN: u8 = b'L';
+
 /// One request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AnvilRequest {
     pub op: Op,
-    pub addr: IpAddr,
+    pub subject: Subject,
 }
 
 /// Whether anvil counted the request.
@@ -122,8 +172,10 @@ pub enum AnvilError {
     NotConnected,
     #[error("second Connect on one connection")]
     Reconnect,
-    #[error("Message for {got}, but the connection is for {leased}")]
+    #[error("request for {got}, but the connection is for {leased}")]
     OtherAddress { leased: IpAddr, got: IpAddr },
+    #[error("{0:?} for the wrong kind of subject")]
+    WrongSubject(Op),
 }
 
 impl AnvilRequest {
@@ -134,14 +186,20 @@ impl AnvilRequest {
         out[2] = self.op.code();
         // Stored in canonical form, so `::ffff:a.b.c.d` and `a.b.c.d` are
         // one client.
-        match self.addr.to_canonical() {
-            IpAddr::V4(a) => {
-                out[3] = 4;
-                out[4..8].copy_from_slice(&a.octets());
-            }
-            IpAddr::V6(a) => {
-                out[3] = 6;
-                out[4..20].copy_from_slice(&a.octets());
+        match self.subject {
+            Subject::Client(addr) => match addr.to_canonical() {
+                IpAddr::V4(a) => {
+                    out[3] = 4;
+                    out[4..8].copy_from_slice(&a.octets());
+                }
+                IpAddr::V6(a) => {
+                    out[3] = 6;
+                    out[4..20].copy_from_slice(&a.octets());
+                }
+            },
+            Subject::Login(LoginDigest(octets)) => {
+                out[3] = FAMILY_LOGIN;
+                out[4..20].copy_from_slice(&octets);
             }
         }
         out
@@ -150,17 +208,16 @@ impl AnvilRequest {
     pub fn decode(b: &[u8; REQUEST_LEN]) -> Result<AnvilRequest, AnvilError> {
         header(b, REQUEST_MAGIC)?;
         let op = Op::from_code(b[2]).ok_or(AnvilError::Op(b[2]))?;
-        let addr = match b[3] {
-            4 if b[8..].iter().all(|&x| x == 0) => IpAddr::V4(Ipv4Addr::new(b[4], b[5], b[6], b[7])),
+        let mut octets = [0u8; 16];
+        octets.copy_from_slice(&b[4..20]);
+        let subject = match b[3] {
+            4 if b[8..].iter().all(|&x| x == 0) => Subject::Client(IpAddr::V4(Ipv4Addr::new(b[4], b[5], b[6], b[7]))),
             4 => return Err(AnvilError::Padding),
-            6 => {
-                let mut octets = [0u8; 16];
-                octets.copy_from_slice(&b[4..20]);
-                IpAddr::V6(Ipv6Addr::from(octets)).to_canonical()
-            }
+            6 => Subject::Client(IpAddr::V6(Ipv6Addr::from(octets)).to_canonical()),
+            FAMILY_LOGIN => Subject::Login(LoginDigest(octets)),
             f => return Err(AnvilError::Family(f)),
         };
-        Ok(AnvilRequest { op, addr })
+        Ok(AnvilRequest { op, subject })
     }
 }
 
@@ -212,15 +269,23 @@ pub struct Conversation {
 impl Conversation {
     /// Accepts `req` as the next request, or says which rule it breaks.
     pub fn advance(&mut self, req: &AnvilRequest) -> Result<(), AnvilError> {
-        match (req.op, self.leased) {
-            (Op::Connect, None) => {
-                self.leased = Some(req.addr);
-                Ok(())
-            }
-            (Op::Connect, Some(_)) => Err(AnvilError::Reconnect),
-            (Op::Message | Op::AuthFailure | Op::AuthFailures, None) => Err(AnvilError::NotConnected),
-            (_, Some(leased)) if leased == req.addr => Ok(()),
-            (_, Some(leased)) => Err(AnvilError::OtherAddress { leased, got: req.addr }),
+        let Some(leased) = self.leased else {
+            return match (req.op, req.subject) {
+                (Op::Connect, Subject::Client(addr)) => {
+                    self.leased = Some(addr);
+                    Ok(())
+                }
+                (Op::Connect, Subject::Login(_)) => Err(AnvilError::WrongSubject(Op::Connect)),
+                _ => Err(AnvilError::NotConnected),
+            };
+        };
+        match (req.op, req.subject) {
+            (Op::Connect, _) => Err(AnvilError::Reconnect),
+            (Op::UserMessage | Op::UserRecipient, Subject::Login(_)) => Ok(()),
+            (op @ (Op::UserMessage | Op::UserRecipient), Subject::Client(_)) => Err(AnvilError::WrongSubject(op)),
+            (_, Subject::Client(addr)) if addr == leased => Ok(()),
+            (_, Subject::Client(got)) => Err(AnvilError::OtherAddress { leased, got }),
+            (op, Subject::Login(_)) => Err(AnvilError::WrongSubject(op)),
         }
     }
 
@@ -238,6 +303,10 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn client(s: &str) -> Subject {
+        Subject::Client(ip(s))
+    }
+
     #[test]
     fn requests_round_trip_in_canonical_form() {
         for (op, addr, canonical) in [
@@ -248,8 +317,13 @@ mod tests {
             (Op::AuthFailure, "192.0.2.7", "192.0.2.7"),
             (Op::AuthFailures, "2001:db8::7", "2001:db8::7"),
         ] {
-            let bytes = AnvilRequest { op, addr: ip(addr) }.encode();
-            assert_eq!(AnvilRequest::decode(&bytes), Ok(AnvilRequest { op, addr: ip(canonical) }));
+            let bytes = AnvilRequest { op, subject: client(addr) }.encode();
+            assert_eq!(AnvilRequest::decode(&bytes), Ok(AnvilRequest { op, subject: client(canonical) }));
+        }
+        for op in [Op::UserMessage, Op::UserRecipient] {
+            let subject = Subject::Login(LoginDigest::of("alice@example.test"));
+            let bytes = AnvilRequest { op, subject }.encode();
+            assert_eq!(AnvilRequest::decode(&bytes), Ok(AnvilRequest { op, subject }));
         }
     }
 
@@ -265,12 +339,12 @@ mod tests {
 
     #[test]
     fn malformed_records_are_refused() {
-        let good = AnvilRequest { op: Op::Connect, addr: ip("192.0.2.1") }.encode();
+        let good = AnvilRequest { op: Op::Connect, subject: client("192.0.2.1") }.encode();
         let cases: [(usize, u8, AnvilError); 6] = [
             (0, 0x00, AnvilError::Magic(0)),
             (1, 2, AnvilError::Version(2)),
             (2, 0, AnvilError::Op(0)),
-            (2, 5, AnvilError::Op(5)),
+            (2, 7, AnvilError::Op(7)),
             (3, 5, AnvilError::Family(5)),
             (19, 1, AnvilError::Padding),
         ];
@@ -288,8 +362,8 @@ mod tests {
 
     #[test]
     fn conversation_order() {
-        let connect = |a: &str| AnvilRequest { op: Op::Connect, addr: ip(a) };
-        let message = |a: &str| AnvilRequest { op: Op::Message, addr: ip(a) };
+        let connect = |a: &str| AnvilRequest { op: Op::Connect, subject: client(a) };
+        let message = |a: &str| AnvilRequest { op: Op::Message, subject: client(a) };
         let mut c = Conversation::default();
         assert_eq!(c.advance(&message("192.0.2.1")), Err(AnvilError::NotConnected));
         assert_eq!(c.advance(&connect("192.0.2.1")), Ok(()));
@@ -297,8 +371,8 @@ mod tests {
         assert_eq!(c.advance(&message("192.0.2.1")), Ok(()));
         assert_eq!(c.advance(&message("192.0.2.1")), Ok(()));
         for op in [Op::AuthFailures, Op::AuthFailure] {
-            assert_eq!(c.advance(&AnvilRequest { op, addr: ip("192.0.2.1") }), Ok(()));
-            let other = AnvilRequest { op, addr: ip("192.0.2.3") };
+            assert_eq!(c.advance(&AnvilRequest { op, subject: client("192.0.2.1") }), Ok(()));
+            let other = AnvilRequest { op, subject: client("192.0.2.3") };
             assert_eq!(
                 c.advance(&other),
                 Err(AnvilError::OtherAddress { leased: ip("192.0.2.1"), got: ip("192.0.2.3") })
@@ -309,5 +383,26 @@ mod tests {
             Err(AnvilError::OtherAddress { leased: ip("192.0.2.1"), got: ip("192.0.2.2") })
         );
         assert_eq!(c.advance(&connect("192.0.2.1")), Err(AnvilError::Reconnect));
+        // Login counts go with any lease, and only for logins.
+        let login = Subject::Login(LoginDigest::of("alice"));
+        assert_eq!(c.advance(&AnvilRequest { op: Op::UserMessage, subject: login }), Ok(()));
+        assert_eq!(c.advance(&AnvilRequest { op: Op::UserRecipient, subject: login }), Ok(()));
+        assert_eq!(
+            c.advance(&AnvilRequest { op: Op::UserMessage, subject: client("192.0.2.1") }),
+            Err(AnvilError::WrongSubject(Op::UserMessage))
+        );
+        assert_eq!(
+            c.advance(&AnvilRequest { op: Op::Message, subject: login }),
+            Err(AnvilError::WrongSubject(Op::Message))
+        );
+        let mut fresh = Conversation::default();
+        assert_eq!(fresh.advance(&AnvilRequest { op: Op::UserMessage, subject: login }), Err(AnvilError::NotConnected));
+        assert_eq!(
+            fresh.advance(&AnvilRequest { op: Op::Connect, subject: login }),
+            Err(AnvilError::WrongSubject(Op::Connect))
+        );
+        // Distinct logins, distinct digests; one login, one digest.
+        assert_ne!(LoginDigest::of("alice"), LoginDigest::of("Alice"));
+        assert_eq!(LoginDigest::of("alice"), LoginDigest::of("alice"));
     }
 }

@@ -6,7 +6,7 @@
 //! as "anvil unavailable" and serves the client without limits (fail
 //! open): a rate limiter must never become the reason mail stops.
 
-use mortal_proto::anvil::{AnvilError, AnvilReply, AnvilRequest, Op, REPLY_LEN};
+use mortal_proto::anvil::{AnvilError, AnvilReply, AnvilRequest, LoginDigest, Op, REPLY_LEN, Subject};
 use std::io;
 use std::net::IpAddr;
 use std::path::Path;
@@ -73,8 +73,22 @@ impl AnvilLease {
         self.ask(Op::AuthFailures).await
     }
 
+    /// Counts a message from `login`, wherever it connects from.
+    pub async fn user_message(&mut self, login: LoginDigest) -> Result<AnvilReply, AnvilClientError> {
+        self.ask_for(Op::UserMessage, Subject::Login(login)).await
+    }
+
+    /// Counts a recipient from `login`.
+    pub async fn user_recipient(&mut self, login: LoginDigest) -> Result<AnvilReply, AnvilClientError> {
+        self.ask_for(Op::UserRecipient, Subject::Login(login)).await
+    }
+
     async fn ask(&mut self, op: Op) -> Result<AnvilReply, AnvilClientError> {
-        let request = AnvilRequest { op, addr: self.addr }.encode();
+        self.ask_for(op, Subject::Client(self.addr)).await
+    }
+
+    async fn ask_for(&mut self, op: Op, subject: Subject) -> Result<AnvilReply, AnvilClientError> {
+        let request = AnvilRequest { op, subject }.encode();
         timeout(ANVIL_TIMEOUT, self.sock.write_all(&request)).await.map_err(|_| AnvilClientError::Timeout)??;
         let mut buf = [0u8; REPLY_LEN];
         match timeout(ANVIL_TIMEOUT, self.sock.read_exact(&mut buf)).await {

@@ -35,7 +35,7 @@ use crate::dns::ReverseResolver;
 use crate::engine::AuthAnswer;
 use crate::engine::{Action, Answer, Session};
 use crate::filter::restrict::Restrictor;
-use crate::filter::verdict::Verdict;
+use crate::filter::verdict::{CheckStage, RefusedBy, Verdict};
 use crate::filter::{Endpoints, Filters, PolicyClients};
 use crate::relay::RelayPolicy;
 use crate::sasl::{SaslClientInfo, SaslError, SaslServer};
@@ -492,7 +492,7 @@ impl Connection {
                 Action::Reply(text) if self.writable => self.out.extend_from_slice(text.as_bytes()),
                 Action::Reply(_) | Action::Close => {}
                 Action::Log(line) => tracing::info!("{line}"),
-                Action::StartTransaction { client, sender } => match self.limits.check_message().await {
+                Action::StartTransaction { client, sender } => match self.check_message(&client).await {
                     Some(refusal) => session.cleanup_answer(refusal),
                     None => {
                         if let Some(filters) = &mut self.filters {
@@ -516,9 +516,16 @@ impl Connection {
                     }
                 }
                 Action::Check(check) => {
-                    let verdict = match &mut self.filters {
-                        Some(filters) => filters.check(&check, &session.facts()).await,
-                        None => Verdict::proceed(),
+                    // A login over its recipient rate is refused before
+                    // any filter is asked.
+                    let over = match (check.stage, session.login()) {
+                        (CheckStage::Rcpt, Some(login)) => self.limits.check_user_recipient(login).await,
+                        _ => None,
+                    };
+                    let verdict = match (over, &mut self.filters) {
+                        (Some(reply), _) => Verdict::refused(reply, RefusedBy::Policy),
+                        (None, Some(filters)) => filters.check(&check, &session.facts()).await,
+                        (None, None) => Verdict::proceed(),
                     };
                     session.check_done(verdict);
                 }
@@ -542,6 +549,17 @@ impl Connection {
                 Action::Sleep(pause) if self.writable => tokio::time::sleep(pause).await,
                 Action::Sleep(_) => {}
             }
+        }
+    }
+
+    /// At MAIL: the client's message rate, then its login's.
+    async fn check_message(&mut self, client: &ClientInfo) -> Option<Answer> {
+        if let Some(refusal) = self.limits.check_message().await {
+            return Some(refusal);
+        }
+        match &client.auth {
+            Some(login) => self.limits.check_user_message(login).await,
+            None => None,
         }
     }
 

@@ -107,8 +107,8 @@
 //! `threshold`, `allowlist_threshold`, `action`, `timeout`, asking the
 //! `resolvers`. Submission and AUTH: `[smtpd] submission_listen`,
 //! `submissions_listen`; `[smtpd.auth]` `server`, `timeout`, `mx`,
-//! `authenticated_header`, `failure_limit`, `response_limit`,
-//! `sender_login_maps`; `[smtpd.submission.restrictions]` (the
+//! `authenticated_header`, `failure_limit`, `user_message_rate_limit`,
+//! `user_recipient_rate_limit`, `response_limit`, `sender_login_maps`; `[smtpd.submission.restrictions]` (the
 //! submission listeners' lists). See docs/submission.md.
 //!
 //! # Diagnostics
@@ -146,6 +146,9 @@
 //! `warning: unknown[addr]: SASL PLAIN authentication failed: <reason>`
 //! (fail2ban's postfix-sasl filter), `warning: AUTH failure limit
 //! exceeded: <n> from unknown[addr] for service submission`, `warning:
+//! User message rate limit exceeded: <n> from unknown[addr]
+//! sasl_username=<login> for service submission` (and `User recipient
+//! rate limit`), `warning:
 //! SASL authentication server <server>: <reason>` (the client gets `454
 //! 4.7.0 Temporary authentication failure`).
 #![forbid(unsafe_code)]

@@ -26,9 +26,11 @@
 
 use crate::anvil_client::{AnvilClientError, AnvilLease};
 use crate::engine::{Answer, UNKNOWN_NAME};
+use crate::filter::verdict::FilterReply;
 use crate::proxy::{self, ProxyError, ProxyHeader};
-use mortal_proto::anvil::{AnvilReply, Status};
+use mortal_proto::anvil::{AnvilReply, LoginDigest, Status};
 use mortal_proto::config::{Config, ListenerRole, networks_contain};
+use mortal_proto::envelope::SaslLogin;
 use mortal_proto::smtp_status::{EnhancedStatus, ReplyCode, StatusClass};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -193,6 +195,14 @@ pub struct ClientLimits {
     message_rate_limit: u32,
     /// `[smtpd.auth] failure_limit` where this listener offers AUTH, else 0.
     auth_failure_limit: u32,
+    /// `[smtpd.auth] user_message_rate_limit` and
+    /// `user_recipient_rate_limit` where this listener offers AUTH, else
+    /// 0. They apply whatever the client's address: a login is limited
+    /// for itself.
+    user_message_rate_limit: u32,
+    user_recipient_rate_limit: u32,
+    /// The listener's role, named in the warnings.
+    role: ListenerRole,
 }
 
 impl ClientLimits {
@@ -205,31 +215,44 @@ impl ClientLimits {
             name: UNKNOWN_NAME.into(),
             message_rate_limit: 0,
             auth_failure_limit: 0,
+            user_message_rate_limit: 0,
+            user_recipient_rate_limit: 0,
+            role: ListenerRole::Mx,
         }
     }
 
     async fn connect(config: &Config, addr: IpAddr, role: ListenerRole) -> Self {
         let s = &config.smtpd;
-        let auth_failure_limit = if s.auth.offered_on(role) { s.auth.failure_limit } else { 0 };
-        let limited = s.client_connection_count_limit > 0
+        let auth = s.auth.offered_on(role);
+        // As Postfix exempts smtpd_client_event_limit_exceptions ($mynetworks)
+        // from the per-client limits; the per-login ones hold everywhere.
+        let exempt = networks_contain(&config.server.trusted_networks, addr)
+            || networks_contain(&s.client_limit_exceptions, addr);
+        let per_client = |limit: u32| if exempt { 0 } else { limit };
+        let per_login = |limit: u32| if auth { limit } else { 0 };
+        let auth_failure_limit = per_client(per_login(s.auth.failure_limit));
+        let (user_messages, user_recipients) =
+            (per_login(s.auth.user_message_rate_limit), per_login(s.auth.user_recipient_rate_limit));
+        let client_limited = s.client_connection_count_limit > 0
             || s.client_connection_rate_limit > 0
             || s.client_message_rate_limit > 0
             || auth_failure_limit > 0;
-        // As Postfix exempts smtpd_client_event_limit_exceptions ($mynetworks).
-        let exempt = networks_contain(&config.server.trusted_networks, addr)
-            || networks_contain(&s.client_limit_exceptions, addr);
-        if !limited || exempt {
+        if (exempt || !client_limited) && user_messages == 0 && user_recipients == 0 {
             return Self::none(addr);
         }
         let socket = mortal_libmaster::sandbox::visible_path(&config.anvil_socket());
         match AnvilLease::connect(&socket, anvil_key(config, addr)).await {
             Ok((lease, reply)) => Self {
                 lease: Some(lease),
-                connected: Some(reply),
+                // An exempt client's connection counts nothing against it.
+                connected: (!exempt).then_some(reply),
                 addr,
                 name: UNKNOWN_NAME.into(),
-                message_rate_limit: s.client_message_rate_limit,
+                message_rate_limit: per_client(s.client_message_rate_limit),
                 auth_failure_limit,
+                user_message_rate_limit: user_messages,
+                user_recipient_rate_limit: user_recipients,
+                role,
             },
             Err(e) => {
                 tracing::warn!("warning: anvil {}: {e}: no client limits for {addr}", config.anvil_socket().display());
@@ -276,6 +299,62 @@ impl ClientLimits {
         }
         let result = self.lease.as_mut()?.auth_failure().await;
         self.over_auth_limit(result)
+    }
+
+    /// At MAIL from a logged-in client: counts the message for `login` and
+    /// returns the refusal when it is over `user_message_rate_limit`.
+    pub async fn check_user_message(&mut self, login: &SaslLogin) -> Option<Answer> {
+        if self.user_message_rate_limit == 0 {
+            return None;
+        }
+        let result = self.lease.as_mut()?.user_message(LoginDigest::of(&login.username)).await;
+        let rate = self.over(result, self.user_message_rate_limit)?;
+        tracing::warn!(
+            "warning: User message rate limit exceeded: {rate} from {}[{}] sasl_username={} for service {}",
+            self.name,
+            self.addr,
+            login.username,
+            self.role.name()
+        );
+        Some(Answer {
+            code: const { ReplyCode::of(450) },
+            status: const { EnhancedStatus::new(StatusClass::Persistent, 7, 1) },
+            text: format!("Error: too much mail from user {}", login.username),
+        })
+    }
+
+    /// At RCPT from a logged-in client: counts the recipient for `login`
+    /// and returns the refusal when it is over `user_recipient_rate_limit`.
+    pub async fn check_user_recipient(&mut self, login: &SaslLogin) -> Option<FilterReply> {
+        if self.user_recipient_rate_limit == 0 {
+            return None;
+        }
+        let result = self.lease.as_mut()?.user_recipient(LoginDigest::of(&login.username)).await;
+        let rate = self.over(result, self.user_recipient_rate_limit)?;
+        tracing::warn!(
+            "warning: User recipient rate limit exceeded: {rate} from {}[{}] sasl_username={} for service {}",
+            self.name,
+            self.addr,
+            login.username,
+            self.role.name()
+        );
+        Some(FilterReply::new(
+            ReplyCode::of(450),
+            EnhancedStatus::new(StatusClass::Persistent, 7, 1),
+            format!("Error: too many recipients from user {}", login.username),
+        ))
+    }
+
+    /// The rate anvil counted, when it is over `limit`.
+    fn over(&mut self, result: Result<AnvilReply, AnvilClientError>, limit: u32) -> Option<u32> {
+        match result {
+            Ok(r) => (r.status == Status::Counted && r.rate > limit).then_some(r.rate),
+            Err(e) => {
+                tracing::warn!("warning: anvil: {e}: no client limits for the rest of this session");
+                self.lease = None;
+                None
+            }
+        }
     }
 
     /// anvil's count against `failure_limit`; when anvil cannot be asked,

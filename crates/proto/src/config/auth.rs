@@ -17,6 +17,12 @@ pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Failed AUTH commands one client may make per `[anvil] rate_time_unit`
 /// before AUTH is refused and the session ended; 0: no limit.
 pub const DEFAULT_AUTH_FAILURE_LIMIT: u32 = 10;
+/// Messages (MAIL) one login may send per `[anvil] rate_time_unit`,
+/// wherever it connects from: far above what a person sends, far below
+/// what a stolen password is bought for.
+pub const DEFAULT_USER_MESSAGE_RATE_LIMIT: u32 = 100;
+/// Recipients one login may give per `[anvil] rate_time_unit`.
+pub const DEFAULT_USER_RECIPIENT_RATE_LIMIT: u32 = 1000;
 /// Longest base64 text one AUTH response line may carry: Postfix's
 /// `smtpd_sasl_response_limit` is 12288 octets.
 pub const DEFAULT_AUTH_RESPONSE_LIMIT: usize = 12_288;
@@ -77,6 +83,12 @@ pub struct Auth {
     /// Postfix `smtpd_sender_login_maps`: sender address (or `@domain`)
     /// to the logins that may use it, for `reject_sender_login_mismatch`.
     pub sender_login_maps: Vec<TableSpec>,
+    /// Messages per login per `[anvil] rate_time_unit`; more get `450
+    /// 4.7.1` at MAIL. 0: no limit.
+    pub user_message_rate_limit: u32,
+    /// Recipients per login per `[anvil] rate_time_unit`; more get `450
+    /// 4.7.1` at RCPT. 0: no limit.
+    pub user_recipient_rate_limit: u32,
 }
 
 impl Default for Auth {
@@ -89,6 +101,8 @@ impl Default for Auth {
             failure_limit: DEFAULT_AUTH_FAILURE_LIMIT,
             response_limit: DEFAULT_AUTH_RESPONSE_LIMIT,
             sender_login_maps: Vec::new(),
+            user_message_rate_limit: DEFAULT_USER_MESSAGE_RATE_LIMIT,
+            user_recipient_rate_limit: DEFAULT_USER_RECIPIENT_RATE_LIMIT,
         }
     }
 }
@@ -122,6 +136,8 @@ impl Resolver<'_> {
             failure_limit: raw.failure_limit.unwrap_or(d.failure_limit),
             response_limit: raw.response_limit.unwrap_or(d.response_limit),
             sender_login_maps: self.tables("smtpd.auth.sender_login_maps", raw.sender_login_maps),
+            user_message_rate_limit: raw.user_message_rate_limit.unwrap_or(d.user_message_rate_limit),
+            user_recipient_rate_limit: raw.user_recipient_rate_limit.unwrap_or(d.user_recipient_rate_limit),
         }
     }
 

@@ -129,6 +129,8 @@ pub struct Auth {
     pub failure_limit: Option<u32>,
     pub response_limit: Option<usize>,
     pub sender_login_maps: Option<Vec<Text>>,
+    pub user_message_rate_limit: Option<u32>,
+    pub user_recipient_rate_limit: Option<u32>,
 }
 
 /// `[smtpd.submission]`.

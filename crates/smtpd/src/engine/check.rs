@@ -51,7 +51,10 @@ impl Plan {
                     .any(|l| !restrictions.list(l).is_empty() && restrictions.evaluated_at(l) == s)
             });
             let dnsbl = config.smtpd.dnsbl.enabled() && matches!(stage, CheckStage::Connect | CheckStage::Rcpt);
-            plan.stages[stage as usize] = policy || lists || dnsbl || !config.smtpd.milters.is_empty();
+            // The driver counts a login's recipients at RCPT.
+            let auth = &config.smtpd.auth;
+            let logins = stage == CheckStage::Rcpt && auth.server.is_some() && auth.user_recipient_rate_limit > 0;
+            plan.stages[stage as usize] = policy || lists || dnsbl || logins || !config.smtpd.milters.is_empty();
         }
         plan
     }

@@ -143,6 +143,11 @@ impl Verdict {
     pub fn proceed() -> Self {
         Verdict { decision: Decision::Continue, notes: Vec::new() }
     }
+
+    /// The command is refused with `reply`, as `by` decided.
+    pub fn refused(reply: FilterReply, by: RefusedBy) -> Self {
+        Verdict { decision: Decision::Refuse { reply, by }, notes: Vec::new() }
+    }
 }
 
 /// access(5)'s reply code for REJECT (Postfix access_map_reject_code).
