@@ -390,7 +390,8 @@ with smtplib.SMTP("127.0.0.1", {port}, timeout=20, source_address=source) as s:
 }
 
 /// SNI: the certificate of `[[smtpd.tls_sni]]` for its name, the default
-/// one for any other name or none; after the files are renewed and
+/// one for any other name or none (Python's ssl and `openssl s_client
+/// -servername`); after the files are renewed and
 /// `mortal reload` (SIGHUP), new connections get the new certificate
 /// while a session opened before goes on.
 #[test]
@@ -420,6 +421,25 @@ for name in ["mail.example.test", "MAIL.example.test", "localhost", "other.examp
     let expected = "mail.example.test ['mail.pem']\nMAIL.example.test ['mail.pem']\nlocalhost ['cert.pem']\n\
                     other.example.test ['cert.pem']\nNone ['cert.pem']\n";
     assert_eq!(served(), expected);
+    // openssl s_client -servername, as an admin checks it by hand.
+    let leaf = |name: &str| {
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{}", host.submissions), "-servername", name])
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl is required (cargo xtask ci installs it)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let begin = text.find("-----BEGIN CERTIFICATE-----").unwrap_or_else(|| panic!("no certificate:\n{text}"));
+        let end = text[begin..].find("-----END CERTIFICATE-----").expect("end of certificate") + begin;
+        text[begin..end].split_whitespace().collect::<String>()
+    };
+    let file = |stem: &str| {
+        let pem = std::fs::read_to_string(certs.join(format!("{stem}.pem"))).expect("read cert");
+        let end = pem.find("-----END CERTIFICATE-----").expect("end of certificate");
+        pem[..end].split_whitespace().collect::<String>()
+    };
+    assert_eq!(leaf("mail.example.test"), file("mail"));
+    assert_eq!(leaf("localhost"), file("cert"));
     // A session in progress across the reload.
     let mut before = Smtp::connect(mortal.port).expect("connect");
     assert!(before.cmd("EHLO before.test").unwrap().starts_with("250"));
