@@ -200,6 +200,9 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     };
     let started = Instant::now();
     let mut report = Report::default();
+    // The disk's limit before any load, and again after the
+    // receive-and-queue rounds (`durable_create`).
+    report.durable_create.push(durable_create(&dir)?);
 
     for mode in modes {
         let sink = match mode {
@@ -283,10 +286,23 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
                 }
                 b.push(measure(&w, mode, Server::Postfix(&postfix))?);
             }
+            // The latency a sender sees under burst: one more burst per
+            // server, with a probe beside the load (not in the rates above).
+            if mode == Mode::Queue && w.name == "burst" && !quick {
+                eprintln!("==> latency under burst");
+                report.latency = Some((
+                    measure_latency(&w, Server::Mortal(&mortal))?,
+                    measure_latency(&w, Server::Postfix(&postfix))?,
+                ));
+            }
             report.rows.push(Row { mode, workload: w, mortal: a, postfix: b, baseline: c });
         }
         if mode == Mode::Queue {
             report.idle_uss_kib = idle_uss(&mortal);
+        }
+        // The disk's limit again, after the receive-and-queue rounds.
+        if mode == Mode::Queue {
+            report.durable_create.push(durable_create(&dir)?);
         }
         mortal.stop();
         if let Some(old) = &mut old {
@@ -406,6 +422,148 @@ impl Server<'_> {
             }
         }
     }
+}
+
+/// Writer threads of the durable-create measure (the figure in the
+/// performance issue, about 6,000 files/s on this machine, was taken with
+/// 20).
+const DURABLE_WRITERS: usize = 20;
+/// Each file's size: a small message's queue file.
+const DURABLE_FILE_SIZE: usize = 1536;
+/// How long the durable-create measure runs.
+const DURABLE_TIME: Duration = Duration::from_secs(5);
+/// The share of the durable-create limit mortal's burst should reach.
+const DURABLE_TARGET: f64 = 0.5;
+
+/// The disk's limit for what every accepted message costs, measured
+/// here in the same run: files per second that `writers` threads reach
+/// for `time`, each creating a file of [`DURABLE_FILE_SIZE`] octets the
+/// way a queue file is committed (write a temporary file, fsync it,
+/// rename it into place, fsync the directory), in a fresh directory
+/// under `dir` (the spool's file system). The files are removed after.
+fn durable_create_rate(dir: &Path, writers: usize, time: Duration) -> Result<f64> {
+    let dir = dir.join("durable-create");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let content = vec![b'x'; DURABLE_FILE_SIZE];
+    let deadline = Instant::now() + time;
+    let started = Instant::now();
+    let counts: Vec<u64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..writers)
+            .map(|t| {
+                let (dir, content) = (&dir, &content);
+                scope.spawn(move || -> Result<u64> {
+                    let directory = fs::File::open(dir)?;
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        let tmp = dir.join(format!("{t}-{n}.tmp"));
+                        let mut file = fs::File::create(&tmp)?;
+                        std::io::Write::write_all(&mut file, content)?;
+                        file.sync_all()?;
+                        fs::rename(&tmp, dir.join(format!("{t}-{n}")))?;
+                        directory.sync_all()?;
+                        n += 1;
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("durable-create writer")).collect::<Result<_>>()
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    fs::remove_dir_all(&dir)?;
+    Ok(counts.iter().sum::<u64>() as f64 / secs)
+}
+
+/// Messages the latency probe sends during one burst, at most.
+const PROBE_MESSAGES: u32 = 300;
+/// Longest the probe waits for any reply.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One burst of `w` against `server` with a probe beside it: a client
+/// that sends one message at a time (1 KiB, one recipient) and times
+/// each from the end of its DATA (the `.` line) to the server's reply,
+/// as long as the burst lasts. Returns the times, sorted.
+fn measure_latency(w: &Workload, server: Server<'_>) -> Result<Vec<Duration>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let port = server.port();
+    let probe = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || probe_latency(port, &stop))
+    };
+    let load = measure(w, Mode::Queue, server);
+    stop.store(true, Ordering::Relaxed);
+    let mut times = probe.join().map_err(|_| anyhow::anyhow!("latency probe panicked"))??;
+    load?;
+    times.sort();
+    Ok(times)
+}
+
+/// The probe's session: EHLO, then MAIL, RCPT, DATA and the content of one
+/// message after the other until `stop` or [`PROBE_MESSAGES`].
+fn probe_latency(port: u16, stop: &AtomicBool) -> Result<Vec<Duration>> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = TcpStream::connect(("127.0.0.1", port)).context("latency probe: connect")?;
+    stream.set_read_timeout(Some(PROBE_TIMEOUT))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut reply = |expect: &str| -> Result<()> {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                bail!("latency probe: connection closed after {text:?}");
+            }
+            text.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                break;
+            }
+        }
+        if !text.starts_with(expect) {
+            bail!("latency probe: wanted {expect}, got {text:?}");
+        }
+        Ok(())
+    };
+    reply("220")?;
+    writer.write_all(b"EHLO probe.test\r\n")?;
+    reply("250")?;
+    // 1 KiB of body in lines of 100 octets.
+    let content = format!("Subject: probe\r\n\r\n{}", format!("{}\r\n", "x".repeat(98)).repeat(10));
+    let mut times = Vec::new();
+    while !stop.load(Ordering::Relaxed) && times.len() < PROBE_MESSAGES as usize {
+        writer.write_all(format!("MAIL FROM:<probe@{DOMAIN}>\r\n").as_bytes())?;
+        reply("250")?;
+        writer.write_all(format!("RCPT TO:<rcpt@{DOMAIN}>\r\n").as_bytes())?;
+        reply("250")?;
+        writer.write_all(b"DATA\r\n")?;
+        reply("354")?;
+        writer.write_all(content.as_bytes())?;
+        let sent = Instant::now();
+        writer.write_all(b".\r\n")?;
+        reply("250")?;
+        times.push(sent.elapsed());
+    }
+    let _ = writer.write_all(b"QUIT\r\n");
+    Ok(times)
+}
+
+/// The `q` quantile of sorted `times` (nearest rank).
+fn quantile(times: &[Duration], q: f64) -> Duration {
+    if times.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((q * times.len() as f64).ceil() as usize).clamp(1, times.len());
+    times[rank - 1]
+}
+
+/// One durable-create measure on the spool's file system, once the data
+/// earlier runs left dirty is written back (`sync`): a measure that pays
+/// for the writeback of deleted files underrates the disk several times
+/// over.
+fn durable_create(dir: &Path) -> Result<f64> {
+    nix::unistd::sync();
+    eprintln!("==> durable-create limit ({DURABLE_WRITERS} writers, {} s)", DURABLE_TIME.as_secs());
+    durable_create_rate(dir, DURABLE_WRITERS, DURABLE_TIME)
 }
 
 /// Runs smtp-source for one workload and, end to end, waits until the
@@ -1020,6 +1178,11 @@ struct Report {
     machine: String,
     /// The revision the `baseline` samples were built from.
     baseline: Option<String>,
+    /// Files/s the spool's file system commits durably, each time it was
+    /// measured ([`durable_create_rate`]).
+    durable_create: Vec<f64>,
+    /// End of DATA to the reply under burst, sorted: mortal's, Postfix's.
+    latency: Option<(Vec<Duration>, Vec<Duration>)>,
 }
 
 impl Report {
@@ -1048,6 +1211,39 @@ impl Report {
                 a / b,
                 r.cpu_per_1000(&r.mortal),
                 r.cpu_per_1000(&r.postfix)
+            );
+        }
+        // Burst against what the disk can commit at all.
+        let burst = self.rows.iter().find(|r| r.mode == Mode::Queue && r.workload.name == "burst");
+        // The limit is the best the disk did: the measure only ever
+        // underrates it (writeback, other load).
+        let limit = self.durable_create.iter().copied().fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        if let (Some(limit), Some(burst)) = (limit, burst) {
+            let rate = burst.rate(&burst.mortal);
+            let each: Vec<String> = self.durable_create.iter().map(|v| format!("{v:.0}")).collect();
+            let _ = writeln!(
+                s,
+                "\nDurable-create limit of the spool's file system ({DURABLE_WRITERS} writers, {DURABLE_FILE_SIZE} B \
+                 files: write, fsync, rename, directory fsync): {limit:.0} files/s (measured {} files/s). \
+                 mortal's burst reaches {:.0}% of it (target {:.0}%), Postfix's {:.0}%.",
+                each.join(" and "),
+                rate / limit * 100.0,
+                DURABLE_TARGET * 100.0,
+                burst.rate(&burst.postfix) / limit * 100.0
+            );
+        }
+        if let Some((mortal, postfix)) = &self.latency {
+            let ms = |t: &[Duration], q: f64| quantile(t, q).as_secs_f64() * 1000.0;
+            let _ = writeln!(
+                s,
+                "\nEnd of DATA to 250 under burst (a probe sending one message at a time beside the load): \
+                 mortal p50 {:.1} ms, p99 {:.1} ms ({} messages); Postfix p50 {:.1} ms, p99 {:.1} ms ({}).",
+                ms(mortal, 0.5),
+                ms(mortal, 0.99),
+                mortal.len(),
+                ms(postfix, 0.5),
+                ms(postfix, 0.99),
+                postfix.len()
             );
         }
         // What one milter costs each server per message: the milter row
@@ -1154,6 +1350,14 @@ impl Report {
                     .collect::<serde_json::Map<_, _>>(),
             })).collect::<Vec<_>>(),
             "notes": self.notes, "elapsed_s": self.elapsed.as_secs_f64(), "baseline": self.baseline,
+            "durable_create_files_per_s": self.durable_create,
+            "latency_under_burst_ms": self.latency.as_ref().map(|(m, p)| {
+                let q = |t: &[Duration]| json!({
+                    "p50": quantile(t, 0.5).as_secs_f64() * 1000.0, "p99": quantile(t, 0.99).as_secs_f64() * 1000.0,
+                    "messages": t.len(),
+                });
+                json!({"mortal": q(m), "postfix": q(p)})
+            }),
         })
     }
 }
@@ -1346,6 +1550,26 @@ fn bucket_quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    /// Nearest-rank quantiles.
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        use std::time::Duration;
+        let times: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(super::quantile(&times, 0.5), Duration::from_millis(50));
+        assert_eq!(super::quantile(&times, 0.99), Duration::from_millis(99));
+        assert_eq!(super::quantile(&times[..1], 0.99), Duration::from_millis(1));
+        assert_eq!(super::quantile(&[], 0.5), Duration::ZERO);
+    }
+
+    /// The measure commits files and leaves none behind.
+    #[test]
+    fn durable_create_counts_commits_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let rate = super::durable_create_rate(dir.path(), 2, std::time::Duration::from_millis(200)).unwrap();
+        assert!(rate > 0.0, "{rate}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
     use super::*;
 
     const METRICS: &str = "\
