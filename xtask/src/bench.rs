@@ -19,9 +19,14 @@
 //! messages (and Postfix's, the same way), fsyncs per message (a short
 //! run under `strace -f -c`), private memory (USS) of an idle and of a
 //! busy smtpd child, the lifetime-policy overhead on `churn`
-//! (`max_use = 100` against unlimited), and the fork+exec-to-READY latency
+//! (`max_use = 100` against unlimited, and `max_use = 1`, a fresh process
+//! per session, against unlimited), and the fork+exec-to-READY latency
 //! of the children spawned in the `max_use = 100` churn run, as the master
-//! measured it (`mortal_child_ready_*` in its metrics file).
+//! measured it (`mortal_child_ready_*` in its metrics file). And, for
+//! both, against the disk: its durable-create limit measured in the same
+//! run (`durable_create_rate`) with the burst rows' share of it, and the
+//! end-of-DATA-to-250 latency under burst from a probe beside the load
+//! (`measure_latency`, p50 and p99).
 //!
 //! Results: `target/bench/results.md` and `results.json`. `--quick` runs
 //! one round of each at a fifth of the size; `--only burst,churn` runs only
@@ -312,11 +317,13 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     }
 
     // Lifetime policy overhead: churn with max_use 100 and a short life
-    // (so it bites within the run) against no limit at all.
+    // (so it bites within the run) against no limit at all, and the
+    // pattern's price at its most secure: a fresh process per session.
     let churn = Workload { messages: WORKLOADS[1].messages / scale, ..WORKLOADS[1] };
     let policies = [
         (100, LIMITED_LIFE, "max_use=100, max_lifetime=5s, jitter 0.5"),
         (0, "max_lifetime = \"0s\"", "unlimited (max_use=0, max_lifetime=0s)"),
+        (1, "max_lifetime = \"0s\"", "max_use=1 (a fresh process per session)"),
     ];
     for (max_use, policy, label) in policies.into_iter().filter(|_| !partial) {
         let (cfg, _) = mortal_config(&dir.join("mortal"), None, max_use, policy, "")?;
@@ -324,7 +331,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         // The READY latencies before the load (the preforked pool), so
         // that those of the children spawned under load can be told apart.
         let metrics = dir.join("mortal").join(METRICS_FILE);
-        let ready_start = if max_use > 0 {
+        let ready_start = if max_use == 100 {
             read_metrics(&metrics, std::time::SystemTime::now())
                 .inspect_err(|e| report.notes.push(format!("READY latency before the load unavailable: {e:#}")))
                 .ok()
@@ -338,7 +345,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         report.lifetime.push((label, median(samples.iter().map(|s| churn.messages as f64 / s.secs))));
         // The limited run spawns a child per 100 sessions and per 5 s of
         // life: many READY records, read from the master's own figures.
-        if let (Some(start), true) = (&ready_start, max_use > 0) {
+        if let (Some(start), true) = (&ready_start, max_use == 100) {
             match read_metrics(&metrics, std::time::SystemTime::now()) {
                 Ok(end) => report.ready = ready_stats(start, &end),
                 Err(e) => report.notes.push(format!("READY latency unavailable: {e:#}")),
@@ -432,6 +439,8 @@ const DURABLE_WRITERS: usize = 20;
 const DURABLE_FILE_SIZE: usize = 1536;
 /// How long the durable-create measure runs.
 const DURABLE_TIME: Duration = Duration::from_secs(5);
+/// The share of unlimited max_use that churn should keep with max_use = 1.
+const MAX_USE_1_TARGET: f64 = 0.5;
 /// The share of the durable-create limit mortal's burst should reach.
 const DURABLE_TARGET: f64 = 0.5;
 
@@ -1274,8 +1283,16 @@ impl Report {
         for (label, rate) in &self.lifetime {
             let _ = writeln!(s, "- churn with {label}: {rate:.0} msgs/s");
         }
-        if let [(_, limited), (_, unlimited)] = self.lifetime.as_slice() {
+        if let [(_, limited), (_, unlimited), rest @ ..] = self.lifetime.as_slice() {
             let _ = writeln!(s, "- lifetime-policy overhead on churn: {:.1}%", (1.0 - limited / unlimited) * 100.0);
+            if let [(_, one)] = rest {
+                let _ = writeln!(
+                    s,
+                    "- max_use=1 on churn: {:.0}% of unlimited (target {:.0}%)",
+                    one / unlimited * 100.0,
+                    MAX_USE_1_TARGET * 100.0
+                );
+            }
         }
         if self.ready.is_empty() {
             let _ = writeln!(s, "- fork+exec-to-READY latency: not measured (no metrics from the master)");
