@@ -26,8 +26,11 @@ fn tls_instance() -> Instance {
     std::fs::write(&cert_file, cert.pem()).expect("write cert");
     std::fs::write(&key_file, key.serialize_pem()).expect("write key");
     let smtpd_extra = format!("tls_cert_file = {cert_file:?}\ntls_key_file = {key_file:?}\n");
-    // The children read the files at start; they are not needed after.
-    Instance::start_with(Options { smtpd_extra, ..Options::default() })
+    // Every child reads the files when it starts, the spares the master
+    // adds during a test too: they live as long as the instance.
+    let mut mortal = Instance::start_with(Options { smtpd_extra, ..Options::default() });
+    mortal.keep(dir);
+    mortal
 }
 
 /// Runs a client to completion (bounded by [`WAIT`]), panicking with its

@@ -168,6 +168,9 @@ pub struct Instance {
     master: Option<Child>,
     /// Removed after `drop` stopped the master (kept if the test failed).
     _dir: TempDir,
+    /// Directories the instance reads from while it runs (certificates a
+    /// child started later loads again), removed with it.
+    kept: Vec<TempDir>,
 }
 
 impl Instance {
@@ -202,10 +205,16 @@ impl Instance {
             .stderr(log_file)
             .spawn()
             .expect("spawn mortal-master");
-        let mut inst = Instance { dir, config, port: 0, log, master: Some(master), _dir: temp };
+        let mut inst = Instance { dir, config, port: 0, log, master: Some(master), _dir: temp, kept: Vec::new() };
         inst.port = inst.wait_for_listener(SMTPD_LISTENER).port();
         inst.wait_until_serving();
         inst
+    }
+
+    /// Keeps `dir` for as long as the instance runs: every child the
+    /// master starts later reads its files again (TLS certificates).
+    pub fn keep(&mut self, dir: TempDir) {
+        self.kept.push(dir);
     }
 
     /// The addresses the master bound for `what` ([`SMTPD_LISTENER`],
