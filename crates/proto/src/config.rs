@@ -284,6 +284,14 @@ pub fn is_host_name(name: &str) -> bool {
         })
 }
 
+/// Whether a listener bound to `listen`'s address hands out connections
+/// at the local address `local` (ports aside): its own address, or any of
+/// its family for a wildcard (`0.0.0.0`, `[::]`).
+pub fn covers(listen: SocketAddr, local: SocketAddr) -> bool {
+    let ip = local.ip().to_canonical();
+    listen.ip() == ip || listen.ip() == local.ip() || (listen.ip().is_unspecified() && listen.is_ipv4() == ip.is_ipv4())
+}
+
 /// One `[[smtpd.tls_sni]]`: a certificate chain and key, and the names
 /// (lower case) it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -324,14 +332,7 @@ impl Smtpd {
     /// connections at a concrete address with its port; ports of 0 are
     /// refused for the submission listeners, so the port decides).
     pub fn role_of(&self, local: SocketAddr) -> ListenerRole {
-        let on = |list: &[SocketAddr]| {
-            list.iter().any(|l| {
-                l.port() == local.port()
-                    && (l.ip() == local.ip().to_canonical()
-                        || l.ip() == local.ip()
-                        || (l.ip().is_unspecified() && l.is_ipv4() == local.ip().to_canonical().is_ipv4()))
-            })
-        };
+        let on = |list: &[SocketAddr]| list.iter().any(|l| l.port() == local.port() && covers(*l, local));
         if on(&self.submissions_listen) {
             ListenerRole::Submissions
         } else if on(&self.submission_listen) {

@@ -568,14 +568,18 @@ impl Connection {
         let Some(sasl) = self.sasl.clone() else { return AuthAnswer::Unavailable };
         let Some(mechanism) = MechanismName::new(mechanism) else { return AuthAnswer::Unavailable };
         self.sasl_client.secured = matches!(self.stream, Stream::Tls(_));
-        let reply = sasl.lock().await.start(&mechanism, initial, &self.sasl_client).await;
+        let mut server = sasl.lock().await;
+        let reply = server.start(&mechanism, initial, &self.sasl_client).await.inspect_err(|e| trouble(&server, e));
+        drop(server);
         self.auth_outcome(reply).await
     }
 
     /// A further round: the client's response to the last challenge.
     async fn auth_continue(&mut self, response: &str) -> AuthAnswer {
         let Some(sasl) = self.sasl.clone() else { return AuthAnswer::Unavailable };
-        let reply = sasl.lock().await.proceed(response).await;
+        let mut server = sasl.lock().await;
+        let reply = server.proceed(response).await.inspect_err(|e| trouble(&server, e));
+        drop(server);
         self.auth_outcome(reply).await
     }
 
@@ -600,12 +604,8 @@ impl Connection {
                 AuthAnswer::Failure { reason: Some("Invalid authentication mechanism".into()), over_limit: None }
             }
             Err(e) if e.is_client_error() => AuthAnswer::Failure { reason: None, over_limit: None },
-            Err(e) => {
-                let server = self.sasl.as_ref().map(|s| s.try_lock().map(|s| s.endpoint().to_string()));
-                let server = server.and_then(Result::ok).unwrap_or_default();
-                tracing::warn!("warning: SASL authentication server {server}: {e}");
-                AuthAnswer::Unavailable
-            }
+            // Logged by `trouble`.
+            Err(_) => AuthAnswer::Unavailable,
         }
     }
 
@@ -708,6 +708,14 @@ impl Connection {
                 session.timed_out();
             }
         }
+    }
+}
+
+/// The authentication server failed an exchange (not the client's doing):
+/// the warning naming it, as configured.
+fn trouble(server: &SaslServer, e: &SaslError) {
+    if !e.is_client_error() {
+        tracing::warn!("warning: SASL authentication server {}: {e}", server.endpoint());
     }
 }
 

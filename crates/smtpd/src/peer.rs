@@ -29,7 +29,7 @@ use crate::engine::{Answer, UNKNOWN_NAME};
 use crate::filter::verdict::FilterReply;
 use crate::proxy::{self, ProxyError, ProxyHeader};
 use mortal_proto::anvil::{AnvilReply, LoginDigest, Status};
-use mortal_proto::config::{Config, ListenerRole, networks_contain};
+use mortal_proto::config::{Config, ListenerRole, covers, networks_contain};
 use mortal_proto::envelope::SaslLogin;
 use mortal_proto::smtp_status::{EnhancedStatus, ReplyCode, StatusClass};
 use std::io::{self, Read, Write};
@@ -71,14 +71,6 @@ pub fn is_proxied(config: &Config, local: SocketAddr) -> bool {
         return true;
     }
     !on(&config.smtpd.listen, local.port()) && on(&config.smtpd.proxy_listen, 0)
-}
-
-/// Whether a listener bound to `listen`'s address hands out connections
-/// at the local address `local` (ports aside).
-fn covers(listen: SocketAddr, local: SocketAddr) -> bool {
-    listen.ip() == local.ip().to_canonical()
-        || listen.ip() == local.ip()
-        || (listen.ip().is_unspecified() && listen.is_ipv4() == local.is_ipv4())
 }
 
 /// Identifies the client and applies the connect-time limits; `None` when
@@ -288,7 +280,7 @@ impl ClientLimits {
             return None;
         }
         let result = self.lease.as_mut()?.auth_failures().await;
-        self.over_auth_limit(result)
+        self.counted(result).filter(|failures| *failures >= self.auth_failure_limit)
     }
 
     /// After a failed AUTH: counts it, and returns the client's failures
@@ -298,7 +290,7 @@ impl ClientLimits {
             return None;
         }
         let result = self.lease.as_mut()?.auth_failure().await;
-        self.over_auth_limit(result)
+        self.counted(result).filter(|failures| *failures >= self.auth_failure_limit)
     }
 
     /// At MAIL from a logged-in client: counts the message for `login` and
@@ -308,7 +300,7 @@ impl ClientLimits {
             return None;
         }
         let result = self.lease.as_mut()?.user_message(LoginDigest::of(&login.username)).await;
-        let rate = self.over(result, self.user_message_rate_limit)?;
+        let rate = self.counted(result).filter(|rate| *rate > self.user_message_rate_limit)?;
         tracing::warn!(
             "warning: User message rate limit exceeded: {rate} from {}[{}] sasl_username={} for service {}",
             self.name,
@@ -330,7 +322,7 @@ impl ClientLimits {
             return None;
         }
         let result = self.lease.as_mut()?.user_recipient(LoginDigest::of(&login.username)).await;
-        let rate = self.over(result, self.user_recipient_rate_limit)?;
+        let rate = self.counted(result).filter(|rate| *rate > self.user_recipient_rate_limit)?;
         tracing::warn!(
             "warning: User recipient rate limit exceeded: {rate} from {}[{}] sasl_username={} for service {}",
             self.name,
@@ -345,24 +337,12 @@ impl ClientLimits {
         ))
     }
 
-    /// The rate anvil counted, when it is over `limit`.
-    fn over(&mut self, result: Result<AnvilReply, AnvilClientError>, limit: u32) -> Option<u32> {
+    /// The rate anvil counted; `None` when it kept no count (its table is
+    /// full) or could not be asked, and then the lease goes and no limit
+    /// applies for the rest of the session (fail open).
+    fn counted(&mut self, result: Result<AnvilReply, AnvilClientError>) -> Option<u32> {
         match result {
-            Ok(r) => (r.status == Status::Counted && r.rate > limit).then_some(r.rate),
-            Err(e) => {
-                tracing::warn!("warning: anvil: {e}: no client limits for the rest of this session");
-                self.lease = None;
-                None
-            }
-        }
-    }
-
-    /// anvil's count against `failure_limit`; when anvil cannot be asked,
-    /// the lease goes and no limit applies for the rest of the session
-    /// (fail open).
-    fn over_auth_limit(&mut self, result: Result<AnvilReply, AnvilClientError>) -> Option<u32> {
-        match result {
-            Ok(r) => (r.status == Status::Counted && r.rate >= self.auth_failure_limit).then_some(r.rate),
+            Ok(r) => (r.status == Status::Counted).then_some(r.rate),
             Err(e) => {
                 tracing::warn!("warning: anvil: {e}: no client limits for the rest of this session");
                 self.lease = None;
@@ -377,29 +357,19 @@ impl ClientLimits {
         if self.message_rate_limit == 0 {
             return None;
         }
-        let lease = self.lease.as_mut()?;
-        match lease.message().await {
-            Ok(r) if r.status == Status::Counted && r.rate > self.message_rate_limit => {
-                tracing::warn!(
-                    "warning: Message delivery request rate limit exceeded: {} from {}[{}] for service {SERVICE}",
-                    r.rate,
-                    self.name,
-                    self.addr
-                );
-                Some(Answer {
-                    // 4.7.1: delivery not authorized (for now).
-                    code: const { ReplyCode::of(450) },
-                    status: const { EnhancedStatus::new(StatusClass::Persistent, 7, 1) },
-                    text: format!("Error: too much mail from {}", self.addr),
-                })
-            }
-            Ok(_) => None,
-            Err(e) => {
-                tracing::warn!("warning: anvil: {e}: no client limits for the rest of this session");
-                self.lease = None;
-                None
-            }
-        }
+        let result = self.lease.as_mut()?.message().await;
+        let rate = self.counted(result).filter(|rate| *rate > self.message_rate_limit)?;
+        tracing::warn!(
+            "warning: Message delivery request rate limit exceeded: {rate} from {}[{}] for service {SERVICE}",
+            self.name,
+            self.addr
+        );
+        Some(Answer {
+            // 4.7.1: delivery not authorized (for now).
+            code: const { ReplyCode::of(450) },
+            status: const { EnhancedStatus::new(StatusClass::Persistent, 7, 1) },
+            text: format!("Error: too much mail from {}", self.addr),
+        })
     }
 }
 
