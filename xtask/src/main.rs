@@ -104,6 +104,7 @@ fn cargo() -> Command {
 }
 
 fn ci() -> Result<()> {
+    report_free_disk(&workspace_root());
     install_test_packages()?;
     run("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
     run("cargo clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
@@ -126,6 +127,23 @@ fn ci() -> Result<()> {
     fuzz::ci(&workspace_root())?;
     eprintln!("==> ci passed");
     Ok(())
+}
+
+/// Says how much disk the build has: a clean build with its tests, fuzz
+/// targets and chaos run takes several GiB, and a linker that runs out of
+/// space dies of SIGBUS with no word about the disk.
+fn report_free_disk(root: &Path) {
+    const WANTED_GIB: u64 = 12;
+    match nix::sys::statvfs::statvfs(root) {
+        Ok(st) => {
+            let free = st.blocks_available() * st.fragment_size() / (1 << 30);
+            eprintln!("==> {free} GiB free on the disk of {}", root.display());
+            if free < WANTED_GIB {
+                eprintln!("warning: less than {WANTED_GIB} GiB free; the build may fail for want of disk");
+            }
+        }
+        Err(e) => eprintln!("warning: cannot read the free space of {}: {e}", root.display()),
+    }
 }
 
 /// Installs missing test tools with apt when running as root (CI); as
