@@ -38,6 +38,8 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub const SMTPD_LISTENER: &str = "smtpd";
 /// The same for an `[smtpd] proxy_listen` address.
 pub const PROXY_LISTENER: &str = "smtpd, proxy_listen";
+/// The label of a `[smtpd] listen` address that postscreen holds.
+pub const POSTSCREEN_LISTENER: &str = "postscreen";
 
 /// Directory holding the built binaries (`target/<profile>/`).
 pub fn bin_dir() -> PathBuf {
@@ -206,7 +208,12 @@ impl Instance {
             .spawn()
             .expect("spawn mortal-master");
         let mut inst = Instance { dir, config, port: 0, log, master: Some(master), _dir: temp, kept: Vec::new() };
-        inst.port = inst.wait_for_listener(SMTPD_LISTENER).port();
+        // `listen` is smtpd's, or postscreen's in front of it.
+        let first = wait_for("listening on ... (smtpd or postscreen)", || {
+            inst.assert_master_running();
+            [SMTPD_LISTENER, POSTSCREEN_LISTENER].iter().find_map(|what| inst.listeners(what).first().copied())
+        });
+        inst.port = first.unwrap_or_else(|| panic!("no listener logged within {WAIT:?}\n{}", inst.log_text())).port();
         inst.wait_until_serving();
         inst
     }

@@ -12,7 +12,7 @@
 //! others to LMTP and SMTP next hops, which the lmtp and smtp agents must
 //! reach and the queue must not. A milter, a policy server and Dovecot's
 //! auth service on `inet:` endpoints prove that smtpd reaches their ports
-//! and no other.
+//! and no other; postscreen, enabled, reaches none of them.
 
 use anyhow::{Result, bail};
 use std::fs;
@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// The daemons that sandbox themselves.
-const SERVICES: [&str; 7] = ["smtpd", "cleanup", "queue", "anvil", "pipe", "lmtp", "smtp"];
+const SERVICES: [&str; 8] = ["smtpd", "cleanup", "queue", "anvil", "postscreen", "pipe", "lmtp", "smtp"];
 /// The next hops of the LMTP and SMTP routes: the agents must reach them
 /// and the queue must not (the self-test listens there when it can).
 const LMTP_HOP: &str = "127.0.0.1:10024";
@@ -53,7 +53,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     fs::write(
         &config,
         format!(
-            "[server]\nhostname = \"mortal.test\"\nspool_dir = \"../spool\"\naccepted_domains = [\"example.test\"]\n{user}\n[smtpd]\nlisten = [\"127.0.0.1:2\"]\n\n[[smtpd.milter]]\nendpoint = \"inet:{MILTER_HOP}\"\n\n[[smtpd.policy]]\nendpoint = \"inet:{POLICY_HOP}\"\n\n[smtpd.auth]\nserver = \"inet:{AUTH_HOP}\"\n\n[delivery.routes]\n\"pipe.test\" = \"pipe\"\n\"lmtp.test\" = \"lmtp:inet:{LMTP_HOP}\"\n\"unix.test\" = \"lmtp:unix:/run/dovecot/lmtp\"\n\"relay.test\" = \"smtp:inet:{SMTP_HOP}\"\n\n[delivery.pipe]\ncommand = [\"/bin/true\"]\nuser = \"{PIPE_USER}\"\n"
+            "[server]\nhostname = \"mortal.test\"\nspool_dir = \"../spool\"\naccepted_domains = [\"example.test\"]\n{user}\n[smtpd]\nlisten = [\"127.0.0.1:2\"]\n\n[postscreen]\nenabled = true\n\n[[smtpd.milter]]\nendpoint = \"inet:{MILTER_HOP}\"\n\n[[smtpd.policy]]\nendpoint = \"inet:{POLICY_HOP}\"\n\n[smtpd.auth]\nserver = \"inet:{AUTH_HOP}\"\n\n[delivery.routes]\n\"pipe.test\" = \"pipe\"\n\"lmtp.test\" = \"lmtp:inet:{LMTP_HOP}\"\n\"unix.test\" = \"lmtp:unix:/run/dovecot/lmtp\"\n\"relay.test\" = \"smtp:inet:{SMTP_HOP}\"\n\n[delivery.pipe]\ncommand = [\"/bin/true\"]\nuser = \"{PIPE_USER}\"\n"
         ),
     )?;
     let mut failed = Vec::new();

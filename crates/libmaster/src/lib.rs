@@ -36,5 +36,6 @@
 
 pub mod child;
 pub mod daemon;
+pub mod handoff;
 pub mod log;
 pub mod sandbox;

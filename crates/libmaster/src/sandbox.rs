@@ -158,8 +158,10 @@ pub enum Seccomp {
     /// call kills the process. `dns` adds what reverse lookups need;
     /// `tcp_client` adds TCP sockets (`AF_INET`/`AF_INET6`, stream only)
     /// for the milters and policy servers on `inet:` endpoints, whose
-    /// ports Landlock then allows and no other.
-    AllowList { dns: bool, tcp_client: bool },
+    /// ports Landlock then allows and no other; `receive_sockets` adds
+    /// `recvmsg`, for the children that take clients postscreen passes on
+    /// (`SCM_RIGHTS`; never `sendmsg`).
+    AllowList { dns: bool, tcp_client: bool, receive_sockets: bool },
     /// The deny-list of system calls no mail daemon makes, which kill the
     /// process; `may_exec: false` also denies running a program,
     /// `may_fork: false` creating a process (threads stay allowed).

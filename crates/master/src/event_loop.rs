@@ -540,7 +540,13 @@ impl Master {
     /// its `overload_wait`.
     fn saturated(&self, svc: ServiceId) -> Option<Duration> {
         let service = &self.services[svc];
-        if service.kind != ServiceKind::Smtpd || service.listener.is_none() || self.stop.is_some() {
+        // The hand-off socket behind postscreen is not TCP: postscreen
+        // answers its own clients when no smtpd takes them.
+        if service.kind != ServiceKind::Smtpd
+            || service.socket_file.is_some()
+            || service.listener.is_none()
+            || self.stop.is_some()
+        {
             return None;
         }
         let policy = service.kind.policy(&self.config)?;

@@ -318,6 +318,10 @@ fn bind_services(config: &Config) -> anyhow::Result<Vec<Service>> {
     // by their listener's address (`Smtpd::role_of`).
     let submission = config.smtpd.submission_listen.iter().map(|addr| (addr, "smtpd, submission"));
     let submissions = config.smtpd.submissions_listen.iter().map(|addr| (addr, "smtpd, submissions"));
+    // With postscreen, each `listen` address is postscreen's, and the
+    // smtpd children behind it wait on the hand-off socket instead.
+    let screened = config.postscreen.enabled;
+    let plain = plain.map(|(addr, what)| if screened { (addr, "postscreen") } else { (addr, what) });
     for (addr, what) in plain.chain(proxied).chain(submission).chain(submissions) {
         let socket = listen::master_listen_tcp(*addr).with_context(|| format!("bind {addr}"))?;
         // A port of 0 lets the kernel choose one; the address actually bound
@@ -325,13 +329,18 @@ fn bind_services(config: &Config) -> anyhow::Result<Vec<Service>> {
         // started us (the tests read the port from it).
         let bound = socket.local_addr()?.as_socket().with_context(|| format!("{addr}: bound to no IP address"))?;
         tracing::info!("listening on {bound} ({what})");
-        services.push(Service::new(ServiceKind::Smtpd, bound.to_string(), program(ServiceKind::Smtpd)?, socket, None));
+        let kind = if what == "postscreen" { ServiceKind::Postscreen } else { ServiceKind::Smtpd };
+        services.push(Service::new(kind, bound.to_string(), program(kind)?, socket, None));
     }
-    let mut unix = vec![
+    let mut unix = Vec::new();
+    if screened && !config.smtpd.listen.is_empty() {
+        unix.push((ServiceKind::Smtpd, config.smtpd_handoff_socket()));
+    }
+    unix.extend([
         (ServiceKind::Cleanup, config.cleanup_socket()),
         (ServiceKind::Queue, config.queue_socket()),
         (ServiceKind::Anvil, config.anvil_socket()),
-    ];
+    ]);
     // A delivery agent exists only for mail routed to it: without a pipe
     // route no process can run the command at all, without an LMTP or SMTP
     // route no process may connect anywhere.

@@ -15,6 +15,7 @@
 
 mod auth;
 mod filter;
+mod postscreen;
 mod raw;
 mod restrict;
 
@@ -27,6 +28,7 @@ pub use filter::{
     DEFAULT_POLICY_DEFAULT_ACTION, DEFAULT_POLICY_MAX_IDLE, DEFAULT_POLICY_MAX_TTL, DEFAULT_POLICY_RETRY_DELAY,
     DEFAULT_POLICY_TIMEOUT, DEFAULT_POLICY_TRY_LIMIT, FilterStage, Milter, MilterDefaultAction, PolicyService,
 };
+pub use postscreen::{GreetAction, HANDOFFS_IN_FLIGHT, NOFILE_RESERVE as POSTSCREEN_NOFILE_RESERVE, Postscreen};
 pub use restrict::{
     DEFAULT_DNSBL_THRESHOLD, DEFAULT_DNSBL_TIMEOUT, DEFAULT_RESTRICTION_DNS_TIMEOUT,
     DEFAULT_UNKNOWN_ADDRESS_REJECT_CODE, Dnsbl, DnsblAction, MAX_DNSBL_SITES, MAX_RESTRICTIONS, Restrictions, Verify,
@@ -52,6 +54,7 @@ pub struct Config {
     pub delivery: Delivery,
     pub process: Processes,
     pub anvil: Anvil,
+    pub postscreen: Postscreen,
     /// The file this was loaded from.
     pub source: PathBuf,
     /// Where that file sets each key.
@@ -755,6 +758,9 @@ pub struct Processes {
     pub queue: SingleLife,
     /// anvil's lifetime (one process).
     pub anvil: SingleLife,
+    /// Each postscreen's lifetime (one process per `[smtpd] listen`
+    /// address, when `[postscreen] enabled`).
+    pub postscreen: SingleLife,
 }
 
 impl Default for Processes {
@@ -767,6 +773,7 @@ impl Default for Processes {
             smtp: ProcessPolicy::agent_default(),
             queue: SingleLife::default(),
             anvil: SingleLife::default(),
+            postscreen: SingleLife::default(),
         }
     }
 }
@@ -781,7 +788,7 @@ impl Processes {
             Service::Pipe => Some(&self.pipe),
             Service::Lmtp => Some(&self.lmtp),
             Service::Smtp => Some(&self.smtp),
-            Service::Queue | Service::Anvil => None,
+            Service::Queue | Service::Anvil | Service::Postscreen => None,
         }
     }
 
@@ -797,6 +804,7 @@ impl Processes {
             Service::Smtp => self.smtp,
             Service::Queue => self.queue.as_policy(),
             Service::Anvil => self.anvil.as_policy(),
+            Service::Postscreen => self.postscreen.as_policy(),
         }
     }
 }
@@ -1127,6 +1135,7 @@ impl Resolver<'_> {
                     Anvil::default().rate_time_unit,
                 ),
             },
+            postscreen: self.postscreen(raw.postscreen),
             server,
             delivery,
             source: source.to_owned(),
@@ -1361,6 +1370,7 @@ impl Resolver<'_> {
             ),
             queue: self.single_life(Service::Queue, raw.queue),
             anvil: self.single_life(Service::Anvil, raw.anvil),
+            postscreen: self.single_life(Service::Postscreen, raw.postscreen),
         }
     }
 
@@ -1682,6 +1692,7 @@ impl Config {
             bad("delivery", "command_timeout", "must be above 0".into());
         }
         let (queue_life, anvil_life) = (self.process.queue.as_policy(), self.process.anvil.as_policy());
+        let postscreen_life = self.process.postscreen.as_policy();
         for (name, p) in [
             ("smtpd", &self.process.smtpd),
             ("cleanup", &self.process.cleanup),
@@ -1690,6 +1701,7 @@ impl Config {
             ("smtp", &self.process.smtp),
             ("queue", &queue_life),
             ("anvil", &anvil_life),
+            ("postscreen", &postscreen_life),
         ] {
             let table = format!("process.{name}");
             if p.process_limit == 0 {
@@ -1796,6 +1808,12 @@ impl Config {
     /// cleanup's listening socket (smtpd connects here).
     pub fn cleanup_socket(&self) -> PathBuf {
         self.private_dir().join("cleanup")
+    }
+
+    /// Where smtpd children take the connections postscreen passes on
+    /// (with `[postscreen] enabled`; Postfix's `smtpd pass` service).
+    pub fn smtpd_handoff_socket(&self) -> PathBuf {
+        self.private_dir().join("smtpd")
     }
 
     /// anvil's socket (smtpd connects here for per-client counts).

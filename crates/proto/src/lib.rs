@@ -56,6 +56,7 @@ pub mod dsn;
 pub mod envelope;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
+pub mod handoff;
 pub mod header;
 pub mod ipc;
 pub mod milter;

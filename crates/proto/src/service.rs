@@ -25,6 +25,11 @@ pub enum Service {
     Queue,
     /// The per-client counter smtpd asks: one process, like the queue.
     Anvil,
+    /// The screen in front of smtpd on each `[smtpd] listen` address when
+    /// `[postscreen] enabled`: one event-driven process holds connections
+    /// cheaply until they have shown they speak SMTP, then passes them to
+    /// an smtpd child. Present only when enabled.
+    Postscreen,
     /// The pipe delivery agent the queue hands pipe-routed mail to: a
     /// pool, one delivery request per connection, running the configured
     /// command. Present only when a route uses pipe.
@@ -75,8 +80,16 @@ pub struct UnknownService(pub String);
 
 impl Service {
     /// Every service, in the order the master starts them.
-    pub const ALL: [Service; 7] =
-        [Service::Smtpd, Service::Cleanup, Service::Queue, Service::Anvil, Service::Pipe, Service::Lmtp, Service::Smtp];
+    pub const ALL: [Service; 8] = [
+        Service::Smtpd,
+        Service::Cleanup,
+        Service::Queue,
+        Service::Anvil,
+        Service::Postscreen,
+        Service::Pipe,
+        Service::Lmtp,
+        Service::Smtp,
+    ];
 
     /// The name in logs, `mortal status` and `[process.<name>]`.
     pub fn name(self) -> &'static str {
@@ -85,6 +98,7 @@ impl Service {
             Service::Cleanup => "cleanup",
             Service::Queue => "queue",
             Service::Anvil => "anvil",
+            Service::Postscreen => "postscreen",
             Service::Pipe => "pipe",
             Service::Lmtp => "lmtp",
             Service::Smtp => "smtp",
@@ -98,6 +112,7 @@ impl Service {
             Service::Cleanup => "mortal-cleanup",
             Service::Queue => "mortal-queue",
             Service::Anvil => "mortal-anvil",
+            Service::Postscreen => "mortal-postscreen",
             Service::Pipe => "mortal-pipe",
             Service::Lmtp => "mortal-lmtp",
             Service::Smtp => "mortal-smtp",
@@ -110,14 +125,14 @@ impl Service {
     pub fn is_delivery_agent(self) -> bool {
         match self {
             Service::Pipe | Service::Lmtp | Service::Smtp => true,
-            Service::Smtpd | Service::Cleanup | Service::Queue | Service::Anvil => false,
+            Service::Smtpd | Service::Cleanup | Service::Queue | Service::Anvil | Service::Postscreen => false,
         }
     }
 
     pub fn shape(self) -> Shape {
         match self {
             Service::Smtpd | Service::Cleanup | Service::Pipe | Service::Lmtp | Service::Smtp => Shape::Pool,
-            Service::Queue | Service::Anvil => Shape::Single,
+            Service::Queue | Service::Anvil | Service::Postscreen => Shape::Single,
         }
     }
 }
@@ -193,8 +208,8 @@ mod tests {
     }
 
     #[test]
-    fn only_the_queue_and_anvil_are_single() {
+    fn only_the_queue_anvil_and_postscreen_are_single() {
         let single: Vec<_> = Service::ALL.into_iter().filter(|s| s.shape() == Shape::Single).collect();
-        assert_eq!(single, [Service::Queue, Service::Anvil]);
+        assert_eq!(single, [Service::Queue, Service::Anvil, Service::Postscreen]);
     }
 }

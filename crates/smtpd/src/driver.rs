@@ -135,7 +135,14 @@ pub enum SessionEnd {
 /// bounded by `reverse_lookup_timeout`; clients refused at connect for
 /// their limits cost no lookup and stay `unknown`. Never fails: every
 /// problem ends up in the log and, where possible, in a reply.
-pub async fn session(server: &Server, stream: std::net::TcpStream) -> SessionEnd {
+///
+/// A client postscreen passed on (`handoff`) has had the greeting: its
+/// session starts with the input postscreen read, its first command.
+pub async fn session(
+    server: &Server,
+    stream: std::net::TcpStream,
+    handoff: Option<mortal_proto::handoff::Handoff>,
+) -> SessionEnd {
     let config = &server.config;
     // The real client (behind a PROXY header) and its per-client limits.
     let Some(mut peer) = crate::peer::establish(config, &stream).await else { return SessionEnd::Finished };
@@ -158,12 +165,24 @@ pub async fn session(server: &Server, stream: std::net::TcpStream) -> SessionEnd
     // RFC 8314: on a submissions listener TLS comes from the first octet
     // and the greeting goes out inside it; elsewhere, whatever the client
     // said before the greeting is looked at now.
-    let plain = (!implicit).then(|| {
-        let mut session =
-            Session::on_listener(Arc::clone(config), Arc::clone(&relay), peer.addr, &name, server.role, None);
-        session.early_input(&peer.early);
-        look_before_greeting(&stream, &mut session, &mut buf);
-        session
+    let plain = (!implicit).then(|| match &handoff {
+        Some(handoff) if handoff.greeted => {
+            let mut session =
+                Session::greeted_by_postscreen(Arc::clone(config), Arc::clone(&relay), peer.addr, &name, server.role);
+            session.feed(&handoff.input);
+            session
+        }
+        _ => {
+            let mut session =
+                Session::on_listener(Arc::clone(config), Arc::clone(&relay), peer.addr, &name, server.role, None);
+            session.early_input(&peer.early);
+            if let Some(handoff) = &handoff {
+                session.feed(&handoff.input);
+            } else {
+                look_before_greeting(&stream, &mut session, &mut buf);
+            }
+            session
+        }
     });
     let tcp = match TcpStream::from_std(stream) {
         Ok(tcp) => tcp,

@@ -159,6 +159,7 @@ pub mod dnsbl;
 pub mod driver;
 pub mod engine;
 pub mod filter;
+pub mod listener;
 pub mod mailhost;
 pub mod peer;
 pub mod proxy;

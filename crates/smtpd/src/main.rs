@@ -7,16 +7,16 @@
 use mortal_libmaster::child;
 use mortal_libmaster::daemon::{self, Fatal, Started};
 use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
-use mortal_proto::config::{Config, ListenerRole, NextHop};
+use mortal_proto::config::{Config, NextHop};
 use mortal_smtpd::dns::ReverseResolver;
 use mortal_smtpd::dnsbl::Dnsbl;
 use mortal_smtpd::driver::{self, Server, SessionEnd};
 use mortal_smtpd::filter::restrict::Restrictor;
+use mortal_smtpd::listener::SmtpdListener;
 use mortal_smtpd::mailhost::DomainResolver;
 use mortal_smtpd::relay::RelayPolicy;
 use mortal_smtpd::sasl::SaslServer;
 use mortal_smtpd::tls::TlsServer;
-use std::net::TcpListener;
 use std::process::ExitCode;
 use std::sync::Arc;
 use tracing::Instrument;
@@ -74,7 +74,7 @@ fn needs(config: &Config) -> Needs {
         chroot_private: true,
         nofile: SMTPD_NOFILE,
         landlock: Landlock::Rules { read_write: Vec::new(), tcp_connect },
-        seccomp: Seccomp::AllowList { dns, tcp_client },
+        seccomp: Seccomp::AllowList { dns, tcp_client, receive_sockets: config.postscreen.enabled },
     }
 }
 
@@ -149,13 +149,13 @@ fn prepare(config: &Config) -> Result<Prepared, Fatal> {
 
 /// Everything smtpd reads from disk is loaded; from here on it has no file
 /// system, no identity but the mail user's and few syscalls.
-fn serve(started: Started<TcpListener, Prepared>) -> ExitCode {
+fn serve(started: Started<SmtpdListener, Prepared>) -> ExitCode {
     let Started { mut config, listener, mut link, prepared, .. } = started;
     let Prepared { tls, relay, runtime, term, resolver, restrictor } = prepared;
     let max_use = config.process.smtpd.max_use;
     // One listener per process: its address says what the process is
     // for, and the submission listeners' children use their own lists.
-    let role = listener.local_addr().map_or(ListenerRole::Mx, |local| config.smtpd.role_of(local));
+    let role = listener.role(&config);
     config.smtpd = config.smtpd.for_role(role);
     let sasl = match &config.smtpd.auth.server {
         Some(endpoint) if config.smtpd.auth.offered_on(role) => {
@@ -175,9 +175,16 @@ fn serve(started: Started<TcpListener, Prepared>) -> ExitCode {
         policy,
         restrictor: Arc::new(restrictor),
     };
-    let served = child::serve(&listener, &mut link, max_use, |stream, _link| {
+    let served = child::serve(&listener, &mut link, max_use, |incoming, _link| {
+        let (stream, handoff) = match incoming.client() {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!("warning: hand-off from postscreen: {e}");
+                return;
+            }
+        };
         // The JSON log's `client` for every line of the session.
-        if runtime.block_on(driver::session(&server, stream).instrument(mortal_libmaster::log::session_span()))
+        if runtime.block_on(driver::session(&server, stream, handoff).instrument(mortal_libmaster::log::session_span()))
             == SessionEnd::Terminated
         {
             // The session already told the client 421; the master wanted
@@ -214,11 +221,11 @@ mod tests {
     fn tcp_ports_and_allow_list_follow_reverse_lookup() {
         let plain = needs(&config(""));
         assert_eq!(plain.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() });
-        assert_eq!(plain.seccomp, Seccomp::AllowList { dns: false, tcp_client: false });
+        assert_eq!(plain.seccomp, Seccomp::AllowList { dns: false, tcp_client: false, receive_sockets: false });
         assert_eq!((plain.run_as, plain.chroot_private, plain.nofile), (RunAs::MailUser, true, SMTPD_NOFILE));
         let resolv = needs(&config("[smtpd]\nreverse_lookup = true\n"));
         assert_eq!(resolv.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![RESOLV_CONF_PORT] });
-        assert_eq!(resolv.seccomp, Seccomp::AllowList { dns: true, tcp_client: false });
+        assert_eq!(resolv.seccomp, Seccomp::AllowList { dns: true, tcp_client: false, receive_sockets: false });
         let own = needs(&config("[smtpd]\nreverse_lookup = true\nresolvers = [\"127.0.0.1:5353\", \"[::1]:53\"]\n"));
         assert_eq!(own.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![5353, 53] });
     }
@@ -230,10 +237,10 @@ mod tests {
     fn auth_server_widens_by_its_port_only() {
         let inet = needs(&config("[smtpd.auth]\nserver = \"inet:127.0.0.1:12345\"\n"));
         assert_eq!(inet.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![12345] });
-        assert_eq!(inet.seccomp, Seccomp::AllowList { dns: false, tcp_client: true });
+        assert_eq!(inet.seccomp, Seccomp::AllowList { dns: false, tcp_client: true, receive_sockets: false });
         let unix = needs(&config("[smtpd.auth]\nserver = \"unix:/var/spool/mortal/run/private/auth\"\n"));
         assert_eq!(unix.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() });
-        assert_eq!(unix.seccomp, Seccomp::AllowList { dns: false, tcp_client: false });
+        assert_eq!(unix.seccomp, Seccomp::AllowList { dns: false, tcp_client: false, receive_sockets: false });
     }
 
     /// `inet:` milters and policy servers widen the sandbox by their ports
@@ -245,9 +252,9 @@ mod tests {
              [[smtpd.policy]]\nendpoint = \"inet:[::1]:10023\"\n",
         ));
         assert_eq!(both.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![11332, 10023] });
-        assert_eq!(both.seccomp, Seccomp::AllowList { dns: false, tcp_client: true });
+        assert_eq!(both.seccomp, Seccomp::AllowList { dns: false, tcp_client: true, receive_sockets: false });
         let unix = needs(&config("[[smtpd.policy]]\nendpoint = \"unix:/run/policy.sock\"\n"));
         assert_eq!(unix.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() });
-        assert_eq!(unix.seccomp, Seccomp::AllowList { dns: false, tcp_client: false });
+        assert_eq!(unix.seccomp, Seccomp::AllowList { dns: false, tcp_client: false, receive_sockets: false });
     }
 }

@@ -7,7 +7,8 @@
 //! call could otherwise reach beyond smtpd's job: `socket` only for
 //! `AF_UNIX` (cleanup, anvil), `mmap` never executable and no `mprotect`,
 //! no `clone` at all (smtpd is one thread: it can neither fork nor start a
-//! thread), no `sendmsg`/`recvmsg` (no descriptor passing), `ioctl` and
+//! thread), no `sendmsg` and no `recvmsg` but behind postscreen (which
+//! passes it each client's socket), `ioctl` and
 //! `fcntl` only for the descriptor flags std and tokio set, `tgkill` only
 //! to this process.
 
@@ -195,7 +196,7 @@ const SMTPD_DNS_PLAIN: &[(i64, &str)] = &[(libc::SYS_bind, "bind")];
 /// smtpd's allow-list with [`SMTPD_DNS_PLAIN`] and the inet sockets added,
 /// for `[smtpd] reverse_lookup = true`.
 pub fn smtpd_dns_rules() -> Result<Rules, SandboxError> {
-    smtpd_rules_for(true, false)
+    smtpd_rules_for(true, false, false)
 }
 
 /// `SOCK_STREAM` in `socket`'s type argument, whatever flags
@@ -206,9 +207,13 @@ const SOCKET_TYPE_MASK: u64 = 0xf;
 /// reverse lookups need (`dns`), plus TCP client sockets for `inet:`
 /// milters and policy servers (`tcp_client`: `AF_INET`/`AF_INET6` of type
 /// `SOCK_STREAM` only; connect and the socket options are on the plain
-/// list).
-pub fn smtpd_rules_for(dns: bool, tcp_client: bool) -> Result<Rules, SandboxError> {
+/// list), plus `recvmsg` for a child of postscreen's hand-off socket
+/// (`receive_sockets`: it takes each client's socket that way).
+pub fn smtpd_rules_for(dns: bool, tcp_client: bool, receive_sockets: bool) -> Result<Rules, SandboxError> {
     let mut rules = smtpd_rules()?;
+    if receive_sockets {
+        rules.insert(libc::SYS_recvmsg, Vec::new());
+    }
     if dns {
         rules.extend(SMTPD_DNS_PLAIN.iter().map(|&(nr, _)| (nr, Vec::new())));
         let domains = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
@@ -261,8 +266,8 @@ pub fn install(profile: Seccomp) -> Result<usize, SandboxError> {
     let no_clone3: Rules = [(libc::SYS_clone3, Vec::new())].into();
     let no_clone3 = compile(no_clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))?;
     let (main, count) = match profile {
-        Seccomp::AllowList { dns, tcp_client } => {
-            let rules = smtpd_rules_for(dns, tcp_client)?;
+        Seccomp::AllowList { dns, tcp_client, receive_sockets } => {
+            let rules = smtpd_rules_for(dns, tcp_client, receive_sockets)?;
             let count = rules.len();
             (compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)?, count)
         }
@@ -296,7 +301,8 @@ mod tests {
 
     #[test]
     fn filters_compile_for_this_architecture() {
-        let mut lists = vec![smtpd_rules().unwrap(), smtpd_dns_rules().unwrap(), smtpd_rules_for(false, true).unwrap()];
+        let mut lists =
+            vec![smtpd_rules().unwrap(), smtpd_dns_rules().unwrap(), smtpd_rules_for(false, true, false).unwrap()];
         for may_exec in [false, true] {
             for may_fork in [false, true] {
                 lists.push(deny_rules(may_exec, may_fork).unwrap());
@@ -363,7 +369,7 @@ mod tests {
     #[test]
     fn tcp_filters_add_only_stream_sockets() {
         let plain = smtpd_rules().unwrap();
-        let tcp = smtpd_rules_for(false, true).unwrap();
+        let tcp = smtpd_rules_for(false, true, false).unwrap();
         assert!(tcp.keys().all(|nr| plain.contains_key(nr)), "no new system call");
         assert_eq!(tcp[&libc::SYS_socket].len(), 3);
         assert!(!tcp.contains_key(&libc::SYS_bind));

@@ -235,7 +235,7 @@ impl Attempt {
             (Attempt::ConnectCleanup, Service::Smtpd) => Some(Allowed),
             (Attempt::ConnectQueue, Service::Cleanup) => Some(Allowed),
             (Attempt::ConnectCleanup | Attempt::ConnectQueue, _) => None,
-            (Attempt::Chroot, Service::Smtpd | Service::Anvil) => Some(Denied),
+            (Attempt::Chroot, Service::Smtpd | Service::Anvil | Service::Postscreen) => Some(Denied),
             (Attempt::Chroot, _) => None,
             _ => Some(Denied),
         }

@@ -6,7 +6,7 @@
 //! parses the strings and checks the rules, and hands out the resolved
 //! [`super::Config`], which needs no `Option` where a default exists.
 
-use super::{BareNewline, FilterStage, LogFormat, MilterDefaultAction, SmtpTlsSecurity, TlsSecurity};
+use super::{BareNewline, FilterStage, GreetAction, LogFormat, MilterDefaultAction, SmtpTlsSecurity, TlsSecurity};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::collections::BTreeMap;
@@ -31,6 +31,7 @@ pub struct Config {
     pub delivery: Delivery,
     pub process: Processes,
     pub anvil: Anvil,
+    pub postscreen: Postscreen,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -278,6 +279,19 @@ pub struct Anvil {
     pub rate_time_unit: Option<Text>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Postscreen {
+    pub enabled: Option<bool>,
+    pub greet_wait: Option<Text>,
+    pub greet_action: Option<GreetAction>,
+    pub greet_ttl: Option<Text>,
+    pub cache_limit: Option<usize>,
+    pub command_time_limit: Option<Text>,
+    pub connection_limit: Option<u32>,
+    pub client_connection_limit: Option<u32>,
+}
+
 /// `[process.<service>]`: one field per service, each resolved against
 /// that service's own defaults.
 #[derive(Debug, Default, Deserialize)]
@@ -290,9 +304,11 @@ pub struct Processes {
     pub smtp: ProcessPolicy,
     pub queue: SingleLife,
     pub anvil: SingleLife,
+    pub postscreen: SingleLife,
 }
 
-/// `[process.queue]`, `[process.anvil]`: a single process's life only.
+/// `[process.queue]`, `[process.anvil]`, `[process.postscreen]`: a single
+/// process's life only.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SingleLife {

@@ -264,8 +264,10 @@ impl Session {
             }
             other => {
                 self.connect_refusal = other;
-                let greeting = reply::greeting(&self.config.server.hostname, &self.config.smtpd.banner);
-                self.reply(&greeting);
+                if !self.greeted {
+                    let greeting = reply::greeting(&self.config.server.hostname, &self.config.smtpd.banner);
+                    self.reply(&greeting);
+                }
             }
         }
     }

@@ -308,6 +308,8 @@ pub struct Session {
     role: ListenerRole,
     /// Who the client logged in as with AUTH.
     login: Option<SaslLogin>,
+    /// postscreen sent the greeting: this session never sends one.
+    greeted: bool,
 }
 
 impl Session {
@@ -337,6 +339,31 @@ impl Session {
         role: ListenerRole,
         tls: Option<TlsSummary>,
     ) -> Self {
+        Self::start(config, relay, addr, name, role, tls, false)
+    }
+
+    /// A session with a client postscreen passed on: the client has the
+    /// whole greeting already, so the session starts by reading its first
+    /// command (which postscreen hands over too, for [`Session::feed`]).
+    pub fn greeted_by_postscreen(
+        config: Arc<Config>,
+        relay: Arc<RelayPolicy>,
+        addr: IpAddr,
+        name: &str,
+        role: ListenerRole,
+    ) -> Self {
+        Self::start(config, relay, addr, name, role, None, true)
+    }
+
+    fn start(
+        config: Arc<Config>,
+        relay: Arc<RelayPolicy>,
+        addr: IpAddr,
+        name: &str,
+        role: ListenerRole,
+        tls: Option<TlsSummary>,
+        greeted: bool,
+    ) -> Self {
         // A v4 client on a dual-stack socket appears as ::ffff:a.b.c.d;
         // log and pass on the address it really has, as Postfix does.
         let addr = addr.to_canonical();
@@ -362,6 +389,7 @@ impl Session {
             connect_refusal: None,
             role,
             login: None,
+            greeted,
             config,
         };
         session.log(format!("connect from {}", session.client));
@@ -369,7 +397,7 @@ impl Session {
             session.log(format!("Anonymous TLS connection established from {}: {info}", session.client));
             session.tls = Some(info);
         }
-        if !session.ask(CheckStage::Connect, Subject::None, check::Pending::Connect) {
+        if !session.ask(CheckStage::Connect, Subject::None, check::Pending::Connect) && !session.greeted {
             session.reply(&greeting);
         }
         session
@@ -1326,6 +1354,27 @@ mod tests {
             let mut session = Session::new(Arc::clone(&config), Arc::default(), addr.parse().expect("address"));
             assert_eq!(session.next_action(), Some(Action::Log(format!("connect from {logged}"))));
             assert_eq!(session.next_action(), Some(Action::Reply("220 localhost ESMTP mortal\r\n".into())));
+        }
+    }
+
+    /// A client postscreen passed on has the greeting: the session's
+    /// first reply answers its first command, with or without a filter
+    /// asked at CONNECT.
+    #[test]
+    fn a_client_greeted_by_postscreen_is_never_greeted_again() {
+        for toml in ["", "[[smtpd.policy]]\nendpoint = \"inet:127.0.0.1:9\"\nstages = [\"connect\"]\n"] {
+            let config = Arc::new(Config::parse(toml, std::path::Path::new("mortal.toml")).expect("config"));
+            let addr = "192.0.2.9".parse().expect("address");
+            let mut session = Session::greeted_by_postscreen(config, Arc::default(), addr, "unknown", ListenerRole::Mx);
+            let mut actions: Vec<Action> = std::iter::from_fn(|| session.next_action()).collect();
+            if let Some(Action::Check { .. }) = actions.last() {
+                actions.pop();
+                session.check_done(crate::filter::verdict::Verdict::proceed());
+                actions.extend(std::iter::from_fn(|| session.next_action()));
+            }
+            assert_eq!(actions, [Action::Log("connect from unknown[192.0.2.9]".into())], "{toml}");
+            session.feed(b"HELO client.test\r\n");
+            assert_eq!(session.next_action(), Some(Action::Reply("250 localhost\r\n".into())), "{toml}");
         }
     }
 

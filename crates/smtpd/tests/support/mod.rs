@@ -66,7 +66,7 @@ impl Drop for Dir {
 pub async fn serve(config: &Arc<Config>, tls: Option<&TlsServer>, stream: std::net::TcpStream) {
     let mut server = Server::new(Arc::clone(config), RelayPolicy::default());
     server.tls = tls.cloned();
-    assert_eq!(driver::session(&server, stream).await, SessionEnd::Finished);
+    assert_eq!(driver::session(&server, stream, None).await, SessionEnd::Finished);
 }
 
 /// The SMTP client side, over TCP or TLS.

@@ -1,0 +1,150 @@
+//! mortal-postscreen: holds new SMTP connections cheaply and passes only
+//! clients that speak SMTP to smtpd, Postfix `postscreen(8)` in shape.
+//!
+//! # Summary
+//! With `[postscreen] enabled`, the master gives each `[smtpd] listen`
+//! socket to a postscreen process (one per address) instead of an smtpd
+//! pool, and the smtpd children of those addresses wait on the hand-off
+//! socket `<run_dir>/private/smtpd` instead. postscreen holds every new
+//! connection in one event loop, at the cost of a socket and a small
+//! task:
+//!
+//! 1. It sends `220-<hostname> <banner>`, the first line of a two-line
+//!    greeting, and waits `greet_wait`. A client that talks now did not
+//!    wait for the greeting (the pregreet test): `greet_action = "drop"`
+//!    answers `521 5.5.1 Protocol error` and closes. A client that waits
+//!    passes, and skips this wait for `greet_ttl`.
+//! 2. It sends `220 <hostname> <banner>`, the last line, and waits up to
+//!    `command_time_limit` for the client's first command.
+//! 3. It passes the socket and the octets read (`mortal_proto::handoff`,
+//!    `SCM_RIGHTS`) to an idle smtpd child, which answers that command as
+//!    if it had sent the greeting itself.
+//!
+//! So a client that connects and stays silent, or thousands of them,
+//! costs one socket each here and never an smtpd process, and a real
+//! client still finds idle smtpd children.
+//!
+//! # Security
+//! postscreen reads client octets, so it is a mortal process: it lives
+//! `[process.postscreen]`'s lifetime and is replaced (a retiring one tells
+//! the clients it holds `421 4.3.2 Service shutting down`; they retry). It
+//! never parses more than it reads once after the greeting, which it
+//! passes on unread. Started as root it chroots into the private directory
+//! (the hand-off socket is there) and becomes `[server] user`; it opens no
+//! file and connects nowhere but the hand-off socket (Landlock: no path,
+//! no TCP port), and runs under the deny-list without running a program
+//! or making a process. Its memory is bounded by `connection_limit`
+//! connections of at most one 4 KiB read each, and `cache_limit` remembered
+//! clients.
+//!
+//! # Standards
+//! RFC 5321 (the multi-line greeting; a client must wait for the last
+//! line before it talks).
+//!
+//! # Configuration
+//! `[postscreen]`: `enabled`, `greet_wait`, `greet_action`, `greet_ttl`,
+//! `cache_limit`, `command_time_limit`, `connection_limit`,
+//! `client_connection_limit`; `[process.postscreen]` its lifetime; the
+//! hand-off waits `[process.smtpd] overload_wait` for an idle smtpd.
+//!
+//! # Diagnostics
+//! Postfix postscreen's log lines: `CONNECT from [ip]:port to [ip]:port`,
+//! `PASS NEW`, `PASS OLD`, `PREGREET n after s from [ip]:port: text`,
+//! `HANGUP after s from ...`, `COMMAND TIME LIMIT from ... after CONNECT`,
+//! `DISCONNECT`, `NOQUEUE: reject: CONNECT from ...: too many connections`
+//! or `all server ports busy`; `warning:` when no smtpd takes a client.
+#![forbid(unsafe_code)]
+
+mod cache;
+mod screen;
+
+use mortal_libmaster::daemon::{self, Fatal, Started};
+use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
+use mortal_proto::config::{Config, HANDOFFS_IN_FLIGHT, POSTSCREEN_NOFILE_RESERVE};
+use mortal_proto::status::ChildState;
+use std::net::TcpListener;
+use std::process::ExitCode;
+use tokio::sync::oneshot;
+
+/// postscreen's sandbox: the mail user in the private directory (the
+/// hand-off socket), no file, no TCP connect, the deny-list without
+/// running a program or making a process; a descriptor for each held
+/// connection and one for its hand-off.
+fn needs(config: &Config) -> Needs {
+    Needs {
+        run_as: RunAs::MailUser,
+        chroot_private: true,
+        nofile: config.postscreen.nofile(),
+        landlock: Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() },
+        seccomp: Seccomp::DenyList { may_exec: false, may_fork: false },
+    }
+}
+
+fn main() -> ExitCode {
+    daemon::run(Service::Postscreen, needs, runtime, run)
+}
+
+/// The event loop, made before the sandbox; current-thread, so no thread
+/// exists when the sandbox is entered.
+fn runtime(_: &Config) -> Result<tokio::runtime::Runtime, Fatal> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| Fatal::new(format_args!("create event loop: {e}")))
+}
+
+/// `connection_limit`, or fewer when the descriptor limit allows fewer
+/// (an unprivileged start keeps the hard limit it inherited): past it,
+/// clients hear 421 rather than the accept failing.
+fn connection_limit(config: &Config) -> usize {
+    let wanted = config.postscreen.connection_limit as usize;
+    match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) => {
+            let possible = soft.saturating_sub(POSTSCREEN_NOFILE_RESERVE + u64::from(HANDOFFS_IN_FLIGHT)) as usize;
+            if possible < wanted {
+                tracing::warn!(
+                    "warning: postscreen holds at most {possible} connections, not connection_limit = {wanted}: the descriptor limit is {soft}"
+                );
+            }
+            wanted.min(possible.max(1))
+        }
+        Err(_) => wanted,
+    }
+}
+
+fn run(started: Started<TcpListener, tokio::runtime::Runtime>) -> ExitCode {
+    let Started { config, listener, mut link, prepared: runtime, .. } = started;
+    let p = &config.postscreen;
+    let settings = screen::Settings {
+        hostname: config.server.hostname.clone(),
+        banner: config.smtpd.banner.clone(),
+        greet_wait: p.greet_wait,
+        greet_action: p.greet_action,
+        command_time_limit: p.command_time_limit,
+        connection_limit: connection_limit(&config),
+        client_connection_limit: p.client_connection_limit,
+        handoff_socket: mortal_libmaster::sandbox::visible_path(&config.smtpd_handoff_socket()),
+        handoff_wait: config.process.smtpd.overload_wait,
+        handoffs: tokio::sync::Semaphore::new(HANDOFFS_IN_FLIGHT as usize),
+    };
+    let passed = cache::PassCache::new(p.greet_ttl, p.cache_limit);
+    if let Err(e) = link.report(ChildState::Ready) {
+        tracing::error!("fatal: master link: {e}");
+        return ExitCode::FAILURE;
+    }
+    let (stop_tx, stop_rx) = oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = stop_tx.send(link.wait_for_exit());
+    });
+    match runtime.block_on(screen::serve(listener, settings, passed, stop_rx)) {
+        Ok(reason) => {
+            tracing::info!("exit: {}", reason.as_str());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("fatal: listener: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
