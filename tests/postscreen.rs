@@ -54,7 +54,7 @@ fn closed(stream: &mut TcpStream) -> bool {
 /// that never talks hears 421 after `command_time_limit`.
 #[test]
 fn patient_clients_pass_talkers_are_dropped_silent_ones_time_out() {
-    let inst = screened("greet_wait = \"1s\"\ncommand_time_limit = \"2s\"\n", 4);
+    let inst = screened("greet_wait = \"1s\"\ncommand_time_limit = \"2s\"\nclient_connection_limit = 2\n", 4);
     let port = inst.port;
 
     // Not 127.0.0.1: the harness's own check passed that address at start.
@@ -92,6 +92,17 @@ fn patient_clients_pass_talkers_are_dropped_silent_ones_time_out() {
     let log = inst.wait_for_log("DISCONNECT [127.0.0.2]:");
     assert!(log.contains("PREGREET 10 after ") && log.contains("from [127.0.0.2]:"), "{log}");
     assert!(log.contains(": EHLO bot\\r\\n"), "{log}");
+
+    // One address may hold two connections; the third is refused at once.
+    let mut held: Vec<TcpStream> = (0..2).map(|_| connect_from(Ipv4Addr::new(127, 0, 0, 4), port)).collect();
+    for h in &mut held {
+        assert_eq!(read_until(h, "\r\n"), format!("220-{GREETING}\r\n"));
+    }
+    let mut third = connect_from(Ipv4Addr::new(127, 0, 0, 4), port);
+    assert_eq!(read_until(&mut third, "\r\n"), "421 4.7.0 mortal.test Error: too many connections from 127.0.0.4\r\n");
+    assert!(closed(&mut third));
+    inst.wait_for_log("NOQUEUE: reject: CONNECT from [127.0.0.4]:");
+    drop(held);
 
     // A client that never sends a command.
     let mut silent = connect_from(Ipv4Addr::new(127, 0, 0, 3), port);
@@ -177,4 +188,26 @@ fn five_thousand_silent_connections_leave_a_real_client_its_smtpd() {
     assert!(smtpds <= 4, "{smtpds} smtpd processes for one real client");
     assert!(!inst.log_text().contains("has reached its process limit"), "the smtpd pool filled up");
     drop(bots);
+}
+
+/// postscreen is mortal too: at the end of its life it tells the clients
+/// it holds `421 4.3.2 ... Service shutting down`, and its successor
+/// greets the next ones.
+#[test]
+fn a_retiring_postscreen_says_421_and_its_successor_serves() {
+    let inst =
+        screened("greet_wait = \"0s\"\n\n[process.postscreen]\nmax_lifetime = \"3s\"\nlifetime_jitter = 0.5\n", 4);
+    let first = wait_for_within("postscreen's pid", WAIT, || inst.children_running("mortal-postscreen").pop())
+        .expect("a postscreen process");
+    let mut held = connect_from(Ipv4Addr::new(127, 0, 0, 20), inst.port);
+    let all = read_until(&mut held, "shutting down\r\n");
+    assert_eq!(all, format!("220 {GREETING}\r\n421 4.3.2 mortal.test Service shutting down\r\n"));
+    assert!(closed(&mut held));
+    inst.wait_for_log(&format!("postscreen[{first}]: exit: retired by master"));
+    let mut next = connect_from(Ipv4Addr::new(127, 0, 0, 21), inst.port);
+    assert_eq!(read_until(&mut next, "\r\n"), format!("220 {GREETING}\r\n"));
+    let mut smtp = mortal_tests::Smtp::over(next);
+    assert_eq!(smtp.cmd("HELO next.test").unwrap(), "250 mortal.test\r\n");
+    let successor = inst.children_running("mortal-postscreen");
+    assert!(!successor.is_empty() && !successor.contains(&first), "{successor:?} after {first}");
 }
