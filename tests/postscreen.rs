@@ -211,3 +211,46 @@ fn a_retiring_postscreen_says_421_and_its_successor_serves() {
     let successor = inst.children_running("mortal-postscreen");
     assert!(!successor.is_empty() && !successor.contains(&first), "{successor:?} after {first}");
 }
+
+/// With `[smtpd.dnsbl] action = "drop"` postscreen asks the lists itself
+/// (rbldnsd on loopback here) while the pregreet test runs: a listed
+/// client hears 521 before it may talk and never reaches smtpd; an
+/// allowlisted one is passed on with its score, and smtpd does not ask
+/// the lists again.
+#[test]
+fn postscreen_drops_listed_clients_and_passes_the_score_on() {
+    let lists = mortal_tests::rbldnsd::Rbldnsd::start(&[
+        ("zen.example", &["127.0.0.2"]),
+        ("wl.example", &["127.0.0.4 :127.0.9.2:allowlisted"]),
+    ]);
+    let inst = Instance::start_with(Options {
+        smtpd_prefork: 1,
+        smtpd_min_spare: 1,
+        smtpd_max_spare: 2,
+        smtpd_extra: format!("resolvers = [\"127.0.0.1:{}\"]\n", lists.port),
+        extra: "\n[postscreen]\nenabled = true\ngreet_wait = \"1s\"\n\n[smtpd.dnsbl]\n\
+                sites = [\"zen.example\", \"wl.example*-1\"]\naction = \"drop\"\n"
+            .into(),
+        ..Options::default()
+    });
+    let mut listed = connect_from(Ipv4Addr::new(127, 0, 0, 2), inst.port);
+    let all = read_until(&mut listed, "zen.example\r\n");
+    assert_eq!(
+        all,
+        format!("220-{GREETING}\r\n521 5.7.1 Service unavailable; client [127.0.0.2] blocked using zen.example\r\n")
+    );
+    assert!(closed(&mut listed));
+    let log = inst.wait_for_log("DISCONNECT [127.0.0.2]:");
+    assert!(log.contains("postscreen[") && log.contains("DNSBL rank 1 for [127.0.0.2]:"), "{log}");
+    assert!(!log.contains("connect from unknown[127.0.0.2]"), "a listed client reached smtpd:\n{log}");
+
+    let mut allowed = connect_from(Ipv4Addr::new(127, 0, 0, 4), inst.port);
+    read_until(&mut allowed, &format!("220 {GREETING}\r\n"));
+    let mut smtp = mortal_tests::Smtp::over(allowed);
+    assert_eq!(smtp.cmd("HELO allowed.test").unwrap(), "250 mortal.test\r\n");
+    assert_eq!(smtp.cmd("QUIT").unwrap(), "221 2.0.0 Bye\r\n");
+    let log = inst.wait_for_log("disconnect from unknown[127.0.0.4]");
+    let ranks: Vec<&str> = log.lines().filter(|l| l.contains("DNSBL rank -1 for [127.0.0.4]:")).collect();
+    assert_eq!(ranks.len(), 1, "{ranks:?}");
+    assert!(ranks[0].contains("postscreen["), "{ranks:?}");
+}

@@ -66,7 +66,8 @@ pub fn receive(link: &mut UnixStream, timeout: Duration) -> io::Result<(OwnedFd,
     // The rest of the input, if the stream split it.
     link.read_exact(&mut first[got..total])?;
     link.write_all(&[ACK])?;
-    Ok((client, Handoff { greeted: header.greeted, input: first[HEADER_LEN..total].to_vec() }))
+    let input = first[HEADER_LEN..total].to_vec();
+    Ok((client, Handoff { greeted: header.greeted, dnsbl_score: header.dnsbl_score, input }))
 }
 
 #[cfg(test)]
@@ -82,7 +83,7 @@ mod tests {
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server_side, _) = listener.accept().unwrap();
         let (postscreen, mut smtpd) = UnixStream::pair().unwrap();
-        let handoff = Handoff { greeted: true, input: b"EHLO a\r\n".to_vec() };
+        let handoff = Handoff { greeted: true, dnsbl_score: Some(3), input: b"EHLO a\r\n".to_vec() };
         send(&postscreen, server_side.as_fd(), &handoff).unwrap();
         drop(server_side);
         let (fd, got) = receive(&mut smtpd, Duration::from_secs(5)).unwrap();
@@ -101,7 +102,9 @@ mod tests {
     #[test]
     fn a_hand_off_without_a_socket_is_refused() {
         let (mut postscreen, mut smtpd) = UnixStream::pair().unwrap();
-        postscreen.write_all(&Handoff { greeted: true, input: Vec::new() }.encode().unwrap()).unwrap();
+        postscreen
+            .write_all(&Handoff { greeted: true, dnsbl_score: None, input: Vec::new() }.encode().unwrap())
+            .unwrap();
         let e = receive(&mut smtpd, Duration::from_secs(5)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }

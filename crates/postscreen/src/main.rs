@@ -13,7 +13,11 @@
 //!    greeting, and waits `greet_wait`. A client that talks now did not
 //!    wait for the greeting (the pregreet test): `greet_action = "drop"`
 //!    answers `521 5.5.1 Protocol error` and closes. A client that waits
-//!    passes, and skips this wait for `greet_ttl`.
+//!    passes, and skips this wait for `greet_ttl`. Meanwhile, with
+//!    `[smtpd.dnsbl] action = "drop"`, it asks the DNS lists
+//!    (`mortal_smtpd::dnsbl`), and refuses a client whose score reaches
+//!    the threshold with `521 5.7.1 Service unavailable; client [ip]
+//!    blocked using <site>`; the score travels on to smtpd.
 //! 2. It sends `220 <hostname> <banner>`, the last line, and waits up to
 //!    `command_time_limit` for the client's first command.
 //! 3. It passes the socket and the octets read (`mortal_proto::handoff`,
@@ -60,38 +64,76 @@ mod screen;
 
 use mortal_libmaster::daemon::{self, Fatal, Started};
 use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
-use mortal_proto::config::{Config, HANDOFFS_IN_FLIGHT, POSTSCREEN_NOFILE_RESERVE};
+use mortal_proto::config::{Config, DnsblAction, HANDOFFS_IN_FLIGHT, POSTSCREEN_NOFILE_RESERVE};
 use mortal_proto::status::ChildState;
+use mortal_smtpd::dnsbl::Dnsbl;
 use std::net::TcpListener;
 use std::process::ExitCode;
 use tokio::sync::oneshot;
 
+/// The nameserver port of /etc/resolv.conf entries, which the DNS list
+/// lookups use when `[smtpd] resolvers` is empty.
+const RESOLV_CONF_PORT: u16 = 53;
+
+/// Whether postscreen asks the DNS lists itself: with `[smtpd.dnsbl]
+/// action = "drop"`, the verdict that refuses a client before it may
+/// talk. The other actions decide at RCPT, which is smtpd's.
+fn screens_dnsbl(config: &Config) -> bool {
+    config.smtpd.dnsbl.enabled() && config.smtpd.dnsbl.action == DnsblAction::Drop
+}
+
 /// postscreen's sandbox: the mail user in the private directory (the
-/// hand-off socket), no file, no TCP connect, the deny-list without
-/// running a program or making a process; a descriptor for each held
-/// connection and one for its hand-off.
+/// hand-off socket), no file, the deny-list without running a program or
+/// making a process; a descriptor for each held connection and one for
+/// each hand-off. TCP connects only to the nameservers' ports when it
+/// asks the DNS lists (the resolver's fallback for truncated answers),
+/// else none.
 fn needs(config: &Config) -> Needs {
+    let mut tcp_connect: Vec<u16> = Vec::new();
+    if screens_dnsbl(config) {
+        tcp_connect.extend(config.smtpd.resolvers.iter().map(|r| r.port()));
+        if tcp_connect.is_empty() {
+            tcp_connect.push(RESOLV_CONF_PORT);
+        }
+        tcp_connect.dedup();
+    }
     Needs {
         run_as: RunAs::MailUser,
         chroot_private: true,
         nofile: config.postscreen.nofile(),
-        landlock: Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() },
+        landlock: Landlock::Rules { read_write: Vec::new(), tcp_connect },
         seccomp: Seccomp::DenyList { may_exec: false, may_fork: false },
     }
 }
 
-fn main() -> ExitCode {
-    daemon::run(Service::Postscreen, needs, runtime, run)
+/// What `prepare` makes before the sandbox: the event loop, and the DNS
+/// list client (it reads /etc/resolv.conf when no `resolvers` are set).
+struct Prepared {
+    runtime: tokio::runtime::Runtime,
+    dnsbl: Option<Dnsbl>,
 }
 
-/// The event loop, made before the sandbox; current-thread, so no thread
-/// exists when the sandbox is entered.
-fn runtime(_: &Config) -> Result<tokio::runtime::Runtime, Fatal> {
-    tokio::runtime::Builder::new_current_thread()
+fn main() -> ExitCode {
+    daemon::run(Service::Postscreen, needs, prepare, run)
+}
+
+/// The event loop (current-thread, so no thread exists when the sandbox
+/// is entered) and the DNS list client, built in it.
+fn prepare(config: &Config) -> Result<Prepared, Fatal> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
         .build()
-        .map_err(|e| Fatal::new(format_args!("create event loop: {e}")))
+        .map_err(|e| Fatal::new(format_args!("create event loop: {e}")))?;
+    let dnsbl = if screens_dnsbl(config) {
+        let _in_runtime = runtime.enter();
+        let dns = |e: mortal_smtpd::dns::DnsError| Fatal::new(format_args!("dnsbl: {e}"));
+        let servers = mortal_smtpd::dns::nameservers(&config.smtpd).map_err(dns)?;
+        Some(Dnsbl::new(&servers, config.smtpd.dnsbl.timeout).map_err(dns)?)
+    } else {
+        None
+    };
+    Ok(Prepared { runtime, dnsbl })
 }
 
 /// `connection_limit`, or fewer when the descriptor limit allows fewer
@@ -113,8 +155,8 @@ fn connection_limit(config: &Config) -> usize {
     }
 }
 
-fn run(started: Started<TcpListener, tokio::runtime::Runtime>) -> ExitCode {
-    let Started { config, listener, mut link, prepared: runtime, .. } = started;
+fn run(started: Started<TcpListener, Prepared>) -> ExitCode {
+    let Started { config, listener, mut link, prepared: Prepared { runtime, dnsbl }, .. } = started;
     let p = &config.postscreen;
     let settings = screen::Settings {
         hostname: config.server.hostname.clone(),
@@ -127,6 +169,11 @@ fn run(started: Started<TcpListener, tokio::runtime::Runtime>) -> ExitCode {
         handoff_socket: mortal_libmaster::sandbox::visible_path(&config.smtpd_handoff_socket()),
         handoff_wait: config.process.smtpd.overload_wait,
         handoffs: tokio::sync::Semaphore::new(HANDOFFS_IN_FLIGHT as usize),
+        dnsbl: dnsbl.map(|client| screen::DnsLists {
+            client,
+            sites: config.smtpd.dnsbl.sites.clone(),
+            threshold: config.smtpd.dnsbl.threshold,
+        }),
     };
     let passed = cache::PassCache::new(p.greet_ttl, p.cache_limit);
     if let Err(e) = link.report(ChildState::Ready) {
@@ -146,5 +193,34 @@ fn run(started: Started<TcpListener, tokio::runtime::Runtime>) -> ExitCode {
             tracing::error!("fatal: listener: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(text: &str) -> Config {
+        Config::parse_for(text, Path::new("/m.toml"), false).unwrap()
+    }
+
+    /// No TCP port at all, unless postscreen asks the DNS lists (`drop`):
+    /// then the nameservers' ports and no other.
+    #[test]
+    fn tcp_ports_only_for_the_dns_lists_it_asks() {
+        let plain = needs(&config("[postscreen]\nenabled = true\n"));
+        assert_eq!(plain.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() });
+        assert_eq!(plain.seccomp, Seccomp::DenyList { may_exec: false, may_fork: false });
+        assert_eq!(plain.nofile, 10_000 + u64::from(HANDOFFS_IN_FLIGHT) + POSTSCREEN_NOFILE_RESERVE);
+        let enforce =
+            needs(&config("[smtpd]\nresolvers = [\"127.0.0.1:5353\"]\n[smtpd.dnsbl]\nsites = [\"zen.example\"]\n"));
+        assert_eq!(enforce.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() });
+        let drop = needs(&config(
+            "[smtpd]\nresolvers = [\"127.0.0.1:5353\"]\n[smtpd.dnsbl]\nsites = [\"zen.example\"]\naction = \"drop\"\n",
+        ));
+        assert_eq!(drop.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![5353] });
+        let resolv = needs(&config("[smtpd.dnsbl]\nsites = [\"zen.example\"]\naction = \"drop\"\n"));
+        assert_eq!(resolv.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![RESOLV_CONF_PORT] });
     }
 }

@@ -47,6 +47,16 @@ pub struct Settings {
     /// Hand-offs in flight, each with a descriptor: at most
     /// [`mortal_proto::config::HANDOFFS_IN_FLIGHT`].
     pub handoffs: tokio::sync::Semaphore,
+    /// The DNS lists postscreen asks itself (`[smtpd.dnsbl] action =
+    /// "drop"`).
+    pub dnsbl: Option<DnsLists>,
+}
+
+#[derive(Debug)]
+pub struct DnsLists {
+    pub client: mortal_smtpd::dnsbl::Dnsbl,
+    pub sites: Vec<mortal_proto::dnsbl::DnsblSite>,
+    pub threshold: i32,
 }
 
 #[derive(Debug)]
@@ -216,6 +226,12 @@ async fn screen(
 ) {
     let client = Endpoint(peer);
     let addr = peer.ip().to_canonical();
+    // The lists are asked while the pregreet test runs; the answer is
+    // awaited only after it (bounded by `[smtpd.dnsbl] timeout`).
+    let lookup = settings.dnsbl.as_ref().map(|lists| {
+        let (dns, sites) = (lists.client.clone(), lists.sites.clone());
+        tokio::spawn(async move { dns.screen(&sites, addr).await })
+    });
     let greeting = format!("{} {}", settings.hostname, settings.banner);
     let known = shared.lock().unwrap_or_else(PoisonError::into_inner).passed.passed(addr, Instant::now());
     let mut input = None;
@@ -262,6 +278,20 @@ async fn screen(
             }
         }
     }
+    let mut dnsbl_score = None;
+    if let (Some(lookup), Some(lists)) = (lookup, &settings.dnsbl) {
+        let screening = lookup.await.unwrap_or_default();
+        if screening.score != 0 {
+            tracing::info!("DNSBL rank {} for {client}", screening.score);
+        }
+        if screening.score >= lists.threshold {
+            let site = screening.blocked_by().unwrap_or("a DNS block list");
+            say(&mut stream, &format!("521 5.7.1 Service unavailable; client [{addr}] blocked using {site}\r\n")).await;
+            tracing::info!("DISCONNECT {client}");
+            return;
+        }
+        dnsbl_score = Some(screening.score);
+    }
     if !say(&mut stream, &format!("220 {greeting}\r\n")).await {
         return;
     }
@@ -284,7 +314,7 @@ async fn screen(
             }
         },
     };
-    if let Err(e) = hand_off(&stream, input, settings).await {
+    if let Err(e) = hand_off(&stream, Handoff { greeted: true, dnsbl_score, input }, settings).await {
         tracing::warn!("warning: hand-off of {client} to smtpd: {e}");
         say(&mut stream, "421 4.3.2 All server ports are busy\r\n").await;
     }
@@ -292,8 +322,7 @@ async fn screen(
 
 /// Passes the client to an idle smtpd and waits for it to say it holds
 /// the socket; the smtpd pool's `overload_wait` bounds the wait.
-async fn hand_off(client: &TcpStream, input: Vec<u8>, settings: &Settings) -> io::Result<()> {
-    let handoff = Handoff { greeted: true, input };
+async fn hand_off(client: &TcpStream, handoff: Handoff, settings: &Settings) -> io::Result<()> {
     let waited = timeout(settings.handoff_wait, async {
         let _turn = settings.handoffs.acquire().await.map_err(io::Error::other)?;
         let mut link = UnixStream::connect(&settings.handoff_socket).await?;

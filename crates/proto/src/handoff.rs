@@ -11,14 +11,18 @@
 //! tells the client so itself.
 //!
 //! ```text
-//! 0      2        3       4                 8
-//! | "PS" | version | flags | input length, BE | input ...
+//! 0      2        3       4                 8                  12
+//! | "PS" | version | flags | input length, BE | DNSBL score, BE | input ...
 //! ```
+//!
+//! The score is postscreen's `[smtpd.dnsbl]` verdict when it screened the
+//! client (`action = "drop"`: it refused listed clients itself), so smtpd
+//! neither asks the lists again nor loses the allowlisting.
 
 use thiserror::Error;
 
 /// Octets before the input.
-pub const HEADER_LEN: usize = 8;
+pub const HEADER_LEN: usize = 12;
 /// Most client input passed along: a line of SMTP with room to spare
 /// (RFC 5321 allows 512 octets a command; postscreen reads no more than
 /// this before it passes the connection on).
@@ -30,12 +34,16 @@ const MAGIC: [u8; 2] = *b"PS";
 const VERSION: u8 = 1;
 /// The client has the whole greeting: smtpd must not send its own.
 const GREETED: u8 = 1;
+/// The DNSBL score field holds postscreen's screening.
+const SCORED: u8 = 2;
 
 /// What travels with a client's socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Handoff {
     /// postscreen sent the whole `220` greeting.
     pub greeted: bool,
+    /// The client's `[smtpd.dnsbl]` score, when postscreen screened it.
+    pub dnsbl_score: Option<i32>,
     /// What the client sent after the greeting, to be read before the socket.
     pub input: Vec<u8>,
 }
@@ -44,6 +52,7 @@ pub struct Handoff {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub greeted: bool,
+    pub dnsbl_score: Option<i32>,
     /// Octets of input that follow.
     pub input_len: usize,
 }
@@ -70,9 +79,11 @@ impl Handoff {
         let mut out = Vec::with_capacity(HEADER_LEN + self.input.len());
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
-        out.push(if self.greeted { GREETED } else { 0 });
+        let greeted = if self.greeted { GREETED } else { 0 };
+        out.push(greeted | if self.dnsbl_score.is_some() { SCORED } else { 0 });
         // MAX_INPUT fits in u32.
         out.extend_from_slice(&(self.input.len() as u32).to_be_bytes());
+        out.extend_from_slice(&self.dnsbl_score.unwrap_or(0).to_be_bytes());
         out.extend_from_slice(&self.input);
         Ok(out)
     }
@@ -86,14 +97,15 @@ impl Header {
         if b[2] != VERSION {
             return Err(HandoffError::BadVersion(b[2]));
         }
-        if b[3] & !GREETED != 0 {
+        if b[3] & !(GREETED | SCORED) != 0 {
             return Err(HandoffError::UnknownFlags(b[3]));
         }
         let len = u32::from_be_bytes([b[4], b[5], b[6], b[7]]) as usize;
         if len > MAX_INPUT {
             return Err(HandoffError::TooLong(len));
         }
-        Ok(Header { greeted: b[3] & GREETED != 0, input_len: len })
+        let score = i32::from_be_bytes([b[8], b[9], b[10], b[11]]);
+        Ok(Header { greeted: b[3] & GREETED != 0, dnsbl_score: (b[3] & SCORED != 0).then_some(score), input_len: len })
     }
 }
 
@@ -107,19 +119,20 @@ mod tests {
 
     #[test]
     fn round_trips_and_refuses_what_it_never_writes() {
-        let h = Handoff { greeted: true, input: b"EHLO client.example\r\n".to_vec() };
+        let h = Handoff { greeted: true, dnsbl_score: Some(-2), input: b"EHLO client.example\r\n".to_vec() };
         let wire = h.encode().unwrap();
-        assert_eq!(&wire[..HEADER_LEN], b"PS\x01\x01\x00\x00\x00\x15");
-        assert_eq!(Header::decode(&header(&wire)), Ok(Header { greeted: true, input_len: 21 }));
+        assert_eq!(&wire[..HEADER_LEN], b"PS\x01\x03\x00\x00\x00\x15\xff\xff\xff\xfe");
+        let got = Header::decode(&header(&wire));
+        assert_eq!(got, Ok(Header { greeted: true, dnsbl_score: Some(-2), input_len: 21 }));
         assert_eq!(&wire[HEADER_LEN..], b"EHLO client.example\r\n");
-        let bare = Handoff { greeted: false, input: Vec::new() }.encode().unwrap();
-        assert_eq!(Header::decode(&header(&bare)), Ok(Header { greeted: false, input_len: 0 }));
-        assert_eq!(Header::decode(b"XS\x01\x01\0\0\0\0"), Err(HandoffError::BadMagic));
-        assert_eq!(Header::decode(b"PS\x02\x01\0\0\0\0"), Err(HandoffError::BadVersion(2)));
-        assert_eq!(Header::decode(b"PS\x01\x03\0\0\0\0"), Err(HandoffError::UnknownFlags(3)));
-        assert_eq!(Header::decode(b"PS\x01\x01\0\0\x10\x01"), Err(HandoffError::TooLong(4097)));
-        let long = Handoff { greeted: true, input: vec![b'a'; MAX_INPUT + 1] };
+        let bare = Handoff { greeted: false, dnsbl_score: None, input: Vec::new() }.encode().unwrap();
+        assert_eq!(Header::decode(&header(&bare)), Ok(Header { greeted: false, dnsbl_score: None, input_len: 0 }));
+        assert_eq!(Header::decode(b"XS\x01\x01\0\0\0\0\0\0\0\0"), Err(HandoffError::BadMagic));
+        assert_eq!(Header::decode(b"PS\x02\x01\0\0\0\0\0\0\0\0"), Err(HandoffError::BadVersion(2)));
+        assert_eq!(Header::decode(b"PS\x01\x05\0\0\0\0\0\0\0\0"), Err(HandoffError::UnknownFlags(5)));
+        assert_eq!(Header::decode(b"PS\x01\x01\0\0\x10\x01\0\0\0\0"), Err(HandoffError::TooLong(4097)));
+        let long = Handoff { greeted: true, dnsbl_score: None, input: vec![b'a'; MAX_INPUT + 1] };
         assert_eq!(long.encode(), Err(HandoffError::TooLong(MAX_INPUT + 1)));
-        assert!(Handoff { greeted: true, input: vec![b'a'; MAX_INPUT] }.encode().is_ok());
+        assert!(Handoff { greeted: true, dnsbl_score: None, input: vec![b'a'; MAX_INPUT] }.encode().is_ok());
     }
 }

@@ -157,7 +157,10 @@ pub async fn session(
         tracing::warn!("warning: set non-blocking: {e}");
         return SessionEnd::Finished;
     }
-    let filters = filters_for(server, &stream, &peer);
+    let mut filters = filters_for(server, &stream, &peer);
+    if let (Some(filters), Some(score)) = (&mut filters, handoff.as_ref().and_then(|h| h.dnsbl_score)) {
+        filters.screened_by_postscreen(score);
+    }
     let local = stream.local_addr().unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     let sasl_client = SaslClientInfo { remote: std::net::SocketAddr::new(peer.addr, peer.port), local, secured: false };
     let relay = Arc::clone(&server.relay);

@@ -336,6 +336,13 @@ impl Filters {
         end
     }
 
+    /// postscreen asked the DNS lists already (it does with `action =
+    /// "drop"`, and refused the listed clients itself): its score stands,
+    /// for the allowlist, and no list is asked again.
+    pub fn screened_by_postscreen(&mut self, score: i32) {
+        self.screen = Screen::Done(Some(Screening { score, ..Screening::default() }));
+    }
+
     /// `[smtpd.dnsbl]`: started at CONNECT, decided there (`drop`) or at
     /// each RCPT (`enforce`, `ignore`). `Ok(true)`: the client is
     /// allowlisted.
