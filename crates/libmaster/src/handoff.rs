@@ -15,6 +15,13 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+/// Whether `fd` is a listening Unix socket: what an smtpd behind
+/// postscreen inherits (a TCP listener otherwise).
+pub fn is_unix_listener(fd: BorrowedFd<'_>) -> bool {
+    rustix::net::sockopt::socket_domain(fd).is_ok_and(|d| d == rustix::net::AddressFamily::UNIX)
+        && rustix::net::sockopt::socket_acceptconn(fd).unwrap_or(false)
+}
+
 /// Sends `handoff` with `client` attached, in one `sendmsg` on `link`
 /// (non-blocking or not: a fresh connection's buffer holds it whole).
 pub fn send(link: impl AsFd, client: BorrowedFd<'_>, handoff: &Handoff) -> io::Result<()> {
@@ -96,6 +103,20 @@ mod tests {
         let mut line = [0u8; 8];
         client.read_exact(&mut line).unwrap();
         assert_eq!(&line, b"250 ok\r\n");
+    }
+
+    #[test]
+    fn only_a_listening_unix_socket_is_a_hand_off_listener() {
+        let dir = std::env::temp_dir().join(format!("mortal-handoff-test-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let unix = std::os::unix::net::UnixListener::bind(&dir).unwrap();
+        assert!(is_unix_listener(unix.as_fd()));
+        std::fs::remove_file(&dir).unwrap();
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(!is_unix_listener(a.as_fd()));
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(!is_unix_listener(tcp.as_fd()));
+        assert!(!is_unix_listener(std::fs::File::open("/dev/null").unwrap().as_fd()));
     }
 
     /// Octets without a descriptor are refused: only postscreen sends here.

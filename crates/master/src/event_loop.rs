@@ -830,9 +830,10 @@ impl Master {
             || new.smtpd.submissions_listen != old.smtpd.submissions_listen
             || new.server.spool_dir != old.server.spool_dir
             || new.run_dir() != old.run_dir()
+            || new.postscreen.enabled != old.postscreen.enabled
         {
             tracing::warn!(
-                "warning: reload: smtpd.listen, smtpd.proxy_listen, smtpd.submission_listen, smtpd.submissions_listen, server.spool_dir and server.run_dir take effect only on restart"
+                "warning: reload: smtpd.listen, smtpd.proxy_listen, smtpd.submission_listen, smtpd.submissions_listen, server.spool_dir, server.run_dir and postscreen.enabled take effect only on restart"
             );
         }
         for agent in new.agents() {

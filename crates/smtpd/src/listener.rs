@@ -10,7 +10,7 @@ use mortal_proto::config::{Config, ListenerRole};
 use mortal_proto::handoff::Handoff;
 use std::io;
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
@@ -52,15 +52,22 @@ impl Listener for SmtpdListener {
         }
     }
 
-    /// A listener with an IP address is TCP; any other is the hand-off
-    /// socket (the master binds nothing else for smtpd).
+    /// A listening Unix socket is the hand-off socket; anything else is
+    /// taken as the TCP listener (the master binds nothing else for smtpd).
     fn inherited() -> io::Result<Self> {
-        let tcp = TcpListener::inherited()?;
-        if tcp.local_addr().is_ok() {
-            return Ok(SmtpdListener::Tcp(tcp));
+        if inherited_is_handoff() {
+            return UnixListener::inherited().map(SmtpdListener::Handoff);
         }
-        Ok(SmtpdListener::Handoff(UnixListener::from(OwnedFd::from(tcp))))
+        TcpListener::inherited().map(SmtpdListener::Tcp)
     }
+}
+
+/// Whether this process's inherited listener (stdin) is postscreen's
+/// hand-off socket, a Unix socket: the one case where smtpd receives
+/// sockets. Decided from the descriptor, not the configuration, which a
+/// reload may change under a running pool.
+pub fn inherited_is_handoff() -> bool {
+    mortal_libmaster::handoff::is_unix_listener(std::io::stdin().as_fd())
 }
 
 impl SmtpdListener {

@@ -74,7 +74,11 @@ fn needs(config: &Config) -> Needs {
         chroot_private: true,
         nofile: SMTPD_NOFILE,
         landlock: Landlock::Rules { read_write: Vec::new(), tcp_connect },
-        seccomp: Seccomp::AllowList { dns, tcp_client, receive_sockets: config.postscreen.enabled },
+        seccomp: Seccomp::AllowList {
+            dns,
+            tcp_client,
+            receive_sockets: mortal_smtpd::listener::inherited_is_handoff(),
+        },
     }
 }
 
