@@ -973,14 +973,42 @@ impl fmt::Display for Location {
     }
 }
 
+/// The offsets of the newlines in `text`.
+fn newline_offsets(text: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    text.iter().enumerate().filter(|&(_, &b)| b == b'\n').map(|(i, _)| i)
+}
+
 /// Where each key of a loaded file is written, for messages about it.
+/// Found on first use: it takes a second parse of the file, which every
+/// child would otherwise pay at start for messages it almost never writes.
 #[derive(Debug, Clone, Default)]
-struct KeyLocations(BTreeMap<Vec<String>, Location>);
+struct KeyLocations {
+    text: std::sync::Arc<str>,
+    found: std::sync::OnceLock<BTreeMap<Vec<String>, Location>>,
+}
 
 impl KeyLocations {
     fn of(text: &str) -> KeyLocations {
-        let spans = raw::KeySpans::of(text).0;
-        KeyLocations(spans.into_iter().map(|(path, span)| (path, Location::of(text, span.start))).collect())
+        KeyLocations { text: text.into(), found: std::sync::OnceLock::new() }
+    }
+
+    fn all(&self) -> &BTreeMap<Vec<String>, Location> {
+        self.found.get_or_init(|| {
+            let text = &*self.text;
+            let spans = raw::KeySpans::of(text).0;
+            // One pass for the line starts, then a binary search per key.
+            let line_starts: Vec<usize> =
+                std::iter::once(0).chain(newline_offsets(text.as_bytes()).map(|i| i + 1)).collect();
+            let locate = |offset: usize| {
+                let offset = offset.min(text.len());
+                let line = line_starts.partition_point(|&start| start <= offset);
+                let start = line_starts[line - 1];
+                let tail = &text.as_bytes()[start..offset];
+                let column = std::str::from_utf8(tail).map_or(tail.len(), |s| s.chars().count()) + 1;
+                Location { line, column }
+            };
+            spans.into_iter().map(|(path, span)| (path, locate(span.start))).collect()
+        })
     }
 
     /// The key `table.key` (`table` dotted, empty for the top level);
@@ -998,7 +1026,7 @@ impl KeyLocations {
             .collect();
         path.push(key.to_owned());
         while !path.is_empty() {
-            if let Some(at) = self.0.get(&path) {
+            if let Some(at) = self.all().get(&path) {
                 return Some(*at);
             }
             path.pop();
@@ -1851,6 +1879,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The per-key locations agree with [`Location::of`] everywhere.
+    #[test]
+    fn key_locations_agree_with_location_of() {
+        let text = "# c\n[server]\nhostname = \"h\"\n\n[smtpd]\n  listen = [\"127.0.0.1:25\"] # é\ntimeout = \"1s\"\n";
+        let spans = raw::KeySpans::of(text).0;
+        let keys = KeyLocations::of(text);
+        assert!(spans.len() >= 4, "{spans:?}");
+        for (path, span) in spans {
+            assert_eq!(keys.all()[&path], Location::of(text, span.start), "{path:?}");
+        }
+    }
 
     const DEV: &str = include_str!("../../../etc/mortal.toml");
 
