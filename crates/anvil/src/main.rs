@@ -90,7 +90,14 @@ const ANVIL_NOFILE_BASE: u64 = 64;
 /// running a program. One descriptor per smtpd session, for every smtpd
 /// pool.
 fn needs(config: &Config) -> Needs {
-    let pools = (config.smtpd.listen.len() + config.smtpd.proxy_listen.len()) as u64;
+    // Every smtpd pool may ask: one per listen address (behind postscreen
+    // one for all of them, fewer), per proxy_listen and per submission
+    // address.
+    let smtpd = &config.smtpd;
+    let pools = (smtpd.listen.len()
+        + smtpd.proxy_listen.len()
+        + smtpd.submission_listen.len()
+        + smtpd.submissions_listen.len()) as u64;
     Needs {
         run_as: RunAs::MailUser,
         chroot_private: true,
