@@ -38,8 +38,18 @@
 //! is measured against what it replaced on the same machine at the same
 //! time. Every run is bounded in
 //! messages and time; only loopback is used.
+//!
+//! Exim and OpenSMTPD run beside them as peers (`peers.rs`), in the same
+//! rounds of the receive-and-queue and end-to-end modes (mortal, Postfix,
+//! Exim, OpenSMTPD, in turn): each unpacked from its Debian package (the
+//! MTA packages conflict with Postfix, so none is installed), with a
+//! config of our own, in namespaces of its own. The table gets a rate,
+//! mortal's ratio to it and a CPU column per peer. A peer that cannot be
+//! set up or fails a run is left out with a note saying why; the others
+//! are still reported. `--no-peers` leaves both out.
 
 use crate::chaos::{self, Mortal};
+use crate::peers::{self, Peer};
 use anyhow::{Context, Result, bail};
 use mortal_proto::spool::QueueDir;
 use serde_json::json;
@@ -157,6 +167,7 @@ struct Sample {
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let mut quick = false;
+    let mut with_peers = true;
     let mut baseline_rev = None;
     let mut only: Option<Vec<String>> = None;
     let mut modes = vec![Mode::Queue, Mode::EndToEnd, Mode::Milter, Mode::MilterEveryReply, Mode::Tables];
@@ -164,6 +175,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => quick = true,
+            "--no-peers" => with_peers = false,
             "--baseline" => baseline_rev = Some(args.next().context("--baseline needs a git revision")?.clone()),
             "--only" => {
                 let list = args.next().context("--only needs workload names (burst,churn,big,rcpts)")?;
@@ -183,7 +195,9 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
                 }
             }
             other => {
-                bail!("unknown bench option {other:?} (--quick, --baseline REV, --only NAMES, --mode queue|e2e|milter)")
+                bail!(
+                    "unknown bench option {other:?} (--quick, --baseline REV, --only NAMES, --mode queue|e2e|milter|tables, --no-peers)"
+                )
             }
         }
     }
@@ -191,10 +205,14 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     // change: the lifetime, READY and fsync figures are left out.
     let partial = only.is_some() || modes.len() < 5;
     install_postfix()?;
-    let bins = chaos::build_release(root)?;
-    let baseline = baseline_rev.as_deref().map(|rev| build_baseline(root, rev)).transpose()?;
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir)?;
+    // Exim and OpenSMTPD: those that cannot be set up are left out with a
+    // note, never the whole bench.
+    let mut peer_notes = Vec::new();
+    let unpacked = if with_peers { peers::prepare_all(&dir, &mut peer_notes) } else { Vec::new() };
+    let bins = chaos::build_release(root)?;
+    let baseline = baseline_rev.as_deref().map(|rev| build_baseline(root, rev)).transpose()?;
     let scale = if quick { 5 } else { 1 };
     // With a baseline, an even number of rounds so each build goes
     // first equally often.
@@ -204,7 +222,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         (false, true) => ROUNDS_WITH_BASELINE,
     };
     let started = Instant::now();
-    let mut report = Report::default();
+    let mut report = Report { notes: peer_notes, ..Report::default() };
     // The disk's limit before any load, and again after the
     // receive-and-queue rounds (`durable_create`).
     report.durable_create.push(durable_create(&dir)?);
@@ -262,6 +280,14 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
             }
             None => None,
         };
+        // The peers run in receive-and-queue and end to end only: the
+        // milter and table modes have no config for them.
+        let mut peers: Vec<(&peers::Unpacked, Option<Peer>)> = match mode {
+            Mode::Queue | Mode::EndToEnd => {
+                unpacked.iter().map(|u| (u, start_peer(u, &dir, target, mode, &mut report.notes))).collect()
+            }
+            Mode::Milter | Mode::MilterEveryReply | Mode::Tables => Vec::new(),
+        };
         let wanted = |w: &&Workload| {
             only.as_ref().is_none_or(|o| o.iter().any(|n| n == w.name))
                 && (!matches!(mode, Mode::Milter | Mode::MilterEveryReply) || w.name == MILTER_WORKLOAD)
@@ -270,6 +296,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         for w in WORKLOADS.iter().filter(wanted) {
             let w = Workload { messages: w.messages / scale, ..*w };
             let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+            let mut d: Vec<Vec<Sample>> = vec![Vec::new(); peers.len()];
             for round in 0..rounds {
                 eprintln!("==> {} {} round {}/{rounds}", mode.name(), w.name, round + 1);
                 let busy = (mode == Mode::Queue && w.name == "burst" && round == 0)
@@ -290,6 +317,21 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
                     c.push(measure(&w, mode, Server::Mortal(old))?);
                 }
                 b.push(measure(&w, mode, Server::Postfix(&postfix))?);
+                for ((u, slot), samples) in peers.iter_mut().zip(&mut d) {
+                    // A failed round leaves no samples: the peer sits out
+                    // the rest of the workload.
+                    let Some(peer) = slot.as_ref().filter(|_| round == 0 || !samples.is_empty()) else { continue };
+                    if let Err(e) = measure(&w, mode, Server::Peer(peer)).map(|sample| samples.push(sample)) {
+                        let line = format!("{} not measured in {} {}: {e:#}", u.kind.name(), mode.name(), w.name);
+                        eprintln!("==> {line}");
+                        report.notes.push(line);
+                        samples.clear();
+                        // Its queue and processes are in no known state:
+                        // a fresh instance for the next workload.
+                        *slot = None;
+                        *slot = start_peer(u, &dir, target, mode, &mut report.notes);
+                    }
+                }
             }
             // The latency a sender sees under burst: one more burst per
             // server, with a probe beside the load (not in the rates above).
@@ -300,7 +342,9 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
                     measure_latency(&w, Server::Postfix(&postfix))?,
                 ));
             }
-            report.rows.push(Row { mode, workload: w, mortal: a, postfix: b, baseline: c });
+            let peer_samples =
+                peers.iter().zip(d).filter(|(_, s)| !s.is_empty()).map(|((u, _), s)| (u.kind, s)).collect();
+            report.rows.push(Row { mode, workload: w, mortal: a, postfix: b, baseline: c, peers: peer_samples });
         }
         if mode == Mode::Queue {
             report.idle_uss_kib = idle_uss(&mortal);
@@ -314,6 +358,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
             old.stop();
         }
         postfix.stop();
+        drop(peers);
     }
 
     // Lifetime policy overhead: churn with max_use 100 and a short life
@@ -369,6 +414,31 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// A fresh instance of a peer for `mode` under `dir`, its setup noted
+/// once; `None`, with a note saying why, if it does not start.
+fn start_peer(
+    unpacked: &peers::Unpacked,
+    dir: &Path,
+    lmtp: Option<u16>,
+    mode: Mode,
+    notes: &mut Vec<String>,
+) -> Option<Peer> {
+    match Peer::start(unpacked, &dir.join(unpacked.kind.dir_name()), lmtp) {
+        Ok(peer) => {
+            if !notes.contains(&peer.setup) {
+                notes.push(peer.setup.clone());
+            }
+            Some(peer)
+        }
+        Err(e) => {
+            let line = format!("{} not started for {}: {e:#}", unpacked.kind.name(), mode.name());
+            eprintln!("==> {line}");
+            notes.push(line);
+            None
+        }
+    }
+}
+
 /// Release binaries of `rev`, built in a worktree of their own under
 /// `target/bench/` so that the run compares before and after a change
 /// side by side (`--baseline REV`).
@@ -400,6 +470,7 @@ fn build_baseline(root: &Path, rev: &str) -> Result<(PathBuf, String)> {
 enum Server<'a> {
     Mortal(&'a Mortal),
     Postfix(&'a Postfix),
+    Peer(&'a Peer),
 }
 
 impl Server<'_> {
@@ -407,6 +478,7 @@ impl Server<'_> {
         match self {
             Server::Mortal(m) => m.port,
             Server::Postfix(p) => p.port,
+            Server::Peer(p) => p.port,
         }
     }
 
@@ -415,6 +487,7 @@ impl Server<'_> {
         match self {
             Server::Mortal(m) => m.master_pid().map_or(0.0, tree_cpu),
             Server::Postfix(p) => p.master_pid().map_or(0.0, tree_cpu),
+            Server::Peer(p) => p.root_pid().map_or(0.0, tree_cpu),
         }
     }
 
@@ -427,6 +500,7 @@ impl Server<'_> {
             Server::Postfix(p) => {
                 ["incoming", "active", "deferred", "maildrop"].iter().map(|q| count_files(&p.queue.join(q))).sum()
             }
+            Server::Peer(p) => p.queue_len(),
         }
     }
 }
@@ -615,7 +689,7 @@ fn wait_empty(server: &Server<'_>) -> Result<()> {
     Ok(())
 }
 
-fn wait_bounded(child: &mut Child, bound: Duration) -> Result<std::process::ExitStatus> {
+pub(crate) fn wait_bounded(child: &mut Child, bound: Duration) -> Result<std::process::ExitStatus> {
     let deadline = Instant::now() + bound;
     loop {
         if let Some(s) = child.try_wait()? {
@@ -630,7 +704,7 @@ fn wait_bounded(child: &mut Child, bound: Duration) -> Result<std::process::Exit
     }
 }
 
-fn count_files(dir: &Path) -> usize {
+pub(crate) fn count_files(dir: &Path) -> usize {
     let Ok(entries) = fs::read_dir(dir) else { return 0 };
     entries.flatten().map(|e| if e.file_type().is_ok_and(|t| t.is_dir()) { count_files(&e.path()) } else { 1 }).sum()
 }
@@ -1161,9 +1235,15 @@ struct Row {
     postfix: Vec<Sample>,
     /// The `--baseline` build's samples (empty without one).
     baseline: Vec<Sample>,
+    /// Each peer measured in this row, with its samples.
+    peers: Vec<(peers::Kind, Vec<Sample>)>,
 }
 
 impl Row {
+    fn peer(&self, kind: peers::Kind) -> Option<&[Sample]> {
+        self.peers.iter().find(|(k, _)| *k == kind).map(|(_, s)| s.as_slice())
+    }
+
     fn rate(&self, s: &[Sample]) -> f64 {
         median(s.iter().map(|x| f64::from(self.workload.messages) / x.secs))
     }
@@ -1195,21 +1275,44 @@ struct Report {
 }
 
 impl Report {
+    /// The peers measured in any row, in report order.
+    fn peer_kinds(&self) -> Vec<peers::Kind> {
+        peers::KINDS.into_iter().filter(|k| self.rows.iter().any(|r| r.peer(*k).is_some())).collect()
+    }
+
     fn markdown(&self) -> String {
         let mut s = String::new();
-        let _ =
-            writeln!(s, "# mortal vs Postfix\n\nMachine: {}. Medians of the rounds, A/B alternating.\n", self.machine);
+        let kinds = self.peer_kinds();
+        let names: Vec<&str> = std::iter::once("Postfix").chain(kinds.iter().map(|k| k.name())).collect();
         let _ = writeln!(
             s,
-            "| mode | workload | mortal msgs/s | Postfix msgs/s | ratio | mortal CPU s/1000 | Postfix CPU s/1000 |"
+            "# mortal vs {}\n\nMachine: {}. Medians of the rounds, the servers taking turns in each.\n",
+            names.join(", "),
+            self.machine
         );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
+        // One column pair (rate, mortal's ratio to it) and one CPU column
+        // per peer, after Postfix's; "–" where a peer was not measured.
+        let (mut head, mut rule) = (
+            "| mode | workload | mortal msgs/s | Postfix msgs/s | ratio |".to_owned(),
+            "|---|---|---:|---:|---:|".to_owned(),
+        );
+        for k in &kinds {
+            let _ = write!(head, " {} msgs/s | mortal/{} |", k.name(), k.name());
+            rule.push_str("---:|---:|");
+        }
+        head.push_str(" mortal CPU s/1000 | Postfix CPU s/1000 |");
+        rule.push_str("---:|---:|");
+        for k in &kinds {
+            let _ = write!(head, " {} CPU s/1000 |", k.name());
+            rule.push_str("---:|");
+        }
+        let _ = writeln!(s, "{head}\n{rule}");
         for r in &self.rows {
             let (a, b) = (r.rate(&r.mortal), r.rate(&r.postfix));
             let w = &r.workload;
-            let _ = writeln!(
+            let _ = write!(
                 s,
-                "| {} | {} ({} msgs × {} B, {} rcpt, {} sessions{}) | {a:.0} | {b:.0} | {:.2}× | {:.2} | {:.2} |",
+                "| {} | {} ({} msgs × {} B, {} rcpt, {} sessions{}) | {a:.0} | {b:.0} | {:.2}× |",
                 r.mode.name(),
                 w.name,
                 w.messages,
@@ -1218,9 +1321,25 @@ impl Report {
                 w.sessions,
                 if w.reuse { "" } else { ", 1 msg/conn" },
                 a / b,
-                r.cpu_per_1000(&r.mortal),
-                r.cpu_per_1000(&r.postfix)
             );
+            for k in &kinds {
+                match r.peer(*k) {
+                    Some(p) => {
+                        let _ = write!(s, " {:.0} | {:.2}× |", r.rate(p), a / r.rate(p));
+                    }
+                    None => s.push_str(" – | – |"),
+                }
+            }
+            let _ = write!(s, " {:.2} | {:.2} |", r.cpu_per_1000(&r.mortal), r.cpu_per_1000(&r.postfix));
+            for k in &kinds {
+                match r.peer(*k) {
+                    Some(p) => {
+                        let _ = write!(s, " {:.2} |", r.cpu_per_1000(p));
+                    }
+                    None => s.push_str(" – |"),
+                }
+            }
+            s.push('\n');
         }
         // Burst against what the disk can commit at all.
         let burst = self.rows.iter().find(|r| r.mode == Mode::Queue && r.workload.name == "burst");
@@ -1234,11 +1353,19 @@ impl Report {
                 s,
                 "\nDurable-create limit of the spool's file system ({DURABLE_WRITERS} writers, {DURABLE_FILE_SIZE} B \
                  files: write, fsync, rename, directory fsync): {limit:.0} files/s (measured {} files/s). \
-                 mortal's burst reaches {:.0}% of it (target {:.0}%), Postfix's {:.0}%.",
+                 mortal's burst reaches {:.0}% of it (target {:.0}%), Postfix's {:.0}%{}.",
                 each.join(" and "),
                 rate / limit * 100.0,
                 DURABLE_TARGET * 100.0,
-                burst.rate(&burst.postfix) / limit * 100.0
+                burst.rate(&burst.postfix) / limit * 100.0,
+                kinds
+                    .iter()
+                    .filter_map(|k| Some(format!(
+                        ", {}'s {:.0}%",
+                        k.name(),
+                        burst.rate(burst.peer(*k)?) / limit * 100.0
+                    )))
+                    .collect::<String>()
             );
         }
         if let Some((mortal, postfix)) = &self.latency {
@@ -1354,6 +1481,10 @@ impl Report {
                     "postfix_secs": r.postfix.iter().map(|x| x.secs).collect::<Vec<_>>(),
                     "baseline_msgs_per_s": (!r.baseline.is_empty()).then(|| r.rate(&r.baseline)),
                     "baseline_secs": r.baseline.iter().map(|x| x.secs).collect::<Vec<_>>(),
+                    "peers": r.peers.iter().map(|(k, p)| (k.name().to_owned(), json!({
+                        "msgs_per_s": r.rate(p), "mortal_ratio": r.rate(&r.mortal) / r.rate(p),
+                        "cpu_s_per_1000": r.cpu_per_1000(p), "secs": p.iter().map(|x| x.secs).collect::<Vec<_>>(),
+                    }))).collect::<serde_json::Map<_, _>>(),
                 })
             })
             .collect();
