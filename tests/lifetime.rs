@@ -526,12 +526,16 @@ fn one_connection_wakes_one_idle_child() {
         "max_lifetime = \"0s\"\nmax_idle = \"0s\"",
         "info,mortal_libmaster::child=debug",
     );
-    // The pool, all idle: each child's sessions and context switches.
-    let snapshot = |mortal: &Instance| -> BTreeMap<u64, (u64, u64)> {
+    // The pool, all idle, having served `sessions` in all: each child's
+    // sessions and context switches. The session count is the positive
+    // event: the master may read the pool idle before the notice that a
+    // child went busy for the last connection has reached it.
+    let snapshot = |mortal: &Instance, sessions: u64| -> BTreeMap<u64, (u64, u64)> {
         wait_for("8 idle smtpd", || {
             let status = mortal.status();
             (service(&status, Service::Smtpd).children.idle >= POOL as u64).then_some(())?;
             let children = children_of_service(&status, Service::Smtpd);
+            (children.iter().map(|c| u64::from(c.sessions)).sum::<u64>() >= sessions).then_some(())?;
             Some(
                 children
                     .iter()
@@ -544,14 +548,14 @@ fn one_connection_wakes_one_idle_child() {
         })
         .expect("the pool idle again")
     };
-    let first = snapshot(&mortal);
+    let first = snapshot(&mortal, 0);
     assert_eq!(first.len(), POOL, "{first:?}");
     let (mut before, mut previous_server, mut woken) = (first.clone(), None::<u64>, 0u64);
     for i in 0..CONNECTIONS {
         let mut s = Smtp::connect(mortal.port).unwrap_or_else(|e| panic!("connection {i}: {e}"));
         assert!(s.cmd("QUIT").unwrap().starts_with("221"));
         drop(s);
-        let after = snapshot(&mortal);
+        let after = snapshot(&mortal, first.values().map(|(sessions, _)| sessions).sum::<u64>() + i + 1);
         assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>(), "the pool stayed the same");
         let servers: Vec<u64> = after.keys().copied().filter(|pid| after[pid].0 != before[pid].0).collect();
         assert_eq!(servers.len(), 1, "connection {i} was served by one child: {before:?} -> {after:?}");
