@@ -551,11 +551,12 @@ fn one_connection_wakes_one_idle_child() {
     let first = snapshot(&mortal, 0);
     assert_eq!(first.len(), POOL, "{first:?}");
     let (mut before, mut previous_server, mut woken) = (first.clone(), None::<u64>, 0u64);
+    let served_before: u64 = first.values().map(|(sessions, _)| sessions).sum();
     for i in 0..CONNECTIONS {
         let mut s = Smtp::connect(mortal.port).unwrap_or_else(|e| panic!("connection {i}: {e}"));
         assert!(s.cmd("QUIT").unwrap().starts_with("221"));
         drop(s);
-        let after = snapshot(&mortal, first.values().map(|(sessions, _)| sessions).sum::<u64>() + i + 1);
+        let after = snapshot(&mortal, served_before + i + 1);
         assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>(), "the pool stayed the same");
         let servers: Vec<u64> = after.keys().copied().filter(|pid| after[pid].0 != before[pid].0).collect();
         assert_eq!(servers.len(), 1, "connection {i} was served by one child: {before:?} -> {after:?}");

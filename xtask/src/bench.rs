@@ -668,8 +668,14 @@ impl DurableCreate {
     fn measure(&mut self) -> Result<f64> {
         nix::unistd::sync();
         eprintln!("==> durable-create limit ({DURABLE_WRITERS} writers, {} s)", DURABLE_TIME.as_secs());
+        self.measure_with(DURABLE_WRITERS, DURABLE_TIME)
+    }
+
+    /// One measure of `writers` threads for `time`, in the next numbered
+    /// directory.
+    fn measure_with(&mut self, writers: usize, time: Duration) -> Result<f64> {
         self.measures += 1;
-        durable_create_rate(&self.dir.join(self.measures.to_string()), DURABLE_WRITERS, DURABLE_TIME)
+        durable_create_rate(&self.dir.join(self.measures.to_string()), writers, time)
     }
 }
 
@@ -1750,13 +1756,17 @@ mod tests {
     #[test]
     fn durable_create_counts_commits_and_keeps_them_until_the_run_ends() {
         let bench = tempfile::tempdir().unwrap();
-        let durable = super::DurableCreate::new(bench.path());
-        let dir = bench.path().join("durable-create/1");
-        let rate = super::durable_create_rate(&dir, 2, std::time::Duration::from_millis(200)).unwrap();
-        assert!(rate > 0.0, "{rate}");
-        assert!(std::fs::read_dir(&dir).unwrap().count() > 0, "the files are kept");
+        let mut durable = super::DurableCreate::new(bench.path());
+        for _ in 0..2 {
+            let rate = durable.measure_with(2, std::time::Duration::from_millis(200)).unwrap();
+            assert!(rate > 0.0, "{rate}");
+        }
+        let dir = durable.dir.clone();
+        for n in ["1", "2"] {
+            assert!(std::fs::read_dir(dir.join(n)).unwrap().count() > 0, "the files of measure {n} are kept");
+        }
         drop(durable);
-        assert!(!bench.path().join("durable-create").exists());
+        assert!(!dir.exists());
     }
 
     use super::*;
