@@ -623,3 +623,103 @@ fn queue_and_anvil_have_a_lifetime_and_are_replaced() {
     assert!(reply.starts_with("250"), "{reply}");
     mortal.wait_for_delivery("life@example.test", 1);
 }
+
+/// The parent pid of `pid`, from /proc.
+fn parent(pid: u64) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The zygote pids the master logged (`<service>: zygote pid N`, debug).
+fn zygotes(mortal: &Instance, service: Service) -> Vec<u64> {
+    let needle = format!("{}: zygote pid ", service.name());
+    mortal
+        .log_text()
+        .lines()
+        .filter_map(|l| l.split_once(&needle).and_then(|(_, pid)| pid.trim().parse().ok()))
+        .collect()
+}
+
+/// `spawn = "fork"` (smtpd and cleanup, a fresh process per session and
+/// per message): the children come from a zygote but are the master's own
+/// (it supervises, counts and reaps them), each serves one session and
+/// logs under its own pid; mail is delivered. A zygote killed under the
+/// master is noticed at the next spawn, children are exec'd meanwhile,
+/// and nothing is refused.
+#[test]
+fn spawn_fork_children_are_the_masters_and_a_dead_zygote_falls_back_to_exec() {
+    let mortal = Instance::start_edited(Options { smtpd_max_use: 1, ..Options::default() }, |text| {
+        let text = text.replacen("[process.smtpd]\n", "[process.smtpd]\nspawn = \"fork\"\n", 1);
+        let text = text.replacen("[process.cleanup]\n", "[process.cleanup]\nspawn = \"fork\"\n", 1);
+        text.replacen("level = \"info\"\n", "level = \"debug\"\n", 1)
+    });
+    let master = u64::from(mortal.master_pid());
+    let zygote = wait_for("the smtpd zygote logged", || zygotes(&mortal, Service::Smtpd).first().copied())
+        .unwrap_or_else(|| panic!("no zygote\n{}", mortal.log_text()));
+    assert_eq!(parent(zygote), Some(master), "the zygote is the master's child");
+    for i in 0..5 {
+        let mut s = Smtp::connect(mortal.port).unwrap();
+        let reply = s.mail("a@example.test", "fork@example.test", &format!("message {i}"));
+        assert!(reply.starts_with("250"), "{reply}");
+    }
+    mortal.wait_for_delivery("fork@example.test", 5);
+    let status = mortal.status();
+    let children = pids(&status, Service::Smtpd);
+    assert!(!children.is_empty(), "{status:?}");
+    for pid in &children {
+        assert_ne!(*pid, zygote, "the zygote is not on the scoreboard");
+        assert_eq!(parent(*pid), Some(master), "smtpd {pid} is the master's child, not the zygote's");
+    }
+    // max_use = 1: five sessions, five smtpd processes that logged, each
+    // under its own pid (the log's pid is asked per line, not inherited).
+    let logged = mortal.logged_pids("smtpd");
+    assert!(logged.len() >= 5, "{logged:?}\n{}", mortal.log_text());
+    assert!(!logged.contains(&(zygote as u32)), "the zygote never serves: {logged:?}");
+    assert_eq!(retired(&status, Service::Smtpd, RetireReason::Crash), 0, "{status:?}");
+    assert!(!zygotes(&mortal, Service::Cleanup).is_empty(), "cleanup forks too\n{}", mortal.log_text());
+    // Each forked child entered the whole sandbox itself: seccomp in
+    // filter mode and no_new_privs always; as root, also the dropped
+    // identity (the zygote keeps the master's, to let its children drop).
+    let child = *children.iter().next().expect("an smtpd child");
+    let proc_status = std::fs::read_to_string(format!("/proc/{child}/status")).unwrap();
+    let field = |name: &str| {
+        proc_status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_owned()
+    };
+    assert_eq!(field("Seccomp:"), "2", "{proc_status}");
+    assert_eq!(field("NoNewPrivs:"), "1", "{proc_status}");
+    if nix::unistd::geteuid().is_root() {
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody").uid.as_raw();
+        let uids: Vec<u32> = field("Uid:").split_whitespace().map(|u| u.parse().unwrap()).collect();
+        assert_eq!(uids, vec![nobody; 4], "{proc_status}");
+    }
+
+    // Killed under the master: the next spawn notices, falls back to exec.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(zygote as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    for i in 0..3 {
+        let mut s = Smtp::connect(mortal.port).unwrap();
+        let reply = s.mail("a@example.test", "fork@example.test", &format!("after {i}"));
+        assert!(reply.starts_with("250"), "{reply}");
+    }
+    mortal.wait_for_log(&format!("warning: service \"smtpd\": zygote pid {zygote}: "));
+    mortal.wait_for_delivery("fork@example.test", 8);
+    assert!(!process_exists(zygote as u32), "the dead zygote was reaped");
+
+    // A reload retires cleanup's zygote (its children would read the old
+    // configuration); the next cleanup comes from a new one, and the old
+    // one has exited.
+    let old = zygotes(&mortal, Service::Cleanup);
+    let reply = control(&mortal, "reload\n");
+    assert!(reply.starts_with("ok"), "{reply}");
+    let mut s = Smtp::connect(mortal.port).unwrap();
+    let reply = s.mail("a@example.test", "fork@example.test", "after reload");
+    assert!(reply.starts_with("250"), "{reply}");
+    let now = wait_for("a new cleanup zygote after the reload", || {
+        let now = zygotes(&mortal, Service::Cleanup);
+        (now.len() > old.len()).then_some(now)
+    })
+    .unwrap_or_else(|| panic!("no new zygote\n{}", mortal.log_text()));
+    mortal.wait_for_delivery("fork@example.test", 9);
+    let first = old[0];
+    assert!(wait_for("the old cleanup zygote gone", || (!process_exists(first as u32)).then_some(())).is_some());
+    assert_ne!(now.last(), Some(&first));
+}

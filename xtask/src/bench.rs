@@ -158,6 +158,17 @@ const TABLES_WORKLOAD: &str = "rcpts";
 /// the addresses smtp-source sends to).
 const TABLE_ENTRIES: usize = 10_000;
 
+/// Who runs next in a round ([`main`] alternates the order each round).
+#[derive(Debug, Clone, Copy)]
+enum Turn {
+    Mortal,
+    /// The `--baseline` build.
+    Baseline,
+    Postfix,
+    /// The peer at this index.
+    Peer(usize),
+}
+
 /// One measured run.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -171,6 +182,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let mut baseline_rev = None;
     let mut only: Option<Vec<String>> = None;
     let mut modes = vec![Mode::Queue, Mode::EndToEnd, Mode::Milter, Mode::MilterEveryReply, Mode::Tables];
+    let mut lifetime_only = false;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -191,19 +203,24 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
                     Some("e2e") => vec![Mode::EndToEnd],
                     Some("milter") => vec![Mode::Milter, Mode::MilterEveryReply],
                     Some("tables") => vec![Mode::Tables],
-                    other => bail!("--mode needs queue, e2e, milter or tables, not {other:?}"),
+                    Some("lifetime") => {
+                        lifetime_only = true;
+                        Vec::new()
+                    }
+                    other => bail!("--mode needs queue, e2e, milter, tables or lifetime, not {other:?}"),
                 }
             }
             other => {
                 bail!(
-                    "unknown bench option {other:?} (--quick, --baseline REV, --only NAMES, --mode queue|e2e|milter|tables, --no-peers)"
+                    "unknown bench option {other:?} (--quick, --baseline REV, --only NAMES, --mode queue|e2e|milter|tables|lifetime, --no-peers)"
                 )
             }
         }
     }
     // A partial run (some workloads or one mode) is for comparing a
-    // change: the lifetime, READY and fsync figures are left out.
-    let partial = only.is_some() || modes.len() < 5;
+    // change: the lifetime, READY and fsync figures are left out, unless
+    // the lifetime figures are all it is for (`--mode lifetime`).
+    let partial = (only.is_some() || modes.len() < 5) && !lifetime_only;
     install_postfix()?;
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir)?;
@@ -300,37 +317,59 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
             let mut d: Vec<Vec<Sample>> = vec![Vec::new(); peers.len()];
             for round in 0..rounds {
                 eprintln!("==> {} {} round {}/{rounds}", mode.name(), w.name, round + 1);
-                let busy = (mode == Mode::Queue && w.name == "burst" && round == 0)
-                    .then(|| UssSampler::start(smtpd_pids(&mortal)));
-                // The build and its baseline take turns going first: a run
-                // measurably pays for the one just before it (the disk
-                // still writing back the deleted files), so a fixed order
-                // would favour one of them by several per cent.
-                let old_first = round % 2 == 1;
-                if let (Some(old), true) = (&old, old_first) {
-                    c.push(measure(&w, mode, Server::Mortal(old))?);
+                // A run measurably pays for the one just before it (the
+                // disk still writing back and discarding what that run
+                // deleted; OpenSMTPD's queue is all synchronous writes),
+                // so mortal and Postfix (and the baseline) take turns
+                // going first, right after the peers of the round before:
+                // each of them follows the other once and the last peer
+                // once over three rounds.
+                let mut order: Vec<Turn> = vec![Turn::Mortal];
+                if old.is_some() {
+                    order.push(Turn::Baseline);
                 }
-                a.push(measure(&w, mode, Server::Mortal(&mortal))?);
-                if let Some(s) = busy {
-                    report.busy_uss_kib = s.stop();
+                order.push(Turn::Postfix);
+                if round % 2 == 1 {
+                    order.reverse();
                 }
-                if let (Some(old), false) = (&old, old_first) {
-                    c.push(measure(&w, mode, Server::Mortal(old))?);
-                }
-                b.push(measure(&w, mode, Server::Postfix(&postfix))?);
-                for ((u, slot), samples) in peers.iter_mut().zip(&mut d) {
-                    // A failed round leaves no samples: the peer sits out
-                    // the rest of the workload.
-                    let Some(peer) = slot.as_ref().filter(|_| round == 0 || !samples.is_empty()) else { continue };
-                    if let Err(e) = measure(&w, mode, Server::Peer(peer)).map(|sample| samples.push(sample)) {
-                        let line = format!("{} not measured in {} {}: {e:#}", u.kind.name(), mode.name(), w.name);
-                        eprintln!("==> {line}");
-                        report.notes.push(line);
-                        samples.clear();
-                        // Its queue and processes are in no known state:
-                        // a fresh instance for the next workload.
-                        *slot = None;
-                        *slot = start_peer(u, &dir, target, mode, &mut report.notes);
+                order.extend((0..peers.len()).map(Turn::Peer));
+                for turn in order {
+                    match turn {
+                        Turn::Mortal => {
+                            let busy = (mode == Mode::Queue && w.name == "burst" && round == 0)
+                                .then(|| UssSampler::start(smtpd_pids(&mortal)));
+                            a.push(measure(&w, mode, Server::Mortal(&mortal))?);
+                            if let Some(s) = busy {
+                                report.busy_uss_kib = s.stop();
+                            }
+                        }
+                        Turn::Baseline => {
+                            if let Some(old) = &old {
+                                c.push(measure(&w, mode, Server::Mortal(old))?);
+                            }
+                        }
+                        Turn::Postfix => b.push(measure(&w, mode, Server::Postfix(&postfix))?),
+                        Turn::Peer(i) => {
+                            let (u, slot) = &mut peers[i];
+                            let samples = &mut d[i];
+                            // A failed round leaves no samples: the peer
+                            // sits out the rest of the workload.
+                            let Some(peer) = slot.as_ref().filter(|_| round == 0 || !samples.is_empty()) else {
+                                continue;
+                            };
+                            if let Err(e) = measure(&w, mode, Server::Peer(peer)).map(|sample| samples.push(sample)) {
+                                let line =
+                                    format!("{} not measured in {} {}: {e:#}", u.kind.name(), mode.name(), w.name);
+                                eprintln!("==> {line}");
+                                report.notes.push(line);
+                                samples.clear();
+                                // Its queue and processes are in no known
+                                // state: a fresh instance for the next
+                                // workload.
+                                *slot = None;
+                                *slot = start_peer(u, &dir, target, mode, &mut report.notes);
+                            }
+                        }
                     }
                 }
             }
@@ -370,6 +409,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         (100, LIMITED_LIFE, "max_use=100, max_lifetime=5s, jitter 0.5"),
         (0, "max_lifetime = \"0s\"", "unlimited (max_use=0, max_lifetime=0s)"),
         (1, "max_lifetime = \"0s\"", "max_use=1 (a fresh process per session)"),
+        (1, "max_lifetime = \"0s\"\nspawn = \"fork\"", "max_use=1, spawn=fork (forked from a zygote)"),
     ];
     for (max_use, policy, label) in policies.into_iter().filter(|_| !partial) {
         let (cfg, _) = mortal_config(&dir.join("mortal"), None, max_use, policy, "")?;
@@ -399,7 +439,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         }
     }
 
-    if !partial {
+    if !partial && !lifetime_only {
         report.fsyncs = fsyncs_per_message(&bins, &dir).unwrap_or_else(|e| {
             report.notes.push(format!("fsync count unavailable: {e:#}"));
             None
@@ -1454,10 +1494,10 @@ impl Report {
         }
         if let [(_, limited), (_, unlimited), rest @ ..] = self.lifetime.as_slice() {
             let _ = writeln!(s, "- lifetime-policy overhead on churn: {:.1}%", (1.0 - limited / unlimited) * 100.0);
-            if let [(_, one)] = rest {
+            for (label, one) in rest {
                 let _ = writeln!(
                     s,
-                    "- max_use=1 on churn: {:.0}% of unlimited (target {:.0}%)",
+                    "- {label} on churn: {:.0}% of unlimited (target {:.0}%)",
                     one / unlimited * 100.0,
                     MAX_USE_1_TARGET * 100.0
                 );

@@ -272,10 +272,16 @@ fn serve_loop<L: Listener>(
 /// exit status 1, with a logged reason, when that fails: the master counts
 /// such an exit as a bad start and throttles the service instead of
 /// respawning it in a loop.
-pub(crate) fn startup(service: Service) -> Result<mortal_proto::config::Config, ExitCode> {
+/// With `--zygote` after the path (a pool with `spawn = "fork"`), the
+/// second value is true: the process is its pool's template
+/// ([`crate::zygote`]).
+pub(crate) fn startup(service: Service) -> Result<(mortal_proto::config::Config, bool), ExitCode> {
     let mut args = std::env::args_os().skip(1);
-    let path = match (args.next(), args.next(), args.next()) {
-        (Some(flag), Some(path), None) if flag == "--config" => std::path::PathBuf::from(path),
+    let (path, zygote) = match (args.next(), args.next(), args.next(), args.next()) {
+        (Some(flag), Some(path), None, None) if flag == "--config" => (std::path::PathBuf::from(path), false),
+        (Some(flag), Some(path), Some(z), None) if flag == "--config" && z == crate::zygote::FLAG => {
+            (std::path::PathBuf::from(path), true)
+        }
         _ => {
             crate::log::init_early(service);
             tracing::error!("fatal: usage: {} --config PATH (started by mortal-master)", service.program());
@@ -285,7 +291,7 @@ pub(crate) fn startup(service: Service) -> Result<mortal_proto::config::Config, 
     match mortal_proto::config::Config::load(&path) {
         Ok(config) => {
             crate::log::init(service, &config.log, &config.server.hostname);
-            Ok(config)
+            Ok((config, zygote))
         }
         Err(errors) => {
             crate::log::init_early(service);

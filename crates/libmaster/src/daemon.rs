@@ -10,6 +10,9 @@
 //! 1. the sandbox self-test, when the command line asks for it
 //!    ([`sandbox::selftest`], with the daemon's own `needs`);
 //! 2. `--config PATH`: load and validate the configuration, install the log;
+//!    with `--zygote` after it, become the pool's template and fork a
+//!    child on each request of the master ([`crate::zygote`]): the steps
+//!    below then run in each child;
 //! 3. `prepare`;
 //! 4. adopt the inherited listener and master socket;
 //! 5. enter the sandbox ([`sandbox::Needs`] applied by the sandbox module);
@@ -72,10 +75,37 @@ pub fn run<L: Listener, P>(
     if let Some(code) = sandbox::selftest::run_if_asked(service, &needs) {
         return code;
     }
-    let config = match child::startup(service) {
-        Ok(config) => config,
+    let (config, forked) = match child::startup(service) {
+        Ok((config, zygote)) => {
+            // A zygote returns from here only in each child it forks,
+            // which then goes on as an exec'd child would.
+            if zygote && let Err(code) = crate::zygote::fork_on_request() {
+                return code;
+            }
+            (config, zygote)
+        }
         Err(code) => return code,
     };
+    let code = run_child(service, config, needs, prepare, serve);
+    if forked {
+        // A forked child shares the zygote's pages copy-on-write: the C
+        // library's exit handlers and the dynamic loader's destructors
+        // would write to (and so copy) pages only to throw them away.
+        // Nothing is left to flush: the log is written line by line, and
+        // every daemon syncs what it must before it answers.
+        crate::sys::exit_now(if code == ExitCode::SUCCESS { 0 } else { 1 });
+    }
+    code
+}
+
+/// Steps 3 to 6 of [`run`].
+fn run_child<L: Listener, P>(
+    service: Service,
+    config: Config,
+    needs: impl Fn(&Config) -> Needs,
+    prepare: impl FnOnce(&Config) -> Result<P, Fatal>,
+    serve: impl FnOnce(Started<L, P>) -> ExitCode,
+) -> ExitCode {
     let prepared = match prepare(&config) {
         Ok(prepared) => prepared,
         Err(e) => {

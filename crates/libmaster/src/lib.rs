@@ -17,11 +17,12 @@
 //!
 //! # Security
 //! A child's only channel to the master is its own socket, carrying
-//! fixed-size [`mortal_proto::status`] records. The library holds no
-//! unsafe code: inherited descriptors arrive as stdin (the listener) and
-//! stdout (the master socket), which std adopts safely, and privileges are
-//! dropped and sandboxes entered through the safe wrappers of `nix`,
-//! `landlock` and `seccompiler` ([`sandbox`]).
+//! fixed-size [`mortal_proto::status`] records. Inherited descriptors
+//! arrive as stdin (the listener) and stdout (the master socket), which
+//! std adopts safely, and privileges are dropped and sandboxes entered
+//! through the safe wrappers of `nix`, `landlock` and `seccompiler`
+//! ([`sandbox`]). The one `unsafe` block of mortal is in [`sys`]: the
+//! zygote's fork whose child becomes the master's ([`zygote`]).
 //!
 //! # Standards
 //! None on the wire; the log shapes follow Postfix's syslog conventions.
@@ -32,10 +33,12 @@
 //! # Diagnostics
 //! Every exit of a child is logged with its reason (max_use, retired by
 //! the master, master gone).
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod child;
 pub mod daemon;
 pub mod handoff;
 pub mod log;
 pub mod sandbox;
+pub mod sys;
+pub mod zygote;

@@ -94,7 +94,7 @@ pub fn init(process: impl Into<Process>, config: &Log, hostname: &str) {
         process: process.into(),
         syslog_name: config.syslog_name.clone(),
         hostname: hostname.to_owned(),
-        pid: std::process::id(),
+        pid: std::process::id,
         zone: zone.clone(),
         now: SystemTime::now,
     };
@@ -215,7 +215,9 @@ struct Format {
     process: Process,
     syslog_name: String,
     hostname: String,
-    pid: u32,
+    /// This process's id, asked at each line: a zygote's children share
+    /// the subscriber it installed before it forked them. Fixed in tests.
+    pid: fn() -> u32,
     zone: TimeZone,
     /// The clock; fixed in tests.
     now: fn() -> SystemTime,
@@ -256,7 +258,7 @@ where
             f.hostname,
             f.syslog_name,
             f.process.name(),
-            f.pid,
+            (f.pid)(),
             message.0
         )
     }
@@ -289,7 +291,7 @@ where
         object.insert("severity".into(), severity.into());
         object.insert("timestamp".into(), date::rfc3339((f.now)(), &f.zone).into());
         object.insert("service".into(), f.process.name().into());
-        object.insert("pid".into(), f.pid.into());
+        object.insert("pid".into(), (f.pid)().into());
         object.insert("host".into(), f.hostname.clone().into());
         writeln!(w, "{}", Value::Object(object))
     }
@@ -372,7 +374,7 @@ mod tests {
             process: Process::Service(Service::Cleanup),
             syslog_name: "postfix/mortal".into(),
             hostname: "mx1".into(),
-            pid: 4242,
+            pid: || 4242,
             zone: TimeZone::posix("EST5EDT,M3.2.0,M11.1.0").unwrap(),
             now: fixed_now,
         };

@@ -30,9 +30,9 @@ use crate::life::{self, Jitter, Limits, Reason, Verdict};
 use crate::overload::{self, Check, Overload};
 use crate::pool::{self, Throttle};
 use crate::sig::{Request, Signals};
-use crate::spawn::{Event, spawn};
+use crate::spawn::{Event, Zygote, spawn};
 use crate::stat::{self, ChildStat, ServiceStat, Snapshot};
-use mortal_proto::config::{Config, ProcessPolicy};
+use mortal_proto::config::{Config, ProcessPolicy, SpawnMode};
 use mortal_proto::status::{CONTROL_ERROR, CONTROL_OK, ChildState, ControlRequest};
 use socket2::Socket;
 use std::io;
@@ -114,6 +114,10 @@ pub struct Service {
     overload: Overload,
     /// fork+exec-to-READY times of its children.
     ready: stat::ReadyLatency,
+    /// The template its children are forked from (`spawn = "fork"`).
+    zygote: Option<Zygote>,
+    /// After a zygote failed: children are exec'd until then.
+    zygote_retry: Option<Instant>,
 }
 
 impl Service {
@@ -137,6 +141,59 @@ impl Service {
             retired: [0; Reason::ALL.len()],
             overload: Overload::default(),
             ready: Default::default(),
+            zygote: None,
+            zygote_retry: None,
+        }
+    }
+
+    /// Whether [`Service::zygote`] is there to fork the next child,
+    /// started or replaced as needed: one exec'd with an older configuration (`generation`) or
+    /// older than the pool's `max_lifetime` is retired first, so the
+    /// layout its children share is renewed at least that often. `None`
+    /// (exec the child) while a failed one waits out [`ZYGOTE_RETRY`].
+    fn zygote_ready(&mut self, config_path: &Path, generation: u64, max_lifetime: Duration) -> bool {
+        let now = Instant::now();
+        if let Some(zygote) = &self.zygote
+            && (zygote.generation != generation
+                || (!max_lifetime.is_zero() && zygote.started.elapsed() >= max_lifetime))
+        {
+            self.retire_zygote();
+        }
+        if self.zygote.is_none() {
+            if self.zygote_retry.is_some_and(|t| now < t) {
+                return false;
+            }
+            let Some(listener) = self.listener.as_ref() else { return false };
+            match Zygote::start(&self.program, config_path, listener, generation) {
+                Ok(zygote) => {
+                    tracing::debug!("{}: zygote pid {}", self.kind.name(), zygote.pid());
+                    self.zygote = Some(zygote);
+                }
+                Err(e) => {
+                    self.zygote_failed(&e);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// A zygote that could not start or fork: children are exec'd for
+    /// [`ZYGOTE_RETRY`], then a new one is tried.
+    fn zygote_failed(&mut self, e: &io::Error) {
+        let pid = self.zygote.as_ref().map_or(0, Zygote::pid);
+        tracing::warn!(
+            "warning: service \"{}\": zygote pid {pid}: {e}; starting children by exec for {}s",
+            self.kind.name(),
+            ZYGOTE_RETRY.as_secs()
+        );
+        self.retire_zygote();
+        self.zygote_retry = Some(Instant::now() + ZYGOTE_RETRY);
+    }
+
+    fn retire_zygote(&mut self) {
+        if let Some(zygote) = self.zygote.take() {
+            zygote.retire();
         }
     }
 
@@ -146,6 +203,10 @@ impl Service {
         }
     }
 }
+
+/// How long a pool whose zygote failed execs its children before trying
+/// a new zygote.
+pub const ZYGOTE_RETRY: Duration = Duration::from_secs(60);
 
 /// A graceful stop in progress.
 #[derive(Debug)]
@@ -742,15 +803,34 @@ impl Master {
     /// counted as a bad start) or the service no longer listens.
     fn spawn_one(&mut self, svc: ServiceId) -> bool {
         let service = &mut self.services[svc];
-        let Some(listener) = &service.listener else { return false };
+        if service.listener.is_none() {
+            return false;
+        }
         let id = ChildId(self.next_id);
         self.next_id += 1;
+        let policy = service.kind.life_policy(&self.config);
         // Before the fork, so READY latency includes fork and exec.
         let started = Instant::now();
-        match spawn(id, &service.program, &self.config_path, listener, self.events_tx.clone()) {
+        let mut spawned = None;
+        if policy.spawn == SpawnMode::Fork
+            && service.zygote_ready(&self.config_path, self.generation, policy.max_lifetime)
+        {
+            let listener = service.listener.as_ref().expect("checked above");
+            let zygote = service.zygote.as_mut();
+            match spawn(id, &service.program, &self.config_path, listener, zygote, self.events_tx.clone()) {
+                Ok(child) => spawned = Some(Ok(child)),
+                Err(e) => service.zygote_failed(&e),
+            }
+        } else if policy.spawn == SpawnMode::Exec {
+            service.retire_zygote();
+        }
+        let spawned = spawned.unwrap_or_else(|| {
+            let listener = service.listener.as_ref().expect("checked above");
+            spawn(id, &service.program, &self.config_path, listener, None, self.events_tx.clone())
+        });
+        match spawned {
             Ok(spawned) => {
                 let mut entry = Entry::new(spawned.pid, svc, self.generation, started, spawned.orders);
-                let policy = service.kind.life_policy(&self.config);
                 entry.life_end = life::draw_life(&policy, self.jitter.unit()).map(|life| started + life);
                 service.spawns += 1;
                 self.board.insert(id, entry);
@@ -783,6 +863,7 @@ impl Master {
             // Closing the master's copy; children still hold theirs until
             // they exit.
             service.listener = None;
+            service.retire_zygote();
         }
         for (_, entry) in self.board.iter_mut() {
             entry.retire_for(Reason::Stop);
@@ -858,6 +939,10 @@ impl Master {
         self.next_metrics = new.server.metrics_file.as_ref().map(|_| now);
         self.config = new;
         self.generation += 1;
+        // Their children would read the old configuration.
+        for service in &mut self.services {
+            service.retire_zygote();
+        }
         tracing::info!("reload -- version {}, configuration {}", crate::VERSION, self.config_path.display());
         for svc in 0..self.services.len() {
             self.maintain(svc, false);

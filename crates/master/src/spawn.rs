@@ -1,9 +1,14 @@
-//! spawn: fork+exec one child, and the task that watches it.
+//! spawn: start one child, and the task that watches it.
 //!
-//! A child is always a fresh `fork`+`exec` of its daemon's own binary,
-//! never a bare fork of the master: it gets a new address-space layout, so
-//! what an attacker learns from one child is useless against the next, and
-//! it carries none of the master's memory. Its descriptors:
+//! By default (`spawn = "exec"`) a child is a fresh `fork`+`exec` of its
+//! daemon's own binary, never a bare fork of the master: it gets a new
+//! address-space layout, so what an attacker learns from one child is
+//! useless against the next, and it carries none of the master's memory.
+//! A pool with `spawn = "fork"` has a [`Zygote`] instead: its binary
+//! exec'd once, which forks each child on request as the master's own
+//! child (`CLONE_PARENT`); the child then prepares, enters its sandbox and
+//! serves exactly as an exec'd one, and is watched the same way (reaped
+//! through a pidfd instead of tokio's handle). Its descriptors:
 //!
 //! | fd | what |
 //! |----|------|
@@ -14,7 +19,8 @@
 //! Everything else the master holds is close-on-exec (std, tokio and
 //! socket2 create every descriptor that way), so a child never holds
 //! another child's status socket and end of stream on it means exactly
-//! "that child is gone".
+//! "that child is gone". A zygote holds no status socket but the one in
+//! flight: it closes each as soon as the child has it.
 //!
 //! Each child gets one [`watch`] task. It owns the process handle and the
 //! master's end of the status socket, reads the fixed eight-octet records,
@@ -27,10 +33,12 @@ use crate::board::{ChildId, Order, check_record};
 use mortal_proto::status::{MasterCommand, STATUS_LEN, StatusRecord};
 use socket2::Socket;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
@@ -48,6 +56,11 @@ const ORDER_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest wait, after a child was reaped, for the rest of what it wrote
 /// to its status socket (normally there at once, with the end of stream).
 const EXIT_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest wait for a zygote's answer to a fork request (the first one
+/// also waits for the zygote to load its configuration). The master's
+/// loop waits that long at most; a zygote that takes longer is replaced,
+/// and the child is exec'd instead.
+pub const ZYGOTE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a watcher tells the event loop.
 #[derive(Debug)]
@@ -67,13 +80,32 @@ pub struct Spawned {
     pub orders: UnboundedSender<Order>,
 }
 
+/// `program --config <config>` with `listener` as its stdin and
+/// `stdout` as its stdout, in a process group of its own.
+fn command(program: &Path, config: &Path, listener: &Socket, stdout: OwnedFd) -> io::Result<Command> {
+    let listener: OwnedFd = listener.try_clone()?.into();
+    let mut cmd = Command::new(program);
+    cmd.arg("--config")
+        .arg(config)
+        .stdin(Stdio::from(listener))
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::inherit())
+        // Own process group: a Ctrl-C on the master's terminal reaches
+        // the master only, which then retires its children gracefully.
+        .process_group(0)
+        .kill_on_drop(false);
+    Ok(cmd)
+}
+
 /// Spawns `program --config <config>` with `listener` as its stdin and a
-/// new status socket as its stdout, and starts its watcher.
+/// new status socket as its stdout (forked by `zygote` when given, else
+/// exec'd), and starts its watcher.
 pub fn spawn(
     id: ChildId,
     program: &Path,
     config: &Path,
     listener: &Socket,
+    zygote: Option<&mut Zygote>,
     events: mpsc::Sender<Event>,
 ) -> io::Result<Spawned> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
@@ -81,23 +113,32 @@ pub fn spawn(
     // Registered before the spawn, so that no failure can leave a child
     // running without a watcher.
     let ours = UnixStream::from_std(ours)?;
-    let listener: OwnedFd = listener.try_clone()?.into();
-    let child = {
-        let mut cmd = Command::new(program);
-        cmd.arg("--config")
-            .arg(config)
-            .stdin(Stdio::from(listener))
-            .stdout(Stdio::from(OwnedFd::from(theirs)))
-            .stderr(Stdio::inherit())
-            // Own process group: a Ctrl-C on the master's terminal reaches
-            // the master only, which then retires its children gracefully.
-            .process_group(0)
-            .kill_on_drop(false);
-        cmd.spawn()?
-        // `cmd` is dropped here, closing the master's copies of the
-        // child's fd 0 and fd 1.
+    let (pid, child) = match zygote {
+        Some(zygote) => {
+            let pid = zygote.fork(theirs.as_fd())?;
+            // The master's copy of the child's status socket goes now,
+            // so end of stream on `ours` means the child is gone.
+            drop(theirs);
+            // The child is the master's until reaped, so its pid cannot
+            // be reused before this pidfd refers to it.
+            let pidfd = rustix::process::pidfd_open(
+                rustix::process::Pid::from_raw(pid as i32).ok_or_else(|| io::Error::other("pid 0"))?,
+                rustix::process::PidfdFlags::empty(),
+            )?;
+            // Deprecated because a `T: AsRawFd` need not own its
+            // descriptor; an `OwnedFd` does, which makes this sound.
+            #[allow(deprecated)]
+            let pidfd = AsyncFd::new(pidfd)?;
+            (pid, Proc::Forked(pidfd))
+        }
+        None => {
+            // `cmd` is dropped at the end of this block, closing the
+            // master's copies of the child's fd 0 and fd 1.
+            let child = command(program, config, listener, OwnedFd::from(theirs))?.spawn()?;
+            let pid = child.id().ok_or_else(|| io::Error::other("child exited before its pid was read"))?;
+            (pid, Proc::Exec(child))
+        }
     };
-    let pid = child.id().ok_or_else(|| io::Error::other("child exited before its pid was read"))?;
     let (orders, order_rx) = mpsc::unbounded_channel();
     let watcher = Watch {
         id,
@@ -116,12 +157,112 @@ pub fn spawn(
     Ok(Spawned { pid, orders })
 }
 
+/// A pool's template process (`spawn = "fork"`,
+/// [`mortal_libmaster::zygote`]): exec'd once with the configuration of
+/// `generation`, it forks each child on request.
+#[derive(Debug)]
+pub struct Zygote {
+    pid: u32,
+    process: Child,
+    /// Blocking, with [`ZYGOTE_REPLY_TIMEOUT`] both ways.
+    requests: std::os::unix::net::UnixStream,
+    pub started: Instant,
+    pub generation: u64,
+}
+
+impl Zygote {
+    /// Execs `program --config <config> --zygote` with `listener` as its
+    /// stdin and the request socket as its stdout. It loads its
+    /// configuration while the first request waits in the socket.
+    pub fn start(program: &Path, config: &Path, listener: &Socket, generation: u64) -> io::Result<Zygote> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        ours.set_read_timeout(Some(ZYGOTE_REPLY_TIMEOUT))?;
+        ours.set_write_timeout(Some(ZYGOTE_REPLY_TIMEOUT))?;
+        let mut cmd = command(program, config, listener, OwnedFd::from(theirs))?;
+        cmd.arg(mortal_libmaster::zygote::FLAG).kill_on_drop(true);
+        let process = cmd.spawn()?;
+        let pid = process.id().ok_or_else(|| io::Error::other("zygote exited before its pid was read"))?;
+        Ok(Zygote { pid, process, requests: ours, started: Instant::now(), generation })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// A new child with `status` as its status socket; its pid.
+    fn fork(&mut self, status: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
+        mortal_libmaster::zygote::request_fork(&mut self.requests, status)
+    }
+
+    /// Ends the zygote: closing the request socket is its order to exit;
+    /// a task reaps it (SIGKILL if the runtime ends first).
+    pub fn retire(self) {
+        let Zygote { mut process, requests, .. } = self;
+        drop(requests);
+        tokio::spawn(async move {
+            let _ = process.wait().await;
+        });
+    }
+}
+
+/// The process a watcher owns: an exec'd child (tokio's handle), or one a
+/// zygote forked, which is the master's child all the same and is reaped
+/// through its pidfd (tokio reaps only the children it spawned).
+enum Proc {
+    Exec(Child),
+    Forked(AsyncFd<OwnedFd>),
+}
+
+impl Proc {
+    /// Waits for the exit and reaps. Cancel safe.
+    async fn wait(&mut self) -> io::Result<ExitStatus> {
+        match self {
+            Proc::Exec(child) => child.wait().await,
+            Proc::Forked(pidfd) => loop {
+                let mut ready = pidfd.readable().await?;
+                let options = rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG;
+                match rustix::process::waitid(rustix::process::WaitId::PidFd(pidfd.get_ref().as_fd()), options)? {
+                    Some(status) => return Ok(wait_status(&status)),
+                    None => ready.clear_ready(),
+                }
+            },
+        }
+    }
+
+    /// Sends `signal`; never to a reaped process (tokio's handle knows
+    /// when it reaped; a pidfd outlives its pid's reuse).
+    fn signal(&mut self, signal: rustix::process::Signal) -> io::Result<()> {
+        match self {
+            Proc::Exec(child) if signal == rustix::process::Signal::KILL => child.start_kill(),
+            Proc::Exec(child) => match child.id() {
+                Some(pid) => nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::try_from(signal.as_raw()).map_err(io::Error::from)?,
+                )
+                .map_err(io::Error::from),
+                None => Ok(()),
+            },
+            Proc::Forked(pidfd) => Ok(rustix::process::pidfd_send_signal(pidfd.get_ref(), signal)?),
+        }
+    }
+}
+
+/// A `waitid` result as the wait status std reads.
+fn wait_status(status: &rustix::process::WaitIdStatus) -> ExitStatus {
+    let raw = match (status.exit_status(), status.terminating_signal()) {
+        (Some(code), _) => (code & 0xff) << 8,
+        (None, Some(signal)) => signal | if status.dumped() { 0x80 } else { 0 },
+        (None, None) => 0,
+    };
+    ExitStatus::from_raw(raw)
+}
+
 /// The per-child task.
 struct Watch {
     id: ChildId,
     pid: u32,
     program: PathBuf,
-    child: Child,
+    child: Proc,
     sock: UnixStream,
     orders: UnboundedReceiver<Order>,
     events: mpsc::Sender<Event>,
@@ -248,9 +389,8 @@ impl Watch {
     }
 
     fn kill(&mut self) {
-        // tokio never signals a child it has already reaped, so this cannot
-        // hit a recycled pid.
-        if let Err(e) = self.child.start_kill() {
+        // Never a recycled pid: see `Proc::signal`.
+        if let Err(e) = self.child.signal(rustix::process::Signal::KILL) {
             tracing::debug!("pid {}: kill: {e}", self.pid);
         }
     }
@@ -258,11 +398,8 @@ impl Watch {
     fn terminate(&mut self) {
         // Not reaped yet (this task reaps, and ends right after), so the
         // pid is still this child's, at worst a zombie.
-        if let Some(pid) = self.child.id() {
-            let pid = nix::unistd::Pid::from_raw(pid as i32);
-            if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
-                tracing::debug!("pid {pid}: kill -TERM: {e}");
-            }
+        if let Err(e) = self.child.signal(rustix::process::Signal::TERM) {
+            tracing::debug!("pid {}: kill -TERM: {e}", self.pid);
         }
     }
 

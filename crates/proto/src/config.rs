@@ -856,6 +856,7 @@ impl SingleLife {
             overdue_grace: self.overdue_grace,
             term_grace: self.term_grace,
             overload_wait: Duration::ZERO,
+            spawn: SpawnMode::Exec,
         }
     }
 }
@@ -896,6 +897,38 @@ pub struct ProcessPolicy {
     /// them `421 4.3.2` itself (without reading a byte); "0s": never.
     /// Default [`DEFAULT_OVERLOAD_WAIT`]; other services may not set it.
     pub overload_wait: Duration,
+    /// How a new child starts: a fresh `exec` of its binary (the default,
+    /// a new address-space layout for every child) or a `fork` of a
+    /// prepared template process (cheaper; every child shares the
+    /// template's layout).
+    pub spawn: SpawnMode,
+}
+
+/// `[process.<service>] spawn`: how the master starts a child of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpawnMode {
+    /// fork+exec of the daemon's binary: each child loads its own
+    /// configuration and gets its own address-space layout (ASLR), so
+    /// what one child reveals of its memory says nothing of another's.
+    #[default]
+    Exec,
+    /// A fork of the service's template process (the zygote), which was
+    /// exec'd once and has loaded the configuration: a child skips exec,
+    /// dynamic loading and configuration parsing, but shares the
+    /// template's address-space layout and stack canary with every
+    /// sibling until the template is replaced (each `max_lifetime`, and at
+    /// every reload).
+    Fork,
+}
+
+impl SpawnMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            SpawnMode::Exec => "exec",
+            SpawnMode::Fork => "fork",
+        }
+    }
 }
 
 /// `[server] user` when unset: the unprivileged user the daemons run as
@@ -944,6 +977,7 @@ impl Default for ProcessPolicy {
             overdue_grace: Duration::from_secs(300),
             term_grace: DEFAULT_TERM_GRACE,
             overload_wait: DEFAULT_OVERLOAD_WAIT,
+            spawn: SpawnMode::Exec,
         }
     }
 }
@@ -1441,6 +1475,7 @@ impl Resolver<'_> {
             overdue_grace: self.duration(&key("overdue_grace"), raw.overdue_grace, d.overdue_grace),
             term_grace: self.duration(&key("term_grace"), raw.term_grace, d.term_grace),
             overload_wait: self.duration(&key("overload_wait"), raw.overload_wait, d.overload_wait),
+            spawn: raw.spawn.unwrap_or(d.spawn),
         }
     }
 }
@@ -2305,6 +2340,21 @@ mod tests {
         assert!(err.iter().all(|e| e.to_string().starts_with("m.toml:4:1: delivery.pipe.command")), "{err:?}");
         let err = Config::parse_for("[delivery]\ntransport = \"pipe\"\n", Path::new("m.toml"), false).unwrap_err();
         assert!(err[0].message.contains("must name the program"), "{err:?}");
+    }
+
+    /// `spawn`: exec by default everywhere, `fork` where a pool says so; a
+    /// misspelt mode is refused at its line.
+    #[test]
+    fn spawn_mode_is_exec_unless_a_pool_says_fork() {
+        let c = Config::parse_for("[process.smtpd]\nspawn = \"fork\"\n", Path::new("m.toml"), false).unwrap();
+        assert_eq!(c.process.smtpd.spawn, SpawnMode::Fork);
+        assert_eq!(c.process.cleanup.spawn, SpawnMode::Exec);
+        assert_eq!(c.process.policy(Service::Queue).spawn, SpawnMode::Exec);
+        let err = Config::parse_for("[process.cleanup]\nspawn = \"vfork\"\n", Path::new("m.toml"), false).unwrap_err();
+        assert!(err[0].to_string().starts_with("m.toml:2:"), "{err:?}");
+        assert!(err[0].to_string().contains("vfork"), "{err:?}");
+        let err = Config::parse_for("[process.queue]\nspawn = \"fork\"\n", Path::new("m.toml"), false).unwrap_err();
+        assert!(err[0].to_string().contains("spawn"), "{err:?}");
     }
 
     /// Issue 5: started as root, a pipe route needs `[delivery.pipe] user`,

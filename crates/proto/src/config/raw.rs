@@ -333,6 +333,7 @@ pub struct ProcessPolicy {
     pub overdue_grace: Option<Text>,
     pub term_grace: Option<Text>,
     pub overload_wait: Option<Text>,
+    pub spawn: Option<super::SpawnMode>,
 }
 
 /// Where each key of the file is written: the byte span of the key
