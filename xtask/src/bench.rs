@@ -80,6 +80,11 @@ const FSYNC_MESSAGES: u32 = 200;
 
 /// The lifetime policy of the "limited" side of the overhead measurement.
 const LIMITED_LIFE: &str = "max_lifetime = \"5s\"\nlifetime_jitter = 0.5";
+/// Single sessions, one at a time, for the READY latency on a quiet
+/// machine (each starts one smtpd and one cleanup).
+const QUIET_SPAWNS: usize = 40;
+/// Pause after each of them, so that the spawns it caused are over.
+const QUIET_GAP: Duration = Duration::from_millis(150);
 
 /// The accepted domain of both servers.
 const DOMAIN: &str = chaos::DOMAIN;
@@ -403,7 +408,9 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
 
     // Lifetime policy overhead: churn with max_use 100 and a short life
     // (so it bites within the run) against no limit at all, and the
-    // pattern's price at its most secure: a fresh process per session.
+    // pattern's price at its most secure: a fresh process per session,
+    // exec'd or forked from a zygote. One instance per policy, all
+    // running, taking turns in every round as the servers do above.
     let churn = Workload { messages: WORKLOADS[1].messages / scale, ..WORKLOADS[1] };
     let policies = [
         (100, LIMITED_LIFE, "max_use=100, max_lifetime=5s, jitter 0.5"),
@@ -411,31 +418,61 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         (1, "max_lifetime = \"0s\"", "max_use=1 (a fresh process per session)"),
         (1, "max_lifetime = \"0s\"\nspawn = \"fork\"", "max_use=1, spawn=fork (forked from a zygote)"),
     ];
-    for (max_use, policy, label) in policies.into_iter().filter(|_| !partial) {
-        let (cfg, _) = mortal_config(&dir.join("mortal"), None, max_use, policy, "")?;
-        let mortal = Mortal::start(&bins, &dir.join("mortal"), &cfg, port_of(&cfg))?;
-        // The READY latencies before the load (the preforked pool), so
-        // that those of the children spawned under load can be told apart.
-        let metrics = dir.join("mortal").join(METRICS_FILE);
-        let ready_start = if max_use == 100 {
-            read_metrics(&metrics, std::time::SystemTime::now())
-                .inspect_err(|e| report.notes.push(format!("READY latency before the load unavailable: {e:#}")))
-                .ok()
-        } else {
-            None
-        };
-        let mut samples = Vec::new();
-        for _ in 0..rounds {
-            samples.push(measure(&churn, Mode::Queue, Server::Mortal(&mortal))?);
+    if !partial {
+        let mut instances = Vec::new();
+        for (i, (max_use, policy, label)) in policies.into_iter().enumerate() {
+            let home = dir.join(format!("lifetime-{i}"));
+            let _ = fs::remove_dir_all(&home);
+            let (cfg, _) = mortal_config(&home, None, max_use, policy, "")?;
+            let mortal = Mortal::start(&bins, &home, &cfg, port_of(&cfg))?;
+            instances.push((label, home.join(METRICS_FILE), mortal));
         }
-        report.lifetime.push((label, median(samples.iter().map(|s| churn.messages as f64 / s.secs))));
-        // The limited run spawns a child per 100 sessions and per 5 s of
-        // life: many READY records, read from the master's own figures.
-        if let (Some(start), true) = (&ready_start, max_use == 100) {
-            match read_metrics(&metrics, std::time::SystemTime::now()) {
+        // The READY latencies before the load (the preforked pools), so
+        // that those of the children spawned during the rounds can be
+        // told apart: the limited instance spawns a child per 100
+        // sessions and per 5 s of life, many READY records.
+        let limited_metrics = &instances[0].1;
+        let ready_start = read_metrics(limited_metrics, std::time::SystemTime::now())
+            .inspect_err(|e| report.notes.push(format!("READY latency before the load unavailable: {e:#}")))
+            .ok();
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); instances.len()];
+        for round in 0..rounds {
+            eprintln!("==> lifetime policies, churn, round {}/{rounds}", round + 1);
+            let mut order: Vec<usize> = (0..instances.len()).collect();
+            order.rotate_left(round % instances.len());
+            for i in order {
+                samples[i].push(measure(&churn, Mode::Queue, Server::Mortal(&instances[i].2))?);
+            }
+        }
+        for ((label, _, _), samples) in instances.iter().zip(&samples) {
+            report.lifetime.push((label, median(samples.iter().map(|s| churn.messages as f64 / s.secs))));
+        }
+        if let Some(start) = &ready_start {
+            match read_metrics(limited_metrics, std::time::SystemTime::now()) {
                 Ok(end) => report.ready = ready_stats(start, &end),
                 Err(e) => report.notes.push(format!("READY latency unavailable: {e:#}")),
             }
+        }
+        // A fresh process's start on a quiet machine: single sessions one
+        // after another on the max_use = 1 instances, each retiring its
+        // smtpd and cleanup, whose successors start alone.
+        let single = Workload { name: "single", sessions: 1, messages: 1, ..churn };
+        for (label, metrics, mortal) in &instances[2..] {
+            let before = read_metrics(metrics, std::time::SystemTime::now());
+            for _ in 0..QUIET_SPAWNS {
+                measure(&single, Mode::Queue, Server::Mortal(mortal))?;
+                std::thread::sleep(QUIET_GAP);
+            }
+            match (before, read_metrics(metrics, std::time::SystemTime::now())) {
+                (Ok(before), Ok(after)) => {
+                    let stats = ready_stats(&before, &after).into_iter().filter(|r| r.what == "spawned under load");
+                    report.ready_quiet.extend(stats.map(|r| (*label, r)));
+                }
+                (Err(e), _) | (_, Err(e)) => report.notes.push(format!("quiet READY latency unavailable: {e:#}")),
+            }
+        }
+        for (_, _, mut mortal) in instances {
+            mortal.stop();
         }
     }
 
@@ -1339,6 +1376,9 @@ struct Report {
     busy_uss_kib: Option<u64>,
     /// fork+exec-to-READY latency per service, from the churn run.
     ready: Vec<ReadyStat>,
+    /// The same of `max_use = 1` children started one at a time on a
+    /// quiet machine, per policy.
+    ready_quiet: Vec<(&'static str, ReadyStat)>,
     notes: Vec<String>,
     elapsed: Duration,
     machine: String,
@@ -1520,6 +1560,19 @@ impl Report {
                 r.method
             );
         }
+        for (policy, r) in &self.ready_quiet {
+            let ms = |v: f64| format!("{:.2} ms", v * 1000.0);
+            let q: Vec<String> = r.quantiles.iter().map(|(q, v)| format!("p{:.0} {}", q * 100.0, ms(*v))).collect();
+            let _ = writeln!(
+                s,
+                "- start-to-READY latency, {} with {policy}, one session at a time on a quiet machine ({}): {}, mean {} ({})",
+                r.service,
+                r.count,
+                q.join(", "),
+                ms(r.mean),
+                r.method
+            );
+        }
         if let Some(rev) = &self.baseline {
             let _ = writeln!(s, "\nThis build against the baseline {rev}, in the same rounds:\n");
             let _ = writeln!(
@@ -1576,6 +1629,11 @@ impl Report {
             "churn_lifetime": self.lifetime.iter().map(|(l, r)| json!({"policy": l, "msgs_per_s": r})).collect::<Vec<_>>(),
             "ready_latency": self.ready.iter().map(|r| json!({
                 "service": r.service, "children": r.what, "count": r.count, "mean_s": r.mean, "method": r.method,
+                "quantiles_s": r.quantiles.iter().map(|(q, v)| (format!("p{:.0}", q * 100.0), json!(v)))
+                    .collect::<serde_json::Map<_, _>>(),
+            })).collect::<Vec<_>>(),
+            "ready_latency_quiet": self.ready_quiet.iter().map(|(policy, r)| json!({
+                "policy": policy, "service": r.service, "count": r.count, "mean_s": r.mean, "method": r.method,
                 "quantiles_s": r.quantiles.iter().map(|(q, v)| (format!("p{:.0}", q * 100.0), json!(v)))
                     .collect::<serde_json::Map<_, _>>(),
             })).collect::<Vec<_>>(),

@@ -10,9 +10,11 @@
 //! 1. the sandbox self-test, when the command line asks for it
 //!    ([`sandbox::selftest`], with the daemon's own `needs`);
 //! 2. `--config PATH`: load and validate the configuration, install the log;
-//!    with `--zygote` after it, become the pool's template and fork a
-//!    child on each request of the master ([`crate::zygote`]): the steps
-//!    below then run in each child;
+//!    with `--zygote` after it, become the pool's template: work out the
+//!    sandbox (the user, the Landlock ruleset, the compiled seccomp
+//!    filters) once, then fork a child on each request of the master
+//!    ([`crate::zygote`]); the steps below then run in each child, which
+//!    applies that plan in step 5;
 //! 3. `prepare`;
 //! 4. adopt the inherited listener and master socket;
 //! 5. enter the sandbox ([`sandbox::Needs`] applied by the sandbox module);
@@ -75,18 +77,29 @@ pub fn run<L: Listener, P>(
     if let Some(code) = sandbox::selftest::run_if_asked(service, &needs) {
         return code;
     }
-    let (config, forked) = match child::startup(service) {
-        Ok((config, zygote)) => {
+    let (config, plan) = match child::startup(service) {
+        Ok((config, false)) => (config, None),
+        Ok((config, true)) => {
+            // The sandbox's user lookup, Landlock ruleset and compiled
+            // filters, once for every child to come.
+            let plan = match sandbox::Plan::new(&config, &needs(&config), true) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    tracing::error!("fatal: sandbox: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             // A zygote returns from here only in each child it forks,
             // which then goes on as an exec'd child would.
-            if zygote && let Err(code) = crate::zygote::fork_on_request() {
+            if let Err(code) = crate::zygote::fork_on_request() {
                 return code;
             }
-            (config, zygote)
+            (config, Some(plan))
         }
         Err(code) => return code,
     };
-    let code = run_child(service, config, needs, prepare, serve);
+    let forked = plan.is_some();
+    let code = run_child(service, config, needs, plan, prepare, serve);
     if forked {
         // A forked child shares the zygote's pages copy-on-write: the C
         // library's exit handlers and the dynamic loader's destructors
@@ -98,11 +111,13 @@ pub fn run<L: Listener, P>(
     code
 }
 
-/// Steps 3 to 6 of [`run`].
+/// Steps 3 to 6 of [`run`]; a forked child applies its zygote's `plan`
+/// of the sandbox, an exec'd one makes its own.
 fn run_child<L: Listener, P>(
     service: Service,
     config: Config,
     needs: impl Fn(&Config) -> Needs,
+    plan: Option<sandbox::Plan>,
     prepare: impl FnOnce(&Config) -> Result<P, Fatal>,
     serve: impl FnOnce(Started<L, P>) -> ExitCode,
 ) -> ExitCode {
@@ -117,7 +132,11 @@ fn run_child<L: Listener, P>(
         Ok(adopted) => adopted,
         Err(code) => return code,
     };
-    let sandbox = match sandbox::enter(service, &config, &needs(&config)) {
+    let entered = match plan {
+        Some(plan) => plan.apply(service, &config),
+        None => sandbox::enter(service, &config, &needs(&config)),
+    };
+    let sandbox = match entered {
         Ok(applied) => applied,
         Err(e) => {
             tracing::error!("fatal: sandbox: {e}");

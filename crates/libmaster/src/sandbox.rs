@@ -295,46 +295,78 @@ pub(crate) fn enter_layers(
     needs: &Needs,
     with_seccomp: bool,
 ) -> Result<Applied, SandboxError> {
-    let threads = thread_count();
-    if threads > 1 {
-        return Err(SandboxError::Threads(threads));
+    Plan::new(config, needs, with_seccomp)?.apply(service, config)
+}
+
+/// What [`enter`] works out before it changes anything: the user looked
+/// up, the Landlock ruleset created (its rule descriptors open) and the
+/// seccomp filters compiled. A zygote makes its plan once, before it
+/// forks; each child applies its copy ([`Plan::apply`]), so no child
+/// parses the password file or compiles a filter again.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    user: Option<MailUser>,
+    chroot_private: bool,
+    nofile: u64,
+    ruleset: landlock::RulesetCreated,
+    seccomp: Option<seccomp::Compiled>,
+}
+
+impl Plan {
+    pub(crate) fn new(config: &Config, needs: &Needs, with_seccomp: bool) -> Result<Plan, SandboxError> {
+        // Landlock rules hold descriptors opened now, before a chroot could
+        // hide their paths.
+        let ruleset = landlock_rules(&needs.landlock)?;
+        let user = match needs.run_as {
+            RunAs::MailUser => mail_user(config)?,
+            RunAs::PipeUser => pipe_user(config)?,
+        };
+        let seccomp = if with_seccomp { Some(seccomp::compile_profile(needs.seccomp)?) } else { None };
+        Ok(Plan { user, chroot_private: needs.chroot_private, nofile: needs.nofile, ruleset, seccomp })
     }
-    // Landlock rules hold descriptors opened now, before a chroot could
-    // hide their paths.
-    let ruleset = landlock_rules(&needs.landlock)?;
-    let user = match needs.run_as {
-        RunAs::MailUser => mail_user(config)?,
-        RunAs::PipeUser => pipe_user(config)?,
-    };
-    let mut chroot = None;
-    match &user {
-        Some(user) => {
-            if needs.chroot_private {
-                let root = config.private_dir();
-                nix::unistd::chroot(&root).map_err(step("chroot"))?;
-                nix::unistd::chdir("/").map_err(step("chdir /"))?;
-                let _ = CHROOT.set(root.clone());
-                // socketmap tables reach their unix sockets the same way.
-                mortal_proto::socketmap::set_reach(visible_path);
-                chroot = Some(root);
-            }
-            drop_privileges(user)?;
+
+    /// Applies the plan to this process, as [`enter`] says.
+    pub(crate) fn apply(self, service: Service, config: &Config) -> Result<Applied, SandboxError> {
+        let threads = thread_count();
+        if threads > 1 {
+            return Err(SandboxError::Threads(threads));
         }
-        None => tracing::debug!("sandbox: running as uid {} (not root): no user change, no chroot", Uid::effective()),
+        let Plan { user, chroot_private, nofile, ruleset, seccomp } = self;
+        let mut chroot = None;
+        match &user {
+            Some(user) => {
+                if chroot_private {
+                    let root = config.private_dir();
+                    nix::unistd::chroot(&root).map_err(step("chroot"))?;
+                    nix::unistd::chdir("/").map_err(step("chdir /"))?;
+                    let _ = CHROOT.set(root.clone());
+                    // socketmap tables reach their unix sockets the same way.
+                    mortal_proto::socketmap::set_reach(visible_path);
+                    chroot = Some(root);
+                }
+                drop_privileges(user)?;
+            }
+            None => {
+                tracing::debug!("sandbox: running as uid {} (not root): no user change, no chroot", Uid::effective())
+            }
+        }
+        limit_process(nofile)?;
+        let landlock = restrict(ruleset)?;
+        let seccomp_rules = match seccomp {
+            Some(compiled) => seccomp::install(compiled)?,
+            None => 0,
+        };
+        let applied = Applied { user: user.map(|u| u.name), chroot, landlock, seccomp_rules };
+        tracing::debug!(
+            "sandbox: {}: user={} chroot={} landlock={:?} seccomp={} rules",
+            service.name(),
+            applied.user.as_deref().unwrap_or("(unchanged)"),
+            applied.chroot.as_deref().map_or_else(|| "(none)".into(), |p| p.display().to_string()),
+            applied.landlock,
+            applied.seccomp_rules
+        );
+        Ok(applied)
     }
-    limit_process(needs.nofile)?;
-    let landlock = restrict(ruleset)?;
-    let seccomp_rules = if with_seccomp { seccomp::install(needs.seccomp)? } else { 0 };
-    let applied = Applied { user: user.map(|u| u.name), chroot, landlock, seccomp_rules };
-    tracing::debug!(
-        "sandbox: {}: user={} chroot={} landlock={:?} seccomp={} rules",
-        service.name(),
-        applied.user.as_deref().unwrap_or("(unchanged)"),
-        applied.chroot.as_deref().map_or_else(|| "(none)".into(), |p| p.display().to_string()),
-        applied.landlock,
-        applied.seccomp_rules
-    );
-    Ok(applied)
 }
 
 fn thread_count() -> usize {

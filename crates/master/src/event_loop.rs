@@ -187,7 +187,9 @@ impl Service {
             self.kind.name(),
             ZYGOTE_RETRY.as_secs()
         );
-        self.retire_zygote();
+        if let Some(zygote) = self.zygote.take() {
+            zygote.kill();
+        }
         self.zygote_retry = Some(Instant::now() + ZYGOTE_RETRY);
     }
 

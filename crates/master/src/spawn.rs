@@ -189,7 +189,13 @@ impl Zygote {
         self.pid
     }
 
-    /// A new child with `status` as its status socket; its pid.
+    /// A new child with `status` as its status socket; its pid. When the
+    /// answer does not come (the zygote died or hung after forking), a
+    /// child may exist that the master does not know: its status socket
+    /// closes with the failed spawn, so it exits at once, and stays a
+    /// zombie of the master (tokio reaps only the pids it spawned, and a
+    /// `waitpid(-1)` here would take theirs): one process-table slot per
+    /// such failure, which also replaces the zygote.
     fn fork(&mut self, status: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
         mortal_libmaster::zygote::request_fork(&mut self.requests, status)
     }
@@ -202,6 +208,15 @@ impl Zygote {
         tokio::spawn(async move {
             let _ = process.wait().await;
         });
+    }
+
+    /// Ends a zygote that failed (it may be stuck and never read the end
+    /// of its request socket): SIGKILL, and a task reaps it.
+    pub fn kill(mut self) {
+        if let Err(e) = self.process.start_kill() {
+            tracing::debug!("zygote pid {}: kill: {e}", self.pid);
+        }
+        self.retire();
     }
 }
 

@@ -257,10 +257,18 @@ fn compile(rules: Rules, mismatch: SeccompAction, matched: SeccompAction) -> Res
     Ok(SeccompFilter::new(rules, mismatch, matched, arch()?)?.try_into()?)
 }
 
-/// Installs the filters of `profile`; returns how many system calls its
-/// list names. Filters stack: the kernel applies the strictest answer of
-/// all.
-pub fn install(profile: Seccomp) -> Result<usize, SandboxError> {
+/// The filters of a profile, compiled ([`compile_profile`]) and not yet
+/// installed ([`install`]).
+#[derive(Debug)]
+pub struct Compiled {
+    no_clone3: BpfProgram,
+    main: BpfProgram,
+    /// System calls the profile's list names.
+    count: usize,
+}
+
+/// Compiles the filters of `profile`.
+pub fn compile_profile(profile: Seccomp) -> Result<Compiled, SandboxError> {
     // clone3 passes its flags in memory, where seccomp cannot look: make
     // every daemon use clone instead, whose flags the filters check.
     let no_clone3: Rules = [(libc::SYS_clone3, Vec::new())].into();
@@ -277,6 +285,13 @@ pub fn install(profile: Seccomp) -> Result<usize, SandboxError> {
             (compile(rules, SeccompAction::Allow, SeccompAction::KillProcess)?, count)
         }
     };
+    Ok(Compiled { no_clone3, main, count })
+}
+
+/// Installs `filters`; returns how many system calls their list names.
+/// Filters stack: the kernel applies the strictest answer of all.
+pub fn install(filters: Compiled) -> Result<usize, SandboxError> {
+    let Compiled { no_clone3, main, count } = filters;
     // The main filter goes last: installing a filter takes prctl and
     // seccomp calls that smtpd's allow-list would kill.
     match seccompiler::apply_filter_all_threads(&no_clone3) {
