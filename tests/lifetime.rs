@@ -686,6 +686,19 @@ fn spawn_fork_children_are_the_masters_and_a_dead_zygote_falls_back_to_exec() {
         proc_status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_owned()
     };
     assert_eq!(field("Seccomp:"), "2", "{proc_status}");
+    // No child holds the zygote's request socket (its fd 1): the fork
+    // replaced it with the child's own status socket.
+    let socket_of = |pid: u64, fd: &str| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok();
+    let request = socket_of(zygote, "1").expect("the zygote's fd 1");
+    for pid in &children {
+        let held: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .collect();
+        assert!(!held.contains(&request), "smtpd {pid} holds the zygote's {request:?}: {held:?}");
+        assert_ne!(socket_of(*pid, "1"), Some(request.clone()));
+    }
     assert_eq!(field("NoNewPrivs:"), "1", "{proc_status}");
     if nix::unistd::geteuid().is_root() {
         let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody").uid.as_raw();
