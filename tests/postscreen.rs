@@ -212,6 +212,41 @@ fn a_retiring_postscreen_says_421_and_its_successor_serves() {
     assert!(!successor.is_empty() && !successor.contains(&first), "{successor:?} after {first}");
 }
 
+/// A client that passed keeps its pass across a retirement: the retiring
+/// postscreen leaves its cache in a file, its successor reads it and
+/// greets that client at once (`PASS OLD`), while a new one still waits.
+#[test]
+fn a_successor_remembers_who_passed() {
+    let inst =
+        screened("greet_wait = \"1s\"\n\n[process.postscreen]\nmax_lifetime = \"4s\"\nlifetime_jitter = 0.0\n", 4);
+    let first = wait_for_within("postscreen's pid", WAIT, || inst.children_running("mortal-postscreen").pop())
+        .expect("a postscreen process");
+    let mut patient = connect_from(Ipv4Addr::new(127, 0, 0, 30), inst.port);
+    let greeting = read_until(&mut patient, &format!("220 {GREETING}\r\n"));
+    assert_eq!(greeting, format!("220-{GREETING}\r\n220 {GREETING}\r\n"));
+    let mut smtp = mortal_tests::Smtp::over(patient);
+    assert_eq!(smtp.cmd("QUIT").unwrap(), "221 2.0.0 Bye\r\n");
+    inst.wait_for_log(&format!("postscreen[{first}]: PASS NEW [127.0.0.30]:"));
+    inst.wait_for_log(&format!("postscreen[{first}]: exit: retired by master"));
+    let cache = inst.spool().join("run/private/postscreen").join(format!("cache-127.0.0.1:{}", inst.port));
+    let text = std::fs::read_to_string(&cache).unwrap_or_else(|e| panic!("{}: {e}", cache.display()));
+    // (127.0.0.1 is in it too: the harness's start-up check passed it.)
+    assert!(text.lines().any(|l| l.starts_with("127.0.0.30 ")), "{text}");
+
+    // The successor: the whole greeting at once for the known client.
+    let mut again = connect_from(Ipv4Addr::new(127, 0, 0, 30), inst.port);
+    assert_eq!(read_until(&mut again, "\r\n"), format!("220 {GREETING}\r\n"));
+    let log = inst.wait_for_log("PASS OLD [127.0.0.30]:");
+    let successor = inst.children_running("mortal-postscreen");
+    assert!(!successor.contains(&first), "{successor:?}");
+    assert!(!log.contains(&format!("postscreen[{first}]: PASS OLD")), "{log}");
+    let mut smtp = mortal_tests::Smtp::over(again);
+    assert_eq!(smtp.cmd("QUIT").unwrap(), "221 2.0.0 Bye\r\n");
+    // A client it never saw still waits.
+    let mut stranger = connect_from(Ipv4Addr::new(127, 0, 0, 31), inst.port);
+    assert_eq!(read_until(&mut stranger, "\r\n"), format!("220-{GREETING}\r\n"));
+}
+
 /// With `[smtpd.dnsbl] action = "drop"` postscreen asks the lists itself
 /// (rbldnsd on loopback here) while the pregreet test runs: a listed
 /// client hears 521 before it may talk and never reaches smtpd; an

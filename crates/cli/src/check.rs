@@ -7,7 +7,7 @@
 //! like an error, located by the same [`Config::locate`].
 
 use ipnet::IpNet;
-use mortal_proto::config::{Config, Location, MilterDefaultAction, NextHop, ProcessPolicy};
+use mortal_proto::config::{Config, Location, MilterDefaultAction, NextHop, ProcessPolicy, SpawnMode};
 use mortal_proto::policy::Action;
 use mortal_proto::service::Service;
 use std::fmt;
@@ -196,7 +196,28 @@ fn filter_warnings(config: &Config, warn: &mut impl FnMut(&str, &str, String)) {
     }
 }
 
+/// The longest `max_lifetime` a pool with `spawn = "fork"` passes
+/// without a warning: its children share one address-space layout (the
+/// zygote's) that long.
+const FORK_LAYOUT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(3600);
+
 fn lifetime_warnings(table: &str, p: &ProcessPolicy, warn: &mut impl FnMut(&str, &str, String)) {
+    if p.spawn == SpawnMode::Fork && (p.max_lifetime.is_zero() || p.max_lifetime > FORK_LAYOUT_LIFETIME) {
+        let life = if p.max_lifetime.is_zero() {
+            "0s (unlimited): until the next reload".to_owned()
+        } else {
+            format!("{}s", p.max_lifetime.as_secs())
+        };
+        warn(
+            table,
+            "spawn",
+            format!(
+                "is fork with max_lifetime {life}: every child shares its zygote's address-space layout that long; \
+                 keep max_lifetime at {}s or less",
+                FORK_LAYOUT_LIFETIME.as_secs()
+            ),
+        );
+    }
     if p.max_use == 0 && p.max_lifetime.is_zero() {
         warn(
             table,
@@ -263,6 +284,24 @@ mod tests {
         for (got, want) in got.iter().zip(want) {
             assert!(got.starts_with(want), "{got}\n  does not start with\n{want}");
         }
+    }
+
+    /// A forked pool whose zygote (and so its layout) lives long is named.
+    #[test]
+    fn fork_spawn_with_a_long_lifetime_is_named() {
+        let fork = |life: &str| check(&format!("{SAFE}[process.smtpd]\nspawn = \"fork\"\nmax_lifetime = \"{life}\"\n"));
+        assert_eq!(fork("10m"), Vec::<String>::new());
+        assert_eq!(fork("1h"), Vec::<String>::new());
+        let got = fork("2h");
+        assert_eq!(got.len(), 1, "{got:#?}");
+        assert!(
+            got[0].starts_with(
+                "/etc/mortal/mortal.toml:6:1: process.smtpd.spawn: warning: is fork with max_lifetime 7200s"
+            ),
+            "{got:#?}"
+        );
+        let got = fork("0s");
+        assert!(got.iter().any(|w| w.contains("spawn: warning: is fork with max_lifetime 0s (unlimited)")), "{got:#?}");
     }
 
     /// The pipe pool is checked like the others, but only with a pipe route.

@@ -503,6 +503,11 @@ pub fn own_dirs(config: &Config, user: &MailUser) -> Result<(), SandboxError> {
             user.name
         );
     }
+    // postscreen writes its cache for its successor there.
+    let cache = config.postscreen_cache_dir();
+    if cache.is_dir() {
+        chown(&cache, user.uid, user.gid, MAIL_USER_MODE)?;
+    }
     chown(&config.private_dir(), root.0, user.gid, PRIVATE_DIR_ROOT_MODE)
 }
 

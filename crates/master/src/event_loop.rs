@@ -147,10 +147,11 @@ impl Service {
     }
 
     /// Whether [`Service::zygote`] is there to fork the next child,
-    /// started or replaced as needed: one exec'd with an older configuration (`generation`) or
-    /// older than the pool's `max_lifetime` is retired first, so the
-    /// layout its children share is renewed at least that often. `None`
-    /// (exec the child) while a failed one waits out [`ZYGOTE_RETRY`].
+    /// started or replaced as needed: one exec'd with an older
+    /// configuration (`generation`) or older than the pool's
+    /// `max_lifetime` is retired first, so the layout its children share
+    /// is renewed at least that often. False (exec the child) while a
+    /// failed one waits out [`ZYGOTE_RETRY`].
     fn zygote_ready(&mut self, config_path: &Path, generation: u64, max_lifetime: Duration) -> bool {
         let now = Instant::now();
         if let Some(zygote) = &self.zygote

@@ -114,6 +114,9 @@ const RUN_DIR_MODE: u32 = 0o755;
 /// The private directory holds the daemons' sockets: owner only, enforced
 /// even when it already exists.
 const PRIVATE_DIR_MODE: u32 = 0o700;
+/// The postscreen cache directory: the mail user's alone (chowned when the
+/// master runs as root).
+const POSTSCREEN_CACHE_DIR_MODE: u32 = 0o700;
 
 /// The supervisor of the mortal mail system: binds the sockets and keeps
 /// the smtpd, cleanup and queue processes running. Normally started by
@@ -270,6 +273,10 @@ fn make_dirs(config: &Config) -> anyhow::Result<()> {
     make_dir(&private, PRIVATE_DIR_MODE)?;
     fs::set_permissions(&private, fs::Permissions::from_mode(PRIVATE_DIR_MODE))
         .with_context(|| format!("chmod {}", private.display()))?;
+    // Each postscreen writes its cache there for its successor.
+    if config.postscreen.enabled {
+        make_dir(&config.postscreen_cache_dir(), POSTSCREEN_CACHE_DIR_MODE)?;
+    }
     // The queue delivers into it from inside its sandbox, which cannot
     // create it.
     make_dir(config.maildir_root(), MAILDIR_ROOT_MODE)

@@ -35,9 +35,10 @@
 //! never parses more than it reads once after the greeting, which it
 //! passes on unread. Started as root it chroots into the private directory
 //! (the hand-off socket is there) and becomes `[server] user`; it opens no
-//! file and connects nowhere but the hand-off socket (Landlock: no path,
-//! no TCP port), and runs under the deny-list without running a program
-//! or making a process. Its memory is bounded by `connection_limit`
+//! file but its own cache file, in the mail user's `postscreen` directory
+//! there (read at start, written at exit), and connects nowhere but the
+//! hand-off socket (Landlock: that directory only, no TCP port), and runs
+//! under the deny-list without running a program or making a process. Its memory is bounded by `connection_limit`
 //! connections of at most one 4 KiB read each, and `cache_limit` remembered
 //! clients.
 //!
@@ -63,12 +64,16 @@ mod cache;
 mod screen;
 
 use mortal_libmaster::daemon::{self, Fatal, Started};
+use mortal_libmaster::sandbox::visible_path;
 use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
 use mortal_proto::config::{Config, DnsblAction, HANDOFFS_IN_FLIGHT, POSTSCREEN_NOFILE_RESERVE};
 use mortal_proto::status::ChildState;
 use mortal_smtpd::dnsbl::Dnsbl;
+use std::io::Read;
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Instant, SystemTime};
 use tokio::sync::oneshot;
 
 /// The nameserver port of /etc/resolv.conf entries, which the DNS list
@@ -101,7 +106,8 @@ fn needs(config: &Config) -> Needs {
         run_as: RunAs::MailUser,
         chroot_private: true,
         nofile: config.postscreen.nofile(),
-        landlock: Landlock::Rules { read_write: Vec::new(), tcp_connect },
+        // Its cache file, for its successor.
+        landlock: Landlock::Rules { read_write: vec![config.postscreen_cache_dir()], tcp_connect },
         seccomp: Seccomp::DenyList { may_exec: false, may_fork: false },
     }
 }
@@ -175,7 +181,11 @@ fn run(started: Started<TcpListener, Prepared>) -> ExitCode {
             threshold: config.smtpd.dnsbl.threshold,
         }),
     };
-    let passed = cache::PassCache::new(p.greet_ttl, p.cache_limit);
+    let cache_file = listener.local_addr().ok().map(|addr| visible_path(&config.postscreen_cache_file(addr)));
+    let mut passed = cache::PassCache::new(p.greet_ttl, p.cache_limit);
+    if let Some(file) = cache_file.as_deref().filter(|_| passed.enabled()) {
+        load_cache(&mut passed, file, p.cache_limit);
+    }
     if let Err(e) = link.report(ChildState::Ready) {
         tracing::error!("fatal: master link: {e}");
         return ExitCode::FAILURE;
@@ -185,7 +195,10 @@ fn run(started: Started<TcpListener, Prepared>) -> ExitCode {
         let _ = stop_tx.send(link.wait_for_exit());
     });
     match runtime.block_on(screen::serve(listener, settings, passed, stop_rx)) {
-        Ok(reason) => {
+        Ok((reason, passed)) => {
+            if let Some(file) = cache_file.as_deref().filter(|_| passed.enabled()) {
+                save_cache(&passed, file);
+            }
             tracing::info!("exit: {}", reason.as_str());
             ExitCode::SUCCESS
         }
@@ -193,6 +206,36 @@ fn run(started: Started<TcpListener, Prepared>) -> ExitCode {
             tracing::error!("fatal: listener: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Reads the cache a predecessor left (none is fine: a first start).
+/// Bounded by `cache_limit` lines of [`cache::MAX_LINE`] octets.
+fn load_cache(passed: &mut cache::PassCache, file: &Path, cache_limit: usize) {
+    let bound = (cache_limit as u64).saturating_mul(cache::MAX_LINE as u64 + 1);
+    let mut raw = Vec::new();
+    match std::fs::File::open(file).and_then(|f| f.take(bound).read_to_end(&mut raw)) {
+        Ok(_) => {
+            let text = String::from_utf8_lossy(&raw);
+            let (taken, bad) = passed.load(&text, Instant::now(), SystemTime::now());
+            if bad > 0 {
+                tracing::warn!("warning: {}: {bad} lines are not cache lines: skipped", file.display());
+            }
+            tracing::debug!("cache: {taken} clients from {}", file.display());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("warning: {}: {e}: starting with an empty cache", file.display()),
+    }
+}
+
+/// Writes the cache for the successor: a new file renamed over the old,
+/// so a reader never sees half of one.
+fn save_cache(passed: &cache::PassCache, file: &Path) {
+    let text = passed.save(Instant::now(), SystemTime::now());
+    let temp = PathBuf::from(format!("{}.tmp", file.display()));
+    if let Err(e) = std::fs::write(&temp, text).and_then(|()| std::fs::rename(&temp, file)) {
+        tracing::warn!("warning: {}: {e}: the successor starts with an empty cache", file.display());
+        let _ = std::fs::remove_file(&temp);
     }
 }
 
@@ -210,17 +253,18 @@ mod tests {
     #[test]
     fn tcp_ports_only_for_the_dns_lists_it_asks() {
         let plain = needs(&config("[postscreen]\nenabled = true\n"));
-        assert_eq!(plain.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() });
+        let cache = vec![PathBuf::from("/var/spool/mortal/run/private/postscreen")];
+        assert_eq!(plain.landlock, Landlock::Rules { read_write: cache.clone(), tcp_connect: Vec::new() });
         assert_eq!(plain.seccomp, Seccomp::DenyList { may_exec: false, may_fork: false });
         assert_eq!(plain.nofile, 10_000 + u64::from(HANDOFFS_IN_FLIGHT) + POSTSCREEN_NOFILE_RESERVE);
         let enforce =
             needs(&config("[smtpd]\nresolvers = [\"127.0.0.1:5353\"]\n[smtpd.dnsbl]\nsites = [\"zen.example\"]\n"));
-        assert_eq!(enforce.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: Vec::new() });
+        assert_eq!(enforce.landlock, Landlock::Rules { read_write: cache.clone(), tcp_connect: Vec::new() });
         let drop = needs(&config(
             "[smtpd]\nresolvers = [\"127.0.0.1:5353\"]\n[smtpd.dnsbl]\nsites = [\"zen.example\"]\naction = \"drop\"\n",
         ));
-        assert_eq!(drop.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![5353] });
+        assert_eq!(drop.landlock, Landlock::Rules { read_write: cache.clone(), tcp_connect: vec![5353] });
         let resolv = needs(&config("[smtpd.dnsbl]\nsites = [\"zen.example\"]\naction = \"drop\"\n"));
-        assert_eq!(resolv.landlock, Landlock::Rules { read_write: Vec::new(), tcp_connect: vec![RESOLV_CONF_PORT] });
+        assert_eq!(resolv.landlock, Landlock::Rules { read_write: cache, tcp_connect: vec![RESOLV_CONF_PORT] });
     }
 }

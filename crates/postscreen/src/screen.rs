@@ -101,7 +101,7 @@ pub async fn serve(
     settings: Settings,
     passed: PassCache,
     stop: oneshot::Receiver<ExitReason>,
-) -> io::Result<ExitReason> {
+) -> io::Result<(ExitReason, PassCache)> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let settings = Arc::new(settings);
@@ -120,7 +120,9 @@ pub async fn serve(
                 {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                return Ok(reason);
+                // For the successor.
+                let passed = std::mem::take(&mut shared.lock().unwrap_or_else(PoisonError::into_inner).passed);
+                return Ok((reason, passed));
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => admit(stream, peer, &settings, &shared, &shutdown_rx),

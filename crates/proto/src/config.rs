@@ -1868,6 +1868,18 @@ impl Config {
         self.run_dir().join("private")
     }
 
+    /// Where each postscreen leaves the clients that passed for its
+    /// successor: the mail user's directory in the private one (inside
+    /// postscreen's chroot).
+    pub fn postscreen_cache_dir(&self) -> PathBuf {
+        self.private_dir().join("postscreen")
+    }
+
+    /// The cache file of the postscreen that listens on `listen`.
+    pub fn postscreen_cache_file(&self, listen: SocketAddr) -> PathBuf {
+        self.postscreen_cache_dir().join(format!("cache-{listen}"))
+    }
+
     /// cleanup's listening socket (smtpd connects here).
     pub fn cleanup_socket(&self) -> PathBuf {
         self.private_dir().join("cleanup")

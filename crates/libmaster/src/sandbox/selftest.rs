@@ -652,6 +652,9 @@ impl Fixtures {
             vec![(config.server.spool_dir.clone(), OPEN_DIR_MODE), (config.run_dir().to_owned(), OPEN_DIR_MODE)];
         dirs.extend(QueueDir::ALL.map(|q| (config.spool().dir(q), DIR_MODE)));
         dirs.push((config.private_dir(), DIR_MODE));
+        if config.postscreen.enabled {
+            dirs.push((config.postscreen_cache_dir(), DIR_MODE));
+        }
         if config.maildir_root().starts_with(&config.server.spool_dir) {
             dirs.push((config.maildir_root().to_owned(), DIR_MODE));
         }
