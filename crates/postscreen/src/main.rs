@@ -38,9 +38,9 @@
 //! file but its own cache file, in the mail user's `postscreen` directory
 //! there (read at start, written at exit), and connects nowhere but the
 //! hand-off socket (Landlock: that directory only, no TCP port), and runs
-//! under the deny-list without running a program or making a process. Its memory is bounded by `connection_limit`
-//! connections of at most one 4 KiB read each, and `cache_limit` remembered
-//! clients.
+//! under the deny-list without running a program or making a process.
+//! Its memory is bounded by `connection_limit` connections of at most one
+//! 4 KiB read each, and `cache_limit` remembered clients.
 //!
 //! # Standards
 //! RFC 5321 (the multi-line greeting; a client must wait for the last
@@ -64,8 +64,7 @@ mod cache;
 mod screen;
 
 use mortal_libmaster::daemon::{self, Fatal, Started};
-use mortal_libmaster::sandbox::visible_path;
-use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service};
+use mortal_libmaster::sandbox::{Landlock, Needs, RunAs, Seccomp, Service, visible_path};
 use mortal_proto::config::{Config, DnsblAction, HANDOFFS_IN_FLIGHT, POSTSCREEN_NOFILE_RESERVE};
 use mortal_proto::status::ChildState;
 use mortal_smtpd::dnsbl::Dnsbl;
