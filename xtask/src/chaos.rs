@@ -662,6 +662,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let mut total = FULL_MESSAGES;
     let mut clients = CLIENTS;
     let mut debug = false;
+    let mut fork = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -669,7 +670,16 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
             "--messages" => total = it.next().context("--messages N")?.parse()?,
             "--clients" => clients = it.next().context("--clients N")?.parse()?,
             "--debug" => debug = true,
-            other => bail!("unknown chaos option {other:?} (--quick, --messages N, --clients N, --debug)"),
+            "--spawn" => {
+                fork = match it.next().map(String::as_str) {
+                    Some("fork") => true,
+                    Some("exec") => false,
+                    other => bail!("--spawn needs exec or fork, not {other:?}"),
+                }
+            }
+            other => {
+                bail!("unknown chaos option {other:?} (--quick, --messages N, --clients N, --spawn exec|fork, --debug)")
+            }
         }
     }
     // `--debug` uses the debug build `cargo xtask ci` has just made,
@@ -680,19 +690,22 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     } else {
         build_release(root)?
     };
-    let summary = run(root, &bins, total, clients)?;
+    let summary = run(root, &bins, total, clients, fork)?;
     println!("{summary}");
     Ok(())
 }
 
-fn run(root: &Path, bins: &Path, total: u64, clients: usize) -> Result<String> {
+/// `fork`: smtpd and cleanup are forked from their zygotes
+/// (`spawn = "fork"`), which the kills hit too.
+fn run(root: &Path, bins: &Path, total: u64, clients: usize, fork: bool) -> Result<String> {
     let dir = root.join("target/chaos");
     let run_id = format!("chaos{}", Rng::from_time().next() % 1_000_000);
     let sink = LmtpSink::start(&run_id)?;
     let config_path = std::path::absolute(dir.join("etc/mortal.toml"))?;
-    let candidates = chaos_configs(sink.port);
+    let candidates = chaos_configs(sink.port, fork);
     let (config_text, variant) = first_valid_config(&config_path, &candidates)?;
-    eprintln!("==> chaos: {total} messages, {clients} clients, config: {variant}");
+    let spawn = if fork { ", spawn = fork" } else { "" };
+    eprintln!("==> chaos: {total} messages, {clients} clients, config: {variant}{spawn}");
     let via_lmtp = variant.contains("LMTP");
     let mortal = Mortal::start(bins, &dir, &config_text, 0)?;
     let port = mortal.port;
@@ -804,7 +817,7 @@ fn run(root: &Path, bins: &Path, total: u64, clients: usize) -> Result<String> {
     let mismatched: u64 = got.values().map(|r| u64::from(r.bad_body)).sum();
     let unacked_delivered = got.keys().filter(|n| !stats.acked.contains(n)).count();
     let mut out = String::new();
-    let _ = writeln!(out, "chaos summary ({variant})");
+    let _ = writeln!(out, "chaos summary ({variant}{spawn})");
     let _ = writeln!(out, "  messages offered      {total} by {clients} clients in {:.1} s", load_time.as_secs_f64());
     let _ = writeln!(out, "  acknowledged (250)    {}", stats.acked.len());
     let _ = writeln!(out, "  delivered (unique)    {}", got.len());
@@ -840,9 +853,11 @@ fn run(root: &Path, bins: &Path, total: u64, clients: usize) -> Result<String> {
 }
 
 /// Configs to try, best first: LMTP delivery with lifetimes, LMTP with
-/// `max_use` only, then the Maildir fallback.
-fn chaos_configs(sink_port: u16) -> Vec<(String, &'static str)> {
+/// `max_use` only, then the Maildir fallback; `fork`: smtpd and cleanup
+/// with `spawn = "fork"`.
+fn chaos_configs(sink_port: u16, fork: bool) -> Vec<(String, &'static str)> {
     let user = user_line();
+    let spawn = if fork { "spawn = \"fork\"\n" } else { "" };
     let base = |transport: &str, lifetimes: &str| {
         format!(
             r#"[server]
@@ -873,14 +888,14 @@ prefork = 5
 min_spare = 2
 max_spare = 10
 max_use = 5
-{lifetimes}
+{lifetimes}{spawn}
 [process.cleanup]
 process_limit = 20
 prefork = 2
 min_spare = 1
 max_spare = 6
 max_use = 5
-{lifetimes}"#
+{lifetimes}{spawn}"#
         )
     };
     let lmtp = format!("lmtp:inet:127.0.0.1:{sink_port}");

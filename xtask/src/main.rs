@@ -68,7 +68,7 @@ fn main() -> Result<()> {
         "sandbox-check" => sandbox::main(&root, &rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  start   build and run mortal on etc/mortal.toml (foreground)\n  ci      install test tools, fmt, clippy, build, all tests, a short chaos run, every fuzz target briefly\n  bench   [--quick] [--baseline REV] [--no-peers]: mortal vs a private Postfix, Exim and OpenSMTPD, side by side (release build; installs postfix, unpacks exim4-daemon-light and opensmtpd); REV: also a build of that git revision, in the same rounds\n  chaos   [--quick] [--messages N] [--clients N] [--debug]: kill -9 under load, count losses (release build)\n  fuzz    [--time N] [--target T] [--asan] [--ci]: build the libFuzzer targets (no sanitizer unless --asan) and run each N s; --ci: 10 s each on a copy of the corpora, as `ci` does; `fuzz seed` rewrites the seed corpora\n  sandbox-check   prove each daemon's sandbox from inside (drops to nobody when root)"
+                "usage: cargo xtask <task>\n\n  start   build and run mortal on etc/mortal.toml (foreground)\n  ci      install test tools, fmt, clippy, build, all tests, a short chaos run, every fuzz target briefly\n  bench   [--quick] [--baseline REV] [--no-peers]: mortal vs a private Postfix, Exim and OpenSMTPD, side by side (release build; installs postfix, unpacks exim4-daemon-light and opensmtpd); REV: also a build of that git revision, in the same rounds\n  chaos   [--quick] [--messages N] [--clients N] [--spawn exec|fork] [--debug]: kill -9 under load, count losses (release build)\n  fuzz    [--time N] [--target T] [--asan] [--ci]: build the libFuzzer targets (no sanitizer unless --asan) and run each N s; --ci: 10 s each on a copy of the corpora, as `ci` does; `fuzz seed` rewrites the seed corpora\n  sandbox-check   prove each daemon's sandbox from inside (drops to nobody when root)"
             );
             std::process::exit(2);
         }
@@ -122,6 +122,9 @@ fn ci() -> Result<()> {
     // A short kill -9 run on the debug build just made: seconds of load,
     // and any acknowledged message lost fails CI.
     chaos::main(&workspace_root(), &["--quick".into(), "--debug".into()])?;
+    // The same with smtpd and cleanup forked from their zygotes, which
+    // the kills hit too.
+    chaos::main(&workspace_root(), &["--quick".into(), "--debug".into(), "--spawn".into(), "fork".into()])?;
     // `cargo test` replayed the committed fuzz corpora; now every target
     // fuzzes for a few seconds on a copy of them, and a crash fails CI
     // with its reproducer.
