@@ -676,7 +676,20 @@ fn spawn_fork_children_are_the_masters_and_a_dead_zygote_falls_back_to_exec() {
     assert!(logged.len() >= 5, "{logged:?}\n{}", mortal.log_text());
     assert!(!logged.contains(&(zygote as u32)), "the zygote never serves: {logged:?}");
     assert_eq!(retired(&status, Service::Smtpd, RetireReason::Crash), 0, "{status:?}");
-    assert!(!zygotes(&mortal, Service::Cleanup).is_empty(), "cleanup forks too\n{}", mortal.log_text());
+    let cleanup_zygote = *zygotes(&mortal, Service::Cleanup).first().expect("cleanup forks too");
+    // cleanup's deny-list lets its zygote fork: the zygote runs under it
+    // and its children inherit it; smtpd's allow-list would kill its
+    // zygote's fork, so each smtpd installs its own.
+    let seccomp_mode = |pid: u64| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map(|v| v.trim().to_owned()).unwrap_or_default()
+    };
+    assert_eq!(seccomp_mode(cleanup_zygote), "2");
+    assert_eq!(seccomp_mode(zygote), "0");
+    for pid in pids(&status, Service::Cleanup) {
+        assert_eq!(seccomp_mode(pid), "2", "cleanup {pid}");
+        assert_eq!(parent(pid), Some(master), "cleanup {pid}");
+    }
     // Each forked child entered the whole sandbox itself: seccomp in
     // filter mode and no_new_privs always; as root, also the dropped
     // identity (the zygote keeps the master's, to let its children drop).

@@ -12,9 +12,10 @@
 //! 2. `--config PATH`: load and validate the configuration, install the log;
 //!    with `--zygote` after it, become the pool's template: work out the
 //!    sandbox (the user, the Landlock ruleset, the compiled seccomp
-//!    filters) once, then fork a child on each request of the master
+//!    filters) once, install a deny-list filter that allows its fork in
+//!    itself (cleanup's), then fork a child on each request of the master
 //!    ([`crate::zygote`]); the steps below then run in each child, which
-//!    applies that plan in step 5;
+//!    applies that plan in step 5 (inheriting the filter when installed);
 //! 3. `prepare`;
 //! 4. adopt the inherited listener and master socket;
 //! 5. enter the sandbox ([`sandbox::Needs`] applied by the sandbox module);
@@ -82,7 +83,12 @@ pub fn run<L: Listener, P>(
         Ok((config, true)) => {
             // The sandbox's user lookup, Landlock ruleset and compiled
             // filters, once for every child to come.
-            let plan = match sandbox::Plan::new(&config, &needs(&config), true) {
+            let plan = sandbox::Plan::new(&config, &needs(&config), true).and_then(|mut plan| {
+                // A deny-list filter is installed here once and inherited.
+                plan.install_seccomp_early()?;
+                Ok(plan)
+            });
+            let plan = match plan {
                 Ok(plan) => plan,
                 Err(e) => {
                     tracing::error!("fatal: sandbox: {e}");

@@ -310,6 +310,9 @@ pub(crate) struct Plan {
     nofile: u64,
     ruleset: landlock::RulesetCreated,
     seccomp: Option<seccomp::Compiled>,
+    /// The filters are already in place (installed by the zygote, which
+    /// the child inherits them from); the count of their list.
+    seccomp_inherited: Option<usize>,
 }
 
 impl Plan {
@@ -322,7 +325,31 @@ impl Plan {
             RunAs::PipeUser => pipe_user(config)?,
         };
         let seccomp = if with_seccomp { Some(seccomp::compile_profile(needs.seccomp)?) } else { None };
-        Ok(Plan { user, chroot_private: needs.chroot_private, nofile: needs.nofile, ruleset, seccomp })
+        Ok(Plan {
+            user,
+            chroot_private: needs.chroot_private,
+            nofile: needs.nofile,
+            ruleset,
+            seccomp,
+            seccomp_inherited: None,
+        })
+    }
+
+    /// In a zygote: installs the seccomp filters in this process now,
+    /// when they allow what the zygote and its children still do before
+    /// their own sandbox (a deny-list that lets a process be created, and
+    /// no chroot, which every deny-list forbids): each child then
+    /// inherits them instead of paying for the kernel's compile of its own
+    /// copy. Returns whether it did.
+    pub(crate) fn install_seccomp_early(&mut self) -> Result<bool, SandboxError> {
+        let chroots = self.chroot_private && self.user.is_some();
+        match self.seccomp.take_if(|c| c.inheritable() && !chroots) {
+            Some(compiled) => {
+                self.seccomp_inherited = Some(seccomp::install(compiled)?);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Applies the plan to this process, as [`enter`] says.
@@ -331,7 +358,7 @@ impl Plan {
         if threads > 1 {
             return Err(SandboxError::Threads(threads));
         }
-        let Plan { user, chroot_private, nofile, ruleset, seccomp } = self;
+        let Plan { user, chroot_private, nofile, ruleset, seccomp, seccomp_inherited } = self;
         let mut chroot = None;
         match &user {
             Some(user) => {
@@ -354,7 +381,7 @@ impl Plan {
         let landlock = restrict(ruleset)?;
         let seccomp_rules = match seccomp {
             Some(compiled) => seccomp::install(compiled)?,
-            None => 0,
+            None => seccomp_inherited.unwrap_or(0),
         };
         let applied = Applied { user: user.map(|u| u.name), chroot, landlock, seccomp_rules };
         tracing::debug!(

@@ -265,6 +265,23 @@ pub struct Compiled {
     main: BpfProgram,
     /// System calls the profile's list names.
     count: usize,
+    profile: Seccomp,
+}
+
+impl Compiled {
+    /// Whether a zygote may install these filters in itself before it
+    /// forks, for its children to inherit: only a deny-list that lets a
+    /// process be created (the zygote's `clone`) qualifies. An allow-list
+    /// would kill the zygote's own system calls, and the children's
+    /// preparation (files, event loop) before their own sandbox.
+    pub fn inheritable(&self) -> bool {
+        matches!(self.profile, Seccomp::DenyList { may_fork: true, .. })
+    }
+
+    /// System calls the profile's list names.
+    pub fn count(&self) -> usize {
+        self.count
+    }
 }
 
 /// Compiles the filters of `profile`.
@@ -285,13 +302,13 @@ pub fn compile_profile(profile: Seccomp) -> Result<Compiled, SandboxError> {
             (compile(rules, SeccompAction::Allow, SeccompAction::KillProcess)?, count)
         }
     };
-    Ok(Compiled { no_clone3, main, count })
+    Ok(Compiled { no_clone3, main, count, profile })
 }
 
 /// Installs `filters`; returns how many system calls their list names.
 /// Filters stack: the kernel applies the strictest answer of all.
 pub fn install(filters: Compiled) -> Result<usize, SandboxError> {
-    let Compiled { no_clone3, main, count } = filters;
+    let Compiled { no_clone3, main, count, .. } = filters;
     // The main filter goes last: installing a filter takes prctl and
     // seccomp calls that smtpd's allow-list would kill.
     match seccompiler::apply_filter_all_threads(&no_clone3) {
