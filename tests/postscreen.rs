@@ -247,6 +247,36 @@ fn a_successor_remembers_who_passed() {
     assert_eq!(read_until(&mut stranger, "\r\n"), format!("220-{GREETING}\r\n"));
 }
 
+/// smtpd children forked from a zygote (`spawn = "fork"`, one session
+/// each) behind postscreen: each takes its client through the hand-off
+/// socket it inherited from the zygote, and the mail is delivered.
+#[test]
+fn forked_smtpd_children_take_clients_from_postscreen() {
+    let opts = Options {
+        smtpd_process_limit: 4,
+        smtpd_prefork: 1,
+        smtpd_min_spare: 1,
+        smtpd_max_spare: 2,
+        smtpd_max_use: 1,
+        extra: "\n[postscreen]\nenabled = true\ngreet_wait = \"0s\"\n".into(),
+        ..Options::default()
+    };
+    let inst = Instance::start_edited(opts, |text| {
+        text.replacen("[process.smtpd]\n", "[process.smtpd]\nspawn = \"fork\"\n", 1)
+    });
+    for i in 0..3u8 {
+        let mut client = connect_from(Ipv4Addr::new(127, 0, 0, 40 + i), inst.port);
+        assert_eq!(read_until(&mut client, "\r\n"), format!("220 {GREETING}\r\n"));
+        let mut smtp = mortal_tests::Smtp::over(client);
+        let reply = smtp.mail("a@example.test", "forked@example.test", &format!("message {i}"));
+        assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+        assert_eq!(smtp.cmd("QUIT").unwrap(), "221 2.0.0 Bye\r\n");
+    }
+    inst.wait_for_delivery("forked@example.test", 3);
+    let smtpds = inst.logged_pids("smtpd");
+    assert!(smtpds.len() >= 3, "one smtpd per session: {smtpds:?}");
+}
+
 /// With `[smtpd.dnsbl] action = "drop"` postscreen asks the lists itself
 /// (rbldnsd on loopback here) while the pregreet test runs: a listed
 /// client hears 521 before it may talk and never reaches smtpd; an
