@@ -275,6 +275,17 @@ fn forked_smtpd_children_take_clients_from_postscreen() {
     inst.wait_for_delivery("forked@example.test", 3);
     let smtpds = inst.logged_pids("smtpd");
     assert!(smtpds.len() >= 3, "one smtpd per session: {smtpds:?}");
+    // The spare smtpd waiting now is a fork of the zygote (its command
+    // line, and a filter the zygote does not have), not an exec fallback.
+    let forked = |pid: &u32| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        cmdline.split(|&b| b == 0).any(|a| a == b"--zygote") && status.contains("Seccomp:\t2")
+    };
+    let spare = wait_for_within("a forked spare smtpd", WAIT, || {
+        inst.children_running("mortal-smtpd").into_iter().find(|pid| forked(pid))
+    });
+    assert!(spare.is_some(), "{:?}\n{}", inst.children_running("mortal-smtpd"), inst.log_text());
 }
 
 /// With `[smtpd.dnsbl] action = "drop"` postscreen asks the lists itself

@@ -83,6 +83,8 @@ const LIMITED_LIFE: &str = "max_lifetime = \"5s\"\nlifetime_jitter = 0.5";
 /// Single sessions, one at a time, for the READY latency on a quiet
 /// machine (each starts one smtpd and one cleanup).
 const QUIET_SPAWNS: usize = 40;
+/// What the READY figures of those children are called in the report.
+const QUIET_READY: &str = "one session at a time on a quiet machine";
 /// Pause after each of them, so that the spawns it caused are over.
 const QUIET_GAP: Duration = Duration::from_millis(150);
 
@@ -465,8 +467,12 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
             }
             match (before, read_metrics(metrics, std::time::SystemTime::now())) {
                 (Ok(before), Ok(after)) => {
-                    let stats = ready_stats(&before, &after).into_iter().filter(|r| r.what == "spawned under load");
-                    report.ready_quiet.extend(stats.map(|r| (*label, r)));
+                    for service in READY_SERVICES {
+                        let spawned = ready_hist(&after, service).minus(&ready_hist(&before, service));
+                        if let Some(stat) = spawned.stat(service, QUIET_READY) {
+                            report.ready_quiet.push((*label, stat));
+                        }
+                    }
                 }
                 (Err(e), _) | (_, Err(e)) => report.notes.push(format!("quiet READY latency unavailable: {e:#}")),
             }
@@ -1547,30 +1553,23 @@ impl Report {
             let _ = writeln!(s, "- fork+exec-to-READY latency: not measured (no metrics from the master)");
         }
         for r in &self.ready {
-            let ms = |v: f64| format!("{:.2} ms", v * 1000.0);
-            let q: Vec<String> = r.quantiles.iter().map(|(q, v)| format!("p{:.0} {}", q * 100.0, ms(*v))).collect();
             let _ = writeln!(
                 s,
-                "- fork+exec-to-READY latency, {} on churn with max_use=100, {} ({}): {}, mean {} ({})",
+                "- fork+exec-to-READY latency, {} on churn with max_use=100, {} ({}): {}",
                 r.service,
                 r.what,
                 r.count,
-                q.join(", "),
-                ms(r.mean),
-                r.method
+                r.summary()
             );
         }
         for (policy, r) in &self.ready_quiet {
-            let ms = |v: f64| format!("{:.2} ms", v * 1000.0);
-            let q: Vec<String> = r.quantiles.iter().map(|(q, v)| format!("p{:.0} {}", q * 100.0, ms(*v))).collect();
             let _ = writeln!(
                 s,
-                "- start-to-READY latency, {} with {policy}, one session at a time on a quiet machine ({}): {}, mean {} ({})",
+                "- start-to-READY latency, {} with {policy}, {} ({}): {}",
                 r.service,
+                r.what,
                 r.count,
-                q.join(", "),
-                ms(r.mean),
-                r.method
+                r.summary()
             );
         }
         if let Some(rev) = &self.baseline {
@@ -1627,16 +1626,12 @@ impl Report {
             "machine": self.machine, "rows": rows, "fsyncs_per_message": self.fsyncs,
             "smtpd_uss_kib": {"idle": self.idle_uss_kib, "busy": self.busy_uss_kib},
             "churn_lifetime": self.lifetime.iter().map(|(l, r)| json!({"policy": l, "msgs_per_s": r})).collect::<Vec<_>>(),
-            "ready_latency": self.ready.iter().map(|r| json!({
-                "service": r.service, "children": r.what, "count": r.count, "mean_s": r.mean, "method": r.method,
-                "quantiles_s": r.quantiles.iter().map(|(q, v)| (format!("p{:.0}", q * 100.0), json!(v)))
-                    .collect::<serde_json::Map<_, _>>(),
-            })).collect::<Vec<_>>(),
-            "ready_latency_quiet": self.ready_quiet.iter().map(|(policy, r)| json!({
-                "policy": policy, "service": r.service, "count": r.count, "mean_s": r.mean, "method": r.method,
-                "quantiles_s": r.quantiles.iter().map(|(q, v)| (format!("p{:.0}", q * 100.0), json!(v)))
-                    .collect::<serde_json::Map<_, _>>(),
-            })).collect::<Vec<_>>(),
+            "ready_latency": self.ready.iter().map(ReadyStat::json).collect::<Vec<_>>(),
+            "ready_latency_quiet": self.ready_quiet.iter().map(|(policy, r)| {
+                let mut stat = r.json();
+                stat["policy"] = json!(policy);
+                stat
+            }).collect::<Vec<_>>(),
             "notes": self.notes, "elapsed_s": self.elapsed.as_secs_f64(), "baseline": self.baseline,
             "durable_create_files_per_s": self.durable_create,
             "latency_under_burst_ms": self.latency.as_ref().map(|(m, p)| {
@@ -1663,6 +1658,24 @@ struct ReadyStat {
     quantiles: Vec<(f64, f64)>,
     /// How the quantiles were obtained.
     method: String,
+}
+
+impl ReadyStat {
+    /// `p50 1.00 ms, p90 ..., mean ... (method)`, for the report.
+    fn summary(&self) -> String {
+        let ms = |v: f64| format!("{:.2} ms", v * 1000.0);
+        let q: Vec<String> = self.quantiles.iter().map(|(q, v)| format!("p{:.0} {}", q * 100.0, ms(*v))).collect();
+        format!("{}, mean {} ({})", q.join(", "), ms(self.mean), self.method)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "service": self.service, "children": self.what, "count": self.count, "mean_s": self.mean,
+            "method": self.method,
+            "quantiles_s": self.quantiles.iter().map(|(q, v)| (format!("p{:.0}", q * 100.0), json!(v)))
+                .collect::<serde_json::Map<_, _>>(),
+        })
+    }
 }
 
 /// What the master's metrics file says about one service's READY

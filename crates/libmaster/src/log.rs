@@ -51,7 +51,7 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::SystemTime;
 use tracing::field::{Empty, Field, Visit};
 use tracing::{Event, Level, Span, Subscriber};
@@ -72,6 +72,21 @@ pub const QUEUE_ID: &str = "queue_id";
 /// made at all: a span costs a registry slot, its formatted fields and an
 /// enter and exit on every poll of smtpd's session future, for nothing.
 static SPANS_WANTED: AtomicBool = AtomicBool::new(false);
+
+/// This process's id, as every line carries it: set by [`init`], and
+/// again by [`forked`] in each child of a zygote (which shares the
+/// subscriber the zygote installed), so no line asks the kernel.
+static PID: AtomicU32 = AtomicU32::new(0);
+
+fn current_pid() -> u32 {
+    PID.load(Ordering::Relaxed)
+}
+
+/// Called in a new process forked from a zygote: its lines carry its
+/// own pid from now on.
+pub(crate) fn forked() {
+    PID.store(std::process::id(), Ordering::Relaxed);
+}
 
 /// The zone loaded by the first [`init`].
 static LOCAL_ZONE: OnceLock<TimeZone> = OnceLock::new();
@@ -94,10 +109,11 @@ pub fn init(process: impl Into<Process>, config: &Log, hostname: &str) {
         process: process.into(),
         syslog_name: config.syslog_name.clone(),
         hostname: hostname.to_owned(),
-        pid: std::process::id,
+        pid: current_pid,
         zone: zone.clone(),
         now: SystemTime::now,
     };
+    PID.store(std::process::id(), Ordering::Relaxed);
     let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
     // try_init, not set_global_default: it also forwards the `log` records
     // of dependencies (rustls, hickory) into this subscriber.
@@ -215,8 +231,8 @@ struct Format {
     process: Process,
     syslog_name: String,
     hostname: String,
-    /// This process's id, asked at each line: a zygote's children share
-    /// the subscriber it installed before it forked them. Fixed in tests.
+    /// This process's id ([`PID`]; a zygote's children share the
+    /// subscriber it installed before it forked them). Fixed in tests.
     pid: fn() -> u32,
     zone: TimeZone,
     /// The clock; fixed in tests.

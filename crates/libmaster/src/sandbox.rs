@@ -309,10 +309,19 @@ pub(crate) struct Plan {
     chroot_private: bool,
     nofile: u64,
     ruleset: landlock::RulesetCreated,
-    seccomp: Option<seccomp::Compiled>,
-    /// The filters are already in place (installed by the zygote, which
-    /// the child inherits them from); the count of their list.
-    seccomp_inherited: Option<usize>,
+    filters: Filters,
+}
+
+/// Where a [`Plan`]'s seccomp filters stand.
+#[derive(Debug)]
+enum Filters {
+    /// None: the self-test's run of the other layers alone.
+    Off,
+    /// Compiled; [`Plan::apply`] installs them.
+    Pending(seccomp::Compiled),
+    /// Already in place (a zygote installed them, and its children
+    /// inherit them); the count of their list.
+    Installed(usize),
 }
 
 impl Plan {
@@ -324,15 +333,9 @@ impl Plan {
             RunAs::MailUser => mail_user(config)?,
             RunAs::PipeUser => pipe_user(config)?,
         };
-        let seccomp = if with_seccomp { Some(seccomp::compile_profile(needs.seccomp)?) } else { None };
-        Ok(Plan {
-            user,
-            chroot_private: needs.chroot_private,
-            nofile: needs.nofile,
-            ruleset,
-            seccomp,
-            seccomp_inherited: None,
-        })
+        let filters =
+            if with_seccomp { Filters::Pending(seccomp::compile_profile(needs.seccomp)?) } else { Filters::Off };
+        Ok(Plan { user, chroot_private: needs.chroot_private, nofile: needs.nofile, ruleset, filters })
     }
 
     /// In a zygote: installs the seccomp filters in this process now,
@@ -340,25 +343,27 @@ impl Plan {
     /// their own sandbox (a deny-list that lets a process be created, and
     /// no chroot, which every deny-list forbids): each child then
     /// inherits them instead of paying for the kernel's compile of its own
-    /// copy. Returns whether it did.
-    pub(crate) fn install_seccomp_early(&mut self) -> Result<bool, SandboxError> {
+    /// copy.
+    pub(crate) fn install_seccomp_early(&mut self) -> Result<(), SandboxError> {
         let chroots = self.chroot_private && self.user.is_some();
-        match self.seccomp.take_if(|c| c.inheritable() && !chroots) {
-            Some(compiled) => {
-                self.seccomp_inherited = Some(seccomp::install(compiled)?);
-                Ok(true)
+        self.filters = match std::mem::replace(&mut self.filters, Filters::Off) {
+            Filters::Pending(compiled) if compiled.inheritable() && !chroots => {
+                Filters::Installed(seccomp::install(compiled)?)
             }
-            None => Ok(false),
-        }
+            other => other,
+        };
+        Ok(())
     }
 
     /// Applies the plan to this process, as [`enter`] says.
     pub(crate) fn apply(self, service: Service, config: &Config) -> Result<Applied, SandboxError> {
-        let threads = thread_count();
+        // Without /proc we cannot tell; the daemons apply the plan before
+        // they start any thread, and this check only guards that order.
+        let threads = thread_count().unwrap_or(1);
         if threads > 1 {
             return Err(SandboxError::Threads(threads));
         }
-        let Plan { user, chroot_private, nofile, ruleset, seccomp, seccomp_inherited } = self;
+        let Plan { user, chroot_private, nofile, ruleset, filters } = self;
         let mut chroot = None;
         match &user {
             Some(user) => {
@@ -379,9 +384,10 @@ impl Plan {
         }
         limit_process(nofile)?;
         let landlock = restrict(ruleset)?;
-        let seccomp_rules = match seccomp {
-            Some(compiled) => seccomp::install(compiled)?,
-            None => seccomp_inherited.unwrap_or(0),
+        let seccomp_rules = match filters {
+            Filters::Off => 0,
+            Filters::Pending(compiled) => seccomp::install(compiled)?,
+            Filters::Installed(count) => count,
         };
         let applied = Applied { user: user.map(|u| u.name), chroot, landlock, seccomp_rules };
         tracing::debug!(
@@ -396,13 +402,12 @@ impl Plan {
     }
 }
 
-fn thread_count() -> usize {
-    // Without /proc we cannot tell; the daemons call enter() before they
-    // start any thread, and this check only guards that order.
+/// Threads of this process, from `/proc/self/status`; `None` when that
+/// cannot be read.
+pub(crate) fn thread_count() -> Option<usize> {
     fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:")?.trim().parse().ok()))
-        .unwrap_or(1)
 }
 
 fn drop_privileges(user: &MailUser) -> Result<(), SandboxError> {

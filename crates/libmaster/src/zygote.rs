@@ -57,7 +57,8 @@ pub const REPLY_LEN: usize = 4;
 /// of the request socket left; returns `Err(code)` in the zygote when it
 /// is done (the master closed the socket: success) or cannot go on.
 pub fn fork_on_request() -> Result<(), ExitCode> {
-    let threads = thread_count();
+    // No /proc: refuse rather than guess.
+    let threads = crate::sandbox::thread_count();
     if threads != Some(1) {
         tracing::error!("fatal: zygote: {threads:?} threads; forking needs exactly one");
         return Err(ExitCode::FAILURE);
@@ -94,6 +95,7 @@ pub fn fork_on_request() -> Result<(), ExitCode> {
                 }
                 drop(status);
                 drop(requests);
+                crate::log::forked();
                 return Ok(());
             }
             Ok(sys::Forked::Parent(pid)) => {
@@ -172,11 +174,4 @@ pub fn request_fork(requests: &mut UnixStream, status: BorrowedFd<'_>) -> io::Re
         0 => Err(io::Error::other("the zygote could not fork (see its log line)")),
         pid => Ok(pid),
     }
-}
-
-/// Threads of this process, from `/proc/self/status`; `None` when that
-/// cannot be read (no /proc: the zygote refuses rather than guess).
-fn thread_count() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok())
 }

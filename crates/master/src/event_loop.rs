@@ -30,7 +30,7 @@ use crate::life::{self, Jitter, Limits, Reason, Verdict};
 use crate::overload::{self, Check, Overload};
 use crate::pool::{self, Throttle};
 use crate::sig::{Request, Signals};
-use crate::spawn::{Event, Zygote, spawn};
+use crate::spawn::{Event, Spawned, Zygote, spawn};
 use crate::stat::{self, ChildStat, ServiceStat, Snapshot};
 use mortal_proto::config::{Config, ProcessPolicy, SpawnMode};
 use mortal_proto::status::{CONTROL_ERROR, CONTROL_OK, ChildState, ControlRequest};
@@ -144,6 +144,28 @@ impl Service {
             zygote: None,
             zygote_retry: None,
         }
+    }
+
+    /// Starts child `id`: forked by the pool's zygote with `spawn =
+    /// "fork"` (exec'd when it has none or it fails), else exec'd. The
+    /// caller checked that the service still listens.
+    fn start_child(
+        &mut self,
+        id: ChildId,
+        config_path: &Path,
+        generation: u64,
+        policy: &ProcessPolicy,
+        events: &mpsc::Sender<Event>,
+    ) -> io::Result<Spawned> {
+        if policy.spawn == SpawnMode::Fork && self.zygote_ready(config_path, generation, policy.max_lifetime) {
+            let listener = self.listener.as_ref().expect("checked by the caller");
+            match spawn(id, &self.program, config_path, listener, self.zygote.as_mut(), events.clone()) {
+                Ok(child) => return Ok(child),
+                Err(e) => self.zygote_failed(&e),
+            }
+        }
+        let listener = self.listener.as_ref().expect("checked by the caller");
+        spawn(id, &self.program, config_path, listener, None, events.clone())
     }
 
     /// Whether [`Service::zygote`] is there to fork the next child,
@@ -814,24 +836,7 @@ impl Master {
         let policy = service.kind.life_policy(&self.config);
         // Before the fork, so READY latency includes fork and exec.
         let started = Instant::now();
-        let mut spawned = None;
-        if policy.spawn == SpawnMode::Fork
-            && service.zygote_ready(&self.config_path, self.generation, policy.max_lifetime)
-        {
-            let listener = service.listener.as_ref().expect("checked above");
-            let zygote = service.zygote.as_mut();
-            match spawn(id, &service.program, &self.config_path, listener, zygote, self.events_tx.clone()) {
-                Ok(child) => spawned = Some(Ok(child)),
-                Err(e) => service.zygote_failed(&e),
-            }
-        } else if policy.spawn == SpawnMode::Exec {
-            service.retire_zygote();
-        }
-        let spawned = spawned.unwrap_or_else(|| {
-            let listener = service.listener.as_ref().expect("checked above");
-            spawn(id, &service.program, &self.config_path, listener, None, self.events_tx.clone())
-        });
-        match spawned {
+        match service.start_child(id, &self.config_path, self.generation, &policy, &self.events_tx) {
             Ok(spawned) => {
                 let mut entry = Entry::new(spawned.pid, svc, self.generation, started, spawned.orders);
                 entry.life_end = life::draw_life(&policy, self.jitter.unit()).map(|life| started + life);

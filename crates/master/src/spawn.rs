@@ -244,17 +244,12 @@ impl Proc {
         }
     }
 
-    /// Sends `signal`; never to a reaped process (tokio's handle knows
-    /// when it reaped; a pidfd outlives its pid's reuse).
+    /// Sends `signal`; never to a reaped process (tokio's handle has no
+    /// pid once it reaped; a pidfd outlives its pid's reuse).
     fn signal(&mut self, signal: rustix::process::Signal) -> io::Result<()> {
         match self {
-            Proc::Exec(child) if signal == rustix::process::Signal::KILL => child.start_kill(),
-            Proc::Exec(child) => match child.id() {
-                Some(pid) => nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::try_from(signal.as_raw()).map_err(io::Error::from)?,
-                )
-                .map_err(io::Error::from),
+            Proc::Exec(child) => match child.id().and_then(|pid| rustix::process::Pid::from_raw(pid as i32)) {
+                Some(pid) => Ok(rustix::process::kill_process(pid, signal)?),
                 None => Ok(()),
             },
             Proc::Forked(pidfd) => Ok(rustix::process::pidfd_send_signal(pidfd.get_ref(), signal)?),

@@ -115,7 +115,12 @@ impl PassCache {
             self.insert_until(addr, now + left.min(self.ttl));
             taken += 1;
         }
-        (taken.min(self.expires.len()), bad)
+        (taken, bad)
+    }
+
+    /// The most of a cache file worth reading: `cache_limit` lines.
+    pub fn max_file_len(&self) -> u64 {
+        (self.limit as u64).saturating_mul(MAX_LINE as u64 + 1)
     }
 }
 

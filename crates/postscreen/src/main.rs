@@ -183,7 +183,7 @@ fn run(started: Started<TcpListener, Prepared>) -> ExitCode {
     let cache_file = listener.local_addr().ok().map(|addr| visible_path(&config.postscreen_cache_file(addr)));
     let mut passed = cache::PassCache::new(p.greet_ttl, p.cache_limit);
     if let Some(file) = cache_file.as_deref().filter(|_| passed.enabled()) {
-        load_cache(&mut passed, file, p.cache_limit);
+        load_cache(&mut passed, file);
     }
     if let Err(e) = link.report(ChildState::Ready) {
         tracing::error!("fatal: master link: {e}");
@@ -208,12 +208,11 @@ fn run(started: Started<TcpListener, Prepared>) -> ExitCode {
     }
 }
 
-/// Reads the cache a predecessor left (none is fine: a first start).
-/// Bounded by `cache_limit` lines of [`cache::MAX_LINE`] octets.
-fn load_cache(passed: &mut cache::PassCache, file: &Path, cache_limit: usize) {
-    let bound = (cache_limit as u64).saturating_mul(cache::MAX_LINE as u64 + 1);
+/// Reads the cache a predecessor left (none is fine: a first start),
+/// at most [`cache::PassCache::max_file_len`] octets of it.
+fn load_cache(passed: &mut cache::PassCache, file: &Path) {
     let mut raw = Vec::new();
-    match std::fs::File::open(file).and_then(|f| f.take(bound).read_to_end(&mut raw)) {
+    match std::fs::File::open(file).and_then(|f| f.take(passed.max_file_len()).read_to_end(&mut raw)) {
         Ok(_) => {
             let text = String::from_utf8_lossy(&raw);
             let (taken, bad) = passed.load(&text, Instant::now(), SystemTime::now());

@@ -277,11 +277,6 @@ impl Compiled {
     pub fn inheritable(&self) -> bool {
         matches!(self.profile, Seccomp::DenyList { may_fork: true, .. })
     }
-
-    /// System calls the profile's list names.
-    pub fn count(&self) -> usize {
-        self.count
-    }
 }
 
 /// Compiles the filters of `profile`.
