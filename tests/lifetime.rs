@@ -670,30 +670,41 @@ fn spawn_fork_children_are_the_masters_and_a_dead_zygote_falls_back_to_exec() {
         assert_ne!(*pid, zygote, "the zygote is not on the scoreboard");
         assert_eq!(parent(*pid), Some(master), "smtpd {pid} is the master's child, not the zygote's");
     }
-    // max_use = 1: five sessions, five smtpd processes that logged, each
-    // under its own pid (the log's pid is asked per line, not inherited).
-    let logged = mortal.logged_pids("smtpd");
-    assert!(logged.len() >= 5, "{logged:?}\n{}", mortal.log_text());
-    assert!(!logged.contains(&(zygote as u32)), "the zygote never serves: {logged:?}");
+    // max_use = 1: five sessions, five smtpd processes that served, each
+    // logging under its own pid (the log's pid is refreshed in each fork).
+    let served = mortal.session_pids("smtpd");
+    assert!(served.len() >= 5, "{served:?}\n{}", mortal.log_text());
+    assert!(!served.contains(&(zygote as u32)), "the zygote never serves: {served:?}");
     assert_eq!(retired(&status, Service::Smtpd, RetireReason::Crash), 0, "{status:?}");
     let cleanup_zygote = *zygotes(&mortal, Service::Cleanup).first().expect("cleanup forks too");
-    // cleanup's deny-list lets its zygote fork: the zygote runs under it
-    // and its children inherit it; smtpd's allow-list would kill its
-    // zygote's fork, so each smtpd installs its own.
-    let seccomp_mode = |pid: u64| {
+    // A zygote enters its children's sandbox before it forks: seccomp in
+    // filter mode, no_new_privs and (as root) the mail user's identity.
+    // smtpd's children stack one filter more than their zygote (the tail
+    // that takes back the zygote's fork and its own start-up calls);
+    // cleanup's deny-list lets a process be created, so its children hold
+    // exactly their zygote's filters.
+    let field_of = |pid: u64, name: &str| {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map(|v| v.trim().to_owned()).unwrap_or_default()
+        status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_owned()
     };
-    assert_eq!(seccomp_mode(cleanup_zygote), "2");
-    assert_eq!(seccomp_mode(zygote), "0");
-    for pid in pids(&status, Service::Cleanup) {
-        assert_eq!(seccomp_mode(pid), "2", "cleanup {pid}");
-        assert_eq!(parent(pid), Some(master), "cleanup {pid}");
+    let filters = |pid: u64| field_of(pid, "Seccomp_filters:").parse::<u32>().unwrap();
+    let root = nix::unistd::geteuid().is_root();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody").uid.as_raw();
+    for zygote in [zygote, cleanup_zygote] {
+        assert_eq!(field_of(zygote, "Seccomp:"), "2", "zygote {zygote}");
+        assert_eq!(field_of(zygote, "NoNewPrivs:"), "1", "zygote {zygote}");
+        if root {
+            let uids: Vec<u32> = field_of(zygote, "Uid:").split_whitespace().map(|u| u.parse().unwrap()).collect();
+            assert_eq!(uids, vec![nobody; 4], "zygote {zygote} runs as the mail user");
+        }
     }
-    // Each forked child entered the whole sandbox itself: seccomp in
-    // filter mode and no_new_privs always; as root, also the dropped
-    // identity (the zygote keeps the master's, to let its children drop).
+    for pid in pids(&status, Service::Cleanup) {
+        assert_eq!(field_of(pid, "Seccomp:"), "2", "cleanup {pid}");
+        assert_eq!(parent(pid), Some(master), "cleanup {pid}");
+        assert_eq!(filters(pid), filters(cleanup_zygote), "cleanup {pid}");
+    }
     let child = *children.iter().next().expect("an smtpd child");
+    assert_eq!(filters(child), filters(zygote) + 1, "smtpd {child} sealed its sandbox");
     let proc_status = std::fs::read_to_string(format!("/proc/{child}/status")).unwrap();
     let field = |name: &str| {
         proc_status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_owned()
@@ -713,8 +724,7 @@ fn spawn_fork_children_are_the_masters_and_a_dead_zygote_falls_back_to_exec() {
         assert_ne!(socket_of(*pid, "1"), Some(request.clone()));
     }
     assert_eq!(field("NoNewPrivs:"), "1", "{proc_status}");
-    if nix::unistd::geteuid().is_root() {
-        let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody").uid.as_raw();
+    if root {
         let uids: Vec<u32> = field("Uid:").split_whitespace().map(|u| u.parse().unwrap()).collect();
         assert_eq!(uids, vec![nobody; 4], "{proc_status}");
     }

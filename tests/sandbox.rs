@@ -73,6 +73,14 @@ fn row<'a>(table: &'a str, attempt: &str) -> &'a str {
     rest[expected.len()..].trim()
 }
 
+/// The result column of `attempt`'s row in the table of attempts made
+/// by a zygote's forked child (`spawn = "fork"`).
+fn forked_row<'a>(table: &'a str, attempt: &str) -> &'a str {
+    let heading = "forked by a zygote (spawn = \"fork\"):";
+    let (_, forked) = table.split_once(heading).unwrap_or_else(|| panic!("no forked table\n{table}"));
+    row(forked, attempt)
+}
+
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -107,6 +115,25 @@ fn every_daemon_proves_its_sandbox() {
         // A kernel without Landlock would show NotEnforced here; this one
         // (and CI's) has it.
         assert!(applied.contains("landlock=FullyEnforced"), "{applied}");
+        // A child forked by a zygote holds the same sandbox: every row of
+        // the forked table agrees with the exec'd one.
+        for line in table.split_once("forked by a zygote").expect("a forked table").1.lines().skip(1) {
+            let Some((attempt, _)) = line.split_once("  ") else { continue };
+            if attempt.contains(": ") && line.contains(" attempts, ") {
+                continue;
+            }
+            // smtpd's rows carry a column without seccomp after the result.
+            let exec = row(&table, attempt).split("  ").next().unwrap_or_default();
+            assert_eq!(forked_row(&table, attempt), exec, "{service}: {attempt}\n{table}");
+        }
+    }
+    // The zygote's own fork, which its filter allows, is taken back in
+    // each child: smtpd's allow-list and the queue's deny-list kill it.
+    for service in ["smtpd", "queue"] {
+        let (_, table) = site.selftest(service);
+        let fork = "fork as a zygote does (clone, CLONE_PARENT)";
+        assert!(row(&table, fork).starts_with("denied: killed by seccomp (SIGSYS)"), "{service}\n{table}");
+        assert_eq!(forked_row(&table, fork), "denied: killed by seccomp (SIGSYS)", "{service}\n{table}");
     }
     let (_, smtpd) = site.selftest("smtpd");
     assert!(row(&smtpd, "create a file in spool/incoming").starts_with("denied"), "{smtpd}");

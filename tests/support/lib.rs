@@ -324,6 +324,19 @@ impl Instance {
             .collect()
     }
 
+    /// The pids of `service` that served a session (logged `connect from`).
+    pub fn session_pids(&self, service: &str) -> BTreeSet<u32> {
+        let tag = format!("/{service}[");
+        self.log_text()
+            .lines()
+            .filter_map(|l| {
+                let start = l.find(&tag)? + tag.len();
+                let (pid, rest) = l[start..].split_once(']')?;
+                rest.starts_with(": connect from ").then(|| pid.parse().ok())?
+            })
+            .collect()
+    }
+
     /// Waits until the log holds `needle`, returning the whole log.
     pub fn wait_for_log(&self, needle: &str) -> String {
         wait_for(&format!("log line containing {needle:?}"), || {

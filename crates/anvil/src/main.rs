@@ -108,12 +108,12 @@ fn needs(config: &Config) -> Needs {
 }
 
 fn main() -> ExitCode {
-    daemon::run(Service::Anvil, needs, runtime, run)
+    daemon::run(Service::Anvil, needs, |_| Ok(()), runtime, run)
 }
 
-/// The event loop, made before the sandbox; current-thread, so no thread
-/// exists when the sandbox is entered.
-fn runtime(_: &Config) -> Result<tokio::runtime::Runtime, Fatal> {
+/// The event loop, made by each process before the sandbox;
+/// current-thread, so no thread exists when the sandbox is entered.
+fn runtime(_: &Config, (): ()) -> Result<tokio::runtime::Runtime, Fatal> {
     tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()

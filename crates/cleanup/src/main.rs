@@ -108,7 +108,7 @@ fn needs(config: &Config) -> Needs {
 }
 
 fn main() -> ExitCode {
-    daemon::run(Service::Cleanup, needs, open_spool, serve)
+    daemon::run(Service::Cleanup, needs, open_spool, daemon::keep, serve)
 }
 
 /// What cleanup reads before the sandbox: the spool directories it writes,

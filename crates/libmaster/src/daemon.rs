@@ -1,25 +1,30 @@
 //! daemon: the one start-up sequence every mortal daemon runs.
 //!
-//! A daemon's `main` is one call to [`run`] with four things of its own:
+//! A daemon's `main` is one call to [`run`] with five things of its own:
 //! its [`Service`], what its sandbox must allow (`needs`, a
 //! [`sandbox::Needs`] from the configuration), what it must read before
 //! the sandbox takes the file system away (`prepare`: TLS keys, the CA
-//! file, the recipient map, an event loop), and its `serve` step. [`run`]
-//! performs, in this order and no other:
+//! file, the recipient map), what every process makes for itself
+//! (`start`: an event loop, a signal handler), and its `serve` step.
+//! [`run`] performs, in this order and no other:
 //!
 //! 1. the sandbox self-test, when the command line asks for it
 //!    ([`sandbox::selftest`], with the daemon's own `needs`);
 //! 2. `--config PATH`: load and validate the configuration, install the log;
-//!    with `--zygote` after it, become the pool's template: work out the
-//!    sandbox (the user, the Landlock ruleset, the compiled seccomp
-//!    filters) once, install a deny-list filter that allows its fork in
-//!    itself (cleanup's), then fork a child on each request of the master
-//!    ([`crate::zygote`]); the steps below then run in each child, which
-//!    applies that plan in step 5 (inheriting the filter when installed);
 //! 3. `prepare`;
-//! 4. adopt the inherited listener and master socket;
-//! 5. enter the sandbox ([`sandbox::Needs`] applied by the sandbox module);
-//! 6. `serve`.
+//! 4. `start`;
+//! 5. adopt the inherited listener and master socket;
+//! 6. enter the sandbox ([`sandbox::Needs`] applied by the sandbox module);
+//! 7. `serve`.
+//!
+//! With `--zygote` after `--config PATH` the process becomes the pool's
+//! template ([`crate::zygote`]): after step 3 it enters the sandbox
+//! itself (identity, chroot, Landlock, and the seccomp filters loosened
+//! by its fork and a child's first steps) and then only forks. Each child
+//! does steps 4 and 5, seals its sandbox (denies itself what its zygote's
+//! filters added, [`sandbox::seal_fork`]) and serves: what it reads of
+//! files was read once by the zygote, and it never had the privileges
+//! the sandbox takes.
 //!
 //! The order holds by construction: `serve` receives a [`Started`], which
 //! only [`run`] makes and which carries the [`sandbox::Applied`] only the
@@ -67,67 +72,80 @@ pub struct Started<L, P> {
 }
 
 /// Runs a daemon: self-test if asked → configuration and log → `prepare`
-/// → adopt descriptors → sandbox (`needs`) → `serve`, as the module
-/// documentation says. Returns the process's exit status.
-pub fn run<L: Listener, P>(
+/// → `start` → adopt descriptors → sandbox (`needs`) → `serve`, as the
+/// module documentation says (a zygote: `prepare` → sandbox → fork, and
+/// the rest in each child). Returns the process's exit status.
+pub fn run<L: Listener, T, P>(
     service: Service,
     needs: impl Fn(&Config) -> Needs,
-    prepare: impl FnOnce(&Config) -> Result<P, Fatal>,
+    prepare: impl FnOnce(&Config) -> Result<T, Fatal>,
+    start: impl FnOnce(&Config, T) -> Result<P, Fatal>,
     serve: impl FnOnce(Started<L, P>) -> ExitCode,
 ) -> ExitCode {
     if let Some(code) = sandbox::selftest::run_if_asked(service, &needs) {
         return code;
     }
-    let (config, plan) = match child::startup(service) {
-        Ok((config, false)) => (config, None),
-        Ok((config, true)) => {
-            // The sandbox's user lookup, Landlock ruleset and compiled
-            // filters, once for every child to come.
-            let plan = sandbox::Plan::new(&config, &needs(&config), true).and_then(|mut plan| {
-                // A deny-list filter is installed here once and inherited.
-                plan.install_seccomp_early()?;
-                Ok(plan)
-            });
-            let plan = match plan {
-                Ok(plan) => plan,
-                Err(e) => {
-                    tracing::error!("fatal: sandbox: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            // A zygote returns from here only in each child it forks,
-            // which then goes on as an exec'd child would.
-            if let Err(code) = crate::zygote::fork_on_request() {
-                return code;
-            }
-            (config, Some(plan))
-        }
+    let (config, zygote) = match child::startup(service) {
+        Ok(started) => started,
         Err(code) => return code,
     };
-    let forked = plan.is_some();
-    let code = run_child(service, config, needs, plan, prepare, serve);
-    if forked {
-        // A forked child shares the zygote's pages copy-on-write: the C
-        // library's exit handlers and the dynamic loader's destructors
-        // would write to (and so copy) pages only to throw them away.
-        // Nothing is left to flush: the log is written line by line, and
-        // every daemon syncs what it must before it answers.
-        crate::sys::exit_now(if code == ExitCode::SUCCESS { 0 } else { 1 });
+    let prepared = match prepare(&config) {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            tracing::error!("fatal: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !zygote {
+        return run_child(service, config, prepared, start, serve, |config| {
+            sandbox::enter(service, config, &needs(config))
+        });
     }
-    code
+    let needs = needs(&config);
+    let applied = match enter_zygote(service, &config, &needs) {
+        Ok(applied) => applied,
+        Err(e) => {
+            tracing::error!("fatal: zygote: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A zygote returns from here only in each child it forks.
+    if let Err(code) = crate::zygote::fork_on_request() {
+        return code;
+    }
+    let code = run_child(service, config, prepared, start, serve, |_| sandbox::seal_fork(&needs).map(|()| applied));
+    // A forked child shares the zygote's pages copy-on-write: the C
+    // library's exit handlers and the dynamic loader's destructors would
+    // write to (and so copy) pages only to throw them away. Nothing is
+    // left to flush: the log is written line by line, and every daemon
+    // syncs what it must before it answers.
+    crate::sys::exit_now(if code == ExitCode::SUCCESS { 0 } else { 1 })
 }
 
-/// Steps 3 to 6 of [`run`]; a forked child applies its zygote's `plan`
-/// of the sandbox, an exec'd one makes its own.
-fn run_child<L: Listener, P>(
+/// A zygote enters its children's sandbox itself, before its first fork:
+/// it must be one thread then (a lock held by another thread would stay
+/// held in every child), which is checked while /proc is still in sight.
+fn enter_zygote(service: Service, config: &Config, needs: &Needs) -> Result<Applied, String> {
+    let threads = sandbox::thread_count();
+    if threads != Some(1) {
+        return Err(format!("{threads:?} threads; forking needs exactly one"));
+    }
+    sandbox::Plan::for_zygote(config, needs)
+        .and_then(|plan| plan.apply(service, config))
+        .map_err(|e| format!("sandbox: {e}"))
+}
+
+/// Steps 4 to 7 of [`run`]; `sandbox` enters the sandbox (an exec'd
+/// child) or seals the one inherited from the zygote (a forked one).
+fn run_child<L: Listener, T, P>(
     service: Service,
     config: Config,
-    needs: impl Fn(&Config) -> Needs,
-    plan: Option<sandbox::Plan>,
-    prepare: impl FnOnce(&Config) -> Result<P, Fatal>,
+    prepared: T,
+    start: impl FnOnce(&Config, T) -> Result<P, Fatal>,
     serve: impl FnOnce(Started<L, P>) -> ExitCode,
+    sandbox: impl FnOnce(&Config) -> Result<Applied, sandbox::SandboxError>,
 ) -> ExitCode {
-    let prepared = match prepare(&config) {
+    let prepared = match start(&config, prepared) {
         Ok(prepared) => prepared,
         Err(e) => {
             tracing::error!("fatal: {e}");
@@ -138,11 +156,7 @@ fn run_child<L: Listener, P>(
         Ok(adopted) => adopted,
         Err(code) => return code,
     };
-    let entered = match plan {
-        Some(plan) => plan.apply(service, &config),
-        None => sandbox::enter(service, &config, &needs(&config)),
-    };
-    let sandbox = match entered {
+    let sandbox = match sandbox(&config) {
         Ok(applied) => applied,
         Err(e) => {
             tracing::error!("fatal: sandbox: {e}");
@@ -150,6 +164,12 @@ fn run_child<L: Listener, P>(
         }
     };
     serve(Started { config, listener, link, prepared, sandbox })
+}
+
+/// The `start` step of a daemon whose processes make nothing of their
+/// own: each serves with what `prepare` read.
+pub fn keep<T>(_: &Config, prepared: T) -> Result<T, Fatal> {
+    Ok(prepared)
 }
 
 /// The exit status of a pool child after its single-server loop

@@ -300,9 +300,7 @@ pub(crate) fn enter_layers(
 
 /// What [`enter`] works out before it changes anything: the user looked
 /// up, the Landlock ruleset created (its rule descriptors open) and the
-/// seccomp filters compiled. A zygote makes its plan once, before it
-/// forks; each child applies its copy ([`Plan::apply`]), so no child
-/// parses the password file or compiles a filter again.
+/// seccomp filters compiled.
 #[derive(Debug)]
 pub(crate) struct Plan {
     user: Option<MailUser>,
@@ -319,13 +317,25 @@ enum Filters {
     Off,
     /// Compiled; [`Plan::apply`] installs them.
     Pending(seccomp::Compiled),
-    /// Already in place (a zygote installed them, and its children
-    /// inherit them); the count of their list.
-    Installed(usize),
 }
 
 impl Plan {
     pub(crate) fn new(config: &Config, needs: &Needs, with_seccomp: bool) -> Result<Plan, SandboxError> {
+        let filters =
+            if with_seccomp { Filters::Pending(seccomp::compile_profile(needs.seccomp)?) } else { Filters::Off };
+        Self::with_filters(config, needs, filters)
+    }
+
+    /// The plan a zygote applies to itself before its first fork: every
+    /// layer its children will hold, with the seccomp filters loosened
+    /// by what the zygote and a child's first steps still need
+    /// ([`seccomp::compile_zygote`]); each child takes that back with
+    /// [`seal_fork`].
+    pub(crate) fn for_zygote(config: &Config, needs: &Needs) -> Result<Plan, SandboxError> {
+        Self::with_filters(config, needs, Filters::Pending(seccomp::compile_zygote(needs.seccomp)?))
+    }
+
+    fn with_filters(config: &Config, needs: &Needs, filters: Filters) -> Result<Plan, SandboxError> {
         // Landlock rules hold descriptors opened now, before a chroot could
         // hide their paths.
         let ruleset = landlock_rules(&needs.landlock)?;
@@ -333,26 +343,7 @@ impl Plan {
             RunAs::MailUser => mail_user(config)?,
             RunAs::PipeUser => pipe_user(config)?,
         };
-        let filters =
-            if with_seccomp { Filters::Pending(seccomp::compile_profile(needs.seccomp)?) } else { Filters::Off };
         Ok(Plan { user, chroot_private: needs.chroot_private, nofile: needs.nofile, ruleset, filters })
-    }
-
-    /// In a zygote: installs the seccomp filters in this process now,
-    /// when they allow what the zygote and its children still do before
-    /// their own sandbox (a deny-list that lets a process be created, and
-    /// no chroot, which every deny-list forbids): each child then
-    /// inherits them instead of paying for the kernel's compile of its own
-    /// copy.
-    pub(crate) fn install_seccomp_early(&mut self) -> Result<(), SandboxError> {
-        let chroots = self.chroot_private && self.user.is_some();
-        self.filters = match std::mem::replace(&mut self.filters, Filters::Off) {
-            Filters::Pending(compiled) if compiled.inheritable() && !chroots => {
-                Filters::Installed(seccomp::install(compiled)?)
-            }
-            other => other,
-        };
-        Ok(())
     }
 
     /// Applies the plan to this process, as [`enter`] says.
@@ -387,7 +378,6 @@ impl Plan {
         let seccomp_rules = match filters {
             Filters::Off => 0,
             Filters::Pending(compiled) => seccomp::install(compiled)?,
-            Filters::Installed(count) => count,
         };
         let applied = Applied { user: user.map(|u| u.name), chroot, landlock, seccomp_rules };
         tracing::debug!(
@@ -400,6 +390,15 @@ impl Plan {
         );
         Ok(applied)
     }
+}
+
+/// The last step of a forked child's sandbox: its zygote entered every
+/// layer before the fork ([`Plan::for_zygote`]); the child denies itself
+/// what the zygote's filters allowed beyond `needs` (its fork, its
+/// requests, the child's own start), so it holds what an exec'd child of
+/// the same service holds.
+pub(crate) fn seal_fork(needs: &Needs) -> Result<(), SandboxError> {
+    seccomp::install_tail(needs.seccomp)
 }
 
 /// Threads of this process, from `/proc/self/status`; `None` when that

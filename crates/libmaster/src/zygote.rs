@@ -1,18 +1,18 @@
 //! zygote: the template process of a pool with `spawn = "fork"`.
 //!
 //! The master execs a daemon's binary once as `--config PATH --zygote`.
-//! That process loads the configuration and installs the log (the part
-//! of a start that is the same for every child), and then only forks:
-//! for each request it receives a child's status socket from the master,
-//! clones itself with `CLONE_PARENT` (so the new process is the
+//! That process loads the configuration, installs the log, runs the
+//! daemon's `prepare` (the files it reads: keys, tables) and enters the
+//! sandbox its children hold ([`crate::daemon::run`]), and then only
+//! forks: for each request it receives a child's status socket from the
+//! master, clones itself with `CLONE_PARENT` (so the new process is the
 //! *master's* child, supervised, signalled and reaped exactly like an
 //! exec'd one) and answers the new pid. The new process puts the status
-//! socket on fd 1 and carries on with the normal start-up of
-//! [`crate::daemon::run`]: the daemon's own preparation, the inherited
-//! descriptors, the whole sandbox, then serve. Nothing that a session
-//! touches exists before the fork: no event loop, no TLS state, no
-//! client data, so siblings share only the configuration and the log
-//! format, and the sandbox is entered by each child for itself.
+//! socket on fd 1, makes what each process makes for itself (the event
+//! loop, a signal handler), seals its sandbox and serves. Nothing that a
+//! session touches exists before the fork: no event loop, no client
+//! data; siblings share the configuration, what `prepare` read, and the
+//! log format.
 //!
 //! Descriptors of the zygote: fd 0 the service's listener (which every
 //! child inherits as its own fd 0), fd 1 the request socket to the
@@ -31,11 +31,12 @@
 //! layout leaked by one child holds for its siblings until the zygote is
 //! replaced (the master does at each `max_lifetime` of the pool and at
 //! every reload). The zygote itself reads nothing but the master's
-//! requests, and is not sandboxed: its children must still be able to
-//! chroot and drop privileges, so it keeps the master's identity, as
-//! the master does. It is single-threaded when it forks (checked before
-//! its first fork), so no lock can be held by a thread that does not
-//! exist in the child.
+//! requests, and holds its children's sandbox (identity, chroot,
+//! Landlock, seccomp) with only what its fork and a child's first steps
+//! need added to the seccomp filter; a child takes that back before it
+//! serves. It is single-threaded when it forks (checked before it enters
+//! the sandbox), so no lock can be held by a thread that does not exist
+//! in the child.
 
 use crate::sys;
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage};
@@ -57,12 +58,6 @@ pub const REPLY_LEN: usize = 4;
 /// of the request socket left; returns `Err(code)` in the zygote when it
 /// is done (the master closed the socket: success) or cannot go on.
 pub fn fork_on_request() -> Result<(), ExitCode> {
-    // No /proc: refuse rather than guess.
-    let threads = crate::sandbox::thread_count();
-    if threads != Some(1) {
-        tracing::error!("fatal: zygote: {threads:?} threads; forking needs exactly one");
-        return Err(ExitCode::FAILURE);
-    }
     let requests: OwnedFd = match io::stdout().as_fd().try_clone_to_owned() {
         Ok(fd) => fd,
         Err(e) => {

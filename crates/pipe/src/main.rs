@@ -106,7 +106,7 @@ fn needs(_: &Config) -> Needs {
 }
 
 fn main() -> ExitCode {
-    daemon::run(Service::Pipe, needs, |_| Ok(()), run)
+    daemon::run(Service::Pipe, needs, |_| Ok(()), daemon::keep, run)
 }
 
 /// From here on: the pipe user, no_new_privs, seccomp.

@@ -69,7 +69,7 @@ use mortal_proto::config::{Config, DnsblAction, HANDOFFS_IN_FLIGHT, POSTSCREEN_N
 use mortal_proto::status::ChildState;
 use mortal_smtpd::dnsbl::Dnsbl;
 use std::io::Read;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
@@ -119,24 +119,33 @@ struct Prepared {
 }
 
 fn main() -> ExitCode {
-    daemon::run(Service::Postscreen, needs, prepare, run)
+    daemon::run(Service::Postscreen, needs, nameservers, start, run)
+}
+
+/// The DNS lists' nameservers (from /etc/resolv.conf unless configured),
+/// read before the sandbox.
+fn nameservers(config: &Config) -> Result<Option<Vec<SocketAddr>>, Fatal> {
+    if !screens_dnsbl(config) {
+        return Ok(None);
+    }
+    mortal_smtpd::dns::nameservers(&config.smtpd).map(Some).map_err(|e| Fatal::new(format_args!("dnsbl: {e}")))
 }
 
 /// The event loop (current-thread, so no thread exists when the sandbox
 /// is entered) and the DNS list client, built in it.
-fn prepare(config: &Config) -> Result<Prepared, Fatal> {
+fn start(config: &Config, servers: Option<Vec<SocketAddr>>) -> Result<Prepared, Fatal> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
         .build()
         .map_err(|e| Fatal::new(format_args!("create event loop: {e}")))?;
-    let dnsbl = if screens_dnsbl(config) {
-        let _in_runtime = runtime.enter();
-        let dns = |e: mortal_smtpd::dns::DnsError| Fatal::new(format_args!("dnsbl: {e}"));
-        let servers = mortal_smtpd::dns::nameservers(&config.smtpd).map_err(dns)?;
-        Some(Dnsbl::new(&servers, config.smtpd.dnsbl.timeout).map_err(dns)?)
-    } else {
-        None
+    let dnsbl = match servers {
+        Some(servers) => {
+            let _in_runtime = runtime.enter();
+            let dns = |e: mortal_smtpd::dns::DnsError| Fatal::new(format_args!("dnsbl: {e}"));
+            Some(Dnsbl::new(&servers, config.smtpd.dnsbl.timeout).map_err(dns)?)
+        }
+        None => None,
     };
     Ok(Prepared { runtime, dnsbl })
 }

@@ -118,7 +118,7 @@ fn needs(config: &Config) -> Needs {
 fn main() -> ExitCode {
     // Nothing to read before the sandbox: the first queue file is read
     // inside it, and no thread starts before it.
-    daemon::run(Service::Queue, needs, |_| Ok(()), serve)
+    daemon::run(Service::Queue, needs, |_| Ok(()), daemon::keep, serve)
 }
 
 fn serve(started: Started<UnixListener, ()>) -> ExitCode {

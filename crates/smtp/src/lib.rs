@@ -181,7 +181,13 @@ pub fn run(service: Service) -> ExitCode {
         }
         Ok(tls)
     };
-    daemon::run(service, |config: &Config| needs(service, config), prepare, |started| serve_agent(service, started))
+    daemon::run(
+        service,
+        |config: &Config| needs(service, config),
+        prepare,
+        daemon::keep,
+        |started| serve_agent(service, started),
+    )
 }
 
 fn serve_agent(service: Service, started: Started<UnixListener, smtp::TlsClients>) -> ExitCode {

@@ -17,6 +17,7 @@ use mortal_smtpd::mailhost::DomainResolver;
 use mortal_smtpd::relay::RelayPolicy;
 use mortal_smtpd::sasl::SaslServer;
 use mortal_smtpd::tls::TlsServer;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use tracing::Instrument;
@@ -82,7 +83,20 @@ fn needs(config: &Config) -> Needs {
     }
 }
 
-/// What smtpd reads and sets up before the sandbox.
+/// What smtpd reads before the sandbox (a zygote once for all its
+/// children).
+struct Loaded {
+    tls: Option<TlsServer>,
+    relay: RelayPolicy,
+    restrictor: Restrictor,
+    /// The nameservers of reverse lookups, when on.
+    reverse_servers: Option<Vec<SocketAddr>>,
+    /// The nameservers of the restrictions' DNS checks and the DNS lists,
+    /// when any is configured.
+    check_servers: Option<Vec<SocketAddr>>,
+}
+
+/// What each smtpd process makes for itself, on top of [`Loaded`].
 struct Prepared {
     tls: Option<TlsServer>,
     relay: RelayPolicy,
@@ -93,10 +107,10 @@ struct Prepared {
 }
 
 fn main() -> ExitCode {
-    daemon::run(Service::Smtpd, needs, prepare, serve)
+    daemon::run(Service::Smtpd, needs, load, start, serve)
 }
 
-fn prepare(config: &Config) -> Result<Prepared, Fatal> {
+fn load(config: &Config) -> Result<Loaded, Fatal> {
     // Read the certificate and key now, before the first session and before
     // any privilege drop or sandbox takes the file system away. A child that
     // cannot is a bad start, which the master throttles.
@@ -112,6 +126,27 @@ fn prepare(config: &Config) -> Result<Prepared, Fatal> {
             Fatal::new(format_args!("recipient_map {}: {e}", path.display()))
         }
     })?;
+    // The restriction tables.
+    let restrictor = Restrictor::load(config).map_err(|e| Fatal::new(format_args!("lookup table {e}")))?;
+    // /etc/resolv.conf (when no `resolvers` are configured) is read now,
+    // before the sandbox takes it away.
+    let smtpd = &config.smtpd;
+    let reverse_servers = if smtpd.reverse_lookup {
+        Some(mortal_smtpd::dns::nameservers(smtpd).map_err(|e| Fatal::new(format_args!("reverse_lookup: {e}")))?)
+    } else {
+        None
+    };
+    let check_servers =
+        if smtpd.restrictions.use_dns() || smtpd.submission.restrictions.use_dns() || smtpd.dnsbl.enabled() {
+            Some(mortal_smtpd::dns::nameservers(smtpd).map_err(|e| Fatal::new(format_args!("restrictions: {e}")))?)
+        } else {
+            None
+        };
+    Ok(Loaded { tls, relay, restrictor, reverse_servers, check_servers })
+}
+
+fn start(config: &Config, loaded: Loaded) -> Result<Prepared, Fatal> {
+    let Loaded { tls, relay, restrictor, reverse_servers, check_servers } = loaded;
     // One current-thread runtime for the life of the process, reused by
     // every session: a session is a single task, and an idle child should
     // cost as little memory as possible.
@@ -123,31 +158,30 @@ fn prepare(config: &Config) -> Result<Prepared, Fatal> {
     // SIGTERM in a session ends it with 421; the handler must be in place
     // before seccomp forbids installing it.
     let term = driver::install_term_handler(&runtime).map_err(|e| Fatal::new(format_args!("SIGTERM handler: {e}")))?;
-    // The reverse-lookup resolver reads /etc/resolv.conf (when no
-    // `resolvers` are configured) now, before the sandbox takes it away;
-    // built in the runtime whose tasks will carry its queries.
-    let resolver = {
-        let _in_runtime = runtime.enter();
-        ReverseResolver::from_config(&config.smtpd).map_err(|e| Fatal::new(format_args!("reverse_lookup: {e}")))?
+    // The resolvers, built in the runtime whose tasks will carry their
+    // queries.
+    let _in_runtime = runtime.enter();
+    let smtpd = &config.smtpd;
+    let resolver = match reverse_servers {
+        Some(servers) => Some(
+            ReverseResolver::new(&servers, smtpd.reverse_lookup_timeout)
+                .map_err(|e| Fatal::new(format_args!("reverse_lookup: {e}")))?,
+        ),
+        None => None,
     };
-    // The restriction tables, and the resolvers of the DNS checks.
-    let restrictor = Restrictor::load(config).map_err(|e| Fatal::new(format_args!("lookup table {e}")))?;
-    let restrictor = {
-        let _in_runtime = runtime.enter();
-        let smtpd = &config.smtpd;
-        let dns = |e: mortal_smtpd::dns::DnsError| Fatal::new(format_args!("restrictions: {e}"));
-        if smtpd.restrictions.use_dns() || smtpd.submission.restrictions.use_dns() || smtpd.dnsbl.enabled() {
-            let servers = mortal_smtpd::dns::nameservers(smtpd).map_err(dns)?;
+    let restrictor = match check_servers {
+        Some(servers) => {
+            let dns = |e: mortal_smtpd::dns::DnsError| Fatal::new(format_args!("restrictions: {e}"));
             let timeout = smtpd.restrictions.dns_timeout;
             let domains =
                 DomainResolver::new(mortal_smtpd::dns::name_server_pool(&servers, timeout).map_err(dns)?, timeout);
             let dnsbl_timeout = if smtpd.dnsbl.enabled() { smtpd.dnsbl.timeout } else { timeout };
             let dnsbl = Dnsbl::new(&servers, dnsbl_timeout).map_err(dns)?;
             restrictor.with_dns(Some(domains), Some(Arc::new(dnsbl)))
-        } else {
-            restrictor
         }
+        None => restrictor,
     };
+    drop(_in_runtime);
     Ok(Prepared { tls, relay, runtime, term, resolver, restrictor })
 }
 

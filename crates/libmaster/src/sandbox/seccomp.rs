@@ -257,34 +257,18 @@ fn compile(rules: Rules, mismatch: SeccompAction, matched: SeccompAction) -> Res
     Ok(SeccompFilter::new(rules, mismatch, matched, arch()?)?.try_into()?)
 }
 
-/// The filters of a profile, compiled ([`compile_profile`]) and not yet
-/// installed ([`install`]).
+/// The filters of a profile, compiled ([`compile_profile`],
+/// [`compile_zygote`]) and not yet installed ([`install`]).
 #[derive(Debug)]
 pub struct Compiled {
     no_clone3: BpfProgram,
     main: BpfProgram,
     /// System calls the profile's list names.
     count: usize,
-    profile: Seccomp,
-}
-
-impl Compiled {
-    /// Whether a zygote may install these filters in itself before it
-    /// forks, for its children to inherit: only a deny-list that lets a
-    /// process be created (the zygote's `clone`) qualifies. An allow-list
-    /// would kill the zygote's own system calls, and the children's
-    /// preparation (files, event loop) before their own sandbox.
-    pub fn inheritable(&self) -> bool {
-        matches!(self.profile, Seccomp::DenyList { may_fork: true, .. })
-    }
 }
 
 /// Compiles the filters of `profile`.
 pub fn compile_profile(profile: Seccomp) -> Result<Compiled, SandboxError> {
-    // clone3 passes its flags in memory, where seccomp cannot look: make
-    // every daemon use clone instead, whose flags the filters check.
-    let no_clone3: Rules = [(libc::SYS_clone3, Vec::new())].into();
-    let no_clone3 = compile(no_clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))?;
     let (main, count) = match profile {
         Seccomp::AllowList { dns, tcp_client, receive_sockets } => {
             let rules = smtpd_rules_for(dns, tcp_client, receive_sockets)?;
@@ -297,13 +281,121 @@ pub fn compile_profile(profile: Seccomp) -> Result<Compiled, SandboxError> {
             (compile(rules, SeccompAction::Allow, SeccompAction::KillProcess)?, count)
         }
     };
-    Ok(Compiled { no_clone3, main, count, profile })
+    Ok(Compiled { no_clone3: no_clone3()?, main, count })
+}
+
+/// clone3 passes its flags in memory, where seccomp cannot look: every
+/// daemon uses clone instead, whose flags the filters check.
+fn no_clone3() -> Result<BpfProgram, SandboxError> {
+    let rules: Rules = [(libc::SYS_clone3, Vec::new())].into();
+    compile(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))
+}
+
+/// What a zygote's allow-list adds to smtpd's, for itself and for what
+/// each child does between its fork and its [`tail`]: the zygote's own
+/// requests and its fork (`clone`, conditional, below), the child's move
+/// of its status socket to fd 1, the event loop and SIGTERM handler a
+/// child makes for itself, and the install of the tail. The tail takes
+/// every one of them away again.
+const ZYGOTE_EXTRA: &[(i64, &str)] = &[
+    (libc::SYS_recvmsg, "recvmsg"),
+    #[cfg(target_arch = "x86_64")]
+    (libc::SYS_dup2, "dup2"),
+    (libc::SYS_dup3, "dup3"),
+    (libc::SYS_eventfd2, "eventfd2"),
+    (libc::SYS_rt_sigaction, "rt_sigaction"),
+    (libc::SYS_socketpair, "socketpair"),
+    (libc::SYS_prctl, "prctl"),
+    (libc::SYS_seccomp, "seccomp"),
+];
+
+/// The one `clone` a zygote makes ([`crate::sys::fork_sibling`]).
+const ZYGOTE_CLONE: u64 = (libc::CLONE_PARENT | libc::SIGCHLD) as u64;
+
+/// A zygote's filters: `profile` as its children will hold it, loosened
+/// by what the zygote and a child before its [`tail`] must still do. The
+/// zygote installs them in itself with the rest of the sandbox, and its
+/// children inherit them.
+pub fn compile_zygote(profile: Seccomp) -> Result<Compiled, SandboxError> {
+    let count = match profile {
+        Seccomp::AllowList { dns, tcp_client, receive_sockets } => {
+            smtpd_rules_for(dns, tcp_client, receive_sockets)?.len()
+        }
+        Seccomp::DenyList { may_exec, may_fork } => deny_rules(may_exec, may_fork)?.len(),
+    };
+    let main = match profile {
+        Seccomp::AllowList { .. } => compile(zygote_rules(profile)?, SeccompAction::KillProcess, SeccompAction::Allow)?,
+        Seccomp::DenyList { .. } => compile(zygote_rules(profile)?, SeccompAction::Allow, SeccompAction::KillProcess)?,
+    };
+    Ok(Compiled { no_clone3: no_clone3()?, main, count })
+}
+
+/// The list of a zygote's main filter ([`compile_zygote`]).
+fn zygote_rules(profile: Seccomp) -> Result<Rules, SandboxError> {
+    match profile {
+        Seccomp::AllowList { dns, tcp_client, receive_sockets } => {
+            let mut rules = smtpd_rules_for(dns, tcp_client, receive_sockets)?;
+            for &(nr, _) in ZYGOTE_EXTRA {
+                rules.entry(nr).or_default();
+            }
+            rules.insert(libc::SYS_clone, vec![rule(vec![cond(0, Len::Qword, Op::Eq, ZYGOTE_CLONE)?])?]);
+            // Each child's own pid is known only after the fork: the tail
+            // narrows this back to the child itself.
+            rules.insert(libc::SYS_tgkill, Vec::new());
+            Ok(rules)
+        }
+        Seccomp::DenyList { may_exec, .. } => deny_rules(may_exec, true),
+    }
+}
+
+/// What a forked child denies itself on top of its zygote's filters, so
+/// that it holds exactly `profile` (filters stack; the kernel takes the
+/// strictest answer): everything [`compile_zygote`] added. `None` when
+/// the zygote added nothing (a deny-list that lets a process be created).
+/// Compiled in the child, which alone knows its pid; a handful of
+/// instructions, where the whole list is hundreds.
+pub fn tail(profile: Seccomp) -> Result<Option<BpfProgram>, SandboxError> {
+    match tail_rules(profile, std::process::id())? {
+        Some(rules) => compile(rules, SeccompAction::Allow, SeccompAction::KillProcess).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The list of [`tail`] for the child `me`; a match kills.
+fn tail_rules(profile: Seccomp, me: u32) -> Result<Option<Rules>, SandboxError> {
+    Ok(Some(match profile {
+        Seccomp::AllowList { dns, tcp_client, receive_sockets } => {
+            let allowed = smtpd_rules_for(dns, tcp_client, receive_sockets)?;
+            let mut rules: Rules = ZYGOTE_EXTRA
+                .iter()
+                .filter(|(nr, _)| !allowed.contains_key(nr))
+                .map(|&(nr, _)| (nr, Vec::new()))
+                .collect();
+            rules.insert(libc::SYS_clone, Vec::new());
+            rules.insert(libc::SYS_tgkill, vec![rule(vec![cond(0, Len::Dword, Op::Ne, u64::from(me))?])?]);
+            rules
+        }
+        Seccomp::DenyList { may_fork: true, .. } => return Ok(None),
+        Seccomp::DenyList { may_fork: false, .. } => {
+            let mut rules: Rules = NO_PROCESS.iter().map(|&(nr, _)| (nr, Vec::new())).collect();
+            rules.insert(libc::SYS_clone, vec![rule(vec![cond(0, Len::Qword, Op::MaskedEq(NO_FORK), 0)?])?]);
+            rules
+        }
+    }))
+}
+
+/// Installs a forked child's [`tail`].
+pub fn install_tail(profile: Seccomp) -> Result<(), SandboxError> {
+    if let Some(tail) = tail(profile)? {
+        seccompiler::apply_filter(&tail)?;
+    }
+    Ok(())
 }
 
 /// Installs `filters`; returns how many system calls their list names.
 /// Filters stack: the kernel applies the strictest answer of all.
 pub fn install(filters: Compiled) -> Result<usize, SandboxError> {
-    let Compiled { no_clone3, main, count, .. } = filters;
+    let Compiled { no_clone3, main, count } = filters;
     // The main filter goes last: installing a filter takes prctl and
     // seccomp calls that smtpd's allow-list would kill.
     match seccompiler::apply_filter_all_threads(&no_clone3) {
@@ -389,6 +481,45 @@ mod tests {
         let no_exec = deny_rules(false, true).unwrap();
         assert!(no_exec.contains_key(&libc::SYS_execve));
         assert_eq!(no_exec[&libc::SYS_clone].len(), CLONE_NAMESPACES.len());
+    }
+
+    /// A zygote's filter may allow more than its children's profile, but
+    /// only what each child's tail takes back: for the allow-list, every
+    /// call the zygote adds is killed by the tail (clone and tgkill to
+    /// another process included); for a deny-list without fork, the
+    /// process-creating calls. Both compile.
+    #[test]
+    fn the_tail_takes_back_all_a_zygote_adds() {
+        for (dns, tcp_client, receive_sockets) in [(false, false, false), (true, false, true), (false, true, false)] {
+            let profile = Seccomp::AllowList { dns, tcp_client, receive_sockets };
+            let children = smtpd_rules_for(dns, tcp_client, receive_sockets).unwrap();
+            let zygote = zygote_rules(profile).unwrap();
+            let tail = tail_rules(profile, 42).unwrap().expect("an allow-list always has a tail");
+            for nr in zygote.keys().filter(|nr| !children.contains_key(nr)) {
+                assert!(tail.contains_key(nr), "syscall {nr}: the zygote allows it and no child takes it back");
+                assert!(tail[nr].is_empty(), "syscall {nr}: the tail kills it whatever its arguments");
+            }
+            for (nr, conditions) in &children {
+                assert!(zygote.contains_key(nr), "syscall {nr} of the children is not in their zygote's list");
+                if *nr != libc::SYS_tgkill {
+                    assert_eq!(format!("{conditions:?}"), format!("{:?}", zygote[nr]), "syscall {nr} changed");
+                }
+            }
+            assert!(tail[&libc::SYS_clone].is_empty() && tail[&libc::SYS_tgkill].len() == 1);
+            assert!(compile(zygote, SeccompAction::KillProcess, SeccompAction::Allow).is_ok());
+            assert!(compile(tail, SeccompAction::Allow, SeccompAction::KillProcess).is_ok());
+        }
+        for may_exec in [false, true] {
+            let tail = tail_rules(Seccomp::DenyList { may_exec, may_fork: false }, 42).unwrap().expect("a tail");
+            assert!(tail.contains_key(&libc::SYS_clone));
+            #[cfg(target_arch = "x86_64")]
+            assert!(tail.contains_key(&libc::SYS_fork) && tail.contains_key(&libc::SYS_vfork));
+            assert!(tail_rules(Seccomp::DenyList { may_exec, may_fork: true }, 42).unwrap().is_none());
+            assert_eq!(
+                zygote_rules(Seccomp::DenyList { may_exec, may_fork: false }).unwrap().keys().collect::<Vec<_>>(),
+                deny_rules(may_exec, true).unwrap().keys().collect::<Vec<_>>()
+            );
+        }
     }
 
     /// Milters and policy servers on `inet:` add TCP client sockets and

@@ -11,10 +11,13 @@
 //! process: death by `SIGSYS` is a verdict too. The orchestrator prints a
 //! table of attempt, expected and actual result, and exits 1 if anything
 //! forbidden succeeded, anything permitted failed, or a probe could not
-//! run. Both modes are reached only through these command-line flags,
+//! run. A second table makes every attempt again from a forked child as
+//! `spawn = "fork"` makes them: the probe enters the sandbox as a zygote
+//! does, forks the way a zygote does, and the child seals its sandbox and
+//! makes the attempt, which must go exactly as in an exec'd child. Both modes are reached only through these command-line flags,
 //! which the master never passes: nothing a client sends can start them.
 
-use super::{Needs, Service, enter_layers, mail_user, own_dirs, visible_path};
+use super::{Needs, Plan, Service, enter_layers, mail_user, own_dirs, seal_fork, visible_path};
 use mortal_proto::config::{Config, NextHop, Route};
 use mortal_proto::spool::QueueDir;
 use nix::sys::resource::{Resource, setrlimit};
@@ -22,7 +25,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Uid;
 use std::ffi::{CString, OsString};
 use std::fs::{self, DirBuilder};
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -40,6 +43,13 @@ const ALL_LAYERS: &str = "all";
 /// A probe without seccomp, to show what smtpd's other layers (user,
 /// chroot, Landlock) hold by themselves; information only.
 const NO_SECCOMP: &str = "no-seccomp";
+/// A probe made by a forked child of a zygote's sandbox.
+const FORKED: &str = "forked";
+/// What a forked probe's zygote prints first: the child's pid (the
+/// child is the orchestrator's, as a zygote's children are the master's).
+const FORKED_LINE: &str = "forked";
+/// The heading of the forked table.
+pub const FORKED_TABLE: &str = "forked by a zygote (spawn = \"fork\"):";
 /// Longest one probe may take; each is a handful of system calls.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the orchestrator looks whether a probe has finished.
@@ -76,6 +86,7 @@ enum Attempt {
     ConnectAuth,
     SignalParent,
     PtraceParent,
+    ForkLikeZygote,
     Exec,
     Spawn,
     NewPrivs,
@@ -85,7 +96,7 @@ enum Attempt {
     Unshare,
 }
 
-const ATTEMPTS: [Attempt; 23] = [
+const ATTEMPTS: [Attempt; 24] = [
     Attempt::Applied,
     Attempt::ReadPasswd,
     Attempt::ListRoot,
@@ -102,6 +113,7 @@ const ATTEMPTS: [Attempt; 23] = [
     Attempt::ConnectAuth,
     Attempt::SignalParent,
     Attempt::PtraceParent,
+    Attempt::ForkLikeZygote,
     Attempt::Exec,
     Attempt::Spawn,
     Attempt::NewPrivs,
@@ -136,6 +148,7 @@ impl Attempt {
             Attempt::ConnectAuth => "connect-auth",
             Attempt::SignalParent => "signal-parent",
             Attempt::PtraceParent => "ptrace-parent",
+            Attempt::ForkLikeZygote => "zygote-fork",
             Attempt::Exec => "exec",
             Attempt::Spawn => "spawn",
             Attempt::NewPrivs => "new-privs",
@@ -164,6 +177,7 @@ impl Attempt {
             Attempt::ConnectAuth => "TCP connect to the AUTH server (Dovecot)",
             Attempt::SignalParent => "signal another process (the parent)",
             Attempt::PtraceParent => "ptrace another process (the parent)",
+            Attempt::ForkLikeZygote => "fork as a zygote does (clone, CLONE_PARENT)",
             Attempt::Exec => "execve /bin/true",
             Attempt::Spawn => "start a process (fork and exec /bin/true)",
             Attempt::NewPrivs => "gain privileges on exec (no_new_privs)",
@@ -226,6 +240,11 @@ impl Attempt {
             // cleanup and anvil may not exec (a forked child of theirs
             // would die at once); whether they can fork proves nothing.
             (Attempt::Spawn, Service::Cleanup | Service::Anvil) => None,
+            // A zygote's own fork, which its filters allow and its
+            // children's seal takes back: denied to every service that may
+            // not create a process (the others' fork proves nothing, and
+            // would leave this process a child to reap).
+            (Attempt::ForkLikeZygote, Service::Cleanup | Service::Anvil | Service::Pipe) => None,
             (Attempt::WriteIncoming, Service::Cleanup | Service::Queue) => Some(Allowed),
             (Attempt::WriteDeferred, Service::Queue) => Some(Allowed),
             // cleanup commits a message a filter holds by renaming it from
@@ -261,14 +280,15 @@ pub(crate) fn run_if_asked(service: Service, needs: &dyn Fn(&Config) -> Needs) -
             [attempt, port, layers, flag, path] if flag == "--config" => {
                 let attempt = attempt.to_str().and_then(Attempt::from_name);
                 let port = port.to_str().and_then(|p| p.parse().ok());
-                let seccomp = match layers.to_str() {
-                    Some(ALL_LAYERS) => Some(true),
-                    Some(NO_SECCOMP) => Some(false),
+                let layers = match layers.to_str() {
+                    Some(ALL_LAYERS) => Some(Layers::All),
+                    Some(NO_SECCOMP) => Some(Layers::NoSeccomp),
+                    Some(FORKED) => Some(Layers::Forked),
                     _ => None,
                 };
-                match (attempt, port, seccomp) {
-                    (Some(attempt), Some(port), Some(seccomp)) => {
-                        probe(service, needs, attempt, port, seccomp, Path::new(path))
+                match (attempt, port, layers) {
+                    (Some(attempt), Some(port), Some(layers)) => {
+                        probe(service, needs, attempt, port, layers, Path::new(path))
                     }
                     _ => usage(service),
                 }
@@ -294,6 +314,35 @@ fn load(path: &Path) -> Result<Config, u8> {
     })
 }
 
+/// Which sandbox a probe enters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layers {
+    /// The production sandbox of an exec'd child.
+    All,
+    /// Without seccomp (information only).
+    NoSeccomp,
+    /// A zygote's sandbox, then a fork and the child's seal
+    /// (`spawn = "fork"`).
+    Forked,
+}
+
+/// The sandbox of a forked child, entered as a zygote and its child enter
+/// it: `None` in the zygote, which has printed the child's pid.
+fn enter_forked(service: Service, config: &Config, needs: &Needs) -> Result<Option<super::Applied>, String> {
+    if super::thread_count() != Some(1) {
+        return Err("not one thread".into());
+    }
+    let applied =
+        Plan::for_zygote(config, needs).and_then(|plan| plan.apply(service, config)).map_err(|e| e.to_string())?;
+    match crate::sys::fork_sibling().map_err(|e| format!("fork: {e}"))? {
+        crate::sys::Forked::Parent(pid) => {
+            println!("{FORKED_LINE} {pid}");
+            Ok(None)
+        }
+        crate::sys::Forked::Child => seal_fork(needs).map(|()| Some(applied)).map_err(|e| e.to_string()),
+    }
+}
+
 /// One attempt, inside the sandbox: prints `allowed`, `denied <errno>` or
 /// `error <text>` and returns success (unless the kernel kills it first).
 fn probe(
@@ -301,15 +350,24 @@ fn probe(
     needs: &dyn Fn(&Config) -> Needs,
     attempt: Attempt,
     port: u16,
-    seccomp: bool,
+    layers: Layers,
     config_path: &Path,
 ) -> ExitCode {
     let config = match load(config_path) {
         Ok(config) => config,
         Err(code) => return ExitCode::from(code),
     };
-    let applied = match enter_layers(service, &config, &needs(&config), seccomp) {
-        Ok(applied) => applied,
+    let entered = match layers {
+        Layers::All => enter_layers(service, &config, &needs(&config), true).map(Some).map_err(|e| e.to_string()),
+        Layers::NoSeccomp => {
+            enter_layers(service, &config, &needs(&config), false).map(Some).map_err(|e| e.to_string())
+        }
+        Layers::Forked => enter_forked(service, &config, &needs(&config)),
+    };
+    let applied = match entered {
+        Ok(Some(applied)) => applied,
+        // The zygote: its child makes the attempt.
+        Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
             println!("error sandbox: {e}");
             return ExitCode::SUCCESS;
@@ -357,6 +415,11 @@ fn probe(
             }
             nix(result)
         }
+        Attempt::ForkLikeZygote => match crate::sys::fork_sibling() {
+            Ok(crate::sys::Forked::Child) => crate::sys::exit_now(0),
+            Ok(crate::sys::Forked::Parent(_)) => "allowed".into(),
+            Err(e) => io(Err(e)),
+        },
         Attempt::Exec => {
             let program = CString::from(c"/bin/true");
             nix(nix::unistd::execv(&program, std::slice::from_ref(&program)).map(drop))
@@ -461,7 +524,7 @@ fn move_into(from: &Path, to: &Path) -> String {
 }
 
 /// One row of the table.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Row {
     attempt: Attempt,
     expect: Expect,
@@ -576,6 +639,26 @@ fn orchestrate(service: Service, config_path: &Path) -> u8 {
         }
         rows.push(Row { attempt, expect, result, ok });
     }
+    // The same attempts from a zygote's child: what `spawn = "fork"` runs.
+    println!("{FORKED_TABLE}");
+    for row in rows.clone() {
+        let (result, ok, stderr) = match run_probe(&exe, row.attempt, fixtures.port, FORKED, &config_path) {
+            Ok((status, stdout, stderr)) => {
+                let (result, ok) = judge(row.expect, status, &stdout);
+                (result, ok, stderr)
+            }
+            Err(e) => (format!("error: {e}"), false, String::new()),
+        };
+        let expected = if row.expect == Expect::Allowed { "allowed" } else { "denied" };
+        let mark = if ok { "" } else { "   <-- WRONG" };
+        println!("{:<44} {:<9} {result}{mark}", row.attempt.describe(), expected);
+        if !ok && !stderr.trim().is_empty() {
+            for line in stderr.lines() {
+                println!("    | {line}");
+            }
+        }
+        rows.push(Row { result, ok, ..row });
+    }
     drop(fixtures);
     let wrong: Vec<&Row> = rows.iter().filter(|r| !r.ok).collect();
     println!(
@@ -623,13 +706,60 @@ fn run_probe(
     };
     let mut stdout = String::new();
     let mut stderr = String::new();
-    if let Some(mut out) = child.stdout.take() {
+    let mut status = status;
+    if let Some(out) = child.stdout.take() {
+        let mut out = std::io::BufReader::new(out);
+        if layers == FORKED {
+            // The zygote printed its child's pid, which is ours to reap. A
+            // zygote that did not get there proves nothing of the child
+            // (its death by SIGSYS is not a denied attempt).
+            // The child may have printed before it: the zygote's line is
+            // in the pipe already (the zygote has exited), after whatever
+            // came first.
+            let mut forked = None;
+            let mut line = String::new();
+            while forked.is_none() && out.read_line(&mut line)? > 0 {
+                match line.strip_prefix(FORKED_LINE).and_then(|pid| pid.trim().parse::<i32>().ok()) {
+                    Some(pid) => forked = Some(pid),
+                    None => stdout.push_str(&line),
+                }
+                line.clear();
+            }
+            match forked {
+                Some(pid) if status.success() => status = wait_forked(nix::unistd::Pid::from_raw(pid), deadline)?,
+                _ => {
+                    return Err(std::io::Error::other(format!(
+                        "the zygote did not fork ({status}): {}",
+                        stdout.trim()
+                    )));
+                }
+            }
+        }
         out.read_to_string(&mut stdout)?;
     }
     if let Some(mut err) = child.stderr.take() {
         err.read_to_string(&mut stderr)?;
     }
     Ok((status, stdout, stderr))
+}
+
+/// Waits for a forked probe, the zygote's child and this process's own
+/// (`CLONE_PARENT`), until `deadline`; kills it past that.
+fn wait_forked(pid: nix::unistd::Pid, deadline: Instant) -> std::io::Result<ExitStatus> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)).map_err(std::io::Error::from)? {
+            WaitStatus::Exited(_, code) => return Ok(ExitStatus::from_raw((code & 0xff) << 8)),
+            WaitStatus::Signaled(_, signal, _) => return Ok(ExitStatus::from_raw(signal as i32)),
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "forked probe timed out and was killed"));
+        }
+        std::thread::sleep(PROBE_POLL);
+    }
 }
 
 /// What the probes need around them: the directories the master would
