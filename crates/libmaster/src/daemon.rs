@@ -113,7 +113,8 @@ pub fn run<L: Listener, T, P>(
     if let Err(code) = crate::zygote::fork_on_request() {
         return code;
     }
-    let code = run_child(service, config, prepared, start, serve, |_| sandbox::seal_fork(&needs).map(|()| applied));
+    let code =
+        run_child(service, config, prepared, start, serve, |_| sandbox::seal_fork(&needs, &applied).map(|()| applied));
     // A forked child shares the zygote's pages copy-on-write: the C
     // library's exit handlers and the dynamic loader's destructors would
     // write to (and so copy) pages only to throw them away. Nothing is

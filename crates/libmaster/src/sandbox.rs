@@ -397,7 +397,12 @@ impl Plan {
 /// what the zygote's filters allowed beyond `needs` (its fork, its
 /// requests, the child's own start), so it holds what an exec'd child of
 /// the same service holds.
-pub(crate) fn seal_fork(needs: &Needs) -> Result<(), SandboxError> {
+pub(crate) fn seal_fork(needs: &Needs, zygote: &Applied) -> Result<(), SandboxError> {
+    // A kernel without seccomp filters: the zygote installed none (and
+    // said so), there is nothing to take back.
+    if zygote.seccomp_rules == 0 {
+        return Ok(());
+    }
     seccomp::install_tail(needs.seccomp)
 }
 

@@ -339,7 +339,7 @@ fn enter_forked(service: Service, config: &Config, needs: &Needs) -> Result<Opti
             println!("{FORKED_LINE} {pid}");
             Ok(None)
         }
-        crate::sys::Forked::Child => seal_fork(needs).map(|()| Some(applied)).map_err(|e| e.to_string()),
+        crate::sys::Forked::Child => seal_fork(needs, &applied).map(|()| Some(applied)).map_err(|e| e.to_string()),
     }
 }
 
