@@ -314,25 +314,27 @@ impl Instance {
 
     /// Pids that logged as `<syslog tag>/<service>[pid]:`.
     pub fn logged_pids(&self, service: &str) -> BTreeSet<u32> {
-        let tag = format!("/{service}[");
-        self.log_text()
-            .lines()
-            .filter_map(|l| {
-                let start = l.find(&tag)? + tag.len();
-                l[start..].split(']').next()?.parse().ok()
-            })
-            .collect()
+        self.pid_lines(service).into_iter().map(|(pid, _)| pid).collect()
     }
 
     /// The pids of `service` that served a session (logged `connect from`).
     pub fn session_pids(&self, service: &str) -> BTreeSet<u32> {
+        self.pid_lines(service)
+            .into_iter()
+            .filter(|(_, rest)| rest.starts_with(": connect from "))
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// Each log line of `service`: its pid and the text after `]`.
+    fn pid_lines(&self, service: &str) -> Vec<(u32, String)> {
         let tag = format!("/{service}[");
         self.log_text()
             .lines()
             .filter_map(|l| {
                 let start = l.find(&tag)? + tag.len();
                 let (pid, rest) = l[start..].split_once(']')?;
-                rest.starts_with(": connect from ").then(|| pid.parse().ok())?
+                Some((pid.parse().ok()?, rest.to_owned()))
             })
             .collect()
     }

@@ -317,17 +317,15 @@ const ZYGOTE_CLONE: u64 = (libc::CLONE_PARENT | libc::SIGCHLD) as u64;
 /// zygote installs them in itself with the rest of the sandbox, and its
 /// children inherit them.
 pub fn compile_zygote(profile: Seccomp) -> Result<Compiled, SandboxError> {
-    let count = match profile {
+    let (count, mismatch, matched) = match profile {
         Seccomp::AllowList { dns, tcp_client, receive_sockets } => {
-            smtpd_rules_for(dns, tcp_client, receive_sockets)?.len()
+            (smtpd_rules_for(dns, tcp_client, receive_sockets)?.len(), SeccompAction::KillProcess, SeccompAction::Allow)
         }
-        Seccomp::DenyList { may_exec, may_fork } => deny_rules(may_exec, may_fork)?.len(),
+        Seccomp::DenyList { may_exec, may_fork } => {
+            (deny_rules(may_exec, may_fork)?.len(), SeccompAction::Allow, SeccompAction::KillProcess)
+        }
     };
-    let main = match profile {
-        Seccomp::AllowList { .. } => compile(zygote_rules(profile)?, SeccompAction::KillProcess, SeccompAction::Allow)?,
-        Seccomp::DenyList { .. } => compile(zygote_rules(profile)?, SeccompAction::Allow, SeccompAction::KillProcess)?,
-    };
-    Ok(Compiled { no_clone3: no_clone3()?, main, count })
+    Ok(Compiled { no_clone3: no_clone3()?, main: compile(zygote_rules(profile)?, mismatch, matched)?, count })
 }
 
 /// The list of a zygote's main filter ([`compile_zygote`]).
